@@ -1,0 +1,631 @@
+//! The loop: handle table, run modes and the phase order of one iteration
+//! (libuv's `src/unix/core.c: uv_run`, `src/unix/loop.c`).
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::handle::{AnyHandle, Handle, HandleType, RawHandle, flags, stale};
+use super::loop_watcher::{WatcherList, WatcherState};
+use super::process::{LoopProcesses, ProcessState};
+use super::signal::{LoopSignals, SignalState};
+use super::stream::Stream;
+use super::timer::{TimerQueue, TimerState};
+use super::udp::UdpState;
+
+/// How [`Loop::run`] runs (libuv's `uv_run_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Run until no active, referenced handle or request is left, or until
+    /// [`Loop::stop`] is called.
+    Default,
+    /// One iteration; block in poll if there is nothing else to do.
+    Once,
+    /// One iteration; poll without blocking.
+    NoWait,
+}
+
+pub(crate) type CloseCb = Box<dyn FnOnce(&mut Loop)>;
+
+/// One entry of the handle table.
+pub(crate) struct Slot {
+    pub(crate) gen_: u32,
+    pub(crate) flags: u8,
+    pub(crate) close_cb: Option<CloseCb>,
+    pub(crate) data: Data,
+}
+
+/// The type-specific state of a handle. Large states are boxed so that the
+/// table stays compact for the common small handles (timers).
+pub(crate) enum Data {
+    Timer(TimerState),
+    Idle(WatcherState),
+    Prepare(WatcherState),
+    Check(WatcherState),
+    Tcp(Box<Stream>),
+    Pipe(Box<Stream>),
+    Udp(Box<UdpState>),
+    Signal(SignalState),
+    Process(Box<ProcessState>),
+}
+
+/// What a readiness event said, in the loop's own terms.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Ready {
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+    pub(crate) error: bool,
+}
+
+/// Token of the loop's signal self-pipe; handle tokens never reach it
+/// because generations are 32-bit and indices are below `u32::MAX`.
+pub(crate) const SIGNAL_TOKEN: mio::Token = mio::Token(usize::MAX);
+
+/// How many times the pending queue is drained after poll (libuv: 8).
+const PENDING_AFTER_POLL: usize = 8;
+
+/// An event loop: one per thread, usually one per process.
+///
+/// The loop owns every handle's state. Handles are named by typed ids
+/// ([`Handle<Timer>`], [`Handle<Tcp>`](super::Tcp), ...) and all operations go
+/// through the loop, libuv-style: `lp.timer_start(t, 10, 0, cb)` mirrors
+/// `uv_timer_start(t, cb, 10, 0)`. Callbacks receive `&mut Loop` and their
+/// handle's id, so a callback can start, stop or close anything.
+///
+/// One iteration runs, in order: pending callbacks, idle, prepare, poll for
+/// I/O, pending callbacks again, check, close callbacks, then due timers (the
+/// order of libuv 1.45 and later). See ARCHITECTURE.md for the full model.
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::uv::{Loop, RunMode};
+///
+/// let mut lp = Loop::new()?;
+/// let t = lp.timer_init();
+/// lp.timer_start(t, 5, 0, |lp, t| {
+///     println!("fired after {} ms", lp.now());
+///     lp.close(t, |_| {}).unwrap();
+/// })?;
+/// lp.run(RunMode::Default)?;
+/// assert!(!lp.alive());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Loop {
+    pub(crate) poll: mio::Poll,
+    events: mio::Events,
+    pub(crate) slots: Slab<Slot>,
+    next_gen: u32,
+    /// Handles that are both ACTIVE and REF (libuv's `active_handles`).
+    active_refs: usize,
+    /// Requests in flight: writes, connects, shutdowns, sends.
+    pub(crate) active_reqs: usize,
+    now: u64,
+    epoch: Instant,
+    stop_flag: bool,
+    running: bool,
+    pub(crate) timers: TimerQueue,
+    pub(crate) watchers: [WatcherList; 3],
+    /// Handles with deferred callbacks (libuv's `pending_queue`).
+    pub(crate) pending: VecDeque<RawHandle>,
+    closing: Vec<RawHandle>,
+    /// I/O handles that stopped short of `WouldBlock` (a per-event bound was
+    /// hit): mio is edge-triggered, so they are serviced again at the next
+    /// poll without waiting for another event, and poll does not block.
+    pub(crate) still_ready: Vec<RawHandle>,
+    /// One read buffer shared by every stream (libuv suggests 64 KiB).
+    pub(crate) read_buf: Vec<u8>,
+    /// The spare fd for the EMFILE trick (libuv's `emfile_fd`).
+    pub(crate) emfile_fd: Option<OwnedFd>,
+    pub(crate) signals: LoopSignals,
+    pub(crate) processes: LoopProcesses,
+}
+
+impl std::fmt::Debug for Loop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loop")
+            .field("handles", &self.slots.len())
+            .field("active_refs", &self.active_refs)
+            .field("active_reqs", &self.active_reqs)
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) const READ_BUF_SIZE: usize = 64 * 1024;
+
+impl Loop {
+    /// Creates a loop. Its clock starts at 0 ms.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the OS refuses a new epoll instance (for example on EMFILE).
+    pub fn new() -> io::Result<Loop> {
+        Ok(Loop {
+            poll: mio::Poll::new()?,
+            events: mio::Events::with_capacity(1024),
+            slots: Slab::new(),
+            next_gen: 1,
+            active_refs: 0,
+            active_reqs: 0,
+            now: 0,
+            epoch: Instant::now(),
+            stop_flag: false,
+            running: false,
+            timers: TimerQueue::default(),
+            watchers: Default::default(),
+            pending: VecDeque::new(),
+            closing: Vec::new(),
+            still_ready: Vec::new(),
+            read_buf: Vec::new(),
+            emfile_fd: None,
+            signals: LoopSignals::default(),
+            processes: LoopProcesses::default(),
+        })
+    }
+
+    // ----- handle table -------------------------------------------------
+
+    pub(crate) fn insert(&mut self, data: Data) -> RawHandle {
+        let gen_ = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let index = self.slots.insert(Slot {
+            gen_,
+            flags: flags::REF,
+            close_cb: None,
+            data,
+        });
+        let index = u32::try_from(index).expect("more than 2^32 handles");
+        RawHandle { index, gen_ }
+    }
+
+    pub(crate) fn slot(&self, raw: RawHandle) -> io::Result<&Slot> {
+        match self.slots.get(raw.index as usize) {
+            Some(s) if s.gen_ == raw.gen_ => Ok(s),
+            _ => Err(stale()),
+        }
+    }
+
+    pub(crate) fn slot_mut(&mut self, raw: RawHandle) -> io::Result<&mut Slot> {
+        match self.slots.get_mut(raw.index as usize) {
+            Some(s) if s.gen_ == raw.gen_ => Ok(s),
+            _ => Err(stale()),
+        }
+    }
+
+    /// Like [`slot_mut`](Self::slot_mut), but also fails for a closing handle.
+    pub(crate) fn open_slot_mut(&mut self, raw: RawHandle) -> io::Result<&mut Slot> {
+        let s = self.slot_mut(raw)?;
+        if s.flags & flags::CLOSING != 0 {
+            return Err(closing_err());
+        }
+        Ok(s)
+    }
+
+    /// Marks a handle active (`uv__handle_start`).
+    pub(crate) fn activate(&mut self, raw: RawHandle) {
+        if let Ok(s) = self.slot_mut(raw)
+            && s.flags & flags::ACTIVE == 0
+        {
+            s.flags |= flags::ACTIVE;
+            if s.flags & flags::REF != 0 {
+                self.active_refs += 1;
+            }
+        }
+    }
+
+    /// Marks a handle inactive (`uv__handle_stop`).
+    pub(crate) fn deactivate(&mut self, raw: RawHandle) {
+        if let Ok(s) = self.slot_mut(raw)
+            && s.flags & flags::ACTIVE != 0
+        {
+            s.flags &= !flags::ACTIVE;
+            if s.flags & flags::REF != 0 {
+                self.active_refs -= 1;
+            }
+        }
+    }
+
+    pub(crate) fn set_active(&mut self, raw: RawHandle, active: bool) {
+        if active {
+            self.activate(raw)
+        } else {
+            self.deactivate(raw)
+        }
+    }
+
+    pub(crate) fn add_pending(&mut self, raw: RawHandle) {
+        self.pending.push_back(raw);
+    }
+
+    // ----- generic handle operations ----------------------------------
+
+    /// Whether the handle is active: a started timer or watcher, a reading
+    /// or listening stream, a receiving UDP socket, a started signal, a
+    /// running process (`uv_is_active`). A stale id is not active.
+    pub fn is_active<K: HandleType>(&self, h: Handle<K>) -> bool {
+        self.slot(h.raw)
+            .map(|s| s.flags & flags::ACTIVE != 0)
+            .unwrap_or(false)
+    }
+
+    /// Whether [`close`](Self::close) has been called on the handle and its
+    /// close callback has not run yet (`uv_is_closing`). A stale id (one
+    /// whose close callback already ran) also reports `true`.
+    pub fn is_closing<K: HandleType>(&self, h: Handle<K>) -> bool {
+        self.slot(h.raw)
+            .map(|s| s.flags & flags::CLOSING != 0)
+            .unwrap_or(true)
+    }
+
+    /// Whether the handle is referenced (`uv_has_ref`).
+    pub fn has_ref<K: HandleType>(&self, h: Handle<K>) -> bool {
+        self.slot(h.raw)
+            .map(|s| s.flags & flags::REF != 0)
+            .unwrap_or(false)
+    }
+
+    /// References the handle: while active it keeps the loop alive
+    /// (`uv_ref`). Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// A stale id.
+    pub fn ref_handle<K: HandleType>(&mut self, h: Handle<K>) -> io::Result<()> {
+        self.set_ref(h.raw, true)
+    }
+
+    /// Unreferences the handle: it no longer keeps the loop alive, though it
+    /// still works while the loop runs for other reasons (`uv_unref`).
+    /// Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// A stale id.
+    pub fn unref_handle<K: HandleType>(&mut self, h: Handle<K>) -> io::Result<()> {
+        self.set_ref(h.raw, false)
+    }
+
+    pub(crate) fn set_ref(&mut self, raw: RawHandle, on: bool) -> io::Result<()> {
+        let s = self.slot_mut(raw)?;
+        let was = s.flags & flags::REF != 0;
+        if was == on {
+            return Ok(());
+        }
+        let counted = s.flags & flags::ACTIVE != 0 && s.flags & flags::CLOSING == 0;
+        if on {
+            s.flags |= flags::REF;
+        } else {
+            s.flags &= !flags::REF;
+        }
+        if counted {
+            if on {
+                self.active_refs += 1;
+            } else {
+                self.active_refs -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a handle (`uv_close`).
+    ///
+    /// The handle stops at once (timers disarm, sockets close their fd,
+    /// queued writes are cancelled), and `on_close` runs in this iteration's
+    /// closing phase, after every other callback of the iteration. Callbacks
+    /// of requests still outstanding (writes, connect, shutdown) run first,
+    /// with `ECANCELED`. After
+    /// `on_close` the id is stale.
+    ///
+    /// # Errors
+    ///
+    /// A stale id, or a handle that is already closing (libuv asserts; here
+    /// it is an error and `on_close` is dropped).
+    pub fn close<K: HandleType>(
+        &mut self,
+        h: Handle<K>,
+        on_close: impl FnOnce(&mut Loop) + 'static,
+    ) -> io::Result<()> {
+        self.close_raw(h.raw, Box::new(on_close))
+    }
+
+    pub(crate) fn close_raw(&mut self, raw: RawHandle, cb: CloseCb) -> io::Result<()> {
+        let s = self.open_slot_mut(raw)?;
+        s.flags |= flags::CLOSING;
+        s.close_cb = Some(cb);
+        // Type-specific close: stop the handle and release its OS resources
+        // now, as libuv's uv_close does; the rest happens in the closing phase.
+        match s.data {
+            Data::Timer(_) => self.timer_stop_raw(raw),
+            Data::Idle(_) | Data::Prepare(_) | Data::Check(_) => self.watcher_stop_raw(raw),
+            Data::Tcp(_) | Data::Pipe(_) => super::stream::close_now(self, raw),
+            Data::Udp(_) => super::udp::close_now(self, raw),
+            Data::Signal(_) => super::signal::close_now(self, raw),
+            Data::Process(_) => super::process::close_now(self, raw),
+        }
+        // A closing handle no longer counts as active; the closing list
+        // keeps the loop alive until its callback has run.
+        self.deactivate(raw);
+        self.closing.push(raw);
+        Ok(())
+    }
+
+    /// Calls `f` for every live handle that the user created (closing ones
+    /// included, internal ones not), in table order (`uv_walk`).
+    pub fn walk(&self, mut f: impl FnMut(AnyHandle)) {
+        for (index, s) in &self.slots {
+            if s.flags & flags::INTERNAL != 0 {
+                continue;
+            }
+            let raw = RawHandle {
+                index: index as u32,
+                gen_: s.gen_,
+            };
+            f(match s.data {
+                Data::Timer(_) => AnyHandle::Timer(Handle::from_raw(raw)),
+                Data::Idle(_) => AnyHandle::Idle(Handle::from_raw(raw)),
+                Data::Prepare(_) => AnyHandle::Prepare(Handle::from_raw(raw)),
+                Data::Check(_) => AnyHandle::Check(Handle::from_raw(raw)),
+                Data::Tcp(_) => AnyHandle::Tcp(Handle::from_raw(raw)),
+                Data::Pipe(_) => AnyHandle::Pipe(Handle::from_raw(raw)),
+                Data::Udp(_) => AnyHandle::Udp(Handle::from_raw(raw)),
+                Data::Signal(_) => AnyHandle::Signal(Handle::from_raw(raw)),
+                Data::Process(_) => AnyHandle::Process(Handle::from_raw(raw)),
+            })
+        }
+    }
+
+    /// The number of live handles the user created (what [`walk`](Self::walk)
+    /// visits). Tests use it to check that a loop ends with none left.
+    pub fn handle_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.flags & flags::INTERNAL == 0)
+            .count()
+    }
+
+    // ----- time ---------------------------------------------------------
+
+    /// The loop's cached time in milliseconds since the loop was created
+    /// (`uv_now`). It is refreshed once per iteration, after poll, so it may
+    /// lag real time inside a long callback; see [`update_time`](Self::update_time).
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Refreshes the cached time (`uv_update_time`).
+    pub fn update_time(&mut self) {
+        self.now = self.epoch.elapsed().as_millis() as u64;
+    }
+
+    /// A monotonic high-resolution time in nanoseconds (`uv_hrtime`), from an
+    /// arbitrary origin shared by every loop of the process.
+    pub fn hrtime() -> u64 {
+        use std::sync::OnceLock;
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+
+    // ----- running ------------------------------------------------------
+
+    /// Whether the loop has work: an active referenced handle, a request in
+    /// flight, a deferred callback, or a handle closing (`uv_loop_alive`).
+    pub fn alive(&self) -> bool {
+        self.active_refs > 0
+            || self.active_reqs > 0
+            || !self.pending.is_empty()
+            || !self.closing.is_empty()
+    }
+
+    /// Asks [`run`](Self::run) to return after the current iteration
+    /// (`uv_stop`). Set before `run`, it makes `run` return at once.
+    pub fn stop(&mut self) {
+        self.stop_flag = true;
+    }
+
+    /// The poll timeout the next iteration would use, in milliseconds;
+    /// `None` means it would block until an event (`uv_backend_timeout`).
+    pub fn backend_timeout(&mut self) -> Option<u64> {
+        if self.stop_flag
+            || (self.active_refs == 0 && self.active_reqs == 0)
+            || !self.pending.is_empty()
+            || !self.watchers[super::loop_watcher::IDLE].is_empty()
+            || !self.closing.is_empty()
+            || !self.still_ready.is_empty()
+        {
+            return Some(0);
+        }
+        self.next_timer_due()
+            .map(|due| due.saturating_sub(self.now))
+    }
+
+    /// Runs the loop (`uv_run`).
+    ///
+    /// Returns whether the loop is still alive: in [`RunMode::Default`] that is
+    /// `true` only when [`stop`](Self::stop) ended it early.
+    ///
+    /// # Errors
+    ///
+    /// A call from inside a callback of this loop (the loop is not
+    /// reentrant), or a failure of the OS poll itself.
+    pub fn run(&mut self, mode: RunMode) -> io::Result<bool> {
+        if self.running {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "Loop::run called from inside a callback of the same loop",
+            ));
+        }
+        self.running = true;
+        let r = self.run_inner(mode);
+        self.running = false;
+        r
+    }
+
+    fn run_inner(&mut self, mode: RunMode) -> io::Result<bool> {
+        let mut r = self.alive();
+        if !r {
+            self.update_time();
+        }
+        // libuv >= 1.45 runs due timers once before the first iteration in
+        // DEFAULT mode, for backward compatibility with the old order.
+        if mode == RunMode::Default && r && !self.stop_flag {
+            self.update_time();
+            self.run_timers();
+        }
+        while r && !self.stop_flag {
+            let can_sleep =
+                self.pending.is_empty() && self.watchers[super::loop_watcher::IDLE].is_empty();
+            self.run_pending();
+            self.run_watchers(super::loop_watcher::IDLE);
+            self.run_watchers(super::loop_watcher::PREPARE);
+            let timeout = if (mode == RunMode::Once && can_sleep) || mode == RunMode::Default {
+                self.backend_timeout()
+            } else {
+                Some(0)
+            };
+            self.io_poll(timeout)?;
+            for _ in 0..PENDING_AFTER_POLL {
+                if self.pending.is_empty() {
+                    break;
+                }
+                self.run_pending();
+            }
+            self.run_watchers(super::loop_watcher::CHECK);
+            self.run_closing();
+            self.update_time();
+            self.run_timers();
+            r = self.alive();
+            if mode != RunMode::Default {
+                break;
+            }
+        }
+        self.stop_flag = false;
+        Ok(r)
+    }
+
+    /// Runs the deferred callbacks queued so far; ones queued meanwhile wait
+    /// for the next pass (`uv__run_pending`).
+    fn run_pending(&mut self) {
+        let n = self.pending.len();
+        for _ in 0..n {
+            let Some(raw) = self.pending.pop_front() else {
+                break;
+            };
+            let Ok(s) = self.slot(raw) else { continue };
+            match s.data {
+                Data::Tcp(_) | Data::Pipe(_) => super::stream::run_pending(self, raw),
+                Data::Udp(_) => super::udp::run_pending(self, raw),
+                _ => {}
+            }
+        }
+    }
+
+    fn io_poll(&mut self, timeout: Option<u64>) -> io::Result<()> {
+        let mut events = mem::replace(&mut self.events, mio::Events::with_capacity(0));
+        let start = Instant::now();
+        let total = timeout.map(Duration::from_millis);
+        let res = loop {
+            let left = total.map(|t| t.saturating_sub(start.elapsed()));
+            match self.poll.poll(&mut events, left) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    // A signal interrupted the wait: retry with what is left.
+                    if left == Some(Duration::ZERO) {
+                        events.clear();
+                        break Ok(());
+                    }
+                    continue;
+                }
+                other => break other,
+            }
+        };
+        self.update_time();
+        if let Err(e) = res {
+            self.events = events;
+            return Err(e);
+        }
+        // Handles left over from the previous pass go after this batch;
+        // handles that stop short during this pass wait for the next one.
+        let resume = mem::take(&mut self.still_ready);
+        let mut signalled = false;
+        for ev in events.iter() {
+            if ev.token() == SIGNAL_TOKEN {
+                signalled = true;
+                continue;
+            }
+            let ready = Ready {
+                readable: ev.is_readable() || ev.is_read_closed(),
+                writable: ev.is_writable() || ev.is_write_closed(),
+                error: ev.is_error(),
+            };
+            self.dispatch_io(RawHandle::from_token(ev.token().0), ready);
+        }
+        self.events = events;
+        for &raw in &resume {
+            self.dispatch_io(raw, Ready::default());
+        }
+        // Signals are dispatched after the other events of the batch, as libuv does.
+        if signalled {
+            super::signal::dispatch(self);
+        }
+        Ok(())
+    }
+
+    fn dispatch_io(&mut self, raw: RawHandle, ready: Ready) {
+        let Ok(s) = self.slot(raw) else { return };
+        if s.flags & flags::CLOSING != 0 {
+            return;
+        }
+        match s.data {
+            Data::Tcp(_) | Data::Pipe(_) => super::stream::on_io(self, raw, ready),
+            Data::Udp(_) => super::udp::on_io(self, raw, ready),
+            _ => {}
+        }
+    }
+
+    /// Runs the close callbacks of the handles closed so far, most recently
+    /// closed first (libuv's closing list is a stack). A close made inside
+    /// a close callback finishes in the next iteration.
+    fn run_closing(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let mut list = mem::take(&mut self.closing);
+        for &raw in list.iter().rev() {
+            self.finish_close(raw);
+        }
+        list.clear();
+        if self.closing.is_empty() {
+            self.closing = list;
+        }
+    }
+
+    fn finish_close(&mut self, raw: RawHandle) {
+        let Ok(s) = self.slot(raw) else { return };
+        // Outstanding requests are cancelled and their callbacks run before
+        // the close callback (uv__stream_destroy).
+        match s.data {
+            Data::Tcp(_) | Data::Pipe(_) => super::stream::finish_close(self, raw),
+            Data::Udp(_) => super::udp::finish_close(self, raw),
+            _ => {}
+        }
+        let slot = self.slots.remove(raw.index as usize);
+        if slot.flags & flags::ACTIVE != 0 && slot.flags & flags::REF != 0 {
+            self.active_refs -= 1;
+        }
+        if let Some(cb) = slot.close_cb {
+            cb(self);
+        }
+    }
+}
+
+pub(crate) fn closing_err() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "handle is closing")
+}
+
+pub(crate) fn einval(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}

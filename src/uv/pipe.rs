@@ -1,0 +1,348 @@
+//! Pipe handles: Unix-domain stream sockets, and IPC pipes that carry file
+//! descriptors with their bytes (libuv's `src/unix/pipe.c` and the
+//! handle-passing parts of `src/unix/stream.c`).
+//!
+//! On an IPC pipe every read is a `recvmsg`; the fds that arrive are queued
+//! on the pipe in order. Inside the read callback, [`Loop::pipe_pending_count`]
+//! says how many are waiting and [`Loop::pipe_accept_pending`] turns the next
+//! one into a handle of the right type. Fds never accepted are closed with
+//! the pipe. Every received fd is CLOEXEC (`MSG_CMSG_CLOEXEC`).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{AddressFamily, SockType};
+
+use super::event_loop::{Data, Loop, einval};
+use super::handle::{Handle, HandleType, Pipe, Tcp, Udp};
+use super::stream::{self, Sock, Stream, stream_mut, stream_ref};
+use crate::sys;
+use crate::sys::fd::SocketKind;
+
+/// The type of the next fd waiting on an IPC pipe (`uv_pipe_pending_type`,
+/// decided like `uv_guess_handle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingType {
+    /// An inet stream socket: listening, connected or only bound.
+    Tcp,
+    /// A Unix stream socket.
+    Pipe,
+    /// An inet datagram socket.
+    Udp,
+    /// Anything else (a file, a FIFO, a raw socket...).
+    Unknown,
+}
+
+/// A handle made from an fd received over an IPC pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A TCP socket: a listener (call [`Loop::tcp_listen`]), a connection,
+    /// or a bound socket.
+    Tcp(Handle<Tcp>),
+    /// A Unix stream socket.
+    Pipe(Handle<Pipe>),
+    /// A UDP socket.
+    Udp(Handle<Udp>),
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Tcp {}
+    impl Sealed for super::Pipe {}
+    impl Sealed for super::Udp {}
+}
+
+/// Handle kinds whose socket can be sent over an IPC pipe with
+/// [`Loop::write2`]. Sealed.
+pub trait Sendable: HandleType + sealed::Sealed {}
+impl Sendable for Tcp {}
+impl Sendable for Pipe {}
+impl Sendable for Udp {}
+
+fn kind_to_type(k: SocketKind) -> PendingType {
+    match k {
+        SocketKind::TcpListener | SocketKind::TcpStream { .. } => PendingType::Tcp,
+        SocketKind::UnixListener | SocketKind::UnixStream { .. } => PendingType::Pipe,
+        SocketKind::Udp => PendingType::Udp,
+        SocketKind::Other => PendingType::Unknown,
+    }
+}
+
+impl Loop {
+    /// Creates a pipe handle (`uv_pipe_init`); `ipc` makes it an IPC pipe
+    /// that can send and receive handles.
+    pub fn pipe_init(&mut self, ipc: bool) -> Handle<Pipe> {
+        Handle::from_raw(self.insert(Data::Pipe(Stream::new(Sock::Unset, ipc))))
+    }
+
+    /// Two connected pipe handles over a `socketpair` (libuv's `uv_pipe`
+    /// followed by two `uv_pipe_open`), both in IPC mode if `ipc`.
+    ///
+    /// # Errors
+    ///
+    /// The `socketpair` error (EMFILE...).
+    pub fn pipe_pair(&mut self, ipc: bool) -> io::Result<(Handle<Pipe>, Handle<Pipe>)> {
+        let (a, b) = sys::fd::socketpair()?;
+        let ha = self.pipe_init(ipc);
+        let hb = self.pipe_init(ipc);
+        self.pipe_open(ha, a)?;
+        self.pipe_open(hb, b)?;
+        Ok((ha, hb))
+    }
+
+    /// Adopts a Unix stream socket fd (`uv_pipe_open`), connected, listening
+    /// or bound. The fd is made non-blocking and CLOEXEC.
+    ///
+    /// # Errors
+    ///
+    /// A stale id, a handle that already has a socket (`EBUSY`), or an fd
+    /// that is not a Unix stream socket (`EINVAL`).
+    pub fn pipe_open(&mut self, h: Handle<Pipe>, fd: OwnedFd) -> io::Result<()> {
+        let s = stream_mut(self, h.raw)?;
+        if !matches!(s.sock, Sock::Unset) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
+        }
+        sys::fd::set_cloexec_nonblock(fd.as_fd())?;
+        s.sock = match sys::fd::socket_kind(fd.as_fd()) {
+            SocketKind::UnixListener => {
+                Sock::UnixListener(mio::net::UnixListener::from_std(fd.into()))
+            }
+            SocketKind::UnixStream { connected: true } => {
+                Sock::UnixStream(mio::net::UnixStream::from_std(fd.into()))
+            }
+            SocketKind::UnixStream { connected: false } => Sock::Bound(fd),
+            _ => return Err(einval("pipe_open: not a Unix stream socket")),
+        };
+        Ok(())
+    }
+
+    /// Binds the pipe to a filesystem path (`uv_pipe_bind`). The path is
+    /// unlinked when the handle closes.
+    ///
+    /// # Errors
+    ///
+    /// A stale id, a handle that already has a socket (`EINVAL`), or the
+    /// bind error (`EADDRINUSE` if the path exists, `EACCES`, `ENAMETOOLONG`).
+    pub fn pipe_bind(&mut self, h: Handle<Pipe>, path: impl AsRef<Path>) -> io::Result<()> {
+        let s = stream_mut(self, h.raw)?;
+        if !matches!(s.sock, Sock::Unset) {
+            return Err(einval("pipe_bind: the handle already has a socket"));
+        }
+        let fd = sys::fd::bind_unix(path.as_ref())?;
+        s.sock = Sock::Bound(fd);
+        s.bound_path = Some(path.as_ref().to_path_buf());
+        Ok(())
+    }
+
+    /// Sets who may connect to a bound pipe's path (`uv_pipe_chmod`): read
+    /// and/or write permission for everyone.
+    ///
+    /// # Errors
+    ///
+    /// A stale id, a pipe not bound to a path (`EBADF`), or `chmod`'s error.
+    pub fn pipe_chmod(
+        &mut self,
+        h: Handle<Pipe>,
+        readable: bool,
+        writable: bool,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let s = stream_ref(self, h.raw)?;
+        let path = s
+            .bound_path
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EBADF))?;
+        let mut mode = std::fs::metadata(path)?.permissions().mode();
+        if readable {
+            mode |= 0o444;
+        }
+        if writable {
+            mode |= 0o222;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+
+    /// Listens for connections on a bound pipe (`uv_listen`). See
+    /// [`tcp_listen`](Self::tcp_listen) for the callback's contract.
+    ///
+    /// # Errors
+    ///
+    /// A stale id or closing handle, an IPC pipe (`EINVAL`), an unbound pipe
+    /// (`EINVAL`), or `listen`'s error; `cb` is then dropped.
+    pub fn pipe_listen(
+        &mut self,
+        h: Handle<Pipe>,
+        backlog: i32,
+        mut cb: impl FnMut(&mut Loop, Handle<Pipe>, io::Result<Handle<Pipe>>) + 'static,
+    ) -> io::Result<()> {
+        stream::listen_raw(
+            self,
+            h.raw,
+            backlog,
+            Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r.map(Handle::from_raw))),
+        )
+    }
+
+    /// Connects to the pipe bound at `path` (`uv_pipe_connect`). Errors such
+    /// as `ENOENT` or `ECONNREFUSED` are delivered to `cb`, never returned.
+    ///
+    /// # Errors
+    ///
+    /// A stale id or closing handle, a handle that already has a socket
+    /// (`EINVAL`), or socket creation failing; `cb` is then dropped.
+    pub fn pipe_connect(
+        &mut self,
+        h: Handle<Pipe>,
+        path: impl AsRef<Path>,
+        cb: impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static,
+    ) -> io::Result<()> {
+        if self.is_closing(h) {
+            return Err(super::event_loop::closing_err());
+        }
+        let s = stream_mut(self, h.raw)?;
+        if !matches!(s.sock, Sock::Unset) {
+            return Err(einval("pipe_connect: the handle already has a socket"));
+        }
+        let fd = sys::fd::socket(AddressFamily::Unix, SockType::Stream)?;
+        let done = sys::fd::connect_unix(fd.as_fd(), path.as_ref());
+        s.sock = Sock::UnixStream(mio::net::UnixStream::from_std(fd.into()));
+        stream::start_connect(
+            self,
+            h.raw,
+            done,
+            Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)),
+        )
+    }
+
+    /// The path the pipe is bound to (`uv_pipe_getsockname`); empty for an
+    /// unnamed socket. Abstract names start with a NUL byte.
+    ///
+    /// # Errors
+    ///
+    /// A stale id or `EBADF` without a socket.
+    pub fn pipe_getsockname(&self, h: Handle<Pipe>) -> io::Result<PathBuf> {
+        let s = stream_ref(self, h.raw)?;
+        sys::fd::local_unix_path(
+            s.sock
+                .fd()
+                .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EBADF))?,
+        )
+    }
+
+    /// The path of the peer's socket (`uv_pipe_getpeername`).
+    ///
+    /// # Errors
+    ///
+    /// A stale id, `EBADF` without a socket, `ENOTCONN` when not connected.
+    pub fn pipe_getpeername(&self, h: Handle<Pipe>) -> io::Result<PathBuf> {
+        let s = stream_ref(self, h.raw)?;
+        sys::fd::peer_unix_path(
+            s.sock
+                .fd()
+                .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EBADF))?,
+        )
+    }
+
+    /// Whether the pipe is in IPC mode.
+    pub fn pipe_is_ipc(&self, h: Handle<Pipe>) -> bool {
+        stream_ref(self, h.raw).is_ok_and(|s| s.ipc)
+    }
+
+    /// How many received fds wait to be accepted (`uv_pipe_pending_count`);
+    /// always 0 on a pipe that is not in IPC mode.
+    pub fn pipe_pending_count(&self, h: Handle<Pipe>) -> usize {
+        stream_ref(self, h.raw).map_or(0, |s| s.pending_fds.len())
+    }
+
+    /// The type of the next received fd (`uv_pipe_pending_type`), or `None`
+    /// if none is waiting.
+    pub fn pipe_pending_type(&self, h: Handle<Pipe>) -> Option<PendingType> {
+        let s = stream_ref(self, h.raw).ok()?;
+        let fd = s.pending_fds.front()?;
+        Some(kind_to_type(sys::fd::socket_kind(fd.as_fd())))
+    }
+
+    /// Takes the next received fd off the pipe without making a handle of
+    /// it. The fd is CLOEXEC.
+    ///
+    /// # Errors
+    ///
+    /// A stale id, or `EAGAIN` if no fd is waiting.
+    pub fn pipe_take_pending_fd(&mut self, h: Handle<Pipe>) -> io::Result<OwnedFd> {
+        let s = stream_mut(self, h.raw)?;
+        s.pending_fds
+            .pop_front()
+            .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EAGAIN))
+    }
+
+    /// Turns the next received fd into a handle of its type (`uv_accept`
+    /// on an IPC pipe).
+    ///
+    /// # Errors
+    ///
+    /// A stale id; `EAGAIN` if no fd is waiting; `ENOTSUP` for an fd that is
+    /// no socket we know, which is closed (nothing leaks).
+    pub fn pipe_accept_pending(&mut self, h: Handle<Pipe>) -> io::Result<Accepted> {
+        let fd = self.pipe_take_pending_fd(h)?;
+        match kind_to_type(sys::fd::socket_kind(fd.as_fd())) {
+            PendingType::Tcp => {
+                let t = self.tcp_init();
+                match self.tcp_open(t, fd) {
+                    Ok(()) => Ok(Accepted::Tcp(t)),
+                    Err(e) => {
+                        let _ = self.close(t, |_| {});
+                        Err(e)
+                    }
+                }
+            }
+            PendingType::Pipe => {
+                let p = self.pipe_init(false);
+                match self.pipe_open(p, fd) {
+                    Ok(()) => Ok(Accepted::Pipe(p)),
+                    Err(e) => {
+                        let _ = self.close(p, |_| {});
+                        Err(e)
+                    }
+                }
+            }
+            PendingType::Udp => {
+                let u = self.udp_init();
+                match self.udp_open(u, fd) {
+                    Ok(()) => Ok(Accepted::Udp(u)),
+                    Err(e) => {
+                        let _ = self.close(u, |_| {});
+                        Err(e)
+                    }
+                }
+            }
+            PendingType::Unknown => Err(io::Error::from_raw_os_error(nix::libc::ENOTSUP)),
+        }
+    }
+
+    /// Writes `bufs` on an IPC pipe with `send`'s socket attached
+    /// (`uv_write2`): the fd travels in one `SCM_RIGHTS` message with the
+    /// first byte of this write. The sender keeps its handle; the receiver
+    /// gets its own copy of the socket. `bufs` must hold at least one byte
+    /// (Linux drops an fd sent with no data).
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write); also `EINVAL` on a pipe not in IPC mode or
+    /// with empty `bufs`, and `EBADF` if `send` has no socket or is closing.
+    pub fn write2<S: Sendable>(
+        &mut self,
+        h: Handle<Pipe>,
+        bufs: &[&[u8]],
+        send: Handle<S>,
+        cb: impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static,
+    ) -> io::Result<()> {
+        stream::write_impl(
+            self,
+            h.raw,
+            bufs,
+            Some(send.raw),
+            Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)),
+        )
+    }
+}

@@ -1,0 +1,124 @@
+//! Test helpers shared by the integration tests (mio's `tests/util`, libuv's
+//! `test/task.h`): counters, deadline-driven runs, helper processes by
+//! re-executing the test binary, and fd accounting.
+#![allow(dead_code)]
+
+use std::cell::Cell;
+use std::process::Command;
+use std::rc::Rc;
+
+use uvcluster::uv::{Loop, RunMode};
+
+/// A shared call counter (libuv's counters, Node's `mustCall`).
+#[derive(Clone, Default, Debug)]
+pub struct Counter(Rc<Cell<usize>>);
+
+impl Counter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn hit(&self) {
+        self.0.set(self.0.get() + 1)
+    }
+    pub fn get(&self) -> usize {
+        self.0.get()
+    }
+}
+
+/// A shared log of events, to check orderings.
+#[derive(Clone, Default, Debug)]
+pub struct Log(Rc<std::cell::RefCell<Vec<String>>>);
+
+impl Log {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn push(&self, s: impl Into<String>) {
+        self.0.borrow_mut().push(s.into())
+    }
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.borrow_mut())
+    }
+    pub fn joined(&self) -> String {
+        self.0.borrow().join(" ")
+    }
+}
+
+/// Runs the loop in DEFAULT mode with an unreferenced watchdog timer: if the
+/// loop is still running after `limit_ms` the test fails instead of hanging.
+/// The watchdog is closed before returning, so the handle count afterwards
+/// is the test's own.
+pub fn run_with_deadline(lp: &mut Loop, limit_ms: u64) {
+    let wd = lp.timer_init();
+    lp.timer_start(wd, limit_ms, 0, move |_, _| {
+        panic!("loop still running after {limit_ms} ms (deadline)");
+    })
+    .unwrap();
+    lp.unref_handle(wd).unwrap();
+    lp.run(RunMode::Default).unwrap();
+    lp.close(wd, |_| {}).unwrap();
+    lp.run(RunMode::Default).unwrap();
+}
+
+/// Runs `Once` iterations until `cond` holds, failing after `limit_ms`.
+pub fn run_until(lp: &mut Loop, limit_ms: u64, mut cond: impl FnMut(&Loop) -> bool) {
+    let wd = lp.timer_init();
+    let fired = Counter::new();
+    let f = fired.clone();
+    lp.timer_start(wd, limit_ms, 0, move |_, _| f.hit())
+        .unwrap();
+    while !cond(lp) {
+        assert_eq!(fired.get(), 0, "condition not met within {limit_ms} ms");
+        lp.run(RunMode::Once).unwrap();
+    }
+    lp.close(wd, |_| {}).unwrap();
+    lp.run(RunMode::NoWait).unwrap();
+}
+
+/// Asserts the loop has nothing left: no handles, nothing alive.
+pub fn assert_loop_empty(lp: &Loop) {
+    let mut left = Vec::new();
+    lp.walk(|h| left.push(h));
+    assert!(left.is_empty(), "handles left open: {left:?}");
+    assert!(!lp.alive(), "loop still alive");
+}
+
+/// The number of fds this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+}
+
+const HELPER_ENV: &str = "UVCLUSTER_TEST_HELPER";
+
+/// Whether this process was started as the helper `name`. A helper is a
+/// `#[test]` function that returns at once unless this is true; see
+/// [`helper_command`].
+pub fn is_helper(name: &str) -> bool {
+    std::env::var(HELPER_ENV).is_ok_and(|v| v == name)
+}
+
+/// A command that re-runs this test binary as helper `name` (the test
+/// function of that name, alone), libuv's `spawn_helper`.
+pub fn helper_command(name: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, name);
+    c
+}
+
+/// Runs `body` alone in a fresh process (this binary, re-executed), so that
+/// process-wide state such as the fd table or rlimits is the test's own.
+/// Call it as the whole body of a `#[test]` named `name`.
+pub fn isolated(name: &str, body: impl FnOnce()) {
+    if is_helper(name) {
+        body();
+        return;
+    }
+    let out = helper_command(name).output().unwrap();
+    assert!(
+        out.status.success(),
+        "isolated test {name} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr).as_ref()
+    );
+}
