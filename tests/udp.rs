@@ -241,7 +241,10 @@ fn udp_close_runs_send_callbacks_before_close_cb() {
     let l = log.clone();
     lp.close(tx, move |_| l.push("close")).unwrap();
     // Sends on a closing handle are refused and their callbacks dropped.
-    assert!(lp.udp_send(tx, &[b"x"], addr, |_, _, _| unreachable!()).is_err());
+    assert!(
+        lp.udp_send(tx, &[b"x"], addr, |_, _, _| unreachable!())
+            .is_err()
+    );
     lp.close(rx, |_| {}).unwrap();
     run_with_deadline(&mut lp, 5000);
     let entries = log.take();

@@ -59,6 +59,11 @@ pub(crate) struct Ready {
     pub(crate) readable: bool,
     pub(crate) writable: bool,
     pub(crate) error: bool,
+    /// The peer closed its write side (or the socket hung up) by the time
+    /// the event was collected: a short read is then not proof of a
+    /// drained socket, since EOF is still to be read and, edge-triggered,
+    /// no further event will announce it.
+    pub(crate) read_closed: bool,
 }
 
 /// Token of the loop's signal self-pipe; handle tokens never reach it
@@ -560,6 +565,7 @@ impl Loop {
                 readable: ev.is_readable() || ev.is_read_closed(),
                 writable: ev.is_writable() || ev.is_write_closed(),
                 error: ev.is_error(),
+                read_closed: ev.is_read_closed() || ev.is_error(),
             };
             self.dispatch_io(RawHandle::from_token(ev.token().0), ready);
         }

@@ -299,8 +299,7 @@ pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
 pub(crate) fn finish_close(lp: &mut Loop, raw: RawHandle) {
     let Ok(u) = udp_mut(lp, raw) else { return };
     for req in u.sends.drain(..) {
-        u.done
-            .push((req.cb, Err(errno(nix::libc::ECANCELED))));
+        u.done.push((req.cb, Err(errno(nix::libc::ECANCELED))));
     }
     u.queued_bytes = 0;
     call_done(lp, raw);
