@@ -1010,3 +1010,47 @@ fn tcp_emfile() {
         assert_loop_empty(&lp);
     });
 }
+
+/// libuv's `tcp_rst`/`tcp_close_reset` territory: the peer goes away while
+/// writes are queued. The failing write and every write queued behind it
+/// report an error (none hangs), later writes fail at once with `EPIPE`,
+/// and the reader sees a reset or EOF.
+#[test]
+fn tcp_write_to_closed_peer() {
+    let mut lp = Loop::new().unwrap();
+    let (srv, client, conn) = connected_pair(&mut lp);
+    // Closing the accepted side with unread data makes the kernel reset.
+    lp.close(conn, |_| {}).unwrap();
+    lp.close(srv, |_| {}).unwrap();
+    let results = Rc::new(RefCell::new(Vec::new()));
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..32 {
+        let r = results.clone();
+        lp.write(client, &[&chunk], move |_, _, res| {
+            r.borrow_mut().push(res.map_err(|e| e.raw_os_error()));
+        })
+        .unwrap();
+    }
+    let read_end = Counter::new();
+    let re = read_end.clone();
+    lp.read_start(client, move |_, _, r| {
+        match r {
+            Ok(d) => assert!(d.is_empty()),
+            Err(e) => assert_eq!(errno_of(&e), Some(nix::libc::ECONNRESET)),
+        }
+        re.hit();
+    })
+    .unwrap();
+    run_until(&mut lp, 10_000, |_| results.borrow().len() == 32);
+    let res = results.borrow().clone();
+    let first_err = res.iter().position(|r| r.is_err()).expect("a write failed");
+    assert!(res[first_err..].iter().all(|r| r.is_err()), "{res:?}");
+    let e = lp
+        .write(client, &[b"x"], |_, _, _| unreachable!())
+        .unwrap_err();
+    assert_eq!(errno_of(&e), Some(nix::libc::EPIPE));
+    run_until(&mut lp, 5000, |_| read_end.get() == 1);
+    lp.close(client, |_| {}).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}

@@ -369,3 +369,28 @@ fn udp_socket_over_ipc() {
     assert!(accepted.get().is_some());
     assert_loop_empty(&lp);
 }
+
+/// libuv's `udp_ref`/`udp_ref2`/`udp_ref3`: an unreferenced receiving
+/// handle does not keep the loop alive, but a send in flight does.
+#[test]
+fn udp_ref() {
+    let mut lp = Loop::new().unwrap();
+    let (h, addr) = bound(&mut lp, "127.0.0.1:0");
+    lp.udp_recv_start(h, |_, _, _| {}).unwrap();
+    lp.unref_handle(h).unwrap();
+    assert!(!lp.alive());
+    let sent = Counter::new();
+    let s = sent.clone();
+    lp.udp_send(h, &[b"self"], addr, move |_, _, r| {
+        r.unwrap();
+        s.hit();
+    })
+    .unwrap();
+    assert!(lp.alive(), "a send is a request");
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(sent.get(), 1);
+    assert!(lp.is_active(h));
+    lp.close(h, |_| {}).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
