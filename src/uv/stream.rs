@@ -100,6 +100,9 @@ pub(crate) struct Stream {
     /// Remembered readiness (edge-triggered: true until `WouldBlock`).
     readable: bool,
     writable: bool,
+    /// An event said the peer closed its side: read on past short reads
+    /// until EOF (see [`Ready::read_closed`]).
+    read_closed: bool,
     reading: bool,
     listening: bool,
     connecting: bool,
@@ -221,6 +224,7 @@ pub(crate) fn on_io(lp: &mut Loop, raw: RawHandle, ready: Ready) {
     let Ok(s) = stream_mut(lp, raw) else { return };
     s.readable |= ready.readable || ready.error;
     s.writable |= ready.writable || ready.error;
+    s.read_closed |= ready.read_closed;
     if s.connecting {
         if !s.writable {
             return;
@@ -398,11 +402,12 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
                 s.readable = false;
                 (Some(Ok(0)), false)
             }
-            // A short read drained a TCP or plain Unix stream. On an IPC pipe
-            // the kernel stops a read at each fd-carrying message, so only
-            // WouldBlock proves it drained.
+            // A short read drained a TCP or plain Unix stream, unless the
+            // peer has closed: then EOF is still to be read and no new edge
+            // will announce it. On an IPC pipe the kernel stops a read at
+            // each fd-carrying message, so only WouldBlock proves it drained.
             Ok(n) => {
-                let more = n == buf.len() || s.ipc;
+                let more = n == buf.len() || s.ipc || s.read_closed;
                 if !more {
                     s.readable = false;
                 }
@@ -593,10 +598,13 @@ pub(crate) fn finish_close(lp: &mut Loop, raw: RawHandle) {
     let Ok(s) = stream_mut(lp, raw) else { return };
     s.connecting = false;
     let connect_cb = s.connect_cb.take();
-    let connect_res = s.connect_result.take();
+    s.connect_result = None;
     if let Some(cb) = connect_cb {
+        // Even a connect that completed (or failed) before the close reports
+        // ECANCELED when its callback had not run yet, as in libuv
+        // (uv__stream_destroy): the user closed the handle first.
         lp.active_reqs -= 1;
-        cb(lp, raw, connect_res.unwrap_or_else(|| Err(ecanceled())));
+        cb(lp, raw, Err(ecanceled()));
     }
     if let Ok(s) = stream_mut(lp, raw) {
         cancel_writes(s, ecanceled);

@@ -1,0 +1,261 @@
+//! Unix-domain pipes bound to paths (libuv's `test-ping-pong.c`
+//! `pipe_ping_pong`, `test-pipe-bind-error.c`, `test-pipe-connect-error.c`,
+//! `test-pipe-getsockname.c`, `test-pipe-server-close.c`).
+mod util;
+
+use std::cell::{Cell, RefCell};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use util::*;
+use uvcluster::uv::{Handle, Loop, Pipe};
+
+/// A fresh, empty directory for this test's socket paths, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("uvcluster-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn listening(
+    lp: &mut Loop,
+    path: &Path,
+    mut on_conn: impl FnMut(&mut Loop, Handle<Pipe>, Handle<Pipe>) + 'static,
+) -> Handle<Pipe> {
+    let s = lp.pipe_init(false);
+    lp.pipe_bind(s, path).unwrap();
+    lp.pipe_listen(s, 128, move |lp, s, c| on_conn(lp, s, c.unwrap()))
+        .unwrap();
+    s
+}
+
+/// libuv's `pipe_ping_pong`: PING/PONG over a named pipe, then shutdown and
+/// EOF; the socket path is unlinked when the server closes.
+#[test]
+fn pipe_ping_pong() {
+    const PINGS: usize = 100;
+    let dir = TempDir::new("ping");
+    let path = dir.path("sock");
+    let mut lp = Loop::new().unwrap();
+    let srv = listening(&mut lp, &path, |lp, s, c| {
+        lp.close(s, |_| {}).unwrap();
+        lp.read_start(c, |lp, c, r| match r.unwrap() {
+            [] => lp.close(c, |_| {}).unwrap(),
+            d => lp.write(c, &[d], |_, _, r| r.unwrap()).unwrap(),
+        })
+        .unwrap();
+    });
+    assert!(path.exists());
+    let pongs = Counter::new();
+    let eof = Counter::new();
+    let client = lp.pipe_init(false);
+    let (p, e) = (pongs.clone(), eof.clone());
+    lp.pipe_connect(client, &path, move |lp, c, r| {
+        r.unwrap();
+        lp.write(c, &[b"PING"], |_, _, r| r.unwrap()).unwrap();
+        let acc = RefCell::new(Vec::new());
+        let (p, e) = (p.clone(), e.clone());
+        lp.read_start(c, move |lp, c, r| {
+            let d = r.unwrap();
+            if d.is_empty() {
+                e.hit();
+                lp.close(c, |_| {}).unwrap();
+                return;
+            }
+            let mut acc = acc.borrow_mut();
+            acc.extend_from_slice(d);
+            while acc.len() >= 4 {
+                assert_eq!(&acc[..4], b"PING");
+                acc.drain(..4);
+                p.hit();
+                if p.get() == PINGS {
+                    lp.shutdown(c, |_, _, r| r.unwrap()).unwrap();
+                } else {
+                    lp.write(c, &[b"PING"], |_, _, r| r.unwrap()).unwrap();
+                }
+            }
+        })
+        .unwrap();
+    })
+    .unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(pongs.get(), PINGS);
+    assert_eq!(eof.get(), 1);
+    assert!(!path.exists(), "the path is unlinked on close");
+    assert!(lp.pipe_getsockname(srv).is_err(), "stale");
+    assert_loop_empty(&lp);
+}
+
+/// libuv's `pipe_bind_error_addrinuse`, `pipe_listen_without_bind`.
+#[test]
+fn pipe_bind_errors() {
+    let dir = TempDir::new("bind");
+    let path = dir.path("sock");
+    let mut lp = Loop::new().unwrap();
+    let a = lp.pipe_init(false);
+    lp.pipe_bind(a, &path).unwrap();
+    let b = lp.pipe_init(false);
+    let e = lp.pipe_bind(b, &path).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EADDRINUSE));
+    assert!(lp.pipe_bind(a, dir.path("other")).is_err(), "bound twice");
+    let c = lp.pipe_init(false);
+    assert!(
+        lp.pipe_listen(c, 8, |_, _, _| unreachable!()).is_err(),
+        "listen without bind"
+    );
+    let ipc = lp.pipe_init(true);
+    lp.pipe_bind(ipc, dir.path("ipc")).unwrap();
+    assert!(
+        lp.pipe_listen(ipc, 8, |_, _, _| unreachable!()).is_err(),
+        "an IPC pipe cannot listen"
+    );
+    for h in [a, b, c, ipc] {
+        lp.close(h, |_| {}).unwrap();
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert!(!path.exists());
+    assert_loop_empty(&lp);
+}
+
+/// libuv's `pipe_connect_bad_name`/`pipe_connect_to_file`: errors come
+/// through the callback, and the handle stays open.
+#[test]
+fn pipe_connect_errors() {
+    let dir = TempDir::new("connect");
+    let mut lp = Loop::new().unwrap();
+    let called = Counter::new();
+    let p = lp.pipe_init(false);
+    let c = called.clone();
+    lp.pipe_connect(p, dir.path("missing"), move |lp, p, r| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::libc::ENOENT));
+        assert!(!lp.is_closing(p));
+        c.hit();
+        lp.close(p, |_| {}).unwrap();
+    })
+    .unwrap();
+    let file = dir.path("file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    let q = lp.pipe_init(false);
+    let c = called.clone();
+    lp.pipe_connect(q, &file, move |lp, q, r| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::libc::ECONNREFUSED));
+        c.hit();
+        lp.close(q, |_| {}).unwrap();
+    })
+    .unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(called.get(), 2);
+    assert_loop_empty(&lp);
+}
+
+/// libuv's `pipe_getsockname`: the server and the accepted side report the
+/// path, the client's peer is the path, the client's own name is empty.
+#[test]
+fn pipe_getsockname_getpeername() {
+    let dir = TempDir::new("names");
+    let path = dir.path("sock");
+    let mut lp = Loop::new().unwrap();
+    let accepted: Rc<Cell<Option<Handle<Pipe>>>> = Rc::default();
+    let a = accepted.clone();
+    let srv = listening(&mut lp, &path, move |_, _, c| a.set(Some(c)));
+    assert_eq!(lp.pipe_getsockname(srv).unwrap(), path);
+    assert!(lp.pipe_getpeername(srv).is_err());
+    let client = lp.pipe_init(false);
+    let connected = Counter::new();
+    let c = connected.clone();
+    lp.pipe_connect(client, &path, move |_, _, r| {
+        r.unwrap();
+        c.hit();
+    })
+    .unwrap();
+    run_until(&mut lp, 5000, |_| {
+        connected.get() == 1 && accepted.get().is_some()
+    });
+    let conn = accepted.get().unwrap();
+    assert_eq!(lp.pipe_getpeername(client).unwrap(), path);
+    assert_eq!(lp.pipe_getsockname(client).unwrap(), PathBuf::new());
+    assert_eq!(lp.pipe_getsockname(conn).unwrap(), path);
+    let unset = lp.pipe_init(false);
+    assert!(lp.pipe_getsockname(unset).is_err());
+    for h in [srv, client, conn, unset] {
+        lp.close(h, |_| {}).unwrap();
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert!(!path.exists());
+    assert_loop_empty(&lp);
+}
+
+/// libuv's `pipe_set_chmod`.
+#[test]
+fn pipe_chmod() {
+    let dir = TempDir::new("chmod");
+    let path = dir.path("sock");
+    let mut lp = Loop::new().unwrap();
+    let p = lp.pipe_init(false);
+    let unbound = lp.pipe_init(false);
+    assert_eq!(
+        lp.pipe_chmod(unbound, true, true)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(nix::libc::EBADF)
+    );
+    lp.pipe_bind(p, &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    lp.pipe_chmod(p, true, false).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o444, 0o444);
+    lp.pipe_chmod(p, true, true).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o666, 0o666);
+    for h in [p, unbound] {
+        lp.close(h, |_| {}).unwrap();
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// libuv's `pipe_server_close`: closing a server with a connected client;
+/// the client reads EOF once the accepted side closes too.
+#[test]
+fn pipe_server_close() {
+    let dir = TempDir::new("srvclose");
+    let path = dir.path("sock");
+    let mut lp = Loop::new().unwrap();
+    listening(&mut lp, &path, |lp, s, c| {
+        lp.close(s, |_| {}).unwrap();
+        lp.close(c, |_| {}).unwrap();
+    });
+    let client = lp.pipe_init(false);
+    let eof = Counter::new();
+    let e = eof.clone();
+    lp.pipe_connect(client, &path, move |lp, c, r| {
+        r.unwrap();
+        let e = e.clone();
+        lp.read_start(c, move |lp, c, r| {
+            assert!(r.unwrap().is_empty());
+            e.hit();
+            lp.close(c, |_| {}).unwrap();
+        })
+        .unwrap();
+    })
+    .unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(eof.get(), 1);
+    assert!(!path.exists());
+    assert_loop_empty(&lp);
+}

@@ -1,0 +1,45 @@
+//! Regression tests, each named after what broke.
+mod util;
+
+use util::*;
+use uvcluster::uv::{BindFlags, Loop};
+
+/// mio is edge-triggered: when data and the peer's FIN are both queued by
+/// the time an event is collected, the event is the last one. The stream
+/// took a short read as proof the socket was drained and never read the
+/// EOF, so the reader hung (found by `tcp_close_after_writes`,
+/// `tcp_write_after_connect`, `tcp_writealot`).
+#[test]
+fn eof_queued_behind_data_is_not_lost() {
+    let mut lp = Loop::new().unwrap();
+    let srv = lp.tcp_init();
+    lp.tcp_bind(srv, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+        .unwrap();
+    let log = Log::new();
+    let l = log.clone();
+    lp.tcp_listen(srv, 8, move |lp, s, c| {
+        lp.close(s, |_| {}).unwrap();
+        let l = l.clone();
+        lp.read_start(c.unwrap(), move |lp, c, r| {
+            let data = r.unwrap();
+            if data.is_empty() {
+                l.push("eof");
+                lp.close(c, |_| {}).unwrap();
+            } else {
+                l.push(String::from_utf8_lossy(data).into_owned());
+            }
+        })
+        .unwrap();
+    })
+    .unwrap();
+    let addr = lp.tcp_getsockname(srv).unwrap();
+    // A blocking std client writes and closes before the loop even accepts.
+    {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"data").unwrap();
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(log.joined(), "data eof");
+    assert_loop_empty(&lp);
+}
