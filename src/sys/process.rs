@@ -148,9 +148,9 @@ fn child_setup(
             continue;
         }
         // SAFETY: sigaction is async-signal-safe and `dfl` is initialised.
-        // Numbers the C library reserves for itself fail with EINVAL,
-        // which is ignored.
-        unsafe { libc::sigaction(signum, &dfl, std::ptr::null_mut()) };
+        if unsafe { libc::sigaction(signum, &dfl, std::ptr::null_mut()) } < 0 {
+            reset_reserved(signum);
+        }
     }
     // SAFETY: an all-zeroes sigset_t is valid storage for sigemptyset,
     // which is async-signal-safe, as is sigprocmask.
@@ -163,6 +163,32 @@ fn child_setup(
     }
     Ok(())
 }
+
+/// The C library refuses to touch the signals it reserves for itself
+/// (glibc's 32 and 33), yet a parent may have left them ignored, and an
+/// ignored signal stays ignored across `exec`. Ask the kernel directly.
+#[cfg(target_os = "linux")]
+fn reset_reserved(signum: i32) {
+    // The kernel's `struct sigaction` with SIG_DFL, no flags, no restorer
+    // and an empty mask is all zeroes, and no larger than 32 bytes on any
+    // Linux architecture.
+    let dfl = [0u64; 4];
+    // SAFETY: rt_sigaction is async-signal-safe; `dfl` is a readable,
+    // zeroed kernel sigaction; a null old-action pointer is allowed; the
+    // last argument is the kernel's sigset size (64 signals, 8 bytes).
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signum,
+            dfl.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            mem::size_of::<u64>(),
+        )
+    };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reset_reserved(_signum: i32) {}
 
 fn block_all_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: all-zeroes is valid storage for a sigset_t; sigfillset and

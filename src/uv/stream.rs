@@ -100,6 +100,9 @@ pub(crate) struct Stream {
     /// Remembered readiness (edge-triggered: true until `WouldBlock`).
     readable: bool,
     writable: bool,
+    /// The poller reported the peer's close (or an error): read until
+    /// EOF or `WouldBlock`, since edge triggering will not report it again.
+    read_closed: bool,
     reading: bool,
     listening: bool,
     connecting: bool,
@@ -221,6 +224,7 @@ pub(crate) fn on_io(lp: &mut Loop, raw: RawHandle, ready: Ready) {
     let Ok(s) = stream_mut(lp, raw) else { return };
     s.readable |= ready.readable || ready.error;
     s.writable |= ready.writable || ready.error;
+    s.read_closed |= ready.read_closed || ready.error;
     if s.connecting {
         if !s.writable {
             return;
@@ -402,7 +406,7 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             // the kernel stops a read at each fd-carrying message, so only
             // WouldBlock proves it drained.
             Ok(n) => {
-                let more = n == buf.len() || s.ipc;
+                let more = n == buf.len() || s.ipc || s.read_closed;
                 if !more {
                     s.readable = false;
                 }
