@@ -340,7 +340,15 @@ fn check_stdio_pipe(lp: &Loop, h: Handle<Pipe>, ipc: bool) -> io::Result<()> {
 
 impl Loop {
     /// Starts a child process (`uv_spawn`) and returns its handle, active
-    /// until the child is reaped (see the [module docs](self)).
+    /// until the child is reaped.
+    ///
+    /// Reaping follows libuv: the loop keeps an internal, unreferenced
+    /// `SIGCHLD` watcher (invisible to [`walk`](Loop::walk)), started before
+    /// the first fork, and on `SIGCHLD` calls `waitpid(pid, WNOHANG)` for
+    /// each of its own running children, never `waitpid(-1)`, so children
+    /// spawned by others are left alone. A reaped process becomes inactive
+    /// but is not closed, and its [exit callback](ProcessOptions::on_exit)
+    /// runs. Closing a process handle does not kill the child.
     ///
     /// The child gets the fds that `options` places, at the numbers given
     /// (all our other fds are CLOEXEC), a fresh session if

@@ -200,8 +200,17 @@ impl Loop {
     /// phase, once per delivered signal, with the signal number. The handle
     /// is active while started.
     ///
-    /// The first watcher of `signum` in the process installs the
-    /// process-wide handler; see the [module docs](self) for the model.
+    /// Dispositions are process-wide, handles per loop: the first watcher of
+    /// `signum` in the process installs one handler (`SA_RESTART`, all
+    /// signals blocked while it runs) that only writes the signal number to
+    /// the self-pipe of every loop watching it; each loop reads its pipe in
+    /// its poll phase, after the other events of the batch, and calls every
+    /// started handle of that number once per delivered signal, oldest
+    /// first. Several loops on several threads each get their own calls.
+    /// The kernel merges a signal sent while the same one is pending. When
+    /// the last watcher of `signum` in the process stops, the disposition
+    /// goes back to `SIG_DFL`.
+    ///
     /// Starting a started handle on the same signum only swaps the
     /// callback; on another signum it first stops the handle.
     ///
