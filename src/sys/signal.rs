@@ -188,7 +188,8 @@ impl Registry {
 /// for signals nobody else watches, and closes the pipe.
 pub(crate) struct LoopPipe {
     read: OwnedFd,
-    write: OwnedFd,
+    /// Only owned here: the handler writes to its raw number, from [`SLOTS`].
+    _write: OwnedFd,
     slot: usize,
     normal: [u32; NSIG as usize],
     oneshot: [u32; NSIG as usize],
@@ -222,7 +223,7 @@ impl LoopPipe {
         SLOTS[slot].fd.store(write.as_raw_fd(), SeqCst);
         Ok(LoopPipe {
             read,
-            write,
+            _write: write,
             slot,
             normal: [0; NSIG as usize],
             oneshot: [0; NSIG as usize],
@@ -325,7 +326,6 @@ impl Drop for LoopPipe {
             std::hint::spin_loop();
         }
         reg.used[self.slot] = false;
-        drop(reg);
-        let _ = &self.write;
+        // The pipe's fds close when the fields drop, after this.
     }
 }
