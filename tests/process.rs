@@ -77,6 +77,10 @@ fn spawn_exit_code() {
         .unwrap();
     assert!(lp.is_active(p));
     assert!(lp.process_pid(p).unwrap() > 0);
+    // The internal SIGCHLD watcher is not visible.
+    let mut seen = Vec::new();
+    lp.walk(|h| seen.push(h));
+    assert_eq!(seen, vec![uvcluster::uv::AnyHandle::Process(p)]);
     run_with_deadline(&mut lp, 10_000);
     assert_eq!(*exits.borrow(), vec![(42, 0)]);
     assert_loop_empty(&lp);
@@ -310,6 +314,61 @@ fn spawn_inherit_fd_at_3() {
     ours.read_to_string(&mut s).unwrap();
     assert_eq!(s, "via-fd\n");
     assert_eq!(*exits.borrow(), vec![(0, 0)]);
+    assert_loop_empty(&lp);
+}
+
+/// `Inherit` at any number gives the child our fd of that number, even a
+/// CLOEXEC one; an inherited number we do not have is simply not open.
+#[test]
+fn spawn_inherit_same_number() {
+    let mut lp = Loop::new().unwrap();
+    let exits = Rc::new(RefCell::new(Vec::new()));
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let n = w.as_raw_fd();
+    let script = format!("echo inherited >/proc/self/fd/{n}; [ ! -e /proc/self/fd/900 ]");
+    lp.spawn(
+        ProcessOptions::new("sh")
+            .args(["-c", &script])
+            .stdio(n, Stdio::Inherit)
+            .stdio(900, Stdio::Inherit)
+            .on_exit(record_exit(&exits)),
+    )
+    .unwrap();
+    drop(w);
+    run_with_deadline(&mut lp, 10_000);
+    let mut s = String::new();
+    std::fs::File::from(r).read_to_string(&mut s).unwrap();
+    assert_eq!(s, "inherited\n");
+    assert_eq!(*exits.borrow(), vec![(0, 0)]);
+    assert_loop_empty(&lp);
+}
+
+/// `uid`/`gid`: as root the child runs as `nobody`; otherwise setuid is
+/// refused and the spawn fails synchronously.
+#[test]
+fn spawn_setuid_setgid() {
+    let mut lp = Loop::new().unwrap();
+    let exits = Rc::new(RefCell::new(Vec::new()));
+    let out = lp.pipe_init(false);
+    let r = lp.spawn(
+        ProcessOptions::new("sh")
+            .args(["-c", "echo $(id -u) $(id -g)"])
+            .uid(65534)
+            .gid(65534)
+            .stdio(1, Stdio::Pipe(out))
+            .on_exit(record_exit(&exits)),
+    );
+    if nix::unistd::geteuid().is_root() {
+        r.unwrap();
+        let buf = collect(&mut lp, out);
+        run_with_deadline(&mut lp, 10_000);
+        assert_eq!(string(&buf), "65534 65534\n");
+        assert_eq!(*exits.borrow(), vec![(0, 0)]);
+    } else {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        lp.close(out, |_| {}).unwrap();
+        run_with_deadline(&mut lp, 5000);
+    }
     assert_loop_empty(&lp);
 }
 
