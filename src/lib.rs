@@ -7,4 +7,5 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod sys;
+pub mod ipc;
 pub mod uv;

@@ -6,4 +6,6 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod fd;
+pub(crate) mod process;
 pub(crate) mod scm_rights;
+pub(crate) mod signal;

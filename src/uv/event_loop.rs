@@ -49,11 +49,7 @@ pub(crate) enum Data {
     Tcp(Box<Stream>),
     Pipe(Box<Stream>),
     Udp(Box<UdpState>),
-    // Built and read by signal.rs and process.rs, which land from another
-    // branch; until then the scaffold leaves them unused. Harmless after.
-    #[allow(dead_code)]
     Signal(SignalState),
-    #[allow(dead_code)]
     Process(Box<ProcessState>),
 }
 
@@ -130,11 +126,7 @@ pub struct Loop {
     pub(crate) read_buf: Vec<u8>,
     /// The spare fd for the EMFILE trick (libuv's `emfile_fd`).
     pub(crate) emfile_fd: Option<OwnedFd>,
-    // Built and read by signal.rs and process.rs, which land from another
-    // branch; until then the scaffold leaves them unused. Harmless after.
-    #[allow(dead_code)]
     pub(crate) signals: LoopSignals,
-    #[allow(dead_code)]
     pub(crate) processes: LoopProcesses,
 }
 

@@ -41,5 +41,6 @@ pub use handle::{
     Timer, Udp,
 };
 pub use pipe::{Accepted, PendingType, Sendable};
+pub use process::{ProcessOptions, Stdio, kill};
 pub use stream::StreamType;
 pub use tcp::BindFlags;
