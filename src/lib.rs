@@ -6,6 +6,6 @@
 //!   order and callback rules.
 #![warn(missing_docs, missing_debug_implementations)]
 
-mod sys;
 pub mod ipc;
+mod sys;
 pub mod uv;

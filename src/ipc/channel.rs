@@ -127,13 +127,17 @@ impl fmt::Display for ChannelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChannelError::Frame(e) => e.fmt(f),
-            ChannelError::HandleWithoutFd => f.write_str("NODE_HANDLE message arrived without an fd"),
+            ChannelError::HandleWithoutFd => {
+                f.write_str("NODE_HANDLE message arrived without an fd")
+            }
             ChannelError::FdWithoutHandle { count } => {
                 write!(f, "{count} fd(s) arrived without a NODE_HANDLE message")
             }
             ChannelError::UnknownHandleType(t) => write!(f, "unknown handle type {t:?}"),
             ChannelError::BadHandle(e) => write!(f, "received fd is not a usable socket: {e}"),
-            ChannelError::HandleRejected => f.write_str("the peer did not receive the handle (NACK)"),
+            ChannelError::HandleRejected => {
+                f.write_str("the peer did not receive the handle (NACK)")
+            }
             ChannelError::Io(e) => write!(f, "IPC channel I/O error: {e}"),
         }
     }
@@ -315,12 +319,15 @@ impl Channel {
                 ),
             ));
         }
-        let fd: i32 = fd.to_str().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{NODE_CHANNEL_FD}={fd:?} is not an fd number"),
-            )
-        })?;
+        let fd: i32 = fd
+            .to_str()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{NODE_CHANNEL_FD}={fd:?} is not an fd number"),
+                )
+            })?;
         let pipe = lp.pipe_init(true);
         if let Err(e) = lp.pipe_open_inherited(pipe, fd) {
             let _ = lp.close(pipe, |_| {});
@@ -376,14 +383,19 @@ impl Channel {
         lp: &mut Loop,
         mut cb: impl FnMut(&mut Loop, &Channel, serde_json::Result<T>, Option<Accepted>) + 'static,
     ) {
-        self.on_message(lp, move |lp, ch, v, h| cb(lp, ch, serde_json::from_value(v), h));
+        self.on_message(lp, move |lp, ch, v, h| {
+            cb(lp, ch, serde_json::from_value(v), h)
+        });
     }
 
     /// Sets the callback for internal messages (`cmd` starting with `NODE_`)
     /// other than the handle protocol's own and replies to
     /// [`send_cluster`](Self::send_cluster) requests. Without one they are
     /// dropped (and any handle closed).
-    pub fn on_internal(&self, cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static) {
+    pub fn on_internal(
+        &self,
+        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
+    ) {
         self.inner.borrow_mut().on_internal = Some(Box::new(cb));
     }
 
@@ -421,7 +433,8 @@ impl Channel {
         msg: &T,
         on_sent: Option<SentCb>,
     ) -> io::Result<()> {
-        let bytes = frame::encode(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let bytes =
+            frame::encode(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.submit(
             lp,
             Outgoing {
@@ -449,7 +462,8 @@ impl Channel {
         on_sent: Option<SentCb>,
     ) -> io::Result<()> {
         let wrapped = message::wrap_handle(msg, attach.kind, extra);
-        let bytes = frame::encode(&wrapped).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let bytes =
+            frame::encode(&wrapped).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.submit(
             lp,
             Outgoing {
@@ -530,7 +544,10 @@ impl Channel {
         {
             let mut i = self.inner.borrow_mut();
             if i.state != State::Open {
-                return Err(io::Error::new(io::ErrorKind::NotConnected, "IPC channel is closed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "IPC channel is closed",
+                ));
             }
             if i.awaiting_ack.is_some() || !i.queue.is_empty() {
                 i.queue.push_back(out);
@@ -588,7 +605,10 @@ impl Channel {
     fn on_ack(&self, lp: &mut Loop, ok: bool) {
         let waiting = self.inner.borrow_mut().awaiting_ack.take();
         match waiting {
-            None => log::warn!("IPC: NODE_HANDLE_{} with no handle in flight", if ok { "ACK" } else { "NACK" }),
+            None => log::warn!(
+                "IPC: NODE_HANDLE_{} with no handle in flight",
+                if ok { "ACK" } else { "NACK" }
+            ),
             Some(to_close) => {
                 if let Some(h) = to_close {
                     h.close(lp);
@@ -648,7 +668,13 @@ impl Channel {
         let _ = lp.close(pipe, move |lp| {
             for out in queued {
                 if let Some(cb) = out.on_sent {
-                    cb(lp, Err(io::Error::new(io::ErrorKind::NotConnected, "IPC channel closed")));
+                    cb(
+                        lp,
+                        Err(io::Error::new(
+                            io::ErrorKind::NotConnected,
+                            "IPC channel closed",
+                        )),
+                    );
                 }
             }
             let ch = Channel { inner };
