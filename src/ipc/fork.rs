@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use super::channel::{Channel, ChannelOptions, NODE_CHANNEL_FD, NODE_CHANNEL_SERIALIZATION_MODE};
 use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Stdio};
 
+/// The exit callback of a forked child: exit status and terminating signal.
+pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+
 /// What the child gets at one stdio slot of [`ForkOptions::stdio`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForkStdio {
@@ -51,7 +54,7 @@ pub struct ForkOptions {
     pub channel: ChannelOptions,
     /// Called once the child has exited and been reaped: exit status and
     /// terminating signal, as [`ProcessOptions::on_exit`].
-    pub on_exit: Option<Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>>,
+    pub on_exit: Option<ExitCb>,
 }
 
 impl std::fmt::Debug for ForkOptions {

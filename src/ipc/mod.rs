@@ -21,7 +21,7 @@ pub use channel::{
     AfterAck, Attach, Channel, ChannelError, ChannelOptions, MessageCb, NODE_CHANNEL_FD,
     NODE_CHANNEL_SERIALIZATION_MODE, ReplyCb, SendHandle, SentCb, close_accepted,
 };
-pub use fork::{ForkOptions, ForkStdio, Forked, fork};
+pub use fork::{ExitCb, ForkOptions, ForkStdio, Forked, fork};
 pub use frame::{DEFAULT_MAX_MESSAGE, Decoder, FrameError, encode, parse_line};
 pub use message::{
     HandleKind, NODE_CLUSTER, NODE_HANDLE, NODE_HANDLE_ACK, NODE_HANDLE_NACK, is_internal,
