@@ -8,5 +8,6 @@
 
 pub mod cluster;
 pub mod ipc;
+pub mod net;
 mod sys;
 pub mod uv;

@@ -1,18 +1,532 @@
-//! The worker side (`lib/internal/cluster/child.js`).
+//! The worker side (`lib/internal/cluster/child.js`): `online`, servers that
+//! listen through the primary (`queryServer`, round-robin `newconn`, shared
+//! handles), and the worker's ways out (disconnect, destroy, a lost
+//! channel).
 
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 
-use super::worker::Worker;
-use crate::uv::Loop;
+use serde_json::{Map, Value, json};
 
-/// In a worker process: connects to the primary (wip).
+use super::primary::ClusterError;
+use super::protocol::{Act, AddressType, Query, QueryReply};
+use super::worker::{Address, Side, Worker, WorkerState};
+use crate::ipc::{Channel, ChannelOptions, close_accepted};
+use crate::net::{ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress};
+use crate::uv::{Accepted, Loop};
+
+struct Child {
+    worker: Worker,
+    channel: Channel,
+    /// Servers by the key the primary gave them.
+    handles: HashMap<String, Server>,
+    /// Per `address:port:addressType:fd`: the next index and those in use.
+    indexes: HashMap<String, (u64, BTreeSet<u64>)>,
+    /// `destroy()` was called: exit once the channel is closed.
+    destroying: bool,
+}
+
+type ChildRef = Rc<RefCell<Child>>;
+
+thread_local! {
+    static CHILD: RefCell<Option<ChildRef>> = const { RefCell::new(None) };
+}
+
+fn child() -> Option<ChildRef> {
+    CHILD.with(|c| c.borrow().clone())
+}
+
+/// What the hook keeps on each server.
+struct HookData {
+    /// The primary's key, once the reply came.
+    key: Option<String>,
+    indexes_key: String,
+    index: u64,
+}
+
+/// Sets this process up as a cluster worker (Node does this at bootstrap
+/// when `NODE_UNIQUE_ID` is set): opens the IPC channel from
+/// `NODE_CHANNEL_FD`, sends `online`, and makes every
+/// [`net::Server::listen`](crate::net::Server::listen) on this thread go
+/// through the primary. Returns `None` in a primary.
+///
+/// The worker then lives as long as its channel: if the channel closes
+/// without a disconnect that either side asked for (the primary died), the
+/// process exits with code 0, as a Node worker does.
 ///
 /// # Errors
 ///
-/// Not yet.
-pub fn setup_worker(_lp: &mut Loop) -> io::Result<Option<Worker>> {
-    Ok(None)
+/// `NODE_UNIQUE_ID` without a usable `NODE_CHANNEL_FD`, or the channel's
+/// own errors ([`Channel::from_env`]).
+pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
+    let Some(id) = super::worker_id() else {
+        return Ok(None);
+    };
+    if let Some(c) = child() {
+        return Ok(Some(c.borrow().worker.clone()));
+    }
+    let channel = Channel::from_env(lp, ChannelOptions::default())?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "NODE_UNIQUE_ID is set but NODE_CHANNEL_FD is not: not started by a cluster primary",
+        )
+    })?;
+    let worker = Worker::new(id, Side::Child);
+    {
+        let mut w = worker.inner.borrow_mut();
+        w.state = WorkerState::Online;
+        w.channel = Some(channel.clone());
+        w.pid = Some(std::process::id() as i32);
+    }
+    let state = Rc::new(RefCell::new(Child {
+        worker: worker.clone(),
+        channel: channel.clone(),
+        handles: HashMap::new(),
+        indexes: HashMap::new(),
+        destroying: false,
+    }));
+    CHILD.with(|c| *c.borrow_mut() = Some(state.clone()));
+    crate::net::set_cluster_hook(Some(Rc::new(Hook)));
+
+    let w = worker.clone();
+    channel.on_message(lp, move |lp, _, msg, h| {
+        if !w.emit_message(lp, msg, h)
+            && let Some(h) = h
+        {
+            close_accepted(lp, h);
+        }
+    });
+    channel.on_internal(move |lp, _, msg, h| on_internal(lp, msg, h));
+    let w = worker.clone();
+    channel.on_error(move |lp, _, e| w.emit_error(lp, &ClusterError::Channel(e)));
+    let w = worker.clone();
+    channel.on_disconnect(move |lp, _| {
+        let destroying = child().is_some_and(|c| c.borrow().destroying);
+        w.inner.borrow_mut().state = WorkerState::Disconnected;
+        w.emit_disconnect(lp);
+        let planned = w.exited_after_disconnect() == Some(true);
+        if destroying || !planned {
+            // Node: a worker whose channel closes unexpectedly exits at
+            // once; `destroy()` exits once disconnected.
+            std::process::exit(0);
+        }
+        CHILD.with(|c| c.borrow_mut().take());
+    });
+    channel.send_cluster(lp, Act::Online.to_fields(), None, None)?;
+    Ok(Some(worker))
 }
 
-pub(crate) fn disconnect_self(_lp: &mut Loop, _w: &Worker) {}
-pub(crate) fn destroy_self(_lp: &mut Loop, _w: &Worker) {}
+struct Hook;
+
+impl ClusterHook for Hook {
+    fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions) {
+        query_server(lp, server, opts);
+    }
+
+    fn close(&self, lp: &mut Loop, server: &Server) {
+        server_closed(lp, server);
+    }
+}
+
+/// Node's `listenInCluster` + `cluster._getServer`.
+fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
+    let Some(state) = child() else {
+        let e = ListenError::new(-(nix::libc::ENOTCONN as i64), "listen", None, None);
+        let s = server.clone();
+        crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(e)));
+        return;
+    };
+    let mut q = Query {
+        index: 0,
+        data: Value::Null,
+        address: Value::Null,
+        port: json!(opts.port),
+        address_type: AddressType::Tcp4.to_wire(),
+        fd: None,
+        flags: None,
+        backlog: Some(json!(opts.backlog.unwrap_or(0))),
+        readable_all: None,
+        writable_all: None,
+        extra: Map::new(),
+    };
+    if let Some(path) = &opts.path {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        q.address = json!(abs.to_string_lossy());
+        q.port = json!(-1);
+        q.address_type = AddressType::Unix.to_wire();
+        if opts.readable_all {
+            q.readable_all = Some(json!(true));
+        }
+        if opts.writable_all {
+            q.writable_all = Some(json!(true));
+        }
+    } else if let Some(fd) = opts.fd {
+        q.port = Value::Null;
+        q.address_type = Value::Null;
+        q.fd = Some(json!(fd));
+    } else if let Some(host) = &opts.host {
+        let ip: Option<IpAddr> = host.parse().ok();
+        q.address = json!(host);
+        q.address_type = match ip {
+            Some(IpAddr::V6(_)) => AddressType::Tcp6.to_wire(),
+            _ => AddressType::Tcp4.to_wire(),
+        };
+        q.flags = Some(json!(if opts.ipv6_only { 1 } else { 0 }));
+    }
+    // Node's indexesKey: [address, port, addressType, fd].join(':').
+    let part = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => String::new(),
+        Some(v) => super::protocol::js_string(Some(v)),
+    };
+    let indexes_key = format!(
+        "{}:{}:{}:{}",
+        part(Some(&q.address)),
+        part(Some(&q.port)),
+        part(Some(&q.address_type)),
+        part(q.fd.as_ref())
+    );
+    let index = {
+        let mut st = state.borrow_mut();
+        let entry = st.indexes.entry(indexes_key.clone()).or_default();
+        let i = entry.0;
+        entry.0 += 1;
+        entry.1.insert(i);
+        i
+    };
+    q.index = index;
+    server.with_hook_data(|d| {
+        *d = Some(Box::new(HookData {
+            key: None,
+            indexes_key,
+            index,
+        }))
+    });
+    let backlog = opts.backlog_or_default();
+    let requested_port = opts.port;
+    let has_path = opts.path.clone();
+    let channel = state.borrow().channel.clone();
+    let s = server.clone();
+    let query = q.clone();
+    let sent = channel.send_cluster(
+        lp,
+        Act::QueryServer(q.clone()).to_fields(),
+        None,
+        Some(Box::new(move |lp, _, reply, handle| {
+            on_query_reply(
+                lp,
+                &s,
+                query,
+                reply,
+                handle,
+                backlog,
+                requested_port,
+                has_path,
+            );
+        })),
+    );
+    if let Err(e) = sent {
+        release_index(server);
+        let err = ListenError::new(
+            -(e.raw_os_error().unwrap_or(nix::libc::ENOTCONN) as i64),
+            "listen",
+            None,
+            Some(requested_port as i64),
+        );
+        let s = server.clone();
+        crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(err)));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_query_reply(
+    lp: &mut Loop,
+    server: &Server,
+    query: Query,
+    reply: Value,
+    handle: Option<Accepted>,
+    backlog: i32,
+    requested_port: u16,
+    path: Option<std::path::PathBuf>,
+) {
+    let address = query.address.as_str().map(str::to_owned);
+    let port = query.port.as_i64();
+    let Some(r) = QueryReply::parse(&reply) else {
+        if let Some(h) = handle {
+            close_accepted(lp, h);
+        }
+        release_index(server);
+        let e = ListenError::new(-(nix::libc::EPROTO as i64), "bind", address, port);
+        server.finish_listen(lp, Err(e));
+        return;
+    };
+    let errno = r.errno.filter(|e| *e != 0);
+    if server.is_closing() {
+        if let Some(h) = handle {
+            close_accepted(lp, h);
+        }
+        return;
+    }
+    if let Some(e) = errno {
+        if let Some(h) = handle {
+            close_accepted(lp, h);
+        }
+        release_index(server);
+        server.finish_listen(lp, Err(ListenError::new(e, "bind", address, port)));
+        return;
+    }
+    let result = match handle {
+        // Shared: listen on our copy of the primary's bound socket. libuv
+        // defers EADDRINUSE from bind to listen, so the primary may have
+        // replied errno 0 with an unbound socket: compare ports (Node's
+        // checkBindError).
+        Some(h) => {
+            if let Accepted::Tcp(t) = h
+                && requested_port > 0
+                && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != requested_port
+            {
+                close_accepted(lp, h);
+                release_index(server);
+                let e = ListenError::new(-(nix::libc::EADDRINUSE as i64), "bind", address, port);
+                server.finish_listen(lp, Err(e));
+                return;
+            }
+            server.listen_on(lp, h, backlog, address.clone(), port)
+        }
+        // Round-robin: the primary accepts; connections arrive as newconn.
+        None => {
+            server.listen_remote();
+            let addr = match (&path, &r.sockname) {
+                (Some(p), _) => ServerAddress::Unix(p.clone()),
+                (None, Some(s)) => {
+                    let ip = s
+                        .get("address")
+                        .and_then(Value::as_str)
+                        .and_then(|a| a.parse().ok());
+                    let port = s.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
+                    ServerAddress::Inet(SocketAddr::new(
+                        ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                        port,
+                    ))
+                }
+                (None, None) => {
+                    ServerAddress::Inet(SocketAddr::from(([0, 0, 0, 0], requested_port)))
+                }
+            };
+            Ok(addr)
+        }
+    };
+    match result {
+        Ok(addr) => {
+            server.with_hook_data(|d| {
+                if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+                    d.key = Some(r.key.clone());
+                }
+            });
+            if let Some(state) = child() {
+                state
+                    .borrow_mut()
+                    .handles
+                    .insert(r.key.clone(), server.clone());
+            }
+            let real_port = addr.port().map(i64::from);
+            // The user's listen callback runs before `listening` is sent.
+            server.finish_listen(lp, Ok(addr));
+            if let Some(state) = child() {
+                let (worker, channel) = {
+                    let st = state.borrow();
+                    (st.worker.clone(), st.channel.clone())
+                };
+                worker.inner.borrow_mut().state = WorkerState::Listening;
+                let mut q = query;
+                if let Some(p) = real_port.filter(|p| *p != 0) {
+                    q.port = json!(p);
+                }
+                let addr = Address::from_query(&q);
+                let _ = channel.send_cluster(lp, Act::Listening(q).to_fields(), None, None);
+                worker.emit_listening(lp, &addr);
+            }
+        }
+        Err(e) => {
+            release_index(server);
+            server.finish_listen(lp, Err(e));
+        }
+    }
+}
+
+fn release_index(server: &Server) {
+    let data = server.with_hook_data(|d| d.take());
+    let Some(data) = data.and_then(|d| d.downcast::<HookData>().ok()) else {
+        return;
+    };
+    if let Some(state) = child() {
+        let mut st = state.borrow_mut();
+        if let Some(key) = &data.key {
+            st.handles.remove(key);
+        }
+        if let Some(entry) = st.indexes.get_mut(&data.indexes_key) {
+            entry.1.remove(&data.index);
+            if entry.1.is_empty() {
+                st.indexes.remove(&data.indexes_key);
+            }
+        }
+    }
+}
+
+/// A server in this worker closed: tell the primary and free its index.
+fn server_closed(lp: &mut Loop, server: &Server) {
+    let key = server.with_hook_data(|d| {
+        d.as_ref()
+            .and_then(|d| d.downcast_ref::<HookData>())
+            .and_then(|d| d.key.clone())
+    });
+    release_index(server);
+    if let (Some(key), Some(state)) = (key, child()) {
+        let channel = state.borrow().channel.clone();
+        if channel.is_connected() {
+            let _ = channel.send_cluster(lp, Act::Close { key }.to_fields(), None, None);
+        }
+    }
+}
+
+fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
+    let Some(state) = child() else {
+        if let Some(h) = handle {
+            close_accepted(lp, h);
+        }
+        return;
+    };
+    match Act::parse(&msg) {
+        Some(Act::NewConn { key }) => {
+            let seq = msg.get("seq").cloned().unwrap_or(Value::Null);
+            let (server, channel) = {
+                let st = state.borrow();
+                (st.handles.get(&key).cloned(), st.channel.clone())
+            };
+            let conn = match handle {
+                Some(Accepted::Tcp(t)) => Some(Conn::Tcp(t)),
+                Some(Accepted::Pipe(p)) => Some(Conn::Pipe(p)),
+                Some(other) => {
+                    close_accepted(lp, other);
+                    None
+                }
+                None => None,
+            };
+            let accepted = match (server, conn) {
+                (Some(s), Some(c)) => {
+                    if s.deliver(lp, c) {
+                        true
+                    } else {
+                        close_conn(lp, c);
+                        false
+                    }
+                }
+                (None, Some(c)) => {
+                    close_conn(lp, c);
+                    false
+                }
+                _ => false,
+            };
+            let mut m = Map::new();
+            m.insert("ack".into(), seq);
+            m.insert("accepted".into(), accepted.into());
+            let _ = channel.send_cluster(lp, m, None, None);
+        }
+        Some(Act::Disconnect) => {
+            let worker = state.borrow().worker.clone();
+            close_servers_then(lp, &worker, true);
+        }
+        _ => {
+            // Node ignores cluster messages it does not know.
+            if let Some(h) = handle {
+                close_accepted(lp, h);
+            }
+        }
+    }
+}
+
+fn close_conn(lp: &mut Loop, c: Conn) {
+    let _ = match c {
+        Conn::Tcp(h) => lp.close(h, |_| {}),
+        Conn::Pipe(h) => lp.close(h, |_| {}),
+    };
+}
+
+/// Node's `_disconnect`: close every server (waiting for their
+/// connections), then either close the channel (primary-initiated) or tell
+/// the primary first with `exitedAfterDisconnect`.
+fn close_servers_then(lp: &mut Loop, worker: &Worker, primary_initiated: bool) {
+    worker.inner.borrow_mut().exited_after_disconnect = Some(true);
+    let Some(state) = child() else { return };
+    let servers: Vec<Server> = state.borrow().handles.values().cloned().collect();
+    let waiting = Rc::new(std::cell::Cell::new(servers.len() + 1));
+    let done = {
+        let waiting = waiting.clone();
+        let state = state.clone();
+        Rc::new(move |lp: &mut Loop| {
+            waiting.set(waiting.get() - 1);
+            if waiting.get() != 0 {
+                return;
+            }
+            let channel = state.borrow().channel.clone();
+            if primary_initiated {
+                channel.disconnect(lp);
+            } else {
+                let ch = channel.clone();
+                let sent = channel.send_cluster(
+                    lp,
+                    Act::ExitedAfterDisconnect.to_fields(),
+                    None,
+                    Some(Box::new(move |lp, _, _, _| ch.disconnect(lp))),
+                );
+                if sent.is_err() {
+                    channel.disconnect(lp);
+                }
+            }
+        })
+    };
+    for s in servers {
+        let d = done.clone();
+        s.close(lp, move |lp, _| d(lp));
+    }
+    done(lp);
+}
+
+/// `cluster.worker.disconnect()` inside the worker.
+pub(crate) fn disconnect_self(lp: &mut Loop, w: &Worker) {
+    {
+        let mut i = w.inner.borrow_mut();
+        if i.state == WorkerState::Disconnecting || i.state == WorkerState::Disconnected {
+            return;
+        }
+        i.state = WorkerState::Disconnecting;
+    }
+    close_servers_then(lp, w, false);
+}
+
+/// `cluster.worker.destroy()` / `kill()` inside the worker: tell the
+/// primary, close the channel, exit 0.
+pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
+    w.inner.borrow_mut().exited_after_disconnect = Some(true);
+    let Some(state) = child() else {
+        std::process::exit(0);
+    };
+    let channel = state.borrow().channel.clone();
+    if !channel.is_connected() {
+        std::process::exit(0);
+    }
+    state.borrow_mut().destroying = true;
+    w.inner.borrow_mut().state = WorkerState::Disconnecting;
+    let ch = channel.clone();
+    let sent = channel.send_cluster(
+        lp,
+        Act::ExitedAfterDisconnect.to_fields(),
+        None,
+        Some(Box::new(move |lp, _, _, _| ch.disconnect(lp))),
+    );
+    if sent.is_err() {
+        std::process::exit(0);
+    }
+}

@@ -368,3 +368,47 @@ impl Loop {
 pub fn take_env_var(name: impl AsRef<std::ffi::OsStr>) -> Option<std::ffi::OsString> {
     sys::env::take_var(name.as_ref())
 }
+
+impl Loop {
+    /// Adopts an inherited fd by number as a handle of the right type
+    /// (`uv_guess_handle` followed by the matching `*_open`): how Node's
+    /// `listen({fd})` and `bind({fd})` work. The handle becomes the fd's
+    /// only owner.
+    ///
+    /// # Errors
+    ///
+    /// `EBADF` if the fd is not open, `ENOTSUP` if it is not a TCP, Unix
+    /// stream or UDP socket (the fd is then left open: it was not ours).
+    pub fn open_inherited(&mut self, fd: i32) -> io::Result<Accepted> {
+        let owned = sys::env::adopt_inherited_fd(fd)?;
+        let ty = kind_to_type(sys::fd::socket_kind(owned.as_fd()));
+        if ty == PendingType::Unknown {
+            // Not ours to close: give it back untouched.
+            std::mem::forget(owned);
+            return Err(io::Error::from_raw_os_error(nix::libc::ENOTSUP));
+        }
+        let (h, r) = match ty {
+            PendingType::Tcp => {
+                let t = self.tcp_init();
+                (Accepted::Tcp(t), self.tcp_open(t, owned))
+            }
+            PendingType::Pipe => {
+                let p = self.pipe_init(false);
+                (Accepted::Pipe(p), self.pipe_open(p, owned))
+            }
+            _ => {
+                let u = self.udp_init();
+                (Accepted::Udp(u), self.udp_open(u, owned))
+            }
+        };
+        if let Err(e) = r {
+            let _ = match h {
+                Accepted::Tcp(t) => self.close(t, |_| {}),
+                Accepted::Pipe(p) => self.close(p, |_| {}),
+                Accepted::Udp(u) => self.close(u, |_| {}),
+            };
+            return Err(e);
+        }
+        Ok(h)
+    }
+}

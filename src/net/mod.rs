@@ -1,0 +1,56 @@
+//! Node's `net`-level conveniences on [`uv`](crate::uv) handles: a
+//! [`Server`] that listens on a TCP port, a Unix socket path or an
+//! inherited fd, and tracks its connections.
+//!
+//! In a cluster worker, [`Server::listen`] does not bind by itself: it asks
+//! the primary (Node's `listenInCluster`). The cluster installs a
+//! [`ClusterHook`] for that, so this module never depends on the cluster.
+
+mod server;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+pub use server::{Conn, ListenError, ListenOptions, Server, ServerAddress};
+
+use crate::uv::Loop;
+
+/// How a cluster worker routes [`Server::listen`] and [`Server::close`]
+/// through its primary. Installed with [`set_cluster_hook`] by
+/// [`cluster::setup_worker`](crate::cluster::setup_worker).
+pub trait ClusterHook {
+    /// Starts listening for `server` through the primary. The hook finishes
+    /// by calling the server's listen completion (success or error).
+    fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions);
+    /// Tells the primary that `server` closed.
+    fn close(&self, lp: &mut Loop, server: &Server);
+}
+
+thread_local! {
+    static HOOK: RefCell<Option<Rc<dyn ClusterHook>>> = const { RefCell::new(None) };
+}
+
+/// Installs (or with `None` removes) the hook that routes listens through a
+/// cluster primary, for servers of this thread.
+pub fn set_cluster_hook(hook: Option<Rc<dyn ClusterHook>>) {
+    HOOK.with(|h| *h.borrow_mut() = hook);
+}
+
+pub(crate) fn cluster_hook() -> Option<Rc<dyn ClusterHook>> {
+    HOOK.with(|h| h.borrow().clone())
+}
+
+/// Runs `f` on the next loop iteration (Node's `process.nextTick` /
+/// `setImmediate` for events that must not fire inside the call that
+/// caused them).
+pub fn defer(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
+    let t = lp.timer_init();
+    let mut f = Some(f);
+    // A 0 ms timer cannot fail to start on a fresh handle.
+    let _ = lp.timer_start(t, 0, 0, move |lp, t| {
+        let _ = lp.close(t, |_| {});
+        if let Some(f) = f.take() {
+            f(lp);
+        }
+    });
+}

@@ -1,0 +1,609 @@
+//! `net.Server` (lib/net.js: `Server.prototype.listen`, `listenInCluster`,
+//! `createServerHandle`, `setupListenHandle`).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+
+use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp};
+
+/// A connection handed to a server's connection callback. The callback
+/// owns it; close it with [`Server::close_connection`] so the server's
+/// connection count stays right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conn {
+    /// A TCP connection.
+    Tcp(Handle<Tcp>),
+    /// A Unix-socket connection.
+    Pipe(Handle<Pipe>),
+}
+
+/// Where a server listens (`server.address()`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerAddress {
+    /// A TCP address.
+    Inet(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl ServerAddress {
+    /// The TCP port, if this is a TCP address.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            ServerAddress::Inet(a) => Some(a.port()),
+            ServerAddress::Unix(_) => None,
+        }
+    }
+}
+
+/// What to listen on (`server.listen(options)`). Exactly one of `path`,
+/// `fd`, or `port` (with an optional `host`) is used, in that order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// TCP port; 0 picks one (in a cluster, every worker gets the same).
+    pub port: u16,
+    /// An IP address to bind; `None` binds `::` (dual-stack), falling back
+    /// to `0.0.0.0`. Host names are not resolved.
+    pub host: Option<String>,
+    /// A Unix socket path.
+    pub path: Option<PathBuf>,
+    /// An inherited fd to listen on (in a worker: an fd of the primary).
+    pub fd: Option<i32>,
+    /// The listen backlog (default 511).
+    pub backlog: Option<i32>,
+    /// In a cluster worker: bind locally instead of through the primary.
+    pub exclusive: bool,
+    /// Bind an IPv6 host for IPv6 only.
+    pub ipv6_only: bool,
+    /// Unix sockets: make the path readable by everyone.
+    pub readable_all: bool,
+    /// Unix sockets: make the path writable by everyone.
+    pub writable_all: bool,
+}
+
+impl ListenOptions {
+    /// Listen on a TCP port of every address.
+    pub fn port(port: u16) -> ListenOptions {
+        ListenOptions {
+            port,
+            ..Default::default()
+        }
+    }
+
+    /// Listen on a Unix socket path.
+    pub fn path(path: impl Into<PathBuf>) -> ListenOptions {
+        ListenOptions {
+            path: Some(path.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the host to bind.
+    pub fn host(mut self, host: impl Into<String>) -> ListenOptions {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// The backlog, with Node's default.
+    pub fn backlog_or_default(&self) -> i32 {
+        match self.backlog {
+            Some(b) if b > 0 => b,
+            _ => 511,
+        }
+    }
+}
+
+/// A failed listen, as Node reports it: `listen EADDRINUSE: address already
+/// in use :::8000` has code `EADDRINUSE`, errno `-98`, syscall `listen`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenError {
+    /// Node's code (`EADDRINUSE`, `EACCES`, `EADDRNOTAVAIL`, ...).
+    pub code: String,
+    /// The negative errno (libuv's convention on the wire).
+    pub errno: i64,
+    /// The failing call: `bind` or `listen`.
+    pub syscall: String,
+    /// The address asked for.
+    pub address: Option<String>,
+    /// The port asked for.
+    pub port: Option<i64>,
+}
+
+impl ListenError {
+    /// Builds one from a negative errno.
+    pub fn new(
+        errno: i64,
+        syscall: &str,
+        address: Option<String>,
+        port: Option<i64>,
+    ) -> ListenError {
+        let e = nix::errno::Errno::from_raw((-errno) as i32);
+        ListenError {
+            code: format!("{e:?}"),
+            errno,
+            syscall: syscall.to_owned(),
+            address,
+            port,
+        }
+    }
+
+    fn from_io(
+        e: &io::Error,
+        syscall: &str,
+        address: Option<String>,
+        port: Option<i64>,
+    ) -> ListenError {
+        let errno = e
+            .raw_os_error()
+            .map_or(-(nix::libc::EINVAL as i64), |c| -(c as i64));
+        ListenError::new(errno, syscall, address, port)
+    }
+
+    /// The positive OS errno.
+    pub fn os_errno(&self) -> i32 {
+        (-self.errno) as i32
+    }
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let desc = io::Error::from_raw_os_error(self.os_errno());
+        write!(f, "{} {}: {}", self.syscall, self.code, desc)?;
+        match (&self.address, self.port) {
+            (Some(a), Some(p)) if p >= 0 => write!(f, " {a}:{p}"),
+            (Some(a), _) => write!(f, " {a}"),
+            (None, Some(p)) => write!(f, " :{p}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+impl From<ListenError> for io::Error {
+    fn from(e: ListenError) -> io::Error {
+        let kind = io::Error::from_raw_os_error(e.os_errno()).kind();
+        io::Error::new(kind, e)
+    }
+}
+
+type ConnCb = Box<dyn FnMut(&mut Loop, &Server, Conn)>;
+type ListenCb = Box<dyn FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>)>;
+type CloseCb = Box<dyn FnOnce(&mut Loop, &Server)>;
+
+enum Listener {
+    None,
+    Tcp(Handle<Tcp>),
+    Pipe(Handle<Pipe>),
+    /// Round-robin in a cluster worker: the primary accepts and sends
+    /// connections; there is no local socket.
+    Remote,
+}
+
+struct Inner {
+    listener: Listener,
+    address: Option<ServerAddress>,
+    listening: bool,
+    /// `listen` was called and has not finished.
+    pending: bool,
+    closing: bool,
+    on_connection: Option<ConnCb>,
+    listen_cb: Option<ListenCb>,
+    close_cbs: Vec<CloseCb>,
+    max_connections: Option<usize>,
+    connections: usize,
+    /// Data the cluster hook keeps per server (its key and index).
+    hook_data: Option<Box<dyn Any>>,
+}
+
+/// A listening server (Node's `net.Server`). Cheap to clone: clones name
+/// the same server.
+///
+/// # Examples
+///
+/// ```no_run
+/// use uvcluster::net::{Conn, ListenOptions, Server};
+/// use uvcluster::uv::{Loop, RunMode};
+///
+/// let mut lp = Loop::new()?;
+/// let server = Server::new(|lp, server, conn| {
+///     // Greet and hang up.
+///     if let Conn::Tcp(c) = conn {
+///         let s = server.clone();
+///         lp.write(c, &[b"hello\n"], move |lp, _, _| s.close_connection(lp, conn)).unwrap();
+///     }
+/// });
+/// server.listen(&mut lp, ListenOptions::port(8000).host("127.0.0.1"), |_, _, r| {
+///     println!("listening on {:?}", r.unwrap());
+/// })?;
+/// lp.run(RunMode::Default)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = self.inner.borrow();
+        f.debug_struct("Server")
+            .field("address", &i.address)
+            .field("listening", &i.listening)
+            .field("connections", &i.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server whose `on_connection` receives each new connection.
+    pub fn new(on_connection: impl FnMut(&mut Loop, &Server, Conn) + 'static) -> Server {
+        Server {
+            inner: Rc::new(RefCell::new(Inner {
+                listener: Listener::None,
+                address: None,
+                listening: false,
+                pending: false,
+                closing: false,
+                on_connection: Some(Box::new(on_connection)),
+                listen_cb: None,
+                close_cbs: Vec::new(),
+                max_connections: None,
+                connections: 0,
+                hook_data: None,
+            })),
+        }
+    }
+
+    /// Starts listening (`server.listen`). `cb` gets the bound address or a
+    /// [`ListenError`], always from the loop, never inside this call. In a
+    /// cluster worker (unless `opts.exclusive`), the primary binds: see
+    /// [`cluster`](crate::cluster).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if the server is already listening or closing; `cb`
+    /// is then dropped.
+    pub fn listen(
+        &self,
+        lp: &mut Loop,
+        opts: ListenOptions,
+        cb: impl FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>) + 'static,
+    ) -> io::Result<()> {
+        {
+            let mut i = self.inner.borrow_mut();
+            if i.listening || i.pending || i.closing {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "server is already listening",
+                ));
+            }
+            i.pending = true;
+            i.listen_cb = Some(Box::new(cb));
+        }
+        match super::cluster_hook() {
+            Some(hook) if !opts.exclusive => hook.listen(lp, self, &opts),
+            _ => {
+                let r = self.listen_local(lp, &opts);
+                let me = self.clone();
+                super::defer(lp, move |lp| me.finish_listen(lp, r));
+            }
+        }
+        Ok(())
+    }
+
+    fn listen_local(
+        &self,
+        lp: &mut Loop,
+        opts: &ListenOptions,
+    ) -> Result<ServerAddress, ListenError> {
+        let backlog = opts.backlog_or_default();
+        if let Some(path) = &opts.path {
+            let addr = Some(path.display().to_string());
+            let p = lp.pipe_init(false);
+            let r = lp
+                .pipe_bind(p, path)
+                .map_err(|e| ListenError::from_io(&e, "listen", addr.clone(), Some(-1)));
+            let r = r.and_then(|()| {
+                if opts.readable_all || opts.writable_all {
+                    lp.pipe_chmod(p, opts.readable_all, opts.writable_all)
+                        .map_err(|e| ListenError::from_io(&e, "chmod", addr.clone(), Some(-1)))?;
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                let _ = lp.close(p, |_| {});
+                return Err(e);
+            }
+            return self.listen_on(lp, Accepted::Pipe(p), backlog, addr, Some(-1));
+        }
+        if let Some(fd) = opts.fd {
+            let h = lp
+                .open_inherited(fd)
+                .map_err(|e| ListenError::from_io(&e, "listen", None, None))?;
+            return self.listen_on(lp, h, backlog, None, None);
+        }
+        let port = Some(opts.port as i64);
+        let flags = BindFlags {
+            ipv6_only: opts.ipv6_only,
+            ..Default::default()
+        };
+        let candidates: Vec<SocketAddr> = match &opts.host {
+            Some(h) => {
+                let ip: IpAddr = h.parse().map_err(|_| {
+                    ListenError::new(-(nix::libc::EINVAL as i64), "listen", Some(h.clone()), port)
+                })?;
+                vec![SocketAddr::new(ip, opts.port)]
+            }
+            None => vec![
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), opts.port),
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), opts.port),
+            ],
+        };
+        let mut last = None;
+        for addr in candidates {
+            let t = lp.tcp_init();
+            match lp.tcp_bind(t, addr, flags) {
+                Ok(()) => {
+                    return self.listen_on(
+                        lp,
+                        Accepted::Tcp(t),
+                        backlog,
+                        Some(addr.ip().to_string()),
+                        port,
+                    );
+                }
+                Err(e) => {
+                    let _ = lp.close(t, |_| {});
+                    last = Some(ListenError::from_io(
+                        &e,
+                        "listen",
+                        Some(addr.ip().to_string()),
+                        port,
+                    ));
+                }
+            }
+        }
+        Err(last.expect("at least one candidate address"))
+    }
+
+    /// Listens on a socket that is bound (or already listening): a local
+    /// bind, an inherited fd, or a shared handle received from a cluster
+    /// primary. The server owns `h` from here on, success or not.
+    pub(crate) fn listen_on(
+        &self,
+        lp: &mut Loop,
+        h: Accepted,
+        backlog: i32,
+        address: Option<String>,
+        port: Option<i64>,
+    ) -> Result<ServerAddress, ListenError> {
+        let weak = Rc::downgrade(&self.inner);
+        let r = match h {
+            Accepted::Tcp(t) => lp
+                .tcp_listen(t, backlog, move |lp, _, client| {
+                    if let Ok(c) = client {
+                        Server::incoming(&weak, lp, Conn::Tcp(c));
+                    }
+                })
+                .and_then(|()| lp.tcp_getsockname(t).map(ServerAddress::Inet))
+                .map(|a| (Listener::Tcp(t), a)),
+            Accepted::Pipe(p) => lp
+                .pipe_listen(p, backlog, move |lp, _, client| {
+                    if let Ok(c) = client {
+                        Server::incoming(&weak, lp, Conn::Pipe(c));
+                    }
+                })
+                .and_then(|()| lp.pipe_getsockname(p).map(ServerAddress::Unix))
+                .map(|a| (Listener::Pipe(p), a)),
+            Accepted::Udp(u) => {
+                let _ = lp.close(u, |_| {});
+                Err(io::Error::from_raw_os_error(nix::libc::ENOTSOCK))
+            }
+        };
+        match r {
+            Ok((l, a)) => {
+                self.inner.borrow_mut().listener = l;
+                Ok(a)
+            }
+            Err(e) => {
+                let _ = match h {
+                    Accepted::Tcp(t) => lp.close(t, |_| {}),
+                    Accepted::Pipe(p) => lp.close(p, |_| {}),
+                    Accepted::Udp(_) => Ok(()),
+                };
+                Err(ListenError::from_io(&e, "listen", address, port))
+            }
+        }
+    }
+
+    /// Round-robin in a cluster worker: connections will come through
+    /// [`deliver`](Self::deliver).
+    pub(crate) fn listen_remote(&self) {
+        self.inner.borrow_mut().listener = Listener::Remote;
+    }
+
+    /// Ends a `listen`: records the result and runs the listen callback.
+    pub(crate) fn finish_listen(&self, lp: &mut Loop, r: Result<ServerAddress, ListenError>) {
+        let cb = {
+            let mut i = self.inner.borrow_mut();
+            i.pending = false;
+            match &r {
+                Ok(a) => {
+                    i.listening = true;
+                    i.address = Some(a.clone());
+                }
+                Err(_) => i.listener = Listener::None,
+            }
+            i.listen_cb.take()
+        };
+        if let Some(cb) = cb {
+            cb(lp, self, r);
+        }
+    }
+
+    fn incoming(weak: &Weak<RefCell<Inner>>, lp: &mut Loop, conn: Conn) {
+        match weak.upgrade() {
+            Some(inner) => {
+                let s = Server { inner };
+                if !s.deliver(lp, conn) {
+                    close_conn(lp, conn);
+                }
+            }
+            None => close_conn(lp, conn),
+        }
+    }
+
+    /// Hands a connection to the server's callback. `false` (and the caller
+    /// keeps the connection) when the server is not listening or is at
+    /// `max_connections` — in a cluster worker that is `accepted: false`.
+    pub fn deliver(&self, lp: &mut Loop, conn: Conn) -> bool {
+        let cb = {
+            let mut i = self.inner.borrow_mut();
+            if !i.listening || i.closing {
+                return false;
+            }
+            if i.max_connections.is_some_and(|m| i.connections >= m) {
+                return false;
+            }
+            i.connections += 1;
+            i.on_connection.take()
+        };
+        if let Some(mut cb) = cb {
+            cb(lp, self, conn);
+            let mut i = self.inner.borrow_mut();
+            if i.on_connection.is_none() {
+                i.on_connection = Some(cb);
+            }
+        }
+        true
+    }
+
+    /// Closes a connection this server handed out, and counts it gone.
+    pub fn close_connection(&self, lp: &mut Loop, conn: Conn) {
+        close_conn(lp, conn);
+        self.connection_ended(lp);
+    }
+
+    /// Counts a connection gone that the caller closed itself.
+    pub fn connection_ended(&self, lp: &mut Loop) {
+        {
+            let mut i = self.inner.borrow_mut();
+            i.connections = i.connections.saturating_sub(1);
+        }
+        self.maybe_closed(lp);
+    }
+
+    /// Open connections handed out and not yet ended (`server.connections`).
+    pub fn connections(&self) -> usize {
+        self.inner.borrow().connections
+    }
+
+    /// Refuses connections beyond `max` (`server.maxConnections`).
+    pub fn set_max_connections(&self, max: Option<usize>) {
+        self.inner.borrow_mut().max_connections = max;
+    }
+
+    /// Where the server listens, once listening (`server.address()`).
+    pub fn address(&self) -> Option<ServerAddress> {
+        self.inner.borrow().address.clone()
+    }
+
+    /// Whether the server is listening (`server.listening`).
+    pub fn is_listening(&self) -> bool {
+        self.inner.borrow().listening
+    }
+
+    /// Stops accepting (`server.close(cb)`). `cb` runs once the listener is
+    /// closed and every connection handed out has ended. In a cluster
+    /// worker the primary is told.
+    pub fn close(&self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, &Server) + 'static) {
+        let listener = {
+            let mut i = self.inner.borrow_mut();
+            i.close_cbs.push(Box::new(cb));
+            if i.closing {
+                return;
+            }
+            i.closing = true;
+            i.listening = false;
+            std::mem::replace(&mut i.listener, Listener::None)
+        };
+        match listener {
+            Listener::Tcp(t) => {
+                let _ = lp.close(t, |_| {});
+            }
+            Listener::Pipe(p) => {
+                let _ = lp.close(p, |_| {});
+            }
+            Listener::Remote | Listener::None => {}
+        }
+        if self.inner.borrow().hook_data.is_some()
+            && let Some(hook) = super::cluster_hook()
+        {
+            hook.close(lp, self);
+        }
+        let me = self.clone();
+        super::defer(lp, move |lp| me.maybe_closed(lp));
+    }
+
+    fn maybe_closed(&self, lp: &mut Loop) {
+        let cbs = {
+            let mut i = self.inner.borrow_mut();
+            if !i.closing || i.connections > 0 {
+                return;
+            }
+            std::mem::take(&mut i.close_cbs)
+        };
+        for cb in cbs {
+            cb(lp, self);
+        }
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closing(&self) -> bool {
+        self.inner.borrow().closing
+    }
+
+    /// The cluster hook's per-server data.
+    pub(crate) fn with_hook_data<R>(&self, f: impl FnOnce(&mut Option<Box<dyn Any>>) -> R) -> R {
+        f(&mut self.inner.borrow_mut().hook_data)
+    }
+
+    /// Whether two values name the same server.
+    pub fn ptr_eq(&self, other: &Server) -> bool {
+        Rc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Sets whether the listening socket keeps the loop alive
+    /// (`server.ref()` / `server.unref()`).
+    ///
+    /// # Errors
+    ///
+    /// A closed listener.
+    pub fn set_ref(&self, lp: &mut Loop, on: bool) -> io::Result<()> {
+        let l = match &self.inner.borrow().listener {
+            Listener::Tcp(t) => Some(Accepted::Tcp(*t)),
+            Listener::Pipe(p) => Some(Accepted::Pipe(*p)),
+            _ => None,
+        };
+        match (l, on) {
+            (Some(Accepted::Tcp(t)), true) => lp.ref_handle(t),
+            (Some(Accepted::Tcp(t)), false) => lp.unref_handle(t),
+            (Some(Accepted::Pipe(p)), true) => lp.ref_handle(p),
+            (Some(Accepted::Pipe(p)), false) => lp.unref_handle(p),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn close_conn(lp: &mut Loop, conn: Conn) {
+    let _ = match conn {
+        Conn::Tcp(h) => lp.close(h, |_| {}),
+        Conn::Pipe(h) => lp.close(h, |_| {}),
+    };
+}
