@@ -88,12 +88,18 @@ fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
         let mut off = 0;
         let mut close = false;
         let mut out = 0usize;
+        let mut sleep_ms = 0u64;
         while off < buf.len() && !close {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf[off..]) {
                 Ok(httparse::Status::Complete(n)) => {
                     off += n;
+                    // `GET /sleep/<ms>`: answer after that long (the
+                    // slow-handler workload of the dispatch benchmarks).
+                    if let Some(ms) = req.path.and_then(|p| p.strip_prefix("/sleep/")) {
+                        sleep_ms = sleep_ms.max(ms.parse().unwrap_or(0));
+                    }
                     let conn_hdr = req
                         .headers
                         .iter()
@@ -123,21 +129,37 @@ fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
                     RESPONSE_KEEP_ALIVE
                 });
             }
+            if sleep_ms > 0 {
+                let _ = lp.read_stop(t);
+                let timer = lp.timer_init();
+                let s = s.clone();
+                let _ = lp.timer_start(timer, sleep_ms, 0, move |lp, timer| {
+                    let _ = lp.close(timer, |_| {});
+                    let _ = lp.write(t, &[&resp], |_, _, _| {});
+                    end_connection(lp, &s, t);
+                });
+                return;
+            }
             let _ = lp.write(t, &[&resp], |_, _, _| {});
         }
         if close {
             let _ = lp.read_stop(t);
-            let s2 = s.clone();
-            if lp
-                .shutdown(t, move |lp, t, _| s2.close_connection(lp, Conn::Tcp(t)))
-                .is_err()
-            {
-                s.close_connection(lp, Conn::Tcp(t));
-            }
+            end_connection(lp, &s, t);
         }
     });
     if r.is_err() {
         server.close_connection(lp, Conn::Tcp(t));
+    }
+}
+
+/// Shuts the write side once the response is out, then closes.
+fn end_connection(lp: &mut Loop, s: &Server, t: uvcluster::uv::Handle<Tcp>) {
+    let s2 = s.clone();
+    if lp
+        .shutdown(t, move |lp, t, _| s2.close_connection(lp, Conn::Tcp(t)))
+        .is_err()
+    {
+        s.close_connection(lp, Conn::Tcp(t));
     }
 }
 

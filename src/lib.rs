@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod ipc;
+pub mod loadgen;
 pub mod net;
 mod sys;
 pub mod uv;

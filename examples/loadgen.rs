@@ -1,0 +1,35 @@
+//! Runs the crate's load generator against an HTTP server and prints one
+//! `key=value` line.
+//!
+//! `cargo run --release --example loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow]`
+
+use std::time::Duration;
+
+use uvcluster::loadgen::{LoadConfig, Workload, run};
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = args
+        .first()
+        .map_or("127.0.0.1:8000", String::as_str)
+        .parse()
+        .expect("address like 127.0.0.1:8000");
+    let connections = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let workload = match args.get(3).map(String::as_str) {
+        Some("close") => Workload::Close,
+        Some("slow") => Workload::SlowMix { every: 10, ms: 5 },
+        _ => Workload::KeepAlive,
+    };
+    let r = run(LoadConfig {
+        addr,
+        connections,
+        duration: Duration::from_secs_f64(secs),
+        workload,
+    })?;
+    println!(
+        "workload={workload:?} requests={} errors={} secs={:.2} rps={:.0} p50_us={} p99_us={} max_us={}",
+        r.requests, r.errors, r.secs, r.rps, r.p50_us, r.p99_us, r.max_us
+    );
+    Ok(())
+}

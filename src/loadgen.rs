@@ -1,0 +1,293 @@
+//! A closed-loop HTTP/1.1 load generator on our own loop, used by the
+//! benches and the comparison with Node (`examples/compare.rs`): N
+//! connections, each sending its next request as soon as the previous
+//! response is complete, for a fixed duration.
+//!
+//! Workloads: keep-alive, one request per connection (`Connection: close`,
+//! the connection-churn case where dispatch matters most), and a mix in
+//! which every k-th request asks the server to take some milliseconds
+//! (`GET /sleep/<ms>`), where dispatch by load should win.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::uv::{Handle, Loop, RunMode, Tcp};
+
+/// What the generated requests look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Keep-alive: many requests per connection.
+    KeepAlive,
+    /// One request per connection (`Connection: close`).
+    Close,
+    /// One request per connection, where every `every`-th request is
+    /// `GET /sleep/<ms>` (the server answers after `ms` milliseconds).
+    SlowMix {
+        /// One slow request in this many.
+        every: u32,
+        /// How long a slow request takes, in ms.
+        ms: u32,
+    },
+}
+
+/// A load run's parameters.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// The server.
+    pub addr: SocketAddr,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// How long to generate load.
+    pub duration: Duration,
+    /// The requests.
+    pub workload: Workload,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Complete responses.
+    pub requests: u64,
+    /// Failed connects, resets and malformed responses.
+    pub errors: u64,
+    /// Wall time of the run, in seconds.
+    pub secs: f64,
+    /// `requests / secs`.
+    pub rps: f64,
+    /// Median latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile latency, µs.
+    pub p99_us: u64,
+    /// Worst latency, µs.
+    pub max_us: u64,
+}
+
+/// Jain's fairness index of `xs`: 1.0 when all are equal, `1/n` when one
+/// takes everything.
+pub fn jain(xs: &[f64]) -> f64 {
+    let sum: f64 = xs.iter().sum();
+    let sq: f64 = xs.iter().map(|x| x * x).sum();
+    if xs.is_empty() || sq == 0.0 {
+        return 1.0;
+    }
+    sum * sum / (xs.len() as f64 * sq)
+}
+
+struct State {
+    cfg: LoadConfig,
+    end: Instant,
+    latencies: Vec<u32>,
+    errors: u64,
+    seq: u64,
+    open: usize,
+}
+
+/// Runs the load on this thread (with its own [`Loop`]) and reports.
+///
+/// # Errors
+///
+/// The loop's own errors; connection failures are counted in
+/// [`LoadReport::errors`], not returned.
+pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
+    let mut lp = Loop::new()?;
+    let start = Instant::now();
+    let st = Rc::new(RefCell::new(State {
+        end: start + cfg.duration,
+        latencies: Vec::with_capacity(1 << 20),
+        errors: 0,
+        seq: 0,
+        open: 0,
+        cfg: cfg.clone(),
+    }));
+    for _ in 0..cfg.connections {
+        connect(&mut lp, st.clone());
+    }
+    lp.run(RunMode::Default)?;
+    let secs = start.elapsed().as_secs_f64();
+    let mut s = st.borrow_mut();
+    s.latencies.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if s.latencies.is_empty() {
+            return 0;
+        }
+        let i = ((s.latencies.len() as f64 - 1.0) * p).round() as usize;
+        s.latencies[i] as u64
+    };
+    Ok(LoadReport {
+        requests: s.latencies.len() as u64,
+        errors: s.errors,
+        secs,
+        rps: s.latencies.len() as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: s.latencies.last().copied().unwrap_or(0) as u64,
+    })
+}
+
+fn request(st: &State) -> Vec<u8> {
+    let path = match st.cfg.workload {
+        Workload::SlowMix { every, ms } if every > 0 && st.seq % every as u64 == 0 => {
+            format!("/sleep/{ms}")
+        }
+        _ => "/".into(),
+    };
+    let conn = match st.cfg.workload {
+        Workload::KeepAlive => "keep-alive",
+        _ => "close",
+    };
+    format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: {conn}\r\n\r\n").into_bytes()
+}
+
+fn connect(lp: &mut Loop, st: Rc<RefCell<State>>) {
+    if Instant::now() >= st.borrow().end {
+        return;
+    }
+    let addr = st.borrow().cfg.addr;
+    let t = lp.tcp_init();
+    st.borrow_mut().open += 1;
+    let r = lp.tcp_connect(t, addr, move |lp, t, r| {
+        if r.is_err() {
+            st.borrow_mut().errors += 1;
+            finish(lp, &st, t, true);
+            return;
+        }
+        let _ = lp.tcp_nodelay(t, true);
+        send(lp, &st, t);
+    });
+    if r.is_err() {
+        let _ = lp.close(t, |_| {});
+    }
+}
+
+fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
+    let req = {
+        let mut s = st.borrow_mut();
+        s.seq += 1;
+        request(&s)
+    };
+    let sent = Instant::now();
+    if lp.write(t, &[&req], |_, _, _| {}).is_err() {
+        st.borrow_mut().errors += 1;
+        finish(lp, st, t, true);
+        return;
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    let st2 = st.clone();
+    let r = lp.read_start(t, move |lp, t, r| {
+        let data = match r {
+            Ok(d) if !d.is_empty() => d,
+            _ => {
+                st2.borrow_mut().errors += 1;
+                finish(lp, &st2, t, true);
+                return;
+            }
+        };
+        buf.extend_from_slice(data);
+        match response_len(&buf) {
+            Ok(Some(n)) if buf.len() >= n => {
+                let lat = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                let keep = {
+                    let mut s = st2.borrow_mut();
+                    s.latencies.push(lat);
+                    s.cfg.workload == Workload::KeepAlive && Instant::now() < s.end
+                };
+                let _ = lp.read_stop(t);
+                if keep {
+                    send(lp, &st2, t);
+                } else {
+                    finish(lp, &st2, t, false);
+                }
+            }
+            Ok(_) => {}
+            Err(()) => {
+                st2.borrow_mut().errors += 1;
+                finish(lp, &st2, t, true);
+            }
+        }
+    });
+    if r.is_err() {
+        st.borrow_mut().errors += 1;
+        finish(lp, st, t, true);
+    }
+}
+
+/// The full length of the first response in `buf` once its headers are
+/// complete: `Ok(None)` while they are not, `Err` if malformed.
+fn response_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => {
+            let header = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            };
+            if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked")) {
+                return chunked_len(&buf[n..]).map(|o| o.map(|l| n + l));
+            }
+            let len = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
+                .ok_or(())?;
+            Ok(Some(n + len))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+/// The length of a chunked body (Node's default framing), trailers not
+/// supported: `Ok(None)` until the last chunk has arrived.
+fn chunked_len(body: &[u8]) -> Result<Option<usize>, ()> {
+    let mut off = 0;
+    loop {
+        let Some(eol) = body[off..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&body[off..off + eol]).map_err(|_| ())?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| ())?;
+        off += eol + 2;
+        if size == 0 {
+            return Ok((body.len() >= off + 2).then_some(off + 2));
+        }
+        off += size + 2;
+        if off > body.len() {
+            return Ok(None);
+        }
+    }
+}
+
+fn finish(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, _failed: bool) {
+    let _ = lp.close(t, |_| {});
+    st.borrow_mut().open -= 1;
+    // Closed loop: replace the connection.
+    connect(lp, st.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jain_index() {
+        assert!((jain(&[1.0, 1.0, 1.0]) - 1.0).abs() < 1e-9);
+        assert!((jain(&[1.0, 0.0]) - 0.5).abs() < 1e-9);
+        assert!((jain(&[17.0, 19.5]) - 0.995).abs() < 0.001);
+    }
+
+    #[test]
+    fn response_length() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n";
+        assert_eq!(response_len(r), Ok(Some(r.len())));
+        assert_eq!(response_len(&r[..10]), Ok(None));
+        assert_eq!(response_len(b"HTTP/1.1 200 OK\r\n\r\n"), Err(()));
+        let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nhello world\n\r\n0\r\n\r\n";
+        assert_eq!(response_len(c), Ok(Some(c.len())));
+        assert_eq!(response_len(&c[..c.len() - 1]), Ok(None));
+    }
+}
