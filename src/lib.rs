@@ -6,6 +6,7 @@
 //!   order and callback rules.
 #![warn(missing_docs, missing_debug_implementations)]
 
-mod sys;
+pub mod cluster;
 pub mod ipc;
+mod sys;
 pub mod uv;

@@ -15,7 +15,10 @@ fn loop_alive() {
     let mut lp = Loop::new().unwrap();
     assert!(!lp.alive());
     let t = lp.timer_init();
-    assert!(!lp.alive(), "an unstarted timer does not make the loop alive");
+    assert!(
+        !lp.alive(),
+        "an unstarted timer does not make the loop alive"
+    );
     let hits = Counter::new();
     let h = hits.clone();
     lp.timer_start(t, 1, 0, move |_, _| h.hit()).unwrap();
@@ -322,7 +325,8 @@ fn once_with_self_stopping_idle_still_runs_check() {
     let idle = lp.idle_init();
     let check = lp.check_init();
     let checks = Counter::new();
-    lp.idle_start(idle, |lp, h| lp.idle_stop(h).unwrap()).unwrap();
+    lp.idle_start(idle, |lp, h| lp.idle_stop(h).unwrap())
+        .unwrap();
     let c = checks.clone();
     lp.check_start(check, move |_, _| c.hit()).unwrap();
     lp.run(RunMode::Once).unwrap();
@@ -353,7 +357,12 @@ fn active_and_closing_flags() {
 fn unref_handles_do_not_keep_the_loop_alive() {
     let mut lp = Loop::new().unwrap();
     let hits = Counter::new();
-    let (i, p, c, t) = (lp.idle_init(), lp.prepare_init(), lp.check_init(), lp.timer_init());
+    let (i, p, c, t) = (
+        lp.idle_init(),
+        lp.prepare_init(),
+        lp.check_init(),
+        lp.timer_init(),
+    );
     let h = hits.clone();
     lp.idle_start(i, move |_, _| h.hit()).unwrap();
     let h = hits.clone();
@@ -373,7 +382,11 @@ fn unref_handles_do_not_keep_the_loop_alive() {
     assert!(!lp.has_ref(t));
     assert!(!lp.alive());
     assert!(!lp.run(RunMode::Default).unwrap());
-    assert_eq!(hits.get(), 0, "unreferenced handles do not run on their own");
+    assert_eq!(
+        hits.get(),
+        0,
+        "unreferenced handles do not run on their own"
+    );
     // ref/unref are idempotent flags, not counters.
     lp.ref_handle(t).unwrap();
     lp.ref_handle(t).unwrap();
@@ -381,7 +394,12 @@ fn unref_handles_do_not_keep_the_loop_alive() {
     assert!(!lp.alive());
     // Close on an unreferenced handle still calls the close callback.
     let closed = Counter::new();
-    for h in [AnyHandle::Idle(i), AnyHandle::Prepare(p), AnyHandle::Check(c), AnyHandle::Timer(t)] {
+    for h in [
+        AnyHandle::Idle(i),
+        AnyHandle::Prepare(p),
+        AnyHandle::Check(c),
+        AnyHandle::Timer(t),
+    ] {
         let k = closed.clone();
         let cb = move |_: &mut Loop| k.hit();
         match h {

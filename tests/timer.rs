@@ -26,7 +26,10 @@ fn one_shot_and_repeat() {
     let r = rep.clone();
     lp.timer_start(t2, 5, 5, move |lp, t| {
         r.hit();
-        assert!(lp.is_active(t), "a repeating timer is re-armed before its callback");
+        assert!(
+            lp.is_active(t),
+            "a repeating timer is re-armed before its callback"
+        );
         if r.get() == 5 {
             lp.close(t, |_| {}).unwrap();
         }
@@ -62,7 +65,8 @@ fn equal_timeouts_fire_in_start_order_and_restart_moves_behind() {
         lp.timer_start(t, 0, 0, move |_, _| l.push(*n)).unwrap();
     }
     let l = log.clone();
-    lp.timer_start(ts[0], 0, 0, move |_, _| l.push("A")).unwrap();
+    lp.timer_start(ts[0], 0, 0, move |_, _| l.push("A"))
+        .unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_eq!(log.joined(), "B C A");
     for t in ts {
@@ -118,8 +122,10 @@ fn no_double_call_in_once_and_nowait() {
 fn huge_timeout_and_repeat_saturate() {
     let mut lp = Loop::new().unwrap();
     let (a, b, c) = (lp.timer_init(), lp.timer_init(), lp.timer_init());
-    lp.timer_start(a, u64::MAX - 1, 0, |_, _| panic!("never")).unwrap();
-    lp.timer_start(b, u64::MAX, 0, |_, _| panic!("never")).unwrap();
+    lp.timer_start(a, u64::MAX - 1, 0, |_, _| panic!("never"))
+        .unwrap();
+    lp.timer_start(b, u64::MAX, 0, |_, _| panic!("never"))
+        .unwrap();
     let hits = Counter::new();
     let h = hits.clone();
     lp.timer_start(c, 0, u64::MAX, move |lp, t| {
@@ -153,8 +159,10 @@ fn closing_timer_cannot_start() {
 fn unref_timer_does_not_run() {
     let mut lp = Loop::new().unwrap();
     let t = lp.timer_init();
-    lp.timer_start(t, 0, 0, |_, _| panic!("an unref'd timer alone must not fire"))
-        .unwrap();
+    lp.timer_start(t, 0, 0, |_, _| {
+        panic!("an unref'd timer alone must not fire")
+    })
+    .unwrap();
     lp.unref_handle(t).unwrap();
     assert!(!lp.run(RunMode::Default).unwrap());
     lp.close(t, |_| {}).unwrap();
@@ -174,7 +182,8 @@ fn stop_from_earlier_callback_in_the_same_pass() {
         lp.timer_stop(b).unwrap();
     })
     .unwrap();
-    lp.timer_start(b, 0, 0, |_, _| panic!("stopped before its turn")).unwrap();
+    lp.timer_start(b, 0, 0, |_, _| panic!("stopped before its turn"))
+        .unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_eq!(log.joined(), "a");
     lp.close(a, |_| {}).unwrap();
@@ -255,7 +264,8 @@ fn timer_from_check() {
             return;
         }
         let l = l.clone();
-        lp.timer_start(t, 0, 0, move |_, _| l.push("timer")).unwrap();
+        lp.timer_start(t, 0, 0, move |_, _| l.push("timer"))
+            .unwrap();
     })
     .unwrap();
     // NOWAIT: with only prepare and check active, poll would block forever.

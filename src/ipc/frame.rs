@@ -51,16 +51,25 @@ impl fmt::Display for FrameError {
         match self {
             FrameError::EmptyLine => f.write_str("empty line in IPC stream"),
             FrameError::InvalidUtf8 { valid_up_to } => {
-                write!(f, "IPC message is not UTF-8 (invalid byte at {valid_up_to})")
+                write!(
+                    f,
+                    "IPC message is not UTF-8 (invalid byte at {valid_up_to})"
+                )
             }
             FrameError::Malformed { error, prefix } => {
                 write!(f, "IPC message is not JSON ({error}): {prefix:?}")
             }
             FrameError::Oversized { size, limit } => {
-                write!(f, "IPC message of at least {size} bytes exceeds the limit of {limit} bytes")
+                write!(
+                    f,
+                    "IPC message of at least {size} bytes exceeds the limit of {limit} bytes"
+                )
             }
             FrameError::TruncatedAtEof { size } => {
-                write!(f, "IPC stream ended inside a message ({size} bytes unfinished)")
+                write!(
+                    f,
+                    "IPC stream ended inside a message ({size} bytes unfinished)"
+                )
             }
         }
     }
@@ -251,7 +260,10 @@ mod tests {
     fn several_messages_in_one_chunk_and_one_split_over_three() {
         let mut d = Decoder::new(100);
         d.push(b"1\n\"x\"\nnu");
-        assert_eq!(lines(&mut d), vec![Ok(b"1".to_vec()), Ok(b"\"x\"".to_vec())]);
+        assert_eq!(
+            lines(&mut d),
+            vec![Ok(b"1".to_vec()), Ok(b"\"x\"".to_vec())]
+        );
         d.push(b"l");
         assert!(lines(&mut d).is_empty());
         d.push(b"l\n");
@@ -263,7 +275,10 @@ mod tests {
     fn empty_line_is_reported_and_skipped() {
         let mut d = Decoder::new(100);
         d.push(b"\n{}\n");
-        assert_eq!(lines(&mut d), vec![Err(FrameError::EmptyLine), Ok(b"{}".to_vec())]);
+        assert_eq!(
+            lines(&mut d),
+            vec![Err(FrameError::EmptyLine), Ok(b"{}".to_vec())]
+        );
     }
 
     #[test]
@@ -282,7 +297,10 @@ mod tests {
     fn oversized_with_newline() {
         let mut d = Decoder::new(4);
         d.push(b"{\"a\":1}\n");
-        assert!(matches!(lines(&mut d)[..], [Err(FrameError::Oversized { size: 7, .. })]));
+        assert!(matches!(
+            lines(&mut d)[..],
+            [Err(FrameError::Oversized { size: 7, .. })]
+        ));
     }
 
     #[test]
@@ -302,9 +320,18 @@ mod tests {
 
     #[test]
     fn parse_errors_are_typed() {
-        assert!(matches!(parse_line(b"\xff"), Err(FrameError::InvalidUtf8 { valid_up_to: 0 })));
-        assert!(matches!(parse_line(b"garbage"), Err(FrameError::Malformed { .. })));
-        assert_eq!(parse_line("\"é\"\r".as_bytes()).unwrap(), serde_json::json!("é"));
+        assert!(matches!(
+            parse_line(b"\xff"),
+            Err(FrameError::InvalidUtf8 { valid_up_to: 0 })
+        ));
+        assert!(matches!(
+            parse_line(b"garbage"),
+            Err(FrameError::Malformed { .. })
+        ));
+        assert_eq!(
+            parse_line("\"é\"\r".as_bytes()).unwrap(),
+            serde_json::json!("é")
+        );
     }
 
     #[test]

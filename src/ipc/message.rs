@@ -133,10 +133,19 @@ mod tests {
 
     #[test]
     fn classify_each_kind() {
-        assert!(matches!(classify(json!({"cmd":"NODE_HANDLE_ACK"})), Incoming::Ack(true)));
-        assert!(matches!(classify(json!({"cmd":"NODE_HANDLE_NACK"})), Incoming::Ack(false)));
+        assert!(matches!(
+            classify(json!({"cmd":"NODE_HANDLE_ACK"})),
+            Incoming::Ack(true)
+        ));
+        assert!(matches!(
+            classify(json!({"cmd":"NODE_HANDLE_NACK"})),
+            Incoming::Ack(false)
+        ));
         assert!(matches!(classify(json!([1, 2])), Incoming::User(_)));
-        assert!(matches!(classify(json!({"cmd":"NODE_CLUSTER","act":"online"})), Incoming::Internal(_)));
+        assert!(matches!(
+            classify(json!({"cmd":"NODE_CLUSTER","act":"online"})),
+            Incoming::Internal(_)
+        ));
         match classify(json!({"cmd":"NODE_HANDLE","type":"net.Native","msg":{"act":"newconn"}})) {
             Incoming::Handle { msg, kind } => {
                 assert_eq!(kind, "net.Native");
@@ -149,7 +158,10 @@ mod tests {
     #[test]
     fn wrap_keeps_node_shape() {
         let w = wrap_handle(json!({"kind":"socket"}), HandleKind::NetSocket, Map::new());
-        assert_eq!(w, json!({"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"kind":"socket"}}));
+        assert_eq!(
+            w,
+            json!({"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"kind":"socket"}})
+        );
         for k in [
             HandleKind::NetNative,
             HandleKind::NetServer,

@@ -5,6 +5,7 @@
 //! carries a `SAFETY:` comment naming the invariant it relies on.
 #![allow(unsafe_code)]
 
+pub(crate) mod env;
 pub(crate) mod fd;
 pub(crate) mod process;
 pub(crate) mod scm_rights;

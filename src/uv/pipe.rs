@@ -346,3 +346,25 @@ impl Loop {
         )
     }
 }
+
+impl Loop {
+    /// Adopts an fd this process inherited by number, such as the IPC
+    /// channel named by `NODE_CHANNEL_FD` (libuv's `uv_pipe_open` on a raw
+    /// fd). The handle becomes the fd's only owner: adopt each inherited fd
+    /// once.
+    ///
+    /// # Errors
+    ///
+    /// `EBADF` if the fd is not open; otherwise as [`pipe_open`](Self::pipe_open).
+    pub fn pipe_open_inherited(&mut self, h: Handle<Pipe>, fd: i32) -> io::Result<()> {
+        let fd = sys::env::adopt_inherited_fd(fd)?;
+        self.pipe_open(h, fd)
+    }
+}
+
+/// Reads an environment variable and removes it, so that processes spawned
+/// later do not inherit it. Call it at start-up, before spawning threads:
+/// changing the environment races with other threads reading it.
+pub fn take_env_var(name: impl AsRef<std::ffi::OsStr>) -> Option<std::ffi::OsString> {
+    sys::env::take_var(name.as_ref())
+}

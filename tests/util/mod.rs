@@ -122,3 +122,16 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
         String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr).as_ref()
     );
 }
+
+/// Fails the test with instructions if `node` is not installed.
+pub fn require_node() {
+    let ok = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "these tests run real `node`, which is not installed: \
+         `apt-get install -y nodejs` (or run .ci/run, which installs it)"
+    );
+}

@@ -1,0 +1,1 @@
+//! Round-robin dispatch (`lib/internal/cluster/round_robin_handle.js`).

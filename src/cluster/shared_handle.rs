@@ -1,0 +1,1 @@
+//! Shared handles (`lib/internal/cluster/shared_handle.js`).

@@ -1,0 +1,864 @@
+//! The IPC channel: Node's child-process channel over a uv IPC pipe
+//! (`lib/internal/child_process.js: setupChannel`, and the seq/ack helpers
+//! of `lib/internal/cluster/utils.js`).
+//!
+//! A [`Channel`] reads newline-delimited JSON from its pipe, pairs each
+//! `NODE_HANDLE` message with the next fd received (answering
+//! `NODE_HANDLE_ACK`, or `NODE_HANDLE_NACK` when no fd came), and hands user
+//! messages, internal messages and replies to their callbacks. After it
+//! sends a handle it queues every later message until the peer's ACK
+//! arrives, exactly as Node does; ACKs themselves bypass the queue, which
+//! is what keeps two peers passing handles to each other from deadlocking.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::frame::{self, DEFAULT_MAX_MESSAGE, Decoder, FrameError};
+use super::message::{self, HandleKind, Incoming, NODE_CLUSTER, is_internal};
+use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Udp};
+
+/// Callback for user or internal messages: the message and the handle that
+/// came with it, if any. The callback owns the handle (it must close it).
+pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Accepted>)>;
+/// Callback for the reply to a request sent with [`Channel::send_cluster`].
+pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Accepted>)>;
+/// Callback run once a message has been handed to the kernel, or failed.
+pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
+type ErrorCb = Box<dyn FnMut(&mut Loop, &Channel, ChannelError)>;
+type DisconnectCb = Box<dyn FnMut(&mut Loop, &Channel)>;
+
+/// A socket handle to send over the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendHandle {
+    /// A TCP listener, connection or bound socket.
+    Tcp(Handle<Tcp>),
+    /// A Unix stream socket.
+    Pipe(Handle<Pipe>),
+    /// A UDP socket.
+    Udp(Handle<Udp>),
+}
+
+impl From<Handle<Tcp>> for SendHandle {
+    fn from(h: Handle<Tcp>) -> Self {
+        SendHandle::Tcp(h)
+    }
+}
+impl From<Handle<Pipe>> for SendHandle {
+    fn from(h: Handle<Pipe>) -> Self {
+        SendHandle::Pipe(h)
+    }
+}
+impl From<Handle<Udp>> for SendHandle {
+    fn from(h: Handle<Udp>) -> Self {
+        SendHandle::Udp(h)
+    }
+}
+
+impl SendHandle {
+    fn close(self, lp: &mut Loop) {
+        let _ = match self {
+            SendHandle::Tcp(h) => lp.close(h, |_| {}),
+            SendHandle::Pipe(h) => lp.close(h, |_| {}),
+            SendHandle::Udp(h) => lp.close(h, |_| {}),
+        };
+    }
+}
+
+/// What the sender does with its own copy of a handle it sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterAck {
+    /// Keep it open (Node's `net.Native`, `net.Server`, `dgram.*`; the
+    /// cluster closes its copies itself).
+    Keep,
+    /// Close it when the peer's ACK or NACK arrives (Node's `net.Socket`).
+    Close,
+}
+
+/// A handle to send with a message: the handle, the wrapper type to
+/// announce, and what to do with the sender's copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Attach {
+    /// The socket.
+    pub handle: SendHandle,
+    /// The `type` field of the `NODE_HANDLE` wrapper.
+    pub kind: HandleKind,
+    /// What happens to our copy once the peer acknowledged.
+    pub after_ack: AfterAck,
+}
+
+/// A fault on the channel, reported to [`Channel::on_error`]. Faults in the
+/// incoming stream do not stop the channel, except where noted: one bad
+/// message loses only itself.
+#[derive(Debug)]
+pub enum ChannelError {
+    /// A line could not be decoded: empty, not UTF-8, not JSON, too long (the
+    /// channel then closes: it cannot find the next message boundary), or
+    /// cut short by the end of the stream.
+    Frame(FrameError),
+    /// A `NODE_HANDLE` arrived with no fd; it was answered with
+    /// `NODE_HANDLE_NACK` and dropped, as Node does.
+    HandleWithoutFd,
+    /// Fds arrived that no `NODE_HANDLE` message claimed; they were closed.
+    FdWithoutHandle {
+        /// How many fds were closed.
+        count: usize,
+    },
+    /// A `NODE_HANDLE` named a type Node does not have; its fd was closed
+    /// and the sender was answered with `NODE_HANDLE_NACK`.
+    UnknownHandleType(String),
+    /// The fd of a `NODE_HANDLE` could not be made into a handle (not a
+    /// socket we know); it was closed and NACKed.
+    BadHandle(io::Error),
+    /// The peer answered a handle we sent with `NODE_HANDLE_NACK`.
+    HandleRejected,
+    /// Reading or writing the pipe failed; the channel closes.
+    Io(io::Error),
+}
+
+impl fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelError::Frame(e) => e.fmt(f),
+            ChannelError::HandleWithoutFd => {
+                f.write_str("NODE_HANDLE message arrived without an fd")
+            }
+            ChannelError::FdWithoutHandle { count } => {
+                write!(f, "{count} fd(s) arrived without a NODE_HANDLE message")
+            }
+            ChannelError::UnknownHandleType(t) => write!(f, "unknown handle type {t:?}"),
+            ChannelError::BadHandle(e) => write!(f, "received fd is not a usable socket: {e}"),
+            ChannelError::HandleRejected => {
+                f.write_str("the peer did not receive the handle (NACK)")
+            }
+            ChannelError::Io(e) => write!(f, "IPC channel I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+impl From<ChannelError> for io::Error {
+    fn from(e: ChannelError) -> io::Error {
+        match e {
+            ChannelError::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// Options for [`Channel::open`].
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelOptions {
+    /// The largest message accepted, in bytes (default 64 MiB).
+    pub max_message: usize,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions {
+            max_message: DEFAULT_MAX_MESSAGE,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// `disconnect` was called; waiting for queued handles to drain.
+    Disconnecting,
+    Closed,
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    attach: Option<Attach>,
+    on_sent: Option<SentCb>,
+}
+
+struct Inner {
+    pipe: Handle<Pipe>,
+    decoder: Decoder,
+    state: State,
+    /// `Some` while a handle we sent awaits the peer's ACK; holds the handle
+    /// to close when it comes, if any.
+    awaiting_ack: Option<Option<SendHandle>>,
+    queue: VecDeque<Outgoing>,
+    on_message: Option<MessageCb>,
+    on_internal: Option<MessageCb>,
+    on_error: Option<ErrorCb>,
+    on_disconnect: Option<DisconnectCb>,
+    /// User messages that arrived before `on_message` was set (Node replays
+    /// them to the first listener).
+    backlog: VecDeque<(Value, Option<Accepted>)>,
+    replies: HashMap<u64, ReplyCb>,
+}
+
+/// One end of a Node IPC channel. Cloning gives another reference to the
+/// same channel.
+///
+/// # Examples
+///
+/// Two ends in one process, over a socketpair:
+///
+/// ```
+/// use serde_json::json;
+/// use uvcluster::ipc::{Channel, ChannelOptions};
+/// use uvcluster::uv::{Loop, RunMode};
+///
+/// let mut lp = Loop::new()?;
+/// let (a, b) = lp.pipe_pair(true)?;
+/// let a = Channel::open(&mut lp, a, ChannelOptions::default())?;
+/// let b = Channel::open(&mut lp, b, ChannelOptions::default())?;
+/// b.on_message(&mut lp, |lp, ch, msg, _handle| {
+///     assert_eq!(msg, json!({"hello": "world"}));
+///     ch.disconnect(lp);
+/// });
+/// a.send(&mut lp, &json!({"hello": "world"}), None)?;
+/// lp.run(RunMode::Default)?;
+/// assert!(!a.is_connected() && !b.is_connected());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Channel {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = self.inner.borrow();
+        f.debug_struct("Channel")
+            .field("pipe", &i.pipe)
+            .field("state", &i.state)
+            .field("awaiting_ack", &i.awaiting_ack.is_some())
+            .field("queued", &i.queue.len())
+            .finish()
+    }
+}
+
+/// The `seq` counter of cluster messages: one per process, as in Node,
+/// shared by every channel (a primary numbers its messages to all workers
+/// from one counter).
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The environment variable that names the channel's fd in a child.
+pub const NODE_CHANNEL_FD: &str = "NODE_CHANNEL_FD";
+/// The environment variable that names the serialization mode.
+pub const NODE_CHANNEL_SERIALIZATION_MODE: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+
+impl Channel {
+    /// Opens a channel on an IPC pipe that is already connected (for example
+    /// one end of [`Loop::pipe_pair`], or the pipe of a spawned child's
+    /// `ipc` stdio slot) and starts reading.
+    ///
+    /// # Errors
+    ///
+    /// `EINVAL` if the pipe is not in IPC mode; otherwise `read_start`'s error.
+    pub fn open(lp: &mut Loop, pipe: Handle<Pipe>, opts: ChannelOptions) -> io::Result<Channel> {
+        if !lp.pipe_is_ipc(pipe) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an IPC channel needs a pipe opened in IPC mode",
+            ));
+        }
+        let ch = Channel {
+            inner: Rc::new(RefCell::new(Inner {
+                pipe,
+                decoder: Decoder::new(opts.max_message),
+                state: State::Open,
+                awaiting_ack: None,
+                queue: VecDeque::new(),
+                on_message: None,
+                on_internal: None,
+                on_error: None,
+                on_disconnect: None,
+                backlog: VecDeque::new(),
+                replies: HashMap::new(),
+            })),
+        };
+        let weak = Rc::downgrade(&ch.inner);
+        lp.read_start(pipe, move |lp, _, r| {
+            if let Some(inner) = weak.upgrade() {
+                Channel { inner }.on_read(lp, r);
+            }
+        })?;
+        Ok(ch)
+    }
+
+    /// Opens the channel this process was started with, if any: reads
+    /// `NODE_CHANNEL_FD` and `NODE_CHANNEL_SERIALIZATION_MODE`, removes both
+    /// from the environment (so grandchildren do not inherit them), and
+    /// opens the fd as an IPC pipe. Returns `None` without a channel. Call
+    /// it at start-up, before spawning threads.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a mode other than `json` (this crate does not
+    /// speak V8's `advanced` serialization) or an fd number that does not
+    /// parse; `EBADF` if the fd is not open.
+    pub fn from_env(lp: &mut Loop, opts: ChannelOptions) -> io::Result<Option<Channel>> {
+        let fd = crate::uv::take_env_var(NODE_CHANNEL_FD);
+        let mode = crate::uv::take_env_var(NODE_CHANNEL_SERIALIZATION_MODE);
+        let Some(fd) = fd else { return Ok(None) };
+        if let Some(mode) = mode
+            && mode != "json"
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{NODE_CHANNEL_SERIALIZATION_MODE}={} is not supported: only \"json\" is \
+                     (use serialization: 'json' in child_process.fork / cluster.setupPrimary)",
+                    mode.to_string_lossy()
+                ),
+            ));
+        }
+        let fd: i32 = fd
+            .to_str()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{NODE_CHANNEL_FD}={fd:?} is not an fd number"),
+                )
+            })?;
+        let pipe = lp.pipe_init(true);
+        if let Err(e) = lp.pipe_open_inherited(pipe, fd) {
+            let _ = lp.close(pipe, |_| {});
+            return Err(e);
+        }
+        Channel::open(lp, pipe, opts).map(Some)
+    }
+
+    /// The pipe under the channel.
+    pub fn pipe(&self) -> Handle<Pipe> {
+        self.inner.borrow().pipe
+    }
+
+    /// Whether the channel is open: neither end has disconnected.
+    pub fn is_connected(&self) -> bool {
+        self.inner.borrow().state == State::Open
+    }
+
+    /// Sets the callback for user messages. Messages that arrived before it
+    /// was set are delivered to it first, from the loop (never inside this
+    /// call).
+    pub fn on_message(
+        &self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
+    ) {
+        let replay = {
+            let mut i = self.inner.borrow_mut();
+            i.on_message = Some(Box::new(cb));
+            !i.backlog.is_empty()
+        };
+        if replay {
+            let t = lp.timer_init();
+            let weak = Rc::downgrade(&self.inner);
+            let _ = lp.timer_start(t, 0, 0, move |lp, t| {
+                let _ = lp.close(t, |_| {});
+                if let Some(inner) = weak.upgrade() {
+                    let ch = Channel { inner };
+                    loop {
+                        let item = ch.inner.borrow_mut().backlog.pop_front();
+                        let Some((v, h)) = item else { break };
+                        ch.emit_user(lp, v, h);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sets the callback for user messages, deserialized into `T`. A message
+    /// that does not fit `T` is passed as `Err` with the raw value dropped.
+    pub fn on_message_typed<T: DeserializeOwned + 'static>(
+        &self,
+        lp: &mut Loop,
+        mut cb: impl FnMut(&mut Loop, &Channel, serde_json::Result<T>, Option<Accepted>) + 'static,
+    ) {
+        self.on_message(lp, move |lp, ch, v, h| {
+            cb(lp, ch, serde_json::from_value(v), h)
+        });
+    }
+
+    /// Sets the callback for internal messages (`cmd` starting with `NODE_`)
+    /// other than the handle protocol's own and replies to
+    /// [`send_cluster`](Self::send_cluster) requests. Without one they are
+    /// dropped (and any handle closed).
+    pub fn on_internal(
+        &self,
+        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
+    ) {
+        self.inner.borrow_mut().on_internal = Some(Box::new(cb));
+    }
+
+    /// Sets the callback for faults; without one they are logged.
+    pub fn on_error(&self, cb: impl FnMut(&mut Loop, &Channel, ChannelError) + 'static) {
+        self.inner.borrow_mut().on_error = Some(Box::new(cb));
+    }
+
+    /// Sets the callback run once when the channel closes, whichever end
+    /// disconnected.
+    pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Channel) + 'static) {
+        self.inner.borrow_mut().on_disconnect = Some(Box::new(cb));
+    }
+
+    /// Sends a message (`process.send(msg)`). `on_sent` runs once it is
+    /// written or has failed; without it a write error goes to
+    /// [`on_error`](Self::on_error). While a handle we sent awaits its ACK,
+    /// the message is queued behind it.
+    ///
+    /// # Errors
+    ///
+    /// `NotConnected` after disconnect; serde_json's error as `InvalidInput`.
+    pub fn send(&self, lp: &mut Loop, msg: &Value, on_sent: Option<SentCb>) -> io::Result<()> {
+        self.send_serde(lp, msg, on_sent)
+    }
+
+    /// Sends any serializable value as a message.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub fn send_serde<T: Serialize + ?Sized>(
+        &self,
+        lp: &mut Loop,
+        msg: &T,
+        on_sent: Option<SentCb>,
+    ) -> io::Result<()> {
+        let bytes =
+            frame::encode(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: None,
+                on_sent,
+            },
+        )
+    }
+
+    /// Sends a message with a handle (`process.send(msg, handle)`): the
+    /// message goes out wrapped as `{"cmd":"NODE_HANDLE","type":..,"msg":..}`
+    /// with the handle's fd on the same write. Every later message waits
+    /// until the peer's ACK.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send); `EBADF` if the handle is closed.
+    pub fn send_handle(
+        &self,
+        lp: &mut Loop,
+        msg: Value,
+        attach: Attach,
+        extra: Map<String, Value>,
+        on_sent: Option<SentCb>,
+    ) -> io::Result<()> {
+        let wrapped = message::wrap_handle(msg, attach.kind, extra);
+        let bytes =
+            frame::encode(&wrapped).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: Some(attach),
+                on_sent,
+            },
+        )
+    }
+
+    /// Sends a cluster message: `{"cmd":"NODE_CLUSTER", ...fields,
+    /// "seq":n}` with `n` from the process-wide counter (Node's
+    /// `sendHelper`). With `reply`, the peer's message carrying `"ack":n`
+    /// goes to it instead of [`on_internal`](Self::on_internal). Returns `n`.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_handle`](Self::send_handle); `reply` is then dropped.
+    pub fn send_cluster(
+        &self,
+        lp: &mut Loop,
+        mut fields: Map<String, Value>,
+        attach: Option<Attach>,
+        reply: Option<ReplyCb>,
+    ) -> io::Result<u64> {
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("cmd".into(), NODE_CLUSTER.into());
+        msg.append(&mut fields);
+        msg.insert("seq".into(), seq.into());
+        if let Some(cb) = reply {
+            self.inner.borrow_mut().replies.insert(seq, cb);
+        }
+        let r = match attach {
+            Some(a) => self.send_handle(lp, Value::Object(msg), a, Map::new(), None),
+            None => self.send(lp, &Value::Object(msg), None),
+        };
+        if let Err(e) = r {
+            self.inner.borrow_mut().replies.remove(&seq);
+            return Err(e);
+        }
+        Ok(seq)
+    }
+
+    /// Closes the channel (`process.disconnect()`): once handles we sent
+    /// have been acknowledged and any partly received message has arrived,
+    /// the pipe closes; both ends then see their disconnect callback.
+    /// Does nothing if already disconnecting or closed.
+    pub fn disconnect(&self, lp: &mut Loop) {
+        {
+            let mut i = self.inner.borrow_mut();
+            if i.state != State::Open {
+                return;
+            }
+            i.state = State::Disconnecting;
+        }
+        self.maybe_finish_disconnect(lp);
+    }
+
+    /// Lets the channel stop keeping the loop alive (`channel.unref()`),
+    /// or makes it keep it alive again.
+    ///
+    /// # Errors
+    ///
+    /// A closed channel's stale pipe.
+    pub fn set_ref(&self, lp: &mut Loop, on: bool) -> io::Result<()> {
+        let pipe = self.pipe();
+        if on {
+            lp.ref_handle(pipe)
+        } else {
+            lp.unref_handle(pipe)
+        }
+    }
+
+    // ----- sending ---------------------------------------------------------
+
+    fn submit(&self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
+        {
+            let mut i = self.inner.borrow_mut();
+            if i.state != State::Open {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "IPC channel is closed",
+                ));
+            }
+            if i.awaiting_ack.is_some() || !i.queue.is_empty() {
+                i.queue.push_back(out);
+                return Ok(());
+            }
+        }
+        self.write_out(lp, out)
+    }
+
+    fn write_out(&self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
+        let pipe = self.pipe();
+        let weak = Rc::downgrade(&self.inner);
+        let on_sent = out.on_sent;
+        let done = move |lp: &mut Loop, _: Handle<Pipe>, r: io::Result<()>| match on_sent {
+            Some(cb) => cb(lp, r),
+            None => {
+                if let Err(e) = r
+                    && let Some(inner) = weak.upgrade()
+                {
+                    Channel { inner }.emit_error(lp, ChannelError::Io(e));
+                }
+            }
+        };
+        match out.attach {
+            None => lp.write(pipe, &[&out.bytes], done),
+            Some(a) => {
+                let r = match a.handle {
+                    SendHandle::Tcp(h) => lp.write2(pipe, &[&out.bytes], h, done),
+                    SendHandle::Pipe(h) => lp.write2(pipe, &[&out.bytes], h, done),
+                    SendHandle::Udp(h) => lp.write2(pipe, &[&out.bytes], h, done),
+                };
+                if r.is_ok() {
+                    self.inner.borrow_mut().awaiting_ack =
+                        Some((a.after_ack == AfterAck::Close).then_some(a.handle));
+                }
+                r
+            }
+        }
+    }
+
+    fn write_ack(&self, lp: &mut Loop, ok: bool) {
+        let pipe = self.pipe();
+        if self.inner.borrow().state == State::Closed {
+            return;
+        }
+        let line: &[u8] = if ok {
+            b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"
+        } else {
+            b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n"
+        };
+        // ACKs bypass the queue (Node's `_send` with `ackedByPeer`).
+        let _ = lp.write(pipe, &[line], |_, _, _| {});
+    }
+
+    fn on_ack(&self, lp: &mut Loop, ok: bool) {
+        let waiting = self.inner.borrow_mut().awaiting_ack.take();
+        match waiting {
+            None => log::warn!(
+                "IPC: NODE_HANDLE_{} with no handle in flight",
+                if ok { "ACK" } else { "NACK" }
+            ),
+            Some(to_close) => {
+                if let Some(h) = to_close {
+                    h.close(lp);
+                }
+                if !ok {
+                    self.emit_error(lp, ChannelError::HandleRejected);
+                }
+            }
+        }
+        self.flush(lp);
+        self.maybe_finish_disconnect(lp);
+    }
+
+    fn flush(&self, lp: &mut Loop) {
+        loop {
+            let next = {
+                let mut i = self.inner.borrow_mut();
+                if i.awaiting_ack.is_some() || i.state == State::Closed {
+                    return;
+                }
+                i.queue.pop_front()
+            };
+            let Some(out) = next else { return };
+            // A queued message's failure has no caller to return to.
+            if let Err(e) = self.write_out(lp, out) {
+                self.emit_error(lp, ChannelError::Io(e));
+            }
+        }
+    }
+
+    fn maybe_finish_disconnect(&self, lp: &mut Loop) {
+        let ready = {
+            let i = self.inner.borrow();
+            i.state == State::Disconnecting
+                && i.awaiting_ack.is_none()
+                && i.queue.is_empty()
+                && i.decoder.at_boundary()
+        };
+        if ready {
+            self.close_now(lp);
+        }
+    }
+
+    /// Closes the pipe; the disconnect callback runs from its close callback.
+    fn close_now(&self, lp: &mut Loop) {
+        let (pipe, queued) = {
+            let mut i = self.inner.borrow_mut();
+            if i.state == State::Closed {
+                return;
+            }
+            i.state = State::Closed;
+            i.awaiting_ack = None;
+            i.replies.clear();
+            (i.pipe, std::mem::take(&mut i.queue))
+        };
+        let inner = self.inner.clone();
+        let _ = lp.close(pipe, move |lp| {
+            for out in queued {
+                if let Some(cb) = out.on_sent {
+                    cb(
+                        lp,
+                        Err(io::Error::new(
+                            io::ErrorKind::NotConnected,
+                            "IPC channel closed",
+                        )),
+                    );
+                }
+            }
+            let ch = Channel { inner };
+            let cb = ch.inner.borrow_mut().on_disconnect.take();
+            if let Some(mut cb) = cb {
+                cb(lp, &ch);
+            }
+            // Break reference cycles through callbacks that hold the channel.
+            let mut i = ch.inner.borrow_mut();
+            i.on_message = None;
+            i.on_internal = None;
+            i.on_error = None;
+            let backlog = std::mem::take(&mut i.backlog);
+            drop(i);
+            for (_, h) in backlog {
+                if let Some(h) = h {
+                    close_accepted(lp, h);
+                }
+            }
+        });
+    }
+
+    // ----- receiving -------------------------------------------------------
+
+    fn on_read(&self, lp: &mut Loop, r: io::Result<&[u8]>) {
+        match r {
+            Err(e) => {
+                self.emit_error(lp, ChannelError::Io(e));
+                self.close_now(lp);
+            }
+            Ok([]) => {
+                let res = self.inner.borrow().decoder.finish();
+                if let Err(e) = res {
+                    self.emit_error(lp, ChannelError::Frame(e));
+                }
+                self.drop_stray_fds(lp);
+                self.close_now(lp);
+            }
+            Ok(data) => {
+                self.inner.borrow_mut().decoder.push(data);
+                self.drain_lines(lp);
+            }
+        }
+    }
+
+    fn drain_lines(&self, lp: &mut Loop) {
+        loop {
+            let item = {
+                let mut i = self.inner.borrow_mut();
+                if i.state == State::Closed {
+                    return;
+                }
+                match i.decoder.next_line() {
+                    None => break,
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(line)) => frame::parse_line(line),
+                }
+            };
+            match item {
+                Ok(v) => self.dispatch(lp, v),
+                Err(e @ FrameError::Oversized { .. }) => {
+                    self.emit_error(lp, ChannelError::Frame(e));
+                    self.close_now(lp);
+                    return;
+                }
+                Err(e) => self.emit_error(lp, ChannelError::Frame(e)),
+            }
+        }
+        if self.inner.borrow().decoder.at_boundary() {
+            self.drop_stray_fds(lp);
+        }
+        self.maybe_finish_disconnect(lp);
+    }
+
+    /// Fds left once every complete message is handled and no message is
+    /// half-read belong to no `NODE_HANDLE`: close them.
+    fn drop_stray_fds(&self, lp: &mut Loop) {
+        let pipe = self.pipe();
+        let mut count = 0;
+        while lp.pipe_take_pending_fd(pipe).is_ok() {
+            count += 1;
+        }
+        if count > 0 {
+            self.emit_error(lp, ChannelError::FdWithoutHandle { count });
+        }
+    }
+
+    fn dispatch(&self, lp: &mut Loop, v: Value) {
+        match message::classify(v) {
+            Incoming::User(v) => self.emit_user(lp, v, None),
+            Incoming::Ack(ok) => self.on_ack(lp, ok),
+            Incoming::Internal(v) => self.route_internal(lp, v, None),
+            Incoming::Handle { msg, kind } => {
+                let pipe = self.pipe();
+                if HandleKind::parse(&kind).is_none() {
+                    let _ = lp.pipe_take_pending_fd(pipe);
+                    self.write_ack(lp, false);
+                    self.emit_error(lp, ChannelError::UnknownHandleType(kind));
+                    return;
+                }
+                if lp.pipe_pending_count(pipe) == 0 {
+                    self.write_ack(lp, false);
+                    self.emit_error(lp, ChannelError::HandleWithoutFd);
+                    return;
+                }
+                match lp.pipe_accept_pending(pipe) {
+                    Ok(h) => {
+                        self.write_ack(lp, true);
+                        if is_internal(&msg) {
+                            self.route_internal(lp, msg, Some(h));
+                        } else {
+                            self.emit_user(lp, msg, Some(h));
+                        }
+                    }
+                    Err(e) => {
+                        self.write_ack(lp, false);
+                        self.emit_error(lp, ChannelError::BadHandle(e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn route_internal(&self, lp: &mut Loop, v: Value, h: Option<Accepted>) {
+        if message::cmd_of(&v) == Some(NODE_CLUSTER)
+            && let Some(ack) = v.get("ack").and_then(Value::as_u64)
+        {
+            let reply = self.inner.borrow_mut().replies.remove(&ack);
+            if let Some(cb) = reply {
+                cb(lp, self, v, h);
+                return;
+            }
+        }
+        let cb = self.inner.borrow_mut().on_internal.take();
+        match cb {
+            Some(mut cb) => {
+                cb(lp, self, v, h);
+                let mut i = self.inner.borrow_mut();
+                if i.on_internal.is_none() && i.state != State::Closed {
+                    i.on_internal = Some(cb);
+                }
+            }
+            None => {
+                if let Some(h) = h {
+                    close_accepted(lp, h);
+                }
+            }
+        }
+    }
+
+    fn emit_user(&self, lp: &mut Loop, v: Value, h: Option<Accepted>) {
+        let cb = self.inner.borrow_mut().on_message.take();
+        match cb {
+            Some(mut cb) => {
+                cb(lp, self, v, h);
+                let mut i = self.inner.borrow_mut();
+                if i.on_message.is_none() && i.state != State::Closed {
+                    i.on_message = Some(cb);
+                }
+            }
+            None => self.inner.borrow_mut().backlog.push_back((v, h)),
+        }
+    }
+
+    fn emit_error(&self, lp: &mut Loop, e: ChannelError) {
+        let cb = self.inner.borrow_mut().on_error.take();
+        match cb {
+            Some(mut cb) => {
+                cb(lp, self, e);
+                let mut i = self.inner.borrow_mut();
+                if i.on_error.is_none() {
+                    i.on_error = Some(cb);
+                }
+            }
+            None => log::error!("IPC channel: {e}"),
+        }
+    }
+}
+
+/// Closes a handle received over IPC that nobody took.
+pub fn close_accepted(lp: &mut Loop, h: Accepted) {
+    let _ = match h {
+        Accepted::Tcp(h) => lp.close(h, |_| {}),
+        Accepted::Pipe(h) => lp.close(h, |_| {}),
+        Accepted::Udp(h) => lp.close(h, |_| {}),
+    };
+}

@@ -1,0 +1,40 @@
+// A Node child for the IPC interop tests: echoes user messages, uses handles
+// it is sent, and sends handles back on request.
+'use strict';
+const net = require('net');
+
+process.on('message', (msg, handle) => {
+  if (msg && msg.op === 'echo') {
+    process.send({ op: 'echo', payload: msg.payload });
+  } else if (msg && msg.op === 'server') {
+    // A listening TCP server handle: accept one connection, reply, report.
+    const server = net.createServer((sock) => {
+      sock.end(`hello from node ${process.pid}\n`);
+      server.close();
+      process.send({ op: 'served' });
+    });
+    server.listen(handle, () => process.send({ op: 'listening' }));
+  } else if (msg && msg.op === 'socket') {
+    handle.end('node got your socket\n');
+    process.send({ op: 'socket-done' });
+  } else if (msg && msg.op === 'send-back') {
+    // Make a connected socket and send it to the parent.
+    const server = net.createServer((sock) => {
+      sock.end('from node via rust\n');
+      server.close();
+    });
+    server.listen(0, '127.0.0.1', () => {
+      const c = net.connect(server.address().port, '127.0.0.1', () => {
+        process.send({ op: 'here' }, c);
+      });
+    });
+  } else if (msg && msg.op === 'disconnect') {
+    process.disconnect();
+  } else if (msg && msg.op === 'exit') {
+    process.exit(msg.code);
+  }
+});
+process.on('disconnect', () => {
+  // Exit on our own once the parent is gone.
+});
+process.send({ op: 'ready', pid: process.pid });
