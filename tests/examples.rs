@@ -1,5 +1,5 @@
-//! The examples, run as real processes: `examples/tcp_echo.rs` echoes and
-//! stops cleanly on SIGINT.
+//! The examples, run as real processes (`examples/tcp_echo.rs` echoes and
+//! stops cleanly on SIGINT), and the README example kept equal to a doc test.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -129,4 +129,26 @@ fn tcp_echo_echoes_and_stops_on_sigint() {
         }
     };
     assert!(status.success(), "tcp_echo exited with {status}");
+}
+
+/// The README's example is not compiled by itself; it must stay the same
+/// code as the crate-level doc test in `src/lib.rs`, which is.
+#[test]
+fn readme_example_is_the_compiled_doc_test() {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("README.md has a ```rust block");
+    let docs = include_str!("../src/lib.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        docs.contains(block),
+        "README.md's example differs from the doc test in src/lib.rs"
+    );
 }
