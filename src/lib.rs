@@ -3,11 +3,11 @@
 //!
 //! The crate has two halves. [`uv`] reimplements libuv's single-threaded
 //! event loop on `mio`: the same handles, the same phase order and the same
-//! callback rules, so a program written against libuv's documentation
-//! behaves the same here. [`ipc`] and [`cluster`] put Node's child-process
+//! callback rules; where it departs from libuv, `ARCHITECTURE.md` says how
+//! and why. [`ipc`] and [`cluster`] put Node's child-process
 //! channel and Node's `cluster` module on that loop, speaking Node's wire
-//! protocol exactly, so our processes and real `node` processes can be each
-//! other's primary and workers (the interop tests run real `node`).
+//! protocol exactly, so that our processes and real `node` processes can
+//! talk to each other (the interop tests run real `node`).
 //!
 //! * [`uv`] — the loop and its handles (timers, idle/prepare/check, TCP,
 //!   pipes with fd passing, UDP, signals, processes), with libuv's phase
