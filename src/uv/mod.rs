@@ -1,5 +1,44 @@
 //! The event loop and its handles: libuv's model on mio.
 //!
+//! A [`Loop`] owns every handle; a handle is a typed id ([`Handle<K>`]) and
+//! every operation is a `Loop` method named after its libuv function:
+//! `timer_start` is `uv_timer_start`, `read_start` is `uv_read_start`,
+//! `close` is `uv_close`. The loop is single-threaded and not `Send`.
+//!
+//! | Handle | Create | Start / use | libuv |
+//! | --- | --- | --- | --- |
+//! | [`Timer`] | [`Loop::timer_init`] | [`Loop::timer_start`], [`Loop::timer_again`] | `uv_timer_t` |
+//! | [`Idle`], [`Prepare`], [`Check`] | [`Loop::idle_init`], ... | [`Loop::idle_start`], [`Loop::prepare_start`], [`Loop::check_start`] | `uv_idle_t`, ... |
+//! | [`Tcp`] | [`Loop::tcp_init`] | [`Loop::tcp_bind`], [`Loop::tcp_listen`], [`Loop::tcp_connect`], [`Loop::tcp_open`] | `uv_tcp_t` |
+//! | [`Pipe`] | [`Loop::pipe_init`], [`Loop::pipe_pair`] | [`Loop::pipe_bind`], [`Loop::pipe_listen`], [`Loop::pipe_connect`], [`Loop::write2`], [`Loop::pipe_accept_pending`] | `uv_pipe_t` |
+//! | streams ([`StreamType`]) | | [`Loop::read_start`], [`Loop::write`], [`Loop::try_write`], [`Loop::shutdown`] | `uv_stream_t` |
+//! | [`Udp`] | [`Loop::udp_init`] | [`Loop::udp_bind`], [`Loop::udp_recv_start`], [`Loop::udp_send`] | `uv_udp_t` |
+//! | [`Signal`] | [`Loop::signal_init`] | [`Loop::signal_start`], [`Loop::signal_start_oneshot`] | `uv_signal_t` |
+//! | [`Process`] | [`Loop::spawn`] | [`Loop::process_kill`] | `uv_process_t` |
+//!
+//! # One iteration
+//!
+//! [`Loop::run`] follows libuv 1.45 and later (`uv_run` in
+//! `src/unix/core.c`). In [`RunMode::Default`] due timers run once before
+//! the first iteration. Each iteration then runs: pending callbacks
+//! (deferred connect, write and shutdown callbacks); idle; prepare; poll for
+//! I/O, blocking until the next timer only in `Default` mode, or in `Once`
+//! mode when nothing was pending and no idle watcher was active, and never
+//! while a close or a deferred callback is waiting; signals, after the
+//! other events of the poll; pending callbacks again, up to 8 passes; check;
+//! close callbacks; then the time is refreshed and due timers run.
+//! [`RunMode::Once`] and [`RunMode::NoWait`] stop after one iteration;
+//! [`Loop::stop`] ends `run` after the current one.
+//!
+//! # Readiness
+//!
+//! mio is edge-triggered where libuv's epoll is level-triggered. Each socket
+//! remembers that it is readable or writable until an operation hits
+//! `WouldBlock`; a handle that stops early on purpose (at most 32 reads or
+//! 32 accepts per event) goes on a still-ready list that the next poll
+//! services without blocking. Sockets are registered lazily, once, for read
+//! and write interest, so writes never cost an `epoll_ctl`.
+//!
 //! # Handle life cycle
 //!
 //! A handle is created by an `*_init` call (`timer_init`, `tcp_init`, ...),

@@ -1,0 +1,134 @@
+//! A TCP echo server on the uvcluster loop: the smallest complete program.
+//!
+//! ```text
+//! PORT=7000 cargo run --example tcp_echo     # PORT=0 picks a free port
+//! ```
+//!
+//! It binds `127.0.0.1:$PORT` (default 7000), prints `listening on ADDR`,
+//! echoes every connection until the client's EOF, and on SIGINT or SIGTERM
+//! closes the server and every client and lets the loop run to completion,
+//! so it exits 0 with every handle closed (libuv's `uv_walk` + `uv_close`
+//! shutdown idiom).
+
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use nix::sys::signal::Signal::{SIGINT, SIGTERM};
+use uvcluster::uv::{AnyHandle, BindFlags, Handle, Loop, RunMode, Tcp};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcp_echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> io::Result<()> {
+    let port: u16 = match std::env::var("PORT") {
+        Ok(p) => p
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("PORT={p:?}: {e}")))?,
+        Err(_) => 7000,
+    };
+    let mut lp = Loop::new()?;
+
+    let server = lp.tcp_init();
+    // EADDRINUSE is reported by tcp_listen, not tcp_bind (as in libuv).
+    lp.tcp_bind(
+        server,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        BindFlags::default(),
+    )?;
+    lp.tcp_listen(server, 128, on_connection)?;
+    println!("listening on {}", lp.tcp_getsockname(server)?);
+
+    for signum in [SIGINT, SIGTERM] {
+        let sig = lp.signal_init();
+        lp.signal_start(sig, signum as i32, |lp, _sig, signum| {
+            eprintln!("tcp_echo: signal {signum}, closing");
+            close_all(lp);
+        })?;
+    }
+
+    // Returns once every handle is closed: nothing is left to keep it alive.
+    lp.run(RunMode::Default)?;
+    debug_assert_eq!(lp.handle_count(), 0);
+    Ok(())
+}
+
+/// The server hands each accepted client over as a new handle that this
+/// callback owns (libuv would call `uv_accept` here).
+fn on_connection(lp: &mut Loop, _server: Handle<Tcp>, client: io::Result<Handle<Tcp>>) {
+    match client {
+        Ok(c) => {
+            if let Err(e) = lp.read_start(c, on_read) {
+                eprintln!("tcp_echo: read_start: {e}");
+                close(lp, c);
+            }
+        }
+        // Transient accept errors never get here; the server keeps listening.
+        Err(e) => eprintln!("tcp_echo: accept: {e}"),
+    }
+}
+
+/// `data` borrows the loop's read buffer; `write` copies what the socket
+/// does not take at once, so nothing has to outlive this call.
+fn on_read(lp: &mut Loop, c: Handle<Tcp>, data: io::Result<&[u8]>) {
+    match data {
+        // EOF: flush the echoes still queued, then close. (A server facing
+        // clients that do not read would also `read_stop` while
+        // `write_queue_size` is high.)
+        Ok([]) => {
+            if lp.shutdown(c, |lp, c, _| close(lp, c)).is_err() {
+                close(lp, c);
+            }
+        }
+        Ok(data) => {
+            if let Err(e) = lp.write(c, &[data], on_written) {
+                eprintln!("tcp_echo: write: {e}");
+                close(lp, c);
+            }
+        }
+        Err(e) => {
+            eprintln!("tcp_echo: read: {e}");
+            close(lp, c);
+        }
+    }
+}
+
+fn on_written(lp: &mut Loop, c: Handle<Tcp>, res: io::Result<()>) {
+    // ECANCELED after our own close is expected; other errors end the client.
+    if let Err(e) = res
+        && !lp.is_closing(c)
+    {
+        eprintln!("tcp_echo: write: {e}");
+        close(lp, c);
+    }
+}
+
+/// Closes a client unless it is already closing (closing twice is an error).
+fn close(lp: &mut Loop, c: Handle<Tcp>) {
+    if !lp.is_closing(c) {
+        let _ = lp.close(c, |_| {});
+    }
+}
+
+/// Closes every handle the program created: the server, the clients and
+/// the signal watchers. The loop then has nothing left and `run` returns.
+fn close_all(lp: &mut Loop) {
+    let mut handles = Vec::new();
+    lp.walk(|h| handles.push(h));
+    for h in handles {
+        match h {
+            AnyHandle::Tcp(t) => close(lp, t),
+            AnyHandle::Signal(s) if !lp.is_closing(s) => {
+                let _ = lp.close(s, |_| {});
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The examples, run as real processes (`examples/tcp_echo.rs` echoes and
+//! stops cleanly on SIGINT), and the README example kept equal to a doc test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Builds an example with the cargo that runs the tests and returns the
+/// path of its executable, as cargo reports it.
+fn build_example(name: &str) -> PathBuf {
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--example", name, "--message-format=json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return PathBuf::from(exe);
+        }
+    }
+    panic!("cargo did not report an executable for example {name}");
+}
+
+/// Kills the child if the test fails before it exits.
+struct Reap(Option<Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect to tcp_echo");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.set_write_timeout(Some(LIMIT)).unwrap();
+    s
+}
+
+fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).expect("echo within the time limit");
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn tcp_echo_echoes_and_stops_on_sigint() {
+    let exe = build_example("tcp_echo");
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tcp_echo"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+
+    // The first line of stdout names the address; read it on a thread so a
+    // silent child fails the test instead of hanging it.
+    let stdout = c.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(LIMIT)
+        .expect("tcp_echo printed its address");
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("an address");
+    assert_ne!(addr.port(), 0);
+
+    // One client echoes a few messages and half-closes: the server flushes
+    // and closes it, so the client reads EOF.
+    let mut a = connect(addr);
+    for msg in [&b"hello"[..], b"world", &[7u8; 100_000]] {
+        echo(&mut a, msg);
+    }
+    a.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).expect("EOF from the server");
+    assert!(rest.is_empty());
+
+    // Another client stays connected until SIGINT closes it.
+    let mut b = connect(addr);
+    echo(&mut b, b"still here");
+
+    kill(pid, Signal::SIGINT).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(b.read(&mut buf).expect("EOF after SIGINT"), 0);
+
+    let mut c = child.0.take().unwrap();
+    let (tx, rx) = mpsc::channel::<ExitStatus>();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.wait().expect("wait for tcp_echo"));
+    });
+    let status = match rx.recv_timeout(LIMIT) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("tcp_echo did not exit after SIGINT");
+        }
+    };
+    assert!(status.success(), "tcp_echo exited with {status}");
+}
+
+/// The README's example is not compiled by itself; it must stay the same
+/// code as the crate-level doc test in `src/lib.rs`, which is.
+#[test]
+fn readme_example_is_the_compiled_doc_test() {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("README.md has a ```rust block");
+    let docs = include_str!("../src/lib.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        docs.contains(block),
+        "README.md's example differs from the doc test in src/lib.rs"
+    );
+}
