@@ -286,7 +286,8 @@ mod tests {
         assert_eq!(response_len(r), Ok(Some(r.len())));
         assert_eq!(response_len(&r[..10]), Ok(None));
         assert_eq!(response_len(b"HTTP/1.1 200 OK\r\n\r\n"), Err(()));
-        let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nhello world\n\r\n0\r\n\r\n";
+        let c =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nhello world\n\r\n0\r\n\r\n";
         assert_eq!(response_len(c), Ok(Some(c.len())));
         assert_eq!(response_len(&c[..c.len() - 1]), Ok(None));
     }

@@ -133,10 +133,18 @@ fn as_worker(name: &str, body: impl FnOnce(&mut Loop, cluster::Worker)) {
         return;
     }
     let mut lp = Loop::new().unwrap();
-    let w = cluster::setup_worker(&mut lp).unwrap().expect("started as a worker");
+    let w = cluster::setup_worker(&mut lp)
+        .unwrap()
+        .expect("started as a worker");
     assert!(cluster::is_worker());
-    assert!(std::env::var("NODE_UNIQUE_ID").is_err(), "NODE_UNIQUE_ID removed");
-    assert!(std::env::var("NODE_CHANNEL_FD").is_err(), "NODE_CHANNEL_FD removed");
+    assert!(
+        std::env::var("NODE_UNIQUE_ID").is_err(),
+        "NODE_UNIQUE_ID removed"
+    );
+    assert!(
+        std::env::var("NODE_CHANNEL_FD").is_err(),
+        "NODE_CHANNEL_FD removed"
+    );
     assert_eq!(w.id(), 1);
     body(&mut lp, w);
     lp.run(RunMode::Default).unwrap();
@@ -191,7 +199,9 @@ fn helper_worker_exit42() {
     as_worker("helper_worker_exit42", |lp, _| {
         // The listen callback runs before `listening` is sent (as in Node):
         // exit on the next tick so the primary sees it.
-        listen_then(lp, |lp, _| uvcluster::net::defer(lp, |_| std::process::exit(42)));
+        listen_then(lp, |lp, _| {
+            uvcluster::net::defer(lp, |_| std::process::exit(42))
+        });
     });
 }
 

@@ -6,8 +6,8 @@
 //! from the environment, as Node does.
 //!
 //! * [`Primary`] (`primary.js`): forks workers, answers their
-//!   `queryServer` with a [`RoundRobinHandle`](round_robin_handle) or a
-//!   [`SharedHandle`](shared_handle), and reports their life cycle.
+//!   `queryServer` with a round-robin handle or a
+//!   shared handle, and reports their life cycle.
 //! * [`setup_worker`] (`child.js`): in a worker, connects to the primary,
 //!   announces `online`, and routes [`net::Server::listen`](crate::net::Server::listen)
 //!   through the primary.

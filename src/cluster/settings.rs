@@ -46,7 +46,7 @@ impl SchedulingPolicy {
 }
 
 /// How the primary starts workers (`cluster.settings`). Each field left
-/// `None` in a [`Primary::setup_primary`](super::Primary::setup_primary)
+/// `None` in a `Primary::setup_primary`
 /// call keeps its earlier value; repeated calls merge.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Settings {

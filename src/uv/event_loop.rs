@@ -460,7 +460,7 @@ impl Loop {
     pub fn run(&mut self, mode: RunMode) -> io::Result<bool> {
         if self.running {
             return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
+                io::ErrorKind::ResourceBusy,
                 "Loop::run called from inside a callback of the same loop",
             ));
         }

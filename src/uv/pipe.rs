@@ -197,7 +197,7 @@ impl Loop {
         path: impl AsRef<Path>,
         cb: impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static,
     ) -> io::Result<()> {
-        if self.is_closing(h) {
+        if self.slot(h.raw)?.flags & super::handle::flags::CLOSING != 0 {
             return Err(super::event_loop::closing_err());
         }
         let s = stream_mut(self, h.raw)?;

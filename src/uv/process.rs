@@ -482,9 +482,12 @@ impl Loop {
             }
         };
         for (h, fd) in our_ends {
-            // Cannot fail: the handle was checked above and is a fresh
-            // connected Unix socket.
-            self.pipe_open(h, fd)?;
+            // The handle was checked above and this is a fresh connected
+            // Unix socket, so this does not fail; if it ever did, the child
+            // must still be tracked and reaped, so do not return early.
+            if let Err(e) = self.pipe_open(h, fd) {
+                log::error!("spawn: opening the parent's end of a stdio pipe failed: {e}");
+            }
         }
         let raw = self.insert(Data::Process(Box::new(ProcessState {
             pid,

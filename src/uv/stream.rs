@@ -301,13 +301,17 @@ fn do_accept(lp: &mut Loop, raw: RawHandle) {
             }
             Err(e) => Err(e),
         };
-        let failed = result.is_err();
-        call_conn_cb(lp, raw, result);
-        if failed {
-            // Retry on the next pass rather than spin here.
-            lp.still_ready.push(raw);
+        if result.is_err() {
+            // A persistent error (ENOMEM, ENOBUFS, EPERM from a firewall
+            // hook) would repeat on every retry: report it once and wait
+            // for the next connection's edge instead of spinning.
+            if let Ok(s) = stream_mut(lp, raw) {
+                s.readable = false;
+            }
+            call_conn_cb(lp, raw, result);
             return;
         }
+        call_conn_cb(lp, raw, result);
     }
     lp.still_ready.push(raw);
 }

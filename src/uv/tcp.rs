@@ -148,7 +148,7 @@ impl Loop {
         addr: SocketAddr,
         cb: impl FnOnce(&mut Loop, Handle<Tcp>, io::Result<()>) + 'static,
     ) -> io::Result<()> {
-        if self.is_closing(h) {
+        if self.slot(h.raw)?.flags & super::handle::flags::CLOSING != 0 {
             return Err(super::event_loop::closing_err());
         }
         if stream::is_connecting(self, h.raw) {

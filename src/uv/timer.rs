@@ -86,8 +86,9 @@ impl Loop {
     }
 
     fn timer_arm(&mut self, raw: RawHandle, timeout: u64, repeat: u64) {
-        let seq = self.timers.next_seq;
+        // Sequence numbers start at 1: 0 marks a timer never started.
         self.timers.next_seq += 1;
+        let seq = self.timers.next_seq;
         let due = self.now().saturating_add(timeout);
         let Ok(t) = timer_mut(self, raw) else { return };
         t.due = due;
@@ -146,7 +147,9 @@ impl Loop {
             return Err(closing_err());
         }
         let t = timer_mut(self, h.raw)?;
-        if t.cb.is_none() {
+        // Not `cb.is_none()`: inside its own callback the callback is out
+        // of its slot, and libuv allows `uv_timer_again` there.
+        if t.seq == 0 {
             return Err(einval("timer_again on a timer that was never started"));
         }
         let repeat = t.repeat;
