@@ -43,3 +43,25 @@ fn eof_queued_behind_data_is_not_lost() {
     assert_eq!(log.joined(), "data eof");
     assert_loop_empty(&lp);
 }
+
+#[test]
+fn timer_again_inside_its_own_callback() {
+    // The callback is out of its slot while it runs; timer_again must not
+    // mistake that for a timer that was never started (libuv allows it).
+    let mut lp = uvcluster::uv::Loop::new().unwrap();
+    let t = lp.timer_init();
+    let hits = std::rc::Rc::new(std::cell::Cell::new(0));
+    let h = hits.clone();
+    lp.timer_start(t, 1, 0, move |lp, t| {
+        h.set(h.get() + 1);
+        if h.get() == 1 {
+            lp.timer_set_repeat(t, 1).unwrap();
+            lp.timer_again(t).unwrap();
+        } else {
+            lp.close(t, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    lp.run(uvcluster::uv::RunMode::Default).unwrap();
+    assert_eq!(hits.get(), 2);
+}
