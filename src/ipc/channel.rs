@@ -283,12 +283,13 @@ impl Channel {
                 replies: HashMap::new(),
             })),
         };
-        let weak = Rc::downgrade(&ch.inner);
-        lp.read_start(pipe, move |lp, _, r| {
-            if let Some(inner) = weak.upgrade() {
-                Channel { inner }.on_read(lp, r);
-            }
-        })?;
+        // The read callback holds the channel: an open channel lives as long
+        // as its pipe, whether or not the caller keeps a `Channel` (as a
+        // Node channel does). Closing the pipe drops the callback, and with
+        // it this reference; `close_now` clears the user callbacks that
+        // could hold the channel in a cycle.
+        let me = ch.clone();
+        lp.read_start(pipe, move |lp, _, r| me.on_read(lp, r))?;
         Ok(ch)
     }
 

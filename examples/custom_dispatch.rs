@@ -1,0 +1,120 @@
+//! Connection dispatch without the cluster module: a parent accepts TCP
+//! connections and passes each one to a child over Node's IPC protocol
+//! with its own algorithm (here: the child with the fewest connections in
+//! hand, ties to the lowest id). Each child greets the client with its pid
+//! and hangs up, then tells the parent it is done.
+//!
+//! `cargo run --release --example custom_dispatch` then
+//! `nc 127.0.0.1 8001` (CHILDREN, default 2; PORT, default 8001; Ctrl-C
+//! to stop).
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+
+use serde_json::json;
+use uvcluster::ipc::{AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, fork};
+use uvcluster::uv::{Accepted, BindFlags, Loop, RunMode};
+
+fn main() -> io::Result<()> {
+    let mut lp = Loop::new()?;
+    if std::env::args().nth(1).as_deref() == Some("child") {
+        child(&mut lp)?;
+    } else {
+        parent(&mut lp)?;
+    }
+    lp.run(RunMode::Default)?;
+    Ok(())
+}
+
+fn parent(lp: &mut Loop) -> io::Result<()> {
+    let n: usize = std::env::var("CHILDREN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8001);
+    let exe = std::env::current_exe()?;
+    // Per child: its channel and how many connections it has in hand.
+    let children: Rc<RefCell<Vec<(Channel, usize)>>> = Rc::default();
+    for id in 0..n {
+        let mut opts = ForkOptions::exec(&exe);
+        opts.args = vec!["child".into()];
+        opts.on_exit = Some(Box::new(|lp, p, code, sig| {
+            eprintln!("child exited: code {code} signal {sig}");
+            let _ = lp.close(p, |_| {});
+        }));
+        let forked = fork(lp, opts)?;
+        let kids = children.clone();
+        forked.channel.on_message(lp, move |_, _, msg, _| {
+            if msg["done"].as_bool() == Some(true) {
+                kids.borrow_mut()[id].1 -= 1;
+            }
+        });
+        children.borrow_mut().push((forked.channel, 0));
+    }
+    let server = lp.tcp_init();
+    lp.tcp_bind(server, ([127, 0, 0, 1], port).into(), BindFlags::default())?;
+    let kids = children.clone();
+    lp.tcp_listen(server, 511, move |lp, _, client| {
+        let Ok(client) = client else { return };
+        let mut k = kids.borrow_mut();
+        let Some((i, _)) = k
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, (_, load))| (*load, *i))
+        else {
+            let _ = lp.close(client, |_| {});
+            return;
+        };
+        k[i].1 += 1;
+        let ch = k[i].0.clone();
+        drop(k);
+        let attach = Attach {
+            handle: client.into(),
+            kind: HandleKind::NetSocket,
+            // Like Node's net.Socket: our copy closes once the child has it.
+            after_ack: AfterAck::Close,
+        };
+        if let Err(e) = ch.send_handle(lp, json!({"conn": true}), attach, Default::default(), None)
+        {
+            eprintln!("dispatch failed: {e}");
+            let _ = lp.close(client, |_| {});
+        }
+    })?;
+    println!("listening on 127.0.0.1:{port} with {n} children");
+    // Ctrl-C: close the listener and the channels; children exit on EOF.
+    let sig = lp.signal_init();
+    lp.signal_start(sig, nix::libc::SIGINT, move |lp, sig, _| {
+        let _ = lp.close(server, |_| {});
+        for (ch, _) in children.borrow().iter() {
+            ch.disconnect(lp);
+        }
+        let _ = lp.close(sig, |_| {});
+    })?;
+    Ok(())
+}
+
+fn child(lp: &mut Loop) -> io::Result<()> {
+    let ch = Channel::from_env(lp, ChannelOptions::default())?
+        .ok_or_else(|| io::Error::other("child started without NODE_CHANNEL_FD"))?;
+    let greeting = format!("Handled by child {}\n", std::process::id());
+    ch.on_message(lp, move |lp, ch, _msg, handle| {
+        let Some(Accepted::Tcp(sock)) = handle else {
+            return;
+        };
+        let ch = ch.clone();
+        let r = lp.write(sock, &[greeting.as_bytes()], move |lp, sock, _| {
+            let _ = lp.close(sock, |_| {});
+            let _ = ch.send(lp, &json!({"done": true}), None);
+        });
+        if r.is_err() {
+            let _ = lp.close(sock, |_| {});
+        }
+    });
+    // The parent going away ends the child.
+    ch.on_disconnect(|_, _| {});
+    Ok(())
+}
