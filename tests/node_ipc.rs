@@ -372,7 +372,7 @@ fn helper_rust_child() {
                     panic!("expected a TCP socket, got {h:?}")
                 };
                 let buf = Rc::new(RefCell::new(Vec::new()));
-                let ch = ch.clone();
+                let ch2 = ch.clone();
                 lp.read_start(s, move |lp, s, r| {
                     let data = r.unwrap();
                     assert!(!data.is_empty(), "EOF before the ping");
@@ -385,10 +385,11 @@ fn helper_rust_child() {
                             lp.close(s, |_| {}).unwrap();
                         })
                         .unwrap();
-                        ch.send(lp, &json!({"op": "socket-done"}), None).unwrap();
+                        ch2.send(lp, &json!({"op": "socket-done"}), None).unwrap();
                     }
                 })
                 .unwrap();
+                ch.send(lp, &json!({"op": "socket-reading"}), None).unwrap();
             }
             "send-back" => {
                 let l = lp.tcp_init();

@@ -49,6 +49,7 @@ const nested = { nested: [1, { a: 'ünïcødé ✓ 😀' }], n: null, t: true };
 const big = 'ü'.repeat(1 << 19); // 1 MiB of UTF-8
 let raws = [];
 let socketSteps = 0;
+let pinger = null;
 
 function socketStep(what) {
   step(what);
@@ -92,6 +93,9 @@ child.on('message', (msg, handle) => {
       });
       break;
     }
+    case 'socket-reading':
+      pinger.write('ping from node\n');
+      break;
     case 'socket-done':
       socketStep('socket-done');
       break;
@@ -130,7 +134,10 @@ function sendSocket() {
     child.send({ op: 'socket' }, sock);
   });
   server.listen(0, '127.0.0.1', () => {
-    const c = net.connect(server.address().port, '127.0.0.1', () => c.write('ping from node\n'));
+    // Ping only once the Rust child reads: until our copy of the socket is
+    // closed on the ACK, Node keeps reading it (and drops what it reads).
+    const c = net.connect(server.address().port, '127.0.0.1');
+    pinger = c;
     let got = '';
     c.on('data', (d) => (got += d));
     c.on('end', () => {
