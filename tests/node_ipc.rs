@@ -172,3 +172,288 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
     assert_eq!(got, "node got your socket\n");
     assert_loop_empty(&lp);
 }
+
+#[test]
+fn rust_parent_node_child_env_udp_and_parent_disconnect() {
+    let mut lp = Loop::new().unwrap();
+    let exits = Counter::new();
+    let e = exits.clone();
+    let mut opts = ForkOptions::node(node_script("child.js"));
+    opts.on_exit = Some(Box::new(move |lp, p, status, sig| {
+        // The child exits 0 on its own once we disconnect.
+        assert_eq!((status, sig), (0, 0));
+        e.hit();
+        lp.close(p, |_| {}).unwrap();
+    }));
+    let child = fork(&mut lp, opts).unwrap();
+    let disconnects = Counter::new();
+    let d = disconnects.clone();
+    child.channel.on_disconnect(move |_, _| d.hit());
+    child
+        .channel
+        .on_error(|_, _, e| panic!("channel error: {e}"));
+    let log = Log::new();
+    let l = log.clone();
+    let udp_addr = Rc::new(RefCell::new(None));
+    child.channel.on_message(&mut lp, move |lp, ch, msg, h| {
+        assert!(h.is_none());
+        let op = msg["op"].as_str().unwrap();
+        l.push(op);
+        match op {
+            "ready" => ch.send(lp, &json!({"op": "env"}), None).unwrap(),
+            "env" => {
+                assert_eq!(msg["fd"], false, "NODE_CHANNEL_FD left in the child");
+                assert_eq!(msg["mode"], false, "mode variable left in the child");
+                let u = lp.udp_init();
+                lp.udp_bind(u, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+                    .unwrap();
+                *udp_addr.borrow_mut() = Some(lp.udp_getsockname(u).unwrap());
+                let attach = Attach {
+                    handle: u.into(),
+                    kind: HandleKind::DgramSocket,
+                    after_ack: AfterAck::Close,
+                };
+                let mut extra = serde_json::Map::new();
+                extra.insert("dgramType".into(), "udp4".into());
+                ch.send_handle(lp, json!({"op": "dgram"}), attach, extra, None)
+                    .unwrap();
+            }
+            "dgram-ready" => {
+                let addr = udp_addr.borrow().unwrap();
+                assert_eq!(msg["port"], addr.port());
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(b"dgram from rust", addr).unwrap();
+            }
+            "dgram-got" => {
+                assert_eq!(msg["data"], "dgram from rust");
+                assert_eq!(msg["ok"], true, "not a dgram.Socket in node");
+                ch.disconnect(lp);
+                assert!(!ch.is_connected());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    });
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(log.joined(), "ready env dgram-ready dgram-got");
+    assert_eq!((exits.get(), disconnects.get()), (1, 1));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn rust_parent_sees_node_child_exit_status() {
+    let mut lp = Loop::new().unwrap();
+    let exits = Counter::new();
+    let e = exits.clone();
+    let mut opts = ForkOptions::node(node_script("child.js"));
+    opts.on_exit = Some(Box::new(move |lp, p, status, sig| {
+        assert_eq!((status, sig), (7, 0));
+        e.hit();
+        lp.close(p, |_| {}).unwrap();
+    }));
+    let child = fork(&mut lp, opts).unwrap();
+    let disconnects = Counter::new();
+    let d = disconnects.clone();
+    child.channel.on_disconnect(move |_, _| d.hit());
+    child
+        .channel
+        .on_error(|_, _, e| panic!("channel error: {e}"));
+    child.channel.on_message(&mut lp, |lp, ch, msg, _| {
+        assert_eq!(msg["op"], "ready");
+        ch.send(lp, &json!({"op": "exit", "code": 7}), None)
+            .unwrap();
+    });
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!((exits.get(), disconnects.get()), (1, 1));
+    assert_loop_empty(&lp);
+}
+
+// ----- a Node parent, a Rust child ------------------------------------------
+
+/// Runs `node parent.js <this test binary> <helper> <ending>` and checks it
+/// printed PASS.
+fn run_node_parent(helper: &str, ending: &str) -> String {
+    let script = node_script("parent.js");
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .arg(std::env::current_exe().unwrap())
+        .args([helper, ending])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l.starts_with("PASS")),
+        "node parent.js {helper} {ending}: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+const FULL_RUN: &str = "PASS ready,echo,echo-big,listening,served,";
+
+#[test]
+fn node_parent_rust_child_messages_handles_and_rust_disconnect() {
+    let out = run_node_parent("helper_rust_child", "rust-disconnect");
+    assert!(out.contains(FULL_RUN), "{out}");
+    assert!(out.contains(",here,disconnect,exit:0:null"), "{out}");
+}
+
+#[test]
+fn node_parent_rust_child_node_disconnects() {
+    let out = run_node_parent("helper_rust_child", "node-disconnect");
+    assert!(out.contains(FULL_RUN), "{out}");
+    assert!(out.contains("exit:3:null"), "{out}");
+}
+
+#[test]
+fn node_parent_sees_rust_child_exit_status() {
+    let out = run_node_parent("helper_rust_child", "exit7");
+    assert!(out.contains(FULL_RUN), "{out}");
+    assert!(out.contains("exit:7:null"), "{out}");
+}
+
+#[test]
+fn node_parent_advanced_serialization_is_refused() {
+    let out = run_node_parent("helper_rust_child_advanced", "advanced");
+    assert!(out.contains("REFUSED: "), "{out}");
+}
+
+/// The Rust child of `parent.js`: echoes, uses the server and socket it is
+/// sent, sends a socket back, and ends as told. Exits 3 when the parent
+/// disconnected, 7 when told to.
+#[test]
+fn helper_rust_child() {
+    if !is_helper("helper_rust_child") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let ch = Channel::from_env(&mut lp, Default::default())
+        .unwrap()
+        .expect("no NODE_CHANNEL_FD");
+    let env = json!({
+        "fd": std::env::var_os("NODE_CHANNEL_FD").is_some(),
+        "mode": std::env::var_os("NODE_CHANNEL_SERIALIZATION_MODE").is_some(),
+    });
+    ch.on_error(|_, _, e| panic!("channel error: {e}"));
+    let disconnects = Counter::new();
+    let d = disconnects.clone();
+    ch.on_disconnect(move |_, _| d.hit());
+    let we_disconnected = Counter::new();
+    let w = we_disconnected.clone();
+    ch.on_message(&mut lp, move |lp, ch, msg, h| {
+        let Some(op) = msg.get("op").and_then(Value::as_str) else {
+            ch.send(lp, &json!({"op": "raw", "payload": msg}), None)
+                .unwrap();
+            return;
+        };
+        match op {
+            "echo" => ch
+                .send(lp, &json!({"op": "echo", "payload": msg["payload"]}), None)
+                .unwrap(),
+            "server" => {
+                let Some(Accepted::Tcp(l)) = h else {
+                    panic!("expected a TCP server, got {h:?}")
+                };
+                assert_eq!(lp.tcp_getsockname(l).unwrap().port(), msg["port"]);
+                lp.tcp_listen(l, 8, |lp, l, conn| {
+                    lp.close(l, |_| {}).unwrap();
+                    lp.write(conn.unwrap(), &[b"hello from rust\n"], |lp, c, r| {
+                        r.unwrap();
+                        lp.close(c, |_| {}).unwrap();
+                    })
+                    .unwrap();
+                })
+                .unwrap();
+                ch.send(lp, &json!({"op": "listening", "port": msg["port"]}), None)
+                    .unwrap();
+            }
+            "socket" => {
+                let Some(Accepted::Tcp(s)) = h else {
+                    panic!("expected a TCP socket, got {h:?}")
+                };
+                let buf = Rc::new(RefCell::new(Vec::new()));
+                let ch2 = ch.clone();
+                lp.read_start(s, move |lp, s, r| {
+                    let data = r.unwrap();
+                    assert!(!data.is_empty(), "EOF before the ping");
+                    buf.borrow_mut().extend_from_slice(data);
+                    if buf.borrow().ends_with(b"\n") {
+                        assert_eq!(&buf.borrow()[..], b"ping from node\n");
+                        lp.read_stop(s).unwrap();
+                        lp.write(s, &[b"pong from rust\n"], |lp, s, r| {
+                            r.unwrap();
+                            lp.close(s, |_| {}).unwrap();
+                        })
+                        .unwrap();
+                        ch2.send(lp, &json!({"op": "socket-done"}), None).unwrap();
+                    }
+                })
+                .unwrap();
+                ch.send(lp, &json!({"op": "socket-reading"}), None).unwrap();
+            }
+            "send-back" => {
+                let l = lp.tcp_init();
+                lp.tcp_bind(l, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+                    .unwrap();
+                let addr = lp.tcp_getsockname(l).unwrap();
+                lp.tcp_listen(l, 8, |lp, l, conn| {
+                    lp.close(l, |_| {}).unwrap();
+                    lp.write(conn.unwrap(), &[b"data from rust\n"], |lp, c, r| {
+                        r.unwrap();
+                        lp.close(c, |_| {}).unwrap();
+                    })
+                    .unwrap();
+                })
+                .unwrap();
+                let c = lp.tcp_init();
+                let ch = ch.clone();
+                lp.tcp_connect(c, addr, move |lp, c, r| {
+                    r.unwrap();
+                    let attach = Attach {
+                        handle: c.into(),
+                        kind: HandleKind::NetSocket,
+                        after_ack: AfterAck::Close,
+                    };
+                    ch.send_handle(lp, json!({"op": "here"}), attach, Default::default(), None)
+                        .unwrap();
+                })
+                .unwrap();
+            }
+            "disconnect" => {
+                w.hit();
+                ch.disconnect(lp);
+            }
+            "exit" => std::process::exit(msg["code"].as_i64().unwrap() as i32),
+            other => panic!("unexpected {other}"),
+        }
+    });
+    ch.send(&mut lp, &json!({"op": "ready", "env": env}), None)
+        .unwrap();
+    run_with_deadline(&mut lp, 30_000);
+    assert_eq!(disconnects.get(), 1);
+    assert!(!ch.is_connected());
+    assert_loop_empty(&lp);
+    if we_disconnected.get() == 0 {
+        std::process::exit(3);
+    }
+}
+
+/// Started with `serialization: 'advanced'`: `from_env` must refuse it,
+/// naming the setting. Exits 0 if it did.
+#[test]
+fn helper_rust_child_advanced() {
+    if !is_helper("helper_rust_child_advanced") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let err = Channel::from_env(&mut lp, Default::default()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    let text = err.to_string();
+    assert!(
+        text.contains("NODE_CHANNEL_SERIALIZATION_MODE") && text.contains("advanced"),
+        "{text}"
+    );
+    assert!(std::env::var_os("NODE_CHANNEL_FD").is_none());
+    assert!(std::env::var_os("NODE_CHANNEL_SERIALIZATION_MODE").is_none());
+    println!("REFUSED: {text}");
+}

@@ -64,4 +64,38 @@ fn timer_again_inside_its_own_callback() {
     .unwrap();
     lp.run(uvcluster::uv::RunMode::Default).unwrap();
     assert_eq!(hits.get(), 2);
+
+/// A message that arrived after `on_message` was set, but before the
+/// backlog of earlier messages was replayed (from a 0 ms timer), was
+/// delivered at once and overtook the backlog (found by
+/// `channel_late_on_message_gets_backlog_in_order`).
+#[test]
+fn ipc_backlog_not_overtaken_by_newer_message() {
+    use serde_json::json;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use uvcluster::ipc::{Channel, ChannelOptions};
+
+    let mut lp = Loop::new().unwrap();
+    let (a, b) = lp.pipe_pair(true).unwrap();
+    let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+    let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+    let marker = Counter::new();
+    let m = marker.clone();
+    b.on_internal(move |_, _, _, _| m.hit());
+    a.send(&mut lp, &json!(0), None).unwrap();
+    a.send(&mut lp, &json!({"cmd": "NODE_MARKER"}), None)
+        .unwrap();
+    let m = marker.clone();
+    run_until(&mut lp, 5000, move |_| m.get() == 1);
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let g = got.clone();
+    b.on_message(&mut lp, move |_, _, v, _| g.borrow_mut().push(v));
+    a.send(&mut lp, &json!(1), None).unwrap();
+    let g = got.clone();
+    run_until(&mut lp, 5000, move |_| g.borrow().len() == 2);
+    assert_eq!(*got.borrow(), vec![json!(0), json!(1)]);
+    a.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
 }

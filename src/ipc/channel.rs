@@ -370,7 +370,10 @@ impl Channel {
                     loop {
                         let item = ch.inner.borrow_mut().backlog.pop_front();
                         let Some((v, h)) = item else { break };
-                        ch.emit_user(lp, v, h);
+                        if let Err((v, h)) = ch.deliver_user(lp, v, h) {
+                            ch.inner.borrow_mut().backlog.push_front((v, h));
+                            break;
+                        }
                     }
                 }
             });
@@ -827,6 +830,27 @@ impl Channel {
     }
 
     fn emit_user(&self, lp: &mut Loop, v: Value, h: Option<Accepted>) {
+        {
+            let mut i = self.inner.borrow_mut();
+            // While a backlog waits for its replay, new messages queue
+            // behind it so that they cannot overtake it.
+            if !i.backlog.is_empty() {
+                i.backlog.push_back((v, h));
+                return;
+            }
+        }
+        if let Err(item) = self.deliver_user(lp, v, h) {
+            self.inner.borrow_mut().backlog.push_back(item);
+        }
+    }
+
+    /// Runs the message callback; gives the message back without one.
+    fn deliver_user(
+        &self,
+        lp: &mut Loop,
+        v: Value,
+        h: Option<Accepted>,
+    ) -> Result<(), (Value, Option<Accepted>)> {
         let cb = self.inner.borrow_mut().on_message.take();
         match cb {
             Some(mut cb) => {
@@ -835,8 +859,9 @@ impl Channel {
                 if i.on_message.is_none() && i.state != State::Closed {
                     i.on_message = Some(cb);
                 }
+                Ok(())
             }
-            None => self.inner.borrow_mut().backlog.push_back((v, h)),
+            None => Err((v, h)),
         }
     }
 

@@ -1,6 +1,7 @@
 // A Node child for the IPC interop tests: echoes user messages, uses handles
 // it is sent, and sends handles back on request.
 'use strict';
+const dgram = require('dgram');
 const net = require('net');
 
 process.on('message', (msg, handle) => {
@@ -28,6 +29,21 @@ process.on('message', (msg, handle) => {
         process.send({ op: 'here' }, c);
       });
     });
+  } else if (msg && msg.op === 'env') {
+    // Node deletes the channel variables at bootstrap.
+    process.send({
+      op: 'env',
+      fd: 'NODE_CHANNEL_FD' in process.env,
+      mode: 'NODE_CHANNEL_SERIALIZATION_MODE' in process.env,
+    });
+  } else if (msg && msg.op === 'dgram') {
+    // A bound UDP socket (dgram.Socket): receive one datagram on it.
+    const ok = handle instanceof dgram.Socket;
+    handle.on('message', (data) => {
+      handle.close();
+      process.send({ op: 'dgram-got', data: data.toString(), ok });
+    });
+    process.send({ op: 'dgram-ready', port: handle.address().port });
   } else if (msg && msg.op === 'disconnect') {
     process.disconnect();
   } else if (msg && msg.op === 'exit') {
