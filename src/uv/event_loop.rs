@@ -59,6 +59,10 @@ pub(crate) struct Ready {
     pub(crate) readable: bool,
     pub(crate) writable: bool,
     pub(crate) error: bool,
+    /// The peer shut down its write side (or hung up): after the data, a
+    /// read returns EOF. Edge-triggered, this is said once, possibly in the
+    /// same event as the last data.
+    pub(crate) read_closed: bool,
 }
 
 /// Token of the loop's signal self-pipe; handle tokens never reach it
@@ -560,6 +564,7 @@ impl Loop {
                 readable: ev.is_readable() || ev.is_read_closed(),
                 writable: ev.is_writable() || ev.is_write_closed(),
                 error: ev.is_error(),
+                read_closed: ev.is_read_closed(),
             };
             self.dispatch_io(RawHandle::from_token(ev.token().0), ready);
         }

@@ -100,6 +100,9 @@ pub(crate) struct Stream {
     /// Remembered readiness (edge-triggered: true until `WouldBlock`).
     readable: bool,
     writable: bool,
+    /// The peer's EOF has been signalled: a short read does not prove the
+    /// socket drained, because the EOF itself is still to be read.
+    read_closed: bool,
     reading: bool,
     listening: bool,
     connecting: bool,
@@ -221,6 +224,7 @@ pub(crate) fn on_io(lp: &mut Loop, raw: RawHandle, ready: Ready) {
     let Ok(s) = stream_mut(lp, raw) else { return };
     s.readable |= ready.readable || ready.error;
     s.writable |= ready.writable || ready.error;
+    s.read_closed |= ready.read_closed;
     if s.connecting {
         if !s.writable {
             return;
@@ -401,8 +405,10 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             // A short read drained a TCP or plain Unix stream. On an IPC pipe
             // the kernel stops a read at each fd-carrying message, so only
             // WouldBlock proves it drained.
+            // Nor does it once EOF has been signalled: the EOF comes with
+            // no further edge, so keep reading until it is read.
             Ok(n) => {
-                let more = n == buf.len() || s.ipc;
+                let more = n == buf.len() || s.ipc || s.read_closed;
                 if !more {
                     s.readable = false;
                 }
