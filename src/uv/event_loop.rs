@@ -530,18 +530,31 @@ impl Loop {
 
     fn io_poll(&mut self, timeout: Option<u64>) -> io::Result<()> {
         let mut events = mem::replace(&mut self.events, mio::Events::with_capacity(0));
-        let start = Instant::now();
-        let total = timeout.map(Duration::from_millis);
+        // The wait is measured against the loop's cached time, as libuv's
+        // uv__io_poll does: no clock read before the wait, and one after it
+        // (the update_time below), which the loop needs anyway.
+        let base = self.now;
+        let mut left = timeout;
         let res = loop {
-            let left = total.map(|t| t.saturating_sub(start.elapsed()));
-            match self.poll.poll(&mut events, left) {
+            match self.poll.poll(&mut events, left.map(Duration::from_millis)) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                     // A signal interrupted the wait: retry with what is left.
-                    if left == Some(Duration::ZERO) {
-                        events.clear();
-                        break Ok(());
+                    self.update_time();
+                    match timeout {
+                        Some(0) => {
+                            events.clear();
+                            break Ok(());
+                        }
+                        Some(t) => {
+                            let spent = self.now.saturating_sub(base);
+                            if spent >= t {
+                                events.clear();
+                                break Ok(());
+                            }
+                            left = Some(t - spent);
+                        }
+                        None => {}
                     }
-                    continue;
                 }
                 other => break other,
             }
