@@ -85,6 +85,16 @@ impl Sock {
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         }
     }
+
+    /// One buffer: a plain `send` (`write` on a Unix socket), which spares
+    /// the kernel the iovec import of `writev`.
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::TcpStream(s) => (&*s).write(buf),
+            Sock::UnixStream(s) => (&*s).write(buf),
+            _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
 }
 
 struct WriteReq {
@@ -514,7 +524,7 @@ fn do_write(lp: &mut Loop, raw: RawHandle) {
             let iov = [IoSlice::new(rest)];
             match (&req.fd, s.sock.fd()) {
                 (Some(fd), Some(sock)) => sys::scm_rights::send_with_fd(sock, &iov, fd.as_fd()),
-                _ => s.sock.write_vectored(&iov),
+                _ => s.sock.write(rest),
             }
         };
         match res {
@@ -824,6 +834,14 @@ fn total_len(bufs: &[&[u8]]) -> usize {
 
 fn write_now(sock: &Sock, bufs: &[&[u8]], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
     const MAX_IOV: usize = 16;
+    if let ([buf], None) = (bufs, fd) {
+        loop {
+            match sock.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
     if bufs.len() <= MAX_IOV {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         for (slot, b) in iov.iter_mut().zip(bufs) {
