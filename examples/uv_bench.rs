@@ -100,7 +100,7 @@ fn million_timers(n: u64, per_ms: u64) {
     let t0 = Instant::now();
     for i in 0..n {
         let t = lp.timer_init();
-        let timeout = if per_ms == 0 { 1 } else { 1 + i / per_ms };
+        let timeout = i.checked_div(per_ms).map_or(1, |k| 1 + k);
         lp.timer_start(t, timeout, 0, |_, _| FIRED.set(FIRED.get() + 1))
             .expect("timer_start");
         timers.push(t);

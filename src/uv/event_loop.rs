@@ -49,7 +49,11 @@ pub(crate) enum Data {
     Tcp(Box<Stream>),
     Pipe(Box<Stream>),
     Udp(Box<UdpState>),
+    // Constructed by signal.rs and process.rs, whose implementations land
+    // separately; until then only their stubs exist.
+    #[allow(dead_code)]
     Signal(SignalState),
+    #[allow(dead_code)]
     Process(Box<ProcessState>),
 }
 
@@ -126,7 +130,10 @@ pub struct Loop {
     pub(crate) read_buf: Vec<u8>,
     /// The spare fd for the EMFILE trick (libuv's `emfile_fd`).
     pub(crate) emfile_fd: Option<OwnedFd>,
+    // Read by signal.rs and process.rs (see `Data::Signal`).
+    #[allow(dead_code)]
     pub(crate) signals: LoopSignals,
+    #[allow(dead_code)]
     pub(crate) processes: LoopProcesses,
 }
 
