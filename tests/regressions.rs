@@ -64,6 +64,7 @@ fn timer_again_inside_its_own_callback() {
     .unwrap();
     lp.run(uvcluster::uv::RunMode::Default).unwrap();
     assert_eq!(hits.get(), 2);
+}
 
 /// A message that arrived after `on_message` was set, but before the
 /// backlog of earlier messages was replayed (from a 0 ms timer), was

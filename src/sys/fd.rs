@@ -165,8 +165,12 @@ pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> SocketKind {
         return SocketKind::Other;
     };
     let family = local.family();
-    let connected = socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok();
-    let listening = is_listening(fd).unwrap_or(false);
+    // A listener has no peer and a datagram socket does not listen: ask
+    // only what can matter.
+    let listening = ty == SockType::Stream && is_listening(fd).unwrap_or(false);
+    let connected = !listening
+        && ty == SockType::Stream
+        && socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok();
     match (family, ty) {
         (Some(AddressFamily::Inet | AddressFamily::Inet6), SockType::Stream) => {
             if listening {
@@ -195,6 +199,17 @@ pub(crate) fn set_cloexec_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fl = OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK;
     fcntl(fd, FcntlArg::F_SETFL(fl)).map_err(errno)?;
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(errno)?;
+    Ok(())
+}
+
+/// Makes `fd` non-blocking unless it already is: one `fcntl` in the common
+/// case (a socket received from a peer whose socket was non-blocking).
+pub(crate) fn ensure_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let fl = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL).map_err(errno)?);
+    if !fl.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)).map_err(errno)?;
+    }
     Ok(())
 }
 

@@ -110,7 +110,8 @@ pub struct Loop {
     /// Requests in flight: writes, connects, shutdowns, sends.
     pub(crate) active_reqs: usize,
     now: u64,
-    epoch: Instant,
+    /// `CLOCK_MONOTONIC` in ms when the loop was created; `now` counts from it.
+    epoch_ms: u64,
     stop_flag: bool,
     running: bool,
     pub(crate) timers: TimerQueue,
@@ -126,6 +127,7 @@ pub struct Loop {
     pub(crate) read_buf: Vec<u8>,
     /// The spare fd for the EMFILE trick (libuv's `emfile_fd`).
     pub(crate) emfile_fd: Option<OwnedFd>,
+    // Read by signal.rs and process.rs (see `Data::Signal`).
     pub(crate) signals: LoopSignals,
     pub(crate) processes: LoopProcesses,
 }
@@ -158,7 +160,7 @@ impl Loop {
             active_refs: 0,
             active_reqs: 0,
             now: 0,
-            epoch: Instant::now(),
+            epoch_ms: monotonic_ms(),
             stop_flag: false,
             running: false,
             timers: TimerQueue::default(),
@@ -404,7 +406,7 @@ impl Loop {
 
     /// Refreshes the cached time (`uv_update_time`).
     pub fn update_time(&mut self) {
-        self.now = self.epoch.elapsed().as_millis() as u64;
+        self.now = monotonic_ms().saturating_sub(self.epoch_ms);
     }
 
     /// A monotonic high-resolution time in nanoseconds (`uv_hrtime`), from an
@@ -531,18 +533,31 @@ impl Loop {
 
     fn io_poll(&mut self, timeout: Option<u64>) -> io::Result<()> {
         let mut events = mem::replace(&mut self.events, mio::Events::with_capacity(0));
-        let start = Instant::now();
-        let total = timeout.map(Duration::from_millis);
+        // The wait is measured against the loop's cached time, as libuv's
+        // uv__io_poll does: no clock read before the wait, and one after it
+        // (the update_time below), which the loop needs anyway.
+        let base = self.now;
+        let mut left = timeout;
         let res = loop {
-            let left = total.map(|t| t.saturating_sub(start.elapsed()));
-            match self.poll.poll(&mut events, left) {
+            match self.poll.poll(&mut events, left.map(Duration::from_millis)) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                     // A signal interrupted the wait: retry with what is left.
-                    if left == Some(Duration::ZERO) {
-                        events.clear();
-                        break Ok(());
+                    self.update_time();
+                    match timeout {
+                        Some(0) => {
+                            events.clear();
+                            break Ok(());
+                        }
+                        Some(t) => {
+                            let spent = self.now.saturating_sub(base);
+                            if spent >= t {
+                                events.clear();
+                                break Ok(());
+                            }
+                            left = Some(t - spent);
+                        }
+                        None => {}
                     }
-                    continue;
                 }
                 other => break other,
             }
@@ -624,6 +639,24 @@ impl Loop {
         }
         if let Some(cb) = slot.close_cb {
             cb(self);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in whole milliseconds, as libuv's `uv__update_time`
+/// computes `loop->time`. One vDSO call and an integer division: cheaper
+/// than `Instant::elapsed`, which goes through `Timespec` subtraction and
+/// `Duration`, and the loop reads the clock twice per iteration. (libuv
+/// would use `CLOCK_MONOTONIC_COARSE` where its resolution is 1 ms or finer;
+/// with HZ=250 it is 4 ms, too coarse, so this keeps the precise clock.)
+fn monotonic_ms() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000,
+        // CLOCK_MONOTONIC cannot fail on Linux; fall back to std if it does.
+        Err(_) => {
+            use std::sync::OnceLock;
+            static ORIGIN: OnceLock<Instant> = OnceLock::new();
+            ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
         }
     }
 }

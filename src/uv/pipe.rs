@@ -104,7 +104,18 @@ impl Loop {
             return Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
         }
         sys::fd::set_cloexec_nonblock(fd.as_fd())?;
-        s.sock = match sys::fd::socket_kind(fd.as_fd()) {
+        let kind = sys::fd::socket_kind(fd.as_fd());
+        self.pipe_adopt(h, fd, kind)
+    }
+
+    /// [`pipe_open`](Self::pipe_open) for an fd that is already CLOEXEC and
+    /// non-blocking and whose kind is known: no more syscalls.
+    fn pipe_adopt(&mut self, h: Handle<Pipe>, fd: OwnedFd, kind: SocketKind) -> io::Result<()> {
+        let s = stream_mut(self, h.raw)?;
+        if !matches!(s.sock, Sock::Unset) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
+        }
+        s.sock = match kind {
             SocketKind::UnixListener => {
                 Sock::UnixListener(mio::net::UnixListener::from_std(fd.into()))
             }
@@ -285,10 +296,15 @@ impl Loop {
     /// no socket we know, which is closed (nothing leaks).
     pub fn pipe_accept_pending(&mut self, h: Handle<Pipe>) -> io::Result<Accepted> {
         let fd = self.pipe_take_pending_fd(h)?;
-        match kind_to_type(sys::fd::socket_kind(fd.as_fd())) {
+        // The fd arrived with MSG_CMSG_CLOEXEC; it only may lack O_NONBLOCK
+        // (a status flag of the open file, shared with the sender). The kind
+        // is looked up once, not again by the open.
+        sys::fd::ensure_nonblock(fd.as_fd())?;
+        let kind = sys::fd::socket_kind(fd.as_fd());
+        match kind_to_type(kind) {
             PendingType::Tcp => {
                 let t = self.tcp_init();
-                match self.tcp_open(t, fd) {
+                match self.tcp_adopt(t, fd, kind) {
                     Ok(()) => Ok(Accepted::Tcp(t)),
                     Err(e) => {
                         let _ = self.close(t, |_| {});
@@ -298,7 +314,7 @@ impl Loop {
             }
             PendingType::Pipe => {
                 let p = self.pipe_init(false);
-                match self.pipe_open(p, fd) {
+                match self.pipe_adopt(p, fd, kind) {
                     Ok(()) => Ok(Accepted::Pipe(p)),
                     Err(e) => {
                         let _ = self.close(p, |_| {});

@@ -49,7 +49,24 @@ impl Loop {
             return Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
         }
         sys::fd::set_cloexec_nonblock(fd.as_fd())?;
-        s.sock = match sys::fd::socket_kind(fd.as_fd()) {
+        let kind = sys::fd::socket_kind(fd.as_fd());
+        self.tcp_adopt(h, fd, kind)
+    }
+
+    /// [`tcp_open`](Self::tcp_open) for an fd that is already CLOEXEC and
+    /// non-blocking and whose kind is known (a handle received over IPC):
+    /// no more syscalls.
+    pub(crate) fn tcp_adopt(
+        &mut self,
+        h: Handle<Tcp>,
+        fd: OwnedFd,
+        kind: SocketKind,
+    ) -> io::Result<()> {
+        let s = stream_mut(self, h.raw)?;
+        if !matches!(s.sock, Sock::Unset) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
+        }
+        s.sock = match kind {
             SocketKind::TcpListener => {
                 Sock::TcpListener(mio::net::TcpListener::from_std(fd.into()))
             }
