@@ -368,3 +368,16 @@ impl Loop {
 pub fn take_env_var(name: impl AsRef<std::ffi::OsStr>) -> Option<std::ffi::OsString> {
     sys::env::take_var(name.as_ref())
 }
+
+/// Duplicates an fd of this process, given by number, into a new fd the
+/// caller owns (CLOEXEC); the original stays open. For APIs that name an
+/// fd by number without giving it away, such as Node's
+/// `server.listen({fd})` answered by a cluster primary. Adopt the result
+/// with [`Loop::tcp_open`], [`Loop::pipe_open`] or [`Loop::udp_open`].
+///
+/// # Errors
+///
+/// `EBADF` if no such fd is open, `EINVAL` for a negative number, `EMFILE`.
+pub fn dup_fd_number(fd: i32) -> io::Result<OwnedFd> {
+    sys::env::dup_fd_number(fd)
+}
