@@ -416,6 +416,14 @@ impl Primary {
         {
             let (p, w) = (weak.clone(), worker.clone());
             ch.on_error(move |lp, _, e| {
+                // Node's channel treats a read error as the end of the
+                // stream: a worker killed with unread messages resets the
+                // connection, and that is a disconnect, not an error.
+                if let ChannelError::Io(io) = &e
+                    && io.kind() == io::ErrorKind::ConnectionReset
+                {
+                    return;
+                }
                 let e = ClusterError::Channel(e);
                 match Primary::from_ref(&p) {
                     Some(p) => p.emit_error(lp, Some(&w), &e),
@@ -660,7 +668,9 @@ impl Primary {
         let act_name = msg.get("act").and_then(Value::as_str).map(str::to_owned);
         let Some(act) = Act::parse(&msg) else {
             match act_name.as_deref() {
-                Some("online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect") => {
+                Some(
+                    "online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect",
+                ) => {
                     self.protocol_error(lp, w, format!("malformed message: {msg}"));
                 }
                 // Node ignores messages with no or an unknown act (including
@@ -830,7 +840,12 @@ impl Primary {
             data,
             sockname,
         };
-        self.send_to(lp, w, reply.to_fields(seq), if failed { None } else { attach });
+        self.send_to(
+            lp,
+            w,
+            reply.to_fields(seq),
+            if failed { None } else { attach },
+        );
         if let Some(rr) = rr
             && !failed
         {

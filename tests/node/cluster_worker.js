@@ -7,6 +7,8 @@
 //   HOST=<ip>              listen host (default: none)
 //   MAX_CONN=<n>           server.maxConnections
 //   STALL=1                after the first request, report and busy-loop
+//   HOLD=1                 net: write the pid but keep the connection open
+//   REPORT=1               report each connection ({op:'conn', n})
 // It echoes user messages ({op:'echo'}), reports listen errors over IPC,
 // and retries on {op:'retry'}.
 'use strict';
@@ -23,7 +25,7 @@ let conns = 0;
 
 function handler(sendBody) {
   conns++;
-  process.send({ op: 'conn', n: conns });
+  if (process.env.REPORT) process.send({ op: 'conn', n: conns });
   if (process.env.STALL && conns === 1) {
     sendBody(() => {
       process.send({ op: 'stalled' }, () => { for (;;); });
@@ -45,7 +47,8 @@ function makeServer() {
   } else {
     server = net.createServer((sock) => {
       sock.on('error', () => {});
-      handler((done) => sock.end(String(process.pid), done));
+      if (process.env.HOLD) handler((done) => sock.write(String(process.pid), done));
+      else handler((done) => sock.end(String(process.pid), done));
     });
   }
   if (process.env.MAX_CONN) server.maxConnections = +process.env.MAX_CONN;
