@@ -938,8 +938,7 @@ fn round_robin_round(lp: &mut Loop, n: usize) -> (usize, usize) {
     assert_eq!(served.len(), 2, "both workers served");
     assert!(p.workers().is_empty());
     assert_loop_empty(lp);
-    let m = mid.borrow().unwrap();
-    m
+    mid.take().unwrap()
 }
 
 #[test]

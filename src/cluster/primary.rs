@@ -667,15 +667,14 @@ impl Primary {
         }
         let act_name = msg.get("act").and_then(Value::as_str).map(str::to_owned);
         let Some(act) = Act::parse(&msg) else {
-            match act_name.as_deref() {
-                Some(
-                    "online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect",
-                ) => {
-                    self.protocol_error(lp, w, format!("malformed message: {msg}"));
-                }
-                // Node ignores messages with no or an unknown act (including
-                // replies with an unknown ack).
-                _ => {}
+            // Node ignores messages with no or an unknown act (including
+            // replies with an unknown ack); a known act with bad fields is
+            // an error.
+            if let Some(
+                "online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect",
+            ) = act_name.as_deref()
+            {
+                self.protocol_error(lp, w, format!("malformed message: {msg}"));
             }
             return;
         };
