@@ -893,6 +893,99 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
     assert_loop_empty(&lp);
 }
 
+#[test]
+fn worker_initiated_disconnect_is_acked_and_exited_after_disconnect_is_true() {
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin),
+    );
+    let log = Log::new();
+    log_events(&p, &log);
+    let l = log.clone();
+    p.on_listening(move |lp, w, _| {
+        l.push(format!("listening:{}", w.id()));
+        // The worker closes its server, sends exitedAfterDisconnect, waits
+        // for our ack, then closes the channel.
+        w.send(lp, &json!({"op":"disconnect"}), None).unwrap();
+    });
+    let seen = shared(Vec::new());
+    let (s1, l) = (seen.clone(), log.clone());
+    p.on_disconnect(move |_, w| {
+        l.push(format!("disconnect:{}", w.id()));
+        s1.borrow_mut().push(w.exited_after_disconnect());
+    });
+    let (s2, l) = (seen.clone(), log.clone());
+    p.on_exit(move |_, w, code, _| {
+        l.push(format!("exit:{}", w.id()));
+        assert_eq!(code, Some(0));
+        s2.borrow_mut().push(w.exited_after_disconnect());
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(*seen.borrow(), [Some(true), Some(true)]);
+    assert_eq!(
+        events_of(&log, w.id()),
+        ["fork", "online", "listening", "disconnect", "exit"]
+    );
+    assert!(p.workers().is_empty());
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn listen_on_an_fd_of_the_primary() {
+    use std::os::fd::AsRawFd;
+    let mut lp = Loop::new().unwrap();
+    // The primary's own listening socket; workers name it by fd number.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = listener.as_raw_fd();
+    let p = Primary::new();
+    let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
+    s.env = Some(env(&[("SERVER", "net"), ("LISTEN_FD", &fd.to_string())]));
+    p.setup_primary(&mut lp, s);
+    p.on_error(|_, _, e| panic!("{e}"));
+    let addrs = shared(Vec::new());
+    let pids = shared(Vec::<String>::new());
+    let (a, pids2, p2) = (addrs.clone(), pids.clone(), p.clone());
+    p.on_listening(move |lp, _, addr| {
+        a.borrow_mut().push(addr.clone());
+        if a.borrow().len() == 2 {
+            let (pids3, p3) = (pids2.clone(), p2.clone());
+            load(
+                lp,
+                localhost(port),
+                b"",
+                4,
+                1,
+                move |_, r| pids3.borrow_mut().push(body(&r.unwrap())),
+                move |lp| p3.disconnect(lp, |_| {}),
+            );
+        }
+    });
+    let w1 = p.fork(&mut lp, vec![]).unwrap();
+    let w2 = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    for a in addrs.borrow().iter() {
+        assert_eq!(a.fd, Some(fd as i64));
+        assert_eq!(a.address_type, AddressType::Fd);
+    }
+    let got: HashSet<String> = pids.borrow().iter().cloned().collect();
+    let want: HashSet<String> = [w1.pid().unwrap(), w2.pid().unwrap()]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(got, want);
+    // Our socket stays ours (the primary listened on a duplicate).
+    listener.set_nonblocking(true).unwrap();
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+    assert_loop_empty(&lp);
+}
+
 /// Two workers serve `n` round-robin connections, then the primary
 /// disconnects them. Returns the primary's open fds with the workers
 /// listening and right after the load.

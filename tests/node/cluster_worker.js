@@ -5,6 +5,7 @@
 //   LISTEN=<port>|<path>   what to listen on (default 0); a value with a
 //                          '/' is a Unix socket path
 //   HOST=<ip>              listen host (default: none)
+//   LISTEN_FD=<n>          listen({fd: n}): an fd of the primary
 //   MAX_CONN=<n>           server.maxConnections
 //   STALL=1                after the first request, report and busy-loop
 //   HOLD=1                 net: write the pid but keep the connection open
@@ -65,7 +66,8 @@ function listen() {
     const a = server.address();
     process.send({ op: 'listening', port: typeof a === 'string' ? a : a.port });
   };
-  if (listenOn.includes('/')) server.listen(listenOn, cb);
+  if (process.env.LISTEN_FD) server.listen({ fd: +process.env.LISTEN_FD }, cb);
+  else if (listenOn.includes('/')) server.listen(listenOn, cb);
   else if (host) server.listen(+listenOn, host, cb);
   else server.listen(+listenOn, cb);
 }
