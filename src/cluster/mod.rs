@@ -6,10 +6,10 @@
 //! from the environment, as Node does.
 //!
 //! * [`Primary`] (`primary.js`): forks workers, answers their
-//!   `queryServer` with a round-robin handle or a
-//!   shared handle, and reports their life cycle.
+//!   `queryServer` with a `RoundRobinHandle` (round-robin) or a
+//!   `SharedHandle` (kernel-balanced), and reports their life cycle.
 //! * [`setup_worker`] (`child.js`): in a worker, connects to the primary,
-//!   announces `online`, and routes [`net::Server::listen`](crate::net::Server::listen)
+//!   announces `online`, and routes `net::Server::listen`
 //!   through the primary.
 //! * [`Worker`] (`worker.js`): one worker, seen from either side.
 

@@ -1,13 +1,31 @@
 //! The primary (`lib/internal/cluster/primary.js`).
+//!
+//! A [`Primary`] forks workers with an IPC channel, answers their
+//! `queryServer` requests with a [`RoundRobinHandle`] (TCP and Unix
+//! sockets under [`SchedulingPolicy::RoundRobin`]) or a [`SharedHandle`]
+//! (UDP always, everything under [`SchedulingPolicy::None`]), and reports
+//! each worker's life cycle: `fork`, `online`, `listening`, `message`,
+//! `disconnect`, `exit`, in Node 20's order and with its rules for
+//! `exitedAfterDisconnect`.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fmt;
 use std::io;
+use std::path::{Component, Path, PathBuf};
 use std::rc::{Rc, Weak};
 
-use super::worker::Worker;
-use crate::ipc::ChannelError;
-use crate::uv::Loop;
+use serde_json::{Map, Value};
+
+use super::NODE_UNIQUE_ID;
+use super::protocol::{Act, AddressType, Query, QueryReply};
+use super::round_robin_handle::{RoundRobinHandle, truthy};
+use super::settings::{SchedulingPolicy, Settings};
+use super::shared_handle::SharedHandle;
+use super::worker::{Address, Side, Worker, WorkerState};
+use crate::ipc::{self, ChannelError, ForkOptions, NODE_CLUSTER, close_accepted};
+use crate::uv::{Accepted, Loop};
 
 /// An error reported by the cluster through an `error` callback.
 #[derive(Debug)]
@@ -47,21 +65,966 @@ impl fmt::Display for ClusterError {
 
 impl std::error::Error for ClusterError {}
 
-pub(crate) struct PrimaryInner {}
+type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
+type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Accepted>)>;
+type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
+type SetupCb = Box<dyn FnMut(&mut Loop, &Settings)>;
+type ErrorCb = Box<dyn FnMut(&mut Loop, Option<&Worker>, &ClusterError)>;
+type DoneCb = Box<dyn FnOnce(&mut Loop)>;
+
+/// A server handle under one key.
+#[derive(Debug)]
+enum ServerHandle {
+    RoundRobin(RoundRobinHandle),
+    Shared(SharedHandle),
+}
+
+#[derive(Debug)]
+struct ServerEntry {
+    /// The server data echoed in every reply (TLS ticket keys).
+    data: Value,
+    handle: ServerHandle,
+}
+
+pub(crate) struct PrimaryInner {
+    settings: Settings,
+    /// Set by the first `setup_primary` or `fork`, which freezes the policy.
+    initialized: bool,
+    policy: SchedulingPolicy,
+    /// The last id given out.
+    ids: u32,
+    /// Node's `cluster.workers`.
+    workers: BTreeMap<u32, Worker>,
+    /// Workers not yet both disconnected and dead (a worker the primary
+    /// disconnected leaves `workers` at once but stays here).
+    alive: BTreeMap<u32, Worker>,
+    handles: HashMap<String, ServerEntry>,
+    /// Round-robin handles that were forgotten with connections still in
+    /// flight, kept until those are answered or lost.
+    retired_rr: Vec<RoundRobinHandle>,
+    disconnect_cbs: Vec<DoneCb>,
+    on_fork: Option<WorkerCb>,
+    on_online: Option<WorkerCb>,
+    on_listening: Option<ListeningCb>,
+    on_message: Option<MessageCb>,
+    on_disconnect: Option<WorkerCb>,
+    on_exit: Option<ExitCb>,
+    on_setup: Option<SetupCb>,
+    on_error: Option<ErrorCb>,
+}
 
 pub(crate) type PrimaryRef = Weak<RefCell<PrimaryInner>>;
 
-/// The cluster primary.
+/// The cluster primary (Node's `cluster` object in the primary process).
+///
+/// Cheap to clone: clones name the same primary. Each `on_*` method sets
+/// that event's callback for every worker, replacing an earlier one; a
+/// worker's own callback (set on the [`Worker`]) runs first, then the
+/// primary's. Callbacks never run inside the call that caused them.
+///
+/// # Examples
+///
+/// Fork two Node workers running an HTTP server, and stop them once both
+/// listen:
+///
+/// ```no_run
+/// use uvcluster::cluster::{Primary, Settings};
+/// use uvcluster::uv::{Loop, RunMode};
+///
+/// let mut lp = Loop::new()?;
+/// let primary = Primary::new();
+/// primary.setup_primary(&mut lp, Settings {
+///     exec_path: Some("node".into()),
+///     exec: Some("server.js".into()),
+///     args: Some(vec![]),
+///     ..Settings::default()
+/// });
+/// let p = primary.clone();
+/// let mut listening = 0;
+/// primary.on_listening(move |lp, worker, addr| {
+///     println!("worker {} listens on port {:?}", worker.id(), addr.port);
+///     listening += 1;
+///     if listening == 2 {
+///         p.disconnect(lp, |_| println!("all workers gone"));
+///     }
+/// });
+/// primary.on_exit(|_, worker, code, signal| {
+///     println!("worker {} exited: {code:?} {signal:?}", worker.id());
+/// });
+/// for _ in 0..2 {
+///     primary.fork(&mut lp, vec![])?;
+/// }
+/// lp.run(RunMode::Default)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Primary {
-    #[allow(dead_code)]
     inner: Rc<RefCell<PrimaryInner>>,
 }
 
 impl fmt::Debug for Primary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Primary").finish_non_exhaustive()
+        let i = self.inner.borrow();
+        f.debug_struct("Primary")
+            .field("policy", &i.policy)
+            .field("workers", &i.workers.keys().collect::<Vec<_>>())
+            .field("handles", &i.handles.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
-pub(crate) fn disconnect_worker(_lp: &mut Loop, _p: &PrimaryRef, _w: &Worker) {}
+impl Default for Primary {
+    fn default() -> Self {
+        Primary::new()
+    }
+}
+
+/// Runs `f` on the next loop iteration (Node's `process.nextTick`, as far
+/// as the order of cluster events goes): from a zero timer.
+fn next_tick(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
+    let t = lp.timer_init();
+    let mut f = Some(f);
+    let started = lp.timer_start(t, 0, 0, move |lp, t| {
+        let _ = lp.close(t, |_| {});
+        if let Some(f) = f.take() {
+            f(lp);
+        }
+    });
+    if started.is_err() {
+        let _ = lp.close(t, |_| {});
+    }
+}
+
+macro_rules! primary_emit {
+    ($self:ident, $lp:ident, $field:ident, |$cb:ident| $call:expr) => {{
+        let taken = $self.inner.borrow_mut().$field.take();
+        if let Some(mut $cb) = taken {
+            $call;
+            let mut i = $self.inner.borrow_mut();
+            if i.$field.is_none() {
+                i.$field = Some($cb);
+            }
+        }
+    }};
+}
+
+impl Primary {
+    /// A primary with Node's default settings and the scheduling policy
+    /// from `NODE_CLUSTER_SCHED_POLICY` ([`SchedulingPolicy::from_env`]).
+    pub fn new() -> Primary {
+        Primary {
+            inner: Rc::new(RefCell::new(PrimaryInner {
+                settings: Settings::default(),
+                initialized: false,
+                policy: SchedulingPolicy::from_env(),
+                ids: 0,
+                workers: BTreeMap::new(),
+                alive: BTreeMap::new(),
+                handles: HashMap::new(),
+                retired_rr: Vec::new(),
+                disconnect_cbs: Vec::new(),
+                on_fork: None,
+                on_online: None,
+                on_listening: None,
+                on_message: None,
+                on_disconnect: None,
+                on_exit: None,
+                on_setup: None,
+                on_error: None,
+            })),
+        }
+    }
+
+    fn from_ref(p: &PrimaryRef) -> Option<Primary> {
+        p.upgrade().map(|inner| Primary { inner })
+    }
+
+    /// Merges `settings` into the current settings (`cluster.setupPrimary`)
+    /// and fills Node's defaults: `exec_path` this executable, `args` this
+    /// process's arguments, `exec_argv` none, `silent` false. The first call
+    /// (or the first [`fork`](Self::fork)) freezes the scheduling policy:
+    /// `settings.scheduling_policy` if given, otherwise the one from the
+    /// environment. The `setup` event follows on the next loop iteration,
+    /// once per call.
+    pub fn setup_primary(&self, lp: &mut Loop, settings: Settings) {
+        let snapshot = {
+            let mut i = self.inner.borrow_mut();
+            i.settings.merge(settings);
+            let s = &mut i.settings;
+            if s.exec_path.is_none() {
+                s.exec_path = std::env::current_exe().ok().map(PathBuf::into_os_string);
+            }
+            if s.args.is_none() {
+                s.args = Some(std::env::args_os().skip(1).collect());
+            }
+            if s.exec_argv.is_none() {
+                s.exec_argv = Some(Vec::new());
+            }
+            if s.silent.is_none() {
+                s.silent = Some(false);
+            }
+            if !i.initialized {
+                i.initialized = true;
+                if let Some(p) = i.settings.scheduling_policy {
+                    i.policy = p;
+                }
+            }
+            i.settings.scheduling_policy = Some(i.policy);
+            i.settings.clone()
+        };
+        let me = Rc::downgrade(&self.inner);
+        next_tick(lp, move |lp| {
+            if let Some(p) = Primary::from_ref(&me) {
+                primary_emit!(p, lp, on_setup, |cb| cb(lp, &snapshot));
+            }
+        });
+    }
+
+    /// The current settings (`cluster.settings`).
+    pub fn settings(&self) -> Settings {
+        self.inner.borrow().settings.clone()
+    }
+
+    /// The scheduling policy (`cluster.schedulingPolicy`): frozen by the
+    /// first [`setup_primary`](Self::setup_primary) or [`fork`](Self::fork).
+    pub fn scheduling_policy(&self) -> SchedulingPolicy {
+        self.inner.borrow().policy
+    }
+
+    /// The live workers, by id (`cluster.workers`). A worker leaves once it
+    /// is both disconnected and dead, or at once when the primary
+    /// disconnects it ([`Worker::disconnect`]), as in Node.
+    pub fn workers(&self) -> Vec<Worker> {
+        self.inner.borrow().workers.values().cloned().collect()
+    }
+
+    /// The live worker with this id (`cluster.workers[id]`).
+    pub fn worker(&self, id: u32) -> Option<Worker> {
+        self.inner.borrow().workers.get(&id).cloned()
+    }
+
+    /// Forks a worker (`cluster.fork(env)`): runs
+    /// `[exec_path, ...exec_argv, exec?, ...args]` from the settings with an
+    /// IPC channel, and an environment made of this process's, then
+    /// `settings.env`, then `env`, then `NODE_UNIQUE_ID=<id>`. Ids count
+    /// from 1. Like Node, this calls [`setup_primary`](Self::setup_primary)
+    /// with no changes first (so a `setup` event precedes each `fork`
+    /// event). The `fork` event follows on the next loop iteration.
+    ///
+    /// # Errors
+    ///
+    /// The spawn error (`ENOENT` for a missing program, ...). No worker
+    /// exists then, no id is used and no event is emitted (Node reports it
+    /// asynchronously as the child process's `error`; here the caller has
+    /// it at once).
+    pub fn fork(&self, lp: &mut Loop, env: Vec<(OsString, OsString)>) -> io::Result<Worker> {
+        self.setup_primary(lp, Settings::default());
+        let (id, s) = {
+            let i = self.inner.borrow();
+            (i.ids + 1, i.settings.clone())
+        };
+        let weak = Rc::downgrade(&self.inner);
+        let worker = Worker::new(id, Side::Primary(weak.clone()));
+        let mut opts = ForkOptions::exec(s.exec_path.clone().unwrap_or_else(|| "node".into()));
+        opts.exec_args = s.exec_argv.clone().unwrap_or_default();
+        opts.module = s.exec.clone();
+        opts.args = s.args.clone().unwrap_or_default();
+        let mut full_env = s.env.clone().unwrap_or_default();
+        full_env.extend(env);
+        full_env.push((NODE_UNIQUE_ID.into(), id.to_string().into()));
+        // Later entries win: keep the last value of each name.
+        let mut seen = std::collections::HashSet::new();
+        let mut deduped: Vec<(OsString, OsString)> = full_env
+            .into_iter()
+            .rev()
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect();
+        deduped.reverse();
+        opts.env = deduped;
+        opts.cwd = s.cwd.clone();
+        opts.silent = s.silent.unwrap_or(false);
+        opts.stdio = s.stdio.clone();
+        opts.uid = s.uid;
+        opts.gid = s.gid;
+        let w_exit = worker.clone();
+        let p_exit = weak.clone();
+        opts.on_exit = Some(Box::new(move |lp, process, status, signal| {
+            let _ = lp.close(process, |_| {});
+            on_process_exit(lp, &p_exit, &w_exit, status, signal);
+        }));
+        let forked = ipc::fork(lp, opts)?;
+        let pid = lp.process_pid(forked.process).ok();
+        {
+            let mut i = worker.inner.borrow_mut();
+            i.channel = Some(forked.channel.clone());
+            i.process = Some(forked.process);
+            i.pid = pid;
+        }
+        // The primary does not expose the pipes of `silent` or
+        // `stdio: pipe` slots: the worker's stdin gets EOF, and whatever it
+        // writes to the others is read and dropped, so it never blocks.
+        for (fd, p) in forked.stdio.into_iter().enumerate() {
+            let Some(p) = p else { continue };
+            let reading = fd != 0
+                && lp
+                    .read_start(p, |lp, p, r| {
+                        if !matches!(r, Ok(data) if !data.is_empty()) {
+                            let _ = lp.close(p, |_| {});
+                        }
+                    })
+                    .is_ok();
+            if !reading {
+                let _ = lp.close(p, |_| {});
+            }
+        }
+        let ch = forked.channel;
+        {
+            let (p, w) = (weak.clone(), worker.clone());
+            ch.on_internal(move |lp, _, msg, h| {
+                if let Some(p) = Primary::from_ref(&p) {
+                    p.on_internal_message(lp, &w, msg, h);
+                } else if let Some(h) = h {
+                    close_accepted(lp, h);
+                }
+            });
+        }
+        {
+            let (p, w) = (weak.clone(), worker.clone());
+            ch.on_message(lp, move |lp, _, msg, h| {
+                let had_worker_cb = w.emit_message(lp, msg.clone(), h);
+                let mut had_primary_cb = false;
+                if let Some(p) = Primary::from_ref(&p) {
+                    let taken = p.inner.borrow_mut().on_message.take();
+                    if let Some(mut cb) = taken {
+                        had_primary_cb = true;
+                        cb(lp, &w, msg, h);
+                        let mut i = p.inner.borrow_mut();
+                        if i.on_message.is_none() {
+                            i.on_message = Some(cb);
+                        }
+                    }
+                }
+                if !had_worker_cb
+                    && !had_primary_cb
+                    && let Some(h) = h
+                {
+                    close_accepted(lp, h);
+                }
+            });
+        }
+        {
+            let (p, w) = (weak.clone(), worker.clone());
+            ch.on_error(move |lp, _, e| {
+                // Node's channel treats a read error as the end of the
+                // stream: a worker killed with unread messages resets the
+                // connection, and that is a disconnect, not an error.
+                if let ChannelError::Io(io) = &e
+                    && io.kind() == io::ErrorKind::ConnectionReset
+                {
+                    return;
+                }
+                let e = ClusterError::Channel(e);
+                match Primary::from_ref(&p) {
+                    Some(p) => p.emit_error(lp, Some(&w), &e),
+                    None => w.emit_error(lp, &e),
+                }
+            });
+        }
+        {
+            let (p, w) = (weak.clone(), worker.clone());
+            ch.on_disconnect(move |lp, _| on_channel_disconnect(lp, &p, &w));
+        }
+        {
+            let mut i = self.inner.borrow_mut();
+            i.ids = id;
+            i.workers.insert(id, worker.clone());
+            i.alive.insert(id, worker.clone());
+        }
+        let (p, w) = (weak, worker.clone());
+        next_tick(lp, move |lp| {
+            if let Some(p) = Primary::from_ref(&p) {
+                primary_emit!(p, lp, on_fork, |cb| cb(lp, &w));
+            }
+        });
+        Ok(worker)
+    }
+
+    /// Disconnects every connected worker (`cluster.disconnect(cb)`), as
+    /// [`Worker::disconnect`] does. `cb` runs once every worker is gone:
+    /// [`workers`](Self::workers) is empty and every worker forked so far
+    /// has both disconnected and exited. With no workers it runs on the
+    /// next loop iteration.
+    pub fn disconnect(&self, lp: &mut Loop, cb: impl FnOnce(&mut Loop) + 'static) {
+        let workers = self.workers();
+        if workers.is_empty() {
+            let me = Rc::downgrade(&self.inner);
+            next_tick(lp, move |lp| {
+                if let Some(p) = Primary::from_ref(&me) {
+                    p.maybe_all_gone(lp);
+                }
+            });
+        } else {
+            for w in workers {
+                if w.is_connected() {
+                    w.disconnect(lp);
+                }
+            }
+        }
+        self.inner.borrow_mut().disconnect_cbs.push(Box::new(cb));
+        // Every worker may already be gone (none was connected).
+        if !workers_left(&self.inner.borrow()) {
+            let me = Rc::downgrade(&self.inner);
+            next_tick(lp, move |lp| {
+                if let Some(p) = Primary::from_ref(&me) {
+                    p.maybe_all_gone(lp);
+                }
+            });
+        }
+    }
+
+    /// Sets the `fork` callback: a worker was forked.
+    pub fn on_fork(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
+        self.inner.borrow_mut().on_fork = Some(Box::new(cb));
+    }
+    /// Sets the `online` callback: a worker sent `online`.
+    pub fn on_online(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
+        self.inner.borrow_mut().on_online = Some(Box::new(cb));
+    }
+    /// Sets the `listening` callback: a worker's server is listening, at
+    /// the [`Address`] it asked for with the real port.
+    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
+        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    }
+    /// Sets the `message` callback: a worker's user message, with the
+    /// handle sent along, if any. Both the worker's and the primary's
+    /// callback see the handle; the primary's callback owns it (must close
+    /// it) when set, otherwise the worker's. Without either it is closed.
+    pub fn on_message(
+        &self,
+        cb: impl FnMut(&mut Loop, &Worker, Value, Option<Accepted>) + 'static,
+    ) {
+        self.inner.borrow_mut().on_message = Some(Box::new(cb));
+    }
+    /// Sets the `disconnect` callback: a worker's channel closed.
+    pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
+        self.inner.borrow_mut().on_disconnect = Some(Box::new(cb));
+    }
+    /// Sets the `exit` callback: a worker's process exited, with its exit
+    /// code (`None` if a signal ended it) and signal (`None` if it exited).
+    pub fn on_exit(&self, cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>) + 'static) {
+        self.inner.borrow_mut().on_exit = Some(Box::new(cb));
+    }
+    /// Sets the `setup` callback: runs after each
+    /// [`setup_primary`](Self::setup_primary) with the settings then.
+    pub fn on_setup(&self, cb: impl FnMut(&mut Loop, &Settings) + 'static) {
+        self.inner.borrow_mut().on_setup = Some(Box::new(cb));
+    }
+    /// Sets the `error` callback: a fault on a worker's channel, or a
+    /// malformed or misplaced cluster message from it. Other workers are
+    /// not affected. Without a callback errors are logged.
+    pub fn on_error(&self, cb: impl FnMut(&mut Loop, Option<&Worker>, &ClusterError) + 'static) {
+        self.inner.borrow_mut().on_error = Some(Box::new(cb));
+    }
+
+    /// Closes every server handle and queued connection and forgets all
+    /// workers' callbacks, without touching the workers' processes. For
+    /// tearing down a primary whose workers are already gone or killed.
+    pub fn close(&self, lp: &mut Loop) {
+        let (handles, retired) = {
+            let mut i = self.inner.borrow_mut();
+            (
+                std::mem::take(&mut i.handles),
+                std::mem::take(&mut i.retired_rr),
+            )
+        };
+        for (_, e) in handles {
+            match e.handle {
+                ServerHandle::RoundRobin(rr) => rr.close_all(lp),
+                ServerHandle::Shared(mut s) => s.close(lp),
+            }
+        }
+        for rr in retired {
+            rr.close_all(lp);
+        }
+    }
+
+    // ----- events --------------------------------------------------------
+
+    fn emit_error(&self, lp: &mut Loop, w: Option<&Worker>, e: &ClusterError) {
+        if let Some(w) = w {
+            w.emit_error(lp, e);
+        }
+        let has = self.inner.borrow().on_error.is_some();
+        if has {
+            primary_emit!(self, lp, on_error, |cb| cb(lp, w, e));
+        } else {
+            log::error!(
+                "cluster: worker {}: {e}",
+                w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
+            );
+        }
+    }
+
+    fn protocol_error(&self, lp: &mut Loop, w: &Worker, msg: String) {
+        self.emit_error(lp, Some(w), &ClusterError::Protocol(msg));
+    }
+
+    /// Fires `disconnect` callbacks once no worker is left at all.
+    fn maybe_all_gone(&self, lp: &mut Loop) {
+        let cbs = {
+            let mut i = self.inner.borrow_mut();
+            if workers_left(&i) {
+                return;
+            }
+            std::mem::take(&mut i.disconnect_cbs)
+        };
+        for cb in cbs {
+            cb(lp);
+        }
+    }
+
+    /// Node's `removeWorker`: drops the worker from `cluster.workers`;
+    /// `finished` also drops it from the workers still alive.
+    fn remove_worker(&self, lp: &mut Loop, w: &Worker, finished: bool) {
+        {
+            let mut i = self.inner.borrow_mut();
+            i.workers.remove(&w.id());
+            if finished {
+                i.alive.remove(&w.id());
+            }
+        }
+        self.maybe_all_gone(lp);
+    }
+
+    /// Node's `removeHandlesForWorker`, plus giving back connections that
+    /// were in flight to the worker once its channel is gone.
+    fn remove_handles_for_worker(&self, lp: &mut Loop, w: &Worker) {
+        let handles: Vec<(String, ServerHandleRef)> = {
+            let i = self.inner.borrow();
+            i.handles
+                .iter()
+                .map(|(k, e)| (k.clone(), ServerHandleRef::of(&e.handle)))
+                .collect()
+        };
+        for (key, h) in handles {
+            self.remove_from_handle(lp, &key, h, w);
+        }
+        if !w.is_connected() {
+            let retired = self.inner.borrow().retired_rr.clone();
+            for rr in retired {
+                rr.lost(lp, w.id());
+            }
+            self.prune_retired();
+        }
+    }
+
+    /// `handle.remove(worker)`, deleting the key when it was the last.
+    fn remove_from_handle(&self, lp: &mut Loop, key: &str, h: ServerHandleRef, w: &Worker) {
+        let last = match &h {
+            ServerHandleRef::RoundRobin(rr) => rr.remove(lp, w),
+            ServerHandleRef::Shared => {
+                // Closing a uv handle runs no callback now, so the borrow
+                // can be held.
+                let mut i = self.inner.borrow_mut();
+                match i.handles.get_mut(key).map(|e| &mut e.handle) {
+                    Some(ServerHandle::Shared(s)) => s.remove(lp, w.id()),
+                    _ => false,
+                }
+            }
+        };
+        if last {
+            let mut i = self.inner.borrow_mut();
+            if let Some(ServerEntry {
+                handle: ServerHandle::RoundRobin(rr),
+                ..
+            }) = i.handles.remove(key)
+                && rr.has_in_flight()
+            {
+                i.retired_rr.push(rr);
+            }
+        }
+    }
+
+    fn prune_retired(&self) {
+        self.inner
+            .borrow_mut()
+            .retired_rr
+            .retain(|rr| rr.has_in_flight() || !rr.is_closed());
+    }
+
+    // ----- messages from workers (Node's `onmessage`) ----------------------
+
+    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Accepted>) {
+        if let Some(h) = h {
+            // No worker-to-primary cluster message carries a handle.
+            close_accepted(lp, h);
+            self.protocol_error(lp, w, format!("unexpected handle with {msg}"));
+            return;
+        }
+        if msg.get("cmd").and_then(Value::as_str) != Some(NODE_CLUSTER) {
+            return; // Another internal protocol (NODE_DEBUG_ENABLED, ...).
+        }
+        let act_name = msg.get("act").and_then(Value::as_str).map(str::to_owned);
+        let Some(act) = Act::parse(&msg) else {
+            // Node ignores messages with no or an unknown act (including
+            // replies with an unknown ack); a known act with bad fields is
+            // an error.
+            if let Some(
+                "online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect",
+            ) = act_name.as_deref()
+            {
+                self.protocol_error(lp, w, format!("malformed message: {msg}"));
+            }
+            return;
+        };
+        let seq = msg.get("seq").and_then(Value::as_u64);
+        match act {
+            Act::Online => {
+                w.inner.borrow_mut().state = WorkerState::Online;
+                w.emit_online(lp);
+                primary_emit!(self, lp, on_online, |cb| cb(lp, w));
+            }
+            Act::QueryServer(q) => match seq {
+                Some(seq) => self.query_server(lp, w, q, seq),
+                None => self.protocol_error(lp, w, format!("queryServer without seq: {msg}")),
+            },
+            Act::Listening(q) => {
+                let addr = Address::from_query(&q);
+                w.inner.borrow_mut().state = WorkerState::Listening;
+                w.emit_listening(lp, &addr);
+                primary_emit!(self, lp, on_listening, |cb| cb(lp, w, &addr));
+            }
+            Act::Close { key } => {
+                let h = self
+                    .inner
+                    .borrow()
+                    .handles
+                    .get(&key)
+                    .map(|e| ServerHandleRef::of(&e.handle));
+                if let Some(h) = h {
+                    self.remove_from_handle(lp, &key, h, w);
+                }
+            }
+            Act::ExitedAfterDisconnect => {
+                w.inner.borrow_mut().exited_after_disconnect = Some(true);
+                match seq {
+                    Some(seq) => {
+                        let mut fields = Map::new();
+                        fields.insert("ack".into(), seq.into());
+                        self.send_to(lp, w, fields, None);
+                    }
+                    None => self.protocol_error(
+                        lp,
+                        w,
+                        format!("exitedAfterDisconnect without seq: {msg}"),
+                    ),
+                }
+            }
+            Act::NewConn { .. } | Act::Disconnect => {
+                self.protocol_error(
+                    lp,
+                    w,
+                    format!("primary-to-worker message from a worker: {msg}"),
+                );
+            }
+        }
+    }
+
+    fn send_to(
+        &self,
+        lp: &mut Loop,
+        w: &Worker,
+        fields: Map<String, Value>,
+        attach: Option<ipc::Attach>,
+    ) {
+        if let Some(ch) = w.channel() {
+            // A closed channel: the worker is gone and its disconnect is
+            // being handled; there is no one to answer.
+            let _ = ch.send_cluster(lp, fields, attach, None);
+        }
+    }
+
+    /// Node's `queryServer`: find or create the handle for the key, add the
+    /// worker, and reply.
+    fn query_server(&self, lp: &mut Loop, w: &Worker, q: Query, seq: u64) {
+        if w.exited_after_disconnect() == Some(true) {
+            return;
+        }
+        let key = q.key();
+        if let Err(why) = validate(&q) {
+            self.protocol_error(lp, w, format!("queryServer {key}: {why}"));
+            let reply = QueryReply {
+                errno: Some(-(nix::libc::EINVAL as i64)),
+                key,
+                data: q.data.clone(),
+                sockname: None,
+            };
+            self.send_to(lp, w, reply.to_fields(seq), None);
+            return;
+        }
+        let exists = self.inner.borrow().handles.contains_key(&key);
+        if !exists {
+            let address = server_address(&q);
+            let policy = self.inner.borrow().policy;
+            let kind = q.kind().unwrap_or(AddressType::Fd);
+            let handle = if policy != SchedulingPolicy::RoundRobin || kind.is_udp() {
+                ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q))
+            } else {
+                ServerHandle::RoundRobin(RoundRobinHandle::new(
+                    lp,
+                    key.clone(),
+                    address.as_deref(),
+                    &q,
+                ))
+            };
+            self.inner.borrow_mut().handles.insert(
+                key.clone(),
+                ServerEntry {
+                    data: Value::Null,
+                    handle,
+                },
+            );
+        }
+        // Add the worker; then reply with the stored data.
+        let (errno, sockname, attach, rr, data) = {
+            let mut i = self.inner.borrow_mut();
+            let e = i.handles.get_mut(&key).expect("inserted above");
+            if !truthy(Some(&e.data)) {
+                e.data = q.data.clone();
+            }
+            let data = e.data.clone();
+            let dup = match &e.handle {
+                ServerHandle::RoundRobin(rr) => rr.has(w.id()),
+                ServerHandle::Shared(s) => s.has(w.id()),
+            };
+            if dup {
+                drop(i);
+                self.protocol_error(lp, w, format!("queryServer {key}: already added"));
+                let reply = QueryReply {
+                    errno: Some(-(nix::libc::EINVAL as i64)),
+                    key,
+                    data,
+                    sockname: None,
+                };
+                self.send_to(lp, w, reply.to_fields(seq), None);
+                return;
+            }
+            match &mut e.handle {
+                ServerHandle::RoundRobin(rr) => {
+                    let (errno, sockname) = rr.add(w);
+                    (errno, sockname, None, Some(rr.clone()), data)
+                }
+                ServerHandle::Shared(s) => {
+                    let (errno, attach) = s.add(w.id());
+                    (Some(errno), None, attach, None, data)
+                }
+            }
+        };
+        let failed = errno.is_some_and(|e| e != 0);
+        if failed {
+            // Gives other workers a chance to retry.
+            let removed = self.inner.borrow_mut().handles.remove(&key);
+            if let Some(ServerEntry {
+                handle: ServerHandle::Shared(mut s),
+                ..
+            }) = removed
+            {
+                s.close(lp);
+            }
+        }
+        let reply = QueryReply {
+            errno,
+            key,
+            data,
+            sockname,
+        };
+        self.send_to(
+            lp,
+            w,
+            reply.to_fields(seq),
+            if failed { None } else { attach },
+        );
+        if let Some(rr) = rr
+            && !failed
+        {
+            rr.handoff(lp, w);
+        }
+    }
+}
+
+/// Whether any worker is still listed or alive.
+fn workers_left(i: &PrimaryInner) -> bool {
+    !i.workers.is_empty() || !i.alive.is_empty()
+}
+
+/// A reference to a handle that can be used without borrowing the primary.
+enum ServerHandleRef {
+    RoundRobin(RoundRobinHandle),
+    Shared,
+}
+
+impl ServerHandleRef {
+    fn of(h: &ServerHandle) -> ServerHandleRef {
+        match h {
+            ServerHandle::RoundRobin(rr) => ServerHandleRef::RoundRobin(rr.clone()),
+            ServerHandle::Shared(_) => ServerHandleRef::Shared,
+        }
+    }
+}
+
+/// Checks the fields Node would trip over.
+fn validate(q: &Query) -> Result<(), &'static str> {
+    let Some(kind) = q.kind() else {
+        return Err("bad addressType");
+    };
+    if super::shared_handle::fd_of(q).is_some() {
+        return Ok(());
+    }
+    match kind {
+        AddressType::Fd => Err("no address, port or fd"),
+        AddressType::Unix => match q.address.as_str() {
+            Some(p) if !p.is_empty() => Ok(()),
+            _ => Err("a Unix socket needs a path"),
+        },
+        _ => match q.port.as_i64() {
+            Some(p) if (0..=65535).contains(&p) => match &q.address {
+                Value::Null | Value::String(_) => Ok(()),
+                _ => Err("bad address"),
+            },
+            _ => Err("bad port"),
+        },
+    }
+}
+
+/// The address to bind: for a Unix socket path, the shorter of the path
+/// relative to our working directory and the absolute path (Node works
+/// around the ~108-byte `sun_path` limit this way).
+fn server_address(q: &Query) -> Option<String> {
+    let address = q.address.as_str()?.to_owned();
+    if q.kind() == Some(AddressType::Unix)
+        && let Ok(cwd) = std::env::current_dir()
+        && let Some(rel) = relative_path(&cwd, Path::new(&address))
+    {
+        let rel = rel.to_string_lossy().into_owned();
+        if rel.len() <= address.len() {
+            return Some(rel);
+        }
+    }
+    Some(address)
+}
+
+/// Node's `path.relative(from, to)` for absolute paths.
+fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
+    if !from.is_absolute() || !to.is_absolute() {
+        return None;
+    }
+    fn norm(p: &Path) -> Vec<Component<'_>> {
+        p.components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect()
+    }
+    let (f, t) = (norm(from), norm(to));
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    Some(out)
+}
+
+/// The worker's process exited (Node's `worker.process.once('exit')`).
+fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: i32) {
+    let primary = Primary::from_ref(p);
+    let connected = w.is_connected();
+    {
+        let mut i = w.inner.borrow_mut();
+        if signal != 0 {
+            i.exit_code = None;
+            i.signal_code = Some(signal);
+        } else {
+            i.exit_code = Some(status);
+            i.signal_code = None;
+        }
+    }
+    if !connected && let Some(p) = &primary {
+        p.remove_handles_for_worker(lp, w);
+        p.remove_worker(lp, w, true);
+    }
+    let (code, sig) = {
+        let mut i = w.inner.borrow_mut();
+        i.exited_after_disconnect = Some(i.exited_after_disconnect.unwrap_or(false));
+        i.state = WorkerState::Dead;
+        (i.exit_code, i.signal_code)
+    };
+    w.emit_exit(lp, code, sig);
+    if let Some(p) = &primary {
+        primary_emit!(p, lp, on_exit, |cb| cb(lp, w, code, sig));
+    }
+    if !connected {
+        w.clear_callbacks();
+    }
+}
+
+/// The worker's channel closed (Node's `worker.process.once('disconnect')`).
+fn on_channel_disconnect(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
+    let primary = Primary::from_ref(p);
+    let dead = {
+        let i = w.inner.borrow();
+        i.exit_code.is_some() || i.signal_code.is_some()
+    };
+    if let Some(p) = &primary {
+        p.remove_handles_for_worker(lp, w);
+        if dead {
+            p.remove_worker(lp, w, true);
+        }
+    }
+    {
+        let mut i = w.inner.borrow_mut();
+        i.exited_after_disconnect = Some(i.exited_after_disconnect.unwrap_or(false));
+        i.state = WorkerState::Disconnected;
+    }
+    w.emit_disconnect(lp);
+    if let Some(p) = &primary {
+        primary_emit!(p, lp, on_disconnect, |cb| cb(lp, w));
+    }
+    if dead {
+        w.clear_callbacks();
+    }
+}
+
+/// `worker.disconnect()` in the primary: sends `disconnect`, marks the
+/// worker as leaving on purpose, and drops its server handles and its
+/// place in `cluster.workers` at once (Node 20's order).
+pub(crate) fn disconnect_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
+    w.inner.borrow_mut().exited_after_disconnect = Some(true);
+    let Some(primary) = Primary::from_ref(p) else {
+        return;
+    };
+    let mut fields = Map::new();
+    fields.insert("act".into(), "disconnect".into());
+    primary.send_to(lp, w, fields, None);
+    primary.remove_handles_for_worker(lp, w);
+    primary.remove_worker(lp, w, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_like_node() {
+        let r = |a: &str, b: &str| {
+            relative_path(Path::new(a), Path::new(b))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(r("/a/b", "/a/b/c/sock"), "c/sock");
+        assert_eq!(r("/a/b/x", "/a/b/c/sock"), "../c/sock");
+        assert_eq!(r("/", "/tmp/s"), "tmp/s");
+    }
+}

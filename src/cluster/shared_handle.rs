@@ -1,1 +1,276 @@
-//! Shared handles (`lib/internal/cluster/shared_handle.js`).
+//! Shared handles (`lib/internal/cluster/shared_handle.js`), and the
+//! socket creation both strategies use (`net._createServerHandle`,
+//! `dgram._createSocketHandle`).
+//!
+//! Under [`SchedulingPolicy::None`](super::SchedulingPolicy::None), and for
+//! every UDP socket, the primary only *binds*. The bound socket goes to each
+//! worker in its `queryServer` reply; each worker listens (or receives) on
+//! its own copy, and the kernel spreads connections or datagrams.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::protocol::{AddressType, Query};
+use crate::ipc::{AfterAck, Attach, HandleKind, SendHandle};
+use crate::uv::{BindFlags, Handle, Loop, Pipe, Tcp, Udp};
+
+/// libuv's `UV_TCP_IPV6ONLY` and `UV_UDP_IPV6ONLY`.
+const IPV6ONLY: i64 = 1;
+/// libuv's `UV_UDP_REUSEADDR`.
+const UDP_REUSEADDR: i64 = 4;
+
+/// Node's negative errno for an `io::Error` (EINVAL when it has none).
+pub(super) fn neg_errno(e: &io::Error) -> i64 {
+    -(e.raw_os_error().unwrap_or(nix::libc::EINVAL) as i64)
+}
+
+fn einval(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned())
+}
+
+/// A socket the primary made for a worker's server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ServerSocket {
+    Tcp(Handle<Tcp>),
+    Pipe(Handle<Pipe>),
+    Udp(Handle<Udp>),
+}
+
+impl ServerSocket {
+    pub(super) fn close(self, lp: &mut Loop) {
+        let _ = match self {
+            ServerSocket::Tcp(h) => lp.close(h, |_| {}),
+            ServerSocket::Pipe(h) => lp.close(h, |_| {}),
+            ServerSocket::Udp(h) => lp.close(h, |_| {}),
+        };
+    }
+
+    fn send_handle(self) -> SendHandle {
+        match self {
+            ServerSocket::Tcp(h) => SendHandle::Tcp(h),
+            ServerSocket::Pipe(h) => SendHandle::Pipe(h),
+            ServerSocket::Udp(h) => SendHandle::Udp(h),
+        }
+    }
+}
+
+/// The port of a TCP or UDP query, if it is a valid one.
+fn port_of(q: &Query) -> io::Result<u16> {
+    q.port
+        .as_i64()
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| einval("queryServer: bad port"))
+}
+
+fn flags_of(q: &Query) -> i64 {
+    q.flags.as_ref().and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The fd number of a `listen({fd})` / `bind({fd})` query: a number >= 0.
+pub(super) fn fd_of(q: &Query) -> Option<i32> {
+    q.fd.as_ref()
+        .and_then(Value::as_i64)
+        .filter(|&fd| fd >= 0)
+        .and_then(|fd| i32::try_from(fd).ok())
+}
+
+fn parse_ip(address: &str) -> io::Result<IpAddr> {
+    address
+        .parse()
+        .map_err(|_| einval("queryServer: address is not an IP address"))
+}
+
+fn bind_tcp(lp: &mut Loop, addr: SocketAddr, ipv6_only: bool) -> io::Result<Handle<Tcp>> {
+    let h = lp.tcp_init();
+    let flags = BindFlags {
+        ipv6_only,
+        ..BindFlags::default()
+    };
+    match lp.tcp_bind(h, addr, flags) {
+        Ok(()) => Ok(h),
+        Err(e) => {
+            let _ = lp.close(h, |_| {});
+            Err(e)
+        }
+    }
+}
+
+/// Adopts an fd of the primary, by number: a duplicate of it, so the
+/// original stays the caller's.
+fn open_fd(lp: &mut Loop, fd: i32, udp: bool) -> io::Result<ServerSocket> {
+    if udp {
+        let h = lp.udp_init();
+        return match crate::uv::dup_fd_number(fd).and_then(|d| lp.udp_open(h, d)) {
+            Ok(()) => Ok(ServerSocket::Udp(h)),
+            Err(e) => {
+                let _ = lp.close(h, |_| {});
+                Err(e)
+            }
+        };
+    }
+    let h = lp.tcp_init();
+    match crate::uv::dup_fd_number(fd).and_then(|d| lp.tcp_open(h, d)) {
+        Ok(()) => return Ok(ServerSocket::Tcp(h)),
+        Err(e) => {
+            let _ = lp.close(h, |_| {});
+            if e.raw_os_error() == Some(nix::libc::EBADF) {
+                return Err(e);
+            }
+        }
+    }
+    let p = lp.pipe_init(false);
+    match crate::uv::dup_fd_number(fd).and_then(|d| lp.pipe_open(p, d)) {
+        Ok(()) => Ok(ServerSocket::Pipe(p)),
+        Err(e) => {
+            let _ = lp.close(p, |_| {});
+            Err(e)
+        }
+    }
+}
+
+/// Node's `net._createServerHandle(address, port, addressType, fd, flags)`
+/// and `dgram._createSocketHandle(...)`: a socket bound as the query asks,
+/// not yet listening. `address` is the query's address, already shortened
+/// for Unix paths. With no address a TCP socket binds `[::]` (dual-stack
+/// unless `flags & 1`), falling back to `0.0.0.0`.
+///
+/// As in libuv, `EADDRINUSE` from a TCP bind only shows at `listen`.
+pub(super) fn create_server_handle(
+    lp: &mut Loop,
+    address: Option<&str>,
+    q: &Query,
+) -> io::Result<ServerSocket> {
+    let kind = q
+        .kind()
+        .ok_or_else(|| einval("queryServer: bad addressType"))?;
+    if let Some(fd) = fd_of(q) {
+        return open_fd(lp, fd, kind.is_udp());
+    }
+    let address = address.filter(|a| !a.is_empty());
+    match kind {
+        AddressType::Fd => Err(einval("queryServer: no fd")),
+        AddressType::Unix => {
+            let path = address.ok_or_else(|| einval("queryServer: no path"))?;
+            let p = lp.pipe_init(false);
+            match lp.pipe_bind(p, Path::new(path)) {
+                Ok(()) => Ok(ServerSocket::Pipe(p)),
+                Err(e) => {
+                    let _ = lp.close(p, |_| {});
+                    Err(e)
+                }
+            }
+        }
+        AddressType::Tcp4 | AddressType::Tcp6 => {
+            let port = port_of(q)?;
+            let ipv6_only = flags_of(q) & IPV6ONLY != 0;
+            match address {
+                None => {
+                    let any6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+                    bind_tcp(lp, any6, ipv6_only).or_else(|_| {
+                        bind_tcp(
+                            lp,
+                            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+                            false,
+                        )
+                    })
+                }
+                Some(a) => {
+                    let ip = parse_ip(a)?;
+                    bind_tcp(lp, SocketAddr::new(ip, port), ip.is_ipv6() && ipv6_only)
+                }
+            }
+            .map(ServerSocket::Tcp)
+        }
+        AddressType::Udp4 | AddressType::Udp6 => {
+            let port = port_of(q)?;
+            let flags = flags_of(q);
+            let ip = match (address, kind) {
+                (Some(a), _) => parse_ip(a)?,
+                (None, AddressType::Udp6) => Ipv6Addr::UNSPECIFIED.into(),
+                (None, _) => Ipv4Addr::UNSPECIFIED.into(),
+            };
+            let h = lp.udp_init();
+            let bind = BindFlags {
+                ipv6_only: ip.is_ipv6() && flags & IPV6ONLY != 0,
+                reuse_addr: flags & UDP_REUSEADDR != 0,
+                reuse_port: false,
+            };
+            match lp.udp_bind(h, SocketAddr::new(ip, port), bind) {
+                Ok(()) => Ok(ServerSocket::Udp(h)),
+                Err(e) => {
+                    let _ = lp.close(h, |_| {});
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// A socket bound once by the primary and shared by every worker that
+/// asked for the same key (Node's `SharedHandle`).
+#[derive(Debug)]
+pub(super) struct SharedHandle {
+    workers: BTreeSet<u32>,
+    handle: Option<ServerSocket>,
+    /// The bind error, as Node's negative errno; `0` when bound.
+    errno: i64,
+}
+
+impl SharedHandle {
+    /// Binds the socket; a failure is kept and reported to every worker.
+    pub(super) fn new(lp: &mut Loop, address: Option<&str>, q: &Query) -> SharedHandle {
+        let (handle, errno) = match create_server_handle(lp, address, q) {
+            Ok(h) => (Some(h), 0),
+            Err(e) => (None, neg_errno(&e)),
+        };
+        SharedHandle {
+            workers: BTreeSet::new(),
+            handle,
+            errno,
+        }
+    }
+
+    /// Whether `id` already uses this handle.
+    pub(super) fn has(&self, id: u32) -> bool {
+        self.workers.contains(&id)
+    }
+
+    /// Adds worker `id`: the errno for the reply (`0` on success) and the
+    /// bound socket to send with it.
+    pub(super) fn add(&mut self, id: u32) -> (i64, Option<Attach>) {
+        self.workers.insert(id);
+        let attach = self.handle.map(|h| Attach {
+            handle: h.send_handle(),
+            kind: match h {
+                ServerSocket::Udp(_) => HandleKind::DgramNative,
+                _ => HandleKind::NetNative,
+            },
+            after_ack: AfterAck::Keep,
+        });
+        (self.errno, attach)
+    }
+
+    /// Removes worker `id`; when it was the last one, closes the socket and
+    /// returns `true` (the caller then forgets the key).
+    pub(super) fn remove(&mut self, lp: &mut Loop, id: u32) -> bool {
+        if !self.workers.remove(&id) || !self.workers.is_empty() {
+            return false;
+        }
+        if let Some(h) = self.handle.take() {
+            h.close(lp);
+        }
+        true
+    }
+
+    /// Closes the socket whoever still uses it (the primary is going away).
+    pub(super) fn close(&mut self, lp: &mut Loop) {
+        self.workers.clear();
+        if let Some(h) = self.handle.take() {
+            h.close(lp);
+        }
+    }
+}

@@ -65,6 +65,7 @@ pub(crate) enum Side {
     /// The primary's record of a child.
     Primary(PrimaryRef),
     /// `cluster.worker` inside the worker process.
+    // Constructed by `child::setup_worker`, which is still a scaffold here.
     Child,
 }
 
@@ -184,7 +185,10 @@ impl Worker {
     /// Whether the process has exited (`worker.isDead()`); on the worker's
     /// own side, always `false`.
     pub fn is_dead(&self) -> bool {
-        self.inner.borrow().state == WorkerState::Dead
+        // Node: `exitCode != null || signalCode != null`; the state may
+        // have moved on to `Disconnected` after the exit.
+        let i = self.inner.borrow();
+        i.exit_code.is_some() || i.signal_code.is_some()
     }
 
     /// `worker.exitedAfterDisconnect`: `Some(true)` if the worker left by a
@@ -198,7 +202,7 @@ impl Worker {
     /// The exit code and signal, once the process exited.
     pub fn exit_status(&self) -> Option<(Option<i64>, Option<i32>)> {
         let i = self.inner.borrow();
-        (i.state == WorkerState::Dead).then_some((i.exit_code, i.signal_code))
+        (i.exit_code.is_some() || i.signal_code.is_some()).then_some((i.exit_code, i.signal_code))
     }
 
     /// Sends a user message to the other side (`worker.send(msg)`), with a

@@ -36,3 +36,24 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // fd, documented on the public API) makes this the only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Duplicates an fd this process has open, by number, into a new
+/// CLOEXEC fd that the caller owns; the original stays open and is not
+/// adopted (Node's cluster `listen({fd})` names an fd of the primary).
+///
+/// # Errors
+///
+/// `EBADF` if no such fd is open, `EINVAL` for a negative number, `EMFILE`.
+pub(crate) fn dup_fd_number(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(nix::libc::EINVAL));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on any integer is harmless: it fails with
+    // EBADF for a closed fd and otherwise makes a new descriptor.
+    let new = unsafe { nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just created by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}

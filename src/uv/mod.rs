@@ -79,7 +79,7 @@ pub use handle::{
     AnyHandle, Check, Handle, HandleType, Idle, Pipe, Prepare, Process, Signal, StaleHandle, Tcp,
     Timer, Udp,
 };
-pub use pipe::{Accepted, PendingType, Sendable, take_env_var};
+pub use pipe::{Accepted, PendingType, Sendable, dup_fd_number, take_env_var};
 pub use process::{ProcessOptions, Stdio, kill};
 pub use stream::StreamType;
 pub use tcp::BindFlags;

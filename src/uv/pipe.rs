@@ -428,3 +428,16 @@ impl Loop {
         Ok(h)
     }
 }
+
+/// Duplicates an fd of this process, given by number, into a new fd the
+/// caller owns (CLOEXEC); the original stays open. For APIs that name an
+/// fd by number without giving it away, such as Node's
+/// `server.listen({fd})` answered by a cluster primary. Adopt the result
+/// with [`Loop::tcp_open`], [`Loop::pipe_open`] or [`Loop::udp_open`].
+///
+/// # Errors
+///
+/// `EBADF` if no such fd is open, `EINVAL` for a negative number, `EMFILE`.
+pub fn dup_fd_number(fd: i32) -> io::Result<OwnedFd> {
+    sys::env::dup_fd_number(fd)
+}
