@@ -65,7 +65,6 @@ pub(crate) enum Side {
     /// The primary's record of a child.
     Primary(PrimaryRef),
     /// `cluster.worker` inside the worker process.
-    // Constructed by `child::setup_worker`, which is still a scaffold here.
     Child,
 }
 
