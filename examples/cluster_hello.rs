@@ -10,12 +10,13 @@
 //!
 //! `cargo run --release --example cluster_hello`
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::io;
 use std::rc::Rc;
 
 use serde_json::json;
-use uvcluster::cluster::{self, Worker};
+use uvcluster::cluster::{self, Primary, Settings, Worker};
 use uvcluster::net::{Conn, ListenOptions, Server};
 use uvcluster::uv::{Loop, RunMode, Tcp};
 
@@ -163,8 +164,70 @@ fn end_connection(lp: &mut Loop, s: &Server, t: uvcluster::uv::Handle<Tcp>) {
     }
 }
 
-fn run_primary(_lp: &mut Loop) -> io::Result<()> {
-    Err(io::Error::other(
-        "the primary side lands with the cluster primary",
-    ))
+fn run_primary(lp: &mut Loop) -> io::Result<()> {
+    let n: usize = std::env::var("WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let primary = Primary::new();
+    // Workers are this same program (the default exec), run with no
+    // arguments; PORT and the policy reach them through the environment.
+    primary.setup_primary(
+        lp,
+        Settings {
+            args: Some(Vec::new()),
+            ..Settings::default()
+        },
+    );
+    let ready = Rc::new(Cell::new(0usize));
+    primary.on_listening(move |_, _, _| {
+        ready.set(ready.get() + 1);
+        if ready.get() == n {
+            println!("ready");
+        }
+    });
+    // SIGUSR2: ask every worker for its connection count; print them as
+    // one JSON object keyed by worker id once all have answered.
+    let counts: Rc<RefCell<BTreeMap<u32, u64>>> = Rc::default();
+    let c = counts.clone();
+    let p = primary.clone();
+    primary.on_message(move |_, w, msg, _| {
+        if let Some(conns) = msg.get("conns").and_then(|v| v.as_u64()) {
+            c.borrow_mut().insert(w.id(), conns);
+            if c.borrow().len() == p.workers().len() {
+                let line: serde_json::Map<String, serde_json::Value> = c
+                    .borrow_mut()
+                    .split_off(&0)
+                    .into_iter()
+                    .map(|(id, n)| (id.to_string(), json!(n)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(line));
+            }
+        }
+    });
+    primary.on_exit(|_, w, code, signal| {
+        eprintln!("worker {} exited (code {code:?}, signal {signal:?})", w.id());
+    });
+    let usr2 = lp.signal_init();
+    let p = primary.clone();
+    lp.signal_start(usr2, nix::libc::SIGUSR2, move |lp, _, _| {
+        counts.borrow_mut().clear();
+        for w in p.workers() {
+            let _ = w.send(lp, &json!("count"), None);
+        }
+    })?;
+    lp.unref_handle(usr2)?;
+    // SIGINT/SIGTERM: a graceful disconnect; the loop ends with the workers.
+    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+        let sig = lp.signal_init();
+        let p = primary.clone();
+        lp.signal_start(sig, signum, move |lp, _, _| {
+            p.disconnect(lp, |_| {});
+        })?;
+        lp.unref_handle(sig)?;
+    }
+    for _ in 0..n {
+        primary.fork(lp, Vec::new())?;
+    }
+    Ok(())
 }
