@@ -206,7 +206,10 @@ fn run_primary(lp: &mut Loop) -> io::Result<()> {
         }
     });
     primary.on_exit(|_, w, code, signal| {
-        eprintln!("worker {} exited (code {code:?}, signal {signal:?})", w.id());
+        eprintln!(
+            "worker {} exited (code {code:?}, signal {signal:?})",
+            w.id()
+        );
     });
     let usr2 = lp.signal_init();
     let p = primary.clone();

@@ -1,0 +1,187 @@
+//! `uvcluster run --workers N --policy rr|none -- COMMAND [ARGS...]`: runs
+//! N copies of any program that speaks Node's cluster protocol (a Node app,
+//! or a Rust one built on this crate) under a Rust primary.
+//!
+//! The environment passes through to the workers (`PORT=8000 uvcluster run
+//! ...` works). Worker exits are logged. SIGINT or SIGTERM asks every
+//! worker to disconnect gracefully; a second one kills them. The command
+//! exits once its workers are gone: 0 if all of them exited 0.
+
+use std::cell::Cell;
+use std::ffi::OsString;
+use std::io;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use uvcluster::cluster::{Primary, SchedulingPolicy, Settings};
+use uvcluster::uv::{Loop, RunMode};
+
+const USAGE: &str =
+    "usage: uvcluster run [--workers|-w N] [--policy|-p rr|none] -- COMMAND [ARGS...]";
+
+struct Args {
+    workers: usize,
+    policy: Option<SchedulingPolicy>,
+    command: Vec<OsString>,
+}
+
+fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Args, String> {
+    match args.next().as_deref().and_then(|s| s.to_str()) {
+        Some("run") => {}
+        Some("-h" | "--help") | None => return Err(USAGE.into()),
+        Some(other) => return Err(format!("unknown subcommand {other:?}\n{USAGE}")),
+    }
+    let mut out = Args {
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        policy: None,
+        command: Vec::new(),
+    };
+    while let Some(a) = args.next() {
+        let a = a
+            .to_str()
+            .ok_or_else(|| format!("argument {a:?} is not UTF-8"))?
+            .to_owned();
+        let mut value = |name: &str| {
+            args.next()
+                .and_then(|v| v.into_string().ok())
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "-w" | "--workers" => {
+                out.workers = value("--workers")?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--workers takes a number above 0")?;
+            }
+            "-p" | "--policy" => {
+                let v = value("--policy")?;
+                out.policy = Some(
+                    SchedulingPolicy::parse(&v).ok_or_else(|| format!("unknown policy {v:?}"))?,
+                );
+            }
+            "--" => {
+                out.command = args.collect();
+                break;
+            }
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    if out.command.is_empty() {
+        return Err(format!("no command given\n{USAGE}"));
+    }
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args = match parse(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("uvcluster: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> io::Result<bool> {
+    let mut lp = Loop::new()?;
+    let primary = Primary::new();
+    let mut command = args.command.into_iter();
+    primary.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: command.next(),
+            args: Some(command.collect()),
+            exec_argv: Some(Vec::new()),
+            scheduling_policy: args.policy,
+            ..Settings::default()
+        },
+    );
+    let all_ok = Rc::new(Cell::new(true));
+    let ok = all_ok.clone();
+    primary.on_exit(move |_, w, code, signal| {
+        let pid = w.pid().unwrap_or(0);
+        match (code, signal) {
+            (Some(0), _) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
+            (Some(c), _) => {
+                ok.set(false);
+                eprintln!(
+                    "uvcluster: worker {} (pid {pid}) exited with code {c}",
+                    w.id()
+                );
+            }
+            (None, Some(s)) => {
+                ok.set(false);
+                eprintln!(
+                    "uvcluster: worker {} (pid {pid}) killed by signal {s}",
+                    w.id()
+                );
+            }
+            (None, None) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
+        }
+    });
+    primary.on_error(|_, w, e| match w {
+        Some(w) => eprintln!("uvcluster: worker {}: {e}", w.id()),
+        None => eprintln!("uvcluster: {e}"),
+    });
+    // First SIGINT/SIGTERM: graceful disconnect. Second: kill.
+    let stopping = Rc::new(Cell::new(false));
+    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+        let sig = lp.signal_init();
+        let p = primary.clone();
+        let stopping = stopping.clone();
+        lp.signal_start(sig, signum, move |lp, _, signum| {
+            if stopping.replace(true) {
+                for w in p.workers() {
+                    let _ = w.kill(lp, Some(nix::libc::SIGKILL));
+                }
+            } else {
+                eprintln!("uvcluster: signal {signum}: disconnecting workers");
+                p.disconnect(lp, |_| {});
+                let _ = signum;
+            }
+        })?;
+        // The signals must not keep the primary alive once workers are gone.
+        lp.unref_handle(sig)?;
+    }
+    for _ in 0..args.workers {
+        primary.fork(&mut lp, Vec::new())?;
+    }
+    lp.run(RunMode::Default)?;
+    Ok(all_ok.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Args, String> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let a = p(&["run", "-w", "3", "--policy", "none", "--", "node", "app.js"]).unwrap();
+        assert_eq!(a.workers, 3);
+        assert_eq!(a.policy, Some(SchedulingPolicy::None));
+        assert_eq!(
+            a.command,
+            vec![OsString::from("node"), OsString::from("app.js")]
+        );
+        assert!(p(&["run", "--", "x"]).unwrap().workers >= 1);
+        assert!(p(&["run", "-w", "0", "--", "x"]).is_err());
+        assert!(p(&["run", "--policy", "bogus", "--", "x"]).is_err());
+        assert!(p(&["run"]).is_err());
+        assert!(p(&["walk"]).is_err());
+        assert!(p(&[]).is_err());
+    }
+}
