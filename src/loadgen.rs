@@ -129,7 +129,7 @@ pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
 
 fn request(st: &State) -> Vec<u8> {
     let path = match st.cfg.workload {
-        Workload::SlowMix { every, ms } if every > 0 && st.seq % every as u64 == 0 => {
+        Workload::SlowMix { every, ms } if every > 0 && st.seq.is_multiple_of(every as u64) => {
             format!("/sleep/{ms}")
         }
         _ => "/".into(),
