@@ -19,7 +19,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use uvcluster::ipc::{AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, close_accepted, fork};
+use uvcluster::ipc::{
+    AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, close_accepted, fork,
+};
 use uvcluster::uv::{BindFlags, Loop, RunMode};
 
 fn main() -> io::Result<()> {
@@ -45,7 +47,13 @@ fn main() -> io::Result<()> {
 
 fn node_rate(mode: &str, secs: f64, window: u64) -> Option<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/node/ipc_bench.js");
-    let out = Command::new("node").arg(script).arg(mode).arg(secs.to_string()).arg(window.to_string()).output().ok()?;
+    let out = Command::new("node")
+        .arg(script)
+        .arg(mode)
+        .arg(secs.to_string())
+        .arg(window.to_string())
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .find_map(|f| f.strip_prefix("rate="))
@@ -83,7 +91,11 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
     let start = Instant::now();
     let send = move |lp: &mut Loop, ch: &Channel, n: u64| match sock {
         Some(s) => {
-            let attach = Attach { handle: s.into(), kind: HandleKind::NetSocket, after_ack: AfterAck::Keep };
+            let attach = Attach {
+                handle: s.into(),
+                kind: HandleKind::NetSocket,
+                after_ack: AfterAck::Keep,
+            };
             ch.send_handle(lp, json!({ "n": n }), attach, Default::default(), None)
         }
         None => ch.send(lp, &json!({ "n": n, "payload": "ping" }), None),

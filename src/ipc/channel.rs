@@ -199,6 +199,12 @@ struct Inner {
     /// them to the first listener).
     backlog: VecDeque<(Value, Option<Accepted>)>,
     replies: HashMap<u64, ReplyCb>,
+    /// While the channel handles one read's messages, messages without a
+    /// handle that callbacks send are coalesced here and written in one go
+    /// when the read is done.
+    in_read: bool,
+    corked: Vec<u8>,
+    corked_cbs: Vec<SentCb>,
 }
 
 /// One end of a Node IPC channel. Cloning gives another reference to the
@@ -281,6 +287,9 @@ impl Channel {
                 on_disconnect: None,
                 backlog: VecDeque::new(),
                 replies: HashMap::new(),
+                in_read: false,
+                corked: Vec::new(),
+                corked_cbs: Vec::new(),
             })),
         };
         // The read callback holds the channel: an open channel lives as long
@@ -562,38 +571,100 @@ impl Channel {
     }
 
     fn write_out(&self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
+        let Some(a) = out.attach else {
+            self.cork(lp, &out.bytes, out.on_sent);
+            return Ok(());
+        };
+        // A handle goes with its own write; whatever was corked goes first.
+        self.flush_corked(lp);
         let pipe = self.pipe();
+        let done = self.completion(out.on_sent.into_iter().collect());
+        let r = match a.handle {
+            SendHandle::Tcp(h) => lp.write2(pipe, &[&out.bytes], h, done),
+            SendHandle::Pipe(h) => lp.write2(pipe, &[&out.bytes], h, done),
+            SendHandle::Udp(h) => lp.write2(pipe, &[&out.bytes], h, done),
+        };
+        if r.is_ok() {
+            self.inner.borrow_mut().awaiting_ack =
+                Some((a.after_ack == AfterAck::Close).then_some(a.handle));
+        }
+        r
+    }
+
+    /// The write callback for one write carrying the messages whose
+    /// `on_sent` callbacks are `cbs`: each gets the result; without any, an
+    /// error goes to `on_error`.
+    fn completion(
+        &self,
+        cbs: Vec<SentCb>,
+    ) -> impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static {
         let weak = Rc::downgrade(&self.inner);
-        let on_sent = out.on_sent;
-        let done = move |lp: &mut Loop, _: Handle<Pipe>, r: io::Result<()>| match on_sent {
-            Some(cb) => cb(lp, r),
-            None => {
+        move |lp: &mut Loop, _: Handle<Pipe>, r: io::Result<()>| {
+            if cbs.is_empty() {
                 if let Err(e) = r
                     && let Some(inner) = weak.upgrade()
                 {
                     Channel { inner }.emit_error(lp, ChannelError::Io(e));
                 }
+                return;
             }
-        };
-        match out.attach {
-            None => lp.write(pipe, &[&out.bytes], done),
-            Some(a) => {
-                let r = match a.handle {
-                    SendHandle::Tcp(h) => lp.write2(pipe, &[&out.bytes], h, done),
-                    SendHandle::Pipe(h) => lp.write2(pipe, &[&out.bytes], h, done),
-                    SendHandle::Udp(h) => lp.write2(pipe, &[&out.bytes], h, done),
+            for cb in cbs {
+                let r = match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 };
-                if r.is_ok() {
-                    self.inner.borrow_mut().awaiting_ack =
-                        Some((a.after_ack == AfterAck::Close).then_some(a.handle));
-                }
-                r
+                cb(lp, r);
             }
         }
     }
 
+    /// Writes a message without a handle, or, while the channel is handling
+    /// a read, adds it to that read's coalesced write: the answers to every
+    /// message of one read then cost one `write` instead of one each. The
+    /// coalesced write goes out before the read callback returns to the loop.
+    fn cork(&self, lp: &mut Loop, bytes: &[u8], on_sent: Option<SentCb>) {
+        {
+            let mut i = self.inner.borrow_mut();
+            if i.in_read {
+                i.corked.extend_from_slice(bytes);
+                if let Some(cb) = on_sent {
+                    i.corked_cbs.push(cb);
+                }
+                return;
+            }
+        }
+        let done = self.completion(on_sent.into_iter().collect());
+        if let Err(e) = lp.write(self.pipe(), &[bytes], done) {
+            self.emit_error(lp, ChannelError::Io(e));
+        }
+    }
+
+    /// Writes the coalesced messages now.
+    fn flush_corked(&self, lp: &mut Loop) {
+        let (bytes, cbs) = {
+            let mut i = self.inner.borrow_mut();
+            if i.corked.is_empty() {
+                return;
+            }
+            (
+                std::mem::take(&mut i.corked),
+                std::mem::take(&mut i.corked_cbs),
+            )
+        };
+        let done = self.completion(cbs);
+        if let Err(e) = lp.write(self.pipe(), &[&bytes], done) {
+            self.emit_error(lp, ChannelError::Io(e));
+        }
+        // Keep the buffer's allocation for the next batch.
+        let mut i = self.inner.borrow_mut();
+        if i.corked.is_empty() {
+            let mut b = bytes;
+            b.clear();
+            i.corked = b;
+        }
+    }
+
     fn write_ack(&self, lp: &mut Loop, ok: bool) {
-        let pipe = self.pipe();
         if self.inner.borrow().state == State::Closed {
             return;
         }
@@ -602,8 +673,8 @@ impl Channel {
         } else {
             b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n"
         };
-        // ACKs bypass the queue (Node's `_send` with `ackedByPeer`).
-        let _ = lp.write(pipe, &[line], |_, _, _| {});
+        // ACKs bypass the handle queue (Node's `_send` with `ackedByPeer`).
+        self.cork(lp, line, None);
     }
 
     fn on_ack(&self, lp: &mut Loop, ok: bool) {
@@ -652,12 +723,24 @@ impl Channel {
                 && i.decoder.at_boundary()
         };
         if ready {
-            self.close_now(lp);
+            self.close_channel(lp, true);
         }
     }
 
     /// Closes the pipe; the disconnect callback runs from its close callback.
+    /// Closes the channel. After a local `disconnect` (`graceful`), what is
+    /// already written or corked still reaches the peer: the pipe is shut
+    /// down once its write queue drains, then closed. After EOF or an error
+    /// it closes at once. The disconnect callback runs from the pipe's close
+    /// callback.
     fn close_now(&self, lp: &mut Loop) {
+        self.close_channel(lp, false);
+    }
+
+    fn close_channel(&self, lp: &mut Loop, graceful: bool) {
+        if graceful {
+            self.flush_corked(lp);
+        }
         let (pipe, queued) = {
             let mut i = self.inner.borrow_mut();
             if i.state == State::Closed {
@@ -666,10 +749,12 @@ impl Channel {
             i.state = State::Closed;
             i.awaiting_ack = None;
             i.replies.clear();
+            i.corked.clear();
+            i.corked_cbs.clear();
             (i.pipe, std::mem::take(&mut i.queue))
         };
         let inner = self.inner.clone();
-        let _ = lp.close(pipe, move |lp| {
+        let finish = move |lp: &mut Loop| {
             for out in queued {
                 if let Some(cb) = out.on_sent {
                     cb(
@@ -698,7 +783,25 @@ impl Channel {
                     close_accepted(lp, h);
                 }
             }
-        });
+        };
+        if graceful {
+            let finish = std::cell::Cell::new(Some(finish));
+            let finish = Rc::new(finish);
+            let f2 = finish.clone();
+            let shut = lp.shutdown(pipe, move |lp, pipe, _| {
+                if let Some(f) = f2.take() {
+                    let _ = lp.close(pipe, f);
+                }
+            });
+            if shut.is_ok() {
+                return;
+            }
+            if let Some(f) = finish.take() {
+                let _ = lp.close(pipe, f);
+            }
+            return;
+        }
+        let _ = lp.close(pipe, finish);
     }
 
     // ----- receiving -------------------------------------------------------
@@ -725,6 +828,15 @@ impl Channel {
     }
 
     fn drain_lines(&self, lp: &mut Loop) {
+        self.inner.borrow_mut().in_read = true;
+        self.drain_lines_inner(lp);
+        self.inner.borrow_mut().in_read = false;
+        if self.inner.borrow().state != State::Closed {
+            self.flush_corked(lp);
+        }
+    }
+
+    fn drain_lines_inner(&self, lp: &mut Loop) {
         loop {
             let item = {
                 let mut i = self.inner.borrow_mut();
