@@ -100,3 +100,46 @@ fn ipc_backlog_not_overtaken_by_newer_message() {
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
 }
+
+/// Messages sent while a channel handles a read are coalesced into one
+/// write at the end of that read; a `disconnect` in the same callback must
+/// still deliver them (it flushes, then shuts the pipe down once the write
+/// queue drains) and every `on_sent` callback runs once.
+#[test]
+fn ipc_coalesced_sends_survive_disconnect_in_the_same_callback() {
+    use serde_json::json;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use uvcluster::ipc::{Channel, ChannelOptions};
+
+    let mut lp = Loop::new().unwrap();
+    let (a, b) = lp.pipe_pair(true).unwrap();
+    let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+    let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+    let sent = Counter::new();
+    let s = sent.clone();
+    b.on_message(&mut lp, move |lp, ch, msg, _| {
+        for i in 0..100 {
+            let s = s.clone();
+            ch.send(lp, &json!([msg.clone(), i]), Some(Box::new(move |_, r| {
+                r.unwrap();
+                s.hit();
+            })))
+            .unwrap();
+        }
+        ch.disconnect(lp);
+    });
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let g = got.clone();
+    a.on_message(&mut lp, move |_, _, v, _| g.borrow_mut().push(v));
+    a.send(&mut lp, &json!("x"), None).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    let got = got.borrow();
+    assert_eq!(got.len(), 100);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, json!(["x", i]));
+    }
+    assert_eq!(sent.get(), 100);
+    assert!(!a.is_connected() && !b.is_connected());
+    assert_loop_empty(&lp);
+}
