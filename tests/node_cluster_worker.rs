@@ -276,3 +276,44 @@ fn node_primary_messages_both_ways() {
     assert_eq!(v["messages"][0]["op"], "echo-me");
     assert_eq!(events(&v), "online, disconnect true, exit 0 null true");
 }
+
+#[test]
+fn helper_udp() {
+    as_worker("helper_udp", |lp, w| {
+        use uvcluster::net::{BindOptions, bind_dgram};
+        bind_dgram(
+            lp,
+            BindOptions {
+                address: Some("127.0.0.1".into()),
+                ..Default::default()
+            },
+            move |lp, r| {
+                let u = r.expect("shared UDP socket from the primary");
+                let port = lp.udp_getsockname(u).unwrap().port();
+                w.send(lp, &json!({"op":"udp","port":port}), None).unwrap();
+                let w2 = w.clone();
+                lp.udp_recv_start(u, move |lp, u, r| {
+                    let (data, _) = r.unwrap();
+                    w2.send(
+                        lp,
+                        &json!({"op":"got","data":String::from_utf8_lossy(data)}),
+                        None,
+                    )
+                    .unwrap();
+                    lp.close(u, |_| {}).unwrap();
+                    w2.disconnect(lp);
+                })
+                .unwrap();
+            },
+        );
+    });
+}
+
+#[test]
+fn node_primary_shares_udp_with_a_rust_worker() {
+    let v = scenario("udp");
+    assert_eq!(v["messages"][0]["op"], "udp", "{v}");
+    assert!(v["messages"][0]["port"].as_u64().unwrap() > 0);
+    assert_eq!(v["messages"][1]["data"], "hello over udp", "{v}");
+    assert_eq!(events(&v), "online, disconnect true, exit 0 null true");
+}

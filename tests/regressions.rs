@@ -121,10 +121,14 @@ fn ipc_coalesced_sends_survive_disconnect_in_the_same_callback() {
     b.on_message(&mut lp, move |lp, ch, msg, _| {
         for i in 0..100 {
             let s = s.clone();
-            ch.send(lp, &json!([msg.clone(), i]), Some(Box::new(move |_, r| {
-                r.unwrap();
-                s.hit();
-            })))
+            ch.send(
+                lp,
+                &json!([msg.clone(), i]),
+                Some(Box::new(move |_, r| {
+                    r.unwrap();
+                    s.hit();
+                })),
+            )
             .unwrap();
         }
         ch.disconnect(lp);

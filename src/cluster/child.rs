@@ -15,7 +15,9 @@ use super::primary::ClusterError;
 use super::protocol::{Act, AddressType, Query, QueryReply};
 use super::worker::{Address, Side, Worker, WorkerState};
 use crate::ipc::{Channel, ChannelOptions, close_accepted};
-use crate::net::{ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress};
+use crate::net::{
+    BindCb, BindOptions, ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress,
+};
 use crate::uv::{Accepted, Loop};
 
 struct Child {
@@ -128,6 +130,93 @@ impl ClusterHook for Hook {
 
     fn close(&self, lp: &mut Loop, server: &Server) {
         server_closed(lp, server);
+    }
+
+    fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
+        query_udp(lp, opts, cb);
+    }
+}
+
+/// `dgram.Socket.bind` in a worker: UDP is always a shared socket, bound by
+/// the primary (`{addressType: "udp4", fd: -1, flags}`). The index stays
+/// taken until the worker disconnects: closing the UDP handle does not tell
+/// the primary (Node's `dgram` close does).
+fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
+    let fail = |lp: &mut Loop, cb: BindCb, errno: i32, address: Option<String>| {
+        let e = ListenError::new(-(errno as i64), "bind", address, Some(opts.port as i64));
+        crate::net::defer(lp, move |lp| cb(lp, Err(e)));
+    };
+    let Some(state) = child() else {
+        return fail(lp, cb, nix::libc::ENOTCONN, None);
+    };
+    let address = opts
+        .address
+        .clone()
+        .unwrap_or_else(|| if opts.ipv6 { "::" } else { "0.0.0.0" }.to_owned());
+    let kind = if opts.ipv6 {
+        AddressType::Udp6
+    } else {
+        AddressType::Udp4
+    };
+    let indexes_key = format!(
+        "{address}:{}:{}:-1",
+        opts.port,
+        super::protocol::js_string(Some(&kind.to_wire()))
+    );
+    let index = {
+        let mut st = state.borrow_mut();
+        let entry = st.indexes.entry(indexes_key).or_default();
+        let i = entry.0;
+        entry.0 += 1;
+        entry.1.insert(i);
+        i
+    };
+    let q = Query {
+        index,
+        data: Value::Null,
+        address: json!(address),
+        port: json!(opts.port),
+        address_type: kind.to_wire(),
+        fd: Some(json!(-1)),
+        flags: Some(json!(opts.wire_flags())),
+        backlog: None,
+        readable_all: None,
+        writable_all: None,
+        extra: Map::new(),
+    };
+    let channel = state.borrow().channel.clone();
+    let port = opts.port as i64;
+    let addr = address.clone();
+    let cb = std::rc::Rc::new(std::cell::Cell::new(Some(cb)));
+    let cb2 = cb.clone();
+    let sent = channel.send_cluster(
+        lp,
+        Act::QueryServer(q).to_fields(),
+        None,
+        Some(Box::new(move |lp, _, reply, handle| {
+            let Some(cb) = cb2.take() else { return };
+            let errno = QueryReply::parse(&reply)
+                .and_then(|r| r.errno)
+                .filter(|e| *e != 0);
+            match (errno, handle) {
+                (None, Some(Accepted::Udp(u))) => cb(lp, Ok(u)),
+                (e, h) => {
+                    if let Some(h) = h {
+                        close_accepted(lp, h);
+                    }
+                    let errno = e.unwrap_or(-(nix::libc::EPROTO as i64));
+                    cb(
+                        lp,
+                        Err(ListenError::new(errno, "bind", Some(addr), Some(port))),
+                    );
+                }
+            }
+        })),
+    );
+    if sent.is_err()
+        && let Some(cb) = cb.take()
+    {
+        fail(lp, cb, nix::libc::ENOTCONN, Some(address));
     }
 }
 

@@ -6,14 +6,19 @@
 //! the primary (Node's `listenInCluster`). The cluster installs a
 //! [`ClusterHook`] for that, so this module never depends on the cluster.
 
+mod dgram;
 mod server;
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
+pub use dgram::{BindOptions, bind_dgram};
 pub use server::{Conn, ListenError, ListenOptions, Server, ServerAddress};
 
-use crate::uv::Loop;
+use crate::uv::{Handle, Loop, Udp};
+
+/// The completion of a UDP bind through the cluster.
+pub type BindCb = Box<dyn FnOnce(&mut Loop, Result<Handle<Udp>, ListenError>)>;
 
 /// How a cluster worker routes [`Server::listen`] and [`Server::close`]
 /// through its primary. Installed with [`set_cluster_hook`] by
@@ -24,6 +29,8 @@ pub trait ClusterHook {
     fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions);
     /// Tells the primary that `server` closed.
     fn close(&self, lp: &mut Loop, server: &Server);
+    /// Binds a UDP socket through the primary (always a shared socket).
+    fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb);
 }
 
 thread_local! {

@@ -21,6 +21,10 @@ function fork() {
     if (m && m.op === 'retry-me') {
       blocker.close(() => w.send({ op: 'retry' }));
     }
+    if (m && m.op === 'udp') {
+      const d = require('dgram').createSocket('udp4');
+      d.send('hello over udp', m.port, '127.0.0.1', () => d.close());
+    }
     if (m && m.op === 'echo-me') {
       w.send({ op: 'echo', payload: m.payload });
     }
