@@ -562,17 +562,8 @@ fn close_servers_then(lp: &mut Loop, worker: &Worker, primary_initiated: bool) {
             let channel = state.borrow().channel.clone();
             if primary_initiated {
                 channel.disconnect(lp);
-            } else {
-                let ch = channel.clone();
-                let sent = channel.send_cluster(
-                    lp,
-                    Act::ExitedAfterDisconnect.to_fields(),
-                    None,
-                    Some(Box::new(move |lp, _, _, _| ch.disconnect(lp))),
-                );
-                if sent.is_err() {
-                    channel.disconnect(lp);
-                }
+            } else if tell_primary_then_disconnect(lp, &channel).is_err() {
+                channel.disconnect(lp);
             }
         })
     };
@@ -608,14 +599,19 @@ pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
     }
     state.borrow_mut().destroying = true;
     w.inner.borrow_mut().state = WorkerState::Disconnecting;
+    if tell_primary_then_disconnect(lp, &channel).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// Sends `exitedAfterDisconnect` and closes the channel once the primary
+/// acknowledges it.
+fn tell_primary_then_disconnect(lp: &mut Loop, channel: &Channel) -> io::Result<u64> {
     let ch = channel.clone();
-    let sent = channel.send_cluster(
+    channel.send_cluster(
         lp,
         Act::ExitedAfterDisconnect.to_fields(),
         None,
         Some(Box::new(move |lp, _, _, _| ch.disconnect(lp))),
-    );
-    if sent.is_err() {
-        std::process::exit(0);
-    }
+    )
 }

@@ -1,7 +1,6 @@
 //! `dgram.Socket.bind` (lib/dgram.js): a UDP socket bound locally, or, in a
 //! cluster worker, through the primary, which always shares UDP sockets.
 
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::ListenError;
@@ -69,18 +68,7 @@ fn bind_local(lp: &mut Loop, opts: &BindOptions) -> Result<Handle<Udp>, ListenEr
         Ok(()) => Ok(h),
         Err(e) => {
             let _ = lp.close(h, |_| {});
-            Err(io_to_listen(&e, Some(ip.to_string()), port))
+            Err(ListenError::from_io(&e, "bind", Some(ip.to_string()), port))
         }
     }
-}
-
-pub(crate) fn io_to_listen(
-    e: &io::Error,
-    address: Option<String>,
-    port: Option<i64>,
-) -> ListenError {
-    let errno = e
-        .raw_os_error()
-        .map_or(-(nix::libc::EINVAL as i64), |c| -(c as i64));
-    ListenError::new(errno, "bind", address, port)
 }
