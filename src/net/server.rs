@@ -132,7 +132,7 @@ impl ListenError {
         }
     }
 
-    fn from_io(
+    pub(crate) fn from_io(
         e: &io::Error,
         syscall: &str,
         address: Option<String>,
