@@ -436,10 +436,16 @@ fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
                 assert_eq!(msg["extra"], json!(extra));
                 r2.hit();
                 if r2.get() == 2 {
-                    // Broadcast to every worker.
+                    // One message to each worker, then a broadcast that
+                    // every worker answers with a ping.
                     for w in p2.workers() {
-                        w.send(lp, &json!({"op":"echo","payload":{"to":w.id()}}), None)
-                            .unwrap();
+                        w.send_with_callback(
+                            lp,
+                            &json!({"op":"echo","payload":{"to":w.id()}}),
+                            None,
+                            |_, r| r.unwrap(),
+                        )
+                        .unwrap();
                     }
                 }
             }
@@ -1206,5 +1212,42 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
     assert_eq!(*served.borrow(), [pid.clone(), pid.clone(), pid]);
     assert_eq!(fake.exit_status(), Some((Some(0), None)));
     assert_eq!(node.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn broadcast_reaches_every_worker() {
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
+    s.env = Some(env(&[("SERVER", "none")]));
+    p.setup_primary(&mut lp, s);
+    p.on_error(|_, _, e| panic!("{e}"));
+    let ready = Counter::new();
+    let echoed = shared(Vec::<u32>::new());
+    let (r, e, p2) = (ready.clone(), echoed.clone(), p.clone());
+    p.on_message(move |lp, w, msg, _| match msg["op"].as_str().unwrap() {
+        "ready" => {
+            r.hit();
+            if r.get() == 3 {
+                assert_eq!(p2.broadcast(lp, &json!({"op":"echo","payload":"all"})), 3);
+            }
+        }
+        "echo" => {
+            assert_eq!(msg["payload"], "all");
+            e.borrow_mut().push(w.id());
+            if e.borrow().len() == 3 {
+                p2.disconnect(lp, |_| {});
+            }
+        }
+        other => panic!("unexpected {other}"),
+    });
+    for _ in 0..3 {
+        p.fork(&mut lp, vec![]).unwrap();
+    }
+    run_with_deadline(&mut lp, 20_000);
+    let mut ids = echoed.borrow().clone();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2, 3]);
     assert_loop_empty(&lp);
 }

@@ -299,6 +299,15 @@ impl Primary {
         self.inner.borrow().workers.values().cloned().collect()
     }
 
+    /// Sends `msg` to every connected worker; returns how many it was
+    /// sent to. Workers whose channel is closing are skipped.
+    pub fn broadcast(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
+        self.workers()
+            .iter()
+            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+            .count()
+    }
+
     /// The live worker with this id (`cluster.workers[id]`).
     pub fn worker(&self, id: u32) -> Option<Worker> {
         self.inner.borrow().workers.get(&id).cloned()

@@ -220,6 +220,34 @@ impl Worker {
         }
     }
 
+    /// Like [`send`](Self::send), with `on_sent` run once the message is
+    /// written or has failed (`worker.send(msg, handle, cb)`).
+    ///
+    /// # Errors
+    ///
+    /// `NotConnected` once the channel is closed; `on_sent` is then dropped.
+    pub fn send_with_callback(
+        &self,
+        lp: &mut Loop,
+        msg: &Value,
+        handle: Option<Attach>,
+        on_sent: impl FnOnce(&mut Loop, io::Result<()>) + 'static,
+    ) -> io::Result<()> {
+        let ch = self
+            .channel()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "worker has no channel"))?;
+        match handle {
+            None => ch.send(lp, msg, Some(Box::new(on_sent))),
+            Some(a) => ch.send_handle(
+                lp,
+                msg.clone(),
+                a,
+                Default::default(),
+                Some(Box::new(on_sent)),
+            ),
+        }
+    }
+
     /// Disconnects gracefully (`worker.disconnect()`). In the primary: sends
     /// `disconnect`; the worker closes its servers and its channel and
     /// exits once idle. In a worker: closes every server, tells the primary
