@@ -560,9 +560,9 @@ fn close_servers_then(lp: &mut Loop, worker: &Worker, primary_initiated: bool) {
                 return;
             }
             let channel = state.borrow().channel.clone();
-            if primary_initiated {
-                channel.disconnect(lp);
-            } else if tell_primary_then_disconnect(lp, &channel).is_err() {
+            // Primary-initiated: just close. Otherwise tell the primary first
+            // (or close at once if that cannot be sent).
+            if primary_initiated || tell_primary_then_disconnect(lp, &channel).is_err() {
                 channel.disconnect(lp);
             }
         })
