@@ -96,6 +96,46 @@ const scenarios = {
       done(out);
     });
   },
+  // test-cluster-primary-kill: report the worker's pid, then exit.
+  primary_kill() {
+    setup();
+    const w = fork();
+    w.on('message', (m) => done({ pid: m.pid }));
+  },
+  // Lifecycle of Rust workers: worker-disconnect, worker-forced-exit,
+  // worker-kill, kill-signal, kill-infinite-loop, worker-death,
+  // process-disconnect.
+  lifecycle() {
+    setup();
+    const exits = {};
+    const cases = {
+      disconnect: (w) => w.disconnect(),
+      raw: (w) => w.process.disconnect(),
+      sigkill: (w) => w.kill('SIGKILL'),
+      sigterm: (w) => w.process.kill(),
+      exit42: null,
+      process_disconnect: null,
+      busy: null,
+    };
+    let left = Object.keys(cases).length - 1;
+    for (const [name, act] of Object.entries(cases)) {
+      const how = name === 'sigterm' ? 'busy' : name;
+      if (name === 'busy') continue;
+      const w = fork({ HOW: how });
+      let disconnects = 0;
+      w.on('disconnect', () => {
+        disconnects++;
+        assert.strictEqual(w.isConnected(), false);
+      });
+      w.on('listening', () => { if (act) setImmediate(() => act(w)); });
+      w.on('exit', (code, signal) => {
+        assert.strictEqual(disconnects, 1, name);
+        assert.strictEqual(w.isDead(), true);
+        exits[name] = [code, signal, w.exitedAfterDisconnect];
+        if (--left === 0) done({ exits });
+      });
+    }
+  },
   // test-cluster-advanced-serialization: refused by the Rust worker.
   advanced() {
     setup({ serialization: 'advanced' });
