@@ -41,6 +41,14 @@ const scenarios = {
     const s = reportErrors(http.createServer((req, res) => res.end(String(process.pid))));
     s.listen(0, () => send({ op: 'listening', port: s.address().port }));
   },
+  // An HTTP server on PORT answering with the pid (for the uvcluster CLI).
+  http_port() {
+    const s = reportErrors(http.createServer((req, res) => {
+      res.setHeader('connection', 'close');
+      res.end(String(process.pid));
+    }));
+    s.listen(+process.env.PORT);
+  },
   // test-cluster-worker-init / worker-events / message: a message reaches
   // both cluster.worker and process; the reply reaches the primary.
   init() {
