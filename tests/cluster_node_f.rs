@@ -15,6 +15,9 @@ use uvcluster::cluster::{Primary, Settings, Worker, WorkerState};
 use uvcluster::net::{ListenOptions, Server};
 use uvcluster::uv::Loop;
 
+/// (code, signal, exitedAfterDisconnect, isDead, state) at `exit`.
+type AtExit = (Option<i64>, Option<i32>, Option<bool>, bool, WorkerState);
+
 /// What a worker looked like at its `disconnect` and `exit` events.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Seen {
@@ -23,7 +26,7 @@ struct Seen {
     /// (state, exitedAfterDisconnect, isConnected) at `disconnect`.
     at_disconnect: Option<(WorkerState, Option<bool>, bool)>,
     /// (code, signal, exitedAfterDisconnect, isDead, state) at `exit`.
-    at_exit: Option<(Option<i64>, Option<i32>, Option<bool>, bool, WorkerState)>,
+    at_exit: Option<AtExit>,
     /// cluster.workers still holding it at `exit`.
     listed_at_exit: bool,
 }
