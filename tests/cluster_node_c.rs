@@ -204,7 +204,7 @@ fn disconnect_leak_race_and_unshared_tcp_sched_none() {
     run(&mut lp, 20_000);
     for w in &ws {
         assert_eq!(w.exit_status(), Some((Some(0), None)));
-        let ev = events_of(&log, w.id());
+        let ev = events(&log, w.id());
         assert!(
             ev.ends_with(&["disconnect".into(), "exit".into()]),
             "{ev:?}"
@@ -248,7 +248,7 @@ fn rr_worker_with_unrefd_channel_exits_once_its_server_closes() {
     run(&mut lp, 20_000);
     assert_eq!(w.exit_status(), Some((Some(0), None)));
     assert_eq!(
-        events_of(&log, 1),
+        events(&log, 1),
         ["fork", "online", "listening", "disconnect", "exit"]
     );
     assert_loop_empty(&lp);

@@ -403,7 +403,7 @@ fn no_exit(settings: Settings) {
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
     assert_eq!(
-        events_of(&log, 1),
+        events(&log, 1),
         [
             "fork",
             "online",

@@ -101,6 +101,18 @@ pub fn events_of(log: &Log, id: u32) -> Vec<String> {
         .collect()
 }
 
+/// [`events_of`], with a trailing `exit` `disconnect` pair put in the
+/// order `disconnect` `exit`: a worker's channel EOF and its SIGCHLD race,
+/// in Node as here.
+pub fn events(log: &Log, id: u32) -> Vec<String> {
+    let mut ev = events_of(log, id);
+    let n = ev.len();
+    if n >= 2 && ev[n - 2] == "exit" && ev[n - 1] == "disconnect" {
+        ev.swap(n - 2, n - 1);
+    }
+    ev
+}
+
 /// Runs the loop to the end, failing after `ms`.
 pub fn run(lp: &mut Loop, ms: u64) {
     util::run_with_deadline(lp, ms);
