@@ -152,3 +152,98 @@ fn readme_example_is_the_compiled_doc_test() {
         "README.md's example differs from the doc test in src/lib.rs"
     );
 }
+
+/// `examples/cluster_echo.rs`: two workers share one port under both
+/// policies, each line comes back as `Reply from <pid>: <line>`, and
+/// SIGINT disconnects the workers and exits 0, logging their exits.
+fn cluster_echo(policy: &str) {
+    let exe = build_example("cluster_echo");
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", "0")
+            .env("WORKERS", "2")
+            .env("NODE_CLUSTER_SCHED_POLICY", policy)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cluster_echo"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+    let stdout = c.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let stderr = c.stderr.take().unwrap();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut s);
+        let _ = etx.send(s);
+    });
+    let line = rx.recv_timeout(LIMIT).expect("cluster_echo is ready");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..200 {
+        let mut s = connect(addr);
+        s.write_all(format!("line {i}\nsecond\n").as_bytes())
+            .unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        let lines: Vec<&str> = all.lines().collect();
+        assert_eq!(lines.len(), 2, "{all:?}");
+        let (who, rest) = lines[0]
+            .strip_prefix("Reply from ")
+            .and_then(|l| l.split_once(": "))
+            .unwrap_or_else(|| panic!("{all:?}"));
+        assert_eq!(rest, format!("line {i}"));
+        assert_eq!(lines[1], format!("Reply from {who}: second"));
+        pids.insert(who.to_string());
+        if pids.len() == 2 && i >= 3 {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2, "both workers answered: {pids:?}");
+    kill(pid, Signal::SIGINT).unwrap();
+    let mut c = child.0.take().unwrap();
+    let (tx, rx) = mpsc::channel::<ExitStatus>();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.wait().expect("wait for cluster_echo"));
+    });
+    let status = match rx.recv_timeout(LIMIT) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("cluster_echo did not exit after SIGINT");
+        }
+    };
+    assert!(status.success(), "cluster_echo exited with {status}");
+    let err = erx.recv_timeout(LIMIT).unwrap();
+    for id in [1, 2] {
+        assert!(
+            err.contains(&format!("worker {id} exited (code Some(0)")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn cluster_echo_round_robin() {
+    cluster_echo("rr");
+}
+
+#[test]
+fn cluster_echo_shared() {
+    cluster_echo("none");
+}

@@ -13,7 +13,7 @@ use std::io;
 use std::process::ExitCode;
 use std::rc::Rc;
 
-use uvcluster::cluster::{Primary, SchedulingPolicy, Settings};
+use uvcluster::cluster::{Primary, SchedulingPolicy, Settings, Worker};
 use uvcluster::uv::{Loop, RunMode};
 
 const USAGE: &str =
@@ -133,15 +133,19 @@ fn run(args: Args) -> io::Result<bool> {
         Some(w) => eprintln!("uvcluster: worker {}: {e}", w.id()),
         None => eprintln!("uvcluster: {e}"),
     });
-    // First SIGINT/SIGTERM: graceful disconnect. Second: kill.
+    // First SIGINT/SIGTERM: graceful disconnect. Second: kill. A worker
+    // being disconnected has already left `primary.workers()` (Node's
+    // order), so the kill goes to every forked worker still alive.
+    let forked: Rc<std::cell::RefCell<Vec<Worker>>> = Rc::default();
     let stopping = Rc::new(Cell::new(false));
     for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
         let sig = lp.signal_init();
         let p = primary.clone();
         let stopping = stopping.clone();
+        let forked = forked.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
             if stopping.replace(true) {
-                for w in p.workers() {
+                for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
                     let _ = w.kill(lp, Some(nix::libc::SIGKILL));
                 }
             } else {
@@ -154,7 +158,8 @@ fn run(args: Args) -> io::Result<bool> {
         lp.unref_handle(sig)?;
     }
     for _ in 0..args.workers {
-        primary.fork(&mut lp, Vec::new())?;
+        let w = primary.fork(&mut lp, Vec::new())?;
+        forked.borrow_mut().push(w);
     }
     lp.run(RunMode::Default)?;
     Ok(all_ok.get())

@@ -9,7 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 
-use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp};
+use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp, Timer};
+
+/// Node's `TIMEOUT_MAX` (2^31 - 1 ms): the keep-alive timer's period.
+const KEEP_ALIVE_MS: u64 = (1 << 31) - 1;
 
 /// A connection handed to a server's connection callback. The callback
 /// owns it; close it with [`Server::close_connection`] so the server's
@@ -199,6 +202,10 @@ struct Inner {
     connections: usize,
     /// Data the cluster hook keeps per server (its key and index).
     hook_data: Option<Box<dyn Any>>,
+    /// Round-robin in a cluster worker: a timer that never fires, so that
+    /// the server keeps the loop alive like a listening socket does
+    /// (Node's fake handle runs `setInterval(noop, TIMEOUT_MAX)`).
+    keep_alive: Option<Handle<Timer>>,
 }
 
 /// A listening server (Node's `net.Server`). Cheap to clone: clones name
@@ -256,6 +263,7 @@ impl Server {
                 max_connections: None,
                 connections: 0,
                 hook_data: None,
+                keep_alive: None,
             })),
         }
     }
@@ -430,6 +438,20 @@ impl Server {
 
     /// Ends a `listen`: records the result and runs the listen callback.
     pub(crate) fn finish_listen(&self, lp: &mut Loop, r: Result<ServerAddress, ListenError>) {
+        let remote = r.is_ok()
+            && matches!(self.inner.borrow().listener, Listener::Remote)
+            && self.inner.borrow().keep_alive.is_none();
+        if remote {
+            let t = lp.timer_init();
+            if lp
+                .timer_start(t, KEEP_ALIVE_MS, KEEP_ALIVE_MS, |_, _| {})
+                .is_ok()
+            {
+                self.inner.borrow_mut().keep_alive = Some(t);
+            } else {
+                let _ = lp.close(t, |_| {});
+            }
+        }
         let cb = {
             let mut i = self.inner.borrow_mut();
             i.pending = false;
@@ -542,6 +564,10 @@ impl Server {
             }
             Listener::Remote | Listener::None => {}
         }
+        let keep_alive = self.inner.borrow_mut().keep_alive.take();
+        if let Some(t) = keep_alive {
+            let _ = lp.close(t, |_| {});
+        }
         if self.inner.borrow().hook_data.is_some()
             && let Some(hook) = super::cluster_hook()
         {
@@ -591,6 +617,14 @@ impl Server {
             Listener::Pipe(p) => Some(Accepted::Pipe(*p)),
             _ => None,
         };
+        let keep_alive = self.inner.borrow().keep_alive;
+        if let Some(t) = keep_alive {
+            return if on {
+                lp.ref_handle(t)
+            } else {
+                lp.unref_handle(t)
+            };
+        }
         match (l, on) {
             (Some(Accepted::Tcp(t)), true) => lp.ref_handle(t),
             (Some(Accepted::Tcp(t)), false) => lp.unref_handle(t),

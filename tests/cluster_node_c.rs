@@ -1,0 +1,310 @@
+//! Node's test-cluster-*.js, group C (TCP/pipe listening, round-robin and
+//! shared handles), ported: a Rust primary with real Node workers
+//! (`tests/node/ports_worker.js`), and Rust workers.
+
+mod cluster_node_common;
+mod util;
+
+use std::os::unix::fs::PermissionsExt;
+
+use cluster_node_common::*;
+use serde_json::{Value, json};
+use util::*;
+use uvcluster::cluster::{SchedulingPolicy, Settings, Worker};
+use uvcluster::net::{ListenOptions, Server};
+use uvcluster::uv::Loop;
+
+fn with_env(mut s: Settings, pairs: &[(&str, &str)]) -> Settings {
+    s.env.as_mut().unwrap().extend(env(pairs));
+    s
+}
+
+/// Runs one or more workers; `on_msg` sees their messages and must end
+/// the run (disconnect). Returns the workers.
+fn run_msgs(
+    settings: Settings,
+    n: usize,
+    on_msg: impl FnMut(&mut Loop, &uvcluster::cluster::Primary, &Worker, Value) + 'static,
+) -> Vec<Worker> {
+    let mut lp = Loop::new().unwrap();
+    let (p, _log) = primary(&mut lp, settings);
+    let mut on_msg = on_msg;
+    let p2 = p.clone();
+    p.on_message(move |lp, w, m, _| {
+        assert_ne!(m["op"], "error", "{m}");
+        on_msg(lp, &p2, w, m)
+    });
+    let ws: Vec<Worker> = (0..n).map(|_| p.fork(&mut lp, vec![]).unwrap()).collect();
+    run(&mut lp, 30_000);
+    for w in &ws {
+        assert_eq!(w.exit_status(), Some((Some(0), None)), "worker {}", w.id());
+    }
+    assert!(p.workers().is_empty());
+    assert_loop_empty(&lp);
+    ws
+}
+
+/// test-cluster-net-listen: `listen()` with no arguments works.
+#[test]
+fn net_listen_without_a_port() {
+    run_msgs(node_worker("listen_noarg", RR), 1, |lp, _, w, m| {
+        assert!(m["port"].as_u64().unwrap() > 0);
+        w.disconnect(lp);
+    });
+}
+
+/// test-cluster-net-listen-backlog: the worker's `backlog: 127` reaches
+/// the primary's listen (the kernel shows it as the listener's Send-Q).
+#[test]
+fn net_listen_backlog_reaches_the_primary() {
+    run_msgs(node_worker("backlog", RR), 1, |lp, _, w, m| {
+        let port = m["port"].as_u64().unwrap();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let send_q: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
+        assert_eq!(send_q, ["127"], "{text}");
+        w.disconnect(lp);
+    });
+}
+
+/// test-cluster-net-listen-ipv6only-false: 3 workers on `::` port 0 share
+/// one port, dual-stack: an IPv4 connection works.
+#[test]
+fn ipv6only_false_dual_stack() {
+    let ports = shared(Vec::<u64>::new());
+    run_msgs(node_worker("ipv6", RR), 3, move |lp, p, _, m| {
+        assert_eq!(m["family"], "IPv6");
+        ports.borrow_mut().push(m["port"].as_u64().unwrap());
+        if ports.borrow().len() < 3 {
+            return;
+        }
+        let port = ports.borrow()[0];
+        assert!(ports.borrow().iter().all(|&q| q == port));
+        let p = p.clone();
+        fetch(
+            lp,
+            &Target::Tcp(localhost(port as u16)),
+            b"",
+            move |lp, r| {
+                assert!(!r.unwrap().is_empty());
+                p.disconnect(lp, |_| {});
+            },
+        );
+    });
+}
+
+/// test-cluster-listen-pipe-readable-writable: `readableAll` and
+/// `writableAll` reach the primary; the socket file is mode 0777.
+/// test-cluster-http-pipe: HTTP on a Unix socket, remote address undefined.
+#[test]
+fn unix_socket_readable_writable_and_http_pipe() {
+    let dir = tmpdir("pipe");
+    let sock = dir.join("rw.sock");
+    let s2 = sock.clone();
+    run_msgs(
+        with_env(
+            node_worker("pipe_rw", RR),
+            &[("SOCK", sock.to_str().unwrap())],
+        ),
+        1,
+        move |lp, _, w, _| {
+            let mode = std::fs::metadata(&s2).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o777);
+            w.disconnect(lp);
+        },
+    );
+    assert!(!sock.exists(), "the socket file is removed on close");
+    let sock = dir.join("http.sock");
+    let s2 = sock.clone();
+    run_msgs(
+        with_env(
+            node_worker("http_pipe", RR),
+            &[("SOCK", sock.to_str().unwrap())],
+        ),
+        1,
+        move |lp, _, w, _| {
+            let w = w.clone();
+            fetch(lp, &Target::Unix(s2.clone()), HTTP_GET, move |lp, r| {
+                let b: Value = serde_json::from_str(&body(&r.unwrap())).unwrap();
+                assert_eq!(b, json!({"remote":"undefined"}));
+                w.disconnect(lp);
+            });
+        },
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// test-cluster-child-index-net: two concurrent `listen(0)`s in one
+/// worker, then both closed and re-listened, all succeed.
+#[test]
+fn child_index_net() {
+    run_msgs(node_worker("child_index", RR), 1, |lp, _, w, m| {
+        assert_eq!(m["op"], "done");
+        let ports = m["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 4);
+        assert_ne!(ports[0], ports[1], "two servers, two handles");
+        w.disconnect(lp);
+    });
+}
+
+/// test-cluster-server-restart-rr / -none: worker 2 closes and re-listens
+/// on port 0; both exit 0.
+fn server_restart(policy: SchedulingPolicy) {
+    let listening = Counter::new();
+    run_msgs(
+        node_worker("restart", policy),
+        2,
+        move |lp, p, w, m| match m["op"].as_str().unwrap() {
+            "listening" => {
+                listening.hit();
+                if listening.get() == 2 {
+                    p.worker(2)
+                        .unwrap()
+                        .send(lp, &json!({"op":"restart"}), None)
+                        .unwrap();
+                }
+            }
+            "relistening" => {
+                assert_eq!(w.id(), 2);
+                assert!(m["port"].as_u64().unwrap() > 0);
+                p.disconnect(lp, |_| {});
+            }
+            _ => panic!("{m}"),
+        },
+    );
+}
+
+#[test]
+fn server_restart_rr() {
+    server_restart(RR);
+}
+
+#[test]
+fn server_restart_none() {
+    server_restart(NONE);
+}
+
+/// test-cluster-disconnect-leak: `cluster.disconnect()` right after fork
+/// (SCHED_NONE) still gives 'disconnect' and 'exit'.
+/// test-cluster-shared-leak / disconnect-race / disconnect-unshared-tcp:
+/// one worker without servers disconnected while another is starting and
+/// listening (SCHED_NONE); then `cluster.disconnect()`; all exit 0.
+#[test]
+fn disconnect_leak_race_and_unshared_tcp_sched_none() {
+    let mut lp = Loop::new().unwrap();
+    let (p, log) = primary(&mut lp, node_worker("listen_then", NONE));
+    let ws: Vec<Worker> = (0..2).map(|_| p.fork(&mut lp, vec![]).unwrap()).collect();
+    p.disconnect(&mut lp, |_| {});
+    run(&mut lp, 20_000);
+    for w in &ws {
+        assert_eq!(w.exit_status(), Some((Some(0), None)));
+        let ev = events(&log, w.id());
+        assert!(
+            ev.ends_with(&["disconnect".into(), "exit".into()]),
+            "{ev:?}"
+        );
+    }
+    assert_loop_empty(&lp);
+
+    let mut lp = Loop::new().unwrap();
+    let (p, _log) = primary(&mut lp, node_worker("idle", NONE));
+    let p2 = p.clone();
+    p.on_message(move |lp, w, _, _| {
+        // Worker 1 (no servers) is disconnected while worker 2 starts.
+        if w.id() == 1 {
+            w.disconnect(lp);
+            p2.fork(lp, env(&[("SCENARIO", "listen_then")])).unwrap();
+        }
+    });
+    let p3 = p.clone();
+    p.on_listening(move |lp, w, _| {
+        assert_eq!(w.id(), 2);
+        let p4 = p3.clone();
+        let addr = localhost(0);
+        let _ = addr;
+        p4.disconnect(lp, |_| {});
+    });
+    let w1 = p.fork(&mut lp, vec![]).unwrap();
+    run(&mut lp, 20_000);
+    assert_eq!(w1.exit_status(), Some((Some(0), None)));
+    assert_eq!(p.workers().len(), 0);
+    assert_loop_empty(&lp);
+}
+
+/// test-cluster-rr-handle-close / rr-ref: a Rust round-robin worker with
+/// its channel unref'd exits once its server closes (the close callback
+/// fires).
+#[test]
+fn rr_worker_with_unrefd_channel_exits_once_its_server_closes() {
+    let mut lp = Loop::new().unwrap();
+    let (p, log) = primary(&mut lp, rust_worker("helper_rr_close", RR));
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run(&mut lp, 20_000);
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(
+        events(&log, 1),
+        ["fork", "online", "listening", "disconnect", "exit"]
+    );
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_rr_close() {
+    as_worker("helper_rr_close", |lp, w| {
+        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        s.listen(lp, ListenOptions::port(0), move |lp, s, r| {
+            r.unwrap();
+            // As in Node's test: unref the channel once listening.
+            w.channel().unwrap().set_ref(lp, false).unwrap();
+            s.close(lp, |_, _| println!("closed"));
+        })
+        .unwrap();
+    });
+}
+
+/// test-cluster-rr-handle-keep-loop-alive: a listening round-robin server
+/// keeps a Rust worker alive even with its channel unref'd, and serves.
+#[test]
+fn rr_server_keeps_an_unrefd_worker_alive() {
+    let mut lp = Loop::new().unwrap();
+    let (p, _log) = primary(&mut lp, rust_worker("helper_rr_alive", RR));
+    p.on_listening(|lp, w, addr| {
+        let port = addr.port.unwrap() as u16;
+        let w = w.clone();
+        fetch(lp, &Target::Tcp(localhost(port)), b"", move |lp, r| {
+            assert_eq!(r.unwrap(), b"alive");
+            w.disconnect(lp);
+        });
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run(&mut lp, 20_000);
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_rr_alive() {
+    as_worker("helper_rr_alive", |lp, w| {
+        let s = Server::new(|lp, s, c| {
+            let uvcluster::net::Conn::Tcp(t) = c else {
+                unreachable!()
+            };
+            let s = s.clone();
+            lp.write(t, &[b"alive"], move |lp, t, _| {
+                s.close_connection(lp, uvcluster::net::Conn::Tcp(t))
+            })
+            .unwrap();
+        });
+        s.listen(lp, ListenOptions::port(0), move |lp, _, r| {
+            r.unwrap();
+            w.channel().unwrap().set_ref(lp, false).unwrap();
+        })
+        .unwrap();
+    });
+}
