@@ -38,11 +38,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The running `uvcluster`, killed if the test fails first; stderr is
-/// collected on a thread.
+/// The running `uvcluster`, killed if the test fails first. A thread
+/// forwards each stderr line (then `None` at EOF), so the test waits on the
+/// binary's own log lines, with a deadline, instead of polling.
 struct Cli {
     child: Option<Child>,
-    stderr: mpsc::Receiver<String>,
+    lines: mpsc::Receiver<Option<String>>,
+    log: String,
 }
 
 impl Drop for Cli {
@@ -55,6 +57,8 @@ impl Drop for Cli {
 }
 
 impl Cli {
+    /// Starts `uvcluster run -w 2 --policy rr -- command` and waits until
+    /// both workers listen.
     fn start(port: u16, envs: &[(&str, &str)], command: &[&str]) -> Cli {
         let mut c = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
         c.args(["run", "-w", "2", "--policy", "rr", "--"])
@@ -69,16 +73,38 @@ impl Cli {
         let err = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut s = String::new();
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                s.push_str(&line);
-                s.push('\n');
+                let _ = tx.send(Some(line));
             }
-            let _ = tx.send(s);
+            let _ = tx.send(None);
         });
-        Cli {
+        let mut cli = Cli {
             child: Some(child),
-            stderr: rx,
+            lines: rx,
+            log: String::new(),
+        };
+        for _ in 0..2 {
+            cli.expect(" listening on ");
+        }
+        cli
+    }
+
+    /// Waits (with a deadline) for the next log line containing `what`.
+    fn expect(&mut self, what: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            let left = LIMIT.saturating_sub(t0.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                    if line.contains(what) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
+                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
+            }
         }
     }
 
@@ -87,45 +113,40 @@ impl Cli {
         kill(Pid::from_raw(c.id() as i32), s).unwrap();
     }
 
-    /// Waits for the exit (with a deadline); returns (code, stderr).
+    fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the exit: stderr reaches EOF when the process ends (with a
+    /// deadline); returns (code, the whole log).
     fn wait(mut self) -> (Option<i32>, String) {
-        let mut c = self.child.take().unwrap();
         let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break s;
+        loop {
+            let left = LIMIT.saturating_sub(t0.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                }
+                Ok(None) => break,
+                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
             }
-            if t0.elapsed() > LIMIT {
-                let _ = c.kill();
-                panic!("uvcluster did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let err = self.stderr.recv_timeout(LIMIT).unwrap_or_default();
-        (status.code(), err)
+        }
+        let status = self.child.take().unwrap().wait().unwrap();
+        (status.code(), std::mem::take(&mut self.log))
     }
 }
 
-/// One request; the workers are separate processes, so a connection is
-/// retried (with a deadline) until they listen.
+/// One request (the workers listen: `Cli::start` waited for them).
 fn get(port: u16) -> String {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let t0 = Instant::now();
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(LIMIT)).unwrap();
-                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .unwrap();
-                let mut out = String::new();
-                if s.read_to_string(&mut out).is_ok() && !out.is_empty() {
-                    return out;
-                }
-            }
-            Err(e) => assert!(t0.elapsed() < LIMIT, "no server on {port}: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap_or_else(|e| panic!("no server on {port}: {e}"));
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn body(resp: &str) -> &str {
@@ -186,25 +207,17 @@ fn cli_runs_the_cluster_hello_example() {
 fn cli_second_signal_kills() {
     let port = free_port();
     let js = ports_worker();
-    let cli = Cli::start(port, &[("SCENARIO", "hold")], &["node", &js]);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let t0 = Instant::now();
-    let mut held = loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(e) => assert!(t0.elapsed() < LIMIT, "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut cli = Cli::start(port, &[("SCENARIO", "hold")], &["node", &js]);
+    let mut held = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
     held.set_read_timeout(Some(LIMIT)).unwrap();
     let mut buf = [0u8; 16];
     assert!(held.read(&mut buf).unwrap() > 0, "the worker wrote its pid");
     cli.signal(Signal::SIGINT);
     // The other worker leaves; the one holding the connection stays.
-    std::thread::sleep(Duration::from_millis(300));
+    cli.expect(") exited");
     assert!(
-        cli.child.as_ref().map(|c| c.id()).is_some(),
-        "still running"
+        cli.running(),
+        "still running with a worker holding a connection"
     );
     cli.signal(Signal::SIGINT);
     let (code, err) = cli.wait();

@@ -3,7 +3,7 @@
 //! or a Rust one built on this crate) under a Rust primary.
 //!
 //! The environment passes through to the workers (`PORT=8000 uvcluster run
-//! ...` works). Worker exits are logged. SIGINT or SIGTERM asks every
+//! ...` works). Workers' listening addresses and exits are logged on stderr. SIGINT or SIGTERM asks every
 //! worker to disconnect gracefully; a second one kills them. The command
 //! exits once its workers are gone: 0 if all of them exited 0.
 
@@ -127,6 +127,22 @@ fn run(args: Args) -> io::Result<bool> {
                 );
             }
             (None, None) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
+        }
+    });
+    primary.on_listening(|_, w, a| {
+        let pid = w.pid().unwrap_or(0);
+        let addr = a.address.as_deref().unwrap_or("*");
+        match a.port {
+            Some(port) if port >= 0 => {
+                eprintln!(
+                    "uvcluster: worker {} (pid {pid}) listening on {addr}:{port}",
+                    w.id()
+                )
+            }
+            _ => eprintln!(
+                "uvcluster: worker {} (pid {pid}) listening on {addr}",
+                w.id()
+            ),
         }
     });
     primary.on_error(|_, w, e| match w {
