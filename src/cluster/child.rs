@@ -45,6 +45,10 @@ fn child() -> Option<ChildRef> {
 struct HookData {
     /// The primary's key, once the reply came.
     key: Option<String>,
+    /// The primary asked for load reports (a load-aware policy).
+    report_load: bool,
+    /// A load report is scheduled for the next loop iteration.
+    report_pending: bool,
     indexes_key: String,
     index: u64,
 }
@@ -289,6 +293,8 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     server.with_hook_data(|d| {
         *d = Some(Box::new(HookData {
             key: None,
+            report_load: false,
+            report_pending: false,
             indexes_key,
             index,
         }))
@@ -409,11 +415,16 @@ fn on_query_reply(
     };
     match result {
         Ok(addr) => {
+            let wants_load = reply.get("loadReports").and_then(Value::as_bool) == Some(true);
             server.with_hook_data(|d| {
                 if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
                     d.key = Some(r.key.clone());
+                    d.report_load = wants_load;
                 }
             });
+            if wants_load {
+                server.set_on_ended(schedule_load_report);
+            }
             if let Some(state) = child() {
                 state
                     .borrow_mut()
@@ -443,6 +454,48 @@ fn on_query_reply(
             server.finish_listen(lp, Err(e));
         }
     }
+}
+
+fn reports_load(server: &Server) -> bool {
+    server.with_hook_data(|d| {
+        d.as_ref()
+            .and_then(|d| d.downcast_ref::<HookData>())
+            .is_some_and(|d| d.report_load)
+    })
+}
+
+/// A connection of a load-reporting server ended: report the new count
+/// once per loop iteration at most (`{act: "load"}`), so a burst of closes
+/// costs one message.
+fn schedule_load_report(lp: &mut Loop, server: &Server) {
+    let schedule =
+        server.with_hook_data(
+            |d| match d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+                Some(d) if d.report_load && !d.report_pending && d.key.is_some() => {
+                    d.report_pending = true;
+                    true
+                }
+                _ => false,
+            },
+        );
+    if !schedule {
+        return;
+    }
+    let s = server.clone();
+    crate::net::defer(lp, move |lp| {
+        let key = s.with_hook_data(|d| {
+            let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
+            d.report_pending = false;
+            d.key.clone()
+        });
+        if let (Some(key), Some(state)) = (key, child()) {
+            let channel = state.borrow().channel.clone();
+            if channel.is_connected() {
+                let load = s.connections() as u64;
+                let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
+            }
+        }
+    });
 }
 
 fn release_index(server: &Server) {
@@ -521,6 +574,11 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
             let mut m = Map::new();
             m.insert("ack".into(), seq);
             m.insert("accepted".into(), accepted.into());
+            let server = state.borrow().handles.get(&key).cloned();
+            if let Some(s) = server.filter(reports_load) {
+                // Beyond Node: the open-connection count rides on the reply.
+                m.insert("load".into(), (s.connections() as u64).into());
+            }
             let _ = channel.send_cluster(lp, m, None, None);
         }
         Some(Act::Disconnect) => {

@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 
 pub use child::setup_worker;
 pub use primary::{ClusterError, Primary};
+pub use round_robin_handle::{ConnInfo, Scheduler, WorkerLoad};
 pub use settings::{SchedulingPolicy, Settings};
 pub use worker::{Address, Worker, WorkerState};
 

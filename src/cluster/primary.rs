@@ -20,9 +20,9 @@ use serde_json::{Map, Value};
 
 use super::NODE_UNIQUE_ID;
 use super::protocol::{Act, AddressType, Query, QueryReply};
-use super::round_robin_handle::{RoundRobinHandle, truthy};
+use super::round_robin_handle::{ConnInfo, Pick, RoundRobinHandle, Scheduler, WorkerLoad, truthy};
 use super::settings::{SchedulingPolicy, Settings};
-use super::shared_handle::SharedHandle;
+use super::shared_handle::{SharedHandle, fd_of};
 use super::worker::{Address, Side, Worker, WorkerState};
 use crate::ipc::{self, ChannelError, ForkOptions, NODE_CLUSTER, close_accepted};
 use crate::uv::{Accepted, Loop};
@@ -92,6 +92,8 @@ pub(crate) struct PrimaryInner {
     /// Set by the first `setup_primary` or `fork`, which freezes the policy.
     initialized: bool,
     policy: SchedulingPolicy,
+    /// A user scheduler for round-robin handles created from now on.
+    scheduler: Option<Scheduler>,
     /// The last id given out.
     ids: u32,
     /// Node's `cluster.workers`.
@@ -218,6 +220,7 @@ impl Primary {
                 settings: Settings::default(),
                 initialized: false,
                 policy: SchedulingPolicy::from_env(),
+                scheduler: None,
                 ids: 0,
                 workers: BTreeMap::new(),
                 alive: BTreeMap::new(),
@@ -297,6 +300,34 @@ impl Primary {
     /// disconnects it ([`Worker::disconnect`]), as in Node.
     pub fn workers(&self) -> Vec<Worker> {
         self.inner.borrow().workers.values().cloned().collect()
+    }
+
+    /// Sets a scheduler that picks the worker for each connection the
+    /// primary accepts (round-robin handles created after this call; the
+    /// policy must be [`SchedulingPolicy::RoundRobin`]). It sees the
+    /// client's address and every worker's load; returning `None`, or an
+    /// id that is not a worker of that server, falls back to the first free
+    /// worker. A connection placed on a busy worker waits for it.
+    ///
+    /// # Examples
+    ///
+    /// Sticky sessions by client IP:
+    ///
+    /// ```
+    /// use std::hash::{DefaultHasher, Hash, Hasher};
+    /// use uvcluster::cluster::{ConnInfo, Primary, WorkerLoad};
+    ///
+    /// let primary = Primary::new();
+    /// primary.set_scheduler(|conn: &ConnInfo, workers: &[WorkerLoad]| {
+    ///     let ip = conn.peer?.ip();
+    ///     let mut h = DefaultHasher::new();
+    ///     ip.hash(&mut h);
+    ///     let i = h.finish() as usize % workers.len();
+    ///     Some(workers[i].id)
+    /// });
+    /// ```
+    pub fn set_scheduler(&self, f: impl Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32> + 'static) {
+        self.inner.borrow_mut().scheduler = Some(Rc::new(f));
     }
 
     /// Sends `msg` to every connected worker; returns how many it was
@@ -730,6 +761,15 @@ impl Primary {
                     ),
                 }
             }
+            Act::Load { key, load } => {
+                let rr = match self.inner.borrow().handles.get(&key).map(|e| &e.handle) {
+                    Some(ServerHandle::RoundRobin(rr)) => Some(rr.clone()),
+                    _ => None,
+                };
+                if let Some(rr) = rr {
+                    rr.set_load(w.id(), load);
+                }
+            }
             Act::NewConn { .. } | Act::Disconnect => {
                 self.protocol_error(
                     lp,
@@ -777,15 +817,30 @@ impl Primary {
             let address = server_address(&q);
             let policy = self.inner.borrow().policy;
             let kind = q.kind().unwrap_or(AddressType::Fd);
-            let handle = if policy != SchedulingPolicy::RoundRobin || kind.is_udp() {
-                ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q))
-            } else {
-                ServerHandle::RoundRobin(RoundRobinHandle::new(
+            let tcp = matches!(kind, AddressType::Tcp4 | AddressType::Tcp6);
+            let pick = match policy {
+                SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
+                SchedulingPolicy::RoundRobin => Some(match self.inner.borrow().scheduler.clone() {
+                    Some(f) => Pick::Custom(f),
+                    None => Pick::Fifo,
+                }),
+                SchedulingPolicy::None | SchedulingPolicy::ReusePort => None,
+            };
+            let handle = match pick {
+                _ if kind.is_udp() => {
+                    ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q))
+                }
+                _ if policy == SchedulingPolicy::ReusePort && tcp && fd_of(&q).is_none() => {
+                    ServerHandle::Shared(SharedHandle::new_reuse_port(address.as_deref(), &q))
+                }
+                Some(pick) => ServerHandle::RoundRobin(RoundRobinHandle::new(
                     lp,
                     key.clone(),
                     address.as_deref(),
                     &q,
-                ))
+                    pick,
+                )),
+                None => ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q)),
             };
             self.inner.borrow_mut().handles.insert(
                 key.clone(),
@@ -825,7 +880,7 @@ impl Primary {
                     (errno, sockname, None, Some(rr.clone()), data)
                 }
                 ServerHandle::Shared(s) => {
-                    let (errno, attach) = s.add(w.id());
+                    let (errno, attach) = s.add(lp, w.id());
                     (Some(errno), None, attach, None, data)
                 }
             }
@@ -848,12 +903,13 @@ impl Primary {
             data,
             sockname,
         };
-        self.send_to(
-            lp,
-            w,
-            reply.to_fields(seq),
-            if failed { None } else { attach },
-        );
+        let mut fields = reply.to_fields(seq);
+        if rr.as_ref().is_some_and(RoundRobinHandle::wants_load) {
+            // Beyond Node: ask the worker to report its open connections
+            // (Node workers ignore the field).
+            fields.insert("loadReports".into(), true.into());
+        }
+        self.send_to(lp, w, fields, if failed { None } else { attach });
         if let Some(rr) = rr
             && !failed
         {

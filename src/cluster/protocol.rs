@@ -29,6 +29,15 @@ pub enum Act {
     },
     /// P→W: disconnect.
     Disconnect,
+    /// W→P, beyond Node: the worker's open connections on a round-robin
+    /// server, sent when connections end (Node primaries ignore unknown
+    /// acts). Accept replies carry the same number as `load`.
+    Load {
+        /// The server's key.
+        key: String,
+        /// Open connections.
+        load: u64,
+    },
 }
 
 /// The fields of `queryServer` and `listening`.
@@ -232,6 +241,10 @@ impl Act {
             "exitedAfterDisconnect" => Act::ExitedAfterDisconnect,
             "newconn" => Act::NewConn { key: key()? },
             "disconnect" => Act::Disconnect,
+            "load" => Act::Load {
+                key: key()?,
+                load: m.get("load").and_then(Value::as_u64)?,
+            },
             _ => return None,
         })
     }
@@ -259,6 +272,12 @@ impl Act {
                 m
             }
             Act::Disconnect => simple("disconnect"),
+            Act::Load { key, load } => {
+                let mut m = simple("load");
+                m.insert("key".into(), key.clone().into());
+                m.insert("load".into(), (*load).into());
+                m
+            }
         }
     }
 }
@@ -348,6 +367,10 @@ mod tests {
                 key: "null:0:4:undefined:0".into(),
             },
             Act::Disconnect,
+            Act::Load {
+                key: "k".into(),
+                load: 3,
+            },
         ] {
             assert_eq!(Act::parse(&Value::Object(a.to_fields())), Some(a));
         }

@@ -60,8 +60,63 @@ impl Conn {
     }
 }
 
+/// What a scheduler sees of one worker when it picks where a connection
+/// goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// The worker's id.
+    pub id: u32,
+    /// Open connections: as the worker last reported them (Rust workers
+    /// report with every accept reply and when connections end), plus those
+    /// it accepted since; for a Node worker, everything it has accepted.
+    pub open: u64,
+    /// Connections handed to it and not yet answered, or waiting for it.
+    pub queued: u64,
+    /// Connections it has accepted in all.
+    pub accepted: u64,
+}
+
+/// What a scheduler sees of the connection to place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The client's address (TCP), if known.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// A user scheduler: picks the worker for a connection from every worker's
+/// load, or `None` for the default (first free worker).
+pub type Scheduler = Rc<dyn Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32>>;
+
+/// How a handle picks the worker for each connection.
+#[derive(Clone)]
+pub(super) enum Pick {
+    /// Node's round-robin: the first free worker.
+    Fifo,
+    /// The worker with the fewest open and queued connections.
+    LeastConnections,
+    /// A user scheduler.
+    Custom(Scheduler),
+}
+
+impl std::fmt::Debug for Pick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pick::Fifo => "Fifo",
+            Pick::LeastConnections => "LeastConnections",
+            Pick::Custom(_) => "Custom",
+        })
+    }
+}
+
 #[derive(Debug)]
 struct State {
+    pick: Pick,
+    /// Per worker: reported open connections, accepted in all.
+    open: HashMap<u32, u64>,
+    accepted: HashMap<u32, u64>,
+    /// Connections a scheduler placed on a worker that was busy; it takes
+    /// them, in order, before the shared queue.
+    assigned: HashMap<u32, VecDeque<Conn>>,
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<ServerSocket>,
@@ -91,9 +146,19 @@ impl RoundRobinHandle {
     /// `listen({fd, backlog})`, `listen({port, host, ipv6Only, backlog})`,
     /// or `listen({path, backlog, readableAll, writableAll})`. A failure is
     /// kept and reported to every worker that asks.
-    pub(super) fn new(lp: &mut Loop, key: String, address: Option<&str>, q: &Query) -> Self {
+    pub(super) fn new(
+        lp: &mut Loop,
+        key: String,
+        address: Option<&str>,
+        q: &Query,
+        pick: Pick,
+    ) -> Self {
         let rr = RoundRobinHandle {
             st: Rc::new(RefCell::new(State {
+                pick,
+                open: HashMap::new(),
+                accepted: HashMap::new(),
+                assigned: HashMap::new(),
                 key,
                 listener: None,
                 errno: None,
@@ -205,7 +270,76 @@ impl RoundRobinHandle {
     /// A connection was accepted, or came back (Node's `distribute`): it
     /// joins the queue and the first free worker takes the head.
     fn distribute(&self, lp: &mut Loop, conn: Conn) {
-        self.enqueue(lp, conn, false);
+        let target = self.choose(lp, conn);
+        let Some(id) = target else {
+            self.enqueue(lp, conn, false);
+            return;
+        };
+        let next = {
+            let mut st = self.st.borrow_mut();
+            st.assigned.entry(id).or_default().push_back(conn);
+            let was_free = st.free.contains(&id);
+            st.free.retain(|&f| f != id);
+            if was_free {
+                st.all.get(&id).cloned()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = next {
+            self.handoff(lp, &w);
+        }
+    }
+
+    /// The worker a non-FIFO pick places `conn` on, or `None` for the
+    /// shared queue.
+    fn choose(&self, lp: &mut Loop, conn: Conn) -> Option<u32> {
+        let (pick, loads) = {
+            let st = self.st.borrow();
+            if matches!(st.pick, Pick::Fifo) || st.all.is_empty() {
+                return None;
+            }
+            let loads: Vec<WorkerLoad> = st
+                .all
+                .keys()
+                .map(|&id| WorkerLoad {
+                    id,
+                    open: st.open.get(&id).copied().unwrap_or(0),
+                    queued: st.assigned.get(&id).map_or(0, |q| q.len() as u64)
+                        + u64::from(st.in_flight.contains_key(&id)),
+                    accepted: st.accepted.get(&id).copied().unwrap_or(0),
+                })
+                .collect();
+            (st.pick.clone(), loads)
+        };
+        let id = match pick {
+            Pick::Fifo => return None,
+            Pick::LeastConnections => loads
+                .iter()
+                .min_by_key(|l| (l.open + l.queued, l.accepted, l.id))
+                .map(|l| l.id),
+            Pick::Custom(f) => {
+                let peer = match conn {
+                    Conn::Tcp(h) => lp.tcp_getpeername(h).ok(),
+                    Conn::Pipe(_) => None,
+                };
+                f(&ConnInfo { peer }, &loads)
+            }
+        };
+        id.filter(|id| self.st.borrow().all.contains_key(id))
+    }
+
+    /// Whether this handle picks by load, so workers should report theirs.
+    pub(super) fn wants_load(&self) -> bool {
+        !matches!(self.st.borrow().pick, Pick::Fifo)
+    }
+
+    /// A worker reported its open connections on this server.
+    pub(super) fn set_load(&self, id: u32, load: u64) {
+        let mut st = self.st.borrow_mut();
+        if st.all.contains_key(&id) {
+            st.open.insert(id, load);
+        }
     }
 
     fn enqueue(&self, lp: &mut Loop, conn: Conn, front: bool) {
@@ -238,7 +372,8 @@ impl RoundRobinHandle {
             if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) {
                 return;
             }
-            let Some(conn) = st.handles.pop_front() else {
+            let mine = st.assigned.get_mut(&id).and_then(VecDeque::pop_front);
+            let Some(conn) = mine.or_else(|| st.handles.pop_front()) else {
                 if !st.free.contains(&id) {
                     st.free.push_back(id);
                 }
@@ -283,9 +418,26 @@ impl RoundRobinHandle {
     }
 
     fn on_reply(&self, lp: &mut Loop, w: &Worker, reply: &Value) {
-        let conn = self.st.borrow_mut().in_flight.remove(&w.id());
+        let id = w.id();
+        let conn = self.st.borrow_mut().in_flight.remove(&id);
         let Some(conn) = conn else { return };
-        if truthy(reply.get("accepted")) {
+        let accepted = truthy(reply.get("accepted"));
+        {
+            // Rust workers send their open-connection count with the reply;
+            // for others, count what they accepted.
+            let mut st = self.st.borrow_mut();
+            let reported = reply.get("load").and_then(Value::as_u64);
+            let open = st.open.entry(id).or_default();
+            match reported {
+                Some(n) => *open = n,
+                None if accepted => *open += 1,
+                None => {}
+            }
+            if accepted {
+                *st.accepted.entry(id).or_default() += 1;
+            }
+        }
+        if accepted {
             conn.close(lp);
         } else {
             self.distribute(lp, conn);
@@ -300,6 +452,20 @@ impl RoundRobinHandle {
         let conn = self.st.borrow_mut().in_flight.remove(&id);
         if let Some(conn) = conn {
             self.enqueue(lp, conn, true);
+        }
+        self.reassign(lp, id);
+    }
+
+    /// Connections placed on worker `id` that it never took go back through
+    /// the pick, among the workers left.
+    fn reassign(&self, lp: &mut Loop, id: u32) {
+        let queued = self.st.borrow_mut().assigned.remove(&id);
+        for conn in queued.into_iter().flatten() {
+            if self.st.borrow().all.contains_key(&id) {
+                self.enqueue(lp, conn, false);
+            } else {
+                self.distribute(lp, conn);
+            }
         }
     }
 
@@ -316,9 +482,12 @@ impl RoundRobinHandle {
                 return false;
             }
             st.free.retain(|&f| f != id);
+            st.open.remove(&id);
         }
         if !w.is_connected() {
             self.lost(lp, id);
+        } else {
+            self.reassign(lp, id);
         }
         if !self.st.borrow().all.is_empty() {
             return false;
@@ -329,12 +498,16 @@ impl RoundRobinHandle {
 
     /// Closes the listener and every queued connection.
     pub(super) fn close(&self, lp: &mut Loop) {
-        let (queued, listener) = {
+        let (queued, assigned, listener) = {
             let mut st = self.st.borrow_mut();
             st.free.clear();
-            (std::mem::take(&mut st.handles), st.listener.take())
+            (
+                std::mem::take(&mut st.handles),
+                std::mem::take(&mut st.assigned),
+                st.listener.take(),
+            )
         };
-        for c in queued {
+        for c in queued.into_iter().chain(assigned.into_values().flatten()) {
             c.close(lp);
         }
         if let Some(l) = listener {

@@ -15,14 +15,27 @@ pub enum SchedulingPolicy {
     /// Node's `SCHED_NONE`: the primary binds, every worker listens and
     /// accepts on the shared socket, and the kernel picks.
     None,
+    /// Beyond Node: the primary binds one `SO_REUSEPORT` socket per worker
+    /// on the same address and gives each worker its own; the kernel
+    /// spreads connections over the sockets by hash (Linux). TCP only: UDP
+    /// and Unix sockets are shared as under [`None`](Self::None).
+    ReusePort,
+    /// Beyond Node: the primary accepts and hands each connection to the
+    /// worker with the fewest open connections, as workers report them
+    /// (Rust workers do, batched with their accept replies; a Node worker's
+    /// load is what the primary has handed it).
+    LeastConnections,
 }
 
 impl SchedulingPolicy {
-    /// Parses a policy name as `NODE_CLUSTER_SCHED_POLICY` spells it.
+    /// Parses a policy name as `NODE_CLUSTER_SCHED_POLICY` spells it: Node's
+    /// `rr` and `none`, and our `reuseport` and `leastconn`.
     pub fn parse(s: &str) -> Option<SchedulingPolicy> {
         match s {
             "rr" => Some(SchedulingPolicy::RoundRobin),
             "none" => Some(SchedulingPolicy::None),
+            "reuseport" => Some(SchedulingPolicy::ReusePort),
+            "leastconn" => Some(SchedulingPolicy::LeastConnections),
             _ => None,
         }
     }
@@ -32,6 +45,8 @@ impl SchedulingPolicy {
         match self {
             SchedulingPolicy::RoundRobin => "rr",
             SchedulingPolicy::None => "none",
+            SchedulingPolicy::ReusePort => "reuseport",
+            SchedulingPolicy::LeastConnections => "leastconn",
         }
     }
 

@@ -211,13 +211,25 @@ pub(super) fn create_server_handle(
 }
 
 /// A socket bound once by the primary and shared by every worker that
-/// asked for the same key (Node's `SharedHandle`).
+/// asked for the same key (Node's `SharedHandle`); or, under
+/// [`SchedulingPolicy::ReusePort`](super::SchedulingPolicy::ReusePort), one
+/// `SO_REUSEPORT` socket per worker on the same address.
 #[derive(Debug)]
 pub(super) struct SharedHandle {
     workers: BTreeSet<u32>,
     handle: Option<ServerSocket>,
     /// The bind error, as Node's negative errno; `0` when bound.
     errno: i64,
+    /// ReusePort: where to bind each worker's socket, and the sockets.
+    per_worker: Option<PerWorker>,
+}
+
+#[derive(Debug)]
+struct PerWorker {
+    /// Addresses to try, in order (`[::]` then `0.0.0.0` for "any").
+    addrs: Vec<SocketAddr>,
+    ipv6_only: bool,
+    sockets: std::collections::BTreeMap<u32, Handle<Tcp>>,
 }
 
 impl SharedHandle {
@@ -231,7 +243,79 @@ impl SharedHandle {
             workers: BTreeSet::new(),
             handle,
             errno,
+            per_worker: None,
         }
+    }
+
+    /// A ReusePort handle for a TCP query: nothing is bound until a worker
+    /// is added; each gets its own `SO_REUSEPORT` socket on the address (a
+    /// port of 0 is resolved by the first bind and reused after it).
+    pub(super) fn new_reuse_port(address: Option<&str>, q: &Query) -> SharedHandle {
+        let plan = port_of(q).and_then(|port| {
+            let ipv6_only = flags_of(q) & IPV6ONLY != 0;
+            let addrs = match address.filter(|a| !a.is_empty()) {
+                None => vec![
+                    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+                ],
+                Some(a) => vec![SocketAddr::new(parse_ip(a)?, port)],
+            };
+            Ok(PerWorker {
+                addrs,
+                ipv6_only,
+                sockets: Default::default(),
+            })
+        });
+        match plan {
+            Ok(p) => SharedHandle {
+                workers: BTreeSet::new(),
+                handle: None,
+                errno: 0,
+                per_worker: Some(p),
+            },
+            Err(e) => SharedHandle {
+                workers: BTreeSet::new(),
+                handle: None,
+                errno: neg_errno(&e),
+                per_worker: None,
+            },
+        }
+    }
+
+    /// ReusePort: binds worker `id`'s own socket.
+    fn bind_for(&mut self, lp: &mut Loop, id: u32) -> io::Result<Handle<Tcp>> {
+        let p = self.per_worker.as_mut().expect("a ReusePort handle");
+        let mut last = None;
+        for addr in p.addrs.clone() {
+            let h = lp.tcp_init();
+            let flags = BindFlags {
+                ipv6_only: addr.is_ipv6() && p.ipv6_only,
+                reuse_port: true,
+                ..BindFlags::default()
+            };
+            // EADDRINUSE from bind is delayed to listen (libuv); the
+            // worker's port check reports it. Other errors, including
+            // ENOPROTOOPT where SO_REUSEPORT is unsupported, come back here.
+            match lp.tcp_bind(h, addr, flags) {
+                Ok(()) => {
+                    if addr.port() == 0 {
+                        // Every later worker binds the port the first got.
+                        let port = lp.tcp_getsockname(h).map(|a| a.port()).unwrap_or(0);
+                        for a in &mut p.addrs {
+                            a.set_port(port);
+                        }
+                        p.addrs.retain(|a| a.is_ipv6() == addr.is_ipv6());
+                    }
+                    p.sockets.insert(id, h);
+                    return Ok(h);
+                }
+                Err(e) => {
+                    let _ = lp.close(h, |_| {});
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| einval("no address to bind")))
     }
 
     /// Whether `id` already uses this handle.
@@ -241,8 +325,24 @@ impl SharedHandle {
 
     /// Adds worker `id`: the errno for the reply (`0` on success) and the
     /// bound socket to send with it.
-    pub(super) fn add(&mut self, id: u32) -> (i64, Option<Attach>) {
+    pub(super) fn add(&mut self, lp: &mut Loop, id: u32) -> (i64, Option<Attach>) {
         self.workers.insert(id);
+        if self.per_worker.is_some() {
+            return match self.bind_for(lp, id) {
+                Ok(h) => (
+                    0,
+                    Some(Attach {
+                        handle: SendHandle::Tcp(h),
+                        kind: HandleKind::NetNative,
+                        after_ack: AfterAck::Keep,
+                    }),
+                ),
+                Err(e) => {
+                    self.workers.remove(&id);
+                    (neg_errno(&e), None)
+                }
+            };
+        }
         let attach = self.handle.map(|h| Attach {
             handle: h.send_handle(),
             kind: match h {
@@ -257,6 +357,9 @@ impl SharedHandle {
     /// Removes worker `id`; when it was the last one, closes the socket and
     /// returns `true` (the caller then forgets the key).
     pub(super) fn remove(&mut self, lp: &mut Loop, id: u32) -> bool {
+        if let Some(h) = self.per_worker.as_mut().and_then(|p| p.sockets.remove(&id)) {
+            let _ = lp.close(h, |_| {});
+        }
         if !self.workers.remove(&id) || !self.workers.is_empty() {
             return false;
         }
@@ -269,6 +372,11 @@ impl SharedHandle {
     /// Closes the socket whoever still uses it (the primary is going away).
     pub(super) fn close(&mut self, lp: &mut Loop) {
         self.workers.clear();
+        if let Some(p) = self.per_worker.as_mut() {
+            for (_, h) in std::mem::take(&mut p.sockets) {
+                let _ = lp.close(h, |_| {});
+            }
+        }
         if let Some(h) = self.handle.take() {
             h.close(lp);
         }

@@ -178,6 +178,7 @@ impl From<ListenError> for io::Error {
 type ConnCb = Box<dyn FnMut(&mut Loop, &Server, Conn)>;
 type ListenCb = Box<dyn FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>)>;
 type CloseCb = Box<dyn FnOnce(&mut Loop, &Server)>;
+type EndedCb = Box<dyn FnMut(&mut Loop, &Server)>;
 
 enum Listener {
     None,
@@ -206,6 +207,9 @@ struct Inner {
     /// the server keeps the loop alive like a listening socket does
     /// (Node's fake handle runs `setInterval(noop, TIMEOUT_MAX)`).
     keep_alive: Option<Handle<Timer>>,
+    /// Runs whenever a connection ends (the cluster hook's load reports to
+    /// a load-aware primary).
+    on_ended: Option<EndedCb>,
 }
 
 /// A listening server (Node's `net.Server`). Cheap to clone: clones name
@@ -264,6 +268,7 @@ impl Server {
                 connections: 0,
                 hook_data: None,
                 keep_alive: None,
+                on_ended: None,
             })),
         }
     }
@@ -514,9 +519,17 @@ impl Server {
 
     /// Counts a connection gone that the caller closed itself.
     pub fn connection_ended(&self, lp: &mut Loop) {
-        {
+        let cb = {
             let mut i = self.inner.borrow_mut();
             i.connections = i.connections.saturating_sub(1);
+            i.on_ended.take()
+        };
+        if let Some(mut cb) = cb {
+            cb(lp, self);
+            let mut i = self.inner.borrow_mut();
+            if i.on_ended.is_none() {
+                i.on_ended = Some(cb);
+            }
         }
         self.maybe_closed(lp);
     }
@@ -593,6 +606,11 @@ impl Server {
     /// Whether `close` was called.
     pub fn is_closing(&self) -> bool {
         self.inner.borrow().closing
+    }
+
+    /// Sets what runs whenever a connection of this server ends.
+    pub(crate) fn set_on_ended(&self, f: impl FnMut(&mut Loop, &Server) + 'static) {
+        self.inner.borrow_mut().on_ended = Some(Box::new(f));
     }
 
     /// The cluster hook's per-server data.
