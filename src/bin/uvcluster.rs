@@ -1,4 +1,4 @@
-//! `uvcluster run --workers N --policy rr|none -- COMMAND [ARGS...]`: runs
+//! `uvcluster run --workers N --policy rr|none|reuseport|leastconn -- COMMAND [ARGS...]`: runs
 //! N copies of any program that speaks Node's cluster protocol (a Node app,
 //! or a Rust one built on this crate) under a Rust primary.
 //!
@@ -199,6 +199,16 @@ mod tests {
             vec![OsString::from("node"), OsString::from("app.js")]
         );
         assert!(p(&["run", "--", "x"]).unwrap().workers >= 1);
+        for (name, policy) in [
+            ("rr", SchedulingPolicy::RoundRobin),
+            ("reuseport", SchedulingPolicy::ReusePort),
+            ("leastconn", SchedulingPolicy::LeastConnections),
+        ] {
+            assert_eq!(
+                p(&["run", "-p", name, "--", "x"]).unwrap().policy,
+                Some(policy)
+            );
+        }
         assert!(p(&["run", "-w", "0", "--", "x"]).is_err());
         assert!(p(&["run", "--policy", "bogus", "--", "x"]).is_err());
         assert!(p(&["run"]).is_err());

@@ -79,8 +79,21 @@ pub struct WorkerLoad {
 /// What a scheduler sees of the connection to place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// The client's address (TCP), if known.
+    /// The client's address (TCP), if known; an IPv4 client of a
+    /// dual-stack listener appears as its IPv4 address.
     pub peer: Option<std::net::SocketAddr>,
+}
+
+/// An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`;
+/// schedulers see it as the IPv4 address it is.
+fn unmap_v4(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a.ip() {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), a.port()),
+            None => a,
+        },
+        _ => a,
+    }
 }
 
 /// A user scheduler: picks the worker for a connection from every worker's
@@ -320,7 +333,7 @@ impl RoundRobinHandle {
                 .map(|l| l.id),
             Pick::Custom(f) => {
                 let peer = match conn {
-                    Conn::Tcp(h) => lp.tcp_getpeername(h).ok(),
+                    Conn::Tcp(h) => lp.tcp_getpeername(h).ok().map(unmap_v4),
                     Conn::Pipe(_) => None,
                 };
                 f(&ConnInfo { peer }, &loads)
