@@ -184,8 +184,7 @@ fn serve(kind: Workers, policy: SchedulingPolicy, primary: Primary, n: usize) ->
     }
     run_with_deadline(&mut lp, 30_000);
     assert_loop_empty(&lp);
-    let v = pids.borrow().clone();
-    v
+    pids.take()
 }
 
 fn both_serve(kind: Workers, policy: SchedulingPolicy) {
