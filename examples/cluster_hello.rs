@@ -28,7 +28,13 @@ fn main() -> io::Result<()> {
     env_logger::init();
     let mut lp = Loop::new()?;
     match cluster::setup_worker(&mut lp)? {
-        Some(worker) => run_worker(&mut lp, worker)?,
+        Some(worker) => run_worker(&mut lp, Some(worker))?,
+        // WORKERS=0: no cluster, one process serves (the limit of the
+        // machine for the dispatch benchmarks).
+        None if std::env::var("WORKERS").as_deref() == Ok("0") => {
+            run_worker(&mut lp, None)?;
+            println!("ready");
+        }
         None => run_primary(&mut lp)?,
     }
     lp.run(RunMode::Default)?;
@@ -42,7 +48,7 @@ fn port() -> u16 {
         .unwrap_or(8000)
 }
 
-fn run_worker(lp: &mut Loop, worker: Worker) -> io::Result<()> {
+fn run_worker(lp: &mut Loop, worker: Option<Worker>) -> io::Result<()> {
     let conns = Rc::new(Cell::new(0u64));
     let c = conns.clone();
     let server = Server::new(move |lp, server, conn| {
@@ -53,11 +59,13 @@ fn run_worker(lp: &mut Loop, worker: Worker) -> io::Result<()> {
             server.close_connection(lp, conn);
         }
     });
-    worker.on_message(move |lp, w, msg, _| {
-        if msg == json!("count") {
-            let _ = w.send(lp, &json!({ "conns": conns.get() }), None);
-        }
-    });
+    if let Some(worker) = worker {
+        worker.on_message(move |lp, w, msg, _| {
+            if msg == json!("count") {
+                let _ = w.send(lp, &json!({ "conns": conns.get() }), None);
+            }
+        });
+    }
     server.listen(lp, ListenOptions::port(port()), |_, _, r| {
         if let Err(e) = r {
             eprintln!("worker {}: {e}", std::process::id());
@@ -100,6 +108,16 @@ fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
                     // slow-handler workload of the dispatch benchmarks).
                     if let Some(ms) = req.path.and_then(|p| p.strip_prefix("/sleep/")) {
                         sleep_ms = sleep_ms.max(ms.parse().unwrap_or(0));
+                    }
+                    // `GET /spin/<ms>`: a handler that keeps the CPU (and
+                    // so this worker's loop) busy that long: the slow
+                    // requests of the slow-handler workload.
+                    if let Some(ms) = req.path.and_then(|p| p.strip_prefix("/spin/")) {
+                        let until = std::time::Instant::now()
+                            + std::time::Duration::from_millis(ms.parse().unwrap_or(0));
+                        while std::time::Instant::now() < until {
+                            std::hint::spin_loop();
+                        }
                     }
                     let conn_hdr = req
                         .headers

@@ -6,7 +6,8 @@
 //! Workloads: keep-alive, one request per connection (`Connection: close`,
 //! the connection-churn case where dispatch matters most), and a mix in
 //! which every k-th request asks the server to take some milliseconds
-//! (`GET /sleep/<ms>`), where dispatch by load should win.
+//! (`GET /spin/<ms>`, a handler that keeps its worker busy), where
+//! dispatch by load should win.
 
 use std::cell::RefCell;
 use std::io;
@@ -24,7 +25,9 @@ pub enum Workload {
     /// One request per connection (`Connection: close`).
     Close,
     /// One request per connection, where every `every`-th request is
-    /// `GET /sleep/<ms>` (the server answers after `ms` milliseconds).
+    /// `GET /spin/<ms>`: the server's handler keeps its CPU (and so its
+    /// loop) busy for `ms` milliseconds, so the worker serving it cannot
+    /// serve anything else meanwhile.
     SlowMix {
         /// One slow request in this many.
         every: u32,
@@ -130,7 +133,7 @@ pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
 fn request(st: &State) -> Vec<u8> {
     let path = match st.cfg.workload {
         Workload::SlowMix { every, ms } if every > 0 && st.seq.is_multiple_of(every as u64) => {
-            format!("/sleep/{ms}")
+            format!("/spin/{ms}")
         }
         _ => "/".into(),
     };

@@ -327,9 +327,14 @@ impl RoundRobinHandle {
         };
         let id = match pick {
             Pick::Fifo => return None,
+            // Among the workers free to take a connection now, the one with
+            // the fewest open; when none is free, the shared queue (the
+            // first worker to answer takes it), so a connection never waits
+            // behind a worker that is busy.
             Pick::LeastConnections => loads
                 .iter()
-                .min_by_key(|l| (l.open + l.queued, l.accepted, l.id))
+                .filter(|l| l.queued == 0)
+                .min_by_key(|l| (l.open, l.accepted, l.id))
                 .map(|l| l.id),
             Pick::Custom(f) => {
                 let peer = match conn {
