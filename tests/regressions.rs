@@ -209,3 +209,69 @@ fn second_queued_send_of_a_socket_closed_by_the_first_ack_goes_without_it() {
     assert!(lp.is_closing(sock));
     assert_loop_empty(&lp);
 }
+
+/// A Rust worker's UDP bind through the primary never sent `listening`
+/// (Node's `_getServer` does for dgram sockets as for servers), so the
+/// primary's `listening` never fired and the worker stayed `Online`
+/// (found by test-cluster-disconnect-unshared-udp, which waits for it).
+#[test]
+fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
+    use std::ffi::OsString;
+    use uvcluster::cluster::protocol::AddressType;
+    use uvcluster::cluster::{Primary, Settings, WorkerState};
+
+    const NAME: &str = "helper_udp_listening";
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some(std::env::current_exe().unwrap().into_os_string()),
+            exec_argv: Some(vec![]),
+            args: Some(
+                [NAME, "--exact", "--nocapture", "--test-threads=1"]
+                    .iter()
+                    .map(OsString::from)
+                    .collect(),
+            ),
+            env: Some(vec![("UVCLUSTER_TEST_HELPER".into(), NAME.into())]),
+            silent: Some(true),
+            ..Settings::default()
+        },
+    );
+    p.on_error(|_, _, e| panic!("{e}"));
+    let seen = Log::new();
+    let s = seen.clone();
+    p.on_listening(move |lp, w, a| {
+        assert_eq!(w.state(), WorkerState::Listening);
+        assert_eq!(a.address_type, AddressType::Udp4);
+        assert!(a.port.unwrap() > 0);
+        s.push("listening");
+        w.disconnect(lp);
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(seen.joined(), "listening");
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_udp_listening() {
+    if !is_helper("helper_udp_listening") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let w = uvcluster::cluster::setup_worker(&mut lp).unwrap().unwrap();
+    let sock = std::rc::Rc::new(std::cell::Cell::new(None));
+    let s = sock.clone();
+    uvcluster::net::bind_dgram(&mut lp, Default::default(), move |_, r| {
+        s.set(Some(r.unwrap()))
+    });
+    w.on_disconnect(move |lp, _| {
+        if let Some(u) = sock.take() {
+            lp.close(u, |_| {}).unwrap();
+        }
+    });
+    lp.run(uvcluster::uv::RunMode::Default).unwrap();
+}
