@@ -426,3 +426,70 @@ fn helper_handle_close() {
         });
     });
 }
+
+/// test-cluster-net-listen-relative-path: a Unix socket path whose
+/// absolute form is longer than `sun_path` (108 bytes). The worker sends
+/// the absolute path; the primary binds with the shorter path relative to
+/// its own cwd, and clients connect through the relative path. Node
+/// workers in both policies and a Rust worker; the socket file is gone
+/// once the workers are.
+#[test]
+fn net_listen_relative_path() {
+    let cwd = std::env::current_dir().unwrap();
+    let name = format!("rel-{}-{}", std::process::id(), "x".repeat(80))[..80].to_owned();
+    let rel_dir = std::path::Path::new("target/tmp").join(name);
+    let rel = rel_dir.join("s.sock");
+    assert!(cwd.join(&rel).as_os_str().len() > 108);
+    assert!(rel.as_os_str().len() < 100);
+    let _ = std::fs::remove_dir_all(&rel_dir);
+    std::fs::create_dir_all(&rel_dir).unwrap();
+    let abs_dir = cwd.join(&rel_dir);
+    let mut cases = vec![
+        listen_on_path(node_worker("listen_on", RR)),
+        listen_on_path(node_worker("listen_on", NONE)),
+    ];
+    cases.push(rust_worker("helper_relative_path", RR));
+    for mut s in cases {
+        s.cwd = Some(abs_dir.clone());
+        let target = Target::Unix(rel.clone());
+        let got = shared(String::new());
+        let g = got.clone();
+        run_msgs(s, 1, move |lp, _, w, m| {
+            assert_eq!(m["op"], "listening", "{m}");
+            let (w, g) = (w.clone(), g.clone());
+            fetch(lp, &target, b"", move |lp, r| {
+                *g.borrow_mut() = String::from_utf8(r.unwrap()).unwrap();
+                w.disconnect(lp);
+            });
+        });
+        assert!(!got.borrow().is_empty(), "served");
+        assert!(!rel.exists(), "socket file removed");
+    }
+    std::fs::remove_dir_all(&rel_dir).unwrap();
+}
+
+fn listen_on_path(mut s: Settings) -> Settings {
+    s.env.as_mut().unwrap().extend(env(&[("LISTEN", "./s.sock")]));
+    s
+}
+
+#[test]
+fn helper_relative_path() {
+    as_worker("helper_relative_path", |lp, w| {
+        let s = Server::new(|lp, s, c| {
+            let uvcluster::net::Conn::Pipe(p) = c else {
+                unreachable!()
+            };
+            let s = s.clone();
+            lp.write(p, &[b"rust"], move |lp, p, _| {
+                s.close_connection(lp, uvcluster::net::Conn::Pipe(p))
+            })
+            .unwrap();
+        });
+        s.listen(lp, ListenOptions::path("s.sock"), move |lp, _, r| {
+            r.unwrap();
+            w.send(lp, &json!({"op":"listening"}), None).unwrap();
+        })
+        .unwrap();
+    });
+}
