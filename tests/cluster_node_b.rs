@@ -47,7 +47,8 @@ fn read_all(lp: &mut Loop, h: Handle<Tcp>, done: impl FnOnce(&mut Loop, String) 
 fn send_sockets(settings: Settings, twice: bool) {
     let mut lp = Loop::new().unwrap();
     let srv = lp.tcp_init();
-    lp.tcp_bind(srv, localhost(0), BindFlags::default()).unwrap();
+    lp.tcp_bind(srv, localhost(0), BindFlags::default())
+        .unwrap();
     let port = lp.tcp_getsockname(srv).unwrap().port();
     let mut settings = settings;
     let mut e = env(&[("PORT", &port.to_string())]);

@@ -344,7 +344,9 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     }
     let steps = Log::new();
     let s = steps.clone();
-    child.channel.on_message(&mut lp, |_, _, m, _| panic!("user message {m}"));
+    child
+        .channel
+        .on_message(&mut lp, |_, _, m, _| panic!("user message {m}"));
     child.channel.on_internal(move |lp, ch, m, h| {
         assert!(h.is_none());
         let act = m["act"].as_str().unwrap_or("").to_owned();
@@ -469,7 +471,10 @@ fn net_listen_relative_path() {
 }
 
 fn listen_on_path(mut s: Settings) -> Settings {
-    s.env.as_mut().unwrap().extend(env(&[("LISTEN", "./s.sock")]));
+    s.env
+        .as_mut()
+        .unwrap()
+        .extend(env(&[("LISTEN", "./s.sock")]));
     s
 }
 

@@ -87,8 +87,10 @@ fn dgram_1_workers_share_one_port_rust_primary() {
     let ports = shared(Vec::new());
     let received = shared(Vec::new());
     let (ps, r) = (ports.clone(), received.clone());
-    let (_, listening) = run_dgram(dgram_worker("recv", &[]), 4, move |lp, p, _, m| {
-        match m["op"].as_str().unwrap() {
+    let (_, listening) = run_dgram(
+        dgram_worker("recv", &[]),
+        4,
+        move |lp, p, _, m| match m["op"].as_str().unwrap() {
             "bound" => {
                 ps.borrow_mut().push(m["port"].as_u64().unwrap() as u16);
                 if ps.borrow().len() == 4 {
@@ -103,8 +105,8 @@ fn dgram_1_workers_share_one_port_rust_primary() {
                 }
             }
             other => panic!("unexpected {other}: {m}"),
-        }
-    });
+        },
+    );
     let ports = ports.borrow();
     assert!(ports.iter().all(|p| *p == ports[0] && *p > 0), "{ports:?}");
     assert_eq!(*received.borrow(), [PACKETS as u64; 4]);
@@ -304,9 +306,7 @@ fn close_udp(lp: &mut Loop, u: Handle<Udp>) {
 fn helper_dgram() {
     as_worker("helper_dgram", |lp, w| {
         let mode = std::env::var("MODE").unwrap();
-        let port: u16 = std::env::var("PORT")
-            .ok()
-            .map_or(0, |p| p.parse().unwrap());
+        let port: u16 = std::env::var("PORT").ok().map_or(0, |p| p.parse().unwrap());
         let socks: Shared<Vec<Handle<Udp>>> = shared(Vec::new());
         let s = socks.clone();
         w.on_disconnect(move |lp, _| {
@@ -371,11 +371,7 @@ fn helper_dgram() {
                         ..Default::default()
                     };
                     bind(lp, &s2, v4, move |lp, _, port4| {
-                        send(
-                            lp,
-                            &w,
-                            json!({"op":"ipv6only","port6":port6,"port4":port4}),
-                        );
+                        send(lp, &w, json!({"op":"ipv6only","port6":port6,"port4":port4}));
                     });
                 });
             }
@@ -417,4 +413,34 @@ fn helper_dgram() {
             other => panic!("unknown MODE {other}"),
         }
     });
+}
+
+/// test-cluster-dgram-bind-fd: the primary holds a bound UDP socket; a Node
+/// worker binds `{fd}` with its number (in the primary's fd table), the
+/// primary shares that socket, and a datagram to its port reaches the
+/// worker.
+#[test]
+fn dgram_bind_fd_node_worker() {
+    use std::os::fd::AsRawFd;
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let mut s = node_worker("dgram_fd", NONE);
+    let fd = held.as_raw_fd().to_string();
+    s.env.as_mut().unwrap().extend(env(&[("FD", &fd)]));
+    let got = shared(Vec::new());
+    let g = got.clone();
+    run_dgram(s, 1, move |lp, _, w, m| {
+        g.borrow_mut().push(m.clone());
+        match m["op"].as_str().unwrap() {
+            "bound" => {
+                assert_eq!(m["port"], port, "{m}");
+                send_datagrams(lp, localhost(port), 1);
+            }
+            "dgram" => w.disconnect(lp),
+            other => panic!("unexpected {other}: {m}"),
+        }
+    });
+    assert_eq!(got.borrow().len(), 2);
+    assert_eq!(got.borrow()[1]["data"], "d0");
+    drop(held);
 }
