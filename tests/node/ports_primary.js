@@ -177,7 +177,11 @@ const scenarios = {
       // test-cluster-dgram-2.
       const rx = dgram.createSocket('udp4');
       out.got = 0;
-      rx.on('message', () => { if (++out.got === 20) { rx.close(); finish(); } });
+      let sent = 0;
+      // Finish once every datagram and both workers' `sent` are in.
+      const check = () => { if (out.got === 20 && sent === 2) finish(); };
+      cluster.on('message', (w, m) => { if (m.op === 'sent') { sent++; check(); } });
+      rx.on('message', () => { if (++out.got === 20) { rx.close(); check(); } });
       rx.bind(0, '127.0.0.1', () => {
         for (let i = 0; i < 2; i++) fork({ MODE: 'send', PORT: String(rx.address().port) });
       });
