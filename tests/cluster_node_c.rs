@@ -308,3 +308,193 @@ fn helper_rr_alive() {
         .unwrap();
     });
 }
+
+/// test-cluster-worker-handle-close, worker side: a `newconn` that arrives
+/// after the worker closed its server is answered `accepted: false` and
+/// the received socket is closed in the worker. The primary here is a raw
+/// channel (as Node's test fakes the handle), so the `newconn` comes
+/// deterministically after the worker's `close`: the client then sees EOF
+/// with no data once the primary also closes its copy.
+#[test]
+fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    use uvcluster::ipc::{AfterAck, Attach, ForkOptions, HandleKind, fork};
+
+    const KEY: &str = "fake:key";
+    let mut lp = Loop::new().unwrap();
+    let mut opts = ForkOptions::exec(std::env::current_exe().unwrap());
+    opts.args = ["helper_handle_close", "--exact", "--nocapture"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    opts.env = env(&[
+        ("UVCLUSTER_TEST_HELPER", "helper_handle_close"),
+        ("NODE_UNIQUE_ID", "1"),
+    ]);
+    let exit = shared(None);
+    let e = exit.clone();
+    opts.on_exit = Some(Box::new(move |lp, p, code, sig| {
+        *e.borrow_mut() = Some((code, sig));
+        lp.close(p, |_| {}).unwrap();
+    }));
+    let child = fork(&mut lp, opts).unwrap();
+    for p in child.stdio.into_iter().flatten() {
+        lp.close(p, |_| {}).unwrap();
+    }
+    let steps = Log::new();
+    let s = steps.clone();
+    child
+        .channel
+        .on_message(&mut lp, |_, _, m, _| panic!("user message {m}"));
+    child.channel.on_internal(move |lp, ch, m, h| {
+        assert!(h.is_none());
+        let act = m["act"].as_str().unwrap_or("").to_owned();
+        s.push(act.clone());
+        let seq = m["seq"].clone();
+        let reply = |lp: &mut Loop, mut f: serde_json::Map<String, Value>| {
+            f.insert("ack".into(), seq.clone());
+            ch.send_cluster(lp, f, None, None).unwrap();
+        };
+        match act.as_str() {
+            "online" => {}
+            "queryServer" => {
+                let f = json!({"errno":null,"key":KEY,"data":null,
+                    "sockname":{"address":"127.0.0.1","family":"IPv4","port":1}});
+                reply(lp, f.as_object().unwrap().clone());
+            }
+            "listening" => ch.send(lp, &json!({"op":"close"}), None).unwrap(),
+            "close" => {
+                assert_eq!(m["key"], KEY);
+                // A connection for the closed server.
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (conn, _) = l.accept().unwrap();
+                let t = lp.tcp_init();
+                lp.tcp_open(t, OwnedFd::from(conn)).unwrap();
+                let attach = Attach {
+                    handle: t.into(),
+                    kind: HandleKind::NetNative,
+                    after_ack: AfterAck::Keep,
+                };
+                let s = s.clone();
+                let f = json!({"act":"newconn","key":KEY});
+                ch.send_cluster(
+                    lp,
+                    f.as_object().unwrap().clone(),
+                    Some(attach),
+                    Some(Box::new(move |lp, ch, r, _| {
+                        assert_eq!(r["accepted"], false, "{r}");
+                        s.push("rejected");
+                        // Our copy closed too: the client sees EOF, so the
+                        // worker closed its copy.
+                        lp.close(t, |_| {}).unwrap();
+                        client
+                            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                            .unwrap();
+                        let mut buf = Vec::new();
+                        client.read_to_end(&mut buf).unwrap();
+                        assert!(buf.is_empty());
+                        ch.send(lp, &json!({"op":"bye"}), None).unwrap();
+                    })),
+                )
+                .unwrap();
+            }
+            "exitedAfterDisconnect" => reply(lp, serde_json::Map::new()),
+            other => panic!("unexpected {other}: {m}"),
+        }
+    });
+    run(&mut lp, 20_000);
+    assert_eq!(
+        steps.joined(),
+        "online queryServer listening close rejected exitedAfterDisconnect"
+    );
+    assert_eq!(*exit.borrow(), Some((0, 0)));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_handle_close() {
+    as_worker("helper_handle_close", |lp, w| {
+        let s = Server::new(|_, _, c| panic!("a connection after close: {c:?}"));
+        s.listen(lp, ListenOptions::port(0), |_, _, r| {
+            r.unwrap();
+        })
+        .unwrap();
+        w.on_message(move |lp, w, m, _| match m["op"].as_str().unwrap() {
+            "close" => s.close(lp, |_, _| {}),
+            "bye" => w.disconnect(lp),
+            other => panic!("unexpected {other}"),
+        });
+    });
+}
+
+/// test-cluster-net-listen-relative-path: a Unix socket path whose
+/// absolute form is longer than `sun_path` (108 bytes). The worker sends
+/// the absolute path; the primary binds with the shorter path relative to
+/// its own cwd, and clients connect through the relative path. Node
+/// workers in both policies and a Rust worker; the socket file is gone
+/// once the workers are.
+#[test]
+fn net_listen_relative_path() {
+    let cwd = std::env::current_dir().unwrap();
+    let name = format!("rel-{}-{}", std::process::id(), "x".repeat(80))[..80].to_owned();
+    let rel_dir = std::path::Path::new("target/tmp").join(name);
+    let rel = rel_dir.join("s.sock");
+    assert!(cwd.join(&rel).as_os_str().len() > 108);
+    assert!(rel.as_os_str().len() < 100);
+    let _ = std::fs::remove_dir_all(&rel_dir);
+    std::fs::create_dir_all(&rel_dir).unwrap();
+    let abs_dir = cwd.join(&rel_dir);
+    let mut cases = vec![
+        listen_on_path(node_worker("listen_on", RR)),
+        listen_on_path(node_worker("listen_on", NONE)),
+    ];
+    cases.push(rust_worker("helper_relative_path", RR));
+    for mut s in cases {
+        s.cwd = Some(abs_dir.clone());
+        let target = Target::Unix(rel.clone());
+        let got = shared(String::new());
+        let g = got.clone();
+        run_msgs(s, 1, move |lp, _, w, m| {
+            assert_eq!(m["op"], "listening", "{m}");
+            let (w, g) = (w.clone(), g.clone());
+            fetch(lp, &target, b"", move |lp, r| {
+                *g.borrow_mut() = String::from_utf8(r.unwrap()).unwrap();
+                w.disconnect(lp);
+            });
+        });
+        assert!(!got.borrow().is_empty(), "served");
+        assert!(!rel.exists(), "socket file removed");
+    }
+    std::fs::remove_dir_all(&rel_dir).unwrap();
+}
+
+fn listen_on_path(mut s: Settings) -> Settings {
+    s.env
+        .as_mut()
+        .unwrap()
+        .extend(env(&[("LISTEN", "./s.sock")]));
+    s
+}
+
+#[test]
+fn helper_relative_path() {
+    as_worker("helper_relative_path", |lp, w| {
+        let s = Server::new(|lp, s, c| {
+            let uvcluster::net::Conn::Pipe(p) = c else {
+                unreachable!()
+            };
+            let s = s.clone();
+            lp.write(p, &[b"rust"], move |lp, p, _| {
+                s.close_connection(lp, uvcluster::net::Conn::Pipe(p))
+            })
+            .unwrap();
+        });
+        s.listen(lp, ListenOptions::path("s.sock"), move |lp, _, r| {
+            r.unwrap();
+            w.send(lp, &json!({"op":"listening"}), None).unwrap();
+        })
+        .unwrap();
+    });
+}

@@ -107,3 +107,40 @@ fn privileged_port_is_eacces_unless_root() {
         assert_eq!(m["code"], "EACCES", "{m}");
     }
 }
+
+/// test-cluster-worker-disconnect-on-error: SCHED_NONE, a port conflict;
+/// the Rust worker disconnects from its listen error callback and exits 0
+/// (the primary sees `disconnect` and `exit`, `exitedAfterDisconnect`).
+#[test]
+fn worker_disconnect_on_error_rust_worker() {
+    let held = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let mut lp = Loop::new().unwrap();
+    let mut s = rust_worker("helper_disconnect_on_error", NONE);
+    s.env.as_mut().unwrap().extend(env(&[("PORT", &port)]));
+    let (p, log) = primary(&mut lp, s);
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run(&mut lp, 20_000);
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exited_after_disconnect(), Some(true));
+    let mut ev = events(&log, 1);
+    ev[2..].sort();
+    assert_eq!(ev, ["fork", "online", "disconnect", "exit"]);
+    assert!(p.workers().is_empty());
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_disconnect_on_error() {
+    use uvcluster::net::{ListenOptions, Server};
+    as_worker("helper_disconnect_on_error", |lp, w| {
+        let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+        let s = Server::new(|_, _, c| panic!("unexpected connection {c:?}"));
+        s.listen(lp, ListenOptions::port(port), move |lp, _, r| {
+            let e = r.unwrap_err();
+            assert_eq!(e.code, "EADDRINUSE");
+            w.disconnect(lp);
+        })
+        .unwrap();
+    });
+}

@@ -147,3 +147,131 @@ fn ipc_coalesced_sends_survive_disconnect_in_the_same_callback() {
     assert!(!a.is_connected() && !b.is_connected());
     assert_loop_empty(&lp);
 }
+
+/// test-cluster-send-handle-twice: the same socket sent twice with
+/// `AfterAck::Close` (Node's `net.Socket`, `keepOpen: false`). The second
+/// send waits in the queue for the first one's ACK, which closes the
+/// socket; the queued write then failed (`write2` on a closed handle), so
+/// the second message was lost, its `on_sent` dropped, and an `Io` error
+/// reported. Node sends it without the handle; so do we now.
+#[test]
+fn second_queued_send_of_a_socket_closed_by_the_first_ack_goes_without_it() {
+    use serde_json::{Map, json};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use uvcluster::ipc::{AfterAck, Attach, Channel, ChannelOptions, HandleKind};
+    let mut lp = Loop::new().unwrap();
+    let (a, b) = lp.pipe_pair(true).unwrap();
+    let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+    let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let g = got.clone();
+    b.on_message(&mut lp, move |lp, ch, v, h| {
+        if let Some(h) = &h {
+            uvcluster::ipc::close_accepted(lp, *h);
+        }
+        g.borrow_mut().push((v["n"].as_i64().unwrap(), h.is_some()));
+        if g.borrow().len() == 2 {
+            ch.disconnect(lp);
+        }
+    });
+    let errs = Log::new();
+    let e = errs.clone();
+    a.on_error(move |_, _, err| e.push(err.to_string()));
+    b.on_error(|_, _, err| panic!("receiver error: {err}"));
+    let sock = lp.tcp_init();
+    lp.tcp_bind(sock, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+        .unwrap();
+    let attach = Attach {
+        handle: sock.into(),
+        kind: HandleKind::NetSocket,
+        after_ack: AfterAck::Close,
+    };
+    let sent = Log::new();
+    for n in 1..=2 {
+        let s = sent.clone();
+        a.send_handle(
+            &mut lp,
+            json!({"n": n}),
+            attach,
+            Map::new(),
+            Some(Box::new(move |_, r| {
+                r.unwrap();
+                s.push(n.to_string())
+            })),
+        )
+        .unwrap();
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(*got.borrow(), [(1, true), (2, false)]);
+    assert_eq!(sent.joined(), "1 2");
+    assert_eq!(errs.joined(), "");
+    assert!(lp.is_closing(sock));
+    assert_loop_empty(&lp);
+}
+
+/// A Rust worker's UDP bind through the primary never sent `listening`
+/// (Node's `_getServer` does for dgram sockets as for servers), so the
+/// primary's `listening` never fired and the worker stayed `Online`
+/// (found by test-cluster-disconnect-unshared-udp, which waits for it).
+#[test]
+fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
+    use std::ffi::OsString;
+    use uvcluster::cluster::protocol::AddressType;
+    use uvcluster::cluster::{Primary, Settings, WorkerState};
+
+    const NAME: &str = "helper_udp_listening";
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some(std::env::current_exe().unwrap().into_os_string()),
+            exec_argv: Some(vec![]),
+            args: Some(
+                [NAME, "--exact", "--nocapture", "--test-threads=1"]
+                    .iter()
+                    .map(OsString::from)
+                    .collect(),
+            ),
+            env: Some(vec![("UVCLUSTER_TEST_HELPER".into(), NAME.into())]),
+            silent: Some(true),
+            ..Settings::default()
+        },
+    );
+    p.on_error(|_, _, e| panic!("{e}"));
+    let seen = Log::new();
+    let s = seen.clone();
+    p.on_listening(move |lp, w, a| {
+        assert_eq!(w.state(), WorkerState::Listening);
+        assert_eq!(a.address_type, AddressType::Udp4);
+        assert!(a.port.unwrap() > 0);
+        s.push("listening");
+        w.disconnect(lp);
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(seen.joined(), "listening");
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+}
+
+#[test]
+fn helper_udp_listening() {
+    if !is_helper("helper_udp_listening") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let w = uvcluster::cluster::setup_worker(&mut lp).unwrap().unwrap();
+    let sock = std::rc::Rc::new(std::cell::Cell::new(None));
+    let s = sock.clone();
+    uvcluster::net::bind_dgram(&mut lp, Default::default(), move |_, r| {
+        s.set(Some(r.unwrap()))
+    });
+    w.on_disconnect(move |lp, _| {
+        if let Some(u) = sock.take() {
+            lp.close(u, |_| {}).unwrap();
+        }
+    });
+    lp.run(uvcluster::uv::RunMode::Default).unwrap();
+}

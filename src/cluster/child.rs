@@ -193,6 +193,7 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
     let addr = address.clone();
     let cb = std::rc::Rc::new(std::cell::Cell::new(Some(cb)));
     let cb2 = cb.clone();
+    let listening = q.clone();
     let sent = channel.send_cluster(
         lp,
         Act::QueryServer(q).to_fields(),
@@ -203,7 +204,11 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
                 .and_then(|r| r.errno)
                 .filter(|e| *e != 0);
             match (errno, handle) {
-                (None, Some(Accepted::Udp(u))) => cb(lp, Ok(u)),
+                (None, Some(Accepted::Udp(u))) => {
+                    let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
+                    cb(lp, Ok(u));
+                    udp_listening(lp, listening, real_port);
+                }
                 (e, h) => {
                     if let Some(h) = h {
                         close_accepted(lp, h);
@@ -222,6 +227,23 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
     {
         fail(lp, cb, nix::libc::ENOTCONN, Some(address));
     }
+}
+
+/// Node's `_getServer` once a dgram socket is bound: the worker is
+/// `listening` and tells the primary, with the real port.
+fn udp_listening(lp: &mut Loop, mut q: Query, real_port: Option<u16>) {
+    let Some(state) = child() else { return };
+    let (worker, channel) = {
+        let st = state.borrow();
+        (st.worker.clone(), st.channel.clone())
+    };
+    worker.inner.borrow_mut().state = WorkerState::Listening;
+    if let Some(p) = real_port.filter(|p| *p != 0) {
+        q.port = json!(p);
+    }
+    let addr = Address::from_query(&q);
+    let _ = channel.send_cluster(lp, Act::Listening(q).to_fields(), None, None);
+    worker.emit_listening(lp, &addr);
 }
 
 /// Node's `listenInCluster` + `cluster._getServer`.

@@ -62,7 +62,21 @@ impl From<Handle<Udp>> for SendHandle {
     }
 }
 
+/// The `msg` of an encoded `NODE_HANDLE` wrapper, encoded on its own.
+fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
+    let v: Value = serde_json::from_slice(bytes.trim_ascii_end()).ok()?;
+    frame::encode(v.get("msg")?).ok()
+}
+
 impl SendHandle {
+    fn is_closing(self, lp: &Loop) -> bool {
+        match self {
+            SendHandle::Tcp(h) => lp.is_closing(h),
+            SendHandle::Pipe(h) => lp.is_closing(h),
+            SendHandle::Udp(h) => lp.is_closing(h),
+        }
+    }
+
     fn close(self, lp: &mut Loop) {
         let _ = match self {
             SendHandle::Tcp(h) => lp.close(h, |_| {}),
@@ -706,7 +720,15 @@ impl Channel {
                 }
                 i.queue.pop_front()
             };
-            let Some(out) = next else { return };
+            let Some(mut out) = next else { return };
+            // Node's `_send`: a socket closed while its message was queued
+            // (sent before with `keepOpen: false`, closed by that ACK)
+            // goes without it, as the bare message
+            // (test-cluster-send-handle-twice).
+            if out.attach.is_some_and(|a| a.handle.is_closing(lp)) {
+                out.attach = None;
+                out.bytes = unwrap_handle_message(&out.bytes).unwrap_or(out.bytes);
+            }
             // A queued message's failure has no caller to return to.
             if let Err(e) = self.write_out(lp, out) {
                 self.emit_error(lp, ChannelError::Io(e));

@@ -145,6 +145,72 @@ const scenarios = {
     const w = fork();
     w.on('exit', (code, signal) => done({ exit: [code, signal] }));
   },
+  // Group E with Rust workers (helper_dgram, MODE = extra[0]).
+  dgram() {
+    const dgram = require('dgram');
+    const mode = extra[0];
+    setup();
+    const out = { listening: 0 };
+    cluster.on('listening', () => out.listening++);
+    const exits = [];
+    const finish = () => cluster.disconnect(() => done(out));
+    if (mode === 'recv') {
+      // test-cluster-dgram-1.
+      const ports = new Set();
+      let bound = 0;
+      out.received = [];
+      for (let i = 0; i < 4; i++) fork({ MODE: 'recv' });
+      cluster.on('message', (w, m) => {
+        if (m.op === 'bound') {
+          ports.add(m.port);
+          if (++bound === 4) {
+            const tx = dgram.createSocket('udp4');
+            let left = 40;
+            for (let i = 0; i < 40; i++) tx.send('d' + i, m.port, '127.0.0.1', () => { if (--left === 0) tx.close(); });
+          }
+        } else if (m.op === 'received') {
+          out.received.push(m.n);
+          if (out.received.length === 4) { out.ports = [...ports]; finish(); }
+        }
+      });
+    } else if (mode === 'send') {
+      // test-cluster-dgram-2.
+      const rx = dgram.createSocket('udp4');
+      out.got = 0;
+      let sent = 0;
+      // Finish once every datagram and both workers' `sent` are in.
+      const check = () => { if (out.got === 20 && sent === 2) finish(); };
+      cluster.on('message', (w, m) => { if (m.op === 'sent') { sent++; check(); } });
+      rx.on('message', () => { if (++out.got === 20) { rx.close(); check(); } });
+      rx.bind(0, '127.0.0.1', () => {
+        for (let i = 0; i < 2; i++) fork({ MODE: 'send', PORT: String(rx.address().port) });
+      });
+    } else if (mode === 'unshared') {
+      // test-cluster-disconnect-unshared-udp.
+      const unbound = fork({ MODE: 'idle' });
+      const record = (w) => w.on('exit', (code, signal) => {
+        exits[w.id - 1] = [code, signal];
+        if (exits.filter(Boolean).length === 2) { out.exits = exits; done(out); }
+      });
+      record(unbound);
+      unbound.on('online', () => {
+        const bound = fork({ MODE: 'bind' });
+        record(bound);
+        bound.on('listening', () => {
+          unbound.disconnect();
+          unbound.on('disconnect', () => cluster.disconnect());
+        });
+      });
+    } else {
+      // dgram-ipv6only, dgram-reuse, child-index-dgram: one worker reports.
+      const w = fork({ MODE: mode, PORT: extra[1] || '0' });
+      w.on('message', (m) => { out.msg = m; w.disconnect(); });
+      w.on('exit', (code, signal) => {
+        assert.deepStrictEqual([code, signal], [0, null]);
+        done(out);
+      });
+    }
+  },
 };
 
 if (!scenarios[scenario]) throw new Error('unknown scenario ' + scenario);

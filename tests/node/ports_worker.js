@@ -207,6 +207,14 @@ const scenarios = {
     });
     s.bind(0, () => send({ op: 'bound', port: s.address().port }));
   },
+  // test-cluster-dgram-bind-fd: bind({fd}) with an fd number of the
+  // primary's fd table; report the port and each datagram.
+  dgram_fd() {
+    const s = dgram.createSocket('udp4');
+    s.on('error', (e) => send({ op: 'error', code: e.code }));
+    s.on('message', (d) => send({ op: 'dgram', data: String(d) }));
+    s.bind({ fd: +process.env.FD }, () => send({ op: 'bound', port: s.address().port }));
+  },
   // Bind errors: listen on LISTEN (a port or a path) and report.
   listen_on() {
     const s = reportErrors(netServer());
