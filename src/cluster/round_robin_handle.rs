@@ -327,14 +327,12 @@ impl RoundRobinHandle {
         };
         let id = match pick {
             Pick::Fifo => return None,
-            // Among the workers free to take a connection now, the one with
-            // the fewest open; when none is free, the shared queue (the
-            // first worker to answer takes it), so a connection never waits
-            // behind a worker that is busy.
+            // The worker with the fewest connections, open or on their way
+            // to it; among equals, one free to take it now, then the one
+            // that has accepted fewer.
             Pick::LeastConnections => loads
                 .iter()
-                .filter(|l| l.queued == 0)
-                .min_by_key(|l| (l.open, l.accepted, l.id))
+                .min_by_key(|l| (l.open + l.queued, l.queued > 0, l.accepted, l.id))
                 .map(|l| l.id),
             Pick::Custom(f) => {
                 let peer = match conn {
