@@ -33,6 +33,11 @@ fn main() -> io::Result<()> {
         // machine for the dispatch benchmarks).
         None if std::env::var("WORKERS").as_deref() == Ok("0") => {
             run_worker(&mut lp, None)?;
+            for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+                let sig = lp.signal_init();
+                lp.signal_start(sig, signum, |_, _, _| std::process::exit(0))?;
+                lp.unref_handle(sig)?;
+            }
             println!("ready");
         }
         None => run_primary(&mut lp)?,

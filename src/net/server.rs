@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 
 use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp, Timer};
 
@@ -396,12 +396,16 @@ impl Server {
         address: Option<String>,
         port: Option<i64>,
     ) -> Result<ServerAddress, ListenError> {
-        let weak = Rc::downgrade(&self.inner);
+        // The listener's callback holds the server: a listening server
+        // lives as long as its socket, whether or not the caller keeps a
+        // `Server` (as in Node). Closing the listener drops the callback.
+        let me = self.clone();
+        let me2 = self.clone();
         let r = match h {
             Accepted::Tcp(t) => lp
                 .tcp_listen(t, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        Server::incoming(&weak, lp, Conn::Tcp(c));
+                        me.incoming(lp, Conn::Tcp(c));
                     }
                 })
                 .and_then(|()| lp.tcp_getsockname(t).map(ServerAddress::Inet))
@@ -409,7 +413,7 @@ impl Server {
             Accepted::Pipe(p) => lp
                 .pipe_listen(p, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        Server::incoming(&weak, lp, Conn::Pipe(c));
+                        me2.incoming(lp, Conn::Pipe(c));
                     }
                 })
                 .and_then(|()| lp.pipe_getsockname(p).map(ServerAddress::Unix))
@@ -474,15 +478,9 @@ impl Server {
         }
     }
 
-    fn incoming(weak: &Weak<RefCell<Inner>>, lp: &mut Loop, conn: Conn) {
-        match weak.upgrade() {
-            Some(inner) => {
-                let s = Server { inner };
-                if !s.deliver(lp, conn) {
-                    close_conn(lp, conn);
-                }
-            }
-            None => close_conn(lp, conn),
+    fn incoming(&self, lp: &mut Loop, conn: Conn) {
+        if !self.deliver(lp, conn) {
+            close_conn(lp, conn);
         }
     }
 

@@ -1,0 +1,350 @@
+//! Node's cluster and our dispatch modes under the same load, in one run.
+//!
+//! `cargo run --release --example compare -- [secs=4] [connections=50]`
+//!
+//! For each server it starts the cluster (2 workers, `PORT`), waits for its
+//! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for
+//! each workload, asks the primary for per-worker connection counts
+//! (SIGUSR2, one JSON line, as Node's reference server does), and measures
+//! the primary's CPU time and each worker's RSS from `/proc`. Servers:
+//! Node's `shared/reference/node-baseline/server.js` under `rr` and `none`
+//! (skipped, with a note, if `node` or the file is missing), our
+//! `cluster_hello` under `rr`, `none`, `reuseport` and `leastconn`, and
+//! `cluster_hello` as a single process (`WORKERS=0`), the limit of the
+//! machine. Prints a markdown table and writes an SVG bar chart to
+//! `target/compare.svg` (or the path in `COMPARE_SVG`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use plotters::prelude::*;
+use uvcluster::loadgen::{self, LoadConfig, Workload, jain};
+
+struct Server {
+    name: String,
+    cmd: Vec<String>,
+    policy: &'static str,
+    workers: &'static str,
+    /// Whether it answers `/spin/<ms>` (Node's reference server does not).
+    spin: bool,
+}
+
+struct Row {
+    server: String,
+    workload: &'static str,
+    rps: f64,
+    p99_ms: f64,
+    fairness: Option<f64>,
+    counts: String,
+    primary_cpu_s: Option<f64>,
+    rss_mb: Option<f64>,
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Lines of the server's stdout, read on a thread.
+fn lines(out: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> Option<String> {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) if pred(&l) => return Some(l),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+}
+
+fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row>) {
+    let workloads: &[(&'static str, Workload)] = if s.spin {
+        &[
+            ("keep-alive", Workload::KeepAlive),
+            ("close", Workload::Close),
+            ("slow mix", Workload::SlowMix { every: 10, ms: 5 }),
+        ]
+    } else {
+        &[
+            ("keep-alive", Workload::KeepAlive),
+            ("close", Workload::Close),
+        ]
+    };
+    for &(wname, workload) in workloads {
+        // A fresh cluster per workload, so counts and CPU are its own.
+        let mut child = match Command::new(&s.cmd[0])
+            .args(&s.cmd[1..])
+            .env("PORT", port.to_string())
+            .env("WORKERS", s.workers)
+            .env("NODE_CLUSTER_SCHED_POLICY", s.policy)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{}: cannot start: {e}", s.name);
+                return;
+            }
+        };
+        let rx = lines(child.stdout.take().unwrap());
+        if wait_for(&rx, |l| l.trim() == "ready").is_none() {
+            eprintln!("{}: never ready", s.name);
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        let pid = child.id();
+        let cpu0 = cpu_ticks(pid);
+        let report = loadgen::run(LoadConfig {
+            addr: ([127, 0, 0, 1], port).into(),
+            connections: conns,
+            duration: Duration::from_secs_f64(secs),
+            workload,
+        });
+        let cpu1 = cpu_ticks(pid);
+        let workers = children(pid);
+        let rss: Vec<u64> = workers.iter().filter_map(|&p| rss_kib(p)).collect();
+        let (fairness, counts) = if s.workers == "0" {
+            (None, "1 process".to_string())
+        } else {
+            signal(&child, nix::sys::signal::Signal::SIGUSR2);
+            match wait_for(&rx, |l| l.starts_with('{')) {
+                Some(line) => {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let xs: Vec<f64> = v
+                        .as_object()
+                        .map(|m| m.values().filter_map(|x| x.as_f64()).collect())
+                        .unwrap_or_default();
+                    let c = xs
+                        .iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ");
+                    (Some(jain(&xs)), c)
+                }
+                None => (None, "?".into()),
+            }
+        };
+        signal(&child, nix::sys::signal::Signal::SIGINT);
+        let _ = child.wait();
+        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let r = match report {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{} {wname}: load failed: {e}", s.name);
+                continue;
+            }
+        };
+        rows.push(Row {
+            server: s.name.clone(),
+            workload: wname,
+            rps: r.rps,
+            p99_ms: r.p99_us as f64 / 1000.0,
+            fairness,
+            counts,
+            primary_cpu_s: match (cpu0, cpu1) {
+                (Some(a), Some(b)) if s.workers != "0" => Some((b - a) as f64 / tick),
+                _ => None,
+            },
+            rss_mb: (!rss.is_empty())
+                .then(|| rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1024.0),
+        });
+        eprintln!("{} {wname}: {:.0} req/s", s.name, r.rps);
+    }
+}
+
+fn chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let workloads = ["keep-alive", "close", "slow mix"];
+    let servers: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for r in rows {
+            if !v.contains(&r.server) {
+                v.push(r.server.clone());
+            }
+        }
+        v
+    };
+    let root = SVGBackend::new(path, (1100, 260 * workloads.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((workloads.len(), 1));
+    for (panel, w) in panels.iter().zip(workloads) {
+        let data: Vec<(usize, f64)> = servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                rows.iter()
+                    .find(|r| &r.server == s && r.workload == w)
+                    .map(|r| (i, r.rps))
+            })
+            .collect();
+        let max = data.iter().map(|d| d.1).fold(1.0, f64::max) * 1.15;
+        let mut c = ChartBuilder::on(panel)
+            .caption(
+                format!("{w}: requests/s (2 workers, same run)"),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..servers.len() as f64, 0f64..max)?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(servers.len() * 2)
+            .x_label_formatter(&|x| {
+                let i = (*x - 0.5).round();
+                if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                    servers.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+            .draw()?;
+        c.draw_series(data.iter().map(|&(i, v)| {
+            let color = if servers[i].starts_with("node") {
+                RGBColor(200, 90, 60)
+            } else {
+                RGBColor(60, 110, 190)
+            };
+            Rectangle::new(
+                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, v)],
+                color.filled(),
+            )
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let secs: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(4.0);
+    let conns: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Build the server we compare (cargo run builds only this example).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(&cargo)
+        .args(["build", "--release", "--example", "cluster_hello"])
+        .current_dir(manifest)
+        .status();
+    if !built.is_ok_and(|s| s.success()) {
+        eprintln!("could not build the cluster_hello example");
+        std::process::exit(1);
+    }
+    let ours: PathBuf = std::env::current_exe()
+        .unwrap()
+        .with_file_name("cluster_hello");
+    let ours = ours.to_string_lossy().into_owned();
+    let mut servers = Vec::new();
+    let baseline = manifest.join("../shared/reference/node-baseline/server.js");
+    let have_node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_node && baseline.exists() {
+        for policy in ["rr", "none"] {
+            servers.push(Server {
+                name: format!("node {policy}"),
+                cmd: vec!["node".into(), baseline.to_string_lossy().into_owned()],
+                policy,
+                workers: "2",
+                spin: false,
+            });
+        }
+    } else {
+        println!(
+            "note: node or {} not found: comparing ours only",
+            baseline.display()
+        );
+    }
+    for policy in ["rr", "none", "reuseport", "leastconn"] {
+        servers.push(Server {
+            name: format!("ours {policy}"),
+            cmd: vec![ours.clone()],
+            policy,
+            workers: "2",
+            spin: true,
+        });
+    }
+    servers.push(Server {
+        name: "ours 1 process".into(),
+        cmd: vec![ours.clone()],
+        policy: "rr",
+        workers: "0",
+        spin: true,
+    });
+    let mut rows = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        run_server(s, 18900 + i as u16, secs, conns, &mut rows);
+    }
+    println!(
+        "{secs} s per run, {conns} connections, 2 workers; fairness is Jain's index over per-worker connection counts"
+    );
+    println!();
+    println!(
+        "| server | workload | req/s | p99 | fairness | connections per worker | primary CPU | RSS per worker |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} |",
+            r.server,
+            r.workload,
+            r.rps,
+            r.p99_ms,
+            r.fairness.map_or("–".into(), |f| format!("{f:.4}")),
+            r.counts,
+            r.primary_cpu_s.map_or("–".into(), |c| format!("{c:.2} s")),
+            r.rss_mb.map_or("–".into(), |m| format!("{m:.1} MB")),
+        );
+    }
+    let svg = std::env::var("COMPARE_SVG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest.join("target/compare.svg"));
+    match chart(&rows, &svg) {
+        Ok(()) => println!("\nchart: {}", svg.display()),
+        Err(e) => eprintln!("chart failed: {e}"),
+    }
+}
