@@ -1,0 +1,170 @@
+//! Dispatch modes side by side: one criterion group per workload
+//! (keep-alive, one request per connection, the slow-handler mix), one
+//! benchmark per mode (`rr`, `none`, `reuseport`, `leastconn`), plus a
+//! single process as the limit of this machine. The measured quantity is
+//! the time per request under the crate's closed-loop load generator (50
+//! connections); the HTML report (`target/criterion/report/index.html`)
+//! plots them.
+//!
+//! The cluster runs out of process: this bench binary re-executes itself
+//! as the primary (`DISPATCH_BENCH_PRIMARY=<mode>`), and the primary forks
+//! it again as its two workers, each a minimal HTTP hello world (with
+//! `/spin/<ms>`, a handler that keeps its worker busy). Nothing needs to be
+//! built or installed beyond `cargo bench`. The comparison with Node's
+//! cluster is `examples/compare.rs`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use criterion::Criterion;
+use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
+use uvcluster::loadgen::{self, LoadConfig, Workload};
+use uvcluster::net::{Conn, ListenOptions, Server};
+use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
+const MODES: [&str; 4] = ["rr", "none", "reuseport", "leastconn"];
+
+/// A worker (or the single process): answers every request; `/spin/<ms>`
+/// keeps the CPU busy first; `Connection: close` ends the connection.
+fn serve(lp: &mut Loop, port: u16) {
+    let server = Server::new(|lp, s, conn| {
+        let Conn::Tcp(t) = conn else { return };
+        let s = s.clone();
+        let _ = lp.read_start(t, move |lp, t: Handle<Tcp>, r| {
+            let Ok(data) = r.map(<[u8]>::to_vec) else { return };
+            if data.is_empty() {
+                s.close_connection(lp, Conn::Tcp(t));
+                return;
+            }
+            let text = String::from_utf8_lossy(&data);
+            if let Some(ms) = text.strip_prefix("GET /spin/") {
+                let ms: u64 = ms.split(' ').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                let until = std::time::Instant::now() + Duration::from_millis(ms);
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+            let n = text.matches("\r\n\r\n").count().max(1);
+            let _ = lp.write(t, &[&RESPONSE.repeat(n)], |_, _, _| {});
+            if text.contains("Connection: close") {
+                let _ = lp.read_stop(t);
+                let s = s.clone();
+                let _ = lp.shutdown(t, move |lp, t, _| s.close_connection(lp, Conn::Tcp(t)));
+            }
+        });
+    });
+    server
+        .listen(lp, ListenOptions::port(port), |_, _, r| {
+            r.expect("listen");
+        })
+        .unwrap();
+}
+
+fn run_primary(mode: &str, port: u16) {
+    let mut lp = Loop::new().unwrap();
+    if mode == "single" {
+        serve(&mut lp, port);
+        println!("ready");
+        lp.run(RunMode::Default).unwrap();
+        return;
+    }
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        Settings {
+            args: Some(vec![]),
+            env: Some(vec![("DISPATCH_BENCH_PORT".into(), port.to_string().into())]),
+            scheduling_policy: SchedulingPolicy::parse(mode),
+            ..Settings::default()
+        },
+    );
+    let ready = std::rc::Rc::new(std::cell::Cell::new(0));
+    p.on_listening(move |_, _, _| {
+        ready.set(ready.get() + 1);
+        if ready.get() == 2 {
+            println!("ready");
+        }
+    });
+    for _ in 0..2 {
+        p.fork(&mut lp, vec![]).unwrap();
+    }
+    lp.run(RunMode::Default).unwrap();
+}
+
+/// Starts the cluster for `mode` and waits for it to listen.
+fn start(mode: &str, port: u16) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap())
+        .env("DISPATCH_BENCH_PRIMARY", mode)
+        .env("DISPATCH_BENCH_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the cluster");
+    let out = c.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l == "ready")),
+        "{mode}: cluster did not start"
+    );
+    c
+}
+
+fn bench(c: &mut Criterion) {
+    let workloads = [
+        ("keep-alive", Workload::KeepAlive),
+        ("close", Workload::Close),
+        ("slow mix", Workload::SlowMix { every: 10, ms: 5 }),
+    ];
+    for (i, (wname, workload)) in workloads.into_iter().enumerate() {
+        let mut g = c.benchmark_group(format!("dispatch/{wname}"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(4));
+        for (j, mode) in MODES.iter().chain(&["single"]).enumerate() {
+            let port = 19100 + (i * 10 + j) as u16;
+            let mut child = start(mode, port);
+            g.bench_function(*mode, |b| {
+                b.iter_custom(|iters| {
+                    // Time per request: a short closed-loop run, scaled.
+                    let r = loadgen::run(LoadConfig {
+                        addr: ([127, 0, 0, 1], port).into(),
+                        connections: 50,
+                        duration: Duration::from_millis(300),
+                        workload,
+                    })
+                    .expect("load");
+                    let per = r.secs / r.requests.max(1) as f64;
+                    Duration::from_secs_f64(per * iters as f64)
+                })
+            });
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+        }
+        g.finish();
+    }
+}
+
+fn main() {
+    // Re-executed as a worker of the cluster, or as its primary.
+    if cluster::is_worker() {
+        let mut lp = Loop::new().unwrap();
+        cluster::setup_worker(&mut lp).unwrap();
+        let port = std::env::var("DISPATCH_BENCH_PORT").unwrap().parse().unwrap();
+        serve(&mut lp, port);
+        lp.run(RunMode::Default).unwrap();
+        return;
+    }
+    if let Ok(mode) = std::env::var("DISPATCH_BENCH_PRIMARY") {
+        let port = std::env::var("DISPATCH_BENCH_PORT").unwrap().parse().unwrap();
+        run_primary(&mode, port);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+}
