@@ -34,14 +34,20 @@ fn serve(lp: &mut Loop, port: u16) {
         let Conn::Tcp(t) = conn else { return };
         let s = s.clone();
         let _ = lp.read_start(t, move |lp, t: Handle<Tcp>, r| {
-            let Ok(data) = r.map(<[u8]>::to_vec) else { return };
+            let Ok(data) = r.map(<[u8]>::to_vec) else {
+                return;
+            };
             if data.is_empty() {
                 s.close_connection(lp, Conn::Tcp(t));
                 return;
             }
             let text = String::from_utf8_lossy(&data);
             if let Some(ms) = text.strip_prefix("GET /spin/") {
-                let ms: u64 = ms.split(' ').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                let ms: u64 = ms
+                    .split(' ')
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(0);
                 let until = std::time::Instant::now() + Duration::from_millis(ms);
                 while std::time::Instant::now() < until {
                     std::hint::spin_loop();
@@ -76,7 +82,10 @@ fn run_primary(mode: &str, port: u16) {
         &mut lp,
         Settings {
             args: Some(vec![]),
-            env: Some(vec![("DISPATCH_BENCH_PORT".into(), port.to_string().into())]),
+            env: Some(vec![(
+                "DISPATCH_BENCH_PORT".into(),
+                port.to_string().into(),
+            )]),
             scheduling_policy: SchedulingPolicy::parse(mode),
             ..Settings::default()
         },
@@ -154,13 +163,19 @@ fn main() {
     if cluster::is_worker() {
         let mut lp = Loop::new().unwrap();
         cluster::setup_worker(&mut lp).unwrap();
-        let port = std::env::var("DISPATCH_BENCH_PORT").unwrap().parse().unwrap();
+        let port = std::env::var("DISPATCH_BENCH_PORT")
+            .unwrap()
+            .parse()
+            .unwrap();
         serve(&mut lp, port);
         lp.run(RunMode::Default).unwrap();
         return;
     }
     if let Ok(mode) = std::env::var("DISPATCH_BENCH_PRIMARY") {
-        let port = std::env::var("DISPATCH_BENCH_PORT").unwrap().parse().unwrap();
+        let port = std::env::var("DISPATCH_BENCH_PORT")
+            .unwrap()
+            .parse()
+            .unwrap();
         run_primary(&mode, port);
         return;
     }
