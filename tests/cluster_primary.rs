@@ -1251,3 +1251,45 @@ fn broadcast_reaches_every_worker() {
     assert_eq!(ids, vec![1, 2, 3]);
     assert_loop_empty(&lp);
 }
+
+/// test-cluster-fork-stdio: custom stdio `['pipe','pipe','pipe','ipc','pipe']`;
+/// the worker echoes on fd 4 through `Worker::stdio(4)`.
+#[test]
+fn fork_stdio_extra_pipe_echoes() {
+    use uvcluster::ipc::ForkStdio;
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    let mut s = node_settings("stdio_worker.js", SchedulingPolicy::RoundRobin);
+    s.stdio = Some(vec![
+        ForkStdio::Pipe,
+        ForkStdio::Pipe,
+        ForkStdio::Pipe,
+        ForkStdio::Ipc,
+        ForkStdio::Pipe,
+    ]);
+    p.setup_primary(&mut lp, s);
+    p.on_error(|_, _, e| panic!("{e}"));
+    let echoed = shared(Vec::<u8>::new());
+    let e = echoed.clone();
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    let pipe = w.stdio(4).expect("fd 4 is a pipe");
+    assert!(w.stdio(3).is_none(), "fd 3 is the IPC channel");
+    lp.write(pipe, &[b"hello fd 4\n"], |_, _, r| r.unwrap())
+        .unwrap();
+    let p2 = p.clone();
+    lp.read_start(pipe, move |lp, pipe, r| {
+        let data = r.unwrap();
+        e.borrow_mut().extend_from_slice(data);
+        if e.borrow().ends_with(b"\n") {
+            lp.read_stop(pipe).unwrap();
+            lp.shutdown(pipe, |_, _, _| {}).unwrap();
+            p2.disconnect(lp, |_| {});
+        }
+    })
+    .unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(&echoed.borrow()[..], b"hello fd 4\n");
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert!(w.stdio(4).is_none(), "closed at exit");
+    assert_loop_empty(&lp);
+}

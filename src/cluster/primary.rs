@@ -401,23 +401,36 @@ impl Primary {
             i.process = Some(forked.process);
             i.pid = pid;
         }
-        // The primary does not expose the pipes of `silent` or
-        // `stdio: pipe` slots: the worker's stdin gets EOF, and whatever it
-        // writes to the others is read and dropped, so it never blocks.
+        // Pipes of `silent` or `stdio: pipe` slots: the worker's stdin gets
+        // EOF; what it writes to 1 and 2 is read and dropped, so it never
+        // blocks (the caller may take over with `Worker::stdio`); slots from
+        // 3 up are the caller's (`Worker::stdio`), closed at exit.
+        let mut kept = Vec::with_capacity(forked.stdio.len());
         for (fd, p) in forked.stdio.into_iter().enumerate() {
-            let Some(p) = p else { continue };
-            let reading = fd != 0
-                && lp
-                    .read_start(p, |lp, p, r| {
-                        if !matches!(r, Ok(data) if !data.is_empty()) {
-                            let _ = lp.close(p, |_| {});
-                        }
-                    })
-                    .is_ok();
-            if !reading {
+            let Some(p) = p else {
+                kept.push(None);
+                continue;
+            };
+            if fd == 0 {
                 let _ = lp.close(p, |_| {});
+                kept.push(None);
+                continue;
             }
+            if fd <= 2 {
+                let drained = lp.read_start(p, |lp, p, r| {
+                    if !matches!(r, Ok(data) if !data.is_empty()) {
+                        let _ = lp.close(p, |_| {});
+                    }
+                });
+                if drained.is_err() {
+                    let _ = lp.close(p, |_| {});
+                    kept.push(None);
+                    continue;
+                }
+            }
+            kept.push(Some(p));
         }
+        worker.inner.borrow_mut().stdio = kept;
         let ch = forked.channel;
         {
             let (p, w) = (weak.clone(), worker.clone());
@@ -1026,6 +1039,13 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
         (i.exit_code, i.signal_code)
     };
     w.emit_exit(lp, code, sig);
+    // The stdio pipes outlive nothing but the process.
+    let pipes = std::mem::take(&mut w.inner.borrow_mut().stdio);
+    for p in pipes.into_iter().flatten() {
+        if !lp.is_closing(p) {
+            let _ = lp.close(p, |_| {});
+        }
+    }
     if let Some(p) = &primary {
         primary_emit!(p, lp, on_exit, |cb| cb(lp, w, code, sig));
     }

@@ -78,6 +78,8 @@ pub(crate) struct WorkerInner {
     pub(crate) exited_after_disconnect: Option<bool>,
     pub(crate) exit_code: Option<i64>,
     pub(crate) signal_code: Option<i32>,
+    /// The primary's ends of the worker's `pipe` stdio slots, by fd.
+    pub(crate) stdio: Vec<Option<Handle<crate::uv::Pipe>>>,
     pub(crate) side: Side,
     on_online: Option<WorkerCb>,
     on_listening: Option<ListeningCb>,
@@ -136,6 +138,7 @@ impl Worker {
                 exited_after_disconnect: None,
                 exit_code: None,
                 signal_code: None,
+                stdio: Vec::new(),
                 side,
                 on_online: None,
                 on_listening: None,
@@ -165,6 +168,16 @@ impl Worker {
     /// The process handle, on the primary's side.
     pub fn process(&self) -> Option<Handle<Process>> {
         self.inner.borrow().process
+    }
+
+    /// The primary's end of the worker's stdio slot `fd` when it is a pipe
+    /// (`worker.process.stdio[fd]`): with `silent` or a custom
+    /// [`Settings::stdio`](super::Settings::stdio). Slots 1 and 2 are read
+    /// and dropped unless the caller takes over (`read_stop`, then its own
+    /// `read_start`); slot 0 is closed (the worker reads EOF); slots from 3
+    /// up are left to the caller. All are closed when the worker exits.
+    pub fn stdio(&self, fd: usize) -> Option<Handle<crate::uv::Pipe>> {
+        self.inner.borrow().stdio.get(fd).copied().flatten()
     }
 
     /// The IPC channel to the other side.
