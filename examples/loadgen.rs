@@ -2,6 +2,8 @@
 //! `key=value` line.
 //!
 //! `cargo run --release --example loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow]`
+//!
+//! `slow`: every `EVERY`-th request (default 10) is `GET /spin/<MS>` (default 5 ms).
 
 use std::time::Duration;
 
@@ -18,7 +20,16 @@ fn main() -> std::io::Result<()> {
     let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let workload = match args.get(3).map(String::as_str) {
         Some("close") => Workload::Close,
-        Some("slow") => Workload::SlowMix { every: 10, ms: 5 },
+        Some("slow") => Workload::SlowMix {
+            every: std::env::var("EVERY")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10),
+            ms: std::env::var("MS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(5),
+        },
         _ => Workload::KeepAlive,
     };
     let r = run(LoadConfig {
