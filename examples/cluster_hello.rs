@@ -124,6 +124,14 @@ fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
                             std::hint::spin_loop();
                         }
                     }
+                    // `GET /block/<ms>`: a handler that blocks this
+                    // worker's loop that long without using the CPU, as a
+                    // synchronous file or lock wait does.
+                    if let Some(ms) = req.path.and_then(|p| p.strip_prefix("/block/")) {
+                        std::thread::sleep(std::time::Duration::from_millis(
+                            ms.parse().unwrap_or(0),
+                        ));
+                    }
                     let conn_hdr = req
                         .headers
                         .iter()

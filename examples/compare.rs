@@ -100,7 +100,7 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
         &[
             ("keep-alive", Workload::KeepAlive),
             ("close", Workload::Close),
-            ("slow mix", Workload::SlowMix { every: 10, ms: 5 }),
+            ("slow mix", Workload::SLOW_MIX),
         ]
     } else {
         &[

@@ -1,13 +1,15 @@
 //! Runs the crate's load generator against an HTTP server and prints one
 //! `key=value` line.
 //!
-//! `cargo run --release --example loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow]`
+//! `cargo run --release --example loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow|spin]`
 //!
-//! `slow`: every `EVERY`-th request (default 10) is `GET /spin/<MS>` (default 5 ms).
+//! `slow`: every `EVERY`-th request (default 200) is `GET /block/<MS>`
+//! (default 10 ms), a handler that blocks its worker's loop; `spin`: the
+//! same with `GET /spin/<MS>`, a handler that keeps the CPU busy.
 
 use std::time::Duration;
 
-use uvcluster::loadgen::{LoadConfig, Workload, run};
+use uvcluster::loadgen::{LoadConfig, Slow, Workload, run};
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,15 +22,16 @@ fn main() -> std::io::Result<()> {
     let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let workload = match args.get(3).map(String::as_str) {
         Some("close") => Workload::Close,
-        Some("slow") => Workload::SlowMix {
+        Some(w @ ("slow" | "spin")) => Workload::SlowMix {
             every: std::env::var("EVERY")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(10),
+                .unwrap_or(200),
             ms: std::env::var("MS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(5),
+                .unwrap_or(10),
+            slow: if w == "spin" { Slow::Spin } else { Slow::Block },
         },
         _ => Workload::KeepAlive,
     };
@@ -39,8 +42,8 @@ fn main() -> std::io::Result<()> {
         workload,
     })?;
     println!(
-        "workload={workload:?} requests={} errors={} secs={:.2} rps={:.0} p50_us={} p99_us={} max_us={}",
-        r.requests, r.errors, r.secs, r.rps, r.p50_us, r.p99_us, r.max_us
+        "workload={workload:?} requests={} errors={} secs={:.2} rps={:.0} p50_us={} p99_us={} max_us={} fast_p99_us={}",
+        r.requests, r.errors, r.secs, r.rps, r.p50_us, r.p99_us, r.max_us, r.fast_p99_us
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::rc::Rc;
 use util::*;
 use uvcluster::cluster::{self, ConnInfo, Primary, SchedulingPolicy, Settings, WorkerLoad};
 use uvcluster::net::{Conn, ListenOptions, Server};
-use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, RunMode, Tcp};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Workers {
@@ -84,18 +84,27 @@ fn helper_pid_server() {
     let server = Server::new(move |lp, s, conn| {
         let Conn::Tcp(t) = conn else { return };
         let s = s.clone();
-        lp.write(t, &[pid.as_bytes()], move |lp, t, _| {
-            if hold {
-                // Keep it open until the client goes.
-                let s2 = s.clone();
-                let _ = lp.read_start(t, move |lp, t, r| {
-                    if !matches!(r, Ok(d) if !d.is_empty()) {
-                        s2.close_connection(lp, Conn::Tcp(t));
-                    }
-                });
-            } else {
+        if !hold {
+            lp.write(t, &[pid.as_bytes()], move |lp, t, _| {
                 s.close_connection(lp, Conn::Tcp(t));
+            })
+            .unwrap();
+            return;
+        }
+        // Keep it open until the client goes.
+        lp.write(t, &[pid.as_bytes()], |_, _, _| {}).unwrap();
+        lp.read_start(t, move |lp, t, r| match r {
+            Ok(d) if !d.is_empty() => {
+                // `stall <port>`: a handler that keeps this loop busy (in
+                // a blocking read) until the test at <port> says go.
+                let msg = String::from_utf8_lossy(d);
+                if let Some(port) = msg.trim().strip_prefix("stall ") {
+                    let port: u16 = port.parse().unwrap();
+                    let mut go = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    let _ = std::io::Read::read(&mut go, &mut [0u8; 1]);
+                }
             }
+            _ => s.close_connection(lp, Conn::Tcp(t)),
         })
         .unwrap();
     });
@@ -145,6 +154,36 @@ fn connect_many(
         })
         .unwrap();
     }
+}
+
+/// Opens `n` connections to `port` one after another (each once the
+/// previous one's pid came) and holds them.
+fn connect_one_by_one(
+    lp: &mut Loop,
+    port: u16,
+    n: usize,
+    pids: &Pids,
+    held: &Rc<RefCell<Vec<Handle<Tcp>>>>,
+) {
+    if n == 0 {
+        return;
+    }
+    let c = lp.tcp_init();
+    let (pids, held) = (pids.clone(), held.clone());
+    lp.tcp_connect(c, ([127, 0, 0, 1], port).into(), move |lp, c, r| {
+        r.unwrap();
+        lp.read_start(c, move |lp, c, r| {
+            let data = r.unwrap();
+            assert!(!data.is_empty(), "the worker ended a held connection");
+            pids.borrow_mut()
+                .push(String::from_utf8_lossy(data).into_owned());
+            lp.read_stop(c).unwrap();
+            held.borrow_mut().push(c);
+            connect_one_by_one(lp, port, n - 1, &pids, &held);
+        })
+        .unwrap();
+    })
+    .unwrap();
 }
 
 fn counts(pids: &[String]) -> BTreeMap<String, usize> {
@@ -235,9 +274,9 @@ fn user_scheduler_sticky_by_client_ip() {
     }
 }
 
-/// Worker 1 holds 6 open connections when worker 2 joins; the next 6 go to
-/// the less loaded worker 2 under LeastConnections (round-robin would split
-/// them 3/3).
+/// Worker 1 holds 6 open connections when worker 2 joins; the next 6,
+/// opened one after another, go to the less loaded worker 2 under
+/// LeastConnections (round-robin would split them 3/3).
 fn least_connections_prefers_the_less_loaded(kind: Workers) {
     let mut lp = Loop::new().unwrap();
     let p = Primary::new();
@@ -251,10 +290,14 @@ fn least_connections_prefers_the_less_loaded(kind: Workers) {
     let (p2, h2, prim) = (pids.clone(), held.clone(), p.clone());
     p.on_listening(move |lp, w, a| {
         let port = a.port.unwrap() as u16;
-        // Six held connections when each worker starts listening.
-        let _ = w;
-        connect_many(lp, port, 6, &p2, &h2, true);
+        // Six held connections when each worker starts listening: at
+        // once for the first, one after another for the second.
         let _ = &prim;
+        if w.id() == 1 {
+            connect_many(lp, port, 6, &p2, &h2, true);
+        } else {
+            connect_one_by_one(lp, port, 6, &p2, &h2);
+        }
     });
     let (p3, prim, h3) = (pids.clone(), p.clone(), held.clone());
     let forked = Rc::new(std::cell::Cell::new(false));
@@ -295,6 +338,97 @@ fn least_connections_prefers_the_less_loaded_node_worker() {
 #[test]
 fn least_connections_prefers_the_less_loaded_rust_worker() {
     least_connections_prefers_the_less_loaded(Workers::Rust);
+}
+
+/// LeastConnections passes over a worker whose handler keeps its loop
+/// busy. A connection whose first request is `stall <port>` makes its
+/// worker (P) block until the test answers on <port>. A Rust worker answers
+/// `newconn` only after its loop has polled again, so P's answer is held
+/// back and P is not known to be free: the next five connections, opened
+/// one after another and held, all go to the other worker (Q), first
+/// because P is not free and then, as Q grows more loaded than P, because
+/// P stays silent past the stall time. Under round-robin, whose workers
+/// answer at once, P would look free and take the next connection.
+#[test]
+fn least_connections_passes_over_a_stuck_rust_worker() {
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        settings(Workers::Rust, SchedulingPolicy::LeastConnections, true),
+    );
+    p.on_error(|_, w, e| panic!("worker {:?}: {e}", w.map(|w| w.id())));
+    let pids: Pids = Rc::default();
+    let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
+    // P connects here once it is stuck; the test releases it by closing.
+    let go = lp.tcp_init();
+    lp.tcp_bind(go, ([127, 0, 0, 1], 0).into(), BindFlags::default())
+        .unwrap();
+    let go_port = lp.tcp_getsockname(go).unwrap().port();
+    // The stuck connection, a blocking std socket.
+    let stuck: Rc<RefCell<Option<std::net::TcpStream>>> = Rc::default();
+    let port = Rc::new(std::cell::Cell::new(0u16));
+    let listening = Counter::new();
+    let (l2, port2, stuck2) = (listening.clone(), port.clone(), stuck.clone());
+    p.on_listening(move |_, _, a| {
+        l2.hit();
+        if l2.get() == 2 {
+            port2.set(a.port.unwrap() as u16);
+            // A blocking connect and write: the request is there before
+            // the primary (on this thread) accepts the connection.
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port2.get())).unwrap();
+            std::io::Write::write_all(&mut s, format!("stall {go_port}\n").as_bytes()).unwrap();
+            *stuck2.borrow_mut() = Some(s);
+        }
+    });
+    let release: Rc<RefCell<Option<Handle<Tcp>>>> = Rc::default();
+    let (r2, p2, h2, port3) = (release.clone(), pids.clone(), held.clone(), port.clone());
+    lp.tcp_listen(go, 1, move |lp, _, c| {
+        // P is stuck: five more connections, one after another.
+        *r2.borrow_mut() = Some(c.unwrap());
+        connect_one_by_one(lp, port3.get(), 5, &p2, &h2);
+    })
+    .unwrap();
+    let stuck_pid: Rc<RefCell<String>> = Rc::default();
+    let (p3, prim, h3, r3) = (pids.clone(), p.clone(), held.clone(), release.clone());
+    let (s3, sp3) = (stuck.clone(), stuck_pid.clone());
+    let done = lp.check_init();
+    lp.check_start(done, move |lp, c| {
+        if p3.borrow().len() < 5 {
+            return;
+        }
+        // Q served all five while P was stuck: release P, and finish.
+        if let Some(h) = r3.borrow_mut().take() {
+            lp.close(h, |_| {}).unwrap();
+        }
+        lp.close(go, |_| {}).unwrap();
+        // P wrote its pid before it got stuck; then the stuck connection
+        // ends too.
+        let mut s = s3.borrow_mut().take().unwrap();
+        let mut buf = [0u8; 32];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        *sp3.borrow_mut() = String::from_utf8_lossy(&buf[..n]).into_owned();
+        drop(s);
+        for h in h3.borrow_mut().drain(..) {
+            lp.close(h, |_| {}).unwrap();
+        }
+        prim.disconnect(lp, |_| {});
+        lp.close(c, |_| {}).unwrap();
+    })
+    .unwrap();
+    for _ in 0..2 {
+        p.fork(&mut lp, vec![]).unwrap();
+    }
+    run_with_deadline(&mut lp, 30_000);
+    assert_loop_empty(&lp);
+    let stuck_pid = stuck_pid.borrow().clone();
+    assert!(!stuck_pid.is_empty());
+    let pids = pids.borrow();
+    assert_eq!(pids.len(), 5);
+    assert!(
+        pids.iter().all(|p| *p == pids[0] && *p != stuck_pid),
+        "stuck worker {stuck_pid}; the next five went to {pids:?}"
+    );
 }
 
 #[test]

@@ -49,6 +49,9 @@ struct HookData {
     report_load: bool,
     /// A load report is scheduled for the next loop iteration.
     report_pending: bool,
+    /// Answers to `newconn` waiting for the loop to poll again; each
+    /// carries the count, so a load report is not needed meanwhile.
+    answers_pending: u32,
     indexes_key: String,
     index: u64,
 }
@@ -317,6 +320,7 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
             key: None,
             report_load: false,
             report_pending: false,
+            answers_pending: 0,
             indexes_key,
             index,
         }))
@@ -508,7 +512,8 @@ fn schedule_load_report(lp: &mut Loop, server: &Server) {
         let key = s.with_hook_data(|d| {
             let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
             d.report_pending = false;
-            d.key.clone()
+            // An answer on its way carries a newer count.
+            (d.answers_pending == 0).then(|| d.key.clone()).flatten()
         });
         if let (Some(key), Some(state)) = (key, child()) {
             let channel = state.borrow().channel.clone();
@@ -597,9 +602,20 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
             m.insert("ack".into(), seq);
             m.insert("accepted".into(), accepted.into());
             let server = state.borrow().handles.get(&key).cloned();
-            if let Some(s) = server.filter(reports_load) {
-                // Beyond Node: the open-connection count rides on the reply.
-                m.insert("load".into(), (s.connections() as u64).into());
+            if let Some(s) = server.filter(|s| accepted && reports_load(s)) {
+                // Beyond Node: a load-aware primary hears back only after
+                // this loop has polled again, with the open-connection
+                // count then. The new connection's first request was
+                // already waiting, so it has been handled by then: a
+                // handler that keeps the loop busy keeps the answer back,
+                // and the primary sends the next connection elsewhere.
+                answers_pending(&s, 1);
+                after_next_poll(lp, move |lp| {
+                    answers_pending(&s, -1);
+                    m.insert("load".into(), (s.connections() as u64).into());
+                    let _ = channel.send_cluster(lp, m, None, None);
+                });
+                return;
             }
             let _ = channel.send_cluster(lp, m, None, None);
         }
@@ -614,6 +630,21 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
             }
         }
     }
+}
+
+fn answers_pending(server: &Server, delta: i32) {
+    server.with_hook_data(|d| {
+        if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+            d.answers_pending = d.answers_pending.saturating_add_signed(delta);
+        }
+    });
+}
+
+/// Runs `f` once the loop has been through its poll phase again: at the
+/// end of the next iteration (two 0 ms timers; timers run last in an
+/// iteration, and one started by a timer waits for the next).
+fn after_next_poll(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
+    crate::net::defer(lp, move |lp| crate::net::defer(lp, f));
 }
 
 fn close_conn(lp: &mut Loop, c: Conn) {

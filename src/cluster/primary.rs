@@ -780,7 +780,7 @@ impl Primary {
                     _ => None,
                 };
                 if let Some(rr) = rr {
-                    rr.set_load(w.id(), load);
+                    rr.set_load(lp, w.id(), load);
                 }
             }
             Act::NewConn { .. } | Act::Disconnect => {

@@ -25,7 +25,7 @@
 //! [`distribute`]: RoundRobinHandle::distribute
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::rc::Rc;
 
@@ -35,7 +35,7 @@ use super::protocol::{self, Query};
 use super::shared_handle::{ServerSocket, create_server_handle, neg_errno};
 use super::worker::Worker;
 use crate::ipc::{AfterAck, Attach, HandleKind, SendHandle, close_accepted};
-use crate::uv::{Handle, Loop, Pipe, Tcp};
+use crate::uv::{Handle, Loop, Pipe, Tcp, Timer};
 
 /// An accepted connection, owned by the handle until a worker accepts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,11 @@ pub struct WorkerLoad {
     pub queued: u64,
     /// Connections it has accepted in all.
     pub accepted: u64,
+    /// When the worker last spoke to the primary (an accept reply or a
+    /// load report), as a count that only grows: of two workers, the one
+    /// with the larger `heard` answered more recently. A worker stuck in a
+    /// long synchronous handler falls behind.
+    pub heard: u64,
 }
 
 /// What a scheduler sees of the connection to place.
@@ -105,7 +110,8 @@ pub type Scheduler = Rc<dyn Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32>>;
 pub(super) enum Pick {
     /// Node's round-robin: the first free worker.
     Fifo,
-    /// The worker with the fewest open and queued connections.
+    /// The worker with the fewest connections, among those known to be
+    /// responsive (see [`RoundRobinHandle::dispatch_lc`]).
     LeastConnections,
     /// A user scheduler.
     Custom(Scheduler),
@@ -121,12 +127,31 @@ impl std::fmt::Debug for Pick {
     }
 }
 
+/// How long a worker may leave a connection unanswered before
+/// [`Pick::LeastConnections`] passes it over, in loop milliseconds (so
+/// between 1 and 2 ms of real time). A Rust worker answers once its loop
+/// has polled again, which takes microseconds unless a handler keeps the
+/// loop busy.
+const STALL_MS: u64 = 2;
+
+/// A connection sent to a worker, not yet answered.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    conn: Conn,
+    /// Loop time when it was sent.
+    sent: u64,
+}
+
 #[derive(Debug)]
 struct State {
     pick: Pick,
     /// Per worker: reported open connections, accepted in all.
     open: HashMap<u32, u64>,
     accepted: HashMap<u32, u64>,
+    /// Per worker: when it last spoke (an accept reply or a load report),
+    /// as a tick of `clock`.
+    heard: HashMap<u32, u64>,
+    clock: u64,
     /// Connections a scheduler placed on a worker that was busy; it takes
     /// them, in order, before the shared queue.
     assigned: HashMap<u32, VecDeque<Conn>>,
@@ -144,7 +169,23 @@ struct State {
     /// Accepted connections not yet handed out (Node's `handles`).
     handles: VecDeque<Conn>,
     /// The connection in flight to each worker.
-    in_flight: HashMap<u32, Conn>,
+    in_flight: HashMap<u32, InFlight>,
+    /// Workers that left a connection unanswered for [`STALL_MS`]:
+    /// [`Pick::LeastConnections`] passes them over until they answer.
+    stalled: HashSet<u32>,
+    /// Wakes [`Pick::LeastConnections`] when the worker it waits for has
+    /// been silent for [`STALL_MS`].
+    stall_timer: Option<Handle<Timer>>,
+}
+
+/// One step of [`RoundRobinHandle::dispatch_lc`].
+enum LcStep {
+    /// Send the head of the queue to this worker.
+    Send(Worker),
+    /// Wait for an answer, at most this many ms.
+    Wait(u64),
+    /// Nothing to send, or no worker to send to.
+    Idle,
 }
 
 /// One listening socket of the primary, shared round-robin by the workers
@@ -171,6 +212,8 @@ impl RoundRobinHandle {
                 pick,
                 open: HashMap::new(),
                 accepted: HashMap::new(),
+                heard: HashMap::new(),
+                clock: 0,
                 assigned: HashMap::new(),
                 key,
                 listener: None,
@@ -180,6 +223,8 @@ impl RoundRobinHandle {
                 free: VecDeque::new(),
                 handles: VecDeque::new(),
                 in_flight: HashMap::new(),
+                stalled: HashSet::new(),
+                stall_timer: None,
             })),
         };
         match rr.listen(lp, address, q) {
@@ -281,10 +326,14 @@ impl RoundRobinHandle {
     }
 
     /// A connection was accepted, or came back (Node's `distribute`): it
-    /// joins the queue and the first free worker takes the head.
+    /// joins the queue and the first free worker takes the head, or, when
+    /// a scheduler placed it, waits for its worker.
     fn distribute(&self, lp: &mut Loop, conn: Conn) {
-        let target = self.choose(lp, conn);
-        let Some(id) = target else {
+        if self.is_lc() {
+            self.enqueue(lp, conn, false);
+            return;
+        }
+        let Some(id) = self.choose(lp, conn) else {
             self.enqueue(lp, conn, false);
             return;
         };
@@ -304,12 +353,19 @@ impl RoundRobinHandle {
         }
     }
 
-    /// The worker a non-FIFO pick places `conn` on, or `None` for the
+    fn is_lc(&self) -> bool {
+        matches!(self.st.borrow().pick, Pick::LeastConnections)
+    }
+
+    /// The worker a user scheduler places `conn` on, or `None` for the
     /// shared queue.
     fn choose(&self, lp: &mut Loop, conn: Conn) -> Option<u32> {
-        let (pick, loads) = {
+        let (f, loads) = {
             let st = self.st.borrow();
-            if matches!(st.pick, Pick::Fifo) || st.all.is_empty() {
+            let Pick::Custom(f) = &st.pick else {
+                return None;
+            };
+            if st.all.is_empty() {
                 return None;
             }
             let loads: Vec<WorkerLoad> = st
@@ -321,28 +377,16 @@ impl RoundRobinHandle {
                     queued: st.assigned.get(&id).map_or(0, |q| q.len() as u64)
                         + u64::from(st.in_flight.contains_key(&id)),
                     accepted: st.accepted.get(&id).copied().unwrap_or(0),
+                    heard: st.heard.get(&id).copied().unwrap_or(0),
                 })
                 .collect();
-            (st.pick.clone(), loads)
+            (f.clone(), loads)
         };
-        let id = match pick {
-            Pick::Fifo => return None,
-            // The worker with the fewest connections, open or on their way
-            // to it; among equals, one free to take it now, then the one
-            // that has accepted fewer.
-            Pick::LeastConnections => loads
-                .iter()
-                .min_by_key(|l| (l.open + l.queued, l.queued > 0, l.accepted, l.id))
-                .map(|l| l.id),
-            Pick::Custom(f) => {
-                let peer = match conn {
-                    Conn::Tcp(h) => lp.tcp_getpeername(h).ok().map(unmap_v4),
-                    Conn::Pipe(_) => None,
-                };
-                f(&ConnInfo { peer }, &loads)
-            }
+        let peer = match conn {
+            Conn::Tcp(h) => lp.tcp_getpeername(h).ok().map(unmap_v4),
+            Conn::Pipe(_) => None,
         };
-        id.filter(|id| self.st.borrow().all.contains_key(id))
+        f(&ConnInfo { peer }, &loads).filter(|id| self.st.borrow().all.contains_key(id))
     }
 
     /// Whether this handle picks by load, so workers should report theirs.
@@ -351,10 +395,19 @@ impl RoundRobinHandle {
     }
 
     /// A worker reported its open connections on this server.
-    pub(super) fn set_load(&self, id: u32, load: u64) {
-        let mut st = self.st.borrow_mut();
-        if st.all.contains_key(&id) {
+    pub(super) fn set_load(&self, lp: &mut Loop, id: u32, load: u64) {
+        {
+            let mut st = self.st.borrow_mut();
+            if !st.all.contains_key(&id) {
+                return;
+            }
             st.open.insert(id, load);
+            st.clock += 1;
+            let now = st.clock;
+            st.heard.insert(id, now);
+        }
+        if self.is_lc() {
+            self.dispatch_lc(lp);
         }
     }
 
@@ -371,19 +424,30 @@ impl RoundRobinHandle {
             } else {
                 st.handles.push_back(conn);
             }
-            let id = st.free.pop_front();
-            id.and_then(|id| st.all.get(&id).cloned())
+            if matches!(st.pick, Pick::LeastConnections) {
+                None
+            } else {
+                let id = st.free.pop_front();
+                id.and_then(|id| st.all.get(&id).cloned())
+            }
         };
-        if let Some(w) = next {
+        if self.is_lc() {
+            self.dispatch_lc(lp);
+        } else if let Some(w) = next {
             self.handoff(lp, &w);
         }
     }
 
     /// Gives the worker the next queued connection, or marks it free
-    /// (Node's `handoff`).
+    /// (Node's `handoff`). Under [`Pick::LeastConnections`] the whole
+    /// queue is reconsidered instead.
     pub(super) fn handoff(&self, lp: &mut Loop, w: &Worker) {
+        if self.is_lc() {
+            self.dispatch_lc(lp);
+            return;
+        }
         let id = w.id();
-        let (conn, key) = {
+        let conn = {
             let mut st = self.st.borrow_mut();
             if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) {
                 return;
@@ -395,8 +459,25 @@ impl RoundRobinHandle {
                 }
                 return;
             };
-            st.in_flight.insert(id, conn);
-            (conn, st.key.clone())
+            conn
+        };
+        if !self.send(lp, w, conn) {
+            // The channel is gone: the connection is still ours. Another
+            // free worker takes it; this one is removed when its
+            // disconnect is handled.
+            self.enqueue(lp, conn, true);
+        }
+    }
+
+    /// Sends `conn` to `w` as `newconn`; `false` (and `conn` is still
+    /// ours, not in flight) if the channel is gone.
+    fn send(&self, lp: &mut Loop, w: &Worker, conn: Conn) -> bool {
+        let id = w.id();
+        let key = {
+            let mut st = self.st.borrow_mut();
+            let sent = lp.now();
+            st.in_flight.insert(id, InFlight { conn, sent });
+            st.key.clone()
         };
         let mut fields = Map::new();
         fields.insert("act".into(), "newconn".into());
@@ -418,30 +499,155 @@ impl RoundRobinHandle {
                         if let Some(h) = h {
                             close_accepted(lp, h);
                         }
-                        me.on_reply(lp, &worker, &reply);
+                        me.on_reply(lp, &worker, conn, &reply);
                     })),
                 )
-                .map(drop),
-            None => Err(io::ErrorKind::NotConnected.into()),
+                .is_ok(),
+            None => false,
         };
-        if sent.is_err() {
-            // The channel is gone: the connection is still ours. Another
-            // free worker takes it; this one is removed when its
-            // disconnect is handled.
-            self.st.borrow_mut().in_flight.remove(&id);
-            self.enqueue(lp, conn, true);
+        if !sent {
+            self.take_in_flight(id, conn);
+        }
+        sent
+    }
+
+    /// Removes `conn` from worker `id`'s connection in flight; `false` if
+    /// it was not there (already requeued).
+    fn take_in_flight(&self, id: u32, conn: Conn) -> bool {
+        let mut st = self.st.borrow_mut();
+        match st.in_flight.get(&id) {
+            Some(f) if f.conn == conn => {
+                st.in_flight.remove(&id);
+                true
+            }
+            _ => false,
         }
     }
 
-    fn on_reply(&self, lp: &mut Loop, w: &Worker, reply: &Value) {
+    /// [`Pick::LeastConnections`]: hands out queued connections while it
+    /// can (see [`lc_step`](Self::lc_step)).
+    fn dispatch_lc(&self, lp: &mut Loop) {
+        loop {
+            match self.lc_step(lp.now()) {
+                LcStep::Send(w) => {
+                    let Some(conn) = self.st.borrow_mut().handles.pop_front() else {
+                        return;
+                    };
+                    if !self.send(lp, &w, conn) {
+                        // Its channel is gone: pass it over until it is
+                        // removed.
+                        let mut st = self.st.borrow_mut();
+                        st.handles.push_front(conn);
+                        st.stalled.insert(w.id());
+                    }
+                }
+                LcStep::Wait(ms) => {
+                    self.arm_stall_timer(lp, ms);
+                    return;
+                }
+                LcStep::Idle => return,
+            }
+        }
+    }
+
+    /// Where the head of the queue goes under [`Pick::LeastConnections`].
+    ///
+    /// Each worker's load is its open connections (as it last reported
+    /// them; for a Node worker, all it has accepted) plus the one in
+    /// flight to it. The least loaded worker (ties: nothing in flight,
+    /// then heard from last) takes the connection if it has answered for
+    /// everything it was sent. If it has not, it may be stuck in a long
+    /// handler: a worker that has answered takes the connection if it is
+    /// at most one connection more loaded; otherwise the connection waits
+    /// for the least loaded worker's answer, but only until it has been
+    /// silent for [`STALL_MS`], after which it is passed over until it
+    /// answers.
+    fn lc_step(&self, now: u64) -> LcStep {
+        let st = self.st.borrow();
+        if st.handles.is_empty() {
+            return LcStep::Idle;
+        }
+        let busy = |id: u32| st.in_flight.contains_key(&id);
+        let load = |id: u32| st.open.get(&id).copied().unwrap_or(0) + u64::from(busy(id));
+        let rank = |id: &u32| {
+            let id = *id;
+            (
+                load(id),
+                busy(id),
+                std::cmp::Reverse(st.heard.get(&id).copied().unwrap_or(0)),
+                id,
+            )
+        };
+        let candidates = || {
+            st.all
+                .iter()
+                .filter(|(id, w)| !st.stalled.contains(id) && w.is_connected())
+                .map(|(id, _)| *id)
+        };
+        let Some(best) = candidates().min_by_key(rank) else {
+            return LcStep::Idle;
+        };
+        let pick = if !busy(best) {
+            Some(best)
+        } else {
+            candidates()
+                .filter(|&id| !busy(id))
+                .min_by_key(rank)
+                .filter(|&id| load(id) <= 2 * load(best) + 1)
+        };
+        match pick.and_then(|id| st.all.get(&id)) {
+            Some(w) => LcStep::Send(w.clone()),
+            None => {
+                let sent = st.in_flight.get(&best).map_or(now, |f| f.sent);
+                LcStep::Wait((sent + STALL_MS).saturating_sub(now).max(1))
+            }
+        }
+    }
+
+    /// Wakes [`dispatch_lc`](Self::dispatch_lc) in `ms`, marking the
+    /// workers silent for [`STALL_MS`] as stalled.
+    fn arm_stall_timer(&self, lp: &mut Loop, ms: u64) {
+        let timer = {
+            let mut st = self.st.borrow_mut();
+            if st.listener.is_none() {
+                return;
+            }
+            *st.stall_timer.get_or_insert_with(|| {
+                let t = lp.timer_init();
+                let _ = lp.unref_handle(t);
+                t
+            })
+        };
+        let weak = Rc::downgrade(&self.st);
+        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
+            let Some(st) = weak.upgrade() else { return };
+            let me = RoundRobinHandle { st };
+            {
+                let now = lp.now();
+                let mut st = me.st.borrow_mut();
+                let late: Vec<u32> = st
+                    .in_flight
+                    .iter()
+                    .filter(|(_, f)| now >= f.sent + STALL_MS)
+                    .map(|(&id, _)| id)
+                    .collect();
+                st.stalled.extend(late);
+            }
+            me.dispatch_lc(lp);
+        });
+    }
+
+    fn on_reply(&self, lp: &mut Loop, w: &Worker, conn: Conn, reply: &Value) {
         let id = w.id();
-        let conn = self.st.borrow_mut().in_flight.remove(&id);
-        let Some(conn) = conn else { return };
+        if !self.take_in_flight(id, conn) {
+            return;
+        }
         let accepted = truthy(reply.get("accepted"));
         {
             // Rust workers send their open-connection count with the reply;
             // for others, count what they accepted.
             let mut st = self.st.borrow_mut();
+            st.stalled.remove(&id);
             let reported = reply.get("load").and_then(Value::as_u64);
             let open = st.open.entry(id).or_default();
             match reported {
@@ -452,6 +658,9 @@ impl RoundRobinHandle {
             if accepted {
                 *st.accepted.entry(id).or_default() += 1;
             }
+            st.clock += 1;
+            let now = st.clock;
+            st.heard.insert(id, now);
         }
         if accepted {
             conn.close(lp);
@@ -465,9 +674,13 @@ impl RoundRobinHandle {
     /// any) never reaches a worker's `onconnection`, so it goes back to the
     /// head of the queue, or is closed when the handle is closed.
     pub(super) fn lost(&self, lp: &mut Loop, id: u32) {
-        let conn = self.st.borrow_mut().in_flight.remove(&id);
-        if let Some(conn) = conn {
-            self.enqueue(lp, conn, true);
+        let conn = {
+            let mut st = self.st.borrow_mut();
+            st.stalled.remove(&id);
+            st.in_flight.remove(&id)
+        };
+        if let Some(f) = conn {
+            self.enqueue(lp, f.conn, true);
         }
         self.reassign(lp, id);
     }
@@ -499,6 +712,7 @@ impl RoundRobinHandle {
             }
             st.free.retain(|&f| f != id);
             st.open.remove(&id);
+            st.stalled.remove(&id);
         }
         if !w.is_connected() {
             self.lost(lp, id);
@@ -514,15 +728,19 @@ impl RoundRobinHandle {
 
     /// Closes the listener and every queued connection.
     pub(super) fn close(&self, lp: &mut Loop) {
-        let (queued, assigned, listener) = {
+        let (queued, assigned, listener, timer) = {
             let mut st = self.st.borrow_mut();
             st.free.clear();
             (
                 std::mem::take(&mut st.handles),
                 std::mem::take(&mut st.assigned),
                 st.listener.take(),
+                st.stall_timer.take(),
             )
         };
+        if let Some(t) = timer {
+            let _ = lp.close(t, |_| {});
+        }
         for c in queued.into_iter().chain(assigned.into_values().flatten()) {
             c.close(lp);
         }
@@ -538,7 +756,7 @@ impl RoundRobinHandle {
         let in_flight: Vec<Conn> = {
             let mut st = self.st.borrow_mut();
             st.all.clear();
-            st.in_flight.drain().map(|(_, c)| c).collect()
+            st.in_flight.drain().map(|(_, f)| f.conn).collect()
         };
         for c in in_flight {
             c.close(lp);
