@@ -3,21 +3,24 @@
 //! benchmark per mode (`rr`, `none`, `reuseport`, `leastconn`), plus a
 //! single process as the limit of this machine. The measured quantity is
 //! the time per request under the crate's closed-loop load generator (50
-//! connections); the HTML report (`target/criterion/report/index.html`)
-//! plots them.
+//! connections), and for the slow-handler mix ([`Workload::SLOW_MIX`], 16
+//! connections) also its 99th percentile latency, reported as the time of
+//! one iteration (group `dispatch/slow mix p99`), which is where dispatch
+//! by load should win. The HTML report
+//! (`target/criterion/report/index.html`) plots them.
 //!
 //! The cluster runs out of process: this bench binary re-executes itself
 //! as the primary (`DISPATCH_BENCH_PRIMARY=<mode>`), and the primary forks
 //! it again as its two workers, each a minimal HTTP hello world (with
-//! `/spin/<ms>`, a handler that keeps its worker busy). Nothing needs to be
-//! built or installed beyond `cargo bench`. The comparison with Node's
-//! cluster is `examples/compare.rs`.
+//! `/block/<ms>` and `/spin/<ms>`, handlers that keep its loop busy).
+//! Nothing needs to be built or installed beyond `cargo bench`. The
+//! comparison with Node's cluster is `examples/compare.rs`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use criterion::Criterion;
+use criterion::{Criterion, SamplingMode};
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
 use uvcluster::loadgen::{self, LoadConfig, Workload};
 use uvcluster::net::{Conn, ListenOptions, Server};
@@ -27,8 +30,9 @@ const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
 const MODES: [&str; 4] = ["rr", "none", "reuseport", "leastconn"];
 
-/// A worker (or the single process): answers every request; `/spin/<ms>`
-/// keeps the CPU busy first; `Connection: close` ends the connection.
+/// A worker (or the single process): answers every request; `/block/<ms>`
+/// blocks the loop first (without the CPU), `/spin/<ms>` keeps the CPU
+/// busy first; `Connection: close` ends the connection.
 fn serve(lp: &mut Loop, port: u16) {
     let server = Server::new(|lp, s, conn| {
         let Conn::Tcp(t) = conn else { return };
@@ -42,13 +46,17 @@ fn serve(lp: &mut Loop, port: u16) {
                 return;
             }
             let text = String::from_utf8_lossy(&data);
-            if let Some(ms) = text.strip_prefix("GET /spin/") {
-                let ms: u64 = ms
-                    .split(' ')
+            let ms = |rest: &str| -> u64 {
+                rest.split(' ')
                     .next()
                     .and_then(|m| m.parse().ok())
-                    .unwrap_or(0);
-                let until = std::time::Instant::now() + Duration::from_millis(ms);
+                    .unwrap_or(0)
+            };
+            if let Some(rest) = text.strip_prefix("GET /block/") {
+                std::thread::sleep(Duration::from_millis(ms(rest)));
+            }
+            if let Some(rest) = text.strip_prefix("GET /spin/") {
+                let until = std::time::Instant::now() + Duration::from_millis(ms(rest));
                 while std::time::Instant::now() < until {
                     std::hint::spin_loop();
                 }
@@ -120,32 +128,64 @@ fn start(mode: &str, port: u16) -> Child {
     c
 }
 
+/// What one benchmark iteration reports.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// Time per request.
+    PerRequest,
+    /// The 99th percentile latency of a short run.
+    P99,
+}
+
 fn bench(c: &mut Criterion) {
     let workloads = [
-        ("keep-alive", Workload::KeepAlive),
-        ("close", Workload::Close),
-        ("slow mix", Workload::SlowMix { every: 10, ms: 5 }),
+        ("keep-alive", Workload::KeepAlive, 50, Measure::PerRequest),
+        ("close", Workload::Close, 50, Measure::PerRequest),
+        ("slow mix", Workload::SLOW_MIX, 16, Measure::PerRequest),
+        ("slow mix p99", Workload::SLOW_MIX, 16, Measure::P99),
     ];
-    for (i, (wname, workload)) in workloads.into_iter().enumerate() {
+    for (i, (wname, workload, connections, measure)) in workloads.into_iter().enumerate() {
         let mut g = c.benchmark_group(format!("dispatch/{wname}"));
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(4));
+        if let Measure::P99 = measure {
+            // One run per sample.
+            g.sampling_mode(SamplingMode::Flat);
+        }
         for (j, mode) in MODES.iter().chain(&["single"]).enumerate() {
             let port = 19100 + (i * 10 + j) as u16;
             let mut child = start(mode, port);
             g.bench_function(*mode, |b| {
                 b.iter_custom(|iters| {
-                    // Time per request: a short closed-loop run, scaled.
-                    let r = loadgen::run(LoadConfig {
-                        addr: ([127, 0, 0, 1], port).into(),
-                        connections: 50,
-                        duration: Duration::from_millis(300),
-                        workload,
-                    })
-                    .expect("load");
-                    let per = r.secs / r.requests.max(1) as f64;
-                    Duration::from_secs_f64(per * iters as f64)
+                    match measure {
+                        // Time per request: a short closed-loop run, scaled.
+                        Measure::PerRequest => {
+                            let r = loadgen::run(LoadConfig {
+                                addr: ([127, 0, 0, 1], port).into(),
+                                connections,
+                                duration: Duration::from_millis(300),
+                                workload,
+                            })
+                            .expect("load");
+                            let per = r.secs / r.requests.max(1) as f64;
+                            Duration::from_secs_f64(per * iters as f64)
+                        }
+                        // The p99 of one run per iteration (0.5 s: some
+                        // 40 slow requests among thousands).
+                        Measure::P99 => (0..iters)
+                            .map(|_| {
+                                let r = loadgen::run(LoadConfig {
+                                    addr: ([127, 0, 0, 1], port).into(),
+                                    connections,
+                                    duration: Duration::from_millis(500),
+                                    workload,
+                                })
+                                .expect("load");
+                                Duration::from_micros(r.p99_us)
+                            })
+                            .sum(),
+                    }
                 })
             });
             let _ = nix::sys::signal::kill(

@@ -2,6 +2,12 @@
 //!
 //! `cargo run --release --example compare -- [secs=4] [connections=50]`
 //!
+//! The slow-handler mixes run at 16 connections whatever `connections` is:
+//! `slow mix` is [`Workload::SLOW_MIX`] (one request in 200 blocks its
+//! worker's loop for 10 ms), `slow mix (cpu)` the same with a handler that
+//! spins the CPU instead. Below saturation, where a connection goes decides
+//! how long it waits; BENCHMARKS.md has them at other concurrencies.
+//!
 //! For each server it starts the cluster (2 workers, `PORT`), waits for its
 //! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for
 //! each workload, asks the primary for per-worker connection counts
@@ -21,15 +27,19 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use plotters::prelude::*;
-use uvcluster::loadgen::{self, LoadConfig, Workload, jain};
+use uvcluster::loadgen::{self, LoadConfig, Slow, Workload, jain};
+
+/// Connections for the slow-handler mixes.
+const SLOW_CONNS: usize = 16;
 
 struct Server {
     name: String,
     cmd: Vec<String>,
     policy: &'static str,
     workers: &'static str,
-    /// Whether it answers `/spin/<ms>` (Node's reference server does not).
-    spin: bool,
+    /// Whether it answers `/block/<ms>` and `/spin/<ms>` (Node's reference
+    /// server does not).
+    slow: bool,
 }
 
 struct Row {
@@ -37,6 +47,8 @@ struct Row {
     workload: &'static str,
     rps: f64,
     p99_ms: f64,
+    /// p99 of the requests that were not slow.
+    fast_p99_ms: f64,
     fairness: Option<f64>,
     counts: String,
     primary_cpu_s: Option<f64>,
@@ -96,19 +108,22 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
 }
 
 fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row>) {
-    let workloads: &[(&'static str, Workload)] = if s.spin {
-        &[
-            ("keep-alive", Workload::KeepAlive),
-            ("close", Workload::Close),
-            ("slow mix", Workload::SLOW_MIX),
-        ]
-    } else {
-        &[
-            ("keep-alive", Workload::KeepAlive),
-            ("close", Workload::Close),
-        ]
+    let cpu_mix = match Workload::SLOW_MIX {
+        Workload::SlowMix { every, ms, .. } => Workload::SlowMix {
+            every,
+            ms,
+            slow: Slow::Spin,
+        },
+        w => w,
     };
-    for &(wname, workload) in workloads {
+    let all = [
+        ("keep-alive", Workload::KeepAlive, conns),
+        ("close", Workload::Close, conns),
+        ("slow mix", Workload::SLOW_MIX, SLOW_CONNS),
+        ("slow mix (cpu)", cpu_mix, SLOW_CONNS),
+    ];
+    let workloads = if s.slow { &all[..] } else { &all[..2] };
+    for &(wname, workload, conns) in workloads {
         // A fresh cluster per workload, so counts and CPU are its own.
         let mut child = match Command::new(&s.cmd[0])
             .args(&s.cmd[1..])
@@ -182,6 +197,7 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
             workload: wname,
             rps: r.rps,
             p99_ms: r.p99_us as f64 / 1000.0,
+            fast_p99_ms: r.fast_p99_us as f64 / 1000.0,
             fairness,
             counts,
             primary_cpu_s: match (cpu0, cpu1) {
@@ -196,7 +212,7 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
 }
 
 fn chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let workloads = ["keep-alive", "close", "slow mix"];
+    let workloads = ["keep-alive", "close", "slow mix", "slow mix (cpu)"];
     let servers: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for r in rows {
@@ -210,19 +226,26 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     root.fill(&WHITE)?;
     let panels = root.split_evenly((workloads.len(), 1));
     for (panel, w) in panels.iter().zip(workloads) {
+        // Throughput for the plain workloads; for the slow mixes, the tail
+        // latency that dispatch decides.
+        let slow = w.starts_with("slow");
         let data: Vec<(usize, f64)> = servers
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
                 rows.iter()
                     .find(|r| &r.server == s && r.workload == w)
-                    .map(|r| (i, r.rps))
+                    .map(|r| (i, if slow { r.p99_ms } else { r.rps }))
             })
             .collect();
         let max = data.iter().map(|d| d.1).fold(1.0, f64::max) * 1.15;
         let mut c = ChartBuilder::on(panel)
             .caption(
-                format!("{w}: requests/s (2 workers, same run)"),
+                if slow {
+                    format!("{w}: p99 latency, ms, lower is better (2 workers, same run)")
+                } else {
+                    format!("{w}: requests/s (2 workers, same run)")
+                },
                 ("sans-serif", 18),
             )
             .margin(10)
@@ -240,7 +263,13 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                     String::new()
                 }
             })
-            .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+            .y_label_formatter(&|y| {
+                if slow {
+                    format!("{y:.0}")
+                } else {
+                    format!("{:.0}k", y / 1000.0)
+                }
+            })
             .draw()?;
         c.draw_series(data.iter().map(|&(i, v)| {
             let color = if servers[i].starts_with("node") {
@@ -290,7 +319,7 @@ fn main() {
                 cmd: vec!["node".into(), baseline.to_string_lossy().into_owned()],
                 policy,
                 workers: "2",
-                spin: false,
+                slow: false,
             });
         }
     } else {
@@ -305,7 +334,7 @@ fn main() {
             cmd: vec![ours.clone()],
             policy,
             workers: "2",
-            spin: true,
+            slow: true,
         });
     }
     servers.push(Server {
@@ -313,27 +342,32 @@ fn main() {
         cmd: vec![ours.clone()],
         policy: "rr",
         workers: "0",
-        spin: true,
+        slow: true,
     });
     let mut rows = Vec::new();
     for (i, s) in servers.iter().enumerate() {
         run_server(s, 18900 + i as u16, secs, conns, &mut rows);
     }
     println!(
-        "{secs} s per run, {conns} connections, 2 workers; fairness is Jain's index over per-worker connection counts"
+        "{secs} s per run, {conns} connections ({SLOW_CONNS} for the slow mixes), 2 workers; fairness is Jain's index over per-worker connection counts; \"p99 others\" leaves the slow requests out"
     );
     println!();
     println!(
-        "| server | workload | req/s | p99 | fairness | connections per worker | primary CPU | RSS per worker |"
+        "| server | workload | req/s | p99 | p99 others | fairness | connections per worker | primary CPU | RSS per worker |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} | {} |",
             r.server,
             r.workload,
             r.rps,
             r.p99_ms,
+            if r.workload.starts_with("slow") {
+                format!("{:.2} ms", r.fast_p99_ms)
+            } else {
+                "–".into()
+            },
             r.fairness.map_or("–".into(), |f| format!("{f:.4}")),
             r.counts,
             r.primary_cpu_s.map_or("–".into(), |c| format!("{c:.2} s")),
