@@ -247,3 +247,56 @@ fn cluster_echo_round_robin() {
 fn cluster_echo_shared() {
     cluster_echo("none");
 }
+
+/// The load generator's slow-handler mix against `cluster_hello` as one
+/// process: every 5th request blocks the loop (`/block/20`), then keeps
+/// the CPU busy (`/spin/20`), for 20 ms, so at least a fifth of the
+/// latencies, and so the p99, are 20 ms or more; the rest are counted
+/// apart.
+#[test]
+fn loadgen_slow_mix_against_cluster_hello() {
+    use uvcluster::loadgen::{self, LoadConfig, Slow, Workload};
+    let exe = build_example("cluster_hello");
+    // A per-test port: cluster_hello prints only `ready`.
+    let port = 18611;
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", port.to_string())
+            .env("WORKERS", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cluster_hello"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+    let stdout = c.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(LIMIT).expect("cluster_hello is ready");
+    assert_eq!(line.trim(), "ready");
+    for slow in [Slow::Block, Slow::Spin] {
+        let r = loadgen::run(LoadConfig {
+            addr: ([127, 0, 0, 1], port).into(),
+            connections: 2,
+            duration: Duration::from_millis(300),
+            workload: Workload::SlowMix {
+                every: 5,
+                ms: 20,
+                slow,
+            },
+        })
+        .unwrap();
+        assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
+        assert!(r.requests >= 5, "{slow:?}: {r:?}");
+        assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
+        assert!(r.fast_p99_us <= r.p99_us, "{slow:?}: {r:?}");
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    let status = child.0.take().unwrap().wait().unwrap();
+    assert!(status.success() || status.code().is_none(), "{status:?}");
+}
