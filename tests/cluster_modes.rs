@@ -71,7 +71,8 @@ fn settings(kind: Workers, policy: SchedulingPolicy, hold: bool) -> Settings {
 }
 
 /// The Rust worker: writes its pid on each connection, then ends it (or,
-/// with `HOLD`, keeps it open).
+/// with `HOLD`, writes it once the client sends something, and keeps the
+/// connection open).
 #[test]
 fn helper_pid_server() {
     if !is_helper("helper_pid_server") {
@@ -91,10 +92,26 @@ fn helper_pid_server() {
             .unwrap();
             return;
         }
-        // Keep it open until the client goes.
-        lp.write(t, &[pid.as_bytes()], |_, _, _| {}).unwrap();
+        // Write the pid when asked, at the end of that loop iteration, and
+        // keep the connection open until the client goes. (A Rust worker
+        // answers the primary's `newconn` at the end of the iteration after
+        // the one that accepted; the request is read no earlier, so the
+        // answer goes out first, and a client opening connections one after
+        // another sees each placed with the previous one counted.)
+        let pid = pid.clone();
+        let mut asked = false;
         lp.read_start(t, move |lp, t, r| match r {
             Ok(d) if !d.is_empty() => {
+                if !asked {
+                    asked = true;
+                    let pid = pid.clone();
+                    let timer = lp.timer_init();
+                    lp.timer_start(timer, 0, 0, move |lp, timer| {
+                        lp.close(timer, |_| {}).unwrap();
+                        let _ = lp.write(t, &[pid.as_bytes()], |_, _, _| {});
+                    })
+                    .unwrap();
+                }
                 // `stall <port>`: a handler that keeps this loop busy (in
                 // a blocking read) until the test at <port> says go.
                 let msg = String::from_utf8_lossy(d);
@@ -127,12 +144,16 @@ fn connect_many(
     pids: &Pids,
     held: &Rc<RefCell<Vec<Handle<Tcp>>>>,
     hold: bool,
+    ask: bool,
 ) {
     for _ in 0..n {
         let c = lp.tcp_init();
         let (pids, held) = (pids.clone(), held.clone());
         lp.tcp_connect(c, ([127, 0, 0, 1], port).into(), move |lp, c, r| {
             r.unwrap();
+            if ask {
+                lp.write(c, &[b"pid?\n"], |_, _, _| {}).unwrap();
+            }
             let mut buf = Vec::new();
             lp.read_start(c, move |lp, c, r| {
                 let data = r.unwrap();
@@ -157,13 +178,15 @@ fn connect_many(
 }
 
 /// Opens `n` connections to `port` one after another (each once the
-/// previous one's pid came) and holds them.
+/// previous one's pid came) and holds them; `ask`: ask for the pid (a
+/// held Rust worker's connection, see `helper_pid_server`).
 fn connect_one_by_one(
     lp: &mut Loop,
     port: u16,
     n: usize,
     pids: &Pids,
     held: &Rc<RefCell<Vec<Handle<Tcp>>>>,
+    ask: bool,
 ) {
     if n == 0 {
         return;
@@ -172,6 +195,9 @@ fn connect_one_by_one(
     let (pids, held) = (pids.clone(), held.clone());
     lp.tcp_connect(c, ([127, 0, 0, 1], port).into(), move |lp, c, r| {
         r.unwrap();
+        if ask {
+            lp.write(c, &[b"pid?\n"], |_, _, _| {}).unwrap();
+        }
         lp.read_start(c, move |lp, c, r| {
             let data = r.unwrap();
             assert!(!data.is_empty(), "the worker ended a held connection");
@@ -179,7 +205,7 @@ fn connect_one_by_one(
                 .push(String::from_utf8_lossy(data).into_owned());
             lp.read_stop(c).unwrap();
             held.borrow_mut().push(c);
-            connect_one_by_one(lp, port, n - 1, &pids, &held);
+            connect_one_by_one(lp, port, n - 1, &pids, &held, ask);
         })
         .unwrap();
     })
@@ -206,7 +232,7 @@ fn serve(kind: Workers, policy: SchedulingPolicy, primary: Primary, n: usize) ->
     primary.on_listening(move |lp, _, a| {
         l2.hit();
         if l2.get() == 2 {
-            connect_many(lp, a.port.unwrap() as u16, n, &p2, &held, false);
+            connect_many(lp, a.port.unwrap() as u16, n, &p2, &held, false, false);
         }
     });
     let (p3, prim) = (pids.clone(), primary.clone());
@@ -294,9 +320,9 @@ fn least_connections_prefers_the_less_loaded(kind: Workers) {
         // once for the first, one after another for the second.
         let _ = &prim;
         if w.id() == 1 {
-            connect_many(lp, port, 6, &p2, &h2, true);
+            connect_many(lp, port, 6, &p2, &h2, true, kind == Workers::Rust);
         } else {
-            connect_one_by_one(lp, port, 6, &p2, &h2);
+            connect_one_by_one(lp, port, 6, &p2, &h2, kind == Workers::Rust);
         }
     });
     let (p3, prim, h3) = (pids.clone(), p.clone(), held.clone());
@@ -386,7 +412,7 @@ fn least_connections_passes_over_a_stuck_rust_worker() {
     lp.tcp_listen(go, 1, move |lp, _, c| {
         // P is stuck: five more connections, one after another.
         *r2.borrow_mut() = Some(c.unwrap());
-        connect_one_by_one(lp, port3.get(), 5, &p2, &h2);
+        connect_one_by_one(lp, port3.get(), 5, &p2, &h2, true);
     })
     .unwrap();
     let stuck_pid: Rc<RefCell<String>> = Rc::default();
@@ -402,9 +428,12 @@ fn least_connections_passes_over_a_stuck_rust_worker() {
             lp.close(h, |_| {}).unwrap();
         }
         lp.close(go, |_| {}).unwrap();
-        // P wrote its pid before it got stuck; then the stuck connection
-        // ends too.
+        // P writes its pid once unstuck (the release is closed above, and a
+        // closed socket's fd goes at once); then the stuck connection ends
+        // too.
         let mut s = s3.borrow_mut().take().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         let mut buf = [0u8; 32];
         let n = std::io::Read::read(&mut s, &mut buf).unwrap();
         *sp3.borrow_mut() = String::from_utf8_lossy(&buf[..n]).into_owned();

@@ -176,13 +176,15 @@ struct State {
     /// Wakes [`Pick::LeastConnections`] when the worker it waits for has
     /// been silent for [`STALL_MS`].
     stall_timer: Option<Handle<Timer>>,
+    /// When `stall_timer` fires, if it is armed.
+    stall_due: Option<u64>,
 }
 
 /// One step of [`RoundRobinHandle::dispatch_lc`].
 enum LcStep {
     /// Send the head of the queue to this worker.
     Send(Worker),
-    /// Wait for an answer, at most this many ms.
+    /// Wait for an answer, at most until this loop time (ms).
     Wait(u64),
     /// Nothing to send, or no worker to send to.
     Idle,
@@ -225,6 +227,7 @@ impl RoundRobinHandle {
                 in_flight: HashMap::new(),
                 stalled: HashSet::new(),
                 stall_timer: None,
+                stall_due: None,
             })),
         };
         match rr.listen(lp, address, q) {
@@ -541,8 +544,8 @@ impl RoundRobinHandle {
                         st.stalled.insert(w.id());
                     }
                 }
-                LcStep::Wait(ms) => {
-                    self.arm_stall_timer(lp, ms);
+                LcStep::Wait(due) => {
+                    self.arm_stall_timer(lp, due);
                     return;
                 }
                 LcStep::Idle => return,
@@ -588,30 +591,34 @@ impl RoundRobinHandle {
             return LcStep::Idle;
         };
         let pick = if !busy(best) {
-            Some(best)
+            best
         } else {
-            candidates()
-                .filter(|&id| !busy(id))
-                .min_by_key(rank)
-                .filter(|&id| load(id) <= 2 * load(best) + 1)
-        };
-        match pick.and_then(|id| st.all.get(&id)) {
-            Some(w) => LcStep::Send(w.clone()),
-            None => {
+            // Every worker busy: the next answer runs this again.
+            let Some(free) = candidates().filter(|&id| !busy(id)).min_by_key(rank) else {
+                return LcStep::Idle;
+            };
+            if load(free) > 2 * load(best) + 1 {
                 let sent = st.in_flight.get(&best).map_or(now, |f| f.sent);
-                LcStep::Wait((sent + STALL_MS).saturating_sub(now).max(1))
+                return LcStep::Wait(sent + STALL_MS);
             }
+            free
+        };
+        match st.all.get(&pick) {
+            Some(w) => LcStep::Send(w.clone()),
+            None => LcStep::Idle,
         }
     }
 
-    /// Wakes [`dispatch_lc`](Self::dispatch_lc) in `ms`, marking the
-    /// workers silent for [`STALL_MS`] as stalled.
-    fn arm_stall_timer(&self, lp: &mut Loop, ms: u64) {
+    /// Wakes [`dispatch_lc`](Self::dispatch_lc) at loop time `due` (or
+    /// earlier, if it is already set to), marking the workers silent for
+    /// [`STALL_MS`] as stalled.
+    fn arm_stall_timer(&self, lp: &mut Loop, due: u64) {
         let timer = {
             let mut st = self.st.borrow_mut();
-            if st.listener.is_none() {
+            if st.listener.is_none() || st.stall_due.is_some_and(|d| d <= due) {
                 return;
             }
+            st.stall_due = Some(due);
             *st.stall_timer.get_or_insert_with(|| {
                 let t = lp.timer_init();
                 let _ = lp.unref_handle(t);
@@ -619,12 +626,14 @@ impl RoundRobinHandle {
             })
         };
         let weak = Rc::downgrade(&self.st);
+        let ms = due.saturating_sub(lp.now()).max(1);
         let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
             let Some(st) = weak.upgrade() else { return };
             let me = RoundRobinHandle { st };
             {
                 let now = lp.now();
                 let mut st = me.st.borrow_mut();
+                st.stall_due = None;
                 let late: Vec<u32> = st
                     .in_flight
                     .iter()
