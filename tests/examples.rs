@@ -49,6 +49,20 @@ impl Drop for Reap {
     }
 }
 
+/// The child's first line of stdout, read on a thread so that a silent
+/// child fails the test instead of hanging it.
+fn first_line(c: &mut Child, what: &str) -> String {
+    let stdout = c.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(LIMIT)
+        .unwrap_or_else(|_| panic!("{what}: no first line"))
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect to tcp_echo");
     s.set_read_timeout(Some(LIMIT)).unwrap();
@@ -77,18 +91,8 @@ fn tcp_echo_echoes_and_stops_on_sigint() {
     let c = child.0.as_mut().unwrap();
     let pid = Pid::from_raw(c.id() as i32);
 
-    // The first line of stdout names the address; read it on a thread so a
-    // silent child fails the test instead of hanging it.
-    let stdout = c.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(LIMIT)
-        .expect("tcp_echo printed its address");
+    // The first line of stdout names the address.
+    let line = first_line(c, "tcp_echo");
     let addr: SocketAddr = line
         .trim()
         .strip_prefix("listening on ")
@@ -170,13 +174,6 @@ fn cluster_echo(policy: &str) {
     ));
     let c = child.0.as_mut().unwrap();
     let pid = Pid::from_raw(c.id() as i32);
-    let stdout = c.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
     let stderr = c.stderr.take().unwrap();
     let (etx, erx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -184,7 +181,7 @@ fn cluster_echo(policy: &str) {
         let _ = BufReader::new(stderr).read_to_string(&mut s);
         let _ = etx.send(s);
     });
-    let line = rx.recv_timeout(LIMIT).expect("cluster_echo is ready");
+    let line = first_line(c, "cluster_echo");
     let port: u16 = line
         .trim()
         .strip_prefix("ready ")
@@ -270,15 +267,7 @@ fn loadgen_slow_mix_against_cluster_hello() {
     ));
     let c = child.0.as_mut().unwrap();
     let pid = Pid::from_raw(c.id() as i32);
-    let stdout = c.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(LIMIT).expect("cluster_hello is ready");
-    assert_eq!(line.trim(), "ready");
+    assert_eq!(first_line(c, "cluster_hello").trim(), "ready");
     for slow in [Slow::Block, Slow::Spin] {
         let r = loadgen::run(LoadConfig {
             addr: ([127, 0, 0, 1], port).into(),
