@@ -560,11 +560,12 @@ impl RoundRobinHandle {
     /// flight to it. The least loaded worker (ties: nothing in flight,
     /// then heard from last) takes the connection if it has answered for
     /// everything it was sent. If it has not, it may be stuck in a long
-    /// handler: a worker that has answered takes the connection if it is
-    /// at most one connection more loaded; otherwise the connection waits
-    /// for the least loaded worker's answer, but only until it has been
-    /// silent for [`STALL_MS`], after which it is passed over until it
-    /// answers.
+    /// handler: the least loaded worker that has answered takes the
+    /// connection unless it carries more than `2 × load + 1`; then the
+    /// connection waits for the busy worker's answer, but only until that
+    /// worker has been silent for [`STALL_MS`], after which it is passed
+    /// over until it answers. If no worker has answered for everything,
+    /// the connection waits for the first answer.
     fn lc_step(&self, now: u64) -> LcStep {
         let st = self.st.borrow();
         if st.handles.is_empty() {
