@@ -18,7 +18,7 @@ use crate::ipc::{Channel, ChannelOptions, close_accepted};
 use crate::net::{
     BindCb, BindOptions, ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress,
 };
-use crate::uv::{Accepted, Loop};
+use crate::uv::{Accepted, Handle, Loop, Timer};
 
 struct Child {
     worker: Worker,
@@ -29,6 +29,19 @@ struct Child {
     indexes: HashMap<String, (u64, BTreeSet<u64>)>,
     /// `destroy()` was called: exit once the channel is closed.
     destroying: bool,
+    /// Answers to `newconn` held until the loop has polled again.
+    late: LateAnswers,
+}
+
+/// Answers to `newconn` for a load-aware primary, sent once the loop has
+/// been through its poll phase again, with one timer for all of them:
+/// queued during an iteration, they move to `ready` when its timers run
+/// (timers run last) and go out when the next iteration's do.
+#[derive(Default)]
+struct LateAnswers {
+    waiting: Vec<(Server, Map<String, Value>)>,
+    ready: Vec<(Server, Map<String, Value>)>,
+    timer: Option<Handle<Timer>>,
 }
 
 type ChildRef = Rc<RefCell<Child>>;
@@ -96,6 +109,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
         handles: HashMap::new(),
         indexes: HashMap::new(),
         destroying: false,
+        late: LateAnswers::default(),
     }));
     CHILD.with(|c| *c.borrow_mut() = Some(state.clone()));
     crate::net::set_cluster_hook(Some(Rc::new(Hook)));
@@ -609,12 +623,7 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
                 // already waiting, so it has been handled by then: a
                 // handler that keeps the loop busy keeps the answer back,
                 // and the primary sends the next connection elsewhere.
-                answers_pending(&s, 1);
-                after_next_poll(lp, move |lp| {
-                    answers_pending(&s, -1);
-                    m.insert("load".into(), (s.connections() as u64).into());
-                    let _ = channel.send_cluster(lp, m, None, None);
-                });
+                answer_after_next_poll(lp, &state, s, m);
                 return;
             }
             let _ = channel.send_cluster(lp, m, None, None);
@@ -640,11 +649,41 @@ fn answers_pending(server: &Server, delta: i32) {
     });
 }
 
-/// Runs `f` once the loop has been through its poll phase again: at the
-/// end of the next iteration (two 0 ms timers; timers run last in an
-/// iteration, and one started by a timer waits for the next).
-fn after_next_poll(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
-    crate::net::defer(lp, move |lp| crate::net::defer(lp, f));
+/// Queues the answer `m` for `server` (see [`LateAnswers`]); its `load`
+/// is the count when it goes out.
+fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, m: Map<String, Value>) {
+    answers_pending(&server, 1);
+    let start = {
+        let mut c = state.borrow_mut();
+        let late = &mut c.late;
+        let idle = late.waiting.is_empty() && late.ready.is_empty();
+        late.waiting.push((server, m));
+        idle.then(|| *late.timer.get_or_insert_with(|| lp.timer_init()))
+    };
+    if let Some(t) = start {
+        let _ = lp.timer_start(t, 0, 0, late_answers_due);
+    }
+}
+
+/// The late-answer timer: sends what was queued an iteration ago, and
+/// waits one more iteration for what was queued in this one.
+fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
+    let Some(state) = child() else { return };
+    let (due, channel, more) = {
+        let mut c = state.borrow_mut();
+        let waiting = std::mem::take(&mut c.late.waiting);
+        let due = std::mem::replace(&mut c.late.ready, waiting);
+        (due, c.channel.clone(), !c.late.ready.is_empty())
+    };
+    for (s, mut m) in due {
+        answers_pending(&s, -1);
+        m.insert("load".into(), (s.connections() as u64).into());
+        let _ = channel.send_cluster(lp, m, None, None);
+    }
+    if more {
+        // A timer started by a timer callback waits for the next iteration.
+        let _ = lp.timer_start(timer, 0, 0, late_answers_due);
+    }
 }
 
 fn close_conn(lp: &mut Loop, c: Conn) {
