@@ -254,7 +254,8 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
                 let keep = {
                     let mut s = st2.borrow_mut();
                     s.latencies.push(lat);
-                    if !slow {
+                    // Kept apart only where there are slow ones.
+                    if !slow && matches!(s.cfg.workload, Workload::SlowMix { .. }) {
                         s.fast.push(lat);
                     }
                     s.cfg.workload == Workload::KeepAlive && Instant::now() < s.end
