@@ -62,9 +62,6 @@ struct HookData {
     report_load: bool,
     /// A load report is scheduled for the next loop iteration.
     report_pending: bool,
-    /// Answers to `newconn` waiting for the loop to poll again; each
-    /// carries the count, so a load report is not needed meanwhile.
-    answers_pending: u32,
     indexes_key: String,
     index: u64,
 }
@@ -334,7 +331,6 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
             key: None,
             report_load: false,
             report_pending: false,
-            answers_pending: 0,
             indexes_key,
             index,
         }))
@@ -526,9 +522,10 @@ fn schedule_load_report(lp: &mut Loop, server: &Server) {
         let key = s.with_hook_data(|d| {
             let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
             d.report_pending = false;
-            // An answer on its way carries a newer count.
-            (d.answers_pending == 0).then(|| d.key.clone()).flatten()
+            d.key.clone()
         });
+        // An answer on its way carries a newer count.
+        let key = key.filter(|_| !answer_pending(&s));
         if let (Some(key), Some(state)) = (key, child()) {
             let channel = state.borrow().channel.clone();
             if channel.is_connected() {
@@ -641,18 +638,19 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
     }
 }
 
-fn answers_pending(server: &Server, delta: i32) {
-    server.with_hook_data(|d| {
-        if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
-            d.answers_pending = d.answers_pending.saturating_add_signed(delta);
-        }
-    });
+/// Whether an answer for `server` is waiting in [`LateAnswers`].
+fn answer_pending(server: &Server) -> bool {
+    child().is_some_and(|c| {
+        let c = c.borrow();
+        (c.late.waiting.iter())
+            .chain(&c.late.ready)
+            .any(|(s, _)| s.ptr_eq(server))
+    })
 }
 
 /// Queues the answer `m` for `server` (see [`LateAnswers`]); its `load`
 /// is the count when it goes out.
 fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, m: Map<String, Value>) {
-    answers_pending(&server, 1);
     let start = {
         let mut c = state.borrow_mut();
         let late = &mut c.late;
@@ -676,7 +674,6 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
         (due, c.channel.clone(), !c.late.ready.is_empty())
     };
     for (s, mut m) in due {
-        answers_pending(&s, -1);
         m.insert("load".into(), (s.connections() as u64).into());
         let _ = channel.send_cluster(lp, m, None, None);
     }
