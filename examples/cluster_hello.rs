@@ -2,8 +2,9 @@
 //! (`shared/reference/node-baseline/server.js`): an HTTP/1.1 hello world on
 //! `PORT` (default 8000) served by `WORKERS` workers (default: the number
 //! of CPUs), with the policy from `NODE_CLUSTER_SCHED_POLICY`. On SIGUSR2
-//! the primary prints each worker's connection count as one JSON line
-//! keyed by worker id.
+//! the primary prints each worker's connection and request counts as one
+//! JSON line keyed by worker id, `{"1":{"conns":3,"reqs":5},...}` (Node's
+//! reference server prints the connection counts alone, `{"1":3,...}`).
 //!
 //! Run as a worker under any primary (ours or Node's, with
 //! `process.execPath` set to this binary) it serves on `PORT`.
@@ -55,11 +56,12 @@ fn port() -> u16 {
 
 fn run_worker(lp: &mut Loop, worker: Option<Worker>) -> io::Result<()> {
     let conns = Rc::new(Cell::new(0u64));
-    let c = conns.clone();
+    let reqs = Rc::new(Cell::new(0u64));
+    let (c, r) = (conns.clone(), reqs.clone());
     let server = Server::new(move |lp, server, conn| {
         c.set(c.get() + 1);
         if let Conn::Tcp(t) = conn {
-            serve_http(lp, server.clone(), t);
+            serve_http(lp, server.clone(), t, r.clone());
         } else {
             server.close_connection(lp, conn);
         }
@@ -67,7 +69,8 @@ fn run_worker(lp: &mut Loop, worker: Option<Worker>) -> io::Result<()> {
     if let Some(worker) = worker {
         worker.on_message(move |lp, w, msg, _| {
             if msg == json!("count") {
-                let _ = w.send(lp, &json!({ "conns": conns.get() }), None);
+                let counts = json!({ "conns": conns.get(), "reqs": reqs.get() });
+                let _ = w.send(lp, &counts, None);
             }
         });
     }
@@ -82,7 +85,7 @@ fn run_worker(lp: &mut Loop, worker: Option<Worker>) -> io::Result<()> {
 /// One HTTP/1.1 connection: parse each complete request (pipelining
 /// allowed) and answer it; `Connection: close` (or HTTP/1.0 without
 /// keep-alive) ends the connection after the response.
-fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
+fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>, reqs: Rc<Cell<u64>>) {
     let mut pending: Vec<u8> = Vec::new();
     let s = server.clone();
     let r = lp.read_start(t, move |lp, t, r| {
@@ -142,6 +145,7 @@ fn serve_http(lp: &mut Loop, server: Server, t: uvcluster::uv::Handle<Tcp>) {
                         _ => conn_hdr.as_deref() == Some(b"close"),
                     };
                     out += 1;
+                    reqs.set(reqs.get() + 1);
                 }
                 Ok(httparse::Status::Partial) => break,
                 Err(_) => {
@@ -217,20 +221,20 @@ fn run_primary(lp: &mut Loop) -> io::Result<()> {
             println!("ready");
         }
     });
-    // SIGUSR2: ask every worker for its connection count; print them as
-    // one JSON object keyed by worker id once all have answered.
-    let counts: Rc<RefCell<BTreeMap<u32, u64>>> = Rc::default();
+    // SIGUSR2: ask every worker for its counts; print them as one JSON
+    // object keyed by worker id once all have answered.
+    let counts: Rc<RefCell<BTreeMap<u32, serde_json::Value>>> = Rc::default();
     let c = counts.clone();
     let p = primary.clone();
     primary.on_message(move |_, w, msg, _| {
-        if let Some(conns) = msg.get("conns").and_then(|v| v.as_u64()) {
-            c.borrow_mut().insert(w.id(), conns);
+        if msg.get("conns").is_some() {
+            c.borrow_mut().insert(w.id(), msg);
             if c.borrow().len() == p.workers().len() {
                 let line: serde_json::Map<String, serde_json::Value> = c
                     .borrow_mut()
                     .split_off(&0)
                     .into_iter()
-                    .map(|(id, n)| (id.to_string(), json!(n)))
+                    .map(|(id, n)| (id.to_string(), n))
                     .collect();
                 println!("{}", serde_json::Value::Object(line));
             }

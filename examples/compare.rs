@@ -11,7 +11,8 @@
 //! For each server it starts the cluster (2 workers, `PORT`), waits for its
 //! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for
 //! each workload, asks the primary for per-worker connection counts
-//! (SIGUSR2, one JSON line, as Node's reference server does), and measures
+//! (SIGUSR2, one JSON line, as Node's reference server does; ours adds
+//! request counts), and measures
 //! the primary's CPU time and each worker's RSS from `/proc`. Servers:
 //! Node's `shared/reference/node-baseline/server.js` under `rr` and `none`
 //! (skipped, with a note, if `node` or the file is missing), our
@@ -51,6 +52,8 @@ struct Row {
     fast_p99_ms: f64,
     fairness: Option<f64>,
     counts: String,
+    /// Requests per worker, where the server counts them.
+    requests: String,
     primary_cpu_s: Option<f64>,
     rss_mb: Option<f64>,
 }
@@ -158,25 +161,38 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
         let cpu1 = cpu_ticks(pid);
         let workers = children(pid);
         let rss: Vec<u64> = workers.iter().filter_map(|&p| rss_kib(p)).collect();
-        let (fairness, counts) = if s.workers == "0" {
-            (None, "1 process".to_string())
+        let (fairness, counts, requests) = if s.workers == "0" {
+            (None, "1 process".to_string(), "1 process".to_string())
         } else {
             signal(&child, nix::sys::signal::Signal::SIGUSR2);
             match wait_for(&rx, |l| l.starts_with('{')) {
                 Some(line) => {
+                    // Node's reference server: `{"1": conns, ...}`; ours:
+                    // `{"1": {"conns": c, "reqs": r}, ...}`.
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    let xs: Vec<f64> = v
+                    let workers: Vec<&serde_json::Value> = v
                         .as_object()
-                        .map(|m| m.values().filter_map(|x| x.as_f64()).collect())
+                        .map(|m| m.values().collect())
                         .unwrap_or_default();
-                    let c = xs
+                    let conns: Vec<f64> = workers
                         .iter()
-                        .map(|x| format!("{x:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" / ");
-                    (Some(jain(&xs)), c)
+                        .filter_map(|w| w.as_f64().or_else(|| w["conns"].as_f64()))
+                        .collect();
+                    let reqs: Vec<f64> =
+                        workers.iter().filter_map(|w| w["reqs"].as_f64()).collect();
+                    let join = |xs: &[f64]| {
+                        if xs.is_empty() {
+                            "–".to_string()
+                        } else {
+                            xs.iter()
+                                .map(|x| format!("{x:.0}"))
+                                .collect::<Vec<_>>()
+                                .join(" / ")
+                        }
+                    };
+                    (Some(jain(&conns)), join(&conns), join(&reqs))
                 }
-                None => (None, "?".into()),
+                None => (None, "?".into(), "?".into()),
             }
         };
         signal(&child, nix::sys::signal::Signal::SIGINT);
@@ -200,6 +216,7 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
             fast_p99_ms: r.fast_p99_us as f64 / 1000.0,
             fairness,
             counts,
+            requests,
             primary_cpu_s: match (cpu0, cpu1) {
                 (Some(a), Some(b)) if s.workers != "0" => Some((b - a) as f64 / tick),
                 _ => None,
@@ -353,12 +370,12 @@ fn main() {
     );
     println!();
     println!(
-        "| server | workload | req/s | p99 | p99 others | fairness | connections per worker | primary CPU | RSS per worker |"
+        "| server | workload | req/s | p99 | p99 others | fairness | connections per worker | requests per worker | primary CPU | RSS per worker |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} | {} | {} |",
             r.server,
             r.workload,
             r.rps,
@@ -370,6 +387,7 @@ fn main() {
             },
             r.fairness.map_or("–".into(), |f| format!("{f:.4}")),
             r.counts,
+            r.requests,
             r.primary_cpu_s.map_or("–".into(), |c| format!("{c:.2} s")),
             r.rss_mb.map_or("–".into(), |m| format!("{m:.1} MB")),
         );

@@ -49,17 +49,26 @@ impl Drop for Reap {
     }
 }
 
-/// The child's first line of stdout, read on a thread so that a silent
+/// The child's stdout, line by line, read on a thread so that a silent
 /// child fails the test instead of hanging it.
-fn first_line(c: &mut Child, what: &str) -> String {
+fn stdout_lines(c: &mut Child) -> mpsc::Receiver<String> {
     let stdout = c.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
     });
-    rx.recv_timeout(LIMIT)
+    rx
+}
+
+/// The child's first line of stdout.
+fn first_line(c: &mut Child, what: &str) -> String {
+    stdout_lines(c)
+        .recv_timeout(LIMIT)
         .unwrap_or_else(|_| panic!("{what}: no first line"))
 }
 
@@ -288,4 +297,61 @@ fn loadgen_slow_mix_against_cluster_hello() {
     kill(pid, Signal::SIGINT).unwrap();
     let status = child.0.take().unwrap().wait().unwrap();
     assert!(status.success() || status.code().is_none(), "{status:?}");
+}
+
+/// `cluster_hello` with two workers: on SIGUSR2 the primary prints one
+/// JSON line with each worker's connection and request counts. Two
+/// connections with one request each and one keep-alive connection with
+/// three requests: 3 connections, 5 requests in all.
+#[test]
+fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
+    let exe = build_example("cluster_hello");
+    // A per-test port: cluster_hello prints only `ready`.
+    let port = 18612;
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", port.to_string())
+            .env("WORKERS", "2")
+            .env("NODE_CLUSTER_SCHED_POLICY", "rr")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cluster_hello"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+    let lines = stdout_lines(c);
+    assert_eq!(lines.recv_timeout(LIMIT).unwrap(), "ready");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let get = |s: &mut TcpStream, close: bool| {
+        let conn = if close { "close" } else { "keep-alive" };
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: {conn}\r\n\r\n").unwrap();
+        // The whole response: headers and the 12-byte body.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"hello world\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "connection ended early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    for _ in 0..2 {
+        get(&mut connect(addr), true);
+    }
+    let mut k = connect(addr);
+    for i in 0..3 {
+        get(&mut k, i == 2);
+    }
+    drop(k);
+    kill(pid, Signal::SIGUSR2).unwrap();
+    let line = lines.recv_timeout(LIMIT).expect("the counts line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let workers = v.as_object().unwrap();
+    assert_eq!(workers.len(), 2, "{line}");
+    let sum = |k: &str| -> u64 { workers.values().map(|w| w[k].as_u64().unwrap()).sum() };
+    assert_eq!(sum("conns"), 3, "{line}");
+    assert_eq!(sum("reqs"), 5, "{line}");
+    kill(pid, Signal::SIGINT).unwrap();
+    let status = child.0.take().unwrap().wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }
