@@ -17,8 +17,11 @@ pub enum SchedulingPolicy {
     None,
     /// Beyond Node: the primary binds one `SO_REUSEPORT` socket per worker
     /// on the same address and gives each worker its own; the kernel
-    /// spreads connections over the sockets by hash (Linux). TCP only: UDP
-    /// and Unix sockets are shared as under [`None`](Self::None).
+    /// spreads connections over the sockets by hash. Linux only: elsewhere
+    /// (where `SO_REUSEPORT` does not spread connections) a worker's TCP
+    /// `listen` fails with `EOPNOTSUPP`; where the kernel lacks it, with
+    /// the `setsockopt` error. TCP only: UDP and Unix sockets are shared as
+    /// under [`None`](Self::None).
     ReusePort,
     /// Beyond Node: the primary accepts and hands each connection to the
     /// worker with the fewest open connections, as workers report them

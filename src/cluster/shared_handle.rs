@@ -251,7 +251,16 @@ impl SharedHandle {
     /// is added; each gets its own `SO_REUSEPORT` socket on the address (a
     /// port of 0 is resolved by the first bind and reused after it).
     pub(super) fn new_reuse_port(address: Option<&str>, q: &Query) -> SharedHandle {
-        let plan = port_of(q).and_then(|port| {
+        // Elsewhere SO_REUSEPORT exists but does not spread connections
+        // (on macOS the last socket bound takes them all): refuse, so the
+        // worker's `listen` fails with EOPNOTSUPP rather than serving
+        // unevenly.
+        let supported: io::Result<()> = if cfg!(target_os = "linux") {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP))
+        };
+        let plan = supported.and_then(|()| port_of(q)).and_then(|port| {
             let ipv6_only = flags_of(q) & IPV6ONLY != 0;
             let addrs = match address.filter(|a| !a.is_empty()) {
                 None => vec![
