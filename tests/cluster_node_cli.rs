@@ -60,8 +60,17 @@ impl Cli {
     /// Starts `uvcluster run -w 2 --policy rr -- command` and waits until
     /// both workers listen.
     fn start(port: u16, envs: &[(&str, &str)], command: &[&str]) -> Cli {
+        Cli::start_with(Some("rr"), port, envs, command)
+    }
+
+    /// [`start`](Self::start) with another `--policy`, or none.
+    fn start_with(policy: Option<&str>, port: u16, envs: &[(&str, &str)], command: &[&str]) -> Cli {
         let mut c = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
-        c.args(["run", "-w", "2", "--policy", "rr", "--"])
+        c.args(["run", "-w", "2"]);
+        if let Some(p) = policy {
+            c.args(["--policy", p]);
+        }
+        c.arg("--")
             .args(command)
             .env("PORT", port.to_string())
             .stdout(Stdio::null())
@@ -199,6 +208,58 @@ fn cli_runs_the_cluster_hello_example() {
     let (code, err) = cli.wait();
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(err.matches(") exited\n").count(), 2, "{err}");
+}
+
+/// TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net.
+fn listening_sockets(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+                    f.len() > 3
+                        && f[3] == "0A"
+                        && f[1].rsplit(':').next() == Some(&format!("{port:04X}")[..])
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// Our own policies reach the primary by `--policy` and by
+/// `NODE_CLUSTER_SCHED_POLICY`: `cluster_hello` serves under each;
+/// `reuseport` listens with one socket per worker, `leastconn` (like `rr`)
+/// with the primary's one.
+#[test]
+fn cli_policies_reuseport_and_leastconn() {
+    let exe = example("cluster_hello");
+    let cases = [
+        ("rr", 1, true),
+        ("reuseport", 2, true),
+        ("leastconn", 1, true),
+        ("reuseport", 2, false),
+        ("leastconn", 1, false),
+    ];
+    for (policy, sockets, by_flag) in cases {
+        let port = free_port();
+        let (flag, env) = if by_flag {
+            (Some(policy), vec![])
+        } else {
+            (None, vec![("NODE_CLUSTER_SCHED_POLICY", policy)])
+        };
+        let cli = Cli::start_with(flag, port, &env, &[exe.to_str().unwrap()]);
+        for _ in 0..4 {
+            assert_eq!(body(&get(port)), "hello world\n", "{policy}");
+        }
+        assert_eq!(listening_sockets(port), sockets, "{policy}");
+        cli.signal(Signal::SIGTERM);
+        let (code, err) = cli.wait();
+        assert_eq!(code, Some(0), "{policy}: {err}");
+    }
 }
 
 /// A worker holding an open connection does not leave on the first

@@ -16,8 +16,7 @@ use std::rc::Rc;
 use uvcluster::cluster::{Primary, SchedulingPolicy, Settings, Worker};
 use uvcluster::uv::{Loop, RunMode};
 
-const USAGE: &str =
-    "usage: uvcluster run [--workers|-w N] [--policy|-p rr|none] -- COMMAND [ARGS...]";
+const USAGE: &str = "usage: uvcluster run [--workers|-w N] [--policy|-p rr|none|reuseport|leastconn] -- COMMAND [ARGS...]";
 
 struct Args {
     workers: usize,
