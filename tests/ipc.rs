@@ -152,6 +152,60 @@ fn ipc_pipe_sendmsg_four_fds() {
     assert_loop_empty(&lp);
 }
 
+/// The kernel ends a read on an IPC pipe right after each message that
+/// carries fds, so such a short read does not mean the socket is drained:
+/// everything queued before the first edge (plain bytes, two fd-carrying
+/// messages, plain bytes again) arrives without another write. A short
+/// read that brought no fds does drain it, and later data raises a new
+/// edge: the last write, sent from a timer, arrives too.
+#[test]
+fn ipc_reads_past_fd_messages_on_one_edge() {
+    let mut lp = Loop::new().unwrap();
+    let (tx, rx) = raw_pair();
+    let p = lp.pipe_init(true);
+    lp.pipe_open(p, rx).unwrap();
+    let (a, b) = raw_pair();
+    send_raw(&tx, b"one ", &[]);
+    send_raw(&tx, b"two ", &[ControlMessage::ScmRights(&[a.as_raw_fd()])]);
+    send_raw(&tx, b"three ", &[ControlMessage::ScmRights(&[b.as_raw_fd()])]);
+    send_raw(&tx, b"four ", &[]);
+    drop((a, b));
+    let got = Rc::new(RefCell::new((Vec::new(), 0usize)));
+    let g = got.clone();
+    lp.read_start(p, move |lp, p, res| {
+        let mut g = g.borrow_mut();
+        g.0.extend_from_slice(res.unwrap());
+        while let Ok(acc) = lp.pipe_accept_pending(p) {
+            g.1 += 1;
+            match acc {
+                Accepted::Pipe(h) => lp.close(h, |_| {}).unwrap(),
+                other => panic!("expected a pipe, got {other:?}"),
+            }
+        }
+        if g.0.ends_with(b"five") {
+            lp.close(p, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    // The last write goes out once the loop has read and polled again, so
+    // only a new edge can deliver it.
+    let t = lp.timer_init();
+    let tx = Rc::new(tx);
+    let (g, tx2) = (got.clone(), tx.clone());
+    lp.timer_start(t, 1, 1, move |lp, t| {
+        if g.borrow().0.ends_with(b"four ") {
+            send_raw(&tx2, b"five", &[]);
+            lp.close(t, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    run_with_deadline(&mut lp, 5000);
+    let got = got.borrow();
+    assert_eq!(got.0, b"one two three four five");
+    assert_eq!(got.1, 2);
+    assert_loop_empty(&lp);
+}
+
 // ----- (2) the cluster pattern: a shared listening socket --------------------
 
 /// State of the parent in [`ipc_shared_tcp_server`].

@@ -161,16 +161,23 @@ pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> SocketKind {
     let Ok(ty) = socket::getsockopt(&fd, sockopt::SockType) else {
         return SocketKind::Other;
     };
-    let Ok(local) = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
-        return SocketKind::Other;
+    // The common case, a connected stream (a connection handed over by a
+    // primary), costs two syscalls as in libuv's `uv_guess_handle`: the
+    // peer's address names the family. Only a stream without a peer is
+    // asked whether it listens.
+    let peer = match ty {
+        SockType::Stream => socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok(),
+        _ => None,
     };
-    let family = local.family();
-    // A listener has no peer and a datagram socket does not listen: ask
-    // only what can matter.
-    let listening = ty == SockType::Stream && is_listening(fd).unwrap_or(false);
-    let connected = !listening
-        && ty == SockType::Stream
-        && socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok();
+    let connected = peer.is_some();
+    let family = match peer {
+        Some(p) => p.family(),
+        None => match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
+            Ok(local) => local.family(),
+            Err(_) => return SocketKind::Other,
+        },
+    };
+    let listening = !connected && ty == SockType::Stream && is_listening(fd).unwrap_or(false);
     match (family, ty) {
         (Some(AddressFamily::Inet | AddressFamily::Inet6), SockType::Stream) => {
             if listening {
@@ -268,4 +275,67 @@ pub(crate) fn local_unix_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathB
 pub(crate) fn peer_unix_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
     let a: UnixAddr = socket::getpeername(fd.as_raw_fd()).map_err(errno)?;
     Ok(unix_path(&a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    fn kind(fd: impl Into<OwnedFd>) -> SocketKind {
+        let fd: OwnedFd = fd.into();
+        socket_kind(fd.as_fd())
+    }
+
+    /// Every kind `socket_kind` tells apart, connected streams (the fast
+    /// path: type and peer only) and everything else alike.
+    #[test]
+    fn socket_kind_of_each_socket() {
+        let l4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a4 = l4.local_addr().unwrap();
+        let c4 = std::net::TcpStream::connect(a4).unwrap();
+        let (s4, _) = l4.accept().unwrap();
+        assert_eq!(kind(l4), SocketKind::TcpListener);
+        assert_eq!(kind(c4), SocketKind::TcpStream { connected: true });
+        assert_eq!(kind(s4), SocketKind::TcpStream { connected: true });
+        if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
+            let c6 = std::net::TcpStream::connect(l6.local_addr().unwrap()).unwrap();
+            assert_eq!(kind(c6), SocketKind::TcpStream { connected: true });
+            assert_eq!(kind(l6), SocketKind::TcpListener);
+        }
+        let bound = bind_inet_socket(
+            SockType::Stream,
+            &"127.0.0.1:0".parse().unwrap(),
+            BindOpts::default(),
+        )
+        .unwrap();
+        assert_eq!(kind(bound), SocketKind::TcpStream { connected: false });
+        let fresh = socket(AddressFamily::Inet6, SockType::Stream).unwrap();
+        assert_eq!(kind(fresh), SocketKind::TcpStream { connected: false });
+
+        let (p1, p2) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(kind(p1), SocketKind::UnixStream { connected: true });
+        drop(p2);
+        let dir = std::env::temp_dir().join(format!("uvc-kind-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let ul = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+        let uc = std::os::unix::net::UnixStream::connect(&dir).unwrap();
+        assert_eq!(kind(ul), SocketKind::UnixListener);
+        assert_eq!(kind(uc), SocketKind::UnixStream { connected: true });
+        let _ = std::fs::remove_file(&dir);
+        let unconnected = socket(AddressFamily::Unix, SockType::Stream).unwrap();
+        assert_eq!(
+            kind(unconnected),
+            SocketKind::UnixStream { connected: false }
+        );
+
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let v = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.connect(v.local_addr().unwrap()).unwrap();
+        assert_eq!(kind(u), SocketKind::Udp);
+        assert_eq!(kind(v), SocketKind::Udp);
+
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert_eq!(kind(r), SocketKind::Other);
+    }
 }

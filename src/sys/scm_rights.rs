@@ -59,6 +59,8 @@ pub(crate) fn send_with_fd(
 pub(crate) struct Received {
     /// Bytes read; 0 means end of stream.
     pub(crate) bytes: usize,
+    /// How many fds arrived with them.
+    pub(crate) fds: usize,
     /// Whether the kernel dropped control data for lack of room
     /// (`MSG_CTRUNC`): some fds that were sent did not arrive.
     pub(crate) truncated: bool,
@@ -92,6 +94,7 @@ pub(crate) fn recv_with_fds(
         return Err(io::Error::last_os_error());
     }
     let mut other = 0;
+    let mut received = 0;
     // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR and
     // CMSG_NXTHDR only walk headers inside that range. For SCM_RIGHTS the
     // data is an array of ints whose length follows from cmsg_len; each int
@@ -108,6 +111,7 @@ pub(crate) fn recv_with_fds(
                     let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
                     fds.extend(Some(OwnedFd::from_raw_fd(fd)));
                 }
+                received += count;
             } else {
                 other += 1;
             }
@@ -116,6 +120,7 @@ pub(crate) fn recv_with_fds(
     }
     Ok(Received {
         bytes: n as usize,
+        fds: received,
         truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
         other_cmsgs: other,
     })

@@ -429,11 +429,16 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             lp.read_buf = buf;
             return;
         }
+        // Whether this read brought control data (fds): the kernel ends a
+        // read after each fd-carrying message, so a short one proves
+        // nothing then.
+        let mut with_cmsg = false;
         let res = if s.ipc {
             match s.sock.fd() {
                 Some(fd) => {
                     let r = sys::scm_rights::recv_with_fds(fd, &mut buf, &mut s.pending_fds);
                     r.map(|rcv| {
+                        with_cmsg = rcv.fds > 0 || rcv.truncated || rcv.other_cmsgs > 0;
                         if rcv.truncated {
                             log::warn!("IPC read: control data truncated, some fds were dropped");
                         }
@@ -457,12 +462,15 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
                 s.readable = false;
                 (Some(Ok(0)), false)
             }
-            // A short read drained a TCP or plain Unix stream, unless the
-            // peer has closed: then EOF is still to be read and no new edge
-            // will announce it. On an IPC pipe the kernel stops a read at
-            // each fd-carrying message, so only WouldBlock proves it drained.
+            // A short read drained the socket (any data that arrives later
+            // raises a new edge), unless the peer has closed: then EOF is
+            // still to be read and no new edge will announce it. On an IPC
+            // pipe the kernel (unix_stream_read_generic) also ends a read
+            // right after a message that carries fds, so a short read that
+            // brought fds proves nothing; one that brought none ran out of
+            // queued data.
             Ok(n) => {
-                let more = n == buf.len() || s.ipc || s.read_closed;
+                let more = n == buf.len() || with_cmsg || s.read_closed;
                 if !more {
                     s.readable = false;
                 }
