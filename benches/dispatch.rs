@@ -13,6 +13,8 @@
 //! as the primary (`DISPATCH_BENCH_PRIMARY=<mode>`), and the primary forks
 //! it again as its two workers, each a minimal HTTP hello world (with
 //! `/block/<ms>` and `/spin/<ms>`, handlers that keep its loop busy).
+//! The load generator runs on a CPU of its own and the clusters on the
+//! others ([`CpuSplit`]; `UVCLUSTER_PIN=0` to share all CPUs).
 //! Nothing needs to be built or installed beyond `cargo bench`. The
 //! comparison with Node's cluster is `examples/compare.rs`.
 
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
-use uvcluster::loadgen::{self, LoadConfig, Workload};
+use uvcluster::loadgen::{self, CpuSplit, LoadConfig, Workload};
 use uvcluster::net::{Conn, ListenOptions, Server};
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
 
@@ -111,14 +113,18 @@ fn run_primary(mode: &str, port: u16) {
     lp.run(RunMode::Default).unwrap();
 }
 
-/// Starts the cluster for `mode` and waits for it to listen.
-fn start(mode: &str, port: u16) -> Child {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .env("DISPATCH_BENCH_PRIMARY", mode)
+/// Starts the cluster for `mode` (on the servers' CPUs of `split`) and
+/// waits for it to listen.
+fn start(mode: &str, port: u16, split: Option<&CpuSplit>) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.env("DISPATCH_BENCH_PRIMARY", mode)
         .env("DISPATCH_BENCH_PORT", port.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the cluster");
+        .stdout(Stdio::piped());
+    let mut c = match split {
+        Some(split) => split.spawn_servers(|| cmd.spawn()).and_then(|r| r),
+        None => cmd.spawn(),
+    }
+    .expect("start the cluster");
     let out = c.stdout.take().unwrap();
     let mut lines = BufReader::new(out).lines();
     assert!(
@@ -138,6 +144,16 @@ enum Measure {
 }
 
 fn bench(c: &mut Criterion) {
+    // The load generator on a CPU of its own, the clusters on the rest, as
+    // in `examples/compare.rs`; UVCLUSTER_PIN=0 lets them share all CPUs.
+    let split = match std::env::var("UVCLUSTER_PIN").as_deref() {
+        Ok("0") => None,
+        _ => CpuSplit::new(),
+    }
+    .filter(|sp| sp.spawn_servers(|| ()).is_ok());
+    if let Some(sp) = &split {
+        eprintln!("{sp}");
+    }
     let workloads = [
         ("keep-alive", Workload::KeepAlive, 50, Measure::PerRequest),
         ("close", Workload::Close, 50, Measure::PerRequest),
@@ -155,7 +171,7 @@ fn bench(c: &mut Criterion) {
         }
         for (j, mode) in MODES.iter().chain(&["single"]).enumerate() {
             let port = 19100 + (i * 10 + j) as u16;
-            let mut child = start(mode, port);
+            let mut child = start(mode, port, split.as_ref());
             g.bench_function(*mode, |b| {
                 b.iter_custom(|iters| {
                     match measure {

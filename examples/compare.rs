@@ -8,6 +8,12 @@
 //! spins the CPU instead. Below saturation, where a connection goes decides
 //! how long it waits; BENCHMARKS.md has them at other concurrencies.
 //!
+//! The load generator runs on a CPU of its own and the servers on the
+//! others ([`CpuSplit`]; on 2 CPUs, one each), so every server gets the
+//! same CPUs and no share of the generator's. `UVCLUSTER_PIN=0` lets them
+//! share all CPUs instead (the scheduler's placement then moves results
+//! by 10-20% from run to run).
+//!
 //! For each server it starts the cluster (2 workers, `PORT`), waits for its
 //! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for
 //! each workload, asks the primary for per-worker connection counts
@@ -28,7 +34,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use plotters::prelude::*;
-use uvcluster::loadgen::{self, LoadConfig, Slow, Workload, jain};
+use uvcluster::loadgen::{self, CpuSplit, LoadConfig, Slow, Workload, jain};
 
 /// Connections for the slow-handler mixes.
 const SLOW_CONNS: usize = 16;
@@ -110,7 +116,14 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
 }
 
-fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row>) {
+fn run_server(
+    s: &Server,
+    split: Option<&CpuSplit>,
+    port: u16,
+    secs: f64,
+    conns: usize,
+    rows: &mut Vec<Row>,
+) {
     let cpu_mix = match Workload::SLOW_MIX {
         Workload::SlowMix { every, ms, .. } => Workload::SlowMix {
             every,
@@ -128,15 +141,18 @@ fn run_server(s: &Server, port: u16, secs: f64, conns: usize, rows: &mut Vec<Row
     let workloads = if s.slow { &all[..] } else { &all[..2] };
     for &(wname, workload, conns) in workloads {
         // A fresh cluster per workload, so counts and CPU are its own.
-        let mut child = match Command::new(&s.cmd[0])
-            .args(&s.cmd[1..])
+        let mut cmd = Command::new(&s.cmd[0]);
+        cmd.args(&s.cmd[1..])
             .env("PORT", port.to_string())
             .env("WORKERS", s.workers)
             .env("NODE_CLUSTER_SCHED_POLICY", s.policy)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-        {
+            .stderr(Stdio::null());
+        let spawned = match split {
+            Some(split) => split.spawn_servers(|| cmd.spawn()).and_then(|r| r),
+            None => cmd.spawn(),
+        };
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{}: cannot start: {e}", s.name);
@@ -361,12 +377,29 @@ fn main() {
         workers: "0",
         slow: true,
     });
+    // The load generator on a CPU of its own, the servers on the rest
+    // (see `CpuSplit`); UVCLUSTER_PIN=0 lets them share all CPUs.
+    let split = match std::env::var("UVCLUSTER_PIN").as_deref() {
+        Ok("0") => None,
+        _ => CpuSplit::new(),
+    }
+    .filter(|sp| match sp.spawn_servers(|| ()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("cannot set CPU affinity ({e}): running unpinned");
+            false
+        }
+    });
     let mut rows = Vec::new();
     for (i, s) in servers.iter().enumerate() {
-        run_server(s, 18900 + i as u16, secs, conns, &mut rows);
+        run_server(s, split.as_ref(), 18900 + i as u16, secs, conns, &mut rows);
     }
+    let placement = split.map_or_else(
+        || "load generator and servers share all CPUs".to_string(),
+        |sp| sp.to_string(),
+    );
     println!(
-        "{secs} s per run, {conns} connections ({SLOW_CONNS} for the slow mixes), 2 workers; fairness is Jain's index over per-worker connection counts; \"p99 others\" leaves the slow requests out"
+        "{secs} s per run, {conns} connections ({SLOW_CONNS} for the slow mixes), 2 workers; {placement}; fairness is Jain's index over per-worker connection counts; \"p99 others\" leaves the slow requests out"
     );
     println!();
     println!(

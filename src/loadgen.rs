@@ -77,6 +77,71 @@ impl Slow {
     }
 }
 
+/// Keeps the load generator and the servers it measures off each other's
+/// CPUs: the generator (one thread, [`run`]) gets the first CPU this
+/// process may use, the servers the rest.
+///
+/// Sharing CPUs, the generator's connects and reads (which on loopback
+/// also carry the server side's TCP handshake) compete with the servers,
+/// and how the scheduler happens to place four or five busy processes on
+/// few CPUs moves results by 10-20% from run to run. Split, every server
+/// gets the same CPUs and the generator none of them: the figures are
+/// the servers' capacity on those CPUs. Linux only.
+#[derive(Clone, Debug)]
+pub struct CpuSplit {
+    load: usize,
+    servers: Vec<usize>,
+}
+
+impl CpuSplit {
+    /// The split of the CPUs the calling thread may use, or `None` where
+    /// there are fewer than two or affinity is not supported.
+    pub fn new() -> Option<CpuSplit> {
+        let cpus = crate::sys::cpu::allowed_cpus().ok()?;
+        let (&load, servers) = cpus.split_first()?;
+        (!servers.is_empty()).then(|| CpuSplit {
+            load,
+            servers: servers.to_vec(),
+        })
+    }
+
+    /// The generator's CPU.
+    pub fn load_cpu(&self) -> usize {
+        self.load
+    }
+
+    /// The servers' CPUs.
+    pub fn server_cpus(&self) -> &[usize] {
+        &self.servers
+    }
+
+    /// Runs `spawn` on the servers' CPUs (processes it starts inherit
+    /// them, and so do their children), then moves the calling thread to
+    /// the generator's CPU, where [`run`] should follow.
+    ///
+    /// # Errors
+    ///
+    /// `sched_setaffinity`'s.
+    pub fn spawn_servers<T>(&self, spawn: impl FnOnce() -> T) -> io::Result<T> {
+        crate::sys::cpu::set_cpus(&self.servers)?;
+        let out = spawn();
+        crate::sys::cpu::set_cpus(&[self.load])?;
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(usize::to_string).collect();
+        write!(
+            f,
+            "load generator on CPU {}, servers on CPU {}",
+            self.load,
+            servers.join(",")
+        )
+    }
+}
+
 /// A load run's parameters.
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
@@ -338,6 +403,58 @@ fn finish(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, _failed: bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cpus_allowed_list(status: &str) -> String {
+        (status.lines())
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// The split covers the allowed CPUs, the generator's apart; a process
+    /// spawned through it runs on the servers' CPUs only, and the calling
+    /// thread ends on the generator's.
+    #[test]
+    fn cpu_split_places_servers_and_generator() {
+        // On a thread of its own: the split pins the calling thread.
+        std::thread::spawn(cpu_split_check).join().unwrap();
+    }
+
+    fn cpu_split_check() {
+        let allowed = crate::sys::cpu::allowed_cpus().unwrap();
+        let Some(split) = CpuSplit::new() else {
+            assert!(allowed.len() < 2, "no split of {allowed:?}");
+            return;
+        };
+        assert!(!split.server_cpus().contains(&split.load_cpu()));
+        let mut all = split.server_cpus().to_vec();
+        all.push(split.load_cpu());
+        all.sort_unstable();
+        assert_eq!(all, allowed);
+        let out = split
+            .spawn_servers(|| {
+                std::process::Command::new("cat")
+                    .arg("/proc/self/status")
+                    .output()
+            })
+            .unwrap()
+            .unwrap();
+        let child = cpus_allowed_list(&String::from_utf8_lossy(&out.stdout));
+        let ids: Vec<usize> = (child.split(','))
+            .flat_map(|r| match r.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+                None => vec![r.parse().unwrap()],
+            })
+            .collect();
+        assert_eq!(ids, split.server_cpus());
+        assert_eq!(crate::sys::cpu::allowed_cpus().unwrap(), [split.load_cpu()]);
+        assert!(
+            split
+                .to_string()
+                .contains(&format!("CPU {}", split.load_cpu()))
+        );
+    }
 
     #[test]
     fn jain_index() {

@@ -167,7 +167,11 @@ fn ipc_reads_past_fd_messages_on_one_edge() {
     let (a, b) = raw_pair();
     send_raw(&tx, b"one ", &[]);
     send_raw(&tx, b"two ", &[ControlMessage::ScmRights(&[a.as_raw_fd()])]);
-    send_raw(&tx, b"three ", &[ControlMessage::ScmRights(&[b.as_raw_fd()])]);
+    send_raw(
+        &tx,
+        b"three ",
+        &[ControlMessage::ScmRights(&[b.as_raw_fd()])],
+    );
     send_raw(&tx, b"four ", &[]);
     drop((a, b));
     let got = Rc::new(RefCell::new((Vec::new(), 0usize)));
