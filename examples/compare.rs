@@ -19,7 +19,8 @@
 //! each workload, asks the primary for per-worker connection counts
 //! (SIGUSR2, one JSON line, as Node's reference server does; ours adds
 //! request counts), and measures
-//! the primary's CPU time and each worker's RSS from `/proc`. Servers:
+//! the primary's CPU time, the CPU time of all the server's processes per
+//! request and each worker's RSS from `/proc`. Servers:
 //! Node's `shared/reference/node-baseline/server.js` under `rr` and `none`
 //! (skipped, with a note, if `node` or the file is missing), our
 //! `cluster_hello` under `rr`, `none`, `reuseport` and `leastconn`, and
@@ -61,6 +62,8 @@ struct Row {
     /// Requests per worker, where the server counts them.
     requests: String,
     primary_cpu_s: Option<f64>,
+    /// CPU time of all the server's processes per request, in µs.
+    cpu_per_req_us: Option<f64>,
     rss_mb: Option<f64>,
 }
 
@@ -168,6 +171,10 @@ fn run_server(
         }
         let pid = child.id();
         let cpu0 = cpu_ticks(pid);
+        // Every process of the server: the primary and its workers.
+        let procs: Vec<u32> = std::iter::once(pid).chain(children(pid)).collect();
+        let all_ticks = || procs.iter().map(|&p| cpu_ticks(p)).sum::<Option<u64>>();
+        let all0 = all_ticks();
         let report = loadgen::run(LoadConfig {
             addr: ([127, 0, 0, 1], port).into(),
             connections: conns,
@@ -175,6 +182,7 @@ fn run_server(
             workload,
         });
         let cpu1 = cpu_ticks(pid);
+        let all1 = all_ticks();
         let workers = children(pid);
         let rss: Vec<u64> = workers.iter().filter_map(|&p| rss_kib(p)).collect();
         let (fairness, counts, requests) = if s.workers == "0" {
@@ -235,6 +243,12 @@ fn run_server(
             requests,
             primary_cpu_s: match (cpu0, cpu1) {
                 (Some(a), Some(b)) if s.workers != "0" => Some((b - a) as f64 / tick),
+                _ => None,
+            },
+            cpu_per_req_us: match (all0, all1) {
+                (Some(a), Some(b)) if r.requests > 0 => {
+                    Some((b - a) as f64 / tick * 1e6 / r.requests as f64)
+                }
                 _ => None,
             },
             rss_mb: (!rss.is_empty())
@@ -403,12 +417,12 @@ fn main() {
     );
     println!();
     println!(
-        "| server | workload | req/s | p99 | p99 others | fairness | connections per worker | requests per worker | primary CPU | RSS per worker |"
+        "| server | workload | req/s | p99 | p99 others | fairness | connections per worker | requests per worker | primary CPU | CPU per request | RSS per worker |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} ms | {} | {} | {} | {} | {} | {} | {} |",
             r.server,
             r.workload,
             r.rps,
@@ -422,6 +436,8 @@ fn main() {
             r.counts,
             r.requests,
             r.primary_cpu_s.map_or("–".into(), |c| format!("{c:.2} s")),
+            r.cpu_per_req_us
+                .map_or("–".into(), |c| format!("{c:.1} µs")),
             r.rss_mb.map_or("–".into(), |m| format!("{m:.1} MB")),
         );
     }
