@@ -22,7 +22,8 @@
 //! the primary's CPU time, the CPU time of all the server's processes per
 //! request and each worker's RSS from `/proc`. Servers:
 //! Node's `shared/reference/node-baseline/server.js` under `rr` and `none`
-//! (skipped, with a note, if `node` or the file is missing), our
+//! (skipped, with a note, if `node`, or the binary `NODE` names, or the
+//! file is missing), our
 //! `cluster_hello` under `rr`, `none`, `reuseport` and `leastconn`, and
 //! `cluster_hello` as a single process (`WORKERS=0`), the limit of the
 //! machine. Prints a markdown table and writes an SVG bar chart to
@@ -341,8 +342,16 @@ fn main() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Build the server we compare (cargo run builds only this example).
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // In the profile this program was built in: its sibling is what runs.
+    let profile: &[&str] = if cfg!(debug_assertions) {
+        &[]
+    } else {
+        &["--release"]
+    };
     let built = Command::new(&cargo)
-        .args(["build", "--release", "--example", "cluster_hello"])
+        .arg("build")
+        .args(profile)
+        .args(["--example", "cluster_hello"])
         .current_dir(manifest)
         .status();
     if !built.is_ok_and(|s| s.success()) {
@@ -355,7 +364,9 @@ fn main() {
     let ours = ours.to_string_lossy().into_owned();
     let mut servers = Vec::new();
     let baseline = manifest.join("../shared/reference/node-baseline/server.js");
-    let have_node = Command::new("node")
+    // `NODE` names another node binary to compare against.
+    let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
+    let have_node = Command::new(&node)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
@@ -363,7 +374,7 @@ fn main() {
         for policy in ["rr", "none"] {
             servers.push(Server {
                 name: format!("node {policy}"),
-                cmd: vec!["node".into(), baseline.to_string_lossy().into_owned()],
+                cmd: vec![node.clone(), baseline.to_string_lossy().into_owned()],
                 policy,
                 workers: "2",
                 slow: false,
@@ -371,7 +382,7 @@ fn main() {
         }
     } else {
         println!(
-            "note: node or {} not found: comparing ours only",
+            "note: {node} or {} not found: comparing ours only",
             baseline.display()
         );
     }

@@ -355,3 +355,42 @@ fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
     let status = child.0.take().unwrap().wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `compare` without node: it says so, measures ours only (every mode, the
+/// single process, every workload) and still writes its table and chart.
+/// Short runs at 4 connections; `NODE` names a node binary that is not
+/// there.
+#[test]
+fn compare_without_node_compares_ours_only() {
+    let exe = build_example("compare");
+    let svg = std::env::temp_dir().join(format!("uvc-compare-{}.svg", std::process::id()));
+    let out = Command::new(exe)
+        .args(["0.2", "4"])
+        .env("NODE", "/nonexistent/node")
+        .env("COMPARE_SVG", &svg)
+        .env("CARGO", env!("CARGO"))
+        .output()
+        .expect("run compare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{err}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("note: /nonexistent/node"), "{text}");
+    assert!(!text.contains("| node "), "{text}");
+    for server in ["rr", "none", "reuseport", "leastconn", "1 process"] {
+        for workload in ["keep-alive", "close", "slow mix", "slow mix (cpu)"] {
+            let row = format!("| ours {server} | {workload} |");
+            let line = text.lines().find(|l| l.starts_with(&row));
+            let line = line.unwrap_or_else(|| panic!("no row {row}:\n{text}"));
+            // Requests were served: req/s is a positive number.
+            let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
+            assert!(rps > 0.0, "{line}");
+        }
+    }
+    let chart = std::fs::read_to_string(&svg).expect("the chart");
+    let _ = std::fs::remove_file(&svg);
+    assert!(
+        chart.starts_with("<svg"),
+        "{}",
+        &chart[..chart.len().min(80)]
+    );
+}
