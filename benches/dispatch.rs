@@ -146,11 +146,7 @@ enum Measure {
 fn bench(c: &mut Criterion) {
     // The load generator on a CPU of its own, the clusters on the rest, as
     // in `examples/compare.rs`; UVCLUSTER_PIN=0 lets them share all CPUs.
-    let split = match std::env::var("UVCLUSTER_PIN").as_deref() {
-        Ok("0") => None,
-        _ => CpuSplit::new(),
-    }
-    .filter(|sp| sp.spawn_servers(|| ()).is_ok());
+    let split = CpuSplit::from_env();
     if let Some(sp) = &split {
         eprintln!("{sp}");
     }

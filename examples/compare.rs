@@ -404,17 +404,7 @@ fn main() {
     });
     // The load generator on a CPU of its own, the servers on the rest
     // (see `CpuSplit`); UVCLUSTER_PIN=0 lets them share all CPUs.
-    let split = match std::env::var("UVCLUSTER_PIN").as_deref() {
-        Ok("0") => None,
-        _ => CpuSplit::new(),
-    }
-    .filter(|sp| match sp.spawn_servers(|| ()) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("cannot set CPU affinity ({e}): running unpinned");
-            false
-        }
-    });
+    let split = CpuSplit::from_env();
     let mut rows = Vec::new();
     for (i, s) in servers.iter().enumerate() {
         run_server(s, split.as_ref(), 18900 + i as u16, secs, conns, &mut rows);

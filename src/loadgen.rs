@@ -105,6 +105,24 @@ impl CpuSplit {
         })
     }
 
+    /// The split the benchmarks use: [`new`](Self::new), unless the
+    /// environment says `UVCLUSTER_PIN=0` (share all CPUs) or affinity
+    /// cannot be set (logged). The calling thread is on the generator's
+    /// CPU when it returns a split.
+    pub fn from_env() -> Option<CpuSplit> {
+        if std::env::var("UVCLUSTER_PIN").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        let split = CpuSplit::new()?;
+        match split.spawn_servers(|| ()) {
+            Ok(()) => Some(split),
+            Err(e) => {
+                log::warn!("cannot set CPU affinity ({e}): load generator and servers share CPUs");
+                None
+            }
+        }
+    }
+
     /// The generator's CPU.
     pub fn load_cpu(&self) -> usize {
         self.load

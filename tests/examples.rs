@@ -376,6 +376,11 @@ fn compare_without_node_compares_ours_only() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("note: /nonexistent/node"), "{text}");
     assert!(!text.contains("| node "), "{text}");
+    // The header says where the generator and the servers ran.
+    assert!(
+        text.contains("load generator on CPU") || text.contains("share all CPUs"),
+        "{text}"
+    );
     for server in ["rr", "none", "reuseport", "leastconn", "1 process"] {
         for workload in ["keep-alive", "close", "slow mix", "slow mix (cpu)"] {
             let row = format!("| ours {server} | {workload} |");
