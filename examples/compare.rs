@@ -11,8 +11,8 @@
 //! The load generator runs on a CPU of its own and the servers on the
 //! others ([`CpuSplit`]; on 2 CPUs, one each), so every server gets the
 //! same CPUs and no share of the generator's. `UVCLUSTER_PIN=0` lets them
-//! share all CPUs instead (the scheduler's placement then moves results
-//! by 10-20% from run to run).
+//! share all CPUs instead (a server's figure then also depends on how much
+//! CPU the generator leaves it).
 //!
 //! For each server it starts the cluster (2 workers, `PORT`), waits for its
 //! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for

@@ -83,10 +83,10 @@ impl Slow {
 ///
 /// Sharing CPUs, the generator's connects and reads (which on loopback
 /// also carry the server side's TCP handshake) compete with the servers,
-/// and how the scheduler happens to place four or five busy processes on
-/// few CPUs moves results by 10-20% from run to run. Split, every server
-/// gets the same CPUs and the generator none of them: the figures are
-/// the servers' capacity on those CPUs. Linux only.
+/// so a figure mixes the server's capacity with how much CPU the
+/// generator leaves it, which in turn depends on the server's speed.
+/// Split, every server gets the same CPUs and the generator none of them:
+/// the figures are the servers' capacity on those CPUs. Linux only.
 #[derive(Clone, Debug)]
 pub struct CpuSplit {
     load: usize,
