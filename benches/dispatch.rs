@@ -168,34 +168,29 @@ fn bench(c: &mut Criterion) {
         for (j, mode) in MODES.iter().chain(&["single"]).enumerate() {
             let port = 19100 + (i * 10 + j) as u16;
             let mut child = start(mode, port, split.as_ref());
+            // One closed-loop run of `ms` against this cluster.
+            let load = |ms| {
+                loadgen::run(LoadConfig {
+                    addr: ([127, 0, 0, 1], port).into(),
+                    connections,
+                    duration: Duration::from_millis(ms),
+                    workload,
+                })
+                .expect("load")
+            };
             g.bench_function(*mode, |b| {
                 b.iter_custom(|iters| {
                     match measure {
                         // Time per request: a short closed-loop run, scaled.
                         Measure::PerRequest => {
-                            let r = loadgen::run(LoadConfig {
-                                addr: ([127, 0, 0, 1], port).into(),
-                                connections,
-                                duration: Duration::from_millis(300),
-                                workload,
-                            })
-                            .expect("load");
+                            let r = load(300);
                             let per = r.secs / r.requests.max(1) as f64;
                             Duration::from_secs_f64(per * iters as f64)
                         }
                         // The p99 of one run per iteration (0.5 s: some
                         // 40 slow requests among thousands).
                         Measure::P99 => (0..iters)
-                            .map(|_| {
-                                let r = loadgen::run(LoadConfig {
-                                    addr: ([127, 0, 0, 1], port).into(),
-                                    connections,
-                                    duration: Duration::from_millis(500),
-                                    workload,
-                                })
-                                .expect("load");
-                                Duration::from_micros(r.p99_us)
-                            })
+                            .map(|_| Duration::from_micros(load(500).p99_us))
                             .sum(),
                     }
                 })

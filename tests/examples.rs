@@ -254,6 +254,26 @@ fn cluster_echo_shared() {
     cluster_echo("none");
 }
 
+/// Starts `cluster_hello` on `port` with `workers` workers under
+/// `policy` and waits for its `ready` line; returns it and the rest of
+/// its stdout.
+fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receiver<String>) {
+    let exe = build_example("cluster_hello");
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", port.to_string())
+            .env("WORKERS", workers)
+            .env("NODE_CLUSTER_SCHED_POLICY", policy)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cluster_hello"),
+    ));
+    let lines = stdout_lines(child.0.as_mut().unwrap());
+    assert_eq!(lines.recv_timeout(LIMIT).unwrap(), "ready");
+    (child, lines)
+}
+
 /// The load generator's slow-handler mix against `cluster_hello` as one
 /// process: every 5th request blocks the loop (`/block/20`), then keeps
 /// the CPU busy (`/spin/20`), for 20 ms, so at least a fifth of the
@@ -262,21 +282,10 @@ fn cluster_echo_shared() {
 #[test]
 fn loadgen_slow_mix_against_cluster_hello() {
     use uvcluster::loadgen::{self, LoadConfig, Slow, Workload};
-    let exe = build_example("cluster_hello");
     // A per-test port: cluster_hello prints only `ready`.
     let port = 18611;
-    let mut child = Reap(Some(
-        Command::new(exe)
-            .env("PORT", port.to_string())
-            .env("WORKERS", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cluster_hello"),
-    ));
-    let c = child.0.as_mut().unwrap();
-    let pid = Pid::from_raw(c.id() as i32);
-    assert_eq!(first_line(c, "cluster_hello").trim(), "ready");
+    let (mut child, _lines) = cluster_hello(port, "0", "rr");
+    let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
     for slow in [Slow::Block, Slow::Spin] {
         let r = loadgen::run(LoadConfig {
             addr: ([127, 0, 0, 1], port).into(),
@@ -305,23 +314,10 @@ fn loadgen_slow_mix_against_cluster_hello() {
 /// three requests: 3 connections, 5 requests in all.
 #[test]
 fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
-    let exe = build_example("cluster_hello");
     // A per-test port: cluster_hello prints only `ready`.
     let port = 18612;
-    let mut child = Reap(Some(
-        Command::new(exe)
-            .env("PORT", port.to_string())
-            .env("WORKERS", "2")
-            .env("NODE_CLUSTER_SCHED_POLICY", "rr")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cluster_hello"),
-    ));
-    let c = child.0.as_mut().unwrap();
-    let pid = Pid::from_raw(c.id() as i32);
-    let lines = stdout_lines(c);
-    assert_eq!(lines.recv_timeout(LIMIT).unwrap(), "ready");
+    let (mut child, lines) = cluster_hello(port, "2", "rr");
+    let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let get = |s: &mut TcpStream, close: bool| {
         let conn = if close { "close" } else { "keep-alive" };
