@@ -244,12 +244,17 @@ fn serve(kind: Workers, policy: SchedulingPolicy, primary: Primary, n: usize) ->
         }
     })
     .unwrap();
-    for _ in 0..2 {
-        primary.fork(&mut lp, vec![]).unwrap();
-    }
-    run_with_deadline(&mut lp, 30_000);
-    assert_loop_empty(&lp);
+    fork_two_and_run(&mut lp, &primary);
     pids.take()
+}
+
+/// Forks two workers and runs the loop until everything has closed.
+fn fork_two_and_run(lp: &mut Loop, primary: &Primary) {
+    for _ in 0..2 {
+        primary.fork(lp, vec![]).unwrap();
+    }
+    run_with_deadline(lp, 30_000);
+    assert_loop_empty(lp);
 }
 
 fn both_serve(kind: Workers, policy: SchedulingPolicy) {
@@ -445,11 +450,7 @@ fn least_connections_passes_over_a_stuck_rust_worker() {
         lp.close(c, |_| {}).unwrap();
     })
     .unwrap();
-    for _ in 0..2 {
-        p.fork(&mut lp, vec![]).unwrap();
-    }
-    run_with_deadline(&mut lp, 30_000);
-    assert_loop_empty(&lp);
+    fork_two_and_run(&mut lp, &p);
     let stuck_pid = stuck_pid.borrow().clone();
     assert!(!stuck_pid.is_empty());
     let pids = pids.borrow();
