@@ -68,6 +68,16 @@ pub(crate) struct Received {
     pub(crate) other_cmsgs: usize,
 }
 
+impl Received {
+    /// Whether control data came with the bytes. The kernel
+    /// (`unix_stream_read_generic`) ends a read right after a message that
+    /// carries fds, so only a short read without control data proves the
+    /// socket had nothing more queued.
+    pub(crate) fn brought_control(&self) -> bool {
+        self.fds > 0 || self.truncated || self.other_cmsgs > 0
+    }
+}
+
 /// Reads into `buf` with `recvmsg`, appending any received fds to `fds`.
 /// Each fd is owned from the moment it is parsed, so none leaks whatever
 /// the caller does next.

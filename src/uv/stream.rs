@@ -429,16 +429,12 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             lp.read_buf = buf;
             return;
         }
-        // Whether this read brought control data (fds): the kernel ends a
-        // read after each fd-carrying message, so a short one proves
-        // nothing then.
-        let mut with_cmsg = false;
+        // The bytes read, and whether control data came with them.
         let res = if s.ipc {
             match s.sock.fd() {
                 Some(fd) => {
                     let r = sys::scm_rights::recv_with_fds(fd, &mut buf, &mut s.pending_fds);
                     r.map(|rcv| {
-                        with_cmsg = rcv.fds > 0 || rcv.truncated || rcv.other_cmsgs > 0;
                         if rcv.truncated {
                             log::warn!("IPC read: control data truncated, some fds were dropped");
                         }
@@ -448,16 +444,16 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
                                 rcv.other_cmsgs
                             );
                         }
-                        rcv.bytes
+                        (rcv.bytes, rcv.brought_control())
                     })
                 }
                 None => Err(errno(nix::libc::EBADF)),
             }
         } else {
-            s.sock.read(&mut buf)
+            s.sock.read(&mut buf).map(|n| (n, false))
         };
         let (outcome, more) = match res {
-            Ok(0) => {
+            Ok((0, _)) => {
                 s.reading = false;
                 s.readable = false;
                 (Some(Ok(0)), false)
@@ -465,12 +461,10 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             // A short read drained the socket (any data that arrives later
             // raises a new edge), unless the peer has closed: then EOF is
             // still to be read and no new edge will announce it. On an IPC
-            // pipe the kernel (unix_stream_read_generic) also ends a read
-            // right after a message that carries fds, so a short read that
-            // brought fds proves nothing; one that brought none ran out of
-            // queued data.
-            Ok(n) => {
-                let more = n == buf.len() || with_cmsg || s.read_closed;
+            // pipe a short read proves it only if it brought no fds (see
+            // `Received::brought_control`).
+            Ok((n, with_control)) => {
+                let more = n == buf.len() || with_control || s.read_closed;
                 if !more {
                     s.readable = false;
                 }
