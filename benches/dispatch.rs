@@ -121,7 +121,7 @@ fn start(mode: &str, port: u16, split: Option<&CpuSplit>) -> Child {
         .env("DISPATCH_BENCH_PORT", port.to_string())
         .stdout(Stdio::piped());
     let mut c = match split {
-        Some(split) => split.spawn_servers(|| cmd.spawn()).and_then(|r| r),
+        Some(split) => split.spawn(&mut cmd),
         None => cmd.spawn(),
     }
     .expect("start the cluster");

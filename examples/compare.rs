@@ -153,7 +153,7 @@ fn run_server(
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let spawned = match split {
-            Some(split) => split.spawn_servers(|| cmd.spawn()).and_then(|r| r),
+            Some(split) => split.spawn(&mut cmd),
             None => cmd.spawn(),
         };
         let mut child = match spawned {

@@ -114,7 +114,7 @@ impl CpuSplit {
             return None;
         }
         let split = CpuSplit::new()?;
-        match split.spawn_servers(|| ()) {
+        match split.pin_load() {
             Ok(()) => Some(split),
             Err(e) => {
                 log::warn!("cannot set CPU affinity ({e}): load generator and servers share CPUs");
@@ -133,18 +133,23 @@ impl CpuSplit {
         &self.servers
     }
 
-    /// Runs `spawn` on the servers' CPUs (processes it starts inherit
-    /// them, and so do their children), then moves the calling thread to
-    /// the generator's CPU, where [`run`] should follow.
+    /// Spawns a server on the servers' CPUs (its own children inherit
+    /// them), then moves the calling thread to the generator's CPU, where
+    /// [`run`] should follow.
     ///
     /// # Errors
     ///
-    /// `sched_setaffinity`'s.
-    pub fn spawn_servers<T>(&self, spawn: impl FnOnce() -> T) -> io::Result<T> {
+    /// `sched_setaffinity`'s, or the spawn's.
+    pub fn spawn(&self, cmd: &mut std::process::Command) -> io::Result<std::process::Child> {
         crate::sys::cpu::set_cpus(&self.servers)?;
-        let out = spawn();
-        crate::sys::cpu::set_cpus(&[self.load])?;
-        Ok(out)
+        let child = cmd.spawn();
+        self.pin_load()?;
+        child
+    }
+
+    /// Moves the calling thread to the generator's CPU.
+    fn pin_load(&self) -> io::Result<()> {
+        crate::sys::cpu::set_cpus(&[self.load])
     }
 }
 
@@ -451,12 +456,13 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, allowed);
         let out = split
-            .spawn_servers(|| {
+            .spawn(
                 std::process::Command::new("cat")
                     .arg("/proc/self/status")
-                    .output()
-            })
+                    .stdout(std::process::Stdio::piped()),
+            )
             .unwrap()
+            .wait_with_output()
             .unwrap();
         let child = cpus_allowed_list(&String::from_utf8_lossy(&out.stdout));
         let ids: Vec<usize> = (child.split(','))
