@@ -31,6 +31,14 @@ fn raw_pair() -> (OwnedFd, OwnedFd) {
     .unwrap()
 }
 
+/// An IPC pipe on `lp` and the raw socket at its other end.
+fn ipc_pipe_with_raw_peer(lp: &mut Loop) -> (OwnedFd, Handle<Pipe>) {
+    let (tx, rx) = raw_pair();
+    let p = lp.pipe_init(true);
+    lp.pipe_open(p, rx).unwrap();
+    (tx, p)
+}
+
 fn send_raw(fd: &OwnedFd, data: &[u8], cmsgs: &[ControlMessage]) {
     let n = sendmsg::<UnixAddr>(
         fd.as_raw_fd(),
@@ -91,9 +99,7 @@ fn send_byte(lp: &mut Loop, p: Handle<Pipe>, b: u8) {
 #[test]
 fn ipc_pipe_sendmsg_four_fds() {
     let mut lp = Loop::new().unwrap();
-    let (tx, rx) = raw_pair();
-    let p = lp.pipe_init(true);
-    lp.pipe_open(p, rx).unwrap();
+    let (tx, p) = ipc_pipe_with_raw_peer(&mut lp);
     assert!(lp.pipe_is_ipc(p));
     {
         let (p1, p2) = raw_pair();
@@ -161,9 +167,7 @@ fn ipc_pipe_sendmsg_four_fds() {
 #[test]
 fn ipc_reads_past_fd_messages_on_one_edge() {
     let mut lp = Loop::new().unwrap();
-    let (tx, rx) = raw_pair();
-    let p = lp.pipe_init(true);
-    lp.pipe_open(p, rx).unwrap();
+    let (tx, p) = ipc_pipe_with_raw_peer(&mut lp);
     let (a, b) = raw_pair();
     send_raw(&tx, b"one ", &[]);
     send_raw(&tx, b"two ", &[ControlMessage::ScmRights(&[a.as_raw_fd()])]);
