@@ -33,6 +33,9 @@ use crate::sys::process::{FdPlan, SpawnSpec};
 
 pub(crate) type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
 
+/// The parent's end of a stdio pipe, and the handle it is to be opened in.
+type ParentEnd = (Handle<Pipe>, OwnedFd);
+
 /// Per-loop process state: this loop's children, reaped on SIGCHLD.
 #[derive(Default)]
 pub(crate) struct LoopProcesses {
@@ -473,10 +476,10 @@ impl Loop {
         &mut self,
         mut spec: SpawnSpec<'_>,
         stdio: Vec<Stdio<'_>>,
-    ) -> io::Result<(i32, Vec<(Handle<Pipe>, OwnedFd)>)> {
+    ) -> io::Result<(i32, Vec<ParentEnd>)> {
         // Fds we own until the child has its copies.
         let mut child_ends: Vec<OwnedFd> = Vec::new();
-        let mut our_ends: Vec<(Handle<Pipe>, OwnedFd)> = Vec::new();
+        let mut our_ends: Vec<ParentEnd> = Vec::new();
         let mut null: Option<OwnedFd> = None;
         let mut fds = Vec::new();
         for (target, s) in stdio.iter().enumerate() {
