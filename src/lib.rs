@@ -57,7 +57,10 @@
 //!   [`Loop::udp_recv_start`](uv::Loop::udp_recv_start).
 //! * Signals and children: [`Loop::signal_start`](uv::Loop::signal_start),
 //!   [`Loop::spawn`](uv::Loop::spawn) with
-//!   [`ProcessOptions`](uv::ProcessOptions).
+//!   [`ProcessOptions`](uv::ProcessOptions) (only the fds it places reach
+//!   the child; a failure is a [`SpawnError`](uv::SpawnError) naming the
+//!   program), and [`disable_stdio_inheritance`](uv::disable_stdio_inheritance)
+//!   for a process that starts children (Node calls it at start-up).
 //!
 //! # Example: a TCP echo server
 //!

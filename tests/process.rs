@@ -9,7 +9,14 @@ use std::rc::Rc;
 
 use nix::libc;
 use util::*;
-use uvcluster::uv::{Handle, Loop, Pipe, ProcessOptions, Stdio};
+use uvcluster::uv::{Handle, Loop, Pipe, ProcessOptions, SpawnError, Stdio};
+
+/// The errno of a failed spawn, from the [`SpawnError`] it carries.
+fn spawn_errno(e: &std::io::Error) -> Option<i32> {
+    SpawnError::of(e)
+        .unwrap_or_else(|| panic!("not a spawn error: {e:?}"))
+        .raw_os_error()
+}
 
 /// Reads `pipe` to EOF into the returned buffer, then closes it.
 fn collect(lp: &mut Loop, pipe: Handle<Pipe>) -> Rc<RefCell<Vec<u8>>> {
@@ -54,11 +61,11 @@ fn spawn_fails() {
             ),
         )
         .unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
     assert_eq!(Rc::strong_count(&token), 1, "the callback was dropped");
     // Not executable: EACCES.
     let err = lp.spawn(ProcessOptions::new("/etc/passwd")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(spawn_errno(&err), Some(libc::EACCES));
     assert_eq!(lp.handle_count(), 0);
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
@@ -365,7 +372,7 @@ fn spawn_setuid_setgid() {
         assert_eq!(string(&buf), "65534 65534\n");
         assert_eq!(*exits.borrow(), vec![(0, 0)]);
     } else {
-        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        assert_eq!(spawn_errno(&r.unwrap_err()), Some(libc::EPERM));
         lp.close(out, |_| {}).unwrap();
         run_with_deadline(&mut lp, 5000);
     }
@@ -483,7 +490,7 @@ fn spawn_failures_interleaved_one_exit() {
                     .on_exit(|_, _, _, _| panic!("exit callback of a failed spawn")),
             )
             .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
     }
     run_with_deadline(&mut lp, 10_000);
     assert_eq!(*exits.borrow(), vec![(7, 0)]);
@@ -629,4 +636,397 @@ fn spawn_no_fd_leak() {
         drop(lp);
         assert_eq!(open_fds(), before, "fds leaked");
     });
+}
+
+// ---- Only the fds a spawn places on purpose cross `exec` (issue 10, part 2) ----
+
+/// This process's open fds, by number, with what each links to
+/// (`socket:[inode]`, `pipe:[inode]`, a path), without the directory fd
+/// that listing them opens.
+fn own_fds() -> std::collections::BTreeMap<i32, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let e = e.unwrap();
+        let n: i32 = e.file_name().to_str().unwrap().parse().unwrap();
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            out.insert(n, t.to_string_lossy().into_owned());
+        }
+    }
+    out.retain(|_, t| !(t.starts_with("/proc/") && t.ends_with("/fd")));
+    out
+}
+
+/// What fd number `fd` links to in this process.
+fn link_of(fd: i32) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Whether fd number `fd` of this process has `FD_CLOEXEC`, from the
+/// `flags` line of `/proc/self/fdinfo` (octal; `O_CLOEXEC` is 0o2000000).
+fn is_cloexec(fd: i32) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(flags, 8).unwrap() & libc::O_CLOEXEC as u64 != 0
+}
+
+/// Fds that this process holds without `FD_CLOEXEC`, as a process holds
+/// fds it inherited, or that C code opened without `O_CLOEXEC`: a
+/// listening TCP socket, both ends of a pipe, and a copy of the socket at
+/// 100 or above made with plain `F_DUPFD`. The copy is a bare number that
+/// stays open until the process exits: only use this in an
+/// [`isolated`] test.
+struct Strays {
+    _owned: Vec<OwnedFd>,
+    nums: Vec<i32>,
+}
+
+impl Strays {
+    fn new() -> Strays {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let listener: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let owned = vec![listener, r, w];
+        for fd in &owned {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+        }
+        let high = fcntl(&owned[0], FcntlArg::F_DUPFD(100)).unwrap();
+        let mut nums: Vec<i32> = owned.iter().map(|f| f.as_raw_fd()).collect();
+        nums.push(high);
+        for &n in &nums {
+            assert!(!is_cloexec(n), "stray fd {n} is inheritable");
+        }
+        Strays {
+            _owned: owned,
+            nums,
+        }
+    }
+
+    /// Asserts that a child's fds (by number, with their links) hold
+    /// none of them.
+    fn assert_none_in(&self, child: &std::collections::BTreeMap<i32, String>) {
+        for &n in &self.nums {
+            let link = link_of(n);
+            assert!(
+                !child.values().any(|l| *l == link),
+                "stray fd {n} ({link}) reached the child: {child:?}"
+            );
+        }
+    }
+}
+
+const FD_REPORT: &str = "helper_fd_report";
+
+/// The child of the tests below: lists its fds before it opens any, then
+/// reports them over its IPC channel if it has one (`ipc::fork`,
+/// `Primary::fork`), otherwise on stdout as one `FDS {...}` line.
+#[test]
+fn helper_fd_report() {
+    if !is_helper(FD_REPORT) {
+        return;
+    }
+    let fds = own_fds();
+    let report = serde_json::json!({
+        "fds": fds.iter().map(|(n, l)| (n.to_string(), serde_json::Value::from(l.as_str()))).collect::<serde_json::Map<_, _>>()
+    });
+    let mut lp = Loop::new().unwrap();
+    match uvcluster::ipc::Channel::from_env(&mut lp, Default::default()).unwrap() {
+        Some(ch) => {
+            ch.send(&mut lp, &report, None).unwrap();
+            ch.disconnect(&mut lp);
+            run_with_deadline(&mut lp, 10_000);
+        }
+        // libtest may have begun the line with the test's name.
+        None => println!("\nFDS {report}"),
+    }
+}
+
+/// Parses a report of [`helper_fd_report`].
+fn parse_report(v: &serde_json::Value) -> std::collections::BTreeMap<i32, String> {
+    v["fds"]
+        .as_object()
+        .unwrap_or_else(|| panic!("not a report: {v}"))
+        .iter()
+        .map(|(n, l)| (n.parse().unwrap(), l.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn numbers(fds: &std::collections::BTreeMap<i32, String>) -> Vec<i32> {
+    fds.keys().copied().collect()
+}
+
+/// `Loop::spawn` passes the fds it places (stdio, a socket placed at 5
+/// and one at 200, a stray inherited on purpose at its own number) and
+/// nothing else: no stray below, between or above them reaches the child.
+#[test]
+fn spawn_passes_only_the_fds_it_places() {
+    isolated("spawn_passes_only_the_fds_it_places", || {
+        let strays = Strays::new();
+        // Like a socket from systemd's LISTEN_FDS: inheritable, and passed
+        // on on purpose at its own number.
+        let kept: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+        nix::fcntl::fcntl(
+            &kept,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let kept_n = kept.as_raw_fd();
+        assert!(kept_n > 5 && kept_n < 100, "{kept_n}");
+        let (five, _five_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (two_hundred, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut lp = Loop::new().unwrap();
+        let exits = Rc::new(RefCell::new(Vec::new()));
+        let out = lp.pipe_init(false);
+        lp.spawn(
+            ProcessOptions::new(std::env::current_exe().unwrap())
+                .args([FD_REPORT, "--exact", "--nocapture", "--test-threads=1"])
+                .env([("UVCLUSTER_TEST_HELPER", FD_REPORT)])
+                .stdio(1, Stdio::Pipe(out))
+                .stdio(2, Stdio::Inherit)
+                .stdio(4, Stdio::Ignore)
+                .stdio(5, Stdio::Fd(five.as_fd()))
+                .stdio(kept_n, Stdio::Inherit)
+                .stdio(200, Stdio::Fd(two_hundred.as_fd()))
+                .on_exit(record_exit(&exits)),
+        )
+        .unwrap();
+        let buf = collect(&mut lp, out);
+        run_with_deadline(&mut lp, 20_000);
+        assert_eq!(*exits.borrow(), vec![(0, 0)]);
+        let text = string(&buf);
+        let line = text
+            .lines()
+            .find_map(|l| l.split_once("FDS ").map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("no report in {text}"));
+        let child = parse_report(&serde_json::from_str(line).unwrap());
+        let mut want = vec![0, 1, 2, 5, kept_n, 200];
+        want.sort();
+        want.dedup();
+        assert_eq!(numbers(&child), want, "{child:?}");
+        assert_eq!(child[&5], link_of(five.as_raw_fd()));
+        assert_eq!(child[&200], link_of(two_hundred.as_raw_fd()));
+        assert_eq!(child[&kept_n], link_of(kept_n));
+        strays.assert_none_in(&child);
+        // The parent's strays are untouched: still open, still inheritable.
+        for &n in &strays.nums {
+            assert!(!is_cloexec(n), "spawn changed our fd {n}");
+        }
+        assert_loop_empty(&lp);
+    });
+}
+
+/// The arguments that run this test binary as [`helper_fd_report`].
+const FD_REPORT_ARGS: [&str; 4] = [FD_REPORT, "--exact", "--nocapture", "--test-threads=1"];
+
+/// `ipc::fork` (Node's `child_process.fork`): the child has its stdio and
+/// the channel at 3, and none of our strays.
+#[test]
+fn fork_passes_only_stdio_and_the_channel() {
+    isolated("fork_passes_only_stdio_and_the_channel", || {
+        use uvcluster::ipc::{ForkOptions, fork};
+        let strays = Strays::new();
+        let mut lp = Loop::new().unwrap();
+        let exits = Rc::new(RefCell::new(Vec::new()));
+        let mut opts = ForkOptions::exec(std::env::current_exe().unwrap());
+        opts.args = FD_REPORT_ARGS.iter().map(Into::into).collect();
+        opts.env = vec![("UVCLUSTER_TEST_HELPER".into(), FD_REPORT.into())];
+        opts.on_exit = Some(Box::new(record_exit(&exits)));
+        let forked = fork(&mut lp, opts).unwrap();
+        let reports = Rc::new(RefCell::new(Vec::new()));
+        let r = reports.clone();
+        forked
+            .channel
+            .on_message(&mut lp, move |_, _, v, _| r.borrow_mut().push(v));
+        run_with_deadline(&mut lp, 20_000);
+        assert_eq!(*exits.borrow(), vec![(0, 0)]);
+        assert_eq!(reports.borrow().len(), 1);
+        let child = parse_report(&reports.borrow()[0]);
+        assert_eq!(numbers(&child), vec![0, 1, 2, 3], "{child:?}");
+        assert!(child[&3].starts_with("socket:"), "{child:?}");
+        strays.assert_none_in(&child);
+        assert_loop_empty(&lp);
+    });
+}
+
+/// `Primary::fork` (Node's `cluster.fork`): the worker has its stdio and
+/// the channel at 3. Strays the process held before `setup_primary` are
+/// marked CLOEXEC there, as Node's start-up marks them; strays opened
+/// later are kept out by the spawn itself.
+#[test]
+fn primary_fork_passes_only_stdio_and_the_channel() {
+    isolated("primary_fork_passes_only_stdio_and_the_channel", || {
+        use uvcluster::cluster::{Primary, Settings};
+        let before = Strays::new();
+        let mut lp = Loop::new().unwrap();
+        let primary = Primary::new();
+        primary.setup_primary(
+            &mut lp,
+            Settings {
+                exec_path: Some(std::env::current_exe().unwrap().into()),
+                args: Some(FD_REPORT_ARGS.iter().map(Into::into).collect()),
+                env: Some(vec![("UVCLUSTER_TEST_HELPER".into(), FD_REPORT.into())]),
+                ..Settings::default()
+            },
+        );
+        for &n in &before.nums {
+            assert!(is_cloexec(n), "setup_primary marks inherited fd {n}");
+        }
+        let after = Strays::new();
+        let reports = Rc::new(RefCell::new(Vec::new()));
+        let r = reports.clone();
+        primary.on_message(move |_, _, v, _| r.borrow_mut().push(v));
+        let exits = Rc::new(RefCell::new(Vec::new()));
+        let e = exits.clone();
+        primary.on_exit(move |_, _, code, signal| e.borrow_mut().push((code, signal)));
+        primary.fork(&mut lp, Vec::new()).unwrap();
+        run_with_deadline(&mut lp, 20_000);
+        assert_eq!(*exits.borrow(), vec![(Some(0), None)]);
+        assert_eq!(reports.borrow().len(), 1);
+        let child = parse_report(&reports.borrow()[0]);
+        assert_eq!(numbers(&child), vec![0, 1, 2, 3], "{child:?}");
+        before.assert_none_in(&child);
+        after.assert_none_in(&child);
+        // Marked, not closed: the primary can still use them.
+        for &n in before.nums.iter().chain(&after.nums) {
+            assert!(std::fs::read_link(format!("/proc/self/fd/{n}")).is_ok());
+        }
+        assert_loop_empty(&lp);
+    });
+}
+
+/// `disable_stdio_inheritance` (libuv's `uv_disable_stdio_inheritance`)
+/// marks every fd above 2 CLOEXEC and leaves 0 to 2 alone, so that even
+/// `std::process::Command`, which places nothing above 2, passes on only
+/// stdio.
+#[test]
+fn disable_stdio_inheritance_marks_everything_above_stdio() {
+    isolated(
+        "disable_stdio_inheritance_marks_everything_above_stdio",
+        || {
+            let strays = Strays::new();
+            let stdio_before: Vec<bool> = (0..3).map(is_cloexec).collect();
+            uvcluster::uv::disable_stdio_inheritance();
+            let stdio_after: Vec<bool> = (0..3).map(is_cloexec).collect();
+            assert_eq!(stdio_before, stdio_after, "fds 0 to 2 are left alone");
+            for (&n, link) in own_fds().iter().filter(|(n, _)| **n > 2) {
+                assert!(is_cloexec(n), "fd {n} ({link}) is still inheritable");
+            }
+            // Twice is harmless.
+            uvcluster::uv::disable_stdio_inheritance();
+            let out = helper_command(FD_REPORT).output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let text = String::from_utf8(out.stdout).unwrap();
+            let line = text
+                .lines()
+                .find_map(|l| l.split_once("FDS ").map(|(_, r)| r))
+                .unwrap_or_else(|| panic!("no report in {text}"));
+            let child = parse_report(&serde_json::from_str(line).unwrap());
+            assert_eq!(numbers(&child), vec![0, 1, 2], "{child:?}");
+            strays.assert_none_in(&child);
+        },
+    );
+}
+
+/// Node's message for a program it cannot start, from real `node`.
+fn node_spawn_error(file: &str, cwd: Option<&str>) -> String {
+    require_node();
+    let script = format!(
+        "require('child_process').spawn({file:?}, [], {{ cwd: {cwd} }})\
+         .on('error', e => console.log(e.message))",
+        cwd = cwd.map_or("undefined".to_owned(), |c| format!("{c:?}"))
+    );
+    let out = std::process::Command::new("node")
+        .args(["-e", &script])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A spawn that fails names the program in its message as Node does
+/// (`spawn /no/such/cmd ENOENT`), keeps the OS error's kind, and carries
+/// the errno; errors in the options are not spawn errors.
+#[test]
+fn spawn_error_names_the_program() {
+    let mut lp = Loop::new().unwrap();
+    for (file, cwd, errno) in [
+        ("/no/such/cmd", None, libc::ENOENT),
+        ("uvcluster-no-such-program-in-path", None, libc::ENOENT),
+        ("/etc/passwd", None, libc::EACCES),
+        ("sh", Some("/no/such/dir"), libc::ENOENT),
+    ] {
+        let mut opts = ProcessOptions::new(file);
+        if let Some(c) = cwd {
+            opts = opts.cwd(c);
+        }
+        let err = lp.spawn(opts).unwrap_err();
+        let node = node_spawn_error(file, cwd);
+        assert!(
+            node.starts_with(&format!("spawn {file} E")),
+            "node says {node:?}"
+        );
+        assert!(
+            err.to_string().starts_with(&node),
+            "ours {err:?}, node's {node:?}"
+        );
+        let os = std::io::Error::from_raw_os_error(errno);
+        assert_eq!(err.kind(), os.kind(), "{file}");
+        let s = SpawnError::of(&err).unwrap();
+        assert_eq!(s.file(), file);
+        assert_eq!(s.raw_os_error(), Some(errno));
+        assert_eq!(s.os_error().raw_os_error(), Some(errno));
+        assert!(
+            err.to_string()
+                .contains(&format!("({})", nix::errno::Errno::from_raw(errno).desc()))
+        );
+        assert!(std::error::Error::source(s).is_some());
+    }
+    // Bad options are not spawn errors.
+    let plain = lp.pipe_init(false);
+    let err = lp
+        .spawn(ProcessOptions::new("true").stdio(3, Stdio::Ipc(plain)))
+        .unwrap_err();
+    assert!(SpawnError::of(&err).is_none(), "{err:?}");
+    lp.close(plain, |_| {}).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// `ipc::fork` and `Primary::fork` pass the spawn error on: it names the
+/// program, and no worker or handle is left.
+#[test]
+fn fork_error_names_the_program() {
+    use uvcluster::cluster::{Primary, Settings};
+    use uvcluster::ipc::{ForkOptions, fork};
+    let mut lp = Loop::new().unwrap();
+    let err = fork(&mut lp, ForkOptions::exec("/no/such/cmd")).unwrap_err();
+    assert!(
+        err.to_string().starts_with("spawn /no/such/cmd ENOENT"),
+        "{err}"
+    );
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
+
+    let primary = Primary::new();
+    primary.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some("/no/such/cmd".into()),
+            ..Settings::default()
+        },
+    );
+    let err = primary.fork(&mut lp, Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("spawn /no/such/cmd ENOENT"),
+        "{err}"
+    );
+    assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
+    assert!(primary.workers().is_empty());
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
 }

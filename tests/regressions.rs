@@ -275,3 +275,195 @@ fn helper_udp_listening() {
     });
     lp.run(uvcluster::uv::RunMode::Default).unwrap();
 }
+
+/// What each fd of process `pid` links to (`socket:[inode]`, ...).
+fn fd_links(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// What fd `fd` of process `pid` links to.
+fn fd_link(pid: i32, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Reads `pipe` into the returned text until EOF, then closes it.
+fn read_all(
+    lp: &mut Loop,
+    pipe: uvcluster::uv::Handle<uvcluster::uv::Pipe>,
+) -> std::rc::Rc<std::cell::RefCell<String>> {
+    let text = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
+    let t = text.clone();
+    lp.read_start(pipe, move |lp, p, r| match r {
+        Ok(d) if !d.is_empty() => t.borrow_mut().push_str(&String::from_utf8_lossy(d)),
+        _ => lp.close(p, |_| {}).unwrap(),
+    })
+    .unwrap();
+    text
+}
+
+/// The pid in a `uvcluster run` log line: `... worker 1 (pid 123) ...`.
+fn logged_pid(line: &str) -> i32 {
+    let rest = line.split_once("(pid ").unwrap().1;
+    rest.split_once(')').unwrap().0.parse().unwrap()
+}
+
+/// `uvcluster run` passed every fd it inherited without CLOEXEC to every
+/// worker: started by a parent that leaves a listening socket at fd 5,
+/// each worker held that socket too, where under a Node primary only the
+/// primary does (issue 10; Node calls `uv_disable_stdio_inheritance` at
+/// start-up). Now the primary holds it at 5 and no worker, Rust
+/// (`cluster_hello`) or Node, holds it at any number.
+#[test]
+fn uvcluster_run_workers_do_not_inherit_the_parents_fd_5() {
+    use std::os::fd::AsFd;
+    use uvcluster::uv::{ProcessOptions, Stdio};
+
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray_link = fd_link(
+        std::process::id() as i32,
+        std::os::fd::AsRawFd::as_raw_fd(&stray),
+    );
+    let hello = {
+        let mut p = std::env::current_exe().unwrap();
+        p.pop();
+        if p.ends_with("deps") {
+            p.pop();
+        }
+        p.join("examples").join("cluster_hello")
+    };
+    assert!(hello.exists(), "{} not built", hello.display());
+    require_node();
+    let node_worker = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/ports_worker.js");
+    let commands: [Vec<std::ffi::OsString>; 2] = [
+        vec![hello.into_os_string()],
+        vec!["node".into(), node_worker.into()],
+    ];
+    for command in commands {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+            .filter(|(k, _)| k != "PORT" && k != "SCENARIO")
+            .collect();
+        env.push(("PORT".into(), port.to_string().into()));
+        env.push(("SCENARIO".into(), "http_port".into()));
+        let mut lp = Loop::new().unwrap();
+        let err = lp.pipe_init(false);
+        let status = std::rc::Rc::new(std::cell::Cell::new(None));
+        let s = status.clone();
+        let cli = lp
+            .spawn(
+                ProcessOptions::new(env!("CARGO_BIN_EXE_uvcluster"))
+                    .args(["run", "-w", "2", "--"])
+                    .args(&command)
+                    .env(env)
+                    .stdio(2, Stdio::Pipe(err))
+                    .stdio(5, Stdio::Fd(stray.as_fd()))
+                    .on_exit(move |lp, p, code, signal| {
+                        s.set(Some((code, signal)));
+                        lp.close(p, |_| {}).unwrap();
+                    }),
+            )
+            .unwrap();
+        let log = read_all(&mut lp, err);
+        run_until(&mut lp, 20_000, |_| {
+            log.borrow().matches(" listening on ").count() >= 2
+        });
+        let primary = lp.process_pid(cli).unwrap();
+        assert_eq!(fd_link(primary, 5), stray_link, "the primary has it");
+        let pids: Vec<i32> = log
+            .borrow()
+            .lines()
+            .filter(|l| l.contains(" listening on "))
+            .map(logged_pid)
+            .collect();
+        assert_eq!(pids.len(), 2, "{}", log.borrow());
+        for pid in pids {
+            let links = fd_links(pid);
+            assert!(
+                !links.contains(&stray_link),
+                "{command:?}: worker {pid} holds the parent's fd 5 ({stray_link}): {links:?}"
+            );
+        }
+        lp.process_kill(cli, nix::libc::SIGTERM).unwrap();
+        run_with_deadline(&mut lp, 20_000);
+        assert_eq!(status.get(), Some((0, 0)), "{}", log.borrow());
+        assert_loop_empty(&lp);
+    }
+}
+
+/// The reference for the test above: a real Node primary started with a
+/// socket at fd 5 keeps it, and its worker does not get it.
+#[test]
+fn node_primary_workers_do_not_inherit_the_parents_fd_5() {
+    use std::os::fd::AsFd;
+    use uvcluster::uv::{ProcessOptions, Stdio};
+
+    require_node();
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray_link = fd_link(
+        std::process::id() as i32,
+        std::os::fd::AsRawFd::as_raw_fd(&stray),
+    );
+    let mut lp = Loop::new().unwrap();
+    let out = lp.pipe_init(false);
+    let status = std::rc::Rc::new(std::cell::Cell::new(None));
+    let s = status.clone();
+    lp.spawn(
+        ProcessOptions::new("node")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/node/fd_primary.js"
+            ))
+            .stdio(1, Stdio::Pipe(out))
+            .stdio(2, Stdio::Inherit)
+            .stdio(5, Stdio::Fd(stray.as_fd()))
+            .on_exit(move |lp, p, code, signal| {
+                s.set(Some((code, signal)));
+                lp.close(p, |_| {}).unwrap();
+            }),
+    )
+    .unwrap();
+    let text = read_all(&mut lp, out);
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(status.get(), Some((0, 0)));
+    let v: serde_json::Value = serde_json::from_str(text.borrow().trim()).unwrap();
+    assert_eq!(v["primary"]["5"], stray_link.as_str(), "{v}");
+    let worker = v["worker"].as_object().unwrap();
+    assert!(worker.contains_key("3"), "the worker has its channel: {v}");
+    assert!(
+        !worker.values().any(|l| *l == stray_link.as_str()),
+        "Node's worker holds the parent's fd 5: {v}"
+    );
+    assert_loop_empty(&lp);
+}
+
+/// `uvcluster run -- /no/such/cmd` said only `No such file or directory
+/// (os error 2)`, naming nothing; it now says what Node says, `spawn
+/// /no/such/cmd ENOENT`, and exits 1.
+#[test]
+fn uvcluster_run_names_a_missing_program() {
+    for program in ["/no/such/cmd", "uvcluster-no-such-program-in-path"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_uvcluster"))
+            .args(["run", "-w", "2", "--", program, "arg"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!(
+                "uvcluster: spawn {program} ENOENT (No such file or directory)"
+            )),
+            "{err}"
+        );
+    }
+}

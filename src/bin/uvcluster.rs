@@ -92,6 +92,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> io::Result<bool> {
+    uvcluster::uv::disable_stdio_inheritance();
     let mut lp = Loop::new()?;
     let primary = Primary::new();
     let mut command = args.command.into_iter();

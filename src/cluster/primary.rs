@@ -249,7 +249,11 @@ impl Primary {
     /// (or the first [`fork`](Self::fork)) freezes the scheduling policy:
     /// `settings.scheduling_policy` if given, otherwise the one from the
     /// environment. The `setup` event follows on the next loop iteration,
-    /// once per call.
+    /// once per call. The first call also marks every fd above 2 that the
+    /// process inherited `FD_CLOEXEC`
+    /// ([`disable_stdio_inheritance`](crate::uv::disable_stdio_inheritance)),
+    /// as Node's start-up does, so workers get only their stdio and IPC
+    /// channel.
     pub fn setup_primary(&self, lp: &mut Loop, settings: Settings) {
         let snapshot = {
             let mut i = self.inner.borrow_mut();
@@ -269,6 +273,8 @@ impl Primary {
             }
             if !i.initialized {
                 i.initialized = true;
+                // Node's start-up does this for every process (src/node.cc).
+                crate::uv::disable_stdio_inheritance();
                 if let Some(p) = i.settings.scheduling_policy {
                     i.policy = p;
                 }
@@ -354,7 +360,8 @@ impl Primary {
     ///
     /// # Errors
     ///
-    /// The spawn error (`ENOENT` for a missing program, ...). No worker
+    /// The spawn error, a [`SpawnError`](crate::uv::SpawnError) that names
+    /// the program (`spawn /no/such/cmd ENOENT ...`). No worker
     /// exists then, no id is used and no event is emitted (Node reports it
     /// asynchronously as the child process's `error`; here the caller has
     /// it at once).

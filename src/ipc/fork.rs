@@ -120,8 +120,13 @@ pub struct Forked {
 ///
 /// # Errors
 ///
-/// `InvalidInput` unless exactly one stdio slot is `Ipc`; the spawn error
-/// (`ENOENT` for a missing program, ...), in which case nothing is left open.
+/// `InvalidInput` unless exactly one stdio slot is `Ipc`; the spawn error,
+/// a [`SpawnError`](crate::uv::SpawnError) naming `exec_path`
+/// (`spawn /no/such/cmd ENOENT ...`, kind `NotFound` for a missing
+/// program), in which case nothing is left open.
+///
+/// The child gets its stdio slots and the channel, and no other fd of
+/// ours (see [`Loop::spawn`]).
 pub fn fork(lp: &mut Loop, opts: ForkOptions) -> io::Result<Forked> {
     let slots = opts.stdio.clone().unwrap_or_else(|| {
         let s = if opts.silent {

@@ -277,6 +277,175 @@ pub(crate) fn peer_unix_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBu
     Ok(unix_path(&a))
 }
 
+/// Marks every open fd numbered from `first` to `last` (inclusive)
+/// `FD_CLOEXEC`, closing none: the fds stay usable here and vanish at the
+/// next `exec`.
+///
+/// Async-signal-safe (no allocation, no lock), so it runs in a child
+/// between `fork` and `exec`: `close_range(first, last,
+/// CLOSE_RANGE_CLOEXEC)` (Linux 5.11) where the kernel has it; otherwise
+/// the numbers listed in `/proc/self/fd`, read with `getdents64` into a
+/// buffer on the stack; and without `/proc`, every number below the
+/// `RLIMIT_NOFILE` soft limit. Errors on single fds (one closed meanwhile)
+/// are ignored: the goal is that no fd in the range crosses `exec`.
+pub(crate) fn cloexec_range(first: u32, last: u32) {
+    if first > last || cloexec_range_by_close_range(first, last) {
+        return;
+    }
+    if !cloexec_range_by_proc(first, last) {
+        cloexec_range_by_probing(first, last);
+    }
+}
+
+/// `close_range(first, last, CLOSE_RANGE_CLOEXEC)`; `false` if the kernel
+/// lacks it (`ENOSYS` before 5.9, `EINVAL` for the flag before 5.11, or
+/// `EPERM` from a seccomp filter that does not know the call).
+#[cfg(target_os = "linux")]
+pub(crate) fn cloexec_range_by_close_range(first: u32, last: u32) -> bool {
+    use nix::libc;
+    // SAFETY: a raw syscall (the libc wrapper needs glibc 2.34) that takes
+    // two fd numbers and a flag, no pointers; with CLOSE_RANGE_CLOEXEC it
+    // closes nothing. It is async-signal-safe.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn cloexec_range_by_close_range(_first: u32, _last: u32) -> bool {
+    false
+}
+
+/// Sets `FD_CLOEXEC` on one fd number; a closed number is skipped.
+fn set_cloexec_raw(fd: i32) {
+    use nix::libc;
+    // SAFETY: fcntl on any integer is harmless: a closed number fails
+    // with EBADF, and F_SETFD only changes the descriptor's flags.
+    // Async-signal-safe.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// The fallback for kernels without `CLOSE_RANGE_CLOEXEC`: lists
+/// `/proc/self/fd` with `open` and `getdents64` (no `opendir`, which
+/// allocates) and marks each fd in range. `false` if `/proc` cannot be
+/// read.
+#[cfg(target_os = "linux")]
+pub(crate) fn cloexec_range_by_proc(first: u32, last: u32) -> bool {
+    use nix::libc;
+    const PATH: &[u8] = b"/proc/self/fd\0";
+    // SAFETY: PATH is NUL-terminated; open is async-signal-safe.
+    let dir = unsafe {
+        libc::open(
+            PATH.as_ptr().cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return false;
+    }
+    // 8-byte aligned, as the kernel writes `linux_dirent64` records into it.
+    #[repr(C, align(8))]
+    struct Buf([u8; 4096]);
+    let mut buf = Buf([0; 4096]);
+    let ok = loop {
+        // SAFETY: `buf` is writable for its whole size; the kernel writes
+        // at most that many bytes. Async-signal-safe.
+        let n =
+            unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.0.as_mut_ptr(), buf.0.len()) };
+        if n < 0 {
+            break false;
+        }
+        if n == 0 {
+            break true;
+        }
+        let bytes = &buf.0[..(n as usize).min(buf.0.len())];
+        for name in dirent_names(bytes) {
+            if let Some(fd) = parse_fd(name)
+                && fd >= first
+                && fd <= last
+                && fd as i32 != dir
+            {
+                set_cloexec_raw(fd as i32);
+            }
+        }
+    };
+    // SAFETY: `dir` was opened above and is closed once.
+    unsafe { libc::close(dir) };
+    ok
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn cloexec_range_by_proc(_first: u32, _last: u32) -> bool {
+    false
+}
+
+/// The names in a buffer of `linux_dirent64` records: `d_ino` (8 bytes),
+/// `d_off` (8), `d_reclen` (2), `d_type` (1), then the NUL-terminated name.
+fn dirent_names(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 19 {
+            return None;
+        }
+        let reclen = usize::from(u16::from_ne_bytes([bytes[16], bytes[17]]));
+        if reclen < 19 || reclen > bytes.len() {
+            return None;
+        }
+        let rec = &bytes[19..reclen];
+        bytes = &bytes[reclen..];
+        let end = rec.iter().position(|&b| b == 0).unwrap_or(rec.len());
+        Some(&rec[..end])
+    })
+}
+
+/// A decimal fd number, or `None` (`.`, `..`, overflow).
+fn parse_fd(name: &[u8]) -> Option<u32> {
+    if name.is_empty() {
+        return None;
+    }
+    let mut n: u32 = 0;
+    for &b in name {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u32::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+/// The last resort, without `/proc`: tries every number in range below the
+/// `RLIMIT_NOFILE` soft limit. An fd above that limit (opened before the
+/// limit was lowered) is missed.
+pub(crate) fn cloexec_range_by_probing(first: u32, last: u32) {
+    use nix::libc;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit; getrlimit is a plain
+    // system call.
+    let end = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur.min(i32::MAX as libc::rlim_t) as u32
+    } else {
+        1024
+    };
+    let mut fd = first;
+    while fd < end && fd <= last {
+        set_cloexec_raw(fd as i32);
+        fd += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +506,70 @@ mod tests {
 
         let (r, _w) = nix::unistd::pipe().unwrap();
         assert_eq!(kind(r), SocketKind::Other);
+    }
+
+    fn cloexec(fd: &OwnedFd) -> bool {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD).unwrap()).contains(FdFlag::FD_CLOEXEC)
+    }
+
+    /// Each way of marking a range (`close_range`, the `/proc/self/fd`
+    /// listing, probing every number) marks the fd in range, leaves the
+    /// one outside alone, and closes neither. Each range holds one fd, so
+    /// other tests' fds are not touched.
+    #[test]
+    fn cloexec_range_marks_only_the_range_by_each_method() {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        type Mark = fn(u32, u32);
+        let methods: [(&str, Mark); 4] = [
+            ("any", cloexec_range),
+            ("close_range", |a, b| {
+                // Only where the kernel has CLOSE_RANGE_CLOEXEC (5.11).
+                if !cloexec_range_by_close_range(a, b) {
+                    cloexec_range_by_proc(a, b);
+                }
+            }),
+            ("proc", |a, b| assert!(cloexec_range_by_proc(a, b))),
+            ("probing", cloexec_range_by_probing),
+        ];
+        for (name, mark) in methods {
+            let (r, w) = nix::unistd::pipe().unwrap();
+            for fd in [&r, &w] {
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+            }
+            let n = r.as_raw_fd() as u32;
+            mark(n, n);
+            assert!(cloexec(&r), "{name}: the fd in range is marked");
+            assert!(!cloexec(&w), "{name}: the fd outside is not");
+            // Still open: marking closes nothing.
+            nix::unistd::write(&w, b"x").unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(nix::unistd::read(&r, &mut b).unwrap(), 1, "{name}");
+        }
+        // An empty range is no range.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        fcntl(&r, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+        let n = r.as_raw_fd() as u32;
+        cloexec_range(n + 1, n);
+        assert!(!cloexec(&r));
+    }
+
+    #[test]
+    fn dirent_records_and_fd_names_parse() {
+        let mut buf = Vec::new();
+        for name in [&b"."[..], b"..", b"3", b"1024"] {
+            let reclen = (19 + name.len() + 1).next_multiple_of(8);
+            let mut rec = vec![0u8; reclen];
+            rec[16..18].copy_from_slice(&(reclen as u16).to_ne_bytes());
+            rec[19..19 + name.len()].copy_from_slice(name);
+            buf.extend_from_slice(&rec);
+        }
+        let names: Vec<&[u8]> = dirent_names(&buf).collect();
+        assert_eq!(names, vec![&b"."[..], b"..", b"3", b"1024"]);
+        let fds: Vec<u32> = names.into_iter().filter_map(parse_fd).collect();
+        assert_eq!(fds, vec![3, 1024]);
+        assert_eq!(parse_fd(b"99999999999"), None);
+        // A truncated record ends the walk instead of reading past it.
+        assert_eq!(dirent_names(&buf[..30]).count(), 1);
     }
 }

@@ -6,8 +6,9 @@
 //! and `EACCES` come back from `spawn` itself), and reaps a child whose exec
 //! failed. What `Command` cannot express runs in a `pre_exec` hook in the
 //! child, between `fork` and `exec`, with only async-signal-safe calls:
-//! `setsid`, placing fds at arbitrary numbers, and resetting every signal
-//! disposition and the signal mask.
+//! `setsid`, placing fds at arbitrary numbers, marking every fd it did not
+//! place `FD_CLOEXEC`, and resetting every signal disposition and the
+//! signal mask.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -77,14 +78,16 @@ pub(crate) fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
     // allocate.
     let mut temps: Vec<RawFd> = vec![-1; plan.len()];
     let above = plan.iter().map(|p| p.target).max().unwrap_or(2).max(2) + 1;
+    let unplaced = unplaced_ranges(&plan);
     // SAFETY: the hook runs in the child between fork and exec, where only
     // async-signal-safe functions may be called. `child_setup` calls only
-    // setsid, fcntl, dup2, sigemptyset, sigaction and sigprocmask, and
-    // writes to memory allocated before the fork (`plan`, `temps`). It
-    // takes no lock and allocates nothing; its errors are
+    // setsid, fcntl, dup2, close_range, open, getdents64, close,
+    // getrlimit, sigemptyset, sigaction and sigprocmask, and writes to
+    // memory allocated before the fork (`plan`, `temps`, `unplaced`) or on
+    // its stack. It takes no lock and allocates nothing; its errors are
     // `io::Error::from_raw_os_error`, which does not allocate either.
     unsafe {
-        cmd.pre_exec(move || child_setup(&plan, &mut temps, above, detached));
+        cmd.pre_exec(move || child_setup(&plan, &mut temps, above, &unplaced, detached));
     }
     let old = block_all_signals()?;
     let r = cmd.spawn();
@@ -98,11 +101,33 @@ fn errno_err() -> io::Error {
     io::Error::from_raw_os_error(nix::errno::Errno::last_raw())
 }
 
+/// The fd numbers that `plan` does not place, as inclusive ranges up to
+/// `u32::MAX`: everything the child must not keep across `exec`.
+fn unplaced_ranges(plan: &[FdPlan]) -> Vec<(u32, u32)> {
+    let mut targets: Vec<u32> = plan
+        .iter()
+        .filter_map(|p| u32::try_from(p.target).ok())
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let mut ranges = Vec::with_capacity(targets.len() + 1);
+    let mut next = 0u32;
+    for t in targets {
+        if t > next {
+            ranges.push((next, t - 1));
+        }
+        next = t + 1;
+    }
+    ranges.push((next, u32::MAX));
+    ranges
+}
+
 /// Runs in the child after `fork`: async-signal-safe calls only.
 fn child_setup(
     plan: &[FdPlan],
     temps: &mut [RawFd],
     above: RawFd,
+    unplaced: &[(u32, u32)],
     detached: bool,
 ) -> io::Result<()> {
     if detached {
@@ -137,6 +162,14 @@ fn child_setup(
         if unsafe { libc::dup2(t, p.target) } < 0 {
             return Err(errno_err());
         }
+    }
+    // Only what was placed may cross exec: an fd this process inherited, or
+    // one that other code opened without O_CLOEXEC, would otherwise reach
+    // the child (libuv relies on uv_disable_stdio_inheritance and on every
+    // fd of its own being CLOEXEC; we also close the gap here). Marking,
+    // not closing, keeps std's CLOEXEC error pipe working until exec.
+    for &(first, last) in unplaced {
+        super::fd::cloexec_range(first, last);
     }
     // Reset every disposition: handled signals reset at exec anyway, but
     // ignored ones would stay ignored in the new program.
@@ -275,4 +308,33 @@ pub(crate) fn dev_null() -> io::Result<OwnedFd> {
 /// The raw number of an fd, for an [`FdPlan`].
 pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(targets: &[RawFd]) -> Vec<FdPlan> {
+        targets
+            .iter()
+            .map(|&target| FdPlan {
+                target,
+                source: 0,
+                optional: false,
+            })
+            .collect()
+    }
+
+    /// The ranges cover every number the plan does not place, and none
+    /// that it does: below, between and above the targets.
+    #[test]
+    fn unplaced_ranges_are_the_gaps_between_targets() {
+        assert_eq!(unplaced_ranges(&plan(&[0, 1, 2])), vec![(3, u32::MAX)]);
+        assert_eq!(
+            unplaced_ranges(&plan(&[2, 0, 1, 3, 5, 200, 5])),
+            vec![(4, 4), (6, 199), (201, u32::MAX)]
+        );
+        assert_eq!(unplaced_ranges(&plan(&[1, 2])), vec![(0, 0), (3, u32::MAX)]);
+        assert_eq!(unplaced_ranges(&plan(&[])), vec![(0, u32::MAX)]);
+    }
 }

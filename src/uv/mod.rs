@@ -80,6 +80,6 @@ pub use handle::{
     Timer, Udp,
 };
 pub use pipe::{Accepted, PendingType, Sendable, dup_fd_number, take_env_var};
-pub use process::{ProcessOptions, Stdio, kill};
+pub use process::{ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
 pub use stream::StreamType;
 pub use tcp::BindFlags;

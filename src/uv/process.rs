@@ -10,6 +10,14 @@
 //! spawned. A reaped process becomes inactive (it is not closed: call
 //! [`Loop::close`]) and its exit callback runs with the exit status and
 //! the terminating signal.
+//!
+//! Only the fds that a spawn places on purpose cross `exec`: the child
+//! marks every other fd `FD_CLOEXEC` before it execs. A process that
+//! inherited fds it should not pass on (a parent's listening socket, a
+//! build tool's jobserver pipe) calls [`disable_stdio_inheritance`] at
+//! start-up, as Node does, so that no other spawner in the process
+//! (`std::process::Command`, a C library) passes them on either. A spawn
+//! that fails returns a [`SpawnError`] naming the program.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -24,6 +32,9 @@ use crate::sys;
 use crate::sys::process::{FdPlan, SpawnSpec};
 
 pub(crate) type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+
+/// The parent's end of a stdio pipe, and the handle it is to be opened in.
+type ParentEnd = (Handle<Pipe>, OwnedFd);
 
 /// Per-loop process state: this loop's children, reaped on SIGCHLD.
 #[derive(Default)]
@@ -350,8 +361,12 @@ impl Loop {
     /// but is not closed, and its [exit callback](ProcessOptions::on_exit)
     /// runs. Closing a process handle does not kill the child.
     ///
-    /// The child gets the fds that `options` places, at the numbers given
-    /// (all our other fds are CLOEXEC), a fresh session if
+    /// The child gets the fds that `options` places, at the numbers given,
+    /// and no other: between `fork` and `exec` it marks every fd it did not
+    /// place `FD_CLOEXEC` (`close_range` with `CLOSE_RANGE_CLOEXEC` where
+    /// the kernel has it, else a walk of `/proc/self/fd`), so an fd this
+    /// process inherited or that other code opened without `O_CLOEXEC`
+    /// does not leak into the child. It also gets a fresh session if
     /// [`detached`](ProcessOptions::detached), and every signal disposition
     /// reset to `SIG_DFL` with an empty signal mask. Pipe handles named by
     /// [`Stdio::Pipe`] and [`Stdio::Ipc`] are opened on success and can be
@@ -385,11 +400,16 @@ impl Loop {
     /// # Errors
     ///
     /// Returned synchronously, and then no handle exists and the exit
-    /// callback is dropped: `ENOENT` or `EACCES` when the file cannot be
-    /// executed, other `execve`, `fork`, `chdir`, `setuid`/`setgid` or fd
-    /// placement errors, `EINVAL` for a pipe handle that is stale, closing,
-    /// already has a socket, is used twice, or (for [`Stdio::Ipc`]) is not
-    /// in IPC mode, and `InvalidInput` for a NUL byte in an argument.
+    /// callback is dropped. Errors from the OS are a [`SpawnError`] that
+    /// names the program (`spawn /no/such/cmd ENOENT (No such file or
+    /// directory)`, Node's message), with the OS error's kind; get the
+    /// errno with [`SpawnError::of`]: `ENOENT` or `EACCES` when the file
+    /// cannot be executed, other `execve`, `fork`, `chdir`,
+    /// `setuid`/`setgid`, socketpair or fd placement errors, and
+    /// `InvalidInput` for a NUL byte in an argument. Bad options are plain
+    /// `EINVAL` errors: a pipe handle that is stale, closing, already has
+    /// a socket, is used twice, or (for [`Stdio::Ipc`]) is not in IPC
+    /// mode.
     pub fn spawn(&mut self, options: ProcessOptions<'_>) -> io::Result<Handle<Process>> {
         let ProcessOptions {
             file,
@@ -417,9 +437,49 @@ impl Loop {
                 seen.push(*h);
             }
         }
+        let spec = SpawnSpec {
+            file: &file,
+            arg0: arg0.as_deref(),
+            args: &args,
+            env: env.as_deref(),
+            cwd: cwd.as_deref(),
+            uid,
+            gid,
+            detached,
+            fds: Vec::new(),
+        };
+        let spawned = self.spawn_checked(spec, stdio);
+        let (pid, our_ends) = spawned.map_err(|error| SpawnError::wrap(&file, error))?;
+        for (h, fd) in our_ends {
+            // The handle was checked above and this is a fresh connected
+            // Unix socket, so this does not fail; if it ever did, the child
+            // must still be tracked and reaped, so do not return early.
+            if let Err(e) = self.pipe_open(h, fd) {
+                log::error!("spawn: opening the parent's end of a stdio pipe failed: {e}");
+            }
+        }
+        let raw = self.insert(Data::Process(Box::new(ProcessState {
+            pid,
+            exited: false,
+            exit_cb: on_exit,
+        })));
+        self.activate(raw);
+        self.processes.live.push(raw);
+        Ok(Handle::from_raw(raw))
+    }
+
+    /// The part of [`spawn`](Loop::spawn) after the options were checked:
+    /// every error here comes from the OS and is wrapped in a
+    /// [`SpawnError`] by the caller. Returns the pid and the parent's ends
+    /// of the stdio pipes, not yet opened into their handles.
+    fn spawn_checked(
+        &mut self,
+        mut spec: SpawnSpec<'_>,
+        stdio: Vec<Stdio<'_>>,
+    ) -> io::Result<(i32, Vec<ParentEnd>)> {
         // Fds we own until the child has its copies.
         let mut child_ends: Vec<OwnedFd> = Vec::new();
-        let mut our_ends: Vec<(Handle<Pipe>, OwnedFd)> = Vec::new();
+        let mut our_ends: Vec<ParentEnd> = Vec::new();
         let mut null: Option<OwnedFd> = None;
         let mut fds = Vec::new();
         for (target, s) in stdio.iter().enumerate() {
@@ -461,42 +521,17 @@ impl Loop {
         // Watch SIGCHLD before forking, so an exit that comes at once is
         // not missed (libuv starts its child watcher first, too).
         start_sigchld(self)?;
-        let spawned = sys::process::spawn(SpawnSpec {
-            file: &file,
-            arg0: arg0.as_deref(),
-            args: &args,
-            env: env.as_deref(),
-            cwd: cwd.as_deref(),
-            uid,
-            gid,
-            detached,
-            fds,
-        });
+        spec.fds = fds;
+        let spawned = sys::process::spawn(spec);
         drop(child_ends);
         drop(null);
-        let pid = match spawned {
-            Ok(pid) => pid,
+        match spawned {
+            Ok(pid) => Ok((pid, our_ends)),
             Err(e) => {
                 maybe_stop_sigchld(self);
-                return Err(e);
-            }
-        };
-        for (h, fd) in our_ends {
-            // The handle was checked above and this is a fresh connected
-            // Unix socket, so this does not fail; if it ever did, the child
-            // must still be tracked and reaped, so do not return early.
-            if let Err(e) = self.pipe_open(h, fd) {
-                log::error!("spawn: opening the parent's end of a stdio pipe failed: {e}");
+                Err(e)
             }
         }
-        let raw = self.insert(Data::Process(Box::new(ProcessState {
-            pid,
-            exited: false,
-            exit_cb: on_exit,
-        })));
-        self.activate(raw);
-        self.processes.live.push(raw);
-        Ok(Handle::from_raw(raw))
     }
 
     /// Sends signal `signum` to the child (`uv_process_kill`); 0 only checks
@@ -553,4 +588,140 @@ impl Loop {
 /// `EPERM` when not allowed.
 pub fn kill(pid: i32, signum: i32) -> io::Result<()> {
     sys::process::kill(pid, signum)
+}
+
+/// Why [`Loop::spawn`] failed: the program it tried to start and the OS
+/// error, as Node reports `spawn /no/such/cmd ENOENT` (`lib/internal/
+/// child_process.js` builds its `ErrnoException` with the syscall
+/// `spawn <file>`).
+///
+/// `spawn` returns it inside an [`io::Error`] of the same
+/// [`ErrorKind`](io::ErrorKind) as the OS error (`NotFound` for
+/// `ENOENT`), whose message names the program; since such an `io::Error`
+/// has no [`raw_os_error`](io::Error::raw_os_error) of its own, get the
+/// errno with [`SpawnError::of`] and [`raw_os_error`](Self::raw_os_error).
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::uv::{Loop, ProcessOptions, SpawnError};
+///
+/// let mut lp = Loop::new()?;
+/// let err = lp.spawn(ProcessOptions::new("/no/such/cmd")).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+/// assert!(err.to_string().starts_with("spawn /no/such/cmd ENOENT"));
+/// let spawn = SpawnError::of(&err).expect("a spawn error");
+/// assert_eq!(spawn.file(), "/no/such/cmd");
+/// assert_eq!(spawn.raw_os_error(), Some(2));
+/// assert_eq!(spawn.code().as_deref(), Some("ENOENT"));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct SpawnError {
+    file: OsString,
+    error: io::Error,
+}
+
+impl SpawnError {
+    /// Wraps `error`, from starting `file`, into an `io::Error` of the
+    /// same kind whose message names `file`.
+    fn wrap(file: &OsStr, error: io::Error) -> io::Error {
+        io::Error::new(
+            error.kind(),
+            SpawnError {
+                file: file.to_owned(),
+                error,
+            },
+        )
+    }
+
+    /// The `SpawnError` inside an error returned by [`Loop::spawn`] (or by
+    /// `ipc::fork` and `cluster::Primary::fork`, which pass it on), or
+    /// `None` for an error of another kind (an invalid stdio pipe, say).
+    pub fn of(error: &io::Error) -> Option<&SpawnError> {
+        error.get_ref()?.downcast_ref()
+    }
+
+    /// The program that could not be started, as given to
+    /// [`ProcessOptions::new`].
+    pub fn file(&self) -> &OsStr {
+        &self.file
+    }
+
+    /// The OS error itself.
+    pub fn os_error(&self) -> &io::Error {
+        &self.error
+    }
+
+    /// The errno (`ENOENT` is 2), when the error came from the OS.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.error.raw_os_error()
+    }
+
+    /// The errno's name (`"ENOENT"`), Node's `err.code`, when the error
+    /// came from the OS.
+    pub fn code(&self) -> Option<String> {
+        errno_name(self.error.raw_os_error()?)
+    }
+}
+
+/// The symbolic name of an errno (`ENOENT`): the name of nix's variant.
+fn errno_name(errno: i32) -> Option<String> {
+    use nix::errno::Errno;
+    let e = Errno::from_raw(errno);
+    (e != Errno::UnknownErrno).then(|| format!("{e:?}"))
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let file = self.file.to_string_lossy();
+        match (self.code(), self.error.raw_os_error()) {
+            // Node's message, then the OS's words for it.
+            (Some(code), Some(n)) => write!(
+                f,
+                "spawn {file} {code} ({})",
+                nix::errno::Errno::from_raw(n).desc()
+            ),
+            _ => write!(f, "spawn {file}: {}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// Marks every fd above 2 that this process has open `FD_CLOEXEC`, so
+/// that no program this process starts, by any means, inherits an fd it
+/// was not given on purpose (libuv's `uv_disable_stdio_inheritance`, which
+/// Node calls at start-up in `src/node.cc`). The fds stay open and usable
+/// here; only `exec` drops them.
+///
+/// Call it at start-up, before anything opens an fd that must be
+/// inherited without being placed: the cluster primary
+/// ([`cluster::Primary::setup_primary`](crate::cluster::Primary::setup_primary))
+/// and `uvcluster run` call it for you. [`Loop::spawn`] marks every fd it
+/// does not place in the child anyway; this covers what the process
+/// inherited from its own parent (a listening socket, a jobserver pipe)
+/// for every other spawner in the process (`std::process::Command`, a C
+/// library). An fd meant to reach a child, such as a socket-activation
+/// socket, is passed by placing it ([`Stdio::Inherit`] at its number, or
+/// [`Stdio::Fd`]).
+///
+/// Unlike libuv, fds 0 to 2 are left inheritable (other spawners, such as
+/// `std::process::Command`, hand them to children by leaving them in
+/// place), and every higher fd is marked, not only those up to the first
+/// gap past 15. It uses `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` where
+/// the kernel has it (Linux 5.11), and otherwise walks `/proc/self/fd`.
+///
+/// # Examples
+///
+/// ```
+/// // At the top of main, before spawning anything.
+/// uvcluster::uv::disable_stdio_inheritance();
+/// ```
+pub fn disable_stdio_inheritance() {
+    sys::fd::cloexec_range(3, u32::MAX);
 }
