@@ -103,6 +103,88 @@ impl ListenOptions {
     }
 }
 
+/// A port that is not one: Node's `ERR_SOCKET_BAD_PORT`, for a value read
+/// from the environment or a command line (`PORT=99999`, `PORT=abc`,
+/// `PORT=-1`). Its message names the variable and the value, as Node's
+/// `options.port should be >= 0 and < 65536. Received ...` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadPort {
+    /// What the value was given as (`PORT`, `--port`).
+    pub name: String,
+    /// The value as given.
+    pub value: String,
+}
+
+impl fmt::Display for BadPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} should be >= 0 and < 65536. Received {:?} (ERR_SOCKET_BAD_PORT)",
+            self.name, self.value
+        )
+    }
+}
+
+impl std::error::Error for BadPort {}
+
+impl From<BadPort> for io::Error {
+    fn from(e: BadPort) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, e)
+    }
+}
+
+/// Parses a TCP port given as text (lib/internal/validators.js
+/// `validatePort`): decimal digits, surrounding whitespace allowed, 0 to
+/// 65535. `name` says where the value came from, for the error.
+///
+/// Node also takes what JavaScript's `+value` reads as a whole number
+/// (`0x1f40`, `8e3`, `8000.0`); those are refused here.
+///
+/// # Errors
+///
+/// [`BadPort`] for anything else: empty, signed, fractional, not a number,
+/// or above 65535.
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::net::parse_port;
+///
+/// assert_eq!(parse_port("PORT", "8000"), Ok(8000));
+/// let e = parse_port("PORT", "99999").unwrap_err();
+/// assert_eq!(
+///     e.to_string(),
+///     "PORT should be >= 0 and < 65536. Received \"99999\" (ERR_SOCKET_BAD_PORT)"
+/// );
+/// assert!(parse_port("PORT", "abc").is_err());
+/// assert!(parse_port("PORT", "-1").is_err());
+/// ```
+pub fn parse_port(name: &str, value: &str) -> Result<u16, BadPort> {
+    let t = value.trim();
+    let bad = || BadPort {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    t.parse::<u16>().map_err(|_| bad())
+}
+
+/// The port in environment variable `var` ([`parse_port`]), or `default`
+/// when it is not set.
+///
+/// # Errors
+///
+/// [`BadPort`] when it is set to something that is not a port (also when
+/// it is not UTF-8).
+pub fn port_from_env(var: &str, default: u16) -> Result<u16, BadPort> {
+    match std::env::var_os(var) {
+        None => Ok(default),
+        Some(v) => parse_port(var, &v.to_string_lossy()),
+    }
+}
+
 /// A failed listen, as Node reports it: `listen EADDRINUSE: address already
 /// in use :::8000` has code `EADDRINUSE`, errno `-98`, syscall `listen`.
 #[derive(Clone, Debug, PartialEq, Eq)]
