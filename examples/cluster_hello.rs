@@ -262,6 +262,11 @@ enum Body {
     None,
     Length(u64),
     Chunked(Chunked),
+    /// A framing the request may not use (a `Transfer-Encoding` whose last
+    /// coding is not chunked): llhttp reports it once the head has been
+    /// handed to the handler, so the request is answered and then the
+    /// connection closed.
+    Invalid,
 }
 
 /// Parses a complete request head at the start of `buf` (one `httparse`
@@ -316,10 +321,14 @@ fn head_of(req: &httparse::Request<'_, '_>, len: usize) -> Result<Head, Reject> 
         let last_chunked = tokens(req, "transfer-encoding")
             .last()
             .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        if !last_chunked || !lengths.is_empty() {
+        if !lengths.is_empty() {
             return Err(Reject::BadRequest);
         }
-        Body::Chunked(Chunked::default())
+        if last_chunked {
+            Body::Chunked(Chunked::default())
+        } else {
+            Body::Invalid
+        }
     } else if let Some(first) = lengths.first() {
         let parse = |t: &[u8]| {
             std::str::from_utf8(t)
@@ -557,6 +566,10 @@ struct HttpConn {
     body: Body,
     /// What the server was last told.
     idle: bool,
+    /// Something was written on this connection: a refusal then gets no
+    /// answer of its own, only the close (Node answers `400`/`431` only on
+    /// a socket it has written nothing to).
+    answered: bool,
 }
 
 type HttpRef = Rc<RefCell<HttpConn>>;
@@ -571,6 +584,7 @@ impl HttpConn {
             scan: HeadScan::default(),
             body: Body::None,
             idle: false,
+            answered: false,
         }));
         // No request yet: idle, as Node counts a new connection.
         set_idle(lp, &st, true);
@@ -589,10 +603,11 @@ impl HttpConn {
     fn feed(&mut self, data: &[u8]) -> Batch {
         let mut batch = Batch::default();
         let mut off = 0;
-        while off < data.len() && !batch.close {
+        while off < data.len() && !batch.close && batch.reject.is_none() {
             let rest = &data[off..];
             match &mut self.body {
                 Body::None => {}
+                Body::Invalid => unreachable!("a refusal ends the batch"),
                 Body::Length(left) => {
                     let k = (rest.len() as u64).min(*left);
                     *left -= k;
@@ -643,6 +658,9 @@ impl HttpConn {
             batch.answers += 1;
             self.reqs.set(self.reqs.get() + 1);
             self.body = head.body;
+            if let Body::Invalid = self.body {
+                batch.reject = Some(Reject::BadRequest);
+            }
         }
         batch
     }
@@ -725,8 +743,18 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
 /// (`resume`: reading was stopped) and marks it idle when no request is
 /// pending. The server closing makes the last answer `Connection: close`.
 fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: bool) {
-    let server = st.borrow().server.clone();
+    let (server, answered) = {
+        let mut c = st.borrow_mut();
+        let answered = c.answered;
+        c.answered |= batch.answers > 0;
+        (c.server.clone(), answered)
+    };
     let close = batch.close || server.is_closing();
+    // A refusal is answered only on a connection nothing was written to.
+    let reject_answer = batch
+        .reject
+        .filter(|_| !answered && batch.answers == 0)
+        .map(Reject::response);
     if batch.answers > 0 {
         let mut resp = Vec::with_capacity(batch.answers * RESPONSE_CLOSE.len());
         for i in 0..batch.answers {
@@ -737,12 +765,9 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
                 RESPONSE_KEEP_ALIVE
             });
         }
-        if let Some(r) = batch.reject {
-            resp.extend_from_slice(r.response());
-        }
         let _ = lp.write(t, &[&resp], |_, _, _| {});
-    } else if let Some(r) = batch.reject {
-        let _ = lp.write(t, &[r.response()], |_, _, _| {});
+    } else if let Some(r) = reject_answer {
+        let _ = lp.write(t, &[r], |_, _, _| {});
     }
     if batch.reject.is_some() {
         return linger_close(lp, t);
