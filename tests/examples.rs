@@ -759,7 +759,10 @@ fn cluster_hello_reads_bodies_and_refuses_bad_requests_as_node_does() {
         ("not chunked last", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n".to_owned()),
         // A bad chunk after an answer: no second answer, just the close.
         ("bad chunk size", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned()),
-        ("bad request after a good one", format!("GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n")),
+        (
+            "bad request after a good one",
+            "GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n".to_owned(),
+        ),
     ];
     for (name, input) in &cases {
         for piece in [input.len(), 7] {
@@ -905,7 +908,9 @@ fn cluster_hello_exits_1_with_the_workers_error_when_the_port_is_in_use() {
 /// ports), and nothing starts.
 #[test]
 fn examples_refuse_bad_port_and_workers_values() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// Example, environment, and what its error must say.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             "cluster_hello",
             &[("PORT", "99999")],
