@@ -1133,3 +1133,41 @@ fn tcp_echo_stops_reading_a_client_that_does_not_read() {
     kill(p.pid, Signal::SIGTERM).unwrap();
     assert!(p.exit_within(LIMIT).unwrap().success(), "{:#?}", p.err_seen);
 }
+
+/// The load generator reads from the server under test, a peer like any
+/// other: a response that never ends (a head announcing 1 GB, then bytes
+/// until the generator hangs up, at most 64 MiB) is an error once 1 MiB of
+/// it is kept, not a buffer that grows for as long as the server sends.
+#[test]
+fn loadgen_gives_up_on_a_response_that_never_ends() {
+    use uvcluster::loadgen::{self, LoadConfig, Workload};
+    const BUDGET: usize = 64 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = s.read(&mut req).unwrap();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n");
+        let chunk = [b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < BUDGET && s.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        sent
+    });
+    let r = loadgen::run(LoadConfig {
+        addr,
+        connections: 1,
+        duration: Duration::from_millis(200),
+        workload: Workload::Close,
+    })
+    .unwrap();
+    assert_eq!(r.requests, 0, "{r:?}");
+    assert!(r.errors >= 1, "{r:?}");
+    let sent = server.join().unwrap();
+    assert!(
+        sent < BUDGET / 2,
+        "the generator took {sent} bytes of one response"
+    );
+}
