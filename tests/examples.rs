@@ -969,6 +969,16 @@ fn examples_refuse_bad_port_and_workers_values() {
             &[("PORT", "99999")],
             "Received \"99999\" (ERR_SOCKET_BAD_PORT)",
         ),
+        (
+            "custom_dispatch",
+            &[("PORT", "-1")],
+            "custom_dispatch: PORT should be >= 0 and < 65536. Received \"-1\"",
+        ),
+        (
+            "custom_dispatch",
+            &[("CHILDREN", "2.5")],
+            "CHILDREN should be a whole number above 0. Received \"2.5\"",
+        ),
     ];
     for (example, env, message) in cases {
         let mut cmd = Command::new(build_example(example));
