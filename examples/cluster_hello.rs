@@ -16,7 +16,8 @@
 //! it: idle keep-alive connections are closed at once, a request in
 //! progress is answered with `Connection: close`, and the program exits
 //! when the last one has ended. While it waits, the primary says every few
-//! seconds which workers it waits for; a second signal kills them.
+//! seconds which workers it waits for; a second signal kills them (exit
+//! code 1).
 //!
 //! Requests are read as Node's HTTP parser bounds them: a request line and
 //! headers of 16 KiB or more (`--max-http-header-size`) are answered `431`,
@@ -946,22 +947,29 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     for _ in 0..n {
         forked.push(primary.fork(lp, Vec::new())?);
     }
-    stop_on_signals(lp, &primary, forked)
+    stop_on_signals(lp, &primary, forked, exit_code)
 }
 
 /// SIGINT/SIGTERM: a graceful disconnect; the loop ends with the workers.
 /// Until they are gone the primary says every `STILL_WAITING_MS` which
-/// ones it waits for; a second signal kills them.
-fn stop_on_signals(lp: &mut Loop, primary: &Primary, forked: Vec<Worker>) -> io::Result<()> {
+/// ones it waits for; a second signal kills them (and the exit code is 1).
+fn stop_on_signals(
+    lp: &mut Loop,
+    primary: &Primary,
+    forked: Vec<Worker>,
+    exit_code: Rc<Cell<u8>>,
+) -> io::Result<()> {
     let forked = Rc::new(forked);
     let stopping = Rc::new(Cell::new(false));
     for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
         let sig = lp.signal_init();
         let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
+        let exit_code = exit_code.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
             let alive = || forked.iter().filter(|w| !w.is_dead());
             if stopping.replace(true) {
                 eprintln!("cluster_hello: signal {signum} again: killing the workers");
+                exit_code.set(1);
                 for w in alive() {
                     let _ = w.kill(lp, Some(nix::libc::SIGKILL));
                 }

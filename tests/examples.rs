@@ -1181,3 +1181,31 @@ fn loadgen_gives_up_on_a_response_that_never_ends() {
         "the generator took {sent} bytes of one response"
     );
 }
+
+/// A graceful stop that has to wait (a client stopped in the middle of a
+/// request, so its connection is busy) is not silent: the primary says
+/// which worker it waits for (after 5 s), and a second SIGTERM kills the
+/// workers and ends it with exit code 1.
+#[test]
+fn cluster_hello_stop_that_waits_says_so_and_a_second_signal_ends_it() {
+    let (mut p, port) = hello("1", &[]);
+    let mut stuck = http_client(port);
+    stuck
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never-finished HTTP/1.1\r\n")
+        .unwrap();
+    read_response(&mut stuck);
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    p.err_line(|l| {
+        l.contains("still waiting for worker(s) 1 (pid ")
+            .then_some(())
+    });
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    let status = p.exit_within(LIMIT).expect("exit after the second SIGTERM");
+    assert_eq!(status.code(), Some(1), "{:#?}", p.err_seen);
+    assert!(
+        p.err_seen.iter().any(|l| l.contains("killing the workers")),
+        "{:#?}",
+        p.err_seen
+    );
+    assert_eq!(read_to_end(&mut stuck), b"");
+}
