@@ -567,10 +567,11 @@ struct HttpConn {
     body: Body,
     /// What the server was last told.
     idle: bool,
-    /// Something was written on this connection: a refusal then gets no
-    /// answer of its own, only the close (Node answers `400`/`431` only on
-    /// a socket it has written nothing to).
-    answered: bool,
+    /// Answers written whose write has not completed yet. While one is in
+    /// flight a refusal gets no answer of its own, only the close: Node
+    /// answers `400`/`431` only when no response is in progress on the
+    /// socket (lib/_http_server.js `socketOnError`).
+    writing: usize,
 }
 
 type HttpRef = Rc<RefCell<HttpConn>>;
@@ -585,7 +586,7 @@ impl HttpConn {
             scan: HeadScan::default(),
             body: Body::None,
             idle: false,
-            answered: false,
+            writing: 0,
         }));
         // No request yet: idle, as Node counts a new connection.
         set_idle(lp, &st, true);
@@ -744,18 +745,13 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
 /// (`resume`: reading was stopped) and marks it idle when no request is
 /// pending. The server closing makes the last answer `Connection: close`.
 fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: bool) {
-    let (server, answered) = {
-        let mut c = st.borrow_mut();
-        let answered = c.answered;
-        c.answered |= batch.answers > 0;
-        (c.server.clone(), answered)
+    let (server, in_flight) = {
+        let c = st.borrow();
+        (c.server.clone(), c.writing > 0 || batch.answers > 0)
     };
     let close = batch.close || server.is_closing();
-    // A refusal is answered only on a connection nothing was written to.
-    let reject_answer = batch
-        .reject
-        .filter(|_| !answered && batch.answers == 0)
-        .map(Reject::response);
+    // A refusal is answered only when no answer is in flight.
+    let reject_answer = batch.reject.filter(|_| !in_flight).map(Reject::response);
     if batch.answers > 0 {
         let mut resp = Vec::with_capacity(batch.answers * RESPONSE_CLOSE.len());
         for i in 0..batch.answers {
@@ -766,7 +762,13 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
                 RESPONSE_KEEP_ALIVE
             });
         }
-        let _ = lp.write(t, &[&resp], |_, _, _| {});
+        let done = st.clone();
+        if lp
+            .write(t, &[&resp], move |_, _, _| done.borrow_mut().writing -= 1)
+            .is_ok()
+        {
+            st.borrow_mut().writing += 1;
+        }
     } else if let Some(r) = reject_answer {
         let _ = lp.write(t, &[r], |_, _, _| {});
     }

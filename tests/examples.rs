@@ -757,20 +757,25 @@ fn cluster_hello_reads_bodies_and_refuses_bad_requests_as_node_does() {
         ),
         ("bad content-length", "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1x\r\n\r\n".to_owned()),
         ("not chunked last", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n".to_owned()),
-        // A bad chunk after an answer: no second answer, just the close.
-        ("bad chunk size", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned()),
+        // A refusal while an answer is in flight (read in the same piece
+        // as its request): no answer of its own, just the close. In
+        // pieces, whether the first answer is still in flight depends on
+        // timing, for Node as for us; these are compared whole only.
+        ("bad chunk size, whole", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned()),
         (
-            "bad request after a good one",
+            "bad request after a good one, whole",
             "GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n".to_owned(),
         ),
     ];
     for (name, input) in &cases {
-        for piece in [input.len(), 7] {
+        let pieces: &[usize] = if name.ends_with("whole") {
+            &[input.len()]
+        } else {
+            &[input.len(), 7]
+        };
+        for &piece in pieces {
             let want = statuses(node_port, input.as_bytes(), piece);
-            assert!(
-                !want.is_empty() || name.contains("after"),
-                "{name}: node said nothing"
-            );
+            assert!(!want.is_empty(), "{name}: node said nothing");
             assert_eq!(
                 statuses(port, input.as_bytes(), piece),
                 want,
