@@ -836,6 +836,7 @@ fn cluster_hello_never_ending_header_gets_431_while_others_are_served() {
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicUsize::new(0));
     let (st, an) = (stop.clone(), answered.clone());
+    let (going, is_going) = mpsc::channel();
     let good = std::thread::spawn(move || {
         let mut s = http_client(port);
         let mut slowest = Duration::ZERO;
@@ -845,9 +846,13 @@ fn cluster_hello_never_ending_header_gets_431_while_others_are_served() {
             assert!(read_response(&mut s).ends_with("hello world\n"));
             slowest = slowest.max(t.elapsed());
             an.fetch_add(1, Ordering::Relaxed);
+            let _ = going.send(());
         }
         slowest
     });
+    is_going
+        .recv_timeout(LIMIT)
+        .expect("the good client is answered");
     let before = answered.load(Ordering::Relaxed);
     for _ in 0..BAD_CLIENTS {
         assert_eq!(never_ending(port), node_says);
