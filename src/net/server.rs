@@ -896,3 +896,32 @@ fn end_idle(lp: &mut Loop, conn: Conn) {
         close_conn(lp, conn);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_port_takes_decimal_ports_only() {
+        for (s, p) in [
+            ("0", 0),
+            ("8000", 8000),
+            (" 80 ", 80),
+            ("65535", 65535),
+            ("007", 7),
+        ] {
+            assert_eq!(parse_port("PORT", s), Ok(p), "{s:?}");
+        }
+        for s in [
+            "", " ", "65536", "99999", "-1", "+1", "2.5", "0x1f40", "8e3", "abc", "80 80",
+        ] {
+            let e = parse_port("PORT", s).unwrap_err();
+            assert_eq!(e.value, s);
+            assert_eq!(
+                e.to_string(),
+                format!("PORT should be >= 0 and < 65536. Received {s:?} (ERR_SOCKET_BAD_PORT)")
+            );
+            assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+}
