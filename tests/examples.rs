@@ -302,7 +302,9 @@ fn loadgen_slow_mix_against_cluster_hello() {
         assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
         assert!(r.requests >= 5, "{slow:?}: {r:?}");
         assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
-        assert!(r.fast_p99_us <= r.p99_us, "{slow:?}: {r:?}");
+        // A subset's p99 can exceed the whole's when the slowest answer of
+        // all is a fast request (a loaded machine): bound it by the max.
+        assert!(r.fast_p99_us <= r.max_us, "{slow:?}: {r:?}");
     }
     kill(pid, Signal::SIGINT).unwrap();
     let status = child.0.take().unwrap().wait().unwrap();
