@@ -4,55 +4,125 @@
 //! `Reply from <pid>: <line>`.
 //!
 //! The primary prints `ready <port>` once every worker listens (with
-//! `PORT=0` that is the port the workers share), logs worker exits on
-//! stderr, and on SIGINT/SIGTERM disconnects the workers and exits 0.
-//! Run as a worker under any primary (ours or Node's) it serves on `PORT`.
+//! `PORT=0` that is the port the workers share) and logs worker exits on
+//! stderr. A bad `PORT`, `WORKERS` or `NODE_CLUSTER_SCHED_POLICY` is an
+//! error before anything starts, and a worker that cannot listen ends the
+//! primary with its error and exit code 1.
+//!
+//! SIGINT/SIGTERM disconnects the workers: a client with no unfinished line
+//! is closed at once, one in the middle of a line gets its answer first;
+//! the primary exits 0 once the workers are gone, says every few seconds
+//! whom it still waits for, and kills them on a second signal.
+//!
+//! A line may be at most 64 KiB: a longer one is answered
+//! `line too long` and the connection closed, so that no client can make
+//! a worker buffer without bound. Run as a worker under any primary (ours
+//! or Node's) it serves on `PORT`.
 //!
 //! `cargo run --example cluster_echo`, then `nc localhost 8002`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::process::ExitCode;
 use std::rc::Rc;
 
-use uvcluster::cluster::{self, Primary, Settings};
-use uvcluster::net::{Conn, ListenOptions, Server};
+use serde_json::json;
+use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings, Worker};
+use uvcluster::net::{self, Conn, ListenOptions, Server};
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
 
-fn main() -> io::Result<()> {
+/// The longest line a client may send, newline excluded.
+const MAX_LINE: usize = 64 * 1024;
+/// How long a connection refused for a too-long line keeps reading (and
+/// dropping) what the client still sends after the answer and a FIN, so
+/// that the close does not reset the connection before the answer is read.
+const LINGER_MS: u64 = 1000;
+/// How often a primary waiting for its workers to stop says so.
+const STILL_WAITING_MS: u64 = 5000;
+
+fn main() -> ExitCode {
     env_logger::init();
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cluster_echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> io::Result<ExitCode> {
+    let port = net::port_from_env("PORT", 8002)?;
     let mut lp = Loop::new()?;
+    let exit_code = Rc::new(Cell::new(0u8));
     match cluster::setup_worker(&mut lp)? {
-        Some(_) => run_worker(&mut lp)?,
-        None => run_primary(&mut lp)?,
+        Some(worker) => run_worker(&mut lp, port, worker)?,
+        None => {
+            let n = workers_from_env()?;
+            if let Ok(v) = std::env::var("NODE_CLUSTER_SCHED_POLICY")
+                && SchedulingPolicy::parse(&v).is_none()
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received {v:?}"
+                    ),
+                ));
+            }
+            run_primary(&mut lp, n, exit_code.clone())?;
+        }
     }
     lp.run(RunMode::Default)?;
-    Ok(())
+    Ok(ExitCode::from(exit_code.get()))
 }
 
-fn port() -> u16 {
-    std::env::var("PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8002)
+/// `WORKERS`: a whole number above 0, or one per CPU when it is not set.
+fn workers_from_env() -> io::Result<usize> {
+    let Some(v) = std::env::var_os("WORKERS") else {
+        return Ok(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    };
+    let v = v.to_string_lossy();
+    let t = v.trim();
+    match t.parse::<usize>() {
+        Ok(n) if n > 0 && t.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("WORKERS should be a whole number above 0. Received {v:?}"),
+        )),
+    }
 }
 
-fn run_worker(lp: &mut Loop) -> io::Result<()> {
+fn run_worker(lp: &mut Loop, port: u16, worker: Worker) -> io::Result<()> {
     let server = Server::new(|lp, server, conn| match conn {
         Conn::Tcp(t) => echo_lines(lp, server.clone(), t),
         other => server.close_connection(lp, other),
     });
-    server.listen(lp, ListenOptions::port(port()), |_, _, r| {
+    server.listen(lp, ListenOptions::port(port), move |lp, _, r| {
         if let Err(e) = r {
             eprintln!("worker {}: {e}", std::process::id());
-            std::process::exit(1);
+            // A primary of ours reports the error and stops.
+            let sent = worker.send_with_callback(
+                lp,
+                &json!({ "listenError": e.to_string() }),
+                None,
+                |_, _| std::process::exit(1),
+            );
+            if sent.is_err() {
+                std::process::exit(1);
+            }
         }
     })
 }
 
 /// Answers every complete line; a partial last line is answered at EOF.
+/// Between lines the connection is marked idle, so that a graceful close
+/// of the server ends it.
 fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
     let prefix = format!("Reply from {}: ", std::process::id());
     let mut pending: Vec<u8> = Vec::new();
+    let conn = Conn::Tcp(t);
+    let _ = server.set_idle(lp, conn, true);
     let s = server.clone();
     let r = lp.read_start(t, move |lp, t, r| {
         let data = match r {
@@ -64,37 +134,88 @@ fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
                     out.push(b'\n');
                     let _ = lp.write(t, &[&out], |_, _, _| {});
                 }
-                let s2 = s.clone();
-                if lp
-                    .shutdown(t, move |lp, t, _| s2.close_connection(lp, Conn::Tcp(t)))
-                    .is_err()
-                {
-                    s.close_connection(lp, Conn::Tcp(t));
-                }
+                end(lp, t);
                 return;
             }
         };
-        pending.extend_from_slice(data);
+        let _ = s.set_idle(lp, conn, false);
         let mut out = Vec::new();
-        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=i).collect();
+        let mut rest = data;
+        // Only the new bytes are searched for a newline.
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            if pending.len() + i > MAX_LINE {
+                break;
+            }
             out.extend_from_slice(prefix.as_bytes());
-            out.extend_from_slice(&line);
+            out.append(&mut pending);
+            out.extend_from_slice(&rest[..=i]);
+            rest = &rest[i + 1..];
         }
+        if pending.len() + rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len()) > MAX_LINE {
+            out.extend_from_slice(format!("line too long (over {MAX_LINE} bytes)\n").as_bytes());
+            let _ = lp.write(t, &[&out], |_, _, _| {});
+            return linger_close(lp, t);
+        }
+        pending.extend_from_slice(rest);
         if !out.is_empty() {
             let _ = lp.write(t, &[&out], |_, _, _| {});
         }
+        if pending.is_empty() {
+            // Between lines. If the server is closing, this ends the
+            // connection once the answers are out.
+            let _ = s.set_idle(lp, conn, true);
+        }
     });
     if r.is_err() {
-        server.close_connection(lp, Conn::Tcp(t));
+        server.close_connection(lp, conn);
     }
 }
 
-fn run_primary(lp: &mut Loop) -> io::Result<()> {
-    let n: usize = std::env::var("WORKERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+/// Shuts the write side once the answers are out, then closes.
+fn end(lp: &mut Loop, t: Handle<Tcp>) {
+    let shut = lp.shutdown(t, |lp, t, _| {
+        if !lp.is_closing(t) {
+            let _ = lp.close(t, |_| {});
+        }
+    });
+    if shut.is_err() && !lp.is_closing(t) {
+        let _ = lp.close(t, |_| {});
+    }
+}
+
+/// After a refusal: the answer and a FIN go out, then what the client
+/// still sends is read and dropped until it closes or `LINGER_MS` pass.
+fn linger_close(lp: &mut Loop, t: Handle<Tcp>) {
+    let _ = lp.read_stop(t);
+    let timer = lp.timer_init();
+    let close_both = move |lp: &mut Loop| {
+        if !lp.is_closing(timer) {
+            let _ = lp.close(timer, |_| {});
+        }
+        if !lp.is_closing(t) {
+            let _ = lp.close(t, |_| {});
+        }
+    };
+    let _ = lp.timer_start(timer, LINGER_MS, 0, move |lp, _| close_both(lp));
+    let shut = lp.shutdown(t, move |lp, t, r| {
+        let drained = r.is_ok()
+            && lp
+                .read_start(t, move |lp, _, r| {
+                    if !matches!(r, Ok(d) if !d.is_empty()) {
+                        close_both(lp);
+                    }
+                })
+                .is_ok();
+        if !drained {
+            close_both(lp);
+        }
+    });
+    if shut.is_err() {
+        close_both(lp);
+    }
+}
+
+fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
     let primary = Primary::new();
     // Workers are this same program, run with no arguments; PORT and the
     // policy reach them through the environment.
@@ -105,29 +226,93 @@ fn run_primary(lp: &mut Loop) -> io::Result<()> {
             ..Settings::default()
         },
     );
-    let ready = Rc::new(Cell::new(0usize));
-    primary.on_listening(move |_, _, addr| {
-        ready.set(ready.get() + 1);
-        if ready.get() == n {
+    let listening: Rc<RefCell<BTreeSet<u32>>> = Rc::default();
+    let ready = Rc::new(Cell::new(false));
+    let (l, r) = (listening.clone(), ready.clone());
+    primary.on_listening(move |_, w, addr| {
+        l.borrow_mut().insert(w.id());
+        if l.borrow().len() == n && !r.replace(true) {
             println!("ready {}", addr.port.unwrap_or(0));
         }
     });
-    primary.on_exit(|_, w, code, signal| {
+    let errors: Rc<RefCell<HashMap<u32, String>>> = Rc::default();
+    let e = errors.clone();
+    primary.on_message(move |_, w, msg, _| {
+        if let Some(err) = msg.get("listenError").and_then(|e| e.as_str()) {
+            e.borrow_mut().insert(w.id(), err.to_owned());
+        }
+    });
+    // A worker gone (exited, its channel closed and so its last message
+    // read) before every worker listened: say why and stop the others.
+    let failed = Rc::new(Cell::new(false));
+    let check = {
+        let p = primary.clone();
+        Rc::new(move |lp: &mut Loop, w: &Worker| {
+            if !w.is_dead()
+                || w.is_connected()
+                || ready.get()
+                || failed.get()
+                || listening.borrow().contains(&w.id())
+            {
+                return;
+            }
+            failed.set(true);
+            let why = errors
+                .borrow_mut()
+                .remove(&w.id())
+                .unwrap_or_else(|| format!("it exited ({:?})", w.exit_status()));
+            eprintln!(
+                "cluster_echo: worker {} failed before listening: {why}",
+                w.id()
+            );
+            exit_code.set(1);
+            for other in p.workers() {
+                let _ = other.kill(lp, Some(nix::libc::SIGTERM));
+            }
+        })
+    };
+    let c = check.clone();
+    primary.on_disconnect(move |lp, w| c(lp, w));
+    primary.on_exit(move |lp, w, code, signal| {
         eprintln!(
             "worker {} exited (code {code:?}, signal {signal:?})",
             w.id()
         );
+        check(lp, w);
     });
+    let mut forked = Vec::with_capacity(n);
+    for _ in 0..n {
+        forked.push(primary.fork(lp, Vec::new())?);
+    }
+    let forked = Rc::new(forked);
+    let stopping = Rc::new(Cell::new(false));
     for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
         let sig = lp.signal_init();
-        let p = primary.clone();
+        let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
         lp.signal_start(sig, signum, move |lp, _, _| {
+            if stopping.replace(true) {
+                for w in forked.iter().filter(|w| !w.is_dead()) {
+                    let _ = w.kill(lp, Some(nix::libc::SIGKILL));
+                }
+                return;
+            }
             p.disconnect(lp, |_| {});
+            let waiting = lp.timer_init();
+            let forked = forked.clone();
+            let _ = lp.timer_start(waiting, STILL_WAITING_MS, STILL_WAITING_MS, move |_, _| {
+                let left: Vec<String> = forked
+                    .iter()
+                    .filter(|w| !w.is_dead())
+                    .map(|w| w.id().to_string())
+                    .collect();
+                eprintln!(
+                    "cluster_echo: still waiting for worker(s) {}; a second SIGINT/SIGTERM kills them",
+                    left.join(", ")
+                );
+            });
+            let _ = lp.unref_handle(waiting);
         })?;
         lp.unref_handle(sig)?;
-    }
-    for _ in 0..n {
-        primary.fork(lp, Vec::new())?;
     }
     Ok(())
 }

@@ -28,14 +28,24 @@ fn main() -> io::Result<()> {
 }
 
 fn parent(lp: &mut Loop) -> io::Result<()> {
-    let n: usize = std::env::var("CHILDREN")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let port: u16 = std::env::var("PORT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8001);
+    // A bad value is an error that names it, never a silent default.
+    let fail = |msg: String| -> ! {
+        eprintln!("custom_dispatch: {msg}");
+        std::process::exit(1)
+    };
+    let n: usize = match std::env::var("CHILDREN") {
+        Err(_) => 2,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n > 0 && v.bytes().all(|b| b.is_ascii_digit()))
+            .unwrap_or_else(|| {
+                fail(format!(
+                    "CHILDREN should be a whole number above 0. Received {v:?}"
+                ))
+            }),
+    };
+    let port = uvcluster::net::port_from_env("PORT", 8001).unwrap_or_else(|e| fail(e.to_string()));
     let exe = std::env::current_exe()?;
     // Per child: its channel and how many connections it has in hand.
     let children: Rc<RefCell<Vec<(Channel, usize)>>> = Rc::default();

@@ -4,11 +4,16 @@
 //! PORT=7000 cargo run --example tcp_echo     # PORT=0 picks a free port
 //! ```
 //!
-//! It binds `127.0.0.1:$PORT` (default 7000), prints `listening on ADDR`,
-//! echoes every connection until the client's EOF, and on SIGINT or SIGTERM
-//! closes the server and every client and lets the loop run to completion,
-//! so it exits 0 with every handle closed (libuv's `uv_walk` + `uv_close`
-//! shutdown idiom).
+//! It binds `127.0.0.1:$PORT` (default 7000; a value that is not a port is
+//! an error naming it), prints `listening on ADDR`, echoes every connection
+//! until the client's EOF, and on SIGINT or SIGTERM closes the server and
+//! every client and lets the loop run to completion, so it exits 0 with
+//! every handle closed (libuv's `uv_walk` + `uv_close` shutdown idiom).
+//!
+//! A client that sends without reading cannot make the server buffer
+//! without bound: once `HIGH_WATER` bytes of echoes wait to be written,
+//! the server stops reading that client until they have gone out (the
+//! back-pressure idiom of libuv's stream API).
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,6 +21,9 @@ use std::process::ExitCode;
 
 use nix::sys::signal::Signal::{SIGINT, SIGTERM};
 use uvcluster::uv::{AnyHandle, BindFlags, Handle, Loop, RunMode, Tcp};
+
+/// Echoes queued for one client beyond which its reading pauses (bytes).
+const HIGH_WATER: usize = 1 << 20;
 
 fn main() -> ExitCode {
     match run() {
@@ -28,12 +36,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> io::Result<()> {
-    let port: u16 = match std::env::var("PORT") {
-        Ok(p) => p
-            .parse()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("PORT={p:?}: {e}")))?,
-        Err(_) => 7000,
-    };
+    let port = uvcluster::net::port_from_env("PORT", 7000)?;
     let mut lp = Loop::new()?;
 
     let server = lp.tcp_init();
@@ -76,21 +79,35 @@ fn on_connection(lp: &mut Loop, _server: Handle<Tcp>, client: io::Result<Handle<
 }
 
 /// `data` borrows the loop's read buffer; `write` copies what the socket
-/// does not take at once, so nothing has to outlive this call.
+/// does not take at once, so nothing has to outlive this call. The copies
+/// are bounded: past `HIGH_WATER` queued bytes, reading stops until the
+/// client has taken them.
 fn on_read(lp: &mut Loop, c: Handle<Tcp>, data: io::Result<&[u8]>) {
     match data {
-        // EOF: flush the echoes still queued, then close. (A server facing
-        // clients that do not read would also `read_stop` while
-        // `write_queue_size` is high.)
+        // EOF: flush the echoes still queued, then close.
         Ok([]) => {
             if lp.shutdown(c, |lp, c, _| close(lp, c)).is_err() {
                 close(lp, c);
             }
         }
         Ok(data) => {
-            if let Err(e) = lp.write(c, &[data], on_written) {
-                eprintln!("tcp_echo: write: {e}");
-                close(lp, c);
+            // Writes complete in order, so when this one has, the queue is
+            // empty: if it fills the queue, reading pauses until then.
+            let pause = lp.write_queue_size(c) + data.len() > HIGH_WATER;
+            let written = if pause {
+                lp.write(c, &[data], on_drained)
+            } else {
+                lp.write(c, &[data], on_written)
+            };
+            match written {
+                Err(e) => {
+                    eprintln!("tcp_echo: write: {e}");
+                    close(lp, c);
+                }
+                Ok(()) if pause => {
+                    let _ = lp.read_stop(c);
+                }
+                Ok(()) => {}
             }
         }
         Err(e) => {
@@ -106,6 +123,15 @@ fn on_written(lp: &mut Loop, c: Handle<Tcp>, res: io::Result<()>) {
         && !lp.is_closing(c)
     {
         eprintln!("tcp_echo: write: {e}");
+        close(lp, c);
+    }
+}
+
+/// The write that filled the queue has gone out: read again.
+fn on_drained(lp: &mut Loop, c: Handle<Tcp>, res: io::Result<()>) {
+    let ok = res.is_ok();
+    on_written(lp, c, res);
+    if ok && !lp.is_closing(c) && lp.read_start(c, on_read).is_err() {
         close(lp, c);
     }
 }

@@ -336,6 +336,14 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
             }
         };
         buf.extend_from_slice(data);
+        // A response is re-parsed per read until complete: bounding what
+        // is kept bounds both the memory and that work (a server under
+        // test answering without end is an error, not a wait).
+        if buf.len() > MAX_RESPONSE {
+            st2.borrow_mut().errors += 1;
+            finish(lp, &st2, t, true);
+            return;
+        }
         match response_len(&buf) {
             Ok(Some(n)) if buf.len() >= n => {
                 let lat = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
@@ -367,6 +375,10 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
         finish(lp, st, t, true);
     }
 }
+
+/// The most of one response the generator keeps (bytes); a longer one
+/// counts as an error. The workloads' responses are a few hundred bytes.
+const MAX_RESPONSE: usize = 1 << 20;
 
 /// The full length of the first response in `buf` once its headers are
 /// complete: `Ok(None)` while they are not, `Err` if malformed.

@@ -1,5 +1,6 @@
 //! The examples, run as real processes (`examples/tcp_echo.rs` echoes and
 //! stops cleanly on SIGINT), and the README example kept equal to a doc test.
+mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -301,7 +302,9 @@ fn loadgen_slow_mix_against_cluster_hello() {
         assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
         assert!(r.requests >= 5, "{slow:?}: {r:?}");
         assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
-        assert!(r.fast_p99_us <= r.p99_us, "{slow:?}: {r:?}");
+        // A subset's p99 can exceed the whole's when the slowest answer of
+        // all is a fast request (a loaded machine): bound it by the max.
+        assert!(r.fast_p99_us <= r.max_us, "{slow:?}: {r:?}");
     }
     kill(pid, Signal::SIGINT).unwrap();
     let status = child.0.take().unwrap().wait().unwrap();
@@ -394,4 +397,827 @@ fn compare_without_node_compares_ours_only() {
         "{}",
         &chart[..chart.len().min(80)]
     );
+}
+
+// ----- graceful stop, request limits, bad settings (issue 10) ---------------
+
+/// A child with both output streams read line by line on threads.
+struct Piped {
+    child: Reap,
+    pid: Pid,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    /// Every stderr line read so far, for messages.
+    err_seen: Vec<String>,
+}
+
+fn spawn_piped(mut cmd: Command) -> Piped {
+    let mut c = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = Pid::from_raw(c.id() as i32);
+    let out = stdout_lines(&mut c);
+    let stderr = c.stderr.take().unwrap();
+    let (tx, err) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Piped {
+        child: Reap(Some(c)),
+        pid,
+        out,
+        err,
+        err_seen: Vec::new(),
+    }
+}
+
+impl Piped {
+    /// The first stderr line (from now) that `f` maps to `Some`.
+    fn err_line<T>(&mut self, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.err.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = f(&line);
+                    self.err_seen.push(line);
+                    if let Some(v) = hit {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no such line on stderr; saw {:#?}", self.err_seen),
+            }
+        }
+    }
+
+    /// The exit status, if the process exits within `limit`; every stderr
+    /// line is in `err_seen` afterwards.
+    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.0.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait());
+        });
+        let status = rx.recv_timeout(limit).ok().map(|r| r.unwrap());
+        if status.is_none() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+        // The process is gone, so its stderr ends.
+        while let Ok(line) = self.err.recv_timeout(LIMIT) {
+            self.err_seen.push(line);
+        }
+        status
+    }
+}
+
+/// `cluster_hello` (primary, or one process with `workers` = "0") on a
+/// port of the kernel's choice; returns it and the port once it is ready.
+fn hello(workers: &str, env: &[(&str, &str)]) -> (Piped, u16) {
+    let mut cmd = Command::new(build_example("cluster_hello"));
+    cmd.env("PORT", "0").env("WORKERS", workers);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = spawn_piped(cmd);
+    assert_eq!(p.out.recv_timeout(LIMIT).unwrap(), "ready");
+    let port = p.err_line(|l| {
+        l.strip_prefix("cluster_hello: ")
+            .filter(|l| l.contains("listening on port"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u16>().ok())
+    });
+    (p, port)
+}
+
+/// `uvcluster run -w N -- cluster_hello` on a port of the kernel's choice.
+fn hello_under_uvcluster(workers: usize) -> (Piped, u16) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
+    cmd.args(["run", "-w", &workers.to_string(), "--"])
+        .arg(build_example("cluster_hello"))
+        .env("PORT", "0")
+        .env_remove("WORKERS");
+    let mut p = spawn_piped(cmd);
+    let mut port = 0;
+    for _ in 0..workers {
+        port = p.err_line(|l| {
+            l.contains(") listening on ")
+                .then(|| l.rsplit(':').next()?.parse::<u16>().ok())?
+        });
+    }
+    (p, port)
+}
+
+fn http_client(port: u16) -> TcpStream {
+    connect(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Reads one response (head and `Content-Length` body) and returns it.
+fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).expect("a response within the time limit");
+        assert_eq!(n, 1, "connection ended in a response head: {got:?}");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |n| n.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head + &String::from_utf8(body).unwrap()
+}
+
+/// Reads until the peer closes; a reset after the data counts as closed.
+fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
+            Err(e) => panic!("read: {e} after {} bytes", all.len()),
+        }
+    }
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+
+/// The graceful-stop scenario against a server on `port` with one worker
+/// (so both clients meet the same one): an idle keep-alive client and a
+/// client in the middle of a request. After SIGTERM the idle one is closed
+/// at once, the other gets its answer with `Connection: close`, and the
+/// program exits 0, well before the idle client would have let go (it
+/// holds its connection for the whole test).
+fn graceful_stop(mut p: Piped, port: u16) {
+    let mut idle = http_client(port);
+    idle.write_all(GET).unwrap();
+    assert!(read_response(&mut idle).ends_with("hello world\n"));
+    // A whole request and the start of the next in one segment: once the
+    // first answer is back, the worker has read the unfinished one too.
+    let mut busy = http_client(port);
+    busy.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /in-flight HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let first = read_response(&mut busy);
+    assert!(!first.contains("Connection: close"), "{first}");
+
+    let t0 = std::time::Instant::now();
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(idle.read(&mut buf).expect("EOF, not a timeout"), 0);
+    let idle_closed = t0.elapsed();
+    // The server is closing: the request in progress ends with its answer.
+    busy.write_all(b"\r\n").unwrap();
+    let last = String::from_utf8(read_to_end(&mut busy)).unwrap();
+    assert!(
+        last.starts_with("HTTP/1.1 200 OK\r\n")
+            && last.contains("\r\nConnection: close\r\n")
+            && last.ends_with("hello world\n"),
+        "{last:?}"
+    );
+    let status = p.exit_within(LIMIT).expect("exit after SIGTERM");
+    let stopped = t0.elapsed();
+    assert!(status.success(), "{status}: {:#?}", p.err_seen);
+    // The idle client still holds its socket; the stop did not wait for it.
+    assert!(
+        idle_closed < Duration::from_secs(2) && stopped < Duration::from_secs(3),
+        "idle closed after {idle_closed:?}, exit after {stopped:?}"
+    );
+    drop(idle);
+}
+
+/// Issue 10: `uvcluster run -- cluster_hello` waited on SIGTERM for as long
+/// as a client held an idle keep-alive connection open (Node 20's
+/// `http.Server.close()` closes those, and a Node worker stops in about
+/// 100 ms).
+#[test]
+fn uvcluster_run_cluster_hello_sigterm_does_not_wait_for_idle_keep_alive() {
+    let (p, port) = hello_under_uvcluster(1);
+    graceful_stop(p, port);
+}
+
+#[test]
+fn cluster_hello_sigterm_closes_idle_and_answers_in_flight_with_connection_close() {
+    let (p, port) = hello("1", &[]);
+    graceful_stop(p, port);
+}
+
+#[test]
+fn cluster_hello_single_process_sigterm_closes_idle_and_answers_in_flight() {
+    let (p, port) = hello("0", &[]);
+    graceful_stop(p, port);
+}
+
+/// Two workers, idle keep-alive connections spread over both (round-robin
+/// and shared-socket): SIGTERM closes all of them and the primary exits 0
+/// at once.
+#[test]
+fn cluster_hello_sigterm_with_idle_connections_on_every_worker_exits_at_once() {
+    for policy in ["rr", "none"] {
+        let (mut p, port) = hello("2", &[("NODE_CLUSTER_SCHED_POLICY", policy)]);
+        let mut idle: Vec<TcpStream> = (0..6).map(|_| http_client(port)).collect();
+        for s in &mut idle {
+            s.write_all(GET).unwrap();
+            assert!(read_response(s).ends_with("hello world\n"));
+        }
+        let t0 = std::time::Instant::now();
+        kill(p.pid, Signal::SIGTERM).unwrap();
+        for s in &mut idle {
+            assert_eq!(read_to_end(s), b"", "{policy}");
+        }
+        let status = p.exit_within(LIMIT).expect("exit after SIGTERM");
+        assert!(status.success(), "{policy}: {status}: {:#?}", p.err_seen);
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{policy}: {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+/// Node's HTTP server answering as the reference server does
+/// (`res.end('hello world\n')` at once), on a port of the kernel's choice.
+fn node_http() -> (Reap, u16) {
+    util::require_node();
+    let mut c = Command::new("node")
+        .arg("-e")
+        .arg(
+            "const s = require('http').createServer((q, r) => r.end('hello world\\n'));\
+             s.listen(0, '127.0.0.1', () => console.log(s.address().port));",
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let port = first_line(&mut c, "node").trim().parse().unwrap();
+    (Reap(Some(c)), port)
+}
+
+/// Sends `input` on a fresh connection (all at once, or in `piece`-byte
+/// writes) and returns the status lines of what comes back before the
+/// server closes. The input is sent on a thread, so that a server that
+/// answers and closes early does not leave the sender blocked.
+fn statuses(port: u16, input: &[u8], piece: usize) -> Vec<String> {
+    let mut s = http_client(port);
+    s.set_nodelay(true).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let input = input.to_vec();
+    let sender = std::thread::spawn(move || {
+        for chunk in input.chunks(piece) {
+            if w.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let got = String::from_utf8_lossy(&read_to_end(&mut s)).into_owned();
+    let _ = sender.join();
+    got.lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Where Node draws its header-size line, and how it answers what crosses
+/// it: both servers get the same requests, just under and just over 16 KiB
+/// of URL, header names and values, whole and in 100-byte pieces, and must
+/// answer alike (`431 Request Header Fields Too Large` over the line).
+#[test]
+fn cluster_hello_header_size_limit_is_nodes() {
+    let (_node, node_port) = node_http();
+    let (mut ours, port) = hello("0", &[]);
+    let header = |n: usize| {
+        let mut r = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX: ".to_vec();
+        r.resize(r.len() + n, b'a');
+        r.extend_from_slice(b"\r\n\r\n");
+        r
+    };
+    let url = |n: usize| {
+        let mut r = b"GET /".to_vec();
+        r.resize(r.len() + n, b'u');
+        r.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        r
+    };
+    // "Host" "t" "Connection" "close" "X" count 20 bytes, "/" one more.
+    let cases = [
+        ("header under", header(16384 - 22)),
+        ("header at", header(16384 - 21)),
+        ("url under", url(16384 - 20)),
+        ("url at", url(16384 - 19)),
+    ];
+    for (name, input) in &cases {
+        for piece in [input.len(), 100] {
+            let want = statuses(node_port, input, piece);
+            assert_eq!(want.len(), 1, "{name}: node said {want:?}");
+            assert_eq!(
+                statuses(port, input, piece),
+                want,
+                "{name}, {piece}-byte writes"
+            );
+        }
+    }
+    assert_eq!(
+        statuses(port, &cases[1].1, 100),
+        ["HTTP/1.1 431 Request Header Fields Too Large"]
+    );
+    kill(ours.pid, Signal::SIGTERM).unwrap();
+    assert!(ours.exit_within(LIMIT).unwrap().success());
+}
+
+/// Bodies, framing errors and odd heads, answered as Node answers them
+/// (status lines compared with a real Node server's, request by request).
+#[test]
+fn cluster_hello_reads_bodies_and_refuses_bad_requests_as_node_does() {
+    let (_node, node_port) = node_http();
+    let (mut ours, port) = hello("0", &[]);
+    let close = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let many_headers = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{}\r\n",
+        "a: b\r\n".repeat(100)
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("content-length body", format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello{close}")),
+        (
+            "chunked body, extensions, trailer",
+            format!("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n3\r\nabc\r\n0\r\nT: x\r\n\r\n{close}"),
+        ),
+        ("pipelined", format!("GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /x HTTP/1.1\r\nHost: t\r\n\r\n{close}")),
+        ("http/1.0", "GET / HTTP/1.0\r\n\r\n".to_owned()),
+        ("100 headers", many_headers),
+        ("garbage", "GARBAGE\r\n\r\n".to_owned()),
+        ("space in a header name", "GET / HTTP/1.1\r\nHo st: t\r\n\r\n".to_owned()),
+        (
+            "transfer-encoding and content-length",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n".to_owned(),
+        ),
+        ("bad content-length", "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1x\r\n\r\n".to_owned()),
+        ("not chunked last", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n".to_owned()),
+        // A refusal while an answer is in flight (read in the same piece
+        // as its request): no answer of its own, just the close. In
+        // pieces, whether the first answer is still in flight depends on
+        // timing, for Node as for us; these are compared whole only.
+        ("bad chunk size, whole", "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned()),
+        (
+            "bad request after a good one, whole",
+            "GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n".to_owned(),
+        ),
+    ];
+    for (name, input) in &cases {
+        let pieces: &[usize] = if name.ends_with("whole") {
+            &[input.len()]
+        } else {
+            &[input.len(), 7]
+        };
+        for &piece in pieces {
+            let want = statuses(node_port, input.as_bytes(), piece);
+            assert!(!want.is_empty(), "{name}: node said nothing");
+            assert_eq!(
+                statuses(port, input.as_bytes(), piece),
+                want,
+                "{name}, {piece}-byte writes"
+            );
+        }
+    }
+    kill(ours.pid, Signal::SIGTERM).unwrap();
+    assert!(ours.exit_within(LIMIT).unwrap().success());
+}
+
+/// Issue 10: one client sending a header that never ends (40 MB in the
+/// trial) made `cluster_hello` buffer all of it and re-parse it from the
+/// start on every read: 14 s of CPU, 100+ MB, and every other client of
+/// that worker stalled. Now each such client gets Node's `431` (the same
+/// bytes as a real Node server's) and is closed, while a keep-alive client
+/// of the same worker goes on being answered throughout. Each bad client
+/// offers up to 8 MiB and stops when answered.
+#[test]
+fn cluster_hello_never_ending_header_gets_431_while_others_are_served() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const BAD_CLIENTS: usize = 10;
+    const OFFER: usize = 8 << 20;
+
+    /// Sends `GET / ... X: aaaa...` without end and returns what came back.
+    fn never_ending(port: u16) -> Vec<u8> {
+        let mut s = http_client(port);
+        let mut w = s.try_clone().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let sender = std::thread::spawn(move || {
+            let _ = w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX: ");
+            let chunk = [b'a'; 64 * 1024];
+            let mut sent = 0;
+            while sent < OFFER && !d.load(Ordering::Relaxed) {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+        });
+        let got = read_to_end(&mut s);
+        done.store(true, Ordering::Relaxed);
+        drop(s);
+        sender.join().unwrap();
+        got
+    }
+
+    let (_node, node_port) = node_http();
+    let node_says = never_ending(node_port);
+    assert_eq!(
+        node_says,
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n"
+    );
+
+    let (mut ours, port) = hello("1", &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (st, an) = (stop.clone(), answered.clone());
+    let (going, is_going) = mpsc::channel();
+    let good = std::thread::spawn(move || {
+        let mut s = http_client(port);
+        let mut slowest = Duration::ZERO;
+        while !st.load(Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            s.write_all(GET).unwrap();
+            assert!(read_response(&mut s).ends_with("hello world\n"));
+            slowest = slowest.max(t.elapsed());
+            an.fetch_add(1, Ordering::Relaxed);
+            let _ = going.send(());
+        }
+        slowest
+    });
+    is_going
+        .recv_timeout(LIMIT)
+        .expect("the good client is answered");
+    let before = answered.load(Ordering::Relaxed);
+    for _ in 0..BAD_CLIENTS {
+        assert_eq!(never_ending(port), node_says);
+    }
+    let during = answered.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let slowest = good.join().unwrap();
+    // The good client was answered all along: at least once per bad client
+    // on average, and never kept waiting long.
+    assert!(
+        during >= BAD_CLIENTS,
+        "{during} answers during the bad clients"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest answer {slowest:?}"
+    );
+    kill(ours.pid, Signal::SIGTERM).unwrap();
+    assert!(ours.exit_within(LIMIT).unwrap().success());
+}
+
+/// Issue 10: `cluster_hello` exited 0 when every worker failed to listen.
+/// With the port taken, the primary now exits 1 naming the worker's error,
+/// under both policies.
+#[test]
+fn cluster_hello_exits_1_with_the_workers_error_when_the_port_is_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for policy in ["rr", "none"] {
+        let mut cmd = Command::new(build_example("cluster_hello"));
+        cmd.env("PORT", &port)
+            .env("WORKERS", "2")
+            .env("NODE_CLUSTER_SCHED_POLICY", policy);
+        let mut p = spawn_piped(cmd);
+        let status = p.exit_within(LIMIT).expect("exits by itself");
+        assert_eq!(status.code(), Some(1), "{policy}: {:#?}", p.err_seen);
+        assert!(
+            p.err_seen
+                .iter()
+                .any(|l| l.contains("failed before listening")
+                    && l.contains("EADDRINUSE")
+                    && l.contains(&port)),
+            "{policy}: {:#?}",
+            p.err_seen
+        );
+        assert!(p.out.try_recv().is_err(), "{policy}: printed ready");
+    }
+    // One process (no cluster): the same error, the same exit code.
+    let mut cmd = Command::new(build_example("cluster_hello"));
+    cmd.env("PORT", &port).env("WORKERS", "0");
+    let mut p = spawn_piped(cmd);
+    assert_eq!(p.exit_within(LIMIT).unwrap().code(), Some(1));
+    assert!(
+        p.err_seen.iter().any(|l| l.contains("EADDRINUSE")),
+        "{:#?}",
+        p.err_seen
+    );
+}
+
+/// Issue 10: `PORT=99999`, `abc`, `-1` served on the default port, and a
+/// bad `WORKERS` started one worker per CPU. Each bad value is now an error
+/// that names the variable and the value (Node's `ERR_SOCKET_BAD_PORT` for
+/// ports), and nothing starts.
+#[test]
+fn examples_refuse_bad_port_and_workers_values() {
+    /// Example, environment, and what its error must say.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (
+            "cluster_hello",
+            &[("PORT", "99999")],
+            "PORT should be >= 0 and < 65536. Received \"99999\" (ERR_SOCKET_BAD_PORT)",
+        ),
+        (
+            "cluster_hello",
+            &[("PORT", "abc")],
+            "Received \"abc\" (ERR_SOCKET_BAD_PORT)",
+        ),
+        (
+            "cluster_hello",
+            &[("PORT", "-1")],
+            "Received \"-1\" (ERR_SOCKET_BAD_PORT)",
+        ),
+        (
+            "cluster_hello",
+            &[("PORT", "")],
+            "Received \"\" (ERR_SOCKET_BAD_PORT)",
+        ),
+        (
+            "cluster_hello",
+            &[("WORKERS", "abc")],
+            "WORKERS should be a whole number",
+        ),
+        ("cluster_hello", &[("WORKERS", "-1")], "Received \"-1\""),
+        ("cluster_hello", &[("WORKERS", "2.5")], "Received \"2.5\""),
+        (
+            "cluster_hello",
+            &[("NODE_CLUSTER_SCHED_POLICY", "robin")],
+            "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\"",
+        ),
+        (
+            "cluster_echo",
+            &[("PORT", "65536")],
+            "PORT should be >= 0 and < 65536. Received \"65536\"",
+        ),
+        (
+            "cluster_echo",
+            &[("WORKERS", "0")],
+            "WORKERS should be a whole number above 0. Received \"0\"",
+        ),
+        ("cluster_echo", &[("WORKERS", "2.5")], "Received \"2.5\""),
+        (
+            "cluster_echo",
+            &[("NODE_CLUSTER_SCHED_POLICY", "RR")],
+            "Received \"RR\"",
+        ),
+        (
+            "tcp_echo",
+            &[("PORT", "abc")],
+            "tcp_echo: PORT should be >= 0 and < 65536. Received \"abc\"",
+        ),
+        (
+            "tcp_echo",
+            &[("PORT", "99999")],
+            "Received \"99999\" (ERR_SOCKET_BAD_PORT)",
+        ),
+        (
+            "custom_dispatch",
+            &[("PORT", "-1")],
+            "custom_dispatch: PORT should be >= 0 and < 65536. Received \"-1\"",
+        ),
+        (
+            "custom_dispatch",
+            &[("CHILDREN", "2.5")],
+            "CHILDREN should be a whole number above 0. Received \"2.5\"",
+        ),
+    ];
+    for (example, env, message) in cases {
+        let mut cmd = Command::new(build_example(example));
+        cmd.env("PORT", "0")
+            .env("WORKERS", "1")
+            .envs(env.iter().copied());
+        let mut p = spawn_piped(cmd);
+        let status = p.exit_within(LIMIT).expect("exits at once");
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{example} {env:?}: {:#?}",
+            p.err_seen
+        );
+        assert!(
+            p.err_seen.iter().any(|l| l.contains(message)),
+            "{example} {env:?}: {:#?}",
+            p.err_seen
+        );
+        assert!(
+            p.out.try_recv().is_err(),
+            "{example} {env:?} printed something"
+        );
+    }
+}
+
+/// `uvcluster run` refuses bad flag values and a bad policy in the
+/// environment with exit code 2 and a message naming them.
+#[test]
+fn uvcluster_run_refuses_bad_flag_and_policy_values() {
+    let cases: &[(&[&str], Option<&str>, &str)] = &[
+        (
+            &["-w", "2.5"],
+            None,
+            "--workers takes a whole number above 0. Received \"2.5\"",
+        ),
+        (&["-w", "-1"], None, "Received \"-1\""),
+        (&["--workers", "abc"], None, "Received \"abc\""),
+        (
+            &["-p", "robin"],
+            None,
+            "--policy should be rr, none, reuseport or leastconn. Received \"robin\"",
+        ),
+        (
+            &[],
+            Some("robin"),
+            "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\"",
+        ),
+    ];
+    for (flags, policy, message) in cases {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
+        cmd.arg("run").args(*flags).args(["--", "true"]);
+        match policy {
+            Some(p) => cmd.env("NODE_CLUSTER_SCHED_POLICY", p),
+            None => cmd.env_remove("NODE_CLUSTER_SCHED_POLICY"),
+        };
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(message), "{flags:?}: {err}");
+    }
+}
+
+/// `cluster_echo` bounds a line at 64 KiB: a client sending a longer one
+/// is answered `line too long` and closed; another client is still
+/// echoed.
+#[test]
+fn cluster_echo_refuses_a_line_over_64_kib_and_keeps_serving() {
+    let mut cmd = Command::new(build_example("cluster_echo"));
+    cmd.env("PORT", "0").env("WORKERS", "1");
+    let mut p = spawn_piped(cmd);
+    let line = p.out.recv_timeout(LIMIT).unwrap();
+    let port: u16 = line.strip_prefix("ready ").unwrap().parse().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut good = connect(addr);
+    good.write_all(b"before\n").unwrap();
+    let mut long = connect(addr);
+    let mut w = long.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = [b'x'; 16 * 1024];
+        for _ in 0..64 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let answer = String::from_utf8(read_to_end(&mut long)).unwrap();
+    assert!(
+        answer.ends_with("line too long (over 65536 bytes)\n"),
+        "{answer:?}"
+    );
+    drop(long);
+    sender.join().unwrap();
+    good.write_all(b"after\n").unwrap();
+    good.shutdown(Shutdown::Write).unwrap();
+    let mut all = String::new();
+    good.read_to_string(&mut all).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 2, "{all:?}");
+    assert!(
+        lines[0].ends_with(": before") && lines[1].ends_with(": after"),
+        "{all:?}"
+    );
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    assert!(p.exit_within(LIMIT).unwrap().success(), "{:#?}", p.err_seen);
+}
+
+/// The resident-memory high-water mark of `pid`, in KiB.
+fn peak_rss_kib(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap()
+}
+
+/// `tcp_echo` facing a client that sends 64 MiB without reading: the
+/// server stops reading that client while 1 MiB of echoes waits, so the
+/// client's sending stalls (its progress stops) instead of the server
+/// queueing everything; once the client reads, every byte comes back in
+/// order, and the server's peak memory stayed far below 64 MiB.
+#[test]
+fn tcp_echo_stops_reading_a_client_that_does_not_read() {
+    const TOTAL: usize = 64 << 20;
+    let mut cmd = Command::new(build_example("tcp_echo"));
+    cmd.env("PORT", "0");
+    let mut p = spawn_piped(cmd);
+    let line = p.out.recv_timeout(LIMIT).unwrap();
+    let addr: SocketAddr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+    let mut s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let (tx, progress) = mpsc::channel::<usize>();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < TOTAL {
+            let chunk: Vec<u8> = (sent..sent + 256 * 1024).map(|i| (i % 251) as u8).collect();
+            w.write_all(&chunk).unwrap();
+            sent += chunk.len();
+            let _ = tx.send(sent);
+        }
+    });
+    // The sender stalls: its progress stops well short of the total (the
+    // server no longer takes what it cannot send back).
+    let mut sent = 0;
+    while let Ok(n) = progress.recv_timeout(Duration::from_millis(500)) {
+        sent = n;
+        assert!(sent < TOTAL, "the server took all 64 MiB without echoing");
+    }
+    assert!(
+        sent < TOTAL / 2,
+        "the sender got {sent} bytes out before stalling"
+    );
+    let mut back = vec![0u8; TOTAL];
+    s.read_exact(&mut back).expect("every byte echoed");
+    assert!(back.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    sender.join().unwrap();
+    let peak = peak_rss_kib(p.pid);
+    assert!(peak < 32 * 1024, "tcp_echo peaked at {peak} KiB");
+    drop(s);
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    assert!(p.exit_within(LIMIT).unwrap().success(), "{:#?}", p.err_seen);
+}
+
+/// The load generator reads from the server under test, a peer like any
+/// other: a response that never ends (a head announcing 1 GB, then bytes
+/// until the generator hangs up, at most 64 MiB) is an error once 1 MiB of
+/// it is kept, not a buffer that grows for as long as the server sends.
+#[test]
+fn loadgen_gives_up_on_a_response_that_never_ends() {
+    use uvcluster::loadgen::{self, LoadConfig, Workload};
+    const BUDGET: usize = 64 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = s.read(&mut req).unwrap();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n");
+        let chunk = [b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < BUDGET && s.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        sent
+    });
+    let r = loadgen::run(LoadConfig {
+        addr,
+        connections: 1,
+        duration: Duration::from_millis(200),
+        workload: Workload::Close,
+    })
+    .unwrap();
+    assert_eq!(r.requests, 0, "{r:?}");
+    assert!(r.errors >= 1, "{r:?}");
+    let sent = server.join().unwrap();
+    assert!(
+        sent < BUDGET / 2,
+        "the generator took {sent} bytes of one response"
+    );
+}
+
+/// A graceful stop that has to wait (a client stopped in the middle of a
+/// request, so its connection is busy) is not silent: the primary says
+/// which worker it waits for (after 5 s), and a second SIGTERM kills the
+/// workers and ends it with exit code 1.
+#[test]
+fn cluster_hello_stop_that_waits_says_so_and_a_second_signal_ends_it() {
+    let (mut p, port) = hello("1", &[]);
+    let mut stuck = http_client(port);
+    stuck
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never-finished HTTP/1.1\r\n")
+        .unwrap();
+    read_response(&mut stuck);
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    p.err_line(|l| {
+        l.contains("still waiting for worker(s) 1 (pid ")
+            .then_some(())
+    });
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    let status = p.exit_within(LIMIT).expect("exit after the second SIGTERM");
+    assert_eq!(status.code(), Some(1), "{:#?}", p.err_seen);
+    assert!(
+        p.err_seen.iter().any(|l| l.contains("killing the workers")),
+        "{:#?}",
+        p.err_seen
+    );
+    assert_eq!(read_to_end(&mut stuck), b"");
 }

@@ -466,4 +466,62 @@ fn uvcluster_run_names_a_missing_program() {
             "{err}"
         );
     }
+
+/// Issue 10: a connection a `net::Server` handed out and the user closed
+/// with a plain `lp.close(...)` (as the README's TCP example closes its
+/// clients) was never counted gone, so a later graceful `close` (a
+/// worker's `disconnect()`) waited forever. The count follows the handle
+/// now, however it is closed: here two connections closed with
+/// `lp.close`, one with `close_connection`, before the server closes, and
+/// one with `lp.close` while the close waits for it.
+#[test]
+fn server_connection_closed_with_loop_close_is_counted_gone() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use uvcluster::net::{Conn, ListenOptions, Server, ServerAddress};
+
+    let mut lp = Loop::new().unwrap();
+    let conns: Rc<RefCell<Vec<Conn>>> = Rc::default();
+    let c = conns.clone();
+    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let addr = Rc::new(RefCell::new(None));
+    let a = addr.clone();
+    server
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            move |_, _, r| {
+                if let ServerAddress::Inet(x) = r.unwrap() {
+                    *a.borrow_mut() = Some(x);
+                }
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |_| addr.borrow().is_some());
+    let addr = addr.borrow().unwrap();
+    let clients: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 4);
+    let tcp = |c: Conn| match c {
+        Conn::Tcp(h) => h,
+        Conn::Pipe(_) => unreachable!(),
+    };
+    let all = conns.borrow().clone();
+    lp.close(tcp(all[0]), |_| {}).unwrap();
+    lp.close(tcp(all[1]), |_| {}).unwrap();
+    server.close_connection(&mut lp, all[2]);
+    run_until(&mut lp, 5000, |_| server.connections() == 1);
+
+    let closed = Counter::new();
+    let cl = closed.clone();
+    server.close(&mut lp, move |_, _| cl.hit());
+    lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
+    assert_eq!(closed.get(), 0, "one connection is still open");
+    lp.close(tcp(all[3]), |_| {}).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    assert_eq!(server.connections(), 0);
+    assert_loop_empty(&lp);
+    drop(clients);
 }

@@ -1054,3 +1054,165 @@ fn tcp_write_to_closed_peer() {
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
 }
+
+// ----- net::Server: connection tracking and graceful close ------------------
+
+/// What a loop-side client saw: the bytes it read and whether it read EOF.
+#[derive(Clone, Default)]
+struct Seen {
+    data: Rc<RefCell<Vec<u8>>>,
+    eof: Counter,
+}
+
+/// A `net::Server` on 127.0.0.1:0 that keeps every connection it is handed
+/// in `conns` (and reads nothing from them), listening once this returns.
+fn net_server(
+    lp: &mut Loop,
+) -> (
+    uvcluster::net::Server,
+    SocketAddr,
+    Rc<RefCell<Vec<uvcluster::net::Conn>>>,
+) {
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+    let conns: Rc<RefCell<Vec<uvcluster::net::Conn>>> = Rc::default();
+    let c = conns.clone();
+    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
+    let a = addr.clone();
+    server
+        .listen(
+            lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            move |_, _, r| match r.unwrap() {
+                ServerAddress::Inet(x) => a.set(Some(x)),
+                other => panic!("{other:?}"),
+            },
+        )
+        .unwrap();
+    run_until(lp, 5000, |_| addr.get().is_some());
+    (server, addr.get().unwrap(), conns)
+}
+
+/// A loop-side client of `addr` that records what it reads and closes
+/// itself at EOF or on a read error.
+fn seeing_client(lp: &mut Loop, addr: SocketAddr) -> (Handle<Tcp>, Seen) {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let c = lp.tcp_init();
+    lp.tcp_connect(c, addr, move |lp, c, r| {
+        r.unwrap();
+        lp.read_start(c, move |lp, c, r| match r {
+            Ok([]) | Err(_) => {
+                s.eof.hit();
+                lp.close(c, |_| {}).unwrap();
+            }
+            Ok(d) => s.data.borrow_mut().extend_from_slice(d),
+        })
+        .unwrap();
+    })
+    .unwrap();
+    (c, seen)
+}
+
+/// Node's `http.Server.close()` at the `net` level: the connection marked
+/// idle is closed at once, the busy one is left to finish (its handler
+/// sees `is_closing`), and the close callback runs once it has.
+#[test]
+fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
+    use uvcluster::net::Conn;
+    let mut lp = Loop::new().unwrap();
+    let (server, addr, conns) = net_server(&mut lp);
+    let (_, idle_seen) = seeing_client(&mut lp, addr);
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 1);
+    let (_, busy_seen) = seeing_client(&mut lp, addr);
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 2);
+    let (idle, busy) = (conns.borrow()[0], conns.borrow()[1]);
+    assert_eq!(server.connections(), 2);
+    server.set_idle(&mut lp, idle, true).unwrap();
+    assert!(server.is_idle(idle));
+    assert!(!server.is_idle(busy));
+    // A connection this server never handed out is refused, typed.
+    let stranger = Conn::Tcp(lp.tcp_init());
+    let e = server.set_idle(&mut lp, stranger, true).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    if let Conn::Tcp(h) = stranger {
+        lp.close(h, |_| {}).unwrap();
+    }
+
+    let closed = Counter::new();
+    let c = closed.clone();
+    server.close(&mut lp, move |_, _| c.hit());
+    assert!(server.is_closing());
+    run_until(&mut lp, 5000, |_| idle_seen.eof.get() == 1);
+    // The idle one is gone and counted gone; the busy one is untouched.
+    assert_eq!(server.connections(), 1);
+    assert_eq!(busy_seen.eof.get(), 0);
+    assert_eq!(closed.get(), 0);
+
+    // The busy connection's handler finishes its reply and ends it.
+    let Conn::Tcp(b) = busy else { unreachable!() };
+    let s = server.clone();
+    lp.write(b, &[b"last reply"], move |lp, _, r| {
+        r.unwrap();
+        s.close_connection(lp, busy);
+    })
+    .unwrap();
+    run_until(&mut lp, 5000, |_| closed.get() == 1);
+    run_until(&mut lp, 5000, |_| busy_seen.eof.get() == 1);
+    assert_eq!(&busy_seen.data.borrow()[..], b"last reply");
+    assert!(idle_seen.data.borrow().is_empty());
+    assert_eq!(server.connections(), 0);
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    assert_loop_empty(&lp);
+}
+
+/// A connection marked idle while the server is closing is ended then;
+/// what was queued for it still goes out before the FIN (16 MiB, more than
+/// the socket takes at once from a client that has not read yet).
+#[test]
+fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
+    const LEN: usize = 16 << 20;
+    let mut lp = Loop::new().unwrap();
+    let (server, addr, conns) = net_server(&mut lp);
+    let (_, seen) = seeing_client(&mut lp, addr);
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 1);
+    let conn = conns.borrow()[0];
+    let closed = Counter::new();
+    let c = closed.clone();
+    server.close(&mut lp, move |_, _| c.hit());
+    let uvcluster::net::Conn::Tcp(h) = conn else {
+        unreachable!()
+    };
+    let big = vec![7u8; LEN];
+    lp.write(h, &[&big], |_, _, r| r.unwrap()).unwrap();
+    assert!(lp.write_queue_size(h) > 0, "the write should have queued");
+    server.set_idle(&mut lp, conn, true).unwrap();
+    run_with_deadline(&mut lp, 10_000);
+    assert_eq!(seen.data.borrow().len(), LEN);
+    assert_eq!(seen.eof.get(), 1);
+    assert_eq!(closed.get(), 1);
+    assert_eq!(server.connections(), 0);
+    assert_loop_empty(&lp);
+}
+
+/// `close_all_connections` (Node's `closeAllConnections`) ends busy
+/// connections too, and the pending close then completes.
+#[test]
+fn net_server_close_all_connections_ends_busy_ones() {
+    let mut lp = Loop::new().unwrap();
+    let (server, addr, conns) = net_server(&mut lp);
+    let seen: Vec<Seen> = (0..3).map(|_| seeing_client(&mut lp, addr).1).collect();
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 3);
+    let closed = Counter::new();
+    let c = closed.clone();
+    server.close(&mut lp, move |_, _| c.hit());
+    // Nothing was marked idle: `close` waits for all three (net.Server).
+    lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
+    assert_eq!(server.connections(), 3);
+    assert_eq!(server.close_all_connections(&mut lp), 3);
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    assert!(seen.iter().all(|s| s.eof.get() == 1));
+    assert_loop_empty(&lp);
+}

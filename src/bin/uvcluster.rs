@@ -47,17 +47,18 @@ fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Args, String> {
         };
         match a.as_str() {
             "-w" | "--workers" => {
-                out.workers = value("--workers")?
+                let v = value("--workers")?;
+                out.workers = v
                     .parse()
                     .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or("--workers takes a number above 0")?;
+                    .filter(|n| *n > 0 && v.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| {
+                        format!("--workers takes a whole number above 0. Received {v:?}\n{USAGE}")
+                    })?;
             }
             "-p" | "--policy" => {
                 let v = value("--policy")?;
-                out.policy = Some(
-                    SchedulingPolicy::parse(&v).ok_or_else(|| format!("unknown policy {v:?}"))?,
-                );
+                out.policy = Some(parse_policy("--policy", &v)?);
             }
             "--" => {
                 out.command = args.collect();
@@ -72,9 +73,30 @@ fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Args, String> {
     Ok(out)
 }
 
+fn parse_policy(name: &str, v: &str) -> Result<SchedulingPolicy, String> {
+    SchedulingPolicy::parse(v)
+        .ok_or_else(|| format!("{name} should be rr, none, reuseport or leastconn. Received {v:?}"))
+}
+
+/// `NODE_CLUSTER_SCHED_POLICY`, when `--policy` does not override it, must
+/// name a policy: Node falls back to round-robin on anything else,
+/// silently, which hides a typo.
+fn check_policy_env(args: &Args, env: Option<std::ffi::OsString>) -> Result<(), String> {
+    match (args.policy, env) {
+        (None, Some(v)) => {
+            parse_policy("NODE_CLUSTER_SCHED_POLICY", &v.to_string_lossy()).map(|_| ())
+        }
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::init();
-    let args = match parse(std::env::args_os().skip(1)) {
+    let args = parse(std::env::args_os().skip(1)).and_then(|a| {
+        check_policy_env(&a, std::env::var_os("NODE_CLUSTER_SCHED_POLICY"))?;
+        Ok(a)
+    });
+    let args = match args {
         Ok(a) => a,
         Err(msg) => {
             eprintln!("{msg}");
@@ -209,10 +231,49 @@ mod tests {
                 Some(policy)
             );
         }
-        assert!(p(&["run", "-w", "0", "--", "x"]).is_err());
         assert!(p(&["run", "--policy", "bogus", "--", "x"]).is_err());
         assert!(p(&["run"]).is_err());
         assert!(p(&["walk"]).is_err());
         assert!(p(&[]).is_err());
+    }
+
+    /// A bad `--workers` or `--policy` is an error that names the flag and
+    /// the value (as Node's `ERR_SOCKET_BAD_PORT` names the port).
+    #[test]
+    fn bad_flag_values_are_errors_that_name_them() {
+        for bad in ["0", "-1", "2.5", "abc", "", "+3", " 2"] {
+            let e = p(&["run", "-w", bad, "--", "x"]).err().unwrap();
+            assert!(
+                e.starts_with(&format!(
+                    "--workers takes a whole number above 0. Received {bad:?}"
+                )),
+                "{e}"
+            );
+        }
+        let e = p(&["run", "--policy", "bogus", "--", "x"]).err().unwrap();
+        assert!(
+            e.starts_with(
+                "--policy should be rr, none, reuseport or leastconn. Received \"bogus\""
+            ),
+            "{e}"
+        );
+        let e = p(&["run", "-w"]).err().unwrap();
+        assert!(e.starts_with("--workers needs a value"), "{e}");
+    }
+
+    /// `NODE_CLUSTER_SCHED_POLICY` must name a policy unless `--policy`
+    /// overrides it.
+    #[test]
+    fn bad_policy_in_the_environment_is_an_error() {
+        let a = p(&["run", "--", "x"]).unwrap();
+        let e = check_policy_env(&a, Some("robin".into())).unwrap_err();
+        assert_eq!(
+            e,
+            "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\""
+        );
+        assert!(check_policy_env(&a, Some("none".into())).is_ok());
+        assert!(check_policy_env(&a, None).is_ok());
+        let a = p(&["run", "-p", "rr", "--", "x"]).unwrap();
+        assert!(check_policy_env(&a, Some("robin".into())).is_ok());
     }
 }

@@ -1,6 +1,8 @@
 //! Node's `net`-level conveniences on [`uv`](crate::uv) handles: a
 //! [`Server`] that listens on a TCP port, a Unix socket path or an
-//! inherited fd, and tracks its connections.
+//! inherited fd, and tracks its connections (open, idle, closed however
+//! they are closed) so that a graceful [`Server::close`] ends; and
+//! [`parse_port`] for ports given as text.
 //!
 //! In a cluster worker, [`Server::listen`] does not bind by itself: it asks
 //! the primary (Node's `listenInCluster`). The cluster installs a
@@ -13,7 +15,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 pub use dgram::{BindOptions, bind_dgram};
-pub use server::{Conn, ListenError, ListenOptions, Server, ServerAddress};
+pub use server::{
+    BadPort, Conn, ListenError, ListenOptions, Server, ServerAddress, parse_port, port_from_env,
+};
 
 use crate::uv::{Handle, Loop, Udp};
 

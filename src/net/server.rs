@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -15,9 +16,10 @@ use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp, Timer};
 const KEEP_ALIVE_MS: u64 = (1 << 31) - 1;
 
 /// A connection handed to a server's connection callback. The callback
-/// owns it; close it with [`Server::close_connection`] so the server's
-/// connection count stays right.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// owns it and closes it when done, with [`Server::close_connection`] or a
+/// plain [`Loop::close`]: the server counts the connection gone when its
+/// handle has closed, whoever closed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Conn {
     /// A TCP connection.
     Tcp(Handle<Tcp>),
@@ -98,6 +100,88 @@ impl ListenOptions {
             Some(b) if b > 0 => b,
             _ => 511,
         }
+    }
+}
+
+/// A port that is not one: Node's `ERR_SOCKET_BAD_PORT`, for a value read
+/// from the environment or a command line (`PORT=99999`, `PORT=abc`,
+/// `PORT=-1`). Its message names the variable and the value, as Node's
+/// `options.port should be >= 0 and < 65536. Received ...` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadPort {
+    /// What the value was given as (`PORT`, `--port`).
+    pub name: String,
+    /// The value as given.
+    pub value: String,
+}
+
+impl fmt::Display for BadPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} should be >= 0 and < 65536. Received {:?} (ERR_SOCKET_BAD_PORT)",
+            self.name, self.value
+        )
+    }
+}
+
+impl std::error::Error for BadPort {}
+
+impl From<BadPort> for io::Error {
+    fn from(e: BadPort) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, e)
+    }
+}
+
+/// Parses a TCP port given as text (lib/internal/validators.js
+/// `validatePort`): decimal digits, surrounding whitespace allowed, 0 to
+/// 65535. `name` says where the value came from, for the error.
+///
+/// Node also takes what JavaScript's `+value` reads as a whole number
+/// (`0x1f40`, `8e3`, `8000.0`); those are refused here.
+///
+/// # Errors
+///
+/// [`BadPort`] for anything else: empty, signed, fractional, not a number,
+/// or above 65535.
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::net::parse_port;
+///
+/// assert_eq!(parse_port("PORT", "8000"), Ok(8000));
+/// let e = parse_port("PORT", "99999").unwrap_err();
+/// assert_eq!(
+///     e.to_string(),
+///     "PORT should be >= 0 and < 65536. Received \"99999\" (ERR_SOCKET_BAD_PORT)"
+/// );
+/// assert!(parse_port("PORT", "abc").is_err());
+/// assert!(parse_port("PORT", "-1").is_err());
+/// ```
+pub fn parse_port(name: &str, value: &str) -> Result<u16, BadPort> {
+    let t = value.trim();
+    let bad = || BadPort {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    t.parse::<u16>().map_err(|_| bad())
+}
+
+/// The port in environment variable `var` ([`parse_port`]), or `default`
+/// when it is not set.
+///
+/// # Errors
+///
+/// [`BadPort`] when it is set to something that is not a port (also when
+/// it is not UTF-8).
+pub fn port_from_env(var: &str, default: u16) -> Result<u16, BadPort> {
+    match std::env::var_os(var) {
+        None => Ok(default),
+        Some(v) => parse_port(var, &v.to_string_lossy()),
     }
 }
 
@@ -200,7 +284,10 @@ struct Inner {
     listen_cb: Option<ListenCb>,
     close_cbs: Vec<CloseCb>,
     max_connections: Option<usize>,
-    connections: usize,
+    /// The connections handed out whose handles have not finished closing,
+    /// each with whether its user marked it idle (Node's http
+    /// `ConnectionsList`, reduced to what `close` needs).
+    connections: HashMap<Conn, bool>,
     /// Data the cluster hook keeps per server (its key and index).
     hook_data: Option<Box<dyn Any>>,
     /// Round-robin in a cluster worker: a timer that never fires, so that
@@ -246,7 +333,7 @@ impl fmt::Debug for Server {
         f.debug_struct("Server")
             .field("address", &i.address)
             .field("listening", &i.listening)
-            .field("connections", &i.connections)
+            .field("connections", &i.connections.len())
             .finish_non_exhaustive()
     }
 }
@@ -265,7 +352,7 @@ impl Server {
                 listen_cb: None,
                 close_cbs: Vec::new(),
                 max_connections: None,
-                connections: 0,
+                connections: HashMap::new(),
                 hook_data: None,
                 keep_alive: None,
                 on_ended: None,
@@ -487,16 +574,31 @@ impl Server {
     /// Hands a connection to the server's callback. `false` (and the caller
     /// keeps the connection) when the server is not listening or is at
     /// `max_connections` — in a cluster worker that is `accepted: false`.
+    ///
+    /// From here on the connection counts as open until its handle has
+    /// finished closing, however it is closed (Node decrements
+    /// `server._connections` from the socket's `close` event).
     pub fn deliver(&self, lp: &mut Loop, conn: Conn) -> bool {
-        let cb = {
-            let mut i = self.inner.borrow_mut();
+        {
+            let i = self.inner.borrow();
             if !i.listening || i.closing {
                 return false;
             }
-            if i.max_connections.is_some_and(|m| i.connections >= m) {
+            if i.max_connections.is_some_and(|m| i.connections.len() >= m) {
                 return false;
             }
-            i.connections += 1;
+        }
+        let me = self.clone();
+        let watched = match conn {
+            Conn::Tcp(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
+            Conn::Pipe(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
+        };
+        if watched.is_err() {
+            return false;
+        }
+        let cb = {
+            let mut i = self.inner.borrow_mut();
+            i.connections.insert(conn, false);
             i.on_connection.take()
         };
         if let Some(mut cb) = cb {
@@ -509,17 +611,21 @@ impl Server {
         true
     }
 
-    /// Closes a connection this server handed out, and counts it gone.
+    /// Closes a connection this server handed out (nothing if it is already
+    /// closing). The same as `lp.close(handle, |_| {})`: either way the
+    /// server counts it gone once its handle has closed.
     pub fn close_connection(&self, lp: &mut Loop, conn: Conn) {
         close_conn(lp, conn);
-        self.connection_ended(lp);
     }
 
-    /// Counts a connection gone that the caller closed itself.
-    pub fn connection_ended(&self, lp: &mut Loop) {
+    /// A connection's handle finished closing: count it gone, tell the
+    /// cluster hook, and finish a pending `close` if it was the last.
+    fn connection_closed(&self, lp: &mut Loop, conn: Conn) {
         let cb = {
             let mut i = self.inner.borrow_mut();
-            i.connections = i.connections.saturating_sub(1);
+            if i.connections.remove(&conn).is_none() {
+                return;
+            }
             i.on_ended.take()
         };
         if let Some(mut cb) = cb {
@@ -532,9 +638,96 @@ impl Server {
         self.maybe_closed(lp);
     }
 
-    /// Open connections handed out and not yet ended (`server.connections`).
+    /// Open connections handed out whose handles have not finished closing
+    /// (`server.connections`).
     pub fn connections(&self) -> usize {
-        self.inner.borrow().connections
+        self.inner.borrow().connections.len()
+    }
+
+    /// Marks a connection idle (`true`: between requests, nothing owed to
+    /// the peer) or busy (`false`, the state every connection starts in).
+    ///
+    /// This is what an HTTP server built on this one reports to make a
+    /// graceful [`close`](Self::close) prompt, as Node's `http.Server`
+    /// does with its connections list: `close` closes the connections that
+    /// are idle at that moment (Node's `closeIdleConnections`), and one
+    /// marked idle while the server is closing is closed then. A busy
+    /// connection is left to finish; its handler sees
+    /// [`is_closing`](Self::is_closing) and ends the connection after the
+    /// response in progress (an HTTP server answers it with
+    /// `Connection: close`). A server whose user never marks a connection
+    /// keeps `net.Server`'s behaviour: `close` waits for every connection.
+    ///
+    /// An idle connection is closed at once if nothing is queued for
+    /// writing, or else shut down (the queued bytes go out, then a FIN)
+    /// and then closed. Mark a connection idle after its response is
+    /// queued, not before.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` if `conn` is not an open connection of this server (never
+    /// handed out by it, or already closed).
+    pub fn set_idle(&self, lp: &mut Loop, conn: Conn, idle: bool) -> io::Result<()> {
+        let close_now = {
+            let mut i = self.inner.borrow_mut();
+            let closing = i.closing;
+            match i.connections.get_mut(&conn) {
+                Some(state) => {
+                    *state = idle;
+                    idle && closing
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "not an open connection of this server",
+                    ));
+                }
+            }
+        };
+        if close_now {
+            end_idle(lp, conn);
+        }
+        Ok(())
+    }
+
+    /// Whether `conn` is an open connection of this server marked idle with
+    /// [`set_idle`](Self::set_idle).
+    pub fn is_idle(&self, conn: Conn) -> bool {
+        self.inner.borrow().connections.get(&conn) == Some(&true)
+    }
+
+    /// Closes every connection marked idle (Node's
+    /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
+    /// does this itself.
+    pub fn close_idle_connections(&self, lp: &mut Loop) -> usize {
+        let idle: Vec<Conn> = {
+            let i = self.inner.borrow();
+            i.connections
+                .iter()
+                .filter(|&(_, &idle)| idle)
+                .map(|(&c, _)| c)
+                .collect()
+        };
+        for &c in &idle {
+            end_idle(lp, c);
+        }
+        idle.len()
+    }
+
+    /// Closes every open connection of this server, busy or idle (Node's
+    /// `server.closeAllConnections()`): what a graceful close falls back on
+    /// when its deadline passes. Queued writes are cancelled. Returns how
+    /// many were closed.
+    pub fn close_all_connections(&self, lp: &mut Loop) -> usize {
+        let all: Vec<Conn> = self.inner.borrow().connections.keys().copied().collect();
+        let mut n = 0;
+        for &c in &all {
+            if !conn_closing(lp, c) {
+                close_conn(lp, c);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Refuses connections beyond `max` (`server.maxConnections`).
@@ -554,7 +747,13 @@ impl Server {
 
     /// Stops accepting (`server.close(cb)`). `cb` runs once the listener is
     /// closed and every connection handed out has ended. In a cluster
-    /// worker the primary is told.
+    /// worker the primary is told; a worker's graceful disconnect closes
+    /// its servers this way.
+    ///
+    /// Connections marked idle with [`set_idle`](Self::set_idle) are closed
+    /// now, as Node's `http.Server.close()` closes idle keep-alive
+    /// connections; busy ones are left to end by themselves (their
+    /// handlers see [`is_closing`](Self::is_closing)).
     pub fn close(&self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, &Server) + 'static) {
         let listener = {
             let mut i = self.inner.borrow_mut();
@@ -584,6 +783,7 @@ impl Server {
         {
             hook.close(lp, self);
         }
+        self.close_idle_connections(lp);
         let me = self.clone();
         super::defer(lp, move |lp| me.maybe_closed(lp));
     }
@@ -591,7 +791,7 @@ impl Server {
     fn maybe_closed(&self, lp: &mut Loop) {
         let cbs = {
             let mut i = self.inner.borrow_mut();
-            if !i.closing || i.connections > 0 {
+            if !i.closing || !i.connections.is_empty() {
                 return;
             }
             std::mem::take(&mut i.close_cbs)
@@ -601,7 +801,9 @@ impl Server {
         }
     }
 
-    /// Whether `close` was called.
+    /// Whether `close` was called: the flag a connection's handler reads
+    /// to end its connection after the response in progress (an HTTP
+    /// server sends `Connection: close`).
     pub fn is_closing(&self) -> bool {
         self.inner.borrow().closing
     }
@@ -656,4 +858,70 @@ fn close_conn(lp: &mut Loop, conn: Conn) {
         Conn::Tcp(h) => lp.close(h, |_| {}),
         Conn::Pipe(h) => lp.close(h, |_| {}),
     };
+}
+
+fn conn_closing(lp: &Loop, conn: Conn) -> bool {
+    match conn {
+        Conn::Tcp(h) => lp.is_closing(h),
+        Conn::Pipe(h) => lp.is_closing(h),
+    }
+}
+
+/// Ends an idle connection: closes it now if nothing is queued for
+/// writing, else shuts it down first so that the queued bytes go out.
+fn end_idle(lp: &mut Loop, conn: Conn) {
+    if conn_closing(lp, conn) {
+        return;
+    }
+    let queued = match conn {
+        Conn::Tcp(h) => lp.write_queue_size(h),
+        Conn::Pipe(h) => lp.write_queue_size(h),
+    };
+    if queued == 0 {
+        return close_conn(lp, conn);
+    }
+    let shut = match conn {
+        Conn::Tcp(h) => lp.shutdown(h, |lp, h, _| {
+            if !lp.is_closing(h) {
+                let _ = lp.close(h, |_| {});
+            }
+        }),
+        Conn::Pipe(h) => lp.shutdown(h, |lp, h, _| {
+            if !lp.is_closing(h) {
+                let _ = lp.close(h, |_| {});
+            }
+        }),
+    };
+    if shut.is_err() {
+        close_conn(lp, conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_port_takes_decimal_ports_only() {
+        for (s, p) in [
+            ("0", 0),
+            ("8000", 8000),
+            (" 80 ", 80),
+            ("65535", 65535),
+            ("007", 7),
+        ] {
+            assert_eq!(parse_port("PORT", s), Ok(p), "{s:?}");
+        }
+        for s in [
+            "", " ", "65536", "99999", "-1", "+1", "2.5", "0x1f40", "8e3", "abc", "80 80",
+        ] {
+            let e = parse_port("PORT", s).unwrap_err();
+            assert_eq!(e.value, s);
+            assert_eq!(
+                e.to_string(),
+                format!("PORT should be >= 0 and < 65536. Received {s:?} (ERR_SOCKET_BAD_PORT)")
+            );
+            assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidInput);
+        }
+    }
 }

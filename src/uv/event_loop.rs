@@ -1,7 +1,7 @@
 //! The loop: handle table, run modes and the phase order of one iteration
 //! (libuv's `src/unix/core.c: uv_run`, `src/unix/loop.c`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem;
 use std::os::fd::OwnedFd;
@@ -119,6 +119,9 @@ pub struct Loop {
     /// Handles with deferred callbacks (libuv's `pending_queue`).
     pub(crate) pending: VecDeque<RawHandle>,
     closing: Vec<RawHandle>,
+    /// Crate-internal observers of a handle's end (see `watch_close`): kept
+    /// apart from the slots so that handles without one pay nothing.
+    close_watches: HashMap<RawHandle, CloseCb>,
     /// I/O handles that stopped short of `WouldBlock` (a per-event bound was
     /// hit): mio is edge-triggered, so they are serviced again at the next
     /// poll without waiting for another event, and poll does not block.
@@ -167,6 +170,7 @@ impl Loop {
             watchers: Default::default(),
             pending: VecDeque::new(),
             closing: Vec::new(),
+            close_watches: HashMap::new(),
             still_ready: Vec::new(),
             read_buf: Vec::new(),
             emfile_fd: None,
@@ -358,6 +362,32 @@ impl Loop {
         // keeps the loop alive until its callback has run.
         self.deactivate(raw);
         self.closing.push(raw);
+        Ok(())
+    }
+
+    /// Runs `cb` once `h` has finished closing, however and by whom it is
+    /// closed: in the closing phase, right after the handle's own close
+    /// callback. `net::Server` counts its connections with it, so that a
+    /// connection closed with a plain [`close`](Self::close) is counted
+    /// gone too. A second watch on the same handle runs after the first.
+    ///
+    /// # Errors
+    ///
+    /// A stale id; `cb` is then dropped.
+    pub(crate) fn watch_close<K: HandleType>(
+        &mut self,
+        h: Handle<K>,
+        cb: impl FnOnce(&mut Loop) + 'static,
+    ) -> io::Result<()> {
+        self.slot(h.raw)?;
+        let cb: CloseCb = match self.close_watches.remove(&h.raw) {
+            Some(first) => Box::new(move |lp: &mut Loop| {
+                first(lp);
+                cb(lp);
+            }),
+            None => Box::new(cb),
+        };
+        self.close_watches.insert(h.raw, cb);
         Ok(())
     }
 
@@ -639,6 +669,11 @@ impl Loop {
         }
         if let Some(cb) = slot.close_cb {
             cb(self);
+        }
+        if !self.close_watches.is_empty()
+            && let Some(watch) = self.close_watches.remove(&raw)
+        {
+            watch(self);
         }
     }
 }
