@@ -466,6 +466,7 @@ fn uvcluster_run_names_a_missing_program() {
             "{err}"
         );
     }
+}
 
 /// Issue 10: a connection a `net::Server` handed out and the user closed
 /// with a plain `lp.close(...)` (as the README's TCP example closes its
