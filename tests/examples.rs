@@ -1221,3 +1221,25 @@ fn cluster_hello_stop_that_waits_says_so_and_a_second_signal_ends_it() {
     );
     assert_eq!(read_to_end(&mut stuck), b"");
 }
+
+/// `uvcluster run`'s graceful stop that has to wait (a busy connection) is
+/// not silent either: it names the worker it waits for, and a second
+/// SIGTERM kills the workers and ends the command non-zero.
+#[test]
+fn uvcluster_run_stop_that_waits_says_so_and_a_second_signal_ends_it() {
+    let (mut p, port) = hello_under_uvcluster(1);
+    let mut stuck = http_client(port);
+    stuck
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never-finished HTTP/1.1\r\n")
+        .unwrap();
+    read_response(&mut stuck);
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    p.err_line(|l| {
+        l.contains("uvcluster: still waiting for worker(s) 1 (pid ")
+            .then_some(())
+    });
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    let status = p.exit_within(LIMIT).expect("exit after the second SIGTERM");
+    assert!(!status.success(), "{status}: {:#?}", p.err_seen);
+    assert_eq!(read_to_end(&mut stuck), b"");
+}

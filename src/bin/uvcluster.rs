@@ -189,7 +189,25 @@ fn run(args: Args) -> io::Result<bool> {
             } else {
                 eprintln!("uvcluster: signal {signum}: disconnecting workers");
                 p.disconnect(lp, |_| {});
-                let _ = signum;
+                // A graceful stop waits for workers to finish what they
+                // hold; it must never wait silently (issue 10).
+                let waiting = lp.timer_init();
+                let forked = forked.clone();
+                let _ = lp.timer_start(waiting, STILL_WAITING_MS, STILL_WAITING_MS, move |_, _| {
+                    let left: Vec<String> = forked
+                        .borrow()
+                        .iter()
+                        .filter(|w| !w.is_dead())
+                        .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                        .collect();
+                    eprintln!(
+                        "uvcluster: still waiting for worker(s) {} to finish; \
+                         a second SIGINT/SIGTERM kills them",
+                        left.join(", ")
+                    );
+                });
+                // The reminder must not keep the primary alive by itself.
+                let _ = lp.unref_handle(waiting);
             }
         })?;
         // The signals must not keep the primary alive once workers are gone.
@@ -202,6 +220,9 @@ fn run(args: Args) -> io::Result<bool> {
     lp.run(RunMode::Default)?;
     Ok(all_ok.get())
 }
+
+/// How often a graceful stop that is still waiting says for whom (ms).
+const STILL_WAITING_MS: u64 = 5_000;
 
 #[cfg(test)]
 mod tests {
