@@ -18,7 +18,7 @@ mod frame;
 mod message;
 
 pub use channel::{
-    AfterAck, Attach, Channel, ChannelError, ChannelOptions, MessageCb, NODE_CHANNEL_FD,
+    AfterAck, Attach, Channel, ChannelError, ChannelOptions, DeliveryCb, HandleDelivery, MessageCb, NODE_CHANNEL_FD,
     NODE_CHANNEL_SERIALIZATION_MODE, ReplyCb, SendHandle, SentCb, close_accepted,
 };
 pub use fork::{ExitCb, ForkOptions, ForkStdio, Forked, fork};
