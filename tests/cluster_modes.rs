@@ -135,23 +135,7 @@ fn helper_pid_server() {
             // `NOFILE_HEADROOM=<n>`: from now on, room for n more fds
             // (RLIMIT_NOFILE), so n connections: a worker at its fd limit.
             if let Ok(n) = std::env::var("NOFILE_HEADROOM") {
-                use nix::sys::resource::{Resource, getrlimit, setrlimit};
-                let n: usize = n.parse().unwrap();
-                // The limit bounds fd numbers: it goes just past the n-th
-                // number not in use (the listing's own fd is closed by
-                // then).
-                let open: std::collections::BTreeSet<u64> = std::fs::read_dir("/proc/self/fd")
-                    .unwrap()
-                    .filter_map(|e| {
-                        let e = e.ok()?;
-                        let to = std::fs::read_link(e.path()).ok()?;
-                        let listing = to.starts_with("/proc") && to.ends_with("fd");
-                        (!listing).then(|| e.file_name().to_str()?.parse().ok())?
-                    })
-                    .collect();
-                let nth_free = (0..).filter(|f| !open.contains(f)).nth(n - 1).unwrap();
-                let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-                setrlimit(Resource::RLIMIT_NOFILE, nth_free + 1, hard).unwrap();
+                leave_fds(n.parse().unwrap());
             }
         })
         .unwrap();
@@ -572,6 +556,144 @@ fn fd_baseline(lp: &mut Loop) -> usize {
     .unwrap();
     run_with_deadline(lp, 10_000);
     open_fds()
+}
+
+/// Sets this process's RLIMIT_NOFILE so that exactly `n` more fds can be
+/// opened: the limit bounds fd numbers, so it goes just past the n-th
+/// number not in use (the listing's own fd is closed by then).
+fn leave_fds(n: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let to = std::fs::read_link(e.path()).ok()?;
+            let listing = to.starts_with("/proc") && to.ends_with("fd");
+            (!listing).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    let limit = match n {
+        0 => (0..).find(|f| !open.contains(f)).unwrap(),
+        n => (0..).filter(|f| !open.contains(f)).nth(n - 1).unwrap() + 1,
+    };
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, limit, hard).unwrap();
+}
+
+/// A Rust worker with no fd left before it listens (`LISTEN=tcp|udp`):
+/// tells the primary how its listen (or bind) ended, `{"listen": "ok"}` or
+/// `{"listen": <code>}`, and stays until disconnected.
+#[test]
+fn helper_listen_out_of_fds() {
+    if !is_helper("helper_listen_out_of_fds") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let w = cluster::setup_worker(&mut lp).unwrap().expect("a worker");
+    leave_fds(0);
+    let report = move |lp: &mut Loop, r: Result<(), String>| {
+        let v = serde_json::json!({ "listen": r.err().unwrap_or_else(|| "ok".into()) });
+        w.send(lp, &v, None).unwrap();
+    };
+    if std::env::var("LISTEN").as_deref() == Ok("udp") {
+        uvcluster::net::bind_dgram(&mut lp, Default::default(), move |lp, r| {
+            if let Ok(u) = &r {
+                lp.close(*u, |_| {}).unwrap();
+            }
+            report(lp, r.map(|_| ()).map_err(|e| e.code));
+        });
+    } else {
+        let server = Server::new(|lp, s, c| s.close_connection(lp, c));
+        server
+            .listen(&mut lp, ListenOptions::port(0), move |lp, _, r| {
+                report(lp, r.map(|_| ()).map_err(|e| e.code.clone()));
+            })
+            .unwrap();
+    }
+    lp.run(RunMode::Default).unwrap();
+}
+
+/// A worker at its fd limit asks for a shared socket (`SCHED_NONE`,
+/// `ReusePort`, UDP): the socket is NACKed, and its listen fails with
+/// `EMFILE`, reported on both sides, instead of waiting forever for a
+/// reply the primary had sent (as a Node worker does).
+fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
+    let mut lp = Loop::new().unwrap();
+    let baseline = fd_baseline(&mut lp);
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some(std::env::current_exe().unwrap().into()),
+            args: Some(
+                [
+                    "helper_listen_out_of_fds",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ]
+                .map(OsString::from)
+                .to_vec(),
+            ),
+            env: Some(vec![
+                (
+                    "UVCLUSTER_TEST_HELPER".into(),
+                    "helper_listen_out_of_fds".into(),
+                ),
+                ("LISTEN".into(), listen.into()),
+            ]),
+            scheduling_policy: Some(policy),
+            silent: Some(true),
+            ..Settings::default()
+        },
+    );
+    let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+    let e2 = errors.clone();
+    p.on_error(move |_, w, e| {
+        assert_eq!(w.map(|w| w.id()), Some(1));
+        match e {
+            ClusterError::Listen { code, syscall, .. } => {
+                e2.borrow_mut().push(format!("{syscall} {code}"))
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+    });
+    let got: Rc<RefCell<Vec<serde_json::Value>>> = Rc::default();
+    let g2 = got.clone();
+    p.on_message(move |lp, w, msg, _| {
+        g2.borrow_mut().push(msg);
+        w.disconnect(lp);
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(*got.borrow(), [serde_json::json!({"listen": "EMFILE"})]);
+    assert_eq!(*errors.borrow(), ["bind EMFILE"]);
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+    assert_eq!(open_fds(), baseline, "the primary's fds are back");
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_shared_listen() {
+    util::isolated("worker_out_of_fds_gets_emfile_from_a_shared_listen", || {
+        listen_out_of_fds_fails_with_emfile(SchedulingPolicy::None, "tcp")
+    });
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_reuse_port_listen() {
+    util::isolated(
+        "worker_out_of_fds_gets_emfile_from_a_reuse_port_listen",
+        || listen_out_of_fds_fails_with_emfile(SchedulingPolicy::ReusePort, "tcp"),
+    );
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_cluster_udp_bind() {
+    util::isolated(
+        "worker_out_of_fds_gets_emfile_from_a_cluster_udp_bind",
+        || listen_out_of_fds_fails_with_emfile(SchedulingPolicy::RoundRobin, "udp"),
+    );
 }
 
 /// Opens `n` connections to `port` that stay idle (nothing sent).

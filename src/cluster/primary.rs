@@ -55,7 +55,10 @@ pub enum ClusterError {
         /// [`HandoffFailure::NoWorker`]).
         connections: usize,
     },
-    /// Binding or listening for a worker's server failed.
+    /// Binding or listening for a worker's server failed, or its shared
+    /// socket did not reach it (`EMFILE`, after the worker answered
+    /// `NODE_HANDLE_NACK`: it is out of fds); the worker's `listen` fails
+    /// with the same error.
     Listen {
         /// Node's negative errno (`-98` for EADDRINUSE).
         errno: i64,
@@ -1011,8 +1014,8 @@ impl Primary {
         }
         let reply = QueryReply {
             errno,
-            key,
-            data,
+            key: key.clone(),
+            data: data.clone(),
             sockname,
         };
         let mut fields = reply.to_fields(seq);
@@ -1021,12 +1024,70 @@ impl Primary {
             // (Node workers ignore the field).
             fields.insert("loadReports".into(), true.into());
         }
-        self.send_to(lp, w, fields, if failed { None } else { attach });
+        match attach {
+            Some(a) if !failed => self.send_shared(lp, w, fields, a, (key, data, seq)),
+            _ => self.send_to(lp, w, fields, None),
+        }
         if let Some(rr) = rr
             && !failed
         {
             rr.handoff(lp, w);
         }
+    }
+}
+
+impl Primary {
+    /// Sends a shared handle's `queryServer` reply with its socket. If the
+    /// socket does not reach the worker (`NODE_HANDLE_NACK`: the kernel
+    /// dropped the fd, as it does for a worker at its fd limit), the worker
+    /// leaves the handle and is answered again, without a socket, with
+    /// `EMFILE`: its `listen` (or `bind`) fails with that error instead of
+    /// waiting forever, as a Node worker's does (Node's primary drops the
+    /// NACKed reply and the worker's callback never runs). The failure is
+    /// reported as [`ClusterError::Listen`].
+    fn send_shared(
+        &self,
+        lp: &mut Loop,
+        w: &Worker,
+        fields: Map<String, Value>,
+        attach: ipc::Attach,
+        (key, data, seq): (String, Value, u64),
+    ) {
+        let Some(ch) = w.channel() else { return };
+        let (me, w2) = (Rc::downgrade(&self.inner), w.clone());
+        let on_delivery = Box::new(move |lp: &mut Loop, _: &ipc::Channel, d| {
+            // A failed write: the worker is gone, and its disconnect is
+            // handled as any other.
+            if !matches!(d, ipc::HandleDelivery::Nacked) {
+                return;
+            }
+            let Some(p) = Primary::from_ref(&me) else { return };
+            let h = p
+                .inner
+                .borrow()
+                .handles
+                .get(&key)
+                .map(|e| ServerHandleRef::of(&e.handle));
+            if let Some(h) = h {
+                p.remove_from_handle(lp, &key, h, &w2, None);
+            }
+            let errno = -(nix::errno::Errno::EMFILE as i64);
+            let reply = QueryReply {
+                errno: Some(errno),
+                key,
+                data,
+                sockname: None,
+            };
+            p.send_to(lp, &w2, reply.to_fields(seq), None);
+            let e = ClusterError::Listen {
+                errno,
+                code: "EMFILE".into(),
+                syscall: "bind".into(),
+            };
+            p.emit_error(lp, Some(&w2), &e);
+        });
+        // A closed channel: the worker is gone; its disconnect is handled.
+        let _ = ch.send_cluster_handle(lp, fields, attach, None, on_delivery);
     }
 }
 
