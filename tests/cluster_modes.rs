@@ -748,7 +748,9 @@ fn one_worker_at_its_fd_limit_recovers(d: Dispatch) {
         }
     })
     .unwrap();
-    let w = p.fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "8".into())]).unwrap();
+    let w = p
+        .fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "8".into())])
+        .unwrap();
     run_with_deadline(&mut lp, 30_000);
     let pid = w.pid().unwrap().to_string();
     assert_eq!(*pids.borrow(), vec![pid; 5], "every request served");
@@ -824,7 +826,9 @@ fn the_worker_at_its_fd_limit_is_passed_over(d: Dispatch) {
         }
     })
     .unwrap();
-    let w1 = p.fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "3".into())]).unwrap();
+    let w1 = p
+        .fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "3".into())])
+        .unwrap();
     let w2 = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 30_000);
     let c = counts(&pids.borrow());

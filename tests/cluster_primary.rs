@@ -907,7 +907,9 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
                 r,
                 (
                     Some(1),
-                    HandoffFailure::Exited | HandoffFailure::ChannelClosed | HandoffFailure::NotSent,
+                    HandoffFailure::Exited
+                        | HandoffFailure::ChannelClosed
+                        | HandoffFailure::NotSent,
                     HandoffOutcome::Rehanded,
                     1
                 )
@@ -1573,6 +1575,9 @@ fn handoff_fake_helper() {
     lp.run(RunMode::Default).unwrap();
 }
 
+/// Whether the bodies so far are enough.
+type Enough = dyn Fn(&[String]) -> bool;
+
 /// Connects to `port` one connection after another (each read to its
 /// end), recording each body, until `enough` holds or `max` were made;
 /// then runs `done`.
@@ -1581,7 +1586,7 @@ fn one_after_another(
     port: u16,
     bodies: &Shared<Vec<String>>,
     max: usize,
-    enough: Rc<dyn Fn(&[String]) -> bool>,
+    enough: Rc<Enough>,
     done: Rc<dyn Fn(&mut Loop)>,
 ) {
     if bodies.borrow().len() >= max || enough(&bodies.borrow()) {

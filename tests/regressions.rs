@@ -399,7 +399,10 @@ fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
         });
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left).expect("a NACK reported within the limit") {
+            match rx
+                .recv_timeout(left)
+                .expect("a NACK reported within the limit")
+            {
                 Ev::Stderr(l) if l.contains("NACK") => {
                     let id = l.split("worker ").nth(1).and_then(|r| r.split(':').next());
                     nacked.insert(id.expect("the report names the worker").to_owned());

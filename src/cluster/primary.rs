@@ -1061,7 +1061,9 @@ impl Primary {
             if !matches!(d, ipc::HandleDelivery::Nacked) {
                 return;
             }
-            let Some(p) = Primary::from_ref(&me) else { return };
+            let Some(p) = Primary::from_ref(&me) else {
+                return;
+            };
             let h = p
                 .inner
                 .borrow()

@@ -709,8 +709,7 @@ impl RoundRobinHandle {
         let now = lp.now();
         let q = {
             let mut st = self.st.borrow_mut();
-            if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) || st.cooling(id, now)
-            {
+            if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) || st.cooling(id, now) {
                 return;
             }
             let mine = st.assigned.get_mut(&id).and_then(VecDeque::pop_front);
@@ -759,12 +758,14 @@ impl RoundRobinHandle {
             after_ack: AfterAck::Keep,
         };
         let (me, worker) = (self.clone(), w.clone());
-        let on_reply = Box::new(move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Accepted>| {
-            if let Some(h) = h {
-                close_accepted(lp, h);
-            }
-            me.on_reply(lp, &worker, conn, &reply);
-        });
+        let on_reply = Box::new(
+            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Accepted>| {
+                if let Some(h) = h {
+                    close_accepted(lp, h);
+                }
+                me.on_reply(lp, &worker, conn, &reply);
+            },
+        );
         let (me, worker) = (self.clone(), w.clone());
         let on_delivery = Box::new(move |lp: &mut Loop, _: &Channel, d: HandleDelivery| {
             me.on_delivery(lp, &worker, conn, d);
