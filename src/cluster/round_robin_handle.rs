@@ -1196,7 +1196,9 @@ impl RoundRobinHandle {
             st.in_flight.remove(&id)
         };
         if let Some(f) = f {
-            let outcome = if self.is_closed() {
+            // With no worker left the handle closes, and the connection
+            // with it.
+            let outcome = if self.is_closed() || self.st.borrow().all.is_empty() {
                 HandoffOutcome::Closed
             } else {
                 HandoffOutcome::Rehanded
