@@ -14,9 +14,12 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use util::*;
-use uvcluster::cluster::{self, ConnInfo, Primary, SchedulingPolicy, Settings, WorkerLoad};
+use uvcluster::cluster::{
+    self, ClusterError, ConnInfo, HandoffFailure, HandoffOutcome, Primary, SchedulingPolicy,
+    Settings, WorkerLoad,
+};
 use uvcluster::net::{Conn, ListenOptions, Server};
-use uvcluster::uv::{BindFlags, Handle, Loop, RunMode, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, Tcp};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Workers {
@@ -72,7 +75,8 @@ fn settings(kind: Workers, policy: SchedulingPolicy, hold: bool) -> Settings {
 
 /// The Rust worker: writes its pid on each connection, then ends it (or,
 /// with `HOLD`, writes it once the client sends something, and keeps the
-/// connection open).
+/// connection open). With `NOFILE_HEADROOM=<n>` it can hold only n
+/// connections once listening.
 #[test]
 fn helper_pid_server() {
     if !is_helper("helper_pid_server") {
@@ -128,6 +132,11 @@ fn helper_pid_server() {
     server
         .listen(&mut lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
+            // `NOFILE_HEADROOM=<n>`: from now on, room for n more fds
+            // (RLIMIT_NOFILE), so n connections: a worker at its fd limit.
+            if let Ok(n) = std::env::var("NOFILE_HEADROOM") {
+                leave_fds(n.parse().unwrap());
+            }
         })
         .unwrap();
     lp.run(RunMode::Default).unwrap();
@@ -473,4 +482,395 @@ fn policy_names() {
         assert_eq!(p.as_str(), name);
     }
     assert_eq!(SchedulingPolicy::parse("fastest"), None);
+}
+
+// ----- a worker at its fd limit (issue 10, part 4) ---------------------------
+//
+// A worker with no fd left gets a `newconn` whose fd the kernel drops
+// (`MSG_CTRUNC`) and answers `NODE_HANDLE_NACK`. Node's round-robin handle
+// (and ours, before) then waited forever for an answer that never came: the
+// worker got no other connection, and with one worker the service was
+// down. Each test runs alone in its own process (`util::isolated`) so that
+// the primary's fds can be checked against their baseline afterwards.
+
+/// The dispatch a handoff test runs under.
+#[derive(Clone, Copy, Debug)]
+enum Dispatch {
+    RoundRobin,
+    LeastConnections,
+    /// A user scheduler that prefers worker 1 whenever it is there.
+    PreferFirst,
+}
+
+/// What a handoff report says: the worker, how the handoff ended, what
+/// became of the connection, and how many connections.
+type HandoffReport = (Option<u32>, HandoffFailure, HandoffOutcome, usize);
+
+/// A primary of Rust workers that hold their connections (`HOLD`) under
+/// `d`. Handoff reports are recorded, `then` runs after each; any other
+/// error fails the test.
+fn holding_primary(
+    lp: &mut Loop,
+    d: Dispatch,
+    then: impl Fn(&mut Loop, &[HandoffReport]) + 'static,
+) -> (Primary, Rc<RefCell<Vec<HandoffReport>>>) {
+    let p = Primary::new();
+    let policy = match d {
+        Dispatch::LeastConnections => SchedulingPolicy::LeastConnections,
+        Dispatch::RoundRobin | Dispatch::PreferFirst => SchedulingPolicy::RoundRobin,
+    };
+    if let Dispatch::PreferFirst = d {
+        p.set_scheduler(|_, loads| loads.iter().any(|l| l.id == 1).then_some(1));
+    }
+    p.setup_primary(lp, settings(Workers::Rust, policy, true));
+    let reports: Rc<RefCell<Vec<HandoffReport>>> = Rc::default();
+    let r = reports.clone();
+    p.on_error(move |lp, w, e| {
+        let ClusterError::Handoff {
+            failure,
+            outcome,
+            connections,
+        } = e
+        else {
+            panic!("worker {:?}: {e}", w.map(|w| w.id()));
+        };
+        r.borrow_mut()
+            .push((w.map(|w| w.id()), *failure, *outcome, *connections));
+        let all = r.borrow().clone();
+        then(lp, &all);
+    });
+    (p, reports)
+}
+
+/// Opens what lives as long as the loop or the process (the SIGCHLD pipe,
+/// the spare fd of the EMFILE trick) and returns the open-fd count then.
+fn fd_baseline(lp: &mut Loop) -> usize {
+    let t = lp.tcp_init();
+    lp.tcp_bind(t, ([127, 0, 0, 1], 0).into(), BindFlags::default())
+        .unwrap();
+    lp.tcp_listen(t, 1, |_, _, _| {}).unwrap();
+    lp.close(t, |_| {}).unwrap();
+    lp.spawn(ProcessOptions::new("true").on_exit(|lp, p, _, _| {
+        lp.close(p, |_| {}).unwrap();
+    }))
+    .unwrap();
+    run_with_deadline(lp, 10_000);
+    open_fds()
+}
+
+/// Sets this process's RLIMIT_NOFILE so that exactly `n` more fds can be
+/// opened: the limit bounds fd numbers, so it goes just past the n-th
+/// number not in use (the listing's own fd is closed by then).
+fn leave_fds(n: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let to = std::fs::read_link(e.path()).ok()?;
+            let listing = to.starts_with("/proc") && to.ends_with("fd");
+            (!listing).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    let limit = match n {
+        0 => (0..).find(|f| !open.contains(f)).unwrap(),
+        n => (0..).filter(|f| !open.contains(f)).nth(n - 1).unwrap() + 1,
+    };
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, limit, hard).unwrap();
+}
+
+/// A Rust worker with no fd left before it listens (`LISTEN=tcp|udp`):
+/// tells the primary how its listen (or bind) ended, `{"listen": "ok"}` or
+/// `{"listen": <code>}`, and stays until disconnected.
+#[test]
+fn helper_listen_out_of_fds() {
+    if !is_helper("helper_listen_out_of_fds") {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let w = cluster::setup_worker(&mut lp).unwrap().expect("a worker");
+    leave_fds(0);
+    let report = move |lp: &mut Loop, r: Result<(), String>| {
+        let v = serde_json::json!({ "listen": r.err().unwrap_or_else(|| "ok".into()) });
+        w.send(lp, &v, None).unwrap();
+    };
+    if std::env::var("LISTEN").as_deref() == Ok("udp") {
+        uvcluster::net::bind_dgram(&mut lp, Default::default(), move |lp, r| {
+            if let Ok(u) = &r {
+                lp.close(*u, |_| {}).unwrap();
+            }
+            report(lp, r.map(|_| ()).map_err(|e| e.code));
+        });
+    } else {
+        let server = Server::new(|lp, s, c| s.close_connection(lp, c));
+        server
+            .listen(&mut lp, ListenOptions::port(0), move |lp, _, r| {
+                report(lp, r.map(|_| ()).map_err(|e| e.code.clone()));
+            })
+            .unwrap();
+    }
+    lp.run(RunMode::Default).unwrap();
+}
+
+/// A worker at its fd limit asks for a shared socket (`SCHED_NONE`,
+/// `ReusePort`, UDP): the socket is NACKed, and its listen fails with
+/// `EMFILE`, reported on both sides, instead of waiting forever for a
+/// reply the primary had sent (as a Node worker does).
+fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
+    let mut lp = Loop::new().unwrap();
+    let baseline = fd_baseline(&mut lp);
+    let p = Primary::new();
+    p.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some(std::env::current_exe().unwrap().into()),
+            args: Some(
+                [
+                    "helper_listen_out_of_fds",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ]
+                .map(OsString::from)
+                .to_vec(),
+            ),
+            env: Some(vec![
+                (
+                    "UVCLUSTER_TEST_HELPER".into(),
+                    "helper_listen_out_of_fds".into(),
+                ),
+                ("LISTEN".into(), listen.into()),
+            ]),
+            scheduling_policy: Some(policy),
+            silent: Some(true),
+            ..Settings::default()
+        },
+    );
+    let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+    let e2 = errors.clone();
+    p.on_error(move |_, w, e| {
+        assert_eq!(w.map(|w| w.id()), Some(1));
+        match e {
+            ClusterError::Listen { code, syscall, .. } => {
+                e2.borrow_mut().push(format!("{syscall} {code}"))
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+    });
+    let got: Rc<RefCell<Vec<serde_json::Value>>> = Rc::default();
+    let g2 = got.clone();
+    p.on_message(move |lp, w, msg, _| {
+        g2.borrow_mut().push(msg);
+        w.disconnect(lp);
+    });
+    let w = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(*got.borrow(), [serde_json::json!({"listen": "EMFILE"})]);
+    assert_eq!(*errors.borrow(), ["bind EMFILE"]);
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+    assert_eq!(open_fds(), baseline, "the primary's fds are back");
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_shared_listen() {
+    util::isolated("worker_out_of_fds_gets_emfile_from_a_shared_listen", || {
+        listen_out_of_fds_fails_with_emfile(SchedulingPolicy::None, "tcp")
+    });
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_reuse_port_listen() {
+    util::isolated(
+        "worker_out_of_fds_gets_emfile_from_a_reuse_port_listen",
+        || listen_out_of_fds_fails_with_emfile(SchedulingPolicy::ReusePort, "tcp"),
+    );
+}
+
+#[test]
+fn worker_out_of_fds_gets_emfile_from_a_cluster_udp_bind() {
+    util::isolated(
+        "worker_out_of_fds_gets_emfile_from_a_cluster_udp_bind",
+        || listen_out_of_fds_fails_with_emfile(SchedulingPolicy::RoundRobin, "udp"),
+    );
+}
+
+/// Opens `n` connections to `port` that stay idle (nothing sent).
+fn connect_idle(lp: &mut Loop, port: u16, n: usize, idle: &Rc<RefCell<Vec<Handle<Tcp>>>>) {
+    for _ in 0..n {
+        let c = lp.tcp_init();
+        let idle = idle.clone();
+        lp.tcp_connect(c, ([127, 0, 0, 1], port).into(), move |_, c, r| {
+            r.unwrap();
+            idle.borrow_mut().push(c);
+        })
+        .unwrap();
+    }
+}
+
+/// The issue's case with one worker: it can hold 8 connections; 20 idle
+/// clients fill it and the next `newconn` is NACKed. Once the idle clients
+/// go, the worker has fds again and serves 5 requests. (Before: no request
+/// was ever served, and the primary kept the NACKed connection open.)
+fn one_worker_at_its_fd_limit_recovers(d: Dispatch) {
+    let mut lp = Loop::new().unwrap();
+    let baseline = fd_baseline(&mut lp);
+    let idle: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
+    let pids: Pids = Rc::default();
+    let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
+    let port = Rc::new(std::cell::Cell::new(0u16));
+    let (i2, p2, h2, port2) = (idle.clone(), pids.clone(), held.clone(), port.clone());
+    let (p, reports) = holding_primary(&mut lp, d, move |lp, all| {
+        if all.len() > 1 {
+            return;
+        }
+        // The worker is full: the idle clients go, then 5 requests.
+        for c in i2.borrow_mut().drain(..) {
+            lp.close(c, |_| {}).unwrap();
+        }
+        connect_many(lp, port2.get(), 5, &p2, &h2, true, true);
+    });
+    let (i3, port3) = (idle.clone(), port.clone());
+    p.on_listening(move |lp, _, a| {
+        port3.set(a.port.unwrap() as u16);
+        connect_idle(lp, port3.get(), 20, &i3);
+    });
+    let done = lp.check_init();
+    let (p3, h3, prim) = (pids.clone(), held.clone(), p.clone());
+    lp.check_start(done, move |lp, c| {
+        if p3.borrow().len() == 5 {
+            for h in h3.borrow_mut().drain(..) {
+                lp.close(h, |_| {}).unwrap();
+            }
+            prim.disconnect(lp, |_| {});
+            lp.close(c, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    let w = p
+        .fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "8".into())])
+        .unwrap();
+    run_with_deadline(&mut lp, 30_000);
+    let pid = w.pid().unwrap().to_string();
+    assert_eq!(*pids.borrow(), vec![pid; 5], "every request served");
+    let reports = reports.borrow();
+    assert!(!reports.is_empty());
+    for r in reports.iter() {
+        assert_eq!(
+            *r,
+            (
+                Some(1),
+                HandoffFailure::Rejected,
+                HandoffOutcome::Rehanded,
+                1
+            ),
+            "{reports:?}"
+        );
+    }
+    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_loop_empty(&lp);
+    assert_eq!(open_fds(), baseline, "the primary's fds are back");
+}
+
+#[test]
+fn one_rust_worker_at_its_fd_limit_recovers_round_robin() {
+    util::isolated(
+        "one_rust_worker_at_its_fd_limit_recovers_round_robin",
+        || one_worker_at_its_fd_limit_recovers(Dispatch::RoundRobin),
+    );
+}
+
+#[test]
+fn one_rust_worker_at_its_fd_limit_recovers_least_connections() {
+    util::isolated(
+        "one_rust_worker_at_its_fd_limit_recovers_least_connections",
+        || one_worker_at_its_fd_limit_recovers(Dispatch::LeastConnections),
+    );
+}
+
+#[test]
+fn one_rust_worker_at_its_fd_limit_recovers_user_scheduler() {
+    util::isolated(
+        "one_rust_worker_at_its_fd_limit_recovers_user_scheduler",
+        || one_worker_at_its_fd_limit_recovers(Dispatch::PreferFirst),
+    );
+}
+
+/// Two workers, worker 1 able to hold only 3 connections: 12 held
+/// connections are all served, worker 1's NACKed ones by worker 2, and
+/// worker 1 is not sent more than it can take.
+fn the_worker_at_its_fd_limit_is_passed_over(d: Dispatch) {
+    let mut lp = Loop::new().unwrap();
+    let baseline = fd_baseline(&mut lp);
+    let (p, reports) = holding_primary(&mut lp, d, |_, _| {});
+    let pids: Pids = Rc::default();
+    let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
+    let listening = Counter::new();
+    let (l2, p2, h2) = (listening.clone(), pids.clone(), held.clone());
+    p.on_listening(move |lp, _, a| {
+        l2.hit();
+        if l2.get() == 2 {
+            connect_many(lp, a.port.unwrap() as u16, 12, &p2, &h2, true, true);
+        }
+    });
+    let done = lp.check_init();
+    let (p3, h3, prim) = (pids.clone(), held.clone(), p.clone());
+    lp.check_start(done, move |lp, c| {
+        if p3.borrow().len() == 12 {
+            for h in h3.borrow_mut().drain(..) {
+                lp.close(h, |_| {}).unwrap();
+            }
+            prim.disconnect(lp, |_| {});
+            lp.close(c, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    let w1 = p
+        .fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "3".into())])
+        .unwrap();
+    let w2 = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 30_000);
+    let c = counts(&pids.borrow());
+    let by1 = c.get(&w1.pid().unwrap().to_string()).copied().unwrap_or(0);
+    let by2 = c.get(&w2.pid().unwrap().to_string()).copied().unwrap_or(0);
+    assert_eq!(by1 + by2, 12, "{c:?}");
+    assert!(by1 <= 3, "{c:?}");
+    // One report for worker 1's run of NACKs: it never had fds again
+    // before the end.
+    assert_eq!(
+        *reports.borrow(),
+        [(
+            Some(1),
+            HandoffFailure::Rejected,
+            HandoffOutcome::Rehanded,
+            1
+        )]
+    );
+    assert_loop_empty(&lp);
+    assert_eq!(open_fds(), baseline, "the primary's fds are back");
+}
+
+#[test]
+fn the_rust_worker_at_its_fd_limit_is_passed_over_round_robin() {
+    util::isolated(
+        "the_rust_worker_at_its_fd_limit_is_passed_over_round_robin",
+        || the_worker_at_its_fd_limit_is_passed_over(Dispatch::RoundRobin),
+    );
+}
+
+#[test]
+fn the_rust_worker_at_its_fd_limit_is_passed_over_least_connections() {
+    util::isolated(
+        "the_rust_worker_at_its_fd_limit_is_passed_over_least_connections",
+        || the_worker_at_its_fd_limit_is_passed_over(Dispatch::LeastConnections),
+    );
+}
+
+#[test]
+fn the_rust_worker_at_its_fd_limit_is_passed_over_user_scheduler() {
+    util::isolated(
+        "the_rust_worker_at_its_fd_limit_is_passed_over_user_scheduler",
+        || the_worker_at_its_fd_limit_is_passed_over(Dispatch::PreferFirst),
+    );
 }

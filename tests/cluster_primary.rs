@@ -16,8 +16,10 @@ use std::rc::Rc;
 use serde_json::{Value, json};
 use util::*;
 use uvcluster::cluster::protocol::AddressType;
-use uvcluster::cluster::{ClusterError, Primary, SchedulingPolicy, Settings, Worker};
-use uvcluster::uv::{BindFlags, Handle, Loop, StreamType};
+use uvcluster::cluster::{
+    ClusterError, HandoffFailure, HandoffOutcome, Primary, SchedulingPolicy, Settings, Worker,
+};
+use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, StreamType};
 
 // ----- helpers ---------------------------------------------------------------
 
@@ -830,7 +832,10 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "net"), ("REPORT", "1")]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    // Worker 1's death is reported as what it is (issue 10: it was
+    // `IPC channel I/O error: Broken pipe`): the connection in flight to
+    // it, if any, was re-handed.
+    let reports = record_handoffs(&p);
     const N: usize = 40;
     let results = shared(Vec::<String>::new());
     // Connections each worker accepted, by id.
@@ -896,6 +901,23 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
     let mut exits = exits.borrow().clone();
     exits.sort();
     assert_eq!(exits, [(1, None, Some(9)), (2, Some(0), None)]);
+    for r in reports.borrow().iter() {
+        assert!(
+            matches!(
+                r,
+                (
+                    Some(1),
+                    HandoffFailure::Exited
+                        | HandoffFailure::ChannelClosed
+                        | HandoffFailure::NotSent,
+                    HandoffOutcome::Rehanded,
+                    1
+                )
+            ),
+            "{r:?}"
+        );
+    }
+    assert!(reports.borrow().len() <= 2, "{:?}", reports.borrow());
     assert_loop_empty(&lp);
 }
 
@@ -1292,4 +1314,776 @@ fn fork_stdio_extra_pipe_echoes() {
     assert_eq!(w.exit_status(), Some((Some(0), None)));
     assert!(w.stdio(4).is_none(), "closed at exit");
     assert_loop_empty(&lp);
+}
+
+// ----- handoffs that end without an answer (issue 10, part 4) ---------------
+//
+// Each way a `newconn` can end without the worker's `{accepted}` answer,
+// played by a fake worker that speaks the protocol in raw lines. Each test
+// runs alone in its own process (`util::isolated`), so that the primary's
+// open fds can be checked against their baseline afterwards (GUIDE.md §4).
+
+/// What a handoff report says: the worker, how the handoff ended, what
+/// became of the connection, and how many connections.
+type HandoffReport = (Option<u32>, HandoffFailure, HandoffOutcome, usize);
+
+/// Records the primary's `ClusterError::Handoff` reports; any other error
+/// fails the test.
+fn record_handoffs(p: &Primary) -> Shared<Vec<HandoffReport>> {
+    let reports = shared(Vec::new());
+    let r = reports.clone();
+    p.on_error(move |_, w, e| match e {
+        ClusterError::Handoff {
+            failure,
+            outcome,
+            connections,
+        } => r
+            .borrow_mut()
+            .push((w.map(Worker::id), *failure, *outcome, *connections)),
+        other => panic!("unexpected error from {:?}: {other}", w.map(Worker::id)),
+    });
+    reports
+}
+
+/// Opens what lives as long as the loop or the process (the SIGCHLD pipe,
+/// the spare fd of the EMFILE trick) and returns the open-fd count then:
+/// where the primary's fds must come back to.
+fn fd_baseline(lp: &mut Loop) -> usize {
+    let t = lp.tcp_init();
+    lp.tcp_bind(t, ([127, 0, 0, 1], 0).into(), BindFlags::default())
+        .unwrap();
+    lp.tcp_listen(t, 1, |_, _, _| {}).unwrap();
+    lp.close(t, |_| {}).unwrap();
+    lp.spawn(ProcessOptions::new("true").on_exit(|lp, p, _, _| {
+        lp.close(p, |_| {}).unwrap();
+    }))
+    .unwrap();
+    run_with_deadline(lp, 10_000);
+    open_fds()
+}
+
+/// The fake worker, this binary re-executed (`FAKE=<mode>`).
+fn fake_settings(mode: &str) -> Settings {
+    Settings {
+        exec_path: Some(std::env::current_exe().unwrap().into_os_string()),
+        args: Some(
+            [
+                "handoff_fake_helper",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ]
+            .map(OsString::from)
+            .to_vec(),
+        ),
+        env: Some(env(&[
+            ("UVCLUSTER_TEST_HELPER", "handoff_fake_helper"),
+            ("FAKE", mode),
+        ])),
+        scheduling_policy: Some(SchedulingPolicy::RoundRobin),
+        // The helper's test-harness output would mix with ours.
+        silent: Some(true),
+        ..Settings::default()
+    }
+}
+
+/// A Node worker that writes its pid on each connection and ends it.
+fn node_net_settings() -> Settings {
+    let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
+    s.env = Some(env(&[("SERVER", "net")]));
+    s
+}
+
+#[derive(Default)]
+struct FakeState {
+    buf: Vec<u8>,
+    /// `newconn`s received.
+    n: usize,
+    /// Connections taken and never answered for (`silent`).
+    held: Vec<std::os::fd::OwnedFd>,
+    /// The connection held until the test says `go` (`epipe`), with the
+    /// `seq` to answer.
+    holding: Option<(std::os::fd::OwnedFd, Value)>,
+}
+
+fn fake_send(lp: &mut Loop, pipe: Handle<uvcluster::uv::Pipe>, v: Value) {
+    let mut b = serde_json::to_vec(&v).unwrap();
+    b.push(b'\n');
+    let _ = lp.write(pipe, &[&b], |_, _, _| {});
+}
+
+/// Writes this process's pid on a connection and closes it.
+fn fake_serve(fd: std::os::fd::OwnedFd) {
+    let mut s = std::net::TcpStream::from(fd);
+    let _ = std::io::Write::write_all(&mut s, std::process::id().to_string().as_bytes());
+}
+
+/// Keeps the process alive, without its channel, until it is killed.
+fn fake_live_on(lp: &mut Loop) {
+    let t = lp.timer_init();
+    lp.timer_start(t, 60_000, 0, |_, _| std::process::exit(0))
+        .unwrap();
+}
+
+/// One line from the primary; `true` once the fake stopped reading.
+fn fake_line(
+    lp: &mut Loop,
+    pipe: Handle<uvcluster::uv::Pipe>,
+    (mode, k): (&str, usize),
+    st: &Shared<FakeState>,
+    v: Value,
+) -> bool {
+    const ACK: &str = "NODE_HANDLE_ACK";
+    let answer = |lp: &mut Loop, seq: Value, n: usize| {
+        fake_send(
+            lp,
+            pipe,
+            json!({"cmd":"NODE_CLUSTER","ack":seq,"accepted":true,"seq":100 + n}),
+        );
+    };
+    match v["cmd"].as_str() {
+        Some("NODE_CLUSTER") if v["ack"] == 1 => {
+            // The queryServer reply: listening, on the port the primary
+            // bound.
+            let port = v["sockname"]["port"].clone();
+            fake_send(
+                lp,
+                pipe,
+                json!({"cmd":"NODE_CLUSTER","act":"listening","index":0,"data":null,
+                       "address":null,"port":port,"addressType":4,"backlog":511,"seq":2}),
+            );
+            if mode == "unread" {
+                lp.read_stop(pipe).unwrap();
+                fake_live_on(lp);
+                return true;
+            }
+        }
+        Some("NODE_CLUSTER") if v["act"] == "disconnect" => std::process::exit(0),
+        Some("NODE_HANDLE") => {
+            let n = {
+                let mut s = st.borrow_mut();
+                s.n += 1;
+                s.n
+            };
+            let seq = v["msg"]["seq"].clone();
+            let fd = lp.pipe_take_pending_fd(pipe).ok();
+            match mode {
+                "nack" if n <= k => {
+                    drop(fd);
+                    fake_send(lp, pipe, json!({"cmd":"NODE_HANDLE_NACK"}));
+                    fake_send(lp, pipe, json!({"op":"nack","n":n}));
+                }
+                "silent" if n <= k => {
+                    fake_send(lp, pipe, json!({ "cmd": ACK }));
+                    st.borrow_mut().held.push(fd.unwrap());
+                }
+                "exit" => std::process::exit(3),
+                "close" => {
+                    drop(fd);
+                    lp.close(pipe, |_| {}).unwrap();
+                    fake_live_on(lp);
+                    return true;
+                }
+                "epipe" if n == 1 => {
+                    fake_send(lp, pipe, json!({ "cmd": ACK }));
+                    st.borrow_mut().holding = Some((fd.unwrap(), seq));
+                    fake_send(lp, pipe, json!({"op":"holding"}));
+                }
+                _ => {
+                    fake_send(lp, pipe, json!({ "cmd": ACK }));
+                    fake_serve(fd.unwrap());
+                    answer(lp, seq, n);
+                }
+            }
+        }
+        None if v["op"] == "go" => {
+            // `epipe`: serve and answer the held connection, then close
+            // the channel at once, so that the primary's next `newconn`
+            // finds it closed.
+            let (fd, seq) = st.borrow_mut().holding.take().unwrap();
+            fake_serve(fd);
+            answer(lp, seq, 1);
+            lp.close(pipe, |_| {}).unwrap();
+            fake_live_on(lp);
+            return true;
+        }
+        _ => {}
+    }
+    false
+}
+
+/// A fake worker (this binary, re-executed) that listens on port 0 through
+/// the primary, as a Node worker's `listen(0)` does, and does with each
+/// `newconn` what `FAKE` says:
+///   nack:K    answer the first K with NODE_HANDLE_NACK (dropping the fd)
+///   silent:K  acknowledge the first K and keep them, never answer
+///   exit      exit (code 3) at the first, without an ACK
+///   close     close the channel at the first, without an ACK, and live on
+///   unread    stop reading the channel once listening, and live on
+///   epipe     acknowledge and hold the first until the test says `go`,
+///             then serve it, answer, close the channel and live on
+/// and otherwise serves it: ACK, its pid written to the connection, which
+/// is closed, and `{accepted: true}`.
+#[test]
+fn handoff_fake_helper() {
+    if !util::is_helper("handoff_fake_helper") {
+        return;
+    }
+    let mode = std::env::var("FAKE").unwrap();
+    let (mode, k) = match mode.split_once(':') {
+        Some((m, k)) => (m.to_owned(), k.parse::<usize>().unwrap()),
+        None => (mode, 0),
+    };
+    let mut lp = Loop::new().unwrap();
+    let fd: i32 = std::env::var("NODE_CHANNEL_FD").unwrap().parse().unwrap();
+    let pipe = lp.pipe_init(true);
+    lp.pipe_open_inherited(pipe, fd).unwrap();
+    fake_send(
+        &mut lp,
+        pipe,
+        json!({"cmd":"NODE_CLUSTER","act":"online","seq":0}),
+    );
+    fake_send(
+        &mut lp,
+        pipe,
+        json!({"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,
+               "address":null,"port":0,"addressType":4,"backlog":511,"seq":1}),
+    );
+    let st: Shared<FakeState> = Shared::default();
+    lp.read_start(pipe, move |lp, pipe, r| {
+        let d = match r {
+            Ok(d) if !d.is_empty() => d,
+            // The primary went away.
+            _ => std::process::exit(0),
+        };
+        st.borrow_mut().buf.extend_from_slice(d);
+        loop {
+            let line: Vec<u8> = {
+                let mut s = st.borrow_mut();
+                let Some(i) = s.buf.iter().position(|&b| b == b'\n') else {
+                    break;
+                };
+                s.buf.drain(..=i).collect()
+            };
+            let v: Value = serde_json::from_slice(&line).unwrap();
+            if fake_line(lp, pipe, (&mode, k), &st, v) {
+                return;
+            }
+        }
+    })
+    .unwrap();
+    lp.run(RunMode::Default).unwrap();
+}
+
+/// Whether the bodies so far are enough.
+type Enough = dyn Fn(&[String]) -> bool;
+
+/// Connects to `port` one connection after another (each read to its
+/// end), recording each body, until `enough` holds or `max` were made;
+/// then runs `done`.
+fn one_after_another(
+    lp: &mut Loop,
+    port: u16,
+    bodies: &Shared<Vec<String>>,
+    max: usize,
+    enough: Rc<Enough>,
+    done: Rc<dyn Fn(&mut Loop)>,
+) {
+    if bodies.borrow().len() >= max || enough(&bodies.borrow()) {
+        done(lp);
+        return;
+    }
+    let b = bodies.clone();
+    fetch(lp, &localhost(port), b"", move |lp, r| {
+        b.borrow_mut().push(body(&r.unwrap_or_default()));
+        one_after_another(lp, port, &b, max, enough, done);
+    });
+}
+
+/// A worker NACKs its first three connections (as one at its fd limit
+/// does): each goes at once to the other worker, and the worker is tried
+/// again after a back-off (10, 20, 40 ms) rather than at once or never;
+/// from its fourth it serves again. One report for the run of NACKs.
+#[test]
+fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_off() {
+    util::isolated(
+        "nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_off",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let baseline = fd_baseline(&mut lp);
+            let p = Primary::new();
+            p.setup_primary(&mut lp, fake_settings("nack:3"));
+            let reports = record_handoffs(&p);
+            let nacks = Counter::new();
+            let n2 = nacks.clone();
+            p.on_message(move |_, w, msg, _| {
+                // (The Node worker says it is `ready`.)
+                if msg["op"] == "nack" {
+                    assert_eq!(w.id(), 1);
+                    n2.hit();
+                }
+            });
+            let bodies = shared(Vec::<String>::new());
+            let fake_pid = Rc::new(std::cell::Cell::new(0));
+            let listening = Counter::new();
+            let (l, b, p2, fp) = (
+                listening.clone(),
+                bodies.clone(),
+                p.clone(),
+                fake_pid.clone(),
+            );
+            p.on_listening(move |lp, _, a| {
+                l.hit();
+                if l.get() < 2 {
+                    return;
+                }
+                let fake = fp.get().to_string();
+                let p3 = p2.clone();
+                one_after_another(
+                    lp,
+                    a.port.unwrap() as u16,
+                    &b,
+                    300,
+                    Rc::new(move |b: &[String]| b.iter().filter(|x| **x == fake).count() == 3),
+                    Rc::new(move |lp: &mut Loop| p3.disconnect(lp, |_| {})),
+                );
+            });
+            let fake = p.fork(&mut lp, vec![]).unwrap();
+            fake_pid.set(fake.pid().unwrap());
+            p.setup_primary(&mut lp, node_net_settings());
+            let node = p.fork(&mut lp, vec![]).unwrap();
+            run_with_deadline(&mut lp, 30_000);
+            let bodies = bodies.borrow();
+            let (fake_pid, node_pid) = (
+                fake.pid().unwrap().to_string(),
+                node.pid().unwrap().to_string(),
+            );
+            assert!(
+                bodies.iter().all(|b| *b == fake_pid || *b == node_pid),
+                "every connection served: {bodies:?}"
+            );
+            assert_eq!(bodies.iter().filter(|b| **b == fake_pid).count(), 3);
+            assert_eq!(nacks.get(), 3);
+            assert_eq!(
+                *reports.borrow(),
+                [(
+                    Some(1),
+                    HandoffFailure::Rejected,
+                    HandoffOutcome::Rehanded,
+                    1
+                )]
+            );
+            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_eq!(node.exit_status(), Some((Some(0), None)));
+            assert_loop_empty(&lp);
+            assert_eq!(open_fds(), baseline, "the primary's fds are back");
+        },
+    );
+}
+
+/// Two workers, a scheduler that places every connection on worker 1 (the
+/// fake) while it is there, and one connection: the fake ends the handoff
+/// as `mode` says, and the connection is served by worker 2. Returns the
+/// body the client got and the reports.
+fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec<HandoffReport>) {
+    let mut lp = Loop::new().unwrap();
+    let baseline = fd_baseline(&mut lp);
+    let p = Primary::new();
+    p.set_handoff_timeout(std::time::Duration::from_millis(timeout_ms));
+    p.set_scheduler(|_, loads| loads.iter().any(|l| l.id == 1).then_some(1));
+    p.setup_primary(&mut lp, fake_settings(mode));
+    let reports = shared(Vec::<HandoffReport>::new());
+    let body_got = shared(None::<String>);
+    let listening = Counter::new();
+    let (l, b) = (listening.clone(), body_got.clone());
+    p.on_listening(move |lp, _, a| {
+        l.hit();
+        if l.get() < 2 {
+            return;
+        }
+        let b = b.clone();
+        fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |_, r| {
+            *b.borrow_mut() = Some(body(&r.unwrap_or_default()));
+        });
+    });
+    // A fake that stops reading is killed once reported; one that closed
+    // its channel, once it is disconnected.
+    let r = reports.clone();
+    p.on_error(move |lp, w, e| {
+        let ClusterError::Handoff {
+            failure,
+            outcome,
+            connections,
+        } = e
+        else {
+            panic!("unexpected error from {:?}: {e}", w.map(Worker::id));
+        };
+        r.borrow_mut()
+            .push((w.map(Worker::id), *failure, *outcome, *connections));
+        if *failure == HandoffFailure::Unread {
+            w.unwrap().kill(lp, Some(9)).unwrap();
+        }
+    });
+    p.on_disconnect(|lp, w| {
+        if w.id() == 1 && !w.is_dead() {
+            w.kill(lp, None).unwrap();
+        }
+    });
+    let check = lp.check_init();
+    let (b, p3) = (body_got.clone(), p.clone());
+    lp.check_start(check, move |lp, c| {
+        if b.borrow().is_some() {
+            p3.disconnect(lp, |_| {});
+            lp.close(c, |_| {}).unwrap();
+        }
+    })
+    .unwrap();
+    let fake = p.fork(&mut lp, vec![]).unwrap();
+    p.setup_primary(&mut lp, node_net_settings());
+    let node = p.fork(&mut lp, vec![]).unwrap();
+    run_with_deadline(&mut lp, 30_000);
+    assert_eq!(node.exit_status(), Some((Some(0), None)));
+    assert!(fake.exit_status().is_some());
+    assert_loop_empty(&lp);
+    assert_eq!(open_fds(), baseline, "the primary's fds are back");
+    let got = body_got.borrow().clone().unwrap();
+    let node_pid = node.pid().unwrap().to_string();
+    let reports = reports.borrow().clone();
+    (got, node_pid, reports)
+}
+
+/// The worker's channel closes while a connection is in flight to it (the
+/// fake closes it on receiving the `newconn`, and lives on): the connection
+/// goes to the other worker. (Node leaks it in the primary.)
+#[test]
+fn channel_closing_mid_handoff_rehands_the_connection() {
+    util::isolated("channel_closing_mid_handoff_rehands_the_connection", || {
+        let (got, node_pid, reports) = fake_then_node_serve_one("close", 5_000);
+        assert_eq!(got, node_pid);
+        assert_eq!(
+            reports,
+            [(
+                Some(1),
+                HandoffFailure::ChannelClosed,
+                HandoffOutcome::Rehanded,
+                1
+            )]
+        );
+    });
+}
+
+/// The worker exits while a connection is in flight to it: the connection
+/// goes to the other worker, and the report says the worker went (as its
+/// exit, or as its channel closing, whichever the primary saw first), not
+/// `IPC channel I/O error`.
+#[test]
+fn worker_exiting_mid_handoff_rehands_the_connection() {
+    util::isolated("worker_exiting_mid_handoff_rehands_the_connection", || {
+        let (got, node_pid, reports) = fake_then_node_serve_one("exit", 5_000);
+        assert_eq!(got, node_pid);
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(
+            matches!(
+                reports[0],
+                (
+                    Some(1),
+                    HandoffFailure::Exited | HandoffFailure::ChannelClosed,
+                    HandoffOutcome::Rehanded,
+                    1
+                )
+            ),
+            "{reports:?}"
+        );
+    });
+}
+
+/// The worker does not read its channel (its loop is stuck): once the
+/// handoff timeout has passed, the handoff is reported and stays in flight
+/// (the fd is in the worker's socket buffer: handing our copy to another
+/// worker could have two serve one connection); when the worker is killed,
+/// the connection goes to the other worker.
+#[test]
+fn unread_handoff_is_reported_and_rehanded_when_the_worker_dies() {
+    util::isolated(
+        "unread_handoff_is_reported_and_rehanded_when_the_worker_dies",
+        || {
+            let (got, node_pid, reports) = fake_then_node_serve_one("unread", 300);
+            assert_eq!(got, node_pid);
+            assert_eq!(reports.len(), 2, "{reports:?}");
+            assert_eq!(
+                reports[0],
+                (
+                    Some(1),
+                    HandoffFailure::Unread,
+                    HandoffOutcome::StillInFlight,
+                    1
+                )
+            );
+            assert!(
+                matches!(
+                    reports[1],
+                    (
+                        Some(1),
+                        HandoffFailure::Exited | HandoffFailure::ChannelClosed,
+                        HandoffOutcome::Rehanded,
+                        1
+                    )
+                ),
+                "{reports:?}"
+            );
+        },
+    );
+}
+
+/// Issue 10, part 3: a worker that dies under round-robin was reported as
+/// `IPC channel I/O error: Broken pipe` (the primary's `newconn` write to
+/// its closed channel). The fake answers for one connection and closes its
+/// channel while the scheduler has placed a second one on it; that second
+/// one goes to the other worker, reported as a handoff that could not be
+/// sent (or, if the primary saw the channel close first, as the channel
+/// closing), and no channel I/O error is reported.
+#[test]
+fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken_pipe() {
+    util::isolated(
+        "worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken_pipe",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let baseline = fd_baseline(&mut lp);
+            let p = Primary::new();
+            let placed = Counter::new();
+            let pl = placed.clone();
+            p.set_scheduler(move |_, loads| {
+                pl.hit();
+                loads.iter().any(|l| l.id == 1).then_some(1)
+            });
+            p.setup_primary(&mut lp, fake_settings("epipe"));
+            let reports = record_handoffs(&p);
+            let bodies = shared(Vec::<String>::new());
+            let holding = Counter::new();
+            let h = holding.clone();
+            p.on_message(move |_, w, msg, _| {
+                if msg["op"] == "holding" {
+                    assert_eq!(w.id(), 1);
+                    h.hit();
+                }
+            });
+            let listening = Counter::new();
+            let (l, b) = (listening.clone(), bodies.clone());
+            p.on_listening(move |lp, _, a| {
+                l.hit();
+                if l.get() < 2 {
+                    return;
+                }
+                for _ in 0..2 {
+                    let b = b.clone();
+                    fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |_, r| {
+                        b.borrow_mut().push(body(&r.unwrap_or_default()));
+                    });
+                }
+            });
+            p.on_disconnect(|lp, w| {
+                if w.id() == 1 && !w.is_dead() {
+                    w.kill(lp, None).unwrap();
+                }
+            });
+            // Once both connections are placed on the fake (the first in
+            // flight, the second waiting for it) and it holds the first:
+            // go.
+            let check = lp.check_init();
+            let (b, p2, w1) = (bodies.clone(), p.clone(), shared(None::<Worker>));
+            let w1c = w1.clone();
+            let mut told = false;
+            lp.check_start(check, move |lp, c| {
+                if !told && placed.get() == 2 && holding.get() == 1 {
+                    told = true;
+                    let w = w1c.borrow().clone().unwrap();
+                    w.send(lp, &json!({"op":"go"}), None).unwrap();
+                }
+                if b.borrow().len() == 2 {
+                    p2.disconnect(lp, |_| {});
+                    lp.close(c, |_| {}).unwrap();
+                }
+            })
+            .unwrap();
+            let fake = p.fork(&mut lp, vec![]).unwrap();
+            *w1.borrow_mut() = Some(fake.clone());
+            p.setup_primary(&mut lp, node_net_settings());
+            let node = p.fork(&mut lp, vec![]).unwrap();
+            run_with_deadline(&mut lp, 30_000);
+            let mut bodies = bodies.borrow().clone();
+            bodies.sort();
+            let mut want = vec![
+                fake.pid().unwrap().to_string(),
+                node.pid().unwrap().to_string(),
+            ];
+            want.sort();
+            assert_eq!(bodies, want, "one served by each");
+            let reports = reports.borrow();
+            assert_eq!(reports.len(), 1, "{reports:?}");
+            assert!(
+                matches!(
+                    reports[0],
+                    (
+                        Some(1),
+                        HandoffFailure::NotSent | HandoffFailure::ChannelClosed,
+                        HandoffOutcome::Rehanded,
+                        1
+                    )
+                ),
+                "{reports:?}"
+            );
+            assert_eq!(node.exit_status(), Some((Some(0), None)));
+            assert_loop_empty(&lp);
+            assert_eq!(open_fds(), baseline, "the primary's fds are back");
+        },
+    );
+}
+
+/// The worker acknowledges the fd but never answers: once the handoff
+/// timeout has passed, the primary closes its copy (the worker holds the
+/// connection and may be serving it, so it goes to no one else) and the
+/// worker's slot is free again: the next connection reaches it.
+#[test]
+fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slot() {
+    util::isolated(
+        "answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slot",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let baseline = fd_baseline(&mut lp);
+            let p = Primary::new();
+            p.set_handoff_timeout(std::time::Duration::from_millis(300));
+            p.setup_primary(&mut lp, fake_settings("silent:1"));
+            let reports = shared(Vec::<HandoffReport>::new());
+            let bodies = shared(Vec::<String>::new());
+            let port = Rc::new(std::cell::Cell::new(0u16));
+            let before_first = Rc::new(std::cell::Cell::new(0usize));
+            let (po, bf, b) = (port.clone(), before_first.clone(), bodies.clone());
+            p.on_listening(move |lp, _, a| {
+                po.set(a.port.unwrap() as u16);
+                bf.set(open_fds());
+                let b = b.clone();
+                fetch(lp, &localhost(po.get()), b"", move |_, r| {
+                    b.borrow_mut().push(format!("first:{}", body(&r.unwrap())));
+                });
+            });
+            let (r, po, bf, b) = (reports.clone(), port.clone(), before_first, bodies.clone());
+            let p2 = p.clone();
+            p.on_error(move |lp, w, e| {
+                let ClusterError::Handoff {
+                    failure,
+                    outcome,
+                    connections,
+                } = e
+                else {
+                    panic!("unexpected error: {e}");
+                };
+                r.borrow_mut()
+                    .push((w.map(Worker::id), *failure, *outcome, *connections));
+                // Our copy is closed: the client's end is the one fd more.
+                assert_eq!(open_fds(), bf.get() + 1);
+                let (b, p3) = (b.clone(), p2.clone());
+                fetch(lp, &localhost(po.get()), b"", move |lp, r| {
+                    b.borrow_mut().push(body(&r.unwrap()));
+                    // The fake exits on disconnect, and the first
+                    // connection ends with it.
+                    p3.disconnect(lp, |_| {});
+                });
+            });
+            let fake = p.fork(&mut lp, vec![]).unwrap();
+            run_with_deadline(&mut lp, 30_000);
+            let pid = fake.pid().unwrap().to_string();
+            assert_eq!(*bodies.borrow(), [pid, "first:".to_string()]);
+            assert_eq!(
+                *reports.borrow(),
+                [(
+                    Some(1),
+                    HandoffFailure::NoAnswer,
+                    HandoffOutcome::LeftWithWorker,
+                    1
+                )]
+            );
+            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_loop_empty(&lp);
+            assert_eq!(open_fds(), baseline, "the primary's fds are back");
+        },
+    );
+}
+
+/// The only worker NACKs everything (at its fd limit and staying there):
+/// the connections are not held forever. Each waits at most the handoff
+/// timeout and is then closed, the worker is tried with a back-off rather
+/// than hammered, and the run of NACKs is reported once.
+#[test]
+fn connections_no_worker_can_take_are_closed_after_the_handoff_timeout() {
+    util::isolated(
+        "connections_no_worker_can_take_are_closed_after_the_handoff_timeout",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let baseline = fd_baseline(&mut lp);
+            let p = Primary::new();
+            p.set_handoff_timeout(std::time::Duration::from_millis(300));
+            p.setup_primary(&mut lp, fake_settings("nack:1000000"));
+            let reports = record_handoffs(&p);
+            let nacks = Counter::new();
+            let n2 = nacks.clone();
+            p.on_message(move |_, _, msg, _| {
+                assert_eq!(msg["op"], "nack");
+                n2.hit();
+            });
+            let bodies = shared(Vec::<String>::new());
+            let started = shared(None::<std::time::Instant>);
+            let (b, s, p2) = (bodies.clone(), started.clone(), p.clone());
+            p.on_listening(move |lp, _, a| {
+                *s.borrow_mut() = Some(std::time::Instant::now());
+                for _ in 0..3 {
+                    let (b, p3) = (b.clone(), p2.clone());
+                    fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |lp, r| {
+                        b.borrow_mut().push(body(&r.unwrap()));
+                        if b.borrow().len() == 3 {
+                            p3.disconnect(lp, |_| {});
+                        }
+                    });
+                }
+            });
+            let fake = p.fork(&mut lp, vec![]).unwrap();
+            run_with_deadline(&mut lp, 30_000);
+            let took = started.borrow().unwrap().elapsed();
+            assert_eq!(*bodies.borrow(), ["", "", ""], "closed, not served");
+            assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+            let reports = reports.borrow();
+            assert_eq!(
+                reports[0],
+                (
+                    Some(1),
+                    HandoffFailure::Rejected,
+                    HandoffOutcome::Rehanded,
+                    1
+                )
+            );
+            let closed: usize = reports[1..]
+                .iter()
+                .map(|r| {
+                    assert!(
+                        matches!(
+                            r,
+                            (None, HandoffFailure::NoWorker, HandoffOutcome::Closed, _)
+                        ),
+                        "{reports:?}"
+                    );
+                    r.3
+                })
+                .sum();
+            assert_eq!(closed, 3, "{reports:?}");
+            // 10 + 20 + 40 + 80 + 160 ms of back-off fit in 300 ms: a
+            // handful of tries, not one per loop iteration.
+            assert!(
+                (2..=8).contains(&nacks.get()),
+                "{} NACKs in {took:?}",
+                nacks.get()
+            );
+            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_loop_empty(&lp);
+            assert_eq!(open_fds(), baseline, "the primary's fds are back");
+        },
+    );
 }

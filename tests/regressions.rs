@@ -526,3 +526,168 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
     assert_loop_empty(&lp);
     drop(clients);
 }
+
+// ----- issue 10, part 4: a handoff that fails must never wedge a worker ------
+
+/// Builds an example with the cargo that runs the tests and returns its
+/// executable, as cargo reports it.
+fn build_example_for_regression(name: &str) -> std::path::PathBuf {
+    use std::process::{Command, Stdio};
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--example", name, "--message-format=json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return exe.into();
+        }
+    }
+    panic!("cargo did not report an executable for example {name}");
+}
+
+/// The issue's reproduction: `cluster_hello` under `ulimit -n 64` with
+/// `workers` workers; idle connections fill the workers until each has
+/// NACKed a `newconn` (the primary reports it on stderr); the idle clients
+/// go; then
+/// 5 requests, as 5 `curl`s, must all be served. Before the fix the
+/// NACKing worker was marked as having a handoff in flight forever: 0 of 5
+/// served in 2 of 3 runs with one worker (a total outage in 2 of 5 runs
+/// with 2 workers and 200 idle connections).
+///
+/// The idle connections are opened 10 at a time, each batch followed by a
+/// request that must be answered before the next batch: the primary, under
+/// the same limit, then never holds more than a batch, so the connections
+/// reach the workers instead of being refused by a primary that is out of
+/// fds itself (which made the issue's runs differ).
+fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    enum Ev {
+        Stderr(String),
+        Served(bool),
+    }
+    fn get(addr: std::net::SocketAddr) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("hello world\n")
+    }
+
+    let exe = build_example_for_regression("cluster_hello");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\""])
+        .arg(&exe)
+        .env("PORT", port.to_string())
+        .env("WORKERS", workers.to_string())
+        .env("NODE_CLUSTER_SCHED_POLICY", "rr")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut ready = BufReader::new(child.stdout.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Kill(child);
+    let mut line = String::new();
+    ready.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let (tx, rx) = mpsc::channel::<Ev>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx2.send(Ev::Stderr(line)).is_err() {
+                break;
+            }
+        }
+    });
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    // The workers that NACKed, as the primary's reports name them.
+    let mut nacked = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + LIMIT;
+    'fill: loop {
+        assert!(held.len() < 400, "no NACK after {} connections", held.len());
+        for _ in 0..10 {
+            held.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Ev::Served(get(addr)));
+        });
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx
+                .recv_timeout(left)
+                .expect("a NACK reported within the limit")
+            {
+                Ev::Stderr(l) if l.contains("NACK") => {
+                    let id = l.split("worker ").nth(1).and_then(|r| r.split(':').next());
+                    nacked.insert(id.expect("the report names the worker").to_owned());
+                    if nacked.len() == workers {
+                        break 'fill;
+                    }
+                }
+                Ev::Stderr(_) => {}
+                Ev::Served(ok) => {
+                    assert!(ok, "a request before any NACK was not served");
+                    continue 'fill;
+                }
+            }
+        }
+    }
+    drop(held);
+    // Five `curl`s.
+    let served = (0..5).filter(|_| get(addr)).count();
+    assert_eq!(served, 5, "requests served after the idle connections went");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn handoff_nacked_at_the_fd_limit_wedged_the_only_worker() {
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(1);
+}
+
+#[test]
+fn handoff_nacked_at_the_fd_limit_wedged_both_workers() {
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(2);
+}

@@ -25,7 +25,9 @@ use std::sync::OnceLock;
 
 pub use child::setup_worker;
 pub use primary::{ClusterError, Primary};
-pub use round_robin_handle::{ConnInfo, Scheduler, WorkerLoad};
+pub use round_robin_handle::{
+    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Scheduler, WorkerLoad,
+};
 pub use settings::{SchedulingPolicy, Settings};
 pub use worker::{Address, Worker, WorkerState};
 

@@ -20,7 +20,10 @@ use serde_json::{Map, Value};
 
 use super::NODE_UNIQUE_ID;
 use super::protocol::{Act, AddressType, Query, QueryReply};
-use super::round_robin_handle::{ConnInfo, Pick, RoundRobinHandle, Scheduler, WorkerLoad, truthy};
+use super::round_robin_handle::{
+    self, ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Pick,
+    RoundRobinHandle, Scheduler, WorkerLoad, truthy,
+};
 use super::settings::{SchedulingPolicy, Settings};
 use super::shared_handle::{SharedHandle, fd_of};
 use super::worker::{Address, Side, Worker, WorkerState};
@@ -37,7 +40,25 @@ pub enum ClusterError {
     Channel(ChannelError),
     /// A cluster message was malformed or out of place.
     Protocol(String),
-    /// Binding or listening for a worker's server failed.
+    /// A connection handed to the worker (round-robin and the modes built
+    /// on it) came back without the worker's answer, or connections waited
+    /// too long for a worker able to take them (then no worker is named).
+    /// The service goes on: this says what happened to the connection.
+    /// Node has no such report: its primary waits for the answer forever
+    /// and the worker gets no other connection.
+    Handoff {
+        /// How the handoff ended.
+        failure: HandoffFailure,
+        /// What became of the connection(s).
+        outcome: HandoffOutcome,
+        /// How many connections this is about (more than one only for
+        /// [`HandoffFailure::NoWorker`]).
+        connections: usize,
+    },
+    /// Binding or listening for a worker's server failed, or its shared
+    /// socket did not reach it (`EMFILE`, after the worker answered
+    /// `NODE_HANDLE_NACK`: it is out of fds); the worker's `listen` fails
+    /// with the same error.
     Listen {
         /// Node's negative errno (`-98` for EADDRINUSE).
         errno: i64,
@@ -54,6 +75,17 @@ impl fmt::Display for ClusterError {
             ClusterError::Spawn(e) => write!(f, "fork failed: {e}"),
             ClusterError::Channel(e) => write!(f, "worker channel: {e}"),
             ClusterError::Protocol(m) => write!(f, "cluster protocol: {m}"),
+            ClusterError::Handoff {
+                failure,
+                outcome,
+                connections,
+            } => {
+                if *connections == 1 {
+                    write!(f, "{failure}; the connection was {outcome}")
+                } else {
+                    write!(f, "{failure}; {connections} connections were {outcome}")
+                }
+            }
             ClusterError::Listen {
                 errno,
                 code,
@@ -94,6 +126,8 @@ pub(crate) struct PrimaryInner {
     policy: SchedulingPolicy,
     /// A user scheduler for round-robin handles created from now on.
     scheduler: Option<Scheduler>,
+    /// The handoff timeout for round-robin handles created from now on.
+    handoff_timeout: std::time::Duration,
     /// The last id given out.
     ids: u32,
     /// Node's `cluster.workers`.
@@ -221,6 +255,7 @@ impl Primary {
                 initialized: false,
                 policy: SchedulingPolicy::from_env(),
                 scheduler: None,
+                handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
                 ids: 0,
                 workers: BTreeMap::new(),
                 alive: BTreeMap::new(),
@@ -334,6 +369,27 @@ impl Primary {
     /// ```
     pub fn set_scheduler(&self, f: impl Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32> + 'static) {
         self.inner.borrow_mut().scheduler = Some(Rc::new(f));
+    }
+
+    /// Sets the handoff timeout of round-robin handles created after this
+    /// call (default [`DEFAULT_HANDOFF_TIMEOUT`], 5 s). It bounds how long
+    /// a connection handed to a worker may go unanswered once the worker
+    /// has acknowledged its fd (the primary then closes its copy, leaving
+    /// the connection to the worker, and frees the worker's slot), when a
+    /// handoff left unread is reported, and how long a connection may wait
+    /// in the primary while no worker can take one (every worker backing
+    /// off after a failed handoff, or not reading its channel) before it is
+    /// closed. Each case is reported as [`ClusterError::Handoff`].
+    ///
+    /// Node has no such timeout: its round-robin handle waits for every
+    /// answer forever (`lib/internal/cluster/round_robin_handle.js`).
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero.
+    pub fn set_handoff_timeout(&self, timeout: std::time::Duration) {
+        assert!(!timeout.is_zero(), "the handoff timeout must not be zero");
+        self.inner.borrow_mut().handoff_timeout = timeout;
     }
 
     /// Sends `msg` to every connected worker; returns how many it was
@@ -476,11 +532,19 @@ impl Primary {
         {
             let (p, w) = (weak.clone(), worker.clone());
             ch.on_error(move |lp, _, e| {
-                // Node's channel treats a read error as the end of the
-                // stream: a worker killed with unread messages resets the
-                // connection, and that is a disconnect, not an error.
+                // The worker's end of the channel is gone: it exited (or
+                // closed its channel). Node's channel treats a read error
+                // as the end of the stream (a worker killed with unread
+                // messages resets the connection), and a write to a closed
+                // end fails with EPIPE. Neither is an I/O fault of the
+                // primary: the `disconnect` and `exit` events report what
+                // happened, and a connection that was being handed to the
+                // worker is reported as re-handed (`ClusterError::Handoff`).
                 if let ChannelError::Io(io) = &e
-                    && io.kind() == io::ErrorKind::ConnectionReset
+                    && matches!(
+                        io.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    )
                 {
                     return;
                 }
@@ -626,6 +690,18 @@ impl Primary {
         }
     }
 
+    /// What round-robin handles report through: this primary's `error`
+    /// event (held weakly: the handles live in the primary).
+    fn reporter(&self) -> round_robin_handle::Report {
+        let me = Rc::downgrade(&self.inner);
+        Rc::new(move |lp: &mut Loop, w: Option<&Worker>, e: ClusterError| {
+            match Primary::from_ref(&me) {
+                Some(p) => p.emit_error(lp, w, &e),
+                None => log::warn!("cluster: {e}"),
+            }
+        })
+    }
+
     fn protocol_error(&self, lp: &mut Loop, w: &Worker, msg: String) {
         self.emit_error(lp, Some(w), &ClusterError::Protocol(msg));
     }
@@ -658,8 +734,21 @@ impl Primary {
     }
 
     /// Node's `removeHandlesForWorker`, plus giving back connections that
-    /// were in flight to the worker once its channel is gone.
-    fn remove_handles_for_worker(&self, lp: &mut Loop, w: &Worker) {
+    /// were in flight to the worker once it can no longer answer: its
+    /// channel is closed, or `exited` (its process is dead and its channel
+    /// was not closed with it).
+    fn remove_handles_for_worker(&self, lp: &mut Loop, w: &Worker, exited: bool) {
+        let gone = if !w.is_connected() {
+            Some(if w.is_dead() {
+                HandoffFailure::Exited
+            } else {
+                HandoffFailure::ChannelClosed
+            })
+        } else if exited {
+            Some(HandoffFailure::Exited)
+        } else {
+            None
+        };
         let handles: Vec<(String, ServerHandleRef)> = {
             let i = self.inner.borrow();
             i.handles
@@ -668,21 +757,28 @@ impl Primary {
                 .collect()
         };
         for (key, h) in handles {
-            self.remove_from_handle(lp, &key, h, w);
+            self.remove_from_handle(lp, &key, h, w, gone);
         }
-        if !w.is_connected() {
+        if let Some(why) = gone {
             let retired = self.inner.borrow().retired_rr.clone();
             for rr in retired {
-                rr.lost(lp, w.id());
+                rr.lost(lp, w, why);
             }
             self.prune_retired();
         }
     }
 
     /// `handle.remove(worker)`, deleting the key when it was the last.
-    fn remove_from_handle(&self, lp: &mut Loop, key: &str, h: ServerHandleRef, w: &Worker) {
+    fn remove_from_handle(
+        &self,
+        lp: &mut Loop,
+        key: &str,
+        h: ServerHandleRef,
+        w: &Worker,
+        gone: Option<HandoffFailure>,
+    ) {
         let last = match &h {
-            ServerHandleRef::RoundRobin(rr) => rr.remove(lp, w),
+            ServerHandleRef::RoundRobin(rr) => rr.remove(lp, w, gone),
             ServerHandleRef::Shared => {
                 // Closing a uv handle runs no callback now, so the borrow
                 // can be held.
@@ -763,7 +859,7 @@ impl Primary {
                     .get(&key)
                     .map(|e| ServerHandleRef::of(&e.handle));
                 if let Some(h) = h {
-                    self.remove_from_handle(lp, &key, h, w);
+                    self.remove_from_handle(lp, &key, h, w, None);
                 }
             }
             Act::ExitedAfterDisconnect => {
@@ -838,6 +934,8 @@ impl Primary {
             let policy = self.inner.borrow().policy;
             let kind = q.kind().unwrap_or(AddressType::Fd);
             let tcp = matches!(kind, AddressType::Tcp4 | AddressType::Tcp6);
+            let timeout_ms = (self.inner.borrow().handoff_timeout.as_millis() as u64).max(1);
+            let report = self.reporter();
             let pick = match policy {
                 SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
                 SchedulingPolicy::RoundRobin => Some(match self.inner.borrow().scheduler.clone() {
@@ -858,7 +956,11 @@ impl Primary {
                     key.clone(),
                     address.as_deref(),
                     &q,
-                    pick,
+                    round_robin_handle::Options {
+                        pick,
+                        timeout_ms,
+                        report,
+                    },
                 )),
                 None => ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q)),
             };
@@ -919,8 +1021,8 @@ impl Primary {
         }
         let reply = QueryReply {
             errno,
-            key,
-            data,
+            key: key.clone(),
+            data: data.clone(),
             sockname,
         };
         let mut fields = reply.to_fields(seq);
@@ -929,12 +1031,72 @@ impl Primary {
             // (Node workers ignore the field).
             fields.insert("loadReports".into(), true.into());
         }
-        self.send_to(lp, w, fields, if failed { None } else { attach });
+        match attach {
+            Some(a) if !failed => self.send_shared(lp, w, fields, a, (key, data, seq)),
+            _ => self.send_to(lp, w, fields, None),
+        }
         if let Some(rr) = rr
             && !failed
         {
             rr.handoff(lp, w);
         }
+    }
+}
+
+impl Primary {
+    /// Sends a shared handle's `queryServer` reply with its socket. If the
+    /// socket does not reach the worker (`NODE_HANDLE_NACK`: the kernel
+    /// dropped the fd, as it does for a worker at its fd limit), the worker
+    /// leaves the handle and is answered again, without a socket, with
+    /// `EMFILE`: its `listen` (or `bind`) fails with that error instead of
+    /// waiting forever, as a Node worker's does (Node's primary drops the
+    /// NACKed reply and the worker's callback never runs). The failure is
+    /// reported as [`ClusterError::Listen`].
+    fn send_shared(
+        &self,
+        lp: &mut Loop,
+        w: &Worker,
+        fields: Map<String, Value>,
+        attach: ipc::Attach,
+        (key, data, seq): (String, Value, u64),
+    ) {
+        let Some(ch) = w.channel() else { return };
+        let (me, w2) = (Rc::downgrade(&self.inner), w.clone());
+        let on_delivery = Box::new(move |lp: &mut Loop, _: &ipc::Channel, d| {
+            // A failed write: the worker is gone, and its disconnect is
+            // handled as any other.
+            if !matches!(d, ipc::HandleDelivery::Nacked) {
+                return;
+            }
+            let Some(p) = Primary::from_ref(&me) else {
+                return;
+            };
+            let h = p
+                .inner
+                .borrow()
+                .handles
+                .get(&key)
+                .map(|e| ServerHandleRef::of(&e.handle));
+            if let Some(h) = h {
+                p.remove_from_handle(lp, &key, h, &w2, None);
+            }
+            let errno = -(nix::errno::Errno::EMFILE as i64);
+            let reply = QueryReply {
+                errno: Some(errno),
+                key,
+                data,
+                sockname: None,
+            };
+            p.send_to(lp, &w2, reply.to_fields(seq), None);
+            let e = ClusterError::Listen {
+                errno,
+                code: "EMFILE".into(),
+                syscall: "bind".into(),
+            };
+            p.emit_error(lp, Some(&w2), &e);
+        });
+        // A closed channel: the worker is gone; its disconnect is handled.
+        let _ = ch.send_cluster_handle(lp, fields, attach, None, on_delivery);
     }
 }
 
@@ -1021,6 +1183,13 @@ fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// How long after a worker's exit the primary waits for its channel to
+/// close before giving back a connection that was in flight to it, in
+/// milliseconds. What the dead worker wrote is already in the channel and
+/// is read at the next poll; this only matters when another process keeps
+/// the worker's end of the channel open.
+const EXIT_GRACE_MS: u64 = 100;
+
 /// The worker's process exited (Node's `worker.process.once('exit')`).
 fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: i32) {
     let primary = Primary::from_ref(p);
@@ -1036,8 +1205,29 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
         }
     }
     if !connected && let Some(p) = &primary {
-        p.remove_handles_for_worker(lp, w);
+        p.remove_handles_for_worker(lp, w, true);
         p.remove_worker(lp, w, true);
+    }
+    if connected {
+        // The channel usually closes with the process, and its end of
+        // stream, read after everything the worker wrote, is where a
+        // connection in flight to it is given back. If the channel stays
+        // open (another process holds the worker's end), nothing more can
+        // come from the dead worker once what it wrote has been read:
+        // after a grace period, give back what was in flight to it.
+        let (p, w2) = (p.clone(), w.clone());
+        let t = lp.timer_init();
+        let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
+            let _ = lp.close(t, |_| {});
+            if w2.is_connected()
+                && let Some(p) = Primary::from_ref(&p)
+            {
+                p.remove_handles_for_worker(lp, &w2, true);
+            }
+        });
+        if started.is_err() {
+            let _ = lp.close(t, |_| {});
+        }
     }
     let (code, sig) = {
         let mut i = w.inner.borrow_mut();
@@ -1069,7 +1259,7 @@ fn on_channel_disconnect(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
         i.exit_code.is_some() || i.signal_code.is_some()
     };
     if let Some(p) = &primary {
-        p.remove_handles_for_worker(lp, w);
+        p.remove_handles_for_worker(lp, w, dead);
         if dead {
             p.remove_worker(lp, w, true);
         }
@@ -1099,7 +1289,7 @@ pub(crate) fn disconnect_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
     let mut fields = Map::new();
     fields.insert("act".into(), "disconnect".into());
     primary.send_to(lp, w, fields, None);
-    primary.remove_handles_for_worker(lp, w);
+    primary.remove_handles_for_worker(lp, w, false);
     primary.remove_worker(lp, w, false);
 }
 

@@ -15,14 +15,45 @@
 //!
 //! At every instant each accepted connection has exactly one owner: the
 //! queue, "in flight to worker N" (`in_flight`), or worker N (after
-//! `accepted: true`, when our copy is closed). Node loses a connection that
-//! was in flight to a worker whose channel closed before it answered (the
-//! reply callback never runs and the fd leaks in the primary). Here the
-//! primary calls [`RoundRobinHandle::lost`] when a worker's channel closes,
-//! which puts that connection back at the head of the queue, or closes it
-//! when no worker is left.
+//! `accepted: true`, when our copy is closed).
+//!
+//! # A handoff that ends without an answer
+//!
+//! Node's handle waits for the answer to each `newconn` forever: a worker
+//! whose answer never comes never gets another connection, and the
+//! connection stays open in the primary. Here every way a handoff can end
+//! without an answer is handled (see [`HandoffFailure`]), and reported
+//! through the primary's `error` event as [`ClusterError::Handoff`]:
+//!
+//! * **NACK** (the fd did not reach the worker: out of fds, `MSG_CTRUNC`)
+//!   or a **failed write** (the worker's end of the channel is closed): the
+//!   connection goes back to the head of the queue, to the next free
+//!   worker, and the worker backs off: it is tried again after
+//!   [`BACKOFF_MIN_MS`], doubling with each failure in a row up to
+//!   [`BACKOFF_MAX_MS`], until a handoff reaches it. So a worker at its fd
+//!   limit is neither hammered nor lost: it takes connections again once it
+//!   has fds.
+//! * **The channel closes** or **the process exits** before the answer: the
+//!   primary calls [`RoundRobinHandle::remove`] with the reason, which puts
+//!   the connection back at the head of the queue (Node leaks it), or
+//!   closes it when no worker is left.
+//! * **No answer** within the handoff timeout (default
+//!   [`DEFAULT_HANDOFF_TIMEOUT`]) after the worker acknowledged the fd: the
+//!   worker holds the connection and may be serving it, so it cannot be
+//!   given to another; our copy is closed and the worker's slot freed. A
+//!   late answer only updates its counts.
+//! * **Not read** within the timeout (no ACK: the worker's loop is not
+//!   reading its channel): the fd waits in the worker's socket buffer, so
+//!   re-handing it could make two workers serve one connection. It stays in
+//!   flight (if the worker dies it is re-handed; if it NACKs it is
+//!   re-handed) and the worker gets nothing else until it reads.
+//! * Connections queued while **no worker can take one** (every worker is
+//!   backing off or has left a handoff unread past the timeout) are closed
+//!   once they have waited the timeout, rather than held forever. While
+//!   some worker is healthy the queue waits for it, as Node's does.
 //!
 //! [`distribute`]: RoundRobinHandle::distribute
+//! [`ClusterError::Handoff`]: super::ClusterError::Handoff
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -31,11 +62,115 @@ use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
+use super::primary::ClusterError;
 use super::protocol::{self, Query};
 use super::shared_handle::{ServerSocket, create_server_handle, neg_errno};
 use super::worker::Worker;
-use crate::ipc::{AfterAck, Attach, HandleKind, SendHandle, close_accepted};
-use crate::uv::{Handle, Loop, Pipe, Tcp, Timer};
+use crate::ipc::{
+    AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
+};
+use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Timer};
+
+/// How long a handoff may go unanswered, and how long a connection may wait
+/// while no worker can take it, unless
+/// [`Primary::set_handoff_timeout`](super::Primary::set_handoff_timeout)
+/// says otherwise. A worker answers a `newconn` within a loop iteration or
+/// two; five seconds is far beyond that, and short of the minutes a client
+/// would otherwise hang.
+pub const DEFAULT_HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The first back-off of a worker whose handoff failed (NACK or a failed
+/// write), in loop milliseconds; it doubles with each failure in a row.
+pub(super) const BACKOFF_MIN_MS: u64 = 10;
+
+/// The longest back-off, in loop milliseconds: a worker at its fd limit is
+/// tried at most twice a second, and takes connections again within half a
+/// second of having fds.
+pub(super) const BACKOFF_MAX_MS: u64 = 500;
+
+/// How a handoff (a `newconn` sent to a worker with a connection's fd)
+/// ended without the worker's `{accepted}` answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoffFailure {
+    /// The worker answered `NODE_HANDLE_NACK`: the message reached it
+    /// without its fd. The kernel drops an fd the receiver has no room for
+    /// (`MSG_CTRUNC`), as when the worker is at its `RLIMIT_NOFILE`.
+    Rejected,
+    /// The message could not be written to the worker's channel: its end is
+    /// closed (`EPIPE`), because the worker exited or closed it.
+    NotSent,
+    /// The worker's channel closed before it answered (it exited or
+    /// disconnected).
+    ChannelClosed,
+    /// The worker's process exited before it answered.
+    Exited,
+    /// The worker acknowledged the fd but sent no answer within the
+    /// handoff timeout.
+    NoAnswer,
+    /// The worker has not read the handoff (no ACK) within the handoff
+    /// timeout: its loop is not reading its channel.
+    Unread,
+    /// Connections waited the handoff timeout while no worker could take
+    /// one (every worker was backing off or had a handoff unread).
+    NoWorker,
+}
+
+impl std::fmt::Display for HandoffFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HandoffFailure::Rejected => {
+                "the worker could not receive a connection's fd (NODE_HANDLE_NACK; \
+                 out of file descriptors?)"
+            }
+            HandoffFailure::NotSent => {
+                "a connection could not be written to the worker's channel \
+                 (its end is closed: the worker exited)"
+            }
+            HandoffFailure::ChannelClosed => {
+                "the worker's channel closed (it exited or disconnected) before it \
+                 answered for a connection"
+            }
+            HandoffFailure::Exited => "the worker exited before it answered for a connection",
+            HandoffFailure::NoAnswer => {
+                "the worker took a connection but sent no answer within the handoff timeout"
+            }
+            HandoffFailure::Unread => {
+                "the worker has not read a connection handed to it within the handoff timeout"
+            }
+            HandoffFailure::NoWorker => {
+                "connections waited the handoff timeout with no worker able to take them"
+            }
+        })
+    }
+}
+
+/// What became of the connection(s) of a failed handoff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoffOutcome {
+    /// Back at the head of the queue: the next free worker takes it.
+    Rehanded,
+    /// Closed (no worker is left, or none could take it in time).
+    Closed,
+    /// Left to the worker, which holds it; the primary closed its copy.
+    LeftWithWorker,
+    /// Still in flight to the worker, which gets no other connection until
+    /// it reads it.
+    StillInFlight,
+}
+
+impl std::fmt::Display for HandoffOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HandoffOutcome::Rehanded => "re-handed to the next free worker",
+            HandoffOutcome::Closed => "closed",
+            HandoffOutcome::LeftWithWorker => "left to the worker (the primary closed its copy)",
+            HandoffOutcome::StillInFlight => "still in flight until the worker reads it",
+        })
+    }
+}
+
+/// Reports a cluster error through the primary's `error` event.
+pub(super) type Report = Rc<dyn Fn(&mut Loop, Option<&Worker>, ClusterError)>;
 
 /// An accepted connection, owned by the handle until a worker accepts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +193,13 @@ impl Conn {
             Conn::Pipe(h) => SendHandle::Pipe(h),
         }
     }
+}
+
+/// A connection waiting for a worker, with the loop time it was accepted.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    conn: Conn,
+    since: u64,
 }
 
 /// What a scheduler sees of one worker when it picks where a connection
@@ -138,13 +280,45 @@ const STALL_MS: u64 = 2;
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
     conn: Conn,
+    /// Loop time when it was accepted.
+    since: u64,
     /// Loop time when it was sent.
     sent: u64,
+    /// Loop time when the worker acknowledged the fd (`NODE_HANDLE_ACK`).
+    acked: Option<u64>,
+    /// Whether it was reported as [`HandoffFailure::Unread`].
+    unread: bool,
+}
+
+/// A worker whose handoffs failed: how many in a row, and the loop time
+/// before which it is not tried again.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    failures: u32,
+    until: u64,
+}
+
+/// What a handle needs from the primary.
+#[derive(Clone)]
+pub(super) struct Options {
+    pub(super) pick: Pick,
+    /// The handoff timeout, in loop milliseconds.
+    pub(super) timeout_ms: u64,
+    pub(super) report: Report,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("pick", &self.pick)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
 struct State {
-    pick: Pick,
+    opts: Options,
     /// Per worker: reported open connections, accepted in all.
     open: HashMap<u32, u64>,
     accepted: HashMap<u32, u64>,
@@ -154,7 +328,7 @@ struct State {
     clock: u64,
     /// Connections a scheduler placed on a worker that was busy; it takes
     /// them, in order, before the shared queue.
-    assigned: HashMap<u32, VecDeque<Conn>>,
+    assigned: HashMap<u32, VecDeque<Queued>>,
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<ServerSocket>,
@@ -167,9 +341,11 @@ struct State {
     /// Idle workers, in the order they became idle (Node's `free`).
     free: VecDeque<u32>,
     /// Accepted connections not yet handed out (Node's `handles`).
-    handles: VecDeque<Conn>,
+    handles: VecDeque<Queued>,
     /// The connection in flight to each worker.
     in_flight: HashMap<u32, InFlight>,
+    /// Workers whose handoffs failed, backing off.
+    backoff: HashMap<u32, Backoff>,
     /// Workers that left a connection unanswered for [`STALL_MS`]:
     /// [`Pick::LeastConnections`] passes them over until they answer.
     stalled: HashSet<u32>,
@@ -178,6 +354,48 @@ struct State {
     stall_timer: Option<Handle<Timer>>,
     /// When `stall_timer` fires, if it is armed.
     stall_due: Option<u64>,
+    /// Wakes [`RoundRobinHandle::expire`]: back-offs that end, handoffs
+    /// that time out, queued connections that wait too long.
+    deadline_timer: Option<Handle<Timer>>,
+    /// When `deadline_timer` fires, if it is armed.
+    deadline_due: Option<u64>,
+}
+
+impl State {
+    /// Whether worker `id` is backing off at loop time `now`.
+    fn cooling(&self, id: u32, now: u64) -> bool {
+        self.backoff.get(&id).is_some_and(|b| b.until > now)
+    }
+
+    /// Whether worker `id` cannot be counted on to take a connection: its
+    /// last handoff failed and none has reached it since, or it has left
+    /// one unread for the timeout.
+    fn failing(&self, id: u32, now: u64) -> bool {
+        self.backoff.contains_key(&id)
+            || self
+                .in_flight
+                .get(&id)
+                .is_some_and(|f| f.acked.is_none() && now >= f.sent + self.opts.timeout_ms)
+    }
+
+    /// The next loop time at which [`RoundRobinHandle::expire`] has work.
+    fn next_deadline(&self, now: u64) -> Option<u64> {
+        let t = self.opts.timeout_ms;
+        let backoffs = self.backoff.values().map(|b| b.until).filter(|&u| u > now);
+        let flights = self.in_flight.values().filter_map(|f| match f.acked {
+            Some(a) => Some(a + t),
+            None if !f.unread => Some(f.sent + t),
+            None => None,
+        });
+        // A queued connection's deadline counts only when it is ahead, or
+        // when every worker is failing (then `expire` closes it).
+        let all_failing = self.all.keys().all(|&id| self.failing(id, now));
+        let queued = (self.handles.front().into_iter())
+            .chain(self.assigned.values().filter_map(VecDeque::front))
+            .map(|q| q.since + t)
+            .filter(|&d| d > now || all_failing);
+        backoffs.chain(flights).chain(queued).min()
+    }
 }
 
 /// One step of [`RoundRobinHandle::dispatch_lc`].
@@ -207,11 +425,11 @@ impl RoundRobinHandle {
         key: String,
         address: Option<&str>,
         q: &Query,
-        pick: Pick,
+        opts: Options,
     ) -> Self {
         let rr = RoundRobinHandle {
             st: Rc::new(RefCell::new(State {
-                pick,
+                opts,
                 open: HashMap::new(),
                 accepted: HashMap::new(),
                 heard: HashMap::new(),
@@ -225,9 +443,12 @@ impl RoundRobinHandle {
                 free: VecDeque::new(),
                 handles: VecDeque::new(),
                 in_flight: HashMap::new(),
+                backoff: HashMap::new(),
                 stalled: HashSet::new(),
                 stall_timer: None,
                 stall_due: None,
+                deadline_timer: None,
+                deadline_due: None,
             })),
         };
         match rr.listen(lp, address, q) {
@@ -256,7 +477,7 @@ impl RoundRobinHandle {
                 lp.tcp_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
-                            Some(st) => RoundRobinHandle { st }.distribute(lp, Conn::Tcp(c)),
+                            Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Tcp(c)),
                             None => Conn::Tcp(c).close(lp),
                         }
                     }
@@ -269,7 +490,7 @@ impl RoundRobinHandle {
                 let listening = lp.pipe_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
-                            Some(st) => RoundRobinHandle { st }.distribute(lp, Conn::Pipe(c)),
+                            Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Pipe(c)),
                             None => Conn::Pipe(c).close(lp),
                         }
                     }
@@ -328,21 +549,48 @@ impl RoundRobinHandle {
         (None, st.sockname.clone())
     }
 
+    fn report(&self, lp: &mut Loop, w: Option<&Worker>, e: ClusterError) {
+        let report = self.st.borrow().opts.report.clone();
+        report(lp, w, e);
+    }
+
+    fn report_handoff(
+        &self,
+        lp: &mut Loop,
+        w: Option<&Worker>,
+        failure: HandoffFailure,
+        outcome: HandoffOutcome,
+        connections: usize,
+    ) {
+        let e = ClusterError::Handoff {
+            failure,
+            outcome,
+            connections,
+        };
+        self.report(lp, w, e);
+    }
+
+    /// The listener accepted a connection.
+    fn accepted(&self, lp: &mut Loop, conn: Conn) {
+        let since = lp.now();
+        self.distribute(lp, Queued { conn, since });
+    }
+
     /// A connection was accepted, or came back (Node's `distribute`): it
     /// joins the queue and the first free worker takes the head, or, when
     /// a scheduler placed it, waits for its worker.
-    fn distribute(&self, lp: &mut Loop, conn: Conn) {
+    fn distribute(&self, lp: &mut Loop, q: Queued) {
         if self.is_lc() {
-            self.enqueue(lp, conn, false);
+            self.enqueue(lp, q, false);
             return;
         }
-        let Some(id) = self.choose(lp, conn) else {
-            self.enqueue(lp, conn, false);
+        let Some(id) = self.choose(lp, q.conn) else {
+            self.enqueue(lp, q, false);
             return;
         };
         let next = {
             let mut st = self.st.borrow_mut();
-            st.assigned.entry(id).or_default().push_back(conn);
+            st.assigned.entry(id).or_default().push_back(q);
             let was_free = st.free.contains(&id);
             st.free.retain(|&f| f != id);
             if was_free {
@@ -354,18 +602,19 @@ impl RoundRobinHandle {
         if let Some(w) = next {
             self.handoff(lp, &w);
         }
+        self.arm_deadline(lp);
     }
 
     fn is_lc(&self) -> bool {
-        matches!(self.st.borrow().pick, Pick::LeastConnections)
+        matches!(self.st.borrow().opts.pick, Pick::LeastConnections)
     }
 
     /// The worker a user scheduler places `conn` on, or `None` for the
-    /// shared queue.
+    /// shared queue (also when it picks a worker that is backing off).
     fn choose(&self, lp: &mut Loop, conn: Conn) -> Option<u32> {
         let (f, loads) = {
             let st = self.st.borrow();
-            let Pick::Custom(f) = &st.pick else {
+            let Pick::Custom(f) = &st.opts.pick else {
                 return None;
             };
             if st.all.is_empty() {
@@ -389,12 +638,16 @@ impl RoundRobinHandle {
             Conn::Tcp(h) => lp.tcp_getpeername(h).ok().map(unmap_v4),
             Conn::Pipe(_) => None,
         };
-        f(&ConnInfo { peer }, &loads).filter(|id| self.st.borrow().all.contains_key(id))
+        let now = lp.now();
+        f(&ConnInfo { peer }, &loads).filter(|&id| {
+            let st = self.st.borrow();
+            st.all.contains_key(&id) && !st.cooling(id, now)
+        })
     }
 
     /// Whether this handle picks by load, so workers should report theirs.
     pub(super) fn wants_load(&self) -> bool {
-        !matches!(self.st.borrow().pick, Pick::Fifo)
+        !matches!(self.st.borrow().opts.pick, Pick::Fifo)
     }
 
     /// A worker reported its open connections on this server.
@@ -414,20 +667,20 @@ impl RoundRobinHandle {
         }
     }
 
-    fn enqueue(&self, lp: &mut Loop, conn: Conn, front: bool) {
+    fn enqueue(&self, lp: &mut Loop, q: Queued, front: bool) {
         let next = {
             let mut st = self.st.borrow_mut();
             if st.listener.is_none() {
                 drop(st);
-                conn.close(lp);
+                q.conn.close(lp);
                 return;
             }
             if front {
-                st.handles.push_front(conn);
+                st.handles.push_front(q);
             } else {
-                st.handles.push_back(conn);
+                st.handles.push_back(q);
             }
-            if matches!(st.pick, Pick::LeastConnections) {
+            if matches!(st.opts.pick, Pick::LeastConnections) {
                 None
             } else {
                 let id = st.free.pop_front();
@@ -439,47 +692,61 @@ impl RoundRobinHandle {
         } else if let Some(w) = next {
             self.handoff(lp, &w);
         }
+        self.arm_deadline(lp);
     }
 
     /// Gives the worker the next queued connection, or marks it free
     /// (Node's `handoff`). Under [`Pick::LeastConnections`] the whole
-    /// queue is reconsidered instead.
+    /// queue is reconsidered instead. A worker that is backing off is left
+    /// alone: the deadline timer hands it the next connection when its
+    /// back-off ends.
     pub(super) fn handoff(&self, lp: &mut Loop, w: &Worker) {
         if self.is_lc() {
             self.dispatch_lc(lp);
             return;
         }
         let id = w.id();
-        let conn = {
+        let now = lp.now();
+        let q = {
             let mut st = self.st.borrow_mut();
-            if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) {
+            if !st.all.contains_key(&id) || st.in_flight.contains_key(&id) || st.cooling(id, now) {
                 return;
             }
             let mine = st.assigned.get_mut(&id).and_then(VecDeque::pop_front);
-            let Some(conn) = mine.or_else(|| st.handles.pop_front()) else {
+            let Some(q) = mine.or_else(|| st.handles.pop_front()) else {
                 if !st.free.contains(&id) {
                     st.free.push_back(id);
                 }
                 return;
             };
-            conn
+            q
         };
-        if !self.send(lp, w, conn) {
+        if !self.send(lp, w, q) {
             // The channel is gone: the connection is still ours. Another
             // free worker takes it; this one is removed when its
             // disconnect is handled.
-            self.enqueue(lp, conn, true);
+            self.enqueue(lp, q, true);
         }
     }
 
-    /// Sends `conn` to `w` as `newconn`; `false` (and `conn` is still
+    /// Sends `q` to `w` as `newconn`; `false` (and the connection is still
     /// ours, not in flight) if the channel is gone.
-    fn send(&self, lp: &mut Loop, w: &Worker, conn: Conn) -> bool {
+    fn send(&self, lp: &mut Loop, w: &Worker, q: Queued) -> bool {
         let id = w.id();
+        let conn = q.conn;
         let key = {
             let mut st = self.st.borrow_mut();
             let sent = lp.now();
-            st.in_flight.insert(id, InFlight { conn, sent });
+            st.in_flight.insert(
+                id,
+                InFlight {
+                    conn,
+                    since: q.since,
+                    sent,
+                    acked: None,
+                    unread: false,
+                },
+            );
             st.key.clone()
         };
         let mut fields = Map::new();
@@ -490,41 +757,102 @@ impl RoundRobinHandle {
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
-        let me = self.clone();
-        let worker = w.clone();
+        let (me, worker) = (self.clone(), w.clone());
+        let on_reply = Box::new(
+            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Accepted>| {
+                if let Some(h) = h {
+                    close_accepted(lp, h);
+                }
+                me.on_reply(lp, &worker, conn, &reply);
+            },
+        );
+        let (me, worker) = (self.clone(), w.clone());
+        let on_delivery = Box::new(move |lp: &mut Loop, _: &Channel, d: HandleDelivery| {
+            me.on_delivery(lp, &worker, conn, d);
+        });
         let sent = match w.channel() {
             Some(ch) => ch
-                .send_cluster(
-                    lp,
-                    fields,
-                    Some(attach),
-                    Some(Box::new(move |lp, _, reply, h| {
-                        if let Some(h) = h {
-                            close_accepted(lp, h);
-                        }
-                        me.on_reply(lp, &worker, conn, &reply);
-                    })),
-                )
+                .send_cluster_handle(lp, fields, attach, Some(on_reply), on_delivery)
                 .is_ok(),
             None => false,
         };
-        if !sent {
+        if sent {
+            self.arm_deadline(lp);
+        } else {
             self.take_in_flight(id, conn);
         }
         sent
     }
 
-    /// Removes `conn` from worker `id`'s connection in flight; `false` if
-    /// it was not there (already requeued).
-    fn take_in_flight(&self, id: u32, conn: Conn) -> bool {
+    /// Removes `conn` from worker `id`'s connection in flight; `None` if
+    /// it was not there (already requeued, or given up).
+    fn take_in_flight(&self, id: u32, conn: Conn) -> Option<InFlight> {
         let mut st = self.st.borrow_mut();
         match st.in_flight.get(&id) {
-            Some(f) if f.conn == conn => {
-                st.in_flight.remove(&id);
-                true
-            }
-            _ => false,
+            Some(f) if f.conn == conn => st.in_flight.remove(&id),
+            _ => None,
         }
+    }
+
+    /// How the `NODE_HANDLE` of a `newconn` fared.
+    fn on_delivery(&self, lp: &mut Loop, w: &Worker, conn: Conn, d: HandleDelivery) {
+        let id = w.id();
+        let now = lp.now();
+        let failure = match d {
+            HandleDelivery::Acked => {
+                let mut st = self.st.borrow_mut();
+                if let Some(f) = st.in_flight.get_mut(&id).filter(|f| f.conn == conn) {
+                    f.acked = Some(now);
+                }
+                // The fd reached it: whatever made it fail is over.
+                st.backoff.remove(&id);
+                drop(st);
+                self.arm_deadline(lp);
+                return;
+            }
+            HandleDelivery::Nacked => HandoffFailure::Rejected,
+            HandleDelivery::NotSent(_) => HandoffFailure::NotSent,
+        };
+        let Some(f) = self.take_in_flight(id, conn) else {
+            return;
+        };
+        let first = {
+            let mut st = self.st.borrow_mut();
+            let b = st.backoff.entry(id).or_insert(Backoff {
+                failures: 0,
+                until: now,
+            });
+            b.failures += 1;
+            let delay = BACKOFF_MIN_MS
+                .saturating_mul(1 << (b.failures - 1).min(16))
+                .min(BACKOFF_MAX_MS);
+            b.until = now + delay;
+            let first = b.failures == 1;
+            st.free.retain(|&f| f != id);
+            first
+        };
+        let closed = self.is_closed();
+        // Connections placed on it go to the others while it backs off.
+        self.reassign(lp, id);
+        self.enqueue(
+            lp,
+            Queued {
+                conn,
+                since: f.since,
+            },
+            true,
+        );
+        if first || failure == HandoffFailure::NotSent {
+            // One report per run of failures, not one per retry.
+            let outcome = if closed {
+                HandoffOutcome::Closed
+            } else {
+                HandoffOutcome::Rehanded
+            };
+            self.report_handoff(lp, Some(w), failure, outcome, 1);
+        }
+        self.arm_deadline(lp);
+        self.maybe_close_timers(lp);
     }
 
     /// [`Pick::LeastConnections`]: hands out queued connections while it
@@ -533,14 +861,14 @@ impl RoundRobinHandle {
         loop {
             match self.lc_step(lp.now()) {
                 LcStep::Send(w) => {
-                    let Some(conn) = self.st.borrow_mut().handles.pop_front() else {
+                    let Some(q) = self.st.borrow_mut().handles.pop_front() else {
                         return;
                     };
-                    if !self.send(lp, &w, conn) {
+                    if !self.send(lp, &w, q) {
                         // Its channel is gone: pass it over until it is
                         // removed.
                         let mut st = self.st.borrow_mut();
-                        st.handles.push_front(conn);
+                        st.handles.push_front(q);
                         st.stalled.insert(w.id());
                     }
                 }
@@ -565,7 +893,8 @@ impl RoundRobinHandle {
     /// connection waits for the busy worker's answer, but only until that
     /// worker has been silent for [`STALL_MS`], after which it is passed
     /// over until it answers. If no worker has answered for everything,
-    /// the connection waits for the first answer.
+    /// the connection waits for the first answer. Workers backing off
+    /// after a failed handoff are not candidates.
     fn lc_step(&self, now: u64) -> LcStep {
         let st = self.st.borrow();
         if st.handles.is_empty() {
@@ -585,7 +914,9 @@ impl RoundRobinHandle {
         let candidates = || {
             st.all
                 .iter()
-                .filter(|(id, w)| !st.stalled.contains(id) && w.is_connected())
+                .filter(|(id, w)| {
+                    !st.stalled.contains(id) && !st.cooling(**id, now) && w.is_connected()
+                })
                 .map(|(id, _)| *id)
         };
         let Some(best) = candidates().min_by_key(rank) else {
@@ -647,17 +978,179 @@ impl RoundRobinHandle {
         });
     }
 
+    /// Arms the deadline timer for the next deadline (see
+    /// [`State::next_deadline`]), if it is not already armed for it or
+    /// earlier.
+    fn arm_deadline(&self, lp: &mut Loop) {
+        let now = lp.now();
+        let (timer, due) = {
+            let mut st = self.st.borrow_mut();
+            if st.listener.is_none() && st.in_flight.is_empty() {
+                return;
+            }
+            let Some(due) = st.next_deadline(now) else {
+                return;
+            };
+            if st.deadline_due.is_some_and(|d| d <= due && d >= now) {
+                return;
+            }
+            st.deadline_due = Some(due);
+            let t = *st.deadline_timer.get_or_insert_with(|| {
+                let t = lp.timer_init();
+                let _ = lp.unref_handle(t);
+                t
+            });
+            (t, due)
+        };
+        let weak = Rc::downgrade(&self.st);
+        let ms = due.saturating_sub(now);
+        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
+            let Some(st) = weak.upgrade() else { return };
+            let me = RoundRobinHandle { st };
+            me.st.borrow_mut().deadline_due = None;
+            me.expire(lp);
+        });
+    }
+
+    /// The deadline timer: workers whose back-off ended are tried again;
+    /// handoffs past the timeout are given up or reported; queued
+    /// connections are closed once they waited the timeout while no worker
+    /// could take one. Then the timer is armed for what comes next.
+    fn expire(&self, lp: &mut Loop) {
+        let now = lp.now();
+        let t = self.st.borrow().opts.timeout_ms;
+        // Back-offs that ended.
+        let retry: Vec<Worker> = {
+            let st = self.st.borrow();
+            st.backoff
+                .iter()
+                .filter(|(id, b)| b.until <= now && !st.in_flight.contains_key(id))
+                .filter_map(|(id, _)| st.all.get(id).cloned())
+                .collect()
+        };
+        for w in &retry {
+            self.handoff(lp, w);
+        }
+        // Handoffs without an answer.
+        let (no_answer, unread): (Vec<(u32, InFlight)>, Vec<u32>) = {
+            let mut st = self.st.borrow_mut();
+            let no_answer: Vec<u32> = st
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.acked.is_some_and(|a| now >= a + t))
+                .map(|(&id, _)| id)
+                .collect();
+            let no_answer = no_answer
+                .into_iter()
+                .filter_map(|id| st.in_flight.remove(&id).map(|f| (id, f)))
+                .collect();
+            let mut unread = Vec::new();
+            for (&id, f) in st.in_flight.iter_mut() {
+                if f.acked.is_none() && !f.unread && now >= f.sent + t {
+                    f.unread = true;
+                    unread.push(id);
+                }
+            }
+            (no_answer, unread)
+        };
+        for (id, f) in no_answer {
+            // The worker holds the connection and may be serving it: it
+            // cannot go to another. Ours is closed; its slot is free.
+            f.conn.close(lp);
+            let w = {
+                let mut st = self.st.borrow_mut();
+                if matches!(st.opts.pick, Pick::LeastConnections) {
+                    // Silent: passed over until it answers.
+                    st.stalled.insert(id);
+                }
+                st.all.get(&id).cloned()
+            };
+            self.report_handoff(
+                lp,
+                w.as_ref(),
+                HandoffFailure::NoAnswer,
+                HandoffOutcome::LeftWithWorker,
+                1,
+            );
+            if let Some(w) = w {
+                self.handoff(lp, &w);
+            }
+        }
+        for id in unread {
+            let w = self.st.borrow().all.get(&id).cloned();
+            self.report_handoff(
+                lp,
+                w.as_ref(),
+                HandoffFailure::Unread,
+                HandoffOutcome::StillInFlight,
+                1,
+            );
+        }
+        // Queued connections that no worker can take.
+        let expired: Vec<Conn> = {
+            let mut st = self.st.borrow_mut();
+            let all_failing = st.all.keys().all(|&id| st.failing(id, now));
+            if all_failing {
+                let mut out: Vec<Conn> = Vec::new();
+                let keep = |q: &Queued| q.since + t > now;
+                st.handles.retain(|q| keep(q) || !out_push(&mut out, q));
+                for qs in st.assigned.values_mut() {
+                    qs.retain(|q| keep(q) || !out_push(&mut out, q));
+                }
+                out
+            } else {
+                Vec::new()
+            }
+        };
+        if !expired.is_empty() {
+            for c in &expired {
+                c.close(lp);
+            }
+            self.report_handoff(
+                lp,
+                None,
+                HandoffFailure::NoWorker,
+                HandoffOutcome::Closed,
+                expired.len(),
+            );
+        }
+        if self.is_lc() {
+            self.dispatch_lc(lp);
+        }
+        self.arm_deadline(lp);
+        self.maybe_close_timers(lp);
+    }
+
+    /// Closes the deadline timer once the handle is closed and nothing is
+    /// in flight.
+    fn maybe_close_timers(&self, lp: &mut Loop) {
+        let timer = {
+            let mut st = self.st.borrow_mut();
+            if st.listener.is_some() || !st.in_flight.is_empty() {
+                return;
+            }
+            st.deadline_due = None;
+            st.deadline_timer.take()
+        };
+        if let Some(t) = timer {
+            let _ = lp.close(t, |_| {});
+        }
+    }
+
     fn on_reply(&self, lp: &mut Loop, w: &Worker, conn: Conn, reply: &Value) {
         let id = w.id();
-        if !self.take_in_flight(id, conn) {
-            return;
-        }
+        let taken = self.take_in_flight(id, conn);
         let accepted = truthy(reply.get("accepted"));
         {
             // Rust workers send their open-connection count with the reply;
-            // for others, count what they accepted.
+            // for others, count what they accepted. A late answer (to a
+            // handoff given up) counts as well: it is what the worker did.
             let mut st = self.st.borrow_mut();
+            if !st.all.contains_key(&id) && taken.is_none() {
+                return;
+            }
             st.stalled.remove(&id);
+            st.backoff.remove(&id);
             let reported = reply.get("load").and_then(Value::as_u64);
             let open = st.open.entry(id).or_default();
             match reported {
@@ -672,48 +1165,80 @@ impl RoundRobinHandle {
             let now = st.clock;
             st.heard.insert(id, now);
         }
-        if accepted {
-            conn.close(lp);
-        } else {
-            self.distribute(lp, conn);
+        if let Some(f) = taken {
+            if accepted {
+                conn.close(lp);
+            } else {
+                self.distribute(
+                    lp,
+                    Queued {
+                        conn,
+                        since: f.since,
+                    },
+                );
+            }
         }
         self.handoff(lp, w);
+        self.maybe_close_timers(lp);
     }
 
-    /// Worker `id`'s channel closed: the connection in flight to it (if
-    /// any) never reaches a worker's `onconnection`, so it goes back to the
-    /// head of the queue, or is closed when the handle is closed.
-    pub(super) fn lost(&self, lp: &mut Loop, id: u32) {
-        let conn = {
+    /// Worker `w` is gone (its channel closed, or its process exited): the
+    /// connection in flight to it (if any) never reaches a worker's
+    /// `onconnection`, so it goes back to the head of the queue, or is
+    /// closed when the handle is closed. `why` is reported with it.
+    pub(super) fn lost(&self, lp: &mut Loop, w: &Worker, why: HandoffFailure) {
+        let id = w.id();
+        let f = {
             let mut st = self.st.borrow_mut();
             st.stalled.remove(&id);
+            st.backoff.remove(&id);
+            st.free.retain(|&f| f != id);
             st.in_flight.remove(&id)
         };
-        if let Some(f) = conn {
-            self.enqueue(lp, f.conn, true);
+        if let Some(f) = f {
+            // With no worker left the handle closes, and the connection
+            // with it.
+            let outcome = if self.is_closed() || self.st.borrow().all.is_empty() {
+                HandoffOutcome::Closed
+            } else {
+                HandoffOutcome::Rehanded
+            };
+            self.enqueue(
+                lp,
+                Queued {
+                    conn: f.conn,
+                    since: f.since,
+                },
+                true,
+            );
+            self.report_handoff(lp, Some(w), why, outcome, 1);
         }
         self.reassign(lp, id);
+        self.maybe_close_timers(lp);
     }
 
     /// Connections placed on worker `id` that it never took go back through
-    /// the pick, among the workers left.
+    /// the pick, among the workers left (or, while it backs off, to the
+    /// shared queue).
     fn reassign(&self, lp: &mut Loop, id: u32) {
         let queued = self.st.borrow_mut().assigned.remove(&id);
-        for conn in queued.into_iter().flatten() {
+        for q in queued.into_iter().flatten() {
             if self.st.borrow().all.contains_key(&id) {
-                self.enqueue(lp, conn, false);
+                self.enqueue(lp, q, false);
             } else {
-                self.distribute(lp, conn);
+                self.distribute(lp, q);
             }
         }
     }
 
-    /// Removes a worker (Node's `remove`). A connection in flight to it
-    /// stays in flight while its channel is open (its answer decides), and
-    /// is requeued otherwise. Returns `true` when it was the last worker:
-    /// queued connections and the listener are then closed, and the caller
+    /// Removes a worker (Node's `remove`). `gone` says why, when the worker
+    /// can no longer answer (its channel closed, or its process exited):
+    /// the connection in flight to it is then requeued (see
+    /// [`lost`](Self::lost)). Otherwise it stays in flight, and its answer
+    /// decides. Returns `true` when it was the last worker: queued
+    /// connections and the listener are then closed, and the caller
     /// forgets the key.
-    pub(super) fn remove(&self, lp: &mut Loop, w: &Worker) -> bool {
+    pub(super) fn remove(&self, lp: &mut Loop, w: &Worker, gone: Option<HandoffFailure>) -> bool {
         let id = w.id();
         {
             let mut st = self.st.borrow_mut();
@@ -723,11 +1248,11 @@ impl RoundRobinHandle {
             st.free.retain(|&f| f != id);
             st.open.remove(&id);
             st.stalled.remove(&id);
+            st.backoff.remove(&id);
         }
-        if !w.is_connected() {
-            self.lost(lp, id);
-        } else {
-            self.reassign(lp, id);
+        match gone {
+            Some(why) => self.lost(lp, w, why),
+            None => self.reassign(lp, id),
         }
         if !self.st.borrow().all.is_empty() {
             return false;
@@ -751,27 +1276,34 @@ impl RoundRobinHandle {
         if let Some(t) = timer {
             let _ = lp.close(t, |_| {});
         }
-        for c in queued.into_iter().chain(assigned.into_values().flatten()) {
-            c.close(lp);
+        for q in queued.into_iter().chain(assigned.into_values().flatten()) {
+            q.conn.close(lp);
         }
         if let Some(l) = listener {
             l.close(lp);
         }
+        self.maybe_close_timers(lp);
     }
 
     /// Closes everything, including connections in flight (the primary is
     /// going away and no answer will be handled).
     pub(super) fn close_all(&self, lp: &mut Loop) {
-        self.close(lp);
         let in_flight: Vec<Conn> = {
             let mut st = self.st.borrow_mut();
             st.all.clear();
             st.in_flight.drain().map(|(_, f)| f.conn).collect()
         };
+        self.close(lp);
         for c in in_flight {
             c.close(lp);
         }
     }
+}
+
+/// Moves `q`'s connection to `out`; returns `true` (for `retain`).
+fn out_push(out: &mut Vec<Conn>, q: &Queued) -> bool {
+    out.push(q.conn);
+    true
 }
 
 /// JavaScript truthiness of an optional JSON value.

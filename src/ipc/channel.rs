@@ -32,6 +32,9 @@ pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Accepted>)
 pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Accepted>)>;
 /// Callback run once a message has been handed to the kernel, or failed.
 pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
+/// Callback told how a handle sent with [`Channel::send_cluster_handle`]
+/// fared; see [`HandleDelivery`].
+pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, &Channel, HandleDelivery)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, &Channel, ChannelError)>;
 type DisconnectCb = Box<dyn FnMut(&mut Loop, &Channel)>;
 
@@ -106,6 +109,25 @@ pub struct Attach {
     pub kind: HandleKind,
     /// What happens to our copy once the peer acknowledged.
     pub after_ack: AfterAck,
+}
+
+/// How a handle sent with [`Channel::send_cluster_handle`] fared: the peer's
+/// answer to the `NODE_HANDLE` message (Node's `NODE_HANDLE_ACK` and
+/// `NODE_HANDLE_NACK`, `lib/internal/child_process.js`), or the write's
+/// failure. Exactly one of these is reported, unless the channel closes
+/// first (then [`Channel::on_disconnect`] is what tells).
+#[derive(Debug)]
+pub enum HandleDelivery {
+    /// `NODE_HANDLE_ACK`: the peer received the fd with the message.
+    Acked,
+    /// `NODE_HANDLE_NACK`: the message arrived without its fd (the kernel
+    /// drops an fd that the receiver has no room for, `MSG_CTRUNC`, as at
+    /// its `RLIMIT_NOFILE`), so the peer dropped the message. No reply to
+    /// it will come; the reply callback is dropped.
+    Nacked,
+    /// The message could not be written (the peer's end is closed:
+    /// `EPIPE`); neither it nor the fd left. The reply callback is dropped.
+    NotSent(io::Error),
 }
 
 /// A fault on the channel, reported to [`Channel::on_error`]. Faults in the
@@ -195,15 +217,27 @@ struct Outgoing {
     bytes: Vec<u8>,
     attach: Option<Attach>,
     on_sent: Option<SentCb>,
+    /// For a handle sent by `send_cluster_handle`: who hears how it fared,
+    /// and the `seq` whose reply to forget if it was not delivered.
+    delivery: Option<(DeliveryCb, Option<u64>)>,
+}
+
+/// A handle we sent whose ACK has not come yet.
+struct Awaiting {
+    /// The handle to close when the answer comes (`AfterAck::Close`).
+    to_close: Option<SendHandle>,
+    /// Shared with the write's callback, which reports a failed write.
+    delivery: Rc<std::cell::Cell<Option<DeliveryCb>>>,
+    /// The `seq` of the message, when a reply to it is awaited.
+    reply_seq: Option<u64>,
 }
 
 struct Inner {
     pipe: Handle<Pipe>,
     decoder: Decoder,
     state: State,
-    /// `Some` while a handle we sent awaits the peer's ACK; holds the handle
-    /// to close when it comes, if any.
-    awaiting_ack: Option<Option<SendHandle>>,
+    /// `Some` while a handle we sent awaits the peer's ACK.
+    awaiting_ack: Option<Awaiting>,
     queue: VecDeque<Outgoing>,
     on_message: Option<MessageCb>,
     on_internal: Option<MessageCb>,
@@ -267,6 +301,16 @@ impl fmt::Debug for Channel {
 /// shared by every channel (a primary numbers its messages to all workers
 /// from one counter).
 static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// `{"cmd":"NODE_CLUSTER", ...fields, "seq":n}` with the next `seq`.
+fn cluster_message(fields: &mut Map<String, Value>) -> (u64, Map<String, Value>) {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut msg = Map::new();
+    msg.insert("cmd".into(), NODE_CLUSTER.into());
+    msg.append(fields);
+    msg.insert("seq".into(), seq.into());
+    (seq, msg)
+}
 
 /// The environment variable that names the channel's fd in a child.
 pub const NODE_CHANNEL_FD: &str = "NODE_CHANNEL_FD";
@@ -468,6 +512,7 @@ impl Channel {
                 bytes,
                 attach: None,
                 on_sent,
+                delivery: None,
             },
         )
     }
@@ -497,6 +542,7 @@ impl Channel {
                 bytes,
                 attach: Some(attach),
                 on_sent,
+                delivery: None,
             },
         )
     }
@@ -516,11 +562,7 @@ impl Channel {
         attach: Option<Attach>,
         reply: Option<ReplyCb>,
     ) -> io::Result<u64> {
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let mut msg = Map::new();
-        msg.insert("cmd".into(), NODE_CLUSTER.into());
-        msg.append(&mut fields);
-        msg.insert("seq".into(), seq.into());
+        let (seq, msg) = cluster_message(&mut fields);
         if let Some(cb) = reply {
             self.inner.borrow_mut().replies.insert(seq, cb);
         }
@@ -528,6 +570,59 @@ impl Channel {
             Some(a) => self.send_handle(lp, Value::Object(msg), a, Map::new(), None),
             None => self.send(lp, &Value::Object(msg), None),
         };
+        if let Err(e) = r {
+            self.inner.borrow_mut().replies.remove(&seq);
+            return Err(e);
+        }
+        Ok(seq)
+    }
+
+    /// Sends a cluster message with a handle, as
+    /// [`send_cluster`](Self::send_cluster) with `attach` does, and tells
+    /// `on_delivery` how the handle fared ([`HandleDelivery`]): the peer's
+    /// ACK, its NACK (which then goes to `on_delivery` instead of
+    /// [`on_error`](Self::on_error) as [`ChannelError::HandleRejected`]),
+    /// or a failed write. After a NACK or a failed write, `reply` is
+    /// dropped: the peer never saw the message.
+    ///
+    /// Node's sender (`lib/internal/child_process.js`) re-sends a NACKed
+    /// `net.Socket` up to `MAX_HANDLE_RETRANSMISSIONS` (3) times and then
+    /// only warns; any other handle type (the cluster's `net.Native`) is
+    /// dropped at the first NACK and its reply callback waits forever. Here
+    /// the caller hears of it and decides (the round-robin handle hands the
+    /// connection to another worker).
+    ///
+    /// # Errors
+    ///
+    /// As [`send_handle`](Self::send_handle); `reply` and `on_delivery` are
+    /// then dropped.
+    pub fn send_cluster_handle(
+        &self,
+        lp: &mut Loop,
+        mut fields: Map<String, Value>,
+        attach: Attach,
+        reply: Option<ReplyCb>,
+        on_delivery: DeliveryCb,
+    ) -> io::Result<u64> {
+        let (seq, msg) = cluster_message(&mut fields);
+        let reply_seq = reply.is_some().then_some(seq);
+        if let Some(cb) = reply {
+            self.inner.borrow_mut().replies.insert(seq, cb);
+        }
+        let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
+        let r = frame::encode(&wrapped)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+            .and_then(|bytes| {
+                self.submit(
+                    lp,
+                    Outgoing {
+                        bytes,
+                        attach: Some(attach),
+                        on_sent: None,
+                        delivery: Some((on_delivery, reply_seq)),
+                    },
+                )
+            });
         if let Err(e) = r {
             self.inner.borrow_mut().replies.remove(&seq);
             return Err(e);
@@ -581,10 +676,17 @@ impl Channel {
                 return Ok(());
             }
         }
-        self.write_out(lp, out)
+        self.write_out(lp, out).map_err(|(e, _)| e)
     }
 
-    fn write_out(&self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
+    /// Writes one message. On a failure reported at once, gives back the
+    /// error with the message's delivery callback, which was not called.
+    #[allow(clippy::type_complexity)]
+    fn write_out(
+        &self,
+        lp: &mut Loop,
+        out: Outgoing,
+    ) -> Result<(), (io::Error, Option<(DeliveryCb, Option<u64>)>)> {
         let Some(a) = out.attach else {
             self.cork(lp, &out.bytes, out.on_sent);
             return Ok(());
@@ -592,17 +694,81 @@ impl Channel {
         // A handle goes with its own write; whatever was corked goes first.
         self.flush_corked(lp);
         let pipe = self.pipe();
-        let done = self.completion(out.on_sent.into_iter().collect());
+        let (delivery, reply_seq) = match out.delivery {
+            Some((cb, seq)) => (Some(cb), seq),
+            None => (None, None),
+        };
+        let delivery = Rc::new(std::cell::Cell::new(delivery));
+        let done = self.handle_completion(out.on_sent, delivery.clone());
         let r = match a.handle {
             SendHandle::Tcp(h) => lp.write2(pipe, &[&out.bytes], h, done),
             SendHandle::Pipe(h) => lp.write2(pipe, &[&out.bytes], h, done),
             SendHandle::Udp(h) => lp.write2(pipe, &[&out.bytes], h, done),
         };
-        if r.is_ok() {
-            self.inner.borrow_mut().awaiting_ack =
-                Some((a.after_ack == AfterAck::Close).then_some(a.handle));
+        match r {
+            Ok(()) => {
+                self.inner.borrow_mut().awaiting_ack = Some(Awaiting {
+                    to_close: (a.after_ack == AfterAck::Close).then_some(a.handle),
+                    delivery,
+                    reply_seq,
+                });
+                Ok(())
+            }
+            Err(e) => Err((e, delivery.take().map(|cb| (cb, reply_seq)))),
         }
-        r
+    }
+
+    /// The write callback of a message carrying a handle: as
+    /// [`completion`](Self::completion), except that when the message was
+    /// sent by `send_cluster_handle`, a failed write goes to its delivery
+    /// callback and the channel stops waiting for an ACK that cannot come.
+    fn handle_completion(
+        &self,
+        on_sent: Option<SentCb>,
+        delivery: Rc<std::cell::Cell<Option<DeliveryCb>>>,
+    ) -> impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static {
+        let weak = Rc::downgrade(&self.inner);
+        let has_on_sent = on_sent.is_some();
+        let plain = self.completion(on_sent.into_iter().collect());
+        move |lp: &mut Loop, pipe: Handle<Pipe>, r: io::Result<()>| {
+            let failed = match &r {
+                Err(e) => Some(io::Error::new(e.kind(), e.to_string())),
+                Ok(()) => None,
+            };
+            let taken = match (failed, weak.upgrade()) {
+                (Some(e), Some(inner)) => delivery.take().map(|cb| (e, cb, Channel { inner })),
+                _ => None,
+            };
+            let Some((e, cb, ch)) = taken else {
+                return plain(lp, pipe, r);
+            };
+            let to_close = {
+                let mut i = ch.inner.borrow_mut();
+                match i.awaiting_ack.take() {
+                    Some(a) if Rc::ptr_eq(&a.delivery, &delivery) => {
+                        if let Some(seq) = a.reply_seq {
+                            i.replies.remove(&seq);
+                        }
+                        a.to_close
+                    }
+                    other => {
+                        i.awaiting_ack = other;
+                        None
+                    }
+                }
+            };
+            if let Some(h) = to_close {
+                h.close(lp);
+            }
+            cb(lp, &ch, HandleDelivery::NotSent(e));
+            // `on_sent`, if any, still hears of the failure; without one,
+            // the delivery callback was the one to tell.
+            if has_on_sent {
+                plain(lp, pipe, r);
+            }
+            ch.flush(lp);
+            ch.maybe_finish_disconnect(lp);
+        }
     }
 
     /// The write callback for one write carrying the messages whose
@@ -698,12 +864,25 @@ impl Channel {
                 "IPC: NODE_HANDLE_{} with no handle in flight",
                 if ok { "ACK" } else { "NACK" }
             ),
-            Some(to_close) => {
-                if let Some(h) = to_close {
+            Some(a) => {
+                if let Some(h) = a.to_close {
                     h.close(lp);
                 }
-                if !ok {
-                    self.emit_error(lp, ChannelError::HandleRejected);
+                if !ok && let Some(seq) = a.reply_seq {
+                    // The peer dropped the message: no reply will come.
+                    self.inner.borrow_mut().replies.remove(&seq);
+                }
+                match a.delivery.take() {
+                    Some(cb) => {
+                        let d = if ok {
+                            HandleDelivery::Acked
+                        } else {
+                            HandleDelivery::Nacked
+                        };
+                        cb(lp, self, d);
+                    }
+                    None if !ok => self.emit_error(lp, ChannelError::HandleRejected),
+                    None => {}
                 }
             }
         }
@@ -730,8 +909,15 @@ impl Channel {
                 out.bytes = unwrap_handle_message(&out.bytes).unwrap_or(out.bytes);
             }
             // A queued message's failure has no caller to return to.
-            if let Err(e) = self.write_out(lp, out) {
-                self.emit_error(lp, ChannelError::Io(e));
+            match self.write_out(lp, out) {
+                Ok(()) => {}
+                Err((e, Some((cb, seq)))) => {
+                    if let Some(seq) = seq {
+                        self.inner.borrow_mut().replies.remove(&seq);
+                    }
+                    cb(lp, self, HandleDelivery::NotSent(e));
+                }
+                Err((e, None)) => self.emit_error(lp, ChannelError::Io(e)),
             }
         }
     }

@@ -18,8 +18,8 @@ mod frame;
 mod message;
 
 pub use channel::{
-    AfterAck, Attach, Channel, ChannelError, ChannelOptions, MessageCb, NODE_CHANNEL_FD,
-    NODE_CHANNEL_SERIALIZATION_MODE, ReplyCb, SendHandle, SentCb, close_accepted,
+    AfterAck, Attach, Channel, ChannelError, ChannelOptions, DeliveryCb, HandleDelivery, MessageCb,
+    NODE_CHANNEL_FD, NODE_CHANNEL_SERIALIZATION_MODE, ReplyCb, SendHandle, SentCb, close_accepted,
 };
 pub use fork::{ExitCb, ForkOptions, ForkStdio, Forked, fork};
 pub use frame::{DEFAULT_MAX_MESSAGE, Decoder, FrameError, encode, parse_line};
