@@ -382,8 +382,7 @@ impl Parser<'_> {
                 return Ok(Value::Number(n.into()));
             }
         }
-        let f: f64 = text.parse().expect("a JSON number is a Rust float literal");
-        match Number::from_f64(f) {
+        match Number::from_f64(parse_f64(text)) {
             Some(n) => Ok(Value::Number(n)),
             None => {
                 self.replaced += 1;
@@ -427,6 +426,47 @@ impl Parser<'_> {
                 .collect(),
         }
     }
+}
+
+/// The double nearest to a JSON number literal, as `JSON.parse` reads it.
+///
+/// Rust's parser is exact except that it stops reading an exponent past
+/// 65536 (`0.000…1e99999` with enough zeros comes out as `0`), so a long
+/// exponent is first folded into the digits' position.
+fn parse_f64(text: &str) -> f64 {
+    let (mant, exp) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => (text, ""),
+    };
+    let exp_digits = exp.trim_start_matches(['+', '-']);
+    if exp_digits.len() <= 5 {
+        return text.parse().expect("a JSON number is a Rust float literal");
+    }
+    let negative = mant.starts_with('-');
+    let mant = mant.trim_start_matches('-');
+    let (int, frac) = mant.split_once('.').unwrap_or((mant, ""));
+    let digits: String = [int, frac].concat();
+    let lead = digits.bytes().take_while(|&b| b == b'0').count();
+    let sig = digits[lead..].trim_end_matches('0');
+    let sign = if negative { -1.0 } else { 1.0 };
+    if sig.is_empty() {
+        return sign * 0.0;
+    }
+    // Saturate far beyond any exponent that matters.
+    let e = exp_digits.bytes().fold(0i128, |e, d| {
+        (e * 10 + i128::from(d - b'0')).min(1_000_000_000_000_000_000)
+    });
+    let e = if exp.starts_with('-') { -e } else { e };
+    // The value is 0.sig × 10^order.
+    let order = int.len() as i128 - lead as i128 + e;
+    if order > 400 {
+        return sign * f64::INFINITY;
+    }
+    if order < -400 {
+        return sign * 0.0;
+    }
+    let text = format!("{}0.{sig}e{order}", if negative { "-" } else { "" });
+    text.parse().expect("a float literal")
 }
 
 /// Whether a line that could not be parsed says it is a `NODE_HANDLE`
