@@ -1132,7 +1132,7 @@ fn lone_surrogate_message_is_delivered_and_echoed_exactly() {
         buf.borrow().iter().filter(|&&b| b == b'\n').count() == 4
     });
     let want: Vec<u8> = [
-        &lines[0][..],
+        lines[0],
         b"\n",
         lines[1],
         b"\n",

@@ -175,7 +175,7 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     let log = Log::new();
     let client = Rc::new(Client::default());
     {
-        let (client, role) = (client.clone(), role.clone());
+        let client = client.clone();
         let log = log.clone();
         primary.on_listening(move |lp, w, addr| {
             log.push(format!("listening:{}", w.id()));
