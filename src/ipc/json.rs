@@ -250,6 +250,19 @@ impl Parser<'_> {
     /// A string, from its opening quote to past its closing one.
     fn string(&mut self) -> Result<String, Fail> {
         self.i += 1;
+        // Most strings have no escapes: one scan, one allocation.
+        let start = self.i;
+        let end = self.b[start..]
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .map(|n| start + n);
+        if let Some(end) = end
+            && self.b[end] == b'"'
+            && let Ok(s) = std::str::from_utf8(&self.b[start..end])
+        {
+            self.i = end + 1;
+            return Ok(s.to_owned());
+        }
         let mut out = String::new();
         loop {
             let run = self.i;
@@ -372,8 +385,20 @@ impl Parser<'_> {
                 return Err(Fail::Expected("a digit"));
             }
         }
+        let bytes = &self.b[start..self.i];
+        // Up to 18 digits fit an i64: the common case, without a parse.
+        if integer && bytes.len() <= 18 && bytes != b"-0" {
+            let (neg, digits) = match bytes {
+                [b'-', rest @ ..] => (true, rest),
+                _ => (false, bytes),
+            };
+            let n = digits
+                .iter()
+                .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+            return Ok(Value::Number(if neg { -n } else { n }.into()));
+        }
         // ASCII by construction.
-        let text = std::str::from_utf8(&self.b[start..self.i]).expect("ASCII digits");
+        let text = std::str::from_utf8(bytes).expect("ASCII digits");
         if integer && text != "-0" {
             if let Ok(n) = text.parse::<u64>() {
                 return Ok(Value::Number(n.into()));
@@ -537,6 +562,10 @@ pub(crate) struct JsFormatter;
 
 impl serde_json::ser::Formatter for JsFormatter {
     fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, v: f64) -> io::Result<()> {
+        // Whole numbers that a double holds exactly print as integers.
+        if v.fract() == 0.0 && v.abs() < 9007199254740992.0 {
+            return write!(w, "{}", v as i64);
+        }
         w.write_all(js_number(v, format!("{:e}", v.abs())).as_bytes())
     }
 
