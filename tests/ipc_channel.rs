@@ -12,7 +12,7 @@ use std::rc::Rc;
 use serde_json::{Map, Value, json};
 use util::*;
 use uvcluster::ipc::{
-    AfterAck, Attach, Channel, ChannelError, ChannelOptions, FrameError, HandleKind,
+    AfterAck, Attach, Channel, ChannelError, ChannelOptions, FrameError, HandleKind, RawMessage,
 };
 use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, Pipe, RunMode, Tcp, Udp};
 
@@ -1010,20 +1010,27 @@ fn channel_unknown_handle_type_is_closed_and_nacked() {
     });
 }
 
+/// An oversized line used to close the channel; now it is reported, the
+/// rest of it is dropped without being buffered, and the next line is read.
 #[test]
-fn channel_oversized_message_closes_channel() {
+fn channel_oversized_line_is_skipped_and_channel_stays_usable() {
     let mut lp = Loop::new().unwrap();
     let by = Bystander::new(&mut lp);
-    let (a, r) = raw_peer(&mut lp, ChannelOptions { max_message: 1024 });
+    let opts = ChannelOptions {
+        max_message: 1024,
+        ..ChannelOptions::default()
+    };
+    let (a, r) = raw_peer(&mut lp, opts);
     let (got, errs, disc) = record(&mut lp, &a);
     r.write(&mut lp, b"{\"small\":1}\n");
     // 256 KiB with no newline, more than the socket buffer holds at once:
-    // the channel must give up at the limit, not buffer it all.
+    // the channel must give up on it at the limit, not buffer it all.
     let big = vec![b'x'; 256 << 10];
-    lp.write(r.pipe, &[&big], |_, _, _| {}).unwrap();
-    let d = disc.clone();
-    run_until(&mut lp, 5000, move |_| d.get() == 1);
-    assert_eq!(*got.borrow(), vec![json!({"small":1})]);
+    lp.write(r.pipe, &[&big], |_, _, r| r.unwrap()).unwrap();
+    r.write(&mut lp, b"\n{\"after\":1}\n");
+    let g = got.clone();
+    run_until(&mut lp, 5000, move |_| g.borrow().len() == 2);
+    assert_eq!(*got.borrow(), vec![json!({"small":1}), json!({"after":1})]);
     {
         let errs = errs.borrow();
         assert_eq!(errs.len(), 1, "{errs:?}");
@@ -1033,8 +1040,9 @@ fn channel_oversized_message_closes_channel() {
         assert_eq!(limit, 1024);
         assert!(size > 1024 && size <= 1024 + 65536, "{size}");
     }
-    assert!(!a.is_connected());
+    assert!(a.is_connected());
     by.finish(&mut lp);
+    a.disconnect(&mut lp);
     run_with_deadline(&mut lp, 5000);
     assert_eq!((disc.get(), r.eof.get()), (1, 1));
     assert_loop_empty(&lp);
@@ -1065,5 +1073,401 @@ fn channel_eof_inside_a_message_is_truncated_at_eof() {
     by.finish(&mut lp);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(disc.get(), 1);
+    assert_loop_empty(&lp);
+}
+
+// ----- every line Node can write, and bad lines that never block -------------
+
+/// Records user messages as [`RawMessage`]s.
+fn record_raw(lp: &mut Loop, ch: &Channel) -> (Shared<RawMessage>, Shared<ChannelError>) {
+    let msgs = shared();
+    let errs = shared();
+    let (m, e) = (msgs.clone(), errs.clone());
+    ch.on_message_raw(lp, move |lp, _, v, h| {
+        if let Some(h) = h {
+            uvcluster::ipc::close_accepted(lp, h);
+        }
+        m.borrow_mut().push(v)
+    });
+    ch.on_error(move |_, _, err| e.borrow_mut().push(err));
+    (msgs, errs)
+}
+
+/// issue 10: `{"note":"a\ud800b"}` (what `JSON.stringify` writes for a string
+/// with an unpaired surrogate) was dropped with a "lone leading surrogate"
+/// error. It is delivered, with U+FFFD in the value and the exact text
+/// kept, and echoed back unchanged by `send_raw`.
+#[test]
+fn lone_surrogate_message_is_delivered_and_echoed_exactly() {
+    let mut lp = Loop::new().unwrap();
+    let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+    let (got, errs) = record_raw(&mut lp, &a);
+    let lines: [&[u8]; 4] = [
+        br#"{"note":"a\ud800b"}"#,
+        br#"["\udc00","\ud83d\ude00","\ud83d"]"#,
+        br#"{"big":1e400,"small":-1e-400}"#,
+        br#"{"plain":"\u00e9"}"#,
+    ];
+    for l in lines {
+        r.write(&mut lp, &[l, b"\n"].concat());
+    }
+    let g = got.clone();
+    run_until(&mut lp, 5000, move |_| g.borrow().len() == 4);
+    assert!(errs.borrow().is_empty(), "{:?}", errs.borrow());
+    let got = got.borrow();
+    assert_eq!(got[0].value(), &json!({"note":"a\u{FFFD}b"}));
+    assert_eq!(got[1].value(), &json!(["\u{FFFD}", "😀", "\u{FFFD}"]));
+    assert_eq!(got[2].value(), &json!({"big":null,"small":-0.0}));
+    assert_eq!(got[3].value(), &json!({"plain":"é"}));
+    for (m, l) in got.iter().zip(lines).take(3) {
+        assert!(!m.is_exact());
+        assert_eq!(&m.json()[..], l);
+    }
+    assert!(got[3].is_exact());
+    for m in got.iter() {
+        a.send_raw(&mut lp, m, None).unwrap();
+    }
+    let buf = r.buf.clone();
+    run_until(&mut lp, 5000, move |_| {
+        buf.borrow().iter().filter(|&&b| b == b'\n').count() == 4
+    });
+    let want: Vec<u8> = [
+        lines[0],
+        b"\n",
+        lines[1],
+        b"\n",
+        lines[2],
+        b"\n",
+        "{\"plain\":\"é\"}".as_bytes(),
+        b"\n",
+    ]
+    .concat();
+    assert_eq!(*r.buf.borrow(), want);
+    a.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// issue 10: a `NODE_HANDLE` whose message held an unpaired surrogate was
+/// neither delivered nor answered, so a Node sender queued every later
+/// message (its `newconn`s too) forever. It is ACKed and delivered with its
+/// handle, and what follows flows.
+#[test]
+fn lone_surrogate_handle_message_is_acked_and_delivered() {
+    let mut lp = Loop::new().unwrap();
+    let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+    let (got, errs) = record_raw(&mut lp, &a);
+    let handles = Counter::new();
+    let hc = handles.clone();
+    let g = got.clone();
+    a.on_message_raw(&mut lp, move |lp, _, m, h| {
+        if let Some(h) = h {
+            hc.hit();
+            uvcluster::ipc::close_accepted(lp, h);
+        }
+        g.borrow_mut().push(m);
+    });
+    let srv = bound_tcp(&mut lp);
+    r.write_with(
+        &mut lp,
+        br#"{"cmd":"NODE_HANDLE","type":"net.Server","msg":{"note":"a\ud800b"}}
+"#,
+        srv,
+    );
+    r.write(&mut lp, b"{\"next\":1}\n");
+    let (g, buf) = (got.clone(), r.buf.clone());
+    run_until(&mut lp, 5000, move |_| {
+        g.borrow().len() == 2 && buf.borrow().ends_with(b"\n")
+    });
+    assert_eq!(r.lines(), vec![json!({"cmd":"NODE_HANDLE_ACK"})]);
+    assert_eq!(handles.get(), 1);
+    {
+        let got = got.borrow();
+        assert_eq!(got[0].value(), &json!({"note":"a\u{FFFD}b"}));
+        assert_eq!(&got[0].json()[..], br#"{"note":"a\ud800b"}"#);
+        assert_eq!(got[1].value(), &json!({"next":1}));
+    }
+    assert!(errs.borrow().is_empty(), "{:?}", errs.borrow());
+    lp.close(srv, |_| {}).unwrap();
+    a.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// A line that claims `NODE_HANDLE` but cannot be decoded (too deep, not
+/// JSON, too long) never leaves the peer waiting: its fd is closed and the
+/// peer gets ACK if an fd came, NACK if none did; later messages flow.
+#[test]
+fn undecodable_handle_lines_close_the_fd_and_answer_the_peer() {
+    isolated(
+        "undecodable_handle_lines_close_the_fd_and_answer_the_peer",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let by = Bystander::new(&mut lp);
+            let opts = ChannelOptions {
+                max_message: 4096,
+                max_depth: 10,
+                ..ChannelOptions::default()
+            };
+            let (a, r) = raw_peer(&mut lp, opts);
+            let (got, errs, _) = record(&mut lp, &a);
+            let u = bound_udp(&mut lp);
+            let baseline = open_fds();
+            let deep = format!(
+                r#"{{"cmd":"NODE_HANDLE","type":"net.Native","msg":{}1{}}}"#,
+                "[".repeat(11),
+                "]".repeat(11)
+            );
+            r.write_with(&mut lp, format!("{deep}\n").as_bytes(), u);
+            r.write(&mut lp, b"{\"n\":1}\n");
+            // The claim comes after the fault.
+            r.write_with(
+                &mut lp,
+                b"{\"msg\":{\"a\":},\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\"}\n",
+                u,
+            );
+            r.write(&mut lp, b"{\"n\":2}\n");
+            // Too long, with its fd on its first bytes.
+            let long = format!(
+                r#"{{"cmd":"NODE_HANDLE","type":"net.Native","msg":"{}"}}"#,
+                "x".repeat(100_000)
+            );
+            r.write_with(&mut lp, format!("{long}\n").as_bytes(), u);
+            r.write(&mut lp, b"{\"n\":3}\n");
+            // No fd at all (last: as in Node, a `NODE_HANDLE` takes an fd
+            // that came in the same read even if it belongs further on).
+            r.write(
+                &mut lp,
+                b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":[}\n",
+            );
+            r.write(&mut lp, b"{\"n\":4}\n");
+            let (g, buf) = (got.clone(), r.buf.clone());
+            run_until(&mut lp, 5000, move |_| {
+                g.borrow().len() == 4 && buf.borrow().iter().filter(|&&b| b == b'\n').count() == 4
+            });
+            assert_eq!(
+                *got.borrow(),
+                vec![
+                    json!({"n":1}),
+                    json!({"n":2}),
+                    json!({"n":3}),
+                    json!({"n":4})
+                ]
+            );
+            let ack = json!({"cmd":"NODE_HANDLE_ACK"});
+            let nack = json!({"cmd":"NODE_HANDLE_NACK"});
+            assert_eq!(r.lines(), vec![ack.clone(), ack.clone(), ack, nack]);
+            {
+                let errs = errs.borrow();
+                assert_eq!(errs.len(), 4, "{errs:?}");
+                assert!(matches!(
+                    errs[0],
+                    ChannelError::UndecodableHandle {
+                        error: FrameError::TooDeep { limit: 10 },
+                        had_fd: true
+                    }
+                ));
+                assert!(matches!(
+                    errs[1],
+                    ChannelError::UndecodableHandle {
+                        error: FrameError::Malformed { .. },
+                        had_fd: true
+                    }
+                ));
+                assert!(matches!(
+                    errs[2],
+                    ChannelError::UndecodableHandle {
+                        error: FrameError::Oversized { limit: 4096, .. },
+                        had_fd: true
+                    }
+                ));
+                assert!(matches!(
+                    errs[3],
+                    ChannelError::UndecodableHandle {
+                        error: FrameError::Malformed { .. },
+                        had_fd: false
+                    }
+                ));
+            }
+            assert_eq!(open_fds(), baseline, "an fd of an undecodable line leaked");
+            assert!(a.is_connected());
+            lp.close(u, |_| {}).unwrap();
+            by.finish(&mut lp);
+            a.disconnect(&mut lp);
+            run_with_deadline(&mut lp, 5000);
+            assert_loop_empty(&lp);
+        },
+    );
+}
+
+/// Runs `f` on a thread with a 256 MiB stack: values nested thousands deep
+/// are dropped and compared recursively by serde_json.
+fn big_stack(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Node's `process.send` writes at most 4182 nested arrays inside its own
+/// (4183 levels); that much arrives. Past the limit, a typed error names it
+/// and the channel goes on.
+#[test]
+fn nesting_node_can_write_is_delivered_and_deeper_is_a_typed_error() {
+    big_stack(|| {
+        let mut lp = Loop::new().unwrap();
+        let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+        let (got, errs, _) = record(&mut lp, &a);
+        let deepest_node = nested(4183);
+        r.write(&mut lp, format!("{deepest_node}\n").as_bytes());
+        r.write(
+            &mut lp,
+            format!("{}\n", nested(uvcluster::ipc::DEFAULT_MAX_DEPTH + 1)).as_bytes(),
+        );
+        r.write(&mut lp, b"{\"next\":1}\n");
+        let g = got.clone();
+        run_until(&mut lp, 5000, move |_| g.borrow().len() == 2);
+        {
+            let got = got.borrow();
+            let mut depth = 0;
+            let mut v = &got[0];
+            while let Some(a) = v.as_array() {
+                depth += 1;
+                match a.first() {
+                    Some(inner) => v = inner,
+                    None => break,
+                }
+            }
+            assert_eq!(depth, 4183);
+            assert_eq!(got[1], json!({"next":1}));
+            // Back the same way, byte for byte.
+            assert_eq!(
+                uvcluster::ipc::encode(&got[0]).unwrap(),
+                format!("{deepest_node}\n").into_bytes()
+            );
+        }
+        assert!(matches!(
+            errs.borrow()[..],
+            [ChannelError::Frame(FrameError::TooDeep {
+                limit: uvcluster::ipc::DEFAULT_MAX_DEPTH
+            })]
+        ));
+        a.disconnect(&mut lp);
+        run_with_deadline(&mut lp, 5000);
+        got.borrow_mut().clear();
+        assert_loop_empty(&lp);
+    });
+}
+
+/// issue 10, part 5: a peer that floods the channel with malformed lines is
+/// disconnected once past its budget, with one typed error, and only the
+/// first few lines are reported; another channel is untouched.
+#[test]
+fn garbage_flood_is_cut_off_with_bounded_reports() {
+    let mut lp = Loop::new().unwrap();
+    let by = Bystander::new(&mut lp);
+    let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+    let (got, errs, disc) = record(&mut lp, &a);
+    r.write(&mut lp, b"{\"before\":1}\n");
+    // 200,000 garbage lines in one write; the write fails once we hang up.
+    let flood = b"garbage\n".repeat(200_000);
+    let write_done = Counter::new();
+    let wd = write_done.clone();
+    lp.write(r.pipe, &[&flood], move |_, _, _| wd.hit())
+        .unwrap();
+    let d = disc.clone();
+    run_until(&mut lp, 10_000, move |_| d.get() == 1);
+    assert_eq!(*got.borrow(), vec![json!({"before":1})]);
+    {
+        let errs = errs.borrow();
+        assert_eq!(
+            errs.len(),
+            uvcluster::ipc::DEFAULT_REPORT_BAD_LINES + 1,
+            "{errs:?}"
+        );
+        for e in &errs[..uvcluster::ipc::DEFAULT_REPORT_BAD_LINES] {
+            assert!(
+                matches!(e, ChannelError::Frame(FrameError::Malformed { prefix, .. }) if prefix == "garbage"),
+                "{e:?}"
+            );
+        }
+        assert!(matches!(
+            errs.last().unwrap(),
+            ChannelError::TooManyBadLines {
+                count: 101,
+                limit: uvcluster::ipc::DEFAULT_MAX_BAD_LINES
+            }
+        ));
+    }
+    assert!(!a.is_connected());
+    by.finish(&mut lp);
+    let (wd, eof) = (write_done.clone(), r.eof.clone());
+    run_until(&mut lp, 10_000, move |_| wd.get() == 1 && eof.get() == 1);
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// Bad lines under the budget past the first few are summed up once, when
+/// the channel closes.
+#[test]
+fn unreported_bad_lines_are_summed_up_at_close() {
+    let mut lp = Loop::new().unwrap();
+    let opts = ChannelOptions {
+        report_bad_lines: 2,
+        ..ChannelOptions::default()
+    };
+    let (a, r) = raw_peer(&mut lp, opts);
+    let (got, errs, disc) = record(&mut lp, &a);
+    r.write(&mut lp, &b"\n".repeat(50));
+    r.write(&mut lp, b"{\"after\":1}\n");
+    let g = got.clone();
+    run_until(&mut lp, 5000, move |_| g.borrow().len() == 1);
+    assert_eq!(errs.borrow().len(), 2);
+    assert!(a.is_connected());
+    lp.read_stop(r.pipe).unwrap();
+    lp.close(r.pipe, |_| {}).unwrap();
+    let d = disc.clone();
+    run_until(&mut lp, 5000, move |_| d.get() == 1);
+    {
+        let errs = errs.borrow();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(matches!(
+            errs[0],
+            ChannelError::Frame(FrameError::EmptyLine)
+        ));
+        assert!(matches!(
+            errs[2],
+            ChannelError::BadLinesNotReported { count: 48 }
+        ));
+    }
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
+/// What `send` writes is what `JSON.stringify` writes for the same value.
+#[test]
+fn send_writes_javascript_numbers() {
+    let mut lp = Loop::new().unwrap();
+    let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+    a.send(
+        &mut lp,
+        &json!([1.0, -0.0, 1e21, 1e-7, 0.1, 123456789012.5, f64::MAX, 5e-324]),
+        None,
+    )
+    .unwrap();
+    let buf = r.buf.clone();
+    run_until(&mut lp, 5000, move |_| buf.borrow().ends_with(b"\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&r.buf.borrow()),
+        "[1,0,1e+21,1e-7,0.1,123456789012.5,1.7976931348623157e+308,5e-324]\n"
+    );
+    a.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
 }

@@ -457,3 +457,256 @@ fn helper_rust_child_advanced() {
     assert!(std::env::var_os("NODE_CHANNEL_SERIALIZATION_MODE").is_none());
     println!("REFUSED: {text}");
 }
+
+// ----- every value Node can send, and bad lines that never block (issue 10) ---
+
+/// Runs `f` on a thread with a large stack: values nested thousands deep
+/// are dropped and compared recursively by serde_json.
+fn big_stack(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// Builds an example with the cargo that runs the tests and returns its
+/// executable, as cargo reports it (`cargo test --test node_ipc` alone does
+/// not build examples).
+fn build_example(name: &str) -> PathBuf {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--example", name, "--message-format=json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return PathBuf::from(exe);
+        }
+    }
+    panic!("cargo did not report an executable for example {name}");
+}
+
+/// `node surrogate_primary.js <worker> <mode> [helper]`: what the Node
+/// primary saw.
+fn surrogate_primary(worker: &std::ffi::OsStr, mode: &str, helper: Option<&str>) -> Value {
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(node_script("surrogate_primary.js"))
+        .arg(worker)
+        .arg(mode);
+    if let Some(h) = helper {
+        cmd.arg(h);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "node primary failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("no RESULT line: {stdout}"));
+    // The line may hold an unpaired surrogate: read it as the channel does.
+    uvcluster::ipc::parse_line(line.as_bytes()).unwrap()
+}
+
+/// issue 10: a Node primary sent `cluster_hello`, its worker, `{note:
+/// 'a\ud800b'}` with a `net.Server`. The worker's channel rejected the
+/// line and never answered the handle, so the primary queued everything
+/// after it, `newconn` included: the worker answered none of 3 requests.
+/// Node's own worker answers all 3 (checked here too), and so must ours.
+#[test]
+fn lone_surrogate_message_with_a_handle_does_not_stall_a_rust_worker() {
+    let node = surrogate_primary("node".as_ref(), "handle", None);
+    assert_eq!(node["answered"], 3, "Node's own worker: {node}");
+    assert_eq!(node["messages"][0]["exact_note"], true, "{node}");
+    let hello = build_example("cluster_hello");
+    for mode in ["handle", "plain"] {
+        let v = surrogate_primary(hello.as_os_str(), mode, None);
+        assert_eq!(v["answered"], 3, "{mode}: {v}");
+        assert!(v.get("timeout").is_none(), "{mode}: {v}");
+    }
+}
+
+/// The same primary with a Rust worker that sends the message back exactly
+/// as it got it: Node gets its unpaired surrogate back, with or without a
+/// handle, as from its own worker.
+#[test]
+fn lone_surrogate_message_reaches_a_rust_worker_exactly() {
+    let exe = std::env::current_exe().unwrap();
+    for mode in ["handle", "plain"] {
+        let v = surrogate_primary(exe.as_os_str(), mode, Some("helper_surrogate_worker"));
+        assert_eq!(v["answered"], 3, "{mode}: {v}");
+        let m = &v["messages"][0];
+        assert_eq!(m["exact_note"], true, "{mode}: {v}");
+        assert_eq!(m["handle"], mode == "handle", "{v}");
+        assert_eq!(m["is_exact"], false, "{v}");
+    }
+}
+
+/// The Rust worker of `surrogate_primary.js`: serves `hello world` on
+/// `PORT` and sends back `{got: <the note as received>, handle}` with the
+/// note's exact text.
+#[test]
+fn helper_surrogate_worker() {
+    if !is_helper("helper_surrogate_worker") {
+        return;
+    }
+    use uvcluster::net::{Conn, ListenOptions, Server};
+    let mut lp = Loop::new().unwrap();
+    let w = uvcluster::cluster::setup_worker(&mut lp)
+        .unwrap()
+        .expect("started as a worker");
+    let ch = w.channel().unwrap();
+    ch.on_message_raw(&mut lp, |lp, ch, m, h| {
+        if let Some(h) = h {
+            uvcluster::ipc::close_accepted(lp, h);
+        }
+        // {"note":"a\ud800b"} -> {"got":"a\ud800b","handle":..,"is_exact":..}
+        let text = String::from_utf8(m.json().into_owned()).unwrap();
+        let note = text
+            .strip_prefix("{\"note\":")
+            .and_then(|t| t.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("unexpected {text}"));
+        let reply = format!(
+            r#"{{"got":{note},"handle":{},"is_exact":{}}}"#,
+            h.is_some(),
+            m.is_exact()
+        );
+        let reply = uvcluster::ipc::RawMessage::parse(reply.as_bytes()).unwrap();
+        ch.send_raw(lp, &reply, None).unwrap();
+    });
+    let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+    let server = Server::new(|lp, server, conn| {
+        let Conn::Tcp(t) = conn else {
+            return server.close_connection(lp, conn);
+        };
+        let server = server.clone();
+        let mut req = Vec::new();
+        lp.read_start(t, move |lp, t, r| match r {
+            Ok(d) if !d.is_empty() => {
+                req.extend_from_slice(d);
+                if req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    lp.read_stop(t).unwrap();
+                    let s = server.clone();
+                    lp.write(
+                        t,
+                        &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
+                        move |lp, t, _| s.close_connection(lp, Conn::Tcp(t)),
+                    )
+                    .unwrap();
+                }
+            }
+            _ => server.close_connection(lp, Conn::Tcp(t)),
+        })
+        .unwrap();
+    });
+    server
+        .listen(&mut lp, ListenOptions::port(port), |_, _, r| {
+            r.unwrap();
+        })
+        .unwrap();
+    // The primary kills the worker when it is done.
+    lp.run(uvcluster::uv::RunMode::Default).unwrap();
+}
+
+/// A Node parent sends every kind of value `JSON.stringify` writes to a
+/// Rust child, which echoes each exactly; then a message nested deeper
+/// than the child's limit, with a `net.Server` and a message queued behind
+/// it; then the child sends its own values (tests/node/json_edges_parent.js).
+#[test]
+fn node_values_round_trip_through_a_rust_child_and_bad_lines_never_block() {
+    util::require_node();
+    let out = std::process::Command::new("node")
+        // A deeper stack, to stringify the 6000-deep message.
+        .arg("--stack-size=3900")
+        .arg(node_script("json_edges_parent.js"))
+        .arg(std::env::current_exe().unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pass = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PASS "))
+        .unwrap_or_else(|| {
+            panic!(
+                "node json_edges_parent.js: {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let report = uvcluster::ipc::parse_line(pass.as_bytes()).unwrap();
+    assert_eq!(report["echoed"], 14, "{report}");
+    let child = &report["child"];
+    // Which edges a Value could hold: the unpaired surrogates could not.
+    assert_eq!(
+        child["exact"],
+        json!([
+            false, false, false, false, true, true, true, true, true, false, false, true, true,
+            true
+        ]),
+        "{report}"
+    );
+    let errors = child["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{report}");
+    assert_eq!(
+        errors[0],
+        "UndecodableHandle { error: TooDeep { limit: 4500 }, had_fd: true }"
+    );
+}
+
+/// The Rust child of `json_edges_parent.js`.
+#[test]
+fn helper_json_echo() {
+    if !is_helper("helper_json_echo") {
+        return;
+    }
+    big_stack(|| {
+        let mut lp = Loop::new().unwrap();
+        let ch = Channel::from_env(&mut lp, Default::default())
+            .unwrap()
+            .expect("no NODE_CHANNEL_FD");
+        let errors = Rc::new(RefCell::new(Vec::<String>::new()));
+        let e = errors.clone();
+        ch.on_error(move |_, _, err| e.borrow_mut().push(format!("{err:?}")));
+        let exact = Rc::new(RefCell::new(Vec::<bool>::new()));
+        ch.on_message_raw(&mut lp, move |lp, ch, m, h| {
+            assert!(h.is_none(), "the too-deep message was delivered");
+            match m.value()["op"].as_str().unwrap() {
+                "echo" => {
+                    exact.borrow_mut().push(m.is_exact());
+                    ch.send_raw(lp, &m, None).unwrap();
+                }
+                "after" => {
+                    let report = json!({
+                        "op": "report",
+                        "exact": *exact.borrow(),
+                        "errors": *errors.borrow(),
+                        "numbers": [1.0, -0.0, 1e21, 0.1, 100.0, 5e-324],
+                    });
+                    let mut text = uvcluster::ipc::encode(&report).unwrap();
+                    // `}\n` -> `,"surrogate":"\ud800"}`
+                    text.truncate(text.len() - 2);
+                    text.extend_from_slice(br#","surrogate":"\ud800"}"#);
+                    let m = uvcluster::ipc::RawMessage::parse(&text).unwrap();
+                    ch.send_raw(lp, &m, None).unwrap();
+                }
+                other => panic!("unexpected {other}"),
+            }
+        });
+        ch.send(&mut lp, &json!({"op": "ready"}), None).unwrap();
+        run_with_deadline(&mut lp, 30_000);
+        assert!(!ch.is_connected());
+    });
+}

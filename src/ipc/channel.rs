@@ -9,6 +9,13 @@
 //! sends a handle it queues every later message until the peer's ACK
 //! arrives, exactly as Node does; ACKs themselves bypass the queue, which
 //! is what keeps two peers passing handles to each other from deadlocking.
+//!
+//! Bad input never blocks it. A line that cannot be decoded is reported
+//! and skipped; if it claims to be a `NODE_HANDLE`, its fd is closed and the
+//! peer is answered (ACK when an fd came, NACK when none did, Node's own
+//! rule), so a Node peer's queue keeps moving. A peer that sends more bad
+//! lines than its budget is disconnected, and reports of bad lines are
+//! rate-limited ([`ChannelOptions`]).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -21,13 +28,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::frame::{self, DEFAULT_MAX_MESSAGE, Decoder, FrameError};
-use super::message::{self, HandleKind, Incoming, NODE_CLUSTER, is_internal};
+use super::frame::{self, DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE, Decoder, FrameError};
+use super::json;
+use super::message::{self, HandleKind, Incoming, NODE_CLUSTER, RawMessage, is_internal};
 use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Udp};
 
 /// Callback for user or internal messages: the message and the handle that
 /// came with it, if any. The callback owns the handle (it must close it).
 pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Accepted>)>;
+/// Callback for user messages with their JSON text
+/// ([`Channel::on_message_raw`]).
+pub type RawMessageCb = Box<dyn FnMut(&mut Loop, &Channel, RawMessage, Option<Accepted>)>;
 /// Callback for the reply to a request sent with [`Channel::send_cluster`].
 pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Accepted>)>;
 /// Callback run once a message has been handed to the kernel, or failed.
@@ -65,10 +76,13 @@ impl From<Handle<Udp>> for SendHandle {
     }
 }
 
-/// The `msg` of an encoded `NODE_HANDLE` wrapper, encoded on its own.
+/// The `msg` of an encoded `NODE_HANDLE` wrapper, as its own line.
 fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
-    let v: Value = serde_json::from_slice(bytes.trim_ascii_end()).ok()?;
-    frame::encode(v.get("msg")?).ok()
+    let line = bytes.strip_suffix(b"\n")?;
+    let m = json::parse(line, usize::MAX).ok()?.msg?;
+    let mut out = line[m.start..m.end].to_vec();
+    out.push(b'\n');
+    Some(out)
 }
 
 impl SendHandle {
@@ -132,13 +146,26 @@ pub enum HandleDelivery {
 
 /// A fault on the channel, reported to [`Channel::on_error`]. Faults in the
 /// incoming stream do not stop the channel, except where noted: one bad
-/// message loses only itself.
+/// message loses only itself. Each bad line counts against the peer's
+/// budget ([`ChannelOptions::max_bad_lines`]); only the first
+/// [`ChannelOptions::report_bad_lines`] are reported one by one.
 #[derive(Debug)]
 pub enum ChannelError {
-    /// A line could not be decoded: empty, not UTF-8, not JSON, too long (the
-    /// channel then closes: it cannot find the next message boundary), or
-    /// cut short by the end of the stream.
+    /// A line could not be decoded: empty, not JSON, nested too deeply, too
+    /// long (the rest of it is skipped), or cut short by the end of the
+    /// stream.
     Frame(FrameError),
+    /// A line that could not be decoded claimed to be a `NODE_HANDLE`
+    /// (`"cmd":"NODE_HANDLE"` at its top level). Its fd, if one came, was
+    /// closed, and the peer was answered `NODE_HANDLE_ACK` if one came or
+    /// `NODE_HANDLE_NACK` if not (what a Node receiver answers), so that a
+    /// Node peer's queue of later messages moves on. The message is lost.
+    UndecodableHandle {
+        /// Why the line could not be decoded.
+        error: FrameError,
+        /// Whether an fd came with it (and was closed).
+        had_fd: bool,
+    },
     /// A `NODE_HANDLE` arrived with no fd; it was answered with
     /// `NODE_HANDLE_NACK` and dropped, as Node does.
     HandleWithoutFd,
@@ -155,6 +182,21 @@ pub enum ChannelError {
     BadHandle(io::Error),
     /// The peer answered a handle we sent with `NODE_HANDLE_NACK`.
     HandleRejected,
+    /// The peer sent more bad lines than its budget
+    /// ([`ChannelOptions::max_bad_lines`]); the channel was closed. This is
+    /// also the summary of the bad lines not reported one by one.
+    TooManyBadLines {
+        /// Bad lines received, this one included.
+        count: usize,
+        /// The budget.
+        limit: usize,
+    },
+    /// The channel closed after bad lines that were not reported one by one
+    /// (past [`ChannelOptions::report_bad_lines`]): how many.
+    BadLinesNotReported {
+        /// Bad lines counted but not reported.
+        count: usize,
+    },
     /// Reading or writing the pipe failed; the channel closes.
     Io(io::Error),
 }
@@ -163,6 +205,20 @@ impl fmt::Display for ChannelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChannelError::Frame(e) => e.fmt(f),
+            ChannelError::UndecodableHandle { error, had_fd } => write!(
+                f,
+                "NODE_HANDLE message could not be decoded ({}; answered {}): {error}",
+                if *had_fd {
+                    "its fd closed"
+                } else {
+                    "no fd came"
+                },
+                if *had_fd {
+                    "NODE_HANDLE_ACK"
+                } else {
+                    "NODE_HANDLE_NACK"
+                }
+            ),
             ChannelError::HandleWithoutFd => {
                 f.write_str("NODE_HANDLE message arrived without an fd")
             }
@@ -174,6 +230,15 @@ impl fmt::Display for ChannelError {
             ChannelError::HandleRejected => {
                 f.write_str("the peer did not receive the handle (NACK)")
             }
+            ChannelError::TooManyBadLines { count, limit } => write!(
+                f,
+                "{count} bad lines from the peer, over the budget of {limit} (max_bad_lines): \
+                 disconnected"
+            ),
+            ChannelError::BadLinesNotReported { count } => write!(
+                f,
+                "{count} more bad line(s) from the peer were not reported one by one"
+            ),
             ChannelError::Io(e) => write!(f, "IPC channel I/O error: {e}"),
         }
     }
@@ -190,17 +255,60 @@ impl From<ChannelError> for io::Error {
     }
 }
 
+/// The default budget of bad lines per channel: 100.
+///
+/// Node's receiver tolerates none (a line `JSON.parse` rejects kills the
+/// process). A budget instead keeps one stray write on the channel's fd from
+/// costing a connection, while a peer that floods the channel with garbage
+/// is cut off after 101 lines: at most a hundred failed parses of CPU and
+/// [`DEFAULT_REPORT_BAD_LINES`] + 1 error reports, however many lines it
+/// writes. A peer that has sent a hundred bad lines is broken, not
+/// glitching.
+pub const DEFAULT_MAX_BAD_LINES: usize = 100;
+
+/// The default number of bad lines reported one by one on a channel: 10.
+/// The rest are counted and reported once, in
+/// [`ChannelError::TooManyBadLines`] or, if the channel closes first,
+/// [`ChannelError::BadLinesNotReported`].
+pub const DEFAULT_REPORT_BAD_LINES: usize = 10;
+
 /// Options for [`Channel::open`].
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::ipc::ChannelOptions;
+///
+/// // A channel read on a thread with a small stack.
+/// let opts = ChannelOptions { max_depth: 1000, ..ChannelOptions::default() };
+/// # let _ = opts;
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct ChannelOptions {
-    /// The largest message accepted, in bytes (default 64 MiB).
+    /// The largest message accepted, in bytes (default
+    /// [`DEFAULT_MAX_MESSAGE`], 64 MiB). A longer line is reported and
+    /// skipped.
     pub max_message: usize,
+    /// How deeply arrays and objects may nest in one message, in levels
+    /// (default [`DEFAULT_MAX_DEPTH`], 4500, above the 4183 Node's
+    /// `JSON.stringify` can write). A deeper line is reported and skipped.
+    pub max_depth: usize,
+    /// How many bad lines (undecodable, or breaking the handle protocol)
+    /// the peer may send before the channel is closed (default
+    /// [`DEFAULT_MAX_BAD_LINES`]); `usize::MAX` for no limit.
+    pub max_bad_lines: usize,
+    /// How many bad lines are reported one by one (default
+    /// [`DEFAULT_REPORT_BAD_LINES`]); the rest are summed up.
+    pub report_bad_lines: usize,
 }
 
 impl Default for ChannelOptions {
     fn default() -> Self {
         ChannelOptions {
             max_message: DEFAULT_MAX_MESSAGE,
+            max_depth: DEFAULT_MAX_DEPTH,
+            max_bad_lines: DEFAULT_MAX_BAD_LINES,
+            report_bad_lines: DEFAULT_REPORT_BAD_LINES,
         }
     }
 }
@@ -211,6 +319,34 @@ enum State {
     /// `disconnect` was called; waiting for queued handles to drain.
     Disconnecting,
     Closed,
+}
+
+/// One decoded line, with the text kept where the value lost something.
+struct Line {
+    value: Value,
+    exact: bool,
+    /// The whole line, when not exact.
+    raw: Option<Box<[u8]>>,
+    /// For a `NODE_HANDLE` wrapper: whether its `msg` was read exactly,
+    /// and its text when not.
+    msg_exact: bool,
+    msg_raw: Option<Box<[u8]>>,
+}
+
+impl Line {
+    fn decoded(line: &[u8], p: json::Parsed) -> Line {
+        let msg_exact = p.msg.is_none_or(|m| m.exact);
+        Line {
+            raw: (!p.exact).then(|| line.into()),
+            msg_raw: p
+                .msg
+                .filter(|m| !m.exact)
+                .map(|m| line[m.start..m.end].into()),
+            msg_exact,
+            exact: p.exact,
+            value: p.value,
+        }
+    }
 }
 
 struct Outgoing {
@@ -232,20 +368,30 @@ struct Awaiting {
     reply_seq: Option<u64>,
 }
 
+/// The user-message callback, with or without the JSON text.
+enum UserCb {
+    Value(MessageCb),
+    Raw(RawMessageCb),
+}
+
 struct Inner {
     pipe: Handle<Pipe>,
     decoder: Decoder,
+    opts: ChannelOptions,
+    /// Bad lines received so far, and how many of them went unreported.
+    bad_lines: usize,
+    unreported: usize,
     state: State,
     /// `Some` while a handle we sent awaits the peer's ACK.
     awaiting_ack: Option<Awaiting>,
     queue: VecDeque<Outgoing>,
-    on_message: Option<MessageCb>,
+    on_message: Option<UserCb>,
     on_internal: Option<MessageCb>,
     on_error: Option<ErrorCb>,
     on_disconnect: Option<DisconnectCb>,
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
-    backlog: VecDeque<(Value, Option<Accepted>)>,
+    backlog: VecDeque<(RawMessage, Option<Accepted>)>,
     replies: HashMap<u64, ReplyCb>,
     /// While the channel handles one read's messages, messages without a
     /// handle that callbacks send are coalesced here and written in one go
@@ -336,6 +482,9 @@ impl Channel {
             inner: Rc::new(RefCell::new(Inner {
                 pipe,
                 decoder: Decoder::new(opts.max_message),
+                opts,
+                bad_lines: 0,
+                unreported: 0,
                 state: State::Open,
                 awaiting_ack: None,
                 queue: VecDeque::new(),
@@ -416,15 +565,61 @@ impl Channel {
 
     /// Sets the callback for user messages. Messages that arrived before it
     /// was set are delivered to it first, from the loop (never inside this
-    /// call).
+    /// call). A string with an unpaired surrogate arrives with U+FFFD in
+    /// its place; [`on_message_raw`](Self::on_message_raw) also gives the
+    /// exact text.
     pub fn on_message(
         &self,
         lp: &mut Loop,
         cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
     ) {
+        self.set_user_cb(lp, UserCb::Value(Box::new(cb)));
+    }
+
+    /// Sets the callback for user messages, given as [`RawMessage`]s: the
+    /// value and, when the value could not hold the message exactly (an
+    /// unpaired surrogate, a number beyond `f64`), its JSON text, which
+    /// [`send_raw`](Self::send_raw) can send on unchanged. Replaces
+    /// [`on_message`](Self::on_message); messages that arrived before are
+    /// delivered to it first, as there.
+    ///
+    /// # Examples
+    ///
+    /// An echo that gives a Node peer back exactly what it sent:
+    ///
+    /// ```
+    /// use uvcluster::ipc::{Channel, ChannelOptions};
+    /// use uvcluster::uv::{Loop, RunMode};
+    ///
+    /// let mut lp = Loop::new()?;
+    /// let (a, b) = lp.pipe_pair(true)?;
+    /// let a = Channel::open(&mut lp, a, ChannelOptions::default())?;
+    /// let b = Channel::open(&mut lp, b, ChannelOptions::default())?;
+    /// b.on_message_raw(&mut lp, |lp, ch, msg, _| {
+    ///     assert!(!msg.is_exact());
+    ///     ch.send_raw(lp, &msg, None).unwrap();
+    /// });
+    /// a.on_message_raw(&mut lp, |lp, ch, msg, _| {
+    ///     assert_eq!(&msg.json()[..], br#"{"note":"a\ud800b"}"#);
+    ///     ch.disconnect(lp);
+    /// });
+    /// let m = uvcluster::ipc::RawMessage::parse(br#"{"note":"a\ud800b"}"#).unwrap();
+    /// a.send_raw(&mut lp, &m, None)?;
+    /// lp.run(RunMode::Default)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn on_message_raw(
+        &self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, &Channel, RawMessage, Option<Accepted>) + 'static,
+    ) {
+        self.set_user_cb(lp, UserCb::Raw(Box::new(cb)));
+    }
+
+    fn set_user_cb(&self, lp: &mut Loop, cb: UserCb) {
         let replay = {
             let mut i = self.inner.borrow_mut();
-            i.on_message = Some(Box::new(cb));
+            i.on_message = Some(cb);
             !i.backlog.is_empty()
         };
         if replay {
@@ -491,6 +686,32 @@ impl Channel {
     /// `NotConnected` after disconnect; serde_json's error as `InvalidInput`.
     pub fn send(&self, lp: &mut Loop, msg: &Value, on_sent: Option<SentCb>) -> io::Result<()> {
         self.send_serde(lp, msg, on_sent)
+    }
+
+    /// Sends a message given as its JSON text ([`RawMessage`]), unchanged:
+    /// the way to send a string with an unpaired surrogate, which a
+    /// JavaScript peer receives as such. Queued like [`send`](Self::send).
+    ///
+    /// # Errors
+    ///
+    /// `NotConnected` after disconnect.
+    pub fn send_raw(
+        &self,
+        lp: &mut Loop,
+        msg: &RawMessage,
+        on_sent: Option<SentCb>,
+    ) -> io::Result<()> {
+        let mut bytes = msg.json().into_owned();
+        bytes.push(b'\n');
+        self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: None,
+                on_sent,
+                delivery: None,
+            },
+        )
     }
 
     /// Sends any serializable value as a message.
@@ -949,7 +1170,7 @@ impl Channel {
         if graceful {
             self.flush_corked(lp);
         }
-        let (pipe, queued) = {
+        let (pipe, queued, unreported) = {
             let mut i = self.inner.borrow_mut();
             if i.state == State::Closed {
                 return;
@@ -959,8 +1180,15 @@ impl Channel {
             i.replies.clear();
             i.corked.clear();
             i.corked_cbs.clear();
-            (i.pipe, std::mem::take(&mut i.queue))
+            (
+                i.pipe,
+                std::mem::take(&mut i.queue),
+                std::mem::take(&mut i.unreported),
+            )
         };
+        if unreported > 0 {
+            self.emit_error(lp, ChannelError::BadLinesNotReported { count: unreported });
+        }
         let inner = self.inner.clone();
         let finish = move |lp: &mut Loop| {
             for out in queued {
@@ -1023,7 +1251,7 @@ impl Channel {
             Ok([]) => {
                 let res = self.inner.borrow().decoder.finish();
                 if let Err(e) = res {
-                    self.emit_error(lp, ChannelError::Frame(e));
+                    self.fault(lp, ChannelError::Frame(e));
                 }
                 self.drop_stray_fds(lp);
                 self.close_now(lp);
@@ -1051,26 +1279,74 @@ impl Channel {
                 if i.state == State::Closed {
                     return;
                 }
-                match i.decoder.next_line() {
+                let max_depth = i.opts.max_depth;
+                let decoder = &mut i.decoder;
+                match decoder.next_line() {
                     None => break,
-                    Some(Err(e)) => Err(e),
-                    Some(Ok(line)) => frame::parse_line(line),
+                    Some(Ok(line)) => match json::parse(line, max_depth) {
+                        Ok(p) => Ok(Line::decoded(line, p)),
+                        Err(e) => Err((e, json::claims_node_handle(line))),
+                    },
+                    Some(Err(e)) => {
+                        // An oversized line is reported at once; its fd (if
+                        // any) came with its first bytes, which are kept.
+                        let claims = decoder
+                            .skipped_prefix()
+                            .is_some_and(json::claims_node_handle);
+                        Err((e, claims))
+                    }
                 }
             };
             match item {
-                Ok(v) => self.dispatch(lp, v),
-                Err(e @ FrameError::Oversized { .. }) => {
-                    self.emit_error(lp, ChannelError::Frame(e));
-                    self.close_now(lp);
-                    return;
-                }
-                Err(e) => self.emit_error(lp, ChannelError::Frame(e)),
+                Ok(line) => self.dispatch(lp, line),
+                Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
         }
         if self.inner.borrow().decoder.at_boundary() {
             self.drop_stray_fds(lp);
         }
         self.maybe_finish_disconnect(lp);
+    }
+
+    /// A line that could not be decoded. If it claimed to carry a handle,
+    /// the peer (a Node sender queues everything behind a handle until it
+    /// is answered) gets the answer a Node receiver would give: ACK when an
+    /// fd came, which is then closed, NACK when none did.
+    fn bad_line(&self, lp: &mut Loop, error: FrameError, claims_handle: bool) {
+        if !claims_handle {
+            self.fault(lp, ChannelError::Frame(error));
+            return;
+        }
+        // Dropping the fd closes it.
+        let had_fd = lp.pipe_take_pending_fd(self.pipe()).is_ok();
+        self.write_ack(lp, had_fd);
+        self.fault(lp, ChannelError::UndecodableHandle { error, had_fd });
+    }
+
+    /// Counts a bad line against the peer's budget, reports it if it is
+    /// among the first few, and closes the channel once the budget is
+    /// spent.
+    fn fault(&self, lp: &mut Loop, e: ChannelError) {
+        let (report, over) = {
+            let mut i = self.inner.borrow_mut();
+            i.bad_lines += 1;
+            let report = i.bad_lines <= i.opts.report_bad_lines;
+            if !report {
+                i.unreported += 1;
+            }
+            let over = i.bad_lines > i.opts.max_bad_lines;
+            if over {
+                i.unreported = 0;
+            }
+            (report, over.then_some((i.bad_lines, i.opts.max_bad_lines)))
+        };
+        if report {
+            self.emit_error(lp, e);
+        }
+        if let Some((count, limit)) = over {
+            self.emit_error(lp, ChannelError::TooManyBadLines { count, limit });
+            self.close_now(lp);
+        }
     }
 
     /// Fds left once every complete message is handled and no message is
@@ -1086,9 +1362,12 @@ impl Channel {
         }
     }
 
-    fn dispatch(&self, lp: &mut Loop, v: Value) {
-        match message::classify(v) {
-            Incoming::User(v) => self.emit_user(lp, v, None),
+    fn dispatch(&self, lp: &mut Loop, line: Line) {
+        match message::classify(line.value) {
+            Incoming::User(v) => {
+                let m = RawMessage::received(v, line.exact, line.raw);
+                self.emit_user(lp, m, None)
+            }
             Incoming::Ack(ok) => self.on_ack(lp, ok),
             Incoming::Internal(v) => self.route_internal(lp, v, None),
             Incoming::Handle { msg, kind } => {
@@ -1096,12 +1375,12 @@ impl Channel {
                 if HandleKind::parse(&kind).is_none() {
                     let _ = lp.pipe_take_pending_fd(pipe);
                     self.write_ack(lp, false);
-                    self.emit_error(lp, ChannelError::UnknownHandleType(kind));
+                    self.fault(lp, ChannelError::UnknownHandleType(kind));
                     return;
                 }
                 if lp.pipe_pending_count(pipe) == 0 {
                     self.write_ack(lp, false);
-                    self.emit_error(lp, ChannelError::HandleWithoutFd);
+                    self.fault(lp, ChannelError::HandleWithoutFd);
                     return;
                 }
                 match lp.pipe_accept_pending(pipe) {
@@ -1110,12 +1389,13 @@ impl Channel {
                         if is_internal(&msg) {
                             self.route_internal(lp, msg, Some(h));
                         } else {
-                            self.emit_user(lp, msg, Some(h));
+                            let m = RawMessage::received(msg, line.msg_exact, line.msg_raw);
+                            self.emit_user(lp, m, Some(h));
                         }
                     }
                     Err(e) => {
                         self.write_ack(lp, false);
-                        self.emit_error(lp, ChannelError::BadHandle(e));
+                        self.fault(lp, ChannelError::BadHandle(e));
                     }
                 }
             }
@@ -1149,17 +1429,17 @@ impl Channel {
         }
     }
 
-    fn emit_user(&self, lp: &mut Loop, v: Value, h: Option<Accepted>) {
+    fn emit_user(&self, lp: &mut Loop, m: RawMessage, h: Option<Accepted>) {
         {
             let mut i = self.inner.borrow_mut();
             // While a backlog waits for its replay, new messages queue
             // behind it so that they cannot overtake it.
             if !i.backlog.is_empty() {
-                i.backlog.push_back((v, h));
+                i.backlog.push_back((m, h));
                 return;
             }
         }
-        if let Err(item) = self.deliver_user(lp, v, h) {
+        if let Err(item) = self.deliver_user(lp, m, h) {
             self.inner.borrow_mut().backlog.push_back(item);
         }
     }
@@ -1168,20 +1448,23 @@ impl Channel {
     fn deliver_user(
         &self,
         lp: &mut Loop,
-        v: Value,
+        m: RawMessage,
         h: Option<Accepted>,
-    ) -> Result<(), (Value, Option<Accepted>)> {
+    ) -> Result<(), (RawMessage, Option<Accepted>)> {
         let cb = self.inner.borrow_mut().on_message.take();
         match cb {
             Some(mut cb) => {
-                cb(lp, self, v, h);
+                match &mut cb {
+                    UserCb::Value(f) => f(lp, self, m.into_value(), h),
+                    UserCb::Raw(f) => f(lp, self, m, h),
+                }
                 let mut i = self.inner.borrow_mut();
                 if i.on_message.is_none() && i.state != State::Closed {
                     i.on_message = Some(cb);
                 }
                 Ok(())
             }
-            None => Err((v, h)),
+            None => Err((m, h)),
         }
     }
 

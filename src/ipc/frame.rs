@@ -1,42 +1,75 @@
 //! Newline-delimited JSON framing, Node's `json` serialization mode
 //! (`lib/internal/child_process/serialization.js`).
 //!
-//! Outgoing: `JSON.stringify(message) + "\n"`; serde_json never leaves a raw
+//! Outgoing: `JSON.stringify(message) + "\n"`; the writer never leaves a raw
 //! newline inside a string, so 0x0A only ever separates messages. Incoming:
 //! bytes are split on `\n`, a partial line is kept across reads, and each
 //! complete line is handed out. Pure code, no I/O: [`Decoder`] is fed with
-//! whatever the socket returned, however it was chunked.
+//! whatever the socket returned, however it was chunked. How a line becomes a
+//! value, and a value a line, is the JSON codec's job (`json.rs`): it reads
+//! every line `JSON.stringify` can write.
 
 use std::fmt;
 
 use serde::Serialize;
 
-/// The default limit on one message's size: 64 MiB.
+use super::json::{self, JsFormatter};
+
+/// The default limit on one message's size: 64 MiB. Node has none (V8's
+/// string length, about 512 MiB, is its only bound); this one keeps what a
+/// peer can make us buffer bounded. A longer line is skipped and reported
+/// ([`FrameError::Oversized`]); the next one is read normally.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The default limit on how deeply arrays and objects nest in one message:
+/// 4500 levels.
+///
+/// Node 20's `JSON.stringify` recurses, and with Node's default stack it
+/// fails past 4183 levels (a `process.send` of 4182 nested arrays is the
+/// deepest it sends); its `JSON.parse` has no limit. Decoding here never
+/// recurses, but the [`serde_json::Value`] it builds is dropped, cloned,
+/// compared and serialized recursively; 4500 levels fit in a main thread's
+/// 8 MiB stack even in a debug build, where deeper values could abort the
+/// process with a stack overflow on a peer's say-so. Threads with smaller
+/// stacks (2 MiB for Rust's spawned threads) should lower
+/// [`ChannelOptions::max_depth`](super::ChannelOptions::max_depth) to about
+/// 1000. A deeper line is a [`FrameError::TooDeep`], and the channel goes on.
+pub const DEFAULT_MAX_DEPTH: usize = 4500;
 
 /// What went wrong with one incoming line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
     /// A line was empty (Node's receiver dies on these with a `SyntaxError`).
     EmptyLine,
-    /// A line was not valid UTF-8.
+    /// A line held bytes that are not UTF-8 where JSON allows only ASCII
+    /// (outside strings; inside a string they are read as U+FFFD, as
+    /// Node's decoder reads them).
     InvalidUtf8 {
         /// Offset of the first invalid byte in the line.
         valid_up_to: usize,
     },
-    /// A line was not valid JSON.
+    /// A line was not JSON (Node's receiver dies on these with a
+    /// `SyntaxError`).
     Malformed {
-        /// serde_json's description, with line and column.
+        /// What was expected where, with the byte offset in the line.
         error: String,
-        /// The first bytes of the line, for the log.
+        /// The first characters of the line, for the log.
         prefix: String,
     },
-    /// A message grew past the limit before its newline arrived. The decoder
-    /// stops: the stream cannot be resynchronised without reading the rest.
+    /// A line nested arrays and objects deeper than the limit
+    /// ([`DEFAULT_MAX_DEPTH`]). Node reads such lines; see the limit for
+    /// why this side does not.
+    TooDeep {
+        /// The configured limit, in levels of nesting.
+        limit: usize,
+    },
+    /// A line grew past the size limit. The decoder reports it as soon as
+    /// the limit is passed, then reads and drops the rest of the line
+    /// without buffering it, and goes on with the next line.
     Oversized {
-        /// How many bytes of the message had arrived.
+        /// How many bytes of the line had arrived when it was reported.
         size: usize,
-        /// The configured limit.
+        /// The configured limit, in bytes.
         limit: usize,
     },
     /// The stream ended in the middle of a message.
@@ -59,10 +92,17 @@ impl fmt::Display for FrameError {
             FrameError::Malformed { error, prefix } => {
                 write!(f, "IPC message is not JSON ({error}): {prefix:?}")
             }
+            FrameError::TooDeep { limit } => {
+                write!(
+                    f,
+                    "IPC message nests deeper than the limit of {limit} levels (max_depth)"
+                )
+            }
             FrameError::Oversized { size, limit } => {
                 write!(
                     f,
-                    "IPC message of at least {size} bytes exceeds the limit of {limit} bytes"
+                    "IPC message of at least {size} bytes exceeds the limit of {limit} bytes \
+                     (max_message); skipped"
                 )
             }
             FrameError::TruncatedAtEof { size } => {
@@ -77,7 +117,10 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// Serializes `msg` as one frame: its JSON and a newline.
+/// Serializes `msg` as one frame: its JSON and a newline, byte for byte
+/// what `JSON.stringify` writes for the same value (numbers in
+/// JavaScript's format: `1e+21`, `100` for `100.0`, `0` for `-0.0`;
+/// non-finite floats as `null`).
 ///
 /// # Errors
 ///
@@ -87,12 +130,15 @@ impl std::error::Error for FrameError {}
 /// # Examples
 ///
 /// ```
-/// let frame = uvcluster::ipc::encode(&serde_json::json!({"hello": "wörld"})).unwrap();
-/// assert_eq!(frame, b"{\"hello\":\"w\xc3\xb6rld\"}\n");
+/// use serde_json::json;
+///
+/// let frame = uvcluster::ipc::encode(&json!({"hello": "wörld", "n": [1e21, 2.0, -0.0]})).unwrap();
+/// assert_eq!(frame, "{\"hello\":\"wörld\",\"n\":[1e+21,2,0]}\n".as_bytes());
 /// ```
 pub fn encode<T: Serialize + ?Sized>(msg: &T) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(128);
-    serde_json::to_writer(&mut out, msg)?;
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, JsFormatter);
+    msg.serialize(&mut ser)?;
     out.push(b'\n');
     Ok(out)
 }
@@ -120,8 +166,19 @@ pub struct Decoder {
     /// Bytes before this offset (from `start`) hold no newline.
     scanned: usize,
     limit: usize,
-    failed: bool,
+    /// While a line over the limit is being dropped: how many of its bytes
+    /// went, and its first bytes.
+    skipping: Option<Skipped>,
 }
+
+#[derive(Debug)]
+struct Skipped {
+    size: usize,
+    prefix: Vec<u8>,
+}
+
+/// How much of a line over the limit is kept for [`Decoder::skipped_prefix`].
+const SKIPPED_PREFIX: usize = 1024;
 
 impl Decoder {
     /// A decoder that refuses messages longer than `limit` bytes.
@@ -131,16 +188,12 @@ impl Decoder {
             start: 0,
             scanned: 0,
             limit,
-            failed: false,
+            skipping: None,
         }
     }
 
-    /// Appends bytes read from the stream. Ignored after an
-    /// [`Oversized`](FrameError::Oversized) error.
+    /// Appends bytes read from the stream.
     pub fn push(&mut self, data: &[u8]) {
-        if self.failed {
-            return;
-        }
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
@@ -157,11 +210,26 @@ impl Decoder {
 
     /// The next complete line, without its `\n`; `None` when no complete line
     /// is buffered. An empty line is reported as [`FrameError::EmptyLine`]
-    /// and skipped; a message over the limit as [`FrameError::Oversized`],
-    /// after which the decoder yields nothing more.
+    /// and skipped. A line that grows past the limit is reported once as
+    /// [`FrameError::Oversized`] (its first bytes stay readable through
+    /// [`skipped_prefix`](Self::skipped_prefix) until the next call); the
+    /// rest of it is then dropped as it arrives, and the line after it is
+    /// read normally.
     pub fn next_line(&mut self) -> Option<Result<&[u8], FrameError>> {
-        if self.failed {
-            return None;
+        if let Some(skip) = &mut self.skipping {
+            let pending = &self.buf[self.start..];
+            match memchr(b'\n', pending) {
+                Some(i) => {
+                    self.start += i + 1;
+                    self.skipping = None;
+                }
+                None => {
+                    skip.size += pending.len();
+                    self.start = self.buf.len();
+                    self.scanned = 0;
+                    return None;
+                }
+            }
         }
         let pending = &self.buf[self.start..];
         let from = self.scanned.min(pending.len());
@@ -169,7 +237,18 @@ impl Decoder {
             Some(i) => {
                 let end = from + i;
                 if end > self.limit {
-                    return Some(Err(self.fail(end)));
+                    // The whole line is here: drop it at once.
+                    let e = FrameError::Oversized {
+                        size: end,
+                        limit: self.limit,
+                    };
+                    self.skipping = Some(Skipped {
+                        size: end,
+                        prefix: pending[..end.min(SKIPPED_PREFIX)].to_vec(),
+                    });
+                    self.start += end;
+                    self.scanned = 0;
+                    return Some(Err(e));
                 }
                 let line_start = self.start;
                 self.start += end + 1;
@@ -182,27 +261,32 @@ impl Decoder {
             None => {
                 self.scanned = pending.len();
                 if pending.len() > self.limit {
-                    return Some(Err(self.fail(pending.len())));
+                    let size = pending.len();
+                    self.skipping = Some(Skipped {
+                        size,
+                        prefix: pending[..size.min(SKIPPED_PREFIX)].to_vec(),
+                    });
+                    self.start = self.buf.len();
+                    self.scanned = 0;
+                    return Some(Err(FrameError::Oversized {
+                        size,
+                        limit: self.limit,
+                    }));
                 }
                 None
             }
         }
     }
 
-    fn fail(&mut self, size: usize) -> FrameError {
-        self.failed = true;
-        self.buf = Vec::new();
-        self.start = 0;
-        self.scanned = 0;
-        FrameError::Oversized {
-            size,
-            limit: self.limit,
-        }
+    /// The first bytes (up to 1 KiB) of the line being dropped after an
+    /// [`Oversized`](FrameError::Oversized) error, until its end arrives.
+    pub fn skipped_prefix(&self) -> Option<&[u8]> {
+        self.skipping.as_ref().map(|s| &s.prefix[..])
     }
 
-    /// Whether no partial message is buffered.
+    /// Whether no partial message is buffered (and none is being dropped).
     pub fn at_boundary(&self) -> bool {
-        self.start == self.buf.len()
+        self.start == self.buf.len() && self.skipping.is_none()
     }
 
     /// Bytes of an unfinished message held.
@@ -214,12 +298,13 @@ impl Decoder {
     ///
     /// # Errors
     ///
-    /// [`FrameError::TruncatedAtEof`] if bytes of a message were left.
+    /// [`FrameError::TruncatedAtEof`] if bytes of a message were left (of a
+    /// line being dropped, too: how many of its bytes came).
     pub fn finish(&self) -> Result<(), FrameError> {
-        match self.buffered() {
-            0 => Ok(()),
-            size if !self.failed => Err(FrameError::TruncatedAtEof { size }),
-            _ => Ok(()),
+        match (&self.skipping, self.buffered()) {
+            (Some(s), _) => Err(FrameError::TruncatedAtEof { size: s.size }),
+            (None, 0) => Ok(()),
+            (None, size) => Err(FrameError::TruncatedAtEof { size }),
         }
     }
 }
@@ -228,20 +313,28 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == needle)
 }
 
-/// Parses one line into a JSON value, checking UTF-8 first so the error
-/// says which it was.
+/// Parses one line into a JSON value as Node's receiver does (`JSON.parse`
+/// of the line decoded as UTF-8), with at most [`DEFAULT_MAX_DEPTH`] levels
+/// of nesting. What `JSON.parse` would read as a string with an unpaired
+/// surrogate has U+FFFD in its place, and a number beyond `f64` (`±Infinity`
+/// there) is `null`; [`RawMessage`](super::RawMessage) keeps the exact text.
 ///
 /// # Errors
 ///
-/// [`FrameError::InvalidUtf8`] or [`FrameError::Malformed`].
+/// [`FrameError::InvalidUtf8`], [`FrameError::Malformed`] or
+/// [`FrameError::TooDeep`].
+///
+/// # Examples
+///
+/// ```
+/// use serde_json::json;
+/// use uvcluster::ipc::parse_line;
+///
+/// assert_eq!(parse_line(br#"{"note":"a\ud800b","n":1e400}"#).unwrap(), json!({"note":"a\u{FFFD}b","n":null}));
+/// assert!(parse_line(b"{\"a\":}").is_err());
+/// ```
 pub fn parse_line(line: &[u8]) -> Result<serde_json::Value, FrameError> {
-    let text = std::str::from_utf8(line).map_err(|e| FrameError::InvalidUtf8 {
-        valid_up_to: e.valid_up_to(),
-    })?;
-    serde_json::from_str(text).map_err(|e| FrameError::Malformed {
-        error: e.to_string(),
-        prefix: text.chars().take(80).collect(),
-    })
+    json::parse(line, DEFAULT_MAX_DEPTH).map(|p| p.value)
 }
 
 #[cfg(test)]
@@ -282,25 +375,59 @@ mod tests {
     }
 
     #[test]
-    fn oversized_without_newline_stops_the_decoder() {
+    fn oversized_line_is_skipped_without_buffering_and_the_next_is_read() {
         let mut d = Decoder::new(8);
-        d.push(b"123456789");
+        d.push(b"{}\n123456789");
         assert_eq!(
             lines(&mut d),
-            vec![Err(FrameError::Oversized { size: 9, limit: 8 })]
+            vec![
+                Ok(b"{}".to_vec()),
+                Err(FrameError::Oversized { size: 9, limit: 8 })
+            ]
         );
-        d.push(b"\n{}\n");
-        assert!(lines(&mut d).is_empty());
+        assert_eq!(d.skipped_prefix(), Some(&b"123456789"[..]));
+        assert!(!d.at_boundary());
+        for _ in 0..1000 {
+            d.push(&[b'x'; 1000]);
+            assert!(lines(&mut d).is_empty());
+            assert!(d.buffered() == 0 && d.buf.capacity() < 4096);
+        }
+        d.push(b"xx\n{\"a\":1}\n");
+        assert_eq!(lines(&mut d), vec![Ok(b"{\"a\":1}".to_vec())]);
+        assert!(d.at_boundary() && d.skipped_prefix().is_none());
     }
 
     #[test]
     fn oversized_with_newline() {
         let mut d = Decoder::new(4);
-        d.push(b"{\"a\":1}\n");
-        assert!(matches!(
-            lines(&mut d)[..],
-            [Err(FrameError::Oversized { size: 7, .. })]
-        ));
+        d.push(b"{\"a\":1}\n1\n");
+        assert_eq!(
+            lines(&mut d),
+            vec![
+                Err(FrameError::Oversized { size: 7, limit: 4 }),
+                Ok(b"1".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn eof_while_skipping_is_truncated() {
+        let mut d = Decoder::new(2);
+        d.push(b"12345");
+        assert_eq!(lines(&mut d).len(), 1);
+        d.push(b"67");
+        assert!(lines(&mut d).is_empty());
+        assert_eq!(d.finish(), Err(FrameError::TruncatedAtEof { size: 7 }));
+    }
+
+    #[test]
+    fn encode_writes_what_json_stringify_writes() {
+        let v = serde_json::json!({"s":"\u{0}\u{1f}\u{7f}\u{2028}\"\\/\u{8}\u{c}\n\r\t","n":[0.1,-0.0,1e21,5e-324,100.0,-7]});
+        assert_eq!(
+            encode(&v).unwrap(),
+            b"{\"n\":[0.1,0,1e+21,5e-324,100,-7],\"s\":\"\\u0000\\u001f\x7f\xe2\x80\xa8\\\"\\\\/\\b\\f\\n\\r\\t\"}\n"
+        );
+        assert_eq!(encode(&f64::NAN).unwrap(), b"null\n");
     }
 
     #[test]
@@ -324,6 +451,10 @@ mod tests {
             parse_line(b"\xff"),
             Err(FrameError::InvalidUtf8 { valid_up_to: 0 })
         ));
+        assert_eq!(
+            parse_line(b"\"\xff\"").unwrap(),
+            serde_json::json!("\u{FFFD}")
+        );
         assert!(matches!(
             parse_line(b"garbage"),
             Err(FrameError::Malformed { .. })

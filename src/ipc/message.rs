@@ -2,7 +2,12 @@
 //! the `NODE_HANDLE` wrapper and its handle types
 //! (`lib/internal/child_process.js`: `handleConversion`, `isInternal`).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
+
+use super::frame::{self, DEFAULT_MAX_DEPTH, FrameError};
+use super::json;
 
 /// `cmd` of a message that carries a handle.
 pub const NODE_HANDLE: &str = "NODE_HANDLE";
@@ -88,6 +93,121 @@ pub fn wrap_handle(msg: Value, kind: HandleKind, extra: Map<String, Value>) -> V
         m.entry(k).or_insert(v);
     }
     Value::Object(m)
+}
+
+/// A message with its JSON text: what to use when a value must reach a
+/// JavaScript peer exactly as it was written.
+///
+/// JavaScript strings are UTF-16 and may hold unpaired surrogates
+/// (`'a\ud800b'`), which `JSON.stringify` writes as `\ud800` escapes; a
+/// number literal may exceed `f64` (`JSON.parse` reads `1e400` as
+/// `Infinity`). A [`serde_json::Value`] can hold neither, so the channel
+/// reads an unpaired surrogate as U+FFFD and such a number as `null` (what
+/// `JSON.stringify(Infinity)` writes) — and keeps the JSON text of every
+/// message that needed such a replacement. [`Channel::on_message_raw`]
+/// hands out that text with the value; [`Channel::send_raw`] sends it
+/// back unchanged, so a message survives a round trip through this
+/// process exactly as it would through a Node process.
+///
+/// [`Channel::on_message_raw`]: super::Channel::on_message_raw
+/// [`Channel::send_raw`]: super::Channel::send_raw
+///
+/// # Examples
+///
+/// ```
+/// use serde_json::json;
+/// use uvcluster::ipc::RawMessage;
+///
+/// let m = RawMessage::parse(br#"{"note":"a\ud800b"}"#).unwrap();
+/// assert_eq!(m.value(), &json!({"note": "a\u{FFFD}b"}));
+/// assert!(!m.is_exact());
+/// assert_eq!(&m.json()[..], br#"{"note":"a\ud800b"}"#);
+///
+/// let m = RawMessage::from(json!({"n": 1.0}));
+/// assert!(m.is_exact());
+/// assert_eq!(&m.json()[..], br#"{"n":1}"#);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawMessage {
+    value: Value,
+    exact: bool,
+    /// The JSON text, when it says more than `value` (or was given).
+    json: Option<Box<[u8]>>,
+}
+
+impl RawMessage {
+    /// A message from its JSON text, read as Node's receiver reads a line
+    /// (see [`parse_line`](super::parse_line)). The text is kept as given,
+    /// except that newlines, which valid JSON can only hold as whitespace
+    /// between tokens, become spaces so that the message fits one line.
+    ///
+    /// # Errors
+    ///
+    /// The [`FrameError`] of text that is not one JSON value, or that nests
+    /// deeper than [`DEFAULT_MAX_DEPTH`].
+    pub fn parse(json: &[u8]) -> Result<RawMessage, FrameError> {
+        let p = json::parse(json, DEFAULT_MAX_DEPTH)?;
+        let text: Box<[u8]> = json
+            .iter()
+            .map(|&b| if b == b'\n' { b' ' } else { b })
+            .collect();
+        Ok(RawMessage {
+            value: p.value,
+            exact: p.exact,
+            json: Some(text),
+        })
+    }
+
+    /// A received message: its text is kept only when the value lost
+    /// something.
+    pub(crate) fn received(value: Value, exact: bool, json: Option<Box<[u8]>>) -> RawMessage {
+        RawMessage {
+            value,
+            exact,
+            json: if exact { None } else { json },
+        }
+    }
+
+    /// The value (with U+FFFD for unpaired surrogates and `null` for
+    /// numbers beyond `f64`, if the text had any).
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The value, dropping the text.
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+
+    /// Whether [`value`](Self::value) is exactly what `JSON.parse` makes of
+    /// the text (no replacement was needed).
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+
+    /// The message's JSON text, one line without its newline: the text as
+    /// received or given when there is one, otherwise the value as
+    /// [`encode`](super::encode) writes it.
+    pub fn json(&self) -> Cow<'_, [u8]> {
+        match &self.json {
+            Some(t) => Cow::Borrowed(t),
+            None => {
+                let mut line = frame::encode(&self.value).expect("a Value always serializes");
+                line.pop();
+                Cow::Owned(line)
+            }
+        }
+    }
+}
+
+impl From<Value> for RawMessage {
+    fn from(value: Value) -> RawMessage {
+        RawMessage {
+            value,
+            exact: true,
+            json: None,
+        }
+    }
 }
 
 /// What one incoming line is, for the channel.
