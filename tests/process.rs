@@ -1030,3 +1030,84 @@ fn fork_error_names_the_program() {
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
 }
+
+const WORKER_CLOEXEC: &str = "helper_worker_cloexec";
+
+/// The worker of the test below: after `setup_worker`, reports which of its
+/// fds above 2 a child of its own would still inherit.
+#[test]
+fn helper_worker_cloexec() {
+    if !is_helper(WORKER_CLOEXEC) {
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let w = uvcluster::cluster::setup_worker(&mut lp).unwrap().unwrap();
+    let inheritable: Vec<i32> = own_fds()
+        .keys()
+        .copied()
+        .filter(|&n| n > 2 && !is_cloexec(n))
+        .collect();
+    w.send(
+        &mut lp,
+        &serde_json::json!({ "inheritable": inheritable }),
+        None,
+    )
+    .unwrap();
+    w.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 10_000);
+}
+
+/// A Rust worker does what a Node worker's start-up does: `setup_worker`
+/// marks the fds it inherited above 2 (here an extra stdio pipe at fd 4)
+/// `FD_CLOEXEC`, so the worker's own children do not get them.
+#[test]
+fn setup_worker_disables_stdio_inheritance() {
+    use uvcluster::cluster::{Primary, Settings};
+    use uvcluster::ipc::ForkStdio;
+    let mut lp = Loop::new().unwrap();
+    let primary = Primary::new();
+    primary.setup_primary(
+        &mut lp,
+        Settings {
+            exec_path: Some(std::env::current_exe().unwrap().into()),
+            args: Some(
+                [WORKER_CLOEXEC, "--exact", "--nocapture", "--test-threads=1"]
+                    .iter()
+                    .map(Into::into)
+                    .collect(),
+            ),
+            env: Some(vec![(
+                "UVCLUSTER_TEST_HELPER".into(),
+                WORKER_CLOEXEC.into(),
+            )]),
+            stdio: Some(vec![
+                ForkStdio::Inherit,
+                ForkStdio::Inherit,
+                ForkStdio::Inherit,
+                ForkStdio::Ipc,
+                ForkStdio::Pipe,
+            ]),
+            ..Settings::default()
+        },
+    );
+    let reports = Rc::new(RefCell::new(Vec::new()));
+    let r = reports.clone();
+    primary.on_message(move |_, _, v, _| r.borrow_mut().push(v));
+    let exits = Rc::new(RefCell::new(Vec::new()));
+    let e = exits.clone();
+    primary.on_exit(move |_, _, code, signal| e.borrow_mut().push((code, signal)));
+    let w = primary.fork(&mut lp, Vec::new()).unwrap();
+    // The primary's end of the extra pipe is not read: close it once the
+    // worker is gone so the loop can end.
+    let extra = w.stdio(4);
+    run_with_deadline(&mut lp, 20_000);
+    if let Some(p) = extra {
+        let _ = lp.close(p, |_| {});
+        run_with_deadline(&mut lp, 5_000);
+    }
+    assert_eq!(*exits.borrow(), vec![(Some(0), None)]);
+    assert_eq!(
+        *reports.borrow(),
+        vec![serde_json::json!({ "inheritable": [] })]
+    );
+}

@@ -76,6 +76,11 @@ struct HookData {
 /// without a disconnect that either side asked for (the primary died), the
 /// process exits with code 0, as a Node worker does.
 ///
+/// Like Node's start-up (`src/node.cc`), it first marks every fd above 2
+/// that the process inherited `FD_CLOEXEC`
+/// ([`disable_stdio_inheritance`](crate::uv::disable_stdio_inheritance)), so
+/// the worker's own children get only what it places for them.
+///
 /// # Errors
 ///
 /// `NODE_UNIQUE_ID` without a usable `NODE_CHANNEL_FD`, or the channel's
@@ -87,6 +92,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
     if let Some(c) = child() {
         return Ok(Some(c.borrow().worker.clone()));
     }
+    crate::uv::disable_stdio_inheritance();
     let channel = Channel::from_env(lp, ChannelOptions::default())?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
