@@ -156,7 +156,11 @@ fn run_worker(
         }
     });
     if let Some(worker) = &worker {
-        worker.on_message(move |lp, w, msg, _| {
+        worker.on_message(move |lp, w, msg, handle| {
+            // A handle sent with a message is ours to close.
+            if let Some(h) = handle {
+                uvcluster::ipc::close_accepted(lp, h);
+            }
             if msg == json!("count") {
                 let counts = json!({ "conns": conns.get(), "reqs": reqs.get() });
                 let _ = w.send(lp, &counts, None);

@@ -557,7 +557,8 @@ fn lone_surrogate_message_reaches_a_rust_worker_exactly() {
 
 /// The Rust worker of `surrogate_primary.js`: serves `hello world` on
 /// `PORT` and sends back `{got: <the note as received>, handle}` with the
-/// note's exact text.
+/// note's exact text, through the cluster worker's own
+/// `on_message_raw`/`send_raw`.
 #[test]
 fn helper_surrogate_worker() {
     if !is_helper("helper_surrogate_worker") {
@@ -568,8 +569,7 @@ fn helper_surrogate_worker() {
     let w = uvcluster::cluster::setup_worker(&mut lp)
         .unwrap()
         .expect("started as a worker");
-    let ch = w.channel().unwrap();
-    ch.on_message_raw(&mut lp, |lp, ch, m, h| {
+    w.on_message_raw(|lp, w, m, h| {
         if let Some(h) = h {
             uvcluster::ipc::close_accepted(lp, h);
         }
@@ -585,7 +585,7 @@ fn helper_surrogate_worker() {
             m.is_exact()
         );
         let reply = uvcluster::ipc::RawMessage::parse(reply.as_bytes()).unwrap();
-        ch.send_raw(lp, &reply, None).unwrap();
+        w.send_raw(lp, &reply).unwrap();
     });
     let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
     let server = Server::new(|lp, server, conn| {

@@ -118,7 +118,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
     crate::net::set_cluster_hook(Some(Rc::new(Hook)));
 
     let w = worker.clone();
-    channel.on_message(lp, move |lp, _, msg, h| {
+    channel.on_message_raw(lp, move |lp, _, msg, h| {
         if !w.emit_message(lp, msg, h)
             && let Some(h) = h
         {

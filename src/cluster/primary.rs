@@ -507,8 +507,9 @@ impl Primary {
         }
         {
             let (p, w) = (weak.clone(), worker.clone());
-            ch.on_message(lp, move |lp, _, msg, h| {
+            ch.on_message_raw(lp, move |lp, _, msg, h| {
                 let had_worker_cb = w.emit_message(lp, msg.clone(), h);
+                let msg = msg.into_value();
                 let mut had_primary_cb = false;
                 if let Some(p) = Primary::from_ref(&p) {
                     let taken = p.inner.borrow_mut().on_message.take();

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::primary::{ClusterError, PrimaryRef};
 use super::protocol::{AddressType, Query};
-use crate::ipc::{Attach, Channel};
+use crate::ipc::{Attach, Channel, RawMessage};
 use crate::uv::{Accepted, Handle, Loop, Process};
 
 /// A worker's life-cycle state (`worker.state`).
@@ -57,6 +57,13 @@ impl Address {
 type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
 type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
 type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Accepted>)>;
+type RawMessageCb = Box<dyn FnMut(&mut Loop, &Worker, RawMessage, Option<Accepted>)>;
+
+/// The user's `message` callback, taking values or [`RawMessage`]s.
+enum MessageSlot {
+    Value(MessageCb),
+    Raw(RawMessageCb),
+}
 type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, &Worker, &ClusterError)>;
 
@@ -83,7 +90,7 @@ pub(crate) struct WorkerInner {
     pub(crate) side: Side,
     on_online: Option<WorkerCb>,
     on_listening: Option<ListeningCb>,
-    on_message: Option<MessageCb>,
+    on_message: Option<MessageSlot>,
     on_disconnect: Option<WorkerCb>,
     on_exit: Option<ExitCb>,
     on_error: Option<ErrorCb>,
@@ -233,6 +240,20 @@ impl Worker {
         }
     }
 
+    /// Sends a user message given as its JSON text ([`RawMessage`]),
+    /// unchanged ([`Channel::send_raw`]): the way to pass on a string with
+    /// an unpaired surrogate exactly.
+    ///
+    /// # Errors
+    ///
+    /// `NotConnected` once the channel is closed.
+    pub fn send_raw(&self, lp: &mut Loop, msg: &RawMessage) -> io::Result<()> {
+        let ch = self
+            .channel()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "worker has no channel"))?;
+        ch.send_raw(lp, msg, None)
+    }
+
     /// Like [`send`](Self::send), with `on_sent` run once the message is
     /// written or has failed (`worker.send(msg, handle, cb)`).
     ///
@@ -305,12 +326,26 @@ impl Worker {
     pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
         self.inner.borrow_mut().on_listening = Some(Box::new(cb));
     }
-    /// Sets the `message` callback: a user message and its handle.
+    /// Sets the `message` callback: a user message and its handle (the
+    /// callback owns the handle and must close it). A string with an
+    /// unpaired surrogate arrives with U+FFFD in its place;
+    /// [`on_message_raw`](Self::on_message_raw) also gives the exact text.
     pub fn on_message(
         &self,
         cb: impl FnMut(&mut Loop, &Worker, Value, Option<Accepted>) + 'static,
     ) {
-        self.inner.borrow_mut().on_message = Some(Box::new(cb));
+        self.inner.borrow_mut().on_message = Some(MessageSlot::Value(Box::new(cb)));
+    }
+    /// Sets the `message` callback with messages as [`RawMessage`]s: the
+    /// value, and the JSON text when the value could not hold it exactly
+    /// (see [`Channel::on_message_raw`]), so that
+    /// [`send_raw`](Self::send_raw) can pass it on unchanged, as a Node
+    /// process would. Replaces [`on_message`](Self::on_message).
+    pub fn on_message_raw(
+        &self,
+        cb: impl FnMut(&mut Loop, &Worker, RawMessage, Option<Accepted>) + 'static,
+    ) {
+        self.inner.borrow_mut().on_message = Some(MessageSlot::Raw(Box::new(cb)));
     }
     /// Sets the `disconnect` callback.
     pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
@@ -334,11 +369,14 @@ impl Worker {
 
     /// Delivers a user message; without a callback, a handle that came with
     /// it is closed.
-    pub(crate) fn emit_message(&self, lp: &mut Loop, msg: Value, h: Option<Accepted>) -> bool {
+    pub(crate) fn emit_message(&self, lp: &mut Loop, msg: RawMessage, h: Option<Accepted>) -> bool {
         let cb = self.inner.borrow_mut().on_message.take();
         match cb {
             Some(mut cb) => {
-                cb(lp, self, msg, h);
+                match &mut cb {
+                    MessageSlot::Value(f) => f(lp, self, msg.into_value(), h),
+                    MessageSlot::Raw(f) => f(lp, self, msg, h),
+                }
                 let mut i = self.inner.borrow_mut();
                 if i.on_message.is_none() {
                     i.on_message = Some(cb);
