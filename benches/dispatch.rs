@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode};
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
-use uvcluster::loadgen::{self, CpuSplit, LoadConfig, Workload};
 use uvcluster::net::{Conn, ListenOptions, Server};
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster_bench::loadgen::{self, CpuSplit, LoadConfig, Workload};
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";

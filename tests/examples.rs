@@ -1,6 +1,8 @@
 //! The examples, run as real processes (`examples/tcp_echo.rs` echoes and
 //! stops cleanly on SIGINT), and the README example kept equal to a doc test.
 
+mod util;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -13,28 +15,10 @@ use nix::unistd::Pid;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Builds an example with the cargo that runs the tests and returns the
-/// path of its executable, as cargo reports it.
+/// The example `name`, built once by the `cargo test` that runs this test
+/// (see [`util::example`]); no test runs `cargo`.
 fn build_example(name: &str) -> PathBuf {
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--example", name, "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == name
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return PathBuf::from(exe);
-        }
-    }
-    panic!("cargo did not report an executable for example {name}");
+    util::example(name)
 }
 
 /// Kills the child if the test fails before it exits.
@@ -281,7 +265,7 @@ fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receive
 /// apart.
 #[test]
 fn loadgen_slow_mix_against_cluster_hello() {
-    use uvcluster::loadgen::{self, LoadConfig, Slow, Workload};
+    use uvcluster_bench::loadgen::{self, LoadConfig, Slow, Workload};
     // A per-test port: cluster_hello prints only `ready`.
     let port = 18611;
     let (mut child, _lines) = cluster_hello(port, "0", "rr");
@@ -352,46 +336,110 @@ fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
     assert!(status.success(), "{status:?}");
 }
 
-/// `compare` without node: it says so, measures ours only (every mode, the
-/// single process, every workload) and still writes its table and chart.
-/// Short runs at 4 connections; `NODE` names a node binary that is not
-/// there.
+/// `examples/cluster_restart.rs`, the restart-on-exit example of the
+/// `cluster` docs and the README: a worker killed with SIGKILL is forked
+/// again (and the service keeps answering), while the workers that SIGTERM
+/// disconnects gracefully are not, and the primary then exits 0.
 #[test]
-fn compare_without_node_compares_ours_only() {
-    let exe = build_example("compare");
-    let svg = std::env::temp_dir().join(format!("uvc-compare-{}.svg", std::process::id()));
-    let out = Command::new(exe)
-        .args(["0.2", "4"])
-        .env("NODE", "/nonexistent/node")
-        .env("COMPARE_SVG", &svg)
-        .env("CARGO", env!("CARGO"))
-        .output()
-        .expect("run compare");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{:?}\n{err}", out.status);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("note: /nonexistent/node"), "{text}");
-    assert!(!text.contains("| node "), "{text}");
-    // The header says where the generator and the servers ran.
-    assert!(
-        text.contains("load generator on CPU") || text.contains("share all CPUs"),
-        "{text}"
-    );
-    for server in ["rr", "none", "reuseport", "leastconn", "1 process"] {
-        for workload in ["keep-alive", "close", "slow mix", "slow mix (cpu)"] {
-            let row = format!("| ours {server} | {workload} |");
-            let line = text.lines().find(|l| l.starts_with(&row));
-            let line = line.unwrap_or_else(|| panic!("no row {row}:\n{text}"));
-            // Requests were served: req/s is a positive number.
-            let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
-            assert!(rps > 0.0, "{line}");
+fn cluster_restart_replaces_a_killed_worker_but_not_on_sigterm() {
+    let exe = build_example("cluster_restart");
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", "0")
+            .env("WORKERS", "2")
+            .env("NODE_CLUSTER_SCHED_POLICY", "rr")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cluster_restart"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+    let stderr = c.stderr.take().unwrap();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut s);
+        let _ = etx.send(s);
+    });
+    let lines = stdout_lines(c);
+    // `worker <id> listening on port <port>`
+    let listening = |lines: &mpsc::Receiver<String>| -> (u32, u16) {
+        let line = lines.recv_timeout(LIMIT).expect("a listening line");
+        let rest = line
+            .strip_prefix("worker ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (id, port) = rest
+            .split_once(" listening on port ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        (id.parse().unwrap(), port.parse().unwrap())
+    };
+    let (a, port) = listening(&lines);
+    let (b, port_b) = listening(&lines);
+    assert_eq!([a.min(b), a.max(b)], [1, 2]);
+    assert_ne!(port, 0);
+    assert_eq!(port, port_b, "the workers share one port");
+    let hello = || {
+        let mut s = connect(SocketAddr::from(([127, 0, 0, 1], port)));
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"hello world\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "connection ended early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
         }
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{got:?}");
+    };
+    hello();
+
+    // Kill one worker: the primary forks worker 3 in its place.
+    let workers: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    kill(Pid::from_raw(workers[0]), Signal::SIGKILL).unwrap();
+    assert_eq!(listening(&lines), (3, port));
+    for _ in 0..4 {
+        hello();
     }
-    let chart = std::fs::read_to_string(&svg).expect("the chart");
-    let _ = std::fs::remove_file(&svg);
-    assert!(
-        chart.starts_with("<svg"),
-        "{}",
-        &chart[..chart.len().min(80)]
+
+    // A graceful stop: nothing is replaced, and the primary exits 0.
+    kill(pid, Signal::SIGTERM).unwrap();
+    let mut c = child.0.take().unwrap();
+    let (tx, rx) = mpsc::channel::<ExitStatus>();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.wait().expect("wait for cluster_restart"));
+    });
+    let status = match rx.recv_timeout(LIMIT) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("cluster_restart did not exit after SIGTERM");
+        }
+    };
+    assert!(status.success(), "cluster_restart exited with {status}");
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(rest.is_empty(), "no worker after the stop: {rest:?}");
+    let err = erx.recv_timeout(LIMIT).unwrap();
+    let exits: Vec<&str> = err.lines().filter(|l| l.contains(" exited (")).collect();
+    assert_eq!(exits.len(), 3, "{err}");
+    assert_eq!(
+        exits
+            .iter()
+            .filter(|l| l.ends_with("(code None, signal Some(9))"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(
+        exits
+            .iter()
+            .filter(|l| l.ends_with("(code Some(0), signal None)"))
+            .count(),
+        2,
+        "{err}"
     );
 }
