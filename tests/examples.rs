@@ -150,6 +150,29 @@ fn readme_example_is_the_compiled_doc_test() {
     );
 }
 
+/// The README's cluster example is not compiled by itself; it must stay a
+/// part of `examples/cluster_restart.rs`, which is compiled (as an example
+/// and as a doc test of `cluster`) and run by
+/// `cluster_restart_replaces_a_killed_worker_but_not_on_sigterm`.
+#[test]
+fn readme_cluster_example_is_the_tested_example() {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(2)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("README.md has a second ```rust block");
+    assert!(
+        include_str!("../examples/cluster_restart.rs").contains(block),
+        "README.md's cluster example differs from examples/cluster_restart.rs"
+    );
+    assert!(
+        include_str!("../src/cluster/mod.rs")
+            .contains("include_str!(\"../../examples/cluster_restart.rs\")"),
+        "the cluster docs include examples/cluster_restart.rs"
+    );
+}
+
 /// `examples/cluster_echo.rs`: two workers share one port under both
 /// policies, each line comes back as `Reply from <pid>: <line>`, and
 /// SIGINT disconnects the workers and exits 0, logging their exits.
