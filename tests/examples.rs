@@ -281,40 +281,6 @@ fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receive
     (child, lines)
 }
 
-/// The load generator's slow-handler mix against `cluster_hello` as one
-/// process: every 5th request blocks the loop (`/block/20`), then keeps
-/// the CPU busy (`/spin/20`), for 20 ms, so at least a fifth of the
-/// latencies, and so the p99, are 20 ms or more; the rest are counted
-/// apart.
-#[test]
-fn loadgen_slow_mix_against_cluster_hello() {
-    use uvcluster_bench::loadgen::{self, LoadConfig, Slow, Workload};
-    // A per-test port: cluster_hello prints only `ready`.
-    let port = 18611;
-    let (mut child, _lines) = cluster_hello(port, "0", "rr");
-    let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
-    for slow in [Slow::Block, Slow::Spin] {
-        let r = loadgen::run(LoadConfig {
-            addr: ([127, 0, 0, 1], port).into(),
-            connections: 2,
-            duration: Duration::from_millis(300),
-            workload: Workload::SlowMix {
-                every: 5,
-                ms: 20,
-                slow,
-            },
-        })
-        .unwrap();
-        assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
-        assert!(r.requests >= 5, "{slow:?}: {r:?}");
-        assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
-        assert!(r.fast_p99_us <= r.p99_us, "{slow:?}: {r:?}");
-    }
-    kill(pid, Signal::SIGINT).unwrap();
-    let status = child.0.take().unwrap().wait().unwrap();
-    assert!(status.success() || status.code().is_none(), "{status:?}");
-}
-
 /// `cluster_hello` with two workers: on SIGUSR2 the primary prints one
 /// JSON line with each worker's connection and request counts. Two
 /// connections with one request each and one keep-alive connection with

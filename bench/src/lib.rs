@@ -5,7 +5,8 @@
 //!
 //! * [`loadgen`]: a closed-loop HTTP/1.1 load generator on uvcluster's own
 //!   loop, and [`loadgen::CpuSplit`], which keeps it off the servers' CPUs.
-//!   The root package's `benches/dispatch.rs` and the programs below use it.
+//!   The dispatch bench (`benches/dispatch.rs`) and the programs below use
+//!   it.
 //! * Programs (`src/bin`): `compare` (Node's cluster and every dispatch
 //!   mode of ours under the same load, in one run), `startup` (start to
 //!   first served request, and memory), `uv_bench` (the loop on libuv's

@@ -1,0 +1,82 @@
+//! The lab's load generator against a real server: the library's
+//! `cluster_hello` example, as `cargo test` built it.
+
+// The library's test helpers (`example`).
+#[path = "../../tests/util/mod.rs"]
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use uvcluster_bench::loadgen::{self, LoadConfig, Slow, Workload};
+
+/// Kills the child if the test fails before it exits.
+struct Reap(Option<Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `cluster_hello` as one process (`WORKERS=0`) on `port` and
+/// waits for its `ready` line; returns it and the rest of its stdout (kept
+/// open while it runs).
+fn cluster_hello(port: u16) -> (Reap, std::io::Lines<BufReader<ChildStdout>>) {
+    let mut child = Reap(Some(
+        Command::new(util::example("cluster_hello"))
+            .env("PORT", port.to_string())
+            .env("WORKERS", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cluster_hello"),
+    ));
+    let out = child.0.as_mut().unwrap().stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let first = lines.next();
+    assert!(
+        matches!(&first, Some(Ok(l)) if l == "ready"),
+        "cluster_hello did not start: {first:?}"
+    );
+    (child, lines)
+}
+
+/// The load generator's slow-handler mix against `cluster_hello` as one
+/// process: every 5th request blocks the loop (`/block/20`), then keeps
+/// the CPU busy (`/spin/20`), for 20 ms, so at least a fifth of the
+/// latencies, and so the p99, are 20 ms or more; the rest are counted
+/// apart.
+#[test]
+fn loadgen_slow_mix_against_cluster_hello() {
+    // A per-test port: cluster_hello prints only `ready`.
+    let port = 18611;
+    let (mut child, _stdout) = cluster_hello(port);
+    let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
+    for slow in [Slow::Block, Slow::Spin] {
+        let r = loadgen::run(LoadConfig {
+            addr: ([127, 0, 0, 1], port).into(),
+            connections: 2,
+            duration: Duration::from_millis(300),
+            workload: Workload::SlowMix {
+                every: 5,
+                ms: 20,
+                slow,
+            },
+        })
+        .unwrap();
+        assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
+        assert!(r.requests >= 5, "{slow:?}: {r:?}");
+        assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
+        assert!(r.fast_p99_us <= r.p99_us, "{slow:?}: {r:?}");
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    let status = child.0.take().unwrap().wait().unwrap();
+    assert!(status.success() || status.code().is_none(), "{status:?}");
+}
