@@ -77,11 +77,12 @@ fn tcp_echo_echoes_and_stops_on_sigint() {
         Command::new(exe)
             .env("PORT", "0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tcp_echo"),
     ));
     let c = child.0.as_mut().unwrap();
+    util::forward_stderr(c);
     let pid = Pid::from_raw(c.id() as i32);
 
     // The first line of stdout names the address.
@@ -272,10 +273,11 @@ fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receive
             .env("WORKERS", workers)
             .env("NODE_CLUSTER_SCHED_POLICY", policy)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cluster_hello"),
     ));
+    util::forward_stderr(child.0.as_mut().unwrap());
     let lines = stdout_lines(child.0.as_mut().unwrap());
     assert_eq!(lines.recv_timeout(LIMIT).unwrap(), "ready");
     (child, lines)

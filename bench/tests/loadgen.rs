@@ -34,10 +34,11 @@ fn cluster_hello(port: u16) -> (Reap, std::io::Lines<BufReader<ChildStdout>>) {
             .env("PORT", port.to_string())
             .env("WORKERS", "0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cluster_hello"),
     ));
+    util::forward_stderr(child.0.as_mut().unwrap());
     let out = child.0.as_mut().unwrap().stdout.take().unwrap();
     let mut lines = BufReader::new(out).lines();
     let first = lines.next();

@@ -183,3 +183,20 @@ fn newer_source(dep_info: &Path, built: std::time::SystemTime) -> Option<PathBuf
                 .is_ok_and(|m| m > built)
         })
 }
+
+/// Copies the child's stderr (which must be piped) to this test's stderr
+/// from a thread the test spawns, so that libtest captures it with the
+/// test's own output: shown when the test fails, silent when it passes.
+/// (A child's inherited stderr bypasses libtest and always shows.)
+pub fn forward_stderr(child: &mut std::process::Child) {
+    use std::io::BufRead;
+    let Some(err) = child.stderr.take() else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+        }
+    });
+}
