@@ -1,5 +1,5 @@
 //! The same program as Node's reference cluster server
-//! (`shared/reference/node-baseline/server.js`): an HTTP/1.1 hello world on
+//! (`bench/reference/node-baseline/server.js`): an HTTP/1.1 hello world on
 //! `PORT` (default 8000) served by `WORKERS` workers (default: the number
 //! of CPUs), with the policy from `NODE_CLUSTER_SCHED_POLICY`. On SIGUSR2
 //! the primary prints each worker's connection and request counts as one

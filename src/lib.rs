@@ -4,22 +4,35 @@
 //! The crate has two halves. [`uv`] reimplements libuv's single-threaded
 //! event loop on `mio`: the same handles, the same phase order and the same
 //! callback rules; where it departs from libuv, `ARCHITECTURE.md` says how
-//! and why. [`ipc`] and [`cluster`] put Node's child-process
-//! channel and Node's `cluster` module on that loop, speaking Node's wire
-//! protocol exactly, so that our processes and real `node` processes can
-//! talk to each other (the interop tests run real `node`).
+//! and why. [`ipc`], [`net`] and [`cluster`] put Node's child-process
+//! channel, the cluster-aware parts of Node's `net` and Node's `cluster`
+//! module on that loop, speaking Node's wire protocol exactly, so that our
+//! processes and real `node` processes can be each other's primary or
+//! worker (the interop tests run real `node`). Linux only.
 //!
 //! * [`uv`] — the loop and its handles (timers, idle/prepare/check, TCP,
 //!   pipes with fd passing, UDP, signals, processes), with libuv's phase
 //!   order and callback rules.
 //! * [`ipc`] — Node's IPC protocol over a [`uv::Pipe`]: newline-delimited
-//!   JSON, handle passing with ACK/NACK, seq/ack requests (in progress).
-//! * [`cluster`] — Node's `cluster`: primary, workers, round-robin and shared
-//!   scheduling (in progress).
+//!   JSON, handle passing with ACK/NACK, seq/ack requests; [`ipc::fork`] is
+//!   Node's `child_process.fork`.
+//! * [`net`] — Node's `net.Server` and `dgram` sockets on `uv` handles; in a
+//!   worker, `listen` goes through the primary.
+//! * [`cluster`] — Node's `cluster`: [`Primary`](cluster::Primary),
+//!   [`setup_worker`](cluster::setup_worker), round-robin and shared
+//!   scheduling, and our `reuseport` and `leastconn` policies. Its docs
+//!   show a Rust primary and Rust workers in one binary, and the
+//!   restart-on-exit pattern.
 //!
-//! Layers point one way, `sys ← uv ← ipc ← cluster`: only the private `sys`
-//! module holds `unsafe` code and raw fds, and only [`uv`] names `mio`.
-//! `ARCHITECTURE.md` at the repository root describes the model in full.
+//! Messages are [`serde_json::Value`]s: the crate re-exports
+//! [`serde_json`], so `uvcluster::serde_json::json!` builds one without a
+//! dependency of your own, and [`Signum`] names the signal numbers that
+//! the signal and process functions take (`Signum::SIGTERM as i32`).
+//!
+//! Layers point one way, `sys ← uv ← ipc ← net ← cluster`: only the private
+//! `sys` module holds `unsafe` code and raw fds, and only [`uv`] names
+//! `mio`. `ARCHITECTURE.md` at the repository root describes the model in
+//! full.
 //!
 //! # The model
 //!
@@ -103,7 +116,25 @@
 
 pub mod cluster;
 pub mod ipc;
-pub mod loadgen;
 pub mod net;
 mod sys;
 pub mod uv;
+
+/// The JSON crate of every message this crate sends and receives
+/// ([`serde_json::Value`]), re-exported so that its version always matches
+/// ours.
+pub use serde_json;
+
+/// Signal numbers by name (`nix`'s `Signal`, re-exported): the functions
+/// that take a signal, such as [`Loop::signal_start`](uv::Loop::signal_start),
+/// [`Loop::process_kill`](uv::Loop::process_kill) and
+/// [`Worker::kill`](cluster::Worker::kill), take its number,
+/// `Signum::SIGTERM as i32`.
+///
+/// ```
+/// use uvcluster::Signum;
+///
+/// assert_eq!(Signum::SIGTERM as i32, 15);
+/// assert_eq!(Signum::try_from(10), Ok(Signum::SIGUSR1));
+/// ```
+pub use nix::sys::signal::Signal as Signum;

@@ -319,7 +319,7 @@ fn helper_rr_alive() {
 fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     use std::io::Read;
     use std::os::fd::OwnedFd;
-    use uvcluster::ipc::{AfterAck, Attach, ForkOptions, HandleKind, fork};
+    use uvcluster::ipc::{AfterAck, Attach, ForkOptions, ForkStdio, HandleKind, fork};
 
     const KEY: &str = "fake:key";
     let mut lp = Loop::new().unwrap();
@@ -328,6 +328,14 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
         .iter()
         .map(Into::into)
         .collect();
+    // The helper's test-harness chatter to /dev/null; its stderr (a panic)
+    // still shows.
+    opts.stdio = Some(vec![
+        ForkStdio::Ignore,
+        ForkStdio::Ignore,
+        ForkStdio::Inherit,
+        ForkStdio::Ipc,
+    ]);
     opts.env = env(&[
         ("UVCLUSTER_TEST_HELPER", "helper_handle_close"),
         ("NODE_UNIQUE_ID", "1"),

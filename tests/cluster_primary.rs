@@ -1152,6 +1152,12 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
                 .map(OsString::from)
                 .to_vec(),
             ),
+            // The helper's test-harness chatter to /dev/null; its stderr
+            // (a panic) still shows.
+            stdio: {
+                use uvcluster::ipc::ForkStdio::{Ignore, Inherit, Ipc};
+                Some(vec![Ignore, Ignore, Inherit, Ipc])
+            },
             scheduling_policy: Some(SchedulingPolicy::RoundRobin),
             ..Settings::default()
         },

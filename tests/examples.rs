@@ -14,28 +14,10 @@ use nix::unistd::Pid;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Builds an example with the cargo that runs the tests and returns the
-/// path of its executable, as cargo reports it.
+/// The example `name`, built once by the `cargo test` that runs this test
+/// (see [`util::example`]); no test runs `cargo`.
 fn build_example(name: &str) -> PathBuf {
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--example", name, "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == name
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return PathBuf::from(exe);
-        }
-    }
-    panic!("cargo did not report an executable for example {name}");
+    util::example(name)
 }
 
 /// Kills the child if the test fails before it exits.
@@ -94,11 +76,12 @@ fn tcp_echo_echoes_and_stops_on_sigint() {
         Command::new(exe)
             .env("PORT", "0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tcp_echo"),
     ));
     let c = child.0.as_mut().unwrap();
+    util::forward_stderr(c);
     let pid = Pid::from_raw(c.id() as i32);
 
     // The first line of stdout names the address.
@@ -164,6 +147,29 @@ fn readme_example_is_the_compiled_doc_test() {
     assert!(
         docs.contains(block),
         "README.md's example differs from the doc test in src/lib.rs"
+    );
+}
+
+/// The README's cluster example is not compiled by itself; it must stay a
+/// part of `examples/cluster_restart.rs`, which is compiled (as an example
+/// and as a doc test of `cluster`) and run by
+/// `cluster_restart_replaces_a_killed_worker_but_not_on_sigterm`.
+#[test]
+fn readme_cluster_example_is_the_tested_example() {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(2)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("README.md has a second ```rust block");
+    assert!(
+        include_str!("../examples/cluster_restart.rs").contains(block),
+        "README.md's cluster example differs from examples/cluster_restart.rs"
+    );
+    assert!(
+        include_str!("../src/cluster/mod.rs")
+            .contains("include_str!(\"../../examples/cluster_restart.rs\")"),
+        "the cluster docs include examples/cluster_restart.rs"
     );
 }
 
@@ -266,49 +272,14 @@ fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receive
             .env("WORKERS", workers)
             .env("NODE_CLUSTER_SCHED_POLICY", policy)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cluster_hello"),
     ));
+    util::forward_stderr(child.0.as_mut().unwrap());
     let lines = stdout_lines(child.0.as_mut().unwrap());
     assert_eq!(lines.recv_timeout(LIMIT).unwrap(), "ready");
     (child, lines)
-}
-
-/// The load generator's slow-handler mix against `cluster_hello` as one
-/// process: every 5th request blocks the loop (`/block/20`), then keeps
-/// the CPU busy (`/spin/20`), for 20 ms, so at least a fifth of the
-/// latencies, and so the p99, are 20 ms or more; the rest are counted
-/// apart.
-#[test]
-fn loadgen_slow_mix_against_cluster_hello() {
-    use uvcluster::loadgen::{self, LoadConfig, Slow, Workload};
-    // A per-test port: cluster_hello prints only `ready`.
-    let port = 18611;
-    let (mut child, _lines) = cluster_hello(port, "0", "rr");
-    let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
-    for slow in [Slow::Block, Slow::Spin] {
-        let r = loadgen::run(LoadConfig {
-            addr: ([127, 0, 0, 1], port).into(),
-            connections: 2,
-            duration: Duration::from_millis(300),
-            workload: Workload::SlowMix {
-                every: 5,
-                ms: 20,
-                slow,
-            },
-        })
-        .unwrap();
-        assert_eq!(r.errors, 0, "{slow:?}: {r:?}");
-        assert!(r.requests >= 5, "{slow:?}: {r:?}");
-        assert!(r.p99_us >= 20_000, "{slow:?}: {r:?}");
-        // A subset's p99 can exceed the whole's when the slowest answer of
-        // all is a fast request (a loaded machine): bound it by the max.
-        assert!(r.fast_p99_us <= r.max_us, "{slow:?}: {r:?}");
-    }
-    kill(pid, Signal::SIGINT).unwrap();
-    let status = child.0.take().unwrap().wait().unwrap();
-    assert!(status.success() || status.code().is_none(), "{status:?}");
 }
 
 /// `cluster_hello` with two workers: on SIGUSR2 the primary prints one
@@ -355,47 +326,111 @@ fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
     assert!(status.success(), "{status:?}");
 }
 
-/// `compare` without node: it says so, measures ours only (every mode, the
-/// single process, every workload) and still writes its table and chart.
-/// Short runs at 4 connections; `NODE` names a node binary that is not
-/// there.
+/// `examples/cluster_restart.rs`, the restart-on-exit example of the
+/// `cluster` docs and the README: a worker killed with SIGKILL is forked
+/// again (and the service keeps answering), while the workers that SIGTERM
+/// disconnects gracefully are not, and the primary then exits 0.
 #[test]
-fn compare_without_node_compares_ours_only() {
-    let exe = build_example("compare");
-    let svg = std::env::temp_dir().join(format!("uvc-compare-{}.svg", std::process::id()));
-    let out = Command::new(exe)
-        .args(["0.2", "4"])
-        .env("NODE", "/nonexistent/node")
-        .env("COMPARE_SVG", &svg)
-        .env("CARGO", env!("CARGO"))
-        .output()
-        .expect("run compare");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{:?}\n{err}", out.status);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("note: /nonexistent/node"), "{text}");
-    assert!(!text.contains("| node "), "{text}");
-    // The header says where the generator and the servers ran.
-    assert!(
-        text.contains("load generator on CPU") || text.contains("share all CPUs"),
-        "{text}"
-    );
-    for server in ["rr", "none", "reuseport", "leastconn", "1 process"] {
-        for workload in ["keep-alive", "close", "slow mix", "slow mix (cpu)"] {
-            let row = format!("| ours {server} | {workload} |");
-            let line = text.lines().find(|l| l.starts_with(&row));
-            let line = line.unwrap_or_else(|| panic!("no row {row}:\n{text}"));
-            // Requests were served: req/s is a positive number.
-            let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
-            assert!(rps > 0.0, "{line}");
+fn cluster_restart_replaces_a_killed_worker_but_not_on_sigterm() {
+    let exe = build_example("cluster_restart");
+    let mut child = Reap(Some(
+        Command::new(exe)
+            .env("PORT", "0")
+            .env("WORKERS", "2")
+            .env("NODE_CLUSTER_SCHED_POLICY", "rr")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cluster_restart"),
+    ));
+    let c = child.0.as_mut().unwrap();
+    let pid = Pid::from_raw(c.id() as i32);
+    let stderr = c.stderr.take().unwrap();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut s);
+        let _ = etx.send(s);
+    });
+    let lines = stdout_lines(c);
+    // `worker <id> listening on port <port>`
+    let listening = |lines: &mpsc::Receiver<String>| -> (u32, u16) {
+        let line = lines.recv_timeout(LIMIT).expect("a listening line");
+        let rest = line
+            .strip_prefix("worker ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (id, port) = rest
+            .split_once(" listening on port ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        (id.parse().unwrap(), port.parse().unwrap())
+    };
+    let (a, port) = listening(&lines);
+    let (b, port_b) = listening(&lines);
+    assert_eq!([a.min(b), a.max(b)], [1, 2]);
+    assert_ne!(port, 0);
+    assert_eq!(port, port_b, "the workers share one port");
+    let hello = || {
+        let mut s = connect(SocketAddr::from(([127, 0, 0, 1], port)));
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"hello world\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "connection ended early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
         }
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{got:?}");
+    };
+    hello();
+
+    // Kill one worker: the primary forks worker 3 in its place.
+    let workers: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    kill(Pid::from_raw(workers[0]), Signal::SIGKILL).unwrap();
+    assert_eq!(listening(&lines), (3, port));
+    for _ in 0..4 {
+        hello();
     }
-    let chart = std::fs::read_to_string(&svg).expect("the chart");
-    let _ = std::fs::remove_file(&svg);
-    assert!(
-        chart.starts_with("<svg"),
-        "{}",
-        &chart[..chart.len().min(80)]
+
+    // A graceful stop: nothing is replaced, and the primary exits 0.
+    kill(pid, Signal::SIGTERM).unwrap();
+    let mut c = child.0.take().unwrap();
+    let (tx, rx) = mpsc::channel::<ExitStatus>();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.wait().expect("wait for cluster_restart"));
+    });
+    let status = match rx.recv_timeout(LIMIT) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("cluster_restart did not exit after SIGTERM");
+        }
+    };
+    assert!(status.success(), "cluster_restart exited with {status}");
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(rest.is_empty(), "no worker after the stop: {rest:?}");
+    let err = erx.recv_timeout(LIMIT).unwrap();
+    let exits: Vec<&str> = err.lines().filter(|l| l.contains(" exited (")).collect();
+    assert_eq!(exits.len(), 3, "{err}");
+    assert_eq!(
+        exits
+            .iter()
+            .filter(|l| l.ends_with("(code None, signal Some(9))"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(
+        exits
+            .iter()
+            .filter(|l| l.ends_with("(code Some(0), signal None)"))
+            .count(),
+        2,
+        "{err}"
     );
 }
 
@@ -497,7 +532,7 @@ fn hello(workers: &str, env: &[(&str, &str)]) -> (Piped, u16) {
 
 /// `uvcluster run -w N -- cluster_hello` on a port of the kernel's choice.
 fn hello_under_uvcluster(workers: usize) -> (Piped, u16) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
+    let mut cmd = Command::new(util::cli_bin());
     cmd.args(["run", "-w", &workers.to_string(), "--"])
         .arg(build_example("cluster_hello"))
         .env("PORT", "0")
@@ -1041,7 +1076,7 @@ fn uvcluster_run_refuses_bad_flag_and_policy_values() {
         ),
     ];
     for (flags, policy, message) in cases {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
+        let mut cmd = Command::new(util::cli_bin());
         cmd.arg("run").args(*flags).args(["--", "true"]);
         match policy {
             Some(p) => cmd.env("NODE_CLUSTER_SCHED_POLICY", p),
@@ -1154,44 +1189,6 @@ fn tcp_echo_stops_reading_a_client_that_does_not_read() {
     drop(s);
     kill(p.pid, Signal::SIGTERM).unwrap();
     assert!(p.exit_within(LIMIT).unwrap().success(), "{:#?}", p.err_seen);
-}
-
-/// The load generator reads from the server under test, a peer like any
-/// other: a response that never ends (a head announcing 1 GB, then bytes
-/// until the generator hangs up, at most 64 MiB) is an error once 1 MiB of
-/// it is kept, not a buffer that grows for as long as the server sends.
-#[test]
-fn loadgen_gives_up_on_a_response_that_never_ends() {
-    use uvcluster::loadgen::{self, LoadConfig, Workload};
-    const BUDGET: usize = 64 << 20;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut req = [0u8; 1024];
-        let _ = s.read(&mut req).unwrap();
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n");
-        let chunk = [b'z'; 64 * 1024];
-        let mut sent = 0;
-        while sent < BUDGET && s.write_all(&chunk).is_ok() {
-            sent += chunk.len();
-        }
-        sent
-    });
-    let r = loadgen::run(LoadConfig {
-        addr,
-        connections: 1,
-        duration: Duration::from_millis(200),
-        workload: Workload::Close,
-    })
-    .unwrap();
-    assert_eq!(r.requests, 0, "{r:?}");
-    assert!(r.errors >= 1, "{r:?}");
-    let sent = server.join().unwrap();
-    assert!(
-        sent < BUDGET / 2,
-        "the generator took {sent} bytes of one response"
-    );
 }
 
 /// A graceful stop that has to wait (a client stopped in the middle of a

@@ -10,13 +10,8 @@ use std::process::Command;
 use serde_json::Value;
 
 fn example(name: &str) -> PathBuf {
-    // Examples are built by `cargo test` next to the test binaries.
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    if p.ends_with("deps") {
-        p.pop();
-    }
-    p.join("examples").join(name)
+    // Built by `cargo test` next to the test binaries.
+    util::example(name)
 }
 
 fn run_node_primary(policy: &str, workers: usize) -> Value {

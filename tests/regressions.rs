@@ -362,7 +362,7 @@ fn uvcluster_run_workers_do_not_inherit_the_parents_fd_5() {
         let s = status.clone();
         let cli = lp
             .spawn(
-                ProcessOptions::new(env!("CARGO_BIN_EXE_uvcluster"))
+                ProcessOptions::new(util::cli_bin())
                     .args(["run", "-w", "2", "--"])
                     .args(&command)
                     .env(env)
@@ -453,7 +453,7 @@ fn node_primary_workers_do_not_inherit_the_parents_fd_5() {
 #[test]
 fn uvcluster_run_names_a_missing_program() {
     for program in ["/no/such/cmd", "uvcluster-no-such-program-in-path"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_uvcluster"))
+        let out = std::process::Command::new(util::cli_bin())
             .args(["run", "-w", "2", "--", program, "arg"])
             .output()
             .unwrap();

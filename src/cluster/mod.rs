@@ -12,6 +12,69 @@
 //!   announces `online`, and routes `net::Server::listen`
 //!   through the primary.
 //! * [`Worker`] (`worker.js`): one worker, seen from either side.
+//!
+//! # A Rust cluster in one binary
+//!
+//! As in Node, the primary and its workers are usually one program: the
+//! primary forks its own executable (with its own arguments, unless
+//! [`Settings`] say otherwise), and [`setup_worker`] tells the program which
+//! one it is. Each worker's [`Server::listen`](crate::net::Server::listen)
+//! goes through the primary, which shares the port among them (round-robin
+//! by default, [`SchedulingPolicy`] for the others).
+//!
+//! ```no_run
+//! use std::io;
+//! use uvcluster::cluster::{self, Primary};
+//! use uvcluster::net::{Conn, ListenOptions, Server};
+//! use uvcluster::uv::{Loop, RunMode};
+//!
+//! fn main() -> io::Result<()> {
+//!     let mut lp = Loop::new()?;
+//!     match cluster::setup_worker(&mut lp)? {
+//!         // A worker: serve on port 8000, shared with the other workers.
+//!         Some(_worker) => {
+//!             let server = Server::new(|lp, server, conn| {
+//!                 let Conn::Tcp(t) = conn else {
+//!                     return server.close_connection(lp, conn);
+//!                 };
+//!                 let s = server.clone();
+//!                 let sent = lp.write(t, &[b"hello\n"], move |lp, t, _| {
+//!                     s.close_connection(lp, Conn::Tcp(t))
+//!                 });
+//!                 if sent.is_err() {
+//!                     server.close_connection(lp, Conn::Tcp(t));
+//!                 }
+//!             });
+//!             server.listen(&mut lp, ListenOptions::port(8000), |_, _, r| {
+//!                 r.expect("listen on 8000");
+//!             })?;
+//!         }
+//!         // The primary: fork two workers (this same executable).
+//!         None => {
+//!             let primary = Primary::new();
+//!             primary.on_listening(|_, w, addr| println!("worker {} on {addr:?}", w.id()));
+//!             for _ in 0..2 {
+//!                 primary.fork(&mut lp, Vec::new())?;
+//!             }
+//!         }
+//!     }
+//!     lp.run(RunMode::Default)?; // the primary: until its workers are gone
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Restart on exit
+//!
+//! Node's cluster does not replace a worker that dies; its documentation's
+//! pattern does it in the `exit` event: fork again, unless the worker was
+//! disconnected on purpose ([`Worker::exited_after_disconnect`]). Here with
+//! a graceful stop on SIGINT/SIGTERM ([`Primary::disconnect`]), whose
+//! workers are not replaced. This is `examples/cluster_restart.rs`
+//! (`cargo run --example cluster_restart`), which the tests run.
+//!
+//! ```no_run
+#![doc = include_str!("../../examples/cluster_restart.rs")]
+//! ```
 
 mod child;
 mod primary;

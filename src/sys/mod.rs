@@ -5,7 +5,6 @@
 //! carries a `SAFETY:` comment naming the invariant it relies on.
 #![allow(unsafe_code)]
 
-pub(crate) mod cpu;
 pub(crate) mod env;
 pub(crate) mod fd;
 pub(crate) mod process;

@@ -217,11 +217,12 @@ impl Loop {
     /// # Examples
     ///
     /// ```
+    /// use uvcluster::Signum;
     /// use uvcluster::uv::Loop;
     ///
     /// let mut lp = Loop::new()?;
     /// let s = lp.signal_init();
-    /// lp.signal_start(s, 10 /* SIGUSR1 */, |lp, s, signum| {
+    /// lp.signal_start(s, Signum::SIGUSR1 as i32, |lp, s, signum| {
     ///     println!("got signal {signum}");
     ///     lp.close(s, |_| {}).unwrap();
     /// })?;

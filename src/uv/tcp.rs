@@ -13,7 +13,8 @@ use super::stream::{self, Sock, Stream, stream_mut, stream_ref};
 use crate::sys;
 use crate::sys::fd::{BindOpts, SocketKind};
 
-/// Flags for [`Loop::tcp_bind`] (and UDP binding, once `udp_bind` lands).
+/// Flags for [`Loop::tcp_bind`] and [`Loop::udp_bind`] (libuv's `UV_TCP_*` and
+/// `UV_UDP_*` bind flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindFlags {
     /// Bind an IPv6 address for IPv6 only (`IPV6_V6ONLY`; libuv's

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::cell::Cell;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
 
@@ -134,4 +135,91 @@ pub fn require_node() {
         "these tests run real `node`, which is not installed: \
          `apt-get install -y nodejs` (or run .ci/run, which installs it)"
     );
+}
+
+/// The executable of the root package's example `name`, as the `cargo
+/// test` that runs this test built it.
+///
+/// No test runs `cargo`: Cargo builds every example of the packages it
+/// tests before it runs any test, into `<target>/<profile>/examples/` next
+/// to the test binaries' `deps/`, and `cargo test` at the root tests every
+/// package of the workspace. A narrower run (`cargo test --test NAME`, or
+/// `-p` another package) builds no example, so this checks that the binary
+/// exists and is not older than any source in its Cargo dep-info file
+/// (`<name>.d`), and otherwise fails saying how to build it.
+pub fn example(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let exe = dir.join("examples").join(name);
+    let build = format!(
+        "run `cargo test` at the workspace root, or `cargo build -p uvcluster --example {name}` \
+         (with the same profile) before a narrower `cargo test`"
+    );
+    let built = std::fs::metadata(&exe)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("example {name} is not built ({}): {build}", exe.display()));
+    if let Some(newer) = newer_source(&exe.with_extension("d"), built) {
+        panic!("example {name} is older than {}: {build}", newer.display());
+    }
+    exe
+}
+
+/// The `uvcluster` binary of the CLI package (`cli/`), as `cargo test` at
+/// the workspace root built it beside the test binaries. The library's
+/// tests that run `uvcluster run` (its regressions) use it; like
+/// [`example`], it fails saying how to build it when it is missing or
+/// older than its sources.
+pub fn cli_bin() -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let exe = dir.join("uvcluster");
+    let build = "run `cargo test` at the workspace root, or `cargo build -p uvcluster-cli` \
+                 (with the same profile) before a narrower `cargo test`";
+    let built = std::fs::metadata(&exe)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("uvcluster is not built ({}): {build}", exe.display()));
+    if let Some(newer) = newer_source(&exe.with_extension("d"), built) {
+        panic!("uvcluster is older than {}: {build}", newer.display());
+    }
+    exe
+}
+
+/// The first source listed in the Cargo dep-info file `dep_info` that was
+/// modified after `built`, if any (none when the file is missing).
+fn newer_source(dep_info: &Path, built: std::time::SystemTime) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(dep_info).ok()?;
+    let first = text.lines().next()?;
+    // `target: src1 src2 ...`, spaces inside a path escaped as `\ `.
+    let (_, deps) = first.split_once(": ")?;
+    let deps = deps.replace("\\ ", "\0");
+    deps.split_whitespace()
+        .map(|d| PathBuf::from(d.replace('\0', " ")))
+        .find(|d| {
+            std::fs::metadata(d)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
+        })
+}
+
+/// Copies the child's stderr (which must be piped) to this test's stderr
+/// from a thread the test spawns, so that libtest captures it with the
+/// test's own output: shown when the test fails, silent when it passes.
+/// (A child's inherited stderr bypasses libtest and always shows.)
+pub fn forward_stderr(child: &mut std::process::Child) {
+    use std::io::BufRead;
+    let Some(err) = child.stderr.take() else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+        }
+    });
 }

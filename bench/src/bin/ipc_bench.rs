@@ -1,7 +1,7 @@
 //! IPC round trips per second, Rust to Rust next to Node to Node in the
 //! same run (issue figures: `ipc_messages`, `ipc_handles`).
 //!
-//! `cargo run --release --example ipc_bench -- [secs=3] [window=32]`
+//! `cargo run --release -p uvcluster-bench --bin ipc_bench -- [secs=3] [window=32]`
 //!
 //! A parent forks a child over Node's IPC protocol and keeps `window`
 //! messages in flight: the child answers each message, and each answer lets
@@ -9,7 +9,7 @@
 //! message; `handles` sends one connected TCP socket with each message
 //! (kept open by the sender, closed by the receiver), so each round trip
 //! includes the fd passing and its `NODE_HANDLE_ACK`. The Node side runs
-//! `benches/node/ipc_bench.js`, the same protocol between two `node`
+//! `bench/node/ipc_bench.js`, the same protocol between two `node`
 //! processes.
 
 use std::cell::Cell;
@@ -46,7 +46,7 @@ fn main() -> io::Result<()> {
 }
 
 fn node_rate(mode: &str, secs: f64, window: u64) -> Option<f64> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/node/ipc_bench.js");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/node/ipc_bench.js");
     let out = Command::new("node")
         .arg(script)
         .arg(mode)

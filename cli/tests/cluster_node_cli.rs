@@ -4,7 +4,9 @@
 //! SIGINT disconnects gracefully (exit 0), a second signal kills, and bad
 //! arguments exit 2 with the usage.
 
-mod cluster_node_common;
+// The library's test helpers (this package's tests run the library's
+// examples and Node scripts).
+#[path = "../../tests/util/mod.rs"]
 mod util;
 
 use std::collections::HashSet;
@@ -21,13 +23,8 @@ use nix::unistd::Pid;
 const LIMIT: Duration = Duration::from_secs(20);
 
 fn example(name: &str) -> PathBuf {
-    // Examples are built by `cargo test` next to the test binaries.
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    if p.ends_with("deps") {
-        p.pop();
-    }
-    p.join("examples").join(name)
+    // The library's examples, built by `cargo test` at the workspace root.
+    util::example(name)
 }
 
 fn free_port() -> u16 {
@@ -164,8 +161,8 @@ fn body(resp: &str) -> &str {
 
 fn ports_worker() -> String {
     util::require_node();
-    cluster_node_common::node_dir()
-        .join("ports_worker.js")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/node/ports_worker.js")
         .to_string_lossy()
         .into_owned()
 }

@@ -1,7 +1,7 @@
-//! Runs the crate's load generator against an HTTP server and prints one
+//! Runs the lab's load generator against an HTTP server and prints one
 //! `key=value` line.
 //!
-//! `cargo run --release --example loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow|spin]`
+//! `cargo run --release -p uvcluster-bench --bin loadgen -- 127.0.0.1:8000 [connections=50] [secs=5] [keepalive|close|slow|spin]`
 //!
 //! `slow`: every `EVERY`-th request (default 200) is `GET /block/<MS>`
 //! (default 10 ms), a handler that blocks its worker's loop; `spin`: the
@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use uvcluster::loadgen::{LoadConfig, Slow, Workload, run};
+use uvcluster_bench::loadgen::{LoadConfig, Slow, Workload, run};
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

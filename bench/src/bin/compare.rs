@@ -1,6 +1,6 @@
 //! Node's cluster and our dispatch modes under the same load, in one run.
 //!
-//! `cargo run --release --example compare -- [secs=4] [connections=50]`
+//! `cargo run --release -p uvcluster-bench --bin compare -- [secs=4] [connections=50]`
 //!
 //! The slow-handler mixes run at 16 connections whatever `connections` is:
 //! `slow mix` is [`Workload::SLOW_MIX`] (one request in 200 blocks its
@@ -15,16 +15,17 @@
 //! CPU the generator leaves it).
 //!
 //! For each server it starts the cluster (2 workers, `PORT`), waits for its
-//! `ready` line, runs the crate's load generator (`uvcluster::loadgen`) for
+//! `ready` line, runs the lab's load generator ([`loadgen`]) for
 //! each workload, asks the primary for per-worker connection counts
 //! (SIGUSR2, one JSON line, as Node's reference server does; ours adds
 //! request counts), and measures
 //! the primary's CPU time, the CPU time of all the server's processes per
 //! request and each worker's RSS from `/proc`. Servers:
-//! Node's `shared/reference/node-baseline/server.js` under `rr` and `none`
-//! (skipped, with a note, if `node`, or the binary `NODE` names, or the
-//! file is missing), our
-//! `cluster_hello` under `rr`, `none`, `reuseport` and `leastconn`, and
+//! Node's reference cluster (`bench/reference/node-baseline/server.js`)
+//! under `rr` and `none` (skipped, with a note, if `node`, or the binary
+//! `NODE` names, is missing), our `cluster_hello` example (built by this
+//! program, or the binary `CLUSTER_HELLO` names) under `rr`, `none`,
+//! `reuseport` and `leastconn`, and
 //! `cluster_hello` as a single process (`WORKERS=0`), the limit of the
 //! machine. Prints a markdown table and writes an SVG bar chart to
 //! `target/compare.svg` (or the path in `COMPARE_SVG`).
@@ -36,7 +37,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use plotters::prelude::*;
-use uvcluster::loadgen::{self, CpuSplit, LoadConfig, Slow, Workload, jain};
+use uvcluster_bench::loadgen::{self, CpuSplit, LoadConfig, Slow, Workload, jain};
 
 /// Connections for the slow-handler mixes.
 const SLOW_CONNS: usize = 16;
@@ -339,31 +340,18 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let secs: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(4.0);
     let conns: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(50);
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // Build the server we compare (cargo run builds only this example).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // In the profile this program was built in: its sibling is what runs.
-    let profile: &[&str] = if cfg!(debug_assertions) {
-        &[]
-    } else {
-        &["--release"]
+    // The server we compare: the `cluster_hello` example (built now, in
+    // this program's profile, unless `CLUSTER_HELLO` names it).
+    let ours = match uvcluster_bench::cluster_hello() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
     };
-    let built = Command::new(&cargo)
-        .arg("build")
-        .args(profile)
-        .args(["--example", "cluster_hello"])
-        .current_dir(manifest)
-        .status();
-    if !built.is_ok_and(|s| s.success()) {
-        eprintln!("could not build the cluster_hello example");
-        std::process::exit(1);
-    }
-    let ours: PathBuf = std::env::current_exe()
-        .unwrap()
-        .with_file_name("cluster_hello");
     let ours = ours.to_string_lossy().into_owned();
     let mut servers = Vec::new();
-    let baseline = manifest.join("../shared/reference/node-baseline/server.js");
+    let baseline = uvcluster_bench::node_baseline();
     // `NODE` names another node binary to compare against.
     let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
     let have_node = Command::new(&node)
@@ -444,7 +432,7 @@ fn main() {
     }
     let svg = std::env::var("COMPARE_SVG")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| manifest.join("target/compare.svg"));
+        .unwrap_or_else(|_| uvcluster_bench::lab_dir().join("../target/compare.svg"));
     match chart(&rows, &svg) {
         Ok(()) => println!("\nchart: {}", svg.display()),
         Err(e) => eprintln!("chart failed: {e}"),

@@ -1,5 +1,5 @@
-//! A closed-loop HTTP/1.1 load generator on our own loop, used by the
-//! benches and the comparison with Node (`examples/compare.rs`): N
+//! A closed-loop HTTP/1.1 load generator on uvcluster's own loop, used by
+//! the dispatch bench and the comparison with Node (`compare`): N
 //! connections, each sending its next request as soon as the previous
 //! response is complete, for a fixed duration.
 //!
@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
 
 /// What the generated requests look like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +97,7 @@ impl CpuSplit {
     /// The split of the CPUs the calling thread may use, or `None` where
     /// there are fewer than two or affinity is not supported.
     pub fn new() -> Option<CpuSplit> {
-        let cpus = crate::sys::cpu::allowed_cpus().ok()?;
+        let cpus = crate::cpu::allowed_cpus().ok()?;
         let (&load, servers) = cpus.split_first()?;
         (!servers.is_empty()).then(|| CpuSplit {
             load,
@@ -141,7 +141,7 @@ impl CpuSplit {
     ///
     /// `sched_setaffinity`'s, or the spawn's.
     pub fn spawn(&self, cmd: &mut std::process::Command) -> io::Result<std::process::Child> {
-        crate::sys::cpu::set_cpus(&self.servers)?;
+        crate::cpu::set_cpus(&self.servers)?;
         let child = cmd.spawn();
         self.pin_load()?;
         child
@@ -149,7 +149,7 @@ impl CpuSplit {
 
     /// Moves the calling thread to the generator's CPU.
     fn pin_load(&self) -> io::Result<()> {
-        crate::sys::cpu::set_cpus(&[self.load])
+        crate::cpu::set_cpus(&[self.load])
     }
 }
 
@@ -457,7 +457,7 @@ mod tests {
     }
 
     fn cpu_split_check() {
-        let allowed = crate::sys::cpu::allowed_cpus().unwrap();
+        let allowed = crate::cpu::allowed_cpus().unwrap();
         let Some(split) = CpuSplit::new() else {
             assert!(allowed.len() < 2, "no split of {allowed:?}");
             return;
@@ -484,7 +484,7 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, split.server_cpus());
-        assert_eq!(crate::sys::cpu::allowed_cpus().unwrap(), [split.load_cpu()]);
+        assert_eq!(crate::cpu::allowed_cpus().unwrap(), [split.load_cpu()]);
         assert!(
             split
                 .to_string()

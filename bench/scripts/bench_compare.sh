@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Runs uv_bench beside libuv's C programs and the tokio / bare-mio programs
-# of shared/reference/libuv-bench, three times each, and prints the raw
+# of bench/reference/libuv-bench, three times each, and prints the raw
 # one-line results. Medians and the table are in BENCHMARKS.md.
 #
-#   LIBUV_BENCH=/tmp/lb scripts/bench_compare.sh | tee bench-raw.txt
+#   bench/scripts/bench_compare.sh | tee bench-raw.txt
 #
-# LIBUV_BENCH is a writable copy of shared/reference/libuv-bench with the C
-# programs built (`make`, needs libuv1-dev and pkg-config) and rust-compare
-# built (`cd rust-compare && cargo build --release`). Ping-pong runs are
-# pinned to one CPU (taskset -c 0), as in the reference measurements.
+# LIBUV_BENCH (default: bench/reference/libuv-bench) is a libuv-bench with
+# the C programs built (`make`, needs libuv1-dev and pkg-config) and
+# rust-compare built (`cd rust-compare && cargo build --release`). Ping-pong
+# runs are pinned to one CPU (taskset -c 0), as in the reference
+# measurements.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-LB=${LIBUV_BENCH:?set LIBUV_BENCH to a built copy of libuv-bench}
+cd "$(dirname "$0")/../.."
+LB=${LIBUV_BENCH:-bench/reference/libuv-bench}
+[ -x "$LB/timers_bench" ] || { echo "build $LB first: make -C $LB" >&2; exit 1; }
 RS=$LB/rust-compare/target/release/rscmp
 MS=${PINGPONG_MS:-5000}
 RUNS=${RUNS:-3}
-cargo build --release --example uv_bench >&2
-UV=target/release/examples/uv_bench
+cargo build --release -p uvcluster-bench --bin uv_bench >&2
+UV=target/release/uv_bench
 
 for _ in $(seq "$RUNS"); do
   "$UV" million_timers 10000000 1000

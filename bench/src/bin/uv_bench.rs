@@ -1,5 +1,5 @@
 //! Loop benchmarks in the shape of libuv's own (`test/benchmark-*.c`), for
-//! side-by-side runs with the C programs in `shared/reference/libuv-bench`
+//! side-by-side runs with the C programs in `bench/reference/libuv-bench`
 //! and the tokio and bare-mio programs in its `rust-compare/`.
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //! the server is this binary re-executed as `uv_bench --serve tcp|unix`, and
 //! it prints its address on stdout for the client to connect to.
 //!
-//! Build with `cargo build --release --example uv_bench`.
+//! Build with `cargo build --release -p uvcluster-bench --bin uv_bench`.
 
 use std::cell::Cell;
 use std::io::{self, BufRead, BufReader, Write};

@@ -1,13 +1,20 @@
 //! Dispatch modes side by side: one criterion group per workload
-//! (keep-alive, one request per connection, the slow-handler mix), one
-//! benchmark per mode (`rr`, `none`, `reuseport`, `leastconn`), plus a
-//! single process as the limit of this machine. The measured quantity is
-//! the time per request under the crate's closed-loop load generator (50
-//! connections), and for the slow-handler mix ([`Workload::SLOW_MIX`], 16
-//! connections) also its 99th percentile latency, reported as the time of
-//! one iteration (group `dispatch/slow mix p99`), which is where dispatch
-//! by load should win. The HTML report
-//! (`target/criterion/report/index.html`) plots them.
+//! (`dispatch/keep_alive`, `dispatch/close` (one request per connection),
+//! `dispatch/slow_mix`), one benchmark per mode (`rr`, `none`, `reuseport`,
+//! `leastconn`), plus a single process (`single`) as the limit of this
+//! machine. Criterion measures the time per request under the lab's
+//! closed-loop load generator (50 connections; 16 for the slow-handler mix,
+//! [`Workload::SLOW_MIX`]); the HTML report
+//! (`target/criterion/report/index.html`) plots them. The slow mix's tail
+//! latency, which is where dispatch by load should win, is a latency and
+//! not a time per iteration: it is measured apart (5 runs of 0.5 s per mode,
+//! 3 with `--quick`) and printed as a table, `dispatch/slow_mix_latency`
+//! (p50, p99 with its range, and the p99 of the requests that were not
+//! slow).
+//!
+//! `cargo bench --bench dispatch -- FILTER` runs the benchmarks whose id
+//! contains FILTER, as criterion does; the latency table's id is
+//! `dispatch/slow_mix_latency`.
 //!
 //! The cluster runs out of process: this bench binary re-executes itself
 //! as the primary (`DISPATCH_BENCH_PRIMARY=<mode>`), and the primary forks
@@ -16,17 +23,17 @@
 //! The load generator runs on a CPU of its own and the clusters on the
 //! others ([`CpuSplit`]; `UVCLUSTER_PIN=0` to share all CPUs).
 //! Nothing needs to be built or installed beyond `cargo bench`. The
-//! comparison with Node's cluster is `examples/compare.rs`.
+//! comparison with Node's cluster is the lab's `compare` (`src/bin/compare.rs`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode};
+use criterion::Criterion;
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
-use uvcluster::loadgen::{self, CpuSplit, LoadConfig, Workload};
 use uvcluster::net::{Conn, ListenOptions, Server};
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster_bench::loadgen::{self, CpuSplit, LoadConfig, Workload};
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
@@ -134,38 +141,113 @@ fn start(mode: &str, port: u16, split: Option<&CpuSplit>) -> Child {
     c
 }
 
-/// What one benchmark iteration reports.
-#[derive(Clone, Copy)]
-enum Measure {
-    /// Time per request.
-    PerRequest,
-    /// The 99th percentile latency of a short run.
-    P99,
+/// Criterion's options that take a value (`--baseline main`): the value is
+/// not a filter.
+const VALUE_OPTIONS: [&str; 14] = [
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--measurement-time",
+    "--warm-up-time",
+    "--sample-size",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--profile-time",
+    "--color",
+    "--plotting-backend",
+];
+
+/// Whether `id` passes the benchmark filter on the command line
+/// (`cargo bench --bench dispatch -- FILTER`, a substring as in criterion).
+fn selected(id: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filter = args.iter().enumerate().find(|(i, a)| {
+        !a.starts_with('-') && (*i == 0 || !VALUE_OPTIONS.contains(&args[i - 1].as_str()))
+    });
+    filter.is_none_or(|(_, f)| id.contains(f.as_str()))
+}
+
+/// The slow-handler mix's latency for one mode: p50, p99 and the p99 of the
+/// requests that were not slow, in µs, over `runs` runs of 0.5 s each.
+struct Latency {
+    mode: &'static str,
+    p50: Vec<u64>,
+    p99: Vec<u64>,
+    fast_p99: Vec<u64>,
+}
+
+/// Prints the latency table: the median of the runs, and for the p99 its
+/// range.
+fn print_latency(rows: &[Latency], connections: usize) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let median = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    println!();
+    println!(
+        "dispatch/slow_mix_latency: {connections} connections, one request in 200 blocks its worker for 10 ms; median of {} runs of 0.5 s",
+        rows.first().map_or(0, |r| r.p99.len())
+    );
+    println!("| mode | p50 | p99 | p99 range | p99 others |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2}–{:.2} ms | {:.2} ms |",
+            r.mode,
+            ms(median(&r.p50)),
+            ms(median(&r.p99)),
+            ms(*r.p99.iter().min().unwrap()),
+            ms(*r.p99.iter().max().unwrap()),
+            ms(median(&r.fast_p99)),
+        );
+    }
 }
 
 fn bench(c: &mut Criterion) {
     // The load generator on a CPU of its own, the clusters on the rest, as
-    // in `examples/compare.rs`; UVCLUSTER_PIN=0 lets them share all CPUs.
+    // in `compare`; UVCLUSTER_PIN=0 lets them share all CPUs.
     let split = CpuSplit::from_env();
     if let Some(sp) = &split {
         eprintln!("{sp}");
     }
+    // Criterion measures time per request; the slow mix's tail latency,
+    // which is where dispatch by load should win, is not a time per
+    // iteration: it is measured apart and printed as a table
+    // (`dispatch/slow_mix_latency`).
+    let latency_id = "dispatch/slow_mix_latency";
+    let latency_runs = if std::env::args().any(|a| a == "--quick") {
+        3
+    } else {
+        5
+    };
+    let mut latency = Vec::new();
     let workloads = [
-        ("keep-alive", Workload::KeepAlive, 50, Measure::PerRequest),
-        ("close", Workload::Close, 50, Measure::PerRequest),
-        ("slow mix", Workload::SLOW_MIX, 16, Measure::PerRequest),
-        ("slow mix p99", Workload::SLOW_MIX, 16, Measure::P99),
+        ("keep_alive", Workload::KeepAlive, 50),
+        ("close", Workload::Close, 50),
+        ("slow_mix", Workload::SLOW_MIX, 16),
     ];
-    for (i, (wname, workload, connections, measure)) in workloads.into_iter().enumerate() {
-        let mut g = c.benchmark_group(format!("dispatch/{wname}"));
+    for (i, (wname, workload, connections)) in workloads.into_iter().enumerate() {
+        let group = format!("dispatch/{wname}");
+        let with_latency = workload == Workload::SLOW_MIX && selected(latency_id);
+        let modes: Vec<&'static str> = MODES
+            .iter()
+            .chain(&["single"])
+            .copied()
+            .filter(|m| with_latency || selected(&format!("{group}/{m}")))
+            .collect();
+        if modes.is_empty() {
+            continue;
+        }
+        let mut g = c.benchmark_group(group);
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(4));
-        if let Measure::P99 = measure {
-            // One run per sample.
-            g.sampling_mode(SamplingMode::Flat);
-        }
-        for (j, mode) in MODES.iter().chain(&["single"]).enumerate() {
+        for (j, mode) in modes.into_iter().enumerate() {
             let port = 19100 + (i * 10 + j) as u16;
             let mut child = start(mode, port, split.as_ref());
             // One closed-loop run of `ms` against this cluster.
@@ -178,23 +260,30 @@ fn bench(c: &mut Criterion) {
                 })
                 .expect("load")
             };
-            g.bench_function(*mode, |b| {
+            // Time per request: a short closed-loop run, scaled.
+            g.bench_function(mode, |b| {
                 b.iter_custom(|iters| {
-                    match measure {
-                        // Time per request: a short closed-loop run, scaled.
-                        Measure::PerRequest => {
-                            let r = load(300);
-                            let per = r.secs / r.requests.max(1) as f64;
-                            Duration::from_secs_f64(per * iters as f64)
-                        }
-                        // The p99 of one run per iteration (0.5 s: some
-                        // 40 slow requests among thousands).
-                        Measure::P99 => (0..iters)
-                            .map(|_| Duration::from_micros(load(500).p99_us))
-                            .sum(),
-                    }
+                    let r = load(300);
+                    let per = r.secs / r.requests.max(1) as f64;
+                    Duration::from_secs_f64(per * iters as f64)
                 })
             });
+            if with_latency {
+                // 0.5 s a run: some 40 slow requests among thousands.
+                let mut row = Latency {
+                    mode,
+                    p50: Vec::new(),
+                    p99: Vec::new(),
+                    fast_p99: Vec::new(),
+                };
+                for _ in 0..latency_runs {
+                    let r = load(500);
+                    row.p50.push(r.p50_us);
+                    row.p99.push(r.p99_us);
+                    row.fast_p99.push(r.fast_p99_us);
+                }
+                latency.push(row);
+            }
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -202,6 +291,9 @@ fn bench(c: &mut Criterion) {
             let _ = child.wait();
         }
         g.finish();
+    }
+    if !latency.is_empty() {
+        print_latency(&latency, 16);
     }
 }
 

@@ -4,7 +4,11 @@
 
 use std::io;
 
-use super::fd::errno;
+/// `nix`'s error as an `io::Error` with the same errno.
+#[cfg(target_os = "linux")]
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
 
 /// The CPUs the calling thread may run on, in ascending order.
 #[cfg(target_os = "linux")]

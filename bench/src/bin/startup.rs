@@ -2,15 +2,16 @@
 //! the time from starting the primary to the first served request with 2
 //! workers, and the resident memory of the primary and each worker.
 //!
-//! `cargo build --release --examples && target/release/examples/startup [runs=5]`
+//! `cargo run --release -p uvcluster-bench --bin startup -- [runs=5]`
 //!
-//! Ours is `target/release/examples/cluster_hello`; Node's is
-//! `../shared/reference/node-baseline/server.js` (skipped, with a note, if
-//! `node` or the file is missing).
+//! Ours is the `cluster_hello` example (built by this program in its own
+//! profile, or the binary `CLUSTER_HELLO` names); Node's is
+//! `bench/reference/node-baseline/server.js` (skipped, with a note, if
+//! `node` is missing).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -114,10 +115,14 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let exe = std::env::current_exe().unwrap();
-    let ours: PathBuf = exe.with_file_name("cluster_hello");
-    let baseline =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/node-baseline/server.js");
+    let ours: PathBuf = match uvcluster_bench::cluster_hello() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let baseline = uvcluster_bench::node_baseline();
     println!("start to first served request (2 workers) and RSS, median of {runs}");
     println!();
     println!("| server | start to first response | RSS per worker | RSS of the primary |");
