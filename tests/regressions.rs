@@ -529,31 +529,6 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
 
 // ----- issue 10, part 4: a handoff that fails must never wedge a worker ------
 
-/// Builds an example with the cargo that runs the tests and returns its
-/// executable, as cargo reports it.
-fn build_example_for_regression(name: &str) -> std::path::PathBuf {
-    use std::process::{Command, Stdio};
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--example", name, "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == name
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return exe.into();
-        }
-    }
-    panic!("cargo did not report an executable for example {name}");
-}
-
 /// The issue's reproduction: `cluster_hello` under `ulimit -n 64` with
 /// `workers` workers; idle connections fill the workers until each has
 /// NACKed a `newconn` (the primary reports it on stderr); the idle clients
@@ -568,7 +543,16 @@ fn build_example_for_regression(name: &str) -> std::path::PathBuf {
 /// the same limit, then never holds more than a batch, so the connections
 /// reach the workers instead of being refused by a primary that is out of
 /// fds itself (which made the issue's runs differ).
-fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
+///
+/// With `at_once`, the issue's own recipe instead: that many idle
+/// connections opened at once, so the primary runs out of fds too; it then
+/// stops accepting until fds free up (the clients wait in the backlog)
+/// rather than accepting and dropping them, which refused the five requests
+/// in about half of the runs.
+fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(
+    workers: usize,
+    at_once: Option<usize>,
+) {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
@@ -594,7 +578,7 @@ fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
         resp.starts_with("HTTP/1.1 200") && resp.ends_with("hello world\n")
     }
 
-    let exe = build_example_for_regression("cluster_hello");
+    let exe = util::example("cluster_hello");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -639,7 +623,21 @@ fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
     // The workers that NACKed, as the primary's reports name them.
     let mut nacked = std::collections::HashSet::new();
     let deadline = std::time::Instant::now() + LIMIT;
-    'fill: loop {
+    if let Some(n) = at_once {
+        held.extend((0..n).map(|_| std::net::TcpStream::connect(addr).unwrap()));
+        while nacked.len() < workers {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Ev::Stderr(l) = rx
+                .recv_timeout(left)
+                .expect("a NACK reported within the limit")
+                && l.contains("NACK")
+            {
+                let id = l.split("worker ").nth(1).and_then(|r| r.split(':').next());
+                nacked.insert(id.expect("the report names the worker").to_owned());
+            }
+        }
+    }
+    'fill: while at_once.is_none() {
         assert!(held.len() < 400, "no NACK after {} connections", held.len());
         for _ in 0..10 {
             held.push(std::net::TcpStream::connect(addr).unwrap());
@@ -684,10 +682,22 @@ fn cluster_hello_at_ulimit_64_serves_once_idle_connections_go(workers: usize) {
 
 #[test]
 fn handoff_nacked_at_the_fd_limit_wedged_the_only_worker() {
-    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(1);
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(1, None);
 }
 
 #[test]
 fn handoff_nacked_at_the_fd_limit_wedged_both_workers() {
-    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(2);
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(2, None);
+}
+
+/// The issue's recipe as given: `WORKERS=1`, 100 idle connections at once.
+#[test]
+fn primary_out_of_fds_dropped_new_clients_one_worker() {
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(1, Some(100));
+}
+
+/// The issue's recipe as given: 2 workers, 200 idle connections at once.
+#[test]
+fn primary_out_of_fds_dropped_new_clients_two_workers() {
+    cluster_hello_at_ulimit_64_serves_once_idle_connections_go(2, Some(200));
 }

@@ -1216,3 +1216,65 @@ fn net_server_close_all_connections_ends_busy_ones() {
     assert!(seen.iter().all(|s| s.eof.get() == 1));
     assert_loop_empty(&lp);
 }
+
+/// Out of fds, a listener sheds its pending clients by default (libuv's
+/// EMFILE trick: accepted and closed, so the client reads EOF) and, with
+/// `OnEmfile::Pause`, leaves them in the kernel's backlog and accepts them
+/// once fds are free again (nginx's rule), without spinning meanwhile.
+#[test]
+fn listener_out_of_fds_sheds_or_pauses() {
+    use std::io::Read;
+    use uvcluster::uv::OnEmfile;
+    isolated("listener_out_of_fds_sheds_or_pauses", || {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 64, 64)
+            .unwrap();
+        for pause in [false, true] {
+            let mut lp = Loop::new().unwrap();
+            let srv = lp.tcp_init();
+            lp.tcp_bind(srv, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+                .unwrap();
+            if pause {
+                lp.listen_on_emfile(srv, OnEmfile::Pause(std::time::Duration::from_millis(10)))
+                    .unwrap();
+            }
+            let accepted = Rc::new(Cell::new(0));
+            let a = accepted.clone();
+            lp.tcp_listen(srv, 8, move |lp, _, r| {
+                a.set(a.get() + 1);
+                lp.close(r.unwrap(), |_| {}).unwrap();
+            })
+            .unwrap();
+            let addr = lp.tcp_getsockname(srv).unwrap();
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            // Every fd left, taken.
+            let mut filler = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                filler.push(f);
+            }
+            // Twenty 10 ms retry periods with the table full.
+            let t = lp.timer_init();
+            lp.timer_start(t, 200, 0, |lp, t| lp.close(t, |_| {}).unwrap())
+                .unwrap();
+            run_until(&mut lp, 5_000, |lp| !lp.is_active(t));
+            assert_eq!(accepted.get(), 0, "pause {pause}");
+            client.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            match client.read(&mut b) {
+                // Shed: accepted and closed.
+                Ok(0) => assert!(!pause, "a paused listener dropped its client"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(pause, "the EMFILE trick left its client waiting")
+                }
+                r => panic!("pause {pause}: {r:?}"),
+            }
+            drop(filler);
+            if pause {
+                run_until(&mut lp, 5_000, |_| accepted.get() == 1);
+                assert_eq!(accepted.get(), 1);
+            }
+            lp.close(srv, |_| {}).unwrap();
+            run_with_deadline(&mut lp, 5_000);
+            assert_loop_empty(&lp);
+        }
+    });
+}

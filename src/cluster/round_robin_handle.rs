@@ -69,7 +69,7 @@ use super::worker::Worker;
 use crate::ipc::{
     AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
 };
-use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Timer};
+use crate::uv::{Accepted, Handle, Loop, OnEmfile, Pipe, Tcp, Timer};
 
 /// How long a handoff may go unanswered, and how long a connection may wait
 /// while no worker can take it, unless
@@ -171,6 +171,14 @@ impl std::fmt::Display for HandoffOutcome {
 
 /// Reports a cluster error through the primary's `error` event.
 pub(super) type Report = Rc<dyn Fn(&mut Loop, Option<&Worker>, ClusterError)>;
+
+/// The primary out of fds: its fds are mostly connections waiting for a
+/// worker (queued or in flight), which free up as workers take them, so
+/// new clients wait in the kernel's backlog (nginx's rule, retried every
+/// 100 ms) instead of being accepted and dropped (libuv's trick, which a
+/// Node primary applies): with workers at their own fd limit NACKing, the
+/// trick turned a short shortage into refused clients (issue 10).
+const PRIMARY_ON_EMFILE: OnEmfile = OnEmfile::Pause(std::time::Duration::from_millis(100));
 
 /// An accepted connection, owned by the handle until a worker accepts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -482,6 +490,7 @@ impl RoundRobinHandle {
                         }
                     }
                 })
+                .and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE))
                 .and_then(|()| lp.tcp_getsockname(h))
                 .map(|a| Some(protocol::sockname(&a)))
             }
@@ -495,6 +504,7 @@ impl RoundRobinHandle {
                         }
                     }
                 });
+                let listening = listening.and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE));
                 let readable = truthy(q.readable_all.as_ref());
                 let writable = truthy(q.writable_all.as_ref());
                 listening

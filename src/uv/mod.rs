@@ -81,5 +81,5 @@ pub use handle::{
 };
 pub use pipe::{Accepted, PendingType, Sendable, dup_fd_number, take_env_var};
 pub use process::{ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
-pub use stream::StreamType;
+pub use stream::{OnEmfile, StreamType};
 pub use tcp::BindFlags;

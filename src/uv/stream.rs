@@ -24,6 +24,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::mem;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mio::Interest;
 
@@ -121,6 +122,11 @@ pub(crate) struct Stream {
     read_closed: bool,
     reading: bool,
     listening: bool,
+    /// Out of fds, with [`OnEmfile::Pause`]: no accept until the retry
+    /// timer clears it.
+    accept_paused: bool,
+    /// What accept does out of fds (libuv's trick unless set).
+    on_emfile: OnEmfile,
     connecting: bool,
     /// A shutdown was requested; no more writes are accepted.
     shut: bool,
@@ -317,7 +323,7 @@ fn finish_connect(lp: &mut Loop, raw: RawHandle) {
 fn do_accept(lp: &mut Loop, raw: RawHandle) {
     for _ in 0..ACCEPTS_PER_EVENT {
         let Ok(s) = stream_mut(lp, raw) else { return };
-        if !s.listening {
+        if !s.listening || s.accept_paused {
             return;
         }
         let accepted = match &s.sock {
@@ -341,7 +347,10 @@ fn do_accept(lp: &mut Loop, raw: RawHandle) {
                     Some(nix::libc::EMFILE | nix::libc::ENFILE)
                 ) =>
             {
-                emfile_trick(lp, raw);
+                match s.on_emfile {
+                    OnEmfile::Shed => emfile_trick(lp, raw),
+                    OnEmfile::Pause(delay) => pause_accepting(lp, raw, delay),
+                }
                 return;
             }
             Err(e)
@@ -413,6 +422,36 @@ fn emfile_trick(lp: &mut Loop, raw: RawHandle) {
         }
     }
     lp.emfile_fd = sys::fd::open_spare().ok();
+}
+
+/// nginx's rule out of fds (`ngx_event_accept` disables accept events for
+/// `accept_mutex_delay`): stop accepting, leave pending connections in the
+/// kernel's backlog, and try again after `delay`. Readiness stays
+/// remembered, since nothing was drained.
+fn pause_accepting(lp: &mut Loop, raw: RawHandle, delay: Duration) {
+    let Ok(s) = stream_mut(lp, raw) else { return };
+    s.accept_paused = true;
+    let timer = lp.timer_init();
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    let started = lp.timer_start(timer, ms, 0, move |lp, t| {
+        let _ = lp.close(t, |_| {});
+        if let Ok(s) = stream_mut(lp, raw) {
+            s.accept_paused = false;
+            if s.listening && s.readable {
+                lp.still_ready.push(raw);
+            }
+        }
+    });
+    if started.is_err() {
+        // Cannot happen for a fresh timer; never leave the listener paused.
+        if let Ok(s) = stream_mut(lp, raw) {
+            s.accept_paused = false;
+        }
+        let _ = lp.close(timer, |_| {});
+        return;
+    }
+    // The listener keeps the loop alive, not its retry timer.
+    let _ = lp.unref_handle(timer);
 }
 
 fn do_read(lp: &mut Loop, raw: RawHandle) {
@@ -687,7 +726,39 @@ pub(crate) fn finish_close(lp: &mut Loop, raw: RawHandle) {
 
 // ----- API -------------------------------------------------------------------
 
+/// What a listening stream does when `accept` fails for want of file
+/// descriptors (`EMFILE`, `ENFILE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnEmfile {
+    /// libuv's `uv__emfile_trick` (the default): release a spare fd, accept
+    /// and close every pending connection, so clients see a close rather
+    /// than hang in the backlog, and take the spare back.
+    #[default]
+    Shed,
+    /// nginx's rule: stop accepting for this long, leaving pending
+    /// connections in the kernel's backlog, then try again. Right for a
+    /// process whose fds are held by work that will end (a cluster primary's
+    /// queue of connections waiting for a worker): the clients wait instead
+    /// of being dropped.
+    Pause(Duration),
+}
+
 impl Loop {
+    /// Sets what the listening stream `h` does when it runs out of fds
+    /// (see [`OnEmfile`]; libuv has only [`OnEmfile::Shed`]).
+    ///
+    /// # Errors
+    ///
+    /// A stale id or closing handle.
+    pub fn listen_on_emfile<K: StreamType>(
+        &mut self,
+        h: Handle<K>,
+        on: OnEmfile,
+    ) -> io::Result<()> {
+        open_stream_mut(self, h.raw)?.on_emfile = on;
+        Ok(())
+    }
+
     /// Starts reading (`uv_read_start`). `cb` gets each chunk as
     /// `Ok(&[u8])` (borrowed from one buffer the loop reuses), `Ok(&[])` once
     /// at end of stream, or `Err` on a read error; after EOF or an error the
