@@ -60,7 +60,12 @@ fn helper_exit_request() {
 fn run_worker(action: &str, handler: &str) -> Option<i64> {
     let mut lp = Loop::new().unwrap();
     let p = Primary::new();
-    let args = ["helper_exit_request", "--exact", "--nocapture", "--test-threads=1"];
+    let args = [
+        "helper_exit_request",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ];
     let vars = [
         ("UVCLUSTER_TEST_HELPER", "helper_exit_request"),
         ("ACTION", action),

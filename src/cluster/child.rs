@@ -187,15 +187,43 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
     let Some(state) = child() else {
         return fail(lp, cb, Errno::ENOTCONN, None);
     };
+    let mut q = udp_query(opts);
+    q.index = take_index(&state, &q.indexes_key());
+    let address = q.address.clone();
+    let channel = state.borrow().channel.clone();
+    // The reply callback is dropped if the send fails; the bind callback
+    // must be called then all the same.
+    let cb = Rc::new(std::cell::Cell::new(Some(cb)));
+    let cb2 = cb.clone();
+    let listening = q.clone();
+    let sent = channel.send_cluster(
+        lp,
+        Act::QueryServer(q).to_fields(),
+        None,
+        Some(Box::new(move |lp, _, reply, handle| {
+            if let Some(cb) = cb2.take() {
+                on_udp_reply(lp, cb, listening, &reply, handle);
+            }
+        })),
+    );
+    if sent.is_err()
+        && let Some(cb) = cb.take()
+    {
+        fail(lp, cb, Errno::ENOTCONN, address);
+    }
+}
+
+/// Node's query for a dgram socket (`dgram.js` `_getServer` arguments).
+fn udp_query(opts: &BindOptions) -> Query {
     let address = opts
         .address
         .clone()
         .unwrap_or_else(|| if opts.ipv6 { "::" } else { "0.0.0.0" }.to_owned());
-    let mut q = Query {
+    Query {
         index: 0,
         data: Value::Null,
-        address: Some(address.clone()),
-        port,
+        address: Some(address),
+        port: Some(opts.port.into()),
         address_type: if opts.ipv6 {
             AddressType::Udp6
         } else {
@@ -206,42 +234,30 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
         backlog: None,
         readable_all: false,
         writable_all: false,
-    };
-    q.index = take_index(&state, &q.indexes_key());
-    let channel = state.borrow().channel.clone();
-    let cb = Rc::new(std::cell::Cell::new(Some(cb)));
-    let cb2 = cb.clone();
-    let (listening, addr) = (q.clone(), address.clone());
-    let sent = channel.send_cluster(
-        lp,
-        Act::QueryServer(q).to_fields(),
-        None,
-        Some(Box::new(move |lp, _, reply, handle| {
-            let Some(cb) = cb2.take() else { return };
-            let reply = QueryReply::from_wire(&reply, handle.is_some()).map(|r| r.result);
-            match (reply, handle) {
-                (Ok(Ok(Grant::Shared)), Some(Accepted::Udp(u))) => {
-                    let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
-                    cb(lp, Ok(u));
-                    udp_listening(lp, listening, real_port);
-                }
-                (reply, h) => {
-                    if let Some(h) = h {
-                        close_accepted(lp, h);
-                    }
-                    let errno = match reply {
-                        Ok(Err(e)) => e,
-                        _ => Errno::EPROTO,
-                    };
-                    cb(lp, Err(ListenError::new(errno, "bind", Some(addr), port)));
-                }
+    }
+}
+
+/// The primary answered a dgram `queryServer`: the bound socket, or the
+/// errno (`EPROTO` for a reply that does not parse, or that grants no
+/// UDP socket).
+fn on_udp_reply(lp: &mut Loop, cb: BindCb, q: Query, reply: &Value, handle: Option<Accepted>) {
+    let reply = QueryReply::from_wire(reply, handle.is_some()).map(|r| r.result);
+    match (reply, handle) {
+        (Ok(Ok(Grant::Shared)), Some(Accepted::Udp(u))) => {
+            let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
+            cb(lp, Ok(u));
+            udp_listening(lp, q, real_port);
+        }
+        (reply, h) => {
+            if let Some(h) = h {
+                close_accepted(lp, h);
             }
-        })),
-    );
-    if sent.is_err()
-        && let Some(cb) = cb.take()
-    {
-        fail(lp, cb, Errno::ENOTCONN, Some(address));
+            let errno = match reply {
+                Ok(Err(e)) => e,
+                _ => Errno::EPROTO,
+            };
+            cb(lp, Err(ListenError::new(errno, "bind", q.address, q.port)));
+        }
     }
 }
 

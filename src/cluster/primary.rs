@@ -1286,25 +1286,7 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
         p.remove_worker(lp, w, true);
     }
     if connected {
-        // The channel usually closes with the process, and its end of
-        // stream, read after everything the worker wrote, is where a
-        // connection in flight to it is given back. If the channel stays
-        // open (another process holds the worker's end), nothing more can
-        // come from the dead worker once what it wrote has been read:
-        // after a grace period, give back what was in flight to it.
-        let (p, w2) = (p.clone(), w.clone());
-        let t = lp.timer_init();
-        let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
-            let _ = lp.close(t, |_| {});
-            if w2.is_connected()
-                && let Some(p) = Primary::from_ref(&p)
-            {
-                p.remove_handles_for_worker(lp, &w2, true);
-            }
-        });
-        if started.is_err() {
-            let _ = lp.close(t, |_| {});
-        }
+        give_back_after_grace(lp, p, w);
     }
     let (code, sig) = {
         let mut i = w.inner.borrow_mut();
@@ -1325,6 +1307,28 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
     }
     if !connected {
         w.clear_callbacks();
+    }
+}
+
+/// A worker exited with its channel open. The channel usually closes with
+/// the process, and its end of stream, read after everything the worker
+/// wrote, is where a connection in flight to it is given back. If the
+/// channel stays open (another process holds the worker's end), nothing
+/// more can come from the dead worker once what it wrote has been read:
+/// after a grace period, give back what was in flight to it.
+fn give_back_after_grace(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
+    let (p, w) = (p.clone(), w.clone());
+    let t = lp.timer_init();
+    let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
+        let _ = lp.close(t, |_| {});
+        if w.is_connected()
+            && let Some(p) = Primary::from_ref(&p)
+        {
+            p.remove_handles_for_worker(lp, &w, true);
+        }
+    });
+    if started.is_err() {
+        let _ = lp.close(t, |_| {});
     }
 }
 
