@@ -404,11 +404,12 @@ impl Primary {
     ///
     /// # Errors
     ///
-    /// The spawn error, a [`SpawnError`](crate::uv::SpawnError) that names
-    /// the program (`spawn /no/such/cmd ENOENT ...`). No worker
-    /// exists then, no id is used and no event is emitted (Node reports it
-    /// asynchronously as the child process's `error`; here the caller has
-    /// it at once).
+    /// What [`ipc::fork`] returns: the spawn error, a
+    /// [`SpawnError`](crate::uv::SpawnError) that names the program
+    /// (`spawn /no/such/cmd ENOENT ...`), or the channel's. No worker
+    /// exists then (a child already started is killed and reaped), no id
+    /// is used and no event is emitted (Node reports it asynchronously as
+    /// the child process's `error`; here the caller has it at once).
     pub fn fork(&self, lp: &mut Loop, env: Vec<(OsString, OsString)>) -> io::Result<Worker> {
         self.setup_primary(lp, Settings::default());
         let (id, settings) = {

@@ -90,7 +90,7 @@ pub enum Act {
 
 /// Which [`Act`] a message is, without its fields: what a malformed
 /// message is reported as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ActKind {
     /// `online`.
     #[serde(rename = "online")]
@@ -135,26 +135,16 @@ impl ActKind {
                 | ActKind::ExitedAfterDisconnect
         )
     }
-
-    /// Whether only a primary sends this act.
-    pub fn from_primary(self) -> bool {
-        matches!(self, ActKind::NewConn | ActKind::Disconnect)
-    }
 }
 
 impl fmt::Display for ActKind {
+    /// The act as the wire spells it (`queryServer`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ActKind::Online => "online",
-            ActKind::QueryServer => "queryServer",
-            ActKind::Listening => "listening",
-            ActKind::Close => "close",
-            ActKind::ExitedAfterDisconnect => "exitedAfterDisconnect",
-            ActKind::NewConn => "newconn",
-            ActKind::Disconnect => "disconnect",
-            ActKind::Load => "load",
-            ActKind::Other => "(unknown act)",
-        })
+        match (self, to_value(self)) {
+            (ActKind::Other, _) => f.write_str("(unknown act)"),
+            (_, Value::String(name)) => f.write_str(&name),
+            (_, other) => unreachable!("a unit variant serializes as a string, not {other}"),
+        }
     }
 }
 
@@ -988,6 +978,7 @@ mod tests {
         ] {
             let mut m = a.to_fields();
             assert_eq!(ActKind::deserialize(&m["act"]).unwrap(), a.kind(), "{m:?}");
+            assert_eq!(m["act"], a.kind().to_string());
             m.insert("cmd".into(), NODE_CLUSTER.into());
             m.insert("seq".into(), 9.into());
             let want = Parsed::Message(Received {
