@@ -64,7 +64,7 @@ use serde_json::Value;
 
 use super::primary::ClusterError;
 use super::protocol::{AcceptReply, Act, Query, Sockname};
-use super::shared_handle::{ServerSocket, create_server_handle, errno_of};
+use super::shared_handle::{ServerSocket, create_server_handle};
 use super::worker::Worker;
 use crate::ipc::{
     AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
@@ -457,7 +457,7 @@ impl RoundRobinHandle {
                 st.listener = Some(sock);
                 st.sockname = sockname;
             }
-            Err(e) => rr.st.borrow_mut().errno = Some(errno_of(&e)),
+            Err(e) => rr.st.borrow_mut().errno = Some(Errno::of_failed(&e)),
         }
         rr
     }

@@ -21,12 +21,6 @@ const IPV6ONLY: u32 = 1;
 /// libuv's `UV_UDP_REUSEADDR`.
 const UDP_REUSEADDR: u32 = 4;
 
-/// The errno of a failed bind or listen (`EINVAL` when the error has
-/// none: an address that does not parse, say).
-pub(super) fn errno_of(e: &io::Error) -> Errno {
-    Errno::of(e).unwrap_or(Errno::EINVAL)
-}
-
 fn einval(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned())
 }
@@ -219,7 +213,7 @@ impl SharedHandle {
     pub(super) fn new(lp: &mut Loop, address: Option<&str>, q: &Query) -> SharedHandle {
         let (handle, errno) = match create_server_handle(lp, address, q) {
             Ok(h) => (Some(h), None),
-            Err(e) => (None, Some(errno_of(&e))),
+            Err(e) => (None, Some(Errno::of_failed(&e))),
         };
         SharedHandle {
             workers: BTreeSet::new(),
@@ -267,7 +261,7 @@ impl SharedHandle {
             Err(e) => SharedHandle {
                 workers: BTreeSet::new(),
                 handle: None,
-                errno: Some(errno_of(&e)),
+                errno: Some(Errno::of_failed(&e)),
                 per_worker: None,
             },
         }
@@ -327,7 +321,7 @@ impl SharedHandle {
                 }),
                 Err(e) => {
                     self.workers.remove(&id);
-                    Err(errno_of(&e))
+                    Err(Errno::of_failed(&e))
                 }
             };
         }

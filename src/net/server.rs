@@ -227,8 +227,7 @@ impl ListenError {
         address: Option<String>,
         port: Option<i64>,
     ) -> ListenError {
-        let errno = Errno::of(e).unwrap_or(Errno::EINVAL);
-        ListenError::new(errno, syscall, address, port)
+        ListenError::new(Errno::of_failed(e), syscall, address, port)
     }
 
     /// The positive OS errno.

@@ -88,6 +88,13 @@ impl Errno {
         e.raw_os_error().map(Errno)
     }
 
+    /// The errno to report a failed call with, as Node must have one: the
+    /// `io::Error`'s, or `EINVAL` when it carries none (an address that
+    /// does not parse, say).
+    pub fn of_failed(e: &io::Error) -> Errno {
+        Errno::of(e).unwrap_or(Errno::EINVAL)
+    }
+
     /// Node's form: the negative number libuv returns (`-98`).
     pub const fn to_wire(self) -> i64 {
         -(self.0 as i64)
@@ -188,6 +195,11 @@ mod tests {
         assert_eq!(io.kind(), io::ErrorKind::NotConnected);
         assert_eq!(Errno::of(&io), Some(Errno::ENOTCONN));
         assert_eq!(Errno::of(&io::Error::other("no errno")), None);
+        assert_eq!(
+            Errno::of_failed(&io::Error::other("no errno")),
+            Errno::EINVAL
+        );
+        assert_eq!(Errno::of_failed(&io), Errno::ENOTCONN);
         assert_eq!(format!("{:?}", Errno::EINVAL), "EINVAL(22)");
     }
 }
