@@ -51,8 +51,8 @@ fn parent(lp: &mut Loop) -> io::Result<()> {
     let children: Rc<RefCell<Vec<(Channel, usize)>>> = Rc::default();
     for id in 0..n {
         let mut opts = ForkOptions::exec(&exe);
-        opts.args = vec!["child".into()];
-        opts.on_exit = Some(Box::new(|lp, p, code, sig| {
+        opts.process.args = vec!["child".into()];
+        opts.process.on_exit = Some(Box::new(|lp, p, code, sig| {
             eprintln!("child exited: code {code} signal {sig}");
             let _ = lp.close(p, |_| {});
         }));

@@ -324,7 +324,7 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     const KEY: &str = "fake:key";
     let mut lp = Loop::new().unwrap();
     let mut opts = ForkOptions::exec(std::env::current_exe().unwrap());
-    opts.args = ["helper_handle_close", "--exact", "--nocapture"]
+    opts.process.args = ["helper_handle_close", "--exact", "--nocapture"]
         .iter()
         .map(Into::into)
         .collect();
@@ -342,7 +342,7 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     ]);
     let exit = shared(None);
     let e = exit.clone();
-    opts.on_exit = Some(Box::new(move |lp, p, code, sig| {
+    opts.process.on_exit = Some(Box::new(move |lp, p, code, sig| {
         *e.borrow_mut() = Some((code, sig));
         lp.close(p, |_| {}).unwrap();
     }));

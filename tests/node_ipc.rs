@@ -26,7 +26,7 @@ fn rust_parent_node_child_messages_both_ways() {
     let exits = Counter::new();
     let e = exits.clone();
     let mut opts = ForkOptions::node(node_script("child.js"));
-    opts.on_exit = Some(Box::new(move |lp, p, status, sig| {
+    opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
         assert_eq!((status, sig), (0, 0));
         e.hit();
         lp.close(p, |_| {}).unwrap();
@@ -76,7 +76,7 @@ fn rust_parent_node_child_messages_both_ways() {
 fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
     let mut lp = Loop::new().unwrap();
     let mut opts = ForkOptions::node(node_script("child.js"));
-    opts.on_exit = Some(Box::new(|lp, p, status, _| {
+    opts.process.on_exit = Some(Box::new(|lp, p, status, _| {
         assert_eq!(status, 0);
         lp.close(p, |_| {}).unwrap();
     }));
@@ -179,7 +179,7 @@ fn rust_parent_node_child_env_udp_and_parent_disconnect() {
     let exits = Counter::new();
     let e = exits.clone();
     let mut opts = ForkOptions::node(node_script("child.js"));
-    opts.on_exit = Some(Box::new(move |lp, p, status, sig| {
+    opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
         // The child exits 0 on its own once we disconnect.
         assert_eq!((status, sig), (0, 0));
         e.hit();
@@ -245,7 +245,7 @@ fn rust_parent_sees_node_child_exit_status() {
     let exits = Counter::new();
     let e = exits.clone();
     let mut opts = ForkOptions::node(node_script("child.js"));
-    opts.on_exit = Some(Box::new(move |lp, p, status, sig| {
+    opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
         assert_eq!((status, sig), (7, 0));
         e.hit();
         lp.close(p, |_| {}).unwrap();

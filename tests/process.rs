@@ -834,9 +834,9 @@ fn fork_passes_only_stdio_and_the_channel() {
         let mut lp = Loop::new().unwrap();
         let exits = Rc::new(RefCell::new(Vec::new()));
         let mut opts = ForkOptions::exec(std::env::current_exe().unwrap());
-        opts.args = FD_REPORT_ARGS.iter().map(Into::into).collect();
+        opts.process.args = FD_REPORT_ARGS.iter().map(Into::into).collect();
         opts.env = vec![("UVCLUSTER_TEST_HELPER".into(), FD_REPORT.into())];
-        opts.on_exit = Some(Box::new(record_exit(&exits)));
+        opts.process.on_exit = Some(Box::new(record_exit(&exits)));
         let forked = fork(&mut lp, opts).unwrap();
         let reports = Rc::new(RefCell::new(Vec::new()));
         let r = reports.clone();

@@ -1226,8 +1226,7 @@ fn listener_out_of_fds_sheds_or_pauses() {
     use std::io::Read;
     use uvcluster::uv::OnEmfile;
     isolated("listener_out_of_fds_sheds_or_pauses", || {
-        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 64, 64)
-            .unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 64, 64).unwrap();
         for pause in [false, true] {
             let mut lp = Loop::new().unwrap();
             let srv = lp.tcp_init();

@@ -6,19 +6,23 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::rc::Rc;
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::primary::ClusterError;
-use super::protocol::{Act, AddressType, Query, QueryReply};
-use super::worker::{Address, Side, Worker, WorkerState};
+use super::protocol::{
+    self, AcceptReply, Act, AddressType, Grant, Parsed, Query, QueryReply, Received, Sockname,
+};
+use super::worker::{Address, ExitRequest, Side, Worker, WorkerState};
 use crate::ipc::{Channel, ChannelOptions, close_accepted};
 use crate::net::{
     BindCb, BindOptions, ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress,
+    defer,
 };
-use crate::uv::{Accepted, Handle, Loop, Timer};
+use crate::uv::{Accepted, Errno, Handle, Loop, Timer};
 
 struct Child {
     worker: Worker,
@@ -39,8 +43,9 @@ struct Child {
 /// (timers run last) and go out when the next iteration's do.
 #[derive(Default)]
 struct LateAnswers {
-    waiting: Vec<(Server, Map<String, Value>)>,
-    ready: Vec<(Server, Map<String, Value>)>,
+    /// Each server with the `seq` of the `newconn` answered.
+    waiting: Vec<(Server, Option<u64>)>,
+    ready: Vec<(Server, Option<u64>)>,
     timer: Option<Handle<Timer>>,
 }
 
@@ -74,7 +79,8 @@ struct HookData {
 ///
 /// The worker then lives as long as its channel: if the channel closes
 /// without a disconnect that either side asked for (the primary died), the
-/// process exits with code 0, as a Node worker does.
+/// process exits with code 0, as a Node worker does, unless
+/// [`Worker::on_exit_request`] says otherwise.
 ///
 /// Like Node's start-up (`src/node.cc`), it first marks every fd above 2
 /// that the process inherited `FD_CLOEXEC`
@@ -129,18 +135,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
     let w = worker.clone();
     channel.on_error(move |lp, _, e| w.emit_error(lp, &ClusterError::Channel(e)));
     let w = worker.clone();
-    channel.on_disconnect(move |lp, _| {
-        let destroying = child().is_some_and(|c| c.borrow().destroying);
-        w.inner.borrow_mut().state = WorkerState::Disconnected;
-        w.emit_disconnect(lp);
-        let planned = w.exited_after_disconnect() == Some(true);
-        if destroying || !planned {
-            // Node: a worker whose channel closes unexpectedly exits at
-            // once; `destroy()` exits once disconnected.
-            std::process::exit(0);
-        }
-        CHILD.with(|c| c.borrow_mut().take());
-    });
+    channel.on_disconnect(move |lp, _| channel_closed(lp, &w));
     channel.send_cluster(lp, Act::Online.to_fields(), None, None)?;
     Ok(Some(worker))
 }
@@ -161,57 +156,44 @@ impl ClusterHook for Hook {
     }
 }
 
+/// The channel to the primary closed (Node's `process.once('disconnect')`
+/// in `_setupWorker`, and `destroy`'s). A worker whose channel closes
+/// without a disconnect it knew of (the primary died), or that is being
+/// destroyed, ends its process: `process.exit(0)` in Node, the worker's
+/// [exit request](Worker::on_exit_request) here.
+fn channel_closed(lp: &mut Loop, w: &Worker) {
+    let destroying = child().is_some_and(|c| c.borrow().destroying);
+    w.inner.borrow_mut().state = WorkerState::Disconnected;
+    w.emit_disconnect(lp);
+    let planned = w.exited_after_disconnect() == Some(true);
+    CHILD.with(|c| c.borrow_mut().take());
+    if destroying {
+        w.request_exit(lp, ExitRequest::Destroyed);
+    } else if !planned {
+        w.request_exit(lp, ExitRequest::ChannelLost);
+    }
+}
+
 /// `dgram.Socket.bind` in a worker: UDP is always a shared socket, bound by
 /// the primary (`{addressType: "udp4", fd: -1, flags}`). The index stays
 /// taken until the worker disconnects: closing the UDP handle does not tell
 /// the primary (Node's `dgram` close does).
 fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
-    let fail = |lp: &mut Loop, cb: BindCb, errno: i32, address: Option<String>| {
-        let e = ListenError::new(-(errno as i64), "bind", address, Some(opts.port as i64));
-        crate::net::defer(lp, move |lp| cb(lp, Err(e)));
+    let port = Some(opts.port as i64);
+    let fail = |lp: &mut Loop, cb: BindCb, errno: Errno, address: Option<String>| {
+        let e = ListenError::new(errno, "bind", address, port);
+        defer(lp, move |lp| cb(lp, Err(e)));
     };
     let Some(state) = child() else {
-        return fail(lp, cb, nix::libc::ENOTCONN, None);
+        return fail(lp, cb, Errno::ENOTCONN, None);
     };
-    let address = opts
-        .address
-        .clone()
-        .unwrap_or_else(|| if opts.ipv6 { "::" } else { "0.0.0.0" }.to_owned());
-    let kind = if opts.ipv6 {
-        AddressType::Udp6
-    } else {
-        AddressType::Udp4
-    };
-    let indexes_key = format!(
-        "{address}:{}:{}:-1",
-        opts.port,
-        super::protocol::js_string(Some(&kind.to_wire()))
-    );
-    let index = {
-        let mut st = state.borrow_mut();
-        let entry = st.indexes.entry(indexes_key).or_default();
-        let i = entry.0;
-        entry.0 += 1;
-        entry.1.insert(i);
-        i
-    };
-    let q = Query {
-        index,
-        data: Value::Null,
-        address: json!(address),
-        port: json!(opts.port),
-        address_type: kind.to_wire(),
-        fd: Some(json!(-1)),
-        flags: Some(json!(opts.wire_flags())),
-        backlog: None,
-        readable_all: None,
-        writable_all: None,
-        extra: Map::new(),
-    };
+    let mut q = udp_query(opts);
+    q.index = take_index(&state, &q.indexes_key());
+    let address = q.address.clone();
     let channel = state.borrow().channel.clone();
-    let port = opts.port as i64;
-    let addr = address.clone();
-    let cb = std::rc::Rc::new(std::cell::Cell::new(Some(cb)));
+    // The reply callback is dropped if the send fails; the bind callback
+    // must be called then all the same.
+    let cb = Rc::new(std::cell::Cell::new(Some(cb)));
     let cb2 = cb.clone();
     let listening = q.clone();
     let sent = channel.send_cluster(
@@ -219,34 +201,75 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
         Act::QueryServer(q).to_fields(),
         None,
         Some(Box::new(move |lp, _, reply, handle| {
-            let Some(cb) = cb2.take() else { return };
-            let errno = QueryReply::parse(&reply)
-                .and_then(|r| r.errno)
-                .filter(|e| *e != 0);
-            match (errno, handle) {
-                (None, Some(Accepted::Udp(u))) => {
-                    let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
-                    cb(lp, Ok(u));
-                    udp_listening(lp, listening, real_port);
-                }
-                (e, h) => {
-                    if let Some(h) = h {
-                        close_accepted(lp, h);
-                    }
-                    let errno = e.unwrap_or(-(nix::libc::EPROTO as i64));
-                    cb(
-                        lp,
-                        Err(ListenError::new(errno, "bind", Some(addr), Some(port))),
-                    );
-                }
+            if let Some(cb) = cb2.take() {
+                on_udp_reply(lp, cb, listening, &reply, handle);
             }
         })),
     );
     if sent.is_err()
         && let Some(cb) = cb.take()
     {
-        fail(lp, cb, nix::libc::ENOTCONN, Some(address));
+        fail(lp, cb, Errno::ENOTCONN, address);
     }
+}
+
+/// Node's query for a dgram socket (`dgram.js` `_getServer` arguments).
+fn udp_query(opts: &BindOptions) -> Query {
+    let address = opts
+        .address
+        .clone()
+        .unwrap_or_else(|| if opts.ipv6 { "::" } else { "0.0.0.0" }.to_owned());
+    Query {
+        index: 0,
+        data: Value::Null,
+        address: Some(address),
+        port: Some(opts.port.into()),
+        address_type: if opts.ipv6 {
+            AddressType::Udp6
+        } else {
+            AddressType::Udp4
+        },
+        fd: Some(-1),
+        flags: Some(opts.wire_flags() as u32),
+        backlog: None,
+        readable_all: false,
+        writable_all: false,
+    }
+}
+
+/// The primary answered a dgram `queryServer`: the bound socket, or the
+/// errno (`EPROTO` for a reply that does not parse, or that grants no
+/// UDP socket).
+fn on_udp_reply(lp: &mut Loop, cb: BindCb, q: Query, reply: &Value, handle: Option<Accepted>) {
+    let reply = QueryReply::from_wire(reply, handle.is_some()).map(|r| r.result);
+    match (reply, handle) {
+        (Ok(Ok(Grant::Shared)), Some(Accepted::Udp(u))) => {
+            let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
+            cb(lp, Ok(u));
+            udp_listening(lp, q, real_port);
+        }
+        (reply, h) => {
+            if let Some(h) = h {
+                close_accepted(lp, h);
+            }
+            let errno = match reply {
+                Ok(Err(e)) => e,
+                _ => Errno::EPROTO,
+            };
+            cb(lp, Err(ListenError::new(errno, "bind", q.address, q.port)));
+        }
+    }
+}
+
+/// Takes the next index among the servers at `indexes_key` (Node's
+/// `indexSet.nextIndex++`).
+fn take_index(state: &ChildRef, indexes_key: &str) -> u64 {
+    let mut st = state.borrow_mut();
+    let entry = st.indexes.entry(indexes_key.to_owned()).or_default();
+    let i = entry.0;
+    entry.0 += 1;
+    entry.1.insert(i);
+    i
 }
 
 /// Node's `_getServer` once a dgram socket is bound: the worker is
@@ -259,79 +282,50 @@ fn udp_listening(lp: &mut Loop, mut q: Query, real_port: Option<u16>) {
     };
     worker.inner.borrow_mut().state = WorkerState::Listening;
     if let Some(p) = real_port.filter(|p| *p != 0) {
-        q.port = json!(p);
+        q.port = Some(p.into());
     }
     let addr = Address::from_query(&q);
     let _ = channel.send_cluster(lp, Act::Listening(q).to_fields(), None, None);
     worker.emit_listening(lp, &addr);
 }
 
+/// What a `listen` through the primary waits with for the reply.
+struct PendingListen {
+    server: Server,
+    /// The query sent (its `listening` follows).
+    query: Query,
+    backlog: i32,
+    requested_port: u16,
+    /// A Unix socket path, as given.
+    path: Option<PathBuf>,
+}
+
+impl PendingListen {
+    /// The address for errors.
+    fn address(&self) -> Option<String> {
+        self.query.address.clone()
+    }
+
+    /// Fails the listen: the index is free again.
+    fn fail(self, lp: &mut Loop, errno: Errno) {
+        release_index(&self.server);
+        let e = ListenError::new(errno, "bind", self.address(), self.query.port);
+        self.server.finish_listen(lp, Err(e));
+    }
+}
+
 /// Node's `listenInCluster` + `cluster._getServer`.
 fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     let Some(state) = child() else {
-        let e = ListenError::new(-(nix::libc::ENOTCONN as i64), "listen", None, None);
+        let e = ListenError::new(Errno::ENOTCONN, "listen", None, None);
         let s = server.clone();
-        crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(e)));
+        defer(lp, move |lp| s.finish_listen(lp, Err(e)));
         return;
     };
-    let mut q = Query {
-        index: 0,
-        data: Value::Null,
-        address: Value::Null,
-        port: json!(opts.port),
-        address_type: AddressType::Tcp4.to_wire(),
-        fd: None,
-        flags: None,
-        backlog: Some(json!(opts.backlog.unwrap_or(0))),
-        readable_all: None,
-        writable_all: None,
-        extra: Map::new(),
-    };
-    if let Some(path) = &opts.path {
-        let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-        q.address = json!(abs.to_string_lossy());
-        q.port = json!(-1);
-        q.address_type = AddressType::Unix.to_wire();
-        if opts.readable_all {
-            q.readable_all = Some(json!(true));
-        }
-        if opts.writable_all {
-            q.writable_all = Some(json!(true));
-        }
-    } else if let Some(fd) = opts.fd {
-        q.port = Value::Null;
-        q.address_type = Value::Null;
-        q.fd = Some(json!(fd));
-    } else if let Some(host) = &opts.host {
-        let ip: Option<IpAddr> = host.parse().ok();
-        q.address = json!(host);
-        q.address_type = match ip {
-            Some(IpAddr::V6(_)) => AddressType::Tcp6.to_wire(),
-            _ => AddressType::Tcp4.to_wire(),
-        };
-        q.flags = Some(json!(if opts.ipv6_only { 1 } else { 0 }));
-    }
-    // Node's indexesKey: [address, port, addressType, fd].join(':').
-    let part = |v: Option<&Value>| match v {
-        None | Some(Value::Null) => String::new(),
-        Some(v) => super::protocol::js_string(Some(v)),
-    };
-    let indexes_key = format!(
-        "{}:{}:{}:{}",
-        part(Some(&q.address)),
-        part(Some(&q.port)),
-        part(Some(&q.address_type)),
-        part(q.fd.as_ref())
-    );
-    let index = {
-        let mut st = state.borrow_mut();
-        let entry = st.indexes.entry(indexes_key.clone()).or_default();
-        let i = entry.0;
-        entry.0 += 1;
-        entry.1.insert(i);
-        i
-    };
-    q.index = index;
+    let mut q = server_query(opts);
+    let indexes_key = q.indexes_key();
+    q.index = take_index(&state, &indexes_key);
+    let index = q.index;
     server.with_hook_data(|d| {
         *d = Some(Box::new(HookData {
             key: None,
@@ -341,161 +335,185 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
             index,
         }))
     });
-    let backlog = opts.backlog_or_default();
-    let requested_port = opts.port;
-    let has_path = opts.path.clone();
+    let pending = PendingListen {
+        server: server.clone(),
+        query: q.clone(),
+        backlog: opts.backlog_or_default(),
+        requested_port: opts.port,
+        path: opts.path.clone(),
+    };
     let channel = state.borrow().channel.clone();
-    let s = server.clone();
-    let query = q.clone();
     let sent = channel.send_cluster(
         lp,
-        Act::QueryServer(q.clone()).to_fields(),
+        Act::QueryServer(q).to_fields(),
         None,
         Some(Box::new(move |lp, _, reply, handle| {
-            on_query_reply(
-                lp,
-                &s,
-                query,
-                reply,
-                handle,
-                backlog,
-                requested_port,
-                has_path,
-            );
+            on_query_reply(lp, pending, &reply, handle);
         })),
     );
     if let Err(e) = sent {
         release_index(server);
-        let err = ListenError::new(
-            -(e.raw_os_error().unwrap_or(nix::libc::ENOTCONN) as i64),
-            "listen",
-            None,
-            Some(requested_port as i64),
-        );
+        let errno = Errno::of(&e).unwrap_or(Errno::ENOTCONN);
+        let err = ListenError::new(errno, "listen", None, Some(opts.port as i64));
         let s = server.clone();
-        crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(err)));
+        defer(lp, move |lp| s.finish_listen(lp, Err(err)));
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn on_query_reply(
-    lp: &mut Loop,
-    server: &Server,
-    query: Query,
-    reply: Value,
-    handle: Option<Accepted>,
-    backlog: i32,
-    requested_port: u16,
-    path: Option<std::path::PathBuf>,
-) {
-    let address = query.address.as_str().map(str::to_owned);
-    let port = query.port.as_i64();
-    let Some(r) = QueryReply::parse(&reply) else {
-        if let Some(h) = handle {
-            close_accepted(lp, h);
-        }
-        release_index(server);
-        let e = ListenError::new(-(nix::libc::EPROTO as i64), "bind", address, port);
-        server.finish_listen(lp, Err(e));
-        return;
+/// Node's `serverQuery` for these listen options (`net.js`
+/// `listenInCluster`): a port (`addressType` 4 with no host), a host and
+/// port, a Unix socket path (made absolute), or an fd.
+fn server_query(opts: &ListenOptions) -> Query {
+    let mut q = Query {
+        index: 0,
+        data: Value::Null,
+        address: None,
+        port: Some(opts.port.into()),
+        address_type: AddressType::Tcp4,
+        fd: None,
+        flags: None,
+        backlog: Some(opts.backlog.unwrap_or(0)),
+        readable_all: false,
+        writable_all: false,
     };
-    let errno = r.errno.filter(|e| *e != 0);
-    if server.is_closing() {
+    if let Some(path) = &opts.path {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        q.address = Some(abs.to_string_lossy().into_owned());
+        q.port = Some(-1);
+        q.address_type = AddressType::Unix;
+        q.readable_all = opts.readable_all;
+        q.writable_all = opts.writable_all;
+    } else if let Some(fd) = opts.fd {
+        q.port = None;
+        q.address_type = AddressType::Fd;
+        q.fd = Some(fd.into());
+    } else if let Some(host) = &opts.host {
+        q.address = Some(host.clone());
+        q.address_type = match host.parse() {
+            Ok(IpAddr::V6(_)) => AddressType::Tcp6,
+            _ => AddressType::Tcp4,
+        };
+        q.flags = Some(u32::from(opts.ipv6_only));
+    }
+    q
+}
+
+/// The primary answered a `queryServer`: listen as it says (`child.js`
+/// `shared` or `rr`), or fail.
+fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option<Accepted>) {
+    let reply = QueryReply::from_wire(reply, handle.is_some());
+    if reply.is_ok() && p.server.is_closing() {
         if let Some(h) = handle {
             close_accepted(lp, h);
         }
         return;
     }
-    if let Some(e) = errno {
-        if let Some(h) = handle {
-            close_accepted(lp, h);
-        }
-        release_index(server);
-        server.finish_listen(lp, Err(ListenError::new(e, "bind", address, port)));
-        return;
-    }
-    let result = match handle {
-        // Shared: listen on our copy of the primary's bound socket. libuv
-        // defers EADDRINUSE from bind to listen, so the primary may have
-        // replied errno 0 with an unbound socket: compare ports (Node's
-        // checkBindError).
-        Some(h) => {
-            if let Accepted::Tcp(t) = h
-                && requested_port > 0
-                && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != requested_port
-            {
+    let (grant, key) = match reply {
+        Ok(QueryReply {
+            result: Ok(grant),
+            key,
+            ..
+        }) => (grant, key),
+        failed => {
+            if let Some(h) = handle {
                 close_accepted(lp, h);
-                release_index(server);
-                let e = ListenError::new(-(nix::libc::EADDRINUSE as i64), "bind", address, port);
-                server.finish_listen(lp, Err(e));
-                return;
             }
-            server.listen_on(lp, h, backlog, address.clone(), port)
-        }
-        // Round-robin: the primary accepts; connections arrive as newconn.
-        None => {
-            server.listen_remote();
-            let addr = match (&path, &r.sockname) {
-                (Some(p), _) => ServerAddress::Unix(p.clone()),
-                (None, Some(s)) => {
-                    let ip = s
-                        .get("address")
-                        .and_then(Value::as_str)
-                        .and_then(|a| a.parse().ok());
-                    let port = s.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
-                    ServerAddress::Inet(SocketAddr::new(
-                        ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                        port,
-                    ))
-                }
-                (None, None) => {
-                    ServerAddress::Inet(SocketAddr::from(([0, 0, 0, 0], requested_port)))
-                }
+            let errno = match failed {
+                Ok(QueryReply { result: Err(e), .. }) => e,
+                _ => Errno::EPROTO,
             };
-            Ok(addr)
+            return p.fail(lp, errno);
         }
+    };
+    let (result, load_reports) = match (grant, handle) {
+        (Grant::Shared, Some(h)) => (listen_shared(lp, &p, h), false),
+        (
+            Grant::RoundRobin {
+                sockname,
+                load_reports,
+            },
+            _,
+        ) => (Ok(listen_round_robin(&p, sockname)), load_reports),
+        (Grant::Shared, None) => unreachable!("a shared grant comes with its handle"),
     };
     match result {
-        Ok(addr) => {
-            let wants_load = reply.get("loadReports").and_then(Value::as_bool) == Some(true);
-            server.with_hook_data(|d| {
-                if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
-                    d.key = Some(r.key.clone());
-                    d.report_load = wants_load;
-                }
-            });
-            if wants_load {
-                server.set_on_ended(schedule_load_report);
-            }
-            if let Some(state) = child() {
-                state
-                    .borrow_mut()
-                    .handles
-                    .insert(r.key.clone(), server.clone());
-            }
-            let real_port = addr.port().map(i64::from);
-            // The user's listen callback runs before `listening` is sent.
-            server.finish_listen(lp, Ok(addr));
-            if let Some(state) = child() {
-                let (worker, channel) = {
-                    let st = state.borrow();
-                    (st.worker.clone(), st.channel.clone())
-                };
-                worker.inner.borrow_mut().state = WorkerState::Listening;
-                let mut q = query;
-                if let Some(p) = real_port.filter(|p| *p != 0) {
-                    q.port = json!(p);
-                }
-                let addr = Address::from_query(&q);
-                let _ = channel.send_cluster(lp, Act::Listening(q).to_fields(), None, None);
-                worker.emit_listening(lp, &addr);
-            }
+        Ok(addr) => listening(lp, p, key, addr, load_reports),
+        Err(Some(e)) => {
+            release_index(&p.server);
+            p.server.finish_listen(lp, Err(e));
         }
-        Err(e) => {
-            release_index(server);
-            server.finish_listen(lp, Err(e));
-        }
+        Err(None) => p.fail(lp, Errno::EADDRINUSE),
     }
+}
+
+/// Shared: listen on our copy of the primary's bound socket. libuv defers
+/// `EADDRINUSE` from bind to listen, so the primary may have replied
+/// errno 0 with an unbound socket: compare ports (Node's
+/// `checkBindError`); `Err(None)` then.
+fn listen_shared(
+    lp: &mut Loop,
+    p: &PendingListen,
+    h: Accepted,
+) -> Result<ServerAddress, Option<ListenError>> {
+    if let Accepted::Tcp(t) = h
+        && p.requested_port > 0
+        && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != p.requested_port
+    {
+        close_accepted(lp, h);
+        return Err(None);
+    }
+    p.server
+        .listen_on(lp, h, p.backlog, p.address(), p.query.port)
+        .map_err(Some)
+}
+
+/// Round-robin: the primary accepts; connections arrive as `newconn`. The
+/// server's address is the listener's (TCP), or the path.
+fn listen_round_robin(p: &PendingListen, sockname: Option<Sockname>) -> ServerAddress {
+    p.server.listen_remote();
+    match (&p.path, sockname) {
+        (Some(path), _) => ServerAddress::Unix(path.clone()),
+        (None, Some(Sockname(addr))) => ServerAddress::Inet(addr),
+        (None, None) => ServerAddress::Inet(SocketAddr::new(
+            Ipv4Addr::UNSPECIFIED.into(),
+            p.requested_port,
+        )),
+    }
+}
+
+/// The server listens: remember its key, run the user's listen callback,
+/// then tell the primary (`listening`, with the real port), as Node does
+/// in that order.
+fn listening(lp: &mut Loop, p: PendingListen, key: String, addr: ServerAddress, load: bool) {
+    let PendingListen {
+        server, mut query, ..
+    } = p;
+    server.with_hook_data(|d| {
+        if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+            d.key = Some(key.clone());
+            d.report_load = load;
+        }
+    });
+    if load {
+        server.set_on_ended(schedule_load_report);
+    }
+    if let Some(state) = child() {
+        state.borrow_mut().handles.insert(key, server.clone());
+    }
+    let real_port = addr.port();
+    server.finish_listen(lp, Ok(addr));
+    let Some(state) = child() else { return };
+    let (worker, channel) = {
+        let st = state.borrow();
+        (st.worker.clone(), st.channel.clone())
+    };
+    worker.inner.borrow_mut().state = WorkerState::Listening;
+    if let Some(p) = real_port.filter(|p| *p != 0) {
+        query.port = Some(p.into());
+    }
+    let addr = Address::from_query(&query);
+    let _ = channel.send_cluster(lp, Act::Listening(query).to_fields(), None, None);
+    worker.emit_listening(lp, &addr);
 }
 
 fn reports_load(server: &Server) -> bool {
@@ -524,7 +542,7 @@ fn schedule_load_report(lp: &mut Loop, server: &Server) {
         return;
     }
     let s = server.clone();
-    crate::net::defer(lp, move |lp| {
+    defer(lp, move |lp| {
         let key = s.with_hook_data(|d| {
             let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
             d.report_pending = false;
@@ -578,60 +596,22 @@ fn server_closed(lp: &mut Loop, server: &Server) {
 }
 
 fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
-    let Some(state) = child() else {
-        if let Some(h) = handle {
-            close_accepted(lp, h);
-        }
-        return;
-    };
-    match Act::parse(&msg) {
-        Some(Act::NewConn { key }) => {
-            let seq = msg.get("seq").cloned().unwrap_or(Value::Null);
-            let (server, channel) = {
-                let st = state.borrow();
-                (st.handles.get(&key).cloned(), st.channel.clone())
-            };
-            let conn = match handle {
-                Some(Accepted::Tcp(t)) => Some(Conn::Tcp(t)),
-                Some(Accepted::Pipe(p)) => Some(Conn::Pipe(p)),
-                Some(other) => {
-                    close_accepted(lp, other);
-                    None
-                }
-                None => None,
-            };
-            let accepted = match (server, conn) {
-                (Some(s), Some(c)) => {
-                    if s.deliver(lp, c) {
-                        true
-                    } else {
-                        close_conn(lp, c);
-                        false
-                    }
-                }
-                (None, Some(c)) => {
-                    close_conn(lp, c);
-                    false
-                }
-                _ => false,
-            };
-            let mut m = Map::new();
-            m.insert("ack".into(), seq);
-            m.insert("accepted".into(), accepted.into());
-            let server = state.borrow().handles.get(&key).cloned();
-            if let Some(s) = server.filter(|s| accepted && reports_load(s)) {
-                // Beyond Node: a load-aware primary hears back only after
-                // this loop has polled again, with the open-connection
-                // count then. The new connection's first request was
-                // already waiting, so it has been handled by then: a
-                // handler that keeps the loop busy keeps the answer back,
-                // and the primary sends the next connection elsewhere.
-                answer_after_next_poll(lp, &state, s, m);
-                return;
-            }
-            let _ = channel.send_cluster(lp, m, None, None);
-        }
-        Some(Act::Disconnect) => {
+    let state = child();
+    match (protocol::parse(&msg), state) {
+        (
+            Parsed::Message(Received {
+                act: Act::NewConn { key },
+                seq,
+            }),
+            Some(state),
+        ) => on_connection(lp, &state, &key, seq, handle),
+        (
+            Parsed::Message(Received {
+                act: Act::Disconnect,
+                ..
+            }),
+            Some(state),
+        ) => {
             let worker = state.borrow().worker.clone();
             close_servers_then(lp, &worker, true);
         }
@@ -644,6 +624,62 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
     }
 }
 
+/// Node's `onconnection`: a round-robin connection for the server `key`.
+/// It is accepted unless the server is gone, closed or full, and the
+/// primary told (`{ack, accepted}`).
+fn on_connection(
+    lp: &mut Loop,
+    state: &ChildRef,
+    key: &str,
+    seq: Option<u64>,
+    handle: Option<Accepted>,
+) {
+    let (server, channel) = {
+        let st = state.borrow();
+        (st.handles.get(key).cloned(), st.channel.clone())
+    };
+    let conn = match handle {
+        Some(Accepted::Tcp(t)) => Some(Conn::Tcp(t)),
+        Some(Accepted::Pipe(p)) => Some(Conn::Pipe(p)),
+        Some(other) => {
+            close_accepted(lp, other);
+            None
+        }
+        None => None,
+    };
+    let accepted = match (server, conn) {
+        (Some(s), Some(c)) => {
+            if s.deliver(lp, c) {
+                true
+            } else {
+                close_conn(lp, c);
+                false
+            }
+        }
+        (None, Some(c)) => {
+            close_conn(lp, c);
+            false
+        }
+        _ => false,
+    };
+    let server = state.borrow().handles.get(key).cloned();
+    if let Some(s) = server.filter(|s| accepted && reports_load(s)) {
+        // Beyond Node: a load-aware primary hears back only after
+        // this loop has polled again, with the open-connection
+        // count then. The new connection's first request was
+        // already waiting, so it has been handled by then: a
+        // handler that keeps the loop busy keeps the answer back,
+        // and the primary sends the next connection elsewhere.
+        answer_after_next_poll(lp, state, s, seq);
+        return;
+    }
+    let reply = AcceptReply {
+        accepted,
+        load: None,
+    };
+    let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
+}
+
 /// Whether an answer for `server` is waiting in [`LateAnswers`].
 fn answer_pending(server: &Server) -> bool {
     child().is_some_and(|c| {
@@ -654,14 +690,15 @@ fn answer_pending(server: &Server) -> bool {
     })
 }
 
-/// Queues the answer `m` for `server` (see [`LateAnswers`]); its `load`
-/// is the count when it goes out.
-fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, m: Map<String, Value>) {
+/// Queues the answer to `newconn` `seq` for `server` (see
+/// [`LateAnswers`]): accepted, with the count of open connections when it
+/// goes out.
+fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, seq: Option<u64>) {
     let start = {
         let mut c = state.borrow_mut();
         let late = &mut c.late;
         let idle = late.waiting.is_empty() && late.ready.is_empty();
-        late.waiting.push((server, m));
+        late.waiting.push((server, seq));
         idle.then(|| *late.timer.get_or_insert_with(|| lp.timer_init()))
     };
     if let Some(t) = start {
@@ -679,9 +716,12 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
         let due = std::mem::replace(&mut c.late.ready, waiting);
         (due, c.channel.clone(), !c.late.ready.is_empty())
     };
-    for (s, mut m) in due {
-        m.insert("load".into(), (s.connections() as u64).into());
-        let _ = channel.send_cluster(lp, m, None, None);
+    for (s, seq) in due {
+        let reply = AcceptReply {
+            accepted: true,
+            load: Some(s.connections() as u64),
+        };
+        let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
     }
     if more {
         // A timer started by a timer callback waits for the next iteration.
@@ -740,20 +780,24 @@ pub(crate) fn disconnect_self(lp: &mut Loop, w: &Worker) {
 }
 
 /// `cluster.worker.destroy()` / `kill()` inside the worker: tell the
-/// primary, close the channel, exit 0.
+/// primary, close the channel, then end the process (Node:
+/// `process.exit(0)`; here the worker's [exit
+/// request](Worker::on_exit_request)), at once when the channel is closed
+/// already.
 pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
     w.inner.borrow_mut().exited_after_disconnect = Some(true);
-    let Some(state) = child() else {
-        std::process::exit(0);
+    let channel = child().map(|state| state.borrow().channel.clone());
+    let Some(channel) = channel.filter(Channel::is_connected) else {
+        CHILD.with(|c| c.borrow_mut().take());
+        return w.request_exit(lp, ExitRequest::Destroyed);
     };
-    let channel = state.borrow().channel.clone();
-    if !channel.is_connected() {
-        std::process::exit(0);
+    if let Some(state) = child() {
+        state.borrow_mut().destroying = true;
     }
-    state.borrow_mut().destroying = true;
     w.inner.borrow_mut().state = WorkerState::Disconnecting;
     if tell_primary_then_disconnect(lp, &channel).is_err() {
-        std::process::exit(0);
+        CHILD.with(|c| c.borrow_mut().take());
+        w.request_exit(lp, ExitRequest::Destroyed);
     }
 }
 

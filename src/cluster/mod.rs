@@ -92,7 +92,7 @@ pub use round_robin_handle::{
     ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Scheduler, WorkerLoad,
 };
 pub use settings::{SchedulingPolicy, Settings};
-pub use worker::{Address, Worker, WorkerState};
+pub use worker::{Address, ExitRequest, Worker, WorkerState};
 
 /// The environment variable that makes a process a worker and carries its id.
 pub const NODE_UNIQUE_ID: &str = "NODE_UNIQUE_ID";

@@ -19,27 +19,31 @@ use std::rc::{Rc, Weak};
 use serde_json::{Map, Value};
 
 use super::NODE_UNIQUE_ID;
-use super::protocol::{Act, AddressType, Query, QueryReply};
+use super::protocol::{
+    self, Ack, Act, ActKind, AddressType, Grant, Malformed, Parsed, ProtocolError, Query,
+    QueryReply, Received,
+};
 use super::round_robin_handle::{
     self, ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Pick,
-    RoundRobinHandle, Scheduler, WorkerLoad, truthy,
+    RoundRobinHandle, Scheduler, WorkerLoad,
 };
 use super::settings::{SchedulingPolicy, Settings};
-use super::shared_handle::{SharedHandle, fd_of};
+use super::shared_handle::SharedHandle;
 use super::worker::{Address, Side, Worker, WorkerState};
-use crate::ipc::{self, ChannelError, ForkOptions, NODE_CLUSTER, close_accepted};
-use crate::uv::{Accepted, Loop};
+use crate::ipc::{self, Channel, ChannelError, ForkOptions, Forked, close_accepted};
+use crate::net::defer;
+use crate::uv::{Accepted, Errno, Handle, Loop, Pipe};
 
-/// An error reported by the cluster through an `error` callback.
+/// An error reported by the cluster through an `error` callback. (A worker
+/// that cannot be forked is no such report: [`Primary::fork`] returns the
+/// error.)
 #[derive(Debug)]
 pub enum ClusterError {
-    /// Forking a worker failed.
-    Spawn(io::Error),
     /// The worker's IPC channel reported a fault (malformed message, stray
     /// fd, I/O error).
     Channel(ChannelError),
     /// A cluster message was malformed or out of place.
-    Protocol(String),
+    Protocol(ProtocolError),
     /// A connection handed to the worker (round-robin and the modes built
     /// on it) came back without the worker's answer, or connections waited
     /// too long for a worker able to take them (then no worker is named).
@@ -55,13 +59,14 @@ pub enum ClusterError {
         /// [`HandoffFailure::NoWorker`]).
         connections: usize,
     },
-    /// Binding or listening for a worker's server failed, or its shared
-    /// socket did not reach it (`EMFILE`, after the worker answered
-    /// `NODE_HANDLE_NACK`: it is out of fds); the worker's `listen` fails
-    /// with the same error.
+    /// A worker's shared socket did not reach it (`EMFILE`, after the
+    /// worker answered `NODE_HANDLE_NACK`: it is out of fds); the worker's
+    /// `listen` (or `bind`) fails with the same error. (A bind that fails
+    /// in the primary is only the worker's error, as in Node: its `listen`
+    /// fails with it.)
     Listen {
-        /// Node's negative errno (`-98` for EADDRINUSE).
-        errno: i64,
+        /// The errno (`EMFILE`).
+        errno: Errno,
         /// Node's error code (`"EADDRINUSE"`).
         code: String,
         /// The failing call (`"bind"`, `"listen"`).
@@ -72,7 +77,6 @@ pub enum ClusterError {
 impl fmt::Display for ClusterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClusterError::Spawn(e) => write!(f, "fork failed: {e}"),
             ClusterError::Channel(e) => write!(f, "worker channel: {e}"),
             ClusterError::Protocol(m) => write!(f, "cluster protocol: {m}"),
             ClusterError::Handoff {
@@ -90,7 +94,7 @@ impl fmt::Display for ClusterError {
                 errno,
                 code,
                 syscall,
-            } => write!(f, "{syscall} {code} ({errno})"),
+            } => write!(f, "{syscall} {code} ({})", errno.to_wire()),
         }
     }
 }
@@ -216,22 +220,6 @@ impl Default for Primary {
     }
 }
 
-/// Runs `f` on the next loop iteration (Node's `process.nextTick`, as far
-/// as the order of cluster events goes): from a zero timer.
-fn next_tick(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
-    let t = lp.timer_init();
-    let mut f = Some(f);
-    let started = lp.timer_start(t, 0, 0, move |lp, t| {
-        let _ = lp.close(t, |_| {});
-        if let Some(f) = f.take() {
-            f(lp);
-        }
-    });
-    if started.is_err() {
-        let _ = lp.close(t, |_| {});
-    }
-}
-
 macro_rules! primary_emit {
     ($self:ident, $lp:ident, $field:ident, |$cb:ident| $call:expr) => {{
         let taken = $self.inner.borrow_mut().$field.take();
@@ -318,7 +306,7 @@ impl Primary {
             i.settings.clone()
         };
         let me = Rc::downgrade(&self.inner);
-        next_tick(lp, move |lp| {
+        defer(lp, move |lp| {
             if let Some(p) = Primary::from_ref(&me) {
                 primary_emit!(p, lp, on_setup, |cb| cb(lp, &snapshot));
             }
@@ -416,159 +404,50 @@ impl Primary {
     ///
     /// # Errors
     ///
-    /// The spawn error, a [`SpawnError`](crate::uv::SpawnError) that names
-    /// the program (`spawn /no/such/cmd ENOENT ...`). No worker
-    /// exists then, no id is used and no event is emitted (Node reports it
-    /// asynchronously as the child process's `error`; here the caller has
-    /// it at once).
+    /// What [`ipc::fork`] returns: the spawn error, a
+    /// [`SpawnError`](crate::uv::SpawnError) that names the program
+    /// (`spawn /no/such/cmd ENOENT ...`), or the channel's. No worker
+    /// exists then (a child already started is killed and reaped), no id
+    /// is used and no event is emitted (Node reports it asynchronously as
+    /// the child process's `error`; here the caller has it at once).
     pub fn fork(&self, lp: &mut Loop, env: Vec<(OsString, OsString)>) -> io::Result<Worker> {
         self.setup_primary(lp, Settings::default());
-        let (id, s) = {
+        let (id, settings) = {
             let i = self.inner.borrow();
             (i.ids + 1, i.settings.clone())
         };
         let weak = Rc::downgrade(&self.inner);
         let worker = Worker::new(id, Side::Primary(weak.clone()));
-        let mut opts = ForkOptions::exec(s.exec_path.clone().unwrap_or_else(|| "node".into()));
-        opts.exec_args = s.exec_argv.clone().unwrap_or_default();
-        opts.module = s.exec.clone();
-        opts.args = s.args.clone().unwrap_or_default();
-        let mut full_env = s.env.clone().unwrap_or_default();
-        full_env.extend(env);
-        full_env.push((NODE_UNIQUE_ID.into(), id.to_string().into()));
-        // Later entries win: keep the last value of each name.
-        let mut seen = std::collections::HashSet::new();
-        let mut deduped: Vec<(OsString, OsString)> = full_env
-            .into_iter()
-            .rev()
-            .filter(|(k, _)| seen.insert(k.clone()))
-            .collect();
-        deduped.reverse();
-        opts.env = deduped;
-        opts.cwd = s.cwd.clone();
-        opts.silent = s.silent.unwrap_or(false);
-        opts.stdio = s.stdio.clone();
-        opts.uid = s.uid;
-        opts.gid = s.gid;
-        let w_exit = worker.clone();
-        let p_exit = weak.clone();
-        opts.on_exit = Some(Box::new(move |lp, process, status, signal| {
+        let mut opts = fork_options(&settings, id, env);
+        let (p, w) = (weak.clone(), worker.clone());
+        opts.process.on_exit = Some(Box::new(move |lp, process, status, signal| {
             let _ = lp.close(process, |_| {});
-            on_process_exit(lp, &p_exit, &w_exit, status, signal);
+            on_process_exit(lp, &p, &w, status, signal);
         }));
-        let forked = ipc::fork(lp, opts)?;
-        let pid = lp.process_pid(forked.process).ok();
+        let Forked {
+            process,
+            channel,
+            stdio,
+        } = ipc::fork(lp, opts)?;
+        let pid = lp.process_pid(process).ok();
+        let stdio = drain_stdio(lp, stdio);
         {
             let mut i = worker.inner.borrow_mut();
-            i.channel = Some(forked.channel.clone());
-            i.process = Some(forked.process);
+            i.channel = Some(channel.clone());
+            i.process = Some(process);
             i.pid = pid;
+            i.stdio = stdio;
         }
-        // Pipes of `silent` or `stdio: pipe` slots: the worker's stdin gets
-        // EOF; what it writes to 1 and 2 is read and dropped, so it never
-        // blocks (the caller may take over with `Worker::stdio`); slots from
-        // 3 up are the caller's (`Worker::stdio`), closed at exit.
-        let mut kept = Vec::with_capacity(forked.stdio.len());
-        for (fd, p) in forked.stdio.into_iter().enumerate() {
-            let Some(p) = p else {
-                kept.push(None);
-                continue;
-            };
-            if fd == 0 {
-                let _ = lp.close(p, |_| {});
-                kept.push(None);
-                continue;
-            }
-            if fd <= 2 {
-                let drained = lp.read_start(p, |lp, p, r| {
-                    if !matches!(r, Ok(data) if !data.is_empty()) {
-                        let _ = lp.close(p, |_| {});
-                    }
-                });
-                if drained.is_err() {
-                    let _ = lp.close(p, |_| {});
-                    kept.push(None);
-                    continue;
-                }
-            }
-            kept.push(Some(p));
-        }
-        worker.inner.borrow_mut().stdio = kept;
-        let ch = forked.channel;
-        {
-            let (p, w) = (weak.clone(), worker.clone());
-            ch.on_internal(move |lp, _, msg, h| {
-                if let Some(p) = Primary::from_ref(&p) {
-                    p.on_internal_message(lp, &w, msg, h);
-                } else if let Some(h) = h {
-                    close_accepted(lp, h);
-                }
-            });
-        }
-        {
-            let (p, w) = (weak.clone(), worker.clone());
-            ch.on_message_raw(lp, move |lp, _, msg, h| {
-                let had_worker_cb = w.emit_message(lp, msg.clone(), h);
-                let msg = msg.into_value();
-                let mut had_primary_cb = false;
-                if let Some(p) = Primary::from_ref(&p) {
-                    let taken = p.inner.borrow_mut().on_message.take();
-                    if let Some(mut cb) = taken {
-                        had_primary_cb = true;
-                        cb(lp, &w, msg, h);
-                        let mut i = p.inner.borrow_mut();
-                        if i.on_message.is_none() {
-                            i.on_message = Some(cb);
-                        }
-                    }
-                }
-                if !had_worker_cb
-                    && !had_primary_cb
-                    && let Some(h) = h
-                {
-                    close_accepted(lp, h);
-                }
-            });
-        }
-        {
-            let (p, w) = (weak.clone(), worker.clone());
-            ch.on_error(move |lp, _, e| {
-                // The worker's end of the channel is gone: it exited (or
-                // closed its channel). Node's channel treats a read error
-                // as the end of the stream (a worker killed with unread
-                // messages resets the connection), and a write to a closed
-                // end fails with EPIPE. Neither is an I/O fault of the
-                // primary: the `disconnect` and `exit` events report what
-                // happened, and a connection that was being handed to the
-                // worker is reported as re-handed (`ClusterError::Handoff`).
-                if let ChannelError::Io(io) = &e
-                    && matches!(
-                        io.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                    )
-                {
-                    return;
-                }
-                let e = ClusterError::Channel(e);
-                match Primary::from_ref(&p) {
-                    Some(p) => p.emit_error(lp, Some(&w), &e),
-                    None => w.emit_error(lp, &e),
-                }
-            });
-        }
-        {
-            let (p, w) = (weak.clone(), worker.clone());
-            ch.on_disconnect(move |lp, _| on_channel_disconnect(lp, &p, &w));
-        }
+        listen_to_worker(lp, &weak, &worker, &channel);
         {
             let mut i = self.inner.borrow_mut();
             i.ids = id;
             i.workers.insert(id, worker.clone());
             i.alive.insert(id, worker.clone());
         }
-        let (p, w) = (weak, worker.clone());
-        next_tick(lp, move |lp| {
-            if let Some(p) = Primary::from_ref(&p) {
+        let w = worker.clone();
+        defer(lp, move |lp| {
+            if let Some(p) = Primary::from_ref(&weak) {
                 primary_emit!(p, lp, on_fork, |cb| cb(lp, &w));
             }
         });
@@ -584,7 +463,7 @@ impl Primary {
         let workers = self.workers();
         if workers.is_empty() {
             let me = Rc::downgrade(&self.inner);
-            next_tick(lp, move |lp| {
+            defer(lp, move |lp| {
                 if let Some(p) = Primary::from_ref(&me) {
                     p.maybe_all_gone(lp);
                 }
@@ -600,7 +479,7 @@ impl Primary {
         // Every worker may already be gone (none was connected).
         if !workers_left(&self.inner.borrow()) {
             let me = Rc::downgrade(&self.inner);
-            next_tick(lp, move |lp| {
+            defer(lp, move |lp| {
                 if let Some(p) = Primary::from_ref(&me) {
                     p.maybe_all_gone(lp);
                 }
@@ -676,6 +555,13 @@ impl Primary {
 
     // ----- events --------------------------------------------------------
 
+    /// The primary's `message` event; `false` if no callback is set.
+    fn emit_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Accepted>) -> bool {
+        let has = self.inner.borrow().on_message.is_some();
+        primary_emit!(self, lp, on_message, |cb| cb(lp, w, msg, h));
+        has
+    }
+
     fn emit_error(&self, lp: &mut Loop, w: Option<&Worker>, e: &ClusterError) {
         if let Some(w) = w {
             w.emit_error(lp, e);
@@ -703,8 +589,8 @@ impl Primary {
         })
     }
 
-    fn protocol_error(&self, lp: &mut Loop, w: &Worker, msg: String) {
-        self.emit_error(lp, Some(w), &ClusterError::Protocol(msg));
+    fn protocol_error(&self, lp: &mut Loop, w: &Worker, e: ProtocolError) {
+        self.emit_error(lp, Some(w), &ClusterError::Protocol(e));
     }
 
     /// Fires `disconnect` callbacks once no worker is left at all.
@@ -816,85 +702,99 @@ impl Primary {
         if let Some(h) = h {
             // No worker-to-primary cluster message carries a handle.
             close_accepted(lp, h);
-            self.protocol_error(lp, w, format!("unexpected handle with {msg}"));
+            let message = msg.to_string();
+            self.protocol_error(lp, w, ProtocolError::UnexpectedHandle { message });
             return;
         }
-        if msg.get("cmd").and_then(Value::as_str) != Some(NODE_CLUSTER) {
-            return; // Another internal protocol (NODE_DEBUG_ENABLED, ...).
+        match protocol::parse(&msg) {
+            Parsed::Message(Received { act, seq }) => self.on_act(lp, w, act, seq),
+            Parsed::Malformed(m) => self.on_malformed(lp, w, m),
+            // Another internal protocol, no act, an unknown act (including
+            // replies with an unknown ack): Node ignores them.
+            Parsed::Ignored => {}
         }
-        let act_name = msg.get("act").and_then(Value::as_str).map(str::to_owned);
-        let Some(act) = Act::parse(&msg) else {
-            // Node ignores messages with no or an unknown act (including
-            // replies with an unknown ack); a known act with bad fields is
-            // an error.
-            if let Some(
-                "online" | "queryServer" | "listening" | "close" | "exitedAfterDisconnect",
-            ) = act_name.as_deref()
-            {
-                self.protocol_error(lp, w, format!("malformed message: {msg}"));
-            }
-            return;
-        };
-        let seq = msg.get("seq").and_then(Value::as_u64);
+    }
+
+    /// Node's `methodMessageMapping`, plus our `load`.
+    fn on_act(&self, lp: &mut Loop, w: &Worker, act: Act, seq: Option<u64>) {
         match act {
-            Act::Online => {
-                w.inner.borrow_mut().state = WorkerState::Online;
-                w.emit_online(lp);
-                primary_emit!(self, lp, on_online, |cb| cb(lp, w));
-            }
+            Act::Online => self.worker_online(lp, w),
             Act::QueryServer(q) => match seq {
                 Some(seq) => self.query_server(lp, w, q, seq),
-                None => self.protocol_error(lp, w, format!("queryServer without seq: {msg}")),
+                None => self.protocol_error(lp, w, no_seq(ActKind::QueryServer)),
             },
-            Act::Listening(q) => {
-                let addr = Address::from_query(&q);
-                w.inner.borrow_mut().state = WorkerState::Listening;
-                w.emit_listening(lp, &addr);
-                primary_emit!(self, lp, on_listening, |cb| cb(lp, w, &addr));
-            }
-            Act::Close { key } => {
-                let h = self
-                    .inner
-                    .borrow()
-                    .handles
-                    .get(&key)
-                    .map(|e| ServerHandleRef::of(&e.handle));
-                if let Some(h) = h {
-                    self.remove_from_handle(lp, &key, h, w, None);
-                }
-            }
-            Act::ExitedAfterDisconnect => {
-                w.inner.borrow_mut().exited_after_disconnect = Some(true);
-                match seq {
-                    Some(seq) => {
-                        let mut fields = Map::new();
-                        fields.insert("ack".into(), seq.into());
-                        self.send_to(lp, w, fields, None);
-                    }
-                    None => self.protocol_error(
-                        lp,
-                        w,
-                        format!("exitedAfterDisconnect without seq: {msg}"),
-                    ),
-                }
-            }
-            Act::Load { key, load } => {
-                let rr = match self.inner.borrow().handles.get(&key).map(|e| &e.handle) {
-                    Some(ServerHandle::RoundRobin(rr)) => Some(rr.clone()),
-                    _ => None,
-                };
-                if let Some(rr) = rr {
-                    rr.set_load(lp, w.id(), load);
-                }
-            }
+            Act::Listening(q) => self.worker_listening(lp, w, &q),
+            Act::Close { key } => self.worker_closed(lp, w, &key),
+            Act::ExitedAfterDisconnect => self.exited_after_disconnect(lp, w, seq),
+            Act::Load { key, load } => self.worker_load(lp, w, &key, load),
             Act::NewConn { .. } | Act::Disconnect => {
-                self.protocol_error(
-                    lp,
-                    w,
-                    format!("primary-to-worker message from a worker: {msg}"),
-                );
+                let kind = act.kind();
+                self.protocol_error(lp, w, ProtocolError::FromPrimaryOnly { kind });
             }
         }
+    }
+
+    /// A known act with bad fields. Node's primary would trip over its own
+    /// acts (it ignores the others): report those, and answer a malformed
+    /// `queryServer` with `EINVAL` so that the worker is not left waiting.
+    fn on_malformed(&self, lp: &mut Loop, w: &Worker, m: Malformed) {
+        if !m.kind.node_primary_handles() {
+            return;
+        }
+        self.protocol_error(lp, w, m.error);
+        if let (ActKind::QueryServer, Some(seq)) = (m.kind, m.seq)
+            && w.exited_after_disconnect() != Some(true)
+        {
+            self.reply_failed(lp, w, m.key, Value::Null, seq, Errno::EINVAL);
+        }
+    }
+
+    fn worker_online(&self, lp: &mut Loop, w: &Worker) {
+        w.inner.borrow_mut().state = WorkerState::Online;
+        w.emit_online(lp);
+        primary_emit!(self, lp, on_online, |cb| cb(lp, w));
+    }
+
+    fn worker_listening(&self, lp: &mut Loop, w: &Worker, q: &Query) {
+        let addr = Address::from_query(q);
+        w.inner.borrow_mut().state = WorkerState::Listening;
+        w.emit_listening(lp, &addr);
+        primary_emit!(self, lp, on_listening, |cb| cb(lp, w, &addr));
+    }
+
+    /// The worker closed its server: it leaves the handle (which may be
+    /// gone already, removed with the worker).
+    fn worker_closed(&self, lp: &mut Loop, w: &Worker, key: &str) {
+        let h = self.handle_ref(key);
+        if let Some(h) = h {
+            self.remove_from_handle(lp, key, h, w, None);
+        }
+    }
+
+    /// The worker is disconnecting on its own: note it and acknowledge.
+    fn exited_after_disconnect(&self, lp: &mut Loop, w: &Worker, seq: Option<u64>) {
+        w.inner.borrow_mut().exited_after_disconnect = Some(true);
+        match seq {
+            Some(seq) => self.send_to(lp, w, Ack.to_fields(seq), None),
+            None => self.protocol_error(lp, w, no_seq(ActKind::ExitedAfterDisconnect)),
+        }
+    }
+
+    /// Beyond Node: a worker's open connections on a round-robin server.
+    fn worker_load(&self, lp: &mut Loop, w: &Worker, key: &str, load: u64) {
+        let rr = match self.inner.borrow().handles.get(key).map(|e| &e.handle) {
+            Some(ServerHandle::RoundRobin(rr)) => Some(rr.clone()),
+            _ => None,
+        };
+        if let Some(rr) = rr {
+            rr.set_load(lp, w.id(), load);
+        }
+    }
+
+    /// The handle under `key`, usable without borrowing the primary.
+    fn handle_ref(&self, key: &str) -> Option<ServerHandleRef> {
+        let i = self.inner.borrow();
+        i.handles.get(key).map(|e| ServerHandleRef::of(&e.handle))
     }
 
     fn send_to(
@@ -911,6 +811,24 @@ impl Primary {
         }
     }
 
+    /// Answers request `seq` with a failed `queryServer` reply.
+    fn reply_failed(
+        &self,
+        lp: &mut Loop,
+        w: &Worker,
+        key: String,
+        data: Value,
+        seq: u64,
+        e: Errno,
+    ) {
+        let reply = QueryReply {
+            result: Err(e),
+            key,
+            data,
+        };
+        self.send_to(lp, w, reply.to_fields(seq), None);
+    }
+
     /// Node's `queryServer`: find or create the handle for the key, add the
     /// worker, and reply.
     fn query_server(&self, lp: &mut Loop, w: &Worker, q: Query, seq: u64) {
@@ -918,130 +836,177 @@ impl Primary {
             return;
         }
         let key = q.key();
-        if let Err(why) = validate(&q) {
-            self.protocol_error(lp, w, format!("queryServer {key}: {why}"));
-            let reply = QueryReply {
-                errno: Some(-(nix::libc::EINVAL as i64)),
-                key,
-                data: q.data.clone(),
-                sockname: None,
-            };
-            self.send_to(lp, w, reply.to_fields(seq), None);
-            return;
-        }
-        let exists = self.inner.borrow().handles.contains_key(&key);
-        if !exists {
-            let address = server_address(&q);
-            let policy = self.inner.borrow().policy;
-            let kind = q.kind().unwrap_or(AddressType::Fd);
-            let tcp = matches!(kind, AddressType::Tcp4 | AddressType::Tcp6);
-            let timeout_ms = (self.inner.borrow().handoff_timeout.as_millis() as u64).max(1);
-            let report = self.reporter();
-            let pick = match policy {
-                SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
-                SchedulingPolicy::RoundRobin => Some(match self.inner.borrow().scheduler.clone() {
-                    Some(f) => Pick::Custom(f),
-                    None => Pick::Fifo,
-                }),
-                SchedulingPolicy::None | SchedulingPolicy::ReusePort => None,
-            };
-            let handle = match pick {
-                _ if kind.is_udp() => {
-                    ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q))
-                }
-                _ if policy == SchedulingPolicy::ReusePort && tcp && fd_of(&q).is_none() => {
-                    ServerHandle::Shared(SharedHandle::new_reuse_port(address.as_deref(), &q))
-                }
-                Some(pick) => ServerHandle::RoundRobin(RoundRobinHandle::new(
-                    lp,
-                    key.clone(),
-                    address.as_deref(),
-                    &q,
-                    round_robin_handle::Options {
-                        pick,
-                        timeout_ms,
-                        report,
-                    },
-                )),
-                None => ServerHandle::Shared(SharedHandle::new(lp, address.as_deref(), &q)),
-            };
-            self.inner.borrow_mut().handles.insert(
-                key.clone(),
-                ServerEntry {
-                    data: Value::Null,
-                    handle,
+        if let Err(reason) = validate(&q) {
+            let data = q.data.clone();
+            self.protocol_error(
+                lp,
+                w,
+                ProtocolError::BadQuery {
+                    key: key.clone(),
+                    reason,
                 },
             );
+            self.reply_failed(lp, w, key, data, seq, Errno::EINVAL);
+            return;
         }
-        // Add the worker; then reply with the stored data.
-        let (errno, sockname, attach, rr, data) = {
-            let mut i = self.inner.borrow_mut();
-            let e = i.handles.get_mut(&key).expect("inserted above");
-            if !truthy(Some(&e.data)) {
-                e.data = q.data.clone();
+        self.ensure_handle(lp, &key, &q);
+        let data = self.store_data(&key, &q.data);
+        if self.has_worker(&key, w) {
+            self.protocol_error(lp, w, ProtocolError::AlreadyAdded { key: key.clone() });
+            self.reply_failed(lp, w, key, data, seq, Errno::EINVAL);
+            return;
+        }
+        match self.add_worker(lp, &key, w) {
+            Added::RoundRobin(rr, result) => {
+                let granted = result.is_ok();
+                let result = result.map(|sockname| Grant::RoundRobin {
+                    sockname,
+                    load_reports: rr.wants_load(),
+                });
+                self.reply(lp, w, QueryReply { result, key, data }, seq);
+                if granted {
+                    rr.handoff(lp, w);
+                }
             }
-            let data = e.data.clone();
-            let dup = match &e.handle {
-                ServerHandle::RoundRobin(rr) => rr.has(w.id()),
-                ServerHandle::Shared(s) => s.has(w.id()),
-            };
-            if dup {
-                drop(i);
-                self.protocol_error(lp, w, format!("queryServer {key}: already added"));
+            Added::Shared(Ok(attach)) => {
                 let reply = QueryReply {
-                    errno: Some(-(nix::libc::EINVAL as i64)),
+                    result: Ok(Grant::Shared),
                     key,
                     data,
-                    sockname: None,
                 };
-                self.send_to(lp, w, reply.to_fields(seq), None);
-                return;
+                self.send_shared(lp, w, reply, attach, seq);
             }
-            match &mut e.handle {
-                ServerHandle::RoundRobin(rr) => {
-                    let (errno, sockname) = rr.add(w);
-                    (errno, sockname, None, Some(rr.clone()), data)
-                }
-                ServerHandle::Shared(s) => {
-                    let (errno, attach) = s.add(lp, w.id());
-                    (Some(errno), None, attach, None, data)
-                }
+            Added::Shared(Err(e)) => {
+                let reply = QueryReply {
+                    result: Err(e),
+                    key,
+                    data,
+                };
+                self.reply(lp, w, reply, seq);
             }
-        };
-        let failed = errno.is_some_and(|e| e != 0);
-        if failed {
-            // Gives other workers a chance to retry.
-            let removed = self.inner.borrow_mut().handles.remove(&key);
-            if let Some(ServerEntry {
-                handle: ServerHandle::Shared(mut s),
-                ..
-            }) = removed
-            {
-                s.close(lp);
-            }
-        }
-        let reply = QueryReply {
-            errno,
-            key: key.clone(),
-            data: data.clone(),
-            sockname,
-        };
-        let mut fields = reply.to_fields(seq);
-        if rr.as_ref().is_some_and(RoundRobinHandle::wants_load) {
-            // Beyond Node: ask the worker to report its open connections
-            // (Node workers ignore the field).
-            fields.insert("loadReports".into(), true.into());
-        }
-        match attach {
-            Some(a) if !failed => self.send_shared(lp, w, fields, a, (key, data, seq)),
-            _ => self.send_to(lp, w, fields, None),
-        }
-        if let Some(rr) = rr
-            && !failed
-        {
-            rr.handoff(lp, w);
         }
     }
+
+    /// Sends a `queryServer` reply without a socket. A failed one deletes
+    /// the key first, which gives other workers a chance to retry (Node).
+    fn reply(&self, lp: &mut Loop, w: &Worker, reply: QueryReply, seq: u64) {
+        if reply.result.is_err() {
+            self.forget_handle(lp, &reply.key);
+        }
+        self.send_to(lp, w, reply.to_fields(seq), None);
+    }
+
+    /// Creates the handle for `key` unless there is one: round-robin for
+    /// TCP and Unix sockets under the round-robin policies, shared for UDP,
+    /// under `None`, and per worker under `ReusePort`.
+    fn ensure_handle(&self, lp: &mut Loop, key: &str, q: &Query) {
+        if self.inner.borrow().handles.contains_key(key) {
+            return;
+        }
+        let address = server_address(q);
+        let address = address.as_deref();
+        let (policy, scheduler, timeout) = {
+            let i = self.inner.borrow();
+            (i.policy, i.scheduler.clone(), i.handoff_timeout)
+        };
+        let pick = match policy {
+            SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
+            SchedulingPolicy::RoundRobin => Some(scheduler.map_or(Pick::Fifo, Pick::Custom)),
+            SchedulingPolicy::None | SchedulingPolicy::ReusePort => None,
+        };
+        let kind = q.address_type;
+        let handle = match pick {
+            _ if kind.is_udp() => ServerHandle::Shared(SharedHandle::new(lp, address, q)),
+            _ if policy == SchedulingPolicy::ReusePort
+                && kind.is_tcp()
+                && q.listen_fd().is_none() =>
+            {
+                ServerHandle::Shared(SharedHandle::new_reuse_port(address, q))
+            }
+            Some(pick) => {
+                let opts = round_robin_handle::Options {
+                    pick,
+                    timeout_ms: (timeout.as_millis() as u64).max(1),
+                    report: self.reporter(),
+                };
+                ServerHandle::RoundRobin(RoundRobinHandle::new(
+                    lp,
+                    key.to_owned(),
+                    address,
+                    q,
+                    opts,
+                ))
+            }
+            None => ServerHandle::Shared(SharedHandle::new(lp, address, q)),
+        };
+        let entry = ServerEntry {
+            data: Value::Null,
+            handle,
+        };
+        self.inner
+            .borrow_mut()
+            .handles
+            .insert(key.to_owned(), entry);
+    }
+
+    /// Node's `if (!handle.data) handle.data = message.data`; returns the
+    /// data to reply with.
+    fn store_data(&self, key: &str, data: &Value) -> Value {
+        let mut i = self.inner.borrow_mut();
+        let e = i.handles.get_mut(key).expect("the handle exists");
+        if !protocol::truthy(&e.data) {
+            e.data = data.clone();
+        }
+        e.data.clone()
+    }
+
+    /// Whether worker `w` already uses the handle under `key`.
+    fn has_worker(&self, key: &str, w: &Worker) -> bool {
+        let i = self.inner.borrow();
+        match i.handles.get(key).map(|e| &e.handle) {
+            Some(ServerHandle::RoundRobin(rr)) => rr.has(w.id()),
+            Some(ServerHandle::Shared(s)) => s.has(w.id()),
+            None => false,
+        }
+    }
+
+    /// Node's `handle.add(worker)`.
+    fn add_worker(&self, lp: &mut Loop, key: &str, w: &Worker) -> Added {
+        let mut i = self.inner.borrow_mut();
+        match &mut i.handles.get_mut(key).expect("the handle exists").handle {
+            ServerHandle::RoundRobin(rr) => Added::RoundRobin(rr.clone(), rr.add(w)),
+            // Binding a socket runs no callback now, so the borrow can be
+            // held.
+            ServerHandle::Shared(s) => Added::Shared(s.add(lp, w.id())),
+        }
+    }
+
+    /// Deletes the handle under `key` (a failed one), closing a shared
+    /// socket.
+    fn forget_handle(&self, lp: &mut Loop, key: &str) {
+        let removed = self.inner.borrow_mut().handles.remove(key);
+        if let Some(ServerEntry {
+            handle: ServerHandle::Shared(mut s),
+            ..
+        }) = removed
+        {
+            s.close(lp);
+        }
+    }
+}
+
+/// What adding a worker to a handle gave.
+enum Added {
+    /// The listener's sockname, or the error; the handle to hand
+    /// connections from.
+    RoundRobin(RoundRobinHandle, Result<Option<protocol::Sockname>, Errno>),
+    /// The socket to send, or the error.
+    Shared(Result<ipc::Attach, Errno>),
+}
+
+/// A request that came without the `seq` its reply must name.
+fn no_seq(kind: ActKind) -> ProtocolError {
+    ProtocolError::NoSeq { kind }
 }
 
 impl Primary {
@@ -1057,11 +1022,12 @@ impl Primary {
         &self,
         lp: &mut Loop,
         w: &Worker,
-        fields: Map<String, Value>,
+        reply: QueryReply,
         attach: ipc::Attach,
-        (key, data, seq): (String, Value, u64),
+        seq: u64,
     ) {
         let Some(ch) = w.channel() else { return };
+        let fields = reply.to_fields(seq);
         let (me, w2) = (Rc::downgrade(&self.inner), w.clone());
         let on_delivery = Box::new(move |lp: &mut Loop, _: &ipc::Channel, d| {
             // A failed write: the worker is gone, and its disconnect is
@@ -1069,35 +1035,28 @@ impl Primary {
             if !matches!(d, ipc::HandleDelivery::Nacked) {
                 return;
             }
-            let Some(p) = Primary::from_ref(&me) else {
-                return;
-            };
-            let h = p
-                .inner
-                .borrow()
-                .handles
-                .get(&key)
-                .map(|e| ServerHandleRef::of(&e.handle));
-            if let Some(h) = h {
-                p.remove_from_handle(lp, &key, h, &w2, None);
+            if let Some(p) = Primary::from_ref(&me) {
+                p.shared_socket_refused(lp, &w2, reply, seq);
             }
-            let errno = -(nix::errno::Errno::EMFILE as i64);
-            let reply = QueryReply {
-                errno: Some(errno),
-                key,
-                data,
-                sockname: None,
-            };
-            p.send_to(lp, &w2, reply.to_fields(seq), None);
-            let e = ClusterError::Listen {
-                errno,
-                code: "EMFILE".into(),
-                syscall: "bind".into(),
-            };
-            p.emit_error(lp, Some(&w2), &e);
         });
         // A closed channel: the worker is gone; its disconnect is handled.
         let _ = ch.send_cluster_handle(lp, fields, attach, None, on_delivery);
+    }
+
+    /// Worker `w` NACKed the shared socket of `reply`: it leaves the
+    /// handle, and its request is answered again, with `EMFILE`.
+    fn shared_socket_refused(&self, lp: &mut Loop, w: &Worker, reply: QueryReply, seq: u64) {
+        let QueryReply { key, data, .. } = reply;
+        if let Some(h) = self.handle_ref(&key) {
+            self.remove_from_handle(lp, &key, h, w, None);
+        }
+        self.reply_failed(lp, w, key, data, seq, Errno::EMFILE);
+        let e = ClusterError::Listen {
+            errno: Errno::EMFILE,
+            code: Errno::EMFILE.code(),
+            syscall: "bind".into(),
+        };
+        self.emit_error(lp, Some(w), &e);
     }
 }
 
@@ -1121,25 +1080,143 @@ impl ServerHandleRef {
     }
 }
 
+/// Node's `createWorkerProcess`: the fork of worker `id` under these
+/// settings. argv is `[exec_path, ...exec_argv, exec?, ...args]`; the
+/// environment is this process's, then `settings.env`, then `env`, then
+/// `NODE_UNIQUE_ID`, later entries winning.
+fn fork_options(s: &Settings, id: u32, env: Vec<(OsString, OsString)>) -> ForkOptions {
+    let mut opts = ForkOptions::exec(s.exec_path.clone().unwrap_or_else(|| "node".into()));
+    opts.exec_args = s.exec_argv.clone().unwrap_or_default();
+    opts.module = s.exec.clone();
+    opts.process.args = s.args.clone().unwrap_or_default();
+    opts.process.cwd = s.cwd.clone();
+    opts.process.uid = s.uid;
+    opts.process.gid = s.gid;
+    opts.silent = s.silent.unwrap_or(false);
+    opts.stdio = s.stdio.clone();
+    let mut vars = s.env.clone().unwrap_or_default();
+    vars.extend(env);
+    vars.push((NODE_UNIQUE_ID.into(), id.to_string().into()));
+    opts.env = last_of_each(vars);
+    opts
+}
+
+/// Keeps the last value of each variable, in the order of those last
+/// values.
+fn last_of_each(vars: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<_> = vars
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    kept.reverse();
+    kept
+}
+
+/// The primary's ends of a worker's `pipe` stdio slots (`silent`, or a
+/// custom `stdio`): the worker's stdin gets EOF; what it writes to 1 and
+/// 2 is read and dropped, so it never blocks (the caller may take over
+/// with `Worker::stdio`); slots from 3 up are the caller's
+/// (`Worker::stdio`). All are closed at exit.
+fn drain_stdio(lp: &mut Loop, pipes: Vec<Option<Handle<Pipe>>>) -> Vec<Option<Handle<Pipe>>> {
+    let mut kept = Vec::with_capacity(pipes.len());
+    for (fd, p) in pipes.into_iter().enumerate() {
+        let Some(p) = p else {
+            kept.push(None);
+            continue;
+        };
+        if fd == 0 {
+            let _ = lp.close(p, |_| {});
+            kept.push(None);
+            continue;
+        }
+        if fd <= 2 {
+            let drained = lp.read_start(p, |lp, p, r| {
+                if !matches!(r, Ok(data) if !data.is_empty()) {
+                    let _ = lp.close(p, |_| {});
+                }
+            });
+            if drained.is_err() {
+                let _ = lp.close(p, |_| {});
+                kept.push(None);
+                continue;
+            }
+        }
+        kept.push(Some(p));
+    }
+    kept
+}
+
+/// Node's `worker.process.on('internalMessage')`, `on('message')`, and
+/// `once('disconnect')`: routes what the worker's channel delivers.
+fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
+    let (p1, w1) = (p.clone(), w.clone());
+    ch.on_internal(move |lp, _, msg, h| match Primary::from_ref(&p1) {
+        Some(p) => p.on_internal_message(lp, &w1, msg, h),
+        None => {
+            if let Some(h) = h {
+                close_accepted(lp, h);
+            }
+        }
+    });
+    let (p2, w2) = (p.clone(), w.clone());
+    ch.on_message_raw(lp, move |lp, _, msg, h| {
+        let had_worker_cb = w2.emit_message(lp, msg.clone(), h);
+        let had_primary_cb = match Primary::from_ref(&p2) {
+            Some(p) => p.emit_message(lp, &w2, msg.into_value(), h),
+            None => false,
+        };
+        if !had_worker_cb
+            && !had_primary_cb
+            && let Some(h) = h
+        {
+            close_accepted(lp, h);
+        }
+    });
+    let (p3, w3) = (p.clone(), w.clone());
+    ch.on_error(move |lp, _, e| on_channel_error(lp, &p3, &w3, e));
+    let (p4, w4) = (p.clone(), w.clone());
+    ch.on_disconnect(move |lp, _| on_channel_disconnect(lp, &p4, &w4));
+}
+
+/// A fault on a worker's channel. The worker's end of the channel being
+/// gone is none: it exited (or closed its channel). Node's channel treats
+/// a read error as the end of the stream (a worker killed with unread
+/// messages resets the connection), and a write to a closed end fails
+/// with EPIPE. Neither is an I/O fault of the primary: the `disconnect`
+/// and `exit` events report what happened, and a connection that was
+/// being handed to the worker is reported as re-handed
+/// (`ClusterError::Handoff`).
+fn on_channel_error(lp: &mut Loop, p: &PrimaryRef, w: &Worker, e: ChannelError) {
+    if let ChannelError::Io(io) = &e
+        && matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    {
+        return;
+    }
+    let e = ClusterError::Channel(e);
+    match Primary::from_ref(p) {
+        Some(p) => p.emit_error(lp, Some(w), &e),
+        None => w.emit_error(lp, &e),
+    }
+}
+
 /// Checks the fields Node would trip over.
 fn validate(q: &Query) -> Result<(), &'static str> {
-    let Some(kind) = q.kind() else {
-        return Err("bad addressType");
-    };
-    if super::shared_handle::fd_of(q).is_some() {
+    if q.listen_fd().is_some() {
         return Ok(());
     }
-    match kind {
+    match q.address_type {
         AddressType::Fd => Err("no address, port or fd"),
-        AddressType::Unix => match q.address.as_str() {
+        AddressType::Unix => match q.address.as_deref() {
             Some(p) if !p.is_empty() => Ok(()),
             _ => Err("a Unix socket needs a path"),
         },
-        _ => match q.port.as_i64() {
-            Some(p) if (0..=65535).contains(&p) => match &q.address {
-                Value::Null | Value::String(_) => Ok(()),
-                _ => Err("bad address"),
-            },
+        _ => match q.port {
+            Some(p) if (0..=65535).contains(&p) => Ok(()),
             _ => Err("bad port"),
         },
     }
@@ -1149,8 +1226,8 @@ fn validate(q: &Query) -> Result<(), &'static str> {
 /// relative to our working directory and the absolute path (Node works
 /// around the ~108-byte `sun_path` limit this way).
 fn server_address(q: &Query) -> Option<String> {
-    let address = q.address.as_str()?.to_owned();
-    if q.kind() == Some(AddressType::Unix)
+    let address = q.address.clone()?;
+    if q.address_type == AddressType::Unix
         && let Ok(cwd) = std::env::current_dir()
         && let Some(rel) = relative_path(&cwd, Path::new(&address))
     {
@@ -1210,25 +1287,7 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
         p.remove_worker(lp, w, true);
     }
     if connected {
-        // The channel usually closes with the process, and its end of
-        // stream, read after everything the worker wrote, is where a
-        // connection in flight to it is given back. If the channel stays
-        // open (another process holds the worker's end), nothing more can
-        // come from the dead worker once what it wrote has been read:
-        // after a grace period, give back what was in flight to it.
-        let (p, w2) = (p.clone(), w.clone());
-        let t = lp.timer_init();
-        let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
-            let _ = lp.close(t, |_| {});
-            if w2.is_connected()
-                && let Some(p) = Primary::from_ref(&p)
-            {
-                p.remove_handles_for_worker(lp, &w2, true);
-            }
-        });
-        if started.is_err() {
-            let _ = lp.close(t, |_| {});
-        }
+        give_back_after_grace(lp, p, w);
     }
     let (code, sig) = {
         let mut i = w.inner.borrow_mut();
@@ -1249,6 +1308,28 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
     }
     if !connected {
         w.clear_callbacks();
+    }
+}
+
+/// A worker exited with its channel open. The channel usually closes with
+/// the process, and its end of stream, read after everything the worker
+/// wrote, is where a connection in flight to it is given back. If the
+/// channel stays open (another process holds the worker's end), nothing
+/// more can come from the dead worker once what it wrote has been read:
+/// after a grace period, give back what was in flight to it.
+fn give_back_after_grace(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
+    let (p, w) = (p.clone(), w.clone());
+    let t = lp.timer_init();
+    let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
+        let _ = lp.close(t, |_| {});
+        if w.is_connected()
+            && let Some(p) = Primary::from_ref(&p)
+        {
+            p.remove_handles_for_worker(lp, &w, true);
+        }
+    });
+    if started.is_err() {
+        let _ = lp.close(t, |_| {});
     }
 }
 
@@ -1287,9 +1368,7 @@ pub(crate) fn disconnect_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
     let Some(primary) = Primary::from_ref(p) else {
         return;
     };
-    let mut fields = Map::new();
-    fields.insert("act".into(), "disconnect".into());
-    primary.send_to(lp, w, fields, None);
+    primary.send_to(lp, w, Act::Disconnect.to_fields(), None);
     primary.remove_handles_for_worker(lp, w, false);
     primary.remove_worker(lp, w, false);
 }

@@ -60,16 +60,16 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::rc::Rc;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::primary::ClusterError;
-use super::protocol::{self, Query};
-use super::shared_handle::{ServerSocket, create_server_handle, neg_errno};
+use super::protocol::{AcceptReply, Act, Query, Sockname};
+use super::shared_handle::{ServerSocket, create_server_handle};
 use super::worker::Worker;
 use crate::ipc::{
     AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
 };
-use crate::uv::{Accepted, Handle, Loop, OnEmfile, Pipe, Tcp, Timer};
+use crate::uv::{Accepted, Errno, Handle, Loop, OnEmfile, Pipe, Tcp, Timer};
 
 /// How long a handoff may go unanswered, and how long a connection may wait
 /// while no worker can take it, unless
@@ -340,10 +340,10 @@ struct State {
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<ServerSocket>,
-    /// The bind or listen error, as Node's negative errno.
-    errno: Option<i64>,
+    /// The bind or listen error.
+    errno: Option<Errno>,
     /// `{address, family, port}` for TCP listeners.
-    sockname: Option<Value>,
+    sockname: Option<Sockname>,
     /// Every worker using this key (Node's `all`).
     all: BTreeMap<u32, Worker>,
     /// Idle workers, in the order they became idle (Node's `free`).
@@ -465,7 +465,7 @@ impl RoundRobinHandle {
                 st.listener = Some(sock);
                 st.sockname = sockname;
             }
-            Err(e) => rr.st.borrow_mut().errno = Some(neg_errno(&e)),
+            Err(e) => rr.st.borrow_mut().errno = Some(Errno::of_failed(&e)),
         }
         rr
     }
@@ -475,7 +475,7 @@ impl RoundRobinHandle {
         lp: &mut Loop,
         address: Option<&str>,
         q: &Query,
-    ) -> io::Result<(ServerSocket, Option<Value>)> {
+    ) -> io::Result<(ServerSocket, Option<Sockname>)> {
         let sock = create_server_handle(lp, address, q)?;
         let backlog = q.backlog();
         let weak = Rc::downgrade(&self.st);
@@ -492,7 +492,7 @@ impl RoundRobinHandle {
                 })
                 .and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE))
                 .and_then(|()| lp.tcp_getsockname(h))
-                .map(|a| Some(protocol::sockname(&a)))
+                .map(|a| Some(Sockname(a)))
             }
             ServerSocket::Pipe(h) => {
                 let w = weak.clone();
@@ -505,8 +505,7 @@ impl RoundRobinHandle {
                     }
                 });
                 let listening = listening.and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE));
-                let readable = truthy(q.readable_all.as_ref());
-                let writable = truthy(q.writable_all.as_ref());
+                let (readable, writable) = (q.readable_all, q.writable_all);
                 listening
                     .and_then(|()| {
                         if readable || writable {
@@ -547,16 +546,16 @@ impl RoundRobinHandle {
         !self.st.borrow().in_flight.is_empty()
     }
 
-    /// Adds a worker (Node's `add`): returns the reply's `errno` (`None` on
-    /// success) and `sockname`. After sending the reply, call
+    /// Adds a worker (Node's `add`): returns the listener's `sockname`
+    /// (TCP) for the reply, or the errno. After sending the reply, call
     /// [`handoff`](Self::handoff) for the worker.
-    pub(super) fn add(&self, w: &Worker) -> (Option<i64>, Option<Value>) {
+    pub(super) fn add(&self, w: &Worker) -> Result<Option<Sockname>, Errno> {
         let mut st = self.st.borrow_mut();
         if let Some(errno) = st.errno {
-            return (Some(errno), None);
+            return Err(errno);
         }
         st.all.insert(w.id(), w.clone());
-        (None, st.sockname.clone())
+        Ok(st.sockname)
     }
 
     fn report(&self, lp: &mut Loop, w: Option<&Worker>, e: ClusterError) {
@@ -759,9 +758,7 @@ impl RoundRobinHandle {
             );
             st.key.clone()
         };
-        let mut fields = Map::new();
-        fields.insert("act".into(), "newconn".into());
-        fields.insert("key".into(), key.into());
+        let fields = Act::NewConn { key }.to_fields();
         let attach = Attach {
             handle: conn.send_handle(),
             kind: HandleKind::NetNative,
@@ -773,7 +770,7 @@ impl RoundRobinHandle {
                 if let Some(h) = h {
                     close_accepted(lp, h);
                 }
-                me.on_reply(lp, &worker, conn, &reply);
+                me.on_reply(lp, &worker, conn, AcceptReply::from_wire(&reply));
             },
         );
         let (me, worker) = (self.clone(), w.clone());
@@ -1147,10 +1144,13 @@ impl RoundRobinHandle {
         }
     }
 
-    fn on_reply(&self, lp: &mut Loop, w: &Worker, conn: Conn, reply: &Value) {
+    fn on_reply(&self, lp: &mut Loop, w: &Worker, conn: Conn, reply: AcceptReply) {
         let id = w.id();
         let taken = self.take_in_flight(id, conn);
-        let accepted = truthy(reply.get("accepted"));
+        let AcceptReply {
+            accepted,
+            load: reported,
+        } = reply;
         {
             // Rust workers send their open-connection count with the reply;
             // for others, count what they accepted. A late answer (to a
@@ -1161,7 +1161,6 @@ impl RoundRobinHandle {
             }
             st.stalled.remove(&id);
             st.backoff.remove(&id);
-            let reported = reply.get("load").and_then(Value::as_u64);
             let open = st.open.entry(id).or_default();
             match reported {
                 Some(n) => *open = n,
@@ -1314,15 +1313,4 @@ impl RoundRobinHandle {
 fn out_push(out: &mut Vec<Conn>, q: &Queued) -> bool {
     out.push(q.conn);
     true
-}
-
-/// JavaScript truthiness of an optional JSON value.
-pub(super) fn truthy(v: Option<&Value>) -> bool {
-    match v {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0 && !f.is_nan()),
-        Some(Value::String(s)) => !s.is_empty(),
-        Some(_) => true,
-    }
 }

@@ -12,21 +12,14 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
-use serde_json::Value;
-
 use super::protocol::{AddressType, Query};
 use crate::ipc::{AfterAck, Attach, HandleKind, SendHandle};
-use crate::uv::{BindFlags, Handle, Loop, Pipe, Tcp, Udp};
+use crate::uv::{BindFlags, Errno, Handle, Loop, Pipe, Tcp, Udp};
 
 /// libuv's `UV_TCP_IPV6ONLY` and `UV_UDP_IPV6ONLY`.
-const IPV6ONLY: i64 = 1;
+const IPV6ONLY: u32 = 1;
 /// libuv's `UV_UDP_REUSEADDR`.
-const UDP_REUSEADDR: i64 = 4;
-
-/// Node's negative errno for an `io::Error` (EINVAL when it has none).
-pub(super) fn neg_errno(e: &io::Error) -> i64 {
-    -(e.raw_os_error().unwrap_or(nix::libc::EINVAL) as i64)
-}
+const UDP_REUSEADDR: u32 = 4;
 
 fn einval(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned())
@@ -60,22 +53,7 @@ impl ServerSocket {
 
 /// The port of a TCP or UDP query, if it is a valid one.
 fn port_of(q: &Query) -> io::Result<u16> {
-    q.port
-        .as_i64()
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or_else(|| einval("queryServer: bad port"))
-}
-
-fn flags_of(q: &Query) -> i64 {
-    q.flags.as_ref().and_then(Value::as_i64).unwrap_or(0)
-}
-
-/// The fd number of a `listen({fd})` / `bind({fd})` query: a number >= 0.
-pub(super) fn fd_of(q: &Query) -> Option<i32> {
-    q.fd.as_ref()
-        .and_then(Value::as_i64)
-        .filter(|&fd| fd >= 0)
-        .and_then(|fd| i32::try_from(fd).ok())
+    q.inet_port().ok_or_else(|| einval("queryServer: bad port"))
 }
 
 fn parse_ip(address: &str) -> io::Result<IpAddr> {
@@ -117,7 +95,7 @@ fn open_fd(lp: &mut Loop, fd: i32, udp: bool) -> io::Result<ServerSocket> {
         Ok(()) => return Ok(ServerSocket::Tcp(h)),
         Err(e) => {
             let _ = lp.close(h, |_| {});
-            if e.raw_os_error() == Some(nix::libc::EBADF) {
+            if Errno::of(&e) == Some(Errno::EBADF) {
                 return Err(e);
             }
         }
@@ -144,10 +122,8 @@ pub(super) fn create_server_handle(
     address: Option<&str>,
     q: &Query,
 ) -> io::Result<ServerSocket> {
-    let kind = q
-        .kind()
-        .ok_or_else(|| einval("queryServer: bad addressType"))?;
-    if let Some(fd) = fd_of(q) {
+    let kind = q.address_type;
+    if let Some(fd) = q.listen_fd() {
         return open_fd(lp, fd, kind.is_udp());
     }
     let address = address.filter(|a| !a.is_empty());
@@ -166,7 +142,7 @@ pub(super) fn create_server_handle(
         }
         AddressType::Tcp4 | AddressType::Tcp6 => {
             let port = port_of(q)?;
-            let ipv6_only = flags_of(q) & IPV6ONLY != 0;
+            let ipv6_only = q.flags() & IPV6ONLY != 0;
             match address {
                 None => {
                     let any6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
@@ -187,7 +163,7 @@ pub(super) fn create_server_handle(
         }
         AddressType::Udp4 | AddressType::Udp6 => {
             let port = port_of(q)?;
-            let flags = flags_of(q);
+            let flags = q.flags();
             let ip = match (address, kind) {
                 (Some(a), _) => parse_ip(a)?,
                 (None, AddressType::Udp6) => Ipv6Addr::UNSPECIFIED.into(),
@@ -218,8 +194,8 @@ pub(super) fn create_server_handle(
 pub(super) struct SharedHandle {
     workers: BTreeSet<u32>,
     handle: Option<ServerSocket>,
-    /// The bind error, as Node's negative errno; `0` when bound.
-    errno: i64,
+    /// The bind error; `None` when bound.
+    errno: Option<Errno>,
     /// ReusePort: where to bind each worker's socket, and the sockets.
     per_worker: Option<PerWorker>,
 }
@@ -236,8 +212,8 @@ impl SharedHandle {
     /// Binds the socket; a failure is kept and reported to every worker.
     pub(super) fn new(lp: &mut Loop, address: Option<&str>, q: &Query) -> SharedHandle {
         let (handle, errno) = match create_server_handle(lp, address, q) {
-            Ok(h) => (Some(h), 0),
-            Err(e) => (None, neg_errno(&e)),
+            Ok(h) => (Some(h), None),
+            Err(e) => (None, Some(Errno::of_failed(&e))),
         };
         SharedHandle {
             workers: BTreeSet::new(),
@@ -258,10 +234,10 @@ impl SharedHandle {
         let supported: io::Result<()> = if cfg!(target_os = "linux") {
             Ok(())
         } else {
-            Err(io::Error::from_raw_os_error(nix::libc::EOPNOTSUPP))
+            Err(Errno::EOPNOTSUPP.into())
         };
         let plan = supported.and_then(|()| port_of(q)).and_then(|port| {
-            let ipv6_only = flags_of(q) & IPV6ONLY != 0;
+            let ipv6_only = q.flags() & IPV6ONLY != 0;
             let addrs = match address.filter(|a| !a.is_empty()) {
                 None => vec![
                     SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
@@ -279,13 +255,13 @@ impl SharedHandle {
             Ok(p) => SharedHandle {
                 workers: BTreeSet::new(),
                 handle: None,
-                errno: 0,
+                errno: None,
                 per_worker: Some(p),
             },
             Err(e) => SharedHandle {
                 workers: BTreeSet::new(),
                 handle: None,
-                errno: neg_errno(&e),
+                errno: Some(Errno::of_failed(&e)),
                 per_worker: None,
             },
         }
@@ -332,35 +308,34 @@ impl SharedHandle {
         self.workers.contains(&id)
     }
 
-    /// Adds worker `id`: the errno for the reply (`0` on success) and the
-    /// bound socket to send with it.
-    pub(super) fn add(&mut self, lp: &mut Loop, id: u32) -> (i64, Option<Attach>) {
+    /// Adds worker `id`: the bound socket to send with the reply, or the
+    /// errno to reply with.
+    pub(super) fn add(&mut self, lp: &mut Loop, id: u32) -> Result<Attach, Errno> {
         self.workers.insert(id);
         if self.per_worker.is_some() {
             return match self.bind_for(lp, id) {
-                Ok(h) => (
-                    0,
-                    Some(Attach {
-                        handle: SendHandle::Tcp(h),
-                        kind: HandleKind::NetNative,
-                        after_ack: AfterAck::Keep,
-                    }),
-                ),
+                Ok(h) => Ok(Attach {
+                    handle: SendHandle::Tcp(h),
+                    kind: HandleKind::NetNative,
+                    after_ack: AfterAck::Keep,
+                }),
                 Err(e) => {
                     self.workers.remove(&id);
-                    (neg_errno(&e), None)
+                    Err(Errno::of_failed(&e))
                 }
             };
         }
-        let attach = self.handle.map(|h| Attach {
-            handle: h.send_handle(),
-            kind: match h {
-                ServerSocket::Udp(_) => HandleKind::DgramNative,
-                _ => HandleKind::NetNative,
-            },
-            after_ack: AfterAck::Keep,
-        });
-        (self.errno, attach)
+        match (self.handle, self.errno) {
+            (Some(h), None) => Ok(Attach {
+                handle: h.send_handle(),
+                kind: match h {
+                    ServerSocket::Udp(_) => HandleKind::DgramNative,
+                    _ => HandleKind::NetNative,
+                },
+                after_ack: AfterAck::Keep,
+            }),
+            (_, e) => Err(e.unwrap_or(Errno::EINVAL)),
+        }
     }
 
     /// Removes worker `id`; when it was the last one, closes the socket and

@@ -46,10 +46,10 @@ pub struct Address {
 impl Address {
     pub(crate) fn from_query(q: &Query) -> Address {
         Address {
-            address: q.address.as_str().map(str::to_owned),
-            port: q.port.as_i64(),
-            address_type: q.kind().unwrap_or(AddressType::Fd),
-            fd: q.fd.as_ref().and_then(Value::as_i64),
+            address: q.address.clone(),
+            port: q.port,
+            address_type: q.address_type,
+            fd: q.fd,
         }
     }
 }
@@ -66,6 +66,20 @@ enum MessageSlot {
 }
 type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, &Worker, &ClusterError)>;
+type ExitRequestCb = Box<dyn FnMut(&mut Loop, &Worker, ExitRequest)>;
+
+/// Why the cluster ends a worker process, where Node calls
+/// `process.exit(0)` (`lib/internal/cluster/child.js`). See
+/// [`Worker::on_exit_request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitRequest {
+    /// The channel to the primary closed without a disconnect that either
+    /// side asked for: the primary died, or closed the channel
+    /// (`_setupWorker`'s `process.once('disconnect')`).
+    ChannelLost,
+    /// `kill()` (Node's `destroy()`) in the worker: the channel is closed.
+    Destroyed,
+}
 
 /// Which side this worker object lives on.
 pub(crate) enum Side {
@@ -94,6 +108,8 @@ pub(crate) struct WorkerInner {
     on_disconnect: Option<WorkerCb>,
     on_exit: Option<ExitCb>,
     on_error: Option<ErrorCb>,
+    /// In a worker process: what ends it (`None`: `process::exit(0)`).
+    on_exit_request: Option<ExitRequestCb>,
 }
 
 /// A cluster worker. Cheap to clone: clones name the same worker.
@@ -153,6 +169,7 @@ impl Worker {
                 on_disconnect: None,
                 on_exit: None,
                 on_error: None,
+                on_exit_request: None,
             })),
         }
     }
@@ -300,7 +317,8 @@ impl Worker {
     /// Kills the worker (`worker.kill(signal)`, default SIGTERM). In the
     /// primary this only signals the process, as Node 20 does, so
     /// `exited_after_disconnect` ends up `false`. In a worker it disconnects
-    /// and then exits the process with code 0 (`worker.destroy()`).
+    /// and then exits the process with code 0 (`worker.destroy()`), or
+    /// does what [`on_exit_request`](Self::on_exit_request) says.
     ///
     /// # Errors
     ///
@@ -361,6 +379,55 @@ impl Worker {
         self.inner.borrow_mut().on_error = Some(Box::new(cb));
     }
 
+    /// Sets what ends this worker's process when the cluster would end it
+    /// ([`ExitRequest`]): its channel to the primary was lost, or it was
+    /// [killed](Self::kill) from inside. Node calls `process.exit(0)`
+    /// then, and so does a worker without this callback; an embedder that
+    /// must not lose its process that way (to flush, to run destructors,
+    /// to go on without the cluster) sets its own. When it runs, the
+    /// channel is closed and the worker's cluster state dropped, so the
+    /// loop ends by itself once the program's own handles are closed.
+    /// Only the worker process's own [`Worker`] (from
+    /// [`setup_worker`](super::setup_worker)) is ever asked.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use uvcluster::cluster::{self, ExitRequest};
+    /// use uvcluster::uv::{Loop, RunMode};
+    ///
+    /// let mut lp = Loop::new()?;
+    /// if let Some(worker) = cluster::setup_worker(&mut lp)? {
+    ///     worker.on_exit_request(|lp, _, why| {
+    ///         eprintln!("leaving the cluster: {why:?}");
+    ///         lp.stop();
+    ///     });
+    /// }
+    /// lp.run(RunMode::Default)?;
+    /// // Clean up here, then return from main.
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn on_exit_request(&self, cb: impl FnMut(&mut Loop, &Worker, ExitRequest) + 'static) {
+        self.inner.borrow_mut().on_exit_request = Some(Box::new(cb));
+    }
+
+    /// Ends the worker's process as [`on_exit_request`](Self::on_exit_request)
+    /// says; by default as Node does.
+    pub(crate) fn request_exit(&self, lp: &mut Loop, why: ExitRequest) {
+        let cb = self.inner.borrow_mut().on_exit_request.take();
+        match cb {
+            Some(mut cb) => {
+                cb(lp, self, why);
+                let mut i = self.inner.borrow_mut();
+                if i.on_exit_request.is_none() {
+                    i.on_exit_request = Some(cb);
+                }
+            }
+            // Node: `process.exit(kNoFailure)`.
+            None => std::process::exit(0),
+        }
+    }
+
     emitter!(emit_online, on_online, ());
     emitter!(emit_listening, on_listening, (a: &Address));
     emitter!(emit_disconnect, on_disconnect, ());
@@ -396,5 +463,6 @@ impl Worker {
         i.on_disconnect = None;
         i.on_exit = None;
         i.on_error = None;
+        i.on_exit_request = None;
     }
 }

@@ -1,15 +1,17 @@
 //! Starting a child with an IPC channel, with the semantics of Node's
 //! `child_process.fork` (`lib/child_process.js`).
 
+use std::cell::Cell;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::path::PathBuf;
+use std::rc::Rc;
 
 use super::channel::{Channel, ChannelOptions, NODE_CHANNEL_FD, NODE_CHANNEL_SERIALIZATION_MODE};
 use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Stdio};
 
-/// The exit callback of a forked child: exit status and terminating signal.
-pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+/// The exit callback of a forked child: exit status and terminating signal
+/// ([`ProcessOptions::on_exit`]).
+pub use crate::uv::ExitCb;
 
 /// What the child gets at one stdio slot of [`ForkOptions::stdio`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,50 +27,70 @@ pub enum ForkStdio {
 }
 
 /// Options of [`fork`], named after Node's `child_process.fork` options.
+///
+/// The spawn underneath is a [`ProcessOptions`], held as it is: what a
+/// fork adds (the module and `execArgv` around the arguments, variables
+/// set on top of the environment, the stdio slots and the channel) is
+/// here; everything else goes to [`Loop::spawn`] untouched.
+///
+/// # Examples
+///
+/// ```no_run
+/// use uvcluster::ipc::{ForkOptions, fork};
+/// use uvcluster::uv::Loop;
+///
+/// let mut lp = Loop::new()?;
+/// let mut opts = ForkOptions::node("child.js");
+/// opts.process.args = vec!["--verbose".into()];
+/// opts.process.cwd = Some("/srv/app".into());
+/// opts.env = vec![("MODE".into(), "test".into())];
+/// opts.process.on_exit = Some(Box::new(|lp, p, status, signal| {
+///     println!("child exited: {status} {signal}");
+///     lp.close(p, |_| {}).unwrap();
+/// }));
+/// let child = fork(&mut lp, opts)?;
+/// # let _ = child;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct ForkOptions {
-    /// The program to run: Node's `execPath` (default `node`, found in `PATH`).
-    pub exec_path: OsString,
+    /// The spawn: `file` is the program (Node's `execPath`), `args` the
+    /// arguments after the module, and `arg0`, `cwd`, `uid`, `gid`,
+    /// `detached` and the exit callback (called once the child has exited
+    /// and been reaped) are passed on as they are. Its `env`, when set, is
+    /// the environment the fork's variables go on instead of this
+    /// process's. Its `stdio` must stay empty: the child's slots are
+    /// [`stdio`](Self::stdio).
+    pub process: ProcessOptions<'static>,
     /// Arguments before the module: Node's `execArgv`.
     pub exec_args: Vec<OsString>,
-    /// The module (script) path; `None` runs `exec_path` with the args alone.
+    /// The module (script) path; `None` runs the program with the args alone.
     pub module: Option<OsString>,
-    /// Arguments after the module.
-    pub args: Vec<OsString>,
-    /// Variables set in the child on top of this process's environment.
+    /// Variables set in the child on top of the environment.
     pub env: Vec<(OsString, OsString)>,
     /// Variables removed from the child's environment.
     pub env_remove: Vec<OsString>,
-    /// The child's working directory (default: ours).
-    pub cwd: Option<PathBuf>,
     /// Node's `silent`: fds 0–2 become pipes instead of inherited. Ignored
     /// when [`stdio`](Self::stdio) is given.
     pub silent: bool,
     /// Node's `stdio` array, one entry per child fd; `None` means
     /// `[inherit, inherit, inherit, ipc]` (or pipes with `silent`).
     pub stdio: Option<Vec<ForkStdio>>,
-    /// Run as this user id.
-    pub uid: Option<u32>,
-    /// Run as this group id.
-    pub gid: Option<u32>,
     /// Options for the channel.
     pub channel: ChannelOptions,
-    /// Called once the child has exited and been reaped: exit status and
-    /// terminating signal, as [`ProcessOptions::on_exit`].
-    pub on_exit: Option<ExitCb>,
 }
 
 impl std::fmt::Debug for ForkOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ForkOptions")
-            .field("exec_path", &self.exec_path)
+            .field("process", &self.process)
             .field("exec_args", &self.exec_args)
             .field("module", &self.module)
-            .field("args", &self.args)
             .field("env", &self.env)
-            .field("cwd", &self.cwd)
+            .field("env_remove", &self.env_remove)
             .field("silent", &self.silent)
             .field("stdio", &self.stdio)
-            .finish_non_exhaustive()
+            .field("channel", &self.channel)
+            .finish()
     }
 }
 
@@ -85,20 +107,61 @@ impl ForkOptions {
     /// worker, say). argv is `[exec_path, ...exec_args, ...args]`.
     pub fn exec(exec_path: impl AsRef<OsStr>) -> ForkOptions {
         ForkOptions {
-            exec_path: exec_path.as_ref().to_owned(),
+            process: ProcessOptions::new(exec_path),
             exec_args: Vec::new(),
             module: None,
-            args: Vec::new(),
             env: Vec::new(),
             env_remove: Vec::new(),
-            cwd: None,
             silent: false,
             stdio: None,
-            uid: None,
-            gid: None,
             channel: ChannelOptions::default(),
-            on_exit: None,
         }
+    }
+
+    /// The stdio slots and the index of the `ipc` one.
+    fn slots(&self) -> io::Result<(Vec<ForkStdio>, usize)> {
+        let slots = self.stdio.clone().unwrap_or_else(|| {
+            let s = if self.silent {
+                ForkStdio::Pipe
+            } else {
+                ForkStdio::Inherit
+            };
+            vec![s, s, s, ForkStdio::Ipc]
+        });
+        let mut ipc = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == ForkStdio::Ipc);
+        match (ipc.next(), ipc.next()) {
+            (Some((i, _)), None) => Ok((slots, i)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fork: stdio needs exactly one 'ipc' slot",
+            )),
+        }
+    }
+
+    /// The child's environment: the base (ours unless `process.env` is
+    /// set) without the channel's variables of our own channel and
+    /// without `env_remove`, then `env`, then the new channel's.
+    fn child_env(&mut self, ipc_index: usize) -> Vec<(OsString, OsString)> {
+        let base = match self.process.env.take() {
+            Some(env) => env,
+            None => std::env::vars_os().collect(),
+        };
+        let mut env: Vec<(OsString, OsString)> = base
+            .into_iter()
+            .filter(|(k, _)| {
+                k != NODE_CHANNEL_FD
+                    && k != NODE_CHANNEL_SERIALIZATION_MODE
+                    && !self.env_remove.contains(k)
+                    && !self.env.iter().any(|(ok, _)| ok == k)
+            })
+            .collect();
+        env.append(&mut self.env);
+        env.push((NODE_CHANNEL_FD.into(), ipc_index.to_string().into()));
+        env.push((NODE_CHANNEL_SERIALIZATION_MODE.into(), "json".into()));
+        env
     }
 }
 
@@ -120,106 +183,223 @@ pub struct Forked {
 ///
 /// # Errors
 ///
-/// `InvalidInput` unless exactly one stdio slot is `Ipc`; the spawn error,
-/// a [`SpawnError`](crate::uv::SpawnError) naming `exec_path`
+/// `InvalidInput` unless exactly one stdio slot is `Ipc`, or when
+/// `process.stdio` is not empty; the spawn error, a
+/// [`SpawnError`](crate::uv::SpawnError) naming the program
 /// (`spawn /no/such/cmd ENOENT ...`, kind `NotFound` for a missing
-/// program), in which case nothing is left open.
+/// program); or the error of opening the channel once the child runs. In
+/// every case nothing is left open: a child already started is killed
+/// (`SIGKILL`) and reaped by the loop, its exit callback dropped unrun.
 ///
 /// The child gets its stdio slots and the channel, and no other fd of
 /// ours (see [`Loop::spawn`]).
 pub fn fork(lp: &mut Loop, opts: ForkOptions) -> io::Result<Forked> {
-    let slots = opts.stdio.clone().unwrap_or_else(|| {
-        let s = if opts.silent {
-            ForkStdio::Pipe
-        } else {
-            ForkStdio::Inherit
-        };
-        vec![s, s, s, ForkStdio::Ipc]
-    });
-    let ipc_index = match slots.iter().filter(|s| **s == ForkStdio::Ipc).count() {
-        1 => slots
-            .iter()
-            .position(|s| *s == ForkStdio::Ipc)
-            .expect("counted"),
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "fork: stdio needs exactly one 'ipc' slot",
-            ));
-        }
-    };
+    fork_with(lp, opts, Channel::open)
+}
+
+/// [`fork`], with the step that opens the channel given, so that its
+/// failure can be tested.
+fn fork_with(
+    lp: &mut Loop,
+    mut opts: ForkOptions,
+    open_channel: impl FnOnce(&mut Loop, Handle<Pipe>, ChannelOptions) -> io::Result<Channel>,
+) -> io::Result<Forked> {
+    let (slots, ipc_index) = opts.slots()?;
+    if !opts.process.stdio.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "fork: give the child's stdio as ForkOptions::stdio, not process.stdio",
+        ));
+    }
+    let env = opts.child_env(ipc_index);
     let ipc = lp.pipe_init(true);
-    let mut pipes: Vec<Option<Handle<Pipe>>> = Vec::with_capacity(slots.len());
-    let mut po = ProcessOptions::new(&opts.exec_path)
-        .args(&opts.exec_args)
-        .args(opts.module.iter())
-        .args(&opts.args);
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| {
-            k != NODE_CHANNEL_FD
-                && k != NODE_CHANNEL_SERIALIZATION_MODE
-                && !opts.env_remove.contains(k)
-                && !opts.env.iter().any(|(ok, _)| ok == k)
-        })
-        .collect();
-    env.extend(opts.env.iter().cloned());
-    env.push((NODE_CHANNEL_FD.into(), ipc_index.to_string().into()));
-    env.push((NODE_CHANNEL_SERIALIZATION_MODE.into(), "json".into()));
-    po = po.env(env);
-    if let Some(cwd) = &opts.cwd {
-        po = po.cwd(cwd);
-    }
-    if let Some(uid) = opts.uid {
-        po = po.uid(uid);
-    }
-    if let Some(gid) = opts.gid {
-        po = po.gid(gid);
-    }
-    for (fd, slot) in slots.iter().enumerate() {
-        let what = match slot {
-            ForkStdio::Inherit => {
-                pipes.push(None);
-                Stdio::Inherit
-            }
-            ForkStdio::Ignore => {
-                pipes.push(None);
-                Stdio::Ignore
-            }
-            ForkStdio::Ipc => {
-                pipes.push(None);
-                Stdio::Ipc(ipc)
-            }
-            ForkStdio::Pipe => {
-                let p = lp.pipe_init(false);
-                pipes.push(Some(p));
-                Stdio::Pipe(p)
-            }
-        };
-        po = po.stdio(fd as i32, what);
-    }
-    if let Some(cb) = opts.on_exit {
-        po = po.on_exit(cb);
-    }
-    let process = match lp.spawn(po) {
+    let pipes = stdio_pipes(lp, &slots);
+    let abandoned = Rc::new(Cell::new(false));
+    let mut process = opts.process;
+    process.args = argv_after_program(opts.exec_args, opts.module, process.args);
+    process.env = Some(env);
+    process.stdio = stdio_plan(&slots, ipc, &pipes);
+    process.on_exit = Some(unless_abandoned(process.on_exit, abandoned.clone()));
+    let process = match lp.spawn(process) {
         Ok(p) => p,
         Err(e) => {
-            let _ = lp.close(ipc, |_| {});
-            for p in pipes.into_iter().flatten() {
-                let _ = lp.close(p, |_| {});
-            }
+            close_pipes(lp, ipc, pipes);
             return Err(e);
         }
     };
-    let channel = match Channel::open(lp, ipc, opts.channel) {
-        Ok(c) => c,
+    match open_channel(lp, ipc, opts.channel) {
+        Ok(channel) => Ok(Forked {
+            process,
+            channel,
+            stdio: pipes,
+        }),
         Err(e) => {
-            let _ = lp.close(ipc, |_| {});
-            return Err(e);
+            abandon(lp, process, &abandoned);
+            close_pipes(lp, ipc, pipes);
+            Err(e)
         }
-    };
-    Ok(Forked {
-        process,
-        channel,
-        stdio: pipes,
+    }
+}
+
+/// `[...exec_args, module?, ...args]`: what follows the program in argv.
+fn argv_after_program(
+    exec_args: Vec<OsString>,
+    module: Option<OsString>,
+    args: Vec<OsString>,
+) -> Vec<OsString> {
+    exec_args.into_iter().chain(module).chain(args).collect()
+}
+
+/// A new pipe handle for each [`ForkStdio::Pipe`] slot, by child fd.
+fn stdio_pipes(lp: &mut Loop, slots: &[ForkStdio]) -> Vec<Option<Handle<Pipe>>> {
+    slots
+        .iter()
+        .map(|s| (*s == ForkStdio::Pipe).then(|| lp.pipe_init(false)))
+        .collect()
+}
+
+/// What [`Loop::spawn`] places at each child fd.
+fn stdio_plan(
+    slots: &[ForkStdio],
+    ipc: Handle<Pipe>,
+    pipes: &[Option<Handle<Pipe>>],
+) -> Vec<Stdio<'static>> {
+    slots
+        .iter()
+        .zip(pipes)
+        .map(|(slot, pipe)| match (slot, pipe) {
+            (ForkStdio::Inherit, _) => Stdio::Inherit,
+            (ForkStdio::Ignore, _) => Stdio::Ignore,
+            (ForkStdio::Ipc, _) => Stdio::Ipc(ipc),
+            (ForkStdio::Pipe, Some(p)) => Stdio::Pipe(*p),
+            (ForkStdio::Pipe, None) => unreachable!("stdio_pipes made a pipe for each Pipe slot"),
+        })
+        .collect()
+}
+
+/// The exit callback given to the spawn: the caller's, unless the fork
+/// failed after the spawn; then it only closes the process handle, once
+/// the loop has reaped the child.
+fn unless_abandoned(cb: Option<ExitCb>, abandoned: Rc<Cell<bool>>) -> ExitCb {
+    Box::new(move |lp, process, status, signal| {
+        if abandoned.get() {
+            let _ = lp.close(process, |_| {});
+        } else if let Some(cb) = cb {
+            cb(lp, process, status, signal);
+        }
     })
+}
+
+/// The fork failed after the spawn: end the child, which has no channel.
+/// The loop reaps it and its exit callback (see [`unless_abandoned`])
+/// closes the handle; the caller's callback is dropped unrun, as after any
+/// call that returns an error.
+fn abandon(lp: &mut Loop, process: Handle<Process>, abandoned: &Cell<bool>) {
+    /// POSIX fixes `SIGKILL` at 9.
+    const SIGKILL: i32 = 9;
+    abandoned.set(true);
+    if let Err(e) = lp.process_kill(process, SIGKILL) {
+        // ESRCH: it has exited already and is being reaped.
+        log::debug!("fork: killing the child whose channel failed: {e}");
+    }
+}
+
+/// Closes the channel's pipe and the stdio pipes of a failed fork.
+fn close_pipes(lp: &mut Loop, ipc: Handle<Pipe>, pipes: Vec<Option<Handle<Pipe>>>) {
+    for p in std::iter::once(ipc).chain(pipes.into_iter().flatten()) {
+        let _ = lp.close(p, |_| {});
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fork's error path once the child runs. Opening a channel on the
+    //! pipe a spawn has just connected does not fail in practice, so the
+    //! failure is injected; the child, its pipes and the loop are real.
+    use super::*;
+    use crate::uv::RunMode;
+
+    #[test]
+    fn a_channel_that_fails_to_open_leaves_no_child_and_no_pipe() {
+        let mut lp = Loop::new().unwrap();
+        let ran = Rc::new(Cell::new(false));
+        let mut opts = ForkOptions::exec("sleep");
+        opts.process.args = vec!["30".into()];
+        opts.silent = true; // three stdio pipes as well as the channel
+        let r = ran.clone();
+        opts.process.on_exit = Some(Box::new(move |_, _, _, _| r.set(true)));
+        let started = std::time::Instant::now();
+        let err = fork_with(&mut lp, opts, |_, _, _| {
+            Err(io::Error::other("injected: the channel does not open"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "injected: the channel does not open");
+        // A watchdog, unreferenced: the loop must end by itself, once the
+        // killed child is reaped and every handle closed.
+        let wd = lp.timer_init();
+        lp.timer_start(wd, 10_000, 0, |_, _| panic!("the child was not reaped"))
+            .unwrap();
+        lp.unref_handle(wd).unwrap();
+        lp.run(RunMode::Default).unwrap();
+        lp.close(wd, |_| {}).unwrap();
+        lp.run(RunMode::Default).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(lp.handle_count(), 0, "the process and the pipes are closed");
+        assert!(!ran.get(), "the caller's exit callback is dropped unrun");
+    }
+
+    #[test]
+    fn the_arguments_and_the_environment_a_fork_gives() {
+        let mut opts = ForkOptions::node("app.js");
+        opts.exec_args = vec!["--inspect".into()];
+        opts.process.args = vec!["a".into()];
+        opts.process.env = Some(vec![
+            ("KEEP".into(), "1".into()),
+            ("DROP".into(), "1".into()),
+            ("SET".into(), "old".into()),
+            (NODE_CHANNEL_FD.into(), "9".into()),
+        ]);
+        opts.env_remove = vec!["DROP".into()];
+        opts.env = vec![("SET".into(), "new".into())];
+        let env = opts.child_env(3);
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (k.to_str().unwrap(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("KEEP", "1"),
+                ("SET", "new"),
+                (NODE_CHANNEL_FD, "3"),
+                (NODE_CHANNEL_SERIALIZATION_MODE, "json")
+            ]
+        );
+        let argv = argv_after_program(opts.exec_args, opts.module, opts.process.args);
+        assert_eq!(argv, ["--inspect", "app.js", "a"]);
+        let two_ipc = ForkOptions {
+            stdio: Some(vec![ForkStdio::Ipc, ForkStdio::Ipc]),
+            ..ForkOptions::exec("x")
+        };
+        assert_eq!(
+            two_ipc.slots().unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let silent = ForkOptions {
+            silent: true,
+            ..ForkOptions::exec("x")
+        };
+        assert_eq!(
+            silent.slots().unwrap(),
+            (
+                vec![
+                    ForkStdio::Pipe,
+                    ForkStdio::Pipe,
+                    ForkStdio::Pipe,
+                    ForkStdio::Ipc
+                ],
+                3
+            )
+        );
+    }
 }

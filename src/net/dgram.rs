@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::ListenError;
-use crate::uv::{BindFlags, Handle, Loop, Udp};
+use crate::uv::{BindFlags, Errno, Handle, Loop, Udp};
 
 /// What to bind (`socket.bind(options)`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,9 +52,9 @@ pub fn bind_dgram(
 fn bind_local(lp: &mut Loop, opts: &BindOptions) -> Result<Handle<Udp>, ListenError> {
     let port = Some(opts.port as i64);
     let ip: IpAddr = match &opts.address {
-        Some(a) => a.parse().map_err(|_| {
-            ListenError::new(-(nix::libc::EINVAL as i64), "bind", Some(a.clone()), port)
-        })?,
+        Some(a) => a
+            .parse()
+            .map_err(|_| ListenError::new(Errno::EINVAL, "bind", Some(a.clone()), port))?,
         None if opts.ipv6 => Ipv6Addr::UNSPECIFIED.into(),
         None => Ipv4Addr::UNSPECIFIED.into(),
     };

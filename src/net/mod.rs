@@ -53,15 +53,20 @@ pub(crate) fn cluster_hook() -> Option<Rc<dyn ClusterHook>> {
 
 /// Runs `f` on the next loop iteration (Node's `process.nextTick` /
 /// `setImmediate` for events that must not fire inside the call that
-/// caused them).
+/// caused them): from a zero timer. The cluster uses it too, for the
+/// events Node emits on the next tick.
 pub fn defer(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
     let t = lp.timer_init();
     let mut f = Some(f);
-    // A 0 ms timer cannot fail to start on a fresh handle.
-    let _ = lp.timer_start(t, 0, 0, move |lp, t| {
+    let started = lp.timer_start(t, 0, 0, move |lp, t| {
         let _ = lp.close(t, |_| {});
         if let Some(f) = f.take() {
             f(lp);
         }
     });
+    // A 0 ms timer does not fail to start on a fresh handle; if it ever
+    // did, the handle must not be left behind.
+    if started.is_err() {
+        let _ = lp.close(t, |_| {});
+    }
 }

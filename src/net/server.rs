@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp, Timer};
+use crate::uv::{Accepted, BindFlags, Errno, Handle, Loop, Pipe, Tcp, Timer};
 
 /// Node's `TIMEOUT_MAX` (2^31 - 1 ms): the keep-alive timer's period.
 const KEEP_ALIVE_MS: u64 = (1 << 31) - 1;
@@ -186,13 +186,16 @@ pub fn port_from_env(var: &str, default: u16) -> Result<u16, BadPort> {
 }
 
 /// A failed listen, as Node reports it: `listen EADDRINUSE: address already
-/// in use :::8000` has code `EADDRINUSE`, errno `-98`, syscall `listen`.
+/// in use :::8000` has code `EADDRINUSE`, errno `EADDRINUSE` (Node's
+/// `err.errno`, `-98`, is its wire form: [`Errno::to_wire`], which is also
+/// how it serializes), syscall `listen`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenError {
-    /// Node's code (`EADDRINUSE`, `EACCES`, `EADDRNOTAVAIL`, ...).
+    /// Node's code (`EADDRINUSE`, `EACCES`, `EADDRNOTAVAIL`, ...), the
+    /// errno's name.
     pub code: String,
-    /// The negative errno (libuv's convention on the wire).
-    pub errno: i64,
+    /// The errno.
+    pub errno: Errno,
     /// The failing call: `bind` or `listen`.
     pub syscall: String,
     /// The address asked for.
@@ -202,16 +205,15 @@ pub struct ListenError {
 }
 
 impl ListenError {
-    /// Builds one from a negative errno.
+    /// Builds one from an errno.
     pub fn new(
-        errno: i64,
+        errno: Errno,
         syscall: &str,
         address: Option<String>,
         port: Option<i64>,
     ) -> ListenError {
-        let e = nix::errno::Errno::from_raw((-errno) as i32);
         ListenError {
-            code: format!("{e:?}"),
+            code: errno.code(),
             errno,
             syscall: syscall.to_owned(),
             address,
@@ -225,15 +227,12 @@ impl ListenError {
         address: Option<String>,
         port: Option<i64>,
     ) -> ListenError {
-        let errno = e
-            .raw_os_error()
-            .map_or(-(nix::libc::EINVAL as i64), |c| -(c as i64));
-        ListenError::new(errno, syscall, address, port)
+        ListenError::new(Errno::of_failed(e), syscall, address, port)
     }
 
     /// The positive OS errno.
     pub fn os_errno(&self) -> i32 {
-        (-self.errno) as i32
+        self.errno.raw()
     }
 }
 
@@ -436,7 +435,7 @@ impl Server {
         let candidates: Vec<SocketAddr> = match &opts.host {
             Some(h) => {
                 let ip: IpAddr = h.parse().map_err(|_| {
-                    ListenError::new(-(nix::libc::EINVAL as i64), "listen", Some(h.clone()), port)
+                    ListenError::new(Errno::EINVAL, "listen", Some(h.clone()), port)
                 })?;
                 vec![SocketAddr::new(ip, opts.port)]
             }
@@ -507,7 +506,7 @@ impl Server {
                 .map(|a| (Listener::Pipe(p), a)),
             Accepted::Udp(u) => {
                 let _ = lp.close(u, |_| {});
-                Err(io::Error::from_raw_os_error(nix::libc::ENOTSOCK))
+                Err(Errno::ENOTSOCK.into())
             }
         };
         match r {

@@ -63,6 +63,7 @@
 //! a call that takes a callback returns `Err`, the callback is dropped and
 //! never runs (libuv's rule).
 
+mod errno;
 mod event_loop;
 mod handle;
 mod loop_watcher;
@@ -74,12 +75,13 @@ mod tcp;
 mod timer;
 mod udp;
 
+pub use errno::Errno;
 pub use event_loop::{Loop, RunMode};
 pub use handle::{
     AnyHandle, Check, Handle, HandleType, Idle, Pipe, Prepare, Process, Signal, StaleHandle, Tcp,
     Timer, Udp,
 };
 pub use pipe::{Accepted, PendingType, Sendable, dup_fd_number, take_env_var};
-pub use process::{ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
+pub use process::{ExitCb, ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
 pub use stream::{OnEmfile, StreamType};
 pub use tcp::BindFlags;

@@ -24,6 +24,7 @@ use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use super::errno::Errno;
 use super::event_loop::{Data, Loop, einval};
 use super::handle::{Handle, Pipe, Process, RawHandle, flags};
 use super::signal::{self, SignalState};
@@ -31,7 +32,9 @@ use super::stream::{Sock, stream_ref};
 use crate::sys;
 use crate::sys::process::{FdPlan, SpawnSpec};
 
-pub(crate) type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+/// The exit callback of a child ([`ProcessOptions::on_exit`]): exit
+/// status and terminating signal.
+pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
 
 /// The parent's end of a stdio pipe, and the handle it is to be opened in.
 type ParentEnd = (Handle<Pipe>, OwnedFd);
@@ -75,7 +78,10 @@ pub enum Stdio<'a> {
 }
 
 /// How to start a child: what [`Loop::spawn`] takes (libuv's
-/// `uv_process_options_t`), built like `std::process::Command`.
+/// `uv_process_options_t`), built like `std::process::Command` or set
+/// field by field. Layers above nest it rather than repeat its fields:
+/// [`ipc::ForkOptions`](crate::ipc::ForkOptions) holds one for the spawn
+/// under the channel.
 ///
 /// # Examples
 ///
@@ -93,16 +99,28 @@ pub enum Stdio<'a> {
 /// # let _ = opts;
 /// ```
 pub struct ProcessOptions<'a> {
-    file: OsString,
-    arg0: Option<OsString>,
-    args: Vec<OsString>,
-    env: Option<Vec<(OsString, OsString)>>,
-    cwd: Option<PathBuf>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    detached: bool,
-    stdio: Vec<Stdio<'a>>,
-    on_exit: Option<ExitCb>,
+    /// The program, found in `PATH` if it has no slash ([`new`](Self::new)).
+    pub file: OsString,
+    /// `argv[0]`; by default the file name ([`arg0`](Self::arg0)).
+    pub arg0: Option<OsString>,
+    /// The arguments after `argv[0]` ([`args`](Self::args)).
+    pub args: Vec<OsString>,
+    /// Exactly the child's environment; `None` inherits ours
+    /// ([`env`](Self::env)).
+    pub env: Option<Vec<(OsString, OsString)>>,
+    /// The child's working directory; `None` is ours ([`cwd`](Self::cwd)).
+    pub cwd: Option<PathBuf>,
+    /// Run as this user id ([`uid`](Self::uid)).
+    pub uid: Option<u32>,
+    /// Run as this group id ([`gid`](Self::gid)).
+    pub gid: Option<u32>,
+    /// Start in a new session ([`detached`](Self::detached)).
+    pub detached: bool,
+    /// What the child gets at each fd number, from 0
+    /// ([`stdio`](Self::stdio)); missing ones are [`Stdio::Ignore`].
+    pub stdio: Vec<Stdio<'a>>,
+    /// The exit callback ([`on_exit`](Self::on_exit)).
+    pub on_exit: Option<ExitCb>,
 }
 
 impl std::fmt::Debug for ProcessOptions<'_> {
@@ -332,6 +350,22 @@ pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
     maybe_stop_sigchld(lp);
 }
 
+/// Checks every stdio pipe before anything is created: each can receive
+/// a socket, and none is used twice.
+fn check_stdio_pipes(lp: &Loop, stdio: &[Stdio<'_>]) -> io::Result<()> {
+    let mut seen = Vec::new();
+    for s in stdio {
+        if let Stdio::Pipe(h) | Stdio::Ipc(h) = s {
+            check_stdio_pipe(lp, *h, matches!(s, Stdio::Ipc(_)))?;
+            if seen.contains(h) {
+                return Err(einval("spawn: a pipe handle is used twice"));
+            }
+            seen.push(*h);
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `h` is a pipe handle that can receive a socket.
 fn check_stdio_pipe(lp: &Loop, h: Handle<Pipe>, ipc: bool) -> io::Result<()> {
     if lp.is_closing(h) {
@@ -426,17 +460,7 @@ impl Loop {
         while stdio.len() < 3 {
             stdio.push(Stdio::Ignore);
         }
-        // Check every pipe before creating anything.
-        let mut seen = Vec::new();
-        for s in &stdio {
-            if let Stdio::Pipe(h) | Stdio::Ipc(h) = s {
-                check_stdio_pipe(self, *h, matches!(s, Stdio::Ipc(_)))?;
-                if seen.contains(h) {
-                    return Err(einval("spawn: a pipe handle is used twice"));
-                }
-                seen.push(*h);
-            }
-        }
+        check_stdio_pipes(self, &stdio)?;
         let spec = SpawnSpec {
             file: &file,
             arg0: arg0.as_deref(),
@@ -450,14 +474,25 @@ impl Loop {
         };
         let spawned = self.spawn_checked(spec, stdio);
         let (pid, our_ends) = spawned.map_err(|error| SpawnError::wrap(&file, error))?;
+        self.open_parent_ends(our_ends);
+        Ok(self.track_child(pid, on_exit))
+    }
+
+    /// Opens the parent's end of each stdio pipe into its handle.
+    fn open_parent_ends(&mut self, our_ends: Vec<ParentEnd>) {
         for (h, fd) in our_ends {
-            // The handle was checked above and this is a fresh connected
-            // Unix socket, so this does not fail; if it ever did, the child
-            // must still be tracked and reaped, so do not return early.
+            // The handle was checked before the spawn and this is a fresh
+            // connected Unix socket, so this does not fail; if it ever did,
+            // the child must still be tracked and reaped, so go on.
             if let Err(e) = self.pipe_open(h, fd) {
                 log::error!("spawn: opening the parent's end of a stdio pipe failed: {e}");
             }
         }
+    }
+
+    /// Makes the active process handle of a child just started, reaped
+    /// by this loop.
+    fn track_child(&mut self, pid: i32, on_exit: Option<ExitCb>) -> Handle<Process> {
         let raw = self.insert(Data::Process(Box::new(ProcessState {
             pid,
             exited: false,
@@ -465,7 +500,7 @@ impl Loop {
         })));
         self.activate(raw);
         self.processes.live.push(raw);
-        Ok(Handle::from_raw(raw))
+        Handle::from_raw(raw)
     }
 
     /// The part of [`spawn`](Loop::spawn) after the options were checked:
@@ -661,27 +696,21 @@ impl SpawnError {
     /// The errno's name (`"ENOENT"`), Node's `err.code`, when the error
     /// came from the OS.
     pub fn code(&self) -> Option<String> {
-        errno_name(self.error.raw_os_error()?)
+        self.errno().filter(|e| e.is_known()).map(Errno::code)
     }
-}
 
-/// The symbolic name of an errno (`ENOENT`): the name of nix's variant.
-fn errno_name(errno: i32) -> Option<String> {
-    use nix::errno::Errno;
-    let e = Errno::from_raw(errno);
-    (e != Errno::UnknownErrno).then(|| format!("{e:?}"))
+    /// The errno, when the error came from the OS.
+    pub fn errno(&self) -> Option<Errno> {
+        Errno::of(&self.error)
+    }
 }
 
 impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let file = self.file.to_string_lossy();
-        match (self.code(), self.error.raw_os_error()) {
+        match (self.code(), self.errno()) {
             // Node's message, then the OS's words for it.
-            (Some(code), Some(n)) => write!(
-                f,
-                "spawn {file} {code} ({})",
-                nix::errno::Errno::from_raw(n).desc()
-            ),
+            (Some(code), Some(e)) => write!(f, "spawn {file} {code} ({})", e.description()),
             _ => write!(f, "spawn {file}: {}", self.error),
         }
     }

@@ -63,8 +63,8 @@ fn node_rate(mode: &str, secs: f64, window: u64) -> Option<f64> {
 fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
     let mut lp = Loop::new()?;
     let mut opts = ForkOptions::exec(std::env::current_exe()?);
-    opts.args = vec!["child".into()];
-    opts.on_exit = Some(Box::new(|lp, p, _, _| {
+    opts.process.args = vec!["child".into()];
+    opts.process.on_exit = Some(Box::new(|lp, p, _, _| {
         let _ = lp.close(p, |_| {});
     }));
     let forked = fork(&mut lp, opts)?;
