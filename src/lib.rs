@@ -94,9 +94,8 @@
 //! }
 //!
 //! fn close(lp: &mut Loop, c: Handle<Tcp>) {
-//!     if !lp.is_closing(c) {
-//!         let _ = lp.close(c, |_| {});
-//!     }
+//!     // Closes unless a close is already under way; no close callback.
+//!     lp.close_if_open(c);
 //! }
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]

@@ -292,12 +292,12 @@ fn rr_server_keeps_an_unrefd_worker_alive() {
 fn helper_rr_alive() {
     as_worker("helper_rr_alive", |lp, w| {
         let s = Server::new(|lp, s, c| {
-            let uvcluster::net::Conn::Tcp(t) = c else {
+            let uvcluster::uv::Stream::Tcp(t) = c else {
                 unreachable!()
             };
             let s = s.clone();
             lp.write(t, &[b"alive"], move |lp, t, _| {
-                s.close_connection(lp, uvcluster::net::Conn::Tcp(t))
+                s.close_connection(lp, uvcluster::uv::Stream::Tcp(t))
             })
             .unwrap();
         });
@@ -409,7 +409,7 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
         steps.joined(),
         "online queryServer listening close rejected exitedAfterDisconnect"
     );
-    assert_eq!(*exit.borrow(), Some((0, 0)));
+    assert_eq!(*exit.borrow(), Some((0, None)));
     assert_loop_empty(&lp);
 }
 
@@ -487,12 +487,12 @@ fn listen_on_path(mut s: Settings) -> Settings {
 fn helper_relative_path() {
     as_worker("helper_relative_path", |lp, w| {
         let s = Server::new(|lp, s, c| {
-            let uvcluster::net::Conn::Pipe(p) = c else {
+            let uvcluster::uv::Stream::Pipe(p) = c else {
                 unreachable!()
             };
             let s = s.clone();
             lp.write(p, &[b"rust"], move |lp, p, _| {
-                s.close_connection(lp, uvcluster::net::Conn::Pipe(p))
+                s.close_connection(lp, uvcluster::uv::Stream::Pipe(p))
             })
             .unwrap();
         });

@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::time::Duration;
 
 use util::*;
 use uvcluster::uv::{BindFlags, Handle, Loop, StaleHandle, Tcp};
@@ -193,7 +194,7 @@ fn start_slow_read(
             p.hit();
             let t = lp.timer_init();
             let (r, p, e) = (r.clone(), p.clone(), e.clone());
-            lp.timer_start(t, 1, 0, move |lp, t| {
+            lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, move |lp, t| {
                 lp.close(t, |_| {}).unwrap();
                 start_slow_read(lp, c, r.clone(), p.clone(), e.clone(), every);
             })
@@ -236,11 +237,16 @@ fn tcp_write_queue_order() {
         // Close from a timer, once the loop has had a chance to write some.
         let t = lp.timer_init();
         let l = l.clone();
-        lp.timer_start(t, 10, 0, move |lp, t| {
-            lp.close(t, |_| {}).unwrap();
-            let l = l.clone();
-            lp.close(c, move |_| l.push("close")).unwrap();
-        })
+        lp.timer_start(
+            t,
+            Duration::from_millis(10),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close(t, |_| {}).unwrap();
+                let l = l.clone();
+                lp.close(c, move |_| l.push("close")).unwrap();
+            },
+        )
         .unwrap();
     })
     .unwrap();
@@ -472,18 +478,23 @@ fn tcp_read_stop_start() {
         let t = lp.timer_init();
         let start = it.get();
         let (l, it) = (l.clone(), it.clone());
-        lp.timer_start(t, 50, 0, move |lp, t| {
-            lp.close(t, |_| {}).unwrap();
-            let spins = it.get() - start;
-            assert!(spins < 20, "the loop spun {spins} times while not reading");
-            let l = l.clone();
-            lp.read_start(c, move |lp, c, r| {
-                assert_eq!(r.unwrap(), b"B");
-                l.push("B");
-                lp.close(c, |_| {}).unwrap();
-            })
-            .unwrap();
-        })
+        lp.timer_start(
+            t,
+            Duration::from_millis(50),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close(t, |_| {}).unwrap();
+                let spins = it.get() - start;
+                assert!(spins < 20, "the loop spun {spins} times while not reading");
+                let l = l.clone();
+                lp.read_start(c, move |lp, c, r| {
+                    assert_eq!(r.unwrap(), b"B");
+                    l.push("B");
+                    lp.close(c, |_| {}).unwrap();
+                })
+                .unwrap();
+            },
+        )
         .unwrap();
     })
     .unwrap();
@@ -1071,10 +1082,10 @@ fn net_server(
 ) -> (
     uvcluster::net::Server,
     SocketAddr,
-    Rc<RefCell<Vec<uvcluster::net::Conn>>>,
+    Rc<RefCell<Vec<uvcluster::uv::Stream>>>,
 ) {
     use uvcluster::net::{ListenOptions, Server, ServerAddress};
-    let conns: Rc<RefCell<Vec<uvcluster::net::Conn>>> = Rc::default();
+    let conns: Rc<RefCell<Vec<uvcluster::uv::Stream>>> = Rc::default();
     let c = conns.clone();
     let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
     let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
@@ -1119,7 +1130,7 @@ fn seeing_client(lp: &mut Loop, addr: SocketAddr) -> (Handle<Tcp>, Seen) {
 /// sees `is_closing`), and the close callback runs once it has.
 #[test]
 fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
-    use uvcluster::net::Conn;
+    use uvcluster::uv::Stream;
     let mut lp = Loop::new().unwrap();
     let (server, addr, conns) = net_server(&mut lp);
     let (_, idle_seen) = seeing_client(&mut lp, addr);
@@ -1132,10 +1143,10 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     assert!(server.is_idle(idle));
     assert!(!server.is_idle(busy));
     // A connection this server never handed out is refused, typed.
-    let stranger = Conn::Tcp(lp.tcp_init());
+    let stranger = Stream::Tcp(lp.tcp_init());
     let e = server.set_idle(&mut lp, stranger, true).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::NotFound);
-    if let Conn::Tcp(h) = stranger {
+    if let Stream::Tcp(h) = stranger {
         lp.close(h, |_| {}).unwrap();
     }
 
@@ -1150,7 +1161,7 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     assert_eq!(closed.get(), 0);
 
     // The busy connection's handler finishes its reply and ends it.
-    let Conn::Tcp(b) = busy else { unreachable!() };
+    let Stream::Tcp(b) = busy else { unreachable!() };
     let s = server.clone();
     lp.write(b, &[b"last reply"], move |lp, _, r| {
         r.unwrap();
@@ -1181,7 +1192,7 @@ fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
     let closed = Counter::new();
     let c = closed.clone();
     server.close(&mut lp, move |_, _| c.hit());
-    let uvcluster::net::Conn::Tcp(h) = conn else {
+    let uvcluster::uv::Stream::Tcp(h) = conn else {
         unreachable!()
     };
     let big = vec![7u8; LEN];

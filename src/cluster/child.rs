@@ -8,17 +8,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
 use super::primary::ClusterError;
 use super::protocol::{Act, AddressType, Query, QueryReply};
 use super::worker::{Address, Side, Worker, WorkerState};
-use crate::ipc::{Channel, ChannelOptions, close_accepted};
+use crate::ipc::{Channel, ChannelOptions};
 use crate::net::{
-    BindCb, BindOptions, ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress,
+    BindCb, BindOptions, ClusterHook, ListenError, ListenOptions, Server, ServerAddress,
 };
-use crate::uv::{Accepted, Handle, Loop, Timer};
+use crate::uv::{Handle, Loop, Socket, Stream, Timer};
 
 struct Child {
     worker: Worker,
@@ -122,7 +123,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
         if !w.emit_message(lp, msg, h)
             && let Some(h) = h
         {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
     });
     channel.on_internal(move |lp, _, msg, h| on_internal(lp, msg, h));
@@ -224,14 +225,14 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
                 .and_then(|r| r.errno)
                 .filter(|e| *e != 0);
             match (errno, handle) {
-                (None, Some(Accepted::Udp(u))) => {
+                (None, Some(Socket::Udp(u))) => {
                     let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
                     cb(lp, Ok(u));
                     udp_listening(lp, listening, real_port);
                 }
                 (e, h) => {
                     if let Some(h) = h {
-                        close_accepted(lp, h);
+                        lp.close_if_open(h);
                     }
                     let errno = e.unwrap_or(-(nix::libc::EPROTO as i64));
                     cb(
@@ -383,7 +384,7 @@ fn on_query_reply(
     server: &Server,
     query: Query,
     reply: Value,
-    handle: Option<Accepted>,
+    handle: Option<Socket>,
     backlog: i32,
     requested_port: u16,
     path: Option<std::path::PathBuf>,
@@ -392,7 +393,7 @@ fn on_query_reply(
     let port = query.port.as_i64();
     let Some(r) = QueryReply::parse(&reply) else {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         release_index(server);
         let e = ListenError::new(-(nix::libc::EPROTO as i64), "bind", address, port);
@@ -402,13 +403,13 @@ fn on_query_reply(
     let errno = r.errno.filter(|e| *e != 0);
     if server.is_closing() {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         return;
     }
     if let Some(e) = errno {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         release_index(server);
         server.finish_listen(lp, Err(ListenError::new(e, "bind", address, port)));
@@ -420,11 +421,11 @@ fn on_query_reply(
         // replied errno 0 with an unbound socket: compare ports (Node's
         // checkBindError).
         Some(h) => {
-            if let Accepted::Tcp(t) = h
+            if let Socket::Tcp(t) = h
                 && requested_port > 0
                 && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != requested_port
             {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
                 release_index(server);
                 let e = ListenError::new(-(nix::libc::EADDRINUSE as i64), "bind", address, port);
                 server.finish_listen(lp, Err(e));
@@ -577,10 +578,10 @@ fn server_closed(lp: &mut Loop, server: &Server) {
     }
 }
 
-fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
+fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Socket>) {
     let Some(state) = child() else {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         return;
     };
@@ -591,11 +592,10 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
                 let st = state.borrow();
                 (st.handles.get(&key).cloned(), st.channel.clone())
             };
-            let conn = match handle {
-                Some(Accepted::Tcp(t)) => Some(Conn::Tcp(t)),
-                Some(Accepted::Pipe(p)) => Some(Conn::Pipe(p)),
-                Some(other) => {
-                    close_accepted(lp, other);
+            let conn = match handle.map(Stream::try_from) {
+                Some(Ok(c)) => Some(c),
+                Some(Err(other)) => {
+                    lp.close_if_open(other.0);
                     None
                 }
                 None => None,
@@ -605,12 +605,12 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
                     if s.deliver(lp, c) {
                         true
                     } else {
-                        close_conn(lp, c);
+                        lp.close_if_open(c);
                         false
                     }
                 }
                 (None, Some(c)) => {
-                    close_conn(lp, c);
+                    lp.close_if_open(c);
                     false
                 }
                 _ => false,
@@ -638,7 +638,7 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
         _ => {
             // Node ignores cluster messages it does not know.
             if let Some(h) = handle {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
             }
         }
     }
@@ -665,7 +665,7 @@ fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, m: Ma
         idle.then(|| *late.timer.get_or_insert_with(|| lp.timer_init()))
     };
     if let Some(t) = start {
-        let _ = lp.timer_start(t, 0, 0, late_answers_due);
+        let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, late_answers_due);
     }
 }
 
@@ -685,15 +685,8 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
     }
     if more {
         // A timer started by a timer callback waits for the next iteration.
-        let _ = lp.timer_start(timer, 0, 0, late_answers_due);
+        let _ = lp.timer_start(timer, Duration::ZERO, Duration::ZERO, late_answers_due);
     }
-}
-
-fn close_conn(lp: &mut Loop, c: Conn) {
-    let _ = match c {
-        Conn::Tcp(h) => lp.close(h, |_| {}),
-        Conn::Pipe(h) => lp.close(h, |_| {}),
-    };
 }
 
 /// Node's `_disconnect`: close every server (waiting for their

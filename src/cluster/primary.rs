@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -27,8 +28,8 @@ use super::round_robin_handle::{
 use super::settings::{SchedulingPolicy, Settings};
 use super::shared_handle::{SharedHandle, fd_of};
 use super::worker::{Address, Side, Worker, WorkerState};
-use crate::ipc::{self, ChannelError, ForkOptions, NODE_CLUSTER, close_accepted};
-use crate::uv::{Accepted, Loop};
+use crate::ipc::{self, ChannelError, ForkOptions, NODE_CLUSTER};
+use crate::uv::{Loop, Signum, Socket};
 
 /// An error reported by the cluster through an `error` callback.
 #[derive(Debug)]
@@ -99,8 +100,8 @@ impl std::error::Error for ClusterError {}
 
 type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
 type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Accepted>)>;
-type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Socket>)>;
+type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>)>;
 type SetupCb = Box<dyn FnMut(&mut Loop, &Settings)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, Option<&Worker>, &ClusterError)>;
 type DoneCb = Box<dyn FnOnce(&mut Loop)>;
@@ -221,14 +222,14 @@ impl Default for Primary {
 fn next_tick(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
     let t = lp.timer_init();
     let mut f = Some(f);
-    let started = lp.timer_start(t, 0, 0, move |lp, t| {
-        let _ = lp.close(t, |_| {});
+    let started = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
+        lp.close_if_open(t);
         if let Some(f) = f.take() {
             f(lp);
         }
     });
     if started.is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }
 
@@ -453,7 +454,7 @@ impl Primary {
         let w_exit = worker.clone();
         let p_exit = weak.clone();
         opts.on_exit = Some(Box::new(move |lp, process, status, signal| {
-            let _ = lp.close(process, |_| {});
+            lp.close_if_open(process);
             on_process_exit(lp, &p_exit, &w_exit, status, signal);
         }));
         let forked = ipc::fork(lp, opts)?;
@@ -475,18 +476,18 @@ impl Primary {
                 continue;
             };
             if fd == 0 {
-                let _ = lp.close(p, |_| {});
+                lp.close_if_open(p);
                 kept.push(None);
                 continue;
             }
             if fd <= 2 {
                 let drained = lp.read_start(p, |lp, p, r| {
                     if !matches!(r, Ok(data) if !data.is_empty()) {
-                        let _ = lp.close(p, |_| {});
+                        lp.close_if_open(p);
                     }
                 });
                 if drained.is_err() {
-                    let _ = lp.close(p, |_| {});
+                    lp.close_if_open(p);
                     kept.push(None);
                     continue;
                 }
@@ -501,7 +502,7 @@ impl Primary {
                 if let Some(p) = Primary::from_ref(&p) {
                     p.on_internal_message(lp, &w, msg, h);
                 } else if let Some(h) = h {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
             });
         }
@@ -526,7 +527,7 @@ impl Primary {
                     && !had_primary_cb
                     && let Some(h) = h
                 {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
             });
         }
@@ -625,10 +626,7 @@ impl Primary {
     /// handle sent along, if any. Both the worker's and the primary's
     /// callback see the handle; the primary's callback owns it (must close
     /// it) when set, otherwise the worker's. Without either it is closed.
-    pub fn on_message(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, Value, Option<Accepted>) + 'static,
-    ) {
+    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, Value, Option<Socket>) + 'static) {
         self.inner.borrow_mut().on_message = Some(Box::new(cb));
     }
     /// Sets the `disconnect` callback: a worker's channel closed.
@@ -637,7 +635,10 @@ impl Primary {
     }
     /// Sets the `exit` callback: a worker's process exited, with its exit
     /// code (`None` if a signal ended it) and signal (`None` if it exited).
-    pub fn on_exit(&self, cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>) + 'static) {
+    pub fn on_exit(
+        &self,
+        cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>) + 'static,
+    ) {
         self.inner.borrow_mut().on_exit = Some(Box::new(cb));
     }
     /// Sets the `setup` callback: runs after each
@@ -812,10 +813,10 @@ impl Primary {
 
     // ----- messages from workers (Node's `onmessage`) ----------------------
 
-    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Accepted>) {
+    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Socket>) {
         if let Some(h) = h {
             // No worker-to-primary cluster message carries a handle.
-            close_accepted(lp, h);
+            lp.close_if_open(h);
             self.protocol_error(lp, w, format!("unexpected handle with {msg}"));
             return;
         }
@@ -1192,14 +1193,14 @@ fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
 const EXIT_GRACE_MS: u64 = 100;
 
 /// The worker's process exited (Node's `worker.process.once('exit')`).
-fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: i32) {
+fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: Option<Signum>) {
     let primary = Primary::from_ref(p);
     let connected = w.is_connected();
     {
         let mut i = w.inner.borrow_mut();
-        if signal != 0 {
+        if signal.is_some() {
             i.exit_code = None;
-            i.signal_code = Some(signal);
+            i.signal_code = signal;
         } else {
             i.exit_code = Some(status);
             i.signal_code = None;
@@ -1218,16 +1219,21 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
         // after a grace period, give back what was in flight to it.
         let (p, w2) = (p.clone(), w.clone());
         let t = lp.timer_init();
-        let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
-            let _ = lp.close(t, |_| {});
-            if w2.is_connected()
-                && let Some(p) = Primary::from_ref(&p)
-            {
-                p.remove_handles_for_worker(lp, &w2, true);
-            }
-        });
+        let started = lp.timer_start(
+            t,
+            Duration::from_millis(EXIT_GRACE_MS),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close_if_open(t);
+                if w2.is_connected()
+                    && let Some(p) = Primary::from_ref(&p)
+                {
+                    p.remove_handles_for_worker(lp, &w2, true);
+                }
+            },
+        );
         if started.is_err() {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
     }
     let (code, sig) = {
@@ -1240,9 +1246,7 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
     // The stdio pipes outlive nothing but the process.
     let pipes = std::mem::take(&mut w.inner.borrow_mut().stdio);
     for p in pipes.into_iter().flatten() {
-        if !lp.is_closing(p) {
-            let _ = lp.close(p, |_| {});
-        }
+        lp.close_if_open(p);
     }
     if let Some(p) = &primary {
         primary_emit!(p, lp, on_exit, |cb| cb(lp, w, code, sig));

@@ -59,17 +59,16 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use super::primary::ClusterError;
 use super::protocol::{self, Query};
-use super::shared_handle::{ServerSocket, create_server_handle, neg_errno};
+use super::shared_handle::{create_server_handle, neg_errno};
 use super::worker::Worker;
-use crate::ipc::{
-    AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
-};
-use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Timer};
+use crate::ipc::{AfterAck, Attach, Channel, HandleDelivery, HandleKind};
+use crate::uv::{Handle, Loop, Socket, Timer};
 
 /// How long a handoff may go unanswered, and how long a connection may wait
 /// while no worker can take it, unless
@@ -172,28 +171,8 @@ impl std::fmt::Display for HandoffOutcome {
 /// Reports a cluster error through the primary's `error` event.
 pub(super) type Report = Rc<dyn Fn(&mut Loop, Option<&Worker>, ClusterError)>;
 
-/// An accepted connection, owned by the handle until a worker accepts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Conn {
-    Tcp(Handle<Tcp>),
-    Pipe(Handle<Pipe>),
-}
-
-impl Conn {
-    fn close(self, lp: &mut Loop) {
-        let _ = match self {
-            Conn::Tcp(h) => lp.close(h, |_| {}),
-            Conn::Pipe(h) => lp.close(h, |_| {}),
-        };
-    }
-
-    fn send_handle(self) -> SendHandle {
-        match self {
-            Conn::Tcp(h) => SendHandle::Tcp(h),
-            Conn::Pipe(h) => SendHandle::Pipe(h),
-        }
-    }
-}
+// An accepted connection, owned by the handle until a worker accepts it.
+use crate::uv::Stream as Conn;
 
 /// A connection waiting for a worker, with the loop time it was accepted.
 #[derive(Clone, Copy, Debug)]
@@ -331,7 +310,7 @@ struct State {
     assigned: HashMap<u32, VecDeque<Queued>>,
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
-    listener: Option<ServerSocket>,
+    listener: Option<Socket>,
     /// The bind or listen error, as Node's negative errno.
     errno: Option<i64>,
     /// `{address, family, port}` for TCP listeners.
@@ -467,31 +446,35 @@ impl RoundRobinHandle {
         lp: &mut Loop,
         address: Option<&str>,
         q: &Query,
-    ) -> io::Result<(ServerSocket, Option<Value>)> {
+    ) -> io::Result<(Socket, Option<Value>)> {
         let sock = create_server_handle(lp, address, q)?;
         let backlog = q.backlog();
         let weak = Rc::downgrade(&self.st);
         let r = match sock {
-            ServerSocket::Tcp(h) => {
+            Socket::Tcp(h) => {
                 let w = weak.clone();
                 lp.tcp_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
                             Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Tcp(c)),
-                            None => Conn::Tcp(c).close(lp),
+                            None => {
+                                lp.close_if_open(c);
+                            }
                         }
                     }
                 })
                 .and_then(|()| lp.tcp_getsockname(h))
                 .map(|a| Some(protocol::sockname(&a)))
             }
-            ServerSocket::Pipe(h) => {
+            Socket::Pipe(h) => {
                 let w = weak.clone();
                 let listening = lp.pipe_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
                             Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Pipe(c)),
-                            None => Conn::Pipe(c).close(lp),
+                            None => {
+                                lp.close_if_open(c);
+                            }
                         }
                     }
                 });
@@ -507,7 +490,7 @@ impl RoundRobinHandle {
                     })
                     .map(|()| None)
             }
-            ServerSocket::Udp(_) => Err(io::Error::new(
+            Socket::Udp(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "round-robin needs a stream socket",
             )),
@@ -515,7 +498,7 @@ impl RoundRobinHandle {
         match r {
             Ok(sockname) => Ok((sock, sockname)),
             Err(e) => {
-                sock.close(lp);
+                lp.close_if_open(sock);
                 Err(e)
             }
         }
@@ -672,7 +655,7 @@ impl RoundRobinHandle {
             let mut st = self.st.borrow_mut();
             if st.listener.is_none() {
                 drop(st);
-                q.conn.close(lp);
+                lp.close_if_open(q.conn);
                 return;
             }
             if front {
@@ -753,15 +736,15 @@ impl RoundRobinHandle {
         fields.insert("act".into(), "newconn".into());
         fields.insert("key".into(), key.into());
         let attach = Attach {
-            handle: conn.send_handle(),
+            handle: conn.into(),
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
         let (me, worker) = (self.clone(), w.clone());
         let on_reply = Box::new(
-            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Accepted>| {
+            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Socket>| {
                 if let Some(h) = h {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
                 me.on_reply(lp, &worker, conn, &reply);
             },
@@ -959,23 +942,28 @@ impl RoundRobinHandle {
         };
         let weak = Rc::downgrade(&self.st);
         let ms = due.saturating_sub(lp.now()).max(1);
-        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
-            let Some(st) = weak.upgrade() else { return };
-            let me = RoundRobinHandle { st };
-            {
-                let now = lp.now();
-                let mut st = me.st.borrow_mut();
-                st.stall_due = None;
-                let late: Vec<u32> = st
-                    .in_flight
-                    .iter()
-                    .filter(|(_, f)| now >= f.sent + STALL_MS)
-                    .map(|(&id, _)| id)
-                    .collect();
-                st.stalled.extend(late);
-            }
-            me.dispatch_lc(lp);
-        });
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, _| {
+                let Some(st) = weak.upgrade() else { return };
+                let me = RoundRobinHandle { st };
+                {
+                    let now = lp.now();
+                    let mut st = me.st.borrow_mut();
+                    st.stall_due = None;
+                    let late: Vec<u32> = st
+                        .in_flight
+                        .iter()
+                        .filter(|(_, f)| now >= f.sent + STALL_MS)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    st.stalled.extend(late);
+                }
+                me.dispatch_lc(lp);
+            },
+        );
     }
 
     /// Arms the deadline timer for the next deadline (see
@@ -1004,12 +992,17 @@ impl RoundRobinHandle {
         };
         let weak = Rc::downgrade(&self.st);
         let ms = due.saturating_sub(now);
-        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
-            let Some(st) = weak.upgrade() else { return };
-            let me = RoundRobinHandle { st };
-            me.st.borrow_mut().deadline_due = None;
-            me.expire(lp);
-        });
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, _| {
+                let Some(st) = weak.upgrade() else { return };
+                let me = RoundRobinHandle { st };
+                me.st.borrow_mut().deadline_due = None;
+                me.expire(lp);
+            },
+        );
     }
 
     /// The deadline timer: workers whose back-off ended are tried again;
@@ -1056,7 +1049,7 @@ impl RoundRobinHandle {
         for (id, f) in no_answer {
             // The worker holds the connection and may be serving it: it
             // cannot go to another. Ours is closed; its slot is free.
-            f.conn.close(lp);
+            lp.close_if_open(f.conn);
             let w = {
                 let mut st = self.st.borrow_mut();
                 if matches!(st.opts.pick, Pick::LeastConnections) {
@@ -1104,7 +1097,7 @@ impl RoundRobinHandle {
         };
         if !expired.is_empty() {
             for c in &expired {
-                c.close(lp);
+                lp.close_if_open(c);
             }
             self.report_handoff(
                 lp,
@@ -1133,7 +1126,7 @@ impl RoundRobinHandle {
             st.deadline_timer.take()
         };
         if let Some(t) = timer {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
     }
 
@@ -1167,7 +1160,7 @@ impl RoundRobinHandle {
         }
         if let Some(f) = taken {
             if accepted {
-                conn.close(lp);
+                lp.close_if_open(conn);
             } else {
                 self.distribute(
                     lp,
@@ -1274,13 +1267,13 @@ impl RoundRobinHandle {
             )
         };
         if let Some(t) = timer {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
         for q in queued.into_iter().chain(assigned.into_values().flatten()) {
-            q.conn.close(lp);
+            lp.close_if_open(q.conn);
         }
         if let Some(l) = listener {
-            l.close(lp);
+            lp.close_if_open(l);
         }
         self.maybe_close_timers(lp);
     }
@@ -1295,7 +1288,7 @@ impl RoundRobinHandle {
         };
         self.close(lp);
         for c in in_flight {
-            c.close(lp);
+            lp.close_if_open(c);
         }
     }
 }

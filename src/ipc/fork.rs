@@ -6,10 +6,10 @@ use std::io;
 use std::path::PathBuf;
 
 use super::channel::{Channel, ChannelOptions, NODE_CHANNEL_FD, NODE_CHANNEL_SERIALIZATION_MODE};
-use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Stdio};
+use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Signum, Stdio};
 
 /// The exit callback of a forked child: exit status and terminating signal.
-pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, Option<Signum>)>;
 
 /// What the child gets at one stdio slot of [`ForkOptions::stdio`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,9 +203,9 @@ pub fn fork(lp: &mut Loop, opts: ForkOptions) -> io::Result<Forked> {
     let process = match lp.spawn(po) {
         Ok(p) => p,
         Err(e) => {
-            let _ = lp.close(ipc, |_| {});
+            lp.close_if_open(ipc);
             for p in pipes.into_iter().flatten() {
-                let _ = lp.close(p, |_| {});
+                lp.close_if_open(p);
             }
             return Err(e);
         }
@@ -213,7 +213,7 @@ pub fn fork(lp: &mut Loop, opts: ForkOptions) -> io::Result<Forked> {
     let channel = match Channel::open(lp, ipc, opts.channel) {
         Ok(c) => c,
         Err(e) => {
-            let _ = lp.close(ipc, |_| {});
+            lp.close_if_open(ipc);
             return Err(e);
         }
     };

@@ -67,7 +67,7 @@ fn bind_local(lp: &mut Loop, opts: &BindOptions) -> Result<Handle<Udp>, ListenEr
     match lp.udp_bind(h, SocketAddr::new(ip, opts.port), flags) {
         Ok(()) => Ok(h),
         Err(e) => {
-            let _ = lp.close(h, |_| {});
+            lp.close_if_open(h);
             Err(ListenError::from_io(&e, "bind", Some(ip.to_string()), port))
         }
     }

@@ -13,10 +13,11 @@ mod server;
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 pub use dgram::{BindOptions, bind_dgram};
 pub use server::{
-    BadPort, Conn, ListenError, ListenOptions, Server, ServerAddress, parse_port, port_from_env,
+    BadPort, ListenError, ListenOptions, Server, ServerAddress, parse_port, port_from_env,
 };
 
 use crate::uv::{Handle, Loop, Udp};
@@ -58,8 +59,8 @@ pub fn defer(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
     let t = lp.timer_init();
     let mut f = Some(f);
     // A 0 ms timer cannot fail to start on a fresh handle.
-    let _ = lp.timer_start(t, 0, 0, move |lp, t| {
-        let _ = lp.close(t, |_| {});
+    let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
+        lp.close_if_open(t);
         if let Some(f) = f.take() {
             f(lp);
         }

@@ -9,23 +9,12 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::time::Duration;
 
-use crate::uv::{Accepted, BindFlags, Handle, Loop, Pipe, Tcp, Timer};
+use crate::uv::{BindFlags, Handle, Loop, Socket, Stream, Timer};
 
 /// Node's `TIMEOUT_MAX` (2^31 - 1 ms): the keep-alive timer's period.
 const KEEP_ALIVE_MS: u64 = (1 << 31) - 1;
-
-/// A connection handed to a server's connection callback. The callback
-/// owns it and closes it when done, with [`Server::close_connection`] or a
-/// plain [`Loop::close`]: the server counts the connection gone when its
-/// handle has closed, whoever closed it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Conn {
-    /// A TCP connection.
-    Tcp(Handle<Tcp>),
-    /// A Unix-socket connection.
-    Pipe(Handle<Pipe>),
-}
 
 /// Where a server listens (`server.address()`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +46,10 @@ pub struct ListenOptions {
     pub host: Option<String>,
     /// A Unix socket path.
     pub path: Option<PathBuf>,
-    /// An inherited fd to listen on (in a worker: an fd of the primary).
+    /// An fd of this process, by number, to listen on (Node's
+    /// `listen({fd})`; in a cluster worker: an fd of the primary). The
+    /// server listens on a duplicate ([`dup_fd_number`](crate::uv::dup_fd_number)),
+    /// so the fd stays its owner's: a number never hands over ownership.
     pub fd: Option<i32>,
     /// The listen backlog (default 511).
     pub backlog: Option<i32>,
@@ -259,15 +251,15 @@ impl From<ListenError> for io::Error {
     }
 }
 
-type ConnCb = Box<dyn FnMut(&mut Loop, &Server, Conn)>;
+type ConnCb = Box<dyn FnMut(&mut Loop, &Server, Stream)>;
 type ListenCb = Box<dyn FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>)>;
 type CloseCb = Box<dyn FnOnce(&mut Loop, &Server)>;
 type EndedCb = Box<dyn FnMut(&mut Loop, &Server)>;
 
 enum Listener {
     None,
-    Tcp(Handle<Tcp>),
-    Pipe(Handle<Pipe>),
+    /// A listening TCP or Unix socket of this process.
+    Local(Stream),
     /// Round-robin in a cluster worker: the primary accepts and sends
     /// connections; there is no local socket.
     Remote,
@@ -287,7 +279,7 @@ struct Inner {
     /// The connections handed out whose handles have not finished closing,
     /// each with whether its user marked it idle (Node's http
     /// `ConnectionsList`, reduced to what `close` needs).
-    connections: HashMap<Conn, bool>,
+    connections: HashMap<Stream, bool>,
     /// Data the cluster hook keeps per server (its key and index).
     hook_data: Option<Box<dyn Any>>,
     /// Round-robin in a cluster worker: a timer that never fires, so that
@@ -305,13 +297,13 @@ struct Inner {
 /// # Examples
 ///
 /// ```no_run
-/// use uvcluster::net::{Conn, ListenOptions, Server};
-/// use uvcluster::uv::{Loop, RunMode};
+/// use uvcluster::net::{ListenOptions, Server};
+/// use uvcluster::uv::{Loop, RunMode, Stream};
 ///
 /// let mut lp = Loop::new()?;
 /// let server = Server::new(|lp, server, conn| {
 ///     // Greet and hang up.
-///     if let Conn::Tcp(c) = conn {
+///     if let Stream::Tcp(c) = conn {
 ///         let s = server.clone();
 ///         lp.write(c, &[b"hello\n"], move |lp, _, _| s.close_connection(lp, conn)).unwrap();
 ///     }
@@ -340,7 +332,7 @@ impl fmt::Debug for Server {
 
 impl Server {
     /// A server whose `on_connection` receives each new connection.
-    pub fn new(on_connection: impl FnMut(&mut Loop, &Server, Conn) + 'static) -> Server {
+    pub fn new(on_connection: impl FnMut(&mut Loop, &Server, Stream) + 'static) -> Server {
         Server {
             inner: Rc::new(RefCell::new(Inner {
                 listener: Listener::None,
@@ -417,14 +409,16 @@ impl Server {
                 Ok(())
             });
             if let Err(e) = r {
-                let _ = lp.close(p, |_| {});
+                lp.close_if_open(p);
                 return Err(e);
             }
-            return self.listen_on(lp, Accepted::Pipe(p), backlog, addr, Some(-1));
+            return self.listen_on(lp, Socket::Pipe(p), backlog, addr, Some(-1));
         }
         if let Some(fd) = opts.fd {
-            let h = lp
-                .open_inherited(fd)
+            // A duplicate: the caller keeps its fd (no safe call takes
+            // ownership of an fd number).
+            let h = crate::uv::dup_fd_number(fd)
+                .and_then(|d| lp.socket_open(d))
                 .map_err(|e| ListenError::from_io(&e, "listen", None, None))?;
             return self.listen_on(lp, h, backlog, None, None);
         }
@@ -452,14 +446,14 @@ impl Server {
                 Ok(()) => {
                     return self.listen_on(
                         lp,
-                        Accepted::Tcp(t),
+                        Socket::Tcp(t),
                         backlog,
                         Some(addr.ip().to_string()),
                         port,
                     );
                 }
                 Err(e) => {
-                    let _ = lp.close(t, |_| {});
+                    lp.close_if_open(t);
                     last = Some(ListenError::from_io(
                         &e,
                         "listen",
@@ -478,7 +472,7 @@ impl Server {
     pub(crate) fn listen_on(
         &self,
         lp: &mut Loop,
-        h: Accepted,
+        h: Socket,
         backlog: i32,
         address: Option<String>,
         port: Option<i64>,
@@ -489,24 +483,24 @@ impl Server {
         let me = self.clone();
         let me2 = self.clone();
         let r = match h {
-            Accepted::Tcp(t) => lp
+            Socket::Tcp(t) => lp
                 .tcp_listen(t, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        me.incoming(lp, Conn::Tcp(c));
+                        me.incoming(lp, Stream::Tcp(c));
                     }
                 })
                 .and_then(|()| lp.tcp_getsockname(t).map(ServerAddress::Inet))
-                .map(|a| (Listener::Tcp(t), a)),
-            Accepted::Pipe(p) => lp
+                .map(|a| (Listener::Local(t.into()), a)),
+            Socket::Pipe(p) => lp
                 .pipe_listen(p, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        me2.incoming(lp, Conn::Pipe(c));
+                        me2.incoming(lp, Stream::Pipe(c));
                     }
                 })
                 .and_then(|()| lp.pipe_getsockname(p).map(ServerAddress::Unix))
-                .map(|a| (Listener::Pipe(p), a)),
-            Accepted::Udp(u) => {
-                let _ = lp.close(u, |_| {});
+                .map(|a| (Listener::Local(p.into()), a)),
+            Socket::Udp(u) => {
+                lp.close_if_open(u);
                 Err(io::Error::from_raw_os_error(nix::libc::ENOTSOCK))
             }
         };
@@ -516,11 +510,7 @@ impl Server {
                 Ok(a)
             }
             Err(e) => {
-                let _ = match h {
-                    Accepted::Tcp(t) => lp.close(t, |_| {}),
-                    Accepted::Pipe(p) => lp.close(p, |_| {}),
-                    Accepted::Udp(_) => Ok(()),
-                };
+                lp.close_if_open(h);
                 Err(ListenError::from_io(&e, "listen", address, port))
             }
         }
@@ -540,12 +530,17 @@ impl Server {
         if remote {
             let t = lp.timer_init();
             if lp
-                .timer_start(t, KEEP_ALIVE_MS, KEEP_ALIVE_MS, |_, _| {})
+                .timer_start(
+                    t,
+                    Duration::from_millis(KEEP_ALIVE_MS),
+                    Duration::from_millis(KEEP_ALIVE_MS),
+                    |_, _| {},
+                )
                 .is_ok()
             {
                 self.inner.borrow_mut().keep_alive = Some(t);
             } else {
-                let _ = lp.close(t, |_| {});
+                lp.close_if_open(t);
             }
         }
         let cb = {
@@ -565,9 +560,9 @@ impl Server {
         }
     }
 
-    fn incoming(&self, lp: &mut Loop, conn: Conn) {
+    fn incoming(&self, lp: &mut Loop, conn: Stream) {
         if !self.deliver(lp, conn) {
-            close_conn(lp, conn);
+            lp.close_if_open(conn);
         }
     }
 
@@ -578,7 +573,7 @@ impl Server {
     /// From here on the connection counts as open until its handle has
     /// finished closing, however it is closed (Node decrements
     /// `server._connections` from the socket's `close` event).
-    pub fn deliver(&self, lp: &mut Loop, conn: Conn) -> bool {
+    pub fn deliver(&self, lp: &mut Loop, conn: Stream) -> bool {
         {
             let i = self.inner.borrow();
             if !i.listening || i.closing {
@@ -589,11 +584,10 @@ impl Server {
             }
         }
         let me = self.clone();
-        let watched = match conn {
-            Conn::Tcp(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
-            Conn::Pipe(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
-        };
-        if watched.is_err() {
+        if lp
+            .watch_close(conn, move |lp| me.connection_closed(lp, conn))
+            .is_err()
+        {
             return false;
         }
         let cb = {
@@ -614,13 +608,13 @@ impl Server {
     /// Closes a connection this server handed out (nothing if it is already
     /// closing). The same as `lp.close(handle, |_| {})`: either way the
     /// server counts it gone once its handle has closed.
-    pub fn close_connection(&self, lp: &mut Loop, conn: Conn) {
-        close_conn(lp, conn);
+    pub fn close_connection(&self, lp: &mut Loop, conn: Stream) {
+        lp.close_if_open(conn);
     }
 
     /// A connection's handle finished closing: count it gone, tell the
     /// cluster hook, and finish a pending `close` if it was the last.
-    fn connection_closed(&self, lp: &mut Loop, conn: Conn) {
+    fn connection_closed(&self, lp: &mut Loop, conn: Stream) {
         let cb = {
             let mut i = self.inner.borrow_mut();
             if i.connections.remove(&conn).is_none() {
@@ -667,7 +661,7 @@ impl Server {
     ///
     /// `NotFound` if `conn` is not an open connection of this server (never
     /// handed out by it, or already closed).
-    pub fn set_idle(&self, lp: &mut Loop, conn: Conn, idle: bool) -> io::Result<()> {
+    pub fn set_idle(&self, lp: &mut Loop, conn: Stream, idle: bool) -> io::Result<()> {
         let close_now = {
             let mut i = self.inner.borrow_mut();
             let closing = i.closing;
@@ -692,7 +686,7 @@ impl Server {
 
     /// Whether `conn` is an open connection of this server marked idle with
     /// [`set_idle`](Self::set_idle).
-    pub fn is_idle(&self, conn: Conn) -> bool {
+    pub fn is_idle(&self, conn: Stream) -> bool {
         self.inner.borrow().connections.get(&conn) == Some(&true)
     }
 
@@ -700,7 +694,7 @@ impl Server {
     /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
     /// does this itself.
     pub fn close_idle_connections(&self, lp: &mut Loop) -> usize {
-        let idle: Vec<Conn> = {
+        let idle: Vec<Stream> = {
             let i = self.inner.borrow();
             i.connections
                 .iter()
@@ -719,11 +713,11 @@ impl Server {
     /// when its deadline passes. Queued writes are cancelled. Returns how
     /// many were closed.
     pub fn close_all_connections(&self, lp: &mut Loop) -> usize {
-        let all: Vec<Conn> = self.inner.borrow().connections.keys().copied().collect();
+        let all: Vec<Stream> = self.inner.borrow().connections.keys().copied().collect();
         let mut n = 0;
         for &c in &all {
-            if !conn_closing(lp, c) {
-                close_conn(lp, c);
+            if !lp.is_closing(c) {
+                lp.close_if_open(c);
                 n += 1;
             }
         }
@@ -766,17 +760,14 @@ impl Server {
             std::mem::replace(&mut i.listener, Listener::None)
         };
         match listener {
-            Listener::Tcp(t) => {
-                let _ = lp.close(t, |_| {});
-            }
-            Listener::Pipe(p) => {
-                let _ = lp.close(p, |_| {});
+            Listener::Local(l) => {
+                lp.close_if_open(l);
             }
             Listener::Remote | Listener::None => {}
         }
         let keep_alive = self.inner.borrow_mut().keep_alive.take();
         if let Some(t) = keep_alive {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
         if self.inner.borrow().hook_data.is_some()
             && let Some(hook) = super::cluster_hook()
@@ -831,8 +822,7 @@ impl Server {
     /// A closed listener.
     pub fn set_ref(&self, lp: &mut Loop, on: bool) -> io::Result<()> {
         let l = match &self.inner.borrow().listener {
-            Listener::Tcp(t) => Some(Accepted::Tcp(*t)),
-            Listener::Pipe(p) => Some(Accepted::Pipe(*p)),
+            Listener::Local(l) => Some(*l),
             _ => None,
         };
         let keep_alive = self.inner.borrow().keep_alive;
@@ -844,56 +834,33 @@ impl Server {
             };
         }
         match (l, on) {
-            (Some(Accepted::Tcp(t)), true) => lp.ref_handle(t),
-            (Some(Accepted::Tcp(t)), false) => lp.unref_handle(t),
-            (Some(Accepted::Pipe(p)), true) => lp.ref_handle(p),
-            (Some(Accepted::Pipe(p)), false) => lp.unref_handle(p),
+            (Some(l), true) => lp.ref_handle(l),
+            (Some(l), false) => lp.unref_handle(l),
             _ => Ok(()),
         }
     }
 }
 
-fn close_conn(lp: &mut Loop, conn: Conn) {
-    let _ = match conn {
-        Conn::Tcp(h) => lp.close(h, |_| {}),
-        Conn::Pipe(h) => lp.close(h, |_| {}),
-    };
-}
-
-fn conn_closing(lp: &Loop, conn: Conn) -> bool {
-    match conn {
-        Conn::Tcp(h) => lp.is_closing(h),
-        Conn::Pipe(h) => lp.is_closing(h),
-    }
-}
-
 /// Ends an idle connection: closes it now if nothing is queued for
 /// writing, else shuts it down first so that the queued bytes go out.
-fn end_idle(lp: &mut Loop, conn: Conn) {
-    if conn_closing(lp, conn) {
+fn end_idle(lp: &mut Loop, conn: Stream) {
+    if lp.is_closing(conn) {
         return;
     }
-    let queued = match conn {
-        Conn::Tcp(h) => lp.write_queue_size(h),
-        Conn::Pipe(h) => lp.write_queue_size(h),
-    };
-    if queued == 0 {
-        return close_conn(lp, conn);
+    if lp.write_queue_size(conn) == 0 {
+        lp.close_if_open(conn);
+        return;
     }
     let shut = match conn {
-        Conn::Tcp(h) => lp.shutdown(h, |lp, h, _| {
-            if !lp.is_closing(h) {
-                let _ = lp.close(h, |_| {});
-            }
+        Stream::Tcp(h) => lp.shutdown(h, |lp, h, _| {
+            lp.close_if_open(h);
         }),
-        Conn::Pipe(h) => lp.shutdown(h, |lp, h, _| {
-            if !lp.is_closing(h) {
-                let _ = lp.close(h, |_| {});
-            }
+        Stream::Pipe(h) => lp.shutdown(h, |lp, h, _| {
+            lp.close_if_open(h);
         }),
     };
     if shut.is_err() {
-        close_conn(lp, conn);
+        lp.close_if_open(conn);
     }
 }
 

@@ -23,10 +23,11 @@ use mio::unix::SourceFd;
 
 use super::event_loop::{Data, Loop, SIGNAL_TOKEN, closing_err};
 use super::handle::{Handle, RawHandle, Signal, flags};
+use super::signum::Signum;
 use crate::sys;
 use crate::sys::signal::LoopPipe;
 
-pub(crate) type SignalCb = Box<dyn FnMut(&mut Loop, RawHandle, i32)>;
+pub(crate) type SignalCb = Box<dyn FnMut(&mut Loop, RawHandle, Signum)>;
 
 /// Per-loop signal state: the self-pipe the process-wide handler writes to.
 #[derive(Default)]
@@ -175,8 +176,10 @@ fn call(lp: &mut Loop, raw: RawHandle, signum: i32) {
     if oneshot {
         stop_raw(lp, raw);
     }
-    if let Some(f) = cb.as_mut() {
-        f(lp, raw, signum);
+    if let Some(f) = cb.as_mut()
+        && let Some(sig) = Signum::new(signum)
+    {
+        f(lp, raw, sig);
     }
     // Put the callback back unless the handle was closed or a start inside
     // the callback replaced it.
@@ -197,8 +200,8 @@ impl Loop {
     }
 
     /// Watches signal `signum` (`uv_signal_start`): `cb` runs in the poll
-    /// phase, once per delivered signal, with the signal number. The handle
-    /// is active while started.
+    /// phase, once per delivered signal, with the signal. The handle is
+    /// active while started.
     ///
     /// Dispositions are process-wide, handles per loop: the first watcher of
     /// `signum` in the process installs one handler (`SA_RESTART`, all
@@ -217,12 +220,12 @@ impl Loop {
     /// # Examples
     ///
     /// ```
-    /// use uvcluster::uv::Loop;
+    /// use uvcluster::uv::{Loop, Signum};
     ///
     /// let mut lp = Loop::new()?;
     /// let s = lp.signal_init();
-    /// lp.signal_start(s, 10 /* SIGUSR1 */, |lp, s, signum| {
-    ///     println!("got signal {signum}");
+    /// lp.signal_start(s, Signum::SIGUSR1, |lp, s, signum| {
+    ///     println!("got {signum}");
     ///     lp.close(s, |_| {}).unwrap();
     /// })?;
     /// assert!(lp.is_active(s));
@@ -233,20 +236,20 @@ impl Loop {
     ///
     /// # Errors
     ///
-    /// A stale id or closing handle; `EINVAL` for signum 0 or out of range
-    /// (1 to 64), or one that cannot be caught (`SIGKILL`, `SIGSTOP`);
+    /// A stale id or closing handle; `EINVAL` for a signal that cannot be
+    /// caught (`SIGKILL`, `SIGSTOP`);
     /// `EMFILE` if the loop's self-pipe cannot be created. `cb` is then
     /// dropped.
     pub fn signal_start(
         &mut self,
         h: Handle<Signal>,
-        signum: i32,
-        mut cb: impl FnMut(&mut Loop, Handle<Signal>, i32) + 'static,
+        signum: Signum,
+        mut cb: impl FnMut(&mut Loop, Handle<Signal>, Signum) + 'static,
     ) -> io::Result<()> {
         start_raw(
             self,
             h.raw,
-            signum,
+            signum.as_raw(),
             false,
             Box::new(move |lp, raw, s| cb(lp, Handle::from_raw(raw), s)),
         )
@@ -265,14 +268,14 @@ impl Loop {
     pub fn signal_start_oneshot(
         &mut self,
         h: Handle<Signal>,
-        signum: i32,
-        cb: impl FnOnce(&mut Loop, Handle<Signal>, i32) + 'static,
+        signum: Signum,
+        cb: impl FnOnce(&mut Loop, Handle<Signal>, Signum) + 'static,
     ) -> io::Result<()> {
         let mut cb = Some(cb);
         start_raw(
             self,
             h.raw,
-            signum,
+            signum.as_raw(),
             true,
             Box::new(move |lp, raw, s| {
                 if let Some(cb) = cb.take() {
@@ -296,13 +299,13 @@ impl Loop {
         Ok(())
     }
 
-    /// The signal number the handle watches, or 0 if it is stopped
-    /// (`uv_signal_t.signum`).
+    /// The signal the handle watches, or `None` while it is stopped
+    /// (`uv_signal_t.signum`, 0 when stopped).
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn signal_signum(&mut self, h: Handle<Signal>) -> io::Result<i32> {
-        Ok(state_mut(self, h.raw)?.signum)
+    pub fn signal_signum(&mut self, h: Handle<Signal>) -> io::Result<Option<Signum>> {
+        Ok(Signum::new(state_mut(self, h.raw)?.signum))
     }
 }

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use mio::Interest;
 
 use super::event_loop::{Data, Loop, READ_BUF_SIZE, Ready, closing_err};
-use super::handle::{Handle, HandleType, Pipe, RawHandle, Tcp, flags};
+use super::handle::{Handle, HandleId, HandleType, Pipe, RawHandle, Stream, Tcp, flags};
 use crate::sys;
 
 /// Reads per readiness event before yielding to other handles (libuv: 32).
@@ -107,7 +107,7 @@ struct WriteReq {
 
 /// The state of a TCP or pipe handle.
 #[derive(Default)]
-pub(crate) struct Stream {
+pub(crate) struct StreamState {
     pub(crate) sock: Sock,
     pub(crate) ipc: bool,
     registered: bool,
@@ -144,9 +144,9 @@ pub(crate) struct Stream {
     pub(crate) bound_path: Option<PathBuf>,
 }
 
-impl Stream {
-    pub(crate) fn new(sock: Sock, ipc: bool) -> Box<Stream> {
-        Box::new(Stream {
+impl StreamState {
+    pub(crate) fn new(sock: Sock, ipc: bool) -> Box<StreamState> {
+        Box::new(StreamState {
             sock,
             ipc,
             ..Default::default()
@@ -165,21 +165,29 @@ pub trait StreamType: HandleType + sealed::Sealed {}
 impl StreamType for Tcp {}
 impl StreamType for Pipe {}
 
-pub(crate) fn stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut Stream> {
+/// Anything that names one stream: a `Handle<Tcp>`, a `Handle<Pipe>`, or a
+/// [`Stream`]. The stream operations that take no callback
+/// ([`Loop::read_stop`], [`Loop::is_reading`], [`Loop::try_write`],
+/// [`Loop::write_queue_size`]) take any of them. Sealed.
+pub trait StreamId: HandleId {}
+impl<K: StreamType> StreamId for Handle<K> {}
+impl StreamId for Stream {}
+
+pub(crate) fn stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut StreamState> {
     match &mut lp.slot_mut(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
     }
 }
 
-pub(crate) fn stream_ref(lp: &Loop, raw: RawHandle) -> io::Result<&Stream> {
+pub(crate) fn stream_ref(lp: &Loop, raw: RawHandle) -> io::Result<&StreamState> {
     match &lp.slot(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
     }
 }
 
-fn open_stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut Stream> {
+fn open_stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut StreamState> {
     match &mut lp.open_slot_mut(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
@@ -196,7 +204,7 @@ fn errno(code: i32) -> io::Error {
 
 /// Whether the stream must hear about writability: a connect in progress,
 /// queued writes, or a shutdown waiting for the queue to drain.
-fn needs_write(s: &Stream) -> bool {
+fn needs_write(s: &StreamState) -> bool {
     s.connecting
         || !s.writes.is_empty()
         || (s.shut && s.shutdown_cb.is_some() && s.shutdown_result.is_none())
@@ -323,10 +331,10 @@ fn do_accept(lp: &mut Loop, raw: RawHandle) {
         let accepted = match &s.sock {
             Sock::TcpListener(l) => l
                 .accept()
-                .map(|(c, _)| Data::Tcp(Stream::new(Sock::TcpStream(c), false))),
+                .map(|(c, _)| Data::Tcp(StreamState::new(Sock::TcpStream(c), false))),
             Sock::UnixListener(l) => l
                 .accept()
-                .map(|(c, _)| Data::Pipe(Stream::new(Sock::UnixStream(c), false))),
+                .map(|(c, _)| Data::Pipe(StreamState::new(Sock::UnixStream(c), false))),
             _ => return,
         };
         let result = match accepted {
@@ -372,7 +380,7 @@ fn call_conn_cb(lp: &mut Loop, raw: RawHandle, result: io::Result<RawHandle>) {
     let Some(mut cb) = s.conn_cb.take() else {
         // No callback (cannot happen while listening): do not leak the client.
         if let Ok(c) = result {
-            let _ = lp.close_raw(c, Box::new(|_| {}));
+            let _ = lp.close_raw(c, None);
         }
         return;
     };
@@ -574,7 +582,7 @@ fn do_write(lp: &mut Loop, raw: RawHandle) {
     }
 }
 
-fn cancel_writes(s: &mut Stream, err: impl Fn() -> io::Error) {
+fn cancel_writes(s: &mut StreamState, err: impl Fn() -> io::Error) {
     for req in s.writes.drain(..) {
         s.done.push((req.cb, Err(err())));
     }
@@ -732,17 +740,18 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id.
-    pub fn read_stop<K: StreamType>(&mut self, h: Handle<K>) -> io::Result<()> {
-        let s = stream_mut(self, h.raw)?;
+    pub fn read_stop(&mut self, h: impl StreamId) -> io::Result<()> {
+        let raw = h.raw();
+        let s = stream_mut(self, raw)?;
         s.reading = false;
         s.read_cb = None;
-        update_active(self, h.raw);
+        update_active(self, raw);
         Ok(())
     }
 
     /// Whether the stream is reading.
-    pub fn is_reading<K: StreamType>(&self, h: Handle<K>) -> bool {
-        stream_ref(self, h.raw).is_ok_and(|s| s.reading)
+    pub fn is_reading(&self, h: impl StreamId) -> bool {
+        stream_ref(self, h.raw()).is_ok_and(|s| s.reading)
     }
 
     /// Writes `bufs` in order (`uv_write`). `cb` runs once every byte has been
@@ -780,8 +789,8 @@ impl Loop {
     ///
     /// `WouldBlock` while writes are queued, a connect is in progress, or the
     /// socket is full; otherwise as [`write`](Self::write).
-    pub fn try_write<K: StreamType>(&mut self, h: Handle<K>, bufs: &[&[u8]]) -> io::Result<usize> {
-        let s = open_stream_mut(self, h.raw)?;
+    pub fn try_write(&mut self, h: impl StreamId, bufs: &[&[u8]]) -> io::Result<usize> {
+        let s = open_stream_mut(self, h.raw())?;
         check_writable(s)?;
         if s.connecting || !s.writes.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -796,8 +805,8 @@ impl Loop {
     }
 
     /// Bytes queued and not yet written (`uv_stream_get_write_queue_size`).
-    pub fn write_queue_size<K: StreamType>(&self, h: Handle<K>) -> usize {
-        stream_ref(self, h.raw).map_or(0, |s| s.queued_bytes)
+    pub fn write_queue_size(&self, h: impl StreamId) -> usize {
+        stream_ref(self, h.raw()).map_or(0, |s| s.queued_bytes)
     }
 
     /// Shuts down the write side once every queued write is done
@@ -835,7 +844,7 @@ impl Loop {
     }
 }
 
-fn check_writable(s: &Stream) -> io::Result<()> {
+fn check_writable(s: &StreamState) -> io::Result<()> {
     if !s.sock.is_connected_stream() {
         return Err(errno(nix::libc::ENOTCONN));
     }
