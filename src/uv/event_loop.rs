@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::context::Contexts;
 use super::handle::{AnyHandle, Handle, HandleId, RawHandle, flags, stale};
 use super::loop_watcher::{WatcherList, WatcherState};
 use super::process::{LoopProcesses, ProcessState};
@@ -134,6 +135,9 @@ pub struct Loop {
     // Read by signal.rs and process.rs (see `Data::Signal`).
     pub(crate) signals: LoopSignals,
     pub(crate) processes: LoopProcesses,
+    /// The layers' state, one value per type (`context_mut`). Declared
+    /// last, so it drops after the handles: nothing in it may need them.
+    pub(crate) contexts: Contexts,
 }
 
 impl std::fmt::Debug for Loop {
@@ -177,6 +181,7 @@ impl Loop {
             emfile_fd: None,
             signals: LoopSignals::default(),
             processes: LoopProcesses::default(),
+            contexts: Contexts::default(),
         })
     }
 
@@ -384,8 +389,8 @@ impl Loop {
         // Type-specific close: stop the handle and release its OS resources
         // now, as libuv's uv_close does; the rest happens in the closing phase.
         match s.data {
-            Data::Timer(_) => self.timer_stop_raw(raw),
-            Data::Idle(_) | Data::Prepare(_) | Data::Check(_) => self.watcher_stop_raw(raw),
+            Data::Timer(_) => self.timer_close_now(raw),
+            Data::Idle(_) | Data::Prepare(_) | Data::Check(_) => self.watcher_close_now(raw),
             Data::Tcp(_) | Data::Pipe(_) => super::stream::close_now(self, raw),
             Data::Udp(_) => super::udp::close_now(self, raw),
             Data::Signal(_) => super::signal::close_now(self, raw),

@@ -81,6 +81,8 @@
 //! a call that takes a callback returns `Err`, the callback is dropped and
 //! never runs (libuv's rule).
 
+mod callback;
+mod context;
 mod event_loop;
 mod handle;
 mod loop_watcher;
@@ -93,6 +95,8 @@ mod tcp;
 mod timer;
 mod udp;
 
+pub use callback::{CallbackSlot, Taken};
+pub use context::{Id, Ids};
 pub use event_loop::{Loop, RunMode};
 pub use handle::{
     AnyHandle, Check, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Prepare, Process,

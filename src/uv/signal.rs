@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd;
 use mio::Interest;
 use mio::unix::SourceFd;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, SIGNAL_TOKEN, closing_err};
 use super::handle::{Handle, RawHandle, Signal, flags};
 use super::signum::Signum;
@@ -46,7 +47,7 @@ pub(crate) struct SignalState {
     /// The watched signal number; 0 while stopped.
     signum: i32,
     oneshot: bool,
-    cb: Option<SignalCb>,
+    cb: CallbackSlot<dyn FnMut(&mut Loop, RawHandle, Signum)>,
 }
 
 impl SignalState {
@@ -54,7 +55,7 @@ impl SignalState {
         SignalState {
             signum: 0,
             oneshot: false,
-            cb: None,
+            cb: CallbackSlot::empty(),
         }
     }
 }
@@ -99,7 +100,7 @@ pub(crate) fn start_raw(
     }
     let st = state_mut(lp, raw)?;
     if st.signum == signum {
-        st.cb = Some(cb);
+        st.cb.set(cb);
         return Ok(());
     }
     stop_raw(lp, raw);
@@ -107,7 +108,7 @@ pub(crate) fn start_raw(
     let st = state_mut(lp, raw)?;
     st.signum = signum;
     st.oneshot = oneshot;
-    st.cb = Some(cb);
+    st.cb.set(cb);
     lp.signals.started.push(raw);
     lp.activate(raw);
     Ok(())
@@ -131,7 +132,7 @@ pub(crate) fn stop_raw(lp: &mut Loop, raw: RawHandle) {
 pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
     stop_raw(lp, raw);
     if let Ok(st) = state_mut(lp, raw) {
-        st.cb = None;
+        st.cb.clear();
     }
 }
 
@@ -171,24 +172,22 @@ fn call(lp: &mut Loop, raw: RawHandle, signum: i32) {
         return;
     }
     let oneshot = st.oneshot;
-    let mut cb = st.cb.take();
+    let cb = st.cb.take();
     // A one-shot handle stops before its callback, which may restart it.
     if oneshot {
         stop_raw(lp, raw);
     }
-    if let Some(f) = cb.as_mut()
+    // The callback slot's rule: put back unless the handle was closed or
+    // a start inside the callback replaced it.
+    if let Some(mut f) = cb
         && let Some(sig) = Signum::new(signum)
     {
         f(lp, raw, sig);
-    }
-    // Put the callback back unless the handle was closed or a start inside
-    // the callback replaced it.
-    if let Ok(s) = lp.slot_mut(raw)
-        && s.flags & flags::CLOSING == 0
-        && let Data::Signal(st) = &mut s.data
-        && st.cb.is_none()
-    {
-        st.cb = cb;
+        if let Ok(s) = lp.slot_mut(raw)
+            && let Data::Signal(st) = &mut s.data
+        {
+            st.cb.put_back(f);
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use std::path::PathBuf;
 
 use mio::Interest;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, READ_BUF_SIZE, Ready, closing_err};
 use super::handle::{Handle, HandleId, HandleType, Pipe, RawHandle, Stream, Tcp, flags};
 use crate::sys;
@@ -36,8 +37,9 @@ const READS_PER_EVENT: usize = 32;
 /// Accepts per readiness event before yielding to other handles.
 pub(crate) const ACCEPTS_PER_EVENT: usize = 32;
 
-pub(crate) type ReadCb = Box<dyn FnMut(&mut Loop, RawHandle, io::Result<&[u8]>)>;
-pub(crate) type ConnCb = Box<dyn FnMut(&mut Loop, RawHandle, io::Result<RawHandle>)>;
+type ReadFn = dyn FnMut(&mut Loop, RawHandle, io::Result<&[u8]>);
+type ConnFn = dyn FnMut(&mut Loop, RawHandle, io::Result<RawHandle>);
+pub(crate) type ConnCb = Box<ConnFn>;
 pub(crate) type ReqCb = Box<dyn FnOnce(&mut Loop, RawHandle, io::Result<()>)>;
 
 /// The socket under a stream handle, by state.
@@ -128,8 +130,8 @@ pub(crate) struct StreamState {
     write_failed: bool,
     in_pending: bool,
     pub(crate) delayed_error: Option<io::Error>,
-    read_cb: Option<ReadCb>,
-    conn_cb: Option<ConnCb>,
+    read_cb: CallbackSlot<ReadFn>,
+    conn_cb: CallbackSlot<ConnFn>,
     connect_cb: Option<ReqCb>,
     connect_result: Option<io::Result<()>>,
     shutdown_cb: Option<ReqCb>,
@@ -385,11 +387,11 @@ fn call_conn_cb(lp: &mut Loop, raw: RawHandle, result: io::Result<RawHandle>) {
         return;
     };
     cb(lp, raw, result);
+    // The callback slot's rule, and the handle must still be listening.
     if let Ok(s) = stream_mut(lp, raw)
         && s.listening
-        && s.conn_cb.is_none()
     {
-        s.conn_cb = Some(cb);
+        s.conn_cb.put_back(cb);
     }
 }
 
@@ -504,19 +506,21 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             lp.read_buf = buf;
             return;
         };
-        let mut cb = s.read_cb.take();
-        if let Some(f) = cb.as_mut() {
+        // The callback slot's rule, and the stream must still be reading
+        // (EOF and errors stop it before the call).
+        if let Some(mut f) = s.read_cb.take() {
             match outcome {
                 Ok(n) => f(lp, raw, Ok(&buf[..n])),
                 Err(e) => f(lp, raw, Err(e)),
             }
+            if let Ok(s) = stream_mut(lp, raw)
+                && s.reading
+            {
+                s.read_cb.put_back(f);
+            }
         }
         lp.read_buf = buf;
-        let Ok(s) = stream_mut(lp, raw) else { return };
-        if s.reading && s.read_cb.is_none() {
-            s.read_cb = cb;
-        }
-        if !more {
+        if !more || stream_ref(lp, raw).is_err() {
             return;
         }
     }
@@ -647,8 +651,8 @@ pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
     };
     s.reading = false;
     s.listening = false;
-    s.read_cb = None;
-    s.conn_cb = None;
+    s.read_cb.clear();
+    s.conn_cb.clear();
     if s.registered {
         let reg = poll.registry();
         let _ = match &mut s.sock {
@@ -718,12 +722,13 @@ impl Loop {
             return Err(errno(nix::libc::ENOTCONN));
         }
         s.reading = true;
-        s.read_cb = Some(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
+        s.read_cb
+            .set(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
         let resume = s.readable && !s.connecting;
         if let Err(e) = ensure_registered(self, h.raw) {
             let s = stream_mut(self, h.raw)?;
             s.reading = false;
-            s.read_cb = None;
+            s.read_cb.clear();
             return Err(e);
         }
         if resume {
@@ -744,7 +749,7 @@ impl Loop {
         let raw = h.raw();
         let s = stream_mut(self, raw)?;
         s.reading = false;
-        s.read_cb = None;
+        s.read_cb.clear();
         update_active(self, raw);
         Ok(())
     }
@@ -1088,7 +1093,7 @@ pub(crate) fn listen_raw(
             return Err(errno(nix::libc::EINVAL));
         }
     };
-    s.conn_cb = Some(cb);
+    s.conn_cb.set(cb);
     s.listening = true;
     let resume = s.readable;
     if lp.emfile_fd.is_none() {

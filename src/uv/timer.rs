@@ -13,16 +13,17 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::time::Duration;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, closing_err, einval};
 use super::handle::{Handle, RawHandle, Timer, flags};
 
-pub(crate) type TimerCb = Box<dyn FnMut(&mut Loop, Handle<Timer>)>;
+type TimerCb = dyn FnMut(&mut Loop, Handle<Timer>);
 
 pub(crate) struct TimerState {
     due: u64,
     repeat: u64,
     seq: u64,
-    cb: Option<TimerCb>,
+    cb: CallbackSlot<TimerCb>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -54,7 +55,7 @@ impl Loop {
             due: 0,
             repeat: 0,
             seq: 0,
-            cb: None,
+            cb: CallbackSlot::empty(),
         })))
     }
 
@@ -85,7 +86,7 @@ impl Loop {
             return Err(closing_err());
         }
         self.timer_stop_raw(h.raw);
-        timer_mut(self, h.raw)?.cb = Some(Box::new(cb));
+        timer_mut(self, h.raw)?.cb.set(Box::new(cb));
         self.timer_arm(h.raw, to_ms(timeout), to_ms(repeat));
         Ok(())
     }
@@ -119,6 +120,15 @@ impl Loop {
         self.slot(h.raw)?;
         self.timer_stop_raw(h.raw);
         Ok(())
+    }
+
+    /// Closing a timer: disarm it and drop its callback (also when the
+    /// callback is running: it is not put back).
+    pub(crate) fn timer_close_now(&mut self, raw: RawHandle) {
+        self.timer_stop_raw(raw);
+        if let Ok(t) = timer_mut(self, raw) {
+            t.cb.clear();
+        }
     }
 
     pub(crate) fn timer_stop_raw(&mut self, raw: RawHandle) {
@@ -253,19 +263,17 @@ impl Loop {
                 unreachable!()
             };
             let repeat = t.repeat;
-            let mut cb = t.cb.take();
+            let cb = t.cb.take();
             if repeat != 0 {
                 self.timer_arm(raw, repeat, repeat);
             }
-            if let Some(f) = cb.as_mut() {
+            // The callback slot's rule: put back unless the timer was
+            // closed or a timer_start inside the callback replaced it.
+            if let Some(mut f) = cb {
                 f(self, Handle::from_raw(raw));
-            }
-            // Put the callback back unless the timer was closed or the
-            // callback was replaced by a timer_start inside it.
-            if let Ok(t) = timer_mut(self, raw)
-                && t.cb.is_none()
-            {
-                t.cb = cb;
+                if let Ok(t) = timer_mut(self, raw) {
+                    t.cb.put_back(f);
+                }
             }
         }
         ready.clear();
