@@ -17,10 +17,11 @@ pub(crate) const IDLE: usize = 0;
 pub(crate) const PREPARE: usize = 1;
 pub(crate) const CHECK: usize = 2;
 
-pub(crate) type WatcherCb = Box<dyn FnMut(&mut Loop, RawHandle)>;
+type WatcherFn = dyn FnMut(&mut Loop, RawHandle);
+pub(crate) type WatcherCb = Box<WatcherFn>;
 
 pub(crate) struct WatcherState {
-    cb: CallbackSlot<dyn FnMut(&mut Loop, RawHandle)>,
+    cb: CallbackSlot<WatcherFn>,
     /// Which start this is; a snapshot entry runs only if it still matches,
     /// so a watcher stopped and restarted inside the phase waits a turn.
     stamp: u64,

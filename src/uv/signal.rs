@@ -28,7 +28,8 @@ use super::signum::Signum;
 use crate::sys;
 use crate::sys::signal::LoopPipe;
 
-pub(crate) type SignalCb = Box<dyn FnMut(&mut Loop, RawHandle, Signum)>;
+type SignalFn = dyn FnMut(&mut Loop, RawHandle, Signum);
+pub(crate) type SignalCb = Box<SignalFn>;
 
 /// Per-loop signal state: the self-pipe the process-wide handler writes to.
 #[derive(Default)]
@@ -47,7 +48,7 @@ pub(crate) struct SignalState {
     /// The watched signal number; 0 while stopped.
     signum: i32,
     oneshot: bool,
-    cb: CallbackSlot<dyn FnMut(&mut Loop, RawHandle, Signum)>,
+    cb: CallbackSlot<SignalFn>,
 }
 
 impl SignalState {
