@@ -37,9 +37,8 @@ const MODES: [&str; 4] = ["rr", "none", "reuseport", "leastconn"];
 /// blocks the loop first (without the CPU), `/spin/<ms>` keeps the CPU
 /// busy first; `Connection: close` ends the connection.
 fn serve(lp: &mut Loop, port: u16) {
-    let server = Server::new(|lp, s, conn| {
+    let server = Server::new(lp, |lp, s, conn| {
         let Stream::Tcp(t) = conn else { return };
-        let s = s.clone();
         let _ = lp.read_start(t, move |lp, t: Handle<Tcp>, r| {
             let Ok(data) = r.map(<[u8]>::to_vec) else {
                 return;
@@ -68,7 +67,7 @@ fn serve(lp: &mut Loop, port: u16) {
             let _ = lp.write(t, &[&RESPONSE.repeat(n)], |_, _, _| {});
             if text.contains("Connection: close") {
                 let _ = lp.read_stop(t);
-                let s = s.clone();
+                let s = s;
                 let _ = lp.shutdown(t, move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)));
             }
         });

@@ -95,8 +95,8 @@ fn workers_from_env() -> io::Result<usize> {
 }
 
 fn run_worker(lp: &mut Loop, port: u16, worker: Worker) -> io::Result<()> {
-    let server = Server::new(|lp, server, conn| match conn {
-        Stream::Tcp(t) => echo_lines(lp, server.clone(), t),
+    let server = Server::new(lp, |lp, server, conn| match conn {
+        Stream::Tcp(t) => echo_lines(lp, server, t),
         other => server.close_connection(lp, other),
     });
     server.listen(lp, ListenOptions::port(port), move |lp, _, r| {
@@ -124,7 +124,7 @@ fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
     let mut pending: Vec<u8> = Vec::new();
     let conn = Stream::Tcp(t);
     let _ = server.set_idle(lp, conn, true);
-    let s = server.clone();
+    let s = server;
     let r = lp.read_start(t, move |lp, t, r| {
         let data = match r {
             Ok(d) if !d.is_empty() => d,

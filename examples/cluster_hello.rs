@@ -143,12 +143,12 @@ fn run_worker(
     lp: &mut Loop,
     port: u16,
     worker: Option<Worker>,
-    on_listening: impl FnOnce(&mut Loop, &Server) + 'static,
+    on_listening: impl FnOnce(&mut Loop, Server) + 'static,
 ) -> io::Result<Server> {
     let conns = Rc::new(Cell::new(0u64));
     let reqs = Rc::new(Cell::new(0u64));
     let (c, r) = (conns.clone(), reqs.clone());
-    let server = Server::new(move |lp, server, conn| {
+    let server = Server::new(lp, move |lp, server, conn| {
         c.set(c.get() + 1);
         match conn {
             Stream::Tcp(t) => HttpConn::start(lp, server, t, r.clone()),
@@ -193,23 +193,23 @@ fn run_worker(
 /// `WORKERS=0`: one process serves; the first SIGINT/SIGTERM closes the
 /// server gracefully (the loop then ends by itself), a second one exits.
 fn run_single(lp: &mut Loop, port: u16) -> io::Result<()> {
-    let server = run_worker(lp, port, None, |_, server| {
+    let server = run_worker(lp, port, None, |lp, server| {
         println!("ready");
-        if let Some(p) = server.address().and_then(|a| a.port()) {
+        if let Some(p) = server.address(lp).and_then(|a| a.port()) {
             eprintln!("cluster_hello: listening on port {p}");
         }
     })?;
     let stopping = Rc::new(Cell::new(false));
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let (server, stopping) = (server.clone(), stopping.clone());
+        let (server, stopping) = (server, stopping.clone());
         lp.signal_start(sig, signum, move |lp, _, _| {
             if stopping.replace(true) {
                 std::process::exit(1);
             }
             eprintln!(
                 "cluster_hello: closing; {} connection(s) open",
-                server.connections()
+                server.connections(lp)
             );
             server.close(lp, |_, _| {});
         })?;
@@ -581,9 +581,9 @@ struct HttpConn {
 type HttpRef = Rc<RefCell<HttpConn>>;
 
 impl HttpConn {
-    fn start(lp: &mut Loop, server: &Server, t: Handle<Tcp>, reqs: Rc<Cell<u64>>) {
+    fn start(lp: &mut Loop, server: Server, t: Handle<Tcp>, reqs: Rc<Cell<u64>>) {
         let st = Rc::new(RefCell::new(HttpConn {
-            server: server.clone(),
+            server,
             t,
             reqs,
             head: Vec::new(),
@@ -708,7 +708,7 @@ fn set_idle(lp: &mut Loop, st: &HttpRef, idle: bool) {
             return;
         }
         c.idle = idle;
-        (c.server.clone(), c.t)
+        (c.server, c.t)
     };
     // The connection is the server's until its handle closes.
     let _ = server.set_idle(lp, Stream::Tcp(t), idle);
@@ -756,9 +756,9 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
 fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: bool) {
     let (server, in_flight) = {
         let c = st.borrow();
-        (c.server.clone(), c.writing > 0 || batch.answers > 0)
+        (c.server, c.writing > 0 || batch.answers > 0)
     };
-    let close = batch.close || server.is_closing();
+    let close = batch.close || server.is_closing(lp);
     // A refusal is answered only when no answer is in flight.
     let reject_answer = batch.reject.filter(|_| !in_flight).map(Reject::response);
     if batch.answers > 0 {

@@ -87,9 +87,8 @@ fn helper_pid_server() {
     cluster::setup_worker(&mut lp).unwrap().expect("a worker");
     let hold = std::env::var("HOLD").is_ok();
     let pid = std::process::id().to_string();
-    let server = Server::new(move |lp, s, conn| {
+    let server = Server::new(&mut lp, move |lp, s, conn| {
         let Stream::Tcp(t) = conn else { return };
-        let s = s.clone();
         if !hold {
             lp.write(t, &[pid.as_bytes()], move |lp, t, _| {
                 s.close_connection(lp, Stream::Tcp(t));
@@ -604,7 +603,7 @@ fn helper_listen_out_of_fds() {
             report(lp, r.map(|_| ()).map_err(|e| e.code));
         });
     } else {
-        let server = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let server = Server::new(&mut lp, |lp, s, c| s.close_connection(lp, c));
         server
             .listen(&mut lp, ListenOptions::port(0), move |lp, _, r| {
                 report(lp, r.map(|_| ()).map_err(|e| e.code.clone()));

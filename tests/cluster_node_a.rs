@@ -228,7 +228,7 @@ fn helper_basic() {
         assert!(std::env::var("NODE_UNIQUE_ID").is_err());
         assert!(cluster::is_worker() && !cluster::is_primary());
         assert_eq!(cluster::worker_id(), Some(w.id()));
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
         })
@@ -356,7 +356,7 @@ fn rust_primary_rust_worker_basic_and_messages() {
 #[test]
 fn helper_rr_basic() {
     as_worker("helper_rr_basic", |lp, w| {
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
         })

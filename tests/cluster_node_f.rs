@@ -341,13 +341,12 @@ fn no_exit_while_a_connection_is_open_rust_worker() {
 #[test]
 fn helper_hold() {
     as_worker("helper_hold", |lp, _| {
-        let s = Server::new(|lp, s, c| {
+        let s = Server::new(lp, |lp, s, c| {
             let uvcluster::uv::Stream::Tcp(t) = c else {
                 unreachable!()
             };
             let pid = std::process::id().to_string();
             lp.write(t, &[pid.as_bytes()], |_, _, _| {}).unwrap();
-            let s = s.clone();
             lp.read_start(t, move |lp, t, r| {
                 if !matches!(r, Ok(d) if !d.is_empty()) {
                     s.close_connection(lp, uvcluster::uv::Stream::Tcp(t));
@@ -480,7 +479,7 @@ fn node_primary_lifecycle_of_rust_workers() {
 fn helper_lifecycle() {
     as_worker("helper_lifecycle", |lp, w| {
         let how = std::env::var("HOW").unwrap();
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), move |lp, _, r| {
             r.unwrap();
             match how.as_str() {

@@ -589,18 +589,17 @@ fn helper_surrogate_worker() {
         w.send_raw(lp, &reply).unwrap();
     });
     let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
-    let server = Server::new(|lp, server, conn| {
+    let server = Server::new(&mut lp, |lp, server, conn| {
         let Stream::Tcp(t) = conn else {
             return server.close_connection(lp, conn);
         };
-        let server = server.clone();
         let mut req = Vec::new();
         lp.read_start(t, move |lp, t, r| match r {
             Ok(d) if !d.is_empty() => {
                 req.extend_from_slice(d);
                 if req.windows(4).any(|w| w == b"\r\n\r\n") {
                     lp.read_stop(t).unwrap();
-                    let s = server.clone();
+                    let s = server;
                     lp.write(
                         t,
                         &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],

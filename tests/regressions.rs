@@ -488,7 +488,7 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
     let mut lp = Loop::new().unwrap();
     let conns: Rc<RefCell<Vec<Stream>>> = Rc::default();
     let c = conns.clone();
-    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let server = Server::new(&mut lp, move |_, _, conn| c.borrow_mut().push(conn));
     let addr = Rc::new(RefCell::new(None));
     let a = addr.clone();
     server
@@ -516,7 +516,7 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
     lp.close(tcp(all[0]), |_| {}).unwrap();
     lp.close(tcp(all[1]), |_| {}).unwrap();
     server.close_connection(&mut lp, all[2]);
-    run_until(&mut lp, 5000, |_| server.connections() == 1);
+    run_until(&mut lp, 5000, |lp| server.connections(lp) == 1);
 
     let closed = Counter::new();
     let cl = closed.clone();
@@ -526,7 +526,7 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
     lp.close(tcp(all[3]), |_| {}).unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     assert_loop_empty(&lp);
     drop(clients);
 }
@@ -715,7 +715,7 @@ fn listen_on_an_fd_number_leaves_the_fd_to_its_owner() {
     let addr = owner.local_addr().unwrap();
     let conns = Counter::new();
     let c = conns.clone();
-    let server = Server::new(move |lp, _, conn| {
+    let server = Server::new(&mut lp, move |lp, _, conn| {
         c.hit();
         lp.close(conn, |_| {}).unwrap();
     });

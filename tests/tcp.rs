@@ -1087,7 +1087,7 @@ fn net_server(
     use uvcluster::net::{ListenOptions, Server, ServerAddress};
     let conns: Rc<RefCell<Vec<uvcluster::uv::Stream>>> = Rc::default();
     let c = conns.clone();
-    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let server = Server::new(lp, move |_, _, conn| c.borrow_mut().push(conn));
     let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
     let a = addr.clone();
     server
@@ -1138,10 +1138,10 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     let (_, busy_seen) = seeing_client(&mut lp, addr);
     run_until(&mut lp, 5000, |_| conns.borrow().len() == 2);
     let (idle, busy) = (conns.borrow()[0], conns.borrow()[1]);
-    assert_eq!(server.connections(), 2);
+    assert_eq!(server.connections(&lp), 2);
     server.set_idle(&mut lp, idle, true).unwrap();
-    assert!(server.is_idle(idle));
-    assert!(!server.is_idle(busy));
+    assert!(server.is_idle(&lp, idle));
+    assert!(!server.is_idle(&lp, busy));
     // A connection this server never handed out is refused, typed.
     let stranger = Stream::Tcp(lp.tcp_init());
     let e = server.set_idle(&mut lp, stranger, true).unwrap_err();
@@ -1153,16 +1153,16 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     let closed = Counter::new();
     let c = closed.clone();
     server.close(&mut lp, move |_, _| c.hit());
-    assert!(server.is_closing());
+    assert!(server.is_closing(&lp));
     run_until(&mut lp, 5000, |_| idle_seen.eof.get() == 1);
     // The idle one is gone and counted gone; the busy one is untouched.
-    assert_eq!(server.connections(), 1);
+    assert_eq!(server.connections(&lp), 1);
     assert_eq!(busy_seen.eof.get(), 0);
     assert_eq!(closed.get(), 0);
 
     // The busy connection's handler finishes its reply and ends it.
     let Stream::Tcp(b) = busy else { unreachable!() };
-    let s = server.clone();
+    let s = server;
     lp.write(b, &[b"last reply"], move |lp, _, r| {
         r.unwrap();
         s.close_connection(lp, busy);
@@ -1172,7 +1172,7 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     run_until(&mut lp, 5000, |_| busy_seen.eof.get() == 1);
     assert_eq!(&busy_seen.data.borrow()[..], b"last reply");
     assert!(idle_seen.data.borrow().is_empty());
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
     assert_loop_empty(&lp);
@@ -1203,7 +1203,7 @@ fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
     assert_eq!(seen.data.borrow().len(), LEN);
     assert_eq!(seen.eof.get(), 1);
     assert_eq!(closed.get(), 1);
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     assert_loop_empty(&lp);
 }
 
@@ -1220,10 +1220,91 @@ fn net_server_close_all_connections_ends_busy_ones() {
     server.close(&mut lp, move |_, _| c.hit());
     // Nothing was marked idle: `close` waits for all three (net.Server).
     lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
-    assert_eq!(server.connections(), 3);
+    assert_eq!(server.connections(&lp), 3);
     assert_eq!(server.close_all_connections(&mut lp), 3);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
     assert!(seen.iter().all(|s| s.eof.get() == 1));
+    assert_loop_empty(&lp);
+}
+
+/// `net::Server` is a typed id for state the loop owns (issue 11): its
+/// connection callback gets `&mut Loop` and the id, and may close its own
+/// server from inside; once the close has completed the state is gone and
+/// the id is stale: it answers as a closed server and never reaches a
+/// server made later.
+#[test]
+fn server_state_lives_in_the_loop_until_its_close_completes() {
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+
+    let mut lp = Loop::new().unwrap();
+    let closed = Counter::new();
+    let cl = closed.clone();
+    let server = Server::new(&mut lp, move |lp, me, conn| {
+        // Re-entrant: close this very server from its own callback.
+        let cl = cl.clone();
+        me.close(lp, move |lp, s| {
+            assert_eq!(s, me);
+            assert_eq!(s.connections(lp), 0);
+            cl.hit();
+        });
+        assert!(me.is_closing(lp));
+        lp.close(conn, |_| {}).unwrap();
+    });
+    let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
+    let a = addr.clone();
+    server
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            move |_, _, r| match r.unwrap() {
+                ServerAddress::Inet(x) => a.set(Some(x)),
+                other => panic!("{other:?}"),
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |_| addr.get().is_some());
+    assert!(server.is_listening(&lp));
+    assert_eq!(
+        server.address(&lp),
+        Some(ServerAddress::Inet(addr.get().unwrap()))
+    );
+    let client = std::net::TcpStream::connect(addr.get().unwrap()).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    drop(client);
+
+    // Closed: the state is gone, the id answers as a closed server.
+    assert!(!server.is_listening(&lp));
+    assert!(server.is_closing(&lp));
+    assert_eq!(server.connections(&lp), 0);
+    assert_eq!(server.address(&lp), None);
+    let err = server
+        .listen(&mut lp, ListenOptions::port(0), |_, _, _| panic!("dropped"))
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    let stray = lp.tcp_init();
+    assert!(!server.deliver(&mut lp, stray.into()), "refused");
+    lp.close(stray, |_| {}).unwrap();
+
+    // A server made now is another one, whatever slot it takes.
+    let other = Server::new(&mut lp, |_, _, _| {});
+    assert_ne!(other, server);
+    other
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            |_, _, r| {
+                r.unwrap();
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |lp| other.is_listening(lp));
+    assert!(!server.is_listening(&lp), "the stale id reaches nothing");
+    let done = Counter::new();
+    let d = done.clone();
+    other.close(&mut lp, move |_, _| d.hit());
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(done.get(), 1);
     assert_loop_empty(&lp);
 }

@@ -116,7 +116,7 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
         late: LateAnswers::default(),
     }));
     CHILD.with(|c| *c.borrow_mut() = Some(state.clone()));
-    crate::net::set_cluster_hook(Some(Rc::new(Hook)));
+    crate::net::set_cluster_hook(lp, Some(Rc::new(Hook)));
 
     let w = worker.clone();
     channel.on_message_raw(lp, move |lp, _, msg, h| {
@@ -149,12 +149,12 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
 struct Hook;
 
 impl ClusterHook for Hook {
-    fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions) {
-        query_server(lp, server, opts);
+    fn listen(&self, lp: &mut Loop, server: Server, opts: &ListenOptions) {
+        query_server(lp, &server, opts);
     }
 
-    fn close(&self, lp: &mut Loop, server: &Server) {
-        server_closed(lp, server);
+    fn close(&self, lp: &mut Loop, server: Server) {
+        server_closed(lp, &server);
     }
 
     fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
@@ -271,7 +271,7 @@ fn udp_listening(lp: &mut Loop, mut q: Query, real_port: Option<u16>) {
 fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     let Some(state) = child() else {
         let e = ListenError::new(-(nix::libc::ENOTCONN as i64), "listen", None, None);
-        let s = server.clone();
+        let s = *server;
         crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(e)));
         return;
     };
@@ -333,7 +333,7 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
         i
     };
     q.index = index;
-    server.with_hook_data(|d| {
+    server.with_hook_data(lp, |d| {
         *d = Some(Box::new(HookData {
             key: None,
             report_load: false,
@@ -346,7 +346,7 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     let requested_port = opts.port;
     let has_path = opts.path.clone();
     let channel = state.borrow().channel.clone();
-    let s = server.clone();
+    let s = *server;
     let query = q.clone();
     let sent = channel.send_cluster(
         lp,
@@ -366,14 +366,14 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
         })),
     );
     if let Err(e) = sent {
-        release_index(server);
+        release_index(lp, server);
         let err = ListenError::new(
             -(e.raw_os_error().unwrap_or(nix::libc::ENOTCONN) as i64),
             "listen",
             None,
             Some(requested_port as i64),
         );
-        let s = server.clone();
+        let s = *server;
         crate::net::defer(lp, move |lp| s.finish_listen(lp, Err(err)));
     }
 }
@@ -395,13 +395,13 @@ fn on_query_reply(
         if let Some(h) = handle {
             lp.close_if_open(h);
         }
-        release_index(server);
+        release_index(lp, server);
         let e = ListenError::new(-(nix::libc::EPROTO as i64), "bind", address, port);
         server.finish_listen(lp, Err(e));
         return;
     };
     let errno = r.errno.filter(|e| *e != 0);
-    if server.is_closing() {
+    if server.is_closing(lp) {
         if let Some(h) = handle {
             lp.close_if_open(h);
         }
@@ -411,7 +411,7 @@ fn on_query_reply(
         if let Some(h) = handle {
             lp.close_if_open(h);
         }
-        release_index(server);
+        release_index(lp, server);
         server.finish_listen(lp, Err(ListenError::new(e, "bind", address, port)));
         return;
     }
@@ -426,7 +426,7 @@ fn on_query_reply(
                 && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != requested_port
             {
                 lp.close_if_open(h);
-                release_index(server);
+                release_index(lp, server);
                 let e = ListenError::new(-(nix::libc::EADDRINUSE as i64), "bind", address, port);
                 server.finish_listen(lp, Err(e));
                 return;
@@ -435,7 +435,7 @@ fn on_query_reply(
         }
         // Round-robin: the primary accepts; connections arrive as newconn.
         None => {
-            server.listen_remote();
+            server.listen_remote(lp);
             let addr = match (&path, &r.sockname) {
                 (Some(p), _) => ServerAddress::Unix(p.clone()),
                 (None, Some(s)) => {
@@ -459,20 +459,17 @@ fn on_query_reply(
     match result {
         Ok(addr) => {
             let wants_load = reply.get("loadReports").and_then(Value::as_bool) == Some(true);
-            server.with_hook_data(|d| {
+            server.with_hook_data(lp, |d| {
                 if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
                     d.key = Some(r.key.clone());
                     d.report_load = wants_load;
                 }
             });
             if wants_load {
-                server.set_on_ended(schedule_load_report);
+                server.set_on_ended(lp, schedule_load_report);
             }
             if let Some(state) = child() {
-                state
-                    .borrow_mut()
-                    .handles
-                    .insert(r.key.clone(), server.clone());
+                state.borrow_mut().handles.insert(r.key.clone(), *server);
             }
             let real_port = addr.port().map(i64::from);
             // The user's listen callback runs before `listening` is sent.
@@ -493,14 +490,14 @@ fn on_query_reply(
             }
         }
         Err(e) => {
-            release_index(server);
+            release_index(lp, server);
             server.finish_listen(lp, Err(e));
         }
     }
 }
 
-fn reports_load(server: &Server) -> bool {
-    server.with_hook_data(|d| {
+fn reports_load(lp: &mut Loop, server: &Server) -> bool {
+    server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
             .is_some_and(|d| d.report_load)
@@ -510,23 +507,22 @@ fn reports_load(server: &Server) -> bool {
 /// A connection of a load-reporting server ended: report the new count
 /// once per loop iteration at most (`{act: "load"}`), so a burst of closes
 /// costs one message.
-fn schedule_load_report(lp: &mut Loop, server: &Server) {
-    let schedule =
-        server.with_hook_data(
-            |d| match d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
-                Some(d) if d.report_load && !d.report_pending && d.key.is_some() => {
-                    d.report_pending = true;
-                    true
-                }
-                _ => false,
-            },
-        );
+fn schedule_load_report(lp: &mut Loop, server: Server) {
+    let schedule = server.with_hook_data(lp, |d| {
+        match d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+            Some(d) if d.report_load && !d.report_pending && d.key.is_some() => {
+                d.report_pending = true;
+                true
+            }
+            _ => false,
+        }
+    });
     if !schedule {
         return;
     }
-    let s = server.clone();
+    let s = server;
     crate::net::defer(lp, move |lp| {
-        let key = s.with_hook_data(|d| {
+        let key = s.with_hook_data(lp, |d| {
             let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
             d.report_pending = false;
             d.key.clone()
@@ -536,15 +532,15 @@ fn schedule_load_report(lp: &mut Loop, server: &Server) {
         if let (Some(key), Some(state)) = (key, child()) {
             let channel = state.borrow().channel.clone();
             if channel.is_connected() {
-                let load = s.connections() as u64;
+                let load = s.connections(lp) as u64;
                 let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
             }
         }
     });
 }
 
-fn release_index(server: &Server) {
-    let data = server.with_hook_data(|d| d.take());
+fn release_index(lp: &mut Loop, server: &Server) {
+    let data = server.with_hook_data(lp, |d| d.take());
     let Some(data) = data.and_then(|d| d.downcast::<HookData>().ok()) else {
         return;
     };
@@ -564,12 +560,12 @@ fn release_index(server: &Server) {
 
 /// A server in this worker closed: tell the primary and free its index.
 fn server_closed(lp: &mut Loop, server: &Server) {
-    let key = server.with_hook_data(|d| {
+    let key = server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
             .and_then(|d| d.key.clone())
     });
-    release_index(server);
+    release_index(lp, server);
     if let (Some(key), Some(state)) = (key, child()) {
         let channel = state.borrow().channel.clone();
         if channel.is_connected() {
@@ -619,7 +615,7 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Socket>) {
             m.insert("ack".into(), seq);
             m.insert("accepted".into(), accepted.into());
             let server = state.borrow().handles.get(&key).cloned();
-            if let Some(s) = server.filter(|s| accepted && reports_load(s)) {
+            if let Some(s) = server.filter(|s| accepted && reports_load(lp, s)) {
                 // Beyond Node: a load-aware primary hears back only after
                 // this loop has polled again, with the open-connection
                 // count then. The new connection's first request was
@@ -650,7 +646,7 @@ fn answer_pending(server: &Server) -> bool {
         let c = c.borrow();
         (c.late.waiting.iter())
             .chain(&c.late.ready)
-            .any(|(s, _)| s.ptr_eq(server))
+            .any(|(s, _)| s == server)
     })
 }
 
@@ -680,7 +676,7 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
         (due, c.channel.clone(), !c.late.ready.is_empty())
     };
     for (s, mut m) in due {
-        m.insert("load".into(), (s.connections() as u64).into());
+        m.insert("load".into(), (s.connections(lp) as u64).into());
         let _ = channel.send_cluster(lp, m, None, None);
     }
     if more {

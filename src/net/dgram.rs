@@ -40,7 +40,7 @@ pub fn bind_dgram(
     opts: BindOptions,
     cb: impl FnOnce(&mut Loop, Result<Handle<Udp>, ListenError>) + 'static,
 ) {
-    match super::cluster_hook() {
+    match super::cluster_hook(lp) {
         Some(hook) if !opts.exclusive => hook.bind_udp(lp, &opts, Box::new(cb)),
         _ => {
             let r = bind_local(lp, &opts);
