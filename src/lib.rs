@@ -31,8 +31,17 @@
 //! call that registered them, and a call that returns `Err` drops its
 //! callback. [`Loop::run`](uv::Loop::run) runs until no active, referenced
 //! handle and no request is left. Every handle must be closed with
-//! [`Loop::close`](uv::Loop::close); its id is then stale, and using it is
-//! an error, never a hit on another handle.
+//! [`Loop::close`](uv::Loop::close) (or the quiet
+//! [`Loop::close_if_open`](uv::Loop::close_if_open)); its id is then stale,
+//! and using it is an error, never a hit on another handle.
+//!
+//! The layers above the loop follow the same model: a
+//! [`net::Server`] is a typed id for state the loop keeps
+//! ([`Loop::context_mut`](uv::Loop::context_mut), [`Ids`](uv::Ids)), and
+//! callbacks are stored in [`CallbackSlot`](uv::CallbackSlot)s and called
+//! with [`Loop::call_slot`](uv::Loop::call_slot). Arguments are typed at
+//! the edge: timeouts are `Duration`s, signals [`Signum`](uv::Signum)s, and
+//! fds a handle takes over `OwnedFd`s.
 //!
 //! # A tour
 //!
@@ -51,7 +60,10 @@
 //!   [`Loop::write`](uv::Loop::write), [`Loop::shutdown`](uv::Loop::shutdown).
 //! * Pipes and fd passing: [`Loop::pipe_pair`](uv::Loop::pipe_pair),
 //!   [`Loop::write2`](uv::Loop::write2),
-//!   [`Loop::pipe_accept_pending`](uv::Loop::pipe_accept_pending).
+//!   [`Loop::pipe_accept_pending`](uv::Loop::pipe_accept_pending) (a
+//!   received fd becomes a [`Socket`](uv::Socket)),
+//!   [`Loop::socket_open`](uv::Loop::socket_open) for an `OwnedFd`, and
+//!   [`take_env_fd`](uv::take_env_fd) for an fd a parent placed.
 //! * UDP: [`Loop::udp_bind`](uv::Loop::udp_bind),
 //!   [`Loop::udp_send`](uv::Loop::udp_send),
 //!   [`Loop::udp_recv_start`](uv::Loop::udp_recv_start).
