@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, RunMode, StreamType, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, RunMode, Socket, StreamType, Tcp};
 
 fn short(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     g.sample_size(10)
@@ -36,8 +36,10 @@ fn timers(c: &mut Criterion) {
             for _ in 0..N {
                 let t = lp.timer_init();
                 let f = fired.clone();
-                lp.timer_start(t, 0, 0, move |_, _| f.set(f.get() + 1))
-                    .unwrap();
+                lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| {
+                    f.set(f.get() + 1)
+                })
+                .unwrap();
                 hs.push(t);
             }
             lp.run(RunMode::Default).unwrap();
@@ -54,7 +56,13 @@ fn timers(c: &mut Criterion) {
         let t = lp.timer_init();
         b.iter(|| {
             for i in 0..N {
-                lp.timer_start(t, 1000 + (i & 7), 0, |_, _| {}).unwrap();
+                lp.timer_start(
+                    t,
+                    Duration::from_millis(1000 + (i & 7)),
+                    Duration::ZERO,
+                    |_, _| {},
+                )
+                .unwrap();
             }
             lp.timer_stop(t).unwrap();
         });
@@ -199,7 +207,7 @@ fn ipc_fd_pass(c: &mut Criterion) {
             assert!(!data.unwrap().is_empty());
             while lp.pipe_pending_count(rx) > 0 {
                 match lp.pipe_accept_pending(rx).unwrap() {
-                    Accepted::Tcp(t) => lp.close(t, |_| {}).unwrap(),
+                    Socket::Tcp(t) => lp.close(t, |_| {}).unwrap(),
                     other => panic!("unexpected {other:?}"),
                 }
                 r2.set(r2.get() + 1);

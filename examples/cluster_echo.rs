@@ -26,11 +26,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::json;
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings, Worker};
-use uvcluster::net::{self, Conn, ListenOptions, Server};
-use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster::net::{self, ListenOptions, Server};
+use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 
 /// The longest line a client may send, newline excluded.
 const MAX_LINE: usize = 64 * 1024;
@@ -94,8 +95,8 @@ fn workers_from_env() -> io::Result<usize> {
 }
 
 fn run_worker(lp: &mut Loop, port: u16, worker: Worker) -> io::Result<()> {
-    let server = Server::new(|lp, server, conn| match conn {
-        Conn::Tcp(t) => echo_lines(lp, server.clone(), t),
+    let server = Server::new(lp, |lp, server, conn| match conn {
+        Stream::Tcp(t) => echo_lines(lp, server, t),
         other => server.close_connection(lp, other),
     });
     server.listen(lp, ListenOptions::port(port), move |lp, _, r| {
@@ -121,9 +122,9 @@ fn run_worker(lp: &mut Loop, port: u16, worker: Worker) -> io::Result<()> {
 fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
     let prefix = format!("Reply from {}: ", std::process::id());
     let mut pending: Vec<u8> = Vec::new();
-    let conn = Conn::Tcp(t);
+    let conn = Stream::Tcp(t);
     let _ = server.set_idle(lp, conn, true);
-    let s = server.clone();
+    let s = server;
     let r = lp.read_start(t, move |lp, t, r| {
         let data = match r {
             Ok(d) if !d.is_empty() => d,
@@ -174,12 +175,10 @@ fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
 /// Shuts the write side once the answers are out, then closes.
 fn end(lp: &mut Loop, t: Handle<Tcp>) {
     let shut = lp.shutdown(t, |lp, t, _| {
-        if !lp.is_closing(t) {
-            let _ = lp.close(t, |_| {});
-        }
+        lp.close_if_open(t);
     });
     if shut.is_err() && !lp.is_closing(t) {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }
 
@@ -189,14 +188,15 @@ fn linger_close(lp: &mut Loop, t: Handle<Tcp>) {
     let _ = lp.read_stop(t);
     let timer = lp.timer_init();
     let close_both = move |lp: &mut Loop| {
-        if !lp.is_closing(timer) {
-            let _ = lp.close(timer, |_| {});
-        }
-        if !lp.is_closing(t) {
-            let _ = lp.close(t, |_| {});
-        }
+        lp.close_if_open(timer);
+        lp.close_if_open(t);
     };
-    let _ = lp.timer_start(timer, LINGER_MS, 0, move |lp, _| close_both(lp));
+    let _ = lp.timer_start(
+        timer,
+        Duration::from_millis(LINGER_MS),
+        Duration::ZERO,
+        move |lp, _| close_both(lp),
+    );
     let shut = lp.shutdown(t, move |lp, t, r| {
         let drained = r.is_ok()
             && lp
@@ -267,7 +267,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
             );
             exit_code.set(1);
             for other in p.workers() {
-                let _ = other.kill(lp, Some(nix::libc::SIGTERM));
+                let _ = other.kill(lp, Some(Signum::SIGTERM));
             }
         })
     };
@@ -286,20 +286,20 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     }
     let forked = Rc::new(forked);
     let stopping = Rc::new(Cell::new(false));
-    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+    for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
         let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
         lp.signal_start(sig, signum, move |lp, _, _| {
             if stopping.replace(true) {
                 for w in forked.iter().filter(|w| !w.is_dead()) {
-                    let _ = w.kill(lp, Some(nix::libc::SIGKILL));
+                    let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
                 return;
             }
             p.disconnect(lp, |_| {});
             let waiting = lp.timer_init();
             let forked = forked.clone();
-            let _ = lp.timer_start(waiting, STILL_WAITING_MS, STILL_WAITING_MS, move |_, _| {
+            let _ = lp.timer_start(waiting, Duration::from_millis(STILL_WAITING_MS), Duration::from_millis(STILL_WAITING_MS), move |_, _| {
                 let left: Vec<String> = forked
                     .iter()
                     .filter(|w| !w.is_dead())

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings, Worker};
-use uvcluster::net::{self, Conn, ListenOptions, Server};
-use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
+use uvcluster::net::{self, ListenOptions, Server};
+use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 
 const RESPONSE_KEEP_ALIVE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
@@ -143,15 +143,15 @@ fn run_worker(
     lp: &mut Loop,
     port: u16,
     worker: Option<Worker>,
-    on_listening: impl FnOnce(&mut Loop, &Server) + 'static,
+    on_listening: impl FnOnce(&mut Loop, Server) + 'static,
 ) -> io::Result<Server> {
     let conns = Rc::new(Cell::new(0u64));
     let reqs = Rc::new(Cell::new(0u64));
     let (c, r) = (conns.clone(), reqs.clone());
-    let server = Server::new(move |lp, server, conn| {
+    let server = Server::new(lp, move |lp, server, conn| {
         c.set(c.get() + 1);
         match conn {
-            Conn::Tcp(t) => HttpConn::start(lp, server, t, r.clone()),
+            Stream::Tcp(t) => HttpConn::start(lp, server, t, r.clone()),
             other => server.close_connection(lp, other),
         }
     });
@@ -159,7 +159,7 @@ fn run_worker(
         worker.on_message(move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.
             if let Some(h) = handle {
-                uvcluster::ipc::close_accepted(lp, h);
+                lp.close_if_open(h);
             }
             if msg == json!("count") {
                 let counts = json!({ "conns": conns.get(), "reqs": reqs.get() });
@@ -193,23 +193,23 @@ fn run_worker(
 /// `WORKERS=0`: one process serves; the first SIGINT/SIGTERM closes the
 /// server gracefully (the loop then ends by itself), a second one exits.
 fn run_single(lp: &mut Loop, port: u16) -> io::Result<()> {
-    let server = run_worker(lp, port, None, |_, server| {
+    let server = run_worker(lp, port, None, |lp, server| {
         println!("ready");
-        if let Some(p) = server.address().and_then(|a| a.port()) {
+        if let Some(p) = server.address(lp).and_then(|a| a.port()) {
             eprintln!("cluster_hello: listening on port {p}");
         }
     })?;
     let stopping = Rc::new(Cell::new(false));
-    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+    for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let (server, stopping) = (server.clone(), stopping.clone());
+        let (server, stopping) = (server, stopping.clone());
         lp.signal_start(sig, signum, move |lp, _, _| {
             if stopping.replace(true) {
                 std::process::exit(1);
             }
             eprintln!(
                 "cluster_hello: closing; {} connection(s) open",
-                server.connections()
+                server.connections(lp)
             );
             server.close(lp, |_, _| {});
         })?;
@@ -581,9 +581,9 @@ struct HttpConn {
 type HttpRef = Rc<RefCell<HttpConn>>;
 
 impl HttpConn {
-    fn start(lp: &mut Loop, server: &Server, t: Handle<Tcp>, reqs: Rc<Cell<u64>>) {
+    fn start(lp: &mut Loop, server: Server, t: Handle<Tcp>, reqs: Rc<Cell<u64>>) {
         let st = Rc::new(RefCell::new(HttpConn {
-            server: server.clone(),
+            server,
             t,
             reqs,
             head: Vec::new(),
@@ -595,7 +595,7 @@ impl HttpConn {
         // No request yet: idle, as Node counts a new connection.
         set_idle(lp, &st, true);
         if start_reading(lp, st).is_err() {
-            server.close_connection(lp, Conn::Tcp(t));
+            server.close_connection(lp, Stream::Tcp(t));
         }
     }
 
@@ -708,10 +708,10 @@ fn set_idle(lp: &mut Loop, st: &HttpRef, idle: bool) {
             return;
         }
         c.idle = idle;
-        (c.server.clone(), c.t)
+        (c.server, c.t)
     };
     // The connection is the server's until its handle closes.
-    let _ = server.set_idle(lp, Conn::Tcp(t), idle);
+    let _ = server.set_idle(lp, Stream::Tcp(t), idle);
 }
 
 fn start_reading(lp: &mut Loop, st: HttpRef) -> io::Result<()> {
@@ -723,7 +723,7 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
     let data = match r {
         Ok(d) if !d.is_empty() => d,
         _ => {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
             return;
         }
     };
@@ -734,12 +734,17 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
         let _ = lp.read_stop(t);
         let timer = lp.timer_init();
         let st = st.clone();
-        let _ = lp.timer_start(timer, batch.sleep_ms, 0, move |lp, timer| {
-            let _ = lp.close(timer, |_| {});
-            if !lp.is_closing(t) {
-                answer(lp, &st, t, batch, true);
-            }
-        });
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(batch.sleep_ms),
+            Duration::ZERO,
+            move |lp, timer| {
+                lp.close_if_open(timer);
+                if !lp.is_closing(t) {
+                    answer(lp, &st, t, batch, true);
+                }
+            },
+        );
         return;
     }
     answer(lp, st, t, batch, false);
@@ -751,9 +756,9 @@ fn on_read(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, r: io::Result<&[u8]>) {
 fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: bool) {
     let (server, in_flight) = {
         let c = st.borrow();
-        (c.server.clone(), c.writing > 0 || batch.answers > 0)
+        (c.server, c.writing > 0 || batch.answers > 0)
     };
-    let close = batch.close || server.is_closing();
+    let close = batch.close || server.is_closing(lp);
     // A refusal is answered only when no answer is in flight.
     let reject_answer = batch.reject.filter(|_| !in_flight).map(Reject::response);
     if batch.answers > 0 {
@@ -784,7 +789,7 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
         return end_connection(lp, t);
     }
     if resume && start_reading(lp, st.clone()).is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
         return;
     }
     if st.borrow().between_requests() {
@@ -795,12 +800,10 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
 /// Shuts the write side once the answers are out, then closes.
 fn end_connection(lp: &mut Loop, t: Handle<Tcp>) {
     let shut = lp.shutdown(t, |lp, t, _| {
-        if !lp.is_closing(t) {
-            let _ = lp.close(t, |_| {});
-        }
+        lp.close_if_open(t);
     });
     if shut.is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }
 
@@ -810,14 +813,15 @@ fn linger_close(lp: &mut Loop, t: Handle<Tcp>) {
     let _ = lp.read_stop(t);
     let timer = lp.timer_init();
     let close_both = move |lp: &mut Loop| {
-        if !lp.is_closing(timer) {
-            let _ = lp.close(timer, |_| {});
-        }
-        if !lp.is_closing(t) {
-            let _ = lp.close(t, |_| {});
-        }
+        lp.close_if_open(timer);
+        lp.close_if_open(t);
     };
-    let _ = lp.timer_start(timer, LINGER_MS, 0, move |lp, _| close_both(lp));
+    let _ = lp.timer_start(
+        timer,
+        Duration::from_millis(LINGER_MS),
+        Duration::ZERO,
+        move |lp, _| close_both(lp),
+    );
     let shut = lp.shutdown(t, move |lp, t, r| {
         let drained = r.is_ok()
             && lp
@@ -926,7 +930,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
             );
             exit_code.set(1);
             for other in p.workers() {
-                let _ = other.kill(lp, Some(nix::libc::SIGTERM));
+                let _ = other.kill(lp, Some(Signum::SIGTERM));
             }
         })
     };
@@ -942,7 +946,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     });
     let usr2 = lp.signal_init();
     let p = primary.clone();
-    lp.signal_start(usr2, nix::libc::SIGUSR2, move |lp, _, _| {
+    lp.signal_start(usr2, Signum::SIGUSR2, move |lp, _, _| {
         counts.borrow_mut().clear();
         for w in p.workers() {
             let _ = w.send(lp, &json!("count"), None);
@@ -967,39 +971,48 @@ fn stop_on_signals(
 ) -> io::Result<()> {
     let forked = Rc::new(forked);
     let stopping = Rc::new(Cell::new(false));
-    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+    for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
         let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
         let exit_code = exit_code.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
             let alive = || forked.iter().filter(|w| !w.is_dead());
             if stopping.replace(true) {
-                eprintln!("cluster_hello: signal {signum} again: killing the workers");
+                eprintln!(
+                    "cluster_hello: signal {} again: killing the workers",
+                    signum.as_raw()
+                );
                 exit_code.set(1);
                 for w in alive() {
-                    let _ = w.kill(lp, Some(nix::libc::SIGKILL));
+                    let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
                 return;
             }
             eprintln!(
-                "cluster_hello: signal {signum}: disconnecting {} workers",
+                "cluster_hello: signal {}: disconnecting {} workers",
+                signum.as_raw(),
                 alive().count()
             );
             p.disconnect(lp, |_| {});
             let waiting = lp.timer_init();
             let forked = forked.clone();
-            let _ = lp.timer_start(waiting, STILL_WAITING_MS, STILL_WAITING_MS, move |_, _| {
-                let left: Vec<String> = forked
-                    .iter()
-                    .filter(|w| !w.is_dead())
-                    .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
-                    .collect();
-                eprintln!(
-                    "cluster_hello: still waiting for worker(s) {} to finish their requests; \
+            let _ = lp.timer_start(
+                waiting,
+                Duration::from_millis(STILL_WAITING_MS),
+                Duration::from_millis(STILL_WAITING_MS),
+                move |_, _| {
+                    let left: Vec<String> = forked
+                        .iter()
+                        .filter(|w| !w.is_dead())
+                        .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                        .collect();
+                    eprintln!(
+                        "cluster_hello: still waiting for worker(s) {} to finish their requests; \
                      a second SIGINT/SIGTERM kills them",
-                    left.join(", ")
-                );
-            });
+                        left.join(", ")
+                    );
+                },
+            );
             // The reminder must not keep the primary alive by itself.
             let _ = lp.unref_handle(waiting);
         })?;

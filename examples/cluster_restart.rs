@@ -12,10 +12,9 @@
 
 use std::io;
 
-use uvcluster::Signum;
 use uvcluster::cluster::{self, Primary};
-use uvcluster::net::{Conn, ListenOptions, Server};
-use uvcluster::uv::{Loop, RunMode};
+use uvcluster::net::{ListenOptions, Server};
+use uvcluster::uv::{Loop, RunMode, Signum, Stream};
 
 fn main() -> io::Result<()> {
     let mut lp = Loop::new()?;
@@ -54,7 +53,7 @@ fn start_primary(lp: &mut Loop) -> io::Result<()> {
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
         let p = primary.clone();
-        lp.signal_start(sig, signum as i32, move |lp, _, _| p.disconnect(lp, |_| {}))?;
+        lp.signal_start(sig, signum, move |lp, _, _| p.disconnect(lp, |_| {}))?;
         lp.unref_handle(sig)?;
     }
     // Workers run this same executable with the same arguments.
@@ -69,21 +68,21 @@ fn start_primary(lp: &mut Loop) -> io::Result<()> {
 /// the `cluster_hello` example parses requests properly.
 fn serve(lp: &mut Loop) -> io::Result<()> {
     const HELLO: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n";
-    let server = Server::new(|lp, server, conn| {
-        let Conn::Tcp(t) = conn else {
+    let server = Server::new(lp, |lp, server, conn| {
+        let Stream::Tcp(t) = conn else {
             return server.close_connection(lp, conn);
         };
-        let s = server.clone();
+        let s = server;
         let reading = lp.read_start(t, move |lp, t, data| match data {
             Ok(d) if !d.is_empty() => {
                 if lp.write(t, &[HELLO], |_, _, _| {}).is_err() {
-                    s.close_connection(lp, Conn::Tcp(t));
+                    s.close_connection(lp, Stream::Tcp(t));
                 }
             }
-            _ => s.close_connection(lp, Conn::Tcp(t)), // EOF or a read error
+            _ => s.close_connection(lp, Stream::Tcp(t)), // EOF or a read error
         });
         if reading.is_err() {
-            server.close_connection(lp, Conn::Tcp(t));
+            server.close_connection(lp, Stream::Tcp(t));
         }
     });
     server.listen(

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use serde_json::json;
 use uvcluster::ipc::{AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, fork};
-use uvcluster::uv::{Accepted, BindFlags, Loop, RunMode};
+use uvcluster::uv::{BindFlags, Loop, RunMode, Signum, Socket};
 
 fn main() -> io::Result<()> {
     let mut lp = Loop::new()?;
@@ -53,8 +53,11 @@ fn parent(lp: &mut Loop) -> io::Result<()> {
         let mut opts = ForkOptions::exec(&exe);
         opts.process.args = vec!["child".into()];
         opts.process.on_exit = Some(Box::new(|lp, p, code, sig| {
-            eprintln!("child exited: code {code} signal {sig}");
-            let _ = lp.close(p, |_| {});
+            eprintln!(
+                "child exited: code {code} signal {}",
+                sig.map_or(0, Signum::as_raw)
+            );
+            lp.close_if_open(p);
         }));
         let forked = fork(lp, opts)?;
         let kids = children.clone();
@@ -76,7 +79,7 @@ fn parent(lp: &mut Loop) -> io::Result<()> {
             .enumerate()
             .min_by_key(|(i, (_, load))| (*load, *i))
         else {
-            let _ = lp.close(client, |_| {});
+            lp.close_if_open(client);
             return;
         };
         k[i].1 += 1;
@@ -91,18 +94,18 @@ fn parent(lp: &mut Loop) -> io::Result<()> {
         if let Err(e) = ch.send_handle(lp, json!({"conn": true}), attach, Default::default(), None)
         {
             eprintln!("dispatch failed: {e}");
-            let _ = lp.close(client, |_| {});
+            lp.close_if_open(client);
         }
     })?;
     println!("listening on 127.0.0.1:{port} with {n} children");
     // Ctrl-C: close the listener and the channels; children exit on EOF.
     let sig = lp.signal_init();
-    lp.signal_start(sig, nix::libc::SIGINT, move |lp, sig, _| {
-        let _ = lp.close(server, |_| {});
+    lp.signal_start(sig, Signum::SIGINT, move |lp, sig, _| {
+        lp.close_if_open(server);
         for (ch, _) in children.borrow().iter() {
             ch.disconnect(lp);
         }
-        let _ = lp.close(sig, |_| {});
+        lp.close_if_open(sig);
     })?;
     Ok(())
 }
@@ -112,16 +115,16 @@ fn child(lp: &mut Loop) -> io::Result<()> {
         .ok_or_else(|| io::Error::other("child started without NODE_CHANNEL_FD"))?;
     let greeting = format!("Handled by child {}\n", std::process::id());
     ch.on_message(lp, move |lp, ch, _msg, handle| {
-        let Some(Accepted::Tcp(sock)) = handle else {
+        let Some(Socket::Tcp(sock)) = handle else {
             return;
         };
         let ch = ch.clone();
         let r = lp.write(sock, &[greeting.as_bytes()], move |lp, sock, _| {
-            let _ = lp.close(sock, |_| {});
+            lp.close_if_open(sock);
             let _ = ch.send(lp, &json!({"done": true}), None);
         });
         if r.is_err() {
-            let _ = lp.close(sock, |_| {});
+            lp.close_if_open(sock);
         }
     });
     // The parent going away ends the child.

@@ -19,8 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use nix::sys::signal::Signal::{SIGINT, SIGTERM};
-use uvcluster::uv::{AnyHandle, BindFlags, Handle, Loop, RunMode, Tcp};
+use uvcluster::uv::{AnyHandle, BindFlags, Handle, Loop, RunMode, Signum, Tcp};
 
 /// Echoes queued for one client beyond which its reading pauses (bytes).
 const HIGH_WATER: usize = 1 << 20;
@@ -49,10 +48,10 @@ fn run() -> io::Result<()> {
     lp.tcp_listen(server, 128, on_connection)?;
     println!("listening on {}", lp.tcp_getsockname(server)?);
 
-    for signum in [SIGINT, SIGTERM] {
+    for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        lp.signal_start(sig, signum as i32, |lp, _sig, signum| {
-            eprintln!("tcp_echo: signal {signum}, closing");
+        lp.signal_start(sig, signum, |lp, _sig, signum| {
+            eprintln!("tcp_echo: signal {}, closing", signum.as_raw());
             close_all(lp);
         })?;
     }
@@ -70,7 +69,7 @@ fn on_connection(lp: &mut Loop, _server: Handle<Tcp>, client: io::Result<Handle<
         Ok(c) => {
             if let Err(e) = lp.read_start(c, on_read) {
                 eprintln!("tcp_echo: read_start: {e}");
-                close(lp, c);
+                lp.close_if_open(c);
             }
         }
         // Transient accept errors never get here; the server keeps listening.
@@ -86,8 +85,13 @@ fn on_read(lp: &mut Loop, c: Handle<Tcp>, data: io::Result<&[u8]>) {
     match data {
         // EOF: flush the echoes still queued, then close.
         Ok([]) => {
-            if lp.shutdown(c, |lp, c, _| close(lp, c)).is_err() {
-                close(lp, c);
+            if lp
+                .shutdown(c, |lp, c, _| {
+                    lp.close_if_open(c);
+                })
+                .is_err()
+            {
+                lp.close_if_open(c);
             }
         }
         Ok(data) => {
@@ -102,7 +106,7 @@ fn on_read(lp: &mut Loop, c: Handle<Tcp>, data: io::Result<&[u8]>) {
             match written {
                 Err(e) => {
                     eprintln!("tcp_echo: write: {e}");
-                    close(lp, c);
+                    lp.close_if_open(c);
                 }
                 Ok(()) if pause => {
                     let _ = lp.read_stop(c);
@@ -112,7 +116,7 @@ fn on_read(lp: &mut Loop, c: Handle<Tcp>, data: io::Result<&[u8]>) {
         }
         Err(e) => {
             eprintln!("tcp_echo: read: {e}");
-            close(lp, c);
+            lp.close_if_open(c);
         }
     }
 }
@@ -123,7 +127,7 @@ fn on_written(lp: &mut Loop, c: Handle<Tcp>, res: io::Result<()>) {
         && !lp.is_closing(c)
     {
         eprintln!("tcp_echo: write: {e}");
-        close(lp, c);
+        lp.close_if_open(c);
     }
 }
 
@@ -132,17 +136,11 @@ fn on_drained(lp: &mut Loop, c: Handle<Tcp>, res: io::Result<()>) {
     let ok = res.is_ok();
     on_written(lp, c, res);
     if ok && !lp.is_closing(c) && lp.read_start(c, on_read).is_err() {
-        close(lp, c);
+        lp.close_if_open(c);
     }
 }
 
 /// Closes a client unless it is already closing (closing twice is an error).
-fn close(lp: &mut Loop, c: Handle<Tcp>) {
-    if !lp.is_closing(c) {
-        let _ = lp.close(c, |_| {});
-    }
-}
-
 /// Closes every handle the program created: the server, the clients and
 /// the signal watchers. The loop then has nothing left and `run` returns.
 fn close_all(lp: &mut Loop) {
@@ -150,9 +148,8 @@ fn close_all(lp: &mut Loop) {
     lp.walk(|h| handles.push(h));
     for h in handles {
         match h {
-            AnyHandle::Tcp(t) => close(lp, t),
-            AnyHandle::Signal(s) if !lp.is_closing(s) => {
-                let _ = lp.close(s, |_| {});
+            AnyHandle::Tcp(_) | AnyHandle::Signal(_) => {
+                lp.close_if_open(h);
             }
             _ => {}
         }

@@ -26,8 +26,8 @@
 //!
 //! Messages are [`serde_json::Value`]s: the crate re-exports
 //! [`serde_json`], so `uvcluster::serde_json::json!` builds one without a
-//! dependency of your own, and [`Signum`] names the signal numbers that
-//! the signal and process functions take (`Signum::SIGTERM as i32`).
+//! dependency of your own, and [`Signum`] names the signals that the
+//! signal and process functions take (`Signum::SIGTERM`).
 //!
 //! Layers point one way, `sys ← uv ← ipc ← net ← cluster`: only the private
 //! `sys` module holds `unsafe` code and raw fds, and only [`uv`] names
@@ -44,8 +44,17 @@
 //! call that registered them, and a call that returns `Err` drops its
 //! callback. [`Loop::run`](uv::Loop::run) runs until no active, referenced
 //! handle and no request is left. Every handle must be closed with
-//! [`Loop::close`](uv::Loop::close); its id is then stale, and using it is
-//! an error, never a hit on another handle.
+//! [`Loop::close`](uv::Loop::close) (or the quiet
+//! [`Loop::close_if_open`](uv::Loop::close_if_open)); its id is then stale,
+//! and using it is an error, never a hit on another handle.
+//!
+//! The layers above the loop follow the same model: a
+//! [`net::Server`] is a typed id for state the loop keeps
+//! ([`Loop::context_mut`](uv::Loop::context_mut), [`Ids`](uv::Ids)), and
+//! callbacks are stored in [`CallbackSlot`](uv::CallbackSlot)s and called
+//! with [`Loop::call_slot`](uv::Loop::call_slot). Arguments are typed at
+//! the edge: timeouts are `Duration`s, signals [`Signum`](uv::Signum)s, and
+//! fds a handle takes over `OwnedFd`s.
 //!
 //! # A tour
 //!
@@ -64,7 +73,10 @@
 //!   [`Loop::write`](uv::Loop::write), [`Loop::shutdown`](uv::Loop::shutdown).
 //! * Pipes and fd passing: [`Loop::pipe_pair`](uv::Loop::pipe_pair),
 //!   [`Loop::write2`](uv::Loop::write2),
-//!   [`Loop::pipe_accept_pending`](uv::Loop::pipe_accept_pending).
+//!   [`Loop::pipe_accept_pending`](uv::Loop::pipe_accept_pending) (a
+//!   received fd becomes a [`Socket`](uv::Socket)),
+//!   [`Loop::socket_open`](uv::Loop::socket_open) for an `OwnedFd`, and
+//!   [`take_env_fd`](uv::take_env_fd) for an fd a parent placed.
 //! * UDP: [`Loop::udp_bind`](uv::Loop::udp_bind),
 //!   [`Loop::udp_send`](uv::Loop::udp_send),
 //!   [`Loop::udp_recv_start`](uv::Loop::udp_recv_start).
@@ -107,9 +119,8 @@
 //! }
 //!
 //! fn close(lp: &mut Loop, c: Handle<Tcp>) {
-//!     if !lp.is_closing(c) {
-//!         let _ = lp.close(c, |_| {});
-//!     }
+//!     // Closes unless a close is already under way; no close callback.
+//!     lp.close_if_open(c);
 //! }
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
@@ -125,16 +136,15 @@ pub mod uv;
 /// ours.
 pub use serde_json;
 
-/// Signal numbers by name (`nix`'s `Signal`, re-exported): the functions
-/// that take a signal, such as [`Loop::signal_start`](uv::Loop::signal_start),
+/// Signals by name ([`uv::Signum`], re-exported at the root): what
+/// [`Loop::signal_start`](uv::Loop::signal_start),
 /// [`Loop::process_kill`](uv::Loop::process_kill) and
-/// [`Worker::kill`](cluster::Worker::kill), take its number,
-/// `Signum::SIGTERM as i32`.
+/// [`Worker::kill`](cluster::Worker::kill) take.
 ///
 /// ```
 /// use uvcluster::Signum;
 ///
-/// assert_eq!(Signum::SIGTERM as i32, 15);
-/// assert_eq!(Signum::try_from(10), Ok(Signum::SIGUSR1));
+/// assert_eq!(Signum::SIGTERM.as_raw(), 15);
+/// assert_eq!(Signum::try_from(10).unwrap(), Signum::SIGUSR1);
 /// ```
-pub use nix::sys::signal::Signal as Signum;
+pub use uv::Signum;

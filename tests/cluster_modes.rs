@@ -12,14 +12,15 @@ use std::ffi::OsString;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::time::Duration;
 
 use util::*;
 use uvcluster::cluster::{
     self, ClusterError, ConnInfo, HandoffFailure, HandoffOutcome, Primary, SchedulingPolicy,
     Settings, WorkerLoad,
 };
-use uvcluster::net::{Conn, ListenOptions, Server};
-use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, Tcp};
+use uvcluster::net::{ListenOptions, Server};
+use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, Stream, Tcp};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Workers {
@@ -86,12 +87,11 @@ fn helper_pid_server() {
     cluster::setup_worker(&mut lp).unwrap().expect("a worker");
     let hold = std::env::var("HOLD").is_ok();
     let pid = std::process::id().to_string();
-    let server = Server::new(move |lp, s, conn| {
-        let Conn::Tcp(t) = conn else { return };
-        let s = s.clone();
+    let server = Server::new(&mut lp, move |lp, s, conn| {
+        let Stream::Tcp(t) = conn else { return };
         if !hold {
             lp.write(t, &[pid.as_bytes()], move |lp, t, _| {
-                s.close_connection(lp, Conn::Tcp(t));
+                s.close_connection(lp, Stream::Tcp(t));
             })
             .unwrap();
             return;
@@ -110,7 +110,7 @@ fn helper_pid_server() {
                     asked = true;
                     let pid = pid.clone();
                     let timer = lp.timer_init();
-                    lp.timer_start(timer, 0, 0, move |lp, timer| {
+                    lp.timer_start(timer, Duration::ZERO, Duration::ZERO, move |lp, timer| {
                         lp.close(timer, |_| {}).unwrap();
                         let _ = lp.write(t, &[pid.as_bytes()], |_, _, _| {});
                     })
@@ -125,7 +125,7 @@ fn helper_pid_server() {
                     let _ = std::io::Read::read(&mut go, &mut [0u8; 1]);
                 }
             }
-            _ => s.close_connection(lp, Conn::Tcp(t)),
+            _ => s.close_connection(lp, Stream::Tcp(t)),
         })
         .unwrap();
     });
@@ -603,7 +603,7 @@ fn helper_listen_out_of_fds() {
             report(lp, r.map(|_| ()).map_err(|e| e.code));
         });
     } else {
-        let server = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let server = Server::new(&mut lp, |lp, s, c| s.close_connection(lp, c));
         server
             .listen(&mut lp, ListenOptions::port(0), move |lp, _, r| {
                 report(lp, r.map(|_| ()).map_err(|e| e.code.clone()));

@@ -12,7 +12,7 @@ use util::*;
 use uvcluster::cluster::protocol::AddressType;
 use uvcluster::cluster::{self, Settings, WorkerState};
 use uvcluster::net::{ListenOptions, Server};
-use uvcluster::uv::Loop;
+use uvcluster::uv::{Loop, Signum};
 
 /// test-cluster-basic, fork-env, cwd, setup-primary (args reach the
 /// worker), listening-port: ids from 1, none→online→listening→dead,
@@ -60,7 +60,7 @@ fn basic_fork_env_cwd_args_with_node_worker() {
     p.on_exit(move |_, w, code, signal| {
         l.push(format!("exit:{}", w.id()));
         st.push(format!("exit:{:?}", w.state()));
-        assert_eq!((code, signal), (None, Some(15)));
+        assert_eq!((code, signal), (None, Some(Signum::SIGTERM)));
         let _ = &d;
     });
     let got = shared(Value::Null);
@@ -96,7 +96,7 @@ fn basic_fork_env_cwd_args_with_node_worker() {
         (json!("settings"), json!("fork"))
     );
     assert_eq!(m["PATH"], true, "the primary's env is passed on");
-    assert_eq!(w.exit_status(), Some((None, Some(15))));
+    assert_eq!(w.exit_status(), Some((None, Some(Signum::SIGTERM))));
     assert!(p.workers().is_empty());
     assert_loop_empty(&lp);
     std::fs::remove_dir_all(dir).unwrap();
@@ -228,7 +228,7 @@ fn helper_basic() {
         assert!(std::env::var("NODE_UNIQUE_ID").is_err());
         assert!(cluster::is_worker() && !cluster::is_primary());
         assert_eq!(cluster::worker_id(), Some(w.id()));
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
         })
@@ -356,7 +356,7 @@ fn rust_primary_rust_worker_basic_and_messages() {
 #[test]
 fn helper_rr_basic() {
     as_worker("helper_rr_basic", |lp, w| {
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
         })

@@ -10,7 +10,7 @@ use serde_json::json;
 use util::*;
 use uvcluster::cluster::{Settings, Worker};
 use uvcluster::ipc::{AfterAck, Attach, HandleKind};
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, Socket, Tcp};
 
 fn socket(h: Handle<Tcp>) -> Attach {
     Attach {
@@ -83,7 +83,7 @@ fn send_sockets(settings: Settings, twice: bool) {
         };
         match (m["op"].as_str().unwrap(), h) {
             ("got-socket", None) => done(lp, "got-socket".into()),
-            ("socket", Some(Accepted::Tcp(c))) => {
+            ("socket", Some(Socket::Tcp(c))) => {
                 let n = m["n"].clone();
                 read_all(lp, c, move |lp, data| done(lp, format!("socket{n}:{data}")));
             }
@@ -136,7 +136,7 @@ fn helper_send_socket() {
         let twice = std::env::var("TWICE").is_ok();
         w.on_message(|lp, w, m, h| {
             assert_eq!(m["op"], "socket");
-            let Some(Accepted::Tcp(s)) = h else {
+            let Some(Socket::Tcp(s)) = h else {
                 panic!("no socket: {h:?}")
             };
             lp.write(s, &[b"worker"], |lp, s, _| lp.close(s, |_| {}).unwrap())

@@ -257,7 +257,7 @@ fn rr_worker_with_unrefd_channel_exits_once_its_server_closes() {
 #[test]
 fn helper_rr_close() {
     as_worker("helper_rr_close", |lp, w| {
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), move |lp, s, r| {
             r.unwrap();
             // As in Node's test: unref the channel once listening.
@@ -291,13 +291,12 @@ fn rr_server_keeps_an_unrefd_worker_alive() {
 #[test]
 fn helper_rr_alive() {
     as_worker("helper_rr_alive", |lp, w| {
-        let s = Server::new(|lp, s, c| {
-            let uvcluster::net::Conn::Tcp(t) = c else {
+        let s = Server::new(lp, |lp, s, c| {
+            let uvcluster::uv::Stream::Tcp(t) = c else {
                 unreachable!()
             };
-            let s = s.clone();
             lp.write(t, &[b"alive"], move |lp, t, _| {
-                s.close_connection(lp, uvcluster::net::Conn::Tcp(t))
+                s.close_connection(lp, uvcluster::uv::Stream::Tcp(t))
             })
             .unwrap();
         });
@@ -417,14 +416,14 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
         steps.joined(),
         "online queryServer listening close rejected exitedAfterDisconnect"
     );
-    assert_eq!(*exit.borrow(), Some((0, 0)));
+    assert_eq!(*exit.borrow(), Some((0, None)));
     assert_loop_empty(&lp);
 }
 
 #[test]
 fn helper_handle_close() {
     as_worker("helper_handle_close", |lp, w| {
-        let s = Server::new(|_, _, c| panic!("a connection after close: {c:?}"));
+        let s = Server::new(lp, |_, _, c| panic!("a connection after close: {c:?}"));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
         })
@@ -494,13 +493,12 @@ fn listen_on_path(mut s: Settings) -> Settings {
 #[test]
 fn helper_relative_path() {
     as_worker("helper_relative_path", |lp, w| {
-        let s = Server::new(|lp, s, c| {
-            let uvcluster::net::Conn::Pipe(p) = c else {
+        let s = Server::new(lp, |lp, s, c| {
+            let uvcluster::uv::Stream::Pipe(p) = c else {
                 unreachable!()
             };
-            let s = s.clone();
             lp.write(p, &[b"rust"], move |lp, p, _| {
-                s.close_connection(lp, uvcluster::net::Conn::Pipe(p))
+                s.close_connection(lp, uvcluster::uv::Stream::Pipe(p))
             })
             .unwrap();
         });

@@ -135,7 +135,7 @@ fn helper_disconnect_on_error() {
     use uvcluster::net::{ListenOptions, Server};
     as_worker("helper_disconnect_on_error", |lp, w| {
         let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
-        let s = Server::new(|_, _, c| panic!("unexpected connection {c:?}"));
+        let s = Server::new(lp, |_, _, c| panic!("unexpected connection {c:?}"));
         s.listen(lp, ListenOptions::port(port), move |lp, _, r| {
             let e = r.unwrap_err();
             assert_eq!(e.code, "EADDRINUSE");

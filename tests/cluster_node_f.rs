@@ -8,13 +8,14 @@ mod util;
 
 use cluster_node_common::*;
 use serde_json::json;
+use std::time::Duration;
 use util::*;
 use uvcluster::cluster::{Primary, Settings, Worker, WorkerState};
 use uvcluster::net::{ListenOptions, Server};
-use uvcluster::uv::Loop;
+use uvcluster::uv::{Loop, Signum};
 
 /// (code, signal, exitedAfterDisconnect, isDead, state) at `exit`.
-type AtExit = (Option<i64>, Option<i32>, Option<bool>, bool, WorkerState);
+type AtExit = (Option<i64>, Option<Signum>, Option<bool>, bool, WorkerState);
 
 /// What a worker looked like at its `disconnect` and `exit` events.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -131,14 +132,14 @@ fn primary_kill_sigkill_and_sigterm_of_a_busy_loop() {
     let (p, _log) = primary(&mut lp, listen_then("none"));
     let seen = shared(vec![Seen::default()]);
     watch(&p, &seen);
-    p.on_listening(|lp, w, _| w.kill(lp, Some(9)).unwrap());
+    p.on_listening(|lp, w, _| w.kill(lp, Some(Signum::SIGKILL)).unwrap());
     p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
     let s = &seen.borrow()[0];
     assert_eq!((s.disconnects, s.exits), (1, 1));
     assert_eq!(s.at_disconnect.unwrap().1, Some(false));
     let e = s.at_exit.unwrap();
-    assert_eq!((e.0, e.1, e.2), (None, Some(9), Some(false)));
+    assert_eq!((e.0, e.1, e.2), (None, Some(Signum::SIGKILL), Some(false)));
     assert!(!s.listed_at_exit);
     assert_loop_empty(&lp);
 
@@ -147,7 +148,7 @@ fn primary_kill_sigkill_and_sigterm_of_a_busy_loop() {
         w.kill(lp, None).unwrap();
     });
     let e = s[0].at_exit.unwrap();
-    assert_eq!((e.0, e.1, e.2), (None, Some(15), Some(false)));
+    assert_eq!((e.0, e.1, e.2), (None, Some(Signum::SIGTERM), Some(false)));
 }
 
 fn idle(exit_in_disconnect: bool) -> Settings {
@@ -246,7 +247,7 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
     for w in &ws {
         let (code, signal) = w.exit_status().unwrap();
         assert!(
-            code == Some(0) || signal == Some(15),
+            code == Some(0) || signal == Some(Signum::SIGTERM),
             "worker {}: {code:?} {signal:?}",
             w.id()
         );
@@ -340,16 +341,15 @@ fn no_exit_while_a_connection_is_open_rust_worker() {
 #[test]
 fn helper_hold() {
     as_worker("helper_hold", |lp, _| {
-        let s = Server::new(|lp, s, c| {
-            let uvcluster::net::Conn::Tcp(t) = c else {
+        let s = Server::new(lp, |lp, s, c| {
+            let uvcluster::uv::Stream::Tcp(t) = c else {
                 unreachable!()
             };
             let pid = std::process::id().to_string();
             lp.write(t, &[pid.as_bytes()], |_, _, _| {}).unwrap();
-            let s = s.clone();
             lp.read_start(t, move |lp, t, r| {
                 if !matches!(r, Ok(d) if !d.is_empty()) {
-                    s.close_connection(lp, uvcluster::net::Conn::Tcp(t));
+                    s.close_connection(lp, uvcluster::uv::Stream::Tcp(t));
                 }
             })
             .unwrap();
@@ -386,12 +386,17 @@ fn no_exit(settings: Settings) {
                 // must still be there, and connected, after it.
                 let t = lp.timer_init();
                 let (w, l) = (w.clone(), l.clone());
-                lp.timer_start(t, 300, 0, move |lp, t| {
-                    lp.close(t, |_| {}).unwrap();
-                    assert!(!w.is_dead(), "the worker stayed alive");
-                    l.push("client-close:1");
-                    lp.close(h, |_| {}).unwrap();
-                })
+                lp.timer_start(
+                    t,
+                    Duration::from_millis(300),
+                    Duration::ZERO,
+                    move |lp, t| {
+                        lp.close(t, |_| {}).unwrap();
+                        assert!(!w.is_dead(), "the worker stayed alive");
+                        l.push("client-close:1");
+                        lp.close(h, |_| {}).unwrap();
+                    },
+                )
                 .unwrap();
             })
             .unwrap();
@@ -428,7 +433,13 @@ fn node_primary_exits_and_the_rust_worker_follows() {
     // on a loop timer, driving the loop to a deadline.
     let mut lp = uvcluster::uv::Loop::new().unwrap();
     let tick = lp.timer_init();
-    lp.timer_start(tick, 5, 5, |_, _| {}).unwrap();
+    lp.timer_start(
+        tick,
+        Duration::from_millis(5),
+        Duration::from_millis(5),
+        |_, _| {},
+    )
+    .unwrap();
     util::run_until(&mut lp, 10_000, move |_| {
         nix::sys::signal::kill(pid, None).is_err()
     });
@@ -468,7 +479,7 @@ fn node_primary_lifecycle_of_rust_workers() {
 fn helper_lifecycle() {
     as_worker("helper_lifecycle", |lp, w| {
         let how = std::env::var("HOW").unwrap();
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), move |lp, _, r| {
             r.unwrap();
             match how.as_str() {

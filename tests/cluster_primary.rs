@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use util::*;
@@ -19,7 +20,7 @@ use uvcluster::cluster::protocol::AddressType;
 use uvcluster::cluster::{
     ClusterError, HandoffFailure, HandoffOutcome, Primary, SchedulingPolicy, Settings, Worker,
 };
-use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, StreamType};
+use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, Signum, StreamType};
 
 // ----- helpers ---------------------------------------------------------------
 
@@ -505,7 +506,7 @@ fn kill_sends_sigterm_and_exited_after_disconnect_is_false() {
     let exits = exits.borrow();
     assert_eq!(exits.len(), 1);
     let (code, sig, ead, _) = exits[0];
-    assert_eq!((code, sig, ead), (None, Some(15), Some(false)));
+    assert_eq!((code, sig, ead), (None, Some(Signum::SIGTERM), Some(false)));
     let ev = events_of(&log, w.id());
     assert_eq!(ev.len(), 4, "{ev:?}");
     assert!(ev.contains(&"disconnect".to_string()));
@@ -865,7 +866,7 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
             *acc.borrow_mut().entry(w.id()).or_default() = msg["n"].as_u64().unwrap() as usize
         }
         "stalled" => {
-            w.kill(lp, Some(9)).unwrap();
+            w.kill(lp, Some(Signum::SIGKILL)).unwrap();
             let _ = &p4;
         }
         _ => {}
@@ -900,7 +901,10 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
     assert_eq!(acc.get(&2).copied().unwrap_or(0), by2);
     let mut exits = exits.borrow().clone();
     exits.sort();
-    assert_eq!(exits, [(1, None, Some(9)), (2, Some(0), None)]);
+    assert_eq!(
+        exits,
+        [(1, None, Some(Signum::SIGKILL)), (2, Some(0), None)]
+    );
     for r in reports.borrow().iter() {
         assert!(
             matches!(
@@ -1093,9 +1097,11 @@ fn fake_worker_helper() {
         return;
     }
     let mut lp = Loop::new().unwrap();
-    let fd: i32 = std::env::var("NODE_CHANNEL_FD").unwrap().parse().unwrap();
+    let fd = uvcluster::uv::take_env_fd("NODE_CHANNEL_FD")
+        .unwrap()
+        .unwrap();
     let pipe = lp.pipe_init(false);
-    lp.pipe_open_inherited(pipe, fd).unwrap();
+    lp.pipe_open(pipe, fd).unwrap();
     let lines: &[&[u8]] = &[
         b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":0}\n",
         b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"seq\":1}\n",
@@ -1427,8 +1433,10 @@ fn fake_serve(fd: std::os::fd::OwnedFd) {
 /// Keeps the process alive, without its channel, until it is killed.
 fn fake_live_on(lp: &mut Loop) {
     let t = lp.timer_init();
-    lp.timer_start(t, 60_000, 0, |_, _| std::process::exit(0))
-        .unwrap();
+    lp.timer_start(t, Duration::from_millis(60_000), Duration::ZERO, |_, _| {
+        std::process::exit(0)
+    })
+    .unwrap();
 }
 
 /// One line from the primary; `true` once the fake stopped reading.
@@ -1541,9 +1549,11 @@ fn handoff_fake_helper() {
         None => (mode, 0),
     };
     let mut lp = Loop::new().unwrap();
-    let fd: i32 = std::env::var("NODE_CHANNEL_FD").unwrap().parse().unwrap();
+    let fd = uvcluster::uv::take_env_fd("NODE_CHANNEL_FD")
+        .unwrap()
+        .unwrap();
     let pipe = lp.pipe_init(true);
-    lp.pipe_open_inherited(pipe, fd).unwrap();
+    lp.pipe_open(pipe, fd).unwrap();
     fake_send(
         &mut lp,
         pipe,
@@ -1727,7 +1737,7 @@ fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec
         r.borrow_mut()
             .push((w.map(Worker::id), *failure, *outcome, *connections));
         if *failure == HandoffFailure::Unread {
-            w.unwrap().kill(lp, Some(9)).unwrap();
+            w.unwrap().kill(lp, Some(Signum::SIGKILL)).unwrap();
         }
     });
     p.on_disconnect(|lp, w| {

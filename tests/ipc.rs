@@ -13,13 +13,14 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Stdio};
 use std::rc::Rc;
+use std::time::Duration;
 
 use nix::sys::socket::{
     AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, UnixCredentials,
     sendmsg, setsockopt, socketpair, sockopt,
 };
 use util::*;
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, PendingType, Pipe, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, PendingType, Pipe, Socket, Tcp};
 
 fn raw_pair() -> (OwnedFd, OwnedFd) {
     socketpair(
@@ -125,12 +126,12 @@ fn ipc_pipe_sendmsg_four_fds() {
         while lp.pipe_pending_count(p) > 0 {
             types.push(lp.pipe_pending_type(p).unwrap());
             match lp.pipe_accept_pending(p).unwrap() {
-                Accepted::Tcp(h) => {
+                Socket::Tcp(h) => {
                     assert!(lp.tcp_getsockname(h).is_ok());
                     lp.close(h, |_| {}).unwrap();
                 }
-                Accepted::Pipe(h) => lp.close(h, |_| {}).unwrap(),
-                Accepted::Udp(h) => {
+                Socket::Pipe(h) => lp.close(h, |_| {}).unwrap(),
+                Socket::Udp(h) => {
                     assert!(lp.udp_getsockname(h).is_ok());
                     lp.close(h, |_| {}).unwrap();
                 }
@@ -186,7 +187,7 @@ fn ipc_reads_past_fd_messages_on_one_edge() {
         while let Ok(acc) = lp.pipe_accept_pending(p) {
             g.1 += 1;
             match acc {
-                Accepted::Pipe(h) => lp.close(h, |_| {}).unwrap(),
+                Socket::Pipe(h) => lp.close(h, |_| {}).unwrap(),
                 other => panic!("expected a pipe, got {other:?}"),
             }
         }
@@ -200,12 +201,17 @@ fn ipc_reads_past_fd_messages_on_one_edge() {
     let t = lp.timer_init();
     let tx = Rc::new(tx);
     let (g, tx2) = (got.clone(), tx.clone());
-    lp.timer_start(t, 1, 1, move |lp, t| {
-        if g.borrow().0.ends_with(b"four ") {
-            send_raw(&tx2, b"five", &[]);
-            lp.close(t, |_| {}).unwrap();
-        }
-    })
+    lp.timer_start(
+        t,
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+        move |lp, t| {
+            if g.borrow().0.ends_with(b"four ") {
+                send_raw(&tx2, b"five", &[]);
+                lp.close(t, |_| {}).unwrap();
+            }
+        },
+    )
     .unwrap();
     run_with_deadline(&mut lp, 5000);
     let got = got.borrow();
@@ -354,7 +360,7 @@ fn helper_shared_server() {
                 b'S' => {
                     assert_eq!(lp.pipe_pending_count(pipe), 1);
                     assert_eq!(lp.pipe_pending_type(pipe), Some(PendingType::Tcp));
-                    let Accepted::Tcp(t) = lp.pipe_accept_pending(pipe).unwrap() else {
+                    let Socket::Tcp(t) = lp.pipe_accept_pending(pipe).unwrap() else {
                         panic!("expected TCP");
                     };
                     lp.tcp_listen(t, 128, |lp, _, c| {
@@ -454,7 +460,7 @@ fn helper_echo_connection() {
             return;
         }
         assert_eq!(data, b"C");
-        let Accepted::Tcp(c) = lp.pipe_accept_pending(pipe).unwrap() else {
+        let Socket::Tcp(c) = lp.pipe_accept_pending(pipe).unwrap() else {
             panic!("expected TCP");
         };
         assert!(lp.tcp_getpeername(c).is_ok(), "a connected socket");
@@ -490,7 +496,7 @@ fn ipc_child_sends_handle_back() {
         }
         assert_eq!(data, b"B");
         assert_eq!(lp.pipe_pending_count(pipe), 1);
-        let Accepted::Tcp(srv) = lp.pipe_accept_pending(pipe).unwrap() else {
+        let Socket::Tcp(srv) = lp.pipe_accept_pending(pipe).unwrap() else {
             panic!("expected TCP");
         };
         let addr = lp.tcp_getsockname(srv).unwrap();
@@ -726,7 +732,7 @@ fn ipc_unexpected_credentials_ignored() {
         }
         g.borrow_mut().extend_from_slice(d);
         while lp.pipe_pending_count(p) > 0 {
-            let Accepted::Udp(u) = lp.pipe_accept_pending(p).unwrap() else {
+            let Socket::Udp(u) = lp.pipe_accept_pending(p).unwrap() else {
                 panic!("expected UDP");
             };
             f.hit();

@@ -8,13 +8,14 @@ mod util;
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use util::*;
 use uvcluster::ipc::{
     AfterAck, Attach, Channel, ChannelError, ChannelOptions, FrameError, HandleKind, RawMessage,
 };
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, Pipe, RunMode, Tcp, Udp};
+use uvcluster::uv::{BindFlags, Handle, Loop, Pipe, RunMode, Socket, Tcp, Udp};
 
 type Shared<T> = Rc<RefCell<Vec<T>>>;
 
@@ -53,7 +54,7 @@ impl Raw {
     fn write(&self, lp: &mut Loop, bytes: &[u8]) {
         lp.write(self.pipe, &[bytes], |_, _, r| r.unwrap()).unwrap();
     }
-    fn write_with<S: uvcluster::uv::Sendable>(&self, lp: &mut Loop, bytes: &[u8], h: Handle<S>) {
+    fn write_with(&self, lp: &mut Loop, bytes: &[u8], h: impl Into<uvcluster::uv::Socket>) {
         lp.write2(self.pipe, &[bytes], h, |_, _, r| r.unwrap())
             .unwrap();
     }
@@ -87,7 +88,7 @@ fn record(lp: &mut Loop, ch: &Channel) -> (Shared<Value>, Shared<ChannelError>, 
     let (m, e, d) = (msgs.clone(), errs.clone(), disc.clone());
     ch.on_message(lp, move |lp, _, v, h| {
         if let Some(h) = h {
-            uvcluster::ipc::close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         m.borrow_mut().push(v)
     });
@@ -260,13 +261,18 @@ fn channel_one_message_over_many_reads() {
     let pipe = r.pipe;
     let t = lp.timer_init();
     let g = got.clone();
-    lp.timer_start(t, 0, 1, move |lp, t| match chunks.borrow_mut().next() {
-        Some(c) => {
-            assert!(g.borrow().is_empty(), "delivered before its newline");
-            lp.write(pipe, &[&c], |_, _, r| r.unwrap()).unwrap();
-        }
-        None => lp.close(t, |_| {}).unwrap(),
-    })
+    lp.timer_start(
+        t,
+        Duration::ZERO,
+        Duration::from_millis(1),
+        move |lp, t| match chunks.borrow_mut().next() {
+            Some(c) => {
+                assert!(g.borrow().is_empty(), "delivered before its newline");
+                lp.write(pipe, &[&c], |_, _, r| r.unwrap()).unwrap();
+            }
+            None => lp.close(t, |_| {}).unwrap(),
+        },
+    )
     .unwrap();
     let g = got.clone();
     run_until(&mut lp, 10_000, move |_| !g.borrow().is_empty());
@@ -299,8 +305,8 @@ fn channel_sends_tcp_listener() {
     let l = log.clone();
     b.on_message(&mut lp, move |lp, ch, msg, h| {
         assert_eq!(msg, json!({"what": "server"}));
-        let Some(Accepted::Tcp(listener)) = h else {
-            panic!("expected Accepted::Tcp, got {h:?}")
+        let Some(Socket::Tcp(listener)) = h else {
+            panic!("expected Socket::Tcp, got {h:?}")
         };
         assert_eq!(lp.tcp_getsockname(listener).unwrap(), addr);
         let (ch, l2) = (ch.clone(), l.clone());
@@ -372,8 +378,8 @@ fn channel_sends_connected_tcp_socket_and_closes_its_copy_on_ack() {
     .unwrap();
     b.on_message(&mut lp, |lp, _, msg, h| {
         assert_eq!(msg, json!({"what": "socket"}));
-        let Some(Accepted::Tcp(s)) = h else {
-            panic!("expected Accepted::Tcp, got {h:?}")
+        let Some(Socket::Tcp(s)) = h else {
+            panic!("expected Socket::Tcp, got {h:?}")
         };
         lp.write(s, &[b"via b"], |lp, s, r| {
             r.unwrap();
@@ -419,8 +425,8 @@ fn channel_sends_udp_socket_and_keeps_its_copy() {
             }
             return;
         }
-        let Some(Accepted::Udp(v)) = h else {
-            panic!("expected Accepted::Udp, got {h:?}")
+        let Some(Socket::Udp(v)) = h else {
+            panic!("expected Socket::Udp, got {h:?}")
         };
         assert_eq!(lp.udp_getsockname(v).unwrap(), addr);
         let (l, ch) = (l.clone(), ch.clone());
@@ -458,8 +464,8 @@ fn channel_sends_unix_socket() {
     a.send_handle(&mut lp, json!({"what": "unix"}), attach, Map::new(), None)
         .unwrap();
     b.on_message(&mut lp, |lp, _, _, h| {
-        let Some(Accepted::Pipe(p)) = h else {
-            panic!("expected Accepted::Pipe, got {h:?}")
+        let Some(Socket::Pipe(p)) = h else {
+            panic!("expected Socket::Pipe, got {h:?}")
         };
         lp.write(p, &[b"over unix"], |lp, p, r| {
             r.unwrap();
@@ -615,7 +621,7 @@ fn channel_handles_both_ways_at_once_do_not_deadlock() {
         ch.on_message(&mut lp, move |lp, _, v, h| {
             g.borrow_mut().push((v, h.is_some()));
             if let Some(h) = h {
-                uvcluster::ipc::close_accepted(lp, h);
+                lp.close_if_open(h);
             }
         });
         ends.push(got);
@@ -730,7 +736,7 @@ fn channel_send_cluster_replies_by_ack() {
             None,
             Some(Box::new(move |lp, _, v, h| {
                 assert_eq!(v["act"], "r2");
-                let Some(Accepted::Tcp(t)) = h else {
+                let Some(Socket::Tcp(t)) = h else {
                     panic!("expected a TCP handle with the reply, got {h:?}")
                 };
                 lp.close(t, |_| {}).unwrap();
@@ -1085,7 +1091,7 @@ fn record_raw(lp: &mut Loop, ch: &Channel) -> (Shared<RawMessage>, Shared<Channe
     let (m, e) = (msgs.clone(), errs.clone());
     ch.on_message_raw(lp, move |lp, _, v, h| {
         if let Some(h) = h {
-            uvcluster::ipc::close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         m.borrow_mut().push(v)
     });
@@ -1163,7 +1169,7 @@ fn lone_surrogate_handle_message_is_acked_and_delivered() {
     a.on_message_raw(&mut lp, move |lp, _, m, h| {
         if let Some(h) = h {
             hc.hit();
-            uvcluster::ipc::close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         g.borrow_mut().push(m);
     });

@@ -18,8 +18,8 @@ use std::rc::Rc;
 use util::*;
 use uvcluster::cluster::{self, ClusterError, Primary, SchedulingPolicy, Settings};
 use uvcluster::ipc::{ChannelError, DEFAULT_MAX_BAD_LINES, DEFAULT_REPORT_BAD_LINES, FrameError};
-use uvcluster::net::{Conn, ListenOptions, Server};
-use uvcluster::uv::{Loop, RunMode};
+use uvcluster::net::{ListenOptions, Server};
+use uvcluster::uv::{Loop, RunMode, Stream};
 
 const HELPER: &str = "helper_flood_cluster_worker";
 const GARBAGE_LINES: usize = 200_000;
@@ -39,27 +39,26 @@ fn helper_flood_cluster_worker() {
         .expect("started as a worker");
     match std::env::var("ROLE").unwrap().as_str() {
         "serve" => {
-            let server = Server::new(|lp, server, conn| {
-                let Conn::Tcp(t) = conn else {
+            let server = Server::new(&mut lp, |lp, server, conn| {
+                let Stream::Tcp(t) = conn else {
                     return server.close_connection(lp, conn);
                 };
-                let server = server.clone();
                 let mut req = Vec::new();
                 lp.read_start(t, move |lp, t, r| match r {
                     Ok(d) if !d.is_empty() => {
                         req.extend_from_slice(d);
                         if req.windows(4).any(|w| w == b"\r\n\r\n") {
                             lp.read_stop(t).unwrap();
-                            let s = server.clone();
+                            let s = server;
                             lp.write(
                                 t,
                                 &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
-                                move |lp, t, _| s.close_connection(lp, Conn::Tcp(t)),
+                                move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)),
                             )
                             .unwrap();
                         }
                     }
-                    _ => server.close_connection(lp, Conn::Tcp(t)),
+                    _ => server.close_connection(lp, Stream::Tcp(t)),
                 })
                 .unwrap();
             });

@@ -6,6 +6,7 @@
 mod util;
 
 use std::io;
+use std::time::Duration;
 
 use util::*;
 use uvcluster::uv::{AnyHandle, Loop, RunMode, StaleHandle};
@@ -21,7 +22,10 @@ fn loop_alive() {
     );
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(t, 1, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, move |_, _| {
+        h.hit()
+    })
+    .unwrap();
     assert!(lp.alive());
     assert!(!lp.run(RunMode::Default).unwrap());
     assert_eq!(hits.get(), 1);
@@ -38,19 +42,27 @@ fn loop_stop() {
     let t = lp.timer_init();
     let ticks = Counter::new();
     let k = ticks.clone();
-    lp.timer_start(t, 1, 1, move |lp, _| {
-        k.hit();
-        if k.get() == 3 {
-            lp.stop();
-        }
-    })
+    lp.timer_start(
+        t,
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+        move |lp, _| {
+            k.hit();
+            if k.get() == 3 {
+                lp.stop();
+            }
+        },
+    )
     .unwrap();
     // stop ends DEFAULT after the current iteration, while still alive.
     assert!(lp.run(RunMode::Default).unwrap());
     assert_eq!(ticks.get(), 3);
     // The flag is cleared: running again continues.
     let k = ticks.clone();
-    lp.timer_start(t, 1, 0, move |_, _| k.hit()).unwrap();
+    lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, move |_, _| {
+        k.hit()
+    })
+    .unwrap();
     assert!(!lp.run(RunMode::Default).unwrap());
     assert_eq!(ticks.get(), 4);
     lp.close(t, |_| {}).unwrap();
@@ -64,7 +76,8 @@ fn loop_stop_before_run() {
     let t = lp.timer_init();
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(t, 0, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| h.hit())
+        .unwrap();
     lp.stop();
     assert!(lp.run(RunMode::Default).unwrap());
     assert_eq!(hits.get(), 0, "a stop before run runs nothing");
@@ -103,7 +116,13 @@ fn run_nowait_does_not_block() {
     let t = lp.timer_init();
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(t, 100, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(
+        t,
+        Duration::from_millis(100),
+        Duration::ZERO,
+        move |_, _| h.hit(),
+    )
+    .unwrap();
     assert!(lp.run(RunMode::NoWait).unwrap());
     assert_eq!(hits.get(), 0);
     lp.close(t, |_| {}).unwrap();
@@ -115,11 +134,15 @@ fn run_nowait_does_not_block() {
 fn update_time_and_backend_timeout() {
     let mut lp = Loop::new().unwrap();
     // No timers and nothing active: poll would not block.
-    assert_eq!(lp.backend_timeout(), Some(0));
+    assert_eq!(lp.backend_timeout(), Some(Duration::ZERO));
     let t = lp.timer_init();
-    lp.timer_start(t, 1000, 0, |_, _| {}).unwrap();
+    lp.timer_start(t, Duration::from_millis(1000), Duration::ZERO, |_, _| {})
+        .unwrap();
     let due = lp.backend_timeout().unwrap();
-    assert!((999..=1000).contains(&due), "{due}");
+    assert!(
+        (Duration::from_millis(999)..=Duration::from_millis(1000)).contains(&due),
+        "{due:?}"
+    );
     let start = lp.now();
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(3);
     while std::time::Instant::now() < deadline {
@@ -140,7 +163,7 @@ fn only_check_handle_blocks_forever() {
     assert_eq!(lp.backend_timeout(), None);
     let i = lp.idle_init();
     lp.idle_start(i, |_, _| {}).unwrap();
-    assert_eq!(lp.backend_timeout(), Some(0));
+    assert_eq!(lp.backend_timeout(), Some(Duration::ZERO));
     lp.close(c, |_| {}).unwrap();
     lp.close(i, |_| {}).unwrap();
     lp.run(RunMode::Default).unwrap();
@@ -158,7 +181,7 @@ fn phase_order_default_and_once() {
         let t = lp.timer_init();
         let (i, p, c) = (lp.idle_init(), lp.prepare_init(), lp.check_init());
         let l = log.clone();
-        lp.timer_start(t, 0, 0, move |lp, t| {
+        lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
             l.push("timer");
             lp.close(t, |_| {}).unwrap();
         })
@@ -309,10 +332,15 @@ fn idle_does_not_starve_timers() {
     let spins = Counter::new();
     let s = spins.clone();
     lp.idle_start(idle, move |_, _| s.hit()).unwrap();
-    lp.timer_start(t, 20, 0, move |lp, t| {
-        lp.close(idle, |_| {}).unwrap();
-        lp.close(t, |_| {}).unwrap();
-    })
+    lp.timer_start(
+        t,
+        Duration::from_millis(20),
+        Duration::ZERO,
+        move |lp, t| {
+            lp.close(idle, |_| {}).unwrap();
+            lp.close(t, |_| {}).unwrap();
+        },
+    )
     .unwrap();
     run_with_deadline(&mut lp, 5000);
     assert!(spins.get() > 1);
@@ -342,11 +370,13 @@ fn active_and_closing_flags() {
     let mut lp = Loop::new().unwrap();
     let t = lp.timer_init();
     assert!(!lp.is_active(t) && !lp.is_closing(t));
-    lp.timer_start(t, 10, 0, |_, _| {}).unwrap();
+    lp.timer_start(t, Duration::from_millis(10), Duration::ZERO, |_, _| {})
+        .unwrap();
     assert!(lp.is_active(t));
     lp.timer_stop(t).unwrap();
     assert!(!lp.is_active(t));
-    lp.timer_start(t, 10, 0, |_, _| {}).unwrap();
+    lp.timer_start(t, Duration::from_millis(10), Duration::ZERO, |_, _| {})
+        .unwrap();
     lp.close(t, |_| {}).unwrap();
     assert!(!lp.is_active(t) && lp.is_closing(t));
     lp.run(RunMode::Default).unwrap();
@@ -370,7 +400,8 @@ fn unref_handles_do_not_keep_the_loop_alive() {
     let h = hits.clone();
     lp.check_start(c, move |_, _| h.hit()).unwrap();
     let h = hits.clone();
-    lp.timer_start(t, 0, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| h.hit())
+        .unwrap();
     for r in [
         lp.unref_handle(i),
         lp.unref_handle(p),
@@ -474,13 +505,16 @@ fn stale_handles_and_double_close_are_errors() {
     let again = lp.close(t, |_| panic!("dropped, never called"));
     assert_eq!(again.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     lp.run(RunMode::Default).unwrap();
-    let err = lp.timer_start(t, 1, 0, |_, _| {}).unwrap_err();
+    let err = lp
+        .timer_start(t, Duration::from_millis(1), Duration::ZERO, |_, _| {})
+        .unwrap_err();
     assert!(err.get_ref().unwrap().is::<StaleHandle>());
     // The slot is reused by a new handle; the old id still does not reach it.
     let t2 = lp.timer_init();
     assert!(lp.timer_stop(t).is_err());
     assert!(!lp.is_active(t));
-    lp.timer_start(t2, 1, 0, |_, _| {}).unwrap();
+    lp.timer_start(t2, Duration::from_millis(1), Duration::ZERO, |_, _| {})
+        .unwrap();
     assert!(lp.close(t, |_| {}).is_err());
     assert!(lp.is_active(t2));
     lp.close(t2, |_| {}).unwrap();
@@ -494,7 +528,7 @@ fn run_is_not_reentrant() {
     let t = lp.timer_init();
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(t, 0, 0, move |lp, t| {
+    lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
         assert!(lp.run(RunMode::NoWait).is_err());
         h.hit();
         lp.close(t, |_| {}).unwrap();
@@ -502,5 +536,113 @@ fn run_is_not_reentrant() {
     .unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_eq!(hits.get(), 1);
+    assert_loop_empty(&lp);
+}
+
+/// `close_if_open` closes a handle unless it is already closing, with no
+/// close callback, and says whether it did; the handle ends exactly as
+/// with `close`: a queued write is cancelled with `ECANCELED` first.
+#[test]
+fn close_if_open_is_quiet_and_idempotent() {
+    let mut lp = Loop::new().unwrap();
+    let t = lp.timer_init();
+    assert!(lp.close_if_open(t), "an open handle is closed");
+    assert!(lp.is_closing(t));
+    assert!(!lp.close_if_open(t), "a closing handle is left alone");
+    assert!(lp.close(t, |_| {}).is_err(), "close still refuses it");
+
+    let (a, b) = lp.pipe_pair(false).unwrap();
+    let cancelled = Counter::new();
+    let c = cancelled.clone();
+    let big = vec![1u8; 8 << 20];
+    lp.write(a, &[&big], move |_, _, r| {
+        assert_eq!(
+            r.unwrap_err().raw_os_error(),
+            Some(nix::libc::ECANCELED),
+            "the queued write ends with the handle"
+        );
+        c.hit();
+    })
+    .unwrap();
+    assert!(lp.write_queue_size(a) > 0, "the write is queued");
+    assert!(lp.close_if_open(a));
+    assert!(lp.close_if_open(b));
+    lp.run(RunMode::Default).unwrap();
+    assert_eq!(cancelled.get(), 1);
+    assert!(!lp.close_if_open(t), "a stale id is left alone");
+    assert!(!lp.close_if_open(a));
+    assert_loop_empty(&lp);
+}
+
+/// One `close` takes a typed id, a `Socket`, a `Stream` or an `AnyHandle`,
+/// and so do the other operations every handle has: no caller matches on
+/// a socket's kind to close it.
+#[test]
+fn close_takes_sockets_streams_and_any_handles() {
+    use uvcluster::uv::{Socket, Stream};
+
+    let mut lp = Loop::new().unwrap();
+    let (a, b) = lp.pipe_pair(false).unwrap();
+    let t = lp.tcp_init();
+    let u = lp.udp_init();
+    let timer = lp.timer_init();
+    let (sa, sb, st): (Socket, Stream, Socket) = (a.into(), b.into(), t.into());
+    assert_eq!(sa, Socket::Pipe(a));
+    assert_eq!(sb, Stream::Pipe(b));
+    assert_eq!(Stream::try_from(st), Ok(Stream::Tcp(t)));
+    assert!(
+        Stream::try_from(Socket::from(u)).is_err(),
+        "UDP is no stream"
+    );
+    assert_eq!(AnyHandle::from(sb), AnyHandle::Pipe(b));
+
+    // The stream operations without a callback take a `Stream` too.
+    lp.read_start(b, |_, _, _| {}).unwrap();
+    assert!(lp.is_reading(sb) && lp.is_active(sb));
+    lp.unref_handle(sb).unwrap();
+    assert!(!lp.has_ref(b));
+    lp.read_stop(sb).unwrap();
+    assert!(!lp.is_reading(b));
+    assert_eq!(lp.write_queue_size(sb), 0);
+
+    let closed = Counter::new();
+    for h in [
+        AnyHandle::from(sa),
+        AnyHandle::from(sb),
+        AnyHandle::from(Socket::Udp(u)),
+        AnyHandle::from(timer),
+    ] {
+        let c = closed.clone();
+        lp.close(h, move |_| c.hit()).unwrap();
+        assert!(lp.is_closing(h));
+    }
+    let c = closed.clone();
+    lp.close(st, move |_| c.hit()).unwrap();
+    assert!(lp.is_closing(t));
+    lp.run(RunMode::Default).unwrap();
+    assert_eq!(closed.get(), 5);
+    assert!(lp.close(sa, |_| {}).is_err(), "stale through any id");
+    assert_loop_empty(&lp);
+}
+
+/// Timer arguments are `Duration`s in the loop's whole milliseconds,
+/// rounded up: a timer never fires before its timeout.
+#[test]
+fn timer_durations_round_up_to_whole_milliseconds() {
+    let mut lp = Loop::new().unwrap();
+    let t = lp.timer_init();
+    lp.timer_start(
+        t,
+        Duration::from_micros(1500),
+        Duration::from_nanos(1),
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(lp.timer_due_in(t).unwrap(), Duration::from_millis(2));
+    assert_eq!(lp.timer_repeat(t).unwrap(), Duration::from_millis(1));
+    lp.timer_set_repeat(t, Duration::from_micros(2001)).unwrap();
+    assert_eq!(lp.timer_repeat(t).unwrap(), Duration::from_millis(3));
+    lp.close(t, |_| {}).unwrap();
+    lp.run(RunMode::Default).unwrap();
     assert_loop_empty(&lp);
 }

@@ -146,8 +146,8 @@ fn as_worker(name: &str, body: impl FnOnce(&mut Loop, cluster::Worker)) {
     lp.run(RunMode::Default).unwrap();
 }
 
-fn listen_then(lp: &mut Loop, f: impl FnOnce(&mut Loop, &Server) + 'static) {
-    let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+fn listen_then(lp: &mut Loop, f: impl FnOnce(&mut Loop, Server) + 'static) {
+    let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
     s.listen(lp, ListenOptions::port(0), move |lp, s, r| {
         r.unwrap();
         f(lp, s)
@@ -213,7 +213,7 @@ fn node_primary_sees_worker_exit_code() {
 fn helper_eaddrinuse() {
     as_worker("helper_eaddrinuse", |lp, w| {
         let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
-        let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+        let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         let w2 = w.clone();
         s.listen(lp, ListenOptions::port(port), move |lp, _, r| {
             let e = r.unwrap_err();
@@ -227,7 +227,7 @@ fn helper_eaddrinuse() {
         .unwrap();
         w.on_message(move |lp, w, msg, _| {
             assert_eq!(msg["op"], "retry");
-            let s = Server::new(|lp, s, c| s.close_connection(lp, c));
+            let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
             s.listen(lp, ListenOptions::port(port), move |lp, s, r| {
                 assert_eq!(r.unwrap().port(), Some(port));
                 let w = cluster::setup_worker(lp).unwrap().unwrap();

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use serde_json::{Value, json};
 use util::*;
 use uvcluster::ipc::{AfterAck, Attach, Channel, ForkOptions, HandleKind, fork};
-use uvcluster::uv::{Accepted, BindFlags, Loop};
+use uvcluster::uv::{BindFlags, Loop, Socket};
 
 fn node_script(name: &str) -> PathBuf {
     util::require_node();
@@ -27,7 +27,7 @@ fn rust_parent_node_child_messages_both_ways() {
     let e = exits.clone();
     let mut opts = ForkOptions::node(node_script("child.js"));
     opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
-        assert_eq!((status, sig), (0, 0));
+        assert_eq!((status, sig), (0, None));
         e.hit();
         lp.close(p, |_| {}).unwrap();
     }));
@@ -143,7 +143,7 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
                     ch.send(lp, &json!({"op":"send-back"}), None).unwrap();
                 }
                 "here" => {
-                    let Some(Accepted::Tcp(sock)) = h else {
+                    let Some(Socket::Tcp(sock)) = h else {
                         panic!("expected a TCP socket, got {h:?}")
                     };
                     let ch = ch.clone();
@@ -181,7 +181,7 @@ fn rust_parent_node_child_env_udp_and_parent_disconnect() {
     let mut opts = ForkOptions::node(node_script("child.js"));
     opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
         // The child exits 0 on its own once we disconnect.
-        assert_eq!((status, sig), (0, 0));
+        assert_eq!((status, sig), (0, None));
         e.hit();
         lp.close(p, |_| {}).unwrap();
     }));
@@ -246,7 +246,7 @@ fn rust_parent_sees_node_child_exit_status() {
     let e = exits.clone();
     let mut opts = ForkOptions::node(node_script("child.js"));
     opts.process.on_exit = Some(Box::new(move |lp, p, status, sig| {
-        assert_eq!((status, sig), (7, 0));
+        assert_eq!((status, sig), (7, None));
         e.hit();
         lp.close(p, |_| {}).unwrap();
     }));
@@ -351,7 +351,7 @@ fn helper_rust_child() {
                 .send(lp, &json!({"op": "echo", "payload": msg["payload"]}), None)
                 .unwrap(),
             "server" => {
-                let Some(Accepted::Tcp(l)) = h else {
+                let Some(Socket::Tcp(l)) = h else {
                     panic!("expected a TCP server, got {h:?}")
                 };
                 assert_eq!(lp.tcp_getsockname(l).unwrap().port(), msg["port"]);
@@ -368,7 +368,7 @@ fn helper_rust_child() {
                     .unwrap();
             }
             "socket" => {
-                let Some(Accepted::Tcp(s)) = h else {
+                let Some(Socket::Tcp(s)) = h else {
                     panic!("expected a TCP socket, got {h:?}")
                 };
                 let buf = Rc::new(RefCell::new(Vec::new()));
@@ -564,14 +564,15 @@ fn helper_surrogate_worker() {
     if !is_helper("helper_surrogate_worker") {
         return;
     }
-    use uvcluster::net::{Conn, ListenOptions, Server};
+    use uvcluster::net::{ListenOptions, Server};
+    use uvcluster::uv::Stream;
     let mut lp = Loop::new().unwrap();
     let w = uvcluster::cluster::setup_worker(&mut lp)
         .unwrap()
         .expect("started as a worker");
     w.on_message_raw(|lp, w, m, h| {
         if let Some(h) = h {
-            uvcluster::ipc::close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         // {"note":"a\ud800b"} -> {"got":"a\ud800b","handle":..,"is_exact":..}
         let text = String::from_utf8(m.json().into_owned()).unwrap();
@@ -588,27 +589,26 @@ fn helper_surrogate_worker() {
         w.send_raw(lp, &reply).unwrap();
     });
     let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
-    let server = Server::new(|lp, server, conn| {
-        let Conn::Tcp(t) = conn else {
+    let server = Server::new(&mut lp, |lp, server, conn| {
+        let Stream::Tcp(t) = conn else {
             return server.close_connection(lp, conn);
         };
-        let server = server.clone();
         let mut req = Vec::new();
         lp.read_start(t, move |lp, t, r| match r {
             Ok(d) if !d.is_empty() => {
                 req.extend_from_slice(d);
                 if req.windows(4).any(|w| w == b"\r\n\r\n") {
                     lp.read_stop(t).unwrap();
-                    let s = server.clone();
+                    let s = server;
                     lp.write(
                         t,
                         &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
-                        move |lp, t, _| s.close_connection(lp, Conn::Tcp(t)),
+                        move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)),
                     )
                     .unwrap();
                 }
             }
-            _ => server.close_connection(lp, Conn::Tcp(t)),
+            _ => server.close_connection(lp, Stream::Tcp(t)),
         })
         .unwrap();
     });

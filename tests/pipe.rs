@@ -259,3 +259,117 @@ fn pipe_server_close() {
     assert!(!path.exists());
     assert_loop_empty(&lp);
 }
+
+/// `socket_open` makes a handle of the fd's kind from an `OwnedFd` (what
+/// Node's `listen({fd})` does with `uv_guess_handle`), and refuses an fd
+/// that is no socket we know with `ENOTSUP`, closing it: the handle or
+/// the error owns the fd, nothing leaks.
+#[test]
+fn socket_open_makes_a_handle_of_the_fds_kind() {
+    use std::os::fd::OwnedFd;
+    use uvcluster::uv::Socket;
+
+    let mut lp = Loop::new().unwrap();
+    let before = open_fds();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let Socket::Tcp(t) = lp.socket_open(OwnedFd::from(listener)).unwrap() else {
+        panic!("a TCP listener opens as a Handle<Tcp>");
+    };
+    assert_eq!(lp.tcp_getsockname(t).unwrap().port(), port);
+
+    let (x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+    let Socket::Pipe(p) = lp.socket_open(OwnedFd::from(x)).unwrap() else {
+        panic!("a Unix stream socket opens as a Handle<Pipe>");
+    };
+    assert!(!lp.pipe_is_ipc(p));
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uport = udp.local_addr().unwrap().port();
+    let Socket::Udp(u) = lp.socket_open(OwnedFd::from(udp)).unwrap() else {
+        panic!("a UDP socket opens as a Handle<Udp>");
+    };
+    assert_eq!(lp.udp_getsockname(u).unwrap().port(), uport);
+
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let err = lp.socket_open(OwnedFd::from(file)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::ENOTSUP));
+
+    for s in [Socket::Tcp(t), Socket::Pipe(p), Socket::Udp(u)] {
+        lp.close(s, |_| {}).unwrap();
+    }
+    lp.run(uvcluster::uv::RunMode::Default).unwrap();
+    drop(y);
+    assert_eq!(open_fds(), before, "every fd was closed by its owner");
+    assert_loop_empty(&lp);
+}
+
+/// `take_env_fd` adopts the fd a parent placed for this process and named
+/// in an environment variable, removes the variable so the fd is adopted
+/// once, and reports a value that is no fd number, or an fd that is not
+/// open, as a typed error. The parent places a socket at fd 3 with
+/// `Loop::spawn`; the child (this test, re-executed) adopts it and writes
+/// through it.
+#[test]
+fn take_env_fd_adopts_a_placed_fd_once() {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use uvcluster::uv::{ProcessOptions, RunMode, Stdio, take_env_fd};
+
+    const NAME: &str = "take_env_fd_adopts_a_placed_fd_once";
+    if is_helper(NAME) {
+        let fd = take_env_fd("UVC_TEST_FD")
+            .unwrap()
+            .expect("the fd is named");
+        assert!(
+            std::env::var_os("UVC_TEST_FD").is_none(),
+            "variable removed"
+        );
+        assert!(take_env_fd("UVC_TEST_FD").unwrap().is_none(), "taken once");
+        let e = take_env_fd("UVC_BAD_FD").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("UVC_BAD_FD=\"abc\""), "{e}");
+        assert!(std::env::var_os("UVC_BAD_FD").is_none(), "removed as well");
+        let e = take_env_fd("UVC_CLOSED_FD").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EBADF));
+        let mut lp = Loop::new().unwrap();
+        let p = lp.pipe_init(false);
+        lp.pipe_open(p, fd).unwrap();
+        lp.write(p, &[b"adopted"], |lp, p, r| {
+            r.unwrap();
+            lp.close(p, |_| {}).unwrap();
+        })
+        .unwrap();
+        lp.run(RunMode::Default).unwrap();
+        return;
+    }
+    let mut lp = Loop::new().unwrap();
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let status = std::rc::Rc::new(Cell::new(None));
+    let s = status.clone();
+    let exe = std::env::current_exe().unwrap();
+    lp.spawn(
+        ProcessOptions::new(&exe)
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env([
+                ("UVCLUSTER_TEST_HELPER", NAME),
+                ("UVC_TEST_FD", "3"),
+                ("UVC_BAD_FD", "abc"),
+                ("UVC_CLOSED_FD", "1000000"),
+            ])
+            .stdio(2, Stdio::Inherit)
+            .stdio(3, Stdio::Fd(theirs.as_fd()))
+            .on_exit(move |lp, p, code, sig| {
+                s.set(Some((code, sig)));
+                lp.close(p, |_| {}).unwrap();
+            }),
+    )
+    .unwrap();
+    drop(theirs);
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(status.get(), Some((0, None)), "the helper's checks passed");
+    let mut got = String::new();
+    ours.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "adopted");
+    assert_loop_empty(&lp);
+}

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use nix::libc;
 use util::*;
-use uvcluster::uv::{Handle, Loop, Pipe, ProcessOptions, SpawnError, Stdio};
+use uvcluster::uv::{Handle, Loop, Pipe, ProcessOptions, Signum, SpawnError, Stdio};
 
 /// The errno of a failed spawn, from the [`SpawnError`] it carries.
 fn spawn_errno(e: &std::io::Error) -> Option<i32> {
@@ -33,11 +33,11 @@ fn collect(lp: &mut Loop, pipe: Handle<Pipe>) -> Rc<RefCell<Vec<u8>>> {
 /// An exit callback that records `(status, signal)` and closes the handle.
 fn record_exit(
     exits: &Rc<RefCell<Vec<(i64, i32)>>>,
-) -> impl FnOnce(&mut Loop, Handle<uvcluster::uv::Process>, i64, i32) + 'static {
+) -> impl FnOnce(&mut Loop, Handle<uvcluster::uv::Process>, i64, Option<Signum>) + 'static {
     let e = exits.clone();
     move |lp, p, status, sig| {
         assert!(!lp.is_active(p), "a reaped process is inactive");
-        e.borrow_mut().push((status, sig));
+        e.borrow_mut().push((status, sig.map_or(0, Signum::as_raw)));
         lp.close(p, |_| {}).unwrap();
     }
 }
@@ -105,19 +105,19 @@ fn spawn_and_kill() {
             ProcessOptions::new("sleep")
                 .arg("100")
                 .on_exit(move |lp, p, status, sig| {
-                    e.borrow_mut().push((status, sig));
+                    e.borrow_mut().push((status, sig.map_or(0, Signum::as_raw)));
                     assert!(lp.process_exited(p).unwrap());
                     // Once reaped, the pid may be someone else's: ESRCH.
-                    let err = lp.process_kill(p, libc::SIGTERM).unwrap_err();
+                    let err = lp.process_kill(p, Signum::SIGTERM).unwrap_err();
                     assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
                     a.hit();
                     lp.close(p, |_| {}).unwrap();
                 }),
         )
         .unwrap();
-    // Signal 0 checks that the child can be signalled.
-    lp.process_kill(p, 0).unwrap();
-    lp.process_kill(p, libc::SIGTERM).unwrap();
+    // No signal (libuv's 0) checks that the child can be signalled.
+    lp.process_kill(p, None).unwrap();
+    lp.process_kill(p, Signum::SIGTERM).unwrap();
     run_with_deadline(&mut lp, 10_000);
     assert_eq!(*exits.borrow(), vec![(0, libc::SIGTERM)]);
     assert_eq!(after.get(), 1);
@@ -135,11 +135,13 @@ fn kill_invalid_signum() {
                 .on_exit(record_exit(&exits)),
         )
         .unwrap();
-    let err = lp.process_kill(p, -1).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
-    let err = uvcluster::uv::kill(lp.process_pid(p).unwrap(), 4096).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
-    lp.process_kill(p, libc::SIGKILL).unwrap();
+    // Numbers that are no signal are refused where they become a Signum.
+    let einval = std::io::Error::from_raw_os_error(libc::EINVAL).kind();
+    let err = std::io::Error::from(Signum::try_from(-1).unwrap_err());
+    assert_eq!(err.kind(), einval);
+    let err = std::io::Error::from(Signum::try_from(4096).unwrap_err());
+    assert_eq!(err.kind(), einval);
+    lp.process_kill(p, Signum::SIGKILL).unwrap();
     run_with_deadline(&mut lp, 10_000);
     assert_eq!(*exits.borrow(), vec![(0, libc::SIGKILL)]);
     assert_loop_empty(&lp);
@@ -440,7 +442,7 @@ fn spawn_unref_does_not_keep_loop_alive() {
     lp.unref_handle(p).unwrap();
     assert!(!lp.alive());
     lp.ref_handle(p).unwrap();
-    lp.process_kill(p, libc::SIGKILL).unwrap();
+    lp.process_kill(p, Signum::SIGKILL).unwrap();
     run_with_deadline(&mut lp, 10_000);
     assert_eq!(*exits.borrow(), vec![(0, libc::SIGKILL)]);
     assert_loop_empty(&lp);
@@ -460,7 +462,7 @@ fn process_close_before_exit_no_callback() {
     let pid = lp.process_pid(p).unwrap();
     let c = closed.clone();
     lp.close(p, move |_| c.hit()).unwrap();
-    uvcluster::uv::kill(pid, libc::SIGKILL).unwrap();
+    uvcluster::uv::kill(pid, Signum::SIGKILL).unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
     assert_loop_empty(&lp);

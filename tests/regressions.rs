@@ -1,6 +1,8 @@
 //! Regression tests, each named after what broke.
 mod util;
 
+use std::time::Duration;
+
 use util::*;
 use uvcluster::uv::{BindFlags, Loop};
 
@@ -52,10 +54,10 @@ fn timer_again_inside_its_own_callback() {
     let t = lp.timer_init();
     let hits = std::rc::Rc::new(std::cell::Cell::new(0));
     let h = hits.clone();
-    lp.timer_start(t, 1, 0, move |lp, t| {
+    lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, move |lp, t| {
         h.set(h.get() + 1);
         if h.get() == 1 {
-            lp.timer_set_repeat(t, 1).unwrap();
+            lp.timer_set_repeat(t, Duration::from_millis(1)).unwrap();
             lp.timer_again(t).unwrap();
         } else {
             lp.close(t, |_| {}).unwrap();
@@ -168,7 +170,7 @@ fn second_queued_send_of_a_socket_closed_by_the_first_ack_goes_without_it() {
     let g = got.clone();
     b.on_message(&mut lp, move |lp, ch, v, h| {
         if let Some(h) = &h {
-            uvcluster::ipc::close_accepted(lp, *h);
+            lp.close_if_open(h);
         }
         g.borrow_mut().push((v["n"].as_i64().unwrap(), h.is_some()));
         if g.borrow().len() == 2 {
@@ -394,9 +396,10 @@ fn uvcluster_run_workers_do_not_inherit_the_parents_fd_5() {
                 "{command:?}: worker {pid} holds the parent's fd 5 ({stray_link}): {links:?}"
             );
         }
-        lp.process_kill(cli, nix::libc::SIGTERM).unwrap();
+        lp.process_kill(cli, uvcluster::uv::Signum::SIGTERM)
+            .unwrap();
         run_with_deadline(&mut lp, 20_000);
-        assert_eq!(status.get(), Some((0, 0)), "{}", log.borrow());
+        assert_eq!(status.get(), Some((0, None)), "{}", log.borrow());
         assert_loop_empty(&lp);
     }
 }
@@ -435,7 +438,7 @@ fn node_primary_workers_do_not_inherit_the_parents_fd_5() {
     .unwrap();
     let text = read_all(&mut lp, out);
     run_with_deadline(&mut lp, 20_000);
-    assert_eq!(status.get(), Some((0, 0)));
+    assert_eq!(status.get(), Some((0, None)));
     let v: serde_json::Value = serde_json::from_str(text.borrow().trim()).unwrap();
     assert_eq!(v["primary"]["5"], stray_link.as_str(), "{v}");
     let worker = v["worker"].as_object().unwrap();
@@ -479,12 +482,13 @@ fn uvcluster_run_names_a_missing_program() {
 fn server_connection_closed_with_loop_close_is_counted_gone() {
     use std::cell::RefCell;
     use std::rc::Rc;
-    use uvcluster::net::{Conn, ListenOptions, Server, ServerAddress};
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+    use uvcluster::uv::Stream;
 
     let mut lp = Loop::new().unwrap();
-    let conns: Rc<RefCell<Vec<Conn>>> = Rc::default();
+    let conns: Rc<RefCell<Vec<Stream>>> = Rc::default();
     let c = conns.clone();
-    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let server = Server::new(&mut lp, move |_, _, conn| c.borrow_mut().push(conn));
     let addr = Rc::new(RefCell::new(None));
     let a = addr.clone();
     server
@@ -504,15 +508,15 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();
     run_until(&mut lp, 5000, |_| conns.borrow().len() == 4);
-    let tcp = |c: Conn| match c {
-        Conn::Tcp(h) => h,
-        Conn::Pipe(_) => unreachable!(),
+    let tcp = |c: Stream| match c {
+        Stream::Tcp(h) => h,
+        Stream::Pipe(_) => unreachable!(),
     };
     let all = conns.borrow().clone();
     lp.close(tcp(all[0]), |_| {}).unwrap();
     lp.close(tcp(all[1]), |_| {}).unwrap();
     server.close_connection(&mut lp, all[2]);
-    run_until(&mut lp, 5000, |_| server.connections() == 1);
+    run_until(&mut lp, 5000, |lp| server.connections(lp) == 1);
 
     let closed = Counter::new();
     let cl = closed.clone();
@@ -522,7 +526,7 @@ fn server_connection_closed_with_loop_close_is_counted_gone() {
     lp.close(tcp(all[3]), |_| {}).unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     assert_loop_empty(&lp);
     drop(clients);
 }
@@ -700,4 +704,54 @@ fn primary_out_of_fds_dropped_new_clients_one_worker() {
 #[test]
 fn primary_out_of_fds_dropped_new_clients_two_workers() {
     cluster_hello_at_ulimit_64_serves_once_idle_connections_go(2, Some(200));
+}
+
+/// Issue 11: `ListenOptions { fd }` reached `Loop::open_inherited`, a safe
+/// function that took ownership of any fd number, so a server listening
+/// on an fd its caller still owned (a `std::net::TcpListener`) closed that
+/// fd when it closed, and the owner's own close later hit whatever took
+/// the number next. No safe call takes an fd number over now: the server
+/// listens on a duplicate, and after it has closed the caller's listener
+/// is still open and still accepts.
+#[test]
+fn listen_on_an_fd_number_leaves_the_fd_to_its_owner() {
+    use std::cell::RefCell;
+    use std::os::fd::AsRawFd;
+    use std::rc::Rc;
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+
+    let mut lp = Loop::new().unwrap();
+    let owner = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = owner.local_addr().unwrap();
+    let conns = Counter::new();
+    let c = conns.clone();
+    let server = Server::new(&mut lp, move |lp, _, conn| {
+        c.hit();
+        lp.close(conn, |_| {}).unwrap();
+    });
+    let listening = Rc::new(RefCell::new(None));
+    let l = listening.clone();
+    let opts = ListenOptions {
+        fd: Some(owner.as_raw_fd()),
+        ..Default::default()
+    };
+    server
+        .listen(&mut lp, opts, move |_, _, r| *l.borrow_mut() = Some(r))
+        .unwrap();
+    run_until(&mut lp, 5000, |_| listening.borrow().is_some());
+    let got = listening.borrow_mut().take().unwrap().unwrap();
+    assert_eq!(got, ServerAddress::Inet(addr));
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    run_until(&mut lp, 5000, |_| conns.get() == 1);
+    drop(client);
+    let closed = Counter::new();
+    let cl = closed.clone();
+    server.close(&mut lp, move |_, _| cl.hit());
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    assert_loop_empty(&lp);
+    // The owner's fd is still its listener: open, same address, accepting.
+    assert_eq!(owner.local_addr().unwrap(), addr);
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    let (_conn, _) = owner.accept().unwrap();
 }

@@ -12,17 +12,21 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
-use nix::libc::{self, SIGUSR1, SIGUSR2};
+use nix::libc;
 use util::*;
-use uvcluster::uv::{Handle, Loop, Signal};
+use uvcluster::uv::{Handle, Loop, Signal, Signum};
 
-fn raise(signum: i32) {
+const SIGUSR1: Signum = Signum::SIGUSR1;
+const SIGUSR2: Signum = Signum::SIGUSR2;
+
+fn raise(signum: Signum) {
     uvcluster::uv::kill(std::process::id() as i32, signum).unwrap();
 }
 
 /// Whether this process has a handler installed for `signum` (the
 /// `SigCgt` mask of `/proc/self/status`).
-fn caught(signum: i32) -> bool {
+fn caught(signum: Signum) -> bool {
+    let signum = signum.as_raw();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("SigCgt:")).unwrap();
     let mask = u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).unwrap();
@@ -30,7 +34,7 @@ fn caught(signum: i32) -> bool {
 }
 
 /// A callback that counts and checks the signal number.
-fn counting(c: &Counter, want: i32) -> impl FnMut(&mut Loop, Handle<Signal>, i32) + 'static {
+fn counting(c: &Counter, want: Signum) -> impl FnMut(&mut Loop, Handle<Signal>, Signum) + 'static {
     let c = c.clone();
     move |_, _, signum| {
         assert_eq!(signum, want);
@@ -53,7 +57,7 @@ fn we_get_signal() {
         })
         .unwrap();
         assert!(lp.is_active(s));
-        assert_eq!(lp.signal_signum(s).unwrap(), SIGUSR1);
+        assert_eq!(lp.signal_signum(s).unwrap(), Some(SIGUSR1));
         assert!(caught(SIGUSR1));
         raise(SIGUSR1);
         run_with_deadline(&mut lp, 5000);
@@ -285,13 +289,20 @@ fn signal_restart_swaps_callback() {
 
 /// Invalid signal numbers fail with EINVAL and drop the callback
 /// (test-signal.c: kill_invalid_signum and friends). Nothing is raised, so
-/// this runs in the shared process.
+/// this runs in the shared process. Numbers that are no signal at all are
+/// refused where they become a `Signum`; signals that cannot be caught
+/// by `signal_start`.
 #[test]
 fn signal_invalid_signum() {
     let mut lp = Loop::new().unwrap();
     let s = lp.signal_init();
     let token = Rc::new(());
-    for signum in [0, -1, 65, 1000, libc::SIGKILL, libc::SIGSTOP] {
+    let einval = std::io::Error::from_raw_os_error(libc::EINVAL).kind();
+    for n in [0, -1, 65, 1000] {
+        let err = std::io::Error::from(Signum::try_from(n).unwrap_err());
+        assert_eq!(err.kind(), einval, "signum {n}");
+    }
+    for signum in [Signum::SIGKILL, Signum::SIGSTOP] {
         let t = token.clone();
         let err = lp
             .signal_start(s, signum, move |_, _, _| {
@@ -309,8 +320,8 @@ fn signal_invalid_signum() {
     }
     assert_eq!(Rc::strong_count(&token), 1, "callbacks were dropped");
     assert!(!lp.is_active(s));
-    let err = uvcluster::uv::kill(std::process::id() as i32, -1).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    let err = std::io::Error::from(Signum::try_from(-1).unwrap_err());
+    assert_eq!(err.kind(), einval);
     lp.close(s, |_| {}).unwrap();
     // A closing or closed handle cannot be started.
     assert!(lp.signal_start(s, SIGUSR2, |_, _, _| {}).is_err());
@@ -335,7 +346,7 @@ fn signal_ref_and_stop() {
     lp.signal_stop(s).unwrap();
     lp.signal_stop(s).unwrap();
     assert!(!lp.alive());
-    assert_eq!(lp.signal_signum(s).unwrap(), 0);
+    assert_eq!(lp.signal_signum(s).unwrap(), None);
     lp.close(s, |_| {}).unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);

@@ -1,6 +1,7 @@
 //! Smoke tests: timers and a TCP ping-pong on one loop.
 mod util;
 use std::io;
+use std::time::Duration;
 use util::*;
 use uvcluster::uv::{BindFlags, Loop, RunMode};
 
@@ -11,10 +12,15 @@ fn timers_fire_in_order() {
     for (name, ms) in [("a", 10u64), ("b", 5), ("c", 5)] {
         let t = lp.timer_init();
         let l = log.clone();
-        lp.timer_start(t, ms, 0, move |lp, t| {
-            l.push(name);
-            lp.close(t, |_| {}).unwrap();
-        })
+        lp.timer_start(
+            t,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, t| {
+                l.push(name);
+                lp.close(t, |_| {}).unwrap();
+            },
+        )
         .unwrap();
     }
     run_with_deadline(&mut lp, 5000);

@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::time::Duration;
 
 use util::*;
 use uvcluster::uv::{BindFlags, Handle, Loop, StaleHandle, Tcp};
@@ -193,7 +194,7 @@ fn start_slow_read(
             p.hit();
             let t = lp.timer_init();
             let (r, p, e) = (r.clone(), p.clone(), e.clone());
-            lp.timer_start(t, 1, 0, move |lp, t| {
+            lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, move |lp, t| {
                 lp.close(t, |_| {}).unwrap();
                 start_slow_read(lp, c, r.clone(), p.clone(), e.clone(), every);
             })
@@ -236,11 +237,16 @@ fn tcp_write_queue_order() {
         // Close from a timer, once the loop has had a chance to write some.
         let t = lp.timer_init();
         let l = l.clone();
-        lp.timer_start(t, 10, 0, move |lp, t| {
-            lp.close(t, |_| {}).unwrap();
-            let l = l.clone();
-            lp.close(c, move |_| l.push("close")).unwrap();
-        })
+        lp.timer_start(
+            t,
+            Duration::from_millis(10),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close(t, |_| {}).unwrap();
+                let l = l.clone();
+                lp.close(c, move |_| l.push("close")).unwrap();
+            },
+        )
         .unwrap();
     })
     .unwrap();
@@ -472,18 +478,23 @@ fn tcp_read_stop_start() {
         let t = lp.timer_init();
         let start = it.get();
         let (l, it) = (l.clone(), it.clone());
-        lp.timer_start(t, 50, 0, move |lp, t| {
-            lp.close(t, |_| {}).unwrap();
-            let spins = it.get() - start;
-            assert!(spins < 20, "the loop spun {spins} times while not reading");
-            let l = l.clone();
-            lp.read_start(c, move |lp, c, r| {
-                assert_eq!(r.unwrap(), b"B");
-                l.push("B");
-                lp.close(c, |_| {}).unwrap();
-            })
-            .unwrap();
-        })
+        lp.timer_start(
+            t,
+            Duration::from_millis(50),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close(t, |_| {}).unwrap();
+                let spins = it.get() - start;
+                assert!(spins < 20, "the loop spun {spins} times while not reading");
+                let l = l.clone();
+                lp.read_start(c, move |lp, c, r| {
+                    assert_eq!(r.unwrap(), b"B");
+                    l.push("B");
+                    lp.close(c, |_| {}).unwrap();
+                })
+                .unwrap();
+            },
+        )
         .unwrap();
     })
     .unwrap();
@@ -1071,12 +1082,12 @@ fn net_server(
 ) -> (
     uvcluster::net::Server,
     SocketAddr,
-    Rc<RefCell<Vec<uvcluster::net::Conn>>>,
+    Rc<RefCell<Vec<uvcluster::uv::Stream>>>,
 ) {
     use uvcluster::net::{ListenOptions, Server, ServerAddress};
-    let conns: Rc<RefCell<Vec<uvcluster::net::Conn>>> = Rc::default();
+    let conns: Rc<RefCell<Vec<uvcluster::uv::Stream>>> = Rc::default();
     let c = conns.clone();
-    let server = Server::new(move |_, _, conn| c.borrow_mut().push(conn));
+    let server = Server::new(lp, move |_, _, conn| c.borrow_mut().push(conn));
     let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
     let a = addr.clone();
     server
@@ -1119,7 +1130,7 @@ fn seeing_client(lp: &mut Loop, addr: SocketAddr) -> (Handle<Tcp>, Seen) {
 /// sees `is_closing`), and the close callback runs once it has.
 #[test]
 fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
-    use uvcluster::net::Conn;
+    use uvcluster::uv::Stream;
     let mut lp = Loop::new().unwrap();
     let (server, addr, conns) = net_server(&mut lp);
     let (_, idle_seen) = seeing_client(&mut lp, addr);
@@ -1127,31 +1138,31 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     let (_, busy_seen) = seeing_client(&mut lp, addr);
     run_until(&mut lp, 5000, |_| conns.borrow().len() == 2);
     let (idle, busy) = (conns.borrow()[0], conns.borrow()[1]);
-    assert_eq!(server.connections(), 2);
+    assert_eq!(server.connections(&lp), 2);
     server.set_idle(&mut lp, idle, true).unwrap();
-    assert!(server.is_idle(idle));
-    assert!(!server.is_idle(busy));
+    assert!(server.is_idle(&lp, idle));
+    assert!(!server.is_idle(&lp, busy));
     // A connection this server never handed out is refused, typed.
-    let stranger = Conn::Tcp(lp.tcp_init());
+    let stranger = Stream::Tcp(lp.tcp_init());
     let e = server.set_idle(&mut lp, stranger, true).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::NotFound);
-    if let Conn::Tcp(h) = stranger {
+    if let Stream::Tcp(h) = stranger {
         lp.close(h, |_| {}).unwrap();
     }
 
     let closed = Counter::new();
     let c = closed.clone();
     server.close(&mut lp, move |_, _| c.hit());
-    assert!(server.is_closing());
+    assert!(server.is_closing(&lp));
     run_until(&mut lp, 5000, |_| idle_seen.eof.get() == 1);
     // The idle one is gone and counted gone; the busy one is untouched.
-    assert_eq!(server.connections(), 1);
+    assert_eq!(server.connections(&lp), 1);
     assert_eq!(busy_seen.eof.get(), 0);
     assert_eq!(closed.get(), 0);
 
     // The busy connection's handler finishes its reply and ends it.
-    let Conn::Tcp(b) = busy else { unreachable!() };
-    let s = server.clone();
+    let Stream::Tcp(b) = busy else { unreachable!() };
+    let s = server;
     lp.write(b, &[b"last reply"], move |lp, _, r| {
         r.unwrap();
         s.close_connection(lp, busy);
@@ -1161,7 +1172,7 @@ fn net_server_close_closes_idle_connections_and_waits_for_busy_ones() {
     run_until(&mut lp, 5000, |_| busy_seen.eof.get() == 1);
     assert_eq!(&busy_seen.data.borrow()[..], b"last reply");
     assert!(idle_seen.data.borrow().is_empty());
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
     assert_loop_empty(&lp);
@@ -1181,7 +1192,7 @@ fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
     let closed = Counter::new();
     let c = closed.clone();
     server.close(&mut lp, move |_, _| c.hit());
-    let uvcluster::net::Conn::Tcp(h) = conn else {
+    let uvcluster::uv::Stream::Tcp(h) = conn else {
         unreachable!()
     };
     let big = vec![7u8; LEN];
@@ -1192,7 +1203,7 @@ fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
     assert_eq!(seen.data.borrow().len(), LEN);
     assert_eq!(seen.eof.get(), 1);
     assert_eq!(closed.get(), 1);
-    assert_eq!(server.connections(), 0);
+    assert_eq!(server.connections(&lp), 0);
     assert_loop_empty(&lp);
 }
 
@@ -1209,7 +1220,7 @@ fn net_server_close_all_connections_ends_busy_ones() {
     server.close(&mut lp, move |_, _| c.hit());
     // Nothing was marked idle: `close` waits for all three (net.Server).
     lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
-    assert_eq!(server.connections(), 3);
+    assert_eq!(server.connections(&lp), 3);
     assert_eq!(server.close_all_connections(&mut lp), 3);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 1);
@@ -1252,8 +1263,13 @@ fn listener_out_of_fds_sheds_or_pauses() {
             }
             // Twenty 10 ms retry periods with the table full.
             let t = lp.timer_init();
-            lp.timer_start(t, 200, 0, |lp, t| lp.close(t, |_| {}).unwrap())
-                .unwrap();
+            lp.timer_start(
+                t,
+                std::time::Duration::from_millis(200),
+                std::time::Duration::ZERO,
+                |lp, t| lp.close(t, |_| {}).unwrap(),
+            )
+            .unwrap();
             run_until(&mut lp, 5_000, |lp| !lp.is_active(t));
             assert_eq!(accepted.get(), 0, "pause {pause}");
             client.set_nonblocking(true).unwrap();
@@ -1276,4 +1292,85 @@ fn listener_out_of_fds_sheds_or_pauses() {
             assert_loop_empty(&lp);
         }
     });
+}
+
+/// `net::Server` is a typed id for state the loop owns (issue 11): its
+/// connection callback gets `&mut Loop` and the id, and may close its own
+/// server from inside; once the close has completed the state is gone and
+/// the id is stale: it answers as a closed server and never reaches a
+/// server made later.
+#[test]
+fn server_state_lives_in_the_loop_until_its_close_completes() {
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+
+    let mut lp = Loop::new().unwrap();
+    let closed = Counter::new();
+    let cl = closed.clone();
+    let server = Server::new(&mut lp, move |lp, me, conn| {
+        // Re-entrant: close this very server from its own callback.
+        let cl = cl.clone();
+        me.close(lp, move |lp, s| {
+            assert_eq!(s, me);
+            assert_eq!(s.connections(lp), 0);
+            cl.hit();
+        });
+        assert!(me.is_closing(lp));
+        lp.close(conn, |_| {}).unwrap();
+    });
+    let addr: Rc<Cell<Option<SocketAddr>>> = Rc::default();
+    let a = addr.clone();
+    server
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            move |_, _, r| match r.unwrap() {
+                ServerAddress::Inet(x) => a.set(Some(x)),
+                other => panic!("{other:?}"),
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |_| addr.get().is_some());
+    assert!(server.is_listening(&lp));
+    assert_eq!(
+        server.address(&lp),
+        Some(ServerAddress::Inet(addr.get().unwrap()))
+    );
+    let client = std::net::TcpStream::connect(addr.get().unwrap()).unwrap();
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1);
+    drop(client);
+
+    // Closed: the state is gone, the id answers as a closed server.
+    assert!(!server.is_listening(&lp));
+    assert!(server.is_closing(&lp));
+    assert_eq!(server.connections(&lp), 0);
+    assert_eq!(server.address(&lp), None);
+    let err = server
+        .listen(&mut lp, ListenOptions::port(0), |_, _, _| panic!("dropped"))
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    let stray = lp.tcp_init();
+    assert!(!server.deliver(&mut lp, stray.into()), "refused");
+    lp.close(stray, |_| {}).unwrap();
+
+    // A server made now is another one, whatever slot it takes.
+    let other = Server::new(&mut lp, |_, _, _| {});
+    assert_ne!(other, server);
+    other
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            |_, _, r| {
+                r.unwrap();
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |lp| other.is_listening(lp));
+    assert!(!server.is_listening(&lp), "the stale id reaches nothing");
+    let done = Counter::new();
+    let d = done.clone();
+    other.close(&mut lp, move |_, _| d.hit());
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(done.get(), 1);
+    assert_loop_empty(&lp);
 }

@@ -2,7 +2,7 @@
 
 mod util;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use util::*;
 use uvcluster::uv::{Loop, RunMode};
@@ -18,26 +18,36 @@ fn one_shot_and_repeat() {
     let start = lp.now();
     let t1 = lp.timer_init();
     let o = once.clone();
-    lp.timer_start(t1, 20, 0, move |lp, t| {
-        lp.update_time();
-        assert!(lp.now() >= start + 20, "never early");
-        o.hit();
-        assert!(!lp.is_active(t));
-        lp.close(t, |_| {}).unwrap();
-    })
+    lp.timer_start(
+        t1,
+        Duration::from_millis(20),
+        Duration::ZERO,
+        move |lp, t| {
+            lp.update_time();
+            assert!(lp.now() >= start + 20, "never early");
+            o.hit();
+            assert!(!lp.is_active(t));
+            lp.close(t, |_| {}).unwrap();
+        },
+    )
     .unwrap();
     let t2 = lp.timer_init();
     let r = rep.clone();
-    lp.timer_start(t2, 5, 5, move |lp, t| {
-        r.hit();
-        assert!(
-            lp.is_active(t),
-            "a repeating timer is re-armed before its callback"
-        );
-        if r.get() == 5 {
-            lp.close(t, |_| {}).unwrap();
-        }
-    })
+    lp.timer_start(
+        t2,
+        Duration::from_millis(5),
+        Duration::from_millis(5),
+        move |lp, t| {
+            r.hit();
+            assert!(
+                lp.is_active(t),
+                "a repeating timer is re-armed before its callback"
+            );
+            if r.get() == 5 {
+                lp.close(t, |_| {}).unwrap();
+            }
+        },
+    )
     .unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!((once.get(), rep.get()), (1, 5));
@@ -49,9 +59,15 @@ fn start_twice_restarts() {
     let mut lp = Loop::new().unwrap();
     let t = lp.timer_init();
     let hits = Counter::new();
-    lp.timer_start(t, 10, 0, |_, _| panic!("replaced")).unwrap();
+    lp.timer_start(t, Duration::from_millis(10), Duration::ZERO, |_, _| {
+        panic!("replaced")
+    })
+    .unwrap();
     let h = hits.clone();
-    lp.timer_start(t, 10, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(t, Duration::from_millis(10), Duration::ZERO, move |_, _| {
+        h.hit()
+    })
+    .unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!(hits.get(), 1);
     lp.close(t, |_| {}).unwrap();
@@ -66,11 +82,14 @@ fn equal_timeouts_fire_in_start_order_and_restart_moves_behind() {
     let ts: Vec<_> = (0..3).map(|_| lp.timer_init()).collect();
     for (n, &t) in ["A", "B", "C"].iter().zip(&ts) {
         let l = log.clone();
-        lp.timer_start(t, 0, 0, move |_, _| l.push(*n)).unwrap();
+        lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| l.push(*n))
+            .unwrap();
     }
     let l = log.clone();
-    lp.timer_start(ts[0], 0, 0, move |_, _| l.push("A"))
-        .unwrap();
+    lp.timer_start(ts[0], Duration::ZERO, Duration::ZERO, move |_, _| {
+        l.push("A")
+    })
+    .unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_eq!(log.joined(), "B C A");
     for t in ts {
@@ -87,7 +106,7 @@ fn zero_timeout_rearm_is_not_a_busy_loop() {
     let t = lp.timer_init();
     let hits = Counter::new();
     fn rearm(lp: &mut Loop, t: uvcluster::uv::Handle<uvcluster::uv::Timer>, h: Counter) {
-        lp.timer_start(t, 0, 0, move |lp, t| {
+        lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
             h.hit();
             rearm(lp, t, h.clone());
         })
@@ -110,7 +129,8 @@ fn no_double_call_in_once_and_nowait() {
         let t = lp.timer_init();
         let hits = Counter::new();
         let h = hits.clone();
-        lp.timer_start(t, 0, 0, move |_, _| h.hit()).unwrap();
+        lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| h.hit())
+            .unwrap();
         // Make sure the timer is due by the time the pass runs.
         let spin = Instant::now();
         while spin.elapsed().as_millis() < 2 {}
@@ -126,19 +146,34 @@ fn no_double_call_in_once_and_nowait() {
 fn huge_timeout_and_repeat_saturate() {
     let mut lp = Loop::new().unwrap();
     let (a, b, c) = (lp.timer_init(), lp.timer_init(), lp.timer_init());
-    lp.timer_start(a, u64::MAX - 1, 0, |_, _| panic!("never"))
-        .unwrap();
-    lp.timer_start(b, u64::MAX, 0, |_, _| panic!("never"))
-        .unwrap();
+    lp.timer_start(
+        a,
+        Duration::from_millis(u64::MAX - 1),
+        Duration::ZERO,
+        |_, _| panic!("never"),
+    )
+    .unwrap();
+    lp.timer_start(
+        b,
+        Duration::from_millis(u64::MAX),
+        Duration::ZERO,
+        |_, _| panic!("never"),
+    )
+    .unwrap();
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(c, 0, u64::MAX, move |lp, t| {
-        h.hit();
-        assert_eq!(lp.timer_repeat(t).unwrap(), u64::MAX);
-        lp.close(t, |_| {}).unwrap();
-    })
+    lp.timer_start(
+        c,
+        Duration::ZERO,
+        Duration::from_millis(u64::MAX),
+        move |lp, t| {
+            h.hit();
+            assert_eq!(lp.timer_repeat(t).unwrap(), Duration::from_millis(u64::MAX));
+            lp.close(t, |_| {}).unwrap();
+        },
+    )
     .unwrap();
-    assert!(lp.timer_due_in(b).unwrap() > u64::MAX / 2);
+    assert!(lp.timer_due_in(b).unwrap() > Duration::from_millis(u64::MAX / 2));
     lp.run(RunMode::Once).unwrap();
     lp.run(RunMode::NoWait).unwrap();
     assert_eq!(hits.get(), 1);
@@ -154,7 +189,12 @@ fn closing_timer_cannot_start() {
     let t = lp.timer_init();
     lp.close(t, |_| {}).unwrap();
     assert!(lp.is_closing(t));
-    assert!(lp.timer_start(t, 1, 0, |_, _| panic!("dropped")).is_err());
+    assert!(
+        lp.timer_start(t, Duration::from_millis(1), Duration::ZERO, |_, _| panic!(
+            "dropped"
+        ))
+        .is_err()
+    );
     lp.run(RunMode::Default).unwrap();
     assert_loop_empty(&lp);
 }
@@ -163,7 +203,7 @@ fn closing_timer_cannot_start() {
 fn unref_timer_does_not_run() {
     let mut lp = Loop::new().unwrap();
     let t = lp.timer_init();
-    lp.timer_start(t, 0, 0, |_, _| {
+    lp.timer_start(t, Duration::ZERO, Duration::ZERO, |_, _| {
         panic!("an unref'd timer alone must not fire")
     })
     .unwrap();
@@ -181,13 +221,15 @@ fn stop_from_earlier_callback_in_the_same_pass() {
     let b = lp.timer_init();
     let log = Log::new();
     let l = log.clone();
-    lp.timer_start(a, 0, 0, move |lp, _| {
+    lp.timer_start(a, Duration::ZERO, Duration::ZERO, move |lp, _| {
         l.push("a");
         lp.timer_stop(b).unwrap();
     })
     .unwrap();
-    lp.timer_start(b, 0, 0, |_, _| panic!("stopped before its turn"))
-        .unwrap();
+    lp.timer_start(b, Duration::ZERO, Duration::ZERO, |_, _| {
+        panic!("stopped before its turn")
+    })
+    .unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_eq!(log.joined(), "a");
     lp.close(a, |_| {}).unwrap();
@@ -203,15 +245,25 @@ fn close_timer_from_its_own_callback_and_from_another() {
     let b = lp.timer_init();
     let closed = Counter::new();
     let k = closed.clone();
-    lp.timer_start(a, 1, 1, move |lp, t| {
-        let k2 = k.clone();
-        lp.close(t, move |_| k2.hit()).unwrap();
-        let k3 = k.clone();
-        lp.close(b, move |_| k3.hit()).unwrap();
-    })
+    lp.timer_start(
+        a,
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+        move |lp, t| {
+            let k2 = k.clone();
+            lp.close(t, move |_| k2.hit()).unwrap();
+            let k3 = k.clone();
+            lp.close(b, move |_| k3.hit()).unwrap();
+        },
+    )
     .unwrap();
-    lp.timer_start(b, 1, 1, |_, _| panic!("closed by a in the same pass"))
-        .unwrap();
+    lp.timer_start(
+        b,
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+        |_, _| panic!("closed by a in the same pass"),
+    )
+    .unwrap();
     run_with_deadline(&mut lp, 5000);
     assert_eq!(closed.get(), 2);
     assert_loop_empty(&lp);
@@ -224,19 +276,25 @@ fn timer_again_semantics() {
     assert!(lp.timer_again(t).is_err(), "never started: EINVAL");
     let hits = Counter::new();
     let h = hits.clone();
-    lp.timer_start(t, 1000, 0, move |_, _| h.hit()).unwrap();
+    lp.timer_start(
+        t,
+        Duration::from_millis(1000),
+        Duration::ZERO,
+        move |_, _| h.hit(),
+    )
+    .unwrap();
     // repeat 0: again leaves the timer alone.
     lp.timer_again(t).unwrap();
-    assert!(lp.timer_due_in(t).unwrap() > 900);
+    assert!(lp.timer_due_in(t).unwrap() > Duration::from_millis(900));
     // With a repeat, again restarts it with the repeat as timeout.
-    lp.timer_set_repeat(t, 5).unwrap();
+    lp.timer_set_repeat(t, Duration::from_millis(5)).unwrap();
     lp.timer_again(t).unwrap();
-    assert!(lp.timer_due_in(t).unwrap() <= 5);
+    assert!(lp.timer_due_in(t).unwrap() <= Duration::from_millis(5));
     let h = hits.clone();
     let c = lp.check_init();
     lp.check_start(c, move |lp, c| {
         if h.get() >= 3 {
-            lp.timer_set_repeat(t, 0).unwrap();
+            lp.timer_set_repeat(t, Duration::ZERO).unwrap();
             lp.close(c, |_| {}).unwrap();
         }
     })
@@ -268,8 +326,10 @@ fn timer_from_check() {
             return;
         }
         let l = l.clone();
-        lp.timer_start(t, 0, 0, move |_, _| l.push("timer"))
-            .unwrap();
+        lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |_, _| {
+            l.push("timer")
+        })
+        .unwrap();
     })
     .unwrap();
     // NOWAIT: with only prepare and check active, poll would block forever.
@@ -288,9 +348,10 @@ fn many_restarts_keep_the_heap_bounded() {
     let mut lp = Loop::new().unwrap();
     let t = lp.timer_init();
     for _ in 0..100_000 {
-        lp.timer_start(t, 1000, 0, |_, _| {}).unwrap();
+        lp.timer_start(t, Duration::from_millis(1000), Duration::ZERO, |_, _| {})
+            .unwrap();
     }
-    assert!(lp.timer_due_in(t).unwrap() > 900);
+    assert!(lp.timer_due_in(t).unwrap() > Duration::from_millis(900));
     lp.close(t, |_| {}).unwrap();
     lp.run(RunMode::Default).unwrap();
     assert_loop_empty(&lp);

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use util::*;
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, Udp};
+use uvcluster::uv::{BindFlags, Handle, Loop, Socket, Udp};
 
 fn bound(lp: &mut Loop, addr: &str) -> (Handle<Udp>, SocketAddr) {
     let h = lp.udp_init();
@@ -335,7 +335,7 @@ fn udp_socket_over_ipc() {
             }
             assert_eq!(data, b"U");
             assert_eq!(lp.pipe_pending_count(pipe), 1);
-            let Accepted::Udp(u) = lp.pipe_accept_pending(pipe).unwrap() else {
+            let Socket::Udp(u) = lp.pipe_accept_pending(pipe).unwrap() else {
                 panic!("expected a UDP handle");
             };
             assert_eq!(lp.udp_getsockname(u).unwrap(), addr);

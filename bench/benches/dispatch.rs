@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings};
-use uvcluster::net::{Conn, ListenOptions, Server};
+use uvcluster::net::{ListenOptions, Server};
+use uvcluster::uv::Stream;
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
 use uvcluster_bench::loadgen::{self, CpuSplit, LoadConfig, Workload};
 
@@ -43,15 +44,14 @@ const MODES: [&str; 4] = ["rr", "none", "reuseport", "leastconn"];
 /// blocks the loop first (without the CPU), `/spin/<ms>` keeps the CPU
 /// busy first; `Connection: close` ends the connection.
 fn serve(lp: &mut Loop, port: u16) {
-    let server = Server::new(|lp, s, conn| {
-        let Conn::Tcp(t) = conn else { return };
-        let s = s.clone();
+    let server = Server::new(lp, |lp, s, conn| {
+        let Stream::Tcp(t) = conn else { return };
         let _ = lp.read_start(t, move |lp, t: Handle<Tcp>, r| {
             let Ok(data) = r.map(<[u8]>::to_vec) else {
                 return;
             };
             if data.is_empty() {
-                s.close_connection(lp, Conn::Tcp(t));
+                s.close_connection(lp, Stream::Tcp(t));
                 return;
             }
             let text = String::from_utf8_lossy(&data);
@@ -74,8 +74,8 @@ fn serve(lp: &mut Loop, port: u16) {
             let _ = lp.write(t, &[&RESPONSE.repeat(n)], |_, _, _| {});
             if text.contains("Connection: close") {
                 let _ = lp.read_stop(t);
-                let s = s.clone();
-                let _ = lp.shutdown(t, move |lp, t, _| s.close_connection(lp, Conn::Tcp(t)));
+                let s = s;
+                let _ = lp.shutdown(t, move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)));
             }
         });
     });

@@ -308,7 +308,7 @@ fn connect(lp: &mut Loop, st: Rc<RefCell<State>>) {
         send(lp, &st, t);
     });
     if r.is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }
 
@@ -429,7 +429,7 @@ fn chunked_len(body: &[u8]) -> Result<Option<usize>, ()> {
 }
 
 fn finish(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, _failed: bool) {
-    let _ = lp.close(t, |_| {});
+    lp.close_if_open(t);
     st.borrow_mut().open -= 1;
     // Closed loop: replace the connection.
     connect(lp, st.clone());

@@ -12,9 +12,10 @@ use std::ffi::OsString;
 use std::io;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::time::Duration;
 
 use uvcluster::cluster::{Primary, SchedulingPolicy, Settings, Worker};
-use uvcluster::uv::{Loop, RunMode};
+use uvcluster::uv::{Loop, RunMode, Signum};
 
 const USAGE: &str = "usage: uvcluster run [--workers|-w N] [--policy|-p rr|none|reuseport|leastconn] -- COMMAND [ARGS...]";
 
@@ -144,8 +145,9 @@ fn run(args: Args) -> io::Result<bool> {
             (None, Some(s)) => {
                 ok.set(false);
                 eprintln!(
-                    "uvcluster: worker {} (pid {pid}) killed by signal {s}",
-                    w.id()
+                    "uvcluster: worker {} (pid {pid}) killed by signal {}",
+                    w.id(),
+                    s.as_raw()
                 );
             }
             (None, None) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
@@ -176,7 +178,7 @@ fn run(args: Args) -> io::Result<bool> {
     // order), so the kill goes to every forked worker still alive.
     let forked: Rc<std::cell::RefCell<Vec<Worker>>> = Rc::default();
     let stopping = Rc::new(Cell::new(false));
-    for signum in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+    for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
         let p = primary.clone();
         let stopping = stopping.clone();
@@ -184,28 +186,36 @@ fn run(args: Args) -> io::Result<bool> {
         lp.signal_start(sig, signum, move |lp, _, signum| {
             if stopping.replace(true) {
                 for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
-                    let _ = w.kill(lp, Some(nix::libc::SIGKILL));
+                    let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
             } else {
-                eprintln!("uvcluster: signal {signum}: disconnecting workers");
+                eprintln!(
+                    "uvcluster: signal {}: disconnecting workers",
+                    signum.as_raw()
+                );
                 p.disconnect(lp, |_| {});
                 // A graceful stop waits for workers to finish what they
                 // hold; it must never wait silently (issue 10).
                 let waiting = lp.timer_init();
                 let forked = forked.clone();
-                let _ = lp.timer_start(waiting, STILL_WAITING_MS, STILL_WAITING_MS, move |_, _| {
-                    let left: Vec<String> = forked
-                        .borrow()
-                        .iter()
-                        .filter(|w| !w.is_dead())
-                        .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
-                        .collect();
-                    eprintln!(
-                        "uvcluster: still waiting for worker(s) {} to finish; \
+                let _ = lp.timer_start(
+                    waiting,
+                    Duration::from_millis(STILL_WAITING_MS),
+                    Duration::from_millis(STILL_WAITING_MS),
+                    move |_, _| {
+                        let left: Vec<String> = forked
+                            .borrow()
+                            .iter()
+                            .filter(|w| !w.is_dead())
+                            .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                            .collect();
+                        eprintln!(
+                            "uvcluster: still waiting for worker(s) {} to finish; \
                          a second SIGINT/SIGTERM kills them",
-                        left.join(", ")
-                    );
-                });
+                            left.join(", ")
+                        );
+                    },
+                );
                 // The reminder must not keep the primary alive by itself.
                 let _ = lp.unref_handle(waiting);
             }

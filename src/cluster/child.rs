@@ -9,6 +9,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -17,12 +18,11 @@ use super::protocol::{
     self, AcceptReply, Act, AddressType, Grant, Parsed, Query, QueryReply, Received, Sockname,
 };
 use super::worker::{Address, ExitRequest, Side, Worker, WorkerState};
-use crate::ipc::{Channel, ChannelOptions, close_accepted};
+use crate::ipc::{Channel, ChannelOptions};
 use crate::net::{
-    BindCb, BindOptions, ClusterHook, Conn, ListenError, ListenOptions, Server, ServerAddress,
-    defer,
+    BindCb, BindOptions, ClusterHook, ListenError, ListenOptions, Server, ServerAddress, defer,
 };
-use crate::uv::{Accepted, Errno, Handle, Loop, Timer};
+use crate::uv::{Errno, Handle, Loop, Socket, Stream, Timer};
 
 struct Child {
     worker: Worker,
@@ -121,14 +121,14 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
         late: LateAnswers::default(),
     }));
     CHILD.with(|c| *c.borrow_mut() = Some(state.clone()));
-    crate::net::set_cluster_hook(Some(Rc::new(Hook)));
+    crate::net::set_cluster_hook(lp, Some(Rc::new(Hook)));
 
     let w = worker.clone();
     channel.on_message_raw(lp, move |lp, _, msg, h| {
         if !w.emit_message(lp, msg, h)
             && let Some(h) = h
         {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
     });
     channel.on_internal(move |lp, _, msg, h| on_internal(lp, msg, h));
@@ -143,12 +143,12 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
 struct Hook;
 
 impl ClusterHook for Hook {
-    fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions) {
-        query_server(lp, server, opts);
+    fn listen(&self, lp: &mut Loop, server: Server, opts: &ListenOptions) {
+        query_server(lp, &server, opts);
     }
 
-    fn close(&self, lp: &mut Loop, server: &Server) {
-        server_closed(lp, server);
+    fn close(&self, lp: &mut Loop, server: Server) {
+        server_closed(lp, &server);
     }
 
     fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
@@ -240,17 +240,17 @@ fn udp_query(opts: &BindOptions) -> Query {
 /// The primary answered a dgram `queryServer`: the bound socket, or the
 /// errno (`EPROTO` for a reply that does not parse, or that grants no
 /// UDP socket).
-fn on_udp_reply(lp: &mut Loop, cb: BindCb, q: Query, reply: &Value, handle: Option<Accepted>) {
+fn on_udp_reply(lp: &mut Loop, cb: BindCb, q: Query, reply: &Value, handle: Option<Socket>) {
     let reply = QueryReply::from_wire(reply, handle.is_some()).map(|r| r.result);
     match (reply, handle) {
-        (Ok(Ok(Grant::Shared)), Some(Accepted::Udp(u))) => {
+        (Ok(Ok(Grant::Shared)), Some(Socket::Udp(u))) => {
             let real_port = lp.udp_getsockname(u).map(|a| a.port()).ok();
             cb(lp, Ok(u));
             udp_listening(lp, q, real_port);
         }
         (reply, h) => {
             if let Some(h) = h {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
             }
             let errno = match reply {
                 Ok(Err(e)) => e,
@@ -308,7 +308,7 @@ impl PendingListen {
 
     /// Fails the listen: the index is free again.
     fn fail(self, lp: &mut Loop, errno: Errno) {
-        release_index(&self.server);
+        release_index(lp, &self.server);
         let e = ListenError::new(errno, "bind", self.address(), self.query.port);
         self.server.finish_listen(lp, Err(e));
     }
@@ -318,7 +318,7 @@ impl PendingListen {
 fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     let Some(state) = child() else {
         let e = ListenError::new(Errno::ENOTCONN, "listen", None, None);
-        let s = server.clone();
+        let s = *server;
         defer(lp, move |lp| s.finish_listen(lp, Err(e)));
         return;
     };
@@ -326,7 +326,7 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     let indexes_key = q.indexes_key();
     q.index = take_index(&state, &indexes_key);
     let index = q.index;
-    server.with_hook_data(|d| {
+    server.with_hook_data(lp, |d| {
         *d = Some(Box::new(HookData {
             key: None,
             report_load: false,
@@ -336,13 +336,14 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
         }))
     });
     let pending = PendingListen {
-        server: server.clone(),
+        server: *server,
         query: q.clone(),
         backlog: opts.backlog_or_default(),
         requested_port: opts.port,
         path: opts.path.clone(),
     };
     let channel = state.borrow().channel.clone();
+
     let sent = channel.send_cluster(
         lp,
         Act::QueryServer(q).to_fields(),
@@ -352,10 +353,10 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
         })),
     );
     if let Err(e) = sent {
-        release_index(server);
+        release_index(lp, server);
         let errno = Errno::of(&e).unwrap_or(Errno::ENOTCONN);
         let err = ListenError::new(errno, "listen", None, Some(opts.port as i64));
-        let s = server.clone();
+        let s = *server;
         defer(lp, move |lp| s.finish_listen(lp, Err(err)));
     }
 }
@@ -400,11 +401,11 @@ fn server_query(opts: &ListenOptions) -> Query {
 
 /// The primary answered a `queryServer`: listen as it says (`child.js`
 /// `shared` or `rr`), or fail.
-fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option<Accepted>) {
+fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option<Socket>) {
     let reply = QueryReply::from_wire(reply, handle.is_some());
-    if reply.is_ok() && p.server.is_closing() {
+    if reply.is_ok() && p.server.is_closing(lp) {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         return;
     }
@@ -416,7 +417,7 @@ fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option
         }) => (grant, key),
         failed => {
             if let Some(h) = handle {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
             }
             let errno = match failed {
                 Ok(QueryReply { result: Err(e), .. }) => e,
@@ -433,13 +434,13 @@ fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option
                 load_reports,
             },
             _,
-        ) => (Ok(listen_round_robin(&p, sockname)), load_reports),
+        ) => (Ok(listen_round_robin(lp, &p, sockname)), load_reports),
         (Grant::Shared, None) => unreachable!("a shared grant comes with its handle"),
     };
     match result {
         Ok(addr) => listening(lp, p, key, addr, load_reports),
         Err(Some(e)) => {
-            release_index(&p.server);
+            release_index(lp, &p.server);
             p.server.finish_listen(lp, Err(e));
         }
         Err(None) => p.fail(lp, Errno::EADDRINUSE),
@@ -453,13 +454,13 @@ fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option
 fn listen_shared(
     lp: &mut Loop,
     p: &PendingListen,
-    h: Accepted,
+    h: Socket,
 ) -> Result<ServerAddress, Option<ListenError>> {
-    if let Accepted::Tcp(t) = h
+    if let Socket::Tcp(t) = h
         && p.requested_port > 0
         && lp.tcp_getsockname(t).map(|a| a.port()).unwrap_or(0) != p.requested_port
     {
-        close_accepted(lp, h);
+        lp.close_if_open(h);
         return Err(None);
     }
     p.server
@@ -469,8 +470,12 @@ fn listen_shared(
 
 /// Round-robin: the primary accepts; connections arrive as `newconn`. The
 /// server's address is the listener's (TCP), or the path.
-fn listen_round_robin(p: &PendingListen, sockname: Option<Sockname>) -> ServerAddress {
-    p.server.listen_remote();
+fn listen_round_robin(
+    lp: &mut Loop,
+    p: &PendingListen,
+    sockname: Option<Sockname>,
+) -> ServerAddress {
+    p.server.listen_remote(lp);
     match (&p.path, sockname) {
         (Some(path), _) => ServerAddress::Unix(path.clone()),
         (None, Some(Sockname(addr))) => ServerAddress::Inet(addr),
@@ -488,17 +493,17 @@ fn listening(lp: &mut Loop, p: PendingListen, key: String, addr: ServerAddress, 
     let PendingListen {
         server, mut query, ..
     } = p;
-    server.with_hook_data(|d| {
+    server.with_hook_data(lp, |d| {
         if let Some(d) = d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
             d.key = Some(key.clone());
             d.report_load = load;
         }
     });
     if load {
-        server.set_on_ended(schedule_load_report);
+        server.set_on_ended(lp, schedule_load_report);
     }
     if let Some(state) = child() {
-        state.borrow_mut().handles.insert(key, server.clone());
+        state.borrow_mut().handles.insert(key, server);
     }
     let real_port = addr.port();
     server.finish_listen(lp, Ok(addr));
@@ -516,8 +521,8 @@ fn listening(lp: &mut Loop, p: PendingListen, key: String, addr: ServerAddress, 
     worker.emit_listening(lp, &addr);
 }
 
-fn reports_load(server: &Server) -> bool {
-    server.with_hook_data(|d| {
+fn reports_load(lp: &mut Loop, server: &Server) -> bool {
+    server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
             .is_some_and(|d| d.report_load)
@@ -527,23 +532,22 @@ fn reports_load(server: &Server) -> bool {
 /// A connection of a load-reporting server ended: report the new count
 /// once per loop iteration at most (`{act: "load"}`), so a burst of closes
 /// costs one message.
-fn schedule_load_report(lp: &mut Loop, server: &Server) {
-    let schedule =
-        server.with_hook_data(
-            |d| match d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
-                Some(d) if d.report_load && !d.report_pending && d.key.is_some() => {
-                    d.report_pending = true;
-                    true
-                }
-                _ => false,
-            },
-        );
+fn schedule_load_report(lp: &mut Loop, server: Server) {
+    let schedule = server.with_hook_data(lp, |d| {
+        match d.as_mut().and_then(|d| d.downcast_mut::<HookData>()) {
+            Some(d) if d.report_load && !d.report_pending && d.key.is_some() => {
+                d.report_pending = true;
+                true
+            }
+            _ => false,
+        }
+    });
     if !schedule {
         return;
     }
-    let s = server.clone();
+    let s = server;
     defer(lp, move |lp| {
-        let key = s.with_hook_data(|d| {
+        let key = s.with_hook_data(lp, |d| {
             let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
             d.report_pending = false;
             d.key.clone()
@@ -553,15 +557,15 @@ fn schedule_load_report(lp: &mut Loop, server: &Server) {
         if let (Some(key), Some(state)) = (key, child()) {
             let channel = state.borrow().channel.clone();
             if channel.is_connected() {
-                let load = s.connections() as u64;
+                let load = s.connections(lp) as u64;
                 let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
             }
         }
     });
 }
 
-fn release_index(server: &Server) {
-    let data = server.with_hook_data(|d| d.take());
+fn release_index(lp: &mut Loop, server: &Server) {
+    let data = server.with_hook_data(lp, |d| d.take());
     let Some(data) = data.and_then(|d| d.downcast::<HookData>().ok()) else {
         return;
     };
@@ -581,12 +585,12 @@ fn release_index(server: &Server) {
 
 /// A server in this worker closed: tell the primary and free its index.
 fn server_closed(lp: &mut Loop, server: &Server) {
-    let key = server.with_hook_data(|d| {
+    let key = server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
             .and_then(|d| d.key.clone())
     });
-    release_index(server);
+    release_index(lp, server);
     if let (Some(key), Some(state)) = (key, child()) {
         let channel = state.borrow().channel.clone();
         if channel.is_connected() {
@@ -595,7 +599,7 @@ fn server_closed(lp: &mut Loop, server: &Server) {
     }
 }
 
-fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
+fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Socket>) {
     let state = child();
     match (protocol::parse(&msg), state) {
         (
@@ -618,7 +622,7 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Accepted>) {
         _ => {
             // Node ignores cluster messages it does not know.
             if let Some(h) = handle {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
             }
         }
     }
@@ -632,17 +636,16 @@ fn on_connection(
     state: &ChildRef,
     key: &str,
     seq: Option<u64>,
-    handle: Option<Accepted>,
+    handle: Option<Socket>,
 ) {
     let (server, channel) = {
         let st = state.borrow();
         (st.handles.get(key).cloned(), st.channel.clone())
     };
-    let conn = match handle {
-        Some(Accepted::Tcp(t)) => Some(Conn::Tcp(t)),
-        Some(Accepted::Pipe(p)) => Some(Conn::Pipe(p)),
-        Some(other) => {
-            close_accepted(lp, other);
+    let conn = match handle.map(Stream::try_from) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(other)) => {
+            lp.close_if_open(other.0);
             None
         }
         None => None,
@@ -652,18 +655,18 @@ fn on_connection(
             if s.deliver(lp, c) {
                 true
             } else {
-                close_conn(lp, c);
+                lp.close_if_open(c);
                 false
             }
         }
         (None, Some(c)) => {
-            close_conn(lp, c);
+            lp.close_if_open(c);
             false
         }
         _ => false,
     };
     let server = state.borrow().handles.get(key).cloned();
-    if let Some(s) = server.filter(|s| accepted && reports_load(s)) {
+    if let Some(s) = server.filter(|s| accepted && reports_load(lp, s)) {
         // Beyond Node: a load-aware primary hears back only after
         // this loop has polled again, with the open-connection
         // count then. The new connection's first request was
@@ -686,7 +689,7 @@ fn answer_pending(server: &Server) -> bool {
         let c = c.borrow();
         (c.late.waiting.iter())
             .chain(&c.late.ready)
-            .any(|(s, _)| s.ptr_eq(server))
+            .any(|(s, _)| s == server)
     })
 }
 
@@ -702,7 +705,7 @@ fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, seq: 
         idle.then(|| *late.timer.get_or_insert_with(|| lp.timer_init()))
     };
     if let Some(t) = start {
-        let _ = lp.timer_start(t, 0, 0, late_answers_due);
+        let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, late_answers_due);
     }
 }
 
@@ -719,21 +722,14 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
     for (s, seq) in due {
         let reply = AcceptReply {
             accepted: true,
-            load: Some(s.connections() as u64),
+            load: Some(s.connections(lp) as u64),
         };
         let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
     }
     if more {
         // A timer started by a timer callback waits for the next iteration.
-        let _ = lp.timer_start(timer, 0, 0, late_answers_due);
+        let _ = lp.timer_start(timer, Duration::ZERO, Duration::ZERO, late_answers_due);
     }
-}
-
-fn close_conn(lp: &mut Loop, c: Conn) {
-    let _ = match c {
-        Conn::Tcp(h) => lp.close(h, |_| {}),
-        Conn::Pipe(h) => lp.close(h, |_| {}),
-    };
 }
 
 /// Node's `_disconnect`: close every server (waiting for their

@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -30,9 +31,9 @@ use super::round_robin_handle::{
 use super::settings::{SchedulingPolicy, Settings};
 use super::shared_handle::SharedHandle;
 use super::worker::{Address, Side, Worker, WorkerState};
-use crate::ipc::{self, Channel, ChannelError, ForkOptions, Forked, close_accepted};
+use crate::ipc::{self, Channel, ChannelError, ForkOptions, Forked};
 use crate::net::defer;
-use crate::uv::{Accepted, Errno, Handle, Loop, Pipe};
+use crate::uv::{Errno, Handle, Loop, Pipe, Signum, Socket};
 
 /// An error reported by the cluster through an `error` callback. (A worker
 /// that cannot be forked is no such report: [`Primary::fork`] returns the
@@ -103,8 +104,8 @@ impl std::error::Error for ClusterError {}
 
 type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
 type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Accepted>)>;
-type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Socket>)>;
+type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>)>;
 type SetupCb = Box<dyn FnMut(&mut Loop, &Settings)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, Option<&Worker>, &ClusterError)>;
 type DoneCb = Box<dyn FnOnce(&mut Loop)>;
@@ -421,7 +422,7 @@ impl Primary {
         let mut opts = fork_options(&settings, id, env);
         let (p, w) = (weak.clone(), worker.clone());
         opts.process.on_exit = Some(Box::new(move |lp, process, status, signal| {
-            let _ = lp.close(process, |_| {});
+            lp.close_if_open(process);
             on_process_exit(lp, &p, &w, status, signal);
         }));
         let Forked {
@@ -504,10 +505,7 @@ impl Primary {
     /// handle sent along, if any. Both the worker's and the primary's
     /// callback see the handle; the primary's callback owns it (must close
     /// it) when set, otherwise the worker's. Without either it is closed.
-    pub fn on_message(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, Value, Option<Accepted>) + 'static,
-    ) {
+    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, Value, Option<Socket>) + 'static) {
         self.inner.borrow_mut().on_message = Some(Box::new(cb));
     }
     /// Sets the `disconnect` callback: a worker's channel closed.
@@ -516,7 +514,10 @@ impl Primary {
     }
     /// Sets the `exit` callback: a worker's process exited, with its exit
     /// code (`None` if a signal ended it) and signal (`None` if it exited).
-    pub fn on_exit(&self, cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>) + 'static) {
+    pub fn on_exit(
+        &self,
+        cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>) + 'static,
+    ) {
         self.inner.borrow_mut().on_exit = Some(Box::new(cb));
     }
     /// Sets the `setup` callback: runs after each
@@ -556,7 +557,7 @@ impl Primary {
     // ----- events --------------------------------------------------------
 
     /// The primary's `message` event; `false` if no callback is set.
-    fn emit_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Accepted>) -> bool {
+    fn emit_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Socket>) -> bool {
         let has = self.inner.borrow().on_message.is_some();
         primary_emit!(self, lp, on_message, |cb| cb(lp, w, msg, h));
         has
@@ -698,10 +699,10 @@ impl Primary {
 
     // ----- messages from workers (Node's `onmessage`) ----------------------
 
-    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Accepted>) {
+    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Socket>) {
         if let Some(h) = h {
             // No worker-to-primary cluster message carries a handle.
-            close_accepted(lp, h);
+            lp.close_if_open(h);
             let message = msg.to_string();
             self.protocol_error(lp, w, ProtocolError::UnexpectedHandle { message });
             return;
@@ -1156,7 +1157,7 @@ fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
         Some(p) => p.on_internal_message(lp, &w1, msg, h),
         None => {
             if let Some(h) = h {
-                close_accepted(lp, h);
+                lp.close_if_open(h);
             }
         }
     });
@@ -1171,7 +1172,7 @@ fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
             && !had_primary_cb
             && let Some(h) = h
         {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
     });
     let (p3, w3) = (p.clone(), w.clone());
@@ -1269,14 +1270,14 @@ fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
 const EXIT_GRACE_MS: u64 = 100;
 
 /// The worker's process exited (Node's `worker.process.once('exit')`).
-fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: i32) {
+fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: Option<Signum>) {
     let primary = Primary::from_ref(p);
     let connected = w.is_connected();
     {
         let mut i = w.inner.borrow_mut();
-        if signal != 0 {
+        if signal.is_some() {
             i.exit_code = None;
-            i.signal_code = Some(signal);
+            i.signal_code = signal;
         } else {
             i.exit_code = Some(status);
             i.signal_code = None;
@@ -1299,9 +1300,7 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
     // The stdio pipes outlive nothing but the process.
     let pipes = std::mem::take(&mut w.inner.borrow_mut().stdio);
     for p in pipes.into_iter().flatten() {
-        if !lp.is_closing(p) {
-            let _ = lp.close(p, |_| {});
-        }
+        lp.close_if_open(p);
     }
     if let Some(p) = &primary {
         primary_emit!(p, lp, on_exit, |cb| cb(lp, w, code, sig));
@@ -1320,16 +1319,21 @@ fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signa
 fn give_back_after_grace(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
     let (p, w) = (p.clone(), w.clone());
     let t = lp.timer_init();
-    let started = lp.timer_start(t, EXIT_GRACE_MS, 0, move |lp, t| {
-        let _ = lp.close(t, |_| {});
-        if w.is_connected()
-            && let Some(p) = Primary::from_ref(&p)
-        {
-            p.remove_handles_for_worker(lp, &w, true);
-        }
-    });
+    let started = lp.timer_start(
+        t,
+        Duration::from_millis(EXIT_GRACE_MS),
+        Duration::ZERO,
+        move |lp, t| {
+            lp.close_if_open(t);
+            if w.is_connected()
+                && let Some(p) = Primary::from_ref(&p)
+            {
+                p.remove_handles_for_worker(lp, &w, true);
+            }
+        },
+    );
     if started.is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }
 

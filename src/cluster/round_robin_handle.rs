@@ -59,17 +59,16 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::rc::Rc;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::primary::ClusterError;
 use super::protocol::{AcceptReply, Act, Query, Sockname};
-use super::shared_handle::{ServerSocket, create_server_handle};
+use super::shared_handle::create_server_handle;
 use super::worker::Worker;
-use crate::ipc::{
-    AfterAck, Attach, Channel, HandleDelivery, HandleKind, SendHandle, close_accepted,
-};
-use crate::uv::{Accepted, Errno, Handle, Loop, OnEmfile, Pipe, Tcp, Timer};
+use crate::ipc::{AfterAck, Attach, Channel, HandleDelivery, HandleKind};
+use crate::uv::{Errno, Handle, Loop, OnEmfile, Socket, Timer};
 
 /// How long a handoff may go unanswered, and how long a connection may wait
 /// while no worker can take it, unless
@@ -180,28 +179,8 @@ pub(super) type Report = Rc<dyn Fn(&mut Loop, Option<&Worker>, ClusterError)>;
 /// trick turned a short shortage into refused clients (issue 10).
 const PRIMARY_ON_EMFILE: OnEmfile = OnEmfile::Pause(std::time::Duration::from_millis(100));
 
-/// An accepted connection, owned by the handle until a worker accepts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Conn {
-    Tcp(Handle<Tcp>),
-    Pipe(Handle<Pipe>),
-}
-
-impl Conn {
-    fn close(self, lp: &mut Loop) {
-        let _ = match self {
-            Conn::Tcp(h) => lp.close(h, |_| {}),
-            Conn::Pipe(h) => lp.close(h, |_| {}),
-        };
-    }
-
-    fn send_handle(self) -> SendHandle {
-        match self {
-            Conn::Tcp(h) => SendHandle::Tcp(h),
-            Conn::Pipe(h) => SendHandle::Pipe(h),
-        }
-    }
-}
+// An accepted connection, owned by the handle until a worker accepts it.
+use crate::uv::Stream as Conn;
 
 /// A connection waiting for a worker, with the loop time it was accepted.
 #[derive(Clone, Copy, Debug)]
@@ -339,7 +318,7 @@ struct State {
     assigned: HashMap<u32, VecDeque<Queued>>,
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
-    listener: Option<ServerSocket>,
+    listener: Option<Socket>,
     /// The bind or listen error.
     errno: Option<Errno>,
     /// `{address, family, port}` for TCP listeners.
@@ -475,18 +454,20 @@ impl RoundRobinHandle {
         lp: &mut Loop,
         address: Option<&str>,
         q: &Query,
-    ) -> io::Result<(ServerSocket, Option<Sockname>)> {
+    ) -> io::Result<(Socket, Option<Sockname>)> {
         let sock = create_server_handle(lp, address, q)?;
         let backlog = q.backlog();
         let weak = Rc::downgrade(&self.st);
         let r = match sock {
-            ServerSocket::Tcp(h) => {
+            Socket::Tcp(h) => {
                 let w = weak.clone();
                 lp.tcp_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
                             Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Tcp(c)),
-                            None => Conn::Tcp(c).close(lp),
+                            None => {
+                                lp.close_if_open(c);
+                            }
                         }
                     }
                 })
@@ -494,13 +475,15 @@ impl RoundRobinHandle {
                 .and_then(|()| lp.tcp_getsockname(h))
                 .map(|a| Some(Sockname(a)))
             }
-            ServerSocket::Pipe(h) => {
+            Socket::Pipe(h) => {
                 let w = weak.clone();
                 let listening = lp.pipe_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
                         match w.upgrade() {
                             Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Pipe(c)),
-                            None => Conn::Pipe(c).close(lp),
+                            None => {
+                                lp.close_if_open(c);
+                            }
                         }
                     }
                 });
@@ -516,7 +499,7 @@ impl RoundRobinHandle {
                     })
                     .map(|()| None)
             }
-            ServerSocket::Udp(_) => Err(io::Error::new(
+            Socket::Udp(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "round-robin needs a stream socket",
             )),
@@ -524,7 +507,7 @@ impl RoundRobinHandle {
         match r {
             Ok(sockname) => Ok((sock, sockname)),
             Err(e) => {
-                sock.close(lp);
+                lp.close_if_open(sock);
                 Err(e)
             }
         }
@@ -681,7 +664,7 @@ impl RoundRobinHandle {
             let mut st = self.st.borrow_mut();
             if st.listener.is_none() {
                 drop(st);
-                q.conn.close(lp);
+                lp.close_if_open(q.conn);
                 return;
             }
             if front {
@@ -760,15 +743,15 @@ impl RoundRobinHandle {
         };
         let fields = Act::NewConn { key }.to_fields();
         let attach = Attach {
-            handle: conn.send_handle(),
+            handle: conn.into(),
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
         let (me, worker) = (self.clone(), w.clone());
         let on_reply = Box::new(
-            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Accepted>| {
+            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Socket>| {
                 if let Some(h) = h {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
                 me.on_reply(lp, &worker, conn, AcceptReply::from_wire(&reply));
             },
@@ -966,23 +949,28 @@ impl RoundRobinHandle {
         };
         let weak = Rc::downgrade(&self.st);
         let ms = due.saturating_sub(lp.now()).max(1);
-        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
-            let Some(st) = weak.upgrade() else { return };
-            let me = RoundRobinHandle { st };
-            {
-                let now = lp.now();
-                let mut st = me.st.borrow_mut();
-                st.stall_due = None;
-                let late: Vec<u32> = st
-                    .in_flight
-                    .iter()
-                    .filter(|(_, f)| now >= f.sent + STALL_MS)
-                    .map(|(&id, _)| id)
-                    .collect();
-                st.stalled.extend(late);
-            }
-            me.dispatch_lc(lp);
-        });
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, _| {
+                let Some(st) = weak.upgrade() else { return };
+                let me = RoundRobinHandle { st };
+                {
+                    let now = lp.now();
+                    let mut st = me.st.borrow_mut();
+                    st.stall_due = None;
+                    let late: Vec<u32> = st
+                        .in_flight
+                        .iter()
+                        .filter(|(_, f)| now >= f.sent + STALL_MS)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    st.stalled.extend(late);
+                }
+                me.dispatch_lc(lp);
+            },
+        );
     }
 
     /// Arms the deadline timer for the next deadline (see
@@ -1011,12 +999,17 @@ impl RoundRobinHandle {
         };
         let weak = Rc::downgrade(&self.st);
         let ms = due.saturating_sub(now);
-        let _ = lp.timer_start(timer, ms, 0, move |lp, _| {
-            let Some(st) = weak.upgrade() else { return };
-            let me = RoundRobinHandle { st };
-            me.st.borrow_mut().deadline_due = None;
-            me.expire(lp);
-        });
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, _| {
+                let Some(st) = weak.upgrade() else { return };
+                let me = RoundRobinHandle { st };
+                me.st.borrow_mut().deadline_due = None;
+                me.expire(lp);
+            },
+        );
     }
 
     /// The deadline timer: workers whose back-off ended are tried again;
@@ -1063,7 +1056,7 @@ impl RoundRobinHandle {
         for (id, f) in no_answer {
             // The worker holds the connection and may be serving it: it
             // cannot go to another. Ours is closed; its slot is free.
-            f.conn.close(lp);
+            lp.close_if_open(f.conn);
             let w = {
                 let mut st = self.st.borrow_mut();
                 if matches!(st.opts.pick, Pick::LeastConnections) {
@@ -1111,7 +1104,7 @@ impl RoundRobinHandle {
         };
         if !expired.is_empty() {
             for c in &expired {
-                c.close(lp);
+                lp.close_if_open(c);
             }
             self.report_handoff(
                 lp,
@@ -1140,7 +1133,7 @@ impl RoundRobinHandle {
             st.deadline_timer.take()
         };
         if let Some(t) = timer {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
     }
 
@@ -1176,7 +1169,7 @@ impl RoundRobinHandle {
         }
         if let Some(f) = taken {
             if accepted {
-                conn.close(lp);
+                lp.close_if_open(conn);
             } else {
                 self.distribute(
                     lp,
@@ -1283,13 +1276,13 @@ impl RoundRobinHandle {
             )
         };
         if let Some(t) = timer {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
         for q in queued.into_iter().chain(assigned.into_values().flatten()) {
-            q.conn.close(lp);
+            lp.close_if_open(q.conn);
         }
         if let Some(l) = listener {
-            l.close(lp);
+            lp.close_if_open(l);
         }
         self.maybe_close_timers(lp);
     }
@@ -1304,7 +1297,7 @@ impl RoundRobinHandle {
         };
         self.close(lp);
         for c in in_flight {
-            c.close(lp);
+            lp.close_if_open(c);
         }
     }
 }

@@ -13,8 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use super::protocol::{AddressType, Query};
-use crate::ipc::{AfterAck, Attach, HandleKind, SendHandle};
-use crate::uv::{BindFlags, Errno, Handle, Loop, Pipe, Tcp, Udp};
+use crate::ipc::{AfterAck, Attach, HandleKind};
+use crate::uv::{BindFlags, Errno, Handle, Loop, Socket, Tcp};
 
 /// libuv's `UV_TCP_IPV6ONLY` and `UV_UDP_IPV6ONLY`.
 const IPV6ONLY: u32 = 1;
@@ -23,32 +23,6 @@ const UDP_REUSEADDR: u32 = 4;
 
 fn einval(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned())
-}
-
-/// A socket the primary made for a worker's server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ServerSocket {
-    Tcp(Handle<Tcp>),
-    Pipe(Handle<Pipe>),
-    Udp(Handle<Udp>),
-}
-
-impl ServerSocket {
-    pub(super) fn close(self, lp: &mut Loop) {
-        let _ = match self {
-            ServerSocket::Tcp(h) => lp.close(h, |_| {}),
-            ServerSocket::Pipe(h) => lp.close(h, |_| {}),
-            ServerSocket::Udp(h) => lp.close(h, |_| {}),
-        };
-    }
-
-    fn send_handle(self) -> SendHandle {
-        match self {
-            ServerSocket::Tcp(h) => SendHandle::Tcp(h),
-            ServerSocket::Pipe(h) => SendHandle::Pipe(h),
-            ServerSocket::Udp(h) => SendHandle::Udp(h),
-        }
-    }
 }
 
 /// The port of a TCP or UDP query, if it is a valid one.
@@ -71,7 +45,7 @@ fn bind_tcp(lp: &mut Loop, addr: SocketAddr, ipv6_only: bool) -> io::Result<Hand
     match lp.tcp_bind(h, addr, flags) {
         Ok(()) => Ok(h),
         Err(e) => {
-            let _ = lp.close(h, |_| {});
+            lp.close_if_open(h);
             Err(e)
         }
     }
@@ -79,22 +53,22 @@ fn bind_tcp(lp: &mut Loop, addr: SocketAddr, ipv6_only: bool) -> io::Result<Hand
 
 /// Adopts an fd of the primary, by number: a duplicate of it, so the
 /// original stays the caller's.
-fn open_fd(lp: &mut Loop, fd: i32, udp: bool) -> io::Result<ServerSocket> {
+fn open_fd(lp: &mut Loop, fd: i32, udp: bool) -> io::Result<Socket> {
     if udp {
         let h = lp.udp_init();
         return match crate::uv::dup_fd_number(fd).and_then(|d| lp.udp_open(h, d)) {
-            Ok(()) => Ok(ServerSocket::Udp(h)),
+            Ok(()) => Ok(Socket::Udp(h)),
             Err(e) => {
-                let _ = lp.close(h, |_| {});
+                lp.close_if_open(h);
                 Err(e)
             }
         };
     }
     let h = lp.tcp_init();
     match crate::uv::dup_fd_number(fd).and_then(|d| lp.tcp_open(h, d)) {
-        Ok(()) => return Ok(ServerSocket::Tcp(h)),
+        Ok(()) => return Ok(Socket::Tcp(h)),
         Err(e) => {
-            let _ = lp.close(h, |_| {});
+            lp.close_if_open(h);
             if Errno::of(&e) == Some(Errno::EBADF) {
                 return Err(e);
             }
@@ -102,9 +76,9 @@ fn open_fd(lp: &mut Loop, fd: i32, udp: bool) -> io::Result<ServerSocket> {
     }
     let p = lp.pipe_init(false);
     match crate::uv::dup_fd_number(fd).and_then(|d| lp.pipe_open(p, d)) {
-        Ok(()) => Ok(ServerSocket::Pipe(p)),
+        Ok(()) => Ok(Socket::Pipe(p)),
         Err(e) => {
-            let _ = lp.close(p, |_| {});
+            lp.close_if_open(p);
             Err(e)
         }
     }
@@ -121,7 +95,7 @@ pub(super) fn create_server_handle(
     lp: &mut Loop,
     address: Option<&str>,
     q: &Query,
-) -> io::Result<ServerSocket> {
+) -> io::Result<Socket> {
     let kind = q.address_type;
     if let Some(fd) = q.listen_fd() {
         return open_fd(lp, fd, kind.is_udp());
@@ -133,9 +107,9 @@ pub(super) fn create_server_handle(
             let path = address.ok_or_else(|| einval("queryServer: no path"))?;
             let p = lp.pipe_init(false);
             match lp.pipe_bind(p, Path::new(path)) {
-                Ok(()) => Ok(ServerSocket::Pipe(p)),
+                Ok(()) => Ok(Socket::Pipe(p)),
                 Err(e) => {
-                    let _ = lp.close(p, |_| {});
+                    lp.close_if_open(p);
                     Err(e)
                 }
             }
@@ -159,7 +133,7 @@ pub(super) fn create_server_handle(
                     bind_tcp(lp, SocketAddr::new(ip, port), ip.is_ipv6() && ipv6_only)
                 }
             }
-            .map(ServerSocket::Tcp)
+            .map(Socket::Tcp)
         }
         AddressType::Udp4 | AddressType::Udp6 => {
             let port = port_of(q)?;
@@ -176,9 +150,9 @@ pub(super) fn create_server_handle(
                 reuse_port: false,
             };
             match lp.udp_bind(h, SocketAddr::new(ip, port), bind) {
-                Ok(()) => Ok(ServerSocket::Udp(h)),
+                Ok(()) => Ok(Socket::Udp(h)),
                 Err(e) => {
-                    let _ = lp.close(h, |_| {});
+                    lp.close_if_open(h);
                     Err(e)
                 }
             }
@@ -193,7 +167,7 @@ pub(super) fn create_server_handle(
 #[derive(Debug)]
 pub(super) struct SharedHandle {
     workers: BTreeSet<u32>,
-    handle: Option<ServerSocket>,
+    handle: Option<Socket>,
     /// The bind error; `None` when bound.
     errno: Option<Errno>,
     /// ReusePort: where to bind each worker's socket, and the sockets.
@@ -295,7 +269,7 @@ impl SharedHandle {
                     return Ok(h);
                 }
                 Err(e) => {
-                    let _ = lp.close(h, |_| {});
+                    lp.close_if_open(h);
                     last = Some(e);
                 }
             }
@@ -315,7 +289,7 @@ impl SharedHandle {
         if self.per_worker.is_some() {
             return match self.bind_for(lp, id) {
                 Ok(h) => Ok(Attach {
-                    handle: SendHandle::Tcp(h),
+                    handle: h.into(),
                     kind: HandleKind::NetNative,
                     after_ack: AfterAck::Keep,
                 }),
@@ -327,9 +301,9 @@ impl SharedHandle {
         }
         match (self.handle, self.errno) {
             (Some(h), None) => Ok(Attach {
-                handle: h.send_handle(),
+                handle: h,
                 kind: match h {
-                    ServerSocket::Udp(_) => HandleKind::DgramNative,
+                    Socket::Udp(_) => HandleKind::DgramNative,
                     _ => HandleKind::NetNative,
                 },
                 after_ack: AfterAck::Keep,
@@ -342,13 +316,13 @@ impl SharedHandle {
     /// returns `true` (the caller then forgets the key).
     pub(super) fn remove(&mut self, lp: &mut Loop, id: u32) -> bool {
         if let Some(h) = self.per_worker.as_mut().and_then(|p| p.sockets.remove(&id)) {
-            let _ = lp.close(h, |_| {});
+            lp.close_if_open(h);
         }
         if !self.workers.remove(&id) || !self.workers.is_empty() {
             return false;
         }
         if let Some(h) = self.handle.take() {
-            h.close(lp);
+            lp.close_if_open(h);
         }
         true
     }
@@ -358,11 +332,11 @@ impl SharedHandle {
         self.workers.clear();
         if let Some(p) = self.per_worker.as_mut() {
             for (_, h) in std::mem::take(&mut p.sockets) {
-                let _ = lp.close(h, |_| {});
+                lp.close_if_open(h);
             }
         }
         if let Some(h) = self.handle.take() {
-            h.close(lp);
+            lp.close_if_open(h);
         }
     }
 }

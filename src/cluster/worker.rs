@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::primary::{ClusterError, PrimaryRef};
 use super::protocol::{AddressType, Query};
 use crate::ipc::{Attach, Channel, RawMessage};
-use crate::uv::{Accepted, Handle, Loop, Process};
+use crate::uv::{Handle, Loop, Process, Signum, Socket};
 
 /// A worker's life-cycle state (`worker.state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,15 +56,15 @@ impl Address {
 
 type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
 type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Accepted>)>;
-type RawMessageCb = Box<dyn FnMut(&mut Loop, &Worker, RawMessage, Option<Accepted>)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Socket>)>;
+type RawMessageCb = Box<dyn FnMut(&mut Loop, &Worker, RawMessage, Option<Socket>)>;
 
 /// The user's `message` callback, taking values or [`RawMessage`]s.
 enum MessageSlot {
     Value(MessageCb),
     Raw(RawMessageCb),
 }
-type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>)>;
+type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, &Worker, &ClusterError)>;
 type ExitRequestCb = Box<dyn FnMut(&mut Loop, &Worker, ExitRequest)>;
 
@@ -98,7 +98,7 @@ pub(crate) struct WorkerInner {
     /// `None` until decided (Node's `undefined`), then final at exit.
     pub(crate) exited_after_disconnect: Option<bool>,
     pub(crate) exit_code: Option<i64>,
-    pub(crate) signal_code: Option<i32>,
+    pub(crate) signal_code: Option<Signum>,
     /// The primary's ends of the worker's `pipe` stdio slots, by fd.
     pub(crate) stdio: Vec<Option<Handle<crate::uv::Pipe>>>,
     pub(crate) side: Side,
@@ -236,7 +236,7 @@ impl Worker {
     }
 
     /// The exit code and signal, once the process exited.
-    pub fn exit_status(&self) -> Option<(Option<i64>, Option<i32>)> {
+    pub fn exit_status(&self) -> Option<(Option<i64>, Option<Signum>)> {
         let i = self.inner.borrow();
         (i.exit_code.is_some() || i.signal_code.is_some()).then_some((i.exit_code, i.signal_code))
     }
@@ -323,13 +323,13 @@ impl Worker {
     /// # Errors
     ///
     /// The `kill(2)` error in the primary (`ESRCH` after exit).
-    pub fn kill(&self, lp: &mut Loop, signal: Option<i32>) -> io::Result<()> {
+    pub fn kill(&self, lp: &mut Loop, signal: Option<Signum>) -> io::Result<()> {
         let side_primary = matches!(self.inner.borrow().side, Side::Primary(_));
         if side_primary {
             let p = self
                 .process()
                 .ok_or_else(|| io::Error::from_raw_os_error(3))?;
-            lp.process_kill(p, signal.unwrap_or(15))
+            lp.process_kill(p, signal.unwrap_or(Signum::SIGTERM))
         } else {
             super::child::destroy_self(lp, self);
             Ok(())
@@ -348,10 +348,7 @@ impl Worker {
     /// callback owns the handle and must close it). A string with an
     /// unpaired surrogate arrives with U+FFFD in its place;
     /// [`on_message_raw`](Self::on_message_raw) also gives the exact text.
-    pub fn on_message(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, Value, Option<Accepted>) + 'static,
-    ) {
+    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, Value, Option<Socket>) + 'static) {
         self.inner.borrow_mut().on_message = Some(MessageSlot::Value(Box::new(cb)));
     }
     /// Sets the `message` callback with messages as [`RawMessage`]s: the
@@ -361,7 +358,7 @@ impl Worker {
     /// process would. Replaces [`on_message`](Self::on_message).
     pub fn on_message_raw(
         &self,
-        cb: impl FnMut(&mut Loop, &Worker, RawMessage, Option<Accepted>) + 'static,
+        cb: impl FnMut(&mut Loop, &Worker, RawMessage, Option<Socket>) + 'static,
     ) {
         self.inner.borrow_mut().on_message = Some(MessageSlot::Raw(Box::new(cb)));
     }
@@ -371,7 +368,10 @@ impl Worker {
     }
     /// Sets the `exit` callback: exit code (`None` if a signal ended it) and
     /// signal (`None` if it exited).
-    pub fn on_exit(&self, cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<i32>) + 'static) {
+    pub fn on_exit(
+        &self,
+        cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>) + 'static,
+    ) {
         self.inner.borrow_mut().on_exit = Some(Box::new(cb));
     }
     /// Sets the `error` callback.
@@ -431,12 +431,12 @@ impl Worker {
     emitter!(emit_online, on_online, ());
     emitter!(emit_listening, on_listening, (a: &Address));
     emitter!(emit_disconnect, on_disconnect, ());
-    emitter!(emit_exit, on_exit, (code: Option<i64>, signal: Option<i32>));
+    emitter!(emit_exit, on_exit, (code: Option<i64>, signal: Option<Signum>));
     emitter!(emit_error, on_error, (e: &ClusterError));
 
     /// Delivers a user message; without a callback, a handle that came with
     /// it is closed.
-    pub(crate) fn emit_message(&self, lp: &mut Loop, msg: RawMessage, h: Option<Accepted>) -> bool {
+    pub(crate) fn emit_message(&self, lp: &mut Loop, msg: RawMessage, h: Option<Socket>) -> bool {
         let cb = self.inner.borrow_mut().on_message.take();
         match cb {
             Some(mut cb) => {

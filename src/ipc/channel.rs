@@ -23,6 +23,7 @@ use std::fmt;
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -31,16 +32,16 @@ use serde_json::{Map, Value};
 use super::frame::{self, DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE, Decoder, FrameError};
 use super::json;
 use super::message::{self, HandleKind, Incoming, NODE_CLUSTER, RawMessage, is_internal};
-use crate::uv::{Accepted, Handle, Loop, Pipe, Tcp, Udp};
+use crate::uv::{Handle, Loop, Pipe, Socket};
 
 /// Callback for user or internal messages: the message and the handle that
 /// came with it, if any. The callback owns the handle (it must close it).
-pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Accepted>)>;
+pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Socket>)>;
 /// Callback for user messages with their JSON text
 /// ([`Channel::on_message_raw`]).
-pub type RawMessageCb = Box<dyn FnMut(&mut Loop, &Channel, RawMessage, Option<Accepted>)>;
+pub type RawMessageCb = Box<dyn FnMut(&mut Loop, &Channel, RawMessage, Option<Socket>)>;
 /// Callback for the reply to a request sent with [`Channel::send_cluster`].
-pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Accepted>)>;
+pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Socket>)>;
 /// Callback run once a message has been handed to the kernel, or failed.
 pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
 /// Callback told how a handle sent with [`Channel::send_cluster_handle`]
@@ -49,33 +50,6 @@ pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, &Channel, HandleDelivery)>;
 type ErrorCb = Box<dyn FnMut(&mut Loop, &Channel, ChannelError)>;
 type DisconnectCb = Box<dyn FnMut(&mut Loop, &Channel)>;
 
-/// A socket handle to send over the channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendHandle {
-    /// A TCP listener, connection or bound socket.
-    Tcp(Handle<Tcp>),
-    /// A Unix stream socket.
-    Pipe(Handle<Pipe>),
-    /// A UDP socket.
-    Udp(Handle<Udp>),
-}
-
-impl From<Handle<Tcp>> for SendHandle {
-    fn from(h: Handle<Tcp>) -> Self {
-        SendHandle::Tcp(h)
-    }
-}
-impl From<Handle<Pipe>> for SendHandle {
-    fn from(h: Handle<Pipe>) -> Self {
-        SendHandle::Pipe(h)
-    }
-}
-impl From<Handle<Udp>> for SendHandle {
-    fn from(h: Handle<Udp>) -> Self {
-        SendHandle::Udp(h)
-    }
-}
-
 /// The `msg` of an encoded `NODE_HANDLE` wrapper, as its own line.
 fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
     let line = bytes.strip_suffix(b"\n")?;
@@ -83,24 +57,6 @@ fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
     let mut out = line[m.start..m.end].to_vec();
     out.push(b'\n');
     Some(out)
-}
-
-impl SendHandle {
-    fn is_closing(self, lp: &Loop) -> bool {
-        match self {
-            SendHandle::Tcp(h) => lp.is_closing(h),
-            SendHandle::Pipe(h) => lp.is_closing(h),
-            SendHandle::Udp(h) => lp.is_closing(h),
-        }
-    }
-
-    fn close(self, lp: &mut Loop) {
-        let _ = match self {
-            SendHandle::Tcp(h) => lp.close(h, |_| {}),
-            SendHandle::Pipe(h) => lp.close(h, |_| {}),
-            SendHandle::Udp(h) => lp.close(h, |_| {}),
-        };
-    }
 }
 
 /// What the sender does with its own copy of a handle it sent.
@@ -118,7 +74,7 @@ pub enum AfterAck {
 #[derive(Clone, Copy, Debug)]
 pub struct Attach {
     /// The socket.
-    pub handle: SendHandle,
+    pub handle: Socket,
     /// The `type` field of the `NODE_HANDLE` wrapper.
     pub kind: HandleKind,
     /// What happens to our copy once the peer acknowledged.
@@ -361,7 +317,7 @@ struct Outgoing {
 /// A handle we sent whose ACK has not come yet.
 struct Awaiting {
     /// The handle to close when the answer comes (`AfterAck::Close`).
-    to_close: Option<SendHandle>,
+    to_close: Option<Socket>,
     /// Shared with the write's callback, which reports a failed write.
     delivery: Rc<std::cell::Cell<Option<DeliveryCb>>>,
     /// The `seq` of the message, when a reply to it is awaited.
@@ -391,7 +347,7 @@ struct Inner {
     on_disconnect: Option<DisconnectCb>,
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
-    backlog: VecDeque<(RawMessage, Option<Accepted>)>,
+    backlog: VecDeque<(RawMessage, Option<Socket>)>,
     replies: HashMap<u64, ReplyCb>,
     /// While the channel handles one read's messages, messages without a
     /// handle that callbacks send are coalesced here and written in one go
@@ -521,12 +477,14 @@ impl Channel {
     /// speak V8's `advanced` serialization) or an fd number that does not
     /// parse; `EBADF` if the fd is not open.
     pub fn from_env(lp: &mut Loop, opts: ChannelOptions) -> io::Result<Option<Channel>> {
-        let fd = crate::uv::take_env_var(NODE_CHANNEL_FD);
         let mode = crate::uv::take_env_var(NODE_CHANNEL_SERIALIZATION_MODE);
-        let Some(fd) = fd else { return Ok(None) };
+        if std::env::var_os(NODE_CHANNEL_FD).is_none() {
+            return Ok(None);
+        }
         if let Some(mode) = mode
             && mode != "json"
         {
+            crate::uv::take_env_var(NODE_CHANNEL_FD);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -536,18 +494,14 @@ impl Channel {
                 ),
             ));
         }
-        let fd: i32 = fd
-            .to_str()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{NODE_CHANNEL_FD}={fd:?} is not an fd number"),
-                )
-            })?;
+        // The parent placed the channel at this number for us: the one
+        // adoption of a raw fd from the environment (`uv::take_env_fd`).
+        let Some(fd) = crate::uv::take_env_fd(NODE_CHANNEL_FD)? else {
+            return Ok(None);
+        };
         let pipe = lp.pipe_init(true);
-        if let Err(e) = lp.pipe_open_inherited(pipe, fd) {
-            let _ = lp.close(pipe, |_| {});
+        if let Err(e) = lp.pipe_open(pipe, fd) {
+            lp.close_if_open(pipe);
             return Err(e);
         }
         Channel::open(lp, pipe, opts).map(Some)
@@ -571,7 +525,7 @@ impl Channel {
     pub fn on_message(
         &self,
         lp: &mut Loop,
-        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
+        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Socket>) + 'static,
     ) {
         self.set_user_cb(lp, UserCb::Value(Box::new(cb)));
     }
@@ -611,7 +565,7 @@ impl Channel {
     pub fn on_message_raw(
         &self,
         lp: &mut Loop,
-        cb: impl FnMut(&mut Loop, &Channel, RawMessage, Option<Accepted>) + 'static,
+        cb: impl FnMut(&mut Loop, &Channel, RawMessage, Option<Socket>) + 'static,
     ) {
         self.set_user_cb(lp, UserCb::Raw(Box::new(cb)));
     }
@@ -625,8 +579,8 @@ impl Channel {
         if replay {
             let t = lp.timer_init();
             let weak = Rc::downgrade(&self.inner);
-            let _ = lp.timer_start(t, 0, 0, move |lp, t| {
-                let _ = lp.close(t, |_| {});
+            let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
+                lp.close_if_open(t);
                 if let Some(inner) = weak.upgrade() {
                     let ch = Channel { inner };
                     loop {
@@ -647,7 +601,7 @@ impl Channel {
     pub fn on_message_typed<T: DeserializeOwned + 'static>(
         &self,
         lp: &mut Loop,
-        mut cb: impl FnMut(&mut Loop, &Channel, serde_json::Result<T>, Option<Accepted>) + 'static,
+        mut cb: impl FnMut(&mut Loop, &Channel, serde_json::Result<T>, Option<Socket>) + 'static,
     ) {
         self.on_message(lp, move |lp, ch, v, h| {
             cb(lp, ch, serde_json::from_value(v), h)
@@ -660,7 +614,7 @@ impl Channel {
     /// dropped (and any handle closed).
     pub fn on_internal(
         &self,
-        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Accepted>) + 'static,
+        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Socket>) + 'static,
     ) {
         self.inner.borrow_mut().on_internal = Some(Box::new(cb));
     }
@@ -921,11 +875,7 @@ impl Channel {
         };
         let delivery = Rc::new(std::cell::Cell::new(delivery));
         let done = self.handle_completion(out.on_sent, delivery.clone());
-        let r = match a.handle {
-            SendHandle::Tcp(h) => lp.write2(pipe, &[&out.bytes], h, done),
-            SendHandle::Pipe(h) => lp.write2(pipe, &[&out.bytes], h, done),
-            SendHandle::Udp(h) => lp.write2(pipe, &[&out.bytes], h, done),
-        };
+        let r = lp.write2(pipe, &[&out.bytes], a.handle, done);
         match r {
             Ok(()) => {
                 self.inner.borrow_mut().awaiting_ack = Some(Awaiting {
@@ -979,7 +929,7 @@ impl Channel {
                 }
             };
             if let Some(h) = to_close {
-                h.close(lp);
+                lp.close_if_open(h);
             }
             cb(lp, &ch, HandleDelivery::NotSent(e));
             // `on_sent`, if any, still hears of the failure; without one,
@@ -1087,7 +1037,7 @@ impl Channel {
             ),
             Some(a) => {
                 if let Some(h) = a.to_close {
-                    h.close(lp);
+                    lp.close_if_open(h);
                 }
                 if !ok && let Some(seq) = a.reply_seq {
                     // The peer dropped the message: no reply will come.
@@ -1125,7 +1075,7 @@ impl Channel {
             // (sent before with `keepOpen: false`, closed by that ACK)
             // goes without it, as the bare message
             // (test-cluster-send-handle-twice).
-            if out.attach.is_some_and(|a| a.handle.is_closing(lp)) {
+            if out.attach.is_some_and(|a| lp.is_closing(a.handle)) {
                 out.attach = None;
                 out.bytes = unwrap_handle_message(&out.bytes).unwrap_or(out.bytes);
             }
@@ -1216,7 +1166,7 @@ impl Channel {
             drop(i);
             for (_, h) in backlog {
                 if let Some(h) = h {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
             }
         };
@@ -1402,7 +1352,7 @@ impl Channel {
         }
     }
 
-    fn route_internal(&self, lp: &mut Loop, v: Value, h: Option<Accepted>) {
+    fn route_internal(&self, lp: &mut Loop, v: Value, h: Option<Socket>) {
         if message::cmd_of(&v) == Some(NODE_CLUSTER)
             && let Some(ack) = v.get("ack").and_then(Value::as_u64)
         {
@@ -1423,13 +1373,13 @@ impl Channel {
             }
             None => {
                 if let Some(h) = h {
-                    close_accepted(lp, h);
+                    lp.close_if_open(h);
                 }
             }
         }
     }
 
-    fn emit_user(&self, lp: &mut Loop, m: RawMessage, h: Option<Accepted>) {
+    fn emit_user(&self, lp: &mut Loop, m: RawMessage, h: Option<Socket>) {
         {
             let mut i = self.inner.borrow_mut();
             // While a backlog waits for its replay, new messages queue
@@ -1449,8 +1399,8 @@ impl Channel {
         &self,
         lp: &mut Loop,
         m: RawMessage,
-        h: Option<Accepted>,
-    ) -> Result<(), (RawMessage, Option<Accepted>)> {
+        h: Option<Socket>,
+    ) -> Result<(), (RawMessage, Option<Socket>)> {
         let cb = self.inner.borrow_mut().on_message.take();
         match cb {
             Some(mut cb) => {
@@ -1481,13 +1431,4 @@ impl Channel {
             None => log::error!("IPC channel: {e}"),
         }
     }
-}
-
-/// Closes a handle received over IPC that nobody took.
-pub fn close_accepted(lp: &mut Loop, h: Accepted) {
-    let _ = match h {
-        Accepted::Tcp(h) => lp.close(h, |_| {}),
-        Accepted::Pipe(h) => lp.close(h, |_| {}),
-        Accepted::Udp(h) => lp.close(h, |_| {}),
-    };
 }

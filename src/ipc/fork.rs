@@ -7,7 +7,7 @@ use std::io;
 use std::rc::Rc;
 
 use super::channel::{Channel, ChannelOptions, NODE_CHANNEL_FD, NODE_CHANNEL_SERIALIZATION_MODE};
-use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Stdio};
+use crate::uv::{Handle, Loop, Pipe, Process, ProcessOptions, Signum, Stdio};
 
 /// The exit callback of a forked child: exit status and terminating signal
 /// ([`ProcessOptions::on_exit`]).
@@ -283,7 +283,7 @@ fn stdio_plan(
 fn unless_abandoned(cb: Option<ExitCb>, abandoned: Rc<Cell<bool>>) -> ExitCb {
     Box::new(move |lp, process, status, signal| {
         if abandoned.get() {
-            let _ = lp.close(process, |_| {});
+            lp.close_if_open(process);
         } else if let Some(cb) = cb {
             cb(lp, process, status, signal);
         }
@@ -295,10 +295,8 @@ fn unless_abandoned(cb: Option<ExitCb>, abandoned: Rc<Cell<bool>>) -> ExitCb {
 /// closes the handle; the caller's callback is dropped unrun, as after any
 /// call that returns an error.
 fn abandon(lp: &mut Loop, process: Handle<Process>, abandoned: &Cell<bool>) {
-    /// POSIX fixes `SIGKILL` at 9.
-    const SIGKILL: i32 = 9;
     abandoned.set(true);
-    if let Err(e) = lp.process_kill(process, SIGKILL) {
+    if let Err(e) = lp.process_kill(process, Signum::SIGKILL) {
         // ESRCH: it has exited already and is being reaped.
         log::debug!("fork: killing the child whose channel failed: {e}");
     }
@@ -307,7 +305,7 @@ fn abandon(lp: &mut Loop, process: Handle<Process>, abandoned: &Cell<bool>) {
 /// Closes the channel's pipe and the stdio pipes of a failed fork.
 fn close_pipes(lp: &mut Loop, ipc: Handle<Pipe>, pipes: Vec<Option<Handle<Pipe>>>) {
     for p in std::iter::once(ipc).chain(pipes.into_iter().flatten()) {
-        let _ = lp.close(p, |_| {});
+        lp.close_if_open(p);
     }
 }
 
@@ -337,8 +335,13 @@ mod tests {
         // A watchdog, unreferenced: the loop must end by itself, once the
         // killed child is reaped and every handle closed.
         let wd = lp.timer_init();
-        lp.timer_start(wd, 10_000, 0, |_, _| panic!("the child was not reaped"))
-            .unwrap();
+        lp.timer_start(
+            wd,
+            std::time::Duration::from_secs(10),
+            std::time::Duration::ZERO,
+            |_, _| panic!("the child was not reaped"),
+        )
+        .unwrap();
         lp.unref_handle(wd).unwrap();
         lp.run(RunMode::Default).unwrap();
         lp.close(wd, |_| {}).unwrap();

@@ -24,7 +24,7 @@ mod message;
 pub use channel::{
     AfterAck, Attach, Channel, ChannelError, ChannelOptions, DEFAULT_MAX_BAD_LINES,
     DEFAULT_REPORT_BAD_LINES, DeliveryCb, HandleDelivery, MessageCb, NODE_CHANNEL_FD,
-    NODE_CHANNEL_SERIALIZATION_MODE, RawMessageCb, ReplyCb, SendHandle, SentCb, close_accepted,
+    NODE_CHANNEL_SERIALIZATION_MODE, RawMessageCb, ReplyCb, SentCb,
 };
 pub use fork::{ExitCb, ForkOptions, ForkStdio, Forked, fork};
 pub use frame::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE, Decoder, FrameError, encode, parse_line};

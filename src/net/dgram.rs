@@ -40,7 +40,7 @@ pub fn bind_dgram(
     opts: BindOptions,
     cb: impl FnOnce(&mut Loop, Result<Handle<Udp>, ListenError>) + 'static,
 ) {
-    match super::cluster_hook() {
+    match super::cluster_hook(lp) {
         Some(hook) if !opts.exclusive => hook.bind_udp(lp, &opts, Box::new(cb)),
         _ => {
             let r = bind_local(lp, &opts);
@@ -67,7 +67,7 @@ fn bind_local(lp: &mut Loop, opts: &BindOptions) -> Result<Handle<Udp>, ListenEr
     match lp.udp_bind(h, SocketAddr::new(ip, opts.port), flags) {
         Ok(()) => Ok(h),
         Err(e) => {
-            let _ = lp.close(h, |_| {});
+            lp.close_if_open(h);
             Err(ListenError::from_io(&e, "bind", Some(ip.to_string()), port))
         }
     }

@@ -11,44 +11,48 @@
 mod dgram;
 mod server;
 
-use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 pub use dgram::{BindOptions, bind_dgram};
 pub use server::{
-    BadPort, Conn, ListenError, ListenOptions, Server, ServerAddress, parse_port, port_from_env,
+    BadPort, ListenError, ListenOptions, Server, ServerAddress, parse_port, port_from_env,
 };
 
-use crate::uv::{Handle, Loop, Udp};
+use crate::uv::{Handle, Ids, Loop, Udp};
 
 /// The completion of a UDP bind through the cluster.
 pub type BindCb = Box<dyn FnOnce(&mut Loop, Result<Handle<Udp>, ListenError>)>;
 
 /// How a cluster worker routes [`Server::listen`] and [`Server::close`]
-/// through its primary. Installed with [`set_cluster_hook`] by
+/// through its primary. Installed on a loop with [`set_cluster_hook`] by
 /// [`cluster::setup_worker`](crate::cluster::setup_worker).
 pub trait ClusterHook {
     /// Starts listening for `server` through the primary. The hook finishes
     /// by calling the server's listen completion (success or error).
-    fn listen(&self, lp: &mut Loop, server: &Server, opts: &ListenOptions);
+    fn listen(&self, lp: &mut Loop, server: Server, opts: &ListenOptions);
     /// Tells the primary that `server` closed.
-    fn close(&self, lp: &mut Loop, server: &Server);
+    fn close(&self, lp: &mut Loop, server: Server);
     /// Binds a UDP socket through the primary (always a shared socket).
     fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb);
 }
 
-thread_local! {
-    static HOOK: RefCell<Option<Rc<dyn ClusterHook>>> = const { RefCell::new(None) };
+/// The `net` layer's state, kept in the loop ([`Loop::context_mut`]): the
+/// servers, by id, and the cluster hook of a worker.
+#[derive(Default)]
+pub(crate) struct NetContext {
+    servers: Ids<server::ServerState>,
+    hook: Option<Rc<dyn ClusterHook>>,
 }
 
 /// Installs (or with `None` removes) the hook that routes listens through a
-/// cluster primary, for servers of this thread.
-pub fn set_cluster_hook(hook: Option<Rc<dyn ClusterHook>>) {
-    HOOK.with(|h| *h.borrow_mut() = hook);
+/// cluster primary, for the servers of loop `lp`.
+pub fn set_cluster_hook(lp: &mut Loop, hook: Option<Rc<dyn ClusterHook>>) {
+    lp.context_mut::<NetContext>().hook = hook;
 }
 
-pub(crate) fn cluster_hook() -> Option<Rc<dyn ClusterHook>> {
-    HOOK.with(|h| h.borrow().clone())
+pub(crate) fn cluster_hook(lp: &Loop) -> Option<Rc<dyn ClusterHook>> {
+    lp.context::<NetContext>()?.hook.clone()
 }
 
 /// Runs `f` on the next loop iteration (Node's `process.nextTick` /
@@ -58,8 +62,8 @@ pub(crate) fn cluster_hook() -> Option<Rc<dyn ClusterHook>> {
 pub fn defer(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
     let t = lp.timer_init();
     let mut f = Some(f);
-    let started = lp.timer_start(t, 0, 0, move |lp, t| {
-        let _ = lp.close(t, |_| {});
+    let started = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
+        lp.close_if_open(t);
         if let Some(f) = f.take() {
             f(lp);
         }
@@ -67,6 +71,6 @@ pub fn defer(lp: &mut Loop, f: impl FnOnce(&mut Loop) + 'static) {
     // A 0 ms timer does not fail to start on a fresh handle; if it ever
     // did, the handle must not be left behind.
     if started.is_err() {
-        let _ = lp.close(t, |_| {});
+        lp.close_if_open(t);
     }
 }

@@ -2,30 +2,20 @@
 //! `createServerHandle`, `setupListenHandle`).
 
 use std::any::Any;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::time::Duration;
 
-use crate::uv::{Accepted, BindFlags, Errno, Handle, Loop, Pipe, Tcp, Timer};
+use super::NetContext;
+use crate::uv::{
+    AnyHandle, BindFlags, CallbackSlot, Errno, Handle, Id, Loop, Socket, Stream, Timer,
+};
 
 /// Node's `TIMEOUT_MAX` (2^31 - 1 ms): the keep-alive timer's period.
 const KEEP_ALIVE_MS: u64 = (1 << 31) - 1;
-
-/// A connection handed to a server's connection callback. The callback
-/// owns it and closes it when done, with [`Server::close_connection`] or a
-/// plain [`Loop::close`]: the server counts the connection gone when its
-/// handle has closed, whoever closed it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Conn {
-    /// A TCP connection.
-    Tcp(Handle<Tcp>),
-    /// A Unix-socket connection.
-    Pipe(Handle<Pipe>),
-}
 
 /// Where a server listens (`server.address()`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +47,10 @@ pub struct ListenOptions {
     pub host: Option<String>,
     /// A Unix socket path.
     pub path: Option<PathBuf>,
-    /// An inherited fd to listen on (in a worker: an fd of the primary).
+    /// An fd of this process, by number, to listen on (Node's
+    /// `listen({fd})`; in a cluster worker: an fd of the primary). The
+    /// server listens on a duplicate ([`dup_fd_number`](crate::uv::dup_fd_number)),
+    /// so the fd stays its owner's: a number never hands over ownership.
     pub fd: Option<i32>,
     /// The listen backlog (default 511).
     pub backlog: Option<i32>,
@@ -258,35 +251,37 @@ impl From<ListenError> for io::Error {
     }
 }
 
-type ConnCb = Box<dyn FnMut(&mut Loop, &Server, Conn)>;
-type ListenCb = Box<dyn FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>)>;
-type CloseCb = Box<dyn FnOnce(&mut Loop, &Server)>;
-type EndedCb = Box<dyn FnMut(&mut Loop, &Server)>;
+type ConnFn = dyn FnMut(&mut Loop, Server, Stream);
+type ListenCb = Box<dyn FnOnce(&mut Loop, Server, Result<ServerAddress, ListenError>)>;
+type CloseCb = Box<dyn FnOnce(&mut Loop, Server)>;
+type EndedFn = dyn FnMut(&mut Loop, Server);
 
 enum Listener {
     None,
-    Tcp(Handle<Tcp>),
-    Pipe(Handle<Pipe>),
+    /// A listening TCP or Unix socket of this process.
+    Local(Stream),
     /// Round-robin in a cluster worker: the primary accepts and sends
     /// connections; there is no local socket.
     Remote,
 }
 
-struct Inner {
+/// A server's state, owned by the loop (in the `net` layer's context,
+/// [`NetContext`](super::NetContext)) and named by a [`Server`] id.
+pub(super) struct ServerState {
     listener: Listener,
     address: Option<ServerAddress>,
     listening: bool,
     /// `listen` was called and has not finished.
     pending: bool,
     closing: bool,
-    on_connection: Option<ConnCb>,
+    on_connection: CallbackSlot<ConnFn>,
     listen_cb: Option<ListenCb>,
     close_cbs: Vec<CloseCb>,
     max_connections: Option<usize>,
     /// The connections handed out whose handles have not finished closing,
     /// each with whether its user marked it idle (Node's http
     /// `ConnectionsList`, reduced to what `close` needs).
-    connections: HashMap<Conn, bool>,
+    connections: HashMap<Stream, bool>,
     /// Data the cluster hook keeps per server (its key and index).
     hook_data: Option<Box<dyn Any>>,
     /// Round-robin in a cluster worker: a timer that never fires, so that
@@ -295,24 +290,38 @@ struct Inner {
     keep_alive: Option<Handle<Timer>>,
     /// Runs whenever a connection ends (the cluster hook's load reports to
     /// a load-aware primary).
-    on_ended: Option<EndedCb>,
+    on_ended: CallbackSlot<EndedFn>,
 }
 
-/// A listening server (Node's `net.Server`). Cheap to clone: clones name
-/// the same server.
+/// A server (Node's `net.Server`): a typed id for state the loop owns.
+///
+/// Like a handle, a `Server` is a copyable id: the loop keeps the
+/// server's state (its listener, its connections, its callbacks), every
+/// method takes the loop, and every callback receives `&mut Loop` and the
+/// server's id, so a callback may do anything with the server, close it
+/// included. The state lives from [`new`](Self::new) until the close
+/// callbacks of [`close`](Self::close) have run; from then on the id is
+/// stale, and the methods answer as for a closed server (`listen` fails,
+/// `deliver` refuses, `connections` is 0, `address` is `None`).
+///
+/// The connection callback gets each new connection as a [`Stream`]; it
+/// owns it and closes it when done, with
+/// [`close_connection`](Self::close_connection) or a plain
+/// [`Loop::close`]: the server counts the connection gone when its handle
+/// has closed, whoever closed it.
 ///
 /// # Examples
 ///
 /// ```no_run
-/// use uvcluster::net::{Conn, ListenOptions, Server};
-/// use uvcluster::uv::{Loop, RunMode};
+/// use uvcluster::net::{ListenOptions, Server};
+/// use uvcluster::uv::{Loop, RunMode, Stream};
 ///
 /// let mut lp = Loop::new()?;
-/// let server = Server::new(|lp, server, conn| {
+/// let server = Server::new(&mut lp, |lp, server, conn| {
 ///     // Greet and hang up.
-///     if let Conn::Tcp(c) = conn {
-///         let s = server.clone();
-///         lp.write(c, &[b"hello\n"], move |lp, _, _| s.close_connection(lp, conn)).unwrap();
+///     if let Stream::Tcp(c) = conn {
+///         lp.write(c, &[b"hello\n"], move |lp, _, _| server.close_connection(lp, conn))
+///             .unwrap();
 ///     }
 /// });
 /// server.listen(&mut lp, ListenOptions::port(8000).host("127.0.0.1"), |_, _, r| {
@@ -321,42 +330,44 @@ struct Inner {
 /// lp.run(RunMode::Default)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone)]
-pub struct Server {
-    inner: Rc<RefCell<Inner>>,
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Server(Id<ServerState>);
+
+fn state(lp: &Loop, s: Server) -> Option<&ServerState> {
+    lp.context::<NetContext>()?.servers.get(s.0)
 }
 
-impl fmt::Debug for Server {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("Server")
-            .field("address", &i.address)
-            .field("listening", &i.listening)
-            .field("connections", &i.connections.len())
-            .finish_non_exhaustive()
-    }
+fn state_mut(lp: &mut Loop, s: Server) -> Option<&mut ServerState> {
+    lp.context_mut::<NetContext>().servers.get_mut(s.0)
+}
+
+fn not_listening() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "server is already listening")
 }
 
 impl Server {
-    /// A server whose `on_connection` receives each new connection.
-    pub fn new(on_connection: impl FnMut(&mut Loop, &Server, Conn) + 'static) -> Server {
-        Server {
-            inner: Rc::new(RefCell::new(Inner {
-                listener: Listener::None,
-                address: None,
-                listening: false,
-                pending: false,
-                closing: false,
-                on_connection: Some(Box::new(on_connection)),
-                listen_cb: None,
-                close_cbs: Vec::new(),
-                max_connections: None,
-                connections: HashMap::new(),
-                hook_data: None,
-                keep_alive: None,
-                on_ended: None,
-            })),
-        }
+    /// A server whose `on_connection` receives each new connection. Its
+    /// state is kept in `lp` until its [`close`](Self::close) completes.
+    pub fn new(
+        lp: &mut Loop,
+        on_connection: impl FnMut(&mut Loop, Server, Stream) + 'static,
+    ) -> Server {
+        let st = ServerState {
+            listener: Listener::None,
+            address: None,
+            listening: false,
+            pending: false,
+            closing: false,
+            on_connection: CallbackSlot::new(Box::new(on_connection)),
+            listen_cb: None,
+            close_cbs: Vec::new(),
+            max_connections: None,
+            connections: HashMap::new(),
+            hook_data: None,
+            keep_alive: None,
+            on_ended: CallbackSlot::empty(),
+        };
+        Server(lp.context_mut::<NetContext>().servers.insert(st))
     }
 
     /// Starts listening (`server.listen`). `cb` gets the bound address or a
@@ -366,38 +377,34 @@ impl Server {
     ///
     /// # Errors
     ///
-    /// `InvalidInput` if the server is already listening or closing; `cb`
-    /// is then dropped.
+    /// `InvalidInput` if the server is already listening, closing or
+    /// closed; `cb` is then dropped.
     pub fn listen(
-        &self,
+        self,
         lp: &mut Loop,
         opts: ListenOptions,
-        cb: impl FnOnce(&mut Loop, &Server, Result<ServerAddress, ListenError>) + 'static,
+        cb: impl FnOnce(&mut Loop, Server, Result<ServerAddress, ListenError>) + 'static,
     ) -> io::Result<()> {
         {
-            let mut i = self.inner.borrow_mut();
-            if i.listening || i.pending || i.closing {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "server is already listening",
-                ));
+            let st = state_mut(lp, self).ok_or_else(not_listening)?;
+            if st.listening || st.pending || st.closing {
+                return Err(not_listening());
             }
-            i.pending = true;
-            i.listen_cb = Some(Box::new(cb));
+            st.pending = true;
+            st.listen_cb = Some(Box::new(cb));
         }
-        match super::cluster_hook() {
+        match super::cluster_hook(lp) {
             Some(hook) if !opts.exclusive => hook.listen(lp, self, &opts),
             _ => {
                 let r = self.listen_local(lp, &opts);
-                let me = self.clone();
-                super::defer(lp, move |lp| me.finish_listen(lp, r));
+                super::defer(lp, move |lp| self.finish_listen(lp, r));
             }
         }
         Ok(())
     }
 
     fn listen_local(
-        &self,
+        self,
         lp: &mut Loop,
         opts: &ListenOptions,
     ) -> Result<ServerAddress, ListenError> {
@@ -416,14 +423,16 @@ impl Server {
                 Ok(())
             });
             if let Err(e) = r {
-                let _ = lp.close(p, |_| {});
+                lp.close_if_open(p);
                 return Err(e);
             }
-            return self.listen_on(lp, Accepted::Pipe(p), backlog, addr, Some(-1));
+            return self.listen_on(lp, Socket::Pipe(p), backlog, addr, Some(-1));
         }
         if let Some(fd) = opts.fd {
-            let h = lp
-                .open_inherited(fd)
+            // A duplicate: the caller keeps its fd (no safe call takes
+            // ownership of an fd number).
+            let h = crate::uv::dup_fd_number(fd)
+                .and_then(|d| lp.socket_open(d))
                 .map_err(|e| ListenError::from_io(&e, "listen", None, None))?;
             return self.listen_on(lp, h, backlog, None, None);
         }
@@ -451,14 +460,14 @@ impl Server {
                 Ok(()) => {
                     return self.listen_on(
                         lp,
-                        Accepted::Tcp(t),
+                        Socket::Tcp(t),
                         backlog,
                         Some(addr.ip().to_string()),
                         port,
                     );
                 }
                 Err(e) => {
-                    let _ = lp.close(t, |_| {});
+                    lp.close_if_open(t);
                     last = Some(ListenError::from_io(
                         &e,
                         "listen",
@@ -475,51 +484,47 @@ impl Server {
     /// bind, an inherited fd, or a shared handle received from a cluster
     /// primary. The server owns `h` from here on, success or not.
     pub(crate) fn listen_on(
-        &self,
+        self,
         lp: &mut Loop,
-        h: Accepted,
+        h: Socket,
         backlog: i32,
         address: Option<String>,
         port: Option<i64>,
     ) -> Result<ServerAddress, ListenError> {
-        // The listener's callback holds the server: a listening server
-        // lives as long as its socket, whether or not the caller keeps a
-        // `Server` (as in Node). Closing the listener drops the callback.
-        let me = self.clone();
-        let me2 = self.clone();
+        // The listener's callback names the server by its id; closing the
+        // listener drops the callback.
         let r = match h {
-            Accepted::Tcp(t) => lp
+            Socket::Tcp(t) => lp
                 .tcp_listen(t, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        me.incoming(lp, Conn::Tcp(c));
+                        self.incoming(lp, Stream::Tcp(c));
                     }
                 })
                 .and_then(|()| lp.tcp_getsockname(t).map(ServerAddress::Inet))
-                .map(|a| (Listener::Tcp(t), a)),
-            Accepted::Pipe(p) => lp
+                .map(|a| (Listener::Local(t.into()), a)),
+            Socket::Pipe(p) => lp
                 .pipe_listen(p, backlog, move |lp, _, client| {
                     if let Ok(c) = client {
-                        me2.incoming(lp, Conn::Pipe(c));
+                        self.incoming(lp, Stream::Pipe(c));
                     }
                 })
                 .and_then(|()| lp.pipe_getsockname(p).map(ServerAddress::Unix))
-                .map(|a| (Listener::Pipe(p), a)),
-            Accepted::Udp(u) => {
-                let _ = lp.close(u, |_| {});
+                .map(|a| (Listener::Local(p.into()), a)),
+            Socket::Udp(u) => {
+                lp.close_if_open(u);
                 Err(Errno::ENOTSOCK.into())
             }
         };
-        match r {
-            Ok((l, a)) => {
-                self.inner.borrow_mut().listener = l;
+        match (r, state_mut(lp, self)) {
+            (Ok((l, a)), Some(st)) => {
+                st.listener = l;
                 Ok(a)
             }
-            Err(e) => {
-                let _ = match h {
-                    Accepted::Tcp(t) => lp.close(t, |_| {}),
-                    Accepted::Pipe(p) => lp.close(p, |_| {}),
-                    Accepted::Udp(_) => Ok(()),
-                };
+            (r, _) => {
+                lp.close_if_open(h);
+                let e = r.err().unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, crate::uv::StaleHandle)
+                });
                 Err(ListenError::from_io(&e, "listen", address, port))
             }
         }
@@ -527,46 +532,51 @@ impl Server {
 
     /// Round-robin in a cluster worker: connections will come through
     /// [`deliver`](Self::deliver).
-    pub(crate) fn listen_remote(&self) {
-        self.inner.borrow_mut().listener = Listener::Remote;
+    pub(crate) fn listen_remote(self, lp: &mut Loop) {
+        if let Some(st) = state_mut(lp, self) {
+            st.listener = Listener::Remote;
+        }
     }
 
     /// Ends a `listen`: records the result and runs the listen callback.
-    pub(crate) fn finish_listen(&self, lp: &mut Loop, r: Result<ServerAddress, ListenError>) {
+    pub(crate) fn finish_listen(self, lp: &mut Loop, r: Result<ServerAddress, ListenError>) {
         let remote = r.is_ok()
-            && matches!(self.inner.borrow().listener, Listener::Remote)
-            && self.inner.borrow().keep_alive.is_none();
+            && state(lp, self).is_some_and(|st| {
+                matches!(st.listener, Listener::Remote) && st.keep_alive.is_none()
+            });
         if remote {
             let t = lp.timer_init();
-            if lp
-                .timer_start(t, KEEP_ALIVE_MS, KEEP_ALIVE_MS, |_, _| {})
-                .is_ok()
-            {
-                self.inner.borrow_mut().keep_alive = Some(t);
-            } else {
-                let _ = lp.close(t, |_| {});
+            let period = Duration::from_millis(KEEP_ALIVE_MS);
+            match lp.timer_start(t, period, period, |_, _| {}) {
+                Ok(()) => {
+                    if let Some(st) = state_mut(lp, self) {
+                        st.keep_alive = Some(t);
+                    }
+                }
+                Err(_) => {
+                    lp.close_if_open(t);
+                }
             }
         }
-        let cb = {
-            let mut i = self.inner.borrow_mut();
-            i.pending = false;
-            match &r {
-                Ok(a) => {
-                    i.listening = true;
-                    i.address = Some(a.clone());
-                }
-                Err(_) => i.listener = Listener::None,
-            }
-            i.listen_cb.take()
+        let Some(st) = state_mut(lp, self) else {
+            return;
         };
-        if let Some(cb) = cb {
+        st.pending = false;
+        match &r {
+            Ok(a) => {
+                st.listening = true;
+                st.address = Some(a.clone());
+            }
+            Err(_) => st.listener = Listener::None,
+        }
+        if let Some(cb) = st.listen_cb.take() {
             cb(lp, self, r);
         }
     }
 
-    fn incoming(&self, lp: &mut Loop, conn: Conn) {
+    fn incoming(self, lp: &mut Loop, conn: Stream) {
         if !self.deliver(lp, conn) {
-            close_conn(lp, conn);
+            lp.close_if_open(conn);
         }
     }
 
@@ -577,70 +587,61 @@ impl Server {
     /// From here on the connection counts as open until its handle has
     /// finished closing, however it is closed (Node decrements
     /// `server._connections` from the socket's `close` event).
-    pub fn deliver(&self, lp: &mut Loop, conn: Conn) -> bool {
-        {
-            let i = self.inner.borrow();
-            if !i.listening || i.closing {
-                return false;
+    pub fn deliver(self, lp: &mut Loop, conn: Stream) -> bool {
+        match state(lp, self) {
+            Some(st) if st.listening && !st.closing => {
+                if st
+                    .max_connections
+                    .is_some_and(|m| st.connections.len() >= m)
+                {
+                    return false;
+                }
             }
-            if i.max_connections.is_some_and(|m| i.connections.len() >= m) {
-                return false;
-            }
+            _ => return false,
         }
-        let me = self.clone();
-        let watched = match conn {
-            Conn::Tcp(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
-            Conn::Pipe(h) => lp.watch_close(h, move |lp| me.connection_closed(lp, conn)),
-        };
-        if watched.is_err() {
+        if lp
+            .watch_close(conn, move |lp| self.connection_closed(lp, conn))
+            .is_err()
+        {
             return false;
         }
-        let cb = {
-            let mut i = self.inner.borrow_mut();
-            i.connections.insert(conn, false);
-            i.on_connection.take()
-        };
-        if let Some(mut cb) = cb {
-            cb(lp, self, conn);
-            let mut i = self.inner.borrow_mut();
-            if i.on_connection.is_none() {
-                i.on_connection = Some(cb);
-            }
+        if let Some(st) = state_mut(lp, self) {
+            st.connections.insert(conn, false);
         }
+        lp.call_slot(
+            |lp| state_mut(lp, self).map(|st| &mut st.on_connection),
+            |lp, f| f(lp, self, conn),
+        );
         true
     }
 
     /// Closes a connection this server handed out (nothing if it is already
-    /// closing). The same as `lp.close(handle, |_| {})`: either way the
-    /// server counts it gone once its handle has closed.
-    pub fn close_connection(&self, lp: &mut Loop, conn: Conn) {
-        close_conn(lp, conn);
+    /// closing). The same as [`Loop::close_if_open`]: either way the server
+    /// counts it gone once its handle has closed.
+    pub fn close_connection(self, lp: &mut Loop, conn: Stream) {
+        lp.close_if_open(conn);
     }
 
     /// A connection's handle finished closing: count it gone, tell the
     /// cluster hook, and finish a pending `close` if it was the last.
-    fn connection_closed(&self, lp: &mut Loop, conn: Conn) {
-        let cb = {
-            let mut i = self.inner.borrow_mut();
-            if i.connections.remove(&conn).is_none() {
-                return;
-            }
-            i.on_ended.take()
+    fn connection_closed(self, lp: &mut Loop, conn: Stream) {
+        let Some(st) = state_mut(lp, self) else {
+            return;
         };
-        if let Some(mut cb) = cb {
-            cb(lp, self);
-            let mut i = self.inner.borrow_mut();
-            if i.on_ended.is_none() {
-                i.on_ended = Some(cb);
-            }
+        if st.connections.remove(&conn).is_none() {
+            return;
         }
+        lp.call_slot(
+            |lp| state_mut(lp, self).map(|st| &mut st.on_ended),
+            |lp, f| f(lp, self),
+        );
         self.maybe_closed(lp);
     }
 
     /// Open connections handed out whose handles have not finished closing
     /// (`server.connections`).
-    pub fn connections(&self) -> usize {
-        self.inner.borrow().connections.len()
+    pub fn connections(self, lp: &Loop) -> usize {
+        state(lp, self).map_or(0, |st| st.connections.len())
     }
 
     /// Marks a connection idle (`true`: between requests, nothing owed to
@@ -666,24 +667,18 @@ impl Server {
     ///
     /// `NotFound` if `conn` is not an open connection of this server (never
     /// handed out by it, or already closed).
-    pub fn set_idle(&self, lp: &mut Loop, conn: Conn, idle: bool) -> io::Result<()> {
-        let close_now = {
-            let mut i = self.inner.borrow_mut();
-            let closing = i.closing;
-            match i.connections.get_mut(&conn) {
-                Some(state) => {
-                    *state = idle;
-                    idle && closing
-                }
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        "not an open connection of this server",
-                    ));
-                }
-            }
+    pub fn set_idle(self, lp: &mut Loop, conn: Stream, idle: bool) -> io::Result<()> {
+        let not_found = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "not an open connection of this server",
+            )
         };
-        if close_now {
+        let st = state_mut(lp, self).ok_or_else(not_found)?;
+        let closing = st.closing;
+        let mark = st.connections.get_mut(&conn).ok_or_else(not_found)?;
+        *mark = idle;
+        if idle && closing {
             end_idle(lp, conn);
         }
         Ok(())
@@ -691,22 +686,21 @@ impl Server {
 
     /// Whether `conn` is an open connection of this server marked idle with
     /// [`set_idle`](Self::set_idle).
-    pub fn is_idle(&self, conn: Conn) -> bool {
-        self.inner.borrow().connections.get(&conn) == Some(&true)
+    pub fn is_idle(self, lp: &Loop, conn: Stream) -> bool {
+        state(lp, self).is_some_and(|st| st.connections.get(&conn) == Some(&true))
     }
 
     /// Closes every connection marked idle (Node's
     /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
     /// does this itself.
-    pub fn close_idle_connections(&self, lp: &mut Loop) -> usize {
-        let idle: Vec<Conn> = {
-            let i = self.inner.borrow();
-            i.connections
+    pub fn close_idle_connections(self, lp: &mut Loop) -> usize {
+        let idle: Vec<Stream> = state(lp, self).map_or_else(Vec::new, |st| {
+            st.connections
                 .iter()
                 .filter(|&(_, &idle)| idle)
                 .map(|(&c, _)| c)
                 .collect()
-        };
+        });
         for &c in &idle {
             end_idle(lp, c);
         }
@@ -717,109 +711,109 @@ impl Server {
     /// `server.closeAllConnections()`): what a graceful close falls back on
     /// when its deadline passes. Queued writes are cancelled. Returns how
     /// many were closed.
-    pub fn close_all_connections(&self, lp: &mut Loop) -> usize {
-        let all: Vec<Conn> = self.inner.borrow().connections.keys().copied().collect();
-        let mut n = 0;
-        for &c in &all {
-            if !conn_closing(lp, c) {
-                close_conn(lp, c);
-                n += 1;
-            }
-        }
-        n
+    pub fn close_all_connections(self, lp: &mut Loop) -> usize {
+        let all: Vec<Stream> =
+            state(lp, self).map_or_else(Vec::new, |st| st.connections.keys().copied().collect());
+        all.into_iter().filter(|&c| lp.close_if_open(c)).count()
     }
 
     /// Refuses connections beyond `max` (`server.maxConnections`).
-    pub fn set_max_connections(&self, max: Option<usize>) {
-        self.inner.borrow_mut().max_connections = max;
+    pub fn set_max_connections(self, lp: &mut Loop, max: Option<usize>) {
+        if let Some(st) = state_mut(lp, self) {
+            st.max_connections = max;
+        }
     }
 
-    /// Where the server listens, once listening (`server.address()`).
-    pub fn address(&self) -> Option<ServerAddress> {
-        self.inner.borrow().address.clone()
+    /// Where the server listens, once listening (`server.address()`);
+    /// `None` before, and once closed.
+    pub fn address(self, lp: &Loop) -> Option<ServerAddress> {
+        state(lp, self)?.address.clone()
     }
 
     /// Whether the server is listening (`server.listening`).
-    pub fn is_listening(&self) -> bool {
-        self.inner.borrow().listening
+    pub fn is_listening(self, lp: &Loop) -> bool {
+        state(lp, self).is_some_and(|st| st.listening)
     }
 
     /// Stops accepting (`server.close(cb)`). `cb` runs once the listener is
-    /// closed and every connection handed out has ended. In a cluster
-    /// worker the primary is told; a worker's graceful disconnect closes
-    /// its servers this way.
+    /// closed and every connection handed out has ended; then the server's
+    /// state is dropped and its id is stale. In a cluster worker the
+    /// primary is told; a worker's graceful disconnect closes its servers
+    /// this way.
     ///
     /// Connections marked idle with [`set_idle`](Self::set_idle) are closed
     /// now, as Node's `http.Server.close()` closes idle keep-alive
     /// connections; busy ones are left to end by themselves (their
     /// handlers see [`is_closing`](Self::is_closing)).
-    pub fn close(&self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, &Server) + 'static) {
-        let listener = {
-            let mut i = self.inner.borrow_mut();
-            i.close_cbs.push(Box::new(cb));
-            if i.closing {
+    pub fn close(self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, Server) + 'static) {
+        let (listener, keep_alive, hooked) = {
+            let Some(st) = state_mut(lp, self) else {
+                return;
+            };
+            st.close_cbs.push(Box::new(cb));
+            if st.closing {
                 return;
             }
-            i.closing = true;
-            i.listening = false;
-            std::mem::replace(&mut i.listener, Listener::None)
+            st.closing = true;
+            st.listening = false;
+            (
+                std::mem::replace(&mut st.listener, Listener::None),
+                st.keep_alive.take(),
+                st.hook_data.is_some(),
+            )
         };
-        match listener {
-            Listener::Tcp(t) => {
-                let _ = lp.close(t, |_| {});
-            }
-            Listener::Pipe(p) => {
-                let _ = lp.close(p, |_| {});
-            }
-            Listener::Remote | Listener::None => {}
+        if let Listener::Local(l) = listener {
+            lp.close_if_open(l);
         }
-        let keep_alive = self.inner.borrow_mut().keep_alive.take();
         if let Some(t) = keep_alive {
-            let _ = lp.close(t, |_| {});
+            lp.close_if_open(t);
         }
-        if self.inner.borrow().hook_data.is_some()
-            && let Some(hook) = super::cluster_hook()
-        {
+        if hooked && let Some(hook) = super::cluster_hook(lp) {
             hook.close(lp, self);
         }
         self.close_idle_connections(lp);
-        let me = self.clone();
-        super::defer(lp, move |lp| me.maybe_closed(lp));
+        super::defer(lp, move |lp| self.maybe_closed(lp));
     }
 
-    fn maybe_closed(&self, lp: &mut Loop) {
-        let cbs = {
-            let mut i = self.inner.borrow_mut();
-            if !i.closing || !i.connections.is_empty() {
-                return;
+    /// Once closing and every connection has ended: runs the close
+    /// callbacks, then drops the state.
+    fn maybe_closed(self, lp: &mut Loop) {
+        let cbs = match state_mut(lp, self) {
+            Some(st) if st.closing && st.connections.is_empty() => {
+                std::mem::take(&mut st.close_cbs)
             }
-            std::mem::take(&mut i.close_cbs)
+            _ => return,
         };
         for cb in cbs {
             cb(lp, self);
         }
+        lp.context_mut::<NetContext>().servers.remove(self.0);
     }
 
     /// Whether `close` was called: the flag a connection's handler reads
     /// to end its connection after the response in progress (an HTTP
-    /// server sends `Connection: close`).
-    pub fn is_closing(&self) -> bool {
-        self.inner.borrow().closing
+    /// server sends `Connection: close`). `true` for a closed server.
+    pub fn is_closing(self, lp: &Loop) -> bool {
+        state(lp, self).is_none_or(|st| st.closing)
     }
 
     /// Sets what runs whenever a connection of this server ends.
-    pub(crate) fn set_on_ended(&self, f: impl FnMut(&mut Loop, &Server) + 'static) {
-        self.inner.borrow_mut().on_ended = Some(Box::new(f));
+    pub(crate) fn set_on_ended(self, lp: &mut Loop, f: impl FnMut(&mut Loop, Server) + 'static) {
+        if let Some(st) = state_mut(lp, self) {
+            st.on_ended.set(Box::new(f));
+        }
     }
 
-    /// The cluster hook's per-server data.
-    pub(crate) fn with_hook_data<R>(&self, f: impl FnOnce(&mut Option<Box<dyn Any>>) -> R) -> R {
-        f(&mut self.inner.borrow_mut().hook_data)
-    }
-
-    /// Whether two values name the same server.
-    pub fn ptr_eq(&self, other: &Server) -> bool {
-        Rc::ptr_eq(&self.inner, &other.inner)
+    /// The cluster hook's per-server data (`None` for a closed server).
+    pub(crate) fn with_hook_data<R>(
+        self,
+        lp: &mut Loop,
+        f: impl FnOnce(&mut Option<Box<dyn Any>>) -> R,
+    ) -> R {
+        match state_mut(lp, self) {
+            Some(st) => f(&mut st.hook_data),
+            None => f(&mut None),
+        }
     }
 
     /// Sets whether the listening socket keeps the loop alive
@@ -828,71 +822,43 @@ impl Server {
     /// # Errors
     ///
     /// A closed listener.
-    pub fn set_ref(&self, lp: &mut Loop, on: bool) -> io::Result<()> {
-        let l = match &self.inner.borrow().listener {
-            Listener::Tcp(t) => Some(Accepted::Tcp(*t)),
-            Listener::Pipe(p) => Some(Accepted::Pipe(*p)),
-            _ => None,
+    pub fn set_ref(self, lp: &mut Loop, on: bool) -> io::Result<()> {
+        let (l, keep_alive) = match state(lp, self) {
+            Some(st) => match st.listener {
+                Listener::Local(l) => (Some(l), st.keep_alive),
+                _ => (None, st.keep_alive),
+            },
+            None => (None, None),
         };
-        let keep_alive = self.inner.borrow().keep_alive;
-        if let Some(t) = keep_alive {
-            return if on {
-                lp.ref_handle(t)
-            } else {
-                lp.unref_handle(t)
-            };
-        }
-        match (l, on) {
-            (Some(Accepted::Tcp(t)), true) => lp.ref_handle(t),
-            (Some(Accepted::Tcp(t)), false) => lp.unref_handle(t),
-            (Some(Accepted::Pipe(p)), true) => lp.ref_handle(p),
-            (Some(Accepted::Pipe(p)), false) => lp.unref_handle(p),
+        let target: Option<AnyHandle> = keep_alive.map(Into::into).or(l.map(Into::into));
+        match (target, on) {
+            (Some(h), true) => lp.ref_handle(h),
+            (Some(h), false) => lp.unref_handle(h),
             _ => Ok(()),
         }
     }
 }
 
-fn close_conn(lp: &mut Loop, conn: Conn) {
-    let _ = match conn {
-        Conn::Tcp(h) => lp.close(h, |_| {}),
-        Conn::Pipe(h) => lp.close(h, |_| {}),
-    };
-}
-
-fn conn_closing(lp: &Loop, conn: Conn) -> bool {
-    match conn {
-        Conn::Tcp(h) => lp.is_closing(h),
-        Conn::Pipe(h) => lp.is_closing(h),
-    }
-}
-
 /// Ends an idle connection: closes it now if nothing is queued for
 /// writing, else shuts it down first so that the queued bytes go out.
-fn end_idle(lp: &mut Loop, conn: Conn) {
-    if conn_closing(lp, conn) {
+fn end_idle(lp: &mut Loop, conn: Stream) {
+    if lp.is_closing(conn) {
         return;
     }
-    let queued = match conn {
-        Conn::Tcp(h) => lp.write_queue_size(h),
-        Conn::Pipe(h) => lp.write_queue_size(h),
-    };
-    if queued == 0 {
-        return close_conn(lp, conn);
+    if lp.write_queue_size(conn) == 0 {
+        lp.close_if_open(conn);
+        return;
     }
     let shut = match conn {
-        Conn::Tcp(h) => lp.shutdown(h, |lp, h, _| {
-            if !lp.is_closing(h) {
-                let _ = lp.close(h, |_| {});
-            }
+        Stream::Tcp(h) => lp.shutdown(h, |lp, h, _| {
+            lp.close_if_open(h);
         }),
-        Conn::Pipe(h) => lp.shutdown(h, |lp, h, _| {
-            if !lp.is_closing(h) {
-                let _ = lp.close(h, |_| {});
-            }
+        Stream::Pipe(h) => lp.shutdown(h, |lp, h, _| {
+            lp.close_if_open(h);
         }),
     };
     if shut.is_err() {
-        close_conn(lp, conn);
+        lp.close_if_open(conn);
     }
 }
 

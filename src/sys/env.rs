@@ -17,24 +17,39 @@ pub(crate) fn take_var(name: &OsStr) -> Option<OsString> {
     Some(v)
 }
 
-/// Takes ownership of an fd this process inherited by number (for example
-/// the IPC channel at `NODE_CHANNEL_FD`).
+/// Takes the fd that environment variable `var` names (`uv::take_env_fd`):
+/// removes the variable, parses its value as a decimal fd number, checks
+/// that the fd is open, and adopts it.
 ///
 /// # Errors
 ///
-/// `EBADF` if no such fd is open, `EINVAL` for a negative number.
-pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd < 0 {
-        return Err(io::Error::from_raw_os_error(nix::libc::EINVAL));
-    }
+/// `InvalidInput` naming the variable for a value that is not an fd
+/// number; `EBADF` if the fd is not open.
+pub(crate) fn take_env_fd(var: &OsStr) -> io::Result<Option<OwnedFd>> {
+    let Some(value) = take_var(var) else {
+        return Ok(None);
+    };
+    let fd: RawFd = value
+        .to_str()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n: &RawFd| n >= 0)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}={value:?} is not an fd number", var.to_string_lossy()),
+            )
+        })?;
     // SAFETY: F_GETFD on any integer is harmless; it only reports whether
     // the descriptor is open.
     if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the fd is open, and the caller (one adoption per inherited
-    // fd, documented on the public API) makes this the only owner.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: the fd is open, and the variable naming it is the parent's
+    // statement that it was placed for this process. The variable has just
+    // been removed, so this is its one adoption through it; the public
+    // `take_env_fd` documents that the number must not be adopted another
+    // way too.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Duplicates an fd this process has open, by number, into a new

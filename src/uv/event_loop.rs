@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::handle::{AnyHandle, Handle, HandleType, RawHandle, flags, stale};
+use super::context::Contexts;
+use super::handle::{AnyHandle, Handle, HandleId, RawHandle, flags, stale};
 use super::loop_watcher::{WatcherList, WatcherState};
 use super::process::{LoopProcesses, ProcessState};
 use super::signal::{LoopSignals, SignalState};
-use super::stream::Stream;
+use super::stream::StreamState;
 use super::timer::{TimerQueue, TimerState};
 use super::udp::UdpState;
 
@@ -46,8 +47,8 @@ pub(crate) enum Data {
     Idle(WatcherState),
     Prepare(WatcherState),
     Check(WatcherState),
-    Tcp(Box<Stream>),
-    Pipe(Box<Stream>),
+    Tcp(Box<StreamState>),
+    Pipe(Box<StreamState>),
     Udp(Box<UdpState>),
     Signal(SignalState),
     Process(Box<ProcessState>),
@@ -77,7 +78,7 @@ const PENDING_AFTER_POLL: usize = 8;
 ///
 /// The loop owns every handle's state. Handles are named by typed ids
 /// ([`Handle<Timer>`], [`Handle<Tcp>`](super::Tcp), ...) and all operations go
-/// through the loop, libuv-style: `lp.timer_start(t, 10, 0, cb)` mirrors
+/// through the loop, libuv-style: `lp.timer_start(t, Duration::from_millis(10), Duration::ZERO, cb)` mirrors
 /// `uv_timer_start(t, cb, 10, 0)`. Callbacks receive `&mut Loop` and their
 /// handle's id, so a callback can start, stop or close anything.
 ///
@@ -88,11 +89,12 @@ const PENDING_AFTER_POLL: usize = 8;
 /// # Examples
 ///
 /// ```
+/// use std::time::Duration;
 /// use uvcluster::uv::{Loop, RunMode};
 ///
 /// let mut lp = Loop::new()?;
 /// let t = lp.timer_init();
-/// lp.timer_start(t, 5, 0, |lp, t| {
+/// lp.timer_start(t, Duration::from_millis(5), Duration::ZERO, |lp, t| {
 ///     println!("fired after {} ms", lp.now());
 ///     lp.close(t, |_| {}).unwrap();
 /// })?;
@@ -133,6 +135,9 @@ pub struct Loop {
     // Read by signal.rs and process.rs (see `Data::Signal`).
     pub(crate) signals: LoopSignals,
     pub(crate) processes: LoopProcesses,
+    /// The layers' state, one value per type (`context_mut`). Declared
+    /// last, so it drops after the handles: nothing in it may need them.
+    pub(crate) contexts: Contexts,
 }
 
 impl std::fmt::Debug for Loop {
@@ -176,6 +181,7 @@ impl Loop {
             emfile_fd: None,
             signals: LoopSignals::default(),
             processes: LoopProcesses::default(),
+            contexts: Contexts::default(),
         })
     }
 
@@ -258,8 +264,8 @@ impl Loop {
     /// Whether the handle is active: a started timer or watcher, a reading
     /// or listening stream, a receiving UDP socket, a started signal, a
     /// running process (`uv_is_active`). A stale id is not active.
-    pub fn is_active<K: HandleType>(&self, h: Handle<K>) -> bool {
-        self.slot(h.raw)
+    pub fn is_active(&self, h: impl HandleId) -> bool {
+        self.slot(h.raw())
             .map(|s| s.flags & flags::ACTIVE != 0)
             .unwrap_or(false)
     }
@@ -267,15 +273,15 @@ impl Loop {
     /// Whether [`close`](Self::close) has been called on the handle and its
     /// close callback has not run yet (`uv_is_closing`). A stale id (one
     /// whose close callback already ran) also reports `true`.
-    pub fn is_closing<K: HandleType>(&self, h: Handle<K>) -> bool {
-        self.slot(h.raw)
+    pub fn is_closing(&self, h: impl HandleId) -> bool {
+        self.slot(h.raw())
             .map(|s| s.flags & flags::CLOSING != 0)
             .unwrap_or(true)
     }
 
     /// Whether the handle is referenced (`uv_has_ref`).
-    pub fn has_ref<K: HandleType>(&self, h: Handle<K>) -> bool {
-        self.slot(h.raw)
+    pub fn has_ref(&self, h: impl HandleId) -> bool {
+        self.slot(h.raw())
             .map(|s| s.flags & flags::REF != 0)
             .unwrap_or(false)
     }
@@ -286,8 +292,8 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id.
-    pub fn ref_handle<K: HandleType>(&mut self, h: Handle<K>) -> io::Result<()> {
-        self.set_ref(h.raw, true)
+    pub fn ref_handle(&mut self, h: impl HandleId) -> io::Result<()> {
+        self.set_ref(h.raw(), true)
     }
 
     /// Unreferences the handle: it no longer keeps the loop alive, though it
@@ -297,8 +303,8 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id.
-    pub fn unref_handle<K: HandleType>(&mut self, h: Handle<K>) -> io::Result<()> {
-        self.set_ref(h.raw, false)
+    pub fn unref_handle(&mut self, h: impl HandleId) -> io::Result<()> {
+        self.set_ref(h.raw(), false)
     }
 
     pub(crate) fn set_ref(&mut self, raw: RawHandle, on: bool) -> io::Result<()> {
@@ -325,34 +331,66 @@ impl Loop {
 
     /// Closes a handle (`uv_close`).
     ///
-    /// The handle stops at once (timers disarm, sockets close their fd,
-    /// queued writes are cancelled), and `on_close` runs in this iteration's
-    /// closing phase, after every other callback of the iteration. Callbacks
-    /// of requests still outstanding (writes, connect, shutdown) run first,
-    /// with `ECANCELED`. After
-    /// `on_close` the id is stale.
+    /// `h` is a typed id, a [`Socket`](super::Socket), a
+    /// [`Stream`](super::Stream) or an [`AnyHandle`]: closing never needs a
+    /// match on the handle's kind. The handle stops at once (timers disarm,
+    /// sockets close their fd, queued writes are cancelled), and `on_close`
+    /// runs in this iteration's closing phase, after every other callback of
+    /// the iteration. Callbacks of requests still outstanding (writes,
+    /// connect, shutdown) run first, with `ECANCELED`. After `on_close` the
+    /// id is stale.
+    ///
+    /// To close a handle that may already be closing, with nothing to do
+    /// once it has closed, use [`close_if_open`](Self::close_if_open).
     ///
     /// # Errors
     ///
     /// A stale id, or a handle that is already closing (libuv asserts; here
     /// it is an error and `on_close` is dropped).
-    pub fn close<K: HandleType>(
+    pub fn close(
         &mut self,
-        h: Handle<K>,
+        h: impl HandleId,
         on_close: impl FnOnce(&mut Loop) + 'static,
     ) -> io::Result<()> {
-        self.close_raw(h.raw, Box::new(on_close))
+        self.close_raw(h.raw(), Some(Box::new(on_close)))
     }
 
-    pub(crate) fn close_raw(&mut self, raw: RawHandle, cb: CloseCb) -> io::Result<()> {
+    /// Closes `h` unless it is already closing or closed, with no close
+    /// callback: the quiet, idempotent form of [`close`](Self::close), for
+    /// "this handle must end, whoever else is ending it". Returns whether
+    /// this call started the close (`false` for a closing handle or a stale
+    /// id, which are left alone).
+    ///
+    /// The handle ends exactly as with `close`: it stops at once, its
+    /// outstanding requests' callbacks run with `ECANCELED` in the closing
+    /// phase, and then its id is stale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use uvcluster::uv::{Loop, RunMode};
+    ///
+    /// let mut lp = Loop::new()?;
+    /// let t = lp.timer_init();
+    /// assert!(lp.close_if_open(t));
+    /// assert!(!lp.close_if_open(t)); // already closing: nothing to do
+    /// lp.run(RunMode::Default)?;
+    /// assert!(!lp.close_if_open(t)); // stale: nothing to do
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn close_if_open(&mut self, h: impl HandleId) -> bool {
+        self.close_raw(h.raw(), None).is_ok()
+    }
+
+    pub(crate) fn close_raw(&mut self, raw: RawHandle, cb: Option<CloseCb>) -> io::Result<()> {
         let s = self.open_slot_mut(raw)?;
         s.flags |= flags::CLOSING;
-        s.close_cb = Some(cb);
+        s.close_cb = cb;
         // Type-specific close: stop the handle and release its OS resources
         // now, as libuv's uv_close does; the rest happens in the closing phase.
         match s.data {
-            Data::Timer(_) => self.timer_stop_raw(raw),
-            Data::Idle(_) | Data::Prepare(_) | Data::Check(_) => self.watcher_stop_raw(raw),
+            Data::Timer(_) => self.timer_close_now(raw),
+            Data::Idle(_) | Data::Prepare(_) | Data::Check(_) => self.watcher_close_now(raw),
             Data::Tcp(_) | Data::Pipe(_) => super::stream::close_now(self, raw),
             Data::Udp(_) => super::udp::close_now(self, raw),
             Data::Signal(_) => super::signal::close_now(self, raw),
@@ -374,20 +412,21 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id; `cb` is then dropped.
-    pub(crate) fn watch_close<K: HandleType>(
+    pub(crate) fn watch_close(
         &mut self,
-        h: Handle<K>,
+        h: impl HandleId,
         cb: impl FnOnce(&mut Loop) + 'static,
     ) -> io::Result<()> {
-        self.slot(h.raw)?;
-        let cb: CloseCb = match self.close_watches.remove(&h.raw) {
+        let raw = h.raw();
+        self.slot(raw)?;
+        let cb: CloseCb = match self.close_watches.remove(&raw) {
             Some(first) => Box::new(move |lp: &mut Loop| {
                 first(lp);
                 cb(lp);
             }),
             None => Box::new(cb),
         };
-        self.close_watches.insert(h.raw, cb);
+        self.close_watches.insert(raw, cb);
         Ok(())
     }
 
@@ -464,9 +503,14 @@ impl Loop {
         self.stop_flag = true;
     }
 
-    /// The poll timeout the next iteration would use, in milliseconds;
-    /// `None` means it would block until an event (`uv_backend_timeout`).
-    pub fn backend_timeout(&mut self) -> Option<u64> {
+    /// The poll timeout the next iteration would use, in whole
+    /// milliseconds; `None` means it would block until an event
+    /// (`uv_backend_timeout`).
+    pub fn backend_timeout(&mut self) -> Option<Duration> {
+        self.backend_timeout_ms().map(Duration::from_millis)
+    }
+
+    fn backend_timeout_ms(&mut self) -> Option<u64> {
         if self.stop_flag
             || (self.active_refs == 0 && self.active_reqs == 0)
             || !self.pending.is_empty()
@@ -520,7 +564,7 @@ impl Loop {
             self.run_watchers(super::loop_watcher::IDLE);
             self.run_watchers(super::loop_watcher::PREPARE);
             let timeout = if (mode == RunMode::Once && can_sleep) || mode == RunMode::Default {
-                self.backend_timeout()
+                self.backend_timeout_ms()
             } else {
                 Some(0)
             };

@@ -9,6 +9,7 @@
 
 use std::io;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, closing_err};
 use super::handle::{Check, Handle, HandleType, Idle, Prepare, RawHandle, flags};
 
@@ -16,10 +17,11 @@ pub(crate) const IDLE: usize = 0;
 pub(crate) const PREPARE: usize = 1;
 pub(crate) const CHECK: usize = 2;
 
-pub(crate) type WatcherCb = Box<dyn FnMut(&mut Loop, RawHandle)>;
+type WatcherFn = dyn FnMut(&mut Loop, RawHandle);
+pub(crate) type WatcherCb = Box<WatcherFn>;
 
 pub(crate) struct WatcherState {
-    cb: Option<WatcherCb>,
+    cb: CallbackSlot<WatcherFn>,
     /// Which start this is; a snapshot entry runs only if it still matches,
     /// so a watcher stopped and restarted inside the phase waits a turn.
     stamp: u64,
@@ -57,7 +59,10 @@ fn state_mut(data: &mut Data) -> &mut WatcherState {
 
 impl Loop {
     fn watcher_init(&mut self, phase: usize) -> RawHandle {
-        let w = WatcherState { cb: None, stamp: 0 };
+        let w = WatcherState {
+            cb: CallbackSlot::empty(),
+            stamp: 0,
+        };
         self.insert(match phase {
             IDLE => Data::Idle(w),
             PREPARE => Data::Prepare(w),
@@ -76,13 +81,21 @@ impl Loop {
         let phase = phase_of(&s.data);
         let stamp = self.watchers[phase].next_stamp + 1;
         let w = state_mut(&mut self.slot_mut(raw)?.data);
-        w.cb = Some(cb);
+        w.cb.set(cb);
         w.stamp = stamp;
         let list = &mut self.watchers[phase];
         list.next_stamp = stamp;
         list.list.push((raw, stamp));
         self.activate(raw);
         Ok(())
+    }
+
+    /// Closing a watcher: stop it and drop its callback.
+    pub(crate) fn watcher_close_now(&mut self, raw: RawHandle) {
+        self.watcher_stop_raw(raw);
+        if let Ok(s) = self.slot_mut(raw) {
+            state_mut(&mut s.data).cb.clear();
+        }
     }
 
     pub(crate) fn watcher_stop_raw(&mut self, raw: RawHandle) {
@@ -112,14 +125,12 @@ impl Loop {
             if w.stamp != stamp {
                 continue;
             }
-            let mut cb = w.cb.take();
-            if let Some(f) = cb.as_mut() {
+            // The callback slot's rule: put back unless the watcher was
+            // closed or restarted with a new callback inside it.
+            if let Some(mut f) = w.cb.take() {
                 f(self, raw);
-            }
-            if let Ok(s) = self.slot_mut(raw) {
-                let w = state_mut(&mut s.data);
-                if w.cb.is_none() {
-                    w.cb = cb;
+                if let Ok(s) = self.slot_mut(raw) {
+                    state_mut(&mut s.data).cb.put_back(f);
                 }
             }
         }

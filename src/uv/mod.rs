@@ -13,8 +13,26 @@
 //! | [`Pipe`] | [`Loop::pipe_init`], [`Loop::pipe_pair`] | [`Loop::pipe_bind`], [`Loop::pipe_listen`], [`Loop::pipe_connect`], [`Loop::write2`], [`Loop::pipe_accept_pending`] | `uv_pipe_t` |
 //! | streams ([`StreamType`]) | | [`Loop::read_start`], [`Loop::write`], [`Loop::try_write`], [`Loop::shutdown`] | `uv_stream_t` |
 //! | [`Udp`] | [`Loop::udp_init`] | [`Loop::udp_bind`], [`Loop::udp_recv_start`], [`Loop::udp_send`] | `uv_udp_t` |
-//! | [`Signal`] | [`Loop::signal_init`] | [`Loop::signal_start`], [`Loop::signal_start_oneshot`] | `uv_signal_t` |
+//! | [`Signal`] | [`Loop::signal_init`] | [`Loop::signal_start`], [`Loop::signal_start_oneshot`] (with a [`Signum`]) | `uv_signal_t` |
 //! | [`Process`] | [`Loop::spawn`] | [`Loop::process_kill`] | `uv_process_t` |
+//!
+//! # Ids, sockets and streams
+//!
+//! Every handle is a typed id. Where a value may be any socket, it is a
+//! [`Socket`] (a fd received over IPC, [`Loop::socket_open`]); a
+//! connection is a [`Stream`]. Both convert from the typed ids, and every
+//! operation all handles share ([`Loop::close`], [`Loop::close_if_open`],
+//! [`Loop::is_closing`], [`Loop::ref_handle`], ...) takes a typed id, a
+//! `Socket`, a `Stream` or an [`AnyHandle`] ([`HandleId`]).
+//!
+//! Arguments are typed at the edge: timeouts are [`Duration`]s (rounded up
+//! to the loop's whole milliseconds), signals are [`Signum`]s, and fds that
+//! a handle takes over are [`OwnedFd`]s; an fd known only by its number
+//! becomes one through [`take_env_fd`] (an fd a parent placed and named in
+//! an environment variable) or, as a copy, [`dup_fd_number`].
+//!
+//! [`Duration`]: std::time::Duration
+//! [`OwnedFd`]: std::os::fd::OwnedFd
 //!
 //! # One iteration
 //!
@@ -63,6 +81,8 @@
 //! a call that takes a callback returns `Err`, the callback is dropped and
 //! never runs (libuv's rule).
 
+mod callback;
+mod context;
 mod errno;
 mod event_loop;
 mod handle;
@@ -70,18 +90,22 @@ mod loop_watcher;
 mod pipe;
 mod process;
 mod signal;
+mod signum;
 mod stream;
 mod tcp;
 mod timer;
 mod udp;
 
+pub use callback::{CallbackSlot, Taken};
+pub use context::{Id, Ids};
 pub use errno::Errno;
 pub use event_loop::{Loop, RunMode};
 pub use handle::{
-    AnyHandle, Check, Handle, HandleType, Idle, Pipe, Prepare, Process, Signal, StaleHandle, Tcp,
-    Timer, Udp,
+    AnyHandle, Check, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Prepare, Process,
+    Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
 };
-pub use pipe::{Accepted, PendingType, Sendable, dup_fd_number, take_env_var};
+pub use pipe::{PendingType, dup_fd_number, take_env_fd, take_env_var};
 pub use process::{ExitCb, ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
-pub use stream::{OnEmfile, StreamType};
+pub use signum::{BadSignal, Signum};
+pub use stream::{OnEmfile, StreamId, StreamType};
 pub use tcp::BindFlags;

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use nix::sys::socket::{AddressFamily, SockType};
 
 use super::event_loop::{Data, Loop, einval};
-use super::handle::{Handle, HandleType, Pipe, Tcp, Udp};
-use super::stream::{self, Sock, Stream, stream_mut, stream_ref};
+use super::handle::sealed::Raw as _;
+use super::handle::{Handle, Pipe, Socket};
+use super::stream::{self, Sock, StreamState, stream_mut, stream_ref};
 use crate::sys;
 use crate::sys::fd::SocketKind;
 
@@ -34,32 +35,6 @@ pub enum PendingType {
     Unknown,
 }
 
-/// A handle made from an fd received over an IPC pipe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accepted {
-    /// A TCP socket: a listener (call [`Loop::tcp_listen`]), a connection,
-    /// or a bound socket.
-    Tcp(Handle<Tcp>),
-    /// A Unix stream socket.
-    Pipe(Handle<Pipe>),
-    /// A UDP socket.
-    Udp(Handle<Udp>),
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::Tcp {}
-    impl Sealed for super::Pipe {}
-    impl Sealed for super::Udp {}
-}
-
-/// Handle kinds whose socket can be sent over an IPC pipe with
-/// [`Loop::write2`]. Sealed.
-pub trait Sendable: HandleType + sealed::Sealed {}
-impl Sendable for Tcp {}
-impl Sendable for Pipe {}
-impl Sendable for Udp {}
-
 fn kind_to_type(k: SocketKind) -> PendingType {
     match k {
         SocketKind::TcpListener | SocketKind::TcpStream { .. } => PendingType::Tcp,
@@ -73,7 +48,7 @@ impl Loop {
     /// Creates a pipe handle (`uv_pipe_init`); `ipc` makes it an IPC pipe
     /// that can send and receive handles.
     pub fn pipe_init(&mut self, ipc: bool) -> Handle<Pipe> {
-        Handle::from_raw(self.insert(Data::Pipe(Stream::new(Sock::Unset, ipc))))
+        Handle::from_raw(self.insert(Data::Pipe(StreamState::new(Sock::Unset, ipc))))
     }
 
     /// Two connected pipe handles over a `socketpair` (libuv's `uv_pipe`
@@ -294,50 +269,47 @@ impl Loop {
     ///
     /// A stale id; `EAGAIN` if no fd is waiting; `ENOTSUP` for an fd that is
     /// no socket we know, which is closed (nothing leaks).
-    pub fn pipe_accept_pending(&mut self, h: Handle<Pipe>) -> io::Result<Accepted> {
+    pub fn pipe_accept_pending(&mut self, h: Handle<Pipe>) -> io::Result<Socket> {
         let fd = self.pipe_take_pending_fd(h)?;
         // The fd arrived with MSG_CMSG_CLOEXEC; it only may lack O_NONBLOCK
         // (a status flag of the open file, shared with the sender). The kind
         // is looked up once, not again by the open.
         sys::fd::ensure_nonblock(fd.as_fd())?;
         let kind = sys::fd::socket_kind(fd.as_fd());
-        match kind_to_type(kind) {
+        self.adopt_socket(fd, kind)
+    }
+
+    /// Makes a handle of `fd`'s type for an fd that is CLOEXEC and
+    /// non-blocking already and whose kind is known. On error the handle
+    /// is closed and the fd with it.
+    fn adopt_socket(&mut self, fd: OwnedFd, kind: SocketKind) -> io::Result<Socket> {
+        let (h, r): (Socket, _) = match kind_to_type(kind) {
             PendingType::Tcp => {
                 let t = self.tcp_init();
-                match self.tcp_adopt(t, fd, kind) {
-                    Ok(()) => Ok(Accepted::Tcp(t)),
-                    Err(e) => {
-                        let _ = self.close(t, |_| {});
-                        Err(e)
-                    }
-                }
+                (t.into(), self.tcp_adopt(t, fd, kind))
             }
             PendingType::Pipe => {
                 let p = self.pipe_init(false);
-                match self.pipe_adopt(p, fd, kind) {
-                    Ok(()) => Ok(Accepted::Pipe(p)),
-                    Err(e) => {
-                        let _ = self.close(p, |_| {});
-                        Err(e)
-                    }
-                }
+                (p.into(), self.pipe_adopt(p, fd, kind))
             }
             PendingType::Udp => {
                 let u = self.udp_init();
-                match self.udp_open(u, fd) {
-                    Ok(()) => Ok(Accepted::Udp(u)),
-                    Err(e) => {
-                        let _ = self.close(u, |_| {});
-                        Err(e)
-                    }
-                }
+                (u.into(), self.udp_open(u, fd))
             }
-            PendingType::Unknown => Err(io::Error::from_raw_os_error(nix::libc::ENOTSUP)),
+            PendingType::Unknown => return Err(io::Error::from_raw_os_error(nix::libc::ENOTSUP)),
+        };
+        match r {
+            Ok(()) => Ok(h),
+            Err(e) => {
+                self.close_if_open(h);
+                Err(e)
+            }
         }
     }
 
     /// Writes `bufs` on an IPC pipe with `send`'s socket attached
-    /// (`uv_write2`): the fd travels in one `SCM_RIGHTS` message with the
+    /// (`uv_write2`); `send` is a `Handle<Tcp>`, `Handle<Pipe>`,
+    /// `Handle<Udp>` or any [`Socket`]: the fd travels in one `SCM_RIGHTS` message with the
     /// first byte of this write. The sender keeps its handle; the receiver
     /// gets its own copy of the socket. `bufs` must hold at least one byte
     /// (Linux drops an fd sent with no data).
@@ -346,35 +318,20 @@ impl Loop {
     ///
     /// As [`write`](Self::write); also `EINVAL` on a pipe not in IPC mode or
     /// with empty `bufs`, and `EBADF` if `send` has no socket or is closing.
-    pub fn write2<S: Sendable>(
+    pub fn write2(
         &mut self,
         h: Handle<Pipe>,
         bufs: &[&[u8]],
-        send: Handle<S>,
+        send: impl Into<Socket>,
         cb: impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static,
     ) -> io::Result<()> {
         stream::write_impl(
             self,
             h.raw,
             bufs,
-            Some(send.raw),
+            Some(send.into().raw()),
             Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)),
         )
-    }
-}
-
-impl Loop {
-    /// Adopts an fd this process inherited by number, such as the IPC
-    /// channel named by `NODE_CHANNEL_FD` (libuv's `uv_pipe_open` on a raw
-    /// fd). The handle becomes the fd's only owner: adopt each inherited fd
-    /// once.
-    ///
-    /// # Errors
-    ///
-    /// `EBADF` if the fd is not open; otherwise as [`pipe_open`](Self::pipe_open).
-    pub fn pipe_open_inherited(&mut self, h: Handle<Pipe>, fd: i32) -> io::Result<()> {
-        let fd = sys::env::adopt_inherited_fd(fd)?;
-        self.pipe_open(h, fd)
     }
 }
 
@@ -386,58 +343,97 @@ pub fn take_env_var(name: impl AsRef<std::ffi::OsStr>) -> Option<std::ffi::OsStr
 }
 
 impl Loop {
-    /// Adopts an inherited fd by number as a handle of the right type
-    /// (`uv_guess_handle` followed by the matching `*_open`): how Node's
-    /// `listen({fd})` and `bind({fd})` work. The handle becomes the fd's
-    /// only owner.
+    /// Makes a handle of the right type for a socket fd: a TCP socket
+    /// (listening, connected or only bound) becomes a `Handle<Tcp>`, a Unix
+    /// stream socket a `Handle<Pipe>` (not in IPC mode), a UDP socket a
+    /// `Handle<Udp>` (`uv_guess_handle` followed by the matching `*_open`).
+    /// This is how Node's `listen({fd})` and `bind({fd})` open an fd. The
+    /// fd is made non-blocking and CLOEXEC; the handle owns it from here on.
+    ///
+    /// The fd comes as an [`OwnedFd`]: an fd known only by its number (one
+    /// this process inherited) becomes one through [`take_env_fd`] when an
+    /// environment variable names it, through [`dup_fd_number`] to listen
+    /// on a copy, or through the `unsafe` `OwnedFd::from_raw_fd`, whose
+    /// caller vouches that nothing else owns it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::os::fd::OwnedFd;
+    /// use uvcluster::uv::{Loop, RunMode, Socket};
+    ///
+    /// let mut lp = Loop::new()?;
+    /// let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let port = std_listener.local_addr()?.port();
+    /// let Socket::Tcp(t) = lp.socket_open(OwnedFd::from(std_listener))? else {
+    ///     unreachable!("a TCP listener opens as a Handle<Tcp>");
+    /// };
+    /// assert_eq!(lp.tcp_getsockname(t)?.port(), port);
+    /// lp.close(t, |_| {})?;
+    /// lp.run(RunMode::Default)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
-    /// `EBADF` if the fd is not open, `ENOTSUP` if it is not a TCP, Unix
-    /// stream or UDP socket (the fd is then left open: it was not ours).
-    pub fn open_inherited(&mut self, fd: i32) -> io::Result<Accepted> {
-        let owned = sys::env::adopt_inherited_fd(fd)?;
-        let ty = kind_to_type(sys::fd::socket_kind(owned.as_fd()));
-        if ty == PendingType::Unknown {
-            // Not ours to close: give it back untouched.
-            std::mem::forget(owned);
-            return Err(io::Error::from_raw_os_error(nix::libc::ENOTSUP));
-        }
-        let (h, r) = match ty {
-            PendingType::Tcp => {
-                let t = self.tcp_init();
-                (Accepted::Tcp(t), self.tcp_open(t, owned))
-            }
-            PendingType::Pipe => {
-                let p = self.pipe_init(false);
-                (Accepted::Pipe(p), self.pipe_open(p, owned))
-            }
-            _ => {
-                let u = self.udp_init();
-                (Accepted::Udp(u), self.udp_open(u, owned))
-            }
-        };
-        if let Err(e) = r {
-            let _ = match h {
-                Accepted::Tcp(t) => self.close(t, |_| {}),
-                Accepted::Pipe(p) => self.close(p, |_| {}),
-                Accepted::Udp(u) => self.close(u, |_| {}),
-            };
-            return Err(e);
-        }
-        Ok(h)
+    /// `ENOTSUP` if `fd` is not a TCP, Unix stream or UDP socket; the
+    /// `fcntl` error making it non-blocking. The fd is closed either way.
+    pub fn socket_open(&mut self, fd: OwnedFd) -> io::Result<Socket> {
+        sys::fd::set_cloexec_nonblock(fd.as_fd())?;
+        let kind = sys::fd::socket_kind(fd.as_fd());
+        self.adopt_socket(fd, kind)
     }
 }
 
 /// Duplicates an fd of this process, given by number, into a new fd the
-/// caller owns (CLOEXEC); the original stays open. For APIs that name an
-/// fd by number without giving it away, such as Node's
-/// `server.listen({fd})` answered by a cluster primary. Adopt the result
-/// with [`Loop::tcp_open`], [`Loop::pipe_open`] or [`Loop::udp_open`].
+/// caller owns (CLOEXEC); the original stays open and keeps its owner. For
+/// APIs that name an fd by number without giving it away, such as Node's
+/// `server.listen({fd})` (answered by a cluster primary, or by a server
+/// listening on its own). Open the result with [`Loop::socket_open`] or
+/// one of [`Loop::tcp_open`], [`Loop::pipe_open`], [`Loop::udp_open`].
+///
+/// This takes ownership of nothing, so it is safe: whatever owns the
+/// number keeps it, and the copy is closed by its own owner. (Like
+/// reading `/proc/self/fd/N`, it can reach any fd of the process; it is
+/// meant for numbers the program was given on purpose.)
 ///
 /// # Errors
 ///
 /// `EBADF` if no such fd is open, `EINVAL` for a negative number, `EMFILE`.
 pub fn dup_fd_number(fd: i32) -> io::Result<OwnedFd> {
     sys::env::dup_fd_number(fd)
+}
+
+/// Takes the fd that environment variable `var` names, as a parent that
+/// placed an fd for this process says where it is: `NODE_CHANNEL_FD` for
+/// Node's IPC channel, a `LISTEN_FD`-style variable for an inherited
+/// listening socket. The variable is removed from the environment (so
+/// children do not inherit it, and the fd cannot be taken twice through
+/// it), and the fd becomes an [`OwnedFd`] that the caller owns and whose
+/// drop closes it. Returns `Ok(None)` when `var` is not set.
+///
+/// This is the one place where the crate turns an fd number into an owned
+/// fd without `unsafe` at the call: the variable is the parent's statement
+/// that the fd was placed for this process, and removing it when it is
+/// read makes this its only adoption. Call it at start-up, before threads
+/// are spawned (it changes the environment), once per variable, and do not
+/// also adopt the same number some other way.
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::uv::take_env_fd;
+///
+/// // Not set: nothing to take.
+/// assert!(take_env_fd("UVCLUSTER_DOC_NO_SUCH_FD")?.is_none());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// `InvalidInput` if the value is not a decimal fd number (the message
+/// names the variable and the value); `EBADF` if no such fd is open. The
+/// variable is removed in every case.
+pub fn take_env_fd(var: impl AsRef<std::ffi::OsStr>) -> io::Result<Option<OwnedFd>> {
+    sys::env::take_env_fd(var.as_ref())
 }

@@ -28,13 +28,14 @@ use super::errno::Errno;
 use super::event_loop::{Data, Loop, einval};
 use super::handle::{Handle, Pipe, Process, RawHandle, flags};
 use super::signal::{self, SignalState};
+use super::signum::Signum;
 use super::stream::{Sock, stream_ref};
 use crate::sys;
 use crate::sys::process::{FdPlan, SpawnSpec};
 
 /// The exit callback of a child ([`ProcessOptions::on_exit`]): exit
-/// status and terminating signal.
-pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, i32)>;
+/// status and terminating signal (`None` if it exited).
+pub type ExitCb = Box<dyn FnOnce(&mut Loop, Handle<Process>, i64, Option<Signum>)>;
 
 /// The parent's end of a stdio pipe, and the handle it is to be opened in.
 type ParentEnd = (Handle<Pipe>, OwnedFd);
@@ -93,7 +94,7 @@ pub enum Stdio<'a> {
 ///     .env([("PATH", "/usr/bin:/bin")])
 ///     .stdio(2, Stdio::Inherit)
 ///     .on_exit(|lp, p, status, signal| {
-///         assert_eq!((status, signal), (3, 0));
+///         assert_eq!((status, signal), (3, None));
 ///         lp.close(p, |_| {}).unwrap();
 ///     });
 /// # let _ = opts;
@@ -244,12 +245,13 @@ impl<'a> ProcessOptions<'a> {
 
     /// The exit callback (`exit_cb`): it runs once the child has been
     /// reaped, with its exit status (0 if a signal killed it) and the
-    /// signal that terminated it (0 if it exited). The handle is then
+    /// signal that terminated it (`None` if it exited; libuv's 0). The
+    /// handle is then
     /// inactive but not closed. Without it, the handle just becomes
     /// inactive.
     pub fn on_exit(
         mut self,
-        cb: impl FnOnce(&mut Loop, Handle<Process>, i64, i32) + 'static,
+        cb: impl FnOnce(&mut Loop, Handle<Process>, i64, Option<Signum>) + 'static,
     ) -> Self {
         self.on_exit = Some(Box::new(cb));
         self
@@ -335,7 +337,7 @@ fn wait_children(lp: &mut Loop) {
             continue;
         }
         if let Some(cb) = cb {
-            cb(lp, Handle::from_raw(raw), status, sig);
+            cb(lp, Handle::from_raw(raw), status, Signum::new(sig));
         }
     }
 }
@@ -569,20 +571,23 @@ impl Loop {
         }
     }
 
-    /// Sends signal `signum` to the child (`uv_process_kill`); 0 only checks
-    /// that it can be signalled.
+    /// Sends `signum` to the child (`uv_process_kill`): a [`Signum`], or
+    /// `None` (libuv's signal 0) to only check that it can be signalled.
     ///
     /// # Errors
     ///
     /// A stale id; `ESRCH` once the child has been reaped (its pid may
-    /// belong to another process by then); `EINVAL` for an invalid signal
-    /// number; `EPERM`.
-    pub fn process_kill(&mut self, h: Handle<Process>, signum: i32) -> io::Result<()> {
+    /// belong to another process by then); `EPERM`.
+    pub fn process_kill(
+        &mut self,
+        h: Handle<Process>,
+        signum: impl Into<Option<Signum>>,
+    ) -> io::Result<()> {
         let p = state_ref(self, h.raw)?;
         if p.exited {
             return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
         }
-        sys::process::kill(p.pid, signum)
+        sys::process::kill(p.pid, signum.into().map_or(0, Signum::as_raw))
     }
 
     /// The child's pid (`uv_process_get_pid`). It stays readable after the
@@ -606,23 +611,28 @@ impl Loop {
     }
 }
 
-/// Sends signal `signum` to process `pid` (`uv_kill`): a plain `kill(2)`,
-/// so `pid` 0 or negative names a process group as usual.
+/// Sends `signum` to process `pid` (`uv_kill`): a plain `kill(2)`, so
+/// `pid` 0 or negative names a process group as usual. `None` (libuv's
+/// signal 0) sends nothing and only checks that the process exists and
+/// may be signalled.
 ///
 /// # Examples
 ///
 /// ```
-/// // Signal 0 only checks that the process exists.
-/// uvcluster::uv::kill(std::process::id() as i32, 0)?;
+/// use uvcluster::uv::{Signum, kill};
+///
+/// // No signal: only checks that the process exists.
+/// kill(std::process::id() as i32, None)?;
+/// // SIGCONT to ourselves does nothing visible.
+/// kill(std::process::id() as i32, Signum::SIGCONT)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
 /// # Errors
 ///
-/// `EINVAL` for an invalid signal number, `ESRCH` for no such process,
-/// `EPERM` when not allowed.
-pub fn kill(pid: i32, signum: i32) -> io::Result<()> {
-    sys::process::kill(pid, signum)
+/// `ESRCH` for no such process, `EPERM` when not allowed.
+pub fn kill(pid: i32, signum: impl Into<Option<Signum>>) -> io::Result<()> {
+    sys::process::kill(pid, signum.into().map_or(0, Signum::as_raw))
 }
 
 /// Why [`Loop::spawn`] failed: the program it tried to start and the OS

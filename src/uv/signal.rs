@@ -21,12 +21,15 @@ use std::os::fd::AsRawFd;
 use mio::Interest;
 use mio::unix::SourceFd;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, SIGNAL_TOKEN, closing_err};
 use super::handle::{Handle, RawHandle, Signal, flags};
+use super::signum::Signum;
 use crate::sys;
 use crate::sys::signal::LoopPipe;
 
-pub(crate) type SignalCb = Box<dyn FnMut(&mut Loop, RawHandle, i32)>;
+type SignalFn = dyn FnMut(&mut Loop, RawHandle, Signum);
+pub(crate) type SignalCb = Box<SignalFn>;
 
 /// Per-loop signal state: the self-pipe the process-wide handler writes to.
 #[derive(Default)]
@@ -45,7 +48,7 @@ pub(crate) struct SignalState {
     /// The watched signal number; 0 while stopped.
     signum: i32,
     oneshot: bool,
-    cb: Option<SignalCb>,
+    cb: CallbackSlot<SignalFn>,
 }
 
 impl SignalState {
@@ -53,7 +56,7 @@ impl SignalState {
         SignalState {
             signum: 0,
             oneshot: false,
-            cb: None,
+            cb: CallbackSlot::empty(),
         }
     }
 }
@@ -98,7 +101,7 @@ pub(crate) fn start_raw(
     }
     let st = state_mut(lp, raw)?;
     if st.signum == signum {
-        st.cb = Some(cb);
+        st.cb.set(cb);
         return Ok(());
     }
     stop_raw(lp, raw);
@@ -106,7 +109,7 @@ pub(crate) fn start_raw(
     let st = state_mut(lp, raw)?;
     st.signum = signum;
     st.oneshot = oneshot;
-    st.cb = Some(cb);
+    st.cb.set(cb);
     lp.signals.started.push(raw);
     lp.activate(raw);
     Ok(())
@@ -130,7 +133,7 @@ pub(crate) fn stop_raw(lp: &mut Loop, raw: RawHandle) {
 pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
     stop_raw(lp, raw);
     if let Ok(st) = state_mut(lp, raw) {
-        st.cb = None;
+        st.cb.clear();
     }
 }
 
@@ -170,22 +173,22 @@ fn call(lp: &mut Loop, raw: RawHandle, signum: i32) {
         return;
     }
     let oneshot = st.oneshot;
-    let mut cb = st.cb.take();
+    let cb = st.cb.take();
     // A one-shot handle stops before its callback, which may restart it.
     if oneshot {
         stop_raw(lp, raw);
     }
-    if let Some(f) = cb.as_mut() {
-        f(lp, raw, signum);
-    }
-    // Put the callback back unless the handle was closed or a start inside
-    // the callback replaced it.
-    if let Ok(s) = lp.slot_mut(raw)
-        && s.flags & flags::CLOSING == 0
-        && let Data::Signal(st) = &mut s.data
-        && st.cb.is_none()
+    // The callback slot's rule: put back unless the handle was closed or
+    // a start inside the callback replaced it.
+    if let Some(mut f) = cb
+        && let Some(sig) = Signum::new(signum)
     {
-        st.cb = cb;
+        f(lp, raw, sig);
+        if let Ok(s) = lp.slot_mut(raw)
+            && let Data::Signal(st) = &mut s.data
+        {
+            st.cb.put_back(f);
+        }
     }
 }
 
@@ -197,8 +200,8 @@ impl Loop {
     }
 
     /// Watches signal `signum` (`uv_signal_start`): `cb` runs in the poll
-    /// phase, once per delivered signal, with the signal number. The handle
-    /// is active while started.
+    /// phase, once per delivered signal, with the signal. The handle is
+    /// active while started.
     ///
     /// Dispositions are process-wide, handles per loop: the first watcher of
     /// `signum` in the process installs one handler (`SA_RESTART`, all
@@ -217,13 +220,12 @@ impl Loop {
     /// # Examples
     ///
     /// ```
-    /// use uvcluster::Signum;
-    /// use uvcluster::uv::Loop;
+    /// use uvcluster::uv::{Loop, Signum};
     ///
     /// let mut lp = Loop::new()?;
     /// let s = lp.signal_init();
-    /// lp.signal_start(s, Signum::SIGUSR1 as i32, |lp, s, signum| {
-    ///     println!("got signal {signum}");
+    /// lp.signal_start(s, Signum::SIGUSR1, |lp, s, signum| {
+    ///     println!("got {signum}");
     ///     lp.close(s, |_| {}).unwrap();
     /// })?;
     /// assert!(lp.is_active(s));
@@ -234,20 +236,20 @@ impl Loop {
     ///
     /// # Errors
     ///
-    /// A stale id or closing handle; `EINVAL` for signum 0 or out of range
-    /// (1 to 64), or one that cannot be caught (`SIGKILL`, `SIGSTOP`);
+    /// A stale id or closing handle; `EINVAL` for a signal that cannot be
+    /// caught (`SIGKILL`, `SIGSTOP`);
     /// `EMFILE` if the loop's self-pipe cannot be created. `cb` is then
     /// dropped.
     pub fn signal_start(
         &mut self,
         h: Handle<Signal>,
-        signum: i32,
-        mut cb: impl FnMut(&mut Loop, Handle<Signal>, i32) + 'static,
+        signum: Signum,
+        mut cb: impl FnMut(&mut Loop, Handle<Signal>, Signum) + 'static,
     ) -> io::Result<()> {
         start_raw(
             self,
             h.raw,
-            signum,
+            signum.as_raw(),
             false,
             Box::new(move |lp, raw, s| cb(lp, Handle::from_raw(raw), s)),
         )
@@ -266,14 +268,14 @@ impl Loop {
     pub fn signal_start_oneshot(
         &mut self,
         h: Handle<Signal>,
-        signum: i32,
-        cb: impl FnOnce(&mut Loop, Handle<Signal>, i32) + 'static,
+        signum: Signum,
+        cb: impl FnOnce(&mut Loop, Handle<Signal>, Signum) + 'static,
     ) -> io::Result<()> {
         let mut cb = Some(cb);
         start_raw(
             self,
             h.raw,
-            signum,
+            signum.as_raw(),
             true,
             Box::new(move |lp, raw, s| {
                 if let Some(cb) = cb.take() {
@@ -297,13 +299,13 @@ impl Loop {
         Ok(())
     }
 
-    /// The signal number the handle watches, or 0 if it is stopped
-    /// (`uv_signal_t.signum`).
+    /// The signal the handle watches, or `None` while it is stopped
+    /// (`uv_signal_t.signum`, 0 when stopped).
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn signal_signum(&mut self, h: Handle<Signal>) -> io::Result<i32> {
-        Ok(state_mut(self, h.raw)?.signum)
+    pub fn signal_signum(&mut self, h: Handle<Signal>) -> io::Result<Option<Signum>> {
+        Ok(Signum::new(state_mut(self, h.raw)?.signum))
     }
 }

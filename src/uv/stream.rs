@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use mio::Interest;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, READ_BUF_SIZE, Ready, closing_err};
-use super::handle::{Handle, HandleType, Pipe, RawHandle, Tcp, flags};
+use super::handle::{Handle, HandleId, HandleType, Pipe, RawHandle, Stream, Tcp, flags};
 use crate::sys;
 
 /// Reads per readiness event before yielding to other handles (libuv: 32).
@@ -37,8 +38,9 @@ const READS_PER_EVENT: usize = 32;
 /// Accepts per readiness event before yielding to other handles.
 pub(crate) const ACCEPTS_PER_EVENT: usize = 32;
 
-pub(crate) type ReadCb = Box<dyn FnMut(&mut Loop, RawHandle, io::Result<&[u8]>)>;
-pub(crate) type ConnCb = Box<dyn FnMut(&mut Loop, RawHandle, io::Result<RawHandle>)>;
+type ReadFn = dyn FnMut(&mut Loop, RawHandle, io::Result<&[u8]>);
+type ConnFn = dyn FnMut(&mut Loop, RawHandle, io::Result<RawHandle>);
+pub(crate) type ConnCb = Box<ConnFn>;
 pub(crate) type ReqCb = Box<dyn FnOnce(&mut Loop, RawHandle, io::Result<()>)>;
 
 /// The socket under a stream handle, by state.
@@ -108,7 +110,7 @@ struct WriteReq {
 
 /// The state of a TCP or pipe handle.
 #[derive(Default)]
-pub(crate) struct Stream {
+pub(crate) struct StreamState {
     pub(crate) sock: Sock,
     pub(crate) ipc: bool,
     registered: bool,
@@ -134,8 +136,8 @@ pub(crate) struct Stream {
     write_failed: bool,
     in_pending: bool,
     pub(crate) delayed_error: Option<io::Error>,
-    read_cb: Option<ReadCb>,
-    conn_cb: Option<ConnCb>,
+    read_cb: CallbackSlot<ReadFn>,
+    conn_cb: CallbackSlot<ConnFn>,
     connect_cb: Option<ReqCb>,
     connect_result: Option<io::Result<()>>,
     shutdown_cb: Option<ReqCb>,
@@ -150,9 +152,9 @@ pub(crate) struct Stream {
     pub(crate) bound_path: Option<PathBuf>,
 }
 
-impl Stream {
-    pub(crate) fn new(sock: Sock, ipc: bool) -> Box<Stream> {
-        Box::new(Stream {
+impl StreamState {
+    pub(crate) fn new(sock: Sock, ipc: bool) -> Box<StreamState> {
+        Box::new(StreamState {
             sock,
             ipc,
             ..Default::default()
@@ -171,21 +173,29 @@ pub trait StreamType: HandleType + sealed::Sealed {}
 impl StreamType for Tcp {}
 impl StreamType for Pipe {}
 
-pub(crate) fn stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut Stream> {
+/// Anything that names one stream: a `Handle<Tcp>`, a `Handle<Pipe>`, or a
+/// [`Stream`]. The stream operations that take no callback
+/// ([`Loop::read_stop`], [`Loop::is_reading`], [`Loop::try_write`],
+/// [`Loop::write_queue_size`]) take any of them. Sealed.
+pub trait StreamId: HandleId {}
+impl<K: StreamType> StreamId for Handle<K> {}
+impl StreamId for Stream {}
+
+pub(crate) fn stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut StreamState> {
     match &mut lp.slot_mut(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
     }
 }
 
-pub(crate) fn stream_ref(lp: &Loop, raw: RawHandle) -> io::Result<&Stream> {
+pub(crate) fn stream_ref(lp: &Loop, raw: RawHandle) -> io::Result<&StreamState> {
     match &lp.slot(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
     }
 }
 
-fn open_stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut Stream> {
+fn open_stream_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut StreamState> {
     match &mut lp.open_slot_mut(raw)?.data {
         Data::Tcp(s) | Data::Pipe(s) => Ok(s),
         _ => unreachable!("a stream handle always names a stream slot"),
@@ -202,7 +212,7 @@ fn errno(code: i32) -> io::Error {
 
 /// Whether the stream must hear about writability: a connect in progress,
 /// queued writes, or a shutdown waiting for the queue to drain.
-fn needs_write(s: &Stream) -> bool {
+fn needs_write(s: &StreamState) -> bool {
     s.connecting
         || !s.writes.is_empty()
         || (s.shut && s.shutdown_cb.is_some() && s.shutdown_result.is_none())
@@ -329,10 +339,10 @@ fn do_accept(lp: &mut Loop, raw: RawHandle) {
         let accepted = match &s.sock {
             Sock::TcpListener(l) => l
                 .accept()
-                .map(|(c, _)| Data::Tcp(Stream::new(Sock::TcpStream(c), false))),
+                .map(|(c, _)| Data::Tcp(StreamState::new(Sock::TcpStream(c), false))),
             Sock::UnixListener(l) => l
                 .accept()
-                .map(|(c, _)| Data::Pipe(Stream::new(Sock::UnixStream(c), false))),
+                .map(|(c, _)| Data::Pipe(StreamState::new(Sock::UnixStream(c), false))),
             _ => return,
         };
         let result = match accepted {
@@ -381,16 +391,16 @@ fn call_conn_cb(lp: &mut Loop, raw: RawHandle, result: io::Result<RawHandle>) {
     let Some(mut cb) = s.conn_cb.take() else {
         // No callback (cannot happen while listening): do not leak the client.
         if let Ok(c) = result {
-            let _ = lp.close_raw(c, Box::new(|_| {}));
+            let _ = lp.close_raw(c, None);
         }
         return;
     };
     cb(lp, raw, result);
+    // The callback slot's rule, and the handle must still be listening.
     if let Ok(s) = stream_mut(lp, raw)
         && s.listening
-        && s.conn_cb.is_none()
     {
-        s.conn_cb = Some(cb);
+        s.conn_cb.put_back(cb);
     }
 }
 
@@ -432,8 +442,7 @@ fn pause_accepting(lp: &mut Loop, raw: RawHandle, delay: Duration) {
     let Ok(s) = stream_mut(lp, raw) else { return };
     s.accept_paused = true;
     let timer = lp.timer_init();
-    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-    let started = lp.timer_start(timer, ms, 0, move |lp, t| {
+    let started = lp.timer_start(timer, delay, Duration::ZERO, move |lp, t| {
         let _ = lp.close(t, |_| {});
         if let Ok(s) = stream_mut(lp, raw) {
             s.accept_paused = false;
@@ -535,19 +544,21 @@ fn do_read(lp: &mut Loop, raw: RawHandle) {
             lp.read_buf = buf;
             return;
         };
-        let mut cb = s.read_cb.take();
-        if let Some(f) = cb.as_mut() {
+        // The callback slot's rule, and the stream must still be reading
+        // (EOF and errors stop it before the call).
+        if let Some(mut f) = s.read_cb.take() {
             match outcome {
                 Ok(n) => f(lp, raw, Ok(&buf[..n])),
                 Err(e) => f(lp, raw, Err(e)),
             }
+            if let Ok(s) = stream_mut(lp, raw)
+                && s.reading
+            {
+                s.read_cb.put_back(f);
+            }
         }
         lp.read_buf = buf;
-        let Ok(s) = stream_mut(lp, raw) else { return };
-        if s.reading && s.read_cb.is_none() {
-            s.read_cb = cb;
-        }
-        if !more {
+        if !more || stream_ref(lp, raw).is_err() {
             return;
         }
     }
@@ -613,7 +624,7 @@ fn do_write(lp: &mut Loop, raw: RawHandle) {
     }
 }
 
-fn cancel_writes(s: &mut Stream, err: impl Fn() -> io::Error) {
+fn cancel_writes(s: &mut StreamState, err: impl Fn() -> io::Error) {
     for req in s.writes.drain(..) {
         s.done.push((req.cb, Err(err())));
     }
@@ -678,8 +689,8 @@ pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
     };
     s.reading = false;
     s.listening = false;
-    s.read_cb = None;
-    s.conn_cb = None;
+    s.read_cb.clear();
+    s.conn_cb.clear();
     if s.registered {
         let reg = poll.registry();
         let _ = match &mut s.sock {
@@ -781,12 +792,13 @@ impl Loop {
             return Err(errno(nix::libc::ENOTCONN));
         }
         s.reading = true;
-        s.read_cb = Some(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
+        s.read_cb
+            .set(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
         let resume = s.readable && !s.connecting;
         if let Err(e) = ensure_registered(self, h.raw) {
             let s = stream_mut(self, h.raw)?;
             s.reading = false;
-            s.read_cb = None;
+            s.read_cb.clear();
             return Err(e);
         }
         if resume {
@@ -803,17 +815,18 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id.
-    pub fn read_stop<K: StreamType>(&mut self, h: Handle<K>) -> io::Result<()> {
-        let s = stream_mut(self, h.raw)?;
+    pub fn read_stop(&mut self, h: impl StreamId) -> io::Result<()> {
+        let raw = h.raw();
+        let s = stream_mut(self, raw)?;
         s.reading = false;
-        s.read_cb = None;
-        update_active(self, h.raw);
+        s.read_cb.clear();
+        update_active(self, raw);
         Ok(())
     }
 
     /// Whether the stream is reading.
-    pub fn is_reading<K: StreamType>(&self, h: Handle<K>) -> bool {
-        stream_ref(self, h.raw).is_ok_and(|s| s.reading)
+    pub fn is_reading(&self, h: impl StreamId) -> bool {
+        stream_ref(self, h.raw()).is_ok_and(|s| s.reading)
     }
 
     /// Writes `bufs` in order (`uv_write`). `cb` runs once every byte has been
@@ -851,8 +864,8 @@ impl Loop {
     ///
     /// `WouldBlock` while writes are queued, a connect is in progress, or the
     /// socket is full; otherwise as [`write`](Self::write).
-    pub fn try_write<K: StreamType>(&mut self, h: Handle<K>, bufs: &[&[u8]]) -> io::Result<usize> {
-        let s = open_stream_mut(self, h.raw)?;
+    pub fn try_write(&mut self, h: impl StreamId, bufs: &[&[u8]]) -> io::Result<usize> {
+        let s = open_stream_mut(self, h.raw())?;
         check_writable(s)?;
         if s.connecting || !s.writes.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -867,8 +880,8 @@ impl Loop {
     }
 
     /// Bytes queued and not yet written (`uv_stream_get_write_queue_size`).
-    pub fn write_queue_size<K: StreamType>(&self, h: Handle<K>) -> usize {
-        stream_ref(self, h.raw).map_or(0, |s| s.queued_bytes)
+    pub fn write_queue_size(&self, h: impl StreamId) -> usize {
+        stream_ref(self, h.raw()).map_or(0, |s| s.queued_bytes)
     }
 
     /// Shuts down the write side once every queued write is done
@@ -906,7 +919,7 @@ impl Loop {
     }
 }
 
-fn check_writable(s: &Stream) -> io::Result<()> {
+fn check_writable(s: &StreamState) -> io::Result<()> {
     if !s.sock.is_connected_stream() {
         return Err(errno(nix::libc::ENOTCONN));
     }
@@ -1150,7 +1163,7 @@ pub(crate) fn listen_raw(
             return Err(errno(nix::libc::EINVAL));
         }
     };
-    s.conn_cb = Some(cb);
+    s.conn_cb.set(cb);
     s.listening = true;
     let resume = s.readable;
     if lp.emfile_fd.is_none() {

@@ -9,7 +9,7 @@ use nix::sys::socket::SockType;
 
 use super::event_loop::{Data, Loop, einval};
 use super::handle::{Handle, Tcp};
-use super::stream::{self, Sock, Stream, stream_mut, stream_ref};
+use super::stream::{self, Sock, StreamState, stream_mut, stream_ref};
 use crate::sys;
 use crate::sys::fd::{BindOpts, SocketKind};
 
@@ -32,7 +32,7 @@ pub struct BindFlags {
 impl Loop {
     /// Creates a TCP handle with no socket yet (`uv_tcp_init`).
     pub fn tcp_init(&mut self) -> Handle<Tcp> {
-        Handle::from_raw(self.insert(Data::Tcp(Stream::new(Sock::Unset, false))))
+        Handle::from_raw(self.insert(Data::Tcp(StreamState::new(Sock::Unset, false))))
     }
 
     /// Adopts a socket (`uv_tcp_open`): a listening socket (call

@@ -11,17 +11,19 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
+use std::time::Duration;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, closing_err, einval};
 use super::handle::{Handle, RawHandle, Timer, flags};
 
-pub(crate) type TimerCb = Box<dyn FnMut(&mut Loop, Handle<Timer>)>;
+type TimerCb = dyn FnMut(&mut Loop, Handle<Timer>);
 
 pub(crate) struct TimerState {
     due: u64,
     repeat: u64,
     seq: u64,
-    cb: Option<TimerCb>,
+    cb: CallbackSlot<TimerCb>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -53,14 +55,18 @@ impl Loop {
             due: 0,
             repeat: 0,
             seq: 0,
-            cb: None,
+            cb: CallbackSlot::empty(),
         })))
     }
 
-    /// Arms the timer (`uv_timer_start`): `cb` runs `timeout` ms after the
-    /// loop's cached [`now`](Loop::now), then every `repeat` ms if `repeat`
-    /// is not 0. Restarting an armed timer first stops it. Deadlines
-    /// saturate at `u64::MAX` ms.
+    /// Arms the timer (`uv_timer_start`): `cb` runs `timeout` after the
+    /// loop's cached [`now`](Loop::now), then every `repeat` if `repeat` is
+    /// not zero. Restarting an armed timer first stops it.
+    ///
+    /// The loop's clock counts whole milliseconds, as libuv's does: a
+    /// duration with a fraction of a millisecond is rounded *up* (a timer
+    /// never fires early; `Duration::from_micros(1)` is 1 ms), and
+    /// deadlines saturate at `u64::MAX` ms.
     ///
     /// A repeating timer is re-armed just before its callback runs, at
     /// `now + repeat` where `now` is the time its timer pass started
@@ -72,16 +78,16 @@ impl Loop {
     pub fn timer_start(
         &mut self,
         h: Handle<Timer>,
-        timeout: u64,
-        repeat: u64,
+        timeout: Duration,
+        repeat: Duration,
         cb: impl FnMut(&mut Loop, Handle<Timer>) + 'static,
     ) -> io::Result<()> {
         if self.slot(h.raw)?.flags & flags::CLOSING != 0 {
             return Err(closing_err());
         }
         self.timer_stop_raw(h.raw);
-        timer_mut(self, h.raw)?.cb = Some(Box::new(cb));
-        self.timer_arm(h.raw, timeout, repeat);
+        timer_mut(self, h.raw)?.cb.set(Box::new(cb));
+        self.timer_arm(h.raw, to_ms(timeout), to_ms(repeat));
         Ok(())
     }
 
@@ -114,6 +120,15 @@ impl Loop {
         self.slot(h.raw)?;
         self.timer_stop_raw(h.raw);
         Ok(())
+    }
+
+    /// Closing a timer: disarm it and drop its callback (also when the
+    /// callback is running: it is not put back).
+    pub(crate) fn timer_close_now(&mut self, raw: RawHandle) {
+        self.timer_stop_raw(raw);
+        if let Ok(t) = timer_mut(self, raw) {
+            t.cb.clear();
+        }
     }
 
     pub(crate) fn timer_stop_raw(&mut self, raw: RawHandle) {
@@ -161,36 +176,42 @@ impl Loop {
     }
 
     /// Sets the repeat interval, used from the next re-arm on
-    /// (`uv_timer_set_repeat`).
+    /// (`uv_timer_set_repeat`). Rounded up to whole milliseconds, as in
+    /// [`timer_start`](Self::timer_start).
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn timer_set_repeat(&mut self, h: Handle<Timer>, repeat: u64) -> io::Result<()> {
-        timer_mut(self, h.raw)?.repeat = repeat;
+    pub fn timer_set_repeat(&mut self, h: Handle<Timer>, repeat: Duration) -> io::Result<()> {
+        timer_mut(self, h.raw)?.repeat = to_ms(repeat);
         Ok(())
     }
 
-    /// The repeat interval in ms (`uv_timer_get_repeat`).
+    /// The repeat interval (`uv_timer_get_repeat`), in whole milliseconds.
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn timer_repeat(&mut self, h: Handle<Timer>) -> io::Result<u64> {
-        Ok(timer_mut(self, h.raw)?.repeat)
+    pub fn timer_repeat(&mut self, h: Handle<Timer>) -> io::Result<Duration> {
+        Ok(Duration::from_millis(timer_mut(self, h.raw)?.repeat))
     }
 
-    /// Milliseconds until the timer is due, 0 if it is due or not armed
-    /// (`uv_timer_get_due_in`).
+    /// The time until the timer is due by the loop's cached clock, zero if
+    /// it is due or not armed (`uv_timer_get_due_in`), in whole
+    /// milliseconds.
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn timer_due_in(&mut self, h: Handle<Timer>) -> io::Result<u64> {
+    pub fn timer_due_in(&mut self, h: Handle<Timer>) -> io::Result<Duration> {
         let now = self.now();
         let active = self.is_active(h);
         let t = timer_mut(self, h.raw)?;
-        Ok(if active { t.due.saturating_sub(now) } else { 0 })
+        Ok(Duration::from_millis(if active {
+            t.due.saturating_sub(now)
+        } else {
+            0
+        }))
     }
 
     /// The deadline of the earliest armed timer, dropping stale heap entries
@@ -242,24 +263,30 @@ impl Loop {
                 unreachable!()
             };
             let repeat = t.repeat;
-            let mut cb = t.cb.take();
+            let cb = t.cb.take();
             if repeat != 0 {
                 self.timer_arm(raw, repeat, repeat);
             }
-            if let Some(f) = cb.as_mut() {
+            // The callback slot's rule: put back unless the timer was
+            // closed or a timer_start inside the callback replaced it.
+            if let Some(mut f) = cb {
                 f(self, Handle::from_raw(raw));
-            }
-            // Put the callback back unless the timer was closed or the
-            // callback was replaced by a timer_start inside it.
-            if let Ok(t) = timer_mut(self, raw)
-                && t.cb.is_none()
-            {
-                t.cb = cb;
+                if let Ok(t) = timer_mut(self, raw) {
+                    t.cb.put_back(f);
+                }
             }
         }
         ready.clear();
         self.timers.ready = ready;
     }
+}
+
+/// A timer argument in the loop's unit, whole milliseconds: rounded up, so
+/// that a timer never fires before the duration it was given has passed,
+/// and saturated at `u64::MAX`.
+pub(crate) fn to_ms(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 fn entry_live(slots: &slab::Slab<super::event_loop::Slot>, e: &Entry) -> bool {
@@ -269,5 +296,23 @@ fn entry_live(slots: &slab::Slab<super::event_loop::Slot>, e: &Entry) -> bool {
             _ => false,
         },
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::to_ms;
+
+    #[test]
+    fn durations_round_up_to_whole_milliseconds() {
+        assert_eq!(to_ms(Duration::ZERO), 0);
+        assert_eq!(to_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(to_ms(Duration::from_micros(999)), 1);
+        assert_eq!(to_ms(Duration::from_millis(1)), 1);
+        assert_eq!(to_ms(Duration::from_micros(1001)), 2);
+        assert_eq!(to_ms(Duration::from_secs(5)), 5000);
+        assert_eq!(to_ms(Duration::MAX), u64::MAX);
     }
 }

@@ -29,6 +29,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use mio::Interest;
 use nix::sys::socket::SockType;
 
+use super::callback::CallbackSlot;
 use super::event_loop::{Data, Loop, READ_BUF_SIZE, Ready, einval};
 use super::handle::{Handle, RawHandle, Udp};
 use super::tcp::BindFlags;
@@ -39,7 +40,7 @@ use crate::sys::fd::BindOpts;
 /// (libuv's `uv__udp_recvmsg` reads at most 32).
 const RECVS_PER_EVENT: usize = 32;
 
-type RecvCb = Box<dyn FnMut(&mut Loop, RawHandle, io::Result<(&[u8], SocketAddr)>)>;
+type RecvFn = dyn FnMut(&mut Loop, RawHandle, io::Result<(&[u8], SocketAddr)>);
 type SendCb = Box<dyn FnOnce(&mut Loop, RawHandle, io::Result<()>)>;
 
 struct SendReq {
@@ -58,7 +59,7 @@ pub(crate) struct UdpState {
     writable: bool,
     receiving: bool,
     in_pending: bool,
-    recv_cb: Option<RecvCb>,
+    recv_cb: CallbackSlot<RecvFn>,
     /// Sends that would have blocked, in order.
     sends: VecDeque<SendReq>,
     /// Bytes in `sends` (`uv_udp_get_send_queue_size`).
@@ -202,18 +203,19 @@ fn do_recv(lp: &mut Loop, raw: RawHandle) {
             // send) are reported and receiving goes on, as in libuv.
             Err(e) => Err(e),
         };
-        let mut cb = u.recv_cb.take();
-        if let Some(f) = cb.as_mut() {
+        // The callback slot's rule, and the handle must still receive.
+        if let Some(mut f) = u.recv_cb.take() {
             match outcome {
                 Ok((n, addr)) => f(lp, raw, Ok((&buf[..n], addr))),
                 Err(e) => f(lp, raw, Err(e)),
             }
+            if let Ok(u) = udp_mut(lp, raw)
+                && u.receiving
+            {
+                u.recv_cb.put_back(f);
+            }
         }
         lp.read_buf = buf;
-        let Ok(u) = udp_mut(lp, raw) else { return };
-        if u.receiving && u.recv_cb.is_none() {
-            u.recv_cb = cb;
-        }
     }
     // The bound was hit with datagrams possibly left: come back next pass.
     lp.still_ready.push(raw);
@@ -283,7 +285,7 @@ pub(crate) fn close_now(lp: &mut Loop, raw: RawHandle) {
         _ => unreachable!(),
     };
     u.receiving = false;
-    u.recv_cb = None;
+    u.recv_cb.clear();
     if u.registered
         && let Some(s) = u.sock.as_mut()
     {
@@ -427,7 +429,8 @@ impl Loop {
         ensure_registered(self, h.raw)?;
         let u = udp_mut(self, h.raw)?;
         u.receiving = true;
-        u.recv_cb = Some(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
+        u.recv_cb
+            .set(Box::new(move |lp, raw, r| cb(lp, Handle::from_raw(raw), r)));
         if resume {
             // Datagrams arrived while we were not receiving: no new edge
             // will come for them.
@@ -448,7 +451,7 @@ impl Loop {
     pub fn udp_recv_stop(&mut self, h: Handle<Udp>) -> io::Result<()> {
         let u = udp_mut(self, h.raw)?;
         u.receiving = false;
-        u.recv_cb = None;
+        u.recv_cb.clear();
         self.deactivate(h.raw);
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
+use std::time::Duration;
 
 use uvcluster::uv::{Loop, RunMode};
 
@@ -51,9 +52,14 @@ impl Log {
 /// is the test's own.
 pub fn run_with_deadline(lp: &mut Loop, limit_ms: u64) {
     let wd = lp.timer_init();
-    lp.timer_start(wd, limit_ms, 0, move |_, _| {
-        panic!("loop still running after {limit_ms} ms (deadline)");
-    })
+    lp.timer_start(
+        wd,
+        Duration::from_millis(limit_ms),
+        Duration::ZERO,
+        move |_, _| {
+            panic!("loop still running after {limit_ms} ms (deadline)");
+        },
+    )
     .unwrap();
     lp.unref_handle(wd).unwrap();
     lp.run(RunMode::Default).unwrap();
@@ -66,8 +72,13 @@ pub fn run_until(lp: &mut Loop, limit_ms: u64, mut cond: impl FnMut(&Loop) -> bo
     let wd = lp.timer_init();
     let fired = Counter::new();
     let f = fired.clone();
-    lp.timer_start(wd, limit_ms, 0, move |_, _| f.hit())
-        .unwrap();
+    lp.timer_start(
+        wd,
+        Duration::from_millis(limit_ms),
+        Duration::ZERO,
+        move |_, _| f.hit(),
+    )
+    .unwrap();
     while !cond(lp) {
         assert_eq!(fired.get(), 0, "condition not met within {limit_ms} ms");
         lp.run(RunMode::Once).unwrap();

@@ -19,9 +19,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use uvcluster::ipc::{
-    AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, close_accepted, fork,
-};
+use uvcluster::ipc::{AfterAck, Attach, Channel, ChannelOptions, ForkOptions, HandleKind, fork};
 use uvcluster::uv::{BindFlags, Loop, RunMode};
 
 fn main() -> io::Result<()> {
@@ -65,7 +63,7 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
     let mut opts = ForkOptions::exec(std::env::current_exe()?);
     opts.process.args = vec!["child".into()];
     opts.process.on_exit = Some(Box::new(|lp, p, _, _| {
-        let _ = lp.close(p, |_| {});
+        lp.close_if_open(p);
     }));
     let forked = fork(&mut lp, opts)?;
     let ch = forked.channel;
@@ -76,9 +74,9 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
         let addr = lp.tcp_getsockname(server)?;
         lp.tcp_listen(server, 16, move |lp, server, c| {
             if let Ok(c) = c {
-                let _ = lp.close(c, |_| {});
+                lp.close_if_open(c);
             }
-            let _ = lp.close(server, |_| {});
+            lp.close_if_open(server);
         })?;
         let s = lp.tcp_init();
         lp.tcp_connect(s, addr, |_, _, r| r.expect("connect"))?;
@@ -111,7 +109,7 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
             done.set(true);
             ch.disconnect(lp);
             if let Some(s) = sock {
-                let _ = lp.close(s, |_| {});
+                lp.close_if_open(s);
             }
             return;
         }
@@ -130,7 +128,7 @@ fn child() -> io::Result<()> {
         .ok_or_else(|| io::Error::other("not started by ipc_bench"))?;
     ch.on_message(&mut lp, |lp, ch, msg, handle| {
         if let Some(h) = handle {
-            close_accepted(lp, h);
+            lp.close_if_open(h);
         }
         let _ = ch.send(lp, &msg, None);
     });

@@ -21,10 +21,11 @@ use std::cell::Cell;
 use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
+use std::time::Duration;
 use std::time::Instant;
 
 use nix::sys::resource::{UsageWho, getrusage};
-use uvcluster::uv::{Accepted, BindFlags, Handle, Loop, RunMode, StreamType, Tcp};
+use uvcluster::uv::{BindFlags, Handle, Loop, RunMode, Socket, StreamType, Tcp};
 
 const MSG: &[u8] = b"PING\n";
 
@@ -101,8 +102,10 @@ fn million_timers(n: u64, per_ms: u64) {
     for i in 0..n {
         let t = lp.timer_init();
         let timeout = i.checked_div(per_ms).map_or(1, |k| 1 + k);
-        lp.timer_start(t, timeout, 0, |_, _| FIRED.set(FIRED.get() + 1))
-            .expect("timer_start");
+        lp.timer_start(t, Duration::from_millis(timeout), Duration::ZERO, |_, _| {
+            FIRED.set(FIRED.get() + 1)
+        })
+        .expect("timer_start");
         timers.push(t);
     }
     let t1 = Instant::now();
@@ -176,11 +179,11 @@ fn serve(transport: &str) -> io::Result<()> {
         lp.read_start(c, |lp, c, data| match data {
             Ok(d) if !d.is_empty() => {
                 if lp.write(c, &[d], |_, _, _| {}).is_err() {
-                    let _ = lp.close(c, |_| {});
+                    lp.close_if_open(c);
                 }
             }
             _ => {
-                let _ = lp.close(c, |_| {});
+                lp.close_if_open(c);
             }
         })
         .expect("read_start");
@@ -341,7 +344,7 @@ fn ipc_fd_pass(n: u64, window: u64) -> io::Result<()> {
         assert!(!d.is_empty(), "unexpected EOF");
         while lp.pipe_pending_count(rx) > 0 {
             match lp.pipe_accept_pending(rx).expect("accept") {
-                Accepted::Tcp(t) => lp.close(t, |_| {}).expect("close"),
+                Socket::Tcp(t) => lp.close(t, |_| {}).expect("close"),
                 other => panic!("unexpected handle {other:?}"),
             }
             r2.set(r2.get() + 1);
