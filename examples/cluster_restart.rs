@@ -31,8 +31,9 @@ fn start_primary(lp: &mut Loop) -> io::Result<()> {
     let p = primary.clone();
     primary.on_exit(move |lp, worker, code, signal| {
         eprintln!(
-            "worker {} exited (code {code:?}, signal {signal:?})",
-            worker.id()
+            "worker {} exited (code {code:?}, signal {:?})",
+            worker.id(),
+            signal.map(Signum::as_raw)
         );
         // Disconnected on purpose (by `disconnect` below, or by the
         // worker itself): let it go. Anything else: replace it.

@@ -25,24 +25,23 @@
 //! ```no_run
 //! use std::io;
 //! use uvcluster::cluster::{self, Primary};
-//! use uvcluster::net::{Conn, ListenOptions, Server};
-//! use uvcluster::uv::{Loop, RunMode};
+//! use uvcluster::net::{ListenOptions, Server};
+//! use uvcluster::uv::{Loop, RunMode, Stream};
 //!
 //! fn main() -> io::Result<()> {
 //!     let mut lp = Loop::new()?;
 //!     match cluster::setup_worker(&mut lp)? {
 //!         // A worker: serve on port 8000, shared with the other workers.
 //!         Some(_worker) => {
-//!             let server = Server::new(|lp, server, conn| {
-//!                 let Conn::Tcp(t) = conn else {
+//!             let server = Server::new(&mut lp, |lp, server, conn| {
+//!                 let Stream::Tcp(t) = conn else {
 //!                     return server.close_connection(lp, conn);
 //!                 };
-//!                 let s = server.clone();
 //!                 let sent = lp.write(t, &[b"hello\n"], move |lp, t, _| {
-//!                     s.close_connection(lp, Conn::Tcp(t))
+//!                     server.close_connection(lp, Stream::Tcp(t))
 //!                 });
 //!                 if sent.is_err() {
-//!                     server.close_connection(lp, Conn::Tcp(t));
+//!                     server.close_connection(lp, Stream::Tcp(t));
 //!                 }
 //!             });
 //!             server.listen(&mut lp, ListenOptions::port(8000), |_, _, r| {

@@ -45,7 +45,7 @@ pub enum ForkStdio {
 /// opts.process.cwd = Some("/srv/app".into());
 /// opts.env = vec![("MODE".into(), "test".into())];
 /// opts.process.on_exit = Some(Box::new(|lp, p, status, signal| {
-///     println!("child exited: {status} {signal}");
+///     println!("child exited: {status} {signal:?}");
 ///     lp.close(p, |_| {}).unwrap();
 /// }));
 /// let child = fork(&mut lp, opts)?;
