@@ -986,7 +986,12 @@ impl RoundRobinHandle {
             let Some(due) = st.next_deadline(now) else {
                 return;
             };
-            if st.deadline_due.is_some_and(|d| d <= due && d >= now) {
+            // An armed timer that fires no later still does: `expire`
+            // looks at everything that is due by then. (It may be due
+            // already, as when the loop has not yet reached its timers
+            // this iteration; re-arming it later lost a back-off that had
+            // ended meanwhile, and with it the worker, for good.)
+            if st.deadline_due.is_some_and(|d| d <= due) {
                 return;
             }
             st.deadline_due = Some(due);
