@@ -471,31 +471,6 @@ fn big_stack(f: impl FnOnce() + Send + 'static) {
         .unwrap();
 }
 
-/// Builds an example with the cargo that runs the tests and returns its
-/// executable, as cargo reports it (`cargo test --test node_ipc` alone does
-/// not build examples).
-fn build_example(name: &str) -> PathBuf {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--example", name, "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == name
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return PathBuf::from(exe);
-        }
-    }
-    panic!("cargo did not report an executable for example {name}");
-}
-
 /// `node surrogate_primary.js <worker> <mode> [helper]`: what the Node
 /// primary saw.
 fn surrogate_primary(worker: &std::ffi::OsStr, mode: &str, helper: Option<&str>) -> Value {
@@ -531,7 +506,7 @@ fn lone_surrogate_message_with_a_handle_does_not_stall_a_rust_worker() {
     let node = surrogate_primary("node".as_ref(), "handle", None);
     assert_eq!(node["answered"], 3, "Node's own worker: {node}");
     assert_eq!(node["messages"][0]["exact_note"], true, "{node}");
-    let hello = build_example("cluster_hello");
+    let hello = util::example("cluster_hello");
     for mode in ["handle", "plain"] {
         let v = surrogate_primary(hello.as_os_str(), mode, None);
         assert_eq!(v["answered"], 3, "{mode}: {v}");
