@@ -264,8 +264,18 @@ fn pipe_server_close() {
 /// Node's `listen({fd})` does with `uv_guess_handle`), and refuses an fd
 /// that is no socket we know with `ENOTSUP`, closing it: the handle or
 /// the error owns the fd, nothing leaks.
+///
+/// It counts the process's fds, so it runs in a process of its own: the
+/// other tests of this file open and close fds in parallel.
 #[test]
 fn socket_open_makes_a_handle_of_the_fds_kind() {
+    isolated(
+        "socket_open_makes_a_handle_of_the_fds_kind",
+        socket_open_makes_a_handle_of_the_fds_kind_body,
+    );
+}
+
+fn socket_open_makes_a_handle_of_the_fds_kind_body() {
     use std::os::fd::OwnedFd;
     use uvcluster::uv::Socket;
 
