@@ -755,3 +755,74 @@ fn listen_on_an_fd_number_leaves_the_fd_to_its_owner() {
     let _client = std::net::TcpStream::connect(addr).unwrap();
     let (_conn, _) = owner.accept().unwrap();
 }
+
+/// An event that brings both data and room to write (EPOLLIN|EPOLLOUT at
+/// once, edge-triggered) whose read callback writes: the write queued
+/// behind the ones already waiting cleared the remembered writable edge, so
+/// nothing drained the queue again and the stream stalled with both kernel
+/// queues empty (found trying issue 10: a Rust IPC echo under a Node parent,
+/// and `cluster_echo`, stalled for good).
+#[test]
+fn write_queued_from_a_read_callback_keeps_the_writable_edge() {
+    use std::io::{self, Read, Write};
+    use std::os::fd::OwnedFd;
+    use uvcluster::uv::{Socket, Stream};
+
+    let mut lp = Loop::new().unwrap();
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let Socket::Pipe(p) = lp.socket_open(OwnedFd::from(ours)).unwrap() else {
+        panic!("a Unix stream socket opens as a pipe");
+    };
+    // Far more than the socket buffers hold: most of it is queued.
+    const BIG: usize = 8 << 20;
+    lp.write(p, &[&vec![b'a'; BIG]], |_, _, r| r.unwrap())
+        .unwrap();
+    assert!(lp.write_queue_size(Stream::from(p)) > 0);
+    let replied = Counter::new();
+    let r = replied.clone();
+    lp.read_start(p, move |lp, p, data| {
+        if matches!(data, Ok(d) if !d.is_empty()) {
+            lp.write(p, &[b"reply"], |_, _, r| r.unwrap()).unwrap();
+            r.hit();
+        }
+    })
+    .unwrap();
+    lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
+    // Without the loop running: the peer drains everything the kernel holds
+    // (room to write: one writable edge) and sends a byte (one readable
+    // edge), so that the next poll reports both in one event.
+    peer.set_nonblocking(true).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match peer.read(&mut buf) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    peer.write_all(b"x").unwrap();
+    run_until(&mut lp, 5_000, |_| replied.get() == 1);
+    // Everything, the reply last, must now arrive while the loop runs.
+    let want = BIG + b"reply".len();
+    let mut tail = Vec::new();
+    run_until(&mut lp, 10_000, |_| {
+        loop {
+            match peer.read(&mut buf) {
+                Ok(n) => {
+                    got += n;
+                    tail.extend_from_slice(&buf[..n]);
+                    let keep = tail.len().saturating_sub(5);
+                    tail.drain(..keep);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got == want
+    });
+    assert_eq!(tail, b"reply");
+    lp.close(p, |_| {}).unwrap();
+    run_with_deadline(&mut lp, 5_000);
+    assert_loop_empty(&lp);
+}

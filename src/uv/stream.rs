@@ -1012,11 +1012,11 @@ pub(crate) fn write_impl(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, None),
                 Err(e) => (0, Some(e)),
             };
-            return write_finish(lp, raw, bufs, None, cb, total, written, false, failed);
+            return write_finish(lp, raw, bufs, None, cb, total, written, false, failed, true);
         }
-        return write_finish(lp, raw, bufs, None, cb, total, 0, false, None);
+        return write_finish(lp, raw, bufs, None, cb, total, 0, false, None, false);
     }
-    let (written, fd_sent, failed) = {
+    let (written, fd_sent, failed, tried) = {
         let s = stream_ref(lp, raw)?;
         if lp.slot(raw)?.flags & flags::CLOSING != 0 {
             return Err(closing_err());
@@ -1040,15 +1040,17 @@ pub(crate) fn write_impl(
         };
         if s.writes.is_empty() && !s.connecting && (total > 0 || send_fd.is_some()) {
             match write_now(&s.sock, bufs, send_fd) {
-                Ok(n) => (n, send_fd.is_some(), None),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, false, None),
-                Err(e) => (0, false, Some(e)),
+                Ok(n) => (n, send_fd.is_some(), None, true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, false, None, true),
+                Err(e) => (0, false, Some(e), true),
             }
         } else {
-            (0, false, None)
+            (0, false, None, false)
         }
     };
-    write_finish(lp, raw, bufs, send, cb, total, written, fd_sent, failed)
+    write_finish(
+        lp, raw, bufs, send, cb, total, written, fd_sent, failed, tried,
+    )
 }
 
 /// The rest of `write_impl` once the immediate write was tried: complete,
@@ -1064,6 +1066,7 @@ fn write_finish(
     written: usize,
     fd_sent: bool,
     failed: Option<io::Error>,
+    tried: bool,
 ) -> io::Result<()> {
     // The fd to keep for a queued request: a duplicate, since the caller may
     // close its handle before the queue drains.
@@ -1102,7 +1105,15 @@ fn write_finish(
         fd: keep_fd,
         cb,
     });
-    s.writable = false;
+    // Only a write that was tried and came up short proves the socket full.
+    // One queued behind others was not tried: clearing the flag then lost
+    // the writable edge of an event that also brought data, when the read
+    // callback wrote (an echo, a reply), and with it the queue (issue 10's
+    // trial: a channel and a TCP echo stalled with both kernel queues
+    // empty).
+    if tried {
+        s.writable = false;
+    }
     ensure_registered(lp, raw)
 }
 
