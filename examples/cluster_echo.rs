@@ -79,6 +79,11 @@ fn run() -> io::Result<ExitCode> {
 }
 
 /// `WORKERS`: a whole number above 0, or one per CPU when it is not set.
+/// The most workers `WORKERS` may ask for: far more than any machine this
+/// runs on has CPUs, and few enough that a typo (an extra digit, `-1`
+/// read as a huge number) is an error rather than a fork storm.
+const MAX_WORKERS: usize = 4096;
+
 fn workers_from_env() -> io::Result<usize> {
     let Some(v) = std::env::var_os("WORKERS") else {
         return Ok(std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -86,10 +91,12 @@ fn workers_from_env() -> io::Result<usize> {
     let v = v.to_string_lossy();
     let t = v.trim();
     match t.parse::<usize>() {
-        Ok(n) if n > 0 && t.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        Ok(n) if n <= MAX_WORKERS && n > 0 && t.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("WORKERS should be a whole number above 0. Received {v:?}"),
+            format!(
+                "WORKERS should be a whole number above 0, at most {MAX_WORKERS}. Received {v:?}"
+            ),
         )),
     }
 }
@@ -280,7 +287,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         );
         check(lp, w);
     });
-    let mut forked = Vec::with_capacity(n);
+    let mut forked = Vec::new();
     for _ in 0..n {
         forked.push(primary.fork(lp, Vec::new())?);
     }

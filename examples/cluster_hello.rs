@@ -106,6 +106,11 @@ fn run() -> io::Result<ExitCode> {
 
 /// `WORKERS`: a whole number, 0 for one process without a cluster; `None`
 /// when it is not set (one worker per CPU).
+/// The most workers `WORKERS` may ask for: far more than any machine this
+/// runs on has CPUs, and few enough that a typo (an extra digit, `-1`
+/// read as a huge number) is an error rather than a fork storm.
+const MAX_WORKERS: usize = 4096;
+
 fn workers_from_env() -> io::Result<Option<usize>> {
     let Some(v) = std::env::var_os("WORKERS") else {
         return Ok(None);
@@ -113,11 +118,11 @@ fn workers_from_env() -> io::Result<Option<usize>> {
     let v = v.to_string_lossy();
     let t = v.trim();
     match t.parse::<usize>() {
-        Ok(n) if t.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+        Ok(n) if n <= MAX_WORKERS && t.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "WORKERS should be a whole number of workers (0: one process, no cluster). Received {v:?}"
+                "WORKERS should be a whole number of workers (0: one process, no cluster), at most {MAX_WORKERS}. Received {v:?}"
             ),
         )),
     }
@@ -907,7 +912,9 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     let failed_before_ready = {
         let (start, p, exit_code) = (start.clone(), primary.clone(), exit_code.clone());
         Rc::new(move |lp: &mut Loop, w: &Worker| {
-            if !w.is_dead() || w.is_connected() {
+            // Disconnected on purpose (a stop asked for during start-up):
+            // no failure.
+            if !w.is_dead() || w.is_connected() || w.exited_after_disconnect() == Some(true) {
                 return;
             }
             let why = {
@@ -953,7 +960,9 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         }
     })?;
     lp.unref_handle(usr2)?;
-    let mut forked = Vec::with_capacity(n);
+    // Not `with_capacity(n)`: a huge WORKERS is a fork error, not an
+    // allocation failure.
+    let mut forked = Vec::new();
     for _ in 0..n {
         forked.push(primary.fork(lp, Vec::new())?);
     }

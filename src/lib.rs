@@ -53,7 +53,7 @@
 //! ([`Loop::context_mut`](uv::Loop::context_mut), [`Ids`](uv::Ids)), and
 //! callbacks are stored in [`CallbackSlot`](uv::CallbackSlot)s and called
 //! with [`Loop::call_slot`](uv::Loop::call_slot). Arguments are typed at
-//! the edge: timeouts are `Duration`s, signals [`Signum`](uv::Signum)s, and
+//! the edge: timeouts are `Duration`s, signals [`Signum`]s, and
 //! fds a handle takes over `OwnedFd`s.
 //!
 //! # A tour

@@ -985,6 +985,14 @@ fn examples_refuse_bad_port_and_workers_values() {
         ),
         ("cluster_hello", &[("WORKERS", "-1")], "Received \"-1\""),
         ("cluster_hello", &[("WORKERS", "2.5")], "Received \"2.5\""),
+        // A huge count is refused, not forked (or allocated) until the
+        // machine gives out.
+        (
+            "cluster_hello",
+            &[("WORKERS", "18446744073709551615")],
+            "at most 4096",
+        ),
+        ("cluster_echo", &[("WORKERS", "4097")], "at most 4096"),
         (
             "cluster_hello",
             &[("NODE_CLUSTER_SCHED_POLICY", "robin")],
@@ -998,7 +1006,7 @@ fn examples_refuse_bad_port_and_workers_values() {
         (
             "cluster_echo",
             &[("WORKERS", "0")],
-            "WORKERS should be a whole number above 0. Received \"0\"",
+            "WORKERS should be a whole number above 0, at most 4096. Received \"0\"",
         ),
         ("cluster_echo", &[("WORKERS", "2.5")], "Received \"2.5\""),
         (
