@@ -35,6 +35,9 @@ use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 
 /// The longest line a client may send, newline excluded.
 const MAX_LINE: usize = 64 * 1024;
+/// The most answer bytes queued for a client before its lines are no
+/// longer read (1 MiB).
+const MAX_QUEUED: usize = 1 << 20;
 /// How long a connection refused for a too-long line keeps reading (and
 /// dropping) what the client still sends after the answer and a FIN, so
 /// that the close does not reset the connection before the answer is read.
@@ -125,57 +128,95 @@ fn run_worker(lp: &mut Loop, port: u16, worker: Worker) -> io::Result<()> {
 
 /// Answers every complete line; a partial last line is answered at EOF.
 /// Between lines the connection is marked idle, so that a graceful close
-/// of the server ends it.
+/// of the server ends it. While more than `MAX_QUEUED` bytes of answers
+/// wait for a client that does not read them, its lines are not read
+/// either: what a client costs is bounded.
 fn echo_lines(lp: &mut Loop, server: Server, t: Handle<Tcp>) {
-    let prefix = format!("Reply from {}: ", std::process::id());
-    let mut pending: Vec<u8> = Vec::new();
+    let st = Rc::new(RefCell::new(Echo {
+        server,
+        prefix: format!("Reply from {}: ", std::process::id()),
+        pending: Vec::new(),
+    }));
+    let _ = server.set_idle(lp, Stream::Tcp(t), true);
+    if start_echo(lp, st, t).is_err() {
+        server.close_connection(lp, Stream::Tcp(t));
+    }
+}
+
+/// One client's state: the unfinished line.
+struct Echo {
+    server: Server,
+    prefix: String,
+    pending: Vec<u8>,
+}
+
+fn start_echo(lp: &mut Loop, st: Rc<RefCell<Echo>>, t: Handle<Tcp>) -> io::Result<()> {
+    lp.read_start(t, move |lp, t, r| on_echo_read(lp, &st, t, r))
+}
+
+fn on_echo_read(lp: &mut Loop, st: &Rc<RefCell<Echo>>, t: Handle<Tcp>, r: io::Result<&[u8]>) {
     let conn = Stream::Tcp(t);
-    let _ = server.set_idle(lp, conn, true);
-    let s = server;
-    let r = lp.read_start(t, move |lp, t, r| {
-        let data = match r {
-            Ok(d) if !d.is_empty() => d,
-            _ => {
-                if !pending.is_empty() {
-                    let mut out = prefix.clone().into_bytes();
-                    out.append(&mut pending);
-                    out.push(b'\n');
-                    let _ = lp.write(t, &[&out], |_, _, _| {});
-                }
-                end(lp, t);
-                return;
+    let mut e = st.borrow_mut();
+    let s = e.server;
+    let data = match r {
+        Ok(d) if !d.is_empty() => d,
+        _ => {
+            if !e.pending.is_empty() {
+                let mut out = e.prefix.clone().into_bytes();
+                out.append(&mut e.pending);
+                out.push(b'\n');
+                let _ = lp.write(t, &[&out], |_, _, _| {});
             }
-        };
-        let _ = s.set_idle(lp, conn, false);
-        let mut out = Vec::new();
-        let mut rest = data;
-        // Only the new bytes are searched for a newline.
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            if pending.len() + i > MAX_LINE {
-                break;
+            drop(e);
+            end(lp, t);
+            return;
+        }
+    };
+    let _ = s.set_idle(lp, conn, false);
+    let mut out = Vec::new();
+    let mut rest = data;
+    // Only the new bytes are searched for a newline.
+    while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        if e.pending.len() + i > MAX_LINE {
+            break;
+        }
+        out.extend_from_slice(e.prefix.as_bytes());
+        out.append(&mut e.pending);
+        out.extend_from_slice(&rest[..=i]);
+        rest = &rest[i + 1..];
+    }
+    if e.pending.len() + rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len()) > MAX_LINE {
+        out.extend_from_slice(format!("line too long (over {MAX_LINE} bytes)\n").as_bytes());
+        let _ = lp.write(t, &[&out], |_, _, _| {});
+        drop(e);
+        return linger_close(lp, t);
+    }
+    e.pending.extend_from_slice(rest);
+    let idle = e.pending.is_empty();
+    drop(e);
+    if !out.is_empty() {
+        // Writes complete in order: when the one that fills the queue has
+        // gone out, the queue is empty and reading resumes.
+        let pause = lp.write_queue_size(t) + out.len() > MAX_QUEUED;
+        let st2 = st.clone();
+        let written = lp.write(t, &[&out], move |lp, t, r| {
+            if pause
+                && r.is_ok()
+                && !lp.is_closing(t)
+                && !lp.is_reading(t)
+                && start_echo(lp, st2, t).is_err()
+            {
+                lp.close_if_open(t);
             }
-            out.extend_from_slice(prefix.as_bytes());
-            out.append(&mut pending);
-            out.extend_from_slice(&rest[..=i]);
-            rest = &rest[i + 1..];
+        });
+        if pause && written.is_ok() {
+            let _ = lp.read_stop(t);
         }
-        if pending.len() + rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len()) > MAX_LINE {
-            out.extend_from_slice(format!("line too long (over {MAX_LINE} bytes)\n").as_bytes());
-            let _ = lp.write(t, &[&out], |_, _, _| {});
-            return linger_close(lp, t);
-        }
-        pending.extend_from_slice(rest);
-        if !out.is_empty() {
-            let _ = lp.write(t, &[&out], |_, _, _| {});
-        }
-        if pending.is_empty() {
-            // Between lines. If the server is closing, this ends the
-            // connection once the answers are out.
-            let _ = s.set_idle(lp, conn, true);
-        }
-    });
-    if r.is_err() {
-        server.close_connection(lp, conn);
+    }
+    if idle {
+        // Between lines. If the server is closing, this ends the
+        // connection once the answers are out.
+        let _ = s.set_idle(lp, conn, true);
     }
 }
 

@@ -66,6 +66,9 @@ const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 /// so that closing with unread input does not reset the connection before
 /// the client has read the answer.
 const LINGER_MS: u64 = 1000;
+/// The most answer bytes queued for a client that does not read them
+/// before its requests are no longer read (1 MiB).
+const MAX_QUEUED_ANSWERS: usize = 1 << 20;
 /// How often a primary waiting for its workers to stop says so.
 const STILL_WAITING_MS: u64 = 5000;
 
@@ -581,6 +584,9 @@ struct HttpConn {
     /// answers `400`/`431` only when no response is in progress on the
     /// socket (lib/_http_server.js `socketOnError`).
     writing: usize,
+    /// Reading stopped because the client does not read its answers (more
+    /// than `MAX_QUEUED_ANSWERS` waiting); the write callback resumes it.
+    paused: bool,
 }
 
 type HttpRef = Rc<RefCell<HttpConn>>;
@@ -596,6 +602,7 @@ impl HttpConn {
             body: Body::None,
             idle: false,
             writing: 0,
+            paused: false,
         }));
         // No request yet: idle, as Node counts a new connection.
         set_idle(lp, &st, true);
@@ -778,7 +785,7 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
         }
         let done = st.clone();
         if lp
-            .write(t, &[&resp], move |_, _, _| done.borrow_mut().writing -= 1)
+            .write(t, &[&resp], move |lp, t, _| answers_written(lp, &done, t))
             .is_ok()
         {
             st.borrow_mut().writing += 1;
@@ -799,6 +806,30 @@ fn answer(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>, batch: Batch, resume: boo
     }
     if st.borrow().between_requests() {
         set_idle(lp, st, true);
+    }
+    if lp.write_queue_size(t) > MAX_QUEUED_ANSWERS {
+        // A client that pipelines requests and does not read the answers:
+        // read nothing more from it until they drain (Node pauses the
+        // socket the same way once its buffer is full), so what it costs
+        // is bounded.
+        let _ = lp.read_stop(t);
+        st.borrow_mut().paused = true;
+    }
+}
+
+/// A write of answers completed: resume reading a paused client once what
+/// is queued has drained to half the bound.
+fn answers_written(lp: &mut Loop, st: &HttpRef, t: Handle<Tcp>) {
+    let resume = {
+        let mut c = st.borrow_mut();
+        c.writing -= 1;
+        c.paused && lp.write_queue_size(t) <= MAX_QUEUED_ANSWERS / 2
+    };
+    if resume && !lp.is_closing(t) {
+        st.borrow_mut().paused = false;
+        if !lp.is_reading(t) && start_reading(lp, st.clone()).is_err() {
+            lp.close_if_open(t);
+        }
     }
 }
 

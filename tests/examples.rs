@@ -1248,3 +1248,64 @@ fn uvcluster_run_stop_that_waits_says_so_and_a_second_signal_ends_it() {
     assert!(!status.success(), "{status}: {:#?}", p.err_seen);
     assert_eq!(read_to_end(&mut stuck), b"");
 }
+
+/// A client that pipelines requests and never reads the answers: the
+/// worker stops reading it once 1 MiB of answers waits (Node pauses the
+/// socket the same way), so the client's sends stall far short of what it
+/// offers, the worker's memory stays bounded, another client is served
+/// meanwhile, and every answer still arrives once the client reads (found
+/// trying issue 10: 400 MB taken in, 1.1 GB RSS, 44 answers to others).
+#[test]
+fn cluster_hello_stops_reading_a_client_that_does_not_read_its_answers() {
+    const REQ: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    const OFFERED: usize = 64 << 20;
+    let (mut p, port) = hello("0", &[]);
+    use std::io::Read as _;
+    let mut s = http_client(port);
+    let mut w = s.try_clone().unwrap();
+    let (tx, progress) = mpsc::channel::<usize>();
+    let sender = std::thread::spawn(move || {
+        let batch = REQ.repeat(4096);
+        let mut sent = 0;
+        while sent < OFFERED {
+            if w.write_all(&batch).is_err() {
+                break;
+            }
+            sent += batch.len();
+            if tx.send(sent).is_err() {
+                break;
+            }
+        }
+    });
+    let mut sent = 0;
+    while let Ok(n) = progress.recv_timeout(Duration::from_millis(500)) {
+        sent = n;
+        assert!(sent < OFFERED, "the worker took all 64 MiB of requests");
+    }
+    assert!(sent < OFFERED / 4, "{sent} bytes of requests taken in");
+    // Another client is served while the first is paused.
+    let mut other = http_client(port);
+    for _ in 0..100 {
+        other.write_all(GET).unwrap();
+        assert!(read_response(&mut other).ends_with("hello world\n"));
+    }
+    let peak = peak_rss_kib(p.pid);
+    assert!(peak < 48 * 1024, "cluster_hello peaked at {peak} KiB");
+    // Reading the answers lets it go on: the sender makes progress again.
+    let mut buf = vec![0u8; 1 << 16];
+    let resumed = loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the answers ended");
+        if let Ok(n) = progress.try_recv() {
+            break n;
+        }
+    };
+    assert!(resumed > sent);
+    drop(progress);
+    // Ends the sender's write too (the same socket).
+    s.shutdown(Shutdown::Both).unwrap();
+    drop((s, other));
+    sender.join().unwrap();
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    assert!(p.exit_within(LIMIT).unwrap().success(), "{:#?}", p.err_seen);
+}
