@@ -622,14 +622,14 @@ fn node_values_round_trip_through_a_rust_child_and_bad_lines_never_block() {
             )
         });
     let report = uvcluster::ipc::parse_line(pass.as_bytes()).unwrap();
-    assert_eq!(report["echoed"], 14, "{report}");
+    assert_eq!(report["echoed"], 15, "{report}");
     let child = &report["child"];
     // Which edges a Value could hold: the unpaired surrogates could not.
     assert_eq!(
         child["exact"],
         json!([
-            false, false, false, false, true, true, true, true, true, false, false, true, true,
-            true
+            false, false, false, false, true, true, true, true, true, true, false, false, true,
+            true, true
         ]),
         "{report}"
     );

@@ -425,7 +425,7 @@ mod tests {
         let v = serde_json::json!({"s":"\u{0}\u{1f}\u{7f}\u{2028}\"\\/\u{8}\u{c}\n\r\t","n":[0.1,-0.0,1e21,5e-324,100.0,-7]});
         assert_eq!(
             encode(&v).unwrap(),
-            b"{\"n\":[0.1,0,1e+21,5e-324,100,-7],\"s\":\"\\u0000\\u001f\x7f\xe2\x80\xa8\\\"\\\\/\\b\\f\\n\\r\\t\"}\n"
+            b"{\"s\":\"\\u0000\\u001f\x7f\xe2\x80\xa8\\\"\\\\/\\b\\f\\n\\r\\t\",\"n\":[0.1,0,1e+21,5e-324,100,-7]}\n"
         );
         assert_eq!(encode(&f64::NAN).unwrap(), b"null\n");
     }

@@ -1,20 +1,11 @@
 // Reads JSON lines on stdin (decoded as Node's IPC channel decodes them) and
 // prints, for each, what JSON.parse made of it in a canonical form:
 // JSON.stringify of the value with unpaired surrogates replaced by U+FFFD
-// (String.prototype.toWellFormed) and object keys sorted by code point.
+// (String.prototype.toWellFormed), object keys in the order JSON.parse made
+// them (the Rust side keeps them in the order it read them).
 // A line JSON.parse rejects prints `ERR <message>`.
 'use strict';
 const { StringDecoder } = require('string_decoder');
-
-function byCodePoint(a, b) {
-  const x = [...a[0]];
-  const y = [...b[0]];
-  for (let i = 0; i < Math.min(x.length, y.length); i++) {
-    const d = x[i].codePointAt(0) - y[i].codePointAt(0);
-    if (d !== 0) return d;
-  }
-  return x.length - y.length;
-}
 
 function norm(v) {
   if (typeof v === 'string') return v.toWellFormed();
@@ -25,7 +16,7 @@ function norm(v) {
     const entries = new Map();
     for (const k of Object.keys(v)) entries.set(k.toWellFormed(), norm(v[k]));
     const out = Object.create(null);
-    for (const [k, val] of [...entries].sort(byCodePoint)) out[k] = val;
+    for (const [k, val] of entries) out[k] = val;
     return out;
   }
   return v;
