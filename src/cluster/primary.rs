@@ -590,8 +590,15 @@ impl Primary {
         })
     }
 
+    /// A worker broke the cluster protocol: reported, and counted against
+    /// its channel's budget of bad messages, so that a flood of them cuts
+    /// the worker off as a flood of garbage does.
     fn protocol_error(&self, lp: &mut Loop, w: &Worker, e: ProtocolError) {
-        self.emit_error(lp, Some(w), &ClusterError::Protocol(e));
+        let e = ClusterError::Protocol(e);
+        match w.channel() {
+            Some(ch) => ch.peer_fault(lp, |lp| self.emit_error(lp, Some(w), &e)),
+            None => self.emit_error(lp, Some(w), &e),
+        }
     }
 
     /// Fires `disconnect` callbacks once no worker is left at all.

@@ -1277,21 +1277,33 @@ impl Channel {
     /// among the first few, and closes the channel once the budget is
     /// spent.
     fn fault(&self, lp: &mut Loop, e: ChannelError) {
-        let (report, over) = {
+        self.peer_fault(lp, |lp| self.emit_error(lp, e));
+    }
+
+    /// Counts a message from the peer that a layer above found malformed
+    /// (a cluster protocol error: a message only the other side may send,
+    /// a request without its fields) against the same budget as the lines
+    /// this channel cannot decode ([`ChannelOptions::max_bad_lines`]), so
+    /// that a peer flooding well-formed nonsense is cut off like one
+    /// flooding garbage. `report` runs for the first
+    /// [`ChannelOptions::report_bad_lines`] faults only; past the budget the
+    /// channel reports [`ChannelError::TooManyBadLines`] and closes.
+    pub fn peer_fault(&self, lp: &mut Loop, report: impl FnOnce(&mut Loop)) {
+        let (report_it, over) = {
             let mut i = self.inner.borrow_mut();
             i.bad_lines += 1;
-            let report = i.bad_lines <= i.opts.report_bad_lines;
-            if !report {
+            let first = i.bad_lines <= i.opts.report_bad_lines;
+            if !first {
                 i.unreported += 1;
             }
             let over = i.bad_lines > i.opts.max_bad_lines;
             if over {
                 i.unreported = 0;
             }
-            (report, over.then_some((i.bad_lines, i.opts.max_bad_lines)))
+            (first, over.then_some((i.bad_lines, i.opts.max_bad_lines)))
         };
-        if report {
-            self.emit_error(lp, e);
+        if report_it {
+            report(lp);
         }
         if let Some((count, limit)) = over {
             self.emit_error(lp, ChannelError::TooManyBadLines { count, limit });
@@ -1308,7 +1320,7 @@ impl Channel {
             count += 1;
         }
         if count > 0 {
-            self.emit_error(lp, ChannelError::FdWithoutHandle { count });
+            self.fault(lp, ChannelError::FdWithoutHandle { count });
         }
     }
 
