@@ -19,6 +19,7 @@ use std::rc::{Rc, Weak};
 use serde_json::{Map, Value};
 
 use super::NODE_UNIQUE_ID;
+use super::dispatch::{DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, parse_handoff_window};
 use super::protocol::{Act, AddressType, Query, QueryReply};
 use super::round_robin_handle::{
     self, ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Pick,
@@ -128,6 +129,8 @@ pub(crate) struct PrimaryInner {
     scheduler: Option<Scheduler>,
     /// The handoff timeout for round-robin handles created from now on.
     handoff_timeout: std::time::Duration,
+    /// The handoff window for round-robin handles created from now on.
+    handoff_window: usize,
     /// The last id given out.
     ids: u32,
     /// Node's `cluster.workers`.
@@ -256,6 +259,7 @@ impl Primary {
                 policy: SchedulingPolicy::from_env(),
                 scheduler: None,
                 handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
+                handoff_window: handoff_window_from_env(),
                 ids: 0,
                 workers: BTreeMap::new(),
                 alive: BTreeMap::new(),
@@ -390,6 +394,34 @@ impl Primary {
     pub fn set_handoff_timeout(&self, timeout: std::time::Duration) {
         assert!(!timeout.is_zero(), "the handoff timeout must not be zero");
         self.inner.borrow_mut().handoff_timeout = timeout;
+    }
+
+    /// Sets how many connections may be in flight to one worker at a time
+    /// under round-robin, least connections and a user scheduler, for
+    /// handles created after this call. The default is
+    /// [`DEFAULT_HANDOFF_WINDOW`], or what [`HANDOFF_WINDOW_ENV`]
+    /// (`UVCLUSTER_HANDOFF_WINDOW`) said when the primary was created.
+    ///
+    /// A connection is *in flight* from the moment the primary sends it to
+    /// a worker (`newconn`) until the worker answers whether it took it.
+    /// Node's rule is a window of 1 (`lib/internal/cluster/round_robin_handle.js`:
+    /// a worker is free again only once it answered): a worker that has
+    /// just been sent a connection waits a round trip to the primary for
+    /// its next one, which caps what one worker can accept. With a window
+    /// of `n`, a worker may be sent up to `n` connections before it
+    /// answers; the channel still carries one fd at a time, each after the
+    /// worker acknowledged the previous one (`NODE_HANDLE_ACK`), so Node
+    /// workers see the same messages as under a Node primary. A worker
+    /// whose handoff failed gets one at a time until one reaches it again,
+    /// and a user scheduler's connection placed on a worker whose window
+    /// is full waits for it. BENCHMARKS.md has what each window measured.
+    ///
+    /// # Panics
+    ///
+    /// If `window` is 0.
+    pub fn set_handoff_window(&self, window: usize) {
+        assert!(window > 0, "the handoff window must be at least 1");
+        self.inner.borrow_mut().handoff_window = window;
     }
 
     /// Sends `msg` to every connected worker; returns how many it was
@@ -936,6 +968,7 @@ impl Primary {
             let kind = q.kind().unwrap_or(AddressType::Fd);
             let tcp = matches!(kind, AddressType::Tcp4 | AddressType::Tcp6);
             let timeout_ms = (self.inner.borrow().handoff_timeout.as_millis() as u64).max(1);
+            let window = self.inner.borrow().handoff_window;
             let report = self.reporter();
             let pick = match policy {
                 SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
@@ -960,6 +993,7 @@ impl Primary {
                     round_robin_handle::Options {
                         pick,
                         timeout_ms,
+                        window,
                         report,
                     },
                 )),
@@ -1098,6 +1132,19 @@ impl Primary {
         });
         // A closed channel: the worker is gone; its disconnect is handled.
         let _ = ch.send_cluster_handle(lp, fields, attach, None, on_delivery);
+    }
+}
+
+/// The handoff window from [`HANDOFF_WINDOW_ENV`], or
+/// [`DEFAULT_HANDOFF_WINDOW`] when it is unset or invalid (an invalid value
+/// is logged; `uvcluster run` and the examples refuse it before starting).
+fn handoff_window_from_env() -> usize {
+    match std::env::var(HANDOFF_WINDOW_ENV) {
+        Ok(v) => parse_handoff_window(&v).unwrap_or_else(|e| {
+            log::warn!("cluster: {e}; using {DEFAULT_HANDOFF_WINDOW}");
+            DEFAULT_HANDOFF_WINDOW
+        }),
+        Err(_) => DEFAULT_HANDOFF_WINDOW,
     }
 }
 
