@@ -19,14 +19,21 @@ pub(crate) const STALL_MS: u64 = 2;
 /// least loaded worker (ties: fewer in flight, then heard from last) takes
 /// the connection if nothing is in flight to it. If something is, it may be
 /// stuck in a long handler: the least loaded worker with nothing in flight
-/// takes the connection unless it carries more than `2 × load + 1`. Failing
-/// that, the least loaded worker takes it if its window has room; if not,
-/// the connection waits for its answer, but only until that worker has been
+/// takes the connection unless it carries more than `2 × load + 1`; then
+/// the connection waits for the busy worker's answer, but only until it has been
 /// silent for [`STALL_MS`], after which it is passed over (*stalled*) until
 /// it answers. Workers backing off after a failed handoff are not
 /// candidates. When every worker is stalled, one with nothing in flight
 /// (its handoff given up past the timeout) takes the connection, so that
 /// connections never wait for an answer that may not come.
+///
+/// # One handoff in flight per worker, whatever the window
+///
+/// A worker gets a connection only when nothing is in flight to it, as
+/// under Node's rule: the answer is what tells the primary that the
+/// worker's loop is running (a Rust worker sends it only after its loop
+/// polled again), and a wider window would hand a worker stuck in a long
+/// handler its next connection before that answer could be missed.
 #[derive(Debug, Default)]
 pub(crate) struct LeastConnections {
     /// Workers that left a connection unanswered for [`STALL_MS`], or past
@@ -77,7 +84,6 @@ impl Strategy for LeastConnections {
             .min_by_key(|&(id, w)| Self::rank(id, w));
         match free {
             Some((f, fw)) if load(fw) <= 2 * load(bw) + 1 => send(f),
-            _ if book.can_take(bw, now) => send(best),
             Some(_) => {
                 let due = bw.flights.first().map_or(now, |f| f.sent) + STALL_MS;
                 self.due = Some(self.due.map_or(due, |d| d.min(due)));
