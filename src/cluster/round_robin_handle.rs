@@ -330,12 +330,21 @@ impl RoundRobinHandle {
     /// now on (Node's `handoff` after `add`).
     pub(super) fn handoff(&self, lp: &mut Loop, w: &Worker) {
         let now = lp.now();
-        {
+        let window = {
             let mut st = self.st.borrow_mut();
             if !st.workers.contains_key(&w.id()) {
                 return;
             }
             st.core.add_worker(now, w.id());
+            st.core.window()
+        };
+        // A window wider than Node's 1 is worth something only if the
+        // channel sends its fds back to back, rather than each after the
+        // previous one's ACK.
+        if let Some(ch) = w.channel()
+            && window > ch.handles_in_flight()
+        {
+            ch.set_handles_in_flight(lp, window);
         }
         self.run(lp, Some(w));
     }

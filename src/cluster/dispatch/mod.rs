@@ -590,6 +590,11 @@ impl Dispatcher {
         self.actions.pop_front()
     }
 
+    /// Handoffs that may be in flight to one worker at a time.
+    pub(crate) fn window(&self) -> usize {
+        self.book.cfg.window
+    }
+
     /// Whether the strategy wants load reports from workers.
     pub(crate) fn wants_load(&self) -> bool {
         self.strategy.wants_load()
@@ -730,7 +735,8 @@ impl Dispatcher {
     /// How the `NODE_HANDLE` of handoff `handoff` to worker `id` fared.
     ///
     /// An ACK marks it acknowledged (the answer timeout runs from now) and
-    /// ends the worker's back-off. A NACK or a failed write puts the
+    /// ends the worker's back-off (when it was sent after the failure). A
+    /// NACK or a failed write puts the
     /// connection back at the head of the queue and makes the worker back
     /// off: [`BACKOFF_MIN_MS`], doubling with each failure in a row up to
     /// [`BACKOFF_MAX_MS`]. Handoffs already in flight when a failure is
@@ -744,7 +750,7 @@ impl Dispatcher {
                         f.acked = Some(now);
                     }
                     // The fd reached it: whatever made it fail is over.
-                    w.backoff = None;
+                    end_backoff(w, handoff);
                 }
                 self.settle(now);
                 return;
@@ -836,7 +842,7 @@ impl Dispatcher {
         if !w.member && taken.is_none() {
             return;
         }
-        w.backoff = None;
+        end_backoff(w, handoff);
         // Rust workers send their open-connection count with the reply; for
         // others, count what they accepted.
         match load {
@@ -1186,6 +1192,17 @@ impl Dispatcher {
         {
             self.book.workers.remove(&id);
         }
+    }
+}
+
+/// Handoff `handoff` reached worker `w` (its ACK or its answer came): its
+/// back-off ends, unless the handoff was sent before the last failure was
+/// counted. With a window wider than 1, those (sent back to back with the
+/// one that failed) are answered after the failure and say nothing about
+/// whether it has passed.
+fn end_backoff(w: &mut WorkerRec, handoff: HandoffId) {
+    if w.backoff.is_some_and(|b| handoff >= b.epoch) {
+        w.backoff = None;
     }
 }
 

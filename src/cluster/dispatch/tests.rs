@@ -269,6 +269,35 @@ fn nacks_of_handoffs_already_in_flight_are_one_run_and_the_window_shrinks_to_one
     );
 }
 
+/// With a window of 3, the ACKs and answers of handoffs sent before a
+/// NACK arrive after it; they do not end the back-off (nor start a new run
+/// of failures, reported again): only a handoff sent after the failure
+/// does.
+#[test]
+fn answers_to_handoffs_sent_before_a_failure_do_not_end_the_back_off() {
+    let mut h = rr(3);
+    h.add(&[1]);
+    for _ in 0..4 {
+        h.accept();
+    }
+    assert_eq!(h.take(), [send(1, 0, 0), send(1, 1, 1), send(1, 2, 2)]);
+    h.ack(1, 0);
+    h.nack(1, 1);
+    assert_eq!(h.take().len(), 1, "one report");
+    h.ack(1, 2);
+    h.serve(1, 0, true);
+    h.d.answered(h.now, 1, HandoffId(2), true, None);
+    assert_eq!(h.take(), [close(0), close(2)], "still backing off");
+    h.at(10);
+    assert_eq!(h.take(), [send(1, 1, 3)], "one at a time");
+    h.nack(1, 3);
+    assert!(h.take().is_empty(), "the same run: not reported again");
+    h.at(30);
+    assert_eq!(h.take(), [send(1, 1, 4)]);
+    h.ack(1, 4);
+    assert_eq!(h.take(), [send(1, 3, 5)], "the back-off is over: the window is 3");
+}
+
 /// Acknowledged but never answered: after the timeout our copy is closed
 /// (the worker holds the connection) and the worker's slot is free; a late
 /// answer changes nothing else.
