@@ -207,7 +207,8 @@ fn rust_parent_sends_sockets_back_to_back_and_node_pairs_each_with_its_message()
     });
     // Each socket says its number first; all are sent once connected and
     // the child is ready.
-    let socks: Rc<RefCell<Vec<(usize, Handle<Tcp>)>>> = Rc::default();
+    type Numbered = Vec<(usize, Handle<Tcp>)>;
+    let socks: Rc<RefCell<Numbered>> = Rc::default();
     let ready = Rc::new(std::cell::Cell::new(false));
     let send_all = {
         let (socks, ready, ch) = (socks.clone(), ready.clone(), child.channel.clone());

@@ -295,7 +295,11 @@ fn answers_to_handoffs_sent_before_a_failure_do_not_end_the_back_off() {
     h.at(30);
     assert_eq!(h.take(), [send(1, 1, 4)]);
     h.ack(1, 4);
-    assert_eq!(h.take(), [send(1, 3, 5)], "the back-off is over: the window is 3");
+    assert_eq!(
+        h.take(),
+        [send(1, 3, 5)],
+        "the back-off is over: the window is 3"
+    );
 }
 
 /// Acknowledged but never answered: after the timeout our copy is closed
