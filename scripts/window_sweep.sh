@@ -65,7 +65,8 @@ EOF
   esac
   local line
   line=$("${gen[@]}" "$bin/loadgen" "127.0.0.1:$port" "$c" "$secs" "$workload")
-  if [ "$name" = nginx ]; then kill -QUIT $pid; else kill -INT $pid; fi
+  local sig=INT; [ "$name" = nginx ] && sig=QUIT
+  kill -$sig $pid 2>/dev/null || echo "($name stopped before the end of its run)" >&2
   wait $pid 2>/dev/null || true
   rm -f "$log"; [ -n "$dir" ] && rm -rf "$dir"
   get() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
