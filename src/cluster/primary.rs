@@ -407,14 +407,20 @@ impl Primary {
     /// Node's rule is a window of 1 (`lib/internal/cluster/round_robin_handle.js`:
     /// a worker is free again only once it answered): a worker that has
     /// just been sent a connection waits a round trip to the primary for
-    /// its next one, which caps what one worker can accept. With a window
-    /// of `n`, a worker may be sent up to `n` connections before it
-    /// answers; the channel still carries one fd at a time, each after the
-    /// worker acknowledged the previous one (`NODE_HANDLE_ACK`), so Node
-    /// workers see the same messages as under a Node primary. A worker
-    /// whose handoff failed gets one at a time until one reaches it again,
-    /// and a user scheduler's connection placed on a worker whose window
-    /// is full waits for it. BENCHMARKS.md has what each window measured.
+    /// its next one. With a window of `n`, a worker may be sent up to `n`
+    /// connections before it answers, and its channel sends their fds back
+    /// to back rather than each after the previous one's `NODE_HANDLE_ACK`
+    /// ([`Channel::set_handles_in_flight`]); Node workers take them so
+    /// (each `newconn` carries its own `seq`). A worker whose handoff
+    /// failed gets one at a time until one reaches it again, a user
+    /// scheduler's connection placed on a worker whose window is full waits
+    /// for it, and least connections keeps one in flight whatever the
+    /// window (its answer is the sign that the worker's loop runs). Where
+    /// the primary's CPU per connection is the limit, a wider window gains
+    /// little and lengthens round-robin's tail behind a slow handler;
+    /// BENCHMARKS.md has what each window measured.
+    ///
+    /// [`Channel::set_handles_in_flight`]: crate::ipc::Channel::set_handles_in_flight
     ///
     /// # Panics
     ///
