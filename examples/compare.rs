@@ -27,8 +27,9 @@
 //! `return 200 'hello world\n'` on a `reuseport` listener (Debian's
 //! `nginx-light`, installed with `apt-get` if missing; skipped with a loud
 //! message if it cannot be), our
-//! `cluster_hello` under `rr` with handoff windows of 1, 2 and 4
-//! (`UVCLUSTER_HANDOFF_WINDOW`; 1 is Node's rule), `none`, `reuseport` and
+//! `cluster_hello` under `rr` with the default handoff window (1, Node's
+//! rule) and windows of 2 and 4 (`ours rr w2`, `ours rr w4`:
+//! `UVCLUSTER_HANDOFF_WINDOW`), `none`, `reuseport` and
 //! `leastconn`, and `cluster_hello` as a single process (`WORKERS=0`), the
 //! limit of the machine. nginx and Node's server do not serve the
 //! slow-handler mixes. `COMPARE_BEFORE=<path>` adds rows for another build
@@ -547,7 +548,9 @@ fn main() {
             nginx: true,
         });
     }
-    for window in ["1", "2", "4"] {
+    // Round-robin with the default handoff window, then wider ones.
+    servers.push(Server::ours("ours rr", &ours, "rr", None));
+    for window in ["2", "4"] {
         let name = format!("ours rr w{window}");
         servers.push(Server::ours(&name, &ours, "rr", Some(window)));
     }
