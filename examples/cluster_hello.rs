@@ -97,6 +97,7 @@ fn run() -> io::Result<ExitCode> {
             Some(0) => run_single(&mut lp, port)?,
             n => {
                 policy_from_env()?;
+                window_from_env()?;
                 let n = n
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
                 run_primary(&mut lp, n, exit_code.clone())?;
@@ -142,6 +143,15 @@ fn policy_from_env() -> io::Result<()> {
             ),
         )),
         _ => Ok(()),
+    }
+}
+
+/// `UVCLUSTER_HANDOFF_WINDOW`, when set, must be a window the primary
+/// takes (it reads the variable itself, and would only log a bad one).
+fn window_from_env() -> io::Result<()> {
+    match std::env::var(cluster::HANDOFF_WINDOW_ENV) {
+        Ok(v) => cluster::parse_handoff_window(&v).map(|_| ()),
+        Err(_) => Ok(()),
     }
 }
 

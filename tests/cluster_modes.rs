@@ -273,6 +273,29 @@ fn both_serve(kind: Workers, policy: SchedulingPolicy) {
     assert_eq!(c.len(), 2, "both workers served: {c:?}");
 }
 
+/// Round-robin with a handoff window of 4: each worker may be sent four
+/// connections before it answers. Node workers see the messages a Node
+/// primary sends (one fd at a time, each after the previous one's ACK) and
+/// serve as usual; so do Rust workers.
+fn a_window_of_4_serves(kind: Workers) {
+    let p = Primary::new();
+    p.set_handoff_window(4);
+    let pids = serve(kind, SchedulingPolicy::RoundRobin, p, 40);
+    assert_eq!(pids.len(), 40);
+    let c = counts(&pids);
+    assert_eq!(c.len(), 2, "both workers served: {c:?}");
+}
+
+#[test]
+fn round_robin_with_a_handoff_window_of_4_serves_through_node_workers() {
+    a_window_of_4_serves(Workers::Node);
+}
+
+#[test]
+fn round_robin_with_a_handoff_window_of_4_serves_through_rust_workers() {
+    a_window_of_4_serves(Workers::Rust);
+}
+
 #[test]
 fn reuse_port_serves_through_node_workers() {
     both_serve(Workers::Node, SchedulingPolicy::ReusePort);

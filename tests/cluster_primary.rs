@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use util::*;
 use uvcluster::cluster::protocol::AddressType;
 use uvcluster::cluster::{
-    ClusterError, HandoffFailure, HandoffOutcome, Primary, SchedulingPolicy, Settings, Worker,
+    ClusterError, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Primary,
+    SchedulingPolicy, Settings, Worker,
 };
 use uvcluster::uv::{BindFlags, Handle, Loop, ProcessOptions, RunMode, Signum, StreamType};
 
@@ -1498,6 +1499,33 @@ fn fake_line(
                     fake_live_on(lp);
                     return true;
                 }
+                "leave" => {
+                    // Its server closes (a `close` for the key) while the
+                    // connection is in flight, unread; then it exits.
+                    drop(fd);
+                    let key = v["msg"]["key"].clone();
+                    fake_send(
+                        lp,
+                        pipe,
+                        json!({"cmd":"NODE_CLUSTER","act":"close","key":key,"seq":3}),
+                    );
+                    std::process::exit(0);
+                }
+                "pair" => {
+                    // Holds the first until the second arrives, then
+                    // serves and answers both.
+                    fake_send(lp, pipe, json!({ "cmd": ACK }));
+                    let held = st.borrow_mut().holding.take();
+                    match held {
+                        None => st.borrow_mut().holding = Some((fd.unwrap(), seq)),
+                        Some((first, first_seq)) => {
+                            fake_serve(first);
+                            answer(lp, first_seq, n - 1);
+                            fake_serve(fd.unwrap());
+                            answer(lp, seq, n);
+                        }
+                    }
+                }
                 "epipe" if n == 1 => {
                     fake_send(lp, pipe, json!({ "cmd": ACK }));
                     st.borrow_mut().holding = Some((fd.unwrap(), seq));
@@ -1536,6 +1564,10 @@ fn fake_line(
 ///   unread    stop reading the channel once listening, and live on
 ///   epipe     acknowledge and hold the first until the test says `go`,
 ///             then serve it, answer, close the channel and live on
+///   leave     at the first, without an ACK, close its server (`close` for
+///             the key) and exit
+///   pair      acknowledge each, hold the first until the second has come,
+///             then serve and answer both
 /// and otherwise serves it: ACK, its pid written to the connection, which
 /// is closed, and `{accepted: true}`.
 #[test]
@@ -2096,6 +2128,83 @@ fn connections_no_worker_can_take_are_closed_after_the_handoff_timeout() {
                 (2..=8).contains(&nacks.get()),
                 "{} NACKs in {took:?}",
                 nacks.get()
+            );
+            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_loop_empty(&lp);
+            assert_eq!(open_fds(), baseline, "the primary's fds are back");
+        },
+    );
+}
+
+/// Regression: a worker whose server closed (`{act: "close"}`, Node's
+/// `remove` without the worker being gone) while a connection was in
+/// flight to it, unread, and that then died, kept that connection in the
+/// primary forever: the handle had forgotten the worker, so its death
+/// gave nothing back, and the client hung. Now the connection goes to the
+/// other worker, reported as the worker's going.
+#[test]
+fn connection_in_flight_to_a_worker_that_closed_its_server_and_died_is_rehanded() {
+    util::isolated(
+        "connection_in_flight_to_a_worker_that_closed_its_server_and_died_is_rehanded",
+        || {
+            let (got, node_pid, reports) = fake_then_node_serve_one("leave", 5_000);
+            assert_eq!(got, node_pid);
+            assert_eq!(reports.len(), 1, "{reports:?}");
+            assert!(
+                matches!(
+                    reports[0],
+                    (
+                        Some(1),
+                        HandoffFailure::Exited | HandoffFailure::ChannelClosed,
+                        HandoffOutcome::Rehanded,
+                        1
+                    )
+                ),
+                "{reports:?}"
+            );
+        },
+    );
+}
+
+/// A handoff window of 2: a worker that speaks Node's protocol is sent its
+/// second connection before it answered for the first (one fd at a time,
+/// each after the previous one's `NODE_HANDLE_ACK`). The fake holds the
+/// first until the second arrives, so with Node's window of 1 it would be
+/// served only after the handoff timeout, and reported.
+#[test]
+fn a_window_of_two_hands_a_worker_its_second_connection_before_its_first_answer() {
+    util::isolated(
+        "a_window_of_two_hands_a_worker_its_second_connection_before_its_first_answer",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let baseline = fd_baseline(&mut lp);
+            let p = Primary::new();
+            p.set_handoff_window(2);
+            p.setup_primary(&mut lp, fake_settings("pair"));
+            let reports = record_handoffs(&p);
+            let bodies = shared(Vec::<String>::new());
+            let (b, p2) = (bodies.clone(), p.clone());
+            p.on_listening(move |lp, _, a| {
+                for _ in 0..2 {
+                    let (b, p3) = (b.clone(), p2.clone());
+                    fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |lp, r| {
+                        b.borrow_mut().push(body(&r.unwrap()));
+                        if b.borrow().len() == 2 {
+                            p3.disconnect(lp, |_| {});
+                        }
+                    });
+                }
+            });
+            let started = std::time::Instant::now();
+            let fake = p.fork(&mut lp, vec![]).unwrap();
+            run_with_deadline(&mut lp, 30_000);
+            let pid = fake.pid().unwrap().to_string();
+            assert_eq!(*bodies.borrow(), [pid.clone(), pid]);
+            assert!(reports.borrow().is_empty(), "{:?}", reports.borrow());
+            assert!(
+                started.elapsed() < DEFAULT_HANDOFF_TIMEOUT,
+                "{:?}",
+                started.elapsed()
             );
             assert_eq!(fake.exit_status(), Some((Some(0), None)));
             assert_loop_empty(&lp);

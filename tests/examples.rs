@@ -1060,6 +1060,40 @@ fn examples_refuse_bad_port_and_workers_values() {
     }
 }
 
+/// A bad `UVCLUSTER_HANDOFF_WINDOW` is an error naming the variable and
+/// the value, and nothing starts; a good one (4) serves.
+#[test]
+fn cluster_hello_refuses_a_bad_handoff_window() {
+    for bad in ["0", "two", "65"] {
+        let mut cmd = Command::new(build_example("cluster_hello"));
+        cmd.env("PORT", "0")
+            .env("WORKERS", "1")
+            .env("UVCLUSTER_HANDOFF_WINDOW", bad);
+        let mut p = spawn_piped(cmd);
+        let status = p.exit_within(LIMIT).expect("exits at once");
+        assert_eq!(status.code(), Some(1), "{bad}: {:#?}", p.err_seen);
+        let message = format!(
+            "UVCLUSTER_HANDOFF_WINDOW should be a whole number from 1 to 64. Received {bad:?}"
+        );
+        assert!(
+            p.err_seen.iter().any(|l| l.contains(&message)),
+            "{bad}: {:#?}",
+            p.err_seen
+        );
+        assert!(p.out.try_recv().is_err(), "{bad}: printed something");
+    }
+    let (mut p, port) = hello("2", &[("UVCLUSTER_HANDOFF_WINDOW", "4")]);
+    for _ in 0..10 {
+        let mut s = http_client(port);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        assert!(read_response(&mut s).ends_with("hello world\n"));
+    }
+    kill(p.pid, Signal::SIGTERM).unwrap();
+    let status = p.exit_within(LIMIT).expect("exit after SIGTERM");
+    assert!(status.success(), "{status}: {:#?}", p.err_seen);
+}
+
 /// `uvcluster run` refuses bad flag values and a bad policy in the
 /// environment with exit code 2 and a message naming them.
 #[test]

@@ -577,6 +577,77 @@ fn channel_queues_sends_until_ack_and_closes_handle() {
     queue_until_ack(AfterAck::Close);
 }
 
+/// Three handles allowed in flight: three handles go out back to back
+/// before any ACK (the peer holds their three fds), the fourth and a plain
+/// message wait; the peer's NACK and ACKs are matched to the handles
+/// oldest first, each answer letting one more out.
+#[test]
+fn channel_with_three_handles_in_flight_sends_them_back_to_back_and_matches_answers_in_order() {
+    let mut lp = Loop::new().unwrap();
+    let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
+    let (_, errs, _) = record(&mut lp, &a);
+    assert_eq!(a.handles_in_flight(), 1);
+    a.set_handles_in_flight(&mut lp, 3);
+    let fared = Log::new();
+    for n in 0..4 {
+        let h = bound_tcp(&mut lp);
+        let attach = Attach {
+            handle: h.into(),
+            kind: HandleKind::NetNative,
+            after_ack: AfterAck::Close,
+        };
+        let f = fared.clone();
+        a.send_cluster_handle(
+            &mut lp,
+            cluster(json!({"act": "newconn", "n": n})),
+            attach,
+            None,
+            Box::new(move |_, _, d| f.push(format!("{n}:{d:?}"))),
+        )
+        .unwrap();
+    }
+    a.send(&mut lp, &json!("after"), None).unwrap();
+    let (pipe, buf) = (r.pipe, r.buf.clone());
+    run_until(&mut lp, 5000, move |lp| {
+        buf.borrow().iter().filter(|&&b| b == b'\n').count() == 3
+            && lp.pipe_pending_count(pipe) == 3
+    });
+    no_wait(&mut lp, 10);
+    assert_eq!(r.line_count(), 3, "the fourth waits for an answer");
+    assert_eq!(
+        r.lines()
+            .iter()
+            .map(|l| l["msg"]["n"].clone())
+            .collect::<Vec<_>>(),
+        [json!(0), json!(1), json!(2)]
+    );
+    assert_eq!(fared.joined(), "");
+    r.write(&mut lp, b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n");
+    let buf = r.buf.clone();
+    run_until(&mut lp, 5000, move |_| {
+        buf.borrow().iter().filter(|&&b| b == b'\n').count() == 4
+    });
+    no_wait(&mut lp, 10);
+    assert_eq!(fared.joined(), "0:Nacked");
+    assert_eq!(r.lines()[3]["msg"]["n"], 3);
+    assert_eq!(r.line_count(), 4, "the plain message still waits");
+    for _ in 0..3 {
+        r.ack(&mut lp);
+    }
+    let buf = r.buf.clone();
+    run_until(&mut lp, 5000, move |_| {
+        buf.borrow().iter().filter(|&&b| b == b'\n').count() == 5
+    });
+    no_wait(&mut lp, 10);
+    assert_eq!(fared.joined(), "0:Nacked 1:Acked 2:Acked 3:Acked");
+    assert_eq!(r.lines()[4], json!("after"));
+    assert!(errs.borrow().is_empty(), "{:?}", errs.borrow());
+    // (The peer's four fds are closed with its pipe.)
+    a.disconnect(&mut lp);
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
 #[test]
 fn channel_nack_reports_handle_rejected_and_flushes_queue() {
     let mut lp = Loop::new().unwrap();

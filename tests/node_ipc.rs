@@ -11,7 +11,7 @@ use std::rc::Rc;
 use serde_json::{Value, json};
 use util::*;
 use uvcluster::ipc::{AfterAck, Attach, Channel, ForkOptions, HandleKind, fork};
-use uvcluster::uv::{BindFlags, Loop, Socket};
+use uvcluster::uv::{BindFlags, Handle, Loop, Socket, Tcp};
 
 fn node_script(name: &str) -> PathBuf {
     util::require_node();
@@ -170,6 +170,107 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
     );
     let got = p.borrow_mut().take().unwrap().join().unwrap();
     assert_eq!(got, "node got your socket\n");
+    assert_loop_empty(&lp);
+}
+
+/// With eight handles allowed in flight (`set_handles_in_flight`), a Node
+/// child is sent eight connected sockets back to back, without waiting for
+/// each one's `NODE_HANDLE_ACK`, and pairs each with its own message: each
+/// socket carries its number (written by us) and then the tag Node read
+/// from the message it came with.
+#[test]
+fn rust_parent_sends_sockets_back_to_back_and_node_pairs_each_with_its_message() {
+    const N: usize = 8;
+    let mut lp = Loop::new().unwrap();
+    let mut opts = ForkOptions::node(node_script("child.js"));
+    opts.process.on_exit = Some(Box::new(|lp, p, status, _| {
+        assert_eq!(status, 0);
+        lp.close(p, |_| {}).unwrap();
+    }));
+    let child = fork(&mut lp, opts).unwrap();
+    child
+        .channel
+        .on_error(|_, _, e| panic!("channel error: {e}"));
+    child.channel.set_handles_in_flight(&mut lp, N);
+    assert_eq!(child.channel.handles_in_flight(), N);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        (0..N)
+            .map(|_| {
+                let (mut c, _) = l.accept().unwrap();
+                let mut s = String::new();
+                c.read_to_string(&mut s).unwrap();
+                s
+            })
+            .collect::<Vec<String>>()
+    });
+    // Each socket says its number first; all are sent once connected and
+    // the child is ready.
+    type Numbered = Vec<(usize, Handle<Tcp>)>;
+    let socks: Rc<RefCell<Numbered>> = Rc::default();
+    let ready = Rc::new(std::cell::Cell::new(false));
+    let send_all = {
+        let (socks, ready, ch) = (socks.clone(), ready.clone(), child.channel.clone());
+        Rc::new(move |lp: &mut Loop| {
+            if !ready.get() || socks.borrow().len() < N {
+                return;
+            }
+            for (i, sock) in socks.borrow_mut().drain(..) {
+                let attach = Attach {
+                    handle: sock.into(),
+                    kind: HandleKind::NetSocket,
+                    after_ack: AfterAck::Close,
+                };
+                ch.send_handle(
+                    lp,
+                    json!({"op":"tagged","tag":i}),
+                    attach,
+                    Default::default(),
+                    None,
+                )
+                .unwrap();
+            }
+        })
+    };
+    for i in 0..N {
+        let sock = lp.tcp_init();
+        let (socks, send_all) = (socks.clone(), send_all.clone());
+        lp.tcp_connect(sock, addr, move |lp, sock, r| {
+            r.unwrap();
+            lp.write(sock, &[format!("{i}:").as_bytes()], |_, _, r| r.unwrap())
+                .unwrap();
+            socks.borrow_mut().push((i, sock));
+            send_all(lp);
+        })
+        .unwrap();
+    }
+    let done = Counter::new();
+    let d = done.clone();
+    child
+        .channel
+        .on_message(&mut lp, move |lp, ch: &Channel, msg, _| {
+            match msg["op"].as_str().unwrap() {
+                "ready" => {
+                    ready.set(true);
+                    send_all(lp);
+                }
+                "tagged-done" => {
+                    d.hit();
+                    if d.get() == N {
+                        ch.send(lp, &json!({"op":"exit","code":0}), None).unwrap();
+                    }
+                }
+                other => panic!("unexpected {other}"),
+            }
+        });
+    run_with_deadline(&mut lp, 20_000);
+    assert_eq!(done.get(), N);
+    let mut got = peer.join().unwrap();
+    got.sort();
+    let mut want: Vec<String> = (0..N).map(|i| format!("{i}:{i}\n")).collect();
+    want.sort();
+    assert_eq!(got, want, "each socket with its own message");
     assert_loop_empty(&lp);
 }
 

@@ -1,16 +1,20 @@
 //! Dispatch modes side by side: one criterion group per workload
 //! (`dispatch/keep_alive`, `dispatch/close` (one request per connection),
-//! `dispatch/slow_mix`), one benchmark per mode (`rr`, `none`, `reuseport`,
+//! `dispatch/slow_mix`), one benchmark per mode (`rr` with handoff windows
+//! of 1, 2 and 4: `rr`, `rr-w2`, `rr-w4`; `none`, `reuseport`,
 //! `leastconn`), plus a single process (`single`) as the limit of this
-//! machine. Criterion measures the time per request under the lab's
-//! closed-loop load generator (50 connections; 16 for the slow-handler mix,
-//! [`Workload::SLOW_MIX`]); the HTML report
-//! (`target/criterion/report/index.html`) plots them. The slow mix's tail
-//! latency, which is where dispatch by load should win, is a latency and
-//! not a time per iteration: it is measured apart (5 runs of 0.5 s per mode,
-//! 3 with `--quick`) and printed as a table, `dispatch/slow_mix_latency`
-//! (p50, p99 with its range, and the p99 of the requests that were not
-//! slow).
+//! machine, and nginx (`nginx`: 2 worker processes, `return 200`, a
+//! `reuseport` listener; Debian's `nginx-light`, installed with `apt-get`
+//! if missing, skipped with a loud message if it cannot be; it has no slow
+//! handlers, so it runs the plain workloads only). Criterion measures the
+//! time per request under the lab's closed-loop load generator (50
+//! connections; 16 for the slow-handler mix, [`Workload::SLOW_MIX`]); the
+//! HTML report (`target/criterion/report/index.html`) plots them. The slow
+//! mix's tail latency, which is where dispatch by load should win, is a
+//! latency and not a time per iteration: it is measured apart (5 runs of
+//! 0.5 s per mode, 3 with `--quick`) and printed as a table,
+//! `dispatch/slow_mix_latency` (p50, p99 with its range, and the p99 of the
+//! requests that were not slow).
 //!
 //! `cargo bench --bench dispatch -- FILTER` runs the benchmarks whose id
 //! contains FILTER, as criterion does; the latency table's id is
@@ -38,7 +42,7 @@ use uvcluster_bench::loadgen::{self, CpuSplit, LoadConfig, Workload};
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
-const MODES: [&str; 4] = ["rr", "none", "reuseport", "leastconn"];
+const MODES: [&str; 6] = ["rr", "rr-w2", "rr-w4", "none", "reuseport", "leastconn"];
 
 /// A worker (or the single process): answers every request; `/block/<ms>`
 /// blocks the loop first (without the CPU), `/spin/<ms>` keeps the CPU
@@ -95,6 +99,12 @@ fn run_primary(mode: &str, port: u16) {
         return;
     }
     let p = Primary::new();
+    // `rr-w<N>`: round-robin with a handoff window of N.
+    let (mode, window) = match mode.split_once("-w") {
+        Some((m, w)) => (m, w.parse().expect("rr-w<N>")),
+        None => (mode, 1),
+    };
+    p.set_handoff_window(window);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -118,6 +128,77 @@ fn run_primary(mode: &str, port: u16) {
         p.fork(&mut lp, vec![]).unwrap();
     }
     lp.run(RunMode::Default).unwrap();
+}
+
+/// The nginx binary, installed with `apt-get install nginx-light` if
+/// missing; `None`, with a loud message, if it cannot be had.
+fn find_nginx() -> Option<String> {
+    let works = |bin: &str| {
+        Command::new(bin)
+            .arg("-v")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let found = || ["nginx", "/usr/sbin/nginx"].into_iter().find(|b| works(b));
+    if found().is_none() {
+        eprintln!("nginx not found: installing Debian's nginx-light (apt-get)");
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light",
+            ])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let found = found().map(str::to_string);
+    if found.is_none() {
+        eprintln!(
+            "\n!!! nginx is not available and could not be installed \
+             (apt-get install nginx-light): the nginx benchmarks are SKIPPED !!!\n"
+        );
+    }
+    found
+}
+
+/// Starts nginx on `port` (2 worker processes, `return 200 'hello
+/// world\n'`, a `reuseport` listener, no access log) from a configuration
+/// written to a fresh directory under the temporary directory, and waits for
+/// its port.
+fn start_nginx(nginx: &str, port: u16, split: Option<&CpuSplit>) -> Child {
+    let dir = std::env::temp_dir().join(format!("dispatch-bench-nginx-{port}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 2; daemon off; master_process on; pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn; events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; keepalive_requests 1000000;\n\
+         client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+         server {{ listen 127.0.0.1:{port} reuseport;\n\
+         location / {{ return 200 'hello world\\n'; }} }} }}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    let c = match split {
+        Some(split) => split.spawn(&mut cmd),
+        None => cmd.spawn(),
+    }
+    .expect("start nginx");
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(std::time::Instant::now() < until, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
 }
 
 /// Starts the cluster for `mode` (on the servers' CPUs of `split`) and
@@ -226,6 +307,7 @@ fn bench(c: &mut Criterion) {
         5
     };
     let mut latency = Vec::new();
+    let nginx = find_nginx();
     let workloads = [
         ("keep_alive", Workload::KeepAlive, 50),
         ("close", Workload::Close, 50),
@@ -234,9 +316,18 @@ fn bench(c: &mut Criterion) {
     for (i, (wname, workload, connections)) in workloads.into_iter().enumerate() {
         let group = format!("dispatch/{wname}");
         let with_latency = workload == Workload::SLOW_MIX && selected(latency_id);
+        // nginx has no slow handlers: the plain workloads only.
+        let nginx = nginx
+            .as_deref()
+            .filter(|_| !matches!(workload, Workload::SlowMix { .. }));
+        let extra: &[&'static str] = if nginx.is_some() {
+            &["single", "nginx"]
+        } else {
+            &["single"]
+        };
         let modes: Vec<&'static str> = MODES
             .iter()
-            .chain(&["single"])
+            .chain(extra)
             .copied()
             .filter(|m| with_latency || selected(&format!("{group}/{m}")))
             .collect();
@@ -249,7 +340,10 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(4));
         for (j, mode) in modes.into_iter().enumerate() {
             let port = 19100 + (i * 10 + j) as u16;
-            let mut child = start(mode, port, split.as_ref());
+            let mut child = match (mode, nginx) {
+                ("nginx", Some(bin)) => start_nginx(bin, port, split.as_ref()),
+                _ => start(mode, port, split.as_ref()),
+            };
             // One closed-loop run of `ms` against this cluster.
             let load = |ms| {
                 loadgen::run(LoadConfig {
@@ -284,10 +378,14 @@ fn bench(c: &mut Criterion) {
                 }
                 latency.push(row);
             }
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            // nginx's master stops its workers on SIGTERM; SIGKILL would
+            // leave them listening.
+            let sig = if mode == "nginx" {
+                nix::sys::signal::Signal::SIGTERM
+            } else {
+                nix::sys::signal::Signal::SIGKILL
+            };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
             let _ = child.wait();
         }
         g.finish();

@@ -91,10 +91,22 @@ fn check_policy_env(args: &Args, env: Option<std::ffi::OsString>) -> Result<(), 
     }
 }
 
+/// `UVCLUSTER_HANDOFF_WINDOW`, when set, must be a window the primary
+/// takes (it reads the variable itself, and would only log a bad one).
+fn check_window_env(env: Option<std::ffi::OsString>) -> Result<(), String> {
+    match env {
+        Some(v) => uvcluster::cluster::parse_handoff_window(&v.to_string_lossy())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::init();
     let args = parse(std::env::args_os().skip(1)).and_then(|a| {
         check_policy_env(&a, std::env::var_os("NODE_CLUSTER_SCHED_POLICY"))?;
+        check_window_env(std::env::var_os(uvcluster::cluster::HANDOFF_WINDOW_ENV))?;
         Ok(a)
     });
     let args = match args {
@@ -306,5 +318,17 @@ mod tests {
         assert!(check_policy_env(&a, None).is_ok());
         let a = p(&["run", "-p", "rr", "--", "x"]).unwrap();
         assert!(check_policy_env(&a, Some("robin".into())).is_ok());
+    }
+
+    /// `UVCLUSTER_HANDOFF_WINDOW` must be a whole number from 1 to 64.
+    #[test]
+    fn bad_handoff_window_in_the_environment_is_an_error() {
+        let e = check_window_env(Some("0".into())).unwrap_err();
+        assert_eq!(
+            e,
+            "UVCLUSTER_HANDOFF_WINDOW should be a whole number from 1 to 64. Received \"0\""
+        );
+        assert!(check_window_env(Some("4".into())).is_ok());
+        assert!(check_window_env(None).is_ok());
     }
 }

@@ -76,6 +76,7 @@
 //! ```
 
 mod child;
+mod dispatch;
 mod primary;
 pub mod protocol;
 mod round_robin_handle;
@@ -86,10 +87,11 @@ mod worker;
 use std::sync::OnceLock;
 
 pub use child::setup_worker;
-pub use primary::{ClusterError, Primary};
-pub use round_robin_handle::{
-    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Scheduler, WorkerLoad,
+pub use dispatch::{
+    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, HandoffFailure,
+    HandoffOutcome, MAX_HANDOFF_WINDOW, Scheduler, WorkerLoad, parse_handoff_window,
 };
+pub use primary::{ClusterError, Primary};
 pub use settings::{SchedulingPolicy, Settings};
 pub use worker::{Address, ExitRequest, Worker, WorkerState};
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::NODE_UNIQUE_ID;
+use super::dispatch::{DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, parse_handoff_window};
 use super::protocol::{
     self, Ack, Act, ActKind, AddressType, Grant, Malformed, Parsed, ProtocolError, Query,
     QueryReply, Received,
@@ -133,6 +134,8 @@ pub(crate) struct PrimaryInner {
     scheduler: Option<Scheduler>,
     /// The handoff timeout for round-robin handles created from now on.
     handoff_timeout: std::time::Duration,
+    /// The handoff window for round-robin handles created from now on.
+    handoff_window: usize,
     /// The last id given out.
     ids: u32,
     /// Node's `cluster.workers`.
@@ -245,6 +248,7 @@ impl Primary {
                 policy: SchedulingPolicy::from_env(),
                 scheduler: None,
                 handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
+                handoff_window: handoff_window_from_env(),
                 ids: 0,
                 workers: BTreeMap::new(),
                 alive: BTreeMap::new(),
@@ -379,6 +383,40 @@ impl Primary {
     pub fn set_handoff_timeout(&self, timeout: std::time::Duration) {
         assert!(!timeout.is_zero(), "the handoff timeout must not be zero");
         self.inner.borrow_mut().handoff_timeout = timeout;
+    }
+
+    /// Sets how many connections may be in flight to one worker at a time
+    /// under round-robin, least connections and a user scheduler, for
+    /// handles created after this call. The default is
+    /// [`DEFAULT_HANDOFF_WINDOW`], or what [`HANDOFF_WINDOW_ENV`]
+    /// (`UVCLUSTER_HANDOFF_WINDOW`) said when the primary was created.
+    ///
+    /// A connection is *in flight* from the moment the primary sends it to
+    /// a worker (`newconn`) until the worker answers whether it took it.
+    /// Node's rule is a window of 1 (`lib/internal/cluster/round_robin_handle.js`:
+    /// a worker is free again only once it answered): a worker that has
+    /// just been sent a connection waits a round trip to the primary for
+    /// its next one. With a window of `n`, a worker may be sent up to `n`
+    /// connections before it answers, and its channel sends their fds back
+    /// to back rather than each after the previous one's `NODE_HANDLE_ACK`
+    /// ([`Channel::set_handles_in_flight`]); Node workers take them so
+    /// (each `newconn` carries its own `seq`). A worker whose handoff
+    /// failed gets one at a time until one reaches it again, a user
+    /// scheduler's connection placed on a worker whose window is full waits
+    /// for it, and least connections keeps one in flight whatever the
+    /// window (its answer is the sign that the worker's loop runs). Where
+    /// the primary's CPU per connection is the limit, a wider window gains
+    /// little and lengthens round-robin's tail behind a slow handler;
+    /// BENCHMARKS.md has what each window measured.
+    ///
+    /// [`Channel::set_handles_in_flight`]: crate::ipc::Channel::set_handles_in_flight
+    ///
+    /// # Panics
+    ///
+    /// If `window` is 0.
+    pub fn set_handoff_window(&self, window: usize) {
+        assert!(window > 0, "the handoff window must be at least 1");
+        self.inner.borrow_mut().handoff_window = window;
     }
 
     /// Sends `msg` to every connected worker; returns how many it was
@@ -913,9 +951,14 @@ impl Primary {
         }
         let address = server_address(q);
         let address = address.as_deref();
-        let (policy, scheduler, timeout) = {
+        let (policy, scheduler, timeout, window) = {
             let i = self.inner.borrow();
-            (i.policy, i.scheduler.clone(), i.handoff_timeout)
+            (
+                i.policy,
+                i.scheduler.clone(),
+                i.handoff_timeout,
+                i.handoff_window,
+            )
         };
         let pick = match policy {
             SchedulingPolicy::LeastConnections => Some(Pick::LeastConnections),
@@ -935,6 +978,7 @@ impl Primary {
                 let opts = round_robin_handle::Options {
                     pick,
                     timeout_ms: (timeout.as_millis() as u64).max(1),
+                    window,
                     report: self.reporter(),
                 };
                 ServerHandle::RoundRobin(RoundRobinHandle::new(
@@ -1065,6 +1109,19 @@ impl Primary {
             syscall: "bind".into(),
         };
         self.emit_error(lp, Some(w), &e);
+    }
+}
+
+/// The handoff window from [`HANDOFF_WINDOW_ENV`], or
+/// [`DEFAULT_HANDOFF_WINDOW`] when it is unset or invalid (an invalid value
+/// is logged; `uvcluster run` and the examples refuse it before starting).
+fn handoff_window_from_env() -> usize {
+    match std::env::var(HANDOFF_WINDOW_ENV) {
+        Ok(v) => parse_handoff_window(&v).unwrap_or_else(|e| {
+            log::warn!("cluster: {e}; using {DEFAULT_HANDOFF_WINDOW}");
+            DEFAULT_HANDOFF_WINDOW
+        }),
+        Err(_) => DEFAULT_HANDOFF_WINDOW,
     }
 }
 

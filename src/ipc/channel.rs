@@ -338,8 +338,10 @@ struct Inner {
     bad_lines: usize,
     unreported: usize,
     state: State,
-    /// `Some` while a handle we sent awaits the peer's ACK.
-    awaiting_ack: Option<Awaiting>,
+    /// Handles we sent whose ACK has not come yet, oldest first.
+    awaiting: VecDeque<Awaiting>,
+    /// How many handles may await their ACK at once (1: Node's sender).
+    handles_in_flight: usize,
     queue: VecDeque<Outgoing>,
     on_message: Option<UserCb>,
     on_internal: Option<MessageCb>,
@@ -393,7 +395,7 @@ impl fmt::Debug for Channel {
         f.debug_struct("Channel")
             .field("pipe", &i.pipe)
             .field("state", &i.state)
-            .field("awaiting_ack", &i.awaiting_ack.is_some())
+            .field("awaiting_ack", &i.awaiting.len())
             .field("queued", &i.queue.len())
             .finish()
     }
@@ -442,7 +444,8 @@ impl Channel {
                 bad_lines: 0,
                 unreported: 0,
                 state: State::Open,
-                awaiting_ack: None,
+                awaiting: VecDeque::new(),
+                handles_in_flight: 1,
                 queue: VecDeque::new(),
                 on_message: None,
                 on_internal: None,
@@ -805,6 +808,35 @@ impl Channel {
         Ok(seq)
     }
 
+    /// Lets up to `n` handles we sent await the peer's `NODE_HANDLE_ACK` at
+    /// once (default 1). Node's sender (`lib/internal/child_process.js`)
+    /// holds every message that follows a handle until the handle's ACK
+    /// comes, so each fd costs a round trip to the peer. With `n` above 1
+    /// up to `n` handles go out back to back, each in its own write; the
+    /// kernel never lets two fd-carrying messages share a read, and the
+    /// peer answers them in order (Node's receiver: "there will be at most
+    /// one NODE_HANDLE message in every chunk we read because SCM_RIGHTS
+    /// messages don't get coalesced"), so ACKs and NACKs are matched to
+    /// handles oldest first. Messages still keep their order. A handle
+    /// sent twice with [`AfterAck::Close`] goes twice with its fd, where
+    /// Node's sender, waiting for the first ACK, sends the second without
+    /// it; keep `n` at 1 for that.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    pub fn set_handles_in_flight(&self, lp: &mut Loop, n: usize) {
+        assert!(n > 0, "at least one handle must be allowed in flight");
+        self.inner.borrow_mut().handles_in_flight = n;
+        self.flush(lp);
+    }
+
+    /// How many handles we sent may await the peer's ACK at once (see
+    /// [`set_handles_in_flight`](Self::set_handles_in_flight)).
+    pub fn handles_in_flight(&self) -> usize {
+        self.inner.borrow().handles_in_flight
+    }
+
     /// Closes the channel (`process.disconnect()`): once handles we sent
     /// have been acknowledged and any partly received message has arrived,
     /// the pipe closes; both ends then see their disconnect callback.
@@ -846,7 +878,7 @@ impl Channel {
                     "IPC channel is closed",
                 ));
             }
-            if i.awaiting_ack.is_some() || !i.queue.is_empty() {
+            if i.awaiting.len() >= i.handles_in_flight || !i.queue.is_empty() {
                 i.queue.push_back(out);
                 return Ok(());
             }
@@ -878,7 +910,7 @@ impl Channel {
         let r = lp.write2(pipe, &[&out.bytes], a.handle, done);
         match r {
             Ok(()) => {
-                self.inner.borrow_mut().awaiting_ack = Some(Awaiting {
+                self.inner.borrow_mut().awaiting.push_back(Awaiting {
                     to_close: (a.after_ack == AfterAck::Close).then_some(a.handle),
                     delivery,
                     reply_seq,
@@ -915,17 +947,15 @@ impl Channel {
             };
             let to_close = {
                 let mut i = ch.inner.borrow_mut();
-                match i.awaiting_ack.take() {
-                    Some(a) if Rc::ptr_eq(&a.delivery, &delivery) => {
+                let at = (i.awaiting.iter()).position(|a| Rc::ptr_eq(&a.delivery, &delivery));
+                match at.and_then(|at| i.awaiting.remove(at)) {
+                    Some(a) => {
                         if let Some(seq) = a.reply_seq {
                             i.replies.remove(&seq);
                         }
                         a.to_close
                     }
-                    other => {
-                        i.awaiting_ack = other;
-                        None
-                    }
+                    None => None,
                 }
             };
             if let Some(h) = to_close {
@@ -1029,7 +1059,8 @@ impl Channel {
     }
 
     fn on_ack(&self, lp: &mut Loop, ok: bool) {
-        let waiting = self.inner.borrow_mut().awaiting_ack.take();
+        // The peer answers handles in the order it reads them.
+        let waiting = self.inner.borrow_mut().awaiting.pop_front();
         match waiting {
             None => log::warn!(
                 "IPC: NODE_HANDLE_{} with no handle in flight",
@@ -1065,7 +1096,7 @@ impl Channel {
         loop {
             let next = {
                 let mut i = self.inner.borrow_mut();
-                if i.awaiting_ack.is_some() || i.state == State::Closed {
+                if i.awaiting.len() >= i.handles_in_flight || i.state == State::Closed {
                     return;
                 }
                 i.queue.pop_front()
@@ -1097,7 +1128,7 @@ impl Channel {
         let ready = {
             let i = self.inner.borrow();
             i.state == State::Disconnecting
-                && i.awaiting_ack.is_none()
+                && i.awaiting.is_empty()
                 && i.queue.is_empty()
                 && i.decoder.at_boundary()
         };
@@ -1126,7 +1157,7 @@ impl Channel {
                 return;
             }
             i.state = State::Closed;
-            i.awaiting_ack = None;
+            i.awaiting.clear();
             i.replies.clear();
             i.corked.clear();
             i.corked_cbs.clear();

@@ -15,6 +15,10 @@ process.on('message', (msg, handle) => {
       process.send({ op: 'served' });
     });
     server.listen(handle, () => process.send({ op: 'listening' }));
+  } else if (msg && msg.op === 'tagged') {
+    // A connected socket sent with a tag: write the tag on it, end it.
+    handle.end(`${msg.tag}\n`);
+    process.send({ op: 'tagged-done' });
   } else if (msg && msg.op === 'socket') {
     handle.end('node got your socket\n');
     process.send({ op: 'socket-done' });

@@ -23,12 +23,22 @@
 //! request and each worker's RSS from `/proc`. Servers:
 //! Node's reference cluster (`bench/reference/node-baseline/server.js`)
 //! under `rr` and `none` (skipped, with a note, if `node`, or the binary
-//! `NODE` names, is missing), our `cluster_hello` example (built by this
-//! program, or the binary `CLUSTER_HELLO` names) under `rr`, `none`,
-//! `reuseport` and `leastconn`, and
-//! `cluster_hello` as a single process (`WORKERS=0`), the limit of the
-//! machine. Prints a markdown table and writes an SVG bar chart to
-//! `target/compare.svg` (or the path in `COMPARE_SVG`).
+//! `NODE` names, or the file is missing), nginx with 2 worker processes
+//! answering `return 200 'hello world\n'` on a `reuseport` listener
+//! (Debian's `nginx-light`, installed with `apt-get` if missing; skipped
+//! with a loud message if it cannot be), our `cluster_hello` example
+//! (built by this program, or the binary `CLUSTER_HELLO` names) under `rr`
+//! with the default handoff window (1, Node's rule) and windows of 2 and 4
+//! (`ours rr w2`, `ours rr w4`: `UVCLUSTER_HANDOFF_WINDOW`), `none`,
+//! `reuseport` and `leastconn`, and `cluster_hello` as a single process
+//! (`WORKERS=0`), the limit of the machine. nginx and Node's server do not
+//! serve the slow-handler mixes. `COMPARE_BEFORE=<path>` adds rows for
+//! another build of `cluster_hello` (an earlier commit's) under `rr` and
+//! `leastconn`, so that before and after are measured in the same run;
+//! `COMPARE_ONLY` (a comma-separated list of substrings of server names)
+//! and `COMPARE_WORKLOADS` (of workload names) run a subset. Prints a
+//! markdown table and writes an SVG bar chart to `target/compare.svg` (or
+//! the path in `COMPARE_SVG`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -48,8 +58,120 @@ struct Server {
     policy: &'static str,
     workers: &'static str,
     /// Whether it answers `/block/<ms>` and `/spin/<ms>` (Node's reference
-    /// server does not).
+    /// server and nginx do not).
     slow: bool,
+    /// More environment for the server.
+    env: Vec<(String, String)>,
+    /// nginx: started from a configuration written for the run, ready once
+    /// its port accepts, no per-worker counts.
+    nginx: bool,
+}
+
+impl Server {
+    fn ours(name: &str, bin: &str, policy: &'static str, window: Option<&str>) -> Server {
+        Server {
+            name: name.to_string(),
+            cmd: vec![bin.to_string()],
+            policy,
+            workers: "2",
+            slow: true,
+            env: window
+                .map(|w| vec![("UVCLUSTER_HANDOFF_WINDOW".to_string(), w.to_string())])
+                .unwrap_or_default(),
+            nginx: false,
+        }
+    }
+}
+
+/// The nginx binary, installed with `apt-get install nginx-light` if it is
+/// missing and this process may; `None`, with a loud message, if it cannot
+/// be had.
+fn find_nginx() -> Option<String> {
+    let works = |bin: &str| {
+        Command::new(bin)
+            .arg("-v")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let candidates = || ["nginx", "/usr/sbin/nginx"].into_iter().find(|b| works(b));
+    if let Some(b) = candidates() {
+        return Some(b.to_string());
+    }
+    eprintln!("nginx not found: installing Debian's nginx-light (apt-get)");
+    let installed = Command::new("sh")
+        .args([
+            "-c",
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    match candidates() {
+        Some(b) if installed => Some(b.to_string()),
+        _ => {
+            eprintln!(
+                "\n!!! nginx is not available and could not be installed \
+                 (apt-get install nginx-light): the nginx row is SKIPPED !!!\n"
+            );
+            None
+        }
+    }
+}
+
+/// Writes the nginx configuration for `port` into a fresh directory and
+/// returns the command that runs it in the foreground: 2 worker processes,
+/// a `reuseport` listener on 127.0.0.1, `return 200 'hello world\n'` (the
+/// same 12-byte body as the others), no access log.
+fn nginx_command(nginx: &str, dir: &Path, port: u16) -> std::io::Result<Vec<String>> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 2;\n\
+         daemon off;\n\
+         master_process on;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+         access_log off;\n\
+         client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n\
+         scgi_temp_path {d}/scgi;\n\
+         keepalive_requests 1000000;\n\
+         server {{\n\
+         listen 127.0.0.1:{port} reuseport;\n\
+         location / {{ return 200 'hello world\\n'; }}\n\
+         }}\n\
+         }}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(vec![
+        nginx.to_string(),
+        "-p".into(),
+        d.to_string(),
+        "-c".into(),
+        path.display().to_string(),
+        "-e".into(),
+        format!("{d}/error.log"),
+    ])
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_for_port(port: u16) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < until {
+        let a = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 struct Row {
@@ -144,6 +266,12 @@ fn run_server(
         ("slow mix (cpu)", cpu_mix, SLOW_CONNS),
     ];
     let workloads = if s.slow { &all[..] } else { &all[..2] };
+    let only: Option<Vec<String>> = std::env::var("COMPARE_WORKLOADS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let workloads = workloads
+        .iter()
+        .filter(|(w, _, _)| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w)));
     for &(wname, workload, conns) in workloads {
         // A fresh cluster per workload, so counts and CPU are its own.
         let mut cmd = Command::new(&s.cmd[0]);
@@ -151,6 +279,7 @@ fn run_server(
             .env("PORT", port.to_string())
             .env("WORKERS", s.workers)
             .env("NODE_CLUSTER_SCHED_POLICY", s.policy)
+            .envs(s.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let spawned = match split {
@@ -165,7 +294,12 @@ fn run_server(
             }
         };
         let rx = lines(child.stdout.take().unwrap());
-        if wait_for(&rx, |l| l.trim() == "ready").is_none() {
+        let ready = if s.nginx {
+            wait_for_port(port)
+        } else {
+            wait_for(&rx, |l| l.trim() == "ready").is_some()
+        };
+        if !ready {
             eprintln!("{}: never ready", s.name);
             let _ = child.kill();
             let _ = child.wait();
@@ -189,6 +323,8 @@ fn run_server(
         let rss: Vec<u64> = workers.iter().filter_map(|&p| rss_kib(p)).collect();
         let (fairness, counts, requests) = if s.workers == "0" {
             (None, "1 process".to_string(), "1 process".to_string())
+        } else if s.nginx {
+            (None, "–".to_string(), "–".to_string())
         } else {
             signal(&child, nix::sys::signal::Signal::SIGUSR2);
             match wait_for(&rx, |l| l.starts_with('{')) {
@@ -221,7 +357,15 @@ fn run_server(
                 None => (None, "?".into(), "?".into()),
             }
         };
-        signal(&child, nix::sys::signal::Signal::SIGINT);
+        // nginx stops gracefully on SIGQUIT (SIGINT is its fast stop).
+        signal(
+            &child,
+            if s.nginx {
+                nix::sys::signal::Signal::SIGQUIT
+            } else {
+                nix::sys::signal::Signal::SIGINT
+            },
+        );
         let _ = child.wait();
         let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
@@ -244,7 +388,7 @@ fn run_server(
             counts,
             requests,
             primary_cpu_s: match (cpu0, cpu1) {
-                (Some(a), Some(b)) if s.workers != "0" => Some((b - a) as f64 / tick),
+                (Some(a), Some(b)) if s.workers != "0" && !s.nginx => Some((b - a) as f64 / tick),
                 _ => None,
             },
             cpu_per_req_us: match (all0, all1) {
@@ -323,6 +467,8 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         c.draw_series(data.iter().map(|&(i, v)| {
             let color = if servers[i].starts_with("node") {
                 RGBColor(200, 90, 60)
+            } else if servers[i] == "nginx" {
+                RGBColor(70, 150, 80)
             } else {
                 RGBColor(60, 110, 190)
             };
@@ -366,6 +512,8 @@ fn main() {
                 policy,
                 workers: "2",
                 slow: false,
+                env: Vec::new(),
+                nginx: false,
             });
         }
     } else {
@@ -374,28 +522,70 @@ fn main() {
             baseline.display()
         );
     }
-    for policy in ["rr", "none", "reuseport", "leastconn"] {
+    // nginx's port comes after ours; its configuration lives in target/.
+    let nginx = find_nginx();
+    if let Some(nginx) = &nginx {
         servers.push(Server {
-            name: format!("ours {policy}"),
-            cmd: vec![ours.clone()],
-            policy,
+            name: "nginx".into(),
+            cmd: vec![nginx.clone()],
+            policy: "none",
             workers: "2",
-            slow: true,
+            slow: false,
+            env: Vec::new(),
+            nginx: true,
         });
     }
+    // Round-robin with the default handoff window, then wider ones.
+    servers.push(Server::ours("ours rr", &ours, "rr", None));
+    for window in ["2", "4"] {
+        let name = format!("ours rr w{window}");
+        servers.push(Server::ours(&name, &ours, "rr", Some(window)));
+    }
+    for policy in ["none", "reuseport", "leastconn"] {
+        servers.push(Server::ours(&format!("ours {policy}"), &ours, policy, None));
+    }
+    if let Ok(before) = std::env::var("COMPARE_BEFORE") {
+        for policy in ["rr", "leastconn"] {
+            let name = format!("before {policy}");
+            servers.push(Server::ours(&name, &before, policy, None));
+        }
+    }
     servers.push(Server {
-        name: "ours 1 process".into(),
-        cmd: vec![ours.clone()],
-        policy: "rr",
         workers: "0",
-        slow: true,
+        ..Server::ours("ours 1 process", &ours, "rr", None)
     });
+    if let Ok(only) = std::env::var("COMPARE_ONLY") {
+        let only: Vec<&str> = only.split(',').collect();
+        servers.retain(|s| only.iter().any(|o| s.name.contains(o)));
+    }
     // The load generator on a CPU of its own, the servers on the rest
     // (see `CpuSplit`); UVCLUSTER_PIN=0 lets them share all CPUs.
     let split = CpuSplit::from_env();
     let mut rows = Vec::new();
     for (i, s) in servers.iter().enumerate() {
-        run_server(s, split.as_ref(), 18900 + i as u16, secs, conns, &mut rows);
+        let port = 18900 + i as u16;
+        let s = if s.nginx {
+            let dir = uvcluster_bench::lab_dir()
+                .join(format!("../target/compare-nginx-{}", std::process::id()));
+            match nginx_command(&s.cmd[0], &dir, port) {
+                Ok(cmd) => &Server {
+                    cmd,
+                    name: s.name.clone(),
+                    env: Vec::new(),
+                    ..*s
+                },
+                Err(e) => {
+                    eprintln!("\n!!! nginx: cannot write its configuration: {e}: SKIPPED !!!\n");
+                    continue;
+                }
+            }
+        } else {
+            s
+        };
+        run_server(s, split.as_ref(), port, secs, conns, &mut rows);
+        if s.nginx {
+            let _ = std::fs::remove_dir_all(Path::new(&s.cmd[4]).parent().unwrap());
+        }
     }
     let placement = split.map_or_else(
         || "load generator and servers share all CPUs".to_string(),
