@@ -18,8 +18,7 @@ use std::rc::Rc;
 use util::*;
 use uvcluster::cluster::{self, ClusterError, Primary, SchedulingPolicy, Settings};
 use uvcluster::ipc::{ChannelError, DEFAULT_MAX_BAD_LINES, DEFAULT_REPORT_BAD_LINES, FrameError};
-use uvcluster::net::{ListenOptions, Server};
-use uvcluster::uv::{Loop, RunMode, Stream};
+use uvcluster::uv::{Loop, RunMode};
 
 const HELPER: &str = "helper_flood_cluster_worker";
 const GARBAGE_LINES: usize = 200_000;
@@ -39,34 +38,7 @@ fn helper_flood_cluster_worker() {
         .expect("started as a worker");
     match std::env::var("ROLE").unwrap().as_str() {
         "serve" => {
-            let server = Server::new(&mut lp, |lp, server, conn| {
-                let Stream::Tcp(t) = conn else {
-                    return server.close_connection(lp, conn);
-                };
-                let mut req = Vec::new();
-                lp.read_start(t, move |lp, t, r| match r {
-                    Ok(d) if !d.is_empty() => {
-                        req.extend_from_slice(d);
-                        if req.windows(4).any(|w| w == b"\r\n\r\n") {
-                            lp.read_stop(t).unwrap();
-                            let s = server;
-                            lp.write(
-                                t,
-                                &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
-                                move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)),
-                            )
-                            .unwrap();
-                        }
-                    }
-                    _ => server.close_connection(lp, Stream::Tcp(t)),
-                })
-                .unwrap();
-            });
-            server
-                .listen(&mut lp, ListenOptions::port(0), |_, _, r| {
-                    r.unwrap();
-                })
-                .unwrap();
+            serve_hello(&mut lp, 0);
         }
         "flood" => {
             let pipe = w.channel().unwrap().pipe();
@@ -148,15 +120,9 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     primary.setup_primary(
         &mut lp,
         Settings {
-            exec_path: Some(std::env::current_exe().unwrap().into()),
-            args: Some(
-                [HELPER, "--exact", "--nocapture", "--test-threads=1"]
-                    .map(OsString::from)
-                    .to_vec(),
-            ),
             scheduling_policy: Some(SchedulingPolicy::RoundRobin),
             silent: Some(true),
-            ..Settings::default()
+            ..helper_settings(HELPER)
         },
     );
     let role = |r: &str| {
@@ -309,14 +275,8 @@ fn a_worker_flooding_protocol_errors_is_cut_off() {
     primary.setup_primary(
         &mut lp,
         Settings {
-            exec_path: Some(std::env::current_exe().unwrap().into()),
-            args: Some(
-                [HELPER, "--exact", "--nocapture", "--test-threads=1"]
-                    .map(OsString::from)
-                    .to_vec(),
-            ),
             silent: Some(true),
-            ..Settings::default()
+            ..helper_settings(HELPER)
         },
     );
     let errors = Rc::new(RefCell::new(Vec::<String>::new()));

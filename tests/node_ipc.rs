@@ -640,8 +640,6 @@ fn helper_surrogate_worker() {
     if !is_helper("helper_surrogate_worker") {
         return;
     }
-    use uvcluster::net::{ListenOptions, Server};
-    use uvcluster::uv::Stream;
     let mut lp = Loop::new().unwrap();
     let w = uvcluster::cluster::setup_worker(&mut lp)
         .unwrap()
@@ -665,34 +663,7 @@ fn helper_surrogate_worker() {
         w.send_raw(lp, &reply).unwrap();
     });
     let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
-    let server = Server::new(&mut lp, |lp, server, conn| {
-        let Stream::Tcp(t) = conn else {
-            return server.close_connection(lp, conn);
-        };
-        let mut req = Vec::new();
-        lp.read_start(t, move |lp, t, r| match r {
-            Ok(d) if !d.is_empty() => {
-                req.extend_from_slice(d);
-                if req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    lp.read_stop(t).unwrap();
-                    let s = server;
-                    lp.write(
-                        t,
-                        &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
-                        move |lp, t, _| s.close_connection(lp, Stream::Tcp(t)),
-                    )
-                    .unwrap();
-                }
-            }
-            _ => server.close_connection(lp, Stream::Tcp(t)),
-        })
-        .unwrap();
-    });
-    server
-        .listen(&mut lp, ListenOptions::port(port), |_, _, r| {
-            r.unwrap();
-        })
-        .unwrap();
+    util::serve_hello(&mut lp, port);
     // The primary kills the worker when it is done.
     lp.run(uvcluster::uv::RunMode::Default).unwrap();
 }

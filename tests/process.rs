@@ -1071,17 +1071,6 @@ fn setup_worker_disables_stdio_inheritance() {
     primary.setup_primary(
         &mut lp,
         Settings {
-            exec_path: Some(std::env::current_exe().unwrap().into()),
-            args: Some(
-                [WORKER_CLOEXEC, "--exact", "--nocapture", "--test-threads=1"]
-                    .iter()
-                    .map(Into::into)
-                    .collect(),
-            ),
-            env: Some(vec![(
-                "UVCLUSTER_TEST_HELPER".into(),
-                WORKER_CLOEXEC.into(),
-            )]),
             stdio: Some(vec![
                 ForkStdio::Inherit,
                 ForkStdio::Inherit,
@@ -1089,7 +1078,7 @@ fn setup_worker_disables_stdio_inheritance() {
                 ForkStdio::Ipc,
                 ForkStdio::Pipe,
             ]),
-            ..Settings::default()
+            ..helper_settings(WORKER_CLOEXEC)
         },
     );
     let reports = Rc::new(RefCell::new(Vec::new()));

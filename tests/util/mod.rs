@@ -234,3 +234,56 @@ pub fn forward_stderr(child: &mut std::process::Child) {
         }
     });
 }
+
+/// Cluster settings that fork this test binary as the helper `name` (the
+/// primary's workers run that test alone, and know it by
+/// `UVCLUSTER_TEST_HELPER`).
+pub fn helper_settings(name: &str) -> uvcluster::cluster::Settings {
+    uvcluster::cluster::Settings {
+        exec_path: Some(std::env::current_exe().unwrap().into()),
+        args: Some(
+            [name, "--exact", "--nocapture", "--test-threads=1"]
+                .iter()
+                .map(Into::into)
+                .collect(),
+        ),
+        env: Some(vec![(HELPER_ENV.into(), name.into())]),
+        ..uvcluster::cluster::Settings::default()
+    }
+}
+
+/// A worker's HTTP server on `port` (through the primary when in a
+/// cluster): each connection gets one `hello world` answer once its request
+/// head is in, then is closed.
+pub fn serve_hello(lp: &mut Loop, port: u16) -> uvcluster::net::Server {
+    use uvcluster::net::{ListenOptions, Server};
+    use uvcluster::uv::Stream;
+    let server = Server::new(lp, |lp, server, conn| {
+        let Stream::Tcp(t) = conn else {
+            return server.close_connection(lp, conn);
+        };
+        let mut req = Vec::new();
+        lp.read_start(t, move |lp, t, r| match r {
+            Ok(d) if !d.is_empty() => {
+                req.extend_from_slice(d);
+                if req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    lp.read_stop(t).unwrap();
+                    lp.write(
+                        t,
+                        &[b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n"],
+                        move |lp, t, _| server.close_connection(lp, Stream::Tcp(t)),
+                    )
+                    .unwrap();
+                }
+            }
+            _ => server.close_connection(lp, Stream::Tcp(t)),
+        })
+        .unwrap();
+    });
+    server
+        .listen(lp, ListenOptions::port(port), |_, _, r| {
+            r.unwrap();
+        })
+        .unwrap();
+    server
+}
