@@ -81,13 +81,16 @@
 //! a call that takes a callback returns `Err`, the callback is dropped and
 //! never runs (libuv's rule).
 
+mod r#async;
 mod callback;
 mod context;
 mod errno;
 mod event_loop;
+mod fs_event;
 mod handle;
 mod loop_watcher;
 mod pipe;
+mod poll;
 mod process;
 mod signal;
 mod signum;
@@ -96,15 +99,17 @@ mod tcp;
 mod timer;
 mod udp;
 
+pub use r#async::AsyncSender;
 pub use callback::{CallbackSlot, Taken};
 pub use context::{Id, Ids};
 pub use errno::Errno;
 pub use event_loop::{Loop, RunMode};
 pub use handle::{
-    AnyHandle, Check, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Prepare, Process,
-    Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
+    AnyHandle, Async, Check, FsEvent, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Poll,
+    Prepare, Process, Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
 };
 pub use pipe::{PendingType, dup_fd_number, take_env_fd, take_env_var};
+pub use poll::PollEvents;
 pub use process::{ExitCb, ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
 pub use signum::{BadSignal, Signum};
 pub use stream::{OnEmfile, StreamId, StreamType};
