@@ -281,8 +281,21 @@ impl Loop {
     ///
     /// # Errors
     ///
-    /// `fd` cannot be made non-blocking.
+    /// `EPERM` for a fd epoll cannot watch (a regular file, a directory);
+    /// `EEXIST` for a fd this loop already watches (a started poll handle,
+    /// a socket handle of the loop); `fd` cannot be made non-blocking.
     pub fn poll_init(&mut self, fd: BorrowedFd<'_>) -> io::Result<Handle<Poll>> {
+        // libuv's uv__io_check_fd: epoll must accept the fd (it refuses
+        // regular files and directories with EPERM), and it must not be
+        // watched already by this loop (EEXIST).
+        let raw_fd = fd.as_raw_fd();
+        let reg = self.poll.registry();
+        reg.register(
+            &mut SourceFd(&raw_fd),
+            mio::Token(usize::MAX - 3),
+            Interest::READABLE,
+        )?;
+        reg.deregister(&mut SourceFd(&raw_fd))?;
         sys::fd::ensure_nonblock(fd)?;
         let st = PollState {
             fd: fd.as_raw_fd(),
