@@ -104,6 +104,7 @@ pub use callback::{CallbackSlot, Taken};
 pub use context::{Id, Ids};
 pub use errno::Errno;
 pub use event_loop::{Loop, RunMode};
+pub use fs_event::{FsEventFlags, FsEvents, InotifyOverflow, WatchLimit};
 pub use handle::{
     AnyHandle, Async, Check, FsEvent, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Poll,
     Prepare, Process, Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
