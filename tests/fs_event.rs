@@ -478,3 +478,33 @@ fn fs_event_queue_overflow_is_reported() {
     lp.run(RunMode::Default).unwrap();
     assert_loop_empty(&lp);
 }
+
+/// A watched file deleted: libuv reports `CHANGE` (the link count), then
+/// `RENAME` for `IN_DELETE_SELF` and `RENAME` for `IN_IGNORED`, all named
+/// after the file; the handle stays active (until stopped) and holds no
+/// watch any more.
+#[test]
+fn fs_event_watch_file_deleted() {
+    let dir = TempDir::new("file_deleted");
+    let file = dir.join("doomed");
+    fs::write(&file, b"").unwrap();
+    let mut lp = Loop::new().unwrap();
+    let h = lp.fs_event_init();
+    let log: Events = Default::default();
+    lp.fs_event_start(h, &file, FsEventFlags::new(), recorder(&log))
+        .unwrap();
+    fs::remove_file(&file).unwrap();
+    run_until(&mut lp, 5000, |_| log.borrow().len() == 3);
+    lp.run(RunMode::NoWait).unwrap();
+    let want: Vec<(String, FsEvents)> = [FsEvents::CHANGE, FsEvents::RENAME, FsEvents::RENAME]
+        .into_iter()
+        .map(|e| ("doomed".to_string(), e))
+        .collect();
+    assert_eq!(*log.borrow(), want);
+    assert!(lp.is_active(h));
+    assert_eq!(lp.fs_event_watch_count(h).unwrap(), 0);
+    lp.fs_event_stop(h).unwrap();
+    lp.close(h, |_| {}).unwrap();
+    lp.run(RunMode::Default).unwrap();
+    assert_loop_empty(&lp);
+}

@@ -554,9 +554,14 @@ impl Loop {
     /// directory, an event on an entry names the entry, relative to the
     /// directory (`new.txt`), and an event on the directory itself names
     /// the directory. [`FsEvents::CHANGE`] is a data or attribute change,
-    /// [`FsEvents::RENAME`] anything else (created, deleted, renamed); see
-    /// the [module docs](self) for the exact mapping, which is libuv's. A
-    /// rename inside a watched directory is two events, one per name.
+    /// [`FsEvents::RENAME`] anything else (created, deleted, renamed):
+    /// libuv's mapping, `CHANGE` for `IN_ATTRIB` or `IN_MODIFY` and `RENAME`
+    /// for any other bit of the inotify mask (so a directory's attribute
+    /// change, `IN_ATTRIB | IN_ISDIR`, is both). A rename inside a watched
+    /// directory is two events, one per name. Deleting a watched file
+    /// reports `CHANGE` (its link count), then `RENAME` twice (the deletion,
+    /// the watch's end); the handle stays active until stopped, and reports
+    /// nothing more.
     ///
     /// With [`FsEventFlags::recursive`] on a directory the whole tree is
     /// watched: one inotify watch per directory (files need none), added by

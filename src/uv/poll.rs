@@ -310,7 +310,10 @@ impl Loop {
     /// Watches the handle's fd for `events` (`uv_poll_start`): `cb` runs in
     /// the poll phase with the events that hold, a subset of `events`, and
     /// runs again in every iteration while they hold (level-triggered, as
-    /// libuv; see the [module docs](self)). The handle is active while
+    /// libuv's epoll: after each callback the handle re-arms its
+    /// registration, one `epoll_ctl`, and the kernel reports a condition
+    /// that still holds at the next poll; the loop still sleeps when nothing
+    /// is ready). The handle is active while
     /// started. Starting a started handle replaces its events and callback;
     /// starting with [`PollEvents::EMPTY`] stops it.
     ///
