@@ -280,6 +280,13 @@ fn state_mut(lp: &mut Loop, raw: RawHandle) -> io::Result<&mut FsEventState> {
     }
 }
 
+fn state(lp: &Loop, raw: RawHandle) -> io::Result<&FsEventState> {
+    match &lp.slot(raw)?.data {
+        Data::FsEvent(s) => Ok(s),
+        _ => unreachable!("a Handle<FsEvent> always names an fs event slot"),
+    }
+}
+
 fn ensure_inotify(lp: &mut Loop) -> io::Result<()> {
     if lp.inotify.ino.is_none() {
         let ino = Inotify::new()?;
@@ -668,21 +675,22 @@ impl Loop {
     /// # Errors
     ///
     /// A stale id.
-    pub fn fs_event_getpath(&mut self, h: Handle<FsEvent>) -> io::Result<Option<PathBuf>> {
-        Ok(state_mut(self, h.raw)?.path.clone())
+    pub fn fs_event_getpath(&self, h: Handle<FsEvent>) -> io::Result<Option<PathBuf>> {
+        Ok(state(self, h.raw)?.path.clone())
     }
 
     /// The number of directories (and files) a started handle watches:
     /// 1 for a file or a plain directory watch, one per directory of the
-    /// tree for a recursive one. 0 while stopped. Each is one inotify watch
+    /// tree for a recursive one. 0 while stopped, and for a watched path
+    /// that was deleted (the kernel ended its watch). Each is one inotify watch
     /// against `fs.inotify.max_user_watches`, shared with other handles
     /// that watch the same directory.
     ///
     /// # Errors
     ///
     /// A stale id.
-    pub fn fs_event_watch_count(&mut self, h: Handle<FsEvent>) -> io::Result<usize> {
-        Ok(state_mut(self, h.raw)?.wds.len())
+    pub fn fs_event_watch_count(&self, h: Handle<FsEvent>) -> io::Result<usize> {
+        Ok(state(self, h.raw)?.wds.len())
     }
 }
 
