@@ -485,7 +485,9 @@ fn on_event(lp: &mut Loop, ev: Event) {
             // libuv: the watched path's last component.
             None => base.clone(),
         };
-        if st.flags.is_ignored(&name) {
+        // The predicate judges entries; an event on the watched path itself
+        // (named by its last component) is always reported.
+        if ev.name.is_some() && st.flags.is_ignored(&name) {
             continue;
         }
         let recursive = st.flags.recursive;
