@@ -11,8 +11,9 @@
 //! worker (the interop tests run real `node`). Linux only.
 //!
 //! * [`uv`] — the loop and its handles (timers, idle/prepare/check, TCP,
-//!   pipes with fd passing, UDP, signals, processes), with libuv's phase
-//!   order and callback rules.
+//!   pipes with fd passing, UDP, signals, processes, wake-ups from other
+//!   threads, readiness of any fd, file system events), with libuv's
+//!   phase order and callback rules.
 //! * [`ipc`] — Node's IPC protocol over a [`uv::Pipe`]: newline-delimited
 //!   JSON, handle passing with ACK/NACK, seq/ack requests; [`ipc::fork`] is
 //!   Node's `child_process.fork`.
@@ -86,6 +87,13 @@
 //!   the child; a failure is a [`SpawnError`](uv::SpawnError) naming the
 //!   program), and [`disable_stdio_inheritance`](uv::disable_stdio_inheritance)
 //!   for a process that starts children (Node calls it at start-up).
+//! * Other threads, other fds, files:
+//!   [`Loop::async_init`](uv::Loop::async_init) and
+//!   [`AsyncSender`](uv::AsyncSender) (a coalesced wake-up from any
+//!   thread), [`Loop::poll_start`](uv::Loop::poll_start) (level-triggered
+//!   readiness of a fd the caller owns),
+//!   [`Loop::fs_event_start`](uv::Loop::fs_event_start) (inotify, optionally
+//!   recursive with an ignore predicate: what `--watch` is built on).
 //!
 //! # Example: a TCP echo server
 //!

@@ -7,6 +7,7 @@
 
 pub(crate) mod env;
 pub(crate) mod fd;
+pub(crate) mod inotify;
 pub(crate) mod process;
 pub(crate) mod scm_rights;
 pub(crate) mod signal;

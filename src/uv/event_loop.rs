@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::r#async::{AsyncState, LoopAsync};
 use super::context::Contexts;
+use super::fs_event::{FsEventState, LoopInotify};
 use super::handle::{AnyHandle, Handle, HandleId, RawHandle, flags, stale};
 use super::loop_watcher::{WatcherList, WatcherState};
+use super::poll::PollState;
 use super::process::{LoopProcesses, ProcessState};
 use super::signal::{LoopSignals, SignalState};
 use super::stream::StreamState;
@@ -52,6 +55,9 @@ pub(crate) enum Data {
     Udp(Box<UdpState>),
     Signal(SignalState),
     Process(Box<ProcessState>),
+    Async(AsyncState),
+    Poll(PollState),
+    FsEvent(Box<FsEventState>),
 }
 
 /// What a readiness event said, in the loop's own terms.
@@ -65,11 +71,18 @@ pub(crate) struct Ready {
     /// drained socket, since EOF is still to be read and, edge-triggered,
     /// no further event will announce it.
     pub(crate) read_closed: bool,
+    /// Urgent data (`EPOLLPRI`): only `Poll` handles ask for it.
+    pub(crate) priority: bool,
 }
 
 /// Token of the loop's signal self-pipe; handle tokens never reach it
 /// because generations are 32-bit and indices are below `u32::MAX`.
 pub(crate) const SIGNAL_TOKEN: mio::Token = mio::Token(usize::MAX);
+/// Token of the loop's waker, shared by its `Async` handles (`async.rs`).
+pub(crate) const WAKER_TOKEN: mio::Token = mio::Token(usize::MAX - 1);
+/// Token of the loop's inotify fd, shared by its `FsEvent` handles
+/// (`fs_event.rs`).
+pub(crate) const INOTIFY_TOKEN: mio::Token = mio::Token(usize::MAX - 2);
 
 /// How many times the pending queue is drained after poll (libuv: 8).
 const PENDING_AFTER_POLL: usize = 8;
@@ -135,6 +148,10 @@ pub struct Loop {
     // Read by signal.rs and process.rs (see `Data::Signal`).
     pub(crate) signals: LoopSignals,
     pub(crate) processes: LoopProcesses,
+    /// The waker and the `Async` handles it serves (`async.rs`).
+    pub(crate) asyncs: LoopAsync,
+    /// The inotify fd and its watches (`fs_event.rs`).
+    pub(crate) inotify: LoopInotify,
     /// The layers' state, one value per type (`context_mut`). Declared
     /// last, so it drops after the handles: nothing in it may need them.
     pub(crate) contexts: Contexts,
@@ -181,6 +198,8 @@ impl Loop {
             emfile_fd: None,
             signals: LoopSignals::default(),
             processes: LoopProcesses::default(),
+            asyncs: LoopAsync::default(),
+            inotify: LoopInotify::default(),
             contexts: Contexts::default(),
         })
     }
@@ -395,6 +414,9 @@ impl Loop {
             Data::Udp(_) => super::udp::close_now(self, raw),
             Data::Signal(_) => super::signal::close_now(self, raw),
             Data::Process(_) => super::process::close_now(self, raw),
+            Data::Async(_) => super::r#async::close_now(self, raw),
+            Data::Poll(_) => super::poll::close_now(self, raw),
+            Data::FsEvent(_) => super::fs_event::close_now(self, raw),
         }
         // A closing handle no longer counts as active; the closing list
         // keeps the loop alive until its callback has run.
@@ -451,6 +473,9 @@ impl Loop {
                 Data::Udp(_) => AnyHandle::Udp(Handle::from_raw(raw)),
                 Data::Signal(_) => AnyHandle::Signal(Handle::from_raw(raw)),
                 Data::Process(_) => AnyHandle::Process(Handle::from_raw(raw)),
+                Data::Async(_) => AnyHandle::Async(Handle::from_raw(raw)),
+                Data::Poll(_) => AnyHandle::Poll(Handle::from_raw(raw)),
+                Data::FsEvent(_) => AnyHandle::FsEvent(Handle::from_raw(raw)),
             })
         }
     }
@@ -650,11 +675,20 @@ impl Loop {
                 signalled = true;
                 continue;
             }
+            if ev.token() == WAKER_TOKEN {
+                super::r#async::dispatch(self);
+                continue;
+            }
+            if ev.token() == INOTIFY_TOKEN {
+                super::fs_event::dispatch(self);
+                continue;
+            }
             let ready = Ready {
                 readable: ev.is_readable() || ev.is_read_closed(),
                 writable: ev.is_writable() || ev.is_write_closed(),
                 error: ev.is_error(),
                 read_closed: ev.is_read_closed() || ev.is_error(),
+                priority: ev.is_priority(),
             };
             self.dispatch_io(RawHandle::from_token(ev.token().0), ready);
         }
@@ -677,6 +711,7 @@ impl Loop {
         match s.data {
             Data::Tcp(_) | Data::Pipe(_) => super::stream::on_io(self, raw, ready),
             Data::Udp(_) => super::udp::on_io(self, raw, ready),
+            Data::Poll(_) => super::poll::on_io(self, raw, ready),
             _ => {}
         }
     }

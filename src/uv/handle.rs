@@ -139,6 +139,12 @@ kinds! {
     Signal,
     /// A child process (`uv_process_t`).
     Process,
+    /// A wake-up from any thread (`uv_async_t`); see [`Loop::async_init`](crate::uv::Loop::async_init).
+    Async,
+    /// Readiness of an fd the user owns (`uv_poll_t`); see [`Loop::poll_start`](crate::uv::Loop::poll_start).
+    Poll,
+    /// A file or directory watch (`uv_fs_event_t`); see [`Loop::fs_event_start`](crate::uv::Loop::fs_event_start).
+    FsEvent,
 }
 
 /// Any handle, with its kind: what [`Loop::walk`](crate::uv::Loop::walk)
@@ -156,6 +162,9 @@ pub enum AnyHandle {
     Udp(Handle<Udp>),
     Signal(Handle<Signal>),
     Process(Handle<Process>),
+    Async(Handle<Async>),
+    Poll(Handle<Poll>),
+    FsEvent(Handle<FsEvent>),
 }
 
 impl<K: HandleType> From<Handle<K>> for AnyHandle {
@@ -328,6 +337,9 @@ impl sealed::Raw for AnyHandle {
             AnyHandle::Udp(h) => h.raw,
             AnyHandle::Signal(h) => h.raw,
             AnyHandle::Process(h) => h.raw,
+            AnyHandle::Async(h) => h.raw,
+            AnyHandle::Poll(h) => h.raw,
+            AnyHandle::FsEvent(h) => h.raw,
         }
     }
 }

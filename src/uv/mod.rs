@@ -15,6 +15,9 @@
 //! | [`Udp`] | [`Loop::udp_init`] | [`Loop::udp_bind`], [`Loop::udp_recv_start`], [`Loop::udp_send`] | `uv_udp_t` |
 //! | [`Signal`] | [`Loop::signal_init`] | [`Loop::signal_start`], [`Loop::signal_start_oneshot`] (with a [`Signum`]) | `uv_signal_t` |
 //! | [`Process`] | [`Loop::spawn`] | [`Loop::process_kill`] | `uv_process_t` |
+//! | [`Async`] | [`Loop::async_init`] | [`AsyncSender::send`] from any thread ([`Loop::async_sender`]), [`Loop::async_send`] | `uv_async_t` |
+//! | [`Poll`] | [`Loop::poll_init`] (a borrowed fd, never owned) | [`Loop::poll_start`] with [`PollEvents`], [`Loop::poll_stop`] | `uv_poll_t` |
+//! | [`FsEvent`] | [`Loop::fs_event_init`] | [`Loop::fs_event_start`] with [`FsEventFlags`] (recursive, ignore), [`Loop::fs_event_stop`] | `uv_fs_event_t` |
 //!
 //! # Ids, sockets and streams
 //!
@@ -43,7 +46,8 @@
 //! I/O, blocking until the next timer only in `Default` mode, or in `Once`
 //! mode when nothing was pending and no idle watcher was active, and never
 //! while a close or a deferred callback is waiting; signals, after the
-//! other events of the poll; pending callbacks again, up to 8 passes; check;
+//! other events of the poll (async callbacks and file system events run
+//! where their fd's event falls in the batch); pending callbacks again, up to 8 passes; check;
 //! close callbacks; then the time is refreshed and due timers run.
 //! [`RunMode::Once`] and [`RunMode::NoWait`] stop after one iteration;
 //! [`Loop::stop`] ends `run` after the current one.
@@ -81,13 +85,16 @@
 //! a call that takes a callback returns `Err`, the callback is dropped and
 //! never runs (libuv's rule).
 
+mod r#async;
 mod callback;
 mod context;
 mod errno;
 mod event_loop;
+mod fs_event;
 mod handle;
 mod loop_watcher;
 mod pipe;
+mod poll;
 mod process;
 mod signal;
 mod signum;
@@ -96,15 +103,18 @@ mod tcp;
 mod timer;
 mod udp;
 
+pub use r#async::AsyncSender;
 pub use callback::{CallbackSlot, Taken};
 pub use context::{Id, Ids};
 pub use errno::Errno;
 pub use event_loop::{Loop, RunMode};
+pub use fs_event::{FsEventFlags, FsEvents, InotifyOverflow, WatchLimit};
 pub use handle::{
-    AnyHandle, Check, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Prepare, Process,
-    Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
+    AnyHandle, Async, Check, FsEvent, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Poll,
+    Prepare, Process, Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
 };
 pub use pipe::{PendingType, dup_fd_number, take_env_fd, take_env_var};
+pub use poll::PollEvents;
 pub use process::{ExitCb, ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
 pub use signum::{BadSignal, Signum};
 pub use stream::{OnEmfile, StreamId, StreamType};
