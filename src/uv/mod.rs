@@ -86,6 +86,7 @@ mod context;
 mod errno;
 mod event_loop;
 mod handle;
+mod listen_fds;
 mod loop_watcher;
 mod pipe;
 mod process;
@@ -104,6 +105,7 @@ pub use handle::{
     AnyHandle, Check, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Prepare, Process,
     Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
 };
+pub use listen_fds::{ListenAddress, ListenFd, ListenFdsError};
 pub use pipe::{PendingType, dup_fd_number, take_env_fd, take_env_var};
 pub use process::{ExitCb, ProcessOptions, SpawnError, Stdio, disable_stdio_inheritance, kill};
 pub use signum::{BadSignal, Signum};

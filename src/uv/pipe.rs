@@ -104,16 +104,23 @@ impl Loop {
     }
 
     /// Binds the pipe to a filesystem path (`uv_pipe_bind`). The path is
-    /// unlinked when the handle closes.
+    /// unlinked when the handle closes. If the loop inherited a listener on
+    /// that path (socket activation, [`Loop::listen_fds`]) the handle takes
+    /// a duplicate of it instead, and leaves the path in place.
     ///
     /// # Errors
     ///
     /// A stale id, a handle that already has a socket (`EINVAL`), or the
     /// bind error (`EADDRINUSE` if the path exists, `EACCES`, `ENAMETOOLONG`).
     pub fn pipe_bind(&mut self, h: Handle<Pipe>, path: impl AsRef<Path>) -> io::Result<()> {
+        let inherited = super::listen_fds::take_unix(self, path.as_ref())?;
         let s = stream_mut(self, h.raw)?;
         if !matches!(s.sock, Sock::Unset) {
             return Err(einval("pipe_bind: the handle already has a socket"));
+        }
+        if let Some(fd) = inherited {
+            s.sock = Sock::Bound(fd); // socket activation: never unlinked here
+            return Ok(());
         }
         let fd = sys::fd::bind_unix(path.as_ref())?;
         s.sock = Sock::Bound(fd);
@@ -135,9 +142,12 @@ impl Loop {
     ) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let s = stream_ref(self, h.raw)?;
+        // An inherited (socket-activated) pipe has no bound_path: its own.
+        let own = s.sock.fd().and_then(|fd| sys::fd::local_unix_path(fd).ok());
         let path = s
             .bound_path
             .as_ref()
+            .or(own.as_ref().filter(|p| p.is_absolute()))
             .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EBADF))?;
         let mut mode = std::fs::metadata(path)?.permissions().mode();
         if readable {
