@@ -228,9 +228,15 @@ pub(crate) fn take_unix(lp: &mut Loop, path: &Path) -> io::Result<Option<OwnedFd
     } else {
         std::env::current_dir()?.join(path)
     };
+    // `dir/../x` and symlinked directories: the directory made canonical.
+    let canonical = abs
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .zip(abs.file_name())
+        .map(|(d, f)| d.join(f));
     let table = lp.context_mut::<ListenFds>();
     let Some(i) = table.fds.iter_mut().find(|i| match &i.address {
-        ListenAddress::Unix(p) => *p == abs || p == path,
+        ListenAddress::Unix(p) => *p == abs || p == path || Some(p) == canonical.as_ref(),
         _ => false,
     }) else {
         return Ok(None);
