@@ -69,12 +69,15 @@ impl Drop for TempDir {
     }
 }
 
+/// A process's exit: code and signal, once it has exited.
+type Exit = Rc<Cell<Option<(i64, Option<Signum>)>>>;
+
 /// A service started by `systemd-socket-activate`: its output and its exit.
 struct Service {
     process: Handle<Process>,
     out: Rc<RefCell<String>>,
     err: Rc<RefCell<String>>,
-    exit: Rc<Cell<Option<(i64, Option<Signum>)>>>,
+    exit: Exit,
 }
 
 impl Service {

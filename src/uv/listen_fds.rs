@@ -248,11 +248,46 @@ pub(crate) fn take_unix(lp: &mut Loop, path: &Path) -> io::Result<Option<OwnedFd
 
 impl Loop {
     /// The sockets this loop inherited for socket activation (systemd's
-    /// `LISTEN_FDS`, taken by the first loop of the process) or was given
-    /// with [`listen_fd_add`](Self::listen_fd_add), in fd order, with their
+    /// `LISTEN_FDS`, `sd_listen_fds(3)`) or was given with
+    /// [`listen_fd_add`](Self::listen_fd_add), in fd order, with their
     /// names, addresses and whether a bind has used them. Empty when the
-    /// process was not socket-activated. See the [module docs](self) for
-    /// how a bind matches them.
+    /// process was not socket-activated.
+    ///
+    /// The first loop a process creates takes the fds that
+    /// `LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES` name (fds from 3; only
+    /// if `LISTEN_PID` is this process). The variables are removed from the
+    /// environment, so no child inherits them, and the fds are made
+    /// `FD_CLOEXEC` and non-blocking. Create that loop before spawning
+    /// threads (removing a variable races with other threads' reads).
+    ///
+    /// [`tcp_bind`](Self::tcp_bind) and [`pipe_bind`](Self::pipe_bind)
+    /// look the address up first, and a match gives the handle a duplicate
+    /// of the inherited socket instead of binding. Every listening socket
+    /// of the library is made by one of them (a standalone `net::Server`,
+    /// the cluster primary's round-robin and shared handles, the
+    /// per-worker binds of `ReusePort`), so every path and every
+    /// scheduling policy takes it. The table keeps the original open: the
+    /// address can be bound again (a server that closes and listens again,
+    /// a replaced worker, a second `ReusePort` worker), and the process
+    /// never closes the socket while it runs. The rules:
+    ///
+    /// * TCP (IPv4 or IPv6): the inherited listener whose `getsockname`
+    ///   equals the address; failing that, a wildcard address (`0.0.0.0`
+    ///   or `::`, what Node and `net::Server` bind when no host is given)
+    ///   takes an inherited listener on the same port whatever its
+    ///   address: the socket unit, not the application, chooses the
+    ///   interface. Port 0 never matches.
+    /// * Unix: the inherited listener bound to the same path (a relative
+    ///   path is taken from the current directory). The handle does not
+    ///   unlink the path when it closes: the file is the service
+    ///   manager's.
+    /// * `SO_REUSEPORT` asked for an inherited address (the `ReusePort`
+    ///   policy) cannot split one socket: every worker gets the same
+    ///   socket, which is the `None` policy for that address (logged once
+    ///   per socket at info level).
+    ///
+    /// Inherited sockets that nothing binds stay open (a reload may bind
+    /// them): [`listen_fds_report_unused`](Self::listen_fds_report_unused).
     ///
     /// # Errors
     ///
