@@ -693,3 +693,49 @@ fn bad_systemd_variables_are_refused_with_their_name() {
         );
     }
 }
+
+/// The unit files `docs/` ships pass `systemd-analyze verify` (the
+/// `systemd` package's own checker: unknown keys, bad values, a missing
+/// `ExecStart` program), with `ExecStart` pointed at this build and the
+/// test's worker script.
+#[test]
+fn shipped_unit_files_pass_systemd_analyze_verify() {
+    require_socket_activate();
+    require_node();
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let dir = TempDir::new("units");
+    let service = std::fs::read_to_string(docs.join("uvcluster.service")).unwrap();
+    let node = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v node"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let exec = "ExecStart=/usr/local/bin/uvcluster run --workers 4 --policy none -- /usr/bin/node /srv/app/server.js";
+    assert!(service.contains(exec), "the shipped ExecStart changed");
+    let service = service.replace(
+        exec,
+        &format!(
+            "ExecStart={} run --workers 4 --policy none -- {} {}",
+            cli_bin().display(),
+            node.trim(),
+            node_worker()
+        ),
+    );
+    std::fs::write(dir.0.join("uvcluster.service"), service).unwrap();
+    std::fs::copy(
+        docs.join("uvcluster.socket"),
+        dir.0.join("uvcluster.socket"),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "./uvcluster.socket", "./uvcluster.service"])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.trim(), "", "systemd-analyze complained");
+}
