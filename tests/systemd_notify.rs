@@ -166,6 +166,9 @@ fn watchdog_pings_from_the_loop_at_half_the_interval() {
         .unwrap()
         .with_watchdog(Duration::from_millis(200));
     assert_eq!(n.watchdog_interval(), Some(Duration::from_millis(200)));
+    // Timers count from the loop's cached time: refresh it, so that the
+    // pings are measured from when the timer really starts.
+    lp.update_time();
     let started = Instant::now();
     let t = n.start_watchdog(&mut lp).unwrap().unwrap();
     assert!(!lp.alive(), "the watchdog timer keeps the loop alive");
