@@ -341,6 +341,8 @@ fn socket_activate_reuseport_shares_the_one_inherited_socket() {
 /// The tool binds a Unix socket itself (`-l PATH`); the workers listen on
 /// that path through the primary and get the inherited socket (a bind
 /// would fail: the path exists); the path is not unlinked by the primary.
+/// A second inherited socket that nothing listens on stays open and is
+/// reported once, when every worker listens.
 #[test]
 fn socket_activate_unix_path_rr_and_none() {
     require_node();
@@ -348,13 +350,15 @@ fn socket_activate_unix_path_rr_and_none() {
     for policy in ["rr", "none"] {
         let dir = TempDir::new("unix");
         let path = dir.0.join("app.sock");
+        let spare = dir.0.join("spare.sock");
         let mut lp = Loop::new().unwrap();
         let svc = activate(
             &mut lp,
             None,
             &[
                 format!("--listen={}", path.display()),
-                "--fdname=api".into(),
+                format!("--listen={}", spare.display()),
+                "--fdname=api:spare".into(),
             ],
             &[("LISTEN_PATH", path.display().to_string())],
             &uvcluster_run(2, policy, &["node", node_worker()]),
@@ -368,8 +372,19 @@ fn socket_activate_unix_path_rr_and_none() {
         for b in &bodies {
             worker_pid(b);
         }
+        let unused = format!(
+            "inherited fd 4 (spare, {}) is not used by any listener; it stays open",
+            spare.display()
+        );
+        let err = svc.err.clone();
+        run_until(&mut lp, LIMIT_MS, |_| {
+            let e = err.borrow();
+            e.contains(&unused) && e.matches("listening on").count() == 2
+        });
         svc.stop(&mut lp);
         let err = svc.err.borrow().clone();
+        assert_eq!(err.matches(&unused).count(), 1, "{err}");
+        assert_eq!(err.matches("listening on").count(), 2, "{err}");
         assert!(
             err.contains(&format!("socket activation: fd 3 (api) {}", path.display())),
             "{err}"
