@@ -624,6 +624,14 @@ fn inherited_sockets_are_matched_by_address_and_outlive_their_handles() {
     lp.listen_fd_add(OwnedFd::from(unix), "unix").unwrap();
     let p = lp.pipe_init(false);
     lp.pipe_bind(p, &path).unwrap();
+    // `readableAll`/`writableAll` reach the inherited socket's path.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        lp.pipe_chmod(p, true, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o766, "{mode:o}");
+    }
     lp.pipe_listen(p, 16, |lp, _, c| {
         lp.close_if_open(c.unwrap());
     })

@@ -96,15 +96,14 @@ impl Loop {
         addr: SocketAddr,
         flags: BindFlags,
     ) -> io::Result<()> {
-        let inherited = super::listen_fds::take_tcp(self, &addr, flags.reuse_port)?;
-        let s = stream_mut(self, h.raw)?;
-        if !matches!(s.sock, Sock::Unset) {
+        if !matches!(stream_mut(self, h.raw)?.sock, Sock::Unset) {
             return Err(einval("tcp_bind: the handle already has a socket"));
         }
-        if let Some(fd) = inherited {
-            s.sock = Sock::Bound(fd); // socket activation (listen_fds.rs)
+        if let Some(fd) = super::listen_fds::take_tcp(self, &addr, flags.reuse_port)? {
+            stream_mut(self, h.raw)?.sock = Sock::Bound(fd); // socket activation
             return Ok(());
         }
+        let s = stream_mut(self, h.raw)?;
         let opts = BindOpts {
             ipv6_only: flags.ipv6_only,
             reuse_addr: true,
