@@ -24,6 +24,10 @@
 //!   scheduling, and our `reuseport` and `leastconn` policies. Its docs
 //!   show a Rust primary and Rust workers in one binary, and the
 //!   restart-on-exit pattern.
+//! * [`systemd`] — readiness and watchdog notification for a systemd
+//!   service ([`systemd::Notifier`]); socket activation is the loop's
+//!   ([`Loop::listen_fds`](uv::Loop::listen_fds)): a bind of an inherited
+//!   socket's address takes that socket.
 //!
 //! Messages are [`serde_json::Value`]s: the crate re-exports
 //! [`serde_json`], so `uvcluster::serde_json::json!` builds one without a
@@ -137,6 +141,7 @@ pub mod cluster;
 pub mod ipc;
 pub mod net;
 mod sys;
+pub mod systemd;
 pub mod uv;
 
 /// The JSON crate of every message this crate sends and receives

@@ -6,6 +6,10 @@
 //! ...` works). Workers' listening addresses and exits are logged on stderr. SIGINT or SIGTERM asks every
 //! worker to disconnect gracefully; a second one kills them. The command
 //! exits once its workers are gone: 0 if all of them exited 0.
+//!
+//! Under systemd (`docs/systemd.md`) it takes socket-activated listeners
+//! (`LISTEN_FDS`) and notifies readiness (`NOTIFY_SOCKET`): see
+//! `systemd.rs`.
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -15,7 +19,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use uvcluster::cluster::{Primary, SchedulingPolicy, Settings, Worker};
+use uvcluster::systemd::Notifier;
 use uvcluster::uv::{Loop, RunMode, Signum};
+
+mod systemd;
 
 const USAGE: &str = "usage: uvcluster run [--workers|-w N] [--policy|-p rr|none|reuseport|leastconn] -- COMMAND [ARGS...]";
 
@@ -128,7 +135,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> io::Result<bool> {
     uvcluster::uv::disable_stdio_inheritance();
-    let mut lp = Loop::new()?;
+    let notify = Notifier::from_env()?; // before any worker inherits NOTIFY_SOCKET
+    let mut lp = Loop::new()?; // takes LISTEN_FDS (socket activation)
+    let sd = Rc::new(systemd::Systemd::start(&mut lp, notify, args.workers)?);
     let primary = Primary::new();
     let mut command = args.command.into_iter();
     primary.setup_primary(
@@ -143,7 +152,14 @@ fn run(args: Args) -> io::Result<bool> {
     );
     let all_ok = Rc::new(Cell::new(true));
     let ok = all_ok.clone();
+    let (sd_exit, p) = (sd.clone(), primary.clone());
     primary.on_exit(move |_, w, code, signal| {
+        let alive = p
+            .workers()
+            .iter()
+            .filter(|o| !o.is_dead() && o.id() != w.id())
+            .count();
+        sd_exit.exited(w.id(), alive);
         let pid = w.pid().unwrap_or(0);
         match (code, signal) {
             (Some(0), _) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
@@ -165,7 +181,9 @@ fn run(args: Args) -> io::Result<bool> {
             (None, None) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
         }
     });
-    primary.on_listening(|_, w, a| {
+    let sd_listening = sd.clone();
+    primary.on_listening(move |lp, w, a| {
+        sd_listening.listening(lp, w.id());
         let pid = w.pid().unwrap_or(0);
         let addr = a.address.as_deref().unwrap_or("*");
         match a.port {
@@ -195,7 +213,11 @@ fn run(args: Args) -> io::Result<bool> {
         let p = primary.clone();
         let stopping = stopping.clone();
         let forked = forked.clone();
+        let sd = sd.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
+            if !stopping.get() {
+                sd.stopping(forked.borrow().iter().filter(|w| !w.is_dead()).count());
+            }
             if stopping.replace(true) {
                 for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
                     let _ = w.kill(lp, Some(Signum::SIGKILL));

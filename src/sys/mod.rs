@@ -8,6 +8,8 @@
 pub(crate) mod env;
 pub(crate) mod fd;
 pub(crate) mod inotify;
+pub(crate) mod listen_fds;
+pub(crate) mod notify;
 pub(crate) mod process;
 pub(crate) mod scm_rights;
 pub(crate) mod signal;

@@ -177,7 +177,7 @@ impl Loop {
     ///
     /// Fails if the OS refuses a new epoll instance (for example on EMFILE).
     pub fn new() -> io::Result<Loop> {
-        Ok(Loop {
+        let mut lp = Loop {
             poll: mio::Poll::new()?,
             events: mio::Events::with_capacity(1024),
             slots: Slab::new(),
@@ -201,7 +201,10 @@ impl Loop {
             asyncs: LoopAsync::default(),
             inotify: LoopInotify::default(),
             contexts: Contexts::default(),
-        })
+        };
+        // Socket activation: the first loop takes LISTEN_FDS (listen_fds.rs).
+        super::listen_fds::adopt_from_env(&mut lp);
+        Ok(lp)
     }
 
     // ----- handle table -------------------------------------------------

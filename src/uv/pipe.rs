@@ -104,17 +104,24 @@ impl Loop {
     }
 
     /// Binds the pipe to a filesystem path (`uv_pipe_bind`). The path is
-    /// unlinked when the handle closes.
+    /// unlinked when the handle closes. If the loop inherited a listener on
+    /// that path (socket activation, [`Loop::listen_fds`]) the handle takes
+    /// a duplicate of it instead, and leaves the path in place.
     ///
     /// # Errors
     ///
     /// A stale id, a handle that already has a socket (`EINVAL`), or the
     /// bind error (`EADDRINUSE` if the path exists, `EACCES`, `ENAMETOOLONG`).
     pub fn pipe_bind(&mut self, h: Handle<Pipe>, path: impl AsRef<Path>) -> io::Result<()> {
-        let s = stream_mut(self, h.raw)?;
-        if !matches!(s.sock, Sock::Unset) {
+        if !matches!(stream_mut(self, h.raw)?.sock, Sock::Unset) {
             return Err(einval("pipe_bind: the handle already has a socket"));
         }
+        if let Some(fd) = super::listen_fds::take_unix(self, path.as_ref())? {
+            // Socket activation: no bound_path, so never unlinked here.
+            stream_mut(self, h.raw)?.sock = Sock::Bound(fd);
+            return Ok(());
+        }
+        let s = stream_mut(self, h.raw)?;
         let fd = sys::fd::bind_unix(path.as_ref())?;
         s.sock = Sock::Bound(fd);
         s.bound_path = Some(path.as_ref().to_path_buf());
@@ -122,11 +129,15 @@ impl Loop {
     }
 
     /// Sets who may connect to a bound pipe's path (`uv_pipe_chmod`): read
-    /// and/or write permission for everyone.
+    /// and/or write permission for everyone. A listener the handle did not
+    /// bind itself (adopted, or inherited by socket activation) is changed
+    /// at the path it is bound to, as libuv reads it with
+    /// `uv_pipe_getsockname`.
     ///
     /// # Errors
     ///
-    /// A stale id, a pipe not bound to a path (`EBADF`), or `chmod`'s error.
+    /// A stale id, a pipe not bound to a filesystem path (`EBADF`), or
+    /// `chmod`'s error.
     pub fn pipe_chmod(
         &mut self,
         h: Handle<Pipe>,
@@ -135,18 +146,24 @@ impl Loop {
     ) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let s = stream_ref(self, h.raw)?;
+        // A socket this handle did not bind (socket-activated, adopted) has
+        // no bound_path: its own name, as libuv's uv_pipe_chmod reads it.
         let path = s
             .bound_path
-            .as_ref()
+            .clone()
+            .or_else(|| s.sock.fd().and_then(|fd| sys::fd::local_unix_path(fd).ok()))
+            .filter(|p| {
+                !p.as_os_str().is_empty() && !p.as_os_str().as_encoded_bytes().starts_with(b"\0")
+            })
             .ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EBADF))?;
-        let mut mode = std::fs::metadata(path)?.permissions().mode();
+        let mut mode = std::fs::metadata(&path)?.permissions().mode();
         if readable {
             mode |= 0o444;
         }
         if writable {
             mode |= 0o222;
         }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
     }
 
     /// Listens for connections on a bound pipe (`uv_listen`). See

@@ -83,6 +83,8 @@ impl Loop {
     /// Binds the handle to `addr` (`uv_tcp_bind`), creating its socket with
     /// `SO_REUSEADDR` set. As in libuv, `EADDRINUSE` is not reported here
     /// but by the following [`tcp_listen`](Self::tcp_listen) (or connect).
+    /// If the loop inherited a listener for `addr` (socket activation,
+    /// [`Loop::listen_fds`]), the handle takes a duplicate of it instead.
     ///
     /// # Errors
     ///
@@ -94,10 +96,14 @@ impl Loop {
         addr: SocketAddr,
         flags: BindFlags,
     ) -> io::Result<()> {
-        let s = stream_mut(self, h.raw)?;
-        if !matches!(s.sock, Sock::Unset) {
+        if !matches!(stream_mut(self, h.raw)?.sock, Sock::Unset) {
             return Err(einval("tcp_bind: the handle already has a socket"));
         }
+        if let Some(fd) = super::listen_fds::take_tcp(self, &addr, flags.reuse_port)? {
+            stream_mut(self, h.raw)?.sock = Sock::Bound(fd); // socket activation
+            return Ok(());
+        }
+        let s = stream_mut(self, h.raw)?;
         let opts = BindOpts {
             ipv6_only: flags.ipv6_only,
             reuse_addr: true,
