@@ -221,7 +221,7 @@ fn fail_closed_reload_keeps_the_old_workers_serving() {
     // Let the load run on a little after the failure.
     let ok = load.ok.clone();
     let base = ok.load(std::sync::atomic::Ordering::SeqCst);
-    util::run_until(&mut lp, 20_000, move |_| {
+    run_until_threads(&mut lp, 20_000, move || {
         ok.load(std::sync::atomic::Ordering::SeqCst) > base + 50
     });
     let errors = load.finish(&mut lp, 20_000);
@@ -431,4 +431,38 @@ fn sigttin_sigttou_and_sighup() {
         util::run_until(&mut lp, 20_000, move |_| exit.get().is_some());
         assert_eq!(s.exit.get(), Some(0));
     });
+}
+
+/// A lone worker's crash: the listening socket stays open across its
+/// restart, so clients that connect meanwhile wait and are served by the
+/// replacement (Node closes a handle when its last worker leaves).
+fn lone_worker_restart_keeps_the_listener(policy: SchedulingPolicy) {
+    let mut lp = Loop::new().unwrap();
+    let s = rust(&mut lp, "serve", policy, config(1));
+    start_ready(&mut lp, &s, 1);
+    let victim = s.pids(&lp)[0];
+    kill(victim, Signal::SIGKILL);
+    let load = Load::start(s.port.get(), 2, 10);
+    util::run_until(&mut lp, 20_000, |lp| {
+        s.ready_workers(lp) == 1 && !s.pids(lp).contains(&victim)
+    });
+    let errors = load.finish(&mut lp, 20_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.count("restarting in 100 ms"), 1, "{}", s.lines());
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn lone_worker_restart_keeps_the_listener_round_robin() {
+    lone_worker_restart_keeps_the_listener(SchedulingPolicy::RoundRobin);
+}
+
+#[test]
+fn lone_worker_restart_keeps_the_listener_none() {
+    lone_worker_restart_keeps_the_listener(SchedulingPolicy::None);
+}
+
+#[test]
+fn lone_worker_restart_keeps_the_listener_reuseport() {
+    lone_worker_restart_keeps_the_listener(SchedulingPolicy::ReusePort);
 }

@@ -150,7 +150,7 @@ fn node_fail_closed_reload_of_a_syntax_error_loses_nothing() {
     );
     let ok = load.ok.clone();
     let base = ok.load(Ordering::SeqCst);
-    util::run_until(&mut lp, 30_000, move |_| {
+    run_until_threads(&mut lp, 30_000, move || {
         ok.load(Ordering::SeqCst) > base + 50
     });
     let errors = load.finish(&mut lp, 30_000);

@@ -218,12 +218,24 @@ impl Load {
     pub fn finish(mut self, lp: &mut Loop, limit_ms: u64) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
         let (finished, n) = (self.finished.clone(), self.threads);
-        util::run_until(lp, limit_ms, move |_| finished.load(Ordering::SeqCst) == n);
+        run_until_threads(lp, limit_ms, move || finished.load(Ordering::SeqCst) == n);
         for h in self.handles.drain(..) {
             h.join().unwrap();
         }
         std::mem::take(&mut self.errors.lock().unwrap())
     }
+}
+
+/// [`util::run_until`] for a condition that client threads make true:
+/// they cannot wake the loop, so a 5 ms ticker does (the loop may
+/// otherwise have nothing to wake it under the shared-socket policies,
+/// where the kernel, not the primary, hands out the connections).
+pub fn run_until_threads(lp: &mut Loop, limit_ms: u64, cond: impl Fn() -> bool) {
+    let t = lp.timer_init();
+    let tick = Duration::from_millis(5);
+    lp.timer_start(t, tick, tick, |_, _| {}).unwrap();
+    util::run_until(lp, limit_ms, |_| cond());
+    lp.close_if_open(t);
 }
 
 /// Reloads `k` times in a row (each after the previous one finished),
