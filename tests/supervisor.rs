@@ -466,3 +466,85 @@ fn lone_worker_restart_keeps_the_listener_none() {
 fn lone_worker_restart_keeps_the_listener_reuseport() {
     lone_worker_restart_keeps_the_listener(SchedulingPolicy::ReusePort);
 }
+
+// ----- the README's main job --------------------------------------------
+
+/// `cluster_hello`'s primary runs on the supervisor: a worker killed is
+/// replaced, SIGHUP reloads every worker under load without a failed
+/// request, SIGTERM stops it with exit code 0.
+#[test]
+fn cluster_hello_restarts_a_killed_worker_and_reloads_on_sighup() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    let mut child = Command::new(util::example("cluster_hello"))
+        .env("PORT", "0")
+        .env("WORKERS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let (tx, lines) = mpsc::channel::<String>();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let limit = Duration::from_secs(20);
+    let wait_for = |what: &str| -> String {
+        loop {
+            let l = lines
+                .recv_timeout(limit)
+                .unwrap_or_else(|_| panic!("no line with {what:?}"));
+            if l.contains(what) {
+                return l;
+            }
+        }
+    };
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), "ready");
+    let port: u16 = wait_for("listening on port")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let children = || -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    let victim = children()[0];
+    kill(victim, Signal::SIGKILL);
+    wait_for("exited unexpectedly: killed by SIGKILL");
+    wait_for("restarting in 100 ms");
+    wait_for("ready (slot");
+    assert!(!children().contains(&victim));
+    let load = Load::start(port, 4, 100_000);
+    kill(pid, Signal::SIGHUP);
+    wait_for("reload finished: 2 worker(s) replaced");
+    let served = load.ok();
+    let errors = load.finish_blocking();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(served > 0);
+    kill(pid, Signal::SIGTERM);
+    let (stx, srx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = stx.send(child.wait().unwrap());
+    });
+    let status = srx.recv_timeout(limit).unwrap_or_else(|_| {
+        kill(pid, Signal::SIGKILL);
+        panic!("cluster_hello did not exit after SIGTERM");
+    });
+    assert_eq!(status.code(), Some(0));
+}
