@@ -1115,7 +1115,7 @@ impl Core {
                 }
             }
         } else if sig == Signum::SIGQUIT {
-            if !self.stop.is_some_and(|s| !s.graceful) {
+            if self.stop.is_none_or(|s| s.graceful) {
                 self.begin_stop(now, false, Some(sig));
             }
         } else if sig == Signum::SIGHUP {
