@@ -28,13 +28,17 @@
 //!   service ([`systemd::Notifier`]); socket activation is the loop's
 //!   ([`Loop::listen_fds`](uv::Loop::listen_fds)): a bind of an inherited
 //!   socket's address takes that socket.
+//! * [`supervisor`] — what Node leaves to PM2: a
+//!   [`Supervisor`](supervisor::Supervisor) on a primary restarts workers
+//!   with backoff, reloads them one at a time without losing a connection,
+//!   drains, scales and stops gracefully.
 //!
 //! Messages are [`serde_json::Value`]s: the crate re-exports
 //! [`serde_json`], so `uvcluster::serde_json::json!` builds one without a
 //! dependency of your own, and [`Signum`] names the signals that the
 //! signal and process functions take (`Signum::SIGTERM`).
 //!
-//! Layers point one way, `sys ← uv ← ipc ← net ← cluster`: only the private
+//! Layers point one way, `sys ← uv ← ipc ← net ← cluster ← supervisor`: only the private
 //! `sys` module holds `unsafe` code and raw fds, and only [`uv`] names
 //! `mio`. `ARCHITECTURE.md` at the repository root describes the model in
 //! full.
@@ -140,6 +144,7 @@
 pub mod cluster;
 pub mod ipc;
 pub mod net;
+pub mod supervisor;
 mod sys;
 pub mod systemd;
 pub mod uv;
