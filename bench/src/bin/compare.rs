@@ -280,8 +280,14 @@ fn run_server(
             .env("WORKERS", s.workers)
             .env("NODE_CLUSTER_SCHED_POLICY", s.policy)
             .envs(s.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stdout(Stdio::piped());
+        // The server's stderr goes to a file, shown when it never gets ready.
+        let err_path =
+            std::env::temp_dir().join(format!("uvc-compare-{}-{port}.stderr", std::process::id()));
+        match std::fs::File::create(&err_path) {
+            Ok(f) => cmd.stderr(f),
+            Err(_) => cmd.stderr(Stdio::null()),
+        };
         let spawned = match split {
             Some(split) => split.spawn(&mut cmd),
             None => cmd.spawn(),
@@ -300,7 +306,13 @@ fn run_server(
             wait_for(&rx, |l| l.trim() == "ready").is_some()
         };
         if !ready {
-            eprintln!("{}: never ready", s.name);
+            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+            let tail: Vec<&str> = err.lines().rev().take(10).collect();
+            eprintln!("{}: never ready; its stderr ends:", s.name);
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+            let _ = std::fs::remove_file(&err_path);
             let _ = child.kill();
             let _ = child.wait();
             return;
@@ -367,6 +379,7 @@ fn run_server(
             },
         );
         let _ = child.wait();
+        let _ = std::fs::remove_file(&err_path);
         let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
             .flatten()
