@@ -1,0 +1,407 @@
+//! `uvcluster run`'s options from their three sources: the command line,
+//! the configuration file (`uvcluster.toml`) and the environment.
+//!
+//! Every option has one name, its long flag without the dashes, used as the
+//! file's key too (`--kill-timeout 10s` ↔ `kill-timeout = "10s"`), and one
+//! parser (`values.rs`), so a value means the same and a bad one reads the
+//! same wherever it comes from. Precedence: a flag overrides the file, the
+//! file overrides the environment, the environment overrides the default.
+//! The environment comes last because its variables are a deployment's
+//! defaults (`WEB_CONCURRENCY`, as gunicorn reads it) or a process-wide
+//! setting a program may override (Node lets `cluster.schedulingPolicy`, set
+//! in code, win over `NODE_CLUSTER_SCHED_POLICY`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use uvcluster::cluster::{DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, SchedulingPolicy};
+use uvcluster::supervisor::{ReadyMode, RestartPolicy, SupervisorConfig};
+
+use crate::values;
+
+/// The configuration file read when `--config` is not given, if it exists
+/// in the working directory.
+pub const DEFAULT_CONFIG: &str = "uvcluster.toml";
+
+/// The environment variables `run` reads, with the option each stands for.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("WEB_CONCURRENCY", "workers"),
+    ("NODE_CLUSTER_SCHED_POLICY", "policy"),
+    (HANDOFF_WINDOW_ENV, "handoff-window"),
+];
+
+/// What `uvcluster run` was asked to do, every option resolved.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// The supervisor's options.
+    pub supervisor: SupervisorConfig,
+    /// How connections are spread over workers.
+    pub policy: SchedulingPolicy,
+    /// Connections in flight to one worker at a time.
+    pub handoff_window: usize,
+    /// Prefix each line of worker output with the worker's id.
+    pub prefix_output: bool,
+    /// The program and its arguments.
+    pub command: Vec<OsString>,
+    /// The configuration file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// An option's kind: how its value is parsed, and whether a flag takes a
+/// value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A flag without a value (`--wait-ready`; `--wait-ready=false`), a
+    /// boolean in the file.
+    Switch,
+    /// A flag with a value.
+    Value,
+}
+
+/// Every option: its name (flag and key), short flag, kind.
+const OPTIONS: &[(&str, Option<char>, Kind)] = &[
+    ("workers", Some('w'), Kind::Value),
+    ("policy", Some('p'), Kind::Value),
+    ("restart", None, Kind::Value),
+    ("wait-ready", None, Kind::Switch),
+    ("ready-timeout", None, Kind::Value),
+    ("kill-timeout", None, Kind::Value),
+    ("reload-batch", None, Kind::Value),
+    ("worker-timeout", None, Kind::Value),
+    ("max-memory", None, Kind::Value),
+    ("memory-check-interval", None, Kind::Value),
+    ("max-connections", None, Kind::Value),
+    ("max-connections-jitter", None, Kind::Value),
+    ("backoff-initial", None, Kind::Value),
+    ("backoff-cap", None, Kind::Value),
+    ("stable-period", None, Kind::Value),
+    ("max-restarts", None, Kind::Value),
+    ("restart-window", None, Kind::Value),
+    ("fail-before-ready", None, Kind::Switch),
+    ("handoff-window", None, Kind::Value),
+    ("prefix-output", None, Kind::Switch),
+];
+
+/// The keys the file takes: every option, and `command`.
+fn file_keys() -> String {
+    let mut keys: Vec<&str> = OPTIONS.iter().map(|o| o.0).collect();
+    keys.push("command");
+    keys.join(", ")
+}
+
+/// Options as one source gave them; `None` where it said nothing.
+#[derive(Debug, Default, Clone)]
+struct Partial {
+    workers: Option<u64>,
+    policy: Option<SchedulingPolicy>,
+    restart: Option<RestartPolicy>,
+    wait_ready: Option<bool>,
+    ready_timeout: Option<Duration>,
+    kill_timeout: Option<Duration>,
+    reload_batch: Option<u64>,
+    worker_timeout: Option<Option<Duration>>,
+    max_memory: Option<Option<u64>>,
+    memory_check_interval: Option<Duration>,
+    max_connections: Option<Option<u64>>,
+    max_connections_jitter: Option<u64>,
+    backoff_initial: Option<Duration>,
+    backoff_cap: Option<Duration>,
+    stable_period: Option<Duration>,
+    max_restarts: Option<u64>,
+    restart_window: Option<Duration>,
+    fail_before_ready: Option<bool>,
+    handoff_window: Option<usize>,
+    prefix_output: Option<bool>,
+    command: Option<Vec<OsString>>,
+}
+
+impl Partial {
+    /// Sets option `name` from `v`; the error is the parser's message (the
+    /// caller names the source).
+    fn set(&mut self, name: &str, v: &str) -> Result<(), String> {
+        use values::*;
+        match name {
+            "workers" => self.workers = Some(positive(v)?),
+            "policy" => self.policy = Some(policy(v)?),
+            "restart" => self.restart = Some(restart(v)?),
+            "wait-ready" => self.wait_ready = Some(boolean(v)?),
+            "ready-timeout" => self.ready_timeout = Some(duration(v)?),
+            "kill-timeout" => self.kill_timeout = Some(duration(v)?),
+            "reload-batch" => self.reload_batch = Some(positive(v)?),
+            "worker-timeout" => self.worker_timeout = Some(duration_or_off(v)?),
+            "max-memory" => self.max_memory = Some(size_or_off(v)?),
+            "memory-check-interval" => self.memory_check_interval = Some(duration(v)?),
+            "max-connections" => self.max_connections = Some(positive_or_off(v)?),
+            "max-connections-jitter" => self.max_connections_jitter = Some(count(v)?),
+            "backoff-initial" => self.backoff_initial = Some(duration(v)?),
+            "backoff-cap" => self.backoff_cap = Some(duration(v)?),
+            "stable-period" => self.stable_period = Some(duration(v)?),
+            "max-restarts" => self.max_restarts = Some(positive(v)?),
+            "restart-window" => self.restart_window = Some(duration(v)?),
+            "fail-before-ready" => self.fail_before_ready = Some(boolean(v)?),
+            "handoff-window" => self.handoff_window = Some(handoff_window(v)?),
+            "prefix-output" => self.prefix_output = Some(boolean(v)?),
+            _ => unreachable!("{name} is in OPTIONS"),
+        }
+        Ok(())
+    }
+
+    /// `self` over `under`: what `self` says wins.
+    fn over(self, under: Partial) -> Partial {
+        macro_rules! or {
+            ($($f:ident),*) => { Partial { $($f: self.$f.or(under.$f)),* } };
+        }
+        or!(
+            workers,
+            policy,
+            restart,
+            wait_ready,
+            ready_timeout,
+            kill_timeout,
+            reload_batch,
+            worker_timeout,
+            max_memory,
+            memory_check_interval,
+            max_connections,
+            max_connections_jitter,
+            backoff_initial,
+            backoff_cap,
+            stable_period,
+            max_restarts,
+            restart_window,
+            fail_before_ready,
+            handoff_window,
+            prefix_output,
+            command
+        )
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Request {
+    /// `uvcluster run ...`.
+    Run(RunOptions),
+    /// `--help` (for `run` or not): print the text on stdout, exit 0.
+    Help(&'static str),
+    /// `--version`.
+    Version,
+}
+
+/// A usage error: the message, printed with the usage line, exit 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Usage(pub String);
+
+/// Parses the command line (without the program name), reads the
+/// configuration file it names (or `./uvcluster.toml`) and the environment
+/// through `env`, and resolves every option.
+///
+/// # Errors
+///
+/// [`Usage`] naming the flag, key or variable, the value and the valid
+/// values.
+pub fn parse(
+    args: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Request, Usage> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let err = |m: String| Usage(m);
+    match p.next().map_err(|e| err(e.to_string()))? {
+        Some(Value(v)) if v == "run" => {}
+        Some(Value(v)) => {
+            return Err(err(format!(
+                "unknown subcommand {:?}",
+                v.to_string_lossy()
+            )));
+        }
+        Some(Short('h') | Long("help")) => return Ok(Request::Help(crate::help::MAIN)),
+        Some(Short('V') | Long("version")) => return Ok(Request::Version),
+        Some(other) => return Err(err(format!("{} before the subcommand", show_arg(&other)))),
+        None => return Err(err("no subcommand given".into())),
+    }
+    let mut flags = Partial::default();
+    let mut config: Option<PathBuf> = None;
+    while let Some(arg) = p.next().map_err(|e| err(e.to_string()))? {
+        let (name, kind) = match &arg {
+            Short('h') | Long("help") => return Ok(Request::Help(crate::help::RUN)),
+            Short('V') | Long("version") => return Ok(Request::Version),
+            Long("config") | Short('c') => {
+                let v = p
+                    .value()
+                    .map_err(|_| err("--config needs a value (a file)".into()))?;
+                config = Some(PathBuf::from(v));
+                continue;
+            }
+            Value(v) => {
+                // The command starts at its first word (`run node app.js`)
+                // or after `--`.
+                let mut command = vec![v.clone()];
+                command.extend(p.raw_args().map_err(|e| err(e.to_string()))?);
+                flags.command = Some(command);
+                break;
+            }
+            Short(c) => match OPTIONS.iter().find(|o| o.1 == Some(*c)) {
+                Some(&(name, _, kind)) => (name, kind),
+                None => return Err(err(format!("unknown option {}", show_arg(&arg)))),
+            },
+            Long(l) => match OPTIONS.iter().find(|o| o.0 == *l) {
+                Some(&(name, _, kind)) => (name, kind),
+                None => return Err(err(format!("unknown option {}", show_arg(&arg)))),
+            },
+        };
+        let value = match kind {
+            Kind::Switch => match p.optional_value() {
+                Some(v) => v,
+                None => "true".into(),
+            },
+            Kind::Value => p
+                .value()
+                .map_err(|_| err(format!("--{name} needs a value")))?,
+        };
+        let value = value
+            .into_string()
+            .map_err(|v| err(format!("--{name}: {v:?} is not UTF-8")))?;
+        flags
+            .set(name, &value)
+            .map_err(|m| err(format!("--{name} {m}")))?;
+    }
+    let (file, config_file) = read_config(config.as_deref())?;
+    let given = flags.over(file);
+    // A variable is read only when neither a flag nor the file set its
+    // option, so a bad one is an error only then (as `--policy` always
+    // overrode a bad `NODE_CLUSTER_SCHED_POLICY`).
+    let mut from_env = Partial::default();
+    for &(var, name) in ENV_VARS {
+        let set = match name {
+            "workers" => given.workers.is_some(),
+            "policy" => given.policy.is_some(),
+            _ => given.handoff_window.is_some(),
+        };
+        if let (false, Some(v)) = (set, env(var)) {
+            from_env
+                .set(name, &v.to_string_lossy())
+                .map_err(|m| err(format!("{var} {m}")))?;
+        }
+    }
+    resolve(given.over(from_env), config_file)
+}
+
+/// Reads `path` (or `./uvcluster.toml` when it exists); returns what it
+/// sets and the path read.
+fn read_config(path: Option<&Path>) -> Result<(Partial, Option<PathBuf>), Usage> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None if Path::new(DEFAULT_CONFIG).is_file() => PathBuf::from(DEFAULT_CONFIG),
+        None => return Ok((Partial::default(), None)),
+    };
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Usage(format!("cannot read the configuration file {shown}: {e}")))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| Usage(format!("{shown} is not valid TOML: {e}")))?;
+    let mut out = Partial::default();
+    for (key, value) in table {
+        if key == "command" {
+            out.command = Some(command_from_toml(&value).ok_or_else(|| {
+                Usage(format!(
+                    "command in {shown} should be an array of strings, such as \
+                     [\"node\", \"app.js\"]. Received {value}"
+                ))
+            })?);
+            continue;
+        }
+        let Some(&(name, _, kind)) = OPTIONS.iter().find(|o| o.0 == key) else {
+            return Err(Usage(format!(
+                "unknown key {key:?} in {shown}; the keys are {}",
+                file_keys()
+            )));
+        };
+        let v = match (&value, kind) {
+            (toml::Value::String(s), Kind::Value) => s.clone(),
+            (toml::Value::Integer(i), Kind::Value) => i.to_string(),
+            (toml::Value::Boolean(b), Kind::Switch) => b.to_string(),
+            // Anything else is refused by the parser, which shows it as the
+            // file wrote it.
+            (other, _) => other.to_string(),
+        };
+        out.set(name, &v)
+            .map_err(|m| Usage(format!("{name} in {shown} {m}")))?;
+    }
+    Ok((out, Some(path)))
+}
+
+fn command_from_toml(v: &toml::Value) -> Option<Vec<OsString>> {
+    let items = v.as_array()?;
+    let words: Option<Vec<OsString>> = items
+        .iter()
+        .map(|w| w.as_str().map(OsString::from))
+        .collect();
+    words.filter(|w| !w.is_empty())
+}
+
+/// The flag as the user wrote it, for an error.
+fn show_arg(arg: &lexopt::Arg<'_>) -> String {
+    match arg {
+        lexopt::Arg::Short(c) => format!("-{c}"),
+        lexopt::Arg::Long(l) => format!("--{l}"),
+        lexopt::Arg::Value(v) => format!("{:?}", v.to_string_lossy()),
+    }
+}
+
+/// Fills the defaults and checks what only the whole can tell.
+fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
+    let d = SupervisorConfig::default();
+    let command = p
+        .command
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| Usage("no command given".into()))?;
+    let supervisor = SupervisorConfig {
+        workers: p.workers.map_or(d.workers, |n| n as usize),
+        restart: p.restart.unwrap_or(d.restart),
+        backoff_initial: p.backoff_initial.unwrap_or(d.backoff_initial),
+        backoff_cap: p.backoff_cap.unwrap_or(d.backoff_cap),
+        stable_period: p.stable_period.unwrap_or(d.stable_period),
+        max_restarts: p
+            .max_restarts
+            .map_or(d.max_restarts, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        restart_window: p.restart_window.unwrap_or(d.restart_window),
+        fail_before_ready: p.fail_before_ready.unwrap_or(d.fail_before_ready),
+        ready: match p.wait_ready {
+            Some(true) => ReadyMode::Message,
+            Some(false) => ReadyMode::Listening,
+            None => d.ready,
+        },
+        ready_timeout: p.ready_timeout.unwrap_or(d.ready_timeout),
+        kill_timeout: p.kill_timeout.unwrap_or(d.kill_timeout),
+        reload_batch: p.reload_batch.map_or(d.reload_batch, |n| n as usize),
+        worker_timeout: p.worker_timeout.unwrap_or(d.worker_timeout),
+        max_memory: p.max_memory.unwrap_or(d.max_memory),
+        memory_check_interval: p.memory_check_interval.unwrap_or(d.memory_check_interval),
+        max_connections: p.max_connections.unwrap_or(d.max_connections),
+        max_connections_jitter: p.max_connections_jitter.unwrap_or(d.max_connections_jitter),
+        ..d
+    };
+    if supervisor.backoff_cap < supervisor.backoff_initial {
+        return Err(Usage(format!(
+            "backoff-cap should be at least backoff-initial ({}). Received {}",
+            values::show_duration(supervisor.backoff_initial),
+            values::show_duration(supervisor.backoff_cap)
+        )));
+    }
+    supervisor.validate().map_err(|e| {
+        Usage(format!(
+            "{} should be {}. Received {}",
+            e.option, e.expected, e.value
+        ))
+    })?;
+    Ok(Request::Run(RunOptions {
+        supervisor,
+        policy: p.policy.unwrap_or(SchedulingPolicy::RoundRobin),
+        handoff_window: p.handoff_window.unwrap_or(DEFAULT_HANDOFF_WINDOW),
+        prefix_output: p.prefix_output.unwrap_or(false),
+        command,
+        config_file,
+    }))
+}
