@@ -322,6 +322,7 @@ fn read_config(path: Option<&Path>) -> Result<(Partial, Option<PathBuf>), Usage>
             (toml::Value::String(s), Kind::Value) => s.clone(),
             (toml::Value::Integer(i), Kind::Value) => i.to_string(),
             (toml::Value::Boolean(b), Kind::Switch) => b.to_string(),
+            (toml::Value::String(s), Kind::Switch) => s.clone(),
             // Anything else is refused by the parser, which shows it as the
             // file wrote it.
             (other, _) => other.to_string(),
@@ -404,4 +405,284 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
         command,
         config_file,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<OsString> {
+        move |k| vars.iter().find(|v| v.0 == k).map(|v| OsString::from(v.1))
+    }
+
+    fn with(args: &[&str], vars: &'static [(&'static str, &'static str)]) -> Result<RunOptions, String> {
+        // No `./uvcluster.toml` is read: every test names its file, or
+        // `/dev/null` (an empty file) when it wants none.
+        let mut all = vec!["run", "--config", "/dev/null"];
+        all.extend(&args[1..]);
+        match parse(all.iter().map(OsString::from), env_of(vars)) {
+            Ok(Request::Run(o)) => Ok(o),
+            Ok(other) => panic!("{other:?}"),
+            Err(Usage(m)) => Err(m),
+        }
+    }
+
+    fn p(args: &[&str]) -> Result<RunOptions, String> {
+        with(args, &[])
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let a = p(&["run", "-w", "3", "--policy", "none", "--", "node", "app.js"]).unwrap();
+        assert_eq!(a.supervisor.workers, 3);
+        assert_eq!(a.policy, SchedulingPolicy::None);
+        assert_eq!(a.command, vec![OsString::from("node"), OsString::from("app.js")]);
+        assert!(p(&["run", "--", "x"]).unwrap().supervisor.workers >= 1);
+        for (name, policy) in [
+            ("rr", SchedulingPolicy::RoundRobin),
+            ("reuseport", SchedulingPolicy::ReusePort),
+            ("leastconn", SchedulingPolicy::LeastConnections),
+        ] {
+            assert_eq!(p(&["run", "-p", name, "--", "x"]).unwrap().policy, policy);
+        }
+        // --opt=value, -wN, and a command without `--` (its own flags stay
+        // its own).
+        let a = p(&["run", "--workers=2", "--kill-timeout=500ms", "-p=none", "node", "-e", "x"])
+            .unwrap();
+        assert_eq!(a.supervisor.workers, 2);
+        assert_eq!(a.supervisor.kill_timeout, Duration::from_millis(500));
+        assert_eq!(a.command, ["node", "-e", "x"].map(OsString::from));
+        assert_eq!(p(&["run", "-w4", "--", "x"]).unwrap().supervisor.workers, 4);
+        let a = p(&[
+            "run",
+            "--restart",
+            "on-failure",
+            "--wait-ready",
+            "--ready-timeout",
+            "2m",
+            "--reload-batch",
+            "2",
+            "--worker-timeout",
+            "off",
+            "--max-memory",
+            "512M",
+            "--max-connections",
+            "1000",
+            "--max-connections-jitter",
+            "50",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-cap",
+            "5s",
+            "--stable-period",
+            "1m",
+            "--max-restarts",
+            "3",
+            "--restart-window",
+            "20s",
+            "--fail-before-ready=false",
+            "--handoff-window",
+            "8",
+            "--prefix-output",
+            "--memory-check-interval",
+            "250ms",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        let s = &a.supervisor;
+        assert_eq!(s.restart, RestartPolicy::OnFailure);
+        assert_eq!(s.ready, ReadyMode::Message);
+        assert_eq!(s.ready_timeout, Duration::from_secs(120));
+        assert_eq!(s.reload_batch, 2);
+        assert_eq!(s.worker_timeout, None);
+        assert_eq!(s.max_memory, Some(512 << 20));
+        assert_eq!(s.max_connections, Some(1000));
+        assert_eq!(s.max_connections_jitter, 50);
+        assert_eq!(s.backoff_initial, Duration::from_millis(200));
+        assert_eq!(s.backoff_cap, Duration::from_secs(5));
+        assert_eq!(s.stable_period, Duration::from_secs(60));
+        assert_eq!(s.max_restarts, 3);
+        assert_eq!(s.restart_window, Duration::from_secs(20));
+        assert!(!s.fail_before_ready);
+        assert_eq!(s.memory_check_interval, Duration::from_millis(250));
+        assert_eq!(a.handoff_window, 8);
+        assert!(a.prefix_output);
+    }
+
+    #[test]
+    fn defaults_are_the_supervisors() {
+        let a = p(&["run", "--", "x"]).unwrap();
+        let d = SupervisorConfig::default();
+        assert_eq!(a.supervisor, d);
+        assert_eq!(a.policy, SchedulingPolicy::RoundRobin);
+        assert_eq!(a.handoff_window, DEFAULT_HANDOFF_WINDOW);
+        assert!(!a.prefix_output);
+    }
+
+    /// A bad `--workers` or `--policy` is an error that names the flag and
+    /// the value (as Node's `ERR_SOCKET_BAD_PORT` names the port).
+    #[test]
+    fn bad_flag_values_are_errors_that_name_them() {
+        for bad in ["0", "-1", "2.5", "abc", "", "+3", " 2"] {
+            let e = p(&["run", "-w", bad, "--", "x"]).err().unwrap();
+            assert_eq!(
+                e,
+                format!("--workers takes a whole number above 0. Received {bad:?}")
+            );
+        }
+        let e = p(&["run", "--policy", "bogus", "--", "x"]).err().unwrap();
+        assert_eq!(
+            e,
+            "--policy should be rr, none, reuseport or leastconn. Received \"bogus\""
+        );
+        let e = p(&["run", "-w"]).err().unwrap();
+        assert_eq!(e, "--workers needs a value");
+        assert_eq!(p(&["run"]).err().unwrap(), "no command given");
+        assert_eq!(p(&["run", "--frob", "--", "x"]).err().unwrap(), "unknown option --frob");
+        assert_eq!(
+            p(&["run", "--wait-ready=yes", "--", "x"]).err().unwrap(),
+            "--wait-ready should be true or false. Received \"yes\""
+        );
+        let e = p(&["run", "--backoff-initial", "2s", "--backoff-cap", "1s", "--", "x"])
+            .err()
+            .unwrap();
+        assert_eq!(
+            e,
+            "backoff-cap should be at least backoff-initial (2s). Received 1s"
+        );
+    }
+
+    #[test]
+    fn subcommand_help_and_version() {
+        let req = |a: &[&str]| parse(a.iter().map(OsString::from), env_of(&[]));
+        assert!(matches!(req(&["--help"]), Ok(Request::Help(t)) if t == crate::help::MAIN));
+        assert!(matches!(req(&["-h"]), Ok(Request::Help(t)) if t == crate::help::MAIN));
+        assert!(matches!(req(&["run", "--help"]), Ok(Request::Help(t)) if t == crate::help::RUN));
+        assert!(matches!(req(&["run", "-w", "2", "-h"]), Ok(Request::Help(_))));
+        assert!(matches!(req(&["--version"]), Ok(Request::Version)));
+        assert!(matches!(req(&["-V"]), Ok(Request::Version)));
+        assert_eq!(req(&["walk"]).unwrap_err(), Usage("unknown subcommand \"walk\"".into()));
+        assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given".into()));
+    }
+
+    /// `NODE_CLUSTER_SCHED_POLICY` must name a policy unless `--policy`
+    /// (or the file) overrides it.
+    #[test]
+    fn bad_policy_in_the_environment_is_an_error() {
+        let e = with(&["run", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "robin")]).unwrap_err();
+        assert_eq!(
+            e,
+            "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\""
+        );
+        let a = with(&["run", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "none")]).unwrap();
+        assert_eq!(a.policy, SchedulingPolicy::None);
+        let a = with(&["run", "-p", "rr", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "robin")])
+            .unwrap();
+        assert_eq!(a.policy, SchedulingPolicy::RoundRobin);
+    }
+
+    /// `UVCLUSTER_HANDOFF_WINDOW` must be a whole number from 1 to 64;
+    /// `WEB_CONCURRENCY` a worker count.
+    #[test]
+    fn bad_handoff_window_or_concurrency_in_the_environment_is_an_error() {
+        let e = with(&["run", "--", "x"], &[("UVCLUSTER_HANDOFF_WINDOW", "0")]).unwrap_err();
+        assert_eq!(
+            e,
+            "UVCLUSTER_HANDOFF_WINDOW should be a whole number from 1 to 64. Received \"0\""
+        );
+        let a = with(&["run", "--", "x"], &[("UVCLUSTER_HANDOFF_WINDOW", "4")]).unwrap();
+        assert_eq!(a.handoff_window, 4);
+        let e = with(&["run", "--", "x"], &[("WEB_CONCURRENCY", "lots")]).unwrap_err();
+        assert_eq!(
+            e,
+            "WEB_CONCURRENCY takes a whole number above 0. Received \"lots\""
+        );
+        let a = with(&["run", "--", "x"], &[("WEB_CONCURRENCY", "3")]).unwrap();
+        assert_eq!(a.supervisor.workers, 3);
+        let a = with(&["run", "-w", "5", "--", "x"], &[("WEB_CONCURRENCY", "3")]).unwrap();
+        assert_eq!(a.supervisor.workers, 5);
+    }
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("uvcluster-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn with_file(path: &Path, args: &[&str], vars: &'static [(&'static str, &'static str)]) -> Result<RunOptions, String> {
+        let mut all = vec!["run".to_string(), "--config".into(), path.display().to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        match parse(all.into_iter().map(OsString::from), env_of(vars)) {
+            Ok(Request::Run(o)) => Ok(o),
+            Ok(other) => panic!("{other:?}"),
+            Err(Usage(m)) => Err(m),
+        }
+    }
+
+    /// Flags over the file over the environment over the defaults.
+    #[test]
+    fn precedence_flag_file_environment_default() {
+        let f = file(
+            "precedence.toml",
+            "workers = 3\npolicy = \"none\"\nkill-timeout = \"10s\"\nwait-ready = true\n\
+             max-memory = \"1G\"\ncommand = [\"node\", \"app.js\"]\n",
+        );
+        let a = with_file(&f, &[], &[("WEB_CONCURRENCY", "7"), ("NODE_CLUSTER_SCHED_POLICY", "leastconn")]).unwrap();
+        assert_eq!(a.supervisor.workers, 3);
+        assert_eq!(a.policy, SchedulingPolicy::None);
+        assert_eq!(a.supervisor.kill_timeout, Duration::from_secs(10));
+        assert_eq!(a.supervisor.ready, ReadyMode::Message);
+        assert_eq!(a.supervisor.max_memory, Some(1 << 30));
+        assert_eq!(a.command, ["node", "app.js"].map(OsString::from));
+        assert_eq!(a.config_file.as_deref(), Some(f.as_path()));
+        let a = with_file(
+            &f,
+            &["-w", "2", "--kill-timeout=1s", "--wait-ready=false", "--", "other"],
+            &[("WEB_CONCURRENCY", "7")],
+        )
+        .unwrap();
+        assert_eq!(a.supervisor.workers, 2);
+        assert_eq!(a.supervisor.kill_timeout, Duration::from_secs(1));
+        assert_eq!(a.supervisor.ready, ReadyMode::Listening);
+        assert_eq!(a.command, [OsString::from("other")]);
+        // What the file leaves unset comes from the environment.
+        let g = file("partial.toml", "restart = \"never\"\n");
+        let a = with_file(&g, &["--", "x"], &[("WEB_CONCURRENCY", "7")]).unwrap();
+        assert_eq!(a.supervisor.workers, 7);
+        assert_eq!(a.supervisor.restart, RestartPolicy::Never);
+    }
+
+    #[test]
+    fn file_errors_name_the_key_and_the_file() {
+        let f = file("unknown.toml", "workers = 2\nwrokers = 3\n");
+        let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
+        assert!(
+            e.starts_with(&format!("unknown key \"wrokers\" in {}; the keys are workers, policy,", f.display())),
+            "{e}"
+        );
+        for (text, want) in [
+            ("workers = 0", "workers in {} takes a whole number above 0. Received \"0\""),
+            ("workers = \"two\"", "workers in {} takes a whole number above 0. Received \"two\""),
+            ("kill-timeout = 30", "kill-timeout in {} should be a duration with its unit, such as 500ms, 30s or 2m. Received \"30\""),
+            ("policy = \"robin\"", "policy in {} should be rr, none, reuseport or leastconn. Received \"robin\""),
+            ("wait-ready = \"yes\"", "wait-ready in {} should be true or false. Received \"yes\""),
+            ("restart = \"sometimes\"", "restart in {} should be always, on-failure or never. Received \"sometimes\""),
+        ] {
+            let f = file("bad.toml", text);
+            let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
+            assert_eq!(e, want.replace("{}", &f.display().to_string()), "{text}");
+        }
+        let f = file("command.toml", "command = \"node app.js\"\n");
+        let e = with_file(&f, &[], &[]).unwrap_err();
+        assert!(e.starts_with("command in "), "{e}");
+        assert!(e.contains("an array of strings"), "{e}");
+        let f = file("syntax.toml", "workers = \n");
+        let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
+        assert!(e.starts_with(&format!("{} is not valid TOML", f.display())), "{e}");
+        let e = with_file(Path::new("/nonexistent/uvcluster.toml"), &["--", "x"], &[]).unwrap_err();
+        assert!(e.starts_with("cannot read the configuration file /nonexistent/uvcluster.toml"), "{e}");
+    }
 }
