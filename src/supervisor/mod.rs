@@ -8,5 +8,6 @@
 //! for the signal table and the defaults.
 
 mod config;
+mod core;
 
 pub use config::{ConfigError, ReadyMode, RestartPolicy, SupervisorConfig};
