@@ -20,7 +20,9 @@ use crate::values::show_duration;
 pub const TARGET: &str = "uvcluster";
 
 /// Sets up `env_logger`: `RUST_LOG` when set, else `info`. On a terminal
-/// or a file each line is `[TIME LEVEL TARGET] message`; under systemd
+/// or a file each line is `TIME LEVEL TARGET: message` (RFC 3339 UTC
+/// time to the millisecond; the target is `uvcluster` for the CLI's own
+/// lines, a module path for the library's); under systemd
 /// (`JOURNAL_STREAM` set) it is `<PRIORITY>message`, the syslog prefix the
 /// journal reads as the line's level, without a second timestamp.
 pub fn init() {
@@ -38,7 +40,7 @@ pub fn init() {
             } else {
                 writeln!(
                     buf,
-                    "[{} {:<5} {}] {}",
+                    "{} {:<5} {}: {}",
                     buf.timestamp_millis(),
                     r.level(),
                     r.target(),

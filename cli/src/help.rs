@@ -19,9 +19,9 @@ usage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]
 Commands:
   run    start COMMAND as a pool of workers (uvcluster run --help)
 
-Exit status: 0 after a clean stop, 1 when the service could not start or its
-workers failed, 2 for a usage error, 126/127 when COMMAND cannot be run or is
-not found, 128+N after an immediate stop by signal N. See docs/cli.md.
+Exit status: 0 after a clean stop, 1 when the service could not start (COMMAND
+not found, say) or its workers failed, 2 for a usage error, 128+N after an
+immediate stop by signal N. See docs/cli.md.
 ";
 
 /// `uvcluster run --help`.

@@ -9,8 +9,7 @@
 //! table, the configuration file, the signals and the exit status.
 //!
 //! Exit status: 0 after a clean stop; 1 when the service failed; 2 for a
-//! usage error; 126/127 when the program cannot be run or is not found;
-//! 128+N after an immediate stop by signal N.
+//! usage error; 128+N after an immediate stop by signal N.
 
 mod events;
 mod help;
@@ -49,12 +48,13 @@ fn main() -> ExitCode {
     }
     match run::run(opts) {
         Ok(outcome) => ExitCode::from(outcome.code()),
+        // Printed whatever RUST_LOG says: the command failed to start.
         Err(run::StartError::CannotRun(e)) => {
-            log::error!(target: events::TARGET, "{e}");
-            ExitCode::from(e.code())
+            eprintln!("uvcluster: {e}");
+            ExitCode::FAILURE
         }
         Err(run::StartError::Io(e)) => {
-            log::error!(target: events::TARGET, "cannot start: {e}");
+            eprintln!("uvcluster: cannot start: {e}");
             ExitCode::FAILURE
         }
     }

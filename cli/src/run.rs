@@ -40,8 +40,7 @@ impl Outcome {
     }
 }
 
-/// A program that could not be started at all: exit 127 when it is not
-/// found, 126 when it cannot be executed (the shell's and `env`'s codes).
+/// A program that could not be started at all (exit 1, a start failure).
 #[derive(Debug)]
 pub struct CannotRun {
     /// The program as given.
@@ -50,30 +49,19 @@ pub struct CannotRun {
     pub error: io::Error,
 }
 
-impl CannotRun {
-    /// 127 (not found) or 126 (found, not executable).
-    pub fn code(&self) -> u8 {
-        match self.error.kind() {
-            io::ErrorKind::NotFound => 127,
-            _ => 126,
-        }
-    }
-}
-
 impl std::fmt::Display for CannotRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The library's error names the program as Node does (`spawn
+        // app ENOENT (No such file or directory)`); the words after it say
+        // what to check.
         let program = self.program.to_string_lossy();
-        let searched = !program.contains('/');
-        match self.error.kind() {
-            io::ErrorKind::NotFound if searched => {
-                write!(f, "cannot start {program:?}: no such program in PATH")
-            }
-            io::ErrorKind::NotFound => write!(f, "cannot start {program:?}: no such file"),
-            io::ErrorKind::PermissionDenied => {
-                write!(f, "cannot start {program:?}: not executable")
-            }
-            _ => write!(f, "cannot start {program:?}: {}", self.error),
-        }
+        let hint = match self.error.kind() {
+            io::ErrorKind::NotFound if !program.contains('/') => "no such program in PATH",
+            io::ErrorKind::NotFound => "no such file",
+            io::ErrorKind::PermissionDenied => "not executable",
+            _ => "cannot be started",
+        };
+        write!(f, "{}: {program:?} {hint}", self.error)
     }
 }
 
@@ -156,6 +144,9 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
         }
     }
 }
+
+/// How often a graceful stop that is still waiting says for whom.
+const STILL_WAITING: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the workers until they are gone; returns how it ended.
 ///
@@ -246,9 +237,9 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             let timer = lp.timer_init();
             let failed = failed.clone();
             let kill_all = kill_all.clone();
-            let forked = forked.clone();
+            let held = forked.clone();
             let _ = lp.timer_start(timer, kill_timeout, std::time::Duration::ZERO, move |lp, _| {
-                let left: Vec<String> = forked
+                let left: Vec<String> = held
                     .borrow()
                     .iter()
                     .filter(|w| !w.is_dead())
@@ -267,6 +258,24 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             });
             // The timer must not keep the primary alive by itself.
             let _ = lp.unref_handle(timer);
+            // Nor must a graceful stop wait silently (issue 10): every 5 s
+            // it says for whom it waits.
+            let reminder = lp.timer_init();
+            let forked = forked.clone();
+            let _ = lp.timer_start(reminder, STILL_WAITING, STILL_WAITING, move |_, _| {
+                let left: Vec<String> = forked
+                    .borrow()
+                    .iter()
+                    .filter(|w| !w.is_dead())
+                    .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                    .collect();
+                log::info!(
+                    target: events::TARGET,
+                    "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
+                    left.join(", ")
+                );
+            });
+            let _ = lp.unref_handle(reminder);
         })?;
         // Nor must the signals, once the workers are gone.
         lp.unref_handle(sig)?;

@@ -342,7 +342,8 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
     c.args(["run", "--policy", "rr", "--", "/nonexistent/program"])
         .env("NODE_CLUSTER_SCHED_POLICY", "robin");
     let (code, _, err) = finish(c);
-    assert_eq!(code, Some(127), "{err}");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("spawn /nonexistent/program ENOENT"), "{err}");
 }
 
 /// A key the file does not know is an error that names it, the file, and
@@ -471,41 +472,44 @@ fn config_file_applies_and_flags_override_it() {
     assert_eq!(forks(&log), 2, "{log}");
 }
 
-/// A program that is not there is named in the error, with exit 127; one
-/// that cannot be executed, 126 (the shell's and `env`'s codes).
+/// A program that is not there, or cannot be executed, is named in the
+/// error, printed whatever `RUST_LOG` says; exit 1 (a start failure), no
+/// worker forked.
 #[test]
-fn missing_program_is_named_exit_127() {
+fn missing_program_is_named_exit_1() {
     let dir = scratch("missing");
     // A file without any execute bit (which even root cannot execute).
     let plain = dir.join("app.js");
     std::fs::write(&plain, "0").unwrap();
     let plain = plain.display().to_string();
-    for (program, code, what) in [
-        ("no-such-program-uvcluster", 127, "no such program in PATH"),
-        ("/nonexistent/app", 127, "no such file"),
-        (plain.as_str(), 126, "not executable"),
+    for (program, errno, what) in [
+        ("no-such-program-uvcluster", "ENOENT (No such file or directory)", "no such program in PATH"),
+        ("/nonexistent/app", "ENOENT (No such file or directory)", "no such file"),
+        (plain.as_str(), "EACCES (Permission denied)", "not executable"),
     ] {
         let mut c = uvcluster();
-        c.args(["run", "-w", "2", "--", program]).current_dir(&dir);
+        c.args(["run", "-w", "2", "--", program])
+            .current_dir(&dir)
+            .env("RUST_LOG", "off");
         let (got, out, err) = finish(c);
-        assert_eq!(got, Some(code), "{program}: {err}");
+        assert_eq!(got, Some(1), "{program}: {err}");
         assert_eq!(out, "");
-        assert!(
-            err.contains(&format!("cannot start {program:?}: {what}")),
-            "{program}: {err}"
+        assert_eq!(
+            err,
+            format!("uvcluster: spawn {program} {errno}: {program:?} {what}\n"),
+            "{program}"
         );
-        assert_eq!(forks(&err), 0, "{err}");
     }
 }
 
-/// Whether `line` is `[<RFC 3339 time> <LEVEL> uvcluster] <message>`.
+/// The message of `line` if it is `<RFC 3339 time> <LEVEL> uvcluster:
+/// <message>`.
 fn log_line<'a>(line: &'a str, level: &str) -> Option<&'a str> {
-    let rest = line.strip_prefix('[')?;
-    let (time, rest) = rest.split_once(' ')?;
+    let (time, rest) = line.split_once(' ')?;
     let ok_time = time.len() == "2026-01-01T00:00:00.000Z".len()
         && time.ends_with('Z')
         && time.as_bytes()[10] == b'T';
-    let rest = rest.strip_prefix(&format!("{level:<5} uvcluster] "))?;
+    let rest = rest.strip_prefix(&format!("{level:<5} uvcluster: "))?;
     ok_time.then_some(rest)
 }
 
