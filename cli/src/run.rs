@@ -17,11 +17,12 @@ use crate::values::show_duration;
 /// How a run ended; [`Outcome::code`] is the process's exit status.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Stopped cleanly: a graceful stop finished, or every worker exited 0
+    /// Stopped cleanly: a graceful stop finished (its kill timeout
+    /// included, as gunicorn's graceful timeout), or every worker exited 0
     /// on its own. Exit 0.
     Clean,
-    /// The service failed: a worker errored or ended badly and none is
-    /// left, or a graceful stop had to kill. Exit 1.
+    /// The service failed: a worker ended with a non-zero code or a signal
+    /// nobody sent, and none is left. Exit 1.
     Failed,
     /// Stopped at once by this signal (a second SIGTERM/SIGINT, or
     /// SIGQUIT). Exit 128 + its number, as a shell reports a process
@@ -186,7 +187,8 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         let stopping = stopping.clone();
         primary.on_exit(move |_, w, code, signal| {
             let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
-            if !matches!((code, signal), (Some(0), _) | (None, None)) {
+            // During a stop, however a worker ends it was asked to.
+            if !asked && !matches!((code, signal), (Some(0), _) | (None, None)) {
                 failed.set(true);
             }
             events::exited(w.id(), w.pid(), code, signal, asked);
@@ -214,7 +216,6 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         let p = primary.clone();
         let stopping = stopping.clone();
         let immediate = immediate.clone();
-        let failed = failed.clone();
         let kill_all = kill_all.clone();
         let forked = forked.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
@@ -235,7 +236,6 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             );
             p.disconnect(lp, |_| {});
             let timer = lp.timer_init();
-            let failed = failed.clone();
             let kill_all = kill_all.clone();
             let held = forked.clone();
             let _ = lp.timer_start(timer, kill_timeout, std::time::Duration::ZERO, move |lp, _| {
@@ -252,7 +252,6 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                         show_duration(kill_timeout),
                         left.join(", ")
                     );
-                    failed.set(true);
                     kill_all(lp);
                 }
             });
