@@ -69,6 +69,37 @@ pub fn how_it_ended(code: Option<i64>, signal: Option<Signum>) -> String {
     }
 }
 
+/// The pool starts: what runs, and the options a reader of the log most
+/// often needs.
+pub fn starting(opts: &crate::options::RunOptions) {
+    let s = &opts.supervisor;
+    let command: Vec<String> = opts
+        .command
+        .iter()
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    let mut limits = String::new();
+    if let Some(m) = s.max_memory {
+        limits.push_str(&format!(", max memory {}", crate::values::show_size(m)));
+    }
+    if let Some(n) = s.max_connections {
+        limits.push_str(&format!(", max connections {n}"));
+    }
+    let from = match &opts.config_file {
+        Some(f) => format!(", options from {}", f.display()),
+        None => String::new(),
+    };
+    log::info!(
+        target: TARGET,
+        "starting {} worker(s) of `{}` (policy {}, restart {}, kill timeout {}{limits}{from})",
+        s.workers,
+        command.join(" "),
+        opts.policy.as_str(),
+        s.restart,
+        show_duration(s.kill_timeout),
+    );
+}
+
 /// A worker was forked.
 pub fn forked(id: u32, pid: Option<i32>) {
     log::info!(target: TARGET, "{} forked", who(id, pid));

@@ -37,15 +37,12 @@ fn main() -> ExitCode {
             println!("uvcluster {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Ok(Request::Run(opts)) => opts,
+        Ok(Request::Run(opts)) => *opts,
         Err(Usage(msg)) => {
             eprintln!("uvcluster: {msg}\n{}", help::USAGE);
             return ExitCode::from(USAGE_ERROR);
         }
     };
-    if let Some(file) = &opts.config_file {
-        log::debug!(target: events::TARGET, "options from {}", file.display());
-    }
     match run::run(opts) {
         Ok(outcome) => ExitCode::from(outcome.code()),
         // Printed whatever RUST_LOG says: the command failed to start.

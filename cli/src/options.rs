@@ -182,7 +182,7 @@ impl Partial {
 #[derive(Debug)]
 pub enum Request {
     /// `uvcluster run ...`.
-    Run(RunOptions),
+    Run(Box<RunOptions>),
     /// `--help` (for `run` or not): print the text on stdout, exit 0.
     Help(&'static str),
     /// `--version`.
@@ -211,10 +211,7 @@ pub fn parse(
     match p.next().map_err(|e| err(e.to_string()))? {
         Some(Value(v)) if v == "run" => {}
         Some(Value(v)) => {
-            return Err(err(format!(
-                "unknown subcommand {:?}",
-                v.to_string_lossy()
-            )));
+            return Err(err(format!("unknown subcommand {:?}", v.to_string_lossy())));
         }
         Some(Short('h') | Long("help")) => return Ok(Request::Help(crate::help::MAIN)),
         Some(Short('V') | Long("version")) => return Ok(Request::Version),
@@ -299,8 +296,8 @@ fn read_config(path: Option<&Path>) -> Result<(Partial, Option<PathBuf>), Usage>
     let shown = path.display();
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Usage(format!("cannot read the configuration file {shown}: {e}")))?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| Usage(format!("{shown} is not valid TOML: {e}")))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| Usage(format!("{shown} is not valid TOML: {e}")))?;
     let mut out = Partial::default();
     for (key, value) in table {
         if key == "command" {
@@ -397,14 +394,14 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
             e.option, e.expected, e.value
         ))
     })?;
-    Ok(Request::Run(RunOptions {
+    Ok(Request::Run(Box::new(RunOptions {
         supervisor,
         policy: p.policy.unwrap_or(SchedulingPolicy::RoundRobin),
         handoff_window: p.handoff_window.unwrap_or(DEFAULT_HANDOFF_WINDOW),
         prefix_output: p.prefix_output.unwrap_or(false),
         command,
         config_file,
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -415,13 +412,16 @@ mod tests {
         move |k| vars.iter().find(|v| v.0 == k).map(|v| OsString::from(v.1))
     }
 
-    fn with(args: &[&str], vars: &'static [(&'static str, &'static str)]) -> Result<RunOptions, String> {
+    fn with(
+        args: &[&str],
+        vars: &'static [(&'static str, &'static str)],
+    ) -> Result<RunOptions, String> {
         // No `./uvcluster.toml` is read: every test names its file, or
         // `/dev/null` (an empty file) when it wants none.
         let mut all = vec!["run", "--config", "/dev/null"];
         all.extend(&args[1..]);
         match parse(all.iter().map(OsString::from), env_of(vars)) {
-            Ok(Request::Run(o)) => Ok(o),
+            Ok(Request::Run(o)) => Ok(*o),
             Ok(other) => panic!("{other:?}"),
             Err(Usage(m)) => Err(m),
         }
@@ -436,7 +436,10 @@ mod tests {
         let a = p(&["run", "-w", "3", "--policy", "none", "--", "node", "app.js"]).unwrap();
         assert_eq!(a.supervisor.workers, 3);
         assert_eq!(a.policy, SchedulingPolicy::None);
-        assert_eq!(a.command, vec![OsString::from("node"), OsString::from("app.js")]);
+        assert_eq!(
+            a.command,
+            vec![OsString::from("node"), OsString::from("app.js")]
+        );
         assert!(p(&["run", "--", "x"]).unwrap().supervisor.workers >= 1);
         for (name, policy) in [
             ("rr", SchedulingPolicy::RoundRobin),
@@ -447,8 +450,16 @@ mod tests {
         }
         // --opt=value, -wN, and a command without `--` (its own flags stay
         // its own).
-        let a = p(&["run", "--workers=2", "--kill-timeout=500ms", "-p=none", "node", "-e", "x"])
-            .unwrap();
+        let a = p(&[
+            "run",
+            "--workers=2",
+            "--kill-timeout=500ms",
+            "-p=none",
+            "node",
+            "-e",
+            "x",
+        ])
+        .unwrap();
         assert_eq!(a.supervisor.workers, 2);
         assert_eq!(a.supervisor.kill_timeout, Duration::from_millis(500));
         assert_eq!(a.command, ["node", "-e", "x"].map(OsString::from));
@@ -539,14 +550,25 @@ mod tests {
         let e = p(&["run", "-w"]).err().unwrap();
         assert_eq!(e, "--workers needs a value");
         assert_eq!(p(&["run"]).err().unwrap(), "no command given");
-        assert_eq!(p(&["run", "--frob", "--", "x"]).err().unwrap(), "unknown option --frob");
+        assert_eq!(
+            p(&["run", "--frob", "--", "x"]).err().unwrap(),
+            "unknown option --frob"
+        );
         assert_eq!(
             p(&["run", "--wait-ready=yes", "--", "x"]).err().unwrap(),
             "--wait-ready should be true or false. Received \"yes\""
         );
-        let e = p(&["run", "--backoff-initial", "2s", "--backoff-cap", "1s", "--", "x"])
-            .err()
-            .unwrap();
+        let e = p(&[
+            "run",
+            "--backoff-initial",
+            "2s",
+            "--backoff-cap",
+            "1s",
+            "--",
+            "x",
+        ])
+        .err()
+        .unwrap();
         assert_eq!(
             e,
             "backoff-cap should be at least backoff-initial (2s). Received 1s"
@@ -559,10 +581,16 @@ mod tests {
         assert!(matches!(req(&["--help"]), Ok(Request::Help(t)) if t == crate::help::MAIN));
         assert!(matches!(req(&["-h"]), Ok(Request::Help(t)) if t == crate::help::MAIN));
         assert!(matches!(req(&["run", "--help"]), Ok(Request::Help(t)) if t == crate::help::RUN));
-        assert!(matches!(req(&["run", "-w", "2", "-h"]), Ok(Request::Help(_))));
+        assert!(matches!(
+            req(&["run", "-w", "2", "-h"]),
+            Ok(Request::Help(_))
+        ));
         assert!(matches!(req(&["--version"]), Ok(Request::Version)));
         assert!(matches!(req(&["-V"]), Ok(Request::Version)));
-        assert_eq!(req(&["walk"]).unwrap_err(), Usage("unknown subcommand \"walk\"".into()));
+        assert_eq!(
+            req(&["walk"]).unwrap_err(),
+            Usage("unknown subcommand \"walk\"".into())
+        );
         assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given".into()));
     }
 
@@ -570,15 +598,26 @@ mod tests {
     /// (or the file) overrides it.
     #[test]
     fn bad_policy_in_the_environment_is_an_error() {
-        let e = with(&["run", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "robin")]).unwrap_err();
+        let e = with(
+            &["run", "--", "x"],
+            &[("NODE_CLUSTER_SCHED_POLICY", "robin")],
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\""
         );
-        let a = with(&["run", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "none")]).unwrap();
+        let a = with(
+            &["run", "--", "x"],
+            &[("NODE_CLUSTER_SCHED_POLICY", "none")],
+        )
+        .unwrap();
         assert_eq!(a.policy, SchedulingPolicy::None);
-        let a = with(&["run", "-p", "rr", "--", "x"], &[("NODE_CLUSTER_SCHED_POLICY", "robin")])
-            .unwrap();
+        let a = with(
+            &["run", "-p", "rr", "--", "x"],
+            &[("NODE_CLUSTER_SCHED_POLICY", "robin")],
+        )
+        .unwrap();
         assert_eq!(a.policy, SchedulingPolicy::RoundRobin);
     }
 
@@ -612,11 +651,19 @@ mod tests {
         path
     }
 
-    fn with_file(path: &Path, args: &[&str], vars: &'static [(&'static str, &'static str)]) -> Result<RunOptions, String> {
-        let mut all = vec!["run".to_string(), "--config".into(), path.display().to_string()];
+    fn with_file(
+        path: &Path,
+        args: &[&str],
+        vars: &'static [(&'static str, &'static str)],
+    ) -> Result<RunOptions, String> {
+        let mut all = vec![
+            "run".to_string(),
+            "--config".into(),
+            path.display().to_string(),
+        ];
         all.extend(args.iter().map(|s| s.to_string()));
         match parse(all.into_iter().map(OsString::from), env_of(vars)) {
-            Ok(Request::Run(o)) => Ok(o),
+            Ok(Request::Run(o)) => Ok(*o),
             Ok(other) => panic!("{other:?}"),
             Err(Usage(m)) => Err(m),
         }
@@ -630,7 +677,15 @@ mod tests {
             "workers = 3\npolicy = \"none\"\nkill-timeout = \"10s\"\nwait-ready = true\n\
              max-memory = \"1G\"\ncommand = [\"node\", \"app.js\"]\n",
         );
-        let a = with_file(&f, &[], &[("WEB_CONCURRENCY", "7"), ("NODE_CLUSTER_SCHED_POLICY", "leastconn")]).unwrap();
+        let a = with_file(
+            &f,
+            &[],
+            &[
+                ("WEB_CONCURRENCY", "7"),
+                ("NODE_CLUSTER_SCHED_POLICY", "leastconn"),
+            ],
+        )
+        .unwrap();
         assert_eq!(a.supervisor.workers, 3);
         assert_eq!(a.policy, SchedulingPolicy::None);
         assert_eq!(a.supervisor.kill_timeout, Duration::from_secs(10));
@@ -640,7 +695,14 @@ mod tests {
         assert_eq!(a.config_file.as_deref(), Some(f.as_path()));
         let a = with_file(
             &f,
-            &["-w", "2", "--kill-timeout=1s", "--wait-ready=false", "--", "other"],
+            &[
+                "-w",
+                "2",
+                "--kill-timeout=1s",
+                "--wait-ready=false",
+                "--",
+                "other",
+            ],
             &[("WEB_CONCURRENCY", "7")],
         )
         .unwrap();
@@ -660,16 +722,37 @@ mod tests {
         let f = file("unknown.toml", "workers = 2\nwrokers = 3\n");
         let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
         assert!(
-            e.starts_with(&format!("unknown key \"wrokers\" in {}; the keys are workers, policy,", f.display())),
+            e.starts_with(&format!(
+                "unknown key \"wrokers\" in {}; the keys are workers, policy,",
+                f.display()
+            )),
             "{e}"
         );
         for (text, want) in [
-            ("workers = 0", "workers in {} takes a whole number above 0. Received \"0\""),
-            ("workers = \"two\"", "workers in {} takes a whole number above 0. Received \"two\""),
-            ("kill-timeout = 30", "kill-timeout in {} should be a duration with its unit, such as 500ms, 30s or 2m. Received \"30\""),
-            ("policy = \"robin\"", "policy in {} should be rr, none, reuseport or leastconn. Received \"robin\""),
-            ("wait-ready = \"yes\"", "wait-ready in {} should be true or false. Received \"yes\""),
-            ("restart = \"sometimes\"", "restart in {} should be always, on-failure or never. Received \"sometimes\""),
+            (
+                "workers = 0",
+                "workers in {} takes a whole number above 0. Received \"0\"",
+            ),
+            (
+                "workers = \"two\"",
+                "workers in {} takes a whole number above 0. Received \"two\"",
+            ),
+            (
+                "kill-timeout = 30",
+                "kill-timeout in {} should be a duration with its unit, such as 500ms, 30s or 2m. Received \"30\"",
+            ),
+            (
+                "policy = \"robin\"",
+                "policy in {} should be rr, none, reuseport or leastconn. Received \"robin\"",
+            ),
+            (
+                "wait-ready = \"yes\"",
+                "wait-ready in {} should be true or false. Received \"yes\"",
+            ),
+            (
+                "restart = \"sometimes\"",
+                "restart in {} should be always, on-failure or never. Received \"sometimes\"",
+            ),
         ] {
             let f = file("bad.toml", text);
             let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
@@ -681,8 +764,14 @@ mod tests {
         assert!(e.contains("an array of strings"), "{e}");
         let f = file("syntax.toml", "workers = \n");
         let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
-        assert!(e.starts_with(&format!("{} is not valid TOML", f.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("{} is not valid TOML", f.display())),
+            "{e}"
+        );
         let e = with_file(Path::new("/nonexistent/uvcluster.toml"), &["--", "x"], &[]).unwrap_err();
-        assert!(e.starts_with("cannot read the configuration file /nonexistent/uvcluster.toml"), "{e}");
+        assert!(
+            e.starts_with("cannot read the configuration file /nonexistent/uvcluster.toml"),
+            "{e}"
+        );
     }
 }

@@ -178,7 +178,9 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     primary.on_listening(|_, w, a| {
         let addr = a.address.as_deref().unwrap_or("*");
         match a.port {
-            Some(port) if port >= 0 => events::listening(w.id(), w.pid(), &format!("{addr}:{port}")),
+            Some(port) if port >= 0 => {
+                events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+            }
             _ => events::listening(w.id(), w.pid(), addr),
         }
     });
@@ -287,6 +289,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     })?;
     lp.unref_handle(hup)?;
 
+    events::starting(&opts);
     for n in 0..opts.supervisor.workers {
         match primary.fork(&mut lp, Vec::new()) {
             Ok(w) => forked.borrow_mut().push(w),

@@ -82,7 +82,9 @@ const DURATION_HELP: &str = "a duration with its unit, such as 500ms, 30s or 2m"
 pub fn duration(v: &str) -> Result<Duration, String> {
     match humantime::parse_duration(v) {
         Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("should be {DURATION_HELP}, above 0. Received {v:?}")),
+        Ok(_) => Err(format!(
+            "should be {DURATION_HELP}, above 0. Received {v:?}"
+        )),
         Err(_) => Err(format!("should be {DURATION_HELP}. Received {v:?}")),
     }
 }
@@ -92,9 +94,9 @@ pub fn duration_or_off(v: &str) -> Result<Option<Duration>, String> {
     if v == "off" {
         return Ok(None);
     }
-    duration(v).map(Some).map_err(|_| {
-        format!("should be {DURATION_HELP}, or off. Received {v:?}")
-    })
+    duration(v)
+        .map(Some)
+        .map_err(|_| format!("should be {DURATION_HELP}, or off. Received {v:?}"))
 }
 
 /// A size in bytes with an optional binary unit: `512M`, `1G`, `64K`,
@@ -141,7 +143,7 @@ pub fn show_duration(d: Duration) -> String {
 /// A size in bytes as this CLI writes it (`512M` when exact, else bytes).
 pub fn show_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -137,11 +137,7 @@ impl Running {
     }
 
     fn signal(&self, s: Signal) {
-        kill(
-            Pid::from_raw(self.child.as_ref().unwrap().id() as i32),
-            s,
-        )
-        .unwrap();
+        kill(Pid::from_raw(self.child.as_ref().unwrap().id() as i32), s).unwrap();
     }
 
     /// Waits for the end (stderr's EOF, with a deadline): (code, whole log).
@@ -210,7 +206,10 @@ fn help_and_version_go_to_stdout_with_exit_0() {
         if args.contains(&"--version") || args.contains(&"-V") {
             assert_eq!(out, format!("uvcluster {}\n", env!("CARGO_PKG_VERSION")));
         } else {
-            assert!(out.contains("usage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]"), "{out}");
+            assert!(
+                out.contains("usage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]"),
+                "{out}"
+            );
         }
     }
     let mut c = uvcluster();
@@ -235,7 +234,8 @@ fn help_and_version_go_to_stdout_with_exit_0() {
 /// names where it came from, the value, and what is valid, then the usage.
 #[test]
 fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&[], &[], "no subcommand given"),
         (&["walk"], &[], "unknown subcommand \"walk\""),
         (&["run"], &[], "no command given"),
@@ -297,7 +297,15 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
             "--wait-ready should be true or false. Received \"maybe\"",
         ),
         (
-            &["run", "--backoff-initial", "5s", "--backoff-cap", "1s", "--", "x"],
+            &[
+                "run",
+                "--backoff-initial",
+                "5s",
+                "--backoff-cap",
+                "1s",
+                "--",
+                "x",
+            ],
             &[],
             "backoff-cap should be at least backoff-initial (5s). Received 1s",
         ),
@@ -375,14 +383,20 @@ fn config_file_unknown_key_or_bad_value_exits_2_naming_key_and_file() {
                 file.display()
             ),
         ),
-        ("workers = [\n", format!("{} is not valid TOML", file.display())),
+        (
+            "workers = [\n",
+            format!("{} is not valid TOML", file.display()),
+        ),
     ] {
         std::fs::write(&file, text).unwrap();
         let mut c = uvcluster();
         c.args(["run", "--config"]).arg(&file).args(["--", "x"]);
         let (code, _, err) = finish(c);
         assert_eq!(code, Some(2), "{text}: {err}");
-        assert!(err.starts_with(&format!("uvcluster: {want}")), "{text}: {err}");
+        assert!(
+            err.starts_with(&format!("uvcluster: {want}")),
+            "{text}: {err}"
+        );
         assert!(err.contains("usage: uvcluster run"), "{err}");
         // The same file found as ./uvcluster.toml.
         let mut c = uvcluster();
@@ -432,7 +446,9 @@ fn config_file_applies_and_flags_override_it() {
 
     // The file's 3 workers, over WEB_CONCURRENCY's 1.
     let mut c = uvcluster();
-    c.args(["run", "--config"]).arg(&file).env("WEB_CONCURRENCY", "1");
+    c.args(["run", "--config"])
+        .arg(&file)
+        .env("WEB_CONCURRENCY", "1");
     let log = serve_and_stop(c, 3);
     assert_eq!(forks(&log), 3, "{log}");
     // The graceful stop announces the file's kill timeout.
@@ -440,7 +456,8 @@ fn config_file_applies_and_flags_override_it() {
 
     // A flag over the file.
     let mut c = uvcluster();
-    c.args(["run", "-w", "2", "--kill-timeout=2m", "--config"]).arg(&file);
+    c.args(["run", "-w", "2", "--kill-timeout=2m", "--config"])
+        .arg(&file);
     let log = serve_and_stop(c, 2);
     assert_eq!(forks(&log), 2, "{log}");
     assert!(log.contains("(killed after 2m;"), "{log}");
@@ -448,7 +465,9 @@ fn config_file_applies_and_flags_override_it() {
     // The environment where neither says anything.
     std::fs::write(&file, "kill-timeout = \"5s\"\n").unwrap();
     let mut c = uvcluster();
-    c.args(["run", "--config"]).arg(&file).env("WEB_CONCURRENCY", "1");
+    c.args(["run", "--config"])
+        .arg(&file)
+        .env("WEB_CONCURRENCY", "1");
     let log = serve_and_stop(c, 1);
     assert_eq!(forks(&log), 1, "{log}");
 
@@ -483,9 +502,21 @@ fn missing_program_is_named_exit_1() {
     std::fs::write(&plain, "0").unwrap();
     let plain = plain.display().to_string();
     for (program, errno, what) in [
-        ("no-such-program-uvcluster", "ENOENT (No such file or directory)", "no such program in PATH"),
-        ("/nonexistent/app", "ENOENT (No such file or directory)", "no such file"),
-        (plain.as_str(), "EACCES (Permission denied)", "not executable"),
+        (
+            "no-such-program-uvcluster",
+            "ENOENT (No such file or directory)",
+            "no such program in PATH",
+        ),
+        (
+            "/nonexistent/app",
+            "ENOENT (No such file or directory)",
+            "no such file",
+        ),
+        (
+            plain.as_str(),
+            "EACCES (Permission denied)",
+            "not executable",
+        ),
     ] {
         let mut c = uvcluster();
         c.args(["run", "-w", "2", "--", program])
@@ -523,7 +554,17 @@ fn log_lines_for_fork_and_exit() {
     util::require_node();
     let script = "process.exit(Number(process.env.NODE_UNIQUE_ID) === 1 ? 3 : 0)";
     let mut c = uvcluster();
-    c.args(["run", "-w", "2", "--restart", "never", "--", "node", "-e", script]);
+    c.args([
+        "run",
+        "-w",
+        "2",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
     let (code, out, err) = finish(c);
     assert_eq!(code, Some(1), "a worker failed: {err}");
     assert_eq!(out, "");
@@ -531,6 +572,16 @@ fn log_lines_for_fork_and_exit() {
     let mut exited = Vec::new();
     for line in err.lines() {
         if let Some(m) = log_line(line, "INFO") {
+            if m.starts_with("starting ") {
+                assert_eq!(
+                    m,
+                    format!(
+                        "starting 2 worker(s) of `node -e {script}` \
+                         (policy rr, restart never, kill timeout 30s)"
+                    )
+                );
+                continue;
+            }
             let (who, what) = m.split_once(") ").unwrap_or_else(|| panic!("{line}"));
             let (w, pid) = who.split_once(" (pid ").unwrap_or_else(|| panic!("{line}"));
             assert!(w == "worker 1" || w == "worker 2", "{line}");
@@ -566,25 +617,56 @@ fn log_lines_for_fork_and_exit() {
     assert!(
         err.lines()
             .filter_map(|l| log_line(l, "WARN"))
-            .any(|m| m.starts_with("worker 1 (pid ") && m.ends_with(") killed by signal 15 (SIGTERM)")),
+            .any(|m| m.starts_with("worker 1 (pid ")
+                && m.ends_with(") killed by signal 15 (SIGTERM)")),
         "{err}"
     );
 
     // Under systemd: `<6>worker 1 (pid N) forked`.
     let mut c = uvcluster();
-    c.args(["run", "-w", "1", "--restart", "never", "--", "node", "-e", "0"])
-        .env("JOURNAL_STREAM", "8:1234");
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        "0",
+    ])
+    .env("JOURNAL_STREAM", "8:1234");
     let (code, _, err) = finish(c);
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines[0].starts_with("<6>worker 1 (pid ") && lines[0].ends_with(") forked"), "{err}");
-    assert!(lines[1].starts_with("<6>worker 1 (pid ") && lines[1].ends_with(") exited"), "{err}");
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with("<6>starting 1 worker(s) of `node -e 0` "),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("<6>worker 1 (pid ") && lines[1].ends_with(") forked"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with("<6>worker 1 (pid ") && lines[2].ends_with(") exited"),
+        "{err}"
+    );
 
     // RUST_LOG=error: only errors.
     let mut c = uvcluster();
-    c.args(["run", "-w", "1", "--restart", "never", "--", "node", "-e", "process.exit(3)"])
-        .env("RUST_LOG", "error");
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        "process.exit(3)",
+    ])
+    .env("RUST_LOG", "error");
     let (code, _, err) = finish(c);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err, "");
@@ -600,7 +682,18 @@ fn prefix_output_prefixes_each_worker_line_with_its_id() {
                   process.stdout.write(`one ${id}\\ntwo ${id}\\n`);\
                   process.stderr.write(`err ${id}`);";
     let mut c = uvcluster();
-    c.args(["run", "-w", "2", "--restart", "never", "--prefix-output", "--", "node", "-e", script]);
+    c.args([
+        "run",
+        "-w",
+        "2",
+        "--restart",
+        "never",
+        "--prefix-output",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
     let (code, out, err) = finish(c);
     assert_eq!(code, Some(0), "{err}");
     for id in [1, 2] {
@@ -610,15 +703,32 @@ fn prefix_output_prefixes_each_worker_line_with_its_id() {
             .collect();
         assert_eq!(
             mine,
-            [format!("[worker {id}] one {id}"), format!("[worker {id}] two {id}")],
+            [
+                format!("[worker {id}] one {id}"),
+                format!("[worker {id}] two {id}")
+            ],
             "{out}"
         );
-        assert!(err.contains(&format!("\n[worker {id}] err {id}\n")) || err.starts_with(&format!("[worker {id}] err {id}\n")), "{err}");
+        assert!(
+            err.contains(&format!("\n[worker {id}] err {id}\n"))
+                || err.starts_with(&format!("[worker {id}] err {id}\n")),
+            "{err}"
+        );
     }
     assert_eq!(out.lines().count(), 4, "{out}");
 
     let mut c = uvcluster();
-    c.args(["run", "-w", "1", "--restart", "never", "--", "node", "-e", script]);
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
     let (code, out, err) = finish(c);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "one 1\ntwo 1\n");
@@ -643,6 +753,9 @@ fn sigquit_stops_at_once_with_128_plus_3() {
     let (code, log) = r.wait();
     assert_eq!(code, Some(131), "{log}");
     assert!(log.contains("signal SIGQUIT: stopping at once"), "{log}");
-    assert_eq!(log.matches(") killed by signal 9 (SIGKILL)").count(), 2, "{log}");
+    assert_eq!(
+        log.matches(") killed by signal 9 (SIGKILL)").count(),
+        2,
+        "{log}"
+    );
 }
-
