@@ -617,26 +617,9 @@ impl Core {
         self.actions.pop_front()
     }
 
-    /// Whether a stop has begun.
-    pub fn is_stopping(&self) -> bool {
-        self.stop.is_some()
-    }
-
     /// How many slots there are (not counting slots being removed).
     pub fn slot_count(&self) -> usize {
         self.slots.values().filter(|s| !s.removed).count()
-    }
-
-    /// The slot of a worker the core knows.
-    pub fn slot_of(&self, w: WorkerId) -> Option<SlotId> {
-        self.workers.get(&w).map(|w| w.slot)
-    }
-
-    /// Whether worker `w` is in rotation (ready or starting, not retired).
-    pub fn is_retiring(&self, w: WorkerId) -> bool {
-        self.workers
-            .get(&w)
-            .is_some_and(|w| w.phase == Phase::Retiring)
     }
 
     fn report(&mut self, e: LifecycleEvent) {
