@@ -237,7 +237,11 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         (&[], &[], "no subcommand given"),
-        (&["walk"], &[], "unknown subcommand \"walk\""),
+        (
+            &["walk"],
+            &[],
+            "unknown subcommand \"walk\"; the command is run",
+        ),
         (&["run"], &[], "no command given"),
         (&["run", "--frob", "--", "x"], &[], "unknown option --frob"),
         (&["run", "-w"], &[], "--workers needs a value"),
