@@ -890,3 +890,52 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
     assert!(!log.contains(" WARN "), "{log}");
     assert_eq!(forks(&log), 2, "{log}");
 }
+
+/// `--wait-ready` reaches the supervisor: a Node worker is ready when it
+/// sends `'ready'` (PM2's convention), after it listens; one that never
+/// sends it is killed at `--ready-timeout` and, its start budget spent,
+/// its slot is errored and the command exits 1.
+#[test]
+fn wait_ready_and_ready_timeout_reach_the_supervisor() {
+    util::require_node();
+    let app_js = scratch("wait-ready").join("app.js");
+    let app_text = "require('http').createServer((q, s) => s.end('ok'))\
+               .listen(process.env.PORT, () => {\
+                 if (process.env.SEND_READY) setTimeout(() => process.send('ready'), 50);\
+               });";
+    std::fs::write(&app_js, app_text).unwrap();
+    let app = app_js.to_str().unwrap();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--wait-ready", "--", "node", app])
+        .env("PORT", free_port().to_string())
+        .env("SEND_READY", "1");
+    let mut r = Running::start(c);
+    r.expect(") listening on ");
+    r.expect(") ready (after ");
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--wait-ready",
+        "--ready-timeout=300ms",
+        "--max-restarts=1",
+        "--",
+        "node",
+        app,
+    ])
+    .env("PORT", free_port().to_string());
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(") listening on "), "{err}");
+    assert!(!err.contains(") ready"), "{err}");
+    assert!(
+        err.contains(") sent SIGKILL: not ready within the ready timeout"),
+        "{err}"
+    );
+    assert!(err.contains(" ERROR uvcluster: slot 0 errored: "), "{err}");
+}
