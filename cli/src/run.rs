@@ -312,9 +312,6 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Durat
             "signal {s} again: the same request delivered twice, ignored"
         ),
         E::Exiting { code } => log::debug!(target: events::TARGET, "supervisor done, code {code}"),
-        // The event type may grow; its own words are still one line.
-        #[allow(unreachable_patterns)]
-        other => log::info!(target: events::TARGET, "{other}"),
     }
 }
 
