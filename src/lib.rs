@@ -136,6 +136,7 @@
 pub mod cluster;
 pub mod ipc;
 pub mod net;
+pub mod supervisor;
 mod sys;
 pub mod uv;
 
