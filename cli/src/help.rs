@@ -68,6 +68,16 @@ Limits (each replaces a worker gracefully, as a one-worker reload):
       --max-connections N      connections handed to one worker [default: off]
       --max-connections-jitter N   adds random(0..=N) per worker [default: 0]
 
+Development:
+      --watch PATH             reload worker by worker when a file under PATH
+                               changes (repeatable); a reload whose new code
+                               fails to start leaves the old workers serving
+      --ignore GLOB            changes to leave out (repeatable), added to
+                               .git, node_modules and target; `*.log` matches
+                               a name at any depth, `dist/**` a relative path
+      --watch-debounce DUR     quiet time after the last change before the
+                               reload [default: 300ms]
+
 Output and configuration:
       --prefix-output[=B]      prefix each line a worker prints with
                                `[worker ID] ` [default: false]
@@ -77,7 +87,8 @@ Output and configuration:
 
 Precedence: flags, then the file, then the environment, then the default.
 The file takes the same names as keys (kill-timeout = \"10s\", workers = 4,
-wait-ready = true) and command = [\"node\", \"app.js\"].
+wait-ready = true), command = [\"node\", \"app.js\"], watch = [\"src\"] and
+ignore = [\"*.log\"].
 
 Signals: SIGTERM or SIGINT stops gracefully (a second one, or SIGQUIT, at
 once); SIGHUP reloads worker by worker; SIGTTIN adds a worker, SIGTTOU
@@ -134,5 +145,9 @@ mod tests {
         assert_eq!(line("max-memory"), "off");
         assert_eq!(line("max-connections"), "off");
         assert_eq!(line("handoff-window"), DEFAULT_HANDOFF_WINDOW.to_string());
+        assert_eq!(
+            line("watch-debounce"),
+            show_duration(crate::watch::DEFAULT_DEBOUNCE)
+        );
     }
 }

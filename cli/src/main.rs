@@ -16,6 +16,7 @@ mod help;
 mod options;
 mod run;
 mod values;
+mod watch;
 
 use std::process::ExitCode;
 

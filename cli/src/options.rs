@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
     /// The configuration file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// `--watch`: reload on changes (`watch.rs`); `None` without a path.
+    pub watch: Option<crate::watch::WatchOptions>,
 }
 
 /// An option's kind: how its value is parsed, and whether a flag takes a
@@ -57,6 +59,9 @@ enum Kind {
     Switch,
     /// A flag with a value.
     Value,
+    /// A flag with a value, repeatable (each adds one); an array of
+    /// strings (or one string) in the file.
+    List,
 }
 
 /// Every option: its name (flag and key), short flag, kind.
@@ -81,6 +86,9 @@ const OPTIONS: &[(&str, Option<char>, Kind)] = &[
     ("fail-before-ready", None, Kind::Switch),
     ("handoff-window", None, Kind::Value),
     ("prefix-output", None, Kind::Switch),
+    ("watch", None, Kind::List),
+    ("ignore", None, Kind::List),
+    ("watch-debounce", None, Kind::Value),
 ];
 
 /// The keys the file takes: every option, and `command`.
@@ -113,6 +121,9 @@ struct Partial {
     fail_before_ready: Option<bool>,
     handoff_window: Option<usize>,
     prefix_output: Option<bool>,
+    watch: Option<Vec<PathBuf>>,
+    ignore: Option<Vec<String>>,
+    watch_debounce: Option<Duration>,
     command: Option<Vec<OsString>>,
 }
 
@@ -142,6 +153,15 @@ impl Partial {
             "fail-before-ready" => self.fail_before_ready = Some(boolean(v)?),
             "handoff-window" => self.handoff_window = Some(handoff_window(v)?),
             "prefix-output" => self.prefix_output = Some(boolean(v)?),
+            "watch" if v.is_empty() => {
+                return Err("should be a file or directory to watch. Received \"\"".into());
+            }
+            "watch" => self.watch.get_or_insert_default().push(PathBuf::from(v)),
+            "ignore" => {
+                crate::watch::check_glob(v)?;
+                self.ignore.get_or_insert_default().push(v.to_string());
+            }
+            "watch-debounce" => self.watch_debounce = Some(duration(v)?),
             _ => unreachable!("{name} is in OPTIONS"),
         }
         Ok(())
@@ -173,6 +193,9 @@ impl Partial {
             fail_before_ready,
             handoff_window,
             prefix_output,
+            watch,
+            ignore,
+            watch_debounce,
             command
         )
     }
@@ -256,7 +279,7 @@ pub fn parse(
                 Some(v) => v,
                 None => "true".into(),
             },
-            Kind::Value => p
+            Kind::Value | Kind::List => p
                 .value()
                 .map_err(|_| err(format!("--{name} needs a value")))?,
         };
@@ -318,8 +341,20 @@ fn read_config(path: Option<&Path>) -> Result<(Partial, Option<PathBuf>), Usage>
                 file_keys()
             )));
         };
+        if let (toml::Value::Array(items), Kind::List) = (&value, kind) {
+            for item in items {
+                let Some(v) = item.as_str() else {
+                    return Err(Usage(format!(
+                        "{name} in {shown} should be an array of strings. Received {value}"
+                    )));
+                };
+                out.set(name, v)
+                    .map_err(|m| Usage(format!("{name} in {shown} {m}")))?;
+            }
+            continue;
+        }
         let v = match (&value, kind) {
-            (toml::Value::String(s), Kind::Value) => s.clone(),
+            (toml::Value::String(s), Kind::Value | Kind::List) => s.clone(),
             (toml::Value::Integer(i), Kind::Value) => i.to_string(),
             (toml::Value::Boolean(b), Kind::Switch) => b.to_string(),
             (toml::Value::String(s), Kind::Switch) => s.clone(),
@@ -404,6 +439,14 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
         prefix_output: p.prefix_output.unwrap_or(false),
         command,
         config_file,
+        watch: p
+            .watch
+            .filter(|w| !w.is_empty())
+            .map(|paths| crate::watch::WatchOptions {
+                paths,
+                ignore: p.ignore.unwrap_or_default(),
+                debounce: p.watch_debounce.unwrap_or(crate::watch::DEFAULT_DEBOUNCE),
+            }),
     })))
 }
 
@@ -718,6 +761,69 @@ mod tests {
         let a = with_file(&g, &["--", "x"], &[("WEB_CONCURRENCY", "7")]).unwrap();
         assert_eq!(a.supervisor.workers, 7);
         assert_eq!(a.supervisor.restart, RestartPolicy::Never);
+    }
+
+    /// `--watch` and `--ignore` repeat and add up; the file takes arrays;
+    /// flags replace the file's list; no `--watch`, no watch.
+    #[test]
+    fn watch_ignore_and_debounce_from_flags_and_file() {
+        assert_eq!(p(&["run", "--", "x"]).unwrap().watch, None);
+        let a = p(&[
+            "run",
+            "--watch",
+            "src",
+            "--watch=app.js",
+            "--ignore",
+            "*.log",
+            "--ignore",
+            "dist/**",
+            "--watch-debounce",
+            "50ms",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        let w = a.watch.unwrap();
+        assert_eq!(w.paths, [PathBuf::from("src"), PathBuf::from("app.js")]);
+        assert_eq!(w.ignore, ["*.log", "dist/**"]);
+        assert_eq!(w.debounce, Duration::from_millis(50));
+        let w = p(&["run", "--watch", ".", "--", "x"])
+            .unwrap()
+            .watch
+            .unwrap();
+        assert_eq!(w.debounce, crate::watch::DEFAULT_DEBOUNCE);
+        assert!(w.ignore.is_empty());
+        assert_eq!(
+            p(&["run", "--ignore", "[a", "--", "x"]).unwrap_err(),
+            "--ignore should be a glob pattern, such as *.log or dist/** \
+             (error parsing glob '[a': unclosed character class; missing ']'). Received \"[a\""
+        );
+        assert_eq!(
+            p(&["run", "--watch", "", "--", "x"]).unwrap_err(),
+            "--watch should be a file or directory to watch. Received \"\""
+        );
+        let f = file(
+            "watch.toml",
+            "watch = [\"src\", \"lib\"]\nignore = \"*.tmp\"\nwatch-debounce = \"1s\"\n",
+        );
+        let w = with_file(&f, &["--", "x"], &[]).unwrap().watch.unwrap();
+        assert_eq!(w.paths, [PathBuf::from("src"), PathBuf::from("lib")]);
+        assert_eq!(w.ignore, ["*.tmp"]);
+        assert_eq!(w.debounce, Duration::from_secs(1));
+        let w = with_file(&f, &["--watch", "app", "--", "x"], &[])
+            .unwrap()
+            .watch
+            .unwrap();
+        assert_eq!(w.paths, [PathBuf::from("app")]);
+        let f = file("watch-bad.toml", "watch = [\"src\", 3]\n");
+        let e = with_file(&f, &["--", "x"], &[]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "watch in {} should be an array of strings. Received [\"src\", 3]",
+                f.display()
+            )
+        );
     }
 
     #[test]

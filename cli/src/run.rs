@@ -378,6 +378,10 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
 
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let watcher = match &opts.watch {
+        Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
+        None => None,
+    };
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
         let pids = pids.clone();
@@ -392,6 +396,9 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                 immediate.set(Some(*s));
             }
             log_event(lp, e, &pids, kill_timeout);
+            if let Some(w) = &watcher {
+                w.on_event(lp, e);
+            }
         });
     }
     sup.handle_signals(&mut lp)?;
