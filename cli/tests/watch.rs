@@ -14,7 +14,7 @@ mod util;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,6 +100,11 @@ impl Run {
     /// `uvcluster run -w 2 ARGS -- COMMAND`, `PORT` set; waits until both
     /// workers are ready.
     fn start(port: u16, args: &[&str], command: &[&str]) -> Run {
+        Run::start_with_config(port, Path::new("/dev/null"), args, command)
+    }
+
+    /// [`start`](Self::start) with the configuration file `config`.
+    fn start_with_config(port: u16, config: &Path, args: &[&str], command: &[&str]) -> Run {
         let mut c = Command::new(util::cli_bin());
         for var in [
             "WEB_CONCURRENCY",
@@ -109,7 +114,9 @@ impl Run {
         ] {
             c.env_remove(var);
         }
-        c.args(["run", "--config", "/dev/null", "-w", "2"])
+        c.args(["run", "--config"])
+            .arg(config)
+            .args(["-w", "2"])
             .args(args)
             .arg("--")
             .args(command)
@@ -597,6 +604,51 @@ fn watch_change_during_a_reload_queues_one_more() {
         1,
         "{since}"
     );
+}
+
+/// `watch`, `ignore` and `watch-debounce` from `uvcluster.toml`: the
+/// file's ignore applies, its watched directory reloads.
+#[test]
+fn watch_from_the_configuration_file() {
+    let node = node();
+    let dir = Scratch::new("config");
+    dir.write("app/app.js", &node_app(1, 0));
+    std::fs::create_dir(dir.path("app/cache")).unwrap();
+    let conf = dir.path("uvcluster.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "watch = [{:?}]\nignore = [\"cache\"]\nwatch-debounce = \"100ms\"\n",
+            dir.path("app").display().to_string()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut run = Run::start_with_config(
+        port,
+        &conf,
+        &[],
+        &[&node, dir.path("app/app.js").to_str().unwrap()],
+    );
+    assert!(
+        run.log
+            .contains(&format!("watching {} (", dir.path("app").display()))
+            && run
+                .log
+                .contains("ignoring .git, node_modules, target, cache)"),
+        "{}",
+        run.log
+    );
+    let old = both_answer(port);
+    dir.write("app/cache/entry", "x");
+    dir.write("app/app.js", &node_app(2, 0));
+    let line = run.expect("uvcluster: watch: ");
+    assert!(line.contains("app.js changed"), "{line}");
+    run.expect("reload finished (2 workers replaced");
+    let new = both_answer(port);
+    assert!(new.iter().all(|b| b.ends_with(" 2")), "{new:?}");
+    assert!(old.is_disjoint(&new));
+    run.stop();
 }
 
 /// A watched path that does not exist is a start failure naming it
