@@ -213,6 +213,16 @@ impl Load {
         self.ok.load(Ordering::SeqCst)
     }
 
+    /// Tells the clients to stop, waits for them (no loop of ours is
+    /// involved: the server is another process), returns the errors.
+    pub fn finish_blocking(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.handles.drain(..) {
+            h.join().unwrap();
+        }
+        std::mem::take(&mut self.errors.lock().unwrap())
+    }
+
     /// Tells the clients to stop, runs the loop (the primary dispatches
     /// their connections) until they have, and returns the errors.
     pub fn finish(mut self, lp: &mut Loop, limit_ms: u64) -> Vec<String> {
