@@ -379,7 +379,7 @@ impl Load {
         self.join()
     }
 
-    /// Waits for the load's end (its duration, or [`finish`]'s stop).
+    /// Waits for the load's end (its duration, or [`Load::finish`]'s stop).
     fn join(self) -> Result<(LoadReport, Vec<(u32, u64)>), String> {
         let r = self
             .thread
