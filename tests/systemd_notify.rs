@@ -281,8 +281,9 @@ fn uvcluster_run_is_ready_once_every_worker_listens_and_says_stopping() {
         .unwrap()
         .parse()
         .unwrap();
-    let one = cli.wait_line(true, "worker 1 (pid");
-    assert!(one.contains("listening on"), "{one}");
+    // The log says `worker 1 (pid P) forked` first, then where it listens.
+    let one = cli.wait_line(true, "listening on");
+    assert!(one.contains("worker 1 (pid"), "{one}");
     let port: u16 = one.rsplit(':').next().unwrap().trim().parse().unwrap();
     // Worker 1 listens, worker 2 does not: pings, and no READY=1.
     let mut seen = Vec::new();

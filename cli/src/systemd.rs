@@ -38,7 +38,8 @@ impl Systemd {
         })
     }
 
-    /// Worker `id` listens: once every worker does, `READY=1`.
+    /// Worker `id` is ready (the supervisor's readiness: it listens, or it
+    /// said `'ready'`): once every worker is, `READY=1`.
     pub(crate) fn listening(&self, lp: &mut Loop, id: u32) {
         let n = {
             let mut l = self.listening.borrow_mut();
@@ -52,22 +53,41 @@ impl Systemd {
         }
     }
 
-    /// A worker exited; `alive` are left.
-    pub(crate) fn exited(&self, id: u32, alive: usize) {
-        self.listening.borrow_mut().remove(&id);
+    /// A worker exited.
+    pub(crate) fn exited(&self, id: u32) {
+        let alive = {
+            let mut l = self.listening.borrow_mut();
+            l.remove(&id);
+            l.len()
+        };
         self.send(
             self.notify
-                .status(&format!("{alive} of {} workers running", self.workers)),
+                .status(&format!("{alive} of {} workers ready", self.workers)),
         );
     }
 
-    /// The first SIGINT/SIGTERM: a graceful stop begins.
-    pub(crate) fn stopping(&self, alive: usize) {
+    /// The first SIGINT/SIGTERM: a stop begins.
+    pub(crate) fn stopping(&self) {
+        let alive = self.listening.borrow().len();
         self.send(self.notify.stopping());
         self.send(
             self.notify
                 .status(&format!("stopping: disconnecting {alive} workers")),
         );
+    }
+
+    /// A rolling reload begins: `RELOADING=1` with `MONOTONIC_USEC=`
+    /// (the `Type=notify-reload` protocol).
+    pub(crate) fn reloading(&self) {
+        self.send(self.notify.reloading());
+    }
+
+    /// A rolling reload ended (finished, or failed closed with the old
+    /// workers serving): `READY=1` again, and the count.
+    pub(crate) fn reloaded(&self) {
+        let n = self.listening.borrow().len();
+        self.send(self.notify.ready());
+        self.send(self.notify.status(&format!("{n} workers ready")));
     }
 
     fn send(&self, r: io::Result<()>) {

@@ -277,9 +277,16 @@ fn cli_second_signal_kills() {
         cli.running(),
         "still running with a worker holding a connection"
     );
+    // A second SIGINT within 500 ms of the first is the same Ctrl-C
+    // delivered twice (docs/cli.md, "Signals"); the reminder the stop
+    // writes after 5 s marks a later one, the user's second request.
+    cli.expect("still waiting for worker(s)");
     cli.signal(Signal::SIGINT);
     let (code, err) = cli.wait();
-    assert_eq!(code, Some(1), "a worker was killed: {err}");
+    // An immediate stop exits 128 + the signal's number, as a shell reports
+    // a process killed by it (docs/cli.md, "Exit status"); it was 1 before
+    // the exit codes were documented (issue 13).
+    assert_eq!(code, Some(130), "stopped at once by SIGINT: {err}");
     assert!(err.contains("killed by signal 9"), "{err}");
     drop(held);
 }

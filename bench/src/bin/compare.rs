@@ -83,40 +83,10 @@ impl Server {
     }
 }
 
-/// The nginx binary, installed with `apt-get install nginx-light` if it is
-/// missing and this process may; `None`, with a loud message, if it cannot
-/// be had.
+/// The nginx binary (`uvcluster_bench::nginx::find`), or `None` with a
+/// loud message that the nginx row is skipped.
 fn find_nginx() -> Option<String> {
-    let works = |bin: &str| {
-        Command::new(bin)
-            .arg("-v")
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let candidates = || ["nginx", "/usr/sbin/nginx"].into_iter().find(|b| works(b));
-    if let Some(b) = candidates() {
-        return Some(b.to_string());
-    }
-    eprintln!("nginx not found: installing Debian's nginx-light (apt-get)");
-    let installed = Command::new("sh")
-        .args([
-            "-c",
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light",
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    match candidates() {
-        Some(b) if installed => Some(b.to_string()),
-        _ => {
-            eprintln!(
-                "\n!!! nginx is not available and could not be installed \
-                 (apt-get install nginx-light): the nginx row is SKIPPED !!!\n"
-            );
-            None
-        }
-    }
+    uvcluster_bench::nginx::find("the nginx row is")
 }
 
 /// Writes the nginx configuration for `port` into a fresh directory and

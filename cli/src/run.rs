@@ -1,0 +1,436 @@
+//! `uvcluster run`: the pool under a [`Supervisor`], its events in the
+//! log, the worker output prefixes, and the exit status.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use uvcluster::cluster::{Primary, Settings, Worker};
+use uvcluster::ipc::ForkStdio;
+use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Supervisor};
+use uvcluster::systemd::Notifier;
+use uvcluster::uv::{Loop, RunMode, Signum};
+
+use crate::events;
+use crate::options::RunOptions;
+use crate::values::show_duration;
+
+/// How a run ended; [`Outcome::code`] is the process's exit status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The supervisor's own code: 0 after a graceful stop (its kill timeout
+    /// included, as gunicorn's graceful timeout) or when every worker
+    /// exited 0 and none is to be restarted; 1 when no worker is left
+    /// running and none will be restarted after failures (a crash loop,
+    /// every slot errored).
+    Supervisor(i32),
+    /// Stopped at once by this signal (a second SIGTERM/SIGINT, or
+    /// SIGQUIT). Exit 128 + its number, as a shell reports a process
+    /// killed by it.
+    Immediate(Signum),
+}
+
+impl Outcome {
+    /// The exit status (docs/cli.md, "Exit status").
+    pub fn code(&self) -> u8 {
+        match self {
+            Outcome::Supervisor(c) => u8::try_from(*c).unwrap_or(1),
+            Outcome::Immediate(s) => u8::try_from(128 + s.as_raw()).unwrap_or(1),
+        }
+    }
+}
+
+/// A program that cannot be started at all (exit 1, a start failure).
+#[derive(Debug)]
+pub struct CannotRun {
+    /// The program as given.
+    pub program: OsString,
+    /// Why: `ENOENT` or `EACCES`.
+    pub errno: nix::errno::Errno,
+}
+
+impl std::fmt::Display for CannotRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Node's words for a failed spawn (`spawn app ENOENT (No such file
+        // or directory)`, as the library's spawn error), then what to check.
+        let program = self.program.to_string_lossy();
+        let hint = match self.errno {
+            nix::errno::Errno::ENOENT if !program.contains('/') => "no such program in PATH",
+            nix::errno::Errno::ENOENT => "no such file",
+            _ => "not executable",
+        };
+        write!(
+            f,
+            "spawn {program} {:?} ({}): {program:?} {hint}",
+            self.errno,
+            self.errno.desc()
+        )
+    }
+}
+
+/// Either failure of [`run`] before the loop runs.
+#[derive(Debug)]
+pub enum StartError {
+    /// The program cannot be started.
+    CannotRun(CannotRun),
+    /// Anything else (the loop, a signal handler, the configuration).
+    Io(io::Error),
+}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> StartError {
+        StartError::Io(e)
+    }
+}
+
+/// Finds `program` as `execvp` would (in `PATH` unless it names a path)
+/// and checks it can be executed, so that a typo fails at once, naming the
+/// program, rather than after the supervisor's crash-loop budget of failed
+/// forks.
+fn preflight(program: &OsStr) -> Result<(), CannotRun> {
+    use nix::unistd::{AccessFlags, access};
+    let executable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
+    let fail = |errno| {
+        Err(CannotRun {
+            program: program.to_owned(),
+            errno,
+        })
+    };
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return match (path.exists(), executable(path)) {
+            (_, true) => Ok(()),
+            (true, false) => fail(nix::errno::Errno::EACCES),
+            (false, _) => fail(nix::errno::Errno::ENOENT),
+        };
+    }
+    let dirs = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut seen = false;
+    for dir in std::env::split_paths(&dirs) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".").to_path_buf()
+        } else {
+            dir
+        };
+        let candidate = dir.join(path);
+        if executable(&candidate) {
+            return Ok(());
+        }
+        seen |= candidate.is_file();
+    }
+    fail(if seen {
+        nix::errno::Errno::EACCES
+    } else {
+        nix::errno::Errno::ENOENT
+    })
+}
+
+/// The settings that start the workers: the command, the policy, and piped
+/// output when it is prefixed.
+fn settings(opts: &RunOptions) -> Settings {
+    let mut command = opts.command.iter().cloned();
+    Settings {
+        exec_path: command.next(),
+        args: Some(command.collect()),
+        exec_argv: Some(Vec::new()),
+        scheduling_policy: Some(opts.policy),
+        stdio: opts.prefix_output.then(|| {
+            vec![
+                ForkStdio::Inherit,
+                ForkStdio::Pipe,
+                ForkStdio::Pipe,
+                ForkStdio::Ipc,
+            ]
+        }),
+        ..Settings::default()
+    }
+}
+
+/// Copies worker `w`'s stdout and stderr to ours, each line prefixed with
+/// `[worker ID] ` (`--prefix-output`). A line is written whole, so lines of
+/// two workers never interleave; a last line without a newline is written
+/// at the end of the stream.
+fn prefix_output(lp: &mut Loop, w: &Worker) {
+    for fd in [1, 2] {
+        let Some(pipe) = w.stdio(fd) else { continue };
+        let prefix = format!("[worker {}] ", w.id());
+        let mut partial: Vec<u8> = Vec::new();
+        // The primary drains the pipe until we take it over (it has not
+        // run yet: this is the fork callback).
+        let _ = lp.read_stop(pipe);
+        let res = lp.read_start(pipe, move |_, _, r| {
+            let data = r.unwrap_or(&[]);
+            let eof = data.is_empty();
+            partial.extend_from_slice(data);
+            let mut out = Vec::new();
+            while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend(partial.drain(..=nl));
+            }
+            if eof && !partial.is_empty() {
+                out.extend_from_slice(prefix.as_bytes());
+                out.append(&mut partial);
+                out.push(b'\n');
+            }
+            if !out.is_empty() {
+                // A closed stdout/stderr of ours must not stop the primary.
+                let _ = if fd == 1 {
+                    io::stdout().lock().write_all(&out)
+                } else {
+                    io::stderr().lock().write_all(&out)
+                };
+            }
+        });
+        if let Err(e) = res {
+            log::warn!(
+                target: events::TARGET,
+                "worker {}: cannot prefix its output: {e}",
+                w.id()
+            );
+        }
+    }
+}
+
+/// Worker ids to pids, for the log lines of events that carry ids only.
+type Pids = Rc<RefCell<HashMap<u32, i32>>>;
+
+/// How often a graceful stop that is still waiting says for whom.
+const STILL_WAITING: Duration = Duration::from_secs(5);
+
+/// Why a start failed, in the log's words.
+fn start_failure(f: &StartFailure) -> String {
+    match f {
+        StartFailure::Fork(e) => format!("could not be forked: {e}"),
+        StartFailure::Exited(e) => format!(
+            "{} before it was ready",
+            events::how_it_ended(e.code, e.signal)
+        ),
+        StartFailure::ReadyTimeout(d) => {
+            format!("was not ready within {}", show_duration(*d))
+        }
+    }
+}
+
+/// Writes the log line of one supervisor event (docs/cli.md, "The log").
+fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Duration) {
+    use LifecycleEvent as E;
+    let pid = |id: &u32| pids.borrow().get(id).copied();
+    match e {
+        // Logged by the fork callback, with the pid.
+        E::Forked { .. } => {}
+        E::ForkFailed { slot, error } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: cannot fork a worker: {error}"
+        ),
+        E::Ready { worker, after, .. } => events::ready(*worker, pid(worker), *after),
+        E::Draining { worker, .. } => events::draining(*worker, pid(worker)),
+        E::Killed {
+            worker,
+            signal,
+            reason,
+            ..
+        } => log::warn!(
+            target: events::TARGET,
+            "{} sent {signal}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::Exited {
+            worker,
+            exit,
+            expected,
+            ..
+        } => {
+            let p = pids.borrow_mut().remove(worker);
+            events::exited(*worker, p, exit.code, exit.signal, *expected);
+        }
+        E::Restarting { slot, delay } => events::restarting(*slot, *delay),
+        E::Errored { slot, last, why } => {
+            let last = last.map(|l| events::how_it_ended(l.code, l.signal));
+            events::errored(*slot, why, last.as_deref());
+        }
+        E::Replacing {
+            slot,
+            worker,
+            reason,
+        } => log::info!(
+            target: events::TARGET,
+            "slot {slot}: replacing {}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::ReplaceFailed { slot, failure } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: the replacement {}; the old worker keeps serving",
+            start_failure(failure)
+        ),
+        E::ReloadStarted { slots } => events::reload_started(*slots),
+        E::ReloadQueued => log::info!(
+            target: events::TARGET,
+            "reload queued: it runs once the current one ends"
+        ),
+        E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
+        E::ReloadFailed(ReloadError::NotReady {
+            slot,
+            failure,
+            replaced,
+        }) => events::reload_failed(&format!(
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+            start_failure(failure)
+        )),
+        E::ReloadFailed(ReloadError::Stopped) => events::reload_failed("a stop began"),
+        E::Scaled { from, to } => log::info!(
+            target: events::TARGET,
+            "scaled from {from} to {to} worker(s)"
+        ),
+        E::Stopping {
+            graceful: true,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::info!(
+                target: events::TARGET,
+                "{by}: stopping gracefully, disconnecting workers (killed after {}; \
+                 a second SIGINT/SIGTERM stops at once)",
+                show_duration(kill_timeout)
+            );
+            still_waiting(lp, pids.clone());
+        }
+        E::Stopping {
+            graceful: false,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::warn!(
+                target: events::TARGET,
+                "{by}: stopping at once, killing every worker"
+            );
+        }
+        E::DuplicateSignal(s) => log::info!(
+            target: events::TARGET,
+            "signal {s} again: the same request delivered twice, ignored"
+        ),
+        E::Exiting { code } => log::debug!(target: events::TARGET, "supervisor done, code {code}"),
+    }
+}
+
+/// A graceful stop never waits silently (issue 10): every 5 s it says for
+/// which workers it waits. The timer does not keep the loop alive.
+fn still_waiting(lp: &mut Loop, pids: Pids) {
+    let t = lp.timer_init();
+    let _ = lp.timer_start(t, STILL_WAITING, STILL_WAITING, move |_, _| {
+        let mut left: Vec<(u32, i32)> = pids.borrow().iter().map(|(&i, &p)| (i, p)).collect();
+        left.sort_unstable();
+        let left: Vec<String> = left
+            .iter()
+            .map(|(id, pid)| format!("{id} (pid {pid})"))
+            .collect();
+        log::info!(
+            target: events::TARGET,
+            "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
+            left.join(", ")
+        );
+    });
+    let _ = lp.unref_handle(t);
+}
+
+/// Runs the pool until the supervisor is done; returns how it ended.
+///
+/// # Errors
+///
+/// [`StartError::CannotRun`] when the program is not found or cannot be
+/// executed; [`StartError::Io`] when the loop or a signal handler cannot be
+/// set up.
+pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
+    uvcluster::uv::disable_stdio_inheritance();
+    // Before any worker could inherit NOTIFY_SOCKET; the loop then takes
+    // LISTEN_FDS (socket activation: a bind of an inherited address takes
+    // the inherited socket).
+    let notify = Notifier::from_env().map_err(io::Error::from)?;
+    let mut lp = Loop::new()?;
+    let sd = Rc::new(crate::systemd::Systemd::start(
+        &mut lp,
+        notify,
+        opts.supervisor.workers,
+    )?);
+    // After the systemd variables: a bad one is named before anything else.
+    preflight(&opts.command[0]).map_err(StartError::CannotRun)?;
+    let primary = Primary::new();
+    primary.setup_primary(&mut lp, settings(&opts));
+    primary.set_handoff_window(opts.handoff_window);
+
+    let pids: Pids = Rc::default();
+    let prefix = opts.prefix_output;
+    {
+        let pids = pids.clone();
+        primary.on_fork(move |lp, w| {
+            if let Some(pid) = w.pid() {
+                pids.borrow_mut().insert(w.id(), pid);
+            }
+            events::forked(w.id(), w.pid());
+            // The supervisor takes the primary's `listening`; a worker's
+            // own stays ours.
+            w.on_listening(|_, w, a| {
+                let addr = a.address.as_deref().unwrap_or("*");
+                match a.port {
+                    Some(port) if port >= 0 => {
+                        events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+                    }
+                    _ => events::listening(w.id(), w.pid(), addr),
+                }
+            });
+            if prefix {
+                prefix_output(lp, w);
+            }
+        });
+    }
+
+    let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let watcher = match &opts.watch {
+        Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
+        None => None,
+    };
+    let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
+    {
+        let pids = pids.clone();
+        let immediate = immediate.clone();
+        let kill_timeout = opts.supervisor.kill_timeout;
+        sup.on_event(move |lp, e| {
+            if let LifecycleEvent::Stopping {
+                graceful: false,
+                signal: Some(s),
+            } = e
+            {
+                immediate.set(Some(*s));
+            }
+            log_event(lp, e, &pids, kill_timeout);
+            match e {
+                LifecycleEvent::Ready { worker, .. } => sd.listening(lp, *worker),
+                LifecycleEvent::Exited { worker, .. } => sd.exited(*worker),
+                LifecycleEvent::Stopping { .. } => sd.stopping(),
+                LifecycleEvent::ReloadStarted { .. } => sd.reloading(),
+                LifecycleEvent::ReloadFinished(_) | LifecycleEvent::ReloadFailed(_) => {
+                    sd.reloaded()
+                }
+                _ => {}
+            }
+            if let Some(w) = &watcher {
+                w.on_event(lp, e);
+            }
+        });
+    }
+    sup.handle_signals(&mut lp)?;
+    events::starting(&opts);
+    sup.start(&mut lp);
+    lp.run(RunMode::Default)?;
+    Ok(match (immediate.get(), sup.exit_code()) {
+        (Some(s), _) => Outcome::Immediate(s),
+        (None, Some(code)) => Outcome::Supervisor(code),
+        // The loop ended without the supervisor's verdict: nothing kept it
+        // alive, which only a failure explains.
+        (None, None) => Outcome::Supervisor(1),
+    })
+}
