@@ -348,7 +348,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     // Before any worker could inherit NOTIFY_SOCKET; the loop then takes
     // LISTEN_FDS (socket activation: a bind of an inherited address takes
     // the inherited socket).
-    let notify = Notifier::from_env().map_err(io::Error::from)?;
+    let notify = Notifier::from_env()?;
     let mut lp = Loop::new()?;
     let sd = Rc::new(crate::systemd::Systemd::start(
         &mut lp,
