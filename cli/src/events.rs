@@ -121,6 +121,7 @@ pub fn draining(id: u32, pid: Option<i32>) {
 }
 
 /// A draining worker has finished what it held.
+#[allow(dead_code)] // the supervisor logs these itself (slot-keyed); kept for the CLI's wiring
 pub fn drained(id: u32, pid: Option<i32>) {
     log::info!(target: TARGET, "{} drained", who(id, pid));
 }
@@ -137,6 +138,7 @@ pub fn exited(id: u32, pid: Option<i32>, code: Option<i64>, signal: Option<Signu
 }
 
 /// A slot's worker will be replaced after `delay`.
+#[allow(dead_code)] // the supervisor logs these itself (slot-keyed); kept for the CLI's wiring
 pub fn restarting(id: u32, delay: Duration, restarts: u32) {
     log::info!(
         target: TARGET,
@@ -147,6 +149,7 @@ pub fn restarting(id: u32, delay: Duration, restarts: u32) {
 
 /// A slot stopped being restarted (a crash loop, or a start that never got
 /// ready): how its last worker ended and its last stderr lines.
+#[allow(dead_code)] // the supervisor logs these itself (slot-keyed); kept for the CLI's wiring
 pub fn errored(id: u32, why: &str, last_stderr: &[String]) {
     if last_stderr.is_empty() {
         log::error!(target: TARGET, "worker {id} errored: {why}; not restarted");

@@ -46,6 +46,15 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
     /// The configuration file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// The control socket (`--control`, `--name`; docs/control.md).
+    pub control: crate::control::ControlPath,
+    /// A control client silent this long is closed.
+    pub control_timeout: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served
+    /// (`--metrics`; docs/metrics.md).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Relay every worker's user messages to every other worker.
+    pub broadcast: bool,
 }
 
 /// An option's kind: how its value is parsed, and whether a flag takes a
@@ -81,6 +90,11 @@ const OPTIONS: &[(&str, Option<char>, Kind)] = &[
     ("fail-before-ready", None, Kind::Switch),
     ("handoff-window", None, Kind::Value),
     ("prefix-output", None, Kind::Switch),
+    ("name", None, Kind::Value),
+    ("control", None, Kind::Value),
+    ("control-timeout", None, Kind::Value),
+    ("metrics", None, Kind::Value),
+    ("broadcast", None, Kind::Switch),
 ];
 
 /// The keys the file takes: every option, and `command`.
@@ -113,6 +127,11 @@ struct Partial {
     fail_before_ready: Option<bool>,
     handoff_window: Option<usize>,
     prefix_output: Option<bool>,
+    name: Option<String>,
+    control: Option<Option<PathBuf>>,
+    control_timeout: Option<Duration>,
+    metrics: Option<std::net::SocketAddr>,
+    broadcast: Option<bool>,
     command: Option<Vec<OsString>>,
 }
 
@@ -142,6 +161,11 @@ impl Partial {
             "fail-before-ready" => self.fail_before_ready = Some(boolean(v)?),
             "handoff-window" => self.handoff_window = Some(handoff_window(v)?),
             "prefix-output" => self.prefix_output = Some(boolean(v)?),
+            "name" => self.name = Some(crate::control::name(v)?),
+            "control" => self.control = Some(crate::control::path_or_none(v)?),
+            "control-timeout" => self.control_timeout = Some(duration(v)?),
+            "metrics" => self.metrics = Some(crate::metrics::address(v)?),
+            "broadcast" => self.broadcast = Some(boolean(v)?),
             _ => unreachable!("{name} is in OPTIONS"),
         }
         Ok(())
@@ -173,6 +197,11 @@ impl Partial {
             fail_before_ready,
             handoff_window,
             prefix_output,
+            name,
+            control,
+            control_timeout,
+            metrics,
+            broadcast,
             command
         )
     }
@@ -401,6 +430,14 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
         prefix_output: p.prefix_output.unwrap_or(false),
         command,
         config_file,
+        control: crate::control::ControlPath::resolve(p.control, p.name.as_deref(), |v| {
+            std::env::var_os(v)
+        }),
+        control_timeout: p
+            .control_timeout
+            .unwrap_or(crate::control::DEFAULT_IDLE_TIMEOUT),
+        metrics: p.metrics,
+        broadcast: p.broadcast.unwrap_or(false),
     })))
 }
 

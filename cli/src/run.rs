@@ -1,5 +1,6 @@
-//! `uvcluster run`: the workers under a primary, the signals, the output
-//! prefixes and the exit status.
+//! `uvcluster run`: the workers under a supervisor, the signals, the output
+//! prefixes and the exit status; the control socket and the metrics
+//! endpoint on the same loop.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
@@ -8,9 +9,13 @@ use std::rc::Rc;
 
 use uvcluster::cluster::{Primary, Settings, Worker};
 use uvcluster::ipc::ForkStdio;
+use uvcluster::supervisor::{LifecycleEvent, Supervisor};
 use uvcluster::uv::{Loop, RunMode, Signum};
 
+use crate::control::Control;
 use crate::events;
+use crate::metrics::Metrics;
+use crate::ops::Ops;
 use crate::options::RunOptions;
 use crate::values::show_duration;
 
@@ -149,12 +154,33 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
 /// How often a graceful stop that is still waiting says for whom.
 const STILL_WAITING: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Runs the workers until they are gone; returns how it ended.
+/// The first fork's failure as a [`CannotRun`], when it says the program
+/// cannot be run at all (the library's error, `spawn app ENOENT (...)`,
+/// reaches the supervisor's event as text).
+fn cannot_run(program: &OsString, error: &str) -> Option<CannotRun> {
+    let kind = if error.contains("ENOENT") {
+        io::ErrorKind::NotFound
+    } else if error.contains("EACCES") {
+        io::ErrorKind::PermissionDenied
+    } else {
+        return None;
+    };
+    Some(CannotRun {
+        program: program.clone(),
+        error: io::Error::new(kind, error.to_owned()),
+    })
+}
+
+/// Runs the workers under a [`Supervisor`] until it is done; returns how
+/// it ended. The control socket (`--control`), the metrics endpoint
+/// (`--metrics`) and the message relay (`--broadcast`) run on the same
+/// loop.
 ///
 /// # Errors
 ///
 /// [`StartError::CannotRun`] when the first fork finds no program to run;
-/// [`StartError::Io`] when the loop or a signal handler cannot be set up.
+/// [`StartError::Io`] when the loop, a signal handler, the control socket
+/// or the metrics listener cannot be set up.
 pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     uvcluster::uv::disable_stdio_inheritance();
     let mut lp = Loop::new()?;
@@ -162,153 +188,156 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(opts.handoff_window);
     let kill_timeout = opts.supervisor.kill_timeout;
+    let sup = Supervisor::with_primary(&mut lp, primary.clone(), opts.supervisor.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    sup.set_broadcast(opts.broadcast);
+    let ops = Ops::new(sup.clone());
 
-    let failed = Rc::new(Cell::new(false));
+    // Before any worker runs: a control socket a live primary owns stops
+    // this one here.
+    let control = match opts.control.path() {
+        Some(_) => Some(
+            Control::start(&mut lp, ops.clone(), &opts.control, opts.control_timeout)
+                .map_err(|e| io::Error::new(e.kind(), format!("control socket: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics = match opts.metrics {
+        Some(addr) => Some(
+            Metrics::start(&mut lp, ops.clone(), addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?
+                .0,
+        ),
+        None => None,
+    };
+
     let stopping = Rc::new(Cell::new(false));
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
-    let forked: Rc<RefCell<Vec<Worker>>> = Rc::default();
+    let first_fork: Rc<RefCell<Option<Option<String>>>> = Rc::default();
+    let exit_code: Rc<Cell<Option<i32>>> = Rc::default();
 
     let prefix = opts.prefix_output;
-    primary.on_fork(move |lp, w| {
-        events::forked(w.id(), w.pid());
-        if prefix {
-            prefix_output(lp, w);
-        }
-    });
-    primary.on_listening(|_, w, a| {
-        let addr = a.address.as_deref().unwrap_or("*");
-        match a.port {
-            Some(port) if port >= 0 => {
-                events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
-            }
-            _ => events::listening(w.id(), w.pid(), addr),
-        }
-    });
     {
-        let failed = failed.clone();
         let stopping = stopping.clone();
-        primary.on_exit(move |_, w, code, signal| {
-            let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
-            // During a stop, however a worker ends it was asked to.
-            if !asked && !matches!((code, signal), (Some(0), _) | (None, None)) {
-                failed.set(true);
+        primary.on_fork(move |lp, w| {
+            events::forked(w.id(), w.pid());
+            if prefix {
+                prefix_output(lp, w);
             }
-            events::exited(w.id(), w.pid(), code, signal, asked);
-        });
-    }
-    primary.on_error(|_, w, e| match w {
-        Some(w) => log::error!(target: events::TARGET, "worker {}: {e}", w.id()),
-        None => log::error!(target: events::TARGET, "{e}"),
-    });
-
-    // SIGINT/SIGTERM: a graceful stop bounded by --kill-timeout; a second
-    // one, or SIGQUIT, stops at once. A worker being disconnected has
-    // already left `primary.workers()` (Node's order), so kills go to every
-    // forked worker still alive.
-    let kill_all = {
-        let forked = forked.clone();
-        move |lp: &mut Loop| {
-            for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
-                let _ = w.kill(lp, Some(Signum::SIGKILL));
-            }
-        }
-    };
-    for signum in [Signum::SIGINT, Signum::SIGTERM, Signum::SIGQUIT] {
-        let sig = lp.signal_init();
-        let p = primary.clone();
-        let stopping = stopping.clone();
-        let immediate = immediate.clone();
-        let kill_all = kill_all.clone();
-        let forked = forked.clone();
-        lp.signal_start(sig, signum, move |lp, _, signum| {
-            if signum == Signum::SIGQUIT || stopping.replace(true) {
-                log::warn!(
-                    target: events::TARGET,
-                    "signal {signum}: stopping at once, killing every worker"
-                );
-                immediate.set(Some(signum));
-                kill_all(lp);
-                return;
-            }
-            log::info!(
-                target: events::TARGET,
-                "signal {signum}: stopping gracefully, disconnecting workers (killed after {}; \
-                 a second SIGINT/SIGTERM stops at once)",
-                show_duration(kill_timeout)
-            );
-            p.disconnect(lp, |_| {});
-            let timer = lp.timer_init();
-            let kill_all = kill_all.clone();
-            let held = forked.clone();
-            let _ = lp.timer_start(timer, kill_timeout, std::time::Duration::ZERO, move |lp, _| {
-                let left: Vec<String> = held
-                    .borrow()
-                    .iter()
-                    .filter(|w| !w.is_dead())
-                    .map(|w| events::who(w.id(), w.pid()))
-                    .collect();
-                if !left.is_empty() {
-                    log::warn!(
-                        target: events::TARGET,
-                        "kill timeout ({}) reached: killing {}",
-                        show_duration(kill_timeout),
-                        left.join(", ")
-                    );
-                    kill_all(lp);
+            w.on_listening(|_, w, a| {
+                let addr = a.address.as_deref().unwrap_or("*");
+                match a.port {
+                    Some(port) if port >= 0 => {
+                        events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+                    }
+                    _ => events::listening(w.id(), w.pid(), addr),
                 }
             });
-            // The timer must not keep the primary alive by itself.
-            let _ = lp.unref_handle(timer);
-            // Nor must a graceful stop wait silently (issue 10): every 5 s
-            // it says for whom it waits.
-            let reminder = lp.timer_init();
-            let forked = forked.clone();
-            let _ = lp.timer_start(reminder, STILL_WAITING, STILL_WAITING, move |_, _| {
-                let left: Vec<String> = forked
-                    .borrow()
-                    .iter()
-                    .filter(|w| !w.is_dead())
-                    .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
-                    .collect();
-                log::info!(
-                    target: events::TARGET,
-                    "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
-                    left.join(", ")
-                );
+            let stopping = stopping.clone();
+            w.on_exit(move |_, w, code, signal| {
+                let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
+                events::exited(w.id(), w.pid(), code, signal, asked);
             });
-            let _ = lp.unref_handle(reminder);
-        })?;
-        // Nor must the signals, once the workers are gone.
-        lp.unref_handle(sig)?;
+        });
     }
-    // SIGHUP would end the primary (its default action): a reload is the
-    // supervisor's; until then, refuse it in the log and keep serving.
-    let hup = lp.signal_init();
-    lp.signal_start(hup, Signum::SIGHUP, |_, _, _| {
-        log::warn!(target: events::TARGET, "signal SIGHUP: reload is not available in this build; ignored");
-    })?;
-    lp.unref_handle(hup)?;
+    {
+        let ops = ops.clone();
+        let stopping = stopping.clone();
+        let immediate = immediate.clone();
+        let first_fork = first_fork.clone();
+        let sup2 = sup.clone();
+        sup.on_event(move |lp, e| {
+            ops.event(e);
+            let pid = |id: u32| sup2.primary().worker(id).and_then(|w| w.pid());
+            match e {
+                LifecycleEvent::Ready { worker, .. } => events::ready(*worker, pid(*worker)),
+                LifecycleEvent::Draining { worker, .. } => events::draining(*worker, pid(*worker)),
+                LifecycleEvent::ReloadStarted { slots } => events::reload_started(*slots),
+                LifecycleEvent::ReloadFinished(r) => {
+                    events::reload_finished(r.replaced, r.duration)
+                }
+                LifecycleEvent::ReloadFailed(e) => events::reload_failed(&e.to_string()),
+                LifecycleEvent::Forked { .. } => {
+                    first_fork.borrow_mut().get_or_insert(None);
+                }
+                LifecycleEvent::ForkFailed { error, .. } => {
+                    first_fork.borrow_mut().get_or_insert(Some(error.clone()));
+                }
+                LifecycleEvent::Stopping {
+                    graceful: true,
+                    signal,
+                } => {
+                    stopping.set(true);
+                    let by = signal
+                        .map_or_else(|| "control socket".to_owned(), |s| format!("signal {s}"));
+                    log::info!(
+                        target: events::TARGET,
+                        "{by}: stopping gracefully, disconnecting workers (killed after {}; \
+                         a second SIGINT/SIGTERM stops at once)",
+                        show_duration(kill_timeout)
+                    );
+                    // A graceful stop does not wait silently (issue 10):
+                    // every 5 s it says for whom it waits.
+                    let reminder = lp.timer_init();
+                    let sup = sup2.clone();
+                    let _ = lp.timer_start(reminder, STILL_WAITING, STILL_WAITING, move |lp, _| {
+                        let left: Vec<String> = sup
+                            .status(lp)
+                            .iter()
+                            .filter_map(|r| Some(format!("{} (pid {})", r.id?, r.pid.unwrap_or(0))))
+                            .collect();
+                        log::info!(
+                            target: events::TARGET,
+                            "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM \
+                             stops at once",
+                            left.join(", ")
+                        );
+                    });
+                    let _ = lp.unref_handle(reminder);
+                }
+                LifecycleEvent::Stopping {
+                    graceful: false,
+                    signal,
+                } => {
+                    stopping.set(true);
+                    if let Some(s) = signal {
+                        immediate.set(Some(*s));
+                        log::warn!(
+                            target: events::TARGET,
+                            "signal {s}: stopping at once, killing every worker"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        });
+    }
+    {
+        let exit_code = exit_code.clone();
+        sup.on_exit(move |lp, code| {
+            exit_code.set(Some(code));
+            if let Some(c) = &control {
+                c.close(lp);
+            }
+            if let Some(m) = &metrics {
+                m.close(lp);
+            }
+        });
+    }
+    sup.handle_signals(&mut lp)?;
 
     events::starting(&opts);
-    for n in 0..opts.supervisor.workers {
-        match primary.fork(&mut lp, Vec::new()) {
-            Ok(w) => forked.borrow_mut().push(w),
-            Err(e) if n == 0 => {
-                return Err(StartError::CannotRun(CannotRun {
-                    program: opts.command[0].clone(),
-                    error: e,
-                }));
-            }
-            Err(e) => {
-                log::error!(target: events::TARGET, "cannot fork worker {}: {e}", n + 1);
-                failed.set(true);
-            }
-        }
+    sup.start(&mut lp);
+    let failed_first = first_fork.borrow().clone().flatten();
+    if let Some(c) = failed_first.and_then(|e| cannot_run(&opts.command[0], &e)) {
+        sup.stop(&mut lp, false);
+        lp.run(RunMode::Default)?;
+        return Err(StartError::CannotRun(c));
     }
     lp.run(RunMode::Default)?;
-    Ok(match immediate.get() {
-        Some(s) => Outcome::Immediate(s),
-        None if failed.get() => Outcome::Failed,
-        None => Outcome::Clean,
+    Ok(match (immediate.get(), exit_code.get()) {
+        (Some(s), _) => Outcome::Immediate(s),
+        (None, Some(0)) => Outcome::Clean,
+        (None, _) => Outcome::Failed,
     })
 }

@@ -85,6 +85,7 @@ struct Inner {
     on_exit: Option<ExitCb>,
     exit_code: Option<i32>,
     started: bool,
+    broadcast: bool,
 }
 
 /// A supervisor: keeps a pool of cluster workers up, reloads it without
@@ -178,6 +179,7 @@ impl Supervisor {
                 on_exit: None,
                 exit_code: None,
                 started: false,
+                broadcast: false,
             })),
         };
         sup.hook(&primary);
@@ -220,13 +222,16 @@ impl Supervisor {
             if let Some(h) = h {
                 lp.close_if_open(h);
             }
+            let Some(s) = Supervisor::from_weak(&me) else {
+                return;
+            };
             // PM2's convention: `process.send('ready')`.
-            if msg.as_str() == Some("ready")
-                && let Some(s) = Supervisor::from_weak(&me)
-            {
+            if msg.as_str() == Some("ready") {
                 let now = lp.now();
                 s.inner.borrow_mut().core.ready_message(now, w.id());
                 s.pump(lp);
+            } else if s.inner.borrow().broadcast {
+                s.relay(lp, w.id(), &msg);
             }
         });
         let me = self.weak();
@@ -397,6 +402,48 @@ impl Supervisor {
                 }
             })
             .collect()
+    }
+
+    /// Relays every user message a worker sends to every other connected
+    /// worker when `on` (`uvcluster run --broadcast`): the primary of
+    /// Node's classic cluster example, `worker.on('message', m =>
+    /// for (const id in cluster.workers) cluster.workers[id].send(m))`
+    /// minus the sender, so workers that keep shared state by messages (a
+    /// visit counter) work unchanged. The string `"ready"` is the
+    /// supervisor's readiness message and is not relayed; a handle sent
+    /// with a message is closed, not relayed. Off by default.
+    pub fn set_broadcast(&self, on: bool) {
+        self.inner.borrow_mut().broadcast = on;
+    }
+
+    /// Sends `msg` from worker `from` to every other connected worker.
+    fn relay(&self, lp: &mut Loop, from: u32, msg: &serde_json::Value) {
+        let to: Vec<Worker> = {
+            let i = self.inner.borrow();
+            let mut ws: Vec<Worker> = i
+                .workers
+                .values()
+                .filter(|w| w.id() != from && w.is_connected())
+                .cloned()
+                .collect();
+            ws.sort_by_key(Worker::id);
+            ws
+        };
+        for w in to {
+            // A worker whose channel just closed misses it, as in Node.
+            if let Err(e) = w.send(lp, msg, None) {
+                log::debug!("supervisor: broadcast to worker {}: {e}", w.id());
+            }
+        }
+    }
+
+    /// Sends `msg` to every connected worker (`uvcluster ctl send`);
+    /// returns how many it was sent to.
+    pub fn send_all(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
+        let ws: Vec<Worker> = self.inner.borrow().workers.values().cloned().collect();
+        ws.iter()
+            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+            .count()
     }
 
     /// Sets the lifecycle-event callback (each event is also logged
@@ -660,10 +707,7 @@ fn address_key(a: &Address) -> String {
     } else {
         "unix"
     };
-    format!(
-        "{kind}|{}|{port}|{fd}",
-        a.address.as_deref().unwrap_or("")
-    )
+    format!("{kind}|{}|{port}|{fd}", a.address.as_deref().unwrap_or(""))
 }
 
 /// A process's resident set in bytes, from `/proc/<pid>/status` (`VmRSS`,
