@@ -27,7 +27,15 @@ pub const TARGET: &str = "uvcluster";
 /// journal reads as the line's level, without a second timestamp.
 pub fn init() {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    // The supervisor's own records repeat, keyed by slot, what the lines
+    // of this vocabulary say (run.rs logs its events): they show only when
+    // RUST_LOG names the module (`RUST_LOG=info,uvcluster::supervisor=info`).
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if !filter.contains("supervisor") {
+        filter.push_str(",uvcluster::supervisor=off");
+    }
+    env_logger::Builder::new()
+        .parse_filters(&filter)
         .format(move |buf, r| {
             if journal {
                 let prio = match r.level() {
