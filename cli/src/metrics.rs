@@ -402,9 +402,10 @@ impl Metrics {
             conn.head.extend_from_slice(data);
             let end = find(&conn.head, b"\r\n\r\n").or_else(|| find(&conn.head, b"\n\n"));
             match end {
-                Some(_) => Some(std::mem::take(&mut conn.head)),
-                None if conn.head.len() > MAX_HEAD => None,
-                None => return,
+                Some(n) if n <= MAX_HEAD => Some(std::mem::take(&mut conn.head)),
+                None if conn.head.len() <= MAX_HEAD => return,
+                // Longer than the limit, ended or not.
+                _ => None,
             }
         };
         let (status, ctype, body, head_only) = match &head {

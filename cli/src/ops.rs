@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use uvcluster::supervisor::{LifecycleEvent, Supervisor, WorkerState};
+use uvcluster::supervisor::{LifecycleEvent, Supervisor, WorkerState, WorkerStatus};
 use uvcluster::uv::Loop;
 
 /// A process's resident memory and CPU time, from `/proc/<pid>/statm` and
@@ -141,7 +141,8 @@ impl Ops {
     }
 
     /// Counts what the metrics report of a lifecycle event.
-    pub fn event(&self, e: &LifecycleEvent) {
+    pub fn event(&self, lp: &Loop, e: &LifecycleEvent) {
+        self.refresh(lp);
         let mut s = self.state.borrow_mut();
         match e {
             LifecycleEvent::ReloadFinished(_) => s.reloads_ok += 1,
@@ -192,9 +193,8 @@ impl Ops {
         let now = Instant::now();
         let mut s = self.state.borrow_mut();
         let mut live_pids = Vec::new();
-        let mut live_ids = Vec::new();
         let rows = status
-            .into_iter()
+            .iter()
             .map(|w| {
                 let proc_ = w.pid.and_then(sample);
                 let mut cpu_percent = None;
@@ -215,11 +215,6 @@ impl Ops {
                         s.cpu.insert(pid, (p.cpu_seconds, now, cpu_percent));
                     }
                 }
-                if let Some(id) = w.id {
-                    live_ids.push(id);
-                    let seen = s.handed.entry(id).or_default();
-                    *seen = (*seen).max(w.connections);
-                }
                 Row {
                     id: w.id,
                     pid: w.pid,
@@ -236,15 +231,37 @@ impl Ops {
             })
             .collect();
         s.cpu.retain(|pid, _| live_pids.contains(pid));
+        drop(s);
+        self.note_handed(&status);
+        rows
+    }
+
+    /// Takes note of the connections handed to each worker, so that
+    /// [`handed_total`](Self::handed_total) keeps those of workers that
+    /// are gone. Called at every lifecycle event, at every worker's exit
+    /// (before the supervisor forgets it) and at every status or scrape.
+    pub fn refresh(&self, lp: &Loop) {
+        self.note_handed(&self.sup.status(lp));
+    }
+
+    fn note_handed(&self, status: &[WorkerStatus]) {
+        let mut s = self.state.borrow_mut();
+        let mut live = Vec::new();
+        for w in status {
+            if let Some(id) = w.id {
+                live.push(id);
+                let seen = s.handed.entry(id).or_default();
+                *seen = (*seen).max(w.connections);
+            }
+        }
         let gone: Vec<u32> = (s.handed.keys())
-            .filter(|id| !live_ids.contains(id))
+            .filter(|id| !live.contains(id))
             .copied()
             .collect();
         for id in gone {
             let n = s.handed.remove(&id).unwrap_or(0);
             s.handed_retired += n;
         }
-        rows
     }
 }
 

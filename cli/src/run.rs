@@ -219,6 +219,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     let prefix = opts.prefix_output;
     {
         let stopping = stopping.clone();
+        let ops = ops.clone();
         primary.on_fork(move |lp, w| {
             events::forked(w.id(), w.pid());
             if prefix {
@@ -234,7 +235,10 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                 }
             });
             let stopping = stopping.clone();
-            w.on_exit(move |_, w, code, signal| {
+            let ops = ops.clone();
+            w.on_exit(move |lp, w, code, signal| {
+                // Before the supervisor forgets it: its last count.
+                ops.refresh(lp);
                 let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
                 events::exited(w.id(), w.pid(), code, signal, asked);
             });
@@ -247,7 +251,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         let first_fork = first_fork.clone();
         let sup2 = sup.clone();
         sup.on_event(move |lp, e| {
-            ops.event(e);
+            ops.event(lp, e);
             let pid = |id: u32| sup2.primary().worker(id).and_then(|w| w.pid());
             match e {
                 LifecycleEvent::Ready { worker, .. } => events::ready(*worker, pid(*worker)),

@@ -126,6 +126,14 @@ impl Running {
         }
     }
 
+    /// The first log line containing `what`, read already or waited for.
+    pub fn line(&mut self, what: &str) -> String {
+        match self.log.lines().find(|l| l.contains(what)) {
+            Some(l) => l.to_owned(),
+            None => self.expect(what),
+        }
+    }
+
     /// Sends `s` to the primary.
     pub fn signal(&self, s: Signal) {
         let c = self.child.as_ref().unwrap();
