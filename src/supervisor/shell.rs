@@ -412,6 +412,18 @@ impl Supervisor {
     /// visit counter) work unchanged. The string `"ready"` is the
     /// supervisor's readiness message and is not relayed; a handle sent
     /// with a message is closed, not relayed. Off by default.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use uvcluster::supervisor::{Supervisor, SupervisorConfig};
+    /// use uvcluster::uv::Loop;
+    ///
+    /// let mut lp = Loop::new()?;
+    /// let sup = Supervisor::new(&mut lp, SupervisorConfig::default()).expect("a valid config");
+    /// sup.set_broadcast(true);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_broadcast(&self, on: bool) {
         self.inner.borrow_mut().broadcast = on;
     }
