@@ -25,6 +25,8 @@ use crate::uv::{Handle, Loop, Signal, Signum, Timer};
 type EventCb = Box<dyn FnMut(&mut Loop, &LifecycleEvent)>;
 type ExitCb = Box<dyn FnMut(&mut Loop, i32)>;
 type ReloadCb = Box<dyn FnOnce(&mut Loop, Result<ReloadReport, ReloadError>)>;
+type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, serde_json::Value)>;
 
 /// One worker (or one empty slot) as [`Supervisor::status`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +49,14 @@ pub struct WorkerStatus {
     pub connections: u64,
     /// For an empty slot: how its last worker ended.
     pub last_exit: Option<ExitInfo>,
+    /// For an empty slot: the last lines its workers wrote on stderr (at
+    /// most [`STDERR_LINES`]), when the primary pipes the workers' stdio
+    /// (`Settings::silent`); empty otherwise.
+    pub last_stderr: Vec<String>,
 }
+
+/// How many of a slot's last stderr lines the supervisor keeps.
+pub const STDERR_LINES: usize = 10;
 
 impl fmt::Display for WorkerStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,9 +92,13 @@ struct Inner {
     reload_cbs: HashMap<u64, Vec<ReloadCb>>,
     on_event: Option<EventCb>,
     on_exit: Option<ExitCb>,
+    on_listening: Option<ListeningCb>,
+    on_message: Option<MessageCb>,
     exit_code: Option<i32>,
     started: bool,
     broadcast: bool,
+    /// The last stderr lines of each slot's workers (piped stdio only).
+    stderr: HashMap<SlotId, std::collections::VecDeque<String>>,
 }
 
 /// A supervisor: keeps a pool of cluster workers up, reloads it without
@@ -177,9 +190,12 @@ impl Supervisor {
                 reload_cbs: HashMap::new(),
                 on_event: None,
                 on_exit: None,
+                on_listening: None,
+                on_message: None,
                 exit_code: None,
                 started: false,
                 broadcast: false,
+                stderr: HashMap::new(),
             })),
         };
         sup.hook(&primary);
@@ -215,6 +231,14 @@ impl Supervisor {
                     .core
                     .listening(now, w.id(), address_key(addr));
                 s.pump(lp);
+                let cb = s.inner.borrow_mut().on_listening.take();
+                if let Some(mut cb) = cb {
+                    cb(lp, w, addr);
+                    let mut i = s.inner.borrow_mut();
+                    if i.on_listening.is_none() {
+                        i.on_listening = Some(cb);
+                    }
+                }
             }
         });
         let me = self.weak();
@@ -230,8 +254,18 @@ impl Supervisor {
                 let now = lp.now();
                 s.inner.borrow_mut().core.ready_message(now, w.id());
                 s.pump(lp);
-            } else if s.inner.borrow().broadcast {
+                return;
+            }
+            if s.inner.borrow().broadcast {
                 s.relay(lp, w.id(), &msg);
+            }
+            let cb = s.inner.borrow_mut().on_message.take();
+            if let Some(mut cb) = cb {
+                cb(lp, w, msg);
+                let mut i = s.inner.borrow_mut();
+                if i.on_message.is_none() {
+                    i.on_message = Some(cb);
+                }
             }
         });
         let me = self.weak();
@@ -399,6 +433,14 @@ impl Supervisor {
                     restarts: r.restarts,
                     connections: w.map_or(r.handed, |w| i.primary.handed(w)),
                     last_exit: r.last_exit,
+                    last_stderr: if r.worker.is_none() {
+                        i.stderr
+                            .get(&r.slot)
+                            .map(|l| l.iter().cloned().collect())
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect()
@@ -462,6 +504,20 @@ impl Supervisor {
     /// through `log`, one line).
     pub fn on_event(&self, cb: impl FnMut(&mut Loop, &LifecycleEvent) + 'static) {
         self.inner.borrow_mut().on_event = Some(Box::new(cb));
+    }
+
+    /// Sets the `listening` callback: a worker listens (the primary's
+    /// [`Primary::on_listening`], which the supervisor uses; this runs
+    /// after the supervisor has seen it).
+    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
+        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    }
+
+    /// Sets the `message` callback for workers' user messages other than
+    /// `'ready'` (which the supervisor takes); a handle sent along is
+    /// closed.
+    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, serde_json::Value) + 'static) {
+        self.inner.borrow_mut().on_message = Some(Box::new(cb));
     }
 
     /// Sets the callback run when the supervisor is done, with the exit
@@ -617,6 +673,7 @@ impl Supervisor {
         match p.fork(lp, Vec::new()) {
             Ok(w) => {
                 p.set_worker_slot(&w, slot as u32);
+                self.capture_stderr(lp, &w, slot);
                 let mut i = self.inner.borrow_mut();
                 i.workers.insert(w.id(), w.clone());
                 i.core.forked(now, slot, w.id());
@@ -625,6 +682,42 @@ impl Supervisor {
                 let mut i = self.inner.borrow_mut();
                 i.core.fork_failed(now, slot, e.to_string());
             }
+        }
+    }
+
+    /// With piped stdio, keeps the last [`STDERR_LINES`] lines the
+    /// worker writes on stderr, by slot (the primary would drop them).
+    fn capture_stderr(&self, lp: &mut Loop, w: &Worker, slot: SlotId) {
+        let Some(pipe) = w.stdio(2) else { return };
+        let _ = lp.read_stop(pipe);
+        let me = self.weak();
+        let mut partial = Vec::new();
+        let started = lp.read_start(pipe, move |lp, p, r| {
+            let data = match r {
+                Ok(d) if !d.is_empty() => d,
+                _ => {
+                    let _ = lp.close(p, |_| {});
+                    return;
+                }
+            };
+            partial.extend_from_slice(data);
+            let Some(s) = Supervisor::from_weak(&me) else {
+                return;
+            };
+            let mut i = s.inner.borrow_mut();
+            let lines = i.stderr.entry(slot).or_default();
+            while let Some(n) = partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=n).collect();
+                lines.push_back(String::from_utf8_lossy(&line).trim_end().to_owned());
+                if lines.len() > STDERR_LINES {
+                    lines.pop_front();
+                }
+            }
+            // A line without an end is kept whole up to 4 KiB.
+            partial.truncate(4096);
+        });
+        if started.is_err() {
+            let _ = lp.close(pipe, |_| {});
         }
     }
 
@@ -671,6 +764,14 @@ impl Supervisor {
             | E::ReplaceFailed { .. }
             | E::Killed { .. } => log::warn!("{e}"),
             _ => log::info!("{e}"),
+        }
+        if let E::Errored { slot, .. } = e {
+            let lines: Vec<String> = (self.inner.borrow().stderr.get(slot))
+                .map(|l| l.iter().cloned().collect())
+                .unwrap_or_default();
+            for l in lines {
+                log::warn!("slot {slot} stderr: {l}");
+            }
         }
         let cb = self.inner.borrow_mut().on_event.take();
         if let Some(mut cb) = cb {
