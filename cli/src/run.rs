@@ -1,15 +1,17 @@
-//! `uvcluster run`: the workers under a supervisor, the signals, the output
-//! prefixes and the exit status; the control socket and the metrics
-//! endpoint on the same loop.
+//! `uvcluster run`: the pool under a [`Supervisor`], its events in the
+//! log, the worker output prefixes, and the exit status.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
+use std::path::Path;
 use std::rc::Rc;
+use std::time::Duration;
 
 use uvcluster::cluster::{Primary, Settings, Worker};
 use uvcluster::ipc::ForkStdio;
-use uvcluster::supervisor::{LifecycleEvent, Supervisor};
+use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Supervisor};
 use uvcluster::uv::{Loop, RunMode, Signum};
 
 use crate::control::Control;
@@ -19,16 +21,41 @@ use crate::ops::Ops;
 use crate::options::RunOptions;
 use crate::values::show_duration;
 
+/// Starts the control socket (`--control`) and the metrics endpoint
+/// (`--metrics`) on `ops`, before any worker runs: a control socket a live
+/// primary owns stops this one here.
+fn operations(
+    lp: &mut Loop,
+    ops: &Ops,
+    opts: &RunOptions,
+) -> io::Result<(Option<Control>, Option<Metrics>)> {
+    let control = match opts.control.path() {
+        Some(_) => Some(
+            Control::start(lp, ops.clone(), &opts.control, opts.control_timeout)
+                .map_err(|e| io::Error::new(e.kind(), format!("control socket: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics = match opts.metrics {
+        Some(addr) => Some(
+            Metrics::start(lp, ops.clone(), addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?
+                .0,
+        ),
+        None => None,
+    };
+    Ok((control, metrics))
+}
+
 /// How a run ended; [`Outcome::code`] is the process's exit status.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Stopped cleanly: a graceful stop finished (its kill timeout
-    /// included, as gunicorn's graceful timeout), or every worker exited 0
-    /// on its own. Exit 0.
-    Clean,
-    /// The service failed: a worker ended with a non-zero code or a signal
-    /// nobody sent, and none is left. Exit 1.
-    Failed,
+    /// The supervisor's own code: 0 after a graceful stop (its kill timeout
+    /// included, as gunicorn's graceful timeout) or when every worker
+    /// exited 0 and none is to be restarted; 1 when no worker is left
+    /// running and none will be restarted after failures (a crash loop,
+    /// every slot errored).
+    Supervisor(i32),
     /// Stopped at once by this signal (a second SIGTERM/SIGINT, or
     /// SIGQUIT). Exit 128 + its number, as a shell reports a process
     /// killed by it.
@@ -39,44 +66,46 @@ impl Outcome {
     /// The exit status (docs/cli.md, "Exit status").
     pub fn code(&self) -> u8 {
         match self {
-            Outcome::Clean => 0,
-            Outcome::Failed => 1,
+            Outcome::Supervisor(c) => u8::try_from(*c).unwrap_or(1),
             Outcome::Immediate(s) => u8::try_from(128 + s.as_raw()).unwrap_or(1),
         }
     }
 }
 
-/// A program that could not be started at all (exit 1, a start failure).
+/// A program that cannot be started at all (exit 1, a start failure).
 #[derive(Debug)]
 pub struct CannotRun {
     /// The program as given.
     pub program: OsString,
-    /// Why.
-    pub error: io::Error,
+    /// Why: `ENOENT` or `EACCES`.
+    pub errno: nix::errno::Errno,
 }
 
 impl std::fmt::Display for CannotRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The library's error names the program as Node does (`spawn
-        // app ENOENT (No such file or directory)`); the words after it say
-        // what to check.
+        // Node's words for a failed spawn (`spawn app ENOENT (No such file
+        // or directory)`, as the library's spawn error), then what to check.
         let program = self.program.to_string_lossy();
-        let hint = match self.error.kind() {
-            io::ErrorKind::NotFound if !program.contains('/') => "no such program in PATH",
-            io::ErrorKind::NotFound => "no such file",
-            io::ErrorKind::PermissionDenied => "not executable",
-            _ => "cannot be started",
+        let hint = match self.errno {
+            nix::errno::Errno::ENOENT if !program.contains('/') => "no such program in PATH",
+            nix::errno::Errno::ENOENT => "no such file",
+            _ => "not executable",
         };
-        write!(f, "{}: {program:?} {hint}", self.error)
+        write!(
+            f,
+            "spawn {program} {:?} ({}): {program:?} {hint}",
+            self.errno,
+            self.errno.desc()
+        )
     }
 }
 
 /// Either failure of [`run`] before the loop runs.
 #[derive(Debug)]
 pub enum StartError {
-    /// The program could not be started.
+    /// The program cannot be started.
     CannotRun(CannotRun),
-    /// Anything else (the loop, a signal handler).
+    /// Anything else (the loop, a signal handler, the configuration).
     Io(io::Error),
 }
 
@@ -84,6 +113,48 @@ impl From<io::Error> for StartError {
     fn from(e: io::Error) -> StartError {
         StartError::Io(e)
     }
+}
+
+/// Finds `program` as `execvp` would (in `PATH` unless it names a path)
+/// and checks it can be executed, so that a typo fails at once, naming the
+/// program, rather than after the supervisor's crash-loop budget of failed
+/// forks.
+fn preflight(program: &OsStr) -> Result<(), CannotRun> {
+    use nix::unistd::{AccessFlags, access};
+    let executable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
+    let fail = |errno| {
+        Err(CannotRun {
+            program: program.to_owned(),
+            errno,
+        })
+    };
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return match (path.exists(), executable(path)) {
+            (_, true) => Ok(()),
+            (true, false) => fail(nix::errno::Errno::EACCES),
+            (false, _) => fail(nix::errno::Errno::ENOENT),
+        };
+    }
+    let dirs = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut seen = false;
+    for dir in std::env::split_paths(&dirs) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".").to_path_buf()
+        } else {
+            dir
+        };
+        let candidate = dir.join(path);
+        if executable(&candidate) {
+            return Ok(());
+        }
+        seen |= candidate.is_file();
+    }
+    fail(if seen {
+        nix::errno::Errno::EACCES
+    } else {
+        nix::errno::Errno::ENOENT
+    })
 }
 
 /// The settings that start the workers: the command, the policy, and piped
@@ -120,10 +191,7 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
         // run yet: this is the fork callback).
         let _ = lp.read_stop(pipe);
         let res = lp.read_start(pipe, move |_, _, r| {
-            let data = match r {
-                Ok(d) => d,
-                Err(_) => &[][..],
-            };
+            let data = r.unwrap_or(&[]);
             let eof = data.is_empty();
             partial.extend_from_slice(data);
             let mut out = Vec::new();
@@ -146,85 +214,182 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
             }
         });
         if let Err(e) = res {
-            log::warn!(target: events::TARGET, "worker {}: cannot prefix its output: {e}", w.id());
+            log::warn!(
+                target: events::TARGET,
+                "worker {}: cannot prefix its output: {e}",
+                w.id()
+            );
         }
     }
 }
 
-/// How often a graceful stop that is still waiting says for whom.
-const STILL_WAITING: std::time::Duration = std::time::Duration::from_secs(5);
+/// Worker ids to pids, for the log lines of events that carry ids only.
+type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 
-/// The first fork's failure as a [`CannotRun`], when it says the program
-/// cannot be run at all (the library's error, `spawn app ENOENT (...)`,
-/// reaches the supervisor's event as text).
-fn cannot_run(program: &OsString, error: &str) -> Option<CannotRun> {
-    let kind = if error.contains("ENOENT") {
-        io::ErrorKind::NotFound
-    } else if error.contains("EACCES") {
-        io::ErrorKind::PermissionDenied
-    } else {
-        return None;
-    };
-    Some(CannotRun {
-        program: program.clone(),
-        error: io::Error::new(kind, error.to_owned()),
-    })
+/// How often a graceful stop that is still waiting says for whom.
+const STILL_WAITING: Duration = Duration::from_secs(5);
+
+/// Why a start failed, in the log's words.
+fn start_failure(f: &StartFailure) -> String {
+    match f {
+        StartFailure::Fork(e) => format!("could not be forked: {e}"),
+        StartFailure::Exited(e) => format!(
+            "{} before it was ready",
+            events::how_it_ended(e.code, e.signal)
+        ),
+        StartFailure::ReadyTimeout(d) => {
+            format!("was not ready within {}", show_duration(*d))
+        }
+    }
 }
 
-/// Runs the workers under a [`Supervisor`] until it is done; returns how
-/// it ended. The control socket (`--control`), the metrics endpoint
-/// (`--metrics`) and the message relay (`--broadcast`) run on the same
-/// loop.
+/// Writes the log line of one supervisor event (docs/cli.md, "The log").
+fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Duration) {
+    use LifecycleEvent as E;
+    let pid = |id: &u32| pids.borrow().get(id).copied();
+    match e {
+        // Logged by the fork callback, with the pid.
+        E::Forked { .. } => {}
+        E::ForkFailed { slot, error } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: cannot fork a worker: {error}"
+        ),
+        E::Ready { worker, after, .. } => events::ready(*worker, pid(worker), *after),
+        E::Draining { worker, .. } => events::draining(*worker, pid(worker)),
+        E::Killed {
+            worker,
+            signal,
+            reason,
+            ..
+        } => log::warn!(
+            target: events::TARGET,
+            "{} sent {signal}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::Exited {
+            worker,
+            exit,
+            expected,
+            ..
+        } => {
+            let p = pids.borrow_mut().remove(worker);
+            events::exited(*worker, p, exit.code, exit.signal, *expected);
+        }
+        E::Restarting { slot, delay } => events::restarting(*slot, *delay),
+        E::Errored { slot, last, why } => {
+            let last = last.map(|l| events::how_it_ended(l.code, l.signal));
+            events::errored(*slot, why, last.as_deref());
+        }
+        E::Replacing {
+            slot,
+            worker,
+            reason,
+        } => log::info!(
+            target: events::TARGET,
+            "slot {slot}: replacing {}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::ReplaceFailed { slot, failure } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: the replacement {}; the old worker keeps serving",
+            start_failure(failure)
+        ),
+        E::ReloadStarted { slots } => events::reload_started(*slots),
+        E::ReloadQueued => log::info!(
+            target: events::TARGET,
+            "reload queued: it runs once the current one ends"
+        ),
+        E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
+        E::ReloadFailed(ReloadError::NotReady {
+            slot,
+            failure,
+            replaced,
+        }) => events::reload_failed(&format!(
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+            start_failure(failure)
+        )),
+        E::ReloadFailed(ReloadError::Stopped) => events::reload_failed("a stop began"),
+        E::Scaled { from, to } => log::info!(
+            target: events::TARGET,
+            "scaled from {from} to {to} worker(s)"
+        ),
+        E::Stopping {
+            graceful: true,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::info!(
+                target: events::TARGET,
+                "{by}: stopping gracefully, disconnecting workers (killed after {}; \
+                 a second SIGINT/SIGTERM stops at once)",
+                show_duration(kill_timeout)
+            );
+            still_waiting(lp, pids.clone());
+        }
+        E::Stopping {
+            graceful: false,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::warn!(
+                target: events::TARGET,
+                "{by}: stopping at once, killing every worker"
+            );
+        }
+        E::DuplicateSignal(s) => log::info!(
+            target: events::TARGET,
+            "signal {s} again: the same request delivered twice, ignored"
+        ),
+        E::Exiting { code } => log::debug!(target: events::TARGET, "supervisor done, code {code}"),
+    }
+}
+
+/// A graceful stop never waits silently (issue 10): every 5 s it says for
+/// which workers it waits. The timer does not keep the loop alive.
+fn still_waiting(lp: &mut Loop, pids: Pids) {
+    let t = lp.timer_init();
+    let _ = lp.timer_start(t, STILL_WAITING, STILL_WAITING, move |_, _| {
+        let mut left: Vec<(u32, i32)> = pids.borrow().iter().map(|(&i, &p)| (i, p)).collect();
+        left.sort_unstable();
+        let left: Vec<String> = left
+            .iter()
+            .map(|(id, pid)| format!("{id} (pid {pid})"))
+            .collect();
+        log::info!(
+            target: events::TARGET,
+            "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
+            left.join(", ")
+        );
+    });
+    let _ = lp.unref_handle(t);
+}
+
+/// Runs the pool until the supervisor is done; returns how it ended.
 ///
 /// # Errors
 ///
-/// [`StartError::CannotRun`] when the first fork finds no program to run;
-/// [`StartError::Io`] when the loop, a signal handler, the control socket
-/// or the metrics listener cannot be set up.
+/// [`StartError::CannotRun`] when the program is not found or cannot be
+/// executed; [`StartError::Io`] when the loop or a signal handler cannot be
+/// set up.
 pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
+    preflight(&opts.command[0]).map_err(StartError::CannotRun)?;
     uvcluster::uv::disable_stdio_inheritance();
     let mut lp = Loop::new()?;
     let primary = Primary::new();
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(opts.handoff_window);
-    let kill_timeout = opts.supervisor.kill_timeout;
-    let sup = Supervisor::with_primary(&mut lp, primary.clone(), opts.supervisor.clone())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    sup.set_broadcast(opts.broadcast);
-    let ops = Ops::new(sup.clone());
 
-    // Before any worker runs: a control socket a live primary owns stops
-    // this one here.
-    let control = match opts.control.path() {
-        Some(_) => Some(
-            Control::start(&mut lp, ops.clone(), &opts.control, opts.control_timeout)
-                .map_err(|e| io::Error::new(e.kind(), format!("control socket: {e}")))?,
-        ),
-        None => None,
-    };
-    let metrics = match opts.metrics {
-        Some(addr) => Some(
-            Metrics::start(&mut lp, ops.clone(), addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?
-                .0,
-        ),
-        None => None,
-    };
-
-    let stopping = Rc::new(Cell::new(false));
-    let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
-    let first_fork: Rc<RefCell<Option<Option<String>>>> = Rc::default();
-    let exit_code: Rc<Cell<Option<i32>>> = Rc::default();
-
+    let pids: Pids = Rc::default();
     let prefix = opts.prefix_output;
     {
-        let stopping = stopping.clone();
-        let ops = ops.clone();
+        let pids = pids.clone();
         primary.on_fork(move |lp, w| {
-            events::forked(w.id(), w.pid());
-            if prefix {
-                prefix_output(lp, w);
+            if let Some(pid) = w.pid() {
+                pids.borrow_mut().insert(w.id(), pid);
             }
+            events::forked(w.id(), w.pid());
+            // The supervisor takes the primary's `listening`; a worker's
+            // own stays ours.
             w.on_listening(|_, w, a| {
                 let addr = a.address.as_deref().unwrap_or("*");
                 match a.port {
@@ -234,114 +399,51 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                     _ => events::listening(w.id(), w.pid(), addr),
                 }
             });
-            let stopping = stopping.clone();
-            let ops = ops.clone();
-            w.on_exit(move |lp, w, code, signal| {
-                // Before the supervisor forgets it: its last count.
-                ops.refresh(lp);
-                let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
-                events::exited(w.id(), w.pid(), code, signal, asked);
-            });
+            if prefix {
+                prefix_output(lp, w);
+            }
         });
     }
+
+    let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    sup.set_broadcast(opts.broadcast);
+    let ops = Ops::new(sup.clone());
+    let (control, metrics) = operations(&mut lp, &ops, &opts)?;
+    sup.on_exit(move |lp, _| {
+        if let Some(c) = &control {
+            c.close(lp);
+        }
+        if let Some(m) = &metrics {
+            m.close(lp);
+        }
+    });
+    let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
-        let ops = ops.clone();
-        let stopping = stopping.clone();
+        let pids = pids.clone();
         let immediate = immediate.clone();
-        let first_fork = first_fork.clone();
-        let sup2 = sup.clone();
+        let kill_timeout = opts.supervisor.kill_timeout;
         sup.on_event(move |lp, e| {
             ops.event(lp, e);
-            let pid = |id: u32| sup2.primary().worker(id).and_then(|w| w.pid());
-            match e {
-                LifecycleEvent::Ready { worker, .. } => events::ready(*worker, pid(*worker)),
-                LifecycleEvent::Draining { worker, .. } => events::draining(*worker, pid(*worker)),
-                LifecycleEvent::ReloadStarted { slots } => events::reload_started(*slots),
-                LifecycleEvent::ReloadFinished(r) => {
-                    events::reload_finished(r.replaced, r.duration)
-                }
-                LifecycleEvent::ReloadFailed(e) => events::reload_failed(&e.to_string()),
-                LifecycleEvent::Forked { .. } => {
-                    first_fork.borrow_mut().get_or_insert(None);
-                }
-                LifecycleEvent::ForkFailed { error, .. } => {
-                    first_fork.borrow_mut().get_or_insert(Some(error.clone()));
-                }
-                LifecycleEvent::Stopping {
-                    graceful: true,
-                    signal,
-                } => {
-                    stopping.set(true);
-                    let by = signal
-                        .map_or_else(|| "control socket".to_owned(), |s| format!("signal {s}"));
-                    log::info!(
-                        target: events::TARGET,
-                        "{by}: stopping gracefully, disconnecting workers (killed after {}; \
-                         a second SIGINT/SIGTERM stops at once)",
-                        show_duration(kill_timeout)
-                    );
-                    // A graceful stop does not wait silently (issue 10):
-                    // every 5 s it says for whom it waits.
-                    let reminder = lp.timer_init();
-                    let sup = sup2.clone();
-                    let _ = lp.timer_start(reminder, STILL_WAITING, STILL_WAITING, move |lp, _| {
-                        let left: Vec<String> = sup
-                            .status(lp)
-                            .iter()
-                            .filter_map(|r| Some(format!("{} (pid {})", r.id?, r.pid.unwrap_or(0))))
-                            .collect();
-                        log::info!(
-                            target: events::TARGET,
-                            "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM \
-                             stops at once",
-                            left.join(", ")
-                        );
-                    });
-                    let _ = lp.unref_handle(reminder);
-                }
-                LifecycleEvent::Stopping {
-                    graceful: false,
-                    signal,
-                } => {
-                    stopping.set(true);
-                    if let Some(s) = signal {
-                        immediate.set(Some(*s));
-                        log::warn!(
-                            target: events::TARGET,
-                            "signal {s}: stopping at once, killing every worker"
-                        );
-                    }
-                }
-                _ => {}
+            if let LifecycleEvent::Stopping {
+                graceful: false,
+                signal: Some(s),
+            } = e
+            {
+                immediate.set(Some(*s));
             }
-        });
-    }
-    {
-        let exit_code = exit_code.clone();
-        sup.on_exit(move |lp, code| {
-            exit_code.set(Some(code));
-            if let Some(c) = &control {
-                c.close(lp);
-            }
-            if let Some(m) = &metrics {
-                m.close(lp);
-            }
+            log_event(lp, e, &pids, kill_timeout);
         });
     }
     sup.handle_signals(&mut lp)?;
-
     events::starting(&opts);
     sup.start(&mut lp);
-    let failed_first = first_fork.borrow().clone().flatten();
-    if let Some(c) = failed_first.and_then(|e| cannot_run(&opts.command[0], &e)) {
-        sup.stop(&mut lp, false);
-        lp.run(RunMode::Default)?;
-        return Err(StartError::CannotRun(c));
-    }
     lp.run(RunMode::Default)?;
-    Ok(match (immediate.get(), exit_code.get()) {
+    Ok(match (immediate.get(), sup.exit_code()) {
         (Some(s), _) => Outcome::Immediate(s),
-        (None, Some(0)) => Outcome::Clean,
-        (None, _) => Outcome::Failed,
+        (None, Some(code)) => Outcome::Supervisor(code),
+        // The loop ended without the supervisor's verdict: nothing kept it
+        // alive, which only a failure explains.
+        (None, None) => Outcome::Supervisor(1),
     })
 }
