@@ -67,6 +67,10 @@ fn clock_ticks() -> u64 {
         .map_or(100, |v| v as u64)
 }
 
+/// The shortest interval over which CPU% is measured; a `status` sooner
+/// repeats the previous figure.
+const MIN_SAMPLE_GAP: Duration = Duration::from_millis(250);
+
 /// One worker (or empty slot) as `uvcluster ctl status` shows it; the
 /// `--json` form is this struct's fields.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -208,20 +212,21 @@ impl Ops {
                 let mut cpu_percent = None;
                 if let (Some(pid), Some(p)) = (w.pid, proc_) {
                     live_pids.push(pid);
-                    cpu_percent = Some(match s.cpu.get(&pid) {
+                    let pct = match s.cpu.get(&pid) {
                         // Too close to the previous sample to measure:
-                        // its figure stands.
-                        Some(&(_, at, Some(last))) if now - at < Duration::from_millis(250) => last,
-                        Some(&(cpu, at, _)) => percent(p.cpu_seconds - cpu, now - at),
-                        None => percent(p.cpu_seconds, w.uptime),
-                    });
-                    let keep = match s.cpu.get(&pid) {
-                        Some(&(_, at, Some(_))) if now - at < Duration::from_millis(250) => false,
-                        _ => true,
+                        // its figure stands, and so does the sample.
+                        Some(&(_, at, last)) if now - at < MIN_SAMPLE_GAP => last,
+                        Some(&(cpu, at, _)) => Some(percent(p.cpu_seconds - cpu, now - at)),
+                        None => Some(percent(p.cpu_seconds, w.uptime)),
                     };
-                    if keep {
-                        s.cpu.insert(pid, (p.cpu_seconds, now, cpu_percent));
+                    let fresh = s
+                        .cpu
+                        .get(&pid)
+                        .is_some_and(|&(_, at, _)| now - at < MIN_SAMPLE_GAP);
+                    if !fresh {
+                        s.cpu.insert(pid, (p.cpu_seconds, now, pct));
                     }
+                    cpu_percent = pct;
                 }
                 Row {
                     id: w.id,
