@@ -453,7 +453,9 @@ impl Supervisor {
     /// minus the sender, so workers that keep shared state by messages (a
     /// visit counter) work unchanged. The string `"ready"` is the
     /// supervisor's readiness message and is not relayed; a handle sent
-    /// with a message is closed, not relayed. Off by default.
+    /// with a message is closed, not relayed. Off by default. A worker
+    /// that answers every message it receives with a message of its own
+    /// makes the workers relay forever, as under Node's classic primary.
     ///
     /// # Examples
     ///
