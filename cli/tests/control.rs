@@ -375,3 +375,80 @@ fn too_many_clients_at_once_the_extra_ones_are_told_and_dropped() {
         });
     });
 }
+
+/// `uvcluster ctl` with an environment: `XDG_RUNTIME_DIR` and the rest.
+fn ctl_env(args: &[&str], runtime: &std::path::Path) -> std::process::Output {
+    let child = std::process::Command::new(bin())
+        .arg("ctl")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child)
+}
+
+#[test]
+fn default_socket_in_the_runtime_dir_named_or_found_by_ctl() {
+    let runtime = TempDir::new("xdg");
+    let exe = hello();
+    let xdg = runtime.0.to_str().unwrap().to_owned();
+    let start = |extra: &[&str]| {
+        let port = free_port().to_string();
+        let mut args = vec!["run", "-w", "1"];
+        args.extend_from_slice(extra);
+        args.extend(["--", exe.to_str().unwrap()]);
+        let mut r = Running::start(&args, &[("PORT", &port), ("XDG_RUNTIME_DIR", &xdg)]);
+        r.expect(" ready");
+        r
+    };
+    // Named: RUNTIME/uvcluster/web.sock, in a directory made 0700.
+    let web = start(&["--name", "web"]);
+    let dir = runtime.join("uvcluster");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(dir.join("web.sock").exists());
+    let out = ctl_env(&["--name", "web", "status"], &runtime.0);
+    assert!(out.status.success(), "{}", text(&out));
+    // The only one running: found without a name.
+    let out = ctl_env(&["status"], &runtime.0);
+    assert!(out.status.success(), "{}", text(&out));
+    // A second, unnamed: uvcluster-PID.sock; now ctl must be told which.
+    let other = start(&[]);
+    let pid_sock = dir.join(format!("uvcluster-{}.sock", other.pid()));
+    assert!(pid_sock.exists(), "{}", other.log);
+    let out = ctl_env(&["status"], &runtime.0);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("several primaries are running"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("web.sock"), "{}", text(&out));
+    // The same name twice: refused.
+    let port = free_port().to_string();
+    let dup = Running::start(
+        &[
+            "run",
+            "-w",
+            "1",
+            "--name",
+            "web",
+            "--",
+            exe.to_str().unwrap(),
+        ],
+        &[("PORT", &port), ("XDG_RUNTIME_DIR", &xdg)],
+    );
+    let (code, log) = dup.wait();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("another primary is running"), "{log}");
+    for r in [web, other] {
+        r.signal(Signal::SIGTERM);
+        assert_eq!(r.wait().0, Some(0));
+    }
+    assert!(!pid_sock.exists());
+    let out = ctl_env(&["status"], &runtime.0);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no running primary"), "{}", text(&out));
+}
