@@ -103,8 +103,7 @@ fn run(
     util::run_until(&mut lp, 20_000, move |_| exit.get().is_some());
     assert_eq!(s.exit.get(), Some(0));
     lp.run(RunMode::Default).unwrap();
-    let out = pairs.borrow().clone();
-    out
+    pairs.take()
 }
 
 #[test]
