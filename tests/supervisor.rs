@@ -255,6 +255,9 @@ fn fail_closed_reload_keeps_the_old_workers_serving() {
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
+/// The goal: zero failed requests across 20 reloads.
+const RELOADS: usize = 20;
+
 /// K rolling reloads under a closed-loop load: not one request fails.
 fn zero_loss_reloads(policy: SchedulingPolicy) {
     let mut lp = Loop::new().unwrap();
@@ -263,10 +266,11 @@ fn zero_loss_reloads(policy: SchedulingPolicy) {
     let before = s.pids(&lp);
     let load = Load::start(s.port.get(), 4, 100_000);
     let done = Rc::new(Cell::new(0));
-    reload_times(&mut lp, &s.sup, 5, done.clone());
-    util::run_until(&mut lp, 60_000, |_| done.get() == 5);
+    reload_times(&mut lp, &s.sup, RELOADS, done.clone());
+    util::run_until(&mut lp, 60_000, |_| done.get() == RELOADS);
     let served = load.ok();
     let errors = load.finish(&mut lp, 20_000);
+    eprintln!("{policy:?}: {served} requests served across {RELOADS} reloads");
     assert!(errors.is_empty(), "{} failed: {errors:?}", errors.len());
     assert!(served > 0);
     let after = s.pids(&lp);
@@ -274,7 +278,7 @@ fn zero_loss_reloads(policy: SchedulingPolicy) {
         after.iter().all(|p| !before.contains(p)),
         "every worker replaced"
     );
-    assert_eq!(s.count("reload finished"), 5);
+    assert_eq!(s.count("reload finished"), RELOADS);
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 

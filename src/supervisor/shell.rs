@@ -298,10 +298,11 @@ impl Supervisor {
                     ..
                 }
             );
-            match w {
-                Some(w) => log::warn!("supervisor: worker {}: {e}", w.id()),
-                None => log::warn!("supervisor: {e}"),
-            }
+            // As the primary logs it when it has no `error` callback.
+            log::error!(
+                "cluster: worker {}: {e}",
+                w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
+            );
             if let (true, Some(w), Some(s)) = (hung, w, Supervisor::from_weak(&me)) {
                 let on = s.inner.borrow().core.config().worker_timeout.is_some();
                 if on {
