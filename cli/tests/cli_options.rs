@@ -869,6 +869,34 @@ fn crash_loop_errors_the_slot_and_exits_1() {
     // The budget bounds the forks: the first start and 2 restarts at most.
     assert!(forks(&err) <= 3, "{err}");
     assert!(!err.contains("Some("), "{err}");
+
+    // With --prefix-output the CLI sees the workers' stderr, and the
+    // errored line quotes its last lines (an earlier worker's at least:
+    // the last one's may still be in its pipe when its exit is seen).
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--backoff-initial=10ms",
+        "--max-restarts=2",
+        "--prefix-output",
+        "--",
+        "node",
+        "-e",
+        "console.error('boom: no config'); process.exit(7)",
+    ]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    let errored = err
+        .lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    assert!(
+        errored.contains("; not restarted; its last output: boom: no config"),
+        "{errored}"
+    );
+    assert!(err.contains("\n[worker 1] boom: no config\n"), "{err}");
 }
 
 /// Ctrl-C in a terminal reaches the whole process group, the workers as
@@ -905,7 +933,8 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
 /// `--wait-ready` reaches the supervisor: a Node worker is ready when it
 /// sends `'ready'` (PM2's convention), after it listens; one that never
 /// sends it is killed at `--ready-timeout` and, its start budget spent,
-/// its slot is errored and the command exits 1.
+/// its slot is errored and the command exits 1. (The timeout leaves a
+/// loaded machine's `node` time to listen: 2 s, against 0.1 s idle.)
 #[test]
 fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     util::require_node();
@@ -933,7 +962,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
         "-w",
         "1",
         "--wait-ready",
-        "--ready-timeout=300ms",
+        "--ready-timeout=2s",
         "--max-restarts=1",
         "--",
         "node",
@@ -942,6 +971,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     .env("PORT", free_port().to_string());
     let (code, _, err) = finish(c);
     assert_eq!(code, Some(1), "{err}");
+    // It listened (which is ready without --wait-ready) and was not ready.
     assert!(err.contains(") listening on "), "{err}");
     assert!(!err.contains(") ready"), "{err}");
     assert!(
