@@ -14,10 +14,13 @@ restarts them, reloads them without dropping a connection, and stops them
 gracefully.
 
 usage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]
+       uvcluster ctl [--control PATH | --name NAME] COMMAND
        uvcluster --help | --version
 
 Commands:
   run    start COMMAND as a pool of workers (uvcluster run --help)
+  ctl    status, reload, scale, restart, stop or message a running pool
+         (uvcluster ctl --help)
 
 Exit status: 0 after a clean stop, 1 when the service could not start (COMMAND
 not found, say) or its workers failed, 2 for a usage error, 128+N after an
@@ -77,6 +80,17 @@ Development:
                                a name at any depth, `dist/**` a relative path
       --watch-debounce DUR     quiet time after the last change before the
                                reload [default: 300ms]
+
+Operations:
+      --name NAME              the control socket's name: RUNTIME_DIR/NAME.sock
+                               [default: uvcluster-PID]
+      --control PATH|none      the control socket (uvcluster ctl)
+                               [default: $XDG_RUNTIME_DIR/uvcluster/NAME.sock,
+                               else /tmp/uvcluster-UID/NAME.sock]
+      --control-timeout DUR    a silent control client is closed [default: 10s]
+      --metrics HOST:PORT      serve /metrics, /healthz, /readyz [default: off]
+      --broadcast[=B]          relay each worker's messages to every other
+                               worker [default: false]
 
 Output and configuration:
       --prefix-output[=B]      prefix each line a worker prints with

@@ -11,8 +11,12 @@
 //! Exit status: 0 after a clean stop; 1 when the service failed; 2 for a
 //! usage error; 128+N after an immediate stop by signal N.
 
+mod control;
+mod ctl;
 mod events;
 mod help;
+mod metrics;
+mod ops;
 mod options;
 mod run;
 mod systemd;
@@ -29,6 +33,9 @@ const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     events::init();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
+        return ctl::main(std::env::args_os().skip(2));
+    }
     let request = options::parse(std::env::args_os().skip(1), |var| std::env::var_os(var));
     let opts = match request {
         Ok(Request::Help(text)) => {

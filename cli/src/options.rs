@@ -48,6 +48,15 @@ pub struct RunOptions {
     pub config_file: Option<PathBuf>,
     /// `--watch`: reload on changes (`watch.rs`); `None` without a path.
     pub watch: Option<crate::watch::WatchOptions>,
+    /// The control socket (`--control`, `--name`; docs/control.md).
+    pub control: crate::control::ControlPath,
+    /// A control client silent this long is closed.
+    pub control_timeout: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served
+    /// (`--metrics`; docs/metrics.md).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Relay every worker's user messages to every other worker.
+    pub broadcast: bool,
 }
 
 /// An option's kind: how its value is parsed, and whether a flag takes a
@@ -89,6 +98,11 @@ const OPTIONS: &[(&str, Option<char>, Kind)] = &[
     ("watch", None, Kind::List),
     ("ignore", None, Kind::List),
     ("watch-debounce", None, Kind::Value),
+    ("name", None, Kind::Value),
+    ("control", None, Kind::Value),
+    ("control-timeout", None, Kind::Value),
+    ("metrics", None, Kind::Value),
+    ("broadcast", None, Kind::Switch),
 ];
 
 /// The keys the file takes: every option, and `command`.
@@ -124,6 +138,11 @@ struct Partial {
     watch: Option<Vec<PathBuf>>,
     ignore: Option<Vec<String>>,
     watch_debounce: Option<Duration>,
+    name: Option<String>,
+    control: Option<Option<PathBuf>>,
+    control_timeout: Option<Duration>,
+    metrics: Option<std::net::SocketAddr>,
+    broadcast: Option<bool>,
     command: Option<Vec<OsString>>,
 }
 
@@ -162,6 +181,11 @@ impl Partial {
                 self.ignore.get_or_insert_default().push(v.to_string());
             }
             "watch-debounce" => self.watch_debounce = Some(duration(v)?),
+            "name" => self.name = Some(crate::control::name(v)?),
+            "control" => self.control = Some(crate::control::path_or_none(v)?),
+            "control-timeout" => self.control_timeout = Some(duration(v)?),
+            "metrics" => self.metrics = Some(crate::metrics::address(v)?),
+            "broadcast" => self.broadcast = Some(boolean(v)?),
             _ => unreachable!("{name} is in OPTIONS"),
         }
         Ok(())
@@ -196,6 +220,11 @@ impl Partial {
             watch,
             ignore,
             watch_debounce,
+            name,
+            control,
+            control_timeout,
+            metrics,
+            broadcast,
             command
         )
     }
@@ -452,6 +481,14 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
                 ignore: p.ignore.unwrap_or_default(),
                 debounce: p.watch_debounce.unwrap_or(crate::watch::DEFAULT_DEBOUNCE),
             }),
+        control: crate::control::ControlPath::resolve(p.control, p.name.as_deref(), |v| {
+            std::env::var_os(v)
+        }),
+        control_timeout: p
+            .control_timeout
+            .unwrap_or(crate::control::DEFAULT_IDLE_TIMEOUT),
+        metrics: p.metrics,
+        broadcast: p.broadcast.unwrap_or(false),
     })))
 }
 

@@ -15,9 +15,38 @@ use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Superviso
 use uvcluster::systemd::Notifier;
 use uvcluster::uv::{Loop, RunMode, Signum};
 
+use crate::control::Control;
 use crate::events;
+use crate::metrics::Metrics;
+use crate::ops::Ops;
 use crate::options::RunOptions;
 use crate::values::show_duration;
+
+/// Starts the control socket (`--control`) and the metrics endpoint
+/// (`--metrics`) on `ops`, before any worker runs: a control socket a live
+/// primary owns stops this one here.
+fn operations(
+    lp: &mut Loop,
+    ops: &Ops,
+    opts: &RunOptions,
+) -> io::Result<(Option<Control>, Option<Metrics>)> {
+    let control = match opts.control.path() {
+        Some(_) => Some(
+            Control::start(lp, ops.clone(), &opts.control, opts.control_timeout)
+                .map_err(|e| io::Error::new(e.kind(), format!("control socket: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics = match opts.metrics {
+        Some(addr) => Some(
+            Metrics::start(lp, ops.clone(), addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?
+                .0,
+        ),
+        None => None,
+    };
+    Ok((control, metrics))
+}
 
 /// How a run ended; [`Outcome::code`] is the process's exit status.
 #[derive(Debug, PartialEq, Eq)]
@@ -455,10 +484,22 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
         None => None,
     };
+    sup.set_broadcast(opts.broadcast);
+    let ops = Ops::new(sup.clone());
+    let (control, metrics) = operations(&mut lp, &ops, &opts)?;
+    sup.on_exit(move |lp, _| {
+        if let Some(c) = &control {
+            c.close(lp);
+        }
+        if let Some(m) = &metrics {
+            m.close(lp);
+        }
+    });
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
         let immediate = immediate.clone();
         sup.on_event(move |lp, e| {
+            ops.event(lp, e);
             if let LifecycleEvent::Stopping {
                 graceful: false,
                 signal: Some(s),

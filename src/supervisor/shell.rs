@@ -96,6 +96,7 @@ struct Inner {
     on_message: Option<MessageCb>,
     exit_code: Option<i32>,
     started: bool,
+    broadcast: bool,
     /// The last stderr lines of each slot's workers (piped stdio only).
     stderr: HashMap<SlotId, std::collections::VecDeque<String>>,
 }
@@ -193,6 +194,7 @@ impl Supervisor {
                 on_message: None,
                 exit_code: None,
                 started: false,
+                broadcast: false,
                 stderr: HashMap::new(),
             })),
         };
@@ -253,6 +255,9 @@ impl Supervisor {
                 s.inner.borrow_mut().core.ready_message(now, w.id());
                 s.pump(lp);
                 return;
+            }
+            if s.inner.borrow().broadcast {
+                s.relay(lp, w.id(), &msg);
             }
             let cb = s.inner.borrow_mut().on_message.take();
             if let Some(mut cb) = cb {
@@ -440,6 +445,62 @@ impl Supervisor {
                 }
             })
             .collect()
+    }
+
+    /// Relays every user message a worker sends to every other connected
+    /// worker when `on` (`uvcluster run --broadcast`): the primary of
+    /// Node's classic cluster example, `worker.on('message', m =>
+    /// for (const id in cluster.workers) cluster.workers[id].send(m))`
+    /// minus the sender, so workers that keep shared state by messages (a
+    /// visit counter) work unchanged. The string `"ready"` is the
+    /// supervisor's readiness message and is not relayed; a handle sent
+    /// with a message is closed, not relayed. Off by default. A worker
+    /// that answers every message it receives with a message of its own
+    /// makes the workers relay forever, as under Node's classic primary.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use uvcluster::supervisor::{Supervisor, SupervisorConfig};
+    /// use uvcluster::uv::Loop;
+    ///
+    /// let mut lp = Loop::new()?;
+    /// let sup = Supervisor::new(&mut lp, SupervisorConfig::default()).expect("a valid config");
+    /// sup.set_broadcast(true);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_broadcast(&self, on: bool) {
+        self.inner.borrow_mut().broadcast = on;
+    }
+
+    /// Sends `msg` from worker `from` to every other connected worker.
+    fn relay(&self, lp: &mut Loop, from: u32, msg: &serde_json::Value) {
+        let to: Vec<Worker> = {
+            let i = self.inner.borrow();
+            let mut ws: Vec<Worker> = i
+                .workers
+                .values()
+                .filter(|w| w.id() != from && w.is_connected())
+                .cloned()
+                .collect();
+            ws.sort_by_key(Worker::id);
+            ws
+        };
+        for w in to {
+            // A worker whose channel just closed misses it, as in Node.
+            if let Err(e) = w.send(lp, msg, None) {
+                log::debug!("supervisor: broadcast to worker {}: {e}", w.id());
+            }
+        }
+    }
+
+    /// Sends `msg` to every connected worker (`uvcluster ctl send`);
+    /// returns how many it was sent to.
+    pub fn send_all(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
+        let ws: Vec<Worker> = self.inner.borrow().workers.values().cloned().collect();
+        ws.iter()
+            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+            .count()
     }
 
     /// Sets the lifecycle-event callback (each event is also logged

@@ -1,0 +1,514 @@
+//! `--metrics ADDR`: `/metrics` (the Prometheus text exposition format,
+//! version 0.0.4), `/healthz` and `/readyz`, served by a small HTTP/1.1
+//! responder on a TCP handle of the primary's own loop. docs/metrics.md
+//! lists every metric.
+//!
+//! The responder reads one request head (at most [`MAX_HEAD`] bytes,
+//! within [`HEAD_TIMEOUT`]), answers it and closes the connection
+//! (`Connection: close`): it looks only at the request line, so it needs
+//! no HTTP parser. The exposition is written by hand (`render`): a dozen
+//! families of plain gauges and counters do not justify a dependency, and
+//! `promtool check metrics` checks the result in the tests.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use uvcluster::uv::{BindFlags, Handle, Loop, Tcp, Timer};
+
+use crate::events;
+use crate::ops::{Ops, Row};
+
+/// The longest request head read (8 KiB, as nginx's default header
+/// buffer); a longer one gets 431 and a close.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// `--metrics`: `HOST:PORT` (`127.0.0.1:9100`, `[::1]:9100`, port 0 for
+/// any), or `:PORT` for every IPv4 interface.
+pub fn address(v: &str) -> Result<SocketAddr, String> {
+    let full = match v.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => v.to_owned(),
+    };
+    full.parse()
+        .map_err(|_| format!("takes HOST:PORT, such as 127.0.0.1:9100 or :9100. Received {v:?}"))
+}
+
+/// What `/metrics` shows, read at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// One row per worker and empty slot.
+    pub rows: Vec<Row>,
+    /// Reloads completed and failed closed.
+    pub reloads: (u64, u64),
+    /// Connections handed to workers, the gone ones included.
+    pub handed_total: u64,
+    /// Worker forks.
+    pub forks: u64,
+    /// `/readyz`'s answer.
+    pub ready: bool,
+}
+
+/// The states a worker (or empty slot) can be in, as `uvcluster_workers`
+/// labels them (each always present, 0 when none).
+const STATES: [&str; 5] = ["starting", "ready", "draining", "errored", "restarting"];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// `snapshot` in the Prometheus text format (version 0.0.4).
+pub fn render(s: &Snapshot) -> String {
+    let mut o = String::new();
+    let workers: Vec<&Row> = s.rows.iter().filter(|r| r.id.is_some()).collect();
+    let label = |r: &Row| format!("worker=\"{}\",slot=\"{}\"", r.id.unwrap_or(0), r.slot);
+
+    family(&mut o, "uvcluster_up", "gauge", "1 while the primary runs.");
+    o.push_str("uvcluster_up 1\n");
+    family(
+        &mut o,
+        "uvcluster_ready",
+        "gauge",
+        "1 while at least one worker is ready and no stop has begun (/readyz), else 0.",
+    );
+    let _ = writeln!(o, "uvcluster_ready {}", u8::from(s.ready));
+    family(
+        &mut o,
+        "uvcluster_workers",
+        "gauge",
+        "Workers and empty slots by state.",
+    );
+    for st in STATES {
+        let n = s.rows.iter().filter(|r| r.state == st).count();
+        let _ = writeln!(o, "uvcluster_workers{{state=\"{st}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "uvcluster_worker_up",
+        "gauge",
+        "Per worker: 1 while it is ready and in rotation, else 0.",
+    );
+    for r in &workers {
+        let _ = writeln!(
+            o,
+            "uvcluster_worker_up{{{}}} {}",
+            label(r),
+            u8::from(r.state == "ready")
+        );
+    }
+    family(
+        &mut o,
+        "uvcluster_slot_restarts_total",
+        "counter",
+        "Per slot: workers restarted after a crash.",
+    );
+    for r in &s.rows {
+        let _ = writeln!(
+            o,
+            "uvcluster_slot_restarts_total{{slot=\"{}\"}} {}",
+            r.slot, r.restarts
+        );
+    }
+    family(
+        &mut o,
+        "uvcluster_restarts_total",
+        "counter",
+        "Workers restarted after a crash, every slot.",
+    );
+    let restarts: u64 = s.rows.iter().map(|r| u64::from(r.restarts)).sum();
+    let _ = writeln!(o, "uvcluster_restarts_total {restarts}");
+    family(
+        &mut o,
+        "uvcluster_worker_forks_total",
+        "counter",
+        "Workers forked: starts, restarts, replacements and scale-ups.",
+    );
+    let _ = writeln!(o, "uvcluster_worker_forks_total {}", s.forks);
+    family(
+        &mut o,
+        "uvcluster_worker_connections_handed_total",
+        "counter",
+        "Per worker: connections the primary handed it and it accepted (round-robin policies).",
+    );
+    for r in &workers {
+        let _ = writeln!(
+            o,
+            "uvcluster_worker_connections_handed_total{{{}}} {}",
+            label(r),
+            r.connections_handed
+        );
+    }
+    family(
+        &mut o,
+        "uvcluster_connections_handed_total",
+        "counter",
+        "Connections the primary handed to workers, those of workers gone included.",
+    );
+    let _ = writeln!(o, "uvcluster_connections_handed_total {}", s.handed_total);
+    family(
+        &mut o,
+        "uvcluster_worker_resident_memory_bytes",
+        "gauge",
+        "Per worker: resident memory in bytes (/proc/PID/statm).",
+    );
+    for r in &workers {
+        if let Some(b) = r.rss_bytes {
+            let _ = writeln!(
+                o,
+                "uvcluster_worker_resident_memory_bytes{{{}}} {b}",
+                label(r)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "uvcluster_worker_cpu_seconds_total",
+        "counter",
+        "Per worker: user and system CPU time in seconds (/proc/PID/stat).",
+    );
+    for r in &workers {
+        if let Some(c) = r.cpu_seconds {
+            let _ = writeln!(o, "uvcluster_worker_cpu_seconds_total{{{}}} {c}", label(r));
+        }
+    }
+    family(
+        &mut o,
+        "uvcluster_worker_uptime_seconds",
+        "gauge",
+        "Per worker: seconds since it was forked.",
+    );
+    for r in &workers {
+        let _ = writeln!(
+            o,
+            "uvcluster_worker_uptime_seconds{{{}}} {}",
+            label(r),
+            r.uptime_seconds
+        );
+    }
+    family(
+        &mut o,
+        "uvcluster_reloads_total",
+        "counter",
+        "Rolling reloads by outcome: ok (every worker replaced) or failed (failed closed).",
+    );
+    let _ = writeln!(
+        o,
+        "uvcluster_reloads_total{{outcome=\"ok\"}} {}",
+        s.reloads.0
+    );
+    let _ = writeln!(
+        o,
+        "uvcluster_reloads_total{{outcome=\"failed\"}} {}",
+        s.reloads.1
+    );
+    o
+}
+
+/// A response: status line, content type, body.
+fn respond(ops: &Ops, lp: &Loop, head: &[u8]) -> (&'static str, &'static str, String, bool) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    let line = String::from_utf8_lossy(&head[..line_end]);
+    let mut words = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return ("400 Bad Request", TEXT, "bad request line\n".into(), false);
+    };
+    if !version.starts_with("HTTP/1.") {
+        return ("400 Bad Request", TEXT, "HTTP/1.x only\n".into(), false);
+    }
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return (
+            "405 Method Not Allowed",
+            TEXT,
+            "GET or HEAD only\n".into(),
+            false,
+        );
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/metrics" => {
+            let snap = Snapshot {
+                rows: ops.rows(lp),
+                reloads: ops.reloads(),
+                handed_total: ops.handed_total(),
+                forks: ops.forks(),
+                ready: ops.ready(lp),
+            };
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                render(&snap),
+                head_only,
+            )
+        }
+        "/healthz" => ("200 OK", TEXT, "ok\n".into(), head_only),
+        "/readyz" if ops.ready(lp) => ("200 OK", TEXT, "ready\n".into(), head_only),
+        "/readyz" => (
+            "503 Service Unavailable",
+            TEXT,
+            if ops.stopping() {
+                "stopping\n".into()
+            } else {
+                "no worker ready\n".into()
+            },
+            head_only,
+        ),
+        _ => (
+            "404 Not Found",
+            TEXT,
+            "not found: /metrics, /healthz, /readyz\n".into(),
+            head_only,
+        ),
+    }
+}
+
+struct Conn {
+    head: Vec<u8>,
+    timer: Handle<Timer>,
+    answered: bool,
+}
+
+struct Inner {
+    ops: Ops,
+    listener: Option<Handle<Tcp>>,
+    conns: HashMap<Handle<Tcp>, Conn>,
+}
+
+/// The metrics and probes server. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Listens on `addr`; returns the server and the address it listens
+    /// on (the real port for port 0).
+    ///
+    /// # Errors
+    ///
+    /// The errors of binding and listening.
+    pub fn start(lp: &mut Loop, ops: Ops, addr: SocketAddr) -> io::Result<(Metrics, SocketAddr)> {
+        let h = lp.tcp_init();
+        let m = Metrics {
+            inner: Rc::new(RefCell::new(Inner {
+                ops,
+                listener: None,
+                conns: HashMap::new(),
+            })),
+        };
+        let me = m.clone();
+        let res = lp.tcp_bind(h, addr, BindFlags::default()).and_then(|()| {
+            lp.tcp_listen(h, 128, move |lp, _, r| match r {
+                Ok(c) => me.accept(lp, c),
+                Err(e) => log::warn!(target: events::TARGET, "metrics: {e}"),
+            })
+        });
+        let bound = res.and_then(|()| lp.tcp_getsockname(h));
+        let bound = match bound {
+            Ok(a) => a,
+            Err(e) => {
+                lp.close_if_open(h);
+                return Err(e);
+            }
+        };
+        lp.unref_handle(h)?;
+        m.inner.borrow_mut().listener = Some(h);
+        log::info!(
+            target: events::TARGET,
+            "metrics on http://{bound}/metrics (probes /healthz, /readyz)"
+        );
+        Ok((m, bound))
+    }
+
+    /// Closes the listener and every connection.
+    pub fn close(&self, lp: &mut Loop) {
+        let (l, conns) = {
+            let mut i = self.inner.borrow_mut();
+            (i.listener.take(), std::mem::take(&mut i.conns))
+        };
+        if let Some(l) = l {
+            lp.close_if_open(l);
+        }
+        for (h, c) in conns {
+            lp.close_if_open(c.timer);
+            lp.close_if_open(h);
+        }
+    }
+
+    fn accept(&self, lp: &mut Loop, c: Handle<Tcp>) {
+        if self.inner.borrow().conns.len() >= MAX_CONNECTIONS {
+            lp.close_if_open(c);
+            return;
+        }
+        let timer = lp.timer_init();
+        let _ = lp.unref_handle(timer);
+        self.inner.borrow_mut().conns.insert(
+            c,
+            Conn {
+                head: Vec::new(),
+                timer,
+                answered: false,
+            },
+        );
+        let me = self.clone();
+        let _ = lp.timer_start(timer, HEAD_TIMEOUT, Duration::ZERO, move |lp, _| {
+            me.drop_conn(lp, c);
+        });
+        let me = self.clone();
+        let r = lp.read_start(c, move |lp, c, r| match r {
+            Ok([]) | Err(_) => me.drop_conn(lp, c),
+            Ok(data) => me.received(lp, c, data),
+        });
+        if r.is_err() {
+            self.drop_conn(lp, c);
+        }
+    }
+
+    fn drop_conn(&self, lp: &mut Loop, c: Handle<Tcp>) {
+        let conn = self.inner.borrow_mut().conns.remove(&c);
+        if let Some(conn) = conn {
+            lp.close_if_open(conn.timer);
+        }
+        lp.close_if_open(c);
+    }
+
+    fn received(&self, lp: &mut Loop, c: Handle<Tcp>, data: &[u8]) {
+        let head = {
+            let mut i = self.inner.borrow_mut();
+            let Some(conn) = i.conns.get_mut(&c) else {
+                return;
+            };
+            if conn.answered {
+                return;
+            }
+            conn.head.extend_from_slice(data);
+            let end = find(&conn.head, b"\r\n\r\n").or_else(|| find(&conn.head, b"\n\n"));
+            match end {
+                Some(n) if n <= MAX_HEAD => Some(std::mem::take(&mut conn.head)),
+                None if conn.head.len() <= MAX_HEAD => return,
+                // Longer than the limit, ended or not.
+                _ => None,
+            }
+        };
+        let (status, ctype, body, head_only) = match &head {
+            Some(h) => {
+                let ops = self.inner.borrow().ops.clone();
+                respond(&ops, lp, h)
+            }
+            None => (
+                "431 Request Header Fields Too Large",
+                "text/plain; charset=utf-8",
+                "request head too large\n".into(),
+                false,
+            ),
+        };
+        if let Some(conn) = self.inner.borrow_mut().conns.get_mut(&c) {
+            conn.answered = true;
+        }
+        let _ = lp.read_stop(c);
+        let mut resp = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        if !head_only {
+            resp.push_str(&body);
+        }
+        let me = self.clone();
+        if lp
+            .write(c, &[resp.as_bytes()], move |lp, c, _| me.drop_conn(lp, c))
+            .is_err()
+        {
+            self.drop_conn(lp, c);
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: Option<u32>, slot: usize, state: &str) -> Row {
+        Row {
+            id,
+            pid: id.map(|i| 1000 + i as i32),
+            slot,
+            state: state.into(),
+            uptime_seconds: 1.5,
+            restarts: 2,
+            connections_handed: 7,
+            connections_open: None,
+            rss_bytes: Some(4096),
+            cpu_seconds: Some(0.25),
+            cpu_percent: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let s = Snapshot {
+            rows: vec![
+                row(Some(1), 0, "ready"),
+                row(Some(3), 1, "starting"),
+                row(None, 2, "errored"),
+            ],
+            reloads: (4, 1),
+            handed_total: 20,
+            forks: 9,
+            ready: true,
+        };
+        let t = render(&s);
+        assert!(t.contains("uvcluster_workers{state=\"ready\"} 1\n"), "{t}");
+        assert!(
+            t.contains("uvcluster_workers{state=\"errored\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("uvcluster_workers{state=\"draining\"} 0\n"),
+            "{t}"
+        );
+        assert!(t.contains("uvcluster_worker_up{worker=\"1\",slot=\"0\"} 1\n"));
+        assert!(t.contains("uvcluster_worker_up{worker=\"3\",slot=\"1\"} 0\n"));
+        assert!(t.contains("uvcluster_restarts_total 6\n"));
+        assert!(t.contains("uvcluster_reloads_total{outcome=\"failed\"} 1\n"));
+        assert!(t.contains("uvcluster_connections_handed_total 20\n"));
+        assert!(
+            t.contains("uvcluster_worker_resident_memory_bytes{worker=\"1\",slot=\"0\"} 4096\n")
+        );
+        // Every sample's family has HELP and TYPE before it.
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(t.contains(&format!("# TYPE {name} ")), "{name}");
+            assert!(t.contains(&format!("# HELP {name} ")), "{name}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(address(":9100"), Ok("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(address("[::1]:0"), Ok("[::1]:0".parse().unwrap()));
+        assert!(address("localhost").is_err());
+    }
+}

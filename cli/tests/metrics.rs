@@ -1,0 +1,251 @@
+//! `uvcluster run --metrics` (docs/metrics.md): `/metrics` passes
+//! `promtool check metrics` (Prometheus's own parser and linter), a real
+//! Prometheus server scrapes it and its query API returns the worker
+//! count, and `/healthz` and `/readyz` answer as Kubernetes probes expect;
+//! bad requests get 4xx and the service keeps serving.
+//!
+//! promtool and prometheus come from Debian's `prometheus` package
+//! (`.ci/run` installs it); where they are missing the tests print a loud
+//! SKIP and pass without checking (docs/TESTING.md).
+
+#[path = "../../tests/util/mod.rs"]
+mod util;
+
+mod ops_util;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::Signal;
+use ops_util::*;
+use uvcluster::serde_json::{self, Value};
+
+/// The metrics port from the primary's log line.
+fn metrics_port(r: &mut Running) -> u16 {
+    let line = r.line("metrics on http://");
+    let addr = line.split("http://").nth(1).unwrap();
+    let addr = addr.split('/').next().unwrap();
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Whether `tool` runs; prints a loud SKIP when not.
+fn have(tool: &str, test: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "\n*** SKIP {test}: `{tool}` is not installed (apt-get install -y prometheus; \
+             .ci/run installs it) ***\n"
+        );
+    }
+    ok
+}
+
+#[test]
+fn metrics_pass_promtool_check_metrics() {
+    let dir = TempDir::new("promtool");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(2, port, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mport = metrics_port(&mut r);
+    // Some traffic and a reload, so that every family has samples.
+    for _ in 0..20 {
+        assert_eq!(get(port, "/").unwrap().0, 200);
+    }
+    let out = ctl(&sock, &["reload"]);
+    assert!(out.status.success(), "{out:?}");
+
+    let (code, body) = get(mport, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for want in [
+        "uvcluster_workers{state=\"ready\"} 2\n",
+        "uvcluster_ready 1\n",
+        "uvcluster_reloads_total{outcome=\"ok\"} 1\n",
+        "uvcluster_reloads_total{outcome=\"failed\"} 0\n",
+        "uvcluster_connections_handed_total 20\n",
+        "# TYPE uvcluster_worker_resident_memory_bytes gauge\n",
+        "# TYPE uvcluster_worker_cpu_seconds_total counter\n",
+    ] {
+        assert!(body.contains(want), "{want:?} in\n{body}");
+    }
+    let rss = body
+        .lines()
+        .filter(|l| l.starts_with("uvcluster_worker_resident_memory_bytes{"))
+        .count();
+    assert!(rss >= 2, "{body}");
+
+    if have("promtool", "metrics_pass_promtool_check_metrics") {
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = wait_output(p);
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{body}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+#[test]
+fn healthz_readyz_and_bad_requests() {
+    util::require_node();
+    let dir = TempDir::new("probes");
+    let sock = dir.join("c.sock");
+    let port = free_port().to_string();
+    // Workers that listen but never say `ready` (--wait-ready): the
+    // primary is healthy, not ready.
+    let app = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/node/fail_on_file.js");
+    let mut r = Running::start(
+        &[
+            "run",
+            "-w",
+            "1",
+            "--wait-ready",
+            "--ready-timeout",
+            "1m",
+            "--metrics",
+            "127.0.0.1:0",
+            "--control",
+            sock.to_str().unwrap(),
+            "--",
+            "node",
+            app,
+        ],
+        &[("PORT", &port)],
+    );
+    let mport = metrics_port(&mut r);
+    r.expect(" listening on ");
+    assert_eq!(get(mport, "/healthz").unwrap(), (200, "ok\n".into()));
+    assert_eq!(
+        get(mport, "/readyz").unwrap(),
+        (503, "no worker ready\n".into())
+    );
+    assert!(
+        get(mport, "/metrics")
+            .unwrap()
+            .1
+            .contains("uvcluster_workers{state=\"starting\"} 1\n")
+    );
+    // Bad requests: 4xx, and the endpoint goes on.
+    assert_eq!(get(mport, "/nope").unwrap().0, 404);
+    assert_eq!(
+        request(mport, "POST /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap()
+            .0,
+        405
+    );
+    assert_eq!(request(mport, "garbage\r\n\r\n").unwrap().0, 400);
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
+    assert_eq!(request(mport, &huge).unwrap().0, 431);
+    assert_eq!(get(mport, "/healthz").unwrap().0, 200);
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+
+    // Ready once a worker is.
+    let sock = dir.join("d.sock");
+    let port = free_port();
+    let mut r = start_hello(2, port, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mport = metrics_port(&mut r);
+    assert_eq!(get(mport, "/readyz").unwrap(), (200, "ready\n".into()));
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+/// `GET /api/v1/query?query=Q` on Prometheus: the first result's value.
+fn query(prom: u16, q: &str) -> Option<String> {
+    let enc: String = q
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (code, body) = get(prom, &format!("/api/v1/query?query={enc}")).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let json = &body[body.find('{')?..body.rfind('}')? + 1];
+    let v: Value = serde_json::from_str(json).ok()?;
+    v["data"]["result"][0]["value"][1]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A Prometheus server, killed on drop.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_prometheus(dir: &Path, target: u16) -> (Prometheus, u16) {
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: uvcluster\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Prometheus(child), port)
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_worker_count() {
+    if !have("prometheus", "a_real_prometheus_scrapes_the_worker_count") {
+        return;
+    }
+    let dir = TempDir::new("prometheus");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(3, port, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mport = metrics_port(&mut r);
+    let (_prom, pport) = start_prometheus(&dir.0, mport);
+    eventually("Prometheus reports 3 ready workers", || {
+        query(pport, "uvcluster_workers{state=\"ready\"}").as_deref() == Some("3")
+    });
+    assert_eq!(
+        query(pport, "count(uvcluster_worker_up == 1)").as_deref(),
+        Some("3")
+    );
+    assert_eq!(query(pport, "up{job=\"uvcluster\"}").as_deref(), Some("1"));
+    // Scaled down, the next scrapes say so.
+    let out = ctl(&sock, &["scale", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    eventually("Prometheus reports 2 ready workers", || {
+        query(pport, "uvcluster_workers{state=\"ready\"}").as_deref() == Some("2")
+    });
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
