@@ -13,7 +13,9 @@
 //! that error and exit code 1.
 //!
 //! SIGINT/SIGTERM is a graceful stop, as Node's `http.Server.close()` makes
-//! it: idle keep-alive connections are closed at once, a request in
+//! it: idle keep-alive connections are closed (once they have been idle for
+//! `IDLE_GRACE`, so that a request already on its way on a connection that
+//! went idle a moment ago is answered, not lost), a request in
 //! progress is answered with `Connection: close`, and the program exits
 //! when the last one has ended. While it waits, the primary says every few
 //! seconds which workers it waits for; a second signal (not a duplicate
@@ -53,6 +55,10 @@ use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 
 const RESPONSE_KEEP_ALIVE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
+/// How long a connection must have been idle before a graceful stop
+/// closes it (`net::Server::set_idle_grace`).
+const IDLE_GRACE: Duration = Duration::from_millis(500);
+
 const RESPONSE_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n";
 
 /// Node's `--max-http-header-size` default. Node answers `431` once the
@@ -180,6 +186,12 @@ fn run_worker(
             other => server.close_connection(lp, other),
         }
     });
+    // A reload or a stop drains this worker: a keep-alive connection that
+    // has just been answered (or handed over, its request not yet read)
+    // stays open a moment, so that the request its client is already
+    // sending is answered with `Connection: close` instead of meeting a
+    // closed socket.
+    server.set_idle_grace(lp, IDLE_GRACE);
     if let Some(worker) = &worker {
         worker.on_message(move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.

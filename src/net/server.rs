@@ -291,6 +291,14 @@ pub(super) struct ServerState {
     /// Runs whenever a connection ends (the cluster hook's load reports to
     /// a load-aware primary).
     on_ended: CallbackSlot<EndedFn>,
+    /// How long a connection must have been idle before a closing server
+    /// closes it ([`Server::set_idle_grace`]; zero: at once, as Node).
+    idle_grace: Duration,
+    /// When each idle connection was marked idle (loop time, ms).
+    idle_since: HashMap<Stream, u64>,
+    /// Closing with a grace: the timer that closes the connections whose
+    /// grace ends later.
+    grace_timer: Option<Handle<Timer>>,
 }
 
 /// A server (Node's `net.Server`): a typed id for state the loop owns.
@@ -363,6 +371,9 @@ impl Server {
             close_cbs: Vec::new(),
             max_connections: None,
             connections: HashMap::new(),
+            idle_grace: Duration::ZERO,
+            idle_since: HashMap::new(),
+            grace_timer: None,
             hook_data: None,
             keep_alive: None,
             on_ended: CallbackSlot::empty(),
@@ -628,6 +639,7 @@ impl Server {
         let Some(st) = state_mut(lp, self) else {
             return;
         };
+        st.idle_since.remove(&conn);
         if st.connections.remove(&conn).is_none() {
             return;
         }
@@ -674,14 +686,42 @@ impl Server {
                 "not an open connection of this server",
             )
         };
+        let now = lp.now();
         let st = state_mut(lp, self).ok_or_else(not_found)?;
         let closing = st.closing;
         let mark = st.connections.get_mut(&conn).ok_or_else(not_found)?;
         *mark = idle;
+        if idle {
+            st.idle_since.insert(conn, now);
+        } else {
+            st.idle_since.remove(&conn);
+        }
         if idle && closing {
-            end_idle(lp, conn);
+            self.close_idle_connections(lp);
         }
         Ok(())
+    }
+
+    /// How long a connection must have been idle before a closing server
+    /// closes it (default zero: at once, Node's `closeIdleConnections`).
+    ///
+    /// A keep-alive client sends its next request as soon as it has the
+    /// answer, so a connection that went idle a moment ago is likely to
+    /// carry a request already on its way: closing it then loses that
+    /// request (HTTP/1.1's close race, RFC 9112 section 9.6; a client may
+    /// retry only an idempotent request). With a grace,
+    /// [`close`](Self::close) closes at once only the connections idle for
+    /// at least `grace`; a younger one is closed when its grace ends,
+    /// unless a request comes first, which is then answered (with
+    /// `Connection: close`, since the server is closing) and the
+    /// connection ends. A connection handed to a closing server and marked
+    /// idle before its first request is read is kept the same way. Keep
+    /// `grace` well under a client's own idle timeout (Node's
+    /// `keepAliveTimeout` is 5 s); `cluster_hello` uses 1 s.
+    pub fn set_idle_grace(self, lp: &mut Loop, grace: Duration) {
+        if let Some(st) = state_mut(lp, self) {
+            st.idle_grace = grace;
+        }
     }
 
     /// Whether `conn` is an open connection of this server marked idle with
@@ -694,17 +734,55 @@ impl Server {
     /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
     /// does this itself.
     pub fn close_idle_connections(self, lp: &mut Loop) -> usize {
+        let now = lp.now();
+        let mut later: Option<u64> = None;
         let idle: Vec<Stream> = state(lp, self).map_or_else(Vec::new, |st| {
-            st.connections
-                .iter()
-                .filter(|&(_, &idle)| idle)
-                .map(|(&c, _)| c)
-                .collect()
+            let grace = st.idle_grace.as_millis() as u64;
+            let mut due_now = Vec::new();
+            for (&c, &idle) in &st.connections {
+                if !idle {
+                    continue;
+                }
+                let due = st.idle_since.get(&c).map_or(now, |&t| t + grace);
+                if due <= now {
+                    due_now.push(c);
+                } else {
+                    later = Some(later.map_or(due, |l| l.min(due)));
+                }
+            }
+            due_now
         });
         for &c in &idle {
             end_idle(lp, c);
         }
+        if let Some(due) = later {
+            self.arm_grace(lp, due - now);
+        }
         idle.len()
+    }
+
+    /// Closing with a grace: closes what has been idle long enough in `ms`.
+    fn arm_grace(self, lp: &mut Loop, ms: u64) {
+        let timer = match state(lp, self).and_then(|st| st.grace_timer) {
+            Some(t) => t,
+            None => {
+                let t = lp.timer_init();
+                if let Some(st) = state_mut(lp, self) {
+                    st.grace_timer = Some(t);
+                }
+                t
+            }
+        };
+        let _ = lp.timer_start(
+            timer,
+            Duration::from_millis(ms),
+            Duration::ZERO,
+            move |lp, _| {
+                if state(lp, self).is_some_and(|st| st.closing) {
+                    self.close_idle_connections(lp);
+                }
+            },
+        );
     }
 
     /// Closes every open connection of this server, busy or idle (Node's
@@ -784,6 +862,9 @@ impl Server {
             }
             _ => return,
         };
+        if let Some(t) = state_mut(lp, self).and_then(|st| st.grace_timer.take()) {
+            lp.close_if_open(t);
+        }
         for cb in cbs {
             cb(lp, self);
         }
