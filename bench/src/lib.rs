@@ -47,25 +47,51 @@ pub fn node_baseline() -> PathBuf {
 ///
 /// A message saying what failed, when the build does.
 pub fn cluster_hello() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("CLUSTER_HELLO") {
+    built(
+        "CLUSTER_HELLO",
+        &["-p", "uvcluster", "--example", "cluster_hello"],
+        Path::new("examples/cluster_hello"),
+    )
+}
+
+/// The `uvcluster` command (the CLI package), which `reload_proof` runs
+/// Node apps under: the path in `UVCLUSTER_BIN` if set, otherwise the
+/// binary built now as [`cluster_hello`] builds the example.
+///
+/// # Errors
+///
+/// A message saying what failed, when the build does.
+pub fn uvcluster_cli() -> Result<PathBuf, String> {
+    built(
+        "UVCLUSTER_BIN",
+        &["-p", "uvcluster-cli", "--bin", "uvcluster"],
+        Path::new("uvcluster"),
+    )
+}
+
+/// The program the environment variable `var` names, or the one `cargo
+/// build <args>` builds in this program's profile, at `rel` under this
+/// program's `<target>/<profile>/`.
+fn built(var: &str, args: &[&str], rel: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let release = !cfg!(debug_assertions);
     let mut build = Command::new(cargo);
-    build.args(["build", "-p", "uvcluster", "--example", "cluster_hello"]);
+    build.arg("build").args(args);
     if release {
         build.arg("--release");
     }
+    let what = args.join(" ");
     let status = build
         .current_dir(lab_dir())
         .status()
-        .map_err(|e| format!("cannot run cargo to build cluster_hello: {e}"))?;
+        .map_err(|e| format!("cannot run cargo to build {what}: {e}"))?;
     if !status.success() {
-        return Err(format!("building cluster_hello failed: {status}"));
+        return Err(format!("building {what} failed: {status}"));
     }
-    // This program is `<target>/<profile>/<name>`; examples are in
-    // `<target>/<profile>/examples`.
+    // This program is `<target>/<profile>/<name>`.
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    Ok(exe.with_file_name("examples").join("cluster_hello"))
+    Ok(exe.with_file_name(rel))
 }

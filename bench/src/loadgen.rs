@@ -15,9 +15,12 @@
 //! accepted and dispatched counts).
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uvcluster::uv::{Handle, Loop, RunMode, Tcp};
@@ -178,13 +181,98 @@ pub struct LoadConfig {
     pub workload: Workload,
 }
 
+/// What a run with [`run_with`] does besides generating load: a timeout
+/// per request, an early stop, a pause after a failure, and the worker
+/// each response names. [`run`] uses the default: none of them.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// A request without a complete response this long after it was sent
+    /// (for one request per connection: after the connect began) is a
+    /// [`Failures::timeout`]: its connection is closed and replaced.
+    /// `None`: wait for ever (a server that never answers hangs the run).
+    pub timeout: Option<Duration>,
+    /// Set from another thread to end the run before its duration: no new
+    /// request starts, those in flight end (answered, failed or timed
+    /// out). Checked every few milliseconds.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// How long a connection slot waits after a failure before it
+    /// connects again. Zero (the default) reconnects at once, which
+    /// against a server that refuses every connection turns the closed
+    /// loop into a busy loop counting refusals; a few milliseconds count
+    /// failed requests at a rate a client would see.
+    pub retry_delay: Duration,
+    /// A response header naming the process that answered (such as
+    /// `x-worker-pid`): each response's value is recorded in `pids`.
+    pub pid_header: Option<String>,
+    /// Where the answering processes are recorded, live (another thread
+    /// may read it during the run, to see a new worker serve).
+    pub pids: Option<SeenPids>,
+}
+
+/// The processes that answered a run, by pid (see
+/// [`RunOptions::pid_header`]), shared with other threads.
+pub type SeenPids = Arc<Mutex<BTreeMap<u32, PidSeen>>>;
+
+/// When a process was seen answering.
+#[derive(Clone, Copy, Debug)]
+pub struct PidSeen {
+    /// Its first complete response.
+    pub first: Instant,
+    /// Its latest complete response.
+    pub last: Instant,
+    /// Its complete responses.
+    pub responses: u64,
+}
+
+/// The failed requests of a run, by what went wrong. Each failed request
+/// counts once, under the first thing that went wrong with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failures {
+    /// The connect failed (refused, or any other connect error).
+    pub connect: u64,
+    /// The connection was reset (`ECONNRESET`, `EPIPE` or another read or
+    /// write error) before the response was complete.
+    pub reset: u64,
+    /// No complete response within [`RunOptions::timeout`].
+    pub timeout: u64,
+    /// A complete response whose status was not 200.
+    pub status: u64,
+    /// The server closed the connection before the response was complete
+    /// (including before any of it: a keep-alive connection closed by the
+    /// server as the next request was sent counts here).
+    pub short: u64,
+    /// A response that is not HTTP/1.1, has no length, or is longer than
+    /// the generator keeps (1 MiB).
+    pub malformed: u64,
+}
+
+impl Failures {
+    /// Every failed request.
+    pub fn total(&self) -> u64 {
+        self.connect + self.reset + self.timeout + self.status + self.short + self.malformed
+    }
+}
+
+impl std::fmt::Display for Failures {
+    /// `connect=0 reset=0 timeout=0 status=0 short=0 malformed=0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connect={} reset={} timeout={} status={} short={} malformed={}",
+            self.connect, self.reset, self.timeout, self.status, self.short, self.malformed
+        )
+    }
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
-    /// Complete responses.
+    /// Complete responses with status 200.
     pub requests: u64,
-    /// Failed connects, resets and malformed responses.
+    /// Failed requests: [`failures`](Self::failures)`.total()`.
     pub errors: u64,
+    /// The failed requests by kind.
+    pub failures: Failures,
     /// Wall time of the run, in seconds.
     pub secs: f64,
     /// `requests / secs`.
@@ -214,13 +302,42 @@ pub fn jain(xs: &[f64]) -> f64 {
 
 struct State {
     cfg: LoadConfig,
+    opts: RunOptions,
     end: Instant,
     latencies: Vec<u32>,
     /// Latencies of the requests that were not slow (slow-handler mix).
     fast: Vec<u32>,
-    errors: u64,
+    failures: Failures,
     seq: u64,
-    open: usize,
+    /// Every open connection, and when its current request began (for
+    /// the timeout). A connection that is not in it has been finished:
+    /// whatever callback of it still runs is ignored.
+    live: HashMap<Handle<Tcp>, Instant>,
+}
+
+/// What went wrong with a request (see [`Failures`]).
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Connect,
+    Reset,
+    Timeout,
+    Status,
+    Short,
+    Malformed,
+}
+
+impl State {
+    fn fail(&mut self, kind: Kind) {
+        let f = &mut self.failures;
+        match kind {
+            Kind::Connect => f.connect += 1,
+            Kind::Reset => f.reset += 1,
+            Kind::Timeout => f.timeout += 1,
+            Kind::Status => f.status += 1,
+            Kind::Short => f.short += 1,
+            Kind::Malformed => f.malformed += 1,
+        }
+    }
 }
 
 /// Runs the load on this thread (with its own [`Loop`]) and reports.
@@ -230,17 +347,42 @@ struct State {
 /// The loop's own errors; connection failures are counted in
 /// [`LoadReport::errors`], not returned.
 pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
+    run_with(cfg, RunOptions::default())
+}
+
+/// [`run`], with a timeout per request, an early stop, a pause after each
+/// failure and the answering pids recorded, as `opts` asks.
+///
+/// # Errors
+///
+/// The loop's own errors; failed requests are counted in
+/// [`LoadReport::failures`], not returned.
+pub fn run_with(cfg: LoadConfig, opts: RunOptions) -> io::Result<LoadReport> {
     let mut lp = Loop::new()?;
     let start = Instant::now();
     let st = Rc::new(RefCell::new(State {
         end: start + cfg.duration,
         latencies: Vec::with_capacity(1 << 20),
         fast: Vec::new(),
-        errors: 0,
+        failures: Failures::default(),
         seq: 0,
-        open: 0,
+        live: HashMap::new(),
         cfg: cfg.clone(),
+        opts: opts.clone(),
     }));
+    if opts.timeout.is_some() || opts.stop.is_some() {
+        // One sweep for every connection, rather than a timer each: it
+        // neither keeps the loop alive (unreferenced) nor fires more than
+        // every few milliseconds.
+        let every = opts
+            .timeout
+            .map_or(Duration::from_millis(10), |t| t / 4)
+            .clamp(Duration::from_millis(1), Duration::from_millis(10));
+        let sweep = lp.timer_init();
+        let st2 = st.clone();
+        lp.timer_start(sweep, every, every, move |lp, _| sweep_once(lp, &st2))?;
+        lp.unref_handle(sweep)?;
+    }
     for _ in 0..cfg.connections {
         connect(&mut lp, st.clone());
     }
@@ -263,7 +405,8 @@ pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
     };
     Ok(LoadReport {
         requests: s.latencies.len() as u64,
-        errors: s.errors,
+        errors: s.failures.total(),
+        failures: s.failures,
         secs,
         rps: s.latencies.len() as f64 / secs,
         p50_us: pct(&s.latencies, 0.50),
@@ -271,6 +414,28 @@ pub fn run(cfg: LoadConfig) -> io::Result<LoadReport> {
         fast_p99_us,
         max_us: s.latencies.last().copied().unwrap_or(0) as u64,
     })
+}
+
+/// The sweep: ends the run early when asked to, and fails the requests
+/// that have waited longer than the timeout.
+fn sweep_once(lp: &mut Loop, st: &Rc<RefCell<State>>) {
+    let now = Instant::now();
+    let expired: Vec<Handle<Tcp>> = {
+        let mut s = st.borrow_mut();
+        if s.opts.stop.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) && now < s.end {
+            s.end = now;
+        }
+        match s.opts.timeout {
+            Some(limit) => (s.live.iter())
+                .filter(|(_, began)| now.duration_since(**began) >= limit)
+                .map(|(t, _)| *t)
+                .collect(),
+            None => Vec::new(),
+        }
+    };
+    for t in expired {
+        fail(lp, st, t, Kind::Timeout);
+    }
 }
 
 /// The next request, and whether it is a slow one.
@@ -297,18 +462,21 @@ fn connect(lp: &mut Loop, st: Rc<RefCell<State>>) {
     }
     let addr = st.borrow().cfg.addr;
     let t = lp.tcp_init();
-    st.borrow_mut().open += 1;
+    st.borrow_mut().live.insert(t, Instant::now());
+    let st2 = st.clone();
     let r = lp.tcp_connect(t, addr, move |lp, t, r| {
+        if !st2.borrow().live.contains_key(&t) {
+            return;
+        }
         if r.is_err() {
-            st.borrow_mut().errors += 1;
-            finish(lp, &st, t, true);
+            fail(lp, &st2, t, Kind::Connect);
             return;
         }
         let _ = lp.tcp_nodelay(t, true);
-        send(lp, &st, t);
+        send(lp, &st2, t);
     });
     if r.is_err() {
-        lp.close_if_open(t);
+        fail(lp, &st, t, Kind::Connect);
     }
 }
 
@@ -316,36 +484,46 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
     let (req, slow) = {
         let mut s = st.borrow_mut();
         s.seq += 1;
+        // Keep-alive: the timeout counts from this request; one request
+        // per connection: from the connect, which the server's accept
+        // (and dispatch) completes.
+        if s.cfg.workload == Workload::KeepAlive {
+            s.live.insert(t, Instant::now());
+        }
         request(&s)
     };
     let sent = Instant::now();
     if lp.write(t, &[&req], |_, _, _| {}).is_err() {
-        st.borrow_mut().errors += 1;
-        finish(lp, st, t, true);
+        fail(lp, st, t, Kind::Reset);
         return;
     }
     let mut buf: Vec<u8> = Vec::new();
     let st2 = st.clone();
     let r = lp.read_start(t, move |lp, t, r| {
+        if !st2.borrow().live.contains_key(&t) {
+            return;
+        }
         let data = match r {
             Ok(d) if !d.is_empty() => d,
-            _ => {
-                st2.borrow_mut().errors += 1;
-                finish(lp, &st2, t, true);
-                return;
-            }
+            Ok(_) => return fail(lp, &st2, t, Kind::Short),
+            Err(_) => return fail(lp, &st2, t, Kind::Reset),
         };
         buf.extend_from_slice(data);
         // A response is re-parsed per read until complete: bounding what
         // is kept bounds both the memory and that work (a server under
         // test answering without end is an error, not a wait).
         if buf.len() > MAX_RESPONSE {
-            st2.borrow_mut().errors += 1;
-            finish(lp, &st2, t, true);
-            return;
+            return fail(lp, &st2, t, Kind::Malformed);
         }
-        match response_len(&buf) {
-            Ok(Some(n)) if buf.len() >= n => {
+        let pid_header = st2.borrow().opts.pid_header.clone();
+        match response_head(&buf, pid_header.as_deref()) {
+            Ok(Some(head)) if buf.len() >= head.len => {
+                if head.status != 200 {
+                    // The response is complete: the connection could go
+                    // on, but the request failed; start afresh.
+                    return fail(lp, &st2, t, Kind::Status);
+                }
+                let now = Instant::now();
                 let lat = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 let keep = {
                     let mut s = st2.borrow_mut();
@@ -354,7 +532,17 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
                     if !slow && matches!(s.cfg.workload, Workload::SlowMix { .. }) {
                         s.fast.push(lat);
                     }
-                    s.cfg.workload == Workload::KeepAlive && Instant::now() < s.end
+                    if let (Some(pid), Some(pids)) = (head.pid, &s.opts.pids) {
+                        let mut pids = pids.lock().unwrap_or_else(|e| e.into_inner());
+                        let seen = pids.entry(pid).or_insert(PidSeen {
+                            first: now,
+                            last: now,
+                            responses: 0,
+                        });
+                        seen.last = now;
+                        seen.responses += 1;
+                    }
+                    s.cfg.workload == Workload::KeepAlive && now < s.end
                 };
                 let _ = lp.read_stop(t);
                 if keep {
@@ -364,15 +552,11 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
                 }
             }
             Ok(_) => {}
-            Err(()) => {
-                st2.borrow_mut().errors += 1;
-                finish(lp, &st2, t, true);
-            }
+            Err(()) => fail(lp, &st2, t, Kind::Malformed),
         }
     });
     if r.is_err() {
-        st.borrow_mut().errors += 1;
-        finish(lp, st, t, true);
+        fail(lp, st, t, Kind::Reset);
     }
 }
 
@@ -380,9 +564,27 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
 /// counts as an error. The workloads' responses are a few hundred bytes.
 const MAX_RESPONSE: usize = 1 << 20;
 
+/// What the generator reads from a response's head.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    /// The full length of the response, head and body.
+    len: usize,
+    status: u16,
+    /// The value of the pid header, if asked for and present.
+    pid: Option<u32>,
+}
+
 /// The full length of the first response in `buf` once its headers are
 /// complete: `Ok(None)` while they are not, `Err` if malformed.
+#[cfg(test)]
 fn response_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+    response_head(buf, None).map(|h| h.map(|h| h.len))
+}
+
+/// The head of the first response in `buf` once its headers are complete
+/// (its full length, status and the `pid_header`'s value): `Ok(None)`
+/// while they are not, `Err` if malformed.
+fn response_head(buf: &[u8], pid_header: Option<&str>) -> Result<Option<Head>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 16];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
@@ -393,13 +595,23 @@ fn response_len(buf: &[u8]) -> Result<Option<usize>, ()> {
                     .find(|h| h.name.eq_ignore_ascii_case(name))
                     .map(|h| h.value)
             };
-            if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked")) {
-                return chunked_len(&buf[n..]).map(|o| o.map(|l| n + l));
-            }
-            let len = header("content-length")
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
-                .ok_or(())?;
-            Ok(Some(n + len))
+            let pid = pid_header
+                .and_then(header)
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+            let status = resp.code.ok_or(())?;
+            let len = if header("transfer-encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"))
+            {
+                match chunked_len(&buf[n..])? {
+                    Some(l) => n + l,
+                    None => return Ok(None),
+                }
+            } else {
+                n + header("content-length")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
+                    .ok_or(())?
+            };
+            Ok(Some(Head { len, status, pid }))
         }
         Ok(httparse::Status::Partial) => Ok(None),
         Err(_) => Err(()),
@@ -428,10 +640,33 @@ fn chunked_len(body: &[u8]) -> Result<Option<usize>, ()> {
     }
 }
 
-fn finish(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, _failed: bool) {
+/// Counts a failed request of kind `kind` on `t` and finishes it.
+fn fail(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, kind: Kind) {
+    st.borrow_mut().fail(kind);
+    finish(lp, st, t, true);
+}
+
+/// Closes `t` and, while the run lasts, replaces it (closed loop): at
+/// once, or after [`RunOptions::retry_delay`] when it `failed`.
+fn finish(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>, failed: bool) {
     lp.close_if_open(t);
-    st.borrow_mut().open -= 1;
-    // Closed loop: replace the connection.
+    let delay = {
+        let mut s = st.borrow_mut();
+        s.live.remove(&t);
+        s.opts.retry_delay
+    };
+    if failed && !delay.is_zero() {
+        let pause = lp.timer_init();
+        let st2 = st.clone();
+        let started = lp.timer_start(pause, delay, Duration::ZERO, move |lp, p| {
+            lp.close_if_open(p);
+            connect(lp, st2.clone());
+        });
+        if started.is_ok() {
+            return;
+        }
+        lp.close_if_open(pause);
+    }
     connect(lp, st.clone());
 }
 
@@ -509,5 +744,38 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nhello world\n\r\n0\r\n\r\n";
         assert_eq!(response_len(c), Ok(Some(c.len())));
         assert_eq!(response_len(&c[..c.len() - 1]), Ok(None));
+    }
+
+    #[test]
+    fn response_status_and_pid() {
+        let r = b"HTTP/1.1 503 Busy\r\nX-Worker-Pid: 4242\r\nContent-Length: 0\r\n\r\n";
+        let head = response_head(r, Some("x-worker-pid")).unwrap().unwrap();
+        assert_eq!(
+            head,
+            Head {
+                len: r.len(),
+                status: 503,
+                pid: Some(4242)
+            }
+        );
+        assert_eq!(response_head(r, None).unwrap().unwrap().pid, None);
+        assert_eq!(response_head(r, Some("x-other")).unwrap().unwrap().pid, None);
+    }
+
+    #[test]
+    fn failures_total_and_display() {
+        let f = Failures {
+            connect: 1,
+            reset: 2,
+            timeout: 3,
+            status: 4,
+            short: 5,
+            malformed: 6,
+        };
+        assert_eq!(f.total(), 21);
+        assert_eq!(
+            f.to_string(),
+            "connect=1 reset=2 timeout=3 status=4 short=5 malformed=6"
+        );
     }
 }
