@@ -343,6 +343,7 @@ impl Kind {
 }
 
 /// What the targets need: binaries and paths.
+#[derive(Clone)]
 struct Tools {
     cluster_hello: Option<PathBuf>,
     uvcluster: Option<PathBuf>,
@@ -822,15 +823,58 @@ fn scenario_latency(o: &Opts, t: &mut Target) -> (LoadReport, String, String) {
     )
 }
 
+/// How the fail-closed scenario breaks the app and mends it again.
+struct Breakage {
+    /// Makes new workers fail on start.
+    break_app: Box<dyn Fn() -> std::io::Result<()>>,
+    /// Undoes it.
+    mend_app: Box<dyn Fn() -> std::io::Result<()>>,
+    /// What it does, for the notes.
+    how: &'static str,
+}
+
+impl Breakage {
+    /// The Node app: the marker file `FAIL_MARKER` names.
+    fn marker(marker: &Path) -> Breakage {
+        let (m1, m2) = (marker.to_path_buf(), marker.to_path_buf());
+        Breakage {
+            break_app: Box::new(move || std::fs::write(&m1, b"fail on start\n")),
+            mend_app: Box::new(move || std::fs::remove_file(&m2)),
+            how: "app exits 1 on start",
+        }
+    }
+
+    /// A Rust program run from a copy at `exe`: the copy is replaced (a
+    /// rename, as a deploy does) by a script that exits 1, then by the
+    /// program again.
+    fn binary(exe: &Path, original: &Path) -> Breakage {
+        let (e1, e2, orig) = (exe.to_path_buf(), exe.to_path_buf(), original.to_path_buf());
+        Breakage {
+            break_app: Box::new(move || {
+                let tmp = e1.with_extension("broken");
+                std::fs::write(&tmp, "#!/bin/sh\necho broken deploy >&2\nexit 1\n")?;
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+                std::fs::rename(&tmp, &e1)
+            }),
+            mend_app: Box::new(move || {
+                let tmp = e2.with_extension("mended");
+                std::fs::copy(&orig, &tmp)?;
+                std::fs::rename(&tmp, &e2)
+            }),
+            how: "binary replaced by a script that exits 1",
+        }
+    }
+}
+
 fn scenario_failclosed(
     o: &Opts,
     t: &mut Target,
     workload: Workload,
-    marker: &Path,
+    breakage: &Breakage,
 ) -> (LoadReport, String, String) {
     let load = Load::start(t.port, o.connections, workload, o.timeout);
     let old = t.worker_pids();
-    let _ = std::fs::write(marker, b"fail on start\n");
+    let broke = (breakage.break_app)();
     let began = Instant::now();
     let asked = t.ask_reload();
     // Watch: the old workers should stay and serve.
@@ -838,35 +882,41 @@ fn scenario_failclosed(
         std::thread::sleep(Duration::from_millis(20));
     }
     let kept = old.iter().filter(|p| alive(**p)).count();
-    let served_after = {
+    let served_late = {
         let pids = load.pids.lock().unwrap_or_else(|e| e.into_inner());
         old.iter()
             .filter(|p| pids.get(p).is_some_and(|s| s.last > began + o.failclosed / 2))
             .count()
     };
-    let _ = std::fs::remove_file(marker);
+    let mended = (breakage.mend_app)();
     // Then a good reload should complete.
+    let before_good = t.worker_pids();
     let recovered = t.primary_alive()
         && t.ask_reload().is_ok()
-        && wait_replaced(t, &t.worker_pids(), o.reload_timeout);
+        && wait_replaced(t, &before_good, o.reload_timeout);
     let report = load.finish();
     let mut note = format!(
-        "old workers kept {kept}/{}, {} seen serving late",
+        "{}: old workers alive {kept}/{} after {} ms",
+        breakage.how,
         old.len(),
-        if t.kind.names_pid() {
-            served_after.to_string()
-        } else {
-            "n/a".into()
-        }
+        o.failclosed.as_millis()
     );
-    if let Err(e) = asked {
-        note.push_str(&format!("; {e}"));
+    if t.kind.names_pid() {
+        note.push_str(&format!(", {served_late} of them still serving in its second half"));
+    }
+    for (what, r) in [("breaking", broke.err().map(|e| e.to_string())), ("reload", asked.err())] {
+        if let Some(e) = r {
+            note.push_str(&format!("; {what}: {e}"));
+        }
+    }
+    if let Err(e) = mended {
+        note.push_str(&format!("; mending: {e}"));
     }
     (
         report,
         format!(
-            "bad reload, then good: {}",
-            if recovered { "done" } else { "not done" }
+            "bad reload, then good one {}",
+            if recovered { "done" } else { "NOT done" }
         ),
         note,
     )
@@ -1086,7 +1136,12 @@ fn main() {
         o.kill_every.as_millis(),
         o.latency_kills
     );
-    let marker = std::env::temp_dir().join(format!("reload_proof-{}.fail", std::process::id()));
+    let scratch = std::env::temp_dir().join(format!("reload_proof-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
+        eprintln!("reload_proof: {}: {e}", scratch.display());
+        std::process::exit(1);
+    }
+    let marker = scratch.join("fail-on-start");
     let marker_s = marker.to_string_lossy().into_owned();
     let mut rows: Vec<Row> = Vec::new();
     for scenario in &o.scenarios {
@@ -1118,6 +1173,23 @@ fn main() {
                     };
                     let label = format!("{scenario} {} {policy} {}", kind.short(), mode_name(mode));
                     eprintln!("-- {label}");
+                    // The fail-closed scenario breaks the app: the Node
+                    // app by its marker, the Rust one by replacing a copy
+                    // of its binary.
+                    let mut tools = tools.clone();
+                    let breakage = match (&tools.cluster_hello, kind) {
+                        (Some(orig), Kind::Rust) if scenario == "failclosed" => {
+                            let copy = scratch.join("cluster_hello");
+                            if let Err(e) = std::fs::copy(orig, &copy) {
+                                println!("{label}: cannot copy {}: {e}", orig.display());
+                                continue;
+                            }
+                            let b = Breakage::binary(&copy, orig);
+                            tools.cluster_hello = Some(copy);
+                            b
+                        }
+                        _ => Breakage::marker(&marker),
+                    };
                     let mut t = match Target::start(&tools, kind, policy, o.workers, &env) {
                         Ok(t) => t,
                         Err(e) => {
@@ -1129,7 +1201,7 @@ fn main() {
                         "reload" => scenario_reload(&o, &mut t, mode),
                         "kill" => scenario_kill(&o, &mut t, mode),
                         "latency" => scenario_latency(&o, &mut t),
-                        _ => scenario_failclosed(&o, &mut t, mode, &marker),
+                        _ => scenario_failclosed(&o, &mut t, mode, &breakage),
                     };
                     drop(t);
                     let row = Row {
@@ -1164,7 +1236,7 @@ fn main() {
             }
         }
     }
-    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_dir_all(&scratch);
     print_table(&rows);
     destroy_all();
 }
