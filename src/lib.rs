@@ -128,6 +128,7 @@
 pub mod cluster;
 pub mod ipc;
 pub mod net;
+pub mod supervisor;
 mod sys;
 pub mod uv;
 

@@ -30,7 +30,7 @@ use super::round_robin_handle::{
     RoundRobinHandle, Scheduler, WorkerLoad,
 };
 use super::settings::{SchedulingPolicy, Settings};
-use super::shared_handle::SharedHandle;
+use super::shared_handle::{SharedHandle, SocketKey};
 use super::worker::{Address, Side, Worker, WorkerState};
 use crate::ipc::{self, Channel, ChannelError, ForkOptions, Forked};
 use crate::net::defer;
@@ -148,6 +148,11 @@ pub(crate) struct PrimaryInner {
     /// flight, kept until those are answered or lost.
     retired_rr: Vec<RoundRobinHandle>,
     disconnect_cbs: Vec<DoneCb>,
+    /// Server handles outlive their last worker (a supervisor's primary).
+    keep_listeners: bool,
+    /// The supervisor slot of each worker that has one (ReusePort sockets
+    /// are kept per slot).
+    slots: HashMap<u32, u32>,
     on_fork: Option<WorkerCb>,
     on_online: Option<WorkerCb>,
     on_listening: Option<ListeningCb>,
@@ -255,6 +260,8 @@ impl Primary {
                 handles: HashMap::new(),
                 retired_rr: Vec::new(),
                 disconnect_cbs: Vec::new(),
+                keep_listeners: false,
+                slots: HashMap::new(),
                 on_fork: None,
                 on_online: None,
                 on_listening: None,
@@ -524,6 +531,109 @@ impl Primary {
                 }
             });
         }
+    }
+
+    // ----- for a supervisor (`crate::supervisor`) ---------------------------
+
+    /// Takes worker `w` out of rotation: the primary's dispatcher hands it
+    /// no new connection from now on (round-robin, least connections, a
+    /// user scheduler); what waits for it goes to the other workers, what
+    /// is in flight to it stays and its answers count. Nothing is sent to
+    /// the worker: a supervisor drains a worker *before* it disconnects it,
+    /// so that no connection reaches a worker that is closing. Under the
+    /// shared-socket policies the kernel hands out connections, and a
+    /// worker leaves rotation when its server closes (on disconnect).
+    ///
+    /// Node has no such call: its `disconnect` removes the worker from the
+    /// handle and tells it at the same time.
+    pub fn drain(&self, lp: &mut Loop, w: &Worker) {
+        let rrs: Vec<RoundRobinHandle> = {
+            let i = self.inner.borrow();
+            (i.handles.values())
+                .filter_map(|e| match &e.handle {
+                    ServerHandle::RoundRobin(rr) if rr.has(w.id()) => Some(rr.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for rr in rrs {
+            rr.drain(lp, w.id());
+        }
+    }
+
+    /// Whether the primary's listeners outlive their last worker (off by
+    /// default, as in Node, whose handle closes when its last worker
+    /// leaves). A supervisor turns it on so that the listening socket
+    /// stays open while a lone worker is replaced: connections wait (in the
+    /// primary's queue under round-robin, up to the handoff timeout; in the
+    /// socket's backlog under the shared policies) instead of being
+    /// refused. Turning it off closes every listener no worker uses, as a
+    /// graceful stop needs.
+    pub fn set_keep_listeners(&self, lp: &mut Loop, keep: bool) {
+        self.inner.borrow_mut().keep_listeners = keep;
+        let keys: Vec<String> = self.inner.borrow().handles.keys().cloned().collect();
+        for key in keys {
+            let h = self.handle_ref(&key);
+            let closed = match h {
+                Some(ServerHandleRef::RoundRobin(rr)) => rr.set_keep_open(lp, keep),
+                Some(ServerHandleRef::Shared) => {
+                    let mut i = self.inner.borrow_mut();
+                    match i.handles.get_mut(&key).map(|e| &mut e.handle) {
+                        Some(ServerHandle::Shared(s)) => s.set_keep(lp, keep),
+                        _ => false,
+                    }
+                }
+                None => false,
+            };
+            if closed {
+                let mut i = self.inner.borrow_mut();
+                if let Some(ServerEntry {
+                    handle: ServerHandle::RoundRobin(rr),
+                    ..
+                }) = i.handles.remove(&key)
+                    && rr.has_in_flight()
+                {
+                    i.retired_rr.push(rr);
+                }
+            }
+        }
+    }
+
+    /// Puts worker `w` in supervisor slot `slot`, before it listens. Under
+    /// [`SchedulingPolicy::ReusePort`] the workers of one slot share one
+    /// `SO_REUSEPORT` socket per address: the primary keeps it (with
+    /// [`set_keep_listeners`](Self::set_keep_listeners)) and hands it to
+    /// the slot's next worker, so nothing queued on it is reset (on Linux,
+    /// closing one socket of a reuseport group drops its accept queue).
+    /// Without a slot, each worker gets its own socket, closed when it
+    /// leaves (Node's model).
+    pub fn set_worker_slot(&self, w: &Worker, slot: u32) {
+        self.inner.borrow_mut().slots.insert(w.id(), slot);
+    }
+
+    /// Slot `slot` is gone (scaled down, or no longer restarted): closes
+    /// its kept `SO_REUSEPORT` sockets that no worker uses.
+    pub fn release_slot(&self, lp: &mut Loop, slot: u32) {
+        let mut i = self.inner.borrow_mut();
+        i.slots.retain(|_, s| *s != slot);
+        for e in i.handles.values_mut() {
+            if let ServerHandle::Shared(s) = &mut e.handle {
+                s.release_slot(lp, slot);
+            }
+        }
+    }
+
+    /// How many connections the primary's dispatcher handed worker `w` and
+    /// it accepted, over all its round-robin servers (0 under the shared
+    /// policies, where the kernel hands them out).
+    pub fn handed(&self, w: &Worker) -> u64 {
+        let i = self.inner.borrow();
+        (i.handles.values())
+            .map(|e| match &e.handle {
+                ServerHandle::RoundRobin(rr) => rr.accepted_by(w.id()),
+                ServerHandle::Shared(_) => 0,
+            })
+            .sum()
     }
 
     /// Sets the `fork` callback: a worker was forked.
@@ -951,13 +1061,14 @@ impl Primary {
         }
         let address = server_address(q);
         let address = address.as_deref();
-        let (policy, scheduler, timeout, window) = {
+        let (policy, scheduler, timeout, window, keep) = {
             let i = self.inner.borrow();
             (
                 i.policy,
                 i.scheduler.clone(),
                 i.handoff_timeout,
                 i.handoff_window,
+                i.keep_listeners,
             )
         };
         let pick = match policy {
@@ -980,6 +1091,7 @@ impl Primary {
                     timeout_ms: (timeout.as_millis() as u64).max(1),
                     window,
                     report: self.reporter(),
+                    keep_open: keep,
                 };
                 ServerHandle::RoundRobin(RoundRobinHandle::new(
                     lp,
@@ -991,6 +1103,10 @@ impl Primary {
             }
             None => ServerHandle::Shared(SharedHandle::new(lp, address, q)),
         };
+        let mut handle = handle;
+        if let ServerHandle::Shared(s) = &mut handle {
+            s.set_keep(lp, keep);
+        }
         let entry = ServerEntry {
             data: Value::Null,
             handle,
@@ -1025,11 +1141,15 @@ impl Primary {
     /// Node's `handle.add(worker)`.
     fn add_worker(&self, lp: &mut Loop, key: &str, w: &Worker) -> Added {
         let mut i = self.inner.borrow_mut();
+        let socket = match i.slots.get(&w.id()) {
+            Some(&slot) => SocketKey::Slot(slot),
+            None => SocketKey::Worker(w.id()),
+        };
         match &mut i.handles.get_mut(key).expect("the handle exists").handle {
             ServerHandle::RoundRobin(rr) => Added::RoundRobin(rr.clone(), rr.add(w)),
             // Binding a socket runs no callback now, so the borrow can be
             // held.
-            ServerHandle::Shared(s) => Added::Shared(s.add(lp, w.id())),
+            ServerHandle::Shared(s) => Added::Shared(s.add(lp, w.id(), socket)),
         }
     }
 

@@ -132,6 +132,8 @@ pub(super) struct Options {
     /// Handoffs that may be in flight to one worker at a time.
     pub(super) window: usize,
     pub(super) report: Report,
+    /// Stay open with no worker (see [`RoundRobinHandle::set_keep_open`]).
+    pub(super) keep_open: bool,
 }
 
 impl std::fmt::Debug for Options {
@@ -195,13 +197,14 @@ impl RoundRobinHandle {
         q: &Query,
         opts: Options,
     ) -> Self {
-        let core = Dispatcher::new(
+        let mut core = Dispatcher::new(
             opts.pick.strategy(),
             Config {
                 timeout_ms: opts.timeout_ms.max(1),
                 window: opts.window.max(1),
             },
         );
+        core.set_keep_open(0, opts.keep_open);
         let rr = RoundRobinHandle {
             st: Rc::new(RefCell::new(State {
                 key,
@@ -570,6 +573,35 @@ impl RoundRobinHandle {
             self.close_listener(lp);
         }
         last
+    }
+
+    /// Worker `id` takes no new connection from now on (the supervisor
+    /// drains it before it tells it anything): what waits on it goes to
+    /// the others; what is in flight to it stays, and its answers count.
+    pub(super) fn drain(&self, lp: &mut Loop, id: u32) {
+        let now = lp.now();
+        self.st.borrow_mut().core.drain(now, id);
+        self.run(lp, None);
+    }
+
+    /// Whether the handle (its listener) stays open when its last worker
+    /// leaves, for a supervisor that replaces workers: connections then
+    /// wait for the next worker, up to the handoff timeout. Turning it off
+    /// with no worker left closes it and returns `true` (the caller
+    /// forgets the key).
+    pub(super) fn set_keep_open(&self, lp: &mut Loop, keep: bool) -> bool {
+        let now = lp.now();
+        let closed = self.st.borrow_mut().core.set_keep_open(now, keep);
+        self.run(lp, None);
+        if closed {
+            self.close_listener(lp);
+        }
+        closed
+    }
+
+    /// How many connections worker `id` accepted from this handle.
+    pub(super) fn accepted_by(&self, id: u32) -> u64 {
+        self.st.borrow().core.accepted(id)
     }
 
     fn close_listener(&self, lp: &mut Loop) {

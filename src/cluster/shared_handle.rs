@@ -172,6 +172,19 @@ pub(super) struct SharedHandle {
     errno: Option<Errno>,
     /// ReusePort: where to bind each worker's socket, and the sockets.
     per_worker: Option<PerWorker>,
+    /// Keep the sockets when their last worker leaves (a supervisor
+    /// replaces workers): see [`SharedHandle::set_keep`].
+    keep: bool,
+}
+
+/// Whose `SO_REUSEPORT` socket: one worker's, or a supervisor slot's,
+/// shared by the slot's successive workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum SocketKey {
+    /// Worker `id`'s own socket (Node's model: one per worker).
+    Worker(u32),
+    /// Slot `n`'s socket, handed from each worker of the slot to the next.
+    Slot(u32),
 }
 
 #[derive(Debug)]
@@ -179,7 +192,15 @@ struct PerWorker {
     /// Addresses to try, in order (`[::]` then `0.0.0.0` for "any").
     addrs: Vec<SocketAddr>,
     ipv6_only: bool,
-    sockets: std::collections::BTreeMap<u32, Handle<Tcp>>,
+    sockets: std::collections::BTreeMap<SocketKey, Handle<Tcp>>,
+    /// Which socket each worker uses.
+    users: std::collections::BTreeMap<u32, SocketKey>,
+}
+
+impl PerWorker {
+    fn used(&self, key: SocketKey) -> bool {
+        self.users.values().any(|&k| k == key)
+    }
 }
 
 impl SharedHandle {
@@ -194,6 +215,7 @@ impl SharedHandle {
             handle,
             errno,
             per_worker: None,
+            keep: false,
         }
     }
 
@@ -223,6 +245,7 @@ impl SharedHandle {
                 addrs,
                 ipv6_only,
                 sockets: Default::default(),
+                users: Default::default(),
             })
         });
         match plan {
@@ -231,19 +254,27 @@ impl SharedHandle {
                 handle: None,
                 errno: None,
                 per_worker: Some(p),
+                keep: false,
             },
             Err(e) => SharedHandle {
                 workers: BTreeSet::new(),
                 handle: None,
                 errno: Some(Errno::of_failed(&e)),
                 per_worker: None,
+                keep: false,
             },
         }
     }
 
-    /// ReusePort: binds worker `id`'s own socket.
-    fn bind_for(&mut self, lp: &mut Loop, id: u32) -> io::Result<Handle<Tcp>> {
+    /// ReusePort: the socket of `key` for worker `id`: the slot's kept
+    /// socket when it has one (the replacement takes over its accept
+    /// queue), or a new one.
+    fn bind_for(&mut self, lp: &mut Loop, id: u32, key: SocketKey) -> io::Result<Handle<Tcp>> {
         let p = self.per_worker.as_mut().expect("a ReusePort handle");
+        if let Some(&h) = p.sockets.get(&key) {
+            p.users.insert(id, key);
+            return Ok(h);
+        }
         let mut last = None;
         for addr in p.addrs.clone() {
             let h = lp.tcp_init();
@@ -265,7 +296,8 @@ impl SharedHandle {
                         }
                         p.addrs.retain(|a| a.is_ipv6() == addr.is_ipv6());
                     }
-                    p.sockets.insert(id, h);
+                    p.sockets.insert(key, h);
+                    p.users.insert(id, key);
                     return Ok(h);
                 }
                 Err(e) => {
@@ -282,12 +314,12 @@ impl SharedHandle {
         self.workers.contains(&id)
     }
 
-    /// Adds worker `id`: the bound socket to send with the reply, or the
-    /// errno to reply with.
-    pub(super) fn add(&mut self, lp: &mut Loop, id: u32) -> Result<Attach, Errno> {
+    /// Adds worker `id`, whose ReusePort socket is `key`'s: the bound
+    /// socket to send with the reply, or the errno to reply with.
+    pub(super) fn add(&mut self, lp: &mut Loop, id: u32, key: SocketKey) -> Result<Attach, Errno> {
         self.workers.insert(id);
         if self.per_worker.is_some() {
-            return match self.bind_for(lp, id) {
+            return match self.bind_for(lp, id, key) {
                 Ok(h) => Ok(Attach {
                     handle: h.into(),
                     kind: HandleKind::NetNative,
@@ -314,11 +346,20 @@ impl SharedHandle {
 
     /// Removes worker `id`; when it was the last one, closes the socket and
     /// returns `true` (the caller then forgets the key).
+    /// A socket is kept while another worker uses it, or while
+    /// [`keep`](Self::set_keep) is on and it is a slot's (or the one
+    /// shared socket).
     pub(super) fn remove(&mut self, lp: &mut Loop, id: u32) -> bool {
-        if let Some(h) = self.per_worker.as_mut().and_then(|p| p.sockets.remove(&id)) {
+        let keep = self.keep;
+        if let Some(p) = self.per_worker.as_mut()
+            && let Some(key) = p.users.remove(&id)
+            && !p.used(key)
+            && !(keep && matches!(key, SocketKey::Slot(_)))
+            && let Some(h) = p.sockets.remove(&key)
+        {
             lp.close_if_open(h);
         }
-        if !self.workers.remove(&id) || !self.workers.is_empty() {
+        if !self.workers.remove(&id) || !self.workers.is_empty() || keep {
             return false;
         }
         if let Some(h) = self.handle.take() {
@@ -327,10 +368,52 @@ impl SharedHandle {
         true
     }
 
+    /// Whether sockets outlive their last worker (for a supervisor, which
+    /// forks the replacement: it gets the same socket, and with it what
+    /// queued on it; closing a socket resets its queue, and under
+    /// `SO_REUSEPORT` a socket's queue is its own). Turning it off closes
+    /// the sockets no worker uses; with no worker left, the handle is
+    /// closed and `true` returned (the caller forgets the key).
+    pub(super) fn set_keep(&mut self, lp: &mut Loop, keep: bool) -> bool {
+        self.keep = keep;
+        if keep {
+            return false;
+        }
+        if let Some(p) = self.per_worker.as_mut() {
+            let unused: Vec<SocketKey> =
+                p.sockets.keys().copied().filter(|&k| !p.used(k)).collect();
+            for k in unused {
+                if let Some(h) = p.sockets.remove(&k) {
+                    lp.close_if_open(h);
+                }
+            }
+        }
+        if !self.workers.is_empty() {
+            return false;
+        }
+        if let Some(h) = self.handle.take() {
+            lp.close_if_open(h);
+        }
+        true
+    }
+
+    /// Closes slot `slot`'s kept ReusePort socket if no worker uses it
+    /// (the slot is gone).
+    pub(super) fn release_slot(&mut self, lp: &mut Loop, slot: u32) {
+        let key = SocketKey::Slot(slot);
+        if let Some(p) = self.per_worker.as_mut()
+            && !p.used(key)
+            && let Some(h) = p.sockets.remove(&key)
+        {
+            lp.close_if_open(h);
+        }
+    }
+
     /// Closes the socket whoever still uses it (the primary is going away).
     pub(super) fn close(&mut self, lp: &mut Loop) {
         self.workers.clear();
         if let Some(p) = self.per_worker.as_mut() {
+            p.users.clear();
             for (_, h) in std::mem::take(&mut p.sockets) {
                 lp.close_if_open(h);
             }

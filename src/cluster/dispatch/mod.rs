@@ -549,6 +549,10 @@ pub(crate) struct Dispatcher {
     /// The listener is open; once closed, connections that come back are
     /// closed.
     open: bool,
+    /// Stay open when the last worker leaves (a supervisor replaces it):
+    /// connections wait in the queue for the next worker, up to the
+    /// handoff timeout.
+    keep_open: bool,
     next_conn: u64,
     next_handoff: u64,
     /// When the timer is armed for, if it is.
@@ -577,6 +581,7 @@ impl Dispatcher {
             },
             strategy,
             open: true,
+            keep_open: false,
             next_conn: 0,
             next_handoff: 0,
             timer: None,
@@ -695,11 +700,29 @@ impl Dispatcher {
                 self.settle(now);
             }
         }
-        if self.has_members() {
+        if self.has_members() || self.keep_open {
             return false;
         }
         self.close(now);
         true
+    }
+
+    /// Whether the handle stays open with no worker (see
+    /// [`remove_worker`](Self::remove_worker)). Turning it off with no
+    /// worker left closes the handle, as the last worker's leaving would
+    /// have: returns `true` then.
+    pub(crate) fn set_keep_open(&mut self, now: u64, keep: bool) -> bool {
+        self.keep_open = keep;
+        if keep || !self.open || self.has_members() {
+            return false;
+        }
+        self.close(now);
+        true
+    }
+
+    /// How many connections worker `id` accepted from this handle.
+    pub(crate) fn accepted(&self, id: WorkerId) -> u64 {
+        self.book.workers.get(&id).map_or(0, |w| w.accepted)
     }
 
     /// Worker `id` can no longer answer (its channel closed, or its process

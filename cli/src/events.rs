@@ -1,0 +1,199 @@
+//! The log: one line per lifecycle event, in one vocabulary, through the
+//! `log` crate and `env_logger` (`RUST_LOG` honoured; `info` when unset).
+//!
+//! Every line about a worker starts `worker ID (pid PID)` and ends with what
+//! happened (`forked`, `listening on 127.0.0.1:8000`, `ready`, `draining`,
+//! `drained`, `exited`, `exited with code 3`, `killed by signal 9
+//! (SIGKILL)`), so `grep 'worker 3 '` follows one worker. Nothing a user
+//! reads is Rust's `Debug` spelling: durations print as `250ms` or `1m 30s`,
+//! signals by name.
+
+use std::io::Write;
+use std::time::Duration;
+
+use uvcluster::uv::Signum;
+
+use crate::values::show_duration;
+
+/// The `log` target of the CLI's own lines (the library's records keep
+/// their module paths, `uvcluster::cluster::primary`).
+pub const TARGET: &str = "uvcluster";
+
+/// Sets up `env_logger`: `RUST_LOG` when set, else `info`. On a terminal
+/// or a file each line is `TIME LEVEL TARGET: message` (RFC 3339 UTC
+/// time to the millisecond; the target is `uvcluster` for the CLI's own
+/// lines, a module path for the library's); under systemd
+/// (`JOURNAL_STREAM` set) it is `<PRIORITY>message`, the syslog prefix the
+/// journal reads as the line's level, without a second timestamp.
+pub fn init() {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, r| {
+            if journal {
+                let prio = match r.level() {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    log::Level::Debug | log::Level::Trace => 7,
+                };
+                writeln!(buf, "<{prio}>{}", r.args())
+            } else {
+                writeln!(
+                    buf,
+                    "{} {:<5} {}: {}",
+                    buf.timestamp_millis(),
+                    r.level(),
+                    r.target(),
+                    r.args()
+                )
+            }
+        })
+        .init();
+}
+
+/// `worker 3 (pid 1234)`, or `worker 3` before it has a pid.
+pub fn who(id: u32, pid: Option<i32>) -> String {
+    match pid {
+        Some(pid) => format!("worker {id} (pid {pid})"),
+        None => format!("worker {id}"),
+    }
+}
+
+/// How a worker ended: `exited`, `exited with code 3`, `killed by signal 9
+/// (SIGKILL)`.
+pub fn how_it_ended(code: Option<i64>, signal: Option<Signum>) -> String {
+    match (code, signal) {
+        (Some(0), _) | (None, None) => "exited".into(),
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("killed by signal {} ({s})", s.as_raw()),
+    }
+}
+
+/// The pool starts: what runs, and the options a reader of the log most
+/// often needs.
+pub fn starting(opts: &crate::options::RunOptions) {
+    let s = &opts.supervisor;
+    let command: Vec<String> = opts
+        .command
+        .iter()
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    let mut limits = String::new();
+    if let Some(m) = s.max_memory {
+        limits.push_str(&format!(", max memory {}", crate::values::show_size(m)));
+    }
+    if let Some(n) = s.max_connections {
+        limits.push_str(&format!(", max connections {n}"));
+    }
+    let from = match &opts.config_file {
+        Some(f) => format!(", options from {}", f.display()),
+        None => String::new(),
+    };
+    log::info!(
+        target: TARGET,
+        "starting {} worker(s) of `{}` (policy {}, restart {}, kill timeout {}{limits}{from})",
+        s.workers,
+        command.join(" "),
+        opts.policy.as_str(),
+        s.restart,
+        show_duration(s.kill_timeout),
+    );
+}
+
+/// A worker was forked.
+pub fn forked(id: u32, pid: Option<i32>) {
+    log::info!(target: TARGET, "{} forked", who(id, pid));
+}
+
+/// A worker listens on `addr` (`127.0.0.1:8000`, a path).
+pub fn listening(id: u32, pid: Option<i32>, addr: &str) {
+    log::info!(target: TARGET, "{} listening on {addr}", who(id, pid));
+}
+
+/// A worker is ready (it listens, or it sent `'ready'`).
+pub fn ready(id: u32, pid: Option<i32>) {
+    log::info!(target: TARGET, "{} ready", who(id, pid));
+}
+
+/// A worker is out of rotation and being disconnected.
+pub fn draining(id: u32, pid: Option<i32>) {
+    log::info!(target: TARGET, "{} draining", who(id, pid));
+}
+
+/// A draining worker has finished what it held.
+pub fn drained(id: u32, pid: Option<i32>) {
+    log::info!(target: TARGET, "{} drained", who(id, pid));
+}
+
+/// A worker exited. An exit nobody asked for, with a non-zero code or a
+/// signal, is a warning.
+pub fn exited(id: u32, pid: Option<i32>, code: Option<i64>, signal: Option<Signum>, asked: bool) {
+    let how = how_it_ended(code, signal);
+    if asked || matches!((code, signal), (Some(0), _) | (None, None)) {
+        log::info!(target: TARGET, "{} {how}", who(id, pid));
+    } else {
+        log::warn!(target: TARGET, "{} {how}", who(id, pid));
+    }
+}
+
+/// A slot's worker will be replaced after `delay`.
+pub fn restarting(id: u32, delay: Duration, restarts: u32) {
+    log::info!(
+        target: TARGET,
+        "worker {id} restarting in {} (restart {restarts})",
+        show_duration(delay)
+    );
+}
+
+/// A slot stopped being restarted (a crash loop, or a start that never got
+/// ready): how its last worker ended and its last stderr lines.
+pub fn errored(id: u32, why: &str, last_stderr: &[String]) {
+    if last_stderr.is_empty() {
+        log::error!(target: TARGET, "worker {id} errored: {why}; not restarted");
+    } else {
+        log::error!(
+            target: TARGET,
+            "worker {id} errored: {why}; not restarted; its last output: {}",
+            last_stderr.join(" | ")
+        );
+    }
+}
+
+/// A rolling reload began.
+pub fn reload_started(workers: usize) {
+    log::info!(target: TARGET, "reload started ({workers} workers)");
+}
+
+/// A rolling reload replaced every worker.
+pub fn reload_finished(workers: usize, took: Duration) {
+    log::info!(
+        target: TARGET,
+        "reload finished ({workers} workers replaced in {})",
+        show_duration(took)
+    );
+}
+
+/// A rolling reload stopped, failing closed: the old workers keep serving.
+pub fn reload_failed(why: &str) {
+    log::error!(
+        target: TARGET,
+        "reload failed: {why}; the old workers keep serving"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_read_as_words() {
+        assert_eq!(how_it_ended(Some(0), None), "exited");
+        assert_eq!(how_it_ended(Some(3), None), "exited with code 3");
+        assert_eq!(
+            how_it_ended(None, Some(Signum::SIGKILL)),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(who(2, Some(77)), "worker 2 (pid 77)");
+        assert_eq!(who(2, None), "worker 2");
+    }
+}

@@ -1,0 +1,761 @@
+//! `uvcluster run`'s surface, on the real binary: `--help` and
+//! `--version`, the exit status of each way it ends, every bad flag,
+//! variable and file value (exit 2, naming it, the value and the valid
+//! values), the configuration file and its precedence, a missing program,
+//! the log lines' format, and `--prefix-output`.
+
+// The library's test helpers (this package's tests run the library's
+// examples and Node scripts).
+#[path = "../../tests/util/mod.rs"]
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// `uvcluster` with a clean environment for the variables it reads, so
+/// that the machine's own do not change what a test sees.
+fn uvcluster() -> Command {
+    let mut c = Command::new(util::cli_bin());
+    for var in [
+        "WEB_CONCURRENCY",
+        "NODE_CLUSTER_SCHED_POLICY",
+        "UVCLUSTER_HANDOFF_WINDOW",
+        "JOURNAL_STREAM",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// Runs `c` to its end, with a deadline (a thread waits; the test kills
+/// the process if it outlives `LIMIT`): (exit code, stdout, stderr).
+fn finish(mut c: Command) -> (Option<i32>, String, String) {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().expect("spawn uvcluster");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            panic!("uvcluster did not end within {LIMIT:?}");
+        }
+    }
+}
+
+/// A scratch directory of this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("uvcluster-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `uvcluster` whose stderr lines a thread forwards, so the test
+/// waits on its log lines with a deadline; killed if the test fails first.
+struct Running {
+    child: Option<Child>,
+    lines: mpsc::Receiver<Option<String>>,
+    log: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Running {
+    fn start(mut c: Command) -> Running {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn uvcluster");
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(Some(line));
+            }
+            let _ = tx.send(None);
+        });
+        Running {
+            child: Some(child),
+            lines: rx,
+            log: String::new(),
+        }
+    }
+
+    /// Waits for the next log line containing `what`.
+    fn expect(&mut self, what: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
+                Ok(Some(line)) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                    if line.contains(what) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
+                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
+            }
+        }
+    }
+
+    fn signal(&self, s: Signal) {
+        kill(Pid::from_raw(self.child.as_ref().unwrap().id() as i32), s).unwrap();
+    }
+
+    /// Waits for the end (stderr's EOF, with a deadline): (code, whole log).
+    fn wait(mut self) -> (Option<i32>, String) {
+        let t0 = Instant::now();
+        loop {
+            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
+                Ok(Some(line)) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                }
+                Ok(None) => break,
+                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
+            }
+        }
+        let status = self.child.take().unwrap().wait().unwrap();
+        (status.code(), std::mem::take(&mut self.log))
+    }
+}
+
+/// Every option `run --help` must list.
+const FLAGS: &[&str] = &[
+    "--workers",
+    "--policy",
+    "--restart",
+    "--wait-ready",
+    "--ready-timeout",
+    "--kill-timeout",
+    "--reload-batch",
+    "--worker-timeout",
+    "--max-memory",
+    "--memory-check-interval",
+    "--max-connections",
+    "--max-connections-jitter",
+    "--backoff-initial",
+    "--backoff-cap",
+    "--stable-period",
+    "--max-restarts",
+    "--restart-window",
+    "--fail-before-ready",
+    "--handoff-window",
+    "--prefix-output",
+    "--config",
+    "--help",
+    "--version",
+];
+
+/// `--help` (also `-h`, `run --help`, `run ... -h`) and `--version` print
+/// on stdout and exit 0, with nothing on stderr; `run --help` lists every
+/// option, its default and its variable.
+#[test]
+fn help_and_version_go_to_stdout_with_exit_0() {
+    for args in [
+        &["--help"][..],
+        &["-h"][..],
+        &["run", "--help"][..],
+        &["run", "-w", "2", "-h"][..],
+        &["--version"][..],
+        &["-V"][..],
+    ] {
+        let mut c = uvcluster();
+        c.args(args);
+        let (code, out, err) = finish(c);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+        if args.contains(&"--version") || args.contains(&"-V") {
+            assert_eq!(out, format!("uvcluster {}\n", env!("CARGO_PKG_VERSION")));
+        } else {
+            assert!(
+                out.contains("usage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]"),
+                "{out}"
+            );
+        }
+    }
+    let mut c = uvcluster();
+    c.args(["run", "--help"]);
+    let (_, out, _) = finish(c);
+    for flag in FLAGS {
+        assert!(out.contains(flag), "run --help lacks {flag}:\n{out}");
+    }
+    for env in [
+        "WEB_CONCURRENCY",
+        "NODE_CLUSTER_SCHED_POLICY",
+        "UVCLUSTER_HANDOFF_WINDOW",
+        "rr, none, reuseport or leastconn",
+        "always, on-failure or never",
+        "[default: 30s]",
+    ] {
+        assert!(out.contains(env), "run --help lacks {env}:\n{out}");
+    }
+}
+
+/// Every bad flag, variable or file value exits 2 with one message that
+/// names where it came from, the value, and what is valid, then the usage.
+#[test]
+fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (&[], &[], "no subcommand given"),
+        (&["walk"], &[], "unknown subcommand \"walk\""),
+        (&["run"], &[], "no command given"),
+        (&["run", "--frob", "--", "x"], &[], "unknown option --frob"),
+        (&["run", "-w"], &[], "--workers needs a value"),
+        (
+            &["run", "-w", "0", "--", "x"],
+            &[],
+            "--workers takes a whole number above 0. Received \"0\"",
+        ),
+        (
+            &["run", "--policy=bogus", "--", "x"],
+            &[],
+            "--policy should be rr, none, reuseport or leastconn. Received \"bogus\"",
+        ),
+        (
+            &["run", "--restart", "sometimes", "--", "x"],
+            &[],
+            "--restart should be always, on-failure or never. Received \"sometimes\"",
+        ),
+        (
+            &["run", "--kill-timeout", "30", "--", "x"],
+            &[],
+            "--kill-timeout should be a duration with its unit, such as 500ms, 30s or 2m. Received \"30\"",
+        ),
+        (
+            &["run", "--ready-timeout=soon", "--", "x"],
+            &[],
+            "--ready-timeout should be a duration with its unit, such as 500ms, 30s or 2m. Received \"soon\"",
+        ),
+        (
+            &["run", "--worker-timeout", "never", "--", "x"],
+            &[],
+            "--worker-timeout should be a duration with its unit, such as 500ms, 30s or 2m, or off. Received \"never\"",
+        ),
+        (
+            &["run", "--max-memory", "1.5G", "--", "x"],
+            &[],
+            "--max-memory should be a size such as 512M or 1G (units K, M, G, T: powers of 1024), or off. Received \"1.5G\"",
+        ),
+        (
+            &["run", "--max-connections", "-5", "--", "x"],
+            &[],
+            "--max-connections takes a whole number above 0, or off. Received \"-5\"",
+        ),
+        (
+            &["run", "--reload-batch", "0", "--", "x"],
+            &[],
+            "--reload-batch takes a whole number above 0. Received \"0\"",
+        ),
+        (
+            &["run", "--handoff-window", "65", "--", "x"],
+            &[],
+            "--handoff-window should be a whole number from 1 to 64. Received \"65\"",
+        ),
+        (
+            &["run", "--wait-ready=maybe", "--", "x"],
+            &[],
+            "--wait-ready should be true or false. Received \"maybe\"",
+        ),
+        (
+            &[
+                "run",
+                "--backoff-initial",
+                "5s",
+                "--backoff-cap",
+                "1s",
+                "--",
+                "x",
+            ],
+            &[],
+            "backoff-cap should be at least backoff-initial (5s). Received 1s",
+        ),
+        (
+            &["run", "--", "x"],
+            &[("NODE_CLUSTER_SCHED_POLICY", "robin")],
+            "NODE_CLUSTER_SCHED_POLICY should be rr, none, reuseport or leastconn. Received \"robin\"",
+        ),
+        (
+            &["run", "--", "x"],
+            &[("UVCLUSTER_HANDOFF_WINDOW", "0")],
+            "UVCLUSTER_HANDOFF_WINDOW should be a whole number from 1 to 64. Received \"0\"",
+        ),
+        (
+            &["run", "--", "x"],
+            &[("WEB_CONCURRENCY", "many")],
+            "WEB_CONCURRENCY takes a whole number above 0. Received \"many\"",
+        ),
+    ];
+    // The cases run where no `uvcluster.toml` is.
+    let dir = scratch("bad-values");
+    for (args, envs, want) in cases {
+        let mut c = uvcluster();
+        c.args(*args).current_dir(&dir);
+        for (k, v) in *envs {
+            c.env(k, v);
+        }
+        let (code, out, err) = finish(c);
+        assert_eq!(code, Some(2), "{args:?} {envs:?}: {err}");
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(
+            err,
+            format!(
+                "uvcluster: {want}\nusage: uvcluster run [OPTIONS] -- COMMAND [ARGS...]\n\
+                 (uvcluster run --help lists the options)\n"
+            ),
+            "{args:?} {envs:?}"
+        );
+    }
+    // A flag overrides a bad variable, which is then not read.
+    let mut c = uvcluster();
+    c.args(["run", "--policy", "rr", "--", "/nonexistent/program"])
+        .env("NODE_CLUSTER_SCHED_POLICY", "robin");
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("spawn /nonexistent/program ENOENT"), "{err}");
+}
+
+/// A key the file does not know is an error that names it, the file, and
+/// the keys; so is a bad value in it; exit 2, nothing started.
+#[test]
+fn config_file_unknown_key_or_bad_value_exits_2_naming_key_and_file() {
+    let dir = scratch("unknown-key");
+    let file = dir.join("uvcluster.toml");
+    for (text, want) in [
+        (
+            "workers = 2\nwrokers = 3\n",
+            format!(
+                "unknown key \"wrokers\" in {}; the keys are workers, policy, restart,",
+                file.display()
+            ),
+        ),
+        (
+            "kill-timeout = 30\n",
+            format!(
+                "kill-timeout in {} should be a duration with its unit, such as 500ms, 30s or 2m. \
+                 Received \"30\"",
+                file.display()
+            ),
+        ),
+        (
+            "policy = \"robin\"\n",
+            format!(
+                "policy in {} should be rr, none, reuseport or leastconn. Received \"robin\"",
+                file.display()
+            ),
+        ),
+        (
+            "workers = [\n",
+            format!("{} is not valid TOML", file.display()),
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let mut c = uvcluster();
+        c.args(["run", "--config"]).arg(&file).args(["--", "x"]);
+        let (code, _, err) = finish(c);
+        assert_eq!(code, Some(2), "{text}: {err}");
+        assert!(
+            err.starts_with(&format!("uvcluster: {want}")),
+            "{text}: {err}"
+        );
+        assert!(err.contains("usage: uvcluster run"), "{err}");
+        // The same file found as ./uvcluster.toml.
+        let mut c = uvcluster();
+        c.args(["run", "--", "x"]).current_dir(&dir);
+        let (code, _, err) = finish(c);
+        assert_eq!(code, Some(2), "{text}: {err}");
+        assert!(err.contains(" uvcluster.toml"), "{text}: {err}");
+    }
+    let mut c = uvcluster();
+    c.args(["run", "--config", "/nonexistent/u.toml", "--", "x"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("uvcluster: cannot read the configuration file /nonexistent/u.toml: "),
+        "{err}"
+    );
+}
+
+/// Counts the workers a run forked, from its log.
+fn forks(log: &str) -> usize {
+    log.lines().filter(|l| l.ends_with(" forked")).count()
+}
+
+/// Runs `cluster_hello` under `uvcluster` as `c` says, waits for `workers`
+/// to listen, stops it with SIGTERM; returns the log.
+fn serve_and_stop(mut c: Command, workers: usize) -> String {
+    let exe = util::example("cluster_hello");
+    c.arg("--").arg(&exe).env("PORT", free_port().to_string());
+    let mut r = Running::start(c);
+    for _ in 0..workers {
+        r.expect(" listening on ");
+    }
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+    log
+}
+
+/// The file's options apply, a flag overrides the file, and the file
+/// overrides the environment; `./uvcluster.toml` is read when `--config`
+/// is not given, with the command from the file.
+#[test]
+fn config_file_applies_and_flags_override_it() {
+    let dir = scratch("precedence");
+    let file = dir.join("pool.toml");
+    std::fs::write(&file, "workers = 3\nkill-timeout = \"5s\"\n").unwrap();
+
+    // The file's 3 workers, over WEB_CONCURRENCY's 1.
+    let mut c = uvcluster();
+    c.args(["run", "--config"])
+        .arg(&file)
+        .env("WEB_CONCURRENCY", "1");
+    let log = serve_and_stop(c, 3);
+    assert_eq!(forks(&log), 3, "{log}");
+    // The graceful stop announces the file's kill timeout.
+    assert!(log.contains("(killed after 5s;"), "{log}");
+
+    // A flag over the file.
+    let mut c = uvcluster();
+    c.args(["run", "-w", "2", "--kill-timeout=2m", "--config"])
+        .arg(&file);
+    let log = serve_and_stop(c, 2);
+    assert_eq!(forks(&log), 2, "{log}");
+    assert!(log.contains("(killed after 2m;"), "{log}");
+
+    // The environment where neither says anything.
+    std::fs::write(&file, "kill-timeout = \"5s\"\n").unwrap();
+    let mut c = uvcluster();
+    c.args(["run", "--config"])
+        .arg(&file)
+        .env("WEB_CONCURRENCY", "1");
+    let log = serve_and_stop(c, 1);
+    assert_eq!(forks(&log), 1, "{log}");
+
+    // ./uvcluster.toml, with its command.
+    let exe = util::example("cluster_hello");
+    std::fs::write(
+        dir.join("uvcluster.toml"),
+        format!("workers = 2\ncommand = [{:?}]\n", exe.display().to_string()),
+    )
+    .unwrap();
+    let mut c = uvcluster();
+    c.arg("run")
+        .current_dir(&dir)
+        .env("PORT", free_port().to_string());
+    let mut r = Running::start(c);
+    r.expect(" listening on ");
+    r.expect(" listening on ");
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(forks(&log), 2, "{log}");
+}
+
+/// A program that is not there, or cannot be executed, is named in the
+/// error, printed whatever `RUST_LOG` says; exit 1 (a start failure), no
+/// worker forked.
+#[test]
+fn missing_program_is_named_exit_1() {
+    let dir = scratch("missing");
+    // A file without any execute bit (which even root cannot execute).
+    let plain = dir.join("app.js");
+    std::fs::write(&plain, "0").unwrap();
+    let plain = plain.display().to_string();
+    for (program, errno, what) in [
+        (
+            "no-such-program-uvcluster",
+            "ENOENT (No such file or directory)",
+            "no such program in PATH",
+        ),
+        (
+            "/nonexistent/app",
+            "ENOENT (No such file or directory)",
+            "no such file",
+        ),
+        (
+            plain.as_str(),
+            "EACCES (Permission denied)",
+            "not executable",
+        ),
+    ] {
+        let mut c = uvcluster();
+        c.args(["run", "-w", "2", "--", program])
+            .current_dir(&dir)
+            .env("RUST_LOG", "off");
+        let (got, out, err) = finish(c);
+        assert_eq!(got, Some(1), "{program}: {err}");
+        assert_eq!(out, "");
+        assert_eq!(
+            err,
+            format!("uvcluster: spawn {program} {errno}: {program:?} {what}\n"),
+            "{program}"
+        );
+    }
+}
+
+/// The message of `line` if it is `<RFC 3339 time> <LEVEL> uvcluster:
+/// <message>`.
+fn log_line<'a>(line: &'a str, level: &str) -> Option<&'a str> {
+    let (time, rest) = line.split_once(' ')?;
+    let ok_time = time.len() == "2026-01-01T00:00:00.000Z".len()
+        && time.ends_with('Z')
+        && time.as_bytes()[10] == b'T';
+    let rest = rest.strip_prefix(&format!("{level:<5} uvcluster: "))?;
+    ok_time.then_some(rest)
+}
+
+/// `RUST_LOG=info`: one line per fork and per exit, `worker ID (pid PID)
+/// ...`, with the exit code or the signal's number and name, warnings for
+/// unasked failures, nothing in Rust's debug spelling; under systemd
+/// (`JOURNAL_STREAM`) the journal's `<priority>` prefix instead of a
+/// timestamp; `RUST_LOG=error` hides them.
+#[test]
+fn log_lines_for_fork_and_exit() {
+    util::require_node();
+    let script = "process.exit(Number(process.env.NODE_UNIQUE_ID) === 1 ? 3 : 0)";
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "2",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(1), "a worker failed: {err}");
+    assert_eq!(out, "");
+    let mut forked = 0;
+    let mut exited = Vec::new();
+    for line in err.lines() {
+        if let Some(m) = log_line(line, "INFO") {
+            if m.starts_with("starting ") {
+                assert_eq!(
+                    m,
+                    format!(
+                        "starting 2 worker(s) of `node -e {script}` \
+                         (policy rr, restart never, kill timeout 30s)"
+                    )
+                );
+                continue;
+            }
+            let (who, what) = m.split_once(") ").unwrap_or_else(|| panic!("{line}"));
+            let (w, pid) = who.split_once(" (pid ").unwrap_or_else(|| panic!("{line}"));
+            assert!(w == "worker 1" || w == "worker 2", "{line}");
+            assert!(pid.parse::<u32>().is_ok(), "{line}");
+            match what {
+                "forked" => forked += 1,
+                "exited" => exited.push((w.to_string(), 0)),
+                _ => panic!("unexpected INFO line {line}"),
+            }
+        } else if let Some(m) = log_line(line, "WARN") {
+            assert!(m.starts_with("worker 1 (pid "), "{line}");
+            assert!(m.ends_with(") exited with code 3"), "{line}");
+            exited.push(("worker 1".into(), 3));
+        } else {
+            panic!("a line not in the log format: {line:?}\n{err}");
+        }
+    }
+    assert_eq!(forked, 2, "{err}");
+    exited.sort();
+    assert_eq!(
+        exited,
+        [("worker 1".to_string(), 3), ("worker 2".to_string(), 0)],
+        "{err}"
+    );
+    assert!(!err.contains("Some("), "{err}");
+
+    // Killed by a signal: its number and name.
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--restart", "never", "--", "node", "-e"])
+        .arg("process.kill(process.pid, 'SIGTERM')");
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.lines()
+            .filter_map(|l| log_line(l, "WARN"))
+            .any(|m| m.starts_with("worker 1 (pid ")
+                && m.ends_with(") killed by signal 15 (SIGTERM)")),
+        "{err}"
+    );
+
+    // Under systemd: `<6>worker 1 (pid N) forked`.
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        "0",
+    ])
+    .env("JOURNAL_STREAM", "8:1234");
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with("<6>starting 1 worker(s) of `node -e 0` "),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("<6>worker 1 (pid ") && lines[1].ends_with(") forked"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with("<6>worker 1 (pid ") && lines[2].ends_with(") exited"),
+        "{err}"
+    );
+
+    // RUST_LOG=error: only errors.
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        "process.exit(3)",
+    ])
+    .env("RUST_LOG", "error");
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err, "");
+}
+
+/// `--prefix-output`: each line a worker writes on stdout or stderr comes
+/// out on ours whole, prefixed with `[worker ID] `, a last line without a
+/// newline included; without it the output passes through untouched.
+#[test]
+fn prefix_output_prefixes_each_worker_line_with_its_id() {
+    util::require_node();
+    let script = "const id = process.env.NODE_UNIQUE_ID;\
+                  process.stdout.write(`one ${id}\\ntwo ${id}\\n`);\
+                  process.stderr.write(`err ${id}`);";
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "2",
+        "--restart",
+        "never",
+        "--prefix-output",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(0), "{err}");
+    for id in [1, 2] {
+        let mine: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("[worker {id}] ")))
+            .collect();
+        assert_eq!(
+            mine,
+            [
+                format!("[worker {id}] one {id}"),
+                format!("[worker {id}] two {id}")
+            ],
+            "{out}"
+        );
+        assert!(
+            err.contains(&format!("\n[worker {id}] err {id}\n"))
+                || err.starts_with(&format!("[worker {id}] err {id}\n")),
+            "{err}"
+        );
+    }
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--restart",
+        "never",
+        "--",
+        "node",
+        "-e",
+        script,
+    ]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "one 1\ntwo 1\n");
+    assert!(err.contains("err 1"), "{err}");
+    assert!(!err.contains("[worker"), "{err}");
+}
+
+/// SIGQUIT stops at once: every worker is killed and the exit status is
+/// 128 + 3, as a shell reports a process killed by SIGQUIT (gunicorn's
+/// quick shutdown; nginx's SIGQUIT is graceful: docs/cli.md compares them).
+#[test]
+fn sigquit_stops_at_once_with_128_plus_3() {
+    let exe = util::example("cluster_hello");
+    let mut c = uvcluster();
+    c.args(["run", "-w", "2", "--"])
+        .arg(&exe)
+        .env("PORT", free_port().to_string());
+    let mut r = Running::start(c);
+    r.expect(" listening on ");
+    r.expect(" listening on ");
+    r.signal(Signal::SIGQUIT);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(131), "{log}");
+    assert!(log.contains("signal SIGQUIT: stopping at once"), "{log}");
+    assert_eq!(
+        log.matches(") killed by signal 9 (SIGKILL)").count(),
+        2,
+        "{log}"
+    );
+}
