@@ -16,8 +16,14 @@
 //! it: idle keep-alive connections are closed at once, a request in
 //! progress is answered with `Connection: close`, and the program exits
 //! when the last one has ended. While it waits, the primary says every few
-//! seconds which workers it waits for; a second signal kills them (exit
-//! code 1).
+//! seconds which workers it waits for; a second signal (not a duplicate
+//! delivery within 500 ms), or SIGQUIT, kills them (exit code 1), and so
+//! does the kill timeout (`KILL_TIMEOUT_MS`, default 30 s).
+//!
+//! The primary runs on the supervisor (`uvcluster::supervisor`): a worker
+//! that crashes is restarted with backoff, SIGHUP reloads the workers one
+//! at a time without losing a connection, SIGTTIN/SIGTTOU add or remove a
+//! worker, and each lifecycle event is one `cluster_hello:` line on stderr.
 //!
 //! Requests are read as Node's HTTP parser bounds them: a request line and
 //! headers of 16 KiB or more (`--max-http-header-size`) are answered `431`,
@@ -42,6 +48,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uvcluster::cluster::{self, Primary, SchedulingPolicy, Settings, Worker};
 use uvcluster::net::{self, ListenOptions, Server};
+use uvcluster::supervisor::{LifecycleEvent, Supervisor, SupervisorConfig};
 use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 
 const RESPONSE_KEEP_ALIVE: &[u8] =
@@ -901,6 +908,14 @@ struct Start {
     failed: bool,
 }
 
+/// The primary runs on the supervisor (`uvcluster::supervisor`): a worker
+/// that crashes after the start is restarted (with backoff), SIGHUP
+/// reloads the workers one at a time without dropping a connection,
+/// SIGTTIN/SIGTTOU add or remove one, and SIGINT/SIGTERM stop gracefully,
+/// killing what remains after the kill timeout (`KILL_TIMEOUT_MS`,
+/// default 30 s as gunicorn's). A worker that fails before every worker
+/// of the first start listened ends the primary (exit code 1): a service
+/// that cannot start is not retried here.
 fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
     let primary = Primary::new();
     // Workers are this same program (the default exec), run with no
@@ -912,9 +927,18 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
             ..Settings::default()
         },
     );
+    let mut config = SupervisorConfig {
+        workers: n,
+        ..SupervisorConfig::default()
+    };
+    if let Some(ms) = kill_timeout_from_env()? {
+        config.kill_timeout = Duration::from_millis(ms);
+    }
+    let sup = Supervisor::with_primary(lp, primary.clone(), config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let start: Rc<RefCell<Start>> = Rc::default();
     let st = start.clone();
-    primary.on_listening(move |_, w, addr| {
+    sup.on_listening(move |_, w, addr| {
         let mut s = st.borrow_mut();
         s.listening.insert(w.id());
         if s.listening.len() == n && !s.ready && !s.failed {
@@ -931,7 +955,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     let c = counts.clone();
     let p = primary.clone();
     let st = start.clone();
-    primary.on_message(move |_, w, msg, _| {
+    sup.on_message(move |_, w, msg| {
         if let Some(e) = msg.get("listenError").and_then(|e| e.as_str()) {
             st.borrow_mut().errors.insert(w.id(), e.to_owned());
         } else if msg.get("conns").is_some() {
@@ -949,9 +973,9 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     });
     // A worker gone (exited and its channel closed, so that its last
     // message has been read) before every worker listened: the start
-    // failed. Say why and stop the others.
+    // failed. Say why and stop the others at once.
     let failed_before_ready = {
-        let (start, p, exit_code) = (start.clone(), primary.clone(), exit_code.clone());
+        let (start, s, exit_code) = (start.clone(), sup.clone(), exit_code.clone());
         Rc::new(move |lp: &mut Loop, w: &Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
@@ -959,12 +983,12 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 return;
             }
             let why = {
-                let mut s = start.borrow_mut();
-                if s.ready || s.failed || s.listening.contains(&w.id()) {
+                let mut st = start.borrow_mut();
+                if st.ready || st.failed || st.listening.contains(&w.id()) {
                     return;
                 }
-                s.failed = true;
-                s.errors
+                st.failed = true;
+                st.errors
                     .remove(&w.id())
                     .unwrap_or_else(|| match w.exit_status() {
                         Some((Some(code), _)) => format!("it exited with code {code}"),
@@ -977,20 +1001,54 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 w.id()
             );
             exit_code.set(1);
-            for other in p.workers() {
-                let _ = other.kill(lp, Some(Signum::SIGTERM));
-            }
+            s.stop(lp, false);
         })
     };
-    let f = failed_before_ready.clone();
-    primary.on_disconnect(move |lp, w| f(lp, w));
-    let f = failed_before_ready;
-    primary.on_exit(move |lp, w, code, signal| {
-        eprintln!(
-            "worker {} exited (code {code:?}, signal {signal:?})",
-            w.id()
-        );
-        f(lp, w);
+    // The supervisor's lifecycle events, one line each; the start-up
+    // check on each new worker; the stop's messages.
+    // (The callbacks hold the supervisor: it lives as long as the
+    // process.)
+    let (p, ec, me) = (primary.clone(), exit_code.clone(), sup.clone());
+    sup.on_event(move |lp, e| {
+        match e {
+            LifecycleEvent::Forked { worker, .. } => {
+                if let Some(w) = p.worker(*worker) {
+                    let f = failed_before_ready.clone();
+                    w.on_disconnect(move |lp, w| f(lp, w));
+                    let f = failed_before_ready.clone();
+                    w.on_exit(move |lp, w, _, _| f(lp, w));
+                }
+            }
+            LifecycleEvent::Stopping {
+                graceful: true,
+                signal: Some(sig),
+            } => {
+                eprintln!(
+                    "cluster_hello: signal {}: disconnecting {} workers",
+                    sig.as_raw(),
+                    p.workers().len()
+                );
+                remind_while_stopping(lp, &me);
+            }
+            LifecycleEvent::Stopping {
+                graceful: false,
+                signal: Some(sig),
+            } => {
+                eprintln!(
+                    "cluster_hello: signal {} again: killing the workers",
+                    sig.as_raw()
+                );
+                ec.set(1);
+            }
+            _ => {}
+        }
+        eprintln!("cluster_hello: {e}");
+    });
+    let ec = exit_code.clone();
+    sup.on_exit(move |_, code| {
+        if code != 0 {
+            ec.set(code as u8);
+        }
     });
     let usr2 = lp.signal_init();
     let p = primary.clone();
@@ -1001,72 +1059,50 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         }
     })?;
     lp.unref_handle(usr2)?;
-    // Not `with_capacity(n)`: a huge WORKERS is a fork error, not an
-    // allocation failure.
-    let mut forked = Vec::new();
-    for _ in 0..n {
-        forked.push(primary.fork(lp, Vec::new())?);
-    }
-    stop_on_signals(lp, &primary, forked, exit_code)
+    sup.handle_signals(lp)?;
+    sup.start(lp);
+    Ok(())
 }
 
-/// SIGINT/SIGTERM: a graceful disconnect; the loop ends with the workers.
-/// Until they are gone the primary says every `STILL_WAITING_MS` which
-/// ones it waits for; a second signal kills them (and the exit code is 1).
-fn stop_on_signals(
-    lp: &mut Loop,
-    primary: &Primary,
-    forked: Vec<Worker>,
-    exit_code: Rc<Cell<u8>>,
-) -> io::Result<()> {
-    let forked = Rc::new(forked);
-    let stopping = Rc::new(Cell::new(false));
-    for signum in [Signum::SIGINT, Signum::SIGTERM] {
-        let sig = lp.signal_init();
-        let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
-        let exit_code = exit_code.clone();
-        lp.signal_start(sig, signum, move |lp, _, signum| {
-            let alive = || forked.iter().filter(|w| !w.is_dead());
-            if stopping.replace(true) {
-                eprintln!(
-                    "cluster_hello: signal {} again: killing the workers",
-                    signum.as_raw()
-                );
-                exit_code.set(1);
-                for w in alive() {
-                    let _ = w.kill(lp, Some(Signum::SIGKILL));
-                }
-                return;
-            }
-            eprintln!(
-                "cluster_hello: signal {}: disconnecting {} workers",
-                signum.as_raw(),
-                alive().count()
-            );
-            p.disconnect(lp, |_| {});
-            let waiting = lp.timer_init();
-            let forked = forked.clone();
-            let _ = lp.timer_start(
-                waiting,
-                Duration::from_millis(STILL_WAITING_MS),
-                Duration::from_millis(STILL_WAITING_MS),
-                move |_, _| {
-                    let left: Vec<String> = forked
-                        .iter()
-                        .filter(|w| !w.is_dead())
-                        .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
-                        .collect();
-                    eprintln!(
-                        "cluster_hello: still waiting for worker(s) {} to finish their requests; \
-                     a second SIGINT/SIGTERM kills them",
-                        left.join(", ")
-                    );
-                },
-            );
-            // The reminder must not keep the primary alive by itself.
-            let _ = lp.unref_handle(waiting);
-        })?;
-        lp.unref_handle(sig)?;
+/// `KILL_TIMEOUT_MS`: how long a graceful stop waits for a worker before
+/// it kills it.
+fn kill_timeout_from_env() -> io::Result<Option<u64>> {
+    let Some(v) = std::env::var_os("KILL_TIMEOUT_MS") else {
+        return Ok(None);
+    };
+    match v.to_str().and_then(|t| t.parse::<u64>().ok()) {
+        Some(ms) if ms > 0 => Ok(Some(ms)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "KILL_TIMEOUT_MS should be a whole number of milliseconds above 0. Received {v:?}"
+            ),
+        )),
     }
-    Ok(())
+}
+
+/// During a graceful stop the primary says every `STILL_WAITING_MS` which
+/// workers it waits for (a second SIGINT/SIGTERM kills them).
+fn remind_while_stopping(lp: &mut Loop, sup: &Supervisor) {
+    let waiting = lp.timer_init();
+    let s = sup.clone();
+    let _ = lp.timer_start(
+        waiting,
+        Duration::from_millis(STILL_WAITING_MS),
+        Duration::from_millis(STILL_WAITING_MS),
+        move |lp, _| {
+            // Disconnected workers have left the primary's `workers()`;
+            // the supervisor knows them until they exit.
+            let left: Vec<String> = (s.status(lp).iter())
+                .filter_map(|w| Some(format!("{} (pid {})", w.id?, w.pid.unwrap_or(0))))
+                .collect();
+            eprintln!(
+                "cluster_hello: still waiting for worker(s) {} to finish their requests; \
+                 a second SIGINT/SIGTERM kills them",
+                left.join(", ")
+            );
+        },
+    );
+    // The reminder must not keep the primary alive by itself.
+    let _ = lp.unref_handle(waiting);
 }

@@ -23,13 +23,17 @@
 //!   scheduling, and our `reuseport` and `leastconn` policies. Its docs
 //!   show a Rust primary and Rust workers in one binary, and the
 //!   restart-on-exit pattern.
+//! * [`supervisor`] — what Node leaves to PM2: a
+//!   [`Supervisor`](supervisor::Supervisor) on a primary restarts workers
+//!   with backoff, reloads them one at a time without losing a connection,
+//!   drains, scales and stops gracefully.
 //!
 //! Messages are [`serde_json::Value`]s: the crate re-exports
 //! [`serde_json`], so `uvcluster::serde_json::json!` builds one without a
 //! dependency of your own, and [`Signum`] names the signals that the
 //! signal and process functions take (`Signum::SIGTERM`).
 //!
-//! Layers point one way, `sys ← uv ← ipc ← net ← cluster`: only the private
+//! Layers point one way, `sys ← uv ← ipc ← net ← cluster ← supervisor`: only the private
 //! `sys` module holds `unsafe` code and raw fds, and only [`uv`] names
 //! `mio`. `ARCHITECTURE.md` at the repository root describes the model in
 //! full.

@@ -1104,8 +1104,10 @@ impl Primary {
             None => ServerHandle::Shared(SharedHandle::new(lp, address, q)),
         };
         let mut handle = handle;
-        if let ServerHandle::Shared(s) = &mut handle {
-            s.set_keep(lp, keep);
+        if let ServerHandle::Shared(s) = &mut handle
+            && keep
+        {
+            s.set_keep(lp, true);
         }
         let entry = ServerEntry {
             data: Value::Null,

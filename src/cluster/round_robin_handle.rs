@@ -204,7 +204,9 @@ impl RoundRobinHandle {
                 window: opts.window.max(1),
             },
         );
-        core.set_keep_open(0, opts.keep_open);
+        if opts.keep_open {
+            core.set_keep_open(0, true);
+        }
         let rr = RoundRobinHandle {
             st: Rc::new(RefCell::new(State {
                 key,

@@ -969,16 +969,17 @@ impl Core {
         } else {
             s.fails_before_ready = 0;
         }
-        let why = if s.crashes.len() as u64 > u64::from(max) {
+        // The more specific reason first.
+        let why = if fbr && s.fails_before_ready > max {
+            Some(format!(
+                "{} starts in a row failed before the worker was ready",
+                s.fails_before_ready
+            ))
+        } else if s.crashes.len() as u64 > u64::from(max) {
             Some(format!(
                 "{} crashes within {} ms (at most {max} restarts)",
                 s.crashes.len(),
                 window
-            ))
-        } else if fbr && s.fails_before_ready > max {
-            Some(format!(
-                "{} starts in a row failed before the worker was ready",
-                s.fails_before_ready
             ))
         } else {
             None
@@ -1114,7 +1115,7 @@ impl Core {
                 }
             }
         } else if sig == Signum::SIGQUIT {
-            if !self.stop.is_some_and(|s| !s.graceful) {
+            if self.stop.is_none_or(|s| s.graceful) {
                 self.begin_stop(now, false, Some(sig));
             }
         } else if sig == Signum::SIGHUP {

@@ -25,6 +25,8 @@ use crate::uv::{Handle, Loop, Signal, Signum, Timer};
 type EventCb = Box<dyn FnMut(&mut Loop, &LifecycleEvent)>;
 type ExitCb = Box<dyn FnMut(&mut Loop, i32)>;
 type ReloadCb = Box<dyn FnOnce(&mut Loop, Result<ReloadReport, ReloadError>)>;
+type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
+type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, serde_json::Value)>;
 
 /// One worker (or one empty slot) as [`Supervisor::status`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,8 @@ struct Inner {
     reload_cbs: HashMap<u64, Vec<ReloadCb>>,
     on_event: Option<EventCb>,
     on_exit: Option<ExitCb>,
+    on_listening: Option<ListeningCb>,
+    on_message: Option<MessageCb>,
     exit_code: Option<i32>,
     started: bool,
 }
@@ -176,6 +180,8 @@ impl Supervisor {
                 reload_cbs: HashMap::new(),
                 on_event: None,
                 on_exit: None,
+                on_listening: None,
+                on_message: None,
                 exit_code: None,
                 started: false,
             })),
@@ -213,6 +219,14 @@ impl Supervisor {
                     .core
                     .listening(now, w.id(), address_key(addr));
                 s.pump(lp);
+                let cb = s.inner.borrow_mut().on_listening.take();
+                if let Some(mut cb) = cb {
+                    cb(lp, w, addr);
+                    let mut i = s.inner.borrow_mut();
+                    if i.on_listening.is_none() {
+                        i.on_listening = Some(cb);
+                    }
+                }
             }
         });
         let me = self.weak();
@@ -220,13 +234,23 @@ impl Supervisor {
             if let Some(h) = h {
                 lp.close_if_open(h);
             }
+            let Some(s) = Supervisor::from_weak(&me) else {
+                return;
+            };
             // PM2's convention: `process.send('ready')`.
-            if msg.as_str() == Some("ready")
-                && let Some(s) = Supervisor::from_weak(&me)
-            {
+            if msg.as_str() == Some("ready") {
                 let now = lp.now();
                 s.inner.borrow_mut().core.ready_message(now, w.id());
                 s.pump(lp);
+                return;
+            }
+            let cb = s.inner.borrow_mut().on_message.take();
+            if let Some(mut cb) = cb {
+                cb(lp, w, msg);
+                let mut i = s.inner.borrow_mut();
+                if i.on_message.is_none() {
+                    i.on_message = Some(cb);
+                }
             }
         });
         let me = self.weak();
@@ -403,6 +427,20 @@ impl Supervisor {
     /// through `log`, one line).
     pub fn on_event(&self, cb: impl FnMut(&mut Loop, &LifecycleEvent) + 'static) {
         self.inner.borrow_mut().on_event = Some(Box::new(cb));
+    }
+
+    /// Sets the `listening` callback: a worker listens (the primary's
+    /// [`Primary::on_listening`], which the supervisor uses; this runs
+    /// after the supervisor has seen it).
+    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
+        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    }
+
+    /// Sets the `message` callback for workers' user messages other than
+    /// `'ready'` (which the supervisor takes); a handle sent along is
+    /// closed.
+    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, serde_json::Value) + 'static) {
+        self.inner.borrow_mut().on_message = Some(Box::new(cb));
     }
 
     /// Sets the callback run when the supervisor is done, with the exit
@@ -660,10 +698,7 @@ fn address_key(a: &Address) -> String {
     } else {
         "unix"
     };
-    format!(
-        "{kind}|{}|{port}|{fd}",
-        a.address.as_deref().unwrap_or("")
-    )
+    format!("{kind}|{}|{port}|{fd}", a.address.as_deref().unwrap_or(""))
 }
 
 /// A process's resident set in bytes, from `/proc/<pid>/status` (`VmRSS`,

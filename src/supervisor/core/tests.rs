@@ -191,9 +191,8 @@ fn crash_restarts_after_backoff_that_doubles_and_caps() {
         max_restarts: 100,
         ..cfg(1)
     });
-    let mut id = 1;
     let mut last = 0;
-    for _ in 0..12 {
+    for id in 1..=12 {
         h.listen(id);
         h.exit(id, ok(1), false);
         let e = h.events().last().unwrap().clone();
@@ -203,7 +202,6 @@ fn crash_restarts_after_backoff_that_doubles_and_caps() {
             .parse::<u64>()
             .unwrap();
         h.advance(last);
-        id += 1;
     }
     assert_eq!(last, 15_000, "capped at 15 s");
 }

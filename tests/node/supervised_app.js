@@ -1,0 +1,25 @@
+// A Node cluster worker app for tests/supervisor_node.rs: an HTTP hello
+// world on port 0 (shared through the primary), one request per
+// connection. SUP_MODE picks its behaviour:
+//   serve        serve (default)
+//   crash        exit with code 3 at once
+//   syntax       a syntax error at start-up (the "bad deploy")
+//   wait-ready   serve, and send PM2's 'ready' message 200 ms after listening
+//   never-ready  serve, never send 'ready'
+'use strict';
+const cluster = require('cluster');
+const http = require('http');
+
+if (!cluster.isWorker) throw new Error('run me as a cluster worker');
+
+const mode = process.env.SUP_MODE || 'serve';
+if (mode === 'crash') process.exit(3);
+if (mode === 'syntax') new Function('return function (');
+
+const server = http.createServer((req, res) => {
+  res.setHeader('Connection', 'close');
+  res.end(`hello from ${process.pid}\n`);
+});
+server.listen(0, () => {
+  if (mode === 'wait-ready') setTimeout(() => process.send('ready'), 200);
+});

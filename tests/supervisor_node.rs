@@ -1,0 +1,197 @@
+//! The supervisor with real Node workers (`tests/node/supervised_app.js`,
+//! a Node `http` server under `cluster`): restart after a crash, the
+//! crash-loop bound, PM2's `process.send('ready')`, a fail-closed reload
+//! of a version with a syntax error, and zero failed requests across
+//! rolling reloads under load in every policy.
+
+mod supervisor_common;
+mod util;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use supervisor_common::*;
+use uvcluster::cluster::SchedulingPolicy;
+use uvcluster::supervisor::{ReadyMode, ReloadError, StartFailure, SupervisorConfig};
+use uvcluster::uv::Loop;
+
+fn node(lp: &mut Loop, mode: &str, policy: SchedulingPolicy, cfg: SupervisorConfig) -> Sup {
+    util::require_node();
+    supervisor(lp, node_settings(mode, policy), cfg)
+}
+
+fn start_ready(lp: &mut Loop, s: &Sup, n: usize) {
+    s.sup.start(lp);
+    util::run_until(lp, 30_000, |lp| {
+        s.ready_workers(lp) == n && s.port.get() != 0
+    });
+}
+
+fn stop_and_wait(lp: &mut Loop, s: &Sup) -> i32 {
+    s.sup.stop(lp, true);
+    let exit = s.exit.clone();
+    util::run_until(lp, 30_000, move |_| exit.get().is_some());
+    s.exit.get().unwrap()
+}
+
+#[test]
+fn node_worker_restarted_after_crash_and_still_serving() {
+    let mut lp = Loop::new().unwrap();
+    let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
+    start_ready(&mut lp, &s, 2);
+    let victim = s.pids(&lp)[0];
+    kill(victim, Signal::SIGKILL);
+    util::run_until(&mut lp, 30_000, |lp| {
+        s.ready_workers(lp) == 2 && !s.pids(lp).contains(&victim)
+    });
+    assert_eq!(s.count("restarting in 100 ms"), 1, "{}", s.lines());
+    let load = Load::start(s.port.get(), 2, 20);
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_crash_loop_is_bounded_and_the_primary_exits_non_zero() {
+    let mut lp = Loop::new().unwrap();
+    let s = node(&mut lp, "crash", SchedulingPolicy::RoundRobin, config(1));
+    s.sup.start(&mut lp);
+    let exit = s.exit.clone();
+    util::run_until(&mut lp, 10_000, move |_| exit.get().is_some());
+    assert_eq!(s.exit.get(), Some(1));
+    assert_eq!(s.count("forked"), 6, "{}", s.lines());
+    assert!(s.lines().contains("last worker: exit code 3"));
+}
+
+#[test]
+fn node_wait_ready_uses_pm2s_ready_message() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        ready: ReadyMode::Message,
+        ..config(1)
+    };
+    let s = node(&mut lp, "wait-ready", SchedulingPolicy::RoundRobin, cfg);
+    start_ready(&mut lp, &s, 1);
+    let line = (s.log.borrow().iter())
+        .find(|l| l.contains(" ready "))
+        .cloned()
+        .unwrap();
+    let ms: u64 = (line.rsplit("after ").next().unwrap())
+        .trim_end_matches(" ms")
+        .parse()
+        .unwrap();
+    assert!(ms >= 200, "ready before its message: {line}");
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_ready_timeout_fails_the_reload_closed() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        ready: ReadyMode::Message,
+        ready_timeout: Duration::from_millis(1_500),
+        ..config(1)
+    };
+    let s = node(&mut lp, "wait-ready", SchedulingPolicy::RoundRobin, cfg);
+    start_ready(&mut lp, &s, 1);
+    let before = s.pids(&lp);
+    s.sup
+        .primary()
+        .setup_primary(&mut lp, node_env("never-ready"));
+    let result = Rc::new(RefCell::new(None));
+    let r = result.clone();
+    s.sup
+        .reload(&mut lp, move |_, res| *r.borrow_mut() = Some(res));
+    util::run_until(&mut lp, 30_000, |_| result.borrow().is_some());
+    let res = result.borrow_mut().take().unwrap();
+    assert!(
+        matches!(
+            res,
+            Err(ReloadError::NotReady {
+                failure: StartFailure::ReadyTimeout(_),
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    assert_eq!(s.pids(&lp), before);
+    let load = Load::start(s.port.get(), 2, 20);
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_fail_closed_reload_of_a_syntax_error_loses_nothing() {
+    let mut lp = Loop::new().unwrap();
+    let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
+    start_ready(&mut lp, &s, 2);
+    let before = s.pids(&lp);
+    let load = Load::start(s.port.get(), 4, 100_000);
+    s.sup.primary().setup_primary(&mut lp, node_env("syntax"));
+    let result = Rc::new(RefCell::new(None));
+    let r = result.clone();
+    s.sup
+        .reload(&mut lp, move |_, res| *r.borrow_mut() = Some(res));
+    util::run_until(&mut lp, 30_000, |_| result.borrow().is_some());
+    let res = result.borrow_mut().take().unwrap();
+    assert!(
+        matches!(
+            res,
+            Err(ReloadError::NotReady {
+                failure: StartFailure::Exited(_),
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    let ok = load.ok.clone();
+    let base = ok.load(Ordering::SeqCst);
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > base + 50
+    });
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.pids(&lp), before, "the old workers still serve");
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+fn node_zero_loss_reloads(policy: SchedulingPolicy) {
+    let mut lp = Loop::new().unwrap();
+    let s = node(&mut lp, "serve", policy, config(2));
+    start_ready(&mut lp, &s, 2);
+    let before = s.pids(&lp);
+    let load = Load::start(s.port.get(), 4, 100_000);
+    let done = Rc::new(Cell::new(0));
+    reload_times(&mut lp, &s.sup, 3, done.clone());
+    util::run_until(&mut lp, 60_000, |_| done.get() == 3);
+    let served = load.ok();
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{} failed: {errors:?}", errors.len());
+    assert!(served > 0);
+    assert!(s.pids(&lp).iter().all(|p| !before.contains(p)));
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_reload_under_load_loses_nothing_round_robin() {
+    node_zero_loss_reloads(SchedulingPolicy::RoundRobin);
+}
+
+#[test]
+fn node_reload_under_load_loses_nothing_none() {
+    node_zero_loss_reloads(SchedulingPolicy::None);
+}
+
+#[test]
+fn node_reload_under_load_loses_nothing_reuseport() {
+    node_zero_loss_reloads(SchedulingPolicy::ReusePort);
+}
+
+#[test]
+fn node_reload_under_load_loses_nothing_least_connections() {
+    node_zero_loss_reloads(SchedulingPolicy::LeastConnections);
+}
