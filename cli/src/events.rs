@@ -3,7 +3,7 @@
 //!
 //! Every line about a worker starts `worker ID (pid PID)` and ends with what
 //! happened (`forked`, `listening on 127.0.0.1:8000`, `ready`, `draining`,
-//! `drained`, `exited`, `exited with code 3`, `killed by signal 9
+//! `exited`, `exited with code 3`, `killed by signal 9
 //! (SIGKILL)`), so `grep 'worker 3 '` follows one worker. Nothing a user
 //! reads is Rust's `Debug` spelling: durations print as `250ms` or `1m 30s`,
 //! signals by name.
@@ -27,28 +27,71 @@ pub const TARGET: &str = "uvcluster";
 /// journal reads as the line's level, without a second timestamp.
 pub fn init() {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, r| {
-            if journal {
-                let prio = match r.level() {
-                    log::Level::Error => 3,
-                    log::Level::Warn => 4,
-                    log::Level::Info => 6,
-                    log::Level::Debug | log::Level::Trace => 7,
-                };
-                writeln!(buf, "<{prio}>{}", r.args())
-            } else {
-                writeln!(
-                    buf,
-                    "{} {:<5} {}: {}",
-                    buf.timestamp_millis(),
-                    r.level(),
-                    r.target(),
-                    r.args()
-                )
-            }
-        })
-        .init();
+    // The supervisor also logs each event in its own words; the CLI writes
+    // each in its own (with pids), so the supervisor's copies are dropped
+    // unless RUST_LOG names the supervisor.
+    let own_words = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("supervisor"));
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format(move |buf, r| {
+                if journal {
+                    let prio = match r.level() {
+                        log::Level::Error => 3,
+                        log::Level::Warn => 4,
+                        log::Level::Info => 6,
+                        log::Level::Debug | log::Level::Trace => 7,
+                    };
+                    writeln!(buf, "<{prio}>{}", r.args())
+                } else {
+                    writeln!(
+                        buf,
+                        "{} {:<5} {}: {}",
+                        buf.timestamp_millis(),
+                        r.level(),
+                        r.target(),
+                        r.args()
+                    )
+                }
+            })
+            .build();
+    let max = logger.filter();
+    let logger = Filtered {
+        inner: logger,
+        drop_event_echoes: !own_words,
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// The log target of the supervisor's records.
+const SUPERVISOR_TARGET: &str = "uvcluster::supervisor::shell";
+
+/// `env_logger` without the supervisor's echo of each event (its other
+/// records, which start `supervisor: `, stay).
+struct Filtered {
+    inner: env_logger::Logger,
+    drop_event_echoes: bool,
+}
+
+impl log::Log for Filtered {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        self.inner.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.drop_event_echoes
+            && r.target() == SUPERVISOR_TARGET
+            && !r.args().to_string().starts_with("supervisor: ")
+        {
+            return;
+        }
+        self.inner.log(r);
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
 }
 
 /// `worker 3 (pid 1234)`, or `worker 3` before it has a pid.
@@ -110,19 +153,19 @@ pub fn listening(id: u32, pid: Option<i32>, addr: &str) {
     log::info!(target: TARGET, "{} listening on {addr}", who(id, pid));
 }
 
-/// A worker is ready (it listens, or it sent `'ready'`).
-pub fn ready(id: u32, pid: Option<i32>) {
-    log::info!(target: TARGET, "{} ready", who(id, pid));
+/// A worker is ready (it listens, or it sent `'ready'`), `after` its fork.
+pub fn ready(id: u32, pid: Option<i32>, after: Duration) {
+    log::info!(
+        target: TARGET,
+        "{} ready (after {})",
+        who(id, pid),
+        show_duration(after)
+    );
 }
 
 /// A worker is out of rotation and being disconnected.
 pub fn draining(id: u32, pid: Option<i32>) {
     log::info!(target: TARGET, "{} draining", who(id, pid));
-}
-
-/// A draining worker has finished what it held.
-pub fn drained(id: u32, pid: Option<i32>) {
-    log::info!(target: TARGET, "{} drained", who(id, pid));
 }
 
 /// A worker exited. An exit nobody asked for, with a non-zero code or a
@@ -136,26 +179,24 @@ pub fn exited(id: u32, pid: Option<i32>, code: Option<i64>, signal: Option<Signu
     }
 }
 
-/// A slot's worker will be replaced after `delay`.
-pub fn restarting(id: u32, delay: Duration, restarts: u32) {
+/// Slot `slot` forks again after `delay` (its backoff).
+pub fn restarting(slot: usize, delay: Duration) {
     log::info!(
         target: TARGET,
-        "worker {id} restarting in {} (restart {restarts})",
+        "slot {slot} restarting in {}",
         show_duration(delay)
     );
 }
 
-/// A slot stopped being restarted (a crash loop, or a start that never got
-/// ready): how its last worker ended and its last stderr lines.
-pub fn errored(id: u32, why: &str, last_stderr: &[String]) {
-    if last_stderr.is_empty() {
-        log::error!(target: TARGET, "worker {id} errored: {why}; not restarted");
-    } else {
-        log::error!(
+/// A slot stopped being restarted (a crash loop, or starts that never got
+/// ready): why, and how its last worker ended.
+pub fn errored(slot: usize, why: &str, last: Option<&str>) {
+    match last {
+        Some(last) => log::error!(
             target: TARGET,
-            "worker {id} errored: {why}; not restarted; its last output: {}",
-            last_stderr.join(" | ")
-        );
+            "slot {slot} errored: {why}; its last worker {last}; not restarted"
+        ),
+        None => log::error!(target: TARGET, "slot {slot} errored: {why}; not restarted"),
     }
 }
 

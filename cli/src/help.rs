@@ -38,7 +38,7 @@ Pool:
   -p, --policy POLICY          rr, none, reuseport or leastconn
                                [default: rr; env NODE_CLUSTER_SCHED_POLICY]
       --handoff-window N       connections in flight to one worker, 1 to 64
-                               [default: 4; env UVCLUSTER_HANDOFF_WINDOW]
+                               [default: 1; env UVCLUSTER_HANDOFF_WINDOW]
 
 Restart:
       --restart WHEN           always, on-failure or never [default: always]
@@ -84,3 +84,55 @@ once); SIGHUP reloads worker by worker; SIGTTIN adds a worker, SIGTTOU
 removes one. Log lines go to stderr; RUST_LOG=warn quiets them, RUST_LOG=debug
 adds the library's. See docs/cli.md.
 ";
+
+#[cfg(test)]
+mod tests {
+    use uvcluster::cluster::DEFAULT_HANDOFF_WINDOW;
+    use uvcluster::supervisor::SupervisorConfig;
+
+    use crate::values::show_duration;
+
+    /// The defaults `run --help` states are the ones that apply.
+    #[test]
+    fn stated_defaults_are_the_real_ones() {
+        let d = SupervisorConfig::default();
+        let line = |flag: &str| {
+            let at = super::RUN
+                .find(&format!("--{flag} "))
+                .unwrap_or_else(|| panic!("{flag}"));
+            let rest = &super::RUN[at..];
+            let start = rest.find("[default: ").unwrap() + "[default: ".len();
+            let len = rest[start..].find([']', ';']).unwrap();
+            rest[start..start + len].to_string()
+        };
+        for (flag, value) in [
+            ("backoff-initial", d.backoff_initial),
+            ("backoff-cap", d.backoff_cap),
+            ("stable-period", d.stable_period),
+            ("restart-window", d.restart_window),
+            ("ready-timeout", d.ready_timeout),
+            ("kill-timeout", d.kill_timeout),
+            ("memory-check-interval", d.memory_check_interval),
+        ] {
+            assert_eq!(line(flag), show_duration(value), "--{flag}");
+        }
+        assert_eq!(
+            line("worker-timeout"),
+            d.worker_timeout.map_or("off".into(), show_duration)
+        );
+        assert_eq!(line("max-restarts"), d.max_restarts.to_string());
+        assert_eq!(line("reload-batch"), d.reload_batch.to_string());
+        assert_eq!(line("restart"), d.restart.to_string());
+        assert_eq!(
+            line("fail-before-ready[=B]").as_str(),
+            d.fail_before_ready.to_string()
+        );
+        assert_eq!(
+            line("max-connections-jitter"),
+            d.max_connections_jitter.to_string()
+        );
+        assert_eq!(line("max-memory"), "off");
+        assert_eq!(line("max-connections"), "off");
+        assert_eq!(line("handoff-window"), DEFAULT_HANDOFF_WINDOW.to_string());
+    }
+}

@@ -211,7 +211,10 @@ pub fn parse(
     match p.next().map_err(|e| err(e.to_string()))? {
         Some(Value(v)) if v == "run" => {}
         Some(Value(v)) => {
-            return Err(err(format!("unknown subcommand {:?}", v.to_string_lossy())));
+            return Err(err(format!(
+                "unknown subcommand {:?}; the command is run",
+                v.to_string_lossy()
+            )));
         }
         Some(Short('h') | Long("help")) => return Ok(Request::Help(crate::help::MAIN)),
         Some(Short('V') | Long("version")) => return Ok(Request::Version),
@@ -589,7 +592,7 @@ mod tests {
         assert!(matches!(req(&["-V"]), Ok(Request::Version)));
         assert_eq!(
             req(&["walk"]).unwrap_err(),
-            Usage("unknown subcommand \"walk\"".into())
+            Usage("unknown subcommand \"walk\"; the command is run".into())
         );
         assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given".into()));
     }

@@ -1,13 +1,17 @@
-//! `uvcluster run`: the workers under a primary, the signals, the output
-//! prefixes and the exit status.
+//! `uvcluster run`: the pool under a [`Supervisor`], its events in the
+//! log, the worker output prefixes, and the exit status.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
+use std::path::Path;
 use std::rc::Rc;
+use std::time::Duration;
 
 use uvcluster::cluster::{Primary, Settings, Worker};
 use uvcluster::ipc::ForkStdio;
+use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Supervisor};
 use uvcluster::uv::{Loop, RunMode, Signum};
 
 use crate::events;
@@ -17,13 +21,12 @@ use crate::values::show_duration;
 /// How a run ended; [`Outcome::code`] is the process's exit status.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Stopped cleanly: a graceful stop finished (its kill timeout
-    /// included, as gunicorn's graceful timeout), or every worker exited 0
-    /// on its own. Exit 0.
-    Clean,
-    /// The service failed: a worker ended with a non-zero code or a signal
-    /// nobody sent, and none is left. Exit 1.
-    Failed,
+    /// The supervisor's own code: 0 after a graceful stop (its kill timeout
+    /// included, as gunicorn's graceful timeout) or when every worker
+    /// exited 0 and none is to be restarted; 1 when no worker is left
+    /// running and none will be restarted after failures (a crash loop,
+    /// every slot errored).
+    Supervisor(i32),
     /// Stopped at once by this signal (a second SIGTERM/SIGINT, or
     /// SIGQUIT). Exit 128 + its number, as a shell reports a process
     /// killed by it.
@@ -34,44 +37,46 @@ impl Outcome {
     /// The exit status (docs/cli.md, "Exit status").
     pub fn code(&self) -> u8 {
         match self {
-            Outcome::Clean => 0,
-            Outcome::Failed => 1,
+            Outcome::Supervisor(c) => u8::try_from(*c).unwrap_or(1),
             Outcome::Immediate(s) => u8::try_from(128 + s.as_raw()).unwrap_or(1),
         }
     }
 }
 
-/// A program that could not be started at all (exit 1, a start failure).
+/// A program that cannot be started at all (exit 1, a start failure).
 #[derive(Debug)]
 pub struct CannotRun {
     /// The program as given.
     pub program: OsString,
-    /// Why.
-    pub error: io::Error,
+    /// Why: `ENOENT` or `EACCES`.
+    pub errno: nix::errno::Errno,
 }
 
 impl std::fmt::Display for CannotRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The library's error names the program as Node does (`spawn
-        // app ENOENT (No such file or directory)`); the words after it say
-        // what to check.
+        // Node's words for a failed spawn (`spawn app ENOENT (No such file
+        // or directory)`, as the library's spawn error), then what to check.
         let program = self.program.to_string_lossy();
-        let hint = match self.error.kind() {
-            io::ErrorKind::NotFound if !program.contains('/') => "no such program in PATH",
-            io::ErrorKind::NotFound => "no such file",
-            io::ErrorKind::PermissionDenied => "not executable",
-            _ => "cannot be started",
+        let hint = match self.errno {
+            nix::errno::Errno::ENOENT if !program.contains('/') => "no such program in PATH",
+            nix::errno::Errno::ENOENT => "no such file",
+            _ => "not executable",
         };
-        write!(f, "{}: {program:?} {hint}", self.error)
+        write!(
+            f,
+            "spawn {program} {:?} ({}): {program:?} {hint}",
+            self.errno,
+            self.errno.desc()
+        )
     }
 }
 
 /// Either failure of [`run`] before the loop runs.
 #[derive(Debug)]
 pub enum StartError {
-    /// The program could not be started.
+    /// The program cannot be started.
     CannotRun(CannotRun),
-    /// Anything else (the loop, a signal handler).
+    /// Anything else (the loop, a signal handler, the configuration).
     Io(io::Error),
 }
 
@@ -79,6 +84,48 @@ impl From<io::Error> for StartError {
     fn from(e: io::Error) -> StartError {
         StartError::Io(e)
     }
+}
+
+/// Finds `program` as `execvp` would (in `PATH` unless it names a path)
+/// and checks it can be executed, so that a typo fails at once, naming the
+/// program, rather than after the supervisor's crash-loop budget of failed
+/// forks.
+fn preflight(program: &OsStr) -> Result<(), CannotRun> {
+    use nix::unistd::{AccessFlags, access};
+    let executable = |p: &Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
+    let fail = |errno| {
+        Err(CannotRun {
+            program: program.to_owned(),
+            errno,
+        })
+    };
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return match (path.exists(), executable(path)) {
+            (_, true) => Ok(()),
+            (true, false) => fail(nix::errno::Errno::EACCES),
+            (false, _) => fail(nix::errno::Errno::ENOENT),
+        };
+    }
+    let dirs = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut seen = false;
+    for dir in std::env::split_paths(&dirs) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".").to_path_buf()
+        } else {
+            dir
+        };
+        let candidate = dir.join(path);
+        if executable(&candidate) {
+            return Ok(());
+        }
+        seen |= candidate.is_file();
+    }
+    fail(if seen {
+        nix::errno::Errno::EACCES
+    } else {
+        nix::errno::Errno::ENOENT
+    })
 }
 
 /// The settings that start the workers: the command, the policy, and piped
@@ -115,10 +162,7 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
         // run yet: this is the fork callback).
         let _ = lp.read_stop(pipe);
         let res = lp.read_start(pipe, move |_, _, r| {
-            let data = match r {
-                Ok(d) => d,
-                Err(_) => &[][..],
-            };
+            let data = r.unwrap_or(&[]);
             let eof = data.is_empty();
             partial.extend_from_slice(data);
             let mut out = Vec::new();
@@ -141,174 +185,224 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
             }
         });
         if let Err(e) = res {
-            log::warn!(target: events::TARGET, "worker {}: cannot prefix its output: {e}", w.id());
+            log::warn!(
+                target: events::TARGET,
+                "worker {}: cannot prefix its output: {e}",
+                w.id()
+            );
         }
     }
 }
 
-/// How often a graceful stop that is still waiting says for whom.
-const STILL_WAITING: std::time::Duration = std::time::Duration::from_secs(5);
+/// Worker ids to pids, for the log lines of events that carry ids only.
+type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 
-/// Runs the workers until they are gone; returns how it ended.
+/// How often a graceful stop that is still waiting says for whom.
+const STILL_WAITING: Duration = Duration::from_secs(5);
+
+/// Why a start failed, in the log's words.
+fn start_failure(f: &StartFailure) -> String {
+    match f {
+        StartFailure::Fork(e) => format!("could not be forked: {e}"),
+        StartFailure::Exited(e) => format!(
+            "{} before it was ready",
+            events::how_it_ended(e.code, e.signal)
+        ),
+        StartFailure::ReadyTimeout(d) => {
+            format!("was not ready within {}", show_duration(*d))
+        }
+    }
+}
+
+/// Writes the log line of one supervisor event (docs/cli.md, "The log").
+fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Duration) {
+    use LifecycleEvent as E;
+    let pid = |id: &u32| pids.borrow().get(id).copied();
+    match e {
+        // Logged by the fork callback, with the pid.
+        E::Forked { .. } => {}
+        E::ForkFailed { slot, error } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: cannot fork a worker: {error}"
+        ),
+        E::Ready { worker, after, .. } => events::ready(*worker, pid(worker), *after),
+        E::Draining { worker, .. } => events::draining(*worker, pid(worker)),
+        E::Killed {
+            worker,
+            signal,
+            reason,
+            ..
+        } => log::warn!(
+            target: events::TARGET,
+            "{} sent {signal}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::Exited {
+            worker,
+            exit,
+            expected,
+            ..
+        } => {
+            let p = pids.borrow_mut().remove(worker);
+            events::exited(*worker, p, exit.code, exit.signal, *expected);
+        }
+        E::Restarting { slot, delay } => events::restarting(*slot, *delay),
+        E::Errored { slot, last, why } => {
+            let last = last.map(|l| events::how_it_ended(l.code, l.signal));
+            events::errored(*slot, why, last.as_deref());
+        }
+        E::Replacing {
+            slot,
+            worker,
+            reason,
+        } => log::info!(
+            target: events::TARGET,
+            "slot {slot}: replacing {}: {reason}",
+            events::who(*worker, pid(worker))
+        ),
+        E::ReplaceFailed { slot, failure } => log::error!(
+            target: events::TARGET,
+            "slot {slot}: the replacement {}; the old worker keeps serving",
+            start_failure(failure)
+        ),
+        E::ReloadStarted { slots } => events::reload_started(*slots),
+        E::ReloadQueued => log::info!(
+            target: events::TARGET,
+            "reload queued: it runs once the current one ends"
+        ),
+        E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
+        E::ReloadFailed(ReloadError::NotReady {
+            slot,
+            failure,
+            replaced,
+        }) => events::reload_failed(&format!(
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+            start_failure(failure)
+        )),
+        E::ReloadFailed(ReloadError::Stopped) => events::reload_failed("a stop began"),
+        E::Scaled { from, to } => log::info!(
+            target: events::TARGET,
+            "scaled from {from} to {to} worker(s)"
+        ),
+        E::Stopping {
+            graceful: true,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::info!(
+                target: events::TARGET,
+                "{by}: stopping gracefully, disconnecting workers (killed after {}; \
+                 a second SIGINT/SIGTERM stops at once)",
+                show_duration(kill_timeout)
+            );
+            still_waiting(lp, pids.clone());
+        }
+        E::Stopping {
+            graceful: false,
+            signal,
+        } => {
+            let by = signal.map_or_else(|| "stop".to_string(), |s| format!("signal {s}"));
+            log::warn!(
+                target: events::TARGET,
+                "{by}: stopping at once, killing every worker"
+            );
+        }
+        E::DuplicateSignal(s) => log::info!(
+            target: events::TARGET,
+            "signal {s} again: the same request delivered twice, ignored"
+        ),
+        E::Exiting { code } => log::debug!(target: events::TARGET, "supervisor done, code {code}"),
+    }
+}
+
+/// A graceful stop never waits silently (issue 10): every 5 s it says for
+/// which workers it waits. The timer does not keep the loop alive.
+fn still_waiting(lp: &mut Loop, pids: Pids) {
+    let t = lp.timer_init();
+    let _ = lp.timer_start(t, STILL_WAITING, STILL_WAITING, move |_, _| {
+        let mut left: Vec<(u32, i32)> = pids.borrow().iter().map(|(&i, &p)| (i, p)).collect();
+        left.sort_unstable();
+        let left: Vec<String> = left
+            .iter()
+            .map(|(id, pid)| format!("{id} (pid {pid})"))
+            .collect();
+        log::info!(
+            target: events::TARGET,
+            "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
+            left.join(", ")
+        );
+    });
+    let _ = lp.unref_handle(t);
+}
+
+/// Runs the pool until the supervisor is done; returns how it ended.
 ///
 /// # Errors
 ///
-/// [`StartError::CannotRun`] when the first fork finds no program to run;
-/// [`StartError::Io`] when the loop or a signal handler cannot be set up.
+/// [`StartError::CannotRun`] when the program is not found or cannot be
+/// executed; [`StartError::Io`] when the loop or a signal handler cannot be
+/// set up.
 pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
+    preflight(&opts.command[0]).map_err(StartError::CannotRun)?;
     uvcluster::uv::disable_stdio_inheritance();
     let mut lp = Loop::new()?;
     let primary = Primary::new();
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(opts.handoff_window);
-    let kill_timeout = opts.supervisor.kill_timeout;
 
-    let failed = Rc::new(Cell::new(false));
-    let stopping = Rc::new(Cell::new(false));
-    let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
-    let forked: Rc<RefCell<Vec<Worker>>> = Rc::default();
-
+    let pids: Pids = Rc::default();
     let prefix = opts.prefix_output;
-    primary.on_fork(move |lp, w| {
-        events::forked(w.id(), w.pid());
-        if prefix {
-            prefix_output(lp, w);
-        }
-    });
-    primary.on_listening(|_, w, a| {
-        let addr = a.address.as_deref().unwrap_or("*");
-        match a.port {
-            Some(port) if port >= 0 => {
-                events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
-            }
-            _ => events::listening(w.id(), w.pid(), addr),
-        }
-    });
     {
-        let failed = failed.clone();
-        let stopping = stopping.clone();
-        primary.on_exit(move |_, w, code, signal| {
-            let asked = stopping.get() || w.exited_after_disconnect() == Some(true);
-            // During a stop, however a worker ends it was asked to.
-            if !asked && !matches!((code, signal), (Some(0), _) | (None, None)) {
-                failed.set(true);
+        let pids = pids.clone();
+        primary.on_fork(move |lp, w| {
+            if let Some(pid) = w.pid() {
+                pids.borrow_mut().insert(w.id(), pid);
             }
-            events::exited(w.id(), w.pid(), code, signal, asked);
-        });
-    }
-    primary.on_error(|_, w, e| match w {
-        Some(w) => log::error!(target: events::TARGET, "worker {}: {e}", w.id()),
-        None => log::error!(target: events::TARGET, "{e}"),
-    });
-
-    // SIGINT/SIGTERM: a graceful stop bounded by --kill-timeout; a second
-    // one, or SIGQUIT, stops at once. A worker being disconnected has
-    // already left `primary.workers()` (Node's order), so kills go to every
-    // forked worker still alive.
-    let kill_all = {
-        let forked = forked.clone();
-        move |lp: &mut Loop| {
-            for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
-                let _ = w.kill(lp, Some(Signum::SIGKILL));
-            }
-        }
-    };
-    for signum in [Signum::SIGINT, Signum::SIGTERM, Signum::SIGQUIT] {
-        let sig = lp.signal_init();
-        let p = primary.clone();
-        let stopping = stopping.clone();
-        let immediate = immediate.clone();
-        let kill_all = kill_all.clone();
-        let forked = forked.clone();
-        lp.signal_start(sig, signum, move |lp, _, signum| {
-            if signum == Signum::SIGQUIT || stopping.replace(true) {
-                log::warn!(
-                    target: events::TARGET,
-                    "signal {signum}: stopping at once, killing every worker"
-                );
-                immediate.set(Some(signum));
-                kill_all(lp);
-                return;
-            }
-            log::info!(
-                target: events::TARGET,
-                "signal {signum}: stopping gracefully, disconnecting workers (killed after {}; \
-                 a second SIGINT/SIGTERM stops at once)",
-                show_duration(kill_timeout)
-            );
-            p.disconnect(lp, |_| {});
-            let timer = lp.timer_init();
-            let kill_all = kill_all.clone();
-            let held = forked.clone();
-            let _ = lp.timer_start(timer, kill_timeout, std::time::Duration::ZERO, move |lp, _| {
-                let left: Vec<String> = held
-                    .borrow()
-                    .iter()
-                    .filter(|w| !w.is_dead())
-                    .map(|w| events::who(w.id(), w.pid()))
-                    .collect();
-                if !left.is_empty() {
-                    log::warn!(
-                        target: events::TARGET,
-                        "kill timeout ({}) reached: killing {}",
-                        show_duration(kill_timeout),
-                        left.join(", ")
-                    );
-                    kill_all(lp);
+            events::forked(w.id(), w.pid());
+            // The supervisor takes the primary's `listening`; a worker's
+            // own stays ours.
+            w.on_listening(|_, w, a| {
+                let addr = a.address.as_deref().unwrap_or("*");
+                match a.port {
+                    Some(port) if port >= 0 => {
+                        events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+                    }
+                    _ => events::listening(w.id(), w.pid(), addr),
                 }
             });
-            // The timer must not keep the primary alive by itself.
-            let _ = lp.unref_handle(timer);
-            // Nor must a graceful stop wait silently (issue 10): every 5 s
-            // it says for whom it waits.
-            let reminder = lp.timer_init();
-            let forked = forked.clone();
-            let _ = lp.timer_start(reminder, STILL_WAITING, STILL_WAITING, move |_, _| {
-                let left: Vec<String> = forked
-                    .borrow()
-                    .iter()
-                    .filter(|w| !w.is_dead())
-                    .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
-                    .collect();
-                log::info!(
-                    target: events::TARGET,
-                    "still waiting for worker(s) {} to finish; a second SIGINT/SIGTERM stops at once",
-                    left.join(", ")
-                );
-            });
-            let _ = lp.unref_handle(reminder);
-        })?;
-        // Nor must the signals, once the workers are gone.
-        lp.unref_handle(sig)?;
+            if prefix {
+                prefix_output(lp, w);
+            }
+        });
     }
-    // SIGHUP would end the primary (its default action): a reload is the
-    // supervisor's; until then, refuse it in the log and keep serving.
-    let hup = lp.signal_init();
-    lp.signal_start(hup, Signum::SIGHUP, |_, _, _| {
-        log::warn!(target: events::TARGET, "signal SIGHUP: reload is not available in this build; ignored");
-    })?;
-    lp.unref_handle(hup)?;
 
-    events::starting(&opts);
-    for n in 0..opts.supervisor.workers {
-        match primary.fork(&mut lp, Vec::new()) {
-            Ok(w) => forked.borrow_mut().push(w),
-            Err(e) if n == 0 => {
-                return Err(StartError::CannotRun(CannotRun {
-                    program: opts.command[0].clone(),
-                    error: e,
-                }));
+    let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
+    {
+        let pids = pids.clone();
+        let immediate = immediate.clone();
+        let kill_timeout = opts.supervisor.kill_timeout;
+        sup.on_event(move |lp, e| {
+            if let LifecycleEvent::Stopping {
+                graceful: false,
+                signal: Some(s),
+            } = e
+            {
+                immediate.set(Some(*s));
             }
-            Err(e) => {
-                log::error!(target: events::TARGET, "cannot fork worker {}: {e}", n + 1);
-                failed.set(true);
-            }
-        }
+            log_event(lp, e, &pids, kill_timeout);
+        });
     }
+    sup.handle_signals(&mut lp)?;
+    events::starting(&opts);
+    sup.start(&mut lp);
     lp.run(RunMode::Default)?;
-    Ok(match immediate.get() {
-        Some(s) => Outcome::Immediate(s),
-        None if failed.get() => Outcome::Failed,
-        None => Outcome::Clean,
+    Ok(match (immediate.get(), sup.exit_code()) {
+        (Some(s), _) => Outcome::Immediate(s),
+        (None, Some(code)) => Outcome::Supervisor(code),
+        // The loop ended without the supervisor's verdict: nothing kept it
+        // alive, which only a failure explains.
+        (None, None) => Outcome::Supervisor(1),
     })
 }

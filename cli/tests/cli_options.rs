@@ -237,7 +237,11 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         (&[], &[], "no subcommand given"),
-        (&["walk"], &[], "unknown subcommand \"walk\""),
+        (
+            &["walk"],
+            &[],
+            "unknown subcommand \"walk\"; the command is run",
+        ),
         (&["run"], &[], "no command given"),
         (&["run", "--frob", "--", "x"], &[], "unknown option --frob"),
         (&["run", "-w"], &[], "--workers needs a value"),
@@ -758,4 +762,180 @@ fn sigquit_stops_at_once_with_128_plus_3() {
         2,
         "{log}"
     );
+}
+
+/// The pid in a log line `... worker ID (pid PID) ...`.
+fn pid_in(line: &str) -> i32 {
+    let rest = line.split_once("(pid ").unwrap().1;
+    rest.split_once(')').unwrap().0.parse().unwrap()
+}
+
+/// The supervisor's lifecycle through the CLI, one log line each: a worker
+/// SIGKILLed from outside is an unasked exit (a warning naming the signal),
+/// its slot restarts after its backoff delay (`restarting in 100ms`);
+/// SIGHUP rolls the pool (`reload started`, each old worker `draining`
+/// after its replacement is `ready`, `reload finished`); SIGTTIN and SIGTTOU
+/// scale; SIGTERM stops with exit 0.
+#[test]
+fn restart_reload_and_scale_each_log_one_line() {
+    let exe = util::example("cluster_hello");
+    let mut c = uvcluster();
+    c.args(["run", "-w", "2", "--"])
+        .arg(&exe)
+        .env("PORT", free_port().to_string());
+    let mut r = Running::start(c);
+    r.expect(") ready (after ");
+    let victim = pid_in(&r.expect(") ready (after "));
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let line = r.expect(&format!("(pid {victim}) "));
+    assert!(line.ends_with(") killed by signal 9 (SIGKILL)"), "{line}");
+    assert!(line.contains(" WARN  uvcluster: worker "), "{line}");
+    let line = r.expect(" restarting in ");
+    assert!(line.ends_with(" restarting in 100ms"), "{line}");
+    r.expect(") forked");
+    r.expect(") ready (after ");
+
+    r.signal(Signal::SIGHUP);
+    r.expect("reload started (2 workers)");
+    for _ in 0..2 {
+        r.expect(") ready (after ");
+        r.expect(") draining");
+    }
+    let line = r.expect("reload finished (");
+    assert!(
+        line.contains("reload finished (2 workers replaced in "),
+        "{line}"
+    );
+
+    r.signal(Signal::SIGTTIN);
+    r.expect("scaled from 2 to 3 worker(s)");
+    r.expect(") ready (after ");
+    r.signal(Signal::SIGTTOU);
+    r.expect("scaled from 3 to 2 worker(s)");
+
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+    // Drained: 2 by the reload, 1 by the scale-down, 2 by the stop.
+    assert_eq!(log.matches(") draining\n").count(), 5, "{log}");
+    assert!(!log.contains("Some("), "{log}");
+}
+
+/// A worker that fails at once is restarted with growing delays until its
+/// slot's budget is spent, then `errored` (an error line with how its last
+/// worker ended); with no worker left the command exits 1 by itself.
+#[test]
+fn crash_loop_errors_the_slot_and_exits_1() {
+    util::require_node();
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--backoff-initial=10ms",
+        "--max-restarts=2",
+        "--",
+        "node",
+        "-e",
+        "process.exit(7)",
+    ]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(out, "");
+    assert!(err.contains(" restarting in 10ms"), "{err}");
+    let errored = err
+        .lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    assert!(
+        errored.contains(" ERROR uvcluster: slot 0 errored: "),
+        "{errored}"
+    );
+    assert!(
+        errored.ends_with("; its last worker exited with code 7; not restarted"),
+        "{errored}"
+    );
+    // The budget bounds the forks: the first start and 2 restarts at most.
+    assert!(forks(&err) <= 3, "{err}");
+    assert!(!err.contains("Some("), "{err}");
+}
+
+/// Ctrl-C in a terminal reaches the whole process group, the workers as
+/// well as the primary, and may come twice in a row (GNU `timeout` sends
+/// its signal to the child and then to the group): the stop is graceful
+/// (exit 0, not 130), nothing is restarted, the workers' deaths by the
+/// signal they got directly are no crash (no warning), and the second
+/// delivery is the same request.
+#[test]
+fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
+    use std::os::unix::process::CommandExt;
+    util::require_node();
+    let js = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/node/ports_worker.js");
+    let mut c = uvcluster();
+    c.args(["run", "-w", "2", "--", "node", js])
+        .env("SCENARIO", "http_port")
+        .env("PORT", free_port().to_string())
+        .process_group(0);
+    let mut r = Running::start(c);
+    r.expect(") ready (after ");
+    r.expect(") ready (after ");
+    let group = Pid::from_raw(r.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
+    nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("signal SIGINT: stopping gracefully"), "{log}");
+    assert!(!log.contains("stopping at once"), "{log}");
+    assert!(!log.contains(" restarting in "), "{log}");
+    assert!(!log.contains(" WARN "), "{log}");
+    assert_eq!(forks(&log), 2, "{log}");
+}
+
+/// `--wait-ready` reaches the supervisor: a Node worker is ready when it
+/// sends `'ready'` (PM2's convention), after it listens; one that never
+/// sends it is killed at `--ready-timeout` and, its start budget spent,
+/// its slot is errored and the command exits 1.
+#[test]
+fn wait_ready_and_ready_timeout_reach_the_supervisor() {
+    util::require_node();
+    let app_js = scratch("wait-ready").join("app.js");
+    let app_text = "require('http').createServer((q, s) => s.end('ok'))\
+               .listen(process.env.PORT, () => {\
+                 if (process.env.SEND_READY) setTimeout(() => process.send('ready'), 50);\
+               });";
+    std::fs::write(&app_js, app_text).unwrap();
+    let app = app_js.to_str().unwrap();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--wait-ready", "--", "node", app])
+        .env("PORT", free_port().to_string())
+        .env("SEND_READY", "1");
+    let mut r = Running::start(c);
+    r.expect(") listening on ");
+    r.expect(") ready (after ");
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--wait-ready",
+        "--ready-timeout=300ms",
+        "--max-restarts=1",
+        "--",
+        "node",
+        app,
+    ])
+    .env("PORT", free_port().to_string());
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(") listening on "), "{err}");
+    assert!(!err.contains(") ready"), "{err}");
+    assert!(
+        err.contains(") sent SIGKILL: not ready within the ready timeout"),
+        "{err}"
+    );
+    assert!(err.contains(" ERROR uvcluster: slot 0 errored: "), "{err}");
 }
