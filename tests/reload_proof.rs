@@ -152,13 +152,13 @@ impl Cluster {
             port,
         };
         // Ready: `cluster_hello` prints `ready` once every worker listens;
-        // the CLI logs `worker ID (pid PID) ready` for each.
+        // the CLI logs `worker ID (pid PID) ready (after ...)` for each.
         let mut ready = BTreeSet::new();
         c.wait_line("every worker ready", |l| {
             if l.trim() == "ready" {
                 return true;
             }
-            if l.ends_with(") ready")
+            if l.contains(") ready")
                 && let Some(who) = l.split(" uvcluster: ").nth(1)
             {
                 ready.insert(who.to_string());
@@ -187,8 +187,11 @@ impl Cluster {
                 Ok(l) if pred(&l) => return,
                 Ok(_) => {}
                 Err(e) => panic!(
-                    "waiting for {what}: {e:?} ({}; exit status {:?})\n{}",
-                    if left.is_zero() { "deadline" } else { "output closed" },
+                    "waiting for {what}: {} (exit status {:?})\n{}",
+                    match e {
+                        mpsc::RecvTimeoutError::Timeout => "deadline",
+                        mpsc::RecvTimeoutError::Disconnected => "output closed",
+                    },
                     self.child.try_wait(),
                     self.output()
                 ),
