@@ -117,9 +117,16 @@ impl Cluster {
                 util::require_node();
                 let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/cluster_worker.js");
                 let mut c = Command::new(util::cli_bin());
-                c.args(["run", "--workers", &WORKERS.to_string(), "--", "node", script])
-                    .env("SERVER", "http")
-                    .env("LISTEN", port.to_string());
+                c.args([
+                    "run",
+                    "--workers",
+                    &WORKERS.to_string(),
+                    "--",
+                    "node",
+                    script,
+                ])
+                .env("SERVER", "http")
+                .env("LISTEN", port.to_string());
                 c
             }
         };
@@ -230,7 +237,11 @@ impl Cluster {
     fn workers(&self) -> BTreeSet<u32> {
         let pid = self.child.id();
         let mut out = BTreeSet::new();
-        for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
             out.extend(
                 list.split_whitespace()

@@ -422,7 +422,12 @@ fn sweep_once(lp: &mut Loop, st: &Rc<RefCell<State>>) {
     let now = Instant::now();
     let expired: Vec<Handle<Tcp>> = {
         let mut s = st.borrow_mut();
-        if s.opts.stop.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) && now < s.end {
+        if s.opts
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+            && now < s.end
+        {
             s.end = now;
         }
         match s.opts.timeout {
@@ -759,7 +764,10 @@ mod tests {
             }
         );
         assert_eq!(response_head(r, None).unwrap().unwrap().pid, None);
-        assert_eq!(response_head(r, Some("x-other")).unwrap().unwrap().pid, None);
+        assert_eq!(
+            response_head(r, Some("x-other")).unwrap().unwrap().pid,
+            None
+        );
     }
 
     #[test]

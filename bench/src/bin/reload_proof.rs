@@ -15,13 +15,18 @@
 //!   replaced (a reload not done within `--reload-timeout-ms` counts as
 //!   not done);
 //! * `kill`: SIGKILLs a random worker every `--kill-every-ms`, K times;
-//! * `latency`: SIGKILLs a random worker N times under a light load and
-//!   measures, each time, from the kill to the first response from a new
-//!   worker (the app answers its pid): median and max;
+//! * `latency`: restart latency, from a worker's SIGKILL to the first
+//!   response from its replacement (the app answers its pid) under a light
+//!   load (4 connections): median and max over N kills, each in a cluster
+//!   just started (the first restart of a slot, what a rare crash meets);
+//! * `latency-repeat`: the same, N kills in one cluster `--latency-gap-ms`
+//!   apart (repeated crashes: a supervisor's backoff shows here);
 //! * `failclosed`: creates the marker file that makes the app fail on
-//!   start, asks for a reload and watches for `--failclosed-ms`: the old
-//!   workers should keep serving with no failed request; then removes the
-//!   marker and asks for a reload again, which should now complete.
+//!   start (for Rust workers: replaces their binary by a script that exits
+//!   1, as a broken deploy would), asks for a reload and watches for
+//!   `--failclosed-ms` under load: the old workers should keep serving with
+//!   no failed request (the row counts that window only); then mends the
+//!   app and asks for a reload again, which should now complete.
 //!
 //! Targets: `rust` (the `cluster_hello` example, the README's main job;
 //! Rust workers), `node` (`uvcluster run -- node bench/node/http_app.js`,
@@ -42,10 +47,12 @@
 //!
 //! Options (defaults in brackets): `--reloads K` [20], `--interval-ms` [500],
 //! `--kills K` [20], `--kill-every-ms` [500], `--latency-kills N` [10],
+//! `--latency-gap-ms` [1000],
 //! `--connections C` [16], `--workers W` [2], `--timeout-ms` [2000],
 //! `--reload-timeout-ms` [10000], `--failclosed-ms` [3000],
 //! `--targets rust,node,pm2,refork`, `--policies rr,none,reuseport,leastconn`,
-//! `--modes close,keepalive`, `--scenarios reload,kill,latency,failclosed`,
+//! `--modes close,keepalive`,
+//! `--scenarios reload,kill,latency,latency-repeat,failclosed`,
 //! `--deadline-s` [1200]. Environment: `CLUSTER_HELLO` and `UVCLUSTER_BIN`
 //! name prebuilt binaries (otherwise cargo builds them); `NODE` another
 //! `node`; `PM2` a `pm2` to use instead of installing one.
@@ -95,7 +102,10 @@ static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 fn own(o: Owned) -> u64 {
     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-    OWNED.lock().unwrap_or_else(|e| e.into_inner()).insert(key, o);
+    OWNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, o);
     key
 }
 
@@ -234,7 +244,10 @@ fn children(pid: u32) -> BTreeSet<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            out.extend(list.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|s| s.parse::<u32>().ok()),
+            );
         }
     }
     out
@@ -522,7 +535,11 @@ impl Target {
         match self.kind {
             Kind::Pm2 => {
                 let home = self.pm2_home.clone().ok_or("no PM2_HOME")?;
-                let pm2 = match OWNED.lock().unwrap_or_else(|e| e.into_inner()).get(&self.key) {
+                let pm2 = match OWNED
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&self.key)
+                {
                     Some(Owned::Pm2 { pm2, .. }) => pm2.clone(),
                     _ => return Err("PM2 is gone".into()),
                 };
@@ -641,6 +658,7 @@ struct Opts {
     kills: usize,
     kill_every: Duration,
     latency_kills: usize,
+    latency_gap: Duration,
     connections: usize,
     workers: usize,
     timeout: Duration,
@@ -756,53 +774,105 @@ fn scenario_kill(o: &Opts, t: &mut Target, workload: Workload) -> (LoadReport, S
     (report, format!("{done}/{}", o.kills), note)
 }
 
-fn scenario_latency(o: &Opts, t: &mut Target) -> (LoadReport, String, String) {
-    // A light load: enough to reach a new worker at once, little enough
-    // not to slow its start.
-    let load = Load::start(t.port, 4, Workload::Close, o.timeout);
+/// Kills a random worker of `t` and waits for a response from a worker
+/// that had not answered before: the time from the kill to that
+/// response's arrival, or `None` after 5 s.
+fn kill_and_time(t: &mut Target, load: &Load, rng: &mut Rng) -> Option<Option<Duration>> {
+    let pids: Vec<u32> = t.worker_pids().into_iter().collect();
+    if pids.is_empty() {
+        return None;
+    }
+    let known: BTreeSet<u32> = load
+        .pids
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .copied()
+        .chain(pids.iter().copied())
+        .collect();
+    let victim = pids[rng.below(pids.len())];
+    let at = Instant::now();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).ok()?;
+    let until = at + Duration::from_secs(5);
+    loop {
+        if let Some(first) = load.new_pids_since(at, &known) {
+            return Some(Some(first - at));
+        }
+        if Instant::now() >= until {
+            return Some(None);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Adds `r`'s counts to `into`.
+fn add_report(into: &mut LoadReport, r: &LoadReport) {
+    into.requests += r.requests;
+    let (f, g) = (&mut into.failures, r.failures);
+    f.connect += g.connect;
+    f.reset += g.reset;
+    f.timeout += g.timeout;
+    f.status += g.status;
+    f.short += g.short;
+    f.malformed += g.malformed;
+    into.errors = f.total();
+}
+
+/// Restart latency. `fresh`: each kill in a cluster just started (the
+/// first restart of a slot, what a rare crash meets); otherwise every
+/// kill in the same cluster, `--latency-gap-ms` apart (what repeated
+/// crashes meet: a supervisor's backoff shows here).
+fn scenario_latency(
+    o: &Opts,
+    start: &dyn Fn() -> Result<Target, String>,
+    fresh: bool,
+) -> (LoadReport, String, String) {
     let mut rng = Rng::new();
     let mut lat: Vec<Duration> = Vec::new();
     let mut missed = 0;
+    let mut total = LoadReport::default();
+    let mut problem = String::new();
+    let mut shared: Option<(Target, Load)> = None;
     for _ in 0..o.latency_kills {
-        // Let the previous replacement settle.
-        std::thread::sleep(Duration::from_millis(300));
-        let pids: Vec<u32> = t.worker_pids().into_iter().collect();
-        if pids.is_empty() {
-            missed += o.latency_kills - lat.len() - missed;
+        if shared.is_none() {
+            match start() {
+                // A light load: enough to reach a new worker at once,
+                // little enough not to slow its start.
+                Ok(t) => {
+                    let load = Load::start(t.port, 4, Workload::Close, o.timeout);
+                    shared = Some((t, load));
+                }
+                Err(e) => {
+                    problem = e;
+                    break;
+                }
+            }
+        } else {
+            std::thread::sleep(o.latency_gap);
+        }
+        let Some((t, load)) = shared.as_mut() else {
             break;
-        }
-        let known: BTreeSet<u32> = load
-            .pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .chain(pids.iter().copied())
-            .collect();
-        let victim = pids[rng.below(pids.len())];
-        let at = Instant::now();
-        if kill(Pid::from_raw(victim as i32), Signal::SIGKILL).is_err() {
-            continue;
-        }
-        let until = at + Duration::from_secs(5);
-        let served = loop {
-            if let Some(first) = load.new_pids_since(at, &known) {
-                break Some(first);
-            }
-            if Instant::now() >= until {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
         };
-        match served {
-            Some(first) => lat.push(first - at),
-            None => missed += 1,
+        match kill_and_time(t, load, &mut rng) {
+            Some(Some(d)) => lat.push(d),
+            Some(None) => missed += 1,
+            None => {
+                problem = "no worker left".into();
+                break;
+            }
+        }
+        if fresh && let Some((t, load)) = shared.take() {
+            add_report(&mut total, &load.finish());
+            drop(t);
         }
     }
-    let report = load.finish();
+    if let Some((t, load)) = shared.take() {
+        add_report(&mut total, &load.finish());
+        drop(t);
+    }
     lat.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let summary = if lat.is_empty() {
+    let mut note = if lat.is_empty() {
         "no replacement served".to_string()
     } else {
         format!(
@@ -811,16 +881,13 @@ fn scenario_latency(o: &Opts, t: &mut Target) -> (LoadReport, String, String) {
             ms(*lat.last().expect("not empty"))
         )
     };
-    let note = if missed > 0 {
-        format!("{summary}; {missed} kill(s) not replaced within 5 s")
-    } else {
-        summary
-    };
-    (
-        report,
-        format!("{}/{}", lat.len(), o.latency_kills),
-        note,
-    )
+    if missed > 0 {
+        note.push_str(&format!("; {missed} kill(s) not replaced within 5 s"));
+    }
+    if !problem.is_empty() {
+        note.push_str(&format!("; {problem}"));
+    }
+    (total, format!("{}/{}", lat.len(), o.latency_kills), note)
 }
 
 /// How the fail-closed scenario breaks the app and mends it again.
@@ -853,7 +920,10 @@ impl Breakage {
             break_app: Box::new(move || {
                 let tmp = e1.with_extension("broken");
                 std::fs::write(&tmp, "#!/bin/sh\necho broken deploy >&2\nexit 1\n")?;
-                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+                std::fs::set_permissions(
+                    &tmp,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )?;
                 std::fs::rename(&tmp, &e1)
             }),
             mend_app: Box::new(move || {
@@ -885,16 +955,21 @@ fn scenario_failclosed(
     let served_late = {
         let pids = load.pids.lock().unwrap_or_else(|e| e.into_inner());
         old.iter()
-            .filter(|p| pids.get(p).is_some_and(|s| s.last > began + o.failclosed / 2))
+            .filter(|p| {
+                pids.get(p)
+                    .is_some_and(|s| s.last > began + o.failclosed / 2)
+            })
             .count()
     };
+    // The row counts the bad reload's window only: the good reload after
+    // it is a reload like those of the `reload` rows.
+    let report = load.finish();
     let mended = (breakage.mend_app)();
     // Then a good reload should complete.
     let before_good = t.worker_pids();
     let recovered = t.primary_alive()
         && t.ask_reload().is_ok()
         && wait_replaced(t, &before_good, o.reload_timeout);
-    let report = load.finish();
     let mut note = format!(
         "{}: old workers alive {kept}/{} after {} ms",
         breakage.how,
@@ -902,9 +977,14 @@ fn scenario_failclosed(
         o.failclosed.as_millis()
     );
     if t.kind.names_pid() {
-        note.push_str(&format!(", {served_late} of them still serving in its second half"));
+        note.push_str(&format!(
+            ", {served_late} of them still serving in its second half"
+        ));
     }
-    for (what, r) in [("breaking", broke.err().map(|e| e.to_string())), ("reload", asked.err())] {
+    for (what, r) in [
+        ("breaking", broke.err().map(|e| e.to_string())),
+        ("reload", asked.err()),
+    ] {
         if let Some(e) = r {
             note.push_str(&format!("; {what}: {e}"));
         }
@@ -931,6 +1011,7 @@ fn parse_opts() -> Result<Opts, String> {
         kills: 20,
         kill_every: Duration::from_millis(500),
         latency_kills: 10,
+        latency_gap: Duration::from_millis(1000),
         connections: 16,
         workers: 2,
         timeout: Duration::from_millis(2000),
@@ -941,7 +1022,7 @@ fn parse_opts() -> Result<Opts, String> {
             .map(String::from)
             .to_vec(),
         modes: vec![Workload::Close, Workload::KeepAlive],
-        scenarios: ["reload", "kill", "latency", "failclosed"]
+        scenarios: ["reload", "kill", "latency", "latency-repeat", "failclosed"]
             .map(String::from)
             .to_vec(),
         deadline: Duration::from_secs(1200),
@@ -982,6 +1063,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--kills" => o.kills = num(&v)? as usize,
             "--kill-every-ms" => o.kill_every = Duration::from_millis(num(&v)?),
             "--latency-kills" => o.latency_kills = num(&v)? as usize,
+            "--latency-gap-ms" => o.latency_gap = Duration::from_millis(num(&v)?),
             "--connections" => o.connections = num(&v)?.max(1) as usize,
             "--workers" => o.workers = num(&v)?.max(1) as usize,
             "--timeout-ms" => o.timeout = Duration::from_millis(num(&v)?.max(1)),
@@ -1013,7 +1095,10 @@ fn parse_opts() -> Result<Opts, String> {
                     .collect()
             }
             "--scenarios" => {
-                o.scenarios = list(&v, &["reload", "kill", "latency", "failclosed"])?
+                o.scenarios = list(
+                    &v,
+                    &["reload", "kill", "latency", "latency-repeat", "failclosed"],
+                )?
             }
             _ => return Err(format!("unknown option {name:?}\n{USAGE}")),
         }
@@ -1025,7 +1110,8 @@ const USAGE: &str = "usage: reload_proof [--reloads K] [--interval-ms MS] [--kil
 [--kill-every-ms MS] [--latency-kills N] [--connections C] [--workers W] [--timeout-ms MS] \
 [--reload-timeout-ms MS] [--failclosed-ms MS] [--targets rust,node,pm2,refork] \
 [--policies rr,none,reuseport,leastconn] [--modes close,keepalive] \
-[--scenarios reload,kill,latency,failclosed] [--deadline-s S]";
+[--scenarios reload,kill,latency,latency-repeat,failclosed] [--latency-gap-ms MS] \
+[--deadline-s S]";
 
 /// PM2: `PM2` if set, else installed with npm into
 /// `bench/node/.pm2-install` (once; later runs reuse it).
@@ -1038,7 +1124,10 @@ fn find_pm2() -> Result<PathBuf, String> {
     if bin.exists() {
         return Ok(bin);
     }
-    println!("installing {PM2_PACKAGE} with npm into {} ...", prefix.display());
+    println!(
+        "installing {PM2_PACKAGE} with npm into {} ...",
+        prefix.display()
+    );
     let (ok, out) = run_bounded(
         Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--prefix"])
@@ -1150,20 +1239,21 @@ fn main() {
             if reloading && !kind.reloads() {
                 continue;
             }
+            let latency = scenario.starts_with("latency");
             let default_policy = vec!["rr".to_string()];
-            let policies = if kind.has_policy() && scenario != "latency" {
+            let policies = if kind.has_policy() && !latency {
                 &o.policies
             } else {
                 &default_policy
             };
-            let modes = if scenario == "latency" {
+            let modes = if latency {
                 vec![Workload::Close]
             } else {
                 o.modes.clone()
             };
             for policy in policies {
                 for &mode in &modes {
-                    if scenario == "latency" && !kind.names_pid() {
+                    if latency && !kind.names_pid() {
                         continue;
                     }
                     let env: Vec<(&str, &str)> = if scenario == "failclosed" {
@@ -1190,25 +1280,29 @@ fn main() {
                         }
                         _ => Breakage::marker(&marker),
                     };
-                    let mut t = match Target::start(&tools, kind, policy, o.workers, &env) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            println!("{label}: could not start: {e}");
-                            continue;
+                    let start = || Target::start(&tools, kind, policy, o.workers, &env);
+                    let (report, done, note) = if latency {
+                        scenario_latency(&o, &start, scenario == "latency")
+                    } else {
+                        let mut t = match start() {
+                            Ok(t) => t,
+                            Err(e) => {
+                                println!("{label}: could not start: {e}");
+                                continue;
+                            }
+                        };
+                        match scenario.as_str() {
+                            "reload" => scenario_reload(&o, &mut t, mode),
+                            "kill" => scenario_kill(&o, &mut t, mode),
+                            _ => scenario_failclosed(&o, &mut t, mode, &breakage),
                         }
                     };
-                    let (report, done, note) = match scenario.as_str() {
-                        "reload" => scenario_reload(&o, &mut t, mode),
-                        "kill" => scenario_kill(&o, &mut t, mode),
-                        "latency" => scenario_latency(&o, &mut t),
-                        _ => scenario_failclosed(&o, &mut t, mode, &breakage),
-                    };
-                    drop(t);
                     let row = Row {
                         scenario: match scenario.as_str() {
                             "reload" => "reload",
                             "kill" => "kill",
-                            "latency" => "latency",
+                            "latency" => "restart latency (first restart)",
+                            "latency-repeat" => "restart latency (repeated kills)",
                             _ => "fail-closed",
                         },
                         target: kind,
@@ -1246,7 +1340,9 @@ fn print_table(rows: &[Row]) {
     println!(
         "| scenario | target | policy | mode | requests ok | failed | connect | reset | timeout | non-200 | short | done | notes |"
     );
-    println!("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |");
+    println!(
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
+    );
     for r in rows {
         let f = r.failures;
         println!(
