@@ -33,7 +33,10 @@ fn sup_rust_worker() {
     let w = cluster::setup_worker(&mut lp).unwrap().expect("a worker");
     let mode = std::env::var("SUP_MODE").unwrap_or_default();
     match mode.as_str() {
-        "crash" | "syntax" => std::process::exit(3),
+        "crash" | "syntax" => {
+            eprintln!("sup_rust_worker: cannot start ({mode})");
+            std::process::exit(3)
+        }
         "linger" => {
             // Something that keeps the process up after its server closed.
             let t = lp.timer_init();
@@ -41,6 +44,26 @@ fn sup_rust_worker() {
                 .unwrap();
         }
         _ => {}
+    }
+    if mode == "hang" {
+        // A worker whose loop stops at its first connection (a handler
+        // that never returns): it answers nothing from then on.
+        let server = uvcluster::net::Server::new(&mut lp, |_, _, _| {
+            loop {
+                std::hint::spin_loop();
+            }
+        });
+        server
+            .listen(
+                &mut lp,
+                uvcluster::net::ListenOptions::port(0),
+                |_, _, r| {
+                    r.unwrap();
+                },
+            )
+            .unwrap();
+        lp.run(RunMode::Default).unwrap();
+        return;
     }
     let _server = util::serve_hello(&mut lp, 0);
     if mode == "wait-ready" {
@@ -232,6 +255,9 @@ fn fail_closed_reload_keeps_the_old_workers_serving() {
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
+/// The goal: zero failed requests across 20 reloads.
+const RELOADS: usize = 20;
+
 /// K rolling reloads under a closed-loop load: not one request fails.
 fn zero_loss_reloads(policy: SchedulingPolicy) {
     let mut lp = Loop::new().unwrap();
@@ -240,10 +266,11 @@ fn zero_loss_reloads(policy: SchedulingPolicy) {
     let before = s.pids(&lp);
     let load = Load::start(s.port.get(), 4, 100_000);
     let done = Rc::new(Cell::new(0));
-    reload_times(&mut lp, &s.sup, 5, done.clone());
-    util::run_until(&mut lp, 60_000, |_| done.get() == 5);
+    reload_times(&mut lp, &s.sup, RELOADS, done.clone());
+    util::run_until(&mut lp, 60_000, |_| done.get() == RELOADS);
     let served = load.ok();
     let errors = load.finish(&mut lp, 20_000);
+    eprintln!("{policy:?}: {served} requests served across {RELOADS} reloads");
     assert!(errors.is_empty(), "{} failed: {errors:?}", errors.len());
     assert!(served > 0);
     let after = s.pids(&lp);
@@ -251,7 +278,7 @@ fn zero_loss_reloads(policy: SchedulingPolicy) {
         after.iter().all(|p| !before.contains(p)),
         "every worker replaced"
     );
-    assert_eq!(s.count("reload finished"), 5);
+    assert_eq!(s.count("reload finished"), RELOADS);
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
@@ -313,6 +340,79 @@ fn scale_up_and_down_drains_the_removed_workers() {
     assert_eq!(s.count("draining"), 2);
     assert_eq!(s.count("unexpectedly"), 0);
     assert!(s.sup.scale(&mut lp, 0).is_err());
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn hung_worker_is_killed_and_replaced() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        worker_timeout: Some(Duration::from_millis(1_000)),
+        ..config(2)
+    };
+    let s = rust(&mut lp, "hang", SchedulingPolicy::RoundRobin, cfg);
+    start_ready(&mut lp, &s, 2);
+    // Their replacements serve.
+    s.sup
+        .primary()
+        .setup_primary(&mut lp, rust_env(HELPER, "serve"));
+    let load = Load::start(s.port.get(), 1, 30);
+    let finished = load.finished.clone();
+    run_until_threads(&mut lp, 30_000, move || {
+        finished.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+    let served = load.ok();
+    let errors = load.finish(&mut lp, 20_000);
+    assert!(
+        s.count("hung: left a connection unanswered") >= 1,
+        "{}",
+        s.lines()
+    );
+    // Each hung worker holds at most the one connection it stopped on;
+    // the others it was handed go to another worker.
+    assert!(errors.len() <= 2, "{errors:?}");
+    assert_eq!(served + errors.len(), 30);
+    assert!(s.count("restarting in") >= 1);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn connection_limit_replaces_workers_gracefully() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        max_connections: Some(10),
+        memory_check_interval: Duration::from_millis(50),
+        ..config(2)
+    };
+    let s = rust(&mut lp, "serve", SchedulingPolicy::RoundRobin, cfg);
+    start_ready(&mut lp, &s, 2);
+    let load = Load::start(s.port.get(), 2, 100_000);
+    util::run_until(&mut lp, 30_000, |_| {
+        s.count("connection limit reached") >= 2
+    });
+    let errors = load.finish(&mut lp, 20_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(s.count("draining") >= 1, "{}", s.lines());
+    assert_eq!(s.count("unexpectedly"), 0);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn restart_replaces_one_worker_gracefully() {
+    let mut lp = Loop::new().unwrap();
+    let s = rust(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
+    start_ready(&mut lp, &s, 2);
+    let st = s.sup.status(&lp);
+    let (id, pid) = (st[0].id.unwrap(), st[0].pid.unwrap());
+    let load = Load::start(s.port.get(), 2, 100_000);
+    s.sup.restart(&mut lp, id).unwrap();
+    util::run_until(&mut lp, 20_000, |lp| {
+        s.ready_workers(lp) == 2 && !s.pids(lp).contains(&pid)
+    });
+    let errors = load.finish(&mut lp, 20_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.count("restart requested"), 1);
+    assert!(s.sup.restart(&mut lp, 999).is_err());
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 

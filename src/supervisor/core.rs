@@ -1056,6 +1056,11 @@ impl Core {
 
     /// The timer fired (or the shell wants the core to look at the time).
     pub fn tick(&mut self, now: u64) {
+        // The shell's timer has fired: it is armed again for whatever is
+        // next, even the same time (a deadline not yet due is not lost).
+        if self.timer.is_some_and(|t| t <= now) {
+            self.timer = None;
+        }
         self.settle(now);
     }
 

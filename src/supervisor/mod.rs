@@ -16,4 +16,4 @@ pub use core::{
     ExitInfo, KillReason, LifecycleEvent, ReloadError, ReloadReport, ReplaceReason, SlotId,
     StartFailure, WorkerId, WorkerState,
 };
-pub use shell::{Supervisor, WorkerStatus};
+pub use shell::{STDERR_LINES, Supervisor, WorkerStatus};

@@ -49,7 +49,14 @@ pub struct WorkerStatus {
     pub connections: u64,
     /// For an empty slot: how its last worker ended.
     pub last_exit: Option<ExitInfo>,
+    /// For an empty slot: the last lines its workers wrote on stderr (at
+    /// most [`STDERR_LINES`]), when the primary pipes the workers' stdio
+    /// (`Settings::silent`); empty otherwise.
+    pub last_stderr: Vec<String>,
 }
+
+/// How many of a slot's last stderr lines the supervisor keeps.
+pub const STDERR_LINES: usize = 10;
 
 impl fmt::Display for WorkerStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,6 +96,8 @@ struct Inner {
     on_message: Option<MessageCb>,
     exit_code: Option<i32>,
     started: bool,
+    /// The last stderr lines of each slot's workers (piped stdio only).
+    stderr: HashMap<SlotId, std::collections::VecDeque<String>>,
 }
 
 /// A supervisor: keeps a pool of cluster workers up, reloads it without
@@ -184,6 +193,7 @@ impl Supervisor {
                 on_message: None,
                 exit_code: None,
                 started: false,
+                stderr: HashMap::new(),
             })),
         };
         sup.hook(&primary);
@@ -283,10 +293,11 @@ impl Supervisor {
                     ..
                 }
             );
-            match w {
-                Some(w) => log::warn!("supervisor: worker {}: {e}", w.id()),
-                None => log::warn!("supervisor: {e}"),
-            }
+            // As the primary logs it when it has no `error` callback.
+            log::error!(
+                "cluster: worker {}: {e}",
+                w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
+            );
             if let (true, Some(w), Some(s)) = (hung, w, Supervisor::from_weak(&me)) {
                 let on = s.inner.borrow().core.config().worker_timeout.is_some();
                 if on {
@@ -418,6 +429,14 @@ impl Supervisor {
                     restarts: r.restarts,
                     connections: w.map_or(r.handed, |w| i.primary.handed(w)),
                     last_exit: r.last_exit,
+                    last_stderr: if r.worker.is_none() {
+                        i.stderr
+                            .get(&r.slot)
+                            .map(|l| l.iter().cloned().collect())
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect()
@@ -596,6 +615,7 @@ impl Supervisor {
         match p.fork(lp, Vec::new()) {
             Ok(w) => {
                 p.set_worker_slot(&w, slot as u32);
+                self.capture_stderr(lp, &w, slot);
                 let mut i = self.inner.borrow_mut();
                 i.workers.insert(w.id(), w.clone());
                 i.core.forked(now, slot, w.id());
@@ -604,6 +624,42 @@ impl Supervisor {
                 let mut i = self.inner.borrow_mut();
                 i.core.fork_failed(now, slot, e.to_string());
             }
+        }
+    }
+
+    /// With piped stdio, keeps the last [`STDERR_LINES`] lines the
+    /// worker writes on stderr, by slot (the primary would drop them).
+    fn capture_stderr(&self, lp: &mut Loop, w: &Worker, slot: SlotId) {
+        let Some(pipe) = w.stdio(2) else { return };
+        let _ = lp.read_stop(pipe);
+        let me = self.weak();
+        let mut partial = Vec::new();
+        let started = lp.read_start(pipe, move |lp, p, r| {
+            let data = match r {
+                Ok(d) if !d.is_empty() => d,
+                _ => {
+                    let _ = lp.close(p, |_| {});
+                    return;
+                }
+            };
+            partial.extend_from_slice(data);
+            let Some(s) = Supervisor::from_weak(&me) else {
+                return;
+            };
+            let mut i = s.inner.borrow_mut();
+            let lines = i.stderr.entry(slot).or_default();
+            while let Some(n) = partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=n).collect();
+                lines.push_back(String::from_utf8_lossy(&line).trim_end().to_owned());
+                if lines.len() > STDERR_LINES {
+                    lines.pop_front();
+                }
+            }
+            // A line without an end is kept whole up to 4 KiB.
+            partial.truncate(4096);
+        });
+        if started.is_err() {
+            let _ = lp.close(pipe, |_| {});
         }
     }
 
@@ -650,6 +706,14 @@ impl Supervisor {
             | E::ReplaceFailed { .. }
             | E::Killed { .. } => log::warn!("{e}"),
             _ => log::info!("{e}"),
+        }
+        if let E::Errored { slot, .. } = e {
+            let lines: Vec<String> = (self.inner.borrow().stderr.get(slot))
+                .map(|l| l.iter().cloned().collect())
+                .unwrap_or_default();
+            for l in lines {
+                log::warn!("slot {slot} stderr: {l}");
+            }
         }
         let cb = self.inner.borrow_mut().on_event.take();
         if let Some(mut cb) = cb {
