@@ -218,7 +218,12 @@ pub fn parse(
         }
         Some(Short('h') | Long("help")) => return Ok(Request::Help(crate::help::MAIN)),
         Some(Short('V') | Long("version")) => return Ok(Request::Version),
-        Some(other) => return Err(err(format!("{} before the subcommand", show_arg(&other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "{} before the subcommand: options go after run",
+                show_arg(&other)
+            )));
+        }
         None => return Err(err("no subcommand given".into())),
     }
     let mut flags = Partial::default();

@@ -894,7 +894,8 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
 /// `--wait-ready` reaches the supervisor: a Node worker is ready when it
 /// sends `'ready'` (PM2's convention), after it listens; one that never
 /// sends it is killed at `--ready-timeout` and, its start budget spent,
-/// its slot is errored and the command exits 1.
+/// its slot is errored and the command exits 1. (The timeout leaves a
+/// loaded machine's `node` time to listen: 2 s, against 0.1 s idle.)
 #[test]
 fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     util::require_node();
@@ -922,7 +923,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
         "-w",
         "1",
         "--wait-ready",
-        "--ready-timeout=300ms",
+        "--ready-timeout=2s",
         "--max-restarts=1",
         "--",
         "node",
@@ -931,6 +932,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     .env("PORT", free_port().to_string());
     let (code, _, err) = finish(c);
     assert_eq!(code, Some(1), "{err}");
+    // It listened (which is ready without --wait-ready) and was not ready.
     assert!(err.contains(") listening on "), "{err}");
     assert!(!err.contains(") ready"), "{err}");
     assert!(
