@@ -210,7 +210,7 @@ impl Cluster {
     /// [`WAIT`]: for what only `/proc` shows (which processes run), which
     /// has no event to wait on.
     fn wait_until(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        self.wait_until_or(what, &mut cond, || String::new())
+        self.wait_until_or(what, &mut cond, String::new)
     }
 
     /// [`wait_until`](Self::wait_until), saying `status()` on failure.

@@ -14,7 +14,8 @@
 //!   waited for until every worker that served before it has been
 //!   replaced (a reload not done within `--reload-timeout-ms` counts as
 //!   not done);
-//! * `kill`: SIGKILLs a random worker every `--kill-every-ms`, K times;
+//! * `kill`: SIGKILLs a random worker every `--kill-every-ms`, K times (a
+//!   kill when no worker runs is skipped and counted);
 //! * `latency`: restart latency, from a worker's SIGKILL to the first
 //!   response from its replacement (the app answers its pid) under a light
 //!   load (4 connections): median and max over N kills, each in a cluster
@@ -53,7 +54,8 @@
 //! `--targets rust,node,pm2,refork`, `--policies rr,none,reuseport,leastconn`,
 //! `--modes close,keepalive`,
 //! `--scenarios reload,kill,latency,latency-repeat,failclosed`,
-//! `--deadline-s` [1200]. Environment: `CLUSTER_HELLO` and `UVCLUSTER_BIN`
+//! `--uvcluster-args "ARGS"` (more options for `uvcluster run`, such as
+//! `--max-restarts 1000`), `--deadline-s` [1200]. Environment: `CLUSTER_HELLO` and `UVCLUSTER_BIN`
 //! name prebuilt binaries (otherwise cargo builds them); `NODE` another
 //! `node`; `PM2` a `pm2` to use instead of installing one.
 
@@ -364,6 +366,8 @@ struct Tools {
     pm2: Option<PathBuf>,
     app: PathBuf,
     refork: PathBuf,
+    /// More options for `uvcluster run`.
+    uvcluster_args: Vec<String>,
 }
 
 /// A server under test, with its workers.
@@ -397,7 +401,9 @@ impl Target {
             }
             Kind::Node => {
                 let mut c = Command::new(tools.uvcluster.as_ref().ok_or("no uvcluster")?);
-                c.args(["run", "--workers", &w, "--"])
+                c.args(["run", "--workers", &w])
+                    .args(&tools.uvcluster_args)
+                    .arg("--")
                     .arg(&tools.node)
                     .arg(&tools.app);
                 c
@@ -669,6 +675,8 @@ struct Opts {
     modes: Vec<Workload>,
     scenarios: Vec<String>,
     deadline: Duration,
+    /// More options for `uvcluster run` (the `node` target).
+    uvcluster_args: Vec<String>,
 }
 
 /// One line of the table.
@@ -751,26 +759,44 @@ fn scenario_reload(o: &Opts, t: &mut Target, workload: Workload) -> (LoadReport,
 
 fn scenario_kill(o: &Opts, t: &mut Target, workload: Workload) -> (LoadReport, String, String) {
     let load = Load::start(t.port, o.connections, workload, o.timeout);
+    let load_began = Instant::now();
     let mut rng = Rng::new();
+    let mut skipped = 0;
     let mut done = 0;
     let mut note = String::new();
     for _ in 0..o.kills {
         std::thread::sleep(o.kill_every);
         let pids: Vec<u32> = t.worker_pids().into_iter().collect();
         if pids.is_empty() {
-            note = "no worker left".into();
-            break;
+            // Every worker is being restarted (or none will be): this
+            // kill is skipped, the next one tries again.
+            skipped += 1;
+            continue;
         }
         let victim = pids[rng.below(pids.len())];
         if kill(Pid::from_raw(victim as i32), Signal::SIGKILL).is_ok() {
             done += 1;
         }
     }
+    if skipped > 0 {
+        note = format!("{skipped} kill(s) skipped: no worker running then; ");
+    }
+    // A run cut short (no worker left) lasts as long as a full one.
+    let full = o.kill_every * o.kills as u32;
+    if let Some(rest) = full.checked_sub(load_began.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let primary = if t.primary_alive() {
+        "primary up"
+    } else {
+        "primary exited"
+    };
     let report = load.finish();
     let left = t.worker_pids().len();
-    if note.is_empty() {
-        note = format!("{left}/{} workers at the end", t.workers);
-    }
+    note.push_str(&format!(
+        "{left}/{} workers at the end, {primary}",
+        t.workers
+    ));
     (report, format!("{done}/{}", o.kills), note)
 }
 
@@ -1026,6 +1052,7 @@ fn parse_opts() -> Result<Opts, String> {
             .map(String::from)
             .to_vec(),
         deadline: Duration::from_secs(1200),
+        uvcluster_args: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -1070,6 +1097,9 @@ fn parse_opts() -> Result<Opts, String> {
             "--reload-timeout-ms" => o.reload_timeout = Duration::from_millis(num(&v)?),
             "--failclosed-ms" => o.failclosed = Duration::from_millis(num(&v)?),
             "--deadline-s" => o.deadline = Duration::from_secs(num(&v)?.max(1)),
+            "--uvcluster-args" => {
+                o.uvcluster_args = v.split_whitespace().map(String::from).collect()
+            }
             "--targets" => {
                 o.targets = list(&v, &["rust", "node", "pm2", "refork"])?
                     .iter()
@@ -1111,7 +1141,7 @@ const USAGE: &str = "usage: reload_proof [--reloads K] [--interval-ms MS] [--kil
 [--reload-timeout-ms MS] [--failclosed-ms MS] [--targets rust,node,pm2,refork] \
 [--policies rr,none,reuseport,leastconn] [--modes close,keepalive] \
 [--scenarios reload,kill,latency,latency-repeat,failclosed] [--latency-gap-ms MS] \
-[--deadline-s S]";
+[--uvcluster-args \"ARGS\"] [--deadline-s S]";
 
 /// PM2: `PM2` if set, else installed with npm into
 /// `bench/node/.pm2-install` (once; later runs reuse it).
@@ -1163,6 +1193,7 @@ fn main() {
         pm2: None,
         app: lab.join("node/http_app.js"),
         refork: lab.join("node/refork_primary.js"),
+        uvcluster_args: o.uvcluster_args.clone(),
     };
     let mut targets = o.targets.clone();
     if wants(Kind::Rust) {
