@@ -159,6 +159,69 @@ fn node_fail_closed_reload_of_a_syntax_error_loses_nothing() {
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
+#[test]
+fn node_graceful_stop_kills_what_outlives_the_kill_timeout() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        kill_timeout: Duration::from_millis(500),
+        ..config(2)
+    };
+    let s = node(&mut lp, "linger", SchedulingPolicy::RoundRobin, cfg);
+    start_ready(&mut lp, &s, 2);
+    let t0 = std::time::Instant::now();
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    assert_eq!(
+        s.count("still running after the kill timeout"),
+        2,
+        "{}",
+        s.lines()
+    );
+    assert_eq!(s.count("forked"), 2);
+}
+
+#[test]
+fn node_scale_up_and_down_drains_the_removed_workers() {
+    let mut lp = Loop::new().unwrap();
+    let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(1));
+    start_ready(&mut lp, &s, 1);
+    s.sup.scale(&mut lp, 3).unwrap();
+    util::run_until(&mut lp, 30_000, |lp| s.ready_workers(lp) == 3);
+    let load = Load::start(s.port.get(), 2, 100_000);
+    s.sup.scale(&mut lp, 1).unwrap();
+    util::run_until(&mut lp, 30_000, |lp| s.sup.status(lp).len() == 1);
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.count("draining"), 2);
+    assert_eq!(s.count("unexpectedly"), 0);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+/// Ctrl-C reaches the Node workers too (they die of SIGINT, Node's
+/// default): nothing is restarted, no crash, exit 0. In a process of its
+/// own: the signal goes to the test process.
+#[test]
+fn node_signal_to_the_whole_group_during_stop_is_not_a_crash() {
+    util::isolated(
+        "node_signal_to_the_whole_group_during_stop_is_not_a_crash",
+        || {
+            let mut lp = Loop::new().unwrap();
+            let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
+            s.sup.handle_signals(&mut lp).unwrap();
+            start_ready(&mut lp, &s, 2);
+            for pid in s.pids(&lp) {
+                kill(pid, Signal::SIGINT);
+            }
+            kill(std::process::id() as i32, Signal::SIGINT);
+            let exit = s.exit.clone();
+            util::run_until(&mut lp, 30_000, move |_| exit.get().is_some());
+            assert_eq!(s.exit.get(), Some(0));
+            assert_eq!(s.count("forked"), 2, "{}", s.lines());
+            assert_eq!(s.count("errored"), 0);
+        },
+    );
+}
+
 fn node_zero_loss_reloads(policy: SchedulingPolicy) {
     let mut lp = Loop::new().unwrap();
     let s = node(&mut lp, "serve", policy, config(2));

@@ -771,6 +771,7 @@ impl Primary {
             i.workers.remove(&w.id());
             if finished {
                 i.alive.remove(&w.id());
+                i.slots.remove(&w.id());
             }
         }
         self.maybe_all_gone(lp);

@@ -1035,7 +1035,15 @@ impl Core {
         if self.replacing == Some(slot) {
             self.replacing = None;
             if let Some(s) = self.slots.get_mut(&slot) {
-                s.replace_reason = None;
+                // A user's restart may be asked for again; a limit is not
+                // retried for this worker (a replacement that cannot start
+                // would otherwise be forked at every sample).
+                let again = s.replace_reason.take() == Some(ReplaceReason::Requested);
+                if let Some(w) = s.current.and_then(|c| self.workers.get_mut(&c))
+                    && again
+                {
+                    w.replacing = false;
+                }
             }
             self.report(LifecycleEvent::ReplaceFailed { slot, failure });
             self.next_replacement(now);

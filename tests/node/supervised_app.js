@@ -6,6 +6,7 @@
 //   syntax       a syntax error at start-up (the "bad deploy")
 //   wait-ready   serve, and send PM2's 'ready' message 200 ms after listening
 //   never-ready  serve, never send 'ready'
+//   linger       serve, and keep running after the disconnect (a timer)
 'use strict';
 const cluster = require('cluster');
 const http = require('http');
@@ -15,6 +16,7 @@ if (!cluster.isWorker) throw new Error('run me as a cluster worker');
 const mode = process.env.SUP_MODE || 'serve';
 if (mode === 'crash') process.exit(3);
 if (mode === 'syntax') new Function('return function (');
+if (mode === 'linger') setInterval(() => {}, 1000);
 
 const server = http.createServer((req, res) => {
   res.setHeader('Connection', 'close');

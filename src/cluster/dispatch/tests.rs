@@ -1105,3 +1105,27 @@ proptest! {
         prop_assert!(!m.d.has_in_flight());
     }
 }
+
+// ----- for a supervisor: keep open with no worker ----------------------
+
+/// With `keep_open`, the last worker leaving does not close the handle:
+/// connections wait for the next worker (a supervisor restarting a lone
+/// worker), which takes them; turning it off with no worker closes.
+#[test]
+fn keep_open_waits_for_the_next_worker_then_closes_when_turned_off() {
+    let mut h = rr(1);
+    h.d.set_keep_open(0, true);
+    h.add(&[1]);
+    assert!(!h.d.remove_worker(0, 1, Some(HandoffFailure::Exited)));
+    h.accept();
+    assert_eq!(h.take(), []);
+    h.add(&[2]);
+    assert_eq!(h.take(), [send(2, 0, 0)]);
+    h.serve(2, 0, true);
+    assert_eq!(h.take(), [close(0)]);
+    assert_eq!(h.d.accepted(2), 1);
+    assert!(!h.d.remove_worker(0, 2, None));
+    h.accept();
+    assert!(h.d.set_keep_open(0, false), "no worker: closed");
+    assert_eq!(h.take(), [close(1)]);
+}

@@ -672,6 +672,8 @@ fn restart_request_is_a_graceful_replacement_that_fails_closed() {
     assert!(h.events().iter().any(|e| e.contains("keeps serving")));
     assert!(h.index_of(|a| matches!(a, Action::Drain(1))).is_none());
     assert_eq!(h.exit, None);
+    // It may be asked for again.
+    assert!(h.c.replace(h.now, 1, ReplaceReason::Requested));
 }
 
 #[test]
