@@ -67,8 +67,10 @@ pub fn init() {
 /// The log target of the supervisor's records.
 const SUPERVISOR_TARGET: &str = "uvcluster::supervisor::shell";
 
-/// `env_logger` without the supervisor's echo of each event (its other
-/// records, which start `supervisor: `, stay).
+/// `env_logger` without the supervisor's echo of each event (and of a
+/// slot's stderr lines, which the CLI's `errored` line quotes): of the
+/// supervisor's records, those that start `cluster: ` (the cluster's
+/// error reports) or `supervisor: ` (its own faults) stay.
 struct Filtered {
     inner: env_logger::Logger,
     drop_event_echoes: bool,
@@ -80,11 +82,11 @@ impl log::Log for Filtered {
     }
 
     fn log(&self, r: &log::Record<'_>) {
-        if self.drop_event_echoes
-            && r.target() == SUPERVISOR_TARGET
-            && !r.args().to_string().starts_with("supervisor: ")
-        {
-            return;
+        if self.drop_event_echoes && r.target() == SUPERVISOR_TARGET {
+            let msg = r.args().to_string();
+            if !msg.starts_with("cluster: ") && !msg.starts_with("supervisor: ") {
+                return;
+            }
         }
         self.inner.log(r);
     }
@@ -189,15 +191,18 @@ pub fn restarting(slot: usize, delay: Duration) {
 }
 
 /// A slot stopped being restarted (a crash loop, or starts that never got
-/// ready): why, and how its last worker ended.
-pub fn errored(slot: usize, why: &str, last: Option<&str>) {
-    match last {
-        Some(last) => log::error!(
-            target: TARGET,
-            "slot {slot} errored: {why}; its last worker {last}; not restarted"
-        ),
-        None => log::error!(target: TARGET, "slot {slot} errored: {why}; not restarted"),
+/// ready): why, how its last worker ended, and the last lines its workers
+/// wrote on stderr when the CLI saw them (`--prefix-output`).
+pub fn errored(slot: usize, why: &str, last: Option<&str>, stderr: &[String]) {
+    let mut line = format!("slot {slot} errored: {why}");
+    if let Some(last) = last {
+        line.push_str(&format!("; its last worker {last}"));
     }
+    line.push_str("; not restarted");
+    if !stderr.is_empty() {
+        line.push_str(&format!("; its last output: {}", stderr.join(" | ")));
+    }
+    log::error!(target: TARGET, "{line}");
 }
 
 /// A rolling reload began.

@@ -2,7 +2,7 @@
 //! log, the worker output prefixes, and the exit status.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::path::Path;
@@ -153,13 +153,15 @@ fn settings(opts: &RunOptions) -> Settings {
 /// `[worker ID] ` (`--prefix-output`). A line is written whole, so lines of
 /// two workers never interleave; a last line without a newline is written
 /// at the end of the stream.
-fn prefix_output(lp: &mut Loop, w: &Worker) {
+fn prefix_output(lp: &mut Loop, w: &Worker, tail: Tail) {
     for fd in [1, 2] {
         let Some(pipe) = w.stdio(fd) else { continue };
         let prefix = format!("[worker {}] ", w.id());
         let mut partial: Vec<u8> = Vec::new();
-        // The primary drains the pipe until we take it over (it has not
-        // run yet: this is the fork callback).
+        let tail = tail.clone();
+        // The primary (and the supervisor, for stderr) read the pipe until
+        // we take it over; nothing has been read yet: this runs in the
+        // same callback as the fork.
         let _ = lp.read_stop(pipe);
         let res = lp.read_start(pipe, move |_, _, r| {
             let data = r.unwrap_or(&[]);
@@ -174,6 +176,17 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
                 out.extend_from_slice(prefix.as_bytes());
                 out.append(&mut partial);
                 out.push(b'\n');
+            }
+            if fd == 2 {
+                let mut t = tail.borrow_mut();
+                let text = String::from_utf8_lossy(&out);
+                for line in text.lines() {
+                    let line = line.strip_prefix(prefix.as_str()).unwrap_or(line);
+                    t.push_back(line.chars().take(TAIL_LINE_CHARS).collect());
+                    if t.len() > TAIL_LINES {
+                        t.pop_front();
+                    }
+                }
             }
             if !out.is_empty() {
                 // A closed stdout/stderr of ours must not stop the primary.
@@ -197,6 +210,16 @@ fn prefix_output(lp: &mut Loop, w: &Worker) {
 /// Worker ids to pids, for the log lines of events that carry ids only.
 type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 
+/// The last lines a slot's workers wrote on stderr (with
+/// `--prefix-output`, which pipes it), for its `errored` line.
+type Tail = Rc<RefCell<VecDeque<String>>>;
+
+/// How many stderr lines of a slot an `errored` line quotes.
+const TAIL_LINES: usize = 5;
+
+/// How much of each quoted line.
+const TAIL_LINE_CHARS: usize = 200;
+
 /// How often a graceful stop that is still waiting says for whom.
 const STILL_WAITING: Duration = Duration::from_secs(5);
 
@@ -214,13 +237,71 @@ fn start_failure(f: &StartFailure) -> String {
     }
 }
 
+/// What the log lines of the supervisor's events need besides the event.
+struct Journal {
+    primary: Primary,
+    pids: Pids,
+    /// Each slot's stderr tail (`--prefix-output`).
+    tails: RefCell<HashMap<usize, Tail>>,
+    prefix_output: bool,
+    kill_timeout: Duration,
+}
+
+impl Journal {
+    /// A worker was forked for `slot`: its line, its pid, its `listening`
+    /// lines and, with `--prefix-output`, its output. The supervisor
+    /// reports the fork in the call that made it, before the loop reads
+    /// anything the worker wrote.
+    fn forked(&self, lp: &mut Loop, id: u32, slot: usize) {
+        let Some(w) = self.primary.worker(id) else {
+            events::forked(id, None);
+            return;
+        };
+        if let Some(pid) = w.pid() {
+            self.pids.borrow_mut().insert(id, pid);
+        }
+        events::forked(id, w.pid());
+        // The supervisor takes the primary's `listening`; a worker's own
+        // stays ours.
+        w.on_listening(|_, w, a| {
+            let addr = a.address.as_deref().unwrap_or("*");
+            match a.port {
+                Some(port) if port >= 0 => {
+                    events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+                }
+                _ => events::listening(w.id(), w.pid(), addr),
+            }
+        });
+        if self.prefix_output {
+            let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
+            prefix_output(lp, &w, tail);
+        }
+    }
+
+    /// Slot `slot`'s last stderr lines, oldest first.
+    fn tail(&self, slot: usize) -> Vec<String> {
+        self.tails
+            .borrow()
+            .get(&slot)
+            .map(|t| t.borrow().iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Writes the log line of one supervisor event (docs/cli.md, "The
+    /// log").
+    fn event(&self, lp: &mut Loop, e: &LifecycleEvent) {
+        log_event(lp, e, self)
+    }
+}
+
 /// Writes the log line of one supervisor event (docs/cli.md, "The log").
-fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Duration) {
+fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
     use LifecycleEvent as E;
+    let pids = &j.pids;
+    let kill_timeout = j.kill_timeout;
     let pid = |id: &u32| pids.borrow().get(id).copied();
     match e {
-        // Logged by the fork callback, with the pid.
-        E::Forked { .. } => {}
+        E::Forked { worker, slot } => j.forked(lp, *worker, *slot),
         E::ForkFailed { slot, error } => log::error!(
             target: events::TARGET,
             "slot {slot}: cannot fork a worker: {error}"
@@ -249,7 +330,7 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, pids: &Pids, kill_timeout: Durat
         E::Restarting { slot, delay } => events::restarting(*slot, *delay),
         E::Errored { slot, last, why } => {
             let last = last.map(|l| events::how_it_ended(l.code, l.signal));
-            events::errored(*slot, why, last.as_deref());
+            events::errored(*slot, why, last.as_deref(), &j.tail(*slot));
         }
         E::Replacing {
             slot,
@@ -350,39 +431,18 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(opts.handoff_window);
 
-    let pids: Pids = Rc::default();
-    let prefix = opts.prefix_output;
-    {
-        let pids = pids.clone();
-        primary.on_fork(move |lp, w| {
-            if let Some(pid) = w.pid() {
-                pids.borrow_mut().insert(w.id(), pid);
-            }
-            events::forked(w.id(), w.pid());
-            // The supervisor takes the primary's `listening`; a worker's
-            // own stays ours.
-            w.on_listening(|_, w, a| {
-                let addr = a.address.as_deref().unwrap_or("*");
-                match a.port {
-                    Some(port) if port >= 0 => {
-                        events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
-                    }
-                    _ => events::listening(w.id(), w.pid(), addr),
-                }
-            });
-            if prefix {
-                prefix_output(lp, w);
-            }
-        });
-    }
-
+    let journal = Journal {
+        primary: primary.clone(),
+        pids: Rc::default(),
+        tails: RefCell::default(),
+        prefix_output: opts.prefix_output,
+        kill_timeout: opts.supervisor.kill_timeout,
+    };
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
-        let pids = pids.clone();
         let immediate = immediate.clone();
-        let kill_timeout = opts.supervisor.kill_timeout;
         sup.on_event(move |lp, e| {
             if let LifecycleEvent::Stopping {
                 graceful: false,
@@ -391,7 +451,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             {
                 immediate.set(Some(*s));
             }
-            log_event(lp, e, &pids, kill_timeout);
+            journal.event(lp, e);
         });
     }
     sup.handle_signals(&mut lp)?;

@@ -858,6 +858,34 @@ fn crash_loop_errors_the_slot_and_exits_1() {
     // The budget bounds the forks: the first start and 2 restarts at most.
     assert!(forks(&err) <= 3, "{err}");
     assert!(!err.contains("Some("), "{err}");
+
+    // With --prefix-output the CLI sees the workers' stderr, and the
+    // errored line quotes its last lines (an earlier worker's at least:
+    // the last one's may still be in its pipe when its exit is seen).
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--backoff-initial=10ms",
+        "--max-restarts=2",
+        "--prefix-output",
+        "--",
+        "node",
+        "-e",
+        "console.error('boom: no config'); process.exit(7)",
+    ]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    let errored = err
+        .lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    assert!(
+        errored.contains("; not restarted; its last output: boom: no config"),
+        "{errored}"
+    );
+    assert!(err.contains("\n[worker 1] boom: no config\n"), "{err}");
 }
 
 /// Ctrl-C in a terminal reaches the whole process group, the workers as
