@@ -6,7 +6,7 @@
 //! ```
 //!
 //! A closed-loop load of fixed concurrency (the lab's
-//! [`loadgen`](uvcluster_bench::loadgen), with a timeout per request and
+//! [`loadgen`], with a timeout per request and
 //! its failures counted by kind) runs against a cluster while a driver
 //!
 //! * `reload`: performs K rolling reloads, one at least every
@@ -46,18 +46,26 @@
 //! group of its own, and every group (and PM2's daemon) is killed when its
 //! row ends, on a panic, on SIGINT/SIGTERM and at the deadline.
 //!
-//! Options (defaults in brackets): `--reloads K` [20], `--interval-ms` [500],
-//! `--kills K` [20], `--kill-every-ms` [500], `--latency-kills N` [10],
-//! `--latency-gap-ms` [1000],
-//! `--connections C` [16], `--workers W` [2], `--timeout-ms` [2000],
-//! `--reload-timeout-ms` [10000], `--failclosed-ms` [3000],
-//! `--targets rust,node,pm2,refork`, `--policies rr,none,reuseport,leastconn`,
-//! `--modes close,keepalive`,
-//! `--scenarios reload,kill,latency,latency-repeat,failclosed`,
-//! `--uvcluster-args "ARGS"` (more options for `uvcluster run`, such as
-//! `--max-restarts 1000`), `--deadline-s` [1200]. Environment: `CLUSTER_HELLO` and `UVCLUSTER_BIN`
-//! name prebuilt binaries (otherwise cargo builds them); `NODE` another
-//! `node`; `PM2` a `pm2` to use instead of installing one.
+//! Options, with their defaults:
+//!
+//! | option | default |
+//! | --- | --- |
+//! | `--reloads K`, `--interval-ms MS` | 20, 500 |
+//! | `--kills K`, `--kill-every-ms MS` | 20, 500 |
+//! | `--latency-kills N`, `--latency-gap-ms MS` | 10, 1000 |
+//! | `--connections C`, `--workers W` | 16, 2 |
+//! | `--timeout-ms MS` (per request) | 2000 |
+//! | `--reload-timeout-ms MS`, `--failclosed-ms MS` | 10000, 3000 |
+//! | `--targets` | `rust,node,pm2,refork` |
+//! | `--policies` | `rr,none,reuseport,leastconn` |
+//! | `--modes` | `close,keepalive` |
+//! | `--scenarios` | `reload,kill,latency,latency-repeat,failclosed` |
+//! | `--uvcluster-args "ARGS"` (more options for `uvcluster run`, such as `--max-restarts 1000`) | none |
+//! | `--deadline-s S` (the hard deadline of the whole run) | 1200 |
+//!
+//! Environment: `CLUSTER_HELLO` and `UVCLUSTER_BIN` name prebuilt
+//! binaries (otherwise cargo builds them); `NODE` another `node`; `PM2` a
+//! `pm2` to use instead of installing one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
