@@ -297,7 +297,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         let p = primary.clone();
         Rc::new(move |lp: &mut Loop, w: &Worker| {
             if !w.is_dead()
-                || w.is_connected()
+                || w.is_connected(lp)
                 || ready.get()
                 || failed.get()
                 || listening.borrow().contains(&w.id())

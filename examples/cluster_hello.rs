@@ -955,7 +955,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         Rc::new(move |lp: &mut Loop, w: &Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
-            if !w.is_dead() || w.is_connected() || w.exited_after_disconnect() == Some(true) {
+            if !w.is_dead() || w.is_connected(lp) || w.exited_after_disconnect() == Some(true) {
                 return;
             }
             let why = {

@@ -39,8 +39,8 @@ fn helper_exit_request() {
     let why = std::rc::Rc::new(std::cell::Cell::new(None));
     if std::env::var("HANDLER").as_deref() == Ok("custom") {
         let why = why.clone();
-        w.on_exit_request(move |_, w, reason| {
-            assert!(!w.is_connected(), "the channel is closed by then");
+        w.on_exit_request(move |lp, w, reason| {
+            assert!(!w.is_connected(lp), "the channel is closed by then");
             assert!(why.replace(Some(reason)).is_none(), "asked once");
         });
     }

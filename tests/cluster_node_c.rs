@@ -354,7 +354,7 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     child
         .channel
         .on_message(&mut lp, |_, _, m, _| panic!("user message {m}"));
-    child.channel.on_internal(move |lp, ch, m, h| {
+    child.channel.on_internal(&mut lp, move |lp, ch, m, h| {
         assert!(h.is_none());
         let act = m["act"].as_str().unwrap_or("").to_owned();
         s.push(act.clone());

@@ -32,11 +32,11 @@ struct Seen {
 
 fn watch(p: &Primary, seen: &Shared<Vec<Seen>>) {
     let s = seen.clone();
-    p.on_disconnect(move |_, w| {
+    p.on_disconnect(move |lp, w| {
         let mut s = s.borrow_mut();
         let e = &mut s[w.id() as usize - 1];
         e.disconnects += 1;
-        e.at_disconnect = Some((w.state(), w.exited_after_disconnect(), w.is_connected()));
+        e.at_disconnect = Some((w.state(), w.exited_after_disconnect(), w.is_connected(lp)));
     });
     let (s, p2) = (seen.clone(), p.clone());
     p.on_exit(move |_, w, code, signal| {
@@ -69,7 +69,7 @@ fn run_workers(
     p.on_message(move |lp, w, m, _| on_msg(lp, w, m));
     for _ in 0..n {
         let w = p.fork(&mut lp, vec![]).unwrap();
-        assert!(w.is_connected() && !w.is_dead(), "isconnected / isdead");
+        assert!(w.is_connected(&lp) && !w.is_dead(), "isconnected / isdead");
     }
     run(&mut lp, 30_000);
     assert!(p.workers().is_empty());
@@ -240,7 +240,7 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
         .collect();
     // call-and-destroy: kill from the primary's 'disconnect' handler.
     p.on_disconnect(|lp, w| {
-        assert!(!w.is_connected());
+        assert!(!w.is_connected(lp));
         let _ = w.kill(lp, None);
     });
     run(&mut lp, 30_000);

@@ -328,7 +328,7 @@ fn serve_from_both_workers(policy: SchedulingPolicy) {
         );
         assert_eq!(w.exited_after_disconnect(), Some(true));
         assert_eq!(w.exit_status(), Some((Some(0), None)));
-        assert!(w.is_dead() && !w.is_connected());
+        assert!(w.is_dead() && !w.is_connected(&lp));
     }
     assert!(msgs.get() >= 4);
     assert!(p.workers().is_empty());

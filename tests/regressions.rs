@@ -85,7 +85,7 @@ fn ipc_backlog_not_overtaken_by_newer_message() {
     let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
     let marker = Counter::new();
     let m = marker.clone();
-    b.on_internal(move |_, _, _, _| m.hit());
+    b.on_internal(&mut lp, move |_, _, _, _| m.hit());
     a.send(&mut lp, &json!(0), None).unwrap();
     a.send(&mut lp, &json!({"cmd": "NODE_MARKER"}), None)
         .unwrap();
@@ -146,7 +146,7 @@ fn ipc_coalesced_sends_survive_disconnect_in_the_same_callback() {
         assert_eq!(*v, json!(["x", i]));
     }
     assert_eq!(sent.get(), 100);
-    assert!(!a.is_connected() && !b.is_connected());
+    assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
     assert_loop_empty(&lp);
 }
 
@@ -179,8 +179,8 @@ fn second_queued_send_of_a_socket_closed_by_the_first_ack_goes_without_it() {
     });
     let errs = Log::new();
     let e = errs.clone();
-    a.on_error(move |_, _, err| e.push(err.to_string()));
-    b.on_error(|_, _, err| panic!("receiver error: {err}"));
+    a.on_error(&mut lp, move |_, _, err| e.push(err.to_string()));
+    b.on_error(&mut lp, |_, _, err| panic!("receiver error: {err}"));
     let sock = lp.tcp_init();
     lp.tcp_bind(sock, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
         .unwrap();

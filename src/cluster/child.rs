@@ -109,12 +109,12 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
     {
         let mut w = worker.inner.borrow_mut();
         w.state = WorkerState::Online;
-        w.channel = Some(channel.clone());
+        w.channel = Some(channel);
         w.pid = Some(std::process::id() as i32);
     }
     let state = Rc::new(RefCell::new(Child {
         worker: worker.clone(),
-        channel: channel.clone(),
+        channel,
         handles: HashMap::new(),
         indexes: HashMap::new(),
         destroying: false,
@@ -131,11 +131,13 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
             lp.close_if_open(h);
         }
     });
-    channel.on_internal(move |lp, _, msg, h| on_internal(lp, msg, h));
+    channel.on_internal(lp, move |lp, _, msg, h| on_internal(lp, msg, h));
     let w = worker.clone();
-    channel.on_error(move |lp, _, e| w.emit_error(lp, &ClusterError::Channel(e)));
+    channel.on_error(lp, move |lp, _, e| {
+        w.emit_error(lp, &ClusterError::Channel(e))
+    });
     let w = worker.clone();
-    channel.on_disconnect(move |lp, _| channel_closed(lp, &w));
+    channel.on_disconnect(lp, move |lp, _| channel_closed(lp, &w));
     channel.send_cluster(lp, Act::Online.to_fields(), None, None)?;
     Ok(Some(worker))
 }
@@ -190,7 +192,7 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
     let mut q = udp_query(opts);
     q.index = take_index(&state, &q.indexes_key());
     let address = q.address.clone();
-    let channel = state.borrow().channel.clone();
+    let channel = state.borrow().channel;
     // The reply callback is dropped if the send fails; the bind callback
     // must be called then all the same.
     let cb = Rc::new(std::cell::Cell::new(Some(cb)));
@@ -278,7 +280,7 @@ fn udp_listening(lp: &mut Loop, mut q: Query, real_port: Option<u16>) {
     let Some(state) = child() else { return };
     let (worker, channel) = {
         let st = state.borrow();
-        (st.worker.clone(), st.channel.clone())
+        (st.worker.clone(), st.channel)
     };
     worker.inner.borrow_mut().state = WorkerState::Listening;
     if let Some(p) = real_port.filter(|p| *p != 0) {
@@ -342,7 +344,7 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
         requested_port: opts.port,
         path: opts.path.clone(),
     };
-    let channel = state.borrow().channel.clone();
+    let channel = state.borrow().channel;
 
     let sent = channel.send_cluster(
         lp,
@@ -510,7 +512,7 @@ fn listening(lp: &mut Loop, p: PendingListen, key: String, addr: ServerAddress, 
     let Some(state) = child() else { return };
     let (worker, channel) = {
         let st = state.borrow();
-        (st.worker.clone(), st.channel.clone())
+        (st.worker.clone(), st.channel)
     };
     worker.inner.borrow_mut().state = WorkerState::Listening;
     if let Some(p) = real_port.filter(|p| *p != 0) {
@@ -555,8 +557,8 @@ fn schedule_load_report(lp: &mut Loop, server: Server) {
         // An answer on its way carries a newer count.
         let key = key.filter(|_| !answer_pending(&s));
         if let (Some(key), Some(state)) = (key, child()) {
-            let channel = state.borrow().channel.clone();
-            if channel.is_connected() {
+            let channel = state.borrow().channel;
+            if channel.is_connected(lp) {
                 let load = s.connections(lp) as u64;
                 let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
             }
@@ -592,8 +594,8 @@ fn server_closed(lp: &mut Loop, server: &Server) {
     });
     release_index(lp, server);
     if let (Some(key), Some(state)) = (key, child()) {
-        let channel = state.borrow().channel.clone();
-        if channel.is_connected() {
+        let channel = state.borrow().channel;
+        if channel.is_connected(lp) {
             let _ = channel.send_cluster(lp, Act::Close { key }.to_fields(), None, None);
         }
     }
@@ -640,7 +642,7 @@ fn on_connection(
 ) {
     let (server, channel) = {
         let st = state.borrow();
-        (st.handles.get(key).cloned(), st.channel.clone())
+        (st.handles.get(key).cloned(), st.channel)
     };
     let conn = match handle.map(Stream::try_from) {
         Some(Ok(c)) => Some(c),
@@ -717,7 +719,7 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
         let mut c = state.borrow_mut();
         let waiting = std::mem::take(&mut c.late.waiting);
         let due = std::mem::replace(&mut c.late.ready, waiting);
-        (due, c.channel.clone(), !c.late.ready.is_empty())
+        (due, c.channel, !c.late.ready.is_empty())
     };
     for (s, seq) in due {
         let reply = AcceptReply {
@@ -748,7 +750,7 @@ fn close_servers_then(lp: &mut Loop, worker: &Worker, primary_initiated: bool) {
             if waiting.get() != 0 {
                 return;
             }
-            let channel = state.borrow().channel.clone();
+            let channel = state.borrow().channel;
             // Primary-initiated: just close. Otherwise tell the primary first
             // (or close at once if that cannot be sent).
             if primary_initiated || tell_primary_then_disconnect(lp, &channel).is_err() {
@@ -782,8 +784,8 @@ pub(crate) fn disconnect_self(lp: &mut Loop, w: &Worker) {
 /// already.
 pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
     w.inner.borrow_mut().exited_after_disconnect = Some(true);
-    let channel = child().map(|state| state.borrow().channel.clone());
-    let Some(channel) = channel.filter(Channel::is_connected) else {
+    let channel = child().map(|state| state.borrow().channel);
+    let Some(channel) = channel.filter(|c| c.is_connected(lp)) else {
         CHILD.with(|c| c.borrow_mut().take());
         return w.request_exit(lp, ExitRequest::Destroyed);
     };
@@ -800,7 +802,7 @@ pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
 /// Sends `exitedAfterDisconnect` and closes the channel once the primary
 /// acknowledges it.
 fn tell_primary_then_disconnect(lp: &mut Loop, channel: &Channel) -> io::Result<u64> {
-    let ch = channel.clone();
+    let ch = *channel;
     channel.send_cluster(
         lp,
         Act::ExitedAfterDisconnect.to_fields(),

@@ -424,7 +424,7 @@ impl Primary {
     pub fn broadcast(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
         self.workers()
             .iter()
-            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+            .filter(|w| w.is_connected(lp) && w.send(lp, msg, None).is_ok())
             .count()
     }
 
@@ -472,7 +472,7 @@ impl Primary {
         let stdio = drain_stdio(lp, stdio);
         {
             let mut i = worker.inner.borrow_mut();
-            i.channel = Some(channel.clone());
+            i.channel = Some(channel);
             i.process = Some(process);
             i.pid = pid;
             i.stdio = stdio;
@@ -509,7 +509,7 @@ impl Primary {
             });
         } else {
             for w in workers {
-                if w.is_connected() {
+                if w.is_connected(lp) {
                     w.disconnect(lp);
                 }
             }
@@ -671,7 +671,7 @@ impl Primary {
     /// channel is closed, or `exited` (its process is dead and its channel
     /// was not closed with it).
     fn remove_handles_for_worker(&self, lp: &mut Loop, w: &Worker, exited: bool) {
-        let gone = if !w.is_connected() {
+        let gone = if !w.is_connected(lp) {
             Some(if w.is_dead() {
                 HandoffFailure::Exited
             } else {
@@ -1081,7 +1081,7 @@ impl Primary {
         let Some(ch) = w.channel() else { return };
         let fields = reply.to_fields(seq);
         let (me, w2) = (Rc::downgrade(&self.inner), w.clone());
-        let on_delivery = Box::new(move |lp: &mut Loop, _: &ipc::Channel, d| {
+        let on_delivery = Box::new(move |lp: &mut Loop, _: ipc::Channel, d| {
             // A failed write: the worker is gone, and its disconnect is
             // handled as any other.
             if !matches!(d, ipc::HandleDelivery::Nacked) {
@@ -1217,7 +1217,7 @@ fn drain_stdio(lp: &mut Loop, pipes: Vec<Option<Handle<Pipe>>>) -> Vec<Option<Ha
 /// `once('disconnect')`: routes what the worker's channel delivers.
 fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
     let (p1, w1) = (p.clone(), w.clone());
-    ch.on_internal(move |lp, _, msg, h| match Primary::from_ref(&p1) {
+    ch.on_internal(lp, move |lp, _, msg, h| match Primary::from_ref(&p1) {
         Some(p) => p.on_internal_message(lp, &w1, msg, h),
         None => {
             if let Some(h) = h {
@@ -1240,9 +1240,9 @@ fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
         }
     });
     let (p3, w3) = (p.clone(), w.clone());
-    ch.on_error(move |lp, _, e| on_channel_error(lp, &p3, &w3, e));
+    ch.on_error(lp, move |lp, _, e| on_channel_error(lp, &p3, &w3, e));
     let (p4, w4) = (p.clone(), w.clone());
-    ch.on_disconnect(move |lp, _| on_channel_disconnect(lp, &p4, &w4));
+    ch.on_disconnect(lp, move |lp, _| on_channel_disconnect(lp, &p4, &w4));
 }
 
 /// A fault on a worker's channel. The worker's end of the channel being
@@ -1336,7 +1336,7 @@ const EXIT_GRACE_MS: u64 = 100;
 /// The worker's process exited (Node's `worker.process.once('exit')`).
 fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: Option<Signum>) {
     let primary = Primary::from_ref(p);
-    let connected = w.is_connected();
+    let connected = w.is_connected(lp);
     {
         let mut i = w.inner.borrow_mut();
         if signal.is_some() {
@@ -1389,7 +1389,7 @@ fn give_back_after_grace(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
         Duration::ZERO,
         move |lp, t| {
             lp.close_if_open(t);
-            if w.is_connected()
+            if w.is_connected(lp)
                 && let Some(p) = Primary::from_ref(&p)
             {
                 p.remove_handles_for_worker(lp, &w, true);

@@ -334,7 +334,7 @@ impl RoundRobinHandle {
         // channel sends its fds back to back, rather than each after the
         // previous one's ACK.
         if let Some(ch) = w.channel()
-            && window > ch.handles_in_flight()
+            && window > ch.handles_in_flight(lp)
         {
             ch.set_handles_in_flight(lp, window);
         }
@@ -458,7 +458,7 @@ impl RoundRobinHandle {
         };
         let (me, worker) = (self.clone(), w.clone());
         let on_reply = Box::new(
-            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Socket>| {
+            move |lp: &mut Loop, _: Channel, reply: Value, h: Option<Socket>| {
                 if let Some(h) = h {
                     lp.close_if_open(h);
                 }
@@ -467,7 +467,7 @@ impl RoundRobinHandle {
             },
         );
         let (me, worker) = (self.clone(), w.clone());
-        let on_delivery = Box::new(move |lp: &mut Loop, _: &Channel, d: HandleDelivery| {
+        let on_delivery = Box::new(move |lp: &mut Loop, _: Channel, d: HandleDelivery| {
             let d = match d {
                 HandleDelivery::Acked => Delivery::Acked,
                 HandleDelivery::Nacked => Delivery::Nacked,

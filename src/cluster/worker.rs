@@ -206,16 +206,15 @@ impl Worker {
 
     /// The IPC channel to the other side.
     pub fn channel(&self) -> Option<Channel> {
-        self.inner.borrow().channel.clone()
+        self.inner.borrow().channel
     }
 
     /// Whether the channel is open (`worker.isConnected()`).
-    pub fn is_connected(&self) -> bool {
+    pub fn is_connected(&self, lp: &Loop) -> bool {
         self.inner
             .borrow()
             .channel
-            .as_ref()
-            .is_some_and(Channel::is_connected)
+            .is_some_and(|c| c.is_connected(lp))
     }
 
     /// Whether the process has exited (`worker.isDead()`); on the worker's
