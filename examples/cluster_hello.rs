@@ -174,7 +174,7 @@ fn run_worker(
         }
     });
     if let Some(worker) = &worker {
-        worker.on_message(move |lp, w, msg, handle| {
+        worker.on_message(lp, move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.
             if let Some(h) = handle {
                 lp.close_if_open(h);
@@ -902,7 +902,7 @@ struct Start {
 }
 
 fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
-    let primary = Primary::new();
+    let primary = Primary::new(lp);
     // Workers are this same program (the default exec), run with no
     // arguments; PORT and the policy reach them through the environment.
     primary.setup_primary(
@@ -914,7 +914,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     );
     let start: Rc<RefCell<Start>> = Rc::default();
     let st = start.clone();
-    primary.on_listening(move |_, w, addr| {
+    primary.on_listening(lp, move |_, w, addr| {
         let mut s = st.borrow_mut();
         s.listening.insert(w.id());
         if s.listening.len() == n && !s.ready && !s.failed {
@@ -929,14 +929,14 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // object keyed by worker id once all have answered.
     let counts: Rc<RefCell<BTreeMap<u32, serde_json::Value>>> = Rc::default();
     let c = counts.clone();
-    let p = primary.clone();
+    let p = primary;
     let st = start.clone();
-    primary.on_message(move |_, w, msg, _| {
+    primary.on_message(lp, move |lp, w, msg, _| {
         if let Some(e) = msg.get("listenError").and_then(|e| e.as_str()) {
             st.borrow_mut().errors.insert(w.id(), e.to_owned());
         } else if msg.get("conns").is_some() {
             c.borrow_mut().insert(w.id(), msg);
-            if c.borrow().len() == p.workers().len() {
+            if c.borrow().len() == p.workers(lp).len() {
                 let line: serde_json::Map<String, serde_json::Value> = c
                     .borrow_mut()
                     .split_off(&0)
@@ -951,11 +951,11 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // message has been read) before every worker listened: the start
     // failed. Say why and stop the others.
     let failed_before_ready = {
-        let (start, p, exit_code) = (start.clone(), primary.clone(), exit_code.clone());
-        Rc::new(move |lp: &mut Loop, w: &Worker| {
+        let (start, p, exit_code) = (start.clone(), primary, exit_code.clone());
+        Rc::new(move |lp: &mut Loop, w: Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
-            if !w.is_dead() || w.is_connected(lp) || w.exited_after_disconnect() == Some(true) {
+            if !w.is_dead(lp) || w.is_connected(lp) || w.exited_after_disconnect(lp) == Some(true) {
                 return;
             }
             let why = {
@@ -966,7 +966,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 s.failed = true;
                 s.errors
                     .remove(&w.id())
-                    .unwrap_or_else(|| match w.exit_status() {
+                    .unwrap_or_else(|| match w.exit_status(lp) {
                         Some((Some(code), _)) => format!("it exited with code {code}"),
                         Some((_, Some(sig))) => format!("it was killed by signal {sig}"),
                         _ => "it exited".to_owned(),
@@ -977,15 +977,15 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 w.id()
             );
             exit_code.set(1);
-            for other in p.workers() {
+            for other in p.workers(lp) {
                 let _ = other.kill(lp, Some(Signum::SIGTERM));
             }
         })
     };
     let f = failed_before_ready.clone();
-    primary.on_disconnect(move |lp, w| f(lp, w));
+    primary.on_disconnect(lp, move |lp, w| f(lp, w));
     let f = failed_before_ready;
-    primary.on_exit(move |lp, w, code, signal| {
+    primary.on_exit(lp, move |lp, w, code, signal| {
         eprintln!(
             "worker {} exited (code {code:?}, signal {signal:?})",
             w.id()
@@ -993,10 +993,10 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         f(lp, w);
     });
     let usr2 = lp.signal_init();
-    let p = primary.clone();
+    let p = primary;
     lp.signal_start(usr2, Signum::SIGUSR2, move |lp, _, _| {
         counts.borrow_mut().clear();
-        for w in p.workers() {
+        for w in p.workers(lp) {
             let _ = w.send(lp, &json!("count"), None);
         }
     })?;
@@ -1023,17 +1023,19 @@ fn stop_on_signals(
     let stopping = Rc::new(Cell::new(false));
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
+        let (p, forked, stopping) = (*primary, forked.clone(), stopping.clone());
         let exit_code = exit_code.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
-            let alive = || forked.iter().filter(|w| !w.is_dead());
+            let alive = |lp: &Loop| -> Vec<Worker> {
+                forked.iter().copied().filter(|w| !w.is_dead(lp)).collect()
+            };
             if stopping.replace(true) {
                 eprintln!(
                     "cluster_hello: signal {} again: killing the workers",
                     signum.as_raw()
                 );
                 exit_code.set(1);
-                for w in alive() {
+                for w in alive(lp) {
                     let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
                 return;
@@ -1041,7 +1043,7 @@ fn stop_on_signals(
             eprintln!(
                 "cluster_hello: signal {}: disconnecting {} workers",
                 signum.as_raw(),
-                alive().count()
+                alive(lp).len()
             );
             p.disconnect(lp, |_| {});
             let waiting = lp.timer_init();
@@ -1050,11 +1052,11 @@ fn stop_on_signals(
                 waiting,
                 Duration::from_millis(STILL_WAITING_MS),
                 Duration::from_millis(STILL_WAITING_MS),
-                move |_, _| {
+                move |lp, _| {
                     let left: Vec<String> = forked
                         .iter()
-                        .filter(|w| !w.is_dead())
-                        .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                        .filter(|w| !w.is_dead(lp))
+                        .map(|w| format!("{} (pid {})", w.id(), w.pid(lp).unwrap_or(0)))
                         .collect();
                     eprintln!(
                         "cluster_hello: still waiting for worker(s) {} to finish their requests; \

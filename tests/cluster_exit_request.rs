@@ -39,7 +39,7 @@ fn helper_exit_request() {
     let why = std::rc::Rc::new(std::cell::Cell::new(None));
     if std::env::var("HANDLER").as_deref() == Ok("custom") {
         let why = why.clone();
-        w.on_exit_request(move |lp, w, reason| {
+        w.on_exit_request(&mut lp, move |lp, w, reason| {
             assert!(!w.is_connected(lp), "the channel is closed by then");
             assert!(why.replace(Some(reason)).is_none(), "asked once");
         });
@@ -59,7 +59,7 @@ fn helper_exit_request() {
 /// primary without a `disconnect` message, as when a primary dies.
 fn run_worker(action: &str, handler: &str) -> Option<i64> {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let args = [
         "helper_exit_request",
         "--exact",
@@ -82,25 +82,25 @@ fn run_worker(action: &str, handler: &str) -> Option<i64> {
             ..Settings::default()
         },
     );
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let close_channel = action == "wait";
-    p.on_online(move |lp, w| {
+    p.on_online(&mut lp, move |lp, w| {
         if close_channel {
-            w.channel().expect("a channel").disconnect(lp);
+            w.channel(lp).expect("a channel").disconnect(lp);
         }
     });
     let exits = Counter::new();
     let e = exits.clone();
-    p.on_exit(move |_, _, _, signal| {
+    p.on_exit(&mut lp, move |_, _, _, signal| {
         assert_eq!(signal, None);
         e.hit();
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(exits.get(), 1);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
-    w.exit_status().and_then(|(code, _)| code)
+    w.exit_status(&lp).and_then(|(code, _)| code)
 }
 
 #[test]

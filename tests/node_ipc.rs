@@ -642,7 +642,7 @@ fn helper_surrogate_worker() {
     let w = uvcluster::cluster::setup_worker(&mut lp)
         .unwrap()
         .expect("started as a worker");
-    w.on_message_raw(|lp, w, m, h| {
+    w.on_message_raw(&mut lp, |lp, w, m, h| {
         if let Some(h) = h {
             lp.close_if_open(h);
         }

@@ -224,7 +224,7 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
 
     const NAME: &str = "helper_udp_listening";
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -241,11 +241,11 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
             ..Settings::default()
         },
     );
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let seen = Log::new();
     let s = seen.clone();
-    p.on_listening(move |lp, w, a| {
-        assert_eq!(w.state(), WorkerState::Listening);
+    p.on_listening(&mut lp, move |lp, w, a| {
+        assert_eq!(w.state(lp), WorkerState::Listening);
         assert_eq!(a.address_type, AddressType::Udp4);
         assert!(a.port.unwrap() > 0);
         s.push("listening");
@@ -254,7 +254,7 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(seen.joined(), "listening");
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
 }
 
@@ -270,7 +270,7 @@ fn helper_udp_listening() {
     uvcluster::net::bind_dgram(&mut lp, Default::default(), move |_, r| {
         s.set(Some(r.unwrap()))
     });
-    w.on_disconnect(move |lp, _| {
+    w.on_disconnect(&mut lp, move |lp, _| {
         if let Some(u) = sock.take() {
             lp.close(u, |_| {}).unwrap();
         }

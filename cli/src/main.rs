@@ -129,7 +129,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> io::Result<bool> {
     uvcluster::uv::disable_stdio_inheritance();
     let mut lp = Loop::new()?;
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     let mut command = args.command.into_iter();
     primary.setup_primary(
         &mut lp,
@@ -143,8 +143,8 @@ fn run(args: Args) -> io::Result<bool> {
     );
     let all_ok = Rc::new(Cell::new(true));
     let ok = all_ok.clone();
-    primary.on_exit(move |_, w, code, signal| {
-        let pid = w.pid().unwrap_or(0);
+    primary.on_exit(&mut lp, move |lp, w, code, signal| {
+        let pid = w.pid(lp).unwrap_or(0);
         match (code, signal) {
             (Some(0), _) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
             (Some(c), _) => {
@@ -165,8 +165,8 @@ fn run(args: Args) -> io::Result<bool> {
             (None, None) => eprintln!("uvcluster: worker {} (pid {pid}) exited", w.id()),
         }
     });
-    primary.on_listening(|_, w, a| {
-        let pid = w.pid().unwrap_or(0);
+    primary.on_listening(&mut lp, |lp, w, a| {
+        let pid = w.pid(lp).unwrap_or(0);
         let addr = a.address.as_deref().unwrap_or("*");
         match a.port {
             Some(port) if port >= 0 => {
@@ -181,7 +181,7 @@ fn run(args: Args) -> io::Result<bool> {
             ),
         }
     });
-    primary.on_error(|_, w, e| match w {
+    primary.on_error(&mut lp, |_, w, e| match w {
         Some(w) => eprintln!("uvcluster: worker {}: {e}", w.id()),
         None => eprintln!("uvcluster: {e}"),
     });
@@ -192,12 +192,15 @@ fn run(args: Args) -> io::Result<bool> {
     let stopping = Rc::new(Cell::new(false));
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let p = primary.clone();
+        let p = primary;
         let stopping = stopping.clone();
         let forked = forked.clone();
         lp.signal_start(sig, signum, move |lp, _, signum| {
             if stopping.replace(true) {
-                for w in forked.borrow().iter().filter(|w| !w.is_dead()) {
+                let alive: Vec<Worker> = (forked.borrow().iter().copied())
+                    .filter(|w| !w.is_dead(lp))
+                    .collect();
+                for w in alive {
                     let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
             } else {
@@ -214,12 +217,12 @@ fn run(args: Args) -> io::Result<bool> {
                     waiting,
                     Duration::from_millis(STILL_WAITING_MS),
                     Duration::from_millis(STILL_WAITING_MS),
-                    move |_, _| {
+                    move |lp, _| {
                         let left: Vec<String> = forked
                             .borrow()
                             .iter()
-                            .filter(|w| !w.is_dead())
-                            .map(|w| format!("{} (pid {})", w.id(), w.pid().unwrap_or(0)))
+                            .filter(|w| !w.is_dead(lp))
+                            .map(|w| format!("{} (pid {})", w.id(), w.pid(lp).unwrap_or(0)))
                             .collect();
                         eprintln!(
                             "uvcluster: still waiting for worker(s) {} to finish; \
