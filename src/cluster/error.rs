@@ -8,7 +8,7 @@ use crate::ipc::ChannelError;
 use crate::uv::Errno;
 
 /// An error reported by the cluster through an `error` callback. (A worker
-/// that cannot be forked is no such report: [`Primary::fork`] returns the
+/// that cannot be forked is no such report: [`Primary::fork`](super::Primary::fork) returns the
 /// error.)
 #[derive(Debug)]
 pub enum ClusterError {
