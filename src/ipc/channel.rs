@@ -1506,3 +1506,61 @@ impl Channel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uv::RunMode;
+
+    fn channels(lp: &Loop) -> usize {
+        lp.context::<IpcContext>().map_or(0, |c| c.channels.len())
+    }
+
+    /// The loop owns a channel's state from `open` until its pipe has
+    /// closed; the id is then stale, and answers as a closed channel.
+    #[test]
+    fn a_closed_channels_state_is_dropped_and_its_id_answers_as_closed() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+        assert_eq!(channels(&lp), 2);
+        let disconnects = std::rc::Rc::new(std::cell::Cell::new(0));
+        for ch in [a, b] {
+            let d = disconnects.clone();
+            ch.on_disconnect(&mut lp, move |lp, ch| {
+                assert!(!ch.is_connected(lp));
+                d.set(d.get() + 1);
+            });
+        }
+        a.set_handles_in_flight(&mut lp, 3);
+        a.disconnect(&mut lp);
+        lp.run(RunMode::Default).unwrap();
+        assert_eq!(disconnects.get(), 2, "each end saw its disconnect once");
+        assert_eq!(channels(&lp), 0, "both states dropped with their pipes");
+        let e = a.send(&mut lp, &Value::Null, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected);
+        assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
+        assert_eq!(a.handles_in_flight(&lp), 1);
+    }
+
+    /// The `seq` of cluster messages comes from the loop's counter, shared
+    /// by every channel of the loop (Node's one counter per process).
+    #[test]
+    fn one_seq_counter_per_loop_for_every_channel() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let (c, d) = lp.pipe_pair(true).unwrap();
+        let mut open = |p| Channel::open(&mut lp, p, ChannelOptions::default()).unwrap();
+        let (a, b, c, d) = (open(a), open(b), open(c), open(d));
+        let s0 = a.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        let s1 = c.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        let s2 = a.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        assert_eq!((s0, s1, s2), (0, 1, 2));
+        for ch in [a, b, c, d] {
+            ch.disconnect(&mut lp);
+        }
+        lp.run(RunMode::Default).unwrap();
+        assert_eq!(channels(&lp), 0);
+    }
+}
