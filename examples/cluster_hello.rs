@@ -181,7 +181,7 @@ fn run_worker(
         }
     });
     if let Some(worker) = &worker {
-        worker.on_message(move |lp, w, msg, handle| {
+        worker.on_message(lp, move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.
             if let Some(h) = handle {
                 lp.close_if_open(h);
@@ -917,7 +917,7 @@ struct Start {
 /// of the first start listened ends the primary (exit code 1): a service
 /// that cannot start is not retried here.
 fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
-    let primary = Primary::new();
+    let primary = Primary::new(lp);
     // Workers are this same program (the default exec), run with no
     // arguments; PORT and the policy reach them through the environment.
     primary.setup_primary(
@@ -934,7 +934,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     if let Some(ms) = kill_timeout_from_env()? {
         config.kill_timeout = Duration::from_millis(ms);
     }
-    let sup = Supervisor::with_primary(lp, primary.clone(), config)
+    let sup = Supervisor::with_primary(lp, primary, config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let start: Rc<RefCell<Start>> = Rc::default();
     let st = start.clone();
@@ -953,14 +953,14 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // object keyed by worker id once all have answered.
     let counts: Rc<RefCell<BTreeMap<u32, serde_json::Value>>> = Rc::default();
     let c = counts.clone();
-    let p = primary.clone();
+    let p = primary;
     let st = start.clone();
-    sup.on_message(move |_, w, msg| {
+    sup.on_message(move |lp, w, msg| {
         if let Some(e) = msg.get("listenError").and_then(|e| e.as_str()) {
             st.borrow_mut().errors.insert(w.id(), e.to_owned());
         } else if msg.get("conns").is_some() {
             c.borrow_mut().insert(w.id(), msg);
-            if c.borrow().len() == p.workers().len() {
+            if c.borrow().len() == p.workers(lp).len() {
                 let line: serde_json::Map<String, serde_json::Value> = c
                     .borrow_mut()
                     .split_off(&0)
@@ -976,10 +976,10 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // failed. Say why and stop the others at once.
     let failed_before_ready = {
         let (start, s, exit_code) = (start.clone(), sup.clone(), exit_code.clone());
-        Rc::new(move |lp: &mut Loop, w: &Worker| {
+        Rc::new(move |lp: &mut Loop, w: Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
-            if !w.is_dead() || w.is_connected() || w.exited_after_disconnect() == Some(true) {
+            if !w.is_dead(lp) || w.is_connected(lp) || w.exited_after_disconnect(lp) == Some(true) {
                 return;
             }
             let why = {
@@ -990,7 +990,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 st.failed = true;
                 st.errors
                     .remove(&w.id())
-                    .unwrap_or_else(|| match w.exit_status() {
+                    .unwrap_or_else(|| match w.exit_status(lp) {
                         Some((Some(code), _)) => format!("it exited with code {code}"),
                         Some((_, Some(sig))) => format!("it was killed by signal {sig}"),
                         _ => "it exited".to_owned(),
@@ -1008,15 +1008,15 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // check on each new worker; the stop's messages.
     // (The callbacks hold the supervisor: it lives as long as the
     // process.)
-    let (p, ec, me) = (primary.clone(), exit_code.clone(), sup.clone());
+    let (p, ec, me) = (primary, exit_code.clone(), sup.clone());
     sup.on_event(move |lp, e| {
         match e {
             LifecycleEvent::Forked { worker, .. } => {
-                if let Some(w) = p.worker(*worker) {
+                if let Some(w) = p.worker(lp, *worker) {
                     let f = failed_before_ready.clone();
-                    w.on_disconnect(move |lp, w| f(lp, w));
+                    w.on_disconnect(lp, move |lp, w| f(lp, w));
                     let f = failed_before_ready.clone();
-                    w.on_exit(move |lp, w, _, _| f(lp, w));
+                    w.on_exit(lp, move |lp, w, _, _| f(lp, w));
                 }
             }
             LifecycleEvent::Stopping {
@@ -1026,7 +1026,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 eprintln!(
                     "cluster_hello: signal {}: disconnecting {} workers",
                     sig.as_raw(),
-                    p.workers().len()
+                    p.workers(lp).len()
                 );
                 remind_while_stopping(lp, &me);
             }
@@ -1051,10 +1051,10 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         }
     });
     let usr2 = lp.signal_init();
-    let p = primary.clone();
+    let p = primary;
     lp.signal_start(usr2, Signum::SIGUSR2, move |lp, _, _| {
         counts.borrow_mut().clear();
-        for w in p.workers() {
+        for w in p.workers(lp) {
             let _ = w.send(lp, &json!("count"), None);
         }
     })?;

@@ -34,7 +34,7 @@ fn bcast_worker() {
     let mut lp = Loop::new().unwrap();
     let w = cluster::setup_worker(&mut lp).unwrap().expect("a worker");
     let _server = util::serve_hello(&mut lp, 0);
-    w.on_message(|lp, w, msg, _| {
+    w.on_message(&mut lp, |lp, w, msg, _| {
         let reply = if msg == json!({"say": true}) {
             json!({"hi": w.id()})
         } else if msg.get("got").is_none() {

@@ -162,7 +162,8 @@ impl Supervisor {
     ///
     /// [`ConfigError`] from [`SupervisorConfig::validate`].
     pub fn new(lp: &mut Loop, config: SupervisorConfig) -> Result<Supervisor, ConfigError> {
-        Supervisor::with_primary(lp, Primary::new(), config)
+        let primary = Primary::new(lp);
+        Supervisor::with_primary(lp, primary, config)
     }
 
     /// A supervisor on `primary` (set up with
@@ -177,12 +178,11 @@ impl Supervisor {
         config: SupervisorConfig,
     ) -> Result<Supervisor, ConfigError> {
         config.validate()?;
-        let _ = lp;
         let seed = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
         let sup = Supervisor {
             inner: Rc::new(RefCell::new(Inner {
                 core: Core::new(config, seed),
-                primary: primary.clone(),
+                primary,
                 workers: HashMap::new(),
                 timer: None,
                 sampler: None,
@@ -198,13 +198,13 @@ impl Supervisor {
                 stderr: HashMap::new(),
             })),
         };
-        sup.hook(&primary);
+        sup.hook(lp, primary);
         Ok(sup)
     }
 
     /// The primary it runs.
     pub fn primary(&self) -> Primary {
-        self.inner.borrow().primary.clone()
+        self.inner.borrow().primary
     }
 
     /// The configuration.
@@ -221,9 +221,9 @@ impl Supervisor {
     }
 
     /// Sets the primary's callbacks that feed the core.
-    fn hook(&self, p: &Primary) {
+    fn hook(&self, lp: &mut Loop, p: Primary) {
         let me = self.weak();
-        p.on_listening(move |lp, w, addr| {
+        p.on_listening(lp, move |lp, w, addr| {
             if let Some(s) = Supervisor::from_weak(&me) {
                 let now = lp.now();
                 s.inner
@@ -233,7 +233,7 @@ impl Supervisor {
                 s.pump(lp);
                 let cb = s.inner.borrow_mut().on_listening.take();
                 if let Some(mut cb) = cb {
-                    cb(lp, w, addr);
+                    cb(lp, &w, addr);
                     let mut i = s.inner.borrow_mut();
                     if i.on_listening.is_none() {
                         i.on_listening = Some(cb);
@@ -242,7 +242,7 @@ impl Supervisor {
             }
         });
         let me = self.weak();
-        p.on_message(move |lp, w, msg, h| {
+        p.on_message(lp, move |lp, w, msg, h| {
             if let Some(h) = h {
                 lp.close_if_open(h);
             }
@@ -261,7 +261,7 @@ impl Supervisor {
             }
             let cb = s.inner.borrow_mut().on_message.take();
             if let Some(mut cb) = cb {
-                cb(lp, w, msg);
+                cb(lp, &w, msg);
                 let mut i = s.inner.borrow_mut();
                 if i.on_message.is_none() {
                     i.on_message = Some(cb);
@@ -269,7 +269,7 @@ impl Supervisor {
             }
         });
         let me = self.weak();
-        p.on_disconnect(move |lp, w| {
+        p.on_disconnect(lp, move |lp, w| {
             if let Some(s) = Supervisor::from_weak(&me) {
                 let now = lp.now();
                 s.inner.borrow_mut().core.disconnected(now, w.id());
@@ -277,10 +277,10 @@ impl Supervisor {
             }
         });
         let me = self.weak();
-        p.on_exit(move |lp, w, code, signal| {
+        p.on_exit(lp, move |lp, w, code, signal| {
             if let Some(s) = Supervisor::from_weak(&me) {
                 let now = lp.now();
-                let after = w.exited_after_disconnect() == Some(true);
+                let after = w.exited_after_disconnect(lp) == Some(true);
                 {
                     let mut i = s.inner.borrow_mut();
                     i.workers.remove(&w.id());
@@ -290,7 +290,7 @@ impl Supervisor {
             }
         });
         let me = self.weak();
-        p.on_error(move |lp, w, e| {
+        p.on_error(lp, move |lp, w, e| {
             let hung = matches!(
                 e,
                 ClusterError::Handoff {
@@ -326,11 +326,11 @@ impl Supervisor {
                 return;
             }
             i.started = true;
-            (i.primary.clone(), i.core.config().clone())
+            (i.primary, i.core.config().clone())
         };
         primary.set_keep_listeners(lp, true);
         if let Some(t) = cfg.worker_timeout.filter(|t| !t.is_zero()) {
-            primary.set_handoff_timeout(t);
+            primary.set_handoff_timeout(lp, t);
         }
         if cfg.max_memory.is_some() || cfg.max_connections.is_some() {
             self.start_sampler(lp, cfg.memory_check_interval);
@@ -427,12 +427,12 @@ impl Supervisor {
                 let w = r.worker.and_then(|id| i.workers.get(&id));
                 WorkerStatus {
                     id: r.worker,
-                    pid: w.and_then(Worker::pid),
+                    pid: w.and_then(|w| w.pid(lp)),
                     slot: r.slot,
                     state: r.state,
                     uptime: r.uptime,
                     restarts: r.restarts,
-                    connections: w.map_or(r.handed, |w| i.primary.handed(w)),
+                    connections: w.map_or(r.handed, |&w| i.primary.handed(lp, w)),
                     last_exit: r.last_exit,
                     last_stderr: if r.worker.is_none() {
                         i.stderr
@@ -480,10 +480,10 @@ impl Supervisor {
             let mut ws: Vec<Worker> = i
                 .workers
                 .values()
-                .filter(|w| w.id() != from && w.is_connected())
-                .cloned()
+                .filter(|w| w.id() != from && w.is_connected(lp))
+                .copied()
                 .collect();
-            ws.sort_by_key(Worker::id);
+            ws.sort_by_key(|w| w.id());
             ws
         };
         for w in to {
@@ -497,9 +497,9 @@ impl Supervisor {
     /// Sends `msg` to every connected worker (`uvcluster ctl send`);
     /// returns how many it was sent to.
     pub fn send_all(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
-        let ws: Vec<Worker> = self.inner.borrow().workers.values().cloned().collect();
-        ws.iter()
-            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+        let ws: Vec<Worker> = self.inner.borrow().workers.values().copied().collect();
+        ws.into_iter()
+            .filter(|w| w.is_connected(lp) && w.send(lp, msg, None).is_ok())
             .count()
     }
 
@@ -600,7 +600,7 @@ impl Supervisor {
             let i = self.inner.borrow();
             i.workers
                 .iter()
-                .map(|(&id, w)| (id, w.pid().and_then(rss_bytes), i.primary.handed(w)))
+                .map(|(&id, &w)| (id, w.pid(lp).and_then(rss_bytes), i.primary.handed(lp, w)))
                 .collect()
         };
         {
@@ -625,7 +625,7 @@ impl Supervisor {
     }
 
     fn worker(&self, id: WorkerId) -> Option<Worker> {
-        self.inner.borrow().workers.get(&id).cloned()
+        self.inner.borrow().workers.get(&id).copied()
     }
 
     fn execute(&self, lp: &mut Loop, action: Action) {
@@ -634,12 +634,12 @@ impl Supervisor {
             Action::Drain(id) => {
                 if let Some(w) = self.worker(id) {
                     let p = self.primary();
-                    p.drain(lp, &w);
+                    p.drain(lp, w);
                 }
             }
             Action::Disconnect(id) => {
                 if let Some(w) = self.worker(id)
-                    && w.is_connected()
+                    && w.is_connected(lp)
                 {
                     w.disconnect(lp);
                 }
@@ -675,10 +675,10 @@ impl Supervisor {
         let now = lp.now();
         match p.fork(lp, Vec::new()) {
             Ok(w) => {
-                p.set_worker_slot(&w, slot as u32);
-                self.capture_stderr(lp, &w, slot);
+                p.set_worker_slot(lp, w, slot as u32);
+                self.capture_stderr(lp, w, slot);
                 let mut i = self.inner.borrow_mut();
-                i.workers.insert(w.id(), w.clone());
+                i.workers.insert(w.id(), w);
                 i.core.forked(now, slot, w.id());
             }
             Err(e) => {
@@ -690,8 +690,8 @@ impl Supervisor {
 
     /// With piped stdio, keeps the last [`STDERR_LINES`] lines the
     /// worker writes on stderr, by slot (the primary would drop them).
-    fn capture_stderr(&self, lp: &mut Loop, w: &Worker, slot: SlotId) {
-        let Some(pipe) = w.stdio(2) else { return };
+    fn capture_stderr(&self, lp: &mut Loop, w: Worker, slot: SlotId) {
+        let Some(pipe) = w.stdio(lp, 2) else { return };
         let _ = lp.read_stop(pipe);
         let me = self.weak();
         let mut partial = Vec::new();

@@ -106,7 +106,7 @@ pub fn node_env(mode: &str) -> Settings {
 /// A supervisor (not started) on a primary with `settings`, logging its
 /// events and the port.
 pub fn supervisor(lp: &mut Loop, settings: Settings, cfg: SupervisorConfig) -> Sup {
-    let p = Primary::new();
+    let p = Primary::new(lp);
     p.setup_primary(lp, settings);
     let sup = Supervisor::with_primary(lp, p, cfg).unwrap();
     let log = Log::default();
