@@ -938,7 +938,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let start: Rc<RefCell<Start>> = Rc::default();
     let st = start.clone();
-    sup.on_listening(move |_, w, addr| {
+    sup.on_listening(lp, move |_, w, addr| {
         let mut s = st.borrow_mut();
         s.listening.insert(w.id());
         if s.listening.len() == n && !s.ready && !s.failed {
@@ -955,7 +955,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     let c = counts.clone();
     let p = primary;
     let st = start.clone();
-    sup.on_message(move |lp, w, msg| {
+    sup.on_message(lp, move |lp, w, msg| {
         if let Some(e) = msg.get("listenError").and_then(|e| e.as_str()) {
             st.borrow_mut().errors.insert(w.id(), e.to_owned());
         } else if msg.get("conns").is_some() {
@@ -975,7 +975,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // message has been read) before every worker listened: the start
     // failed. Say why and stop the others at once.
     let failed_before_ready = {
-        let (start, s, exit_code) = (start.clone(), sup.clone(), exit_code.clone());
+        let (start, s, exit_code) = (start.clone(), sup, exit_code.clone());
         Rc::new(move |lp: &mut Loop, w: Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
@@ -1008,8 +1008,8 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // check on each new worker; the stop's messages.
     // (The callbacks hold the supervisor: it lives as long as the
     // process.)
-    let (p, ec, me) = (primary, exit_code.clone(), sup.clone());
-    sup.on_event(move |lp, e| {
+    let (p, ec, me) = (primary, exit_code.clone(), sup);
+    sup.on_event(lp, move |lp, e| {
         match e {
             LifecycleEvent::Forked { worker, .. } => {
                 if let Some(w) = p.worker(lp, *worker) {
@@ -1045,7 +1045,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         eprintln!("cluster_hello: {e}");
     });
     let ec = exit_code.clone();
-    sup.on_exit(move |_, code| {
+    sup.on_exit(lp, move |_, code| {
         if code != 0 {
             ec.set(code as u8);
         }
@@ -1085,7 +1085,7 @@ fn kill_timeout_from_env() -> io::Result<Option<u64>> {
 /// workers it waits for (a second SIGINT/SIGTERM kills them).
 fn remind_while_stopping(lp: &mut Loop, sup: &Supervisor) {
     let waiting = lp.timer_init();
-    let s = sup.clone();
+    let s = *sup;
     let _ = lp.timer_start(
         waiting,
         Duration::from_millis(STILL_WAITING_MS),

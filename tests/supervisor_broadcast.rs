@@ -67,13 +67,13 @@ fn run(
         rust_settings(HELPER, "", SchedulingPolicy::RoundRobin),
         cfg,
     );
-    s.sup.set_broadcast(broadcast);
+    s.sup.set_broadcast(&mut lp, broadcast);
     let pairs: Rc<RefCell<BTreeSet<(u64, u64)>>> = Rc::default();
     let his = Rc::new(RefCell::new(0usize));
     let others: Rc<RefCell<Vec<Value>>> = Rc::default();
     {
         let (pairs, his, others) = (pairs.clone(), his.clone(), others.clone());
-        s.sup.on_message(move |_, _, msg| {
+        s.sup.on_message(&mut lp, move |_, _, msg| {
             if msg.get("hi").is_some() {
                 *his.borrow_mut() += 1;
             } else if let (Some(from), Some(by)) = (msg["got"]["hi"].as_u64(), msg["by"].as_u64()) {

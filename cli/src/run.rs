@@ -487,10 +487,10 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
         None => None,
     };
-    sup.set_broadcast(opts.broadcast);
-    let ops = Ops::new(sup.clone());
+    sup.set_broadcast(&mut lp, opts.broadcast);
+    let ops = Ops::new(sup);
     let (control, metrics) = operations(&mut lp, &ops, &opts)?;
-    sup.on_exit(move |lp, _| {
+    sup.on_exit(&mut lp, move |lp, _| {
         if let Some(c) = &control {
             c.close(lp);
         }
@@ -501,7 +501,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
         let immediate = immediate.clone();
-        sup.on_event(move |lp, e| {
+        sup.on_event(&mut lp, move |lp, e| {
             ops.event(lp, e);
             if let LifecycleEvent::Stopping {
                 graceful: false,
@@ -530,7 +530,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     events::starting(&opts);
     sup.start(&mut lp);
     lp.run(RunMode::Default)?;
-    Ok(match (immediate.get(), sup.exit_code()) {
+    Ok(match (immediate.get(), sup.exit_code(&lp)) {
         (Some(s), _) => Outcome::Immediate(s),
         (None, Some(code)) => Outcome::Supervisor(code),
         // The loop ended without the supervisor's verdict: nothing kept it
