@@ -152,7 +152,14 @@ impl Partial {
     fn set(&mut self, name: &str, v: &str) -> Result<(), String> {
         use values::*;
         match name {
-            "workers" => self.workers = Some(positive(v)?),
+            "workers" => {
+                let max = uvcluster::supervisor::MAX_WORKERS as u64;
+                self.workers = Some(positive(v).and_then(|n| {
+                    (n <= max).then_some(n).ok_or_else(|| {
+                        format!("takes a whole number from 1 to {max}. Received {v:?}")
+                    })
+                })?)
+            }
             "policy" => self.policy = Some(policy(v)?),
             "restart" => self.restart = Some(restart(v)?),
             "wait-ready" => self.wait_ready = Some(boolean(v)?),

@@ -11,6 +11,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The most workers a supervisor runs (`workers`, `scale`): a bound, so
+/// that a typo (`-w 100000`) is an error and not a fork storm that takes
+/// the machine down (each worker is a process with its own memory).
+pub const MAX_WORKERS: usize = 4096;
+
 /// When an exited worker is replaced (`--restart`).
 ///
 /// Only exits the supervisor did not ask for count: a worker that exits
@@ -286,6 +291,9 @@ impl SupervisorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.workers == 0 {
             return Err(ConfigError::range("workers", 0, "at least 1"));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError::range("workers", self.workers, "at most 4096"));
         }
         if self.reload_batch == 0 {
             return Err(ConfigError::range("reload-batch", 0, "at least 1"));

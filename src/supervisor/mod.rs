@@ -11,7 +11,7 @@ mod config;
 mod core;
 mod shell;
 
-pub use config::{ConfigError, ReadyMode, RestartPolicy, SupervisorConfig};
+pub use config::{ConfigError, MAX_WORKERS, ReadyMode, RestartPolicy, SupervisorConfig};
 pub use core::{
     ExitInfo, KillReason, LifecycleEvent, ReloadError, ReloadReport, ReplaceReason, SlotId,
     StartFailure, WorkerId, WorkerState,

@@ -356,10 +356,13 @@ impl Supervisor {
     ///
     /// `InvalidInput` for 0 (at least one worker runs).
     pub fn scale(self, lp: &mut Loop, n: usize) -> io::Result<()> {
-        if n == 0 {
+        if n == 0 || n > super::config::MAX_WORKERS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "scale: at least 1 worker",
+                format!(
+                    "scale: from 1 to {} workers. Received {n}",
+                    super::config::MAX_WORKERS
+                ),
             ));
         }
         let now = lp.now();
@@ -528,8 +531,10 @@ impl Supervisor {
     /// SIGINT stop gracefully (a second one, not a duplicate delivery
     /// within the duplicate window, stops at once), SIGQUIT stops at
     /// once, SIGHUP reloads, SIGTTIN adds a worker and SIGTTOU removes one
-    /// (never below one). The handlers are closed when the supervisor is
-    /// done.
+    /// (never below one). SIGUSR1 and SIGUSR2 are caught and ignored:
+    /// their default action would end the primary and leave its workers
+    /// orphaned (nodemon and other tools send SIGUSR2). The handlers are
+    /// closed when the supervisor is done.
     ///
     /// # Errors
     ///
@@ -542,6 +547,8 @@ impl Supervisor {
             Signum::SIGHUP,
             Signum::SIGTTIN,
             Signum::SIGTTOU,
+            Signum::SIGUSR1,
+            Signum::SIGUSR2,
         ] {
             let h = lp.signal_init();
             let r = lp.signal_start(h, sig, move |lp, _, sig| {
