@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+use uvcluster::cluster::DispatchStats;
 use uvcluster::uv::{BindFlags, Handle, Loop, Tcp, Timer};
 
 use crate::events;
@@ -55,6 +56,9 @@ pub struct Snapshot {
     pub forks: u64,
     /// `/readyz`'s answer.
     pub ready: bool,
+    /// The primary's dispatchers: queue, handoff latencies, open
+    /// connections where known.
+    pub dispatch: DispatchStats,
 }
 
 /// The states a worker (or empty slot) can be in, as `uvcluster_workers`
@@ -196,6 +200,70 @@ pub fn render(s: &Snapshot) -> String {
     }
     family(
         &mut o,
+        "uvcluster_dispatch_queue_length",
+        "gauge",
+        "Connections the primary accepted that wait for a worker (round-robin policies; \
+         0 where the kernel queues them).",
+    );
+    let _ = writeln!(o, "uvcluster_dispatch_queue_length {}", s.dispatch.queued);
+    family(
+        &mut o,
+        "uvcluster_dispatch_in_flight",
+        "gauge",
+        "Connections handed to a worker that has not answered yet.",
+    );
+    let _ = writeln!(o, "uvcluster_dispatch_in_flight {}", s.dispatch.in_flight);
+    family(
+        &mut o,
+        "uvcluster_worker_dispatch_queue_length",
+        "gauge",
+        "Per worker: connections waiting for it or in flight to it (round-robin policies).",
+    );
+    for r in &workers {
+        if let Some(d) = r.id.and_then(|id| s.dispatch.workers.get(&id)) {
+            let _ = writeln!(
+                o,
+                "uvcluster_worker_dispatch_queue_length{{{}}} {}",
+                label(r),
+                d.queued
+            );
+        }
+    }
+    family(
+        &mut o,
+        "uvcluster_worker_connections_open",
+        "gauge",
+        "Per worker: connections it holds open, as it reports them (leastconn); \
+         absent where the primary cannot see them.",
+    );
+    for r in &workers {
+        if let Some(n) = r.connections_open {
+            let _ = writeln!(o, "uvcluster_worker_connections_open{{{}}} {n}", label(r));
+        }
+    }
+    family(
+        &mut o,
+        "uvcluster_handoff_latency_seconds",
+        "histogram",
+        "From handing a connection to a worker to its answer, in seconds (loop clock, \
+         millisecond resolution).",
+    );
+    let h = &s.dispatch.handoff_latency;
+    for (le, n) in h.cumulative() {
+        let le = le.map_or_else(|| "+Inf".to_owned(), |ms| seconds(ms).to_string());
+        let _ = writeln!(
+            o,
+            "uvcluster_handoff_latency_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "uvcluster_handoff_latency_seconds_sum {}",
+        seconds(h.sum_ms())
+    );
+    let _ = writeln!(o, "uvcluster_handoff_latency_seconds_count {}", h.count());
+    family(
+        &mut o,
         "uvcluster_reloads_total",
         "counter",
         "Rolling reloads by outcome: ok (every worker replaced) or failed (failed closed).",
@@ -211,6 +279,11 @@ pub fn render(s: &Snapshot) -> String {
         s.reloads.1
     );
     o
+}
+
+/// Milliseconds as seconds.
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
 }
 
 /// A response: status line, content type, body.
@@ -245,6 +318,7 @@ fn respond(ops: &Ops, lp: &Loop, head: &[u8]) -> (&'static str, &'static str, St
                 handed_total: ops.handed_total(),
                 forks: ops.forks(),
                 ready: ops.ready(lp),
+                dispatch: ops.dispatch(lp),
             };
             (
                 "200 OK",
@@ -448,6 +522,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use uvcluster::cluster::{LatencyHistogram, WorkerDispatch};
+
     use super::*;
 
     fn row(id: Option<u32>, slot: usize, state: &str) -> Row {
@@ -478,8 +554,54 @@ mod tests {
             handed_total: 20,
             forks: 9,
             ready: true,
+            dispatch: DispatchStats {
+                queued: 4,
+                in_flight: 1,
+                handoff_latency: {
+                    let mut h = LatencyHistogram::default();
+                    h.record(3);
+                    h.record(40);
+                    h.record(7000);
+                    h
+                },
+                workers: [(
+                    1,
+                    WorkerDispatch {
+                        queued: 2,
+                        open: Some(5),
+                    },
+                )]
+                .into(),
+            },
         };
+        let mut rows = s.rows.clone();
+        rows[0].connections_open = Some(5);
+        let s = Snapshot { rows, ..s };
         let t = render(&s);
+        assert!(t.contains("uvcluster_dispatch_queue_length 4\n"), "{t}");
+        assert!(t.contains("uvcluster_dispatch_in_flight 1\n"), "{t}");
+        assert!(
+            t.contains("uvcluster_worker_dispatch_queue_length{worker=\"1\",slot=\"0\"} 2\n"),
+            "{t}"
+        );
+        assert!(!t.contains("uvcluster_worker_dispatch_queue_length{worker=\"3\""));
+        assert!(
+            t.contains("uvcluster_worker_connections_open{worker=\"1\",slot=\"0\"} 5\n"),
+            "{t}"
+        );
+        assert!(!t.contains("uvcluster_worker_connections_open{worker=\"3\""));
+        for want in [
+            "uvcluster_handoff_latency_seconds_bucket{le=\"0.001\"} 0\n",
+            "uvcluster_handoff_latency_seconds_bucket{le=\"0.005\"} 1\n",
+            "uvcluster_handoff_latency_seconds_bucket{le=\"0.05\"} 2\n",
+            "uvcluster_handoff_latency_seconds_bucket{le=\"5\"} 2\n",
+            "uvcluster_handoff_latency_seconds_bucket{le=\"+Inf\"} 3\n",
+            "uvcluster_handoff_latency_seconds_sum 7.043\n",
+            "uvcluster_handoff_latency_seconds_count 3\n",
+            "# TYPE uvcluster_handoff_latency_seconds histogram\n",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
         assert!(t.contains("uvcluster_workers{state=\"ready\"} 1\n"), "{t}");
         assert!(
             t.contains("uvcluster_workers{state=\"errored\"} 1\n"),
@@ -499,7 +621,14 @@ mod tests {
         );
         // Every sample's family has HELP and TYPE before it.
         for line in t.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let mut name = line.split(['{', ' ']).next().unwrap();
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix)
+                    && t.contains(&format!("# TYPE {base} histogram\n"))
+                {
+                    name = base;
+                }
+            }
             assert!(t.contains(&format!("# TYPE {name} ")), "{name}");
             assert!(t.contains(&format!("# HELP {name} ")), "{name}");
         }

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use uvcluster::cluster::DispatchStats;
 use uvcluster::supervisor::{LifecycleEvent, Supervisor, WorkerState, WorkerStatus};
 use uvcluster::uv::Loop;
 
@@ -89,8 +90,11 @@ pub struct Row {
     pub restarts: u32,
     /// Connections the primary handed it (round-robin policies).
     pub connections_handed: u64,
-    /// Connections it holds open: `None`, the primary cannot see them (a
-    /// worker accepts and closes them itself; docs/control.md).
+    /// Connections it holds open, as it last reported them to the
+    /// primary's dispatcher (a Rust worker under `leastconn`): `None` where
+    /// the primary cannot see them (plain `rr`, where a worker closes the
+    /// connections it was handed without telling; `none` and `reuseport`,
+    /// where the kernel hands them out; a Node worker; docs/control.md).
     pub connections_open: Option<u64>,
     /// Resident memory in bytes.
     pub rss_bytes: Option<u64>,
@@ -198,10 +202,18 @@ impl Ops {
         s.handed_retired + s.handed.values().sum::<u64>()
     }
 
+    /// What the primary's dispatchers hold: the dispatch queue, the
+    /// handoff latencies, each worker's open connections where known
+    /// ([`Primary::dispatch_stats`](uvcluster::cluster::Primary::dispatch_stats)).
+    pub fn dispatch(&self, lp: &Loop) -> DispatchStats {
+        self.sup.primary(lp).dispatch_stats(lp)
+    }
+
     /// One row per worker and empty slot, by slot, with fresh `/proc`
     /// samples.
     pub fn rows(&self, lp: &Loop) -> Vec<Row> {
         let status = self.sup.status(lp);
+        let dispatch = self.dispatch(lp);
         let now = Instant::now();
         let mut s = self.state.borrow_mut();
         let mut live_pids = Vec::new();
@@ -236,7 +248,10 @@ impl Ops {
                     uptime_seconds: w.uptime.as_secs_f64(),
                     restarts: w.restarts,
                     connections_handed: w.connections,
-                    connections_open: None,
+                    connections_open: w
+                        .id
+                        .and_then(|id| dispatch.workers.get(&id))
+                        .and_then(|d| d.open),
                     rss_bytes: proc_.map(|p| p.rss_bytes),
                     cpu_seconds: proc_.map(|p| p.cpu_seconds),
                     cpu_percent,

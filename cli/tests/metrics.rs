@@ -68,6 +68,10 @@ fn metrics_pass_promtool_check_metrics() {
         "uvcluster_reloads_total{outcome=\"ok\"} 1\n",
         "uvcluster_reloads_total{outcome=\"failed\"} 0\n",
         "uvcluster_connections_handed_total 20\n",
+        "uvcluster_handoff_latency_seconds_count 20\n",
+        "uvcluster_handoff_latency_seconds_bucket{le=\"+Inf\"} 20\n",
+        "uvcluster_dispatch_queue_length 0\n",
+        "# TYPE uvcluster_handoff_latency_seconds histogram\n",
         "# TYPE uvcluster_worker_resident_memory_bytes gauge\n",
         "# TYPE uvcluster_worker_cpu_seconds_total counter\n",
     ] {
@@ -95,6 +99,124 @@ fn metrics_pass_promtool_check_metrics() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+/// The value of the sample `name` (with its labels, if any) in `body`.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// Under `rr` each request is one handoff: once the primary has the
+/// workers' answers, the handoff latency histogram counts exactly the
+/// requests made (every bucket cumulative, `+Inf` = `_count`), the queue is
+/// empty, and no worker's open connections are shown (the primary cannot
+/// see them close); `ctl status` shows `-` for OPEN.
+#[test]
+fn handoff_latency_counts_exactly_the_handoffs_under_rr() {
+    const N: usize = 25;
+    let dir = TempDir::new("dstats-rr");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(2, port, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mport = metrics_port(&mut r);
+    for _ in 0..N {
+        assert_eq!(get(port, "/").unwrap().0, 200);
+    }
+    let count = "uvcluster_handoff_latency_seconds_count";
+    // A worker answers the primary as it takes the connection; the answer
+    // may reach the primary after the client has its response.
+    let mut body = String::new();
+    eventually("every handoff answered", || {
+        body = get(mport, "/metrics").unwrap().1;
+        sample(&body, count) == Some(N as f64)
+    });
+    assert_eq!(
+        sample(
+            &body,
+            "uvcluster_handoff_latency_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(N as f64),
+        "{body}"
+    );
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("uvcluster_handoff_latency_seconds_bucket{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 13, "{body}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{body}");
+    let sum = sample(&body, "uvcluster_handoff_latency_seconds_sum").unwrap();
+    assert!((0.0..N as f64 * 5.0).contains(&sum), "{body}");
+    assert_eq!(
+        sample(&body, "uvcluster_connections_handed_total"),
+        Some(N as f64)
+    );
+    assert_eq!(sample(&body, "uvcluster_dispatch_queue_length"), Some(0.0));
+    assert_eq!(sample(&body, "uvcluster_dispatch_in_flight"), Some(0.0));
+    assert!(
+        !body.contains("\nuvcluster_worker_connections_open{"),
+        "unknown under rr: {body}"
+    );
+    // Scraping is no handoff: the count stays.
+    let again = get(mport, "/metrics").unwrap().1;
+    assert_eq!(sample(&again, count), Some(N as f64), "{again}");
+    let v = status(&sock);
+    for w in v["workers"].as_array().unwrap() {
+        assert!(w["connections_open"].is_null(), "{w}");
+    }
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+/// Under `leastconn` Rust workers report their open connections: once the
+/// requests are done, `/metrics` and `ctl status` show each worker's count
+/// (0: every connection closed), and the histogram counts the handoffs.
+#[test]
+fn leastconn_shows_each_workers_open_connections() {
+    const N: usize = 10;
+    let dir = TempDir::new("dstats-lc");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(
+        2,
+        port,
+        &sock,
+        &["--metrics", "127.0.0.1:0", "--policy", "leastconn"],
+    );
+    let mport = metrics_port(&mut r);
+    for _ in 0..N {
+        assert_eq!(get(port, "/").unwrap().0, 200);
+    }
+    let mut body = String::new();
+    eventually("both workers' open connections known, all closed", || {
+        body = get(mport, "/metrics").unwrap().1;
+        let open: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("uvcluster_worker_connections_open{"))
+            .collect();
+        open.len() == 2
+            && open.iter().all(|l| l.ends_with(" 0"))
+            && sample(&body, "uvcluster_handoff_latency_seconds_count") == Some(N as f64)
+    });
+    let out = ctl(&sock, &["status"]);
+    assert!(out.status.success());
+    let t = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = t.lines().collect();
+    let open_col = lines[0]
+        .split_whitespace()
+        .position(|c| c == "OPEN")
+        .unwrap();
+    for l in &lines[1..] {
+        assert_eq!(l.split_whitespace().nth(open_col), Some("0"), "{t}");
+    }
+    let v = status(&sock);
+    for w in v["workers"].as_array().unwrap() {
+        assert_eq!(w["connections_open"].as_u64(), Some(0), "{w}");
     }
     r.signal(Signal::SIGTERM);
     assert_eq!(r.wait().0, Some(0));

@@ -89,8 +89,10 @@ mod worker;
 
 pub use child::setup_worker;
 pub use dispatch::{
-    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, HandoffFailure,
-    HandoffOutcome, MAX_HANDOFF_WINDOW, Scheduler, WorkerLoad, parse_handoff_window,
+    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_HANDOFF_WINDOW, DispatchStats,
+    HANDOFF_LATENCY_BUCKETS_MS, HANDOFF_WINDOW_ENV, HandoffFailure, HandoffOutcome,
+    LatencyHistogram, MAX_HANDOFF_WINDOW, Scheduler, WorkerDispatch, WorkerLoad,
+    parse_handoff_window,
 };
 pub use primary::{ClusterError, Primary};
 pub use settings::{SchedulingPolicy, Settings};

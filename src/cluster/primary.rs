@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::dispatch::{DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, parse_handoff_window};
+use super::dispatch::{
+    DEFAULT_HANDOFF_WINDOW, DispatchStats, HANDOFF_WINDOW_ENV, LatencyHistogram,
+    parse_handoff_window,
+};
 use super::protocol::{
     self, Ack, Act, ActKind, AddressType, Grant, Malformed, Parsed, ProtocolError, Query,
     QueryReply, Received,
@@ -82,6 +85,8 @@ pub(crate) struct PrimaryState {
     /// Round-robin handles that were forgotten with connections still in
     /// flight, kept until those are answered or lost.
     retired_rr: Vec<RoundRobinHandle>,
+    /// The handoff latencies of round-robin handles dropped since.
+    closed_latency: LatencyHistogram,
     disconnect_cbs: Vec<DoneCb>,
     /// Server handles outlive their last worker (a supervisor's primary).
     keep_listeners: bool,
@@ -163,6 +168,7 @@ impl Primary {
             alive: BTreeMap::new(),
             handles: HashMap::new(),
             retired_rr: Vec::new(),
+            closed_latency: LatencyHistogram::default(),
             disconnect_cbs: Vec::new(),
             keep_listeners: false,
             slots: HashMap::new(),
@@ -529,7 +535,7 @@ impl Primary {
                 if rr.has_in_flight(lp) {
                     self.st_mut(lp).retired_rr.push(rr);
                 } else {
-                    rr.drop_state(lp);
+                    self.drop_rr(lp, rr);
                 }
             }
         }
@@ -573,6 +579,61 @@ impl Primary {
                 ServerHandle::Shared(_) => 0,
             })
             .sum()
+    }
+
+    /// What the primary's dispatchers hold right now, summed over its
+    /// round-robin server handles (those of
+    /// [`SchedulingPolicy::RoundRobin`], `LeastConnections` and a user
+    /// scheduler), as Node has no counterpart for (its
+    /// `RoundRobinHandle` keeps `handles` and `free` but shows neither):
+    ///
+    /// - [`queued`](DispatchStats::queued): the dispatch queue length,
+    ///   connections the primary accepted that wait for a worker;
+    /// - [`in_flight`](DispatchStats::in_flight): connections sent to a
+    ///   worker that has not answered yet;
+    /// - [`handoff_latency`](DispatchStats::handoff_latency): for each
+    ///   answered handoff, from sending the `newconn` to the worker's answer,
+    ///   in loop milliseconds, merged over every handle, those closed since
+    ///   included (its counts never go down);
+    /// - [`workers`](DispatchStats::workers): per worker, what waits for or
+    ///   is in flight to it, and its open connections where the primary
+    ///   knows them (`Some` only for a worker that reports its load; `None`
+    ///   under plain round-robin, where the primary never sees a connection
+    ///   close).
+    ///
+    /// Under [`SchedulingPolicy::None`] and
+    /// [`SchedulingPolicy::ReusePort`] the kernel queues connections and
+    /// hands them to workers: the queue and flights read 0, the histogram
+    /// stays empty and `workers` is empty.
+    pub fn dispatch_stats(self, lp: &Loop) -> DispatchStats {
+        let st = self.st(lp);
+        let mut out = DispatchStats {
+            handoff_latency: st.closed_latency.clone(),
+            ..DispatchStats::default()
+        };
+        let live = st.handles.values().filter_map(|e| match e.handle {
+            ServerHandle::RoundRobin(rr) => Some(rr),
+            ServerHandle::Shared(_) => None,
+        });
+        // A worker's open connections are known only when every handle it
+        // serves knows them.
+        let mut seen = std::collections::BTreeSet::new();
+        for rr in live.chain(st.retired_rr.iter().copied()) {
+            let Some(s) = rr.stats(lp) else { continue };
+            out.queued += s.queued;
+            out.in_flight += s.in_flight;
+            out.handoff_latency.merge(&s.handoff_latency);
+            for (id, w) in s.workers {
+                let e = out.workers.entry(id).or_default();
+                e.queued += w.queued;
+                e.open = match (seen.insert(id), e.open, w.open) {
+                    (true, _, open) => open,
+                    (false, Some(a), Some(b)) => Some(a + b),
+                    (false, _, _) => None,
+                };
+            }
+        }
+        out
     }
 
     /// Sets the `fork` callback: a worker was forked.
@@ -759,7 +820,7 @@ impl Primary {
             if rr.has_in_flight(lp) {
                 self.st_mut(lp).retired_rr.push(rr);
             } else {
-                rr.drop_state(lp);
+                self.drop_rr(lp, rr);
             }
         }
     }
@@ -783,6 +844,14 @@ impl Primary {
         r
     }
 
+    /// Drops round-robin handle `rr`'s state, keeping its handoff latencies
+    /// for [`dispatch_stats`](Self::dispatch_stats).
+    fn drop_rr(self, lp: &mut Loop, rr: RoundRobinHandle) {
+        let h = rr.latency(lp);
+        self.st_mut(lp).closed_latency.merge(&h);
+        rr.drop_state(lp);
+    }
+
     /// Drops the retired round-robin handles nothing is in flight to.
     fn prune_retired(self, lp: &mut Loop) {
         let retired = std::mem::take(&mut self.st_mut(lp).retired_rr);
@@ -790,7 +859,7 @@ impl Primary {
             .into_iter()
             .partition(|rr| rr.has_in_flight(lp) || !rr.is_closed(lp));
         for rr in done {
-            rr.drop_state(lp);
+            self.drop_rr(lp, rr);
         }
         self.st_mut(lp).retired_rr = keep;
     }

@@ -575,6 +575,19 @@ impl RoundRobinHandle {
     }
 
     /// How many connections worker `id` accepted from this handle.
+    /// What the handle's dispatcher holds (see [`Dispatcher::stats`]).
+    ///
+    /// [`Dispatcher::stats`]: super::dispatch::Dispatcher::stats
+    pub(super) fn stats(self, lp: &Loop) -> Option<super::dispatch::DispatchStats> {
+        st(lp, self).map(|st| st.core.stats())
+    }
+
+    /// The handle's handoff latencies so far (empty once its state is
+    /// dropped).
+    pub(super) fn latency(self, lp: &Loop) -> super::dispatch::LatencyHistogram {
+        st(lp, self).map_or_else(Default::default, |st| st.core.latency().clone())
+    }
+
     pub(super) fn accepted_by(self, lp: &Loop, id: u32) -> u64 {
         st(lp, self).map_or(0, |st| st.core.accepted(id))
     }

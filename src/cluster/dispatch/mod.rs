@@ -246,6 +246,125 @@ pub struct ConnInfo {
 /// load, or `None` for the default (first free worker).
 pub type Scheduler = Rc<dyn Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32>>;
 
+/// The upper bounds of the [`LatencyHistogram`] buckets, in loop
+/// milliseconds; a last bucket (`+Inf`) takes the rest.
+pub const HANDOFF_LATENCY_BUCKETS_MS: [u64; 12] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// A histogram of handoff latencies: for each handoff a worker answered,
+/// the time from sending its `newconn` to the worker's `{accepted}` answer
+/// reaching the dispatcher, in loop milliseconds (the loop's clock, so
+/// whole milliseconds as of each loop iteration's start). A handoff that
+/// failed or was never answered is not counted.
+///
+/// The buckets are fixed ([`HANDOFF_LATENCY_BUCKETS_MS`] and `+Inf`), so
+/// histograms of several handles (and primaries) merge by adding.
+///
+/// # Examples
+///
+/// ```
+/// use uvcluster::cluster::LatencyHistogram;
+///
+/// let mut h = LatencyHistogram::default();
+/// h.record(0);
+/// h.record(3);
+/// h.record(9000);
+/// assert_eq!((h.count(), h.sum_ms()), (3, 9003));
+/// let b = h.cumulative();
+/// assert_eq!(b[0], (Some(1), 1)); // at most 1 ms: one
+/// assert_eq!(b[2], (Some(5), 2)); // at most 5 ms: two
+/// assert_eq!(b[b.len() - 1], (None, 3)); // +Inf: all
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative), the last one `+Inf`.
+    buckets: [u64; HANDOFF_LATENCY_BUCKETS_MS.len() + 1],
+    count: u64,
+    sum_ms: u64,
+}
+
+impl LatencyHistogram {
+    /// Counts one handoff that took `ms` loop milliseconds.
+    pub fn record(&mut self, ms: u64) {
+        let i = HANDOFF_LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le)
+            .unwrap_or(HANDOFF_LATENCY_BUCKETS_MS.len());
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ms = self.sum_ms.saturating_add(other.sum_ms);
+    }
+
+    /// Handoffs counted.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Their latencies added up, in loop milliseconds.
+    pub fn sum_ms(&self) -> u64 {
+        self.sum_ms
+    }
+
+    /// The buckets as Prometheus counts them: for each upper bound in
+    /// milliseconds (`None` for `+Inf`), the handoffs that took at most
+    /// that long. The last count equals [`count`](Self::count).
+    pub fn cumulative(&self) -> Vec<(Option<u64>, u64)> {
+        let bounds = HANDOFF_LATENCY_BUCKETS_MS.iter().map(|&b| Some(b));
+        let mut total = 0;
+        bounds
+            .chain(std::iter::once(None))
+            .zip(self.buckets)
+            .map(|(le, n)| {
+                total += n;
+                (le, total)
+            })
+            .collect()
+    }
+}
+
+/// One worker as [`DispatchStats`] shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerDispatch {
+    /// Connections waiting for it (placed on it by a user scheduler) or in
+    /// flight to it (sent, not yet answered), as [`WorkerLoad::queued`].
+    pub queued: u64,
+    /// The connections it holds open, as it last reported them (plus those
+    /// it accepted since): `Some` only when the worker reports its load,
+    /// which a Rust worker does under a load-aware policy
+    /// ([`SchedulingPolicy::LeastConnections`](super::SchedulingPolicy::LeastConnections)
+    /// or a user scheduler). Under plain round-robin, and for a Node
+    /// worker, the primary sees connections go out but never sees them
+    /// close: `None`.
+    pub open: Option<u64>,
+}
+
+/// What a primary's round-robin dispatchers hold, from
+/// [`Primary::dispatch_stats`](super::Primary::dispatch_stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// The dispatch queue length: connections the primary accepted that
+    /// wait for a worker (not yet sent to one), over every round-robin
+    /// handle. 0 under the shared policies, where the kernel queues them.
+    pub queued: u64,
+    /// Connections sent to a worker that has not answered yet.
+    pub in_flight: u64,
+    /// Handoff latencies, merged over every round-robin handle, those
+    /// closed since included (so its counts never go down).
+    pub handoff_latency: LatencyHistogram,
+    /// Per worker id, summed over the handles it serves; a worker on no
+    /// round-robin handle is absent.
+    pub workers: BTreeMap<u32, WorkerDispatch>,
+}
+
 /// A worker's id (Node's `worker.id`).
 pub(crate) type WorkerId = u32;
 
@@ -435,6 +554,10 @@ pub(crate) struct WorkerRec {
     pub(crate) flights: Vec<Flight>,
     /// Open connections, as last reported or counted.
     pub(crate) open: u64,
+    /// Whether `open` comes from the worker's own report (a load-reporting
+    /// worker under a load-aware policy) rather than from counting what it
+    /// accepted, which never counts a close.
+    reported: bool,
     /// Connections accepted in all.
     accepted: u64,
     /// When it last spoke (a reply or a load report), as a tick of
@@ -561,6 +684,8 @@ pub(crate) struct Dispatcher {
     /// nothing needs it).
     timer_live: bool,
     actions: VecDeque<Action>,
+    /// Handoff latencies: answer time minus send time.
+    latency: LatencyHistogram,
 }
 
 impl Dispatcher {
@@ -587,6 +712,7 @@ impl Dispatcher {
             timer: None,
             timer_live: false,
             actions: VecDeque::new(),
+            latency: LatencyHistogram::default(),
         }
     }
 
@@ -691,6 +817,7 @@ impl Dispatcher {
         };
         w.member = false;
         w.open = 0;
+        w.reported = false;
         w.backoff = None;
         self.strategy.forget(id);
         match gone {
@@ -723,6 +850,35 @@ impl Dispatcher {
     /// How many connections worker `id` accepted from this handle.
     pub(crate) fn accepted(&self, id: WorkerId) -> u64 {
         self.book.workers.get(&id).map_or(0, |w| w.accepted)
+    }
+
+    /// What this handle's dispatcher holds right now: connections waiting
+    /// for a worker, per worker what waits for or is in flight to it and
+    /// its open connections where known, and the handoff latencies so far.
+    pub(crate) fn stats(&self) -> DispatchStats {
+        let own: usize = self.book.workers.values().map(|w| w.own.len()).sum();
+        let workers = (self.book.members())
+            .map(|(id, w)| {
+                let s = WorkerDispatch {
+                    queued: (w.own.len() + w.flights.len()) as u64,
+                    open: w.reported.then_some(w.open),
+                };
+                (id, s)
+            })
+            .collect();
+        DispatchStats {
+            queued: (self.book.shared.len() + own) as u64,
+            in_flight: (self.book.workers.values())
+                .map(|w| w.flights.len() as u64)
+                .sum(),
+            handoff_latency: self.latency.clone(),
+            workers,
+        }
+    }
+
+    /// The handoff latencies so far.
+    pub(crate) fn latency(&self) -> &LatencyHistogram {
+        &self.latency
     }
 
     /// Worker `id` can no longer answer (its channel closed, or its process
@@ -869,7 +1025,10 @@ impl Dispatcher {
         // Rust workers send their open-connection count with the reply; for
         // others, count what they accepted.
         match load {
-            Some(n) => w.open = n,
+            Some(n) => {
+                w.open = n;
+                w.reported = true;
+            }
             None if accepted => w.open += 1,
             None => {}
         }
@@ -885,6 +1044,7 @@ impl Dispatcher {
         }
         self.strategy.answered(id);
         if let Some(f) = taken {
+            self.latency.record(now.saturating_sub(f.sent));
             if accepted {
                 self.close_conn(f.q.conn);
             } else {
@@ -902,6 +1062,7 @@ impl Dispatcher {
             return;
         };
         w.open = load;
+        w.reported = true;
         w.heard = tick;
         self.settle(now);
     }

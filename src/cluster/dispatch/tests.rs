@@ -1129,3 +1129,90 @@ fn keep_open_waits_for_the_next_worker_then_closes_when_turned_off() {
     assert!(h.d.set_keep_open(0, false), "no worker: closed");
     assert_eq!(h.take(), [close(1)]);
 }
+
+// ----- dispatch stats ------------------------------------------------------
+
+/// The queue length counts connections waiting for a worker, not those in
+/// flight; each answered handoff's latency (answer time − send time) lands
+/// in its bucket, refused ones included, and a failed handoff is not
+/// counted.
+#[test]
+fn stats_count_the_queue_and_each_answered_handoffs_latency() {
+    let mut h = rr(1);
+    h.add(&[1, 2]);
+    for _ in 0..5 {
+        h.accept();
+    }
+    assert_eq!(h.take(), [send(1, 0, 0), send(2, 1, 1)]);
+    let s = h.d.stats();
+    assert_eq!((s.queued, s.in_flight), (3, 2));
+    assert_eq!(s.workers[&1].queued, 1);
+    assert_eq!(s.handoff_latency.count(), 0);
+
+    h.now = 3;
+    h.serve(1, 0, true); // 3 ms
+    assert_eq!(h.take(), [close(0), send(1, 2, 2)]);
+    h.now = 40;
+    h.serve(2, 1, false); // 40 ms, refused: goes to worker 1's successor
+    h.take();
+    h.nack(1, 2); // failed: not an answer, not counted
+    h.take();
+    let s = h.d.stats();
+    assert_eq!(s.handoff_latency.count(), 2);
+    assert_eq!(s.handoff_latency.sum_ms(), 43);
+    let b = s.handoff_latency.cumulative();
+    assert_eq!(b.len(), HANDOFF_LATENCY_BUCKETS_MS.len() + 1);
+    assert_eq!(b[1], (Some(2), 0));
+    assert_eq!(b[2], (Some(5), 1));
+    assert_eq!(b[5], (Some(50), 2));
+    assert_eq!(b[b.len() - 1], (None, 2));
+    // Nothing was lost: 5 accepted = 1 closed + queued + in flight.
+    assert_eq!(1 + s.queued + s.in_flight, 5);
+}
+
+/// Plain round-robin: the primary counts what a worker accepted but never
+/// sees a connection close, so its open connections are unknown (`None`);
+/// once the worker reports its load they are known, and the report is the
+/// number.
+#[test]
+fn open_connections_are_known_only_from_the_workers_reports() {
+    let mut h = rr(1);
+    h.add(&[1]);
+    h.accept();
+    h.serve(1, 0, true);
+    h.take();
+    assert_eq!(h.d.stats().workers[&1].open, None);
+
+    let mut h = lc(1);
+    h.add(&[1, 2]);
+    h.accept();
+    h.take();
+    h.ack(1, 0);
+    h.d.answered(h.now, 1, HandoffId(0), true, Some(7));
+    h.d.load(h.now, 2, 0);
+    let s = h.d.stats();
+    assert_eq!(s.workers[&1].open, Some(7));
+    assert_eq!(s.workers[&2].open, Some(0));
+    h.d.load(h.now, 1, 2);
+    assert_eq!(h.d.stats().workers[&1].open, Some(2));
+    // A worker that left is not shown.
+    h.d.remove_worker(h.now, 2, None);
+    assert!(!h.d.stats().workers.contains_key(&2));
+}
+
+/// Latencies past the last bound land in `+Inf`; histograms merge by
+/// adding.
+#[test]
+fn the_latency_histogram_overflows_into_inf_and_merges() {
+    let mut a = LatencyHistogram::default();
+    a.record(5000);
+    a.record(5001);
+    let mut b = LatencyHistogram::default();
+    b.record(1);
+    a.merge(&b);
+    let c = a.cumulative();
+    assert_eq!(c[0], (Some(1), 1));
+    assert_eq!(c[11], (Some(5000), 2));
+    assert_eq!(c[12], (None, 3));
+    assert_eq!((a.count(), a.sum_ms()), (3, 10002));
+}
