@@ -25,8 +25,9 @@
 //!   workers the replacement is found as the reload scenario finds workers
 //!   (a new child of the primary), and a probe of our own (a keep-alive
 //!   `GET /` every millisecond or so, besides the load) times its first
-//!   answer: the answer whose server-side socket (its inode, from
-//!   `/proc/net/tcp{,6}`) is among the replacement's open files;
+//!   answer: the answer whose server-side socket (its inode, asked of the
+//!   kernel's `sock_diag`) is among the replacement's open files
+//!   (`/proc/<pid>/fd`);
 //! * `latency-repeat`: the same, N kills in one cluster `--latency-gap-ms`
 //!   apart (repeated crashes: a supervisor's backoff shows here);
 //! * `failclosed`: creates the marker file that makes the app fail on
@@ -883,9 +884,8 @@ fn kill_and_time(t: &mut Target, load: &Load, rng: &mut Rng) -> Option<Option<Du
 /// One keep-alive `GET /` to `port`: when its complete answer arrived, if
 /// one of `pids` answered it (holds the server side of the connection,
 /// which stays open after a keep-alive answer). The server side's socket
-/// inode comes from `/proc/net/tcp` and `/proc/net/tcp6` (the line whose
-/// local port is `port` and remote port is ours), and a process holds it
-/// when a link in its `/proc/<pid>/fd` reads `socket:[inode]`.
+/// inode comes from [`server_socket_inode`], and a process holds it when
+/// a link in its `/proc/<pid>/fd` reads `socket:[inode]`.
 fn probe_answered_by(port: u16, pids: &BTreeSet<u32>) -> Option<Instant> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
@@ -936,20 +936,67 @@ fn answer_complete(buf: &[u8]) -> bool {
     buf.len() >= end + 4 + len
 }
 
-/// The inode of the TCP socket whose local port is `local` and remote
-/// port `remote` (the server's side of one of our connections), from
-/// `/proc/net/tcp` and `/proc/net/tcp6`.
+/// The inode of the TCP socket, on 127.0.0.1, whose local port is
+/// `local` and remote port `remote` (the server's side of one of our
+/// connections): one exact lookup with the kernel's `sock_diag` (netlink,
+/// `SOCK_DIAG_BY_FAMILY` with the whole address in the request, as `ss`
+/// does for one socket), not a walk of `/proc/net/tcp`, which lists every
+/// socket in `TIME_WAIT` too (tens of thousands after a load with one
+/// request per connection: seconds to read).
 fn server_socket_inode(local: u16, remote: u16) -> Option<u64> {
-    let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|f| {
-        let text = std::fs::read_to_string(f).ok()?;
-        text.lines().skip(1).find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() > 9 && port_of(cols[1]) == Some(local) && port_of(cols[2]) == Some(remote))
-                .then(|| cols[9].parse().ok())?
-                .filter(|i| *i != 0)
-        })
-    })
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd;
+    // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes).
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    // family AF_INET (a v4-mapped socket of a dual-stack listener is
+    // found too: the lookup is by address), protocol TCP, no extensions,
+    // every state.
+    req.extend_from_slice(&[2, 6, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // struct inet_diag_sockid: ports and addresses in network order.
+    req.extend_from_slice(&local.to_be_bytes());
+    req.extend_from_slice(&remote.to_be_bytes());
+    for _ in 0..2 {
+        req.extend_from_slice(&[127, 0, 0, 1]);
+        req.extend_from_slice(&[0; 12]);
+    }
+    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    req.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .ok()?;
+    sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    // The kernel answers within the send: nothing to wait for.
+    let mut buf = [0u8; 1024];
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).ok()?;
+    let kind = u16::from_ne_bytes([*buf.get(4)?, *buf.get(5)?]);
+    // struct inet_diag_msg after the header: idiag_inode at offset 68.
+    if n < 16 + 72 || kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    let inode = u32::from_ne_bytes(buf[16 + 68..16 + 72].try_into().ok()?);
+    (inode != 0).then_some(u64::from(inode))
 }
 
 /// Adds `r`'s counts to `into`.
