@@ -264,7 +264,7 @@ fn linger_close(lp: &mut Loop, t: Handle<Tcp>) {
 }
 
 fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
-    let primary = Primary::new();
+    let primary = Primary::new(lp);
     // Workers are this same program, run with no arguments; PORT and the
     // policy reach them through the environment.
     primary.setup_primary(
@@ -277,7 +277,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     let listening: Rc<RefCell<BTreeSet<u32>>> = Rc::default();
     let ready = Rc::new(Cell::new(false));
     let (l, r) = (listening.clone(), ready.clone());
-    primary.on_listening(move |_, w, addr| {
+    primary.on_listening(lp, move |_, w, addr| {
         l.borrow_mut().insert(w.id());
         if l.borrow().len() == n && !r.replace(true) {
             println!("ready {}", addr.port.unwrap_or(0));
@@ -285,7 +285,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     });
     let errors: Rc<RefCell<HashMap<u32, String>>> = Rc::default();
     let e = errors.clone();
-    primary.on_message(move |_, w, msg, _| {
+    primary.on_message(lp, move |_, w, msg, _| {
         if let Some(err) = msg.get("listenError").and_then(|e| e.as_str()) {
             e.borrow_mut().insert(w.id(), err.to_owned());
         }
@@ -294,10 +294,10 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // read) before every worker listened: say why and stop the others.
     let failed = Rc::new(Cell::new(false));
     let check = {
-        let p = primary.clone();
-        Rc::new(move |lp: &mut Loop, w: &Worker| {
-            if !w.is_dead()
-                || w.is_connected()
+        let p = primary;
+        Rc::new(move |lp: &mut Loop, w: Worker| {
+            if !w.is_dead(lp)
+                || w.is_connected(lp)
                 || ready.get()
                 || failed.get()
                 || listening.borrow().contains(&w.id())
@@ -308,20 +308,20 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
             let why = errors
                 .borrow_mut()
                 .remove(&w.id())
-                .unwrap_or_else(|| format!("it exited ({:?})", w.exit_status()));
+                .unwrap_or_else(|| format!("it exited ({:?})", w.exit_status(lp)));
             eprintln!(
                 "cluster_echo: worker {} failed before listening: {why}",
                 w.id()
             );
             exit_code.set(1);
-            for other in p.workers() {
+            for other in p.workers(lp) {
                 let _ = other.kill(lp, Some(Signum::SIGTERM));
             }
         })
     };
     let c = check.clone();
-    primary.on_disconnect(move |lp, w| c(lp, w));
-    primary.on_exit(move |lp, w, code, signal| {
+    primary.on_disconnect(lp, move |lp, w| c(lp, w));
+    primary.on_exit(lp, move |lp, w, code, signal| {
         eprintln!(
             "worker {} exited (code {code:?}, signal {signal:?})",
             w.id()
@@ -336,10 +336,11 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     let stopping = Rc::new(Cell::new(false));
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let (p, forked, stopping) = (primary.clone(), forked.clone(), stopping.clone());
+        let (p, forked, stopping) = (primary, forked.clone(), stopping.clone());
         lp.signal_start(sig, signum, move |lp, _, _| {
             if stopping.replace(true) {
-                for w in forked.iter().filter(|w| !w.is_dead()) {
+                let alive: Vec<_> = forked.iter().copied().filter(|w| !w.is_dead(lp)).collect();
+                for w in alive {
                     let _ = w.kill(lp, Some(Signum::SIGKILL));
                 }
                 return;
@@ -347,10 +348,10 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
             p.disconnect(lp, |_| {});
             let waiting = lp.timer_init();
             let forked = forked.clone();
-            let _ = lp.timer_start(waiting, Duration::from_millis(STILL_WAITING_MS), Duration::from_millis(STILL_WAITING_MS), move |_, _| {
+            let _ = lp.timer_start(waiting, Duration::from_millis(STILL_WAITING_MS), Duration::from_millis(STILL_WAITING_MS), move |lp, _| {
                 let left: Vec<String> = forked
                     .iter()
-                    .filter(|w| !w.is_dead())
+                    .filter(|w| !w.is_dead(lp))
                     .map(|w| w.id().to_string())
                     .collect();
                 eprintln!(

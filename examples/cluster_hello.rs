@@ -193,7 +193,7 @@ fn run_worker(
     // closed socket.
     server.set_idle_grace(lp, IDLE_GRACE);
     if let Some(worker) = &worker {
-        worker.on_message(move |lp, w, msg, handle| {
+        worker.on_message(lp, move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.
             if let Some(h) = handle {
                 lp.close_if_open(h);
@@ -929,7 +929,7 @@ struct Start {
 /// of the first start listened ends the primary (exit code 1): a service
 /// that cannot start is not retried here.
 fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<()> {
-    let primary = Primary::new();
+    let primary = Primary::new(lp);
     // Workers are this same program (the default exec), run with no
     // arguments; PORT and the policy reach them through the environment.
     primary.setup_primary(
@@ -946,11 +946,11 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     if let Some(ms) = kill_timeout_from_env()? {
         config.kill_timeout = Duration::from_millis(ms);
     }
-    let sup = Supervisor::with_primary(lp, primary.clone(), config)
+    let sup = Supervisor::with_primary(lp, primary, config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let start: Rc<RefCell<Start>> = Rc::default();
     let st = start.clone();
-    sup.on_listening(move |_, w, addr| {
+    sup.on_listening(lp, move |_, w, addr| {
         let mut s = st.borrow_mut();
         s.listening.insert(w.id());
         if s.listening.len() == n && !s.ready && !s.failed {
@@ -965,14 +965,14 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // object keyed by worker id once all have answered.
     let counts: Rc<RefCell<BTreeMap<u32, serde_json::Value>>> = Rc::default();
     let c = counts.clone();
-    let p = primary.clone();
+    let p = primary;
     let st = start.clone();
-    sup.on_message(move |_, w, msg| {
+    sup.on_message(lp, move |lp, w, msg| {
         if let Some(e) = msg.get("listenError").and_then(|e| e.as_str()) {
             st.borrow_mut().errors.insert(w.id(), e.to_owned());
         } else if msg.get("conns").is_some() {
             c.borrow_mut().insert(w.id(), msg);
-            if c.borrow().len() == p.workers().len() {
+            if c.borrow().len() == p.workers(lp).len() {
                 let line: serde_json::Map<String, serde_json::Value> = c
                     .borrow_mut()
                     .split_off(&0)
@@ -987,11 +987,11 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // message has been read) before every worker listened: the start
     // failed. Say why and stop the others at once.
     let failed_before_ready = {
-        let (start, s, exit_code) = (start.clone(), sup.clone(), exit_code.clone());
-        Rc::new(move |lp: &mut Loop, w: &Worker| {
+        let (start, s, exit_code) = (start.clone(), sup, exit_code.clone());
+        Rc::new(move |lp: &mut Loop, w: Worker| {
             // Disconnected on purpose (a stop asked for during start-up):
             // no failure.
-            if !w.is_dead() || w.is_connected() || w.exited_after_disconnect() == Some(true) {
+            if !w.is_dead(lp) || w.is_connected(lp) || w.exited_after_disconnect(lp) == Some(true) {
                 return;
             }
             let why = {
@@ -1002,7 +1002,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 st.failed = true;
                 st.errors
                     .remove(&w.id())
-                    .unwrap_or_else(|| match w.exit_status() {
+                    .unwrap_or_else(|| match w.exit_status(lp) {
                         Some((Some(code), _)) => format!("it exited with code {code}"),
                         Some((_, Some(sig))) => format!("it was killed by signal {sig}"),
                         _ => "it exited".to_owned(),
@@ -1020,15 +1020,15 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     // check on each new worker; the stop's messages.
     // (The callbacks hold the supervisor: it lives as long as the
     // process.)
-    let (p, ec, me) = (primary.clone(), exit_code.clone(), sup.clone());
-    sup.on_event(move |lp, e| {
+    let (p, ec, me) = (primary, exit_code.clone(), sup);
+    sup.on_event(lp, move |lp, e| {
         match e {
             LifecycleEvent::Forked { worker, .. } => {
-                if let Some(w) = p.worker(*worker) {
+                if let Some(w) = p.worker(lp, *worker) {
                     let f = failed_before_ready.clone();
-                    w.on_disconnect(move |lp, w| f(lp, w));
+                    w.on_disconnect(lp, move |lp, w| f(lp, w));
                     let f = failed_before_ready.clone();
-                    w.on_exit(move |lp, w, _, _| f(lp, w));
+                    w.on_exit(lp, move |lp, w, _, _| f(lp, w));
                 }
             }
             LifecycleEvent::Stopping {
@@ -1038,7 +1038,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 eprintln!(
                     "cluster_hello: signal {}: disconnecting {} workers",
                     sig.as_raw(),
-                    p.workers().len()
+                    p.workers(lp).len()
                 );
                 remind_while_stopping(lp, &me);
             }
@@ -1057,16 +1057,16 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
         eprintln!("cluster_hello: {e}");
     });
     let ec = exit_code.clone();
-    sup.on_exit(move |_, code| {
+    sup.on_exit(lp, move |_, code| {
         if code != 0 {
             ec.set(code as u8);
         }
     });
     let usr2 = lp.signal_init();
-    let p = primary.clone();
+    let p = primary;
     lp.signal_start(usr2, Signum::SIGUSR2, move |lp, _, _| {
         counts.borrow_mut().clear();
-        for w in p.workers() {
+        for w in p.workers(lp) {
             let _ = w.send(lp, &json!("count"), None);
         }
     })?;
@@ -1097,7 +1097,7 @@ fn kill_timeout_from_env() -> io::Result<Option<u64>> {
 /// workers it waits for (a second SIGINT/SIGTERM kills them).
 fn remind_while_stopping(lp: &mut Loop, sup: &Supervisor) {
     let waiting = lp.timer_init();
-    let s = sup.clone();
+    let s = *sup;
     let _ = lp.timer_start(
         waiting,
         Duration::from_millis(STILL_WAITING_MS),

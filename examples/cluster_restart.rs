@@ -27,9 +27,8 @@ fn main() -> io::Result<()> {
 }
 
 fn start_primary(lp: &mut Loop) -> io::Result<()> {
-    let primary = Primary::new();
-    let p = primary.clone();
-    primary.on_exit(move |lp, worker, code, signal| {
+    let primary = Primary::new(lp);
+    primary.on_exit(lp, move |lp, worker, code, signal| {
         eprintln!(
             "worker {} exited (code {code:?}, signal {:?})",
             worker.id(),
@@ -37,13 +36,13 @@ fn start_primary(lp: &mut Loop) -> io::Result<()> {
         );
         // Disconnected on purpose (by `disconnect` below, or by the
         // worker itself): let it go. Anything else: replace it.
-        if worker.exited_after_disconnect() != Some(true)
-            && let Err(e) = p.fork(lp, Vec::new())
+        if worker.exited_after_disconnect(lp) != Some(true)
+            && let Err(e) = primary.fork(lp, Vec::new())
         {
             eprintln!("cannot fork a replacement: {e}");
         }
     });
-    primary.on_listening(|_, worker, addr| {
+    primary.on_listening(lp, |_, worker, addr| {
         println!(
             "worker {} listening on port {}",
             worker.id(),
@@ -53,8 +52,7 @@ fn start_primary(lp: &mut Loop) -> io::Result<()> {
     // Unreferenced: the signal handles alone do not keep the loop running.
     for signum in [Signum::SIGINT, Signum::SIGTERM] {
         let sig = lp.signal_init();
-        let p = primary.clone();
-        lp.signal_start(sig, signum, move |lp, _, _| p.disconnect(lp, |_| {}))?;
+        lp.signal_start(sig, signum, move |lp, _, _| primary.disconnect(lp, |_| {}))?;
         lp.unref_handle(sig)?;
     }
     // Workers run this same executable with the same arguments.

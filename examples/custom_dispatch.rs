@@ -83,7 +83,7 @@ fn parent(lp: &mut Loop) -> io::Result<()> {
             return;
         };
         k[i].1 += 1;
-        let ch = k[i].0.clone();
+        let ch = k[i].0;
         drop(k);
         let attach = Attach {
             handle: client.into(),
@@ -118,7 +118,6 @@ fn child(lp: &mut Loop) -> io::Result<()> {
         let Some(Socket::Tcp(sock)) = handle else {
             return;
         };
-        let ch = ch.clone();
         let r = lp.write(sock, &[greeting.as_bytes()], move |lp, sock, _| {
             lp.close_if_open(sock);
             let _ = ch.send(lp, &json!({"done": true}), None);
@@ -128,6 +127,6 @@ fn child(lp: &mut Loop) -> io::Result<()> {
         }
     });
     // The parent going away ends the child.
-    ch.on_disconnect(|_, _| {});
+    ch.on_disconnect(lp, |_, _| {});
     Ok(())
 }

@@ -27,8 +27,10 @@ fn handled(why: ExitRequest) -> i64 {
 
 /// The worker: `ACTION=destroy` kills itself (`destroy()`) once online;
 /// `ACTION=wait` waits for the primary to close the channel. With
-/// `HANDLER=custom` it sets an exit-request handler that records why and
-/// lets the loop end; the process then exits with [`handled`].
+/// `HANDLER=custom` it sets the worker's exit-request handler, with
+/// `HANDLER=loop` the loop's exit handler (`cluster::set_exit_handler`);
+/// either records why and lets the loop end, and the process then exits
+/// with [`handled`] (plus 10 for the loop's handler).
 #[test]
 fn helper_exit_request() {
     if !is_helper("helper_exit_request") {
@@ -39,10 +41,22 @@ fn helper_exit_request() {
     let why = std::rc::Rc::new(std::cell::Cell::new(None));
     if std::env::var("HANDLER").as_deref() == Ok("custom") {
         let why = why.clone();
-        w.on_exit_request(move |_, w, reason| {
-            assert!(!w.is_connected(), "the channel is closed by then");
+        w.on_exit_request(&mut lp, move |lp, w, reason| {
+            assert!(!w.is_connected(lp), "the channel is closed by then");
             assert!(why.replace(Some(reason)).is_none(), "asked once");
         });
+    }
+    let by_loop = std::rc::Rc::new(std::cell::Cell::new(false));
+    if std::env::var("HANDLER").as_deref() == Ok("loop") {
+        let (why, by_loop) = (why.clone(), by_loop.clone());
+        cluster::set_exit_handler(
+            &mut lp,
+            Some(Box::new(move |lp: &mut Loop, w, reason| {
+                assert!(!w.is_connected(lp), "the channel is closed by then");
+                assert!(why.replace(Some(reason)).is_none(), "asked once");
+                by_loop.set(true);
+            })),
+        );
     }
     if std::env::var("ACTION").as_deref() == Ok("destroy") {
         w.kill(&mut lp, None).unwrap();
@@ -51,7 +65,7 @@ fn helper_exit_request() {
     // Nothing of the cluster is left to keep the loop alive.
     assert_loop_empty(&lp);
     let code = why.get().map_or(FELL_THROUGH as i64, handled);
-    std::process::exit(code as i32);
+    std::process::exit(code as i32 + if by_loop.get() { 10 } else { 0 });
 }
 
 /// Forks the helper with `action` and `handler`, and returns its exit
@@ -59,7 +73,7 @@ fn helper_exit_request() {
 /// primary without a `disconnect` message, as when a primary dies.
 fn run_worker(action: &str, handler: &str) -> Option<i64> {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let args = [
         "helper_exit_request",
         "--exact",
@@ -82,25 +96,25 @@ fn run_worker(action: &str, handler: &str) -> Option<i64> {
             ..Settings::default()
         },
     );
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let close_channel = action == "wait";
-    p.on_online(move |lp, w| {
+    p.on_online(&mut lp, move |lp, w| {
         if close_channel {
-            w.channel().expect("a channel").disconnect(lp);
+            w.channel(lp).expect("a channel").disconnect(lp);
         }
     });
     let exits = Counter::new();
     let e = exits.clone();
-    p.on_exit(move |_, _, _, signal| {
+    p.on_exit(&mut lp, move |_, _, _, signal| {
         assert_eq!(signal, None);
         e.hit();
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(exits.get(), 1);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
-    w.exit_status().and_then(|(code, _)| code)
+    w.exit_status(&lp).and_then(|(code, _)| code)
 }
 
 #[test]
@@ -123,4 +137,19 @@ fn an_exit_request_handler_replaces_the_exit_when_the_channel_is_lost() {
 fn an_exit_request_handler_replaces_the_exit_of_a_destroyed_worker() {
     let code = run_worker("destroy", "custom");
     assert_eq!(code, Some(handled(ExitRequest::Destroyed)));
+}
+
+/// The loop's exit handler (`cluster::set_exit_handler`) replaces Node's
+/// `process.exit(0)` for a lost channel when the worker sets none.
+#[test]
+fn the_loops_exit_handler_replaces_the_exit_when_the_channel_is_lost() {
+    let code = run_worker("wait", "loop");
+    assert_eq!(code, Some(handled(ExitRequest::ChannelLost) + 10));
+}
+
+/// ... and for a destroyed worker.
+#[test]
+fn the_loops_exit_handler_replaces_the_exit_of_a_destroyed_worker() {
+    let code = run_worker("destroy", "loop");
+    assert_eq!(code, Some(handled(ExitRequest::Destroyed) + 10));
 }

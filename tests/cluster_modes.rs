@@ -230,21 +230,27 @@ fn counts(pids: &[String]) -> BTreeMap<String, usize> {
 }
 
 /// Two workers; once both listen, `n` connections; returns the pids seen.
-fn serve(kind: Workers, policy: SchedulingPolicy, primary: Primary, n: usize) -> Vec<String> {
-    let mut lp = Loop::new().unwrap();
+fn serve(
+    kind: Workers,
+    policy: SchedulingPolicy,
+    (mut lp, primary): (Loop, Primary),
+    n: usize,
+) -> Vec<String> {
     primary.setup_primary(&mut lp, settings(kind, policy, false));
-    primary.on_error(|_, w, e| panic!("worker {:?}: {e}", w.map(|w| w.id())));
+    primary.on_error(&mut lp, |_, w, e| {
+        panic!("worker {:?}: {e}", w.map(|w| w.id()))
+    });
     let pids: Pids = Rc::default();
     let held = Rc::default();
     let listening = Counter::new();
     let (p2, l2) = (pids.clone(), listening.clone());
-    primary.on_listening(move |lp, _, a| {
+    primary.on_listening(&mut lp, move |lp, _, a| {
         l2.hit();
         if l2.get() == 2 {
             connect_many(lp, a.port.unwrap() as u16, n, &p2, &held, false, false);
         }
     });
-    let (p3, prim) = (pids.clone(), primary.clone());
+    let (p3, prim) = (pids.clone(), primary);
     let done = lp.check_init();
     lp.check_start(done, move |lp, c| {
         if p3.borrow().len() == n {
@@ -266,8 +272,15 @@ fn fork_two_and_run(lp: &mut Loop, primary: &Primary) {
     assert_loop_empty(lp);
 }
 
+/// A loop and a primary kept in it.
+fn new_primary() -> (Loop, Primary) {
+    let mut lp = Loop::new().unwrap();
+    let p = Primary::new(&mut lp);
+    (lp, p)
+}
+
 fn both_serve(kind: Workers, policy: SchedulingPolicy) {
-    let pids = serve(kind, policy, Primary::new(), 40);
+    let pids = serve(kind, policy, new_primary(), 40);
     assert_eq!(pids.len(), 40);
     let c = counts(&pids);
     assert_eq!(c.len(), 2, "both workers served: {c:?}");
@@ -278,9 +291,9 @@ fn both_serve(kind: Workers, policy: SchedulingPolicy) {
 /// primary sends (one fd at a time, each after the previous one's ACK) and
 /// serve as usual; so do Rust workers.
 fn a_window_of_4_serves(kind: Workers) {
-    let p = Primary::new();
-    p.set_handoff_window(4);
-    let pids = serve(kind, SchedulingPolicy::RoundRobin, p, 40);
+    let (mut lp, p) = new_primary();
+    p.set_handoff_window(&mut lp, 4);
+    let pids = serve(kind, SchedulingPolicy::RoundRobin, (lp, p), 40);
     assert_eq!(pids.len(), 40);
     let c = counts(&pids);
     assert_eq!(c.len(), 2, "both workers served: {c:?}");
@@ -319,10 +332,10 @@ fn least_connections_serves_through_rust_workers() {
 #[test]
 fn user_scheduler_sticky_by_client_ip() {
     for kind in [Workers::Rust, Workers::Node] {
-        let p = Primary::new();
+        let (mut lp, p) = new_primary();
         let calls = Counter::new();
         let c = calls.clone();
-        p.set_scheduler(move |conn: &ConnInfo, workers: &[WorkerLoad]| {
+        p.set_scheduler(&mut lp, move |conn: &ConnInfo, workers: &[WorkerLoad]| {
             c.hit();
             let ip = conn.peer?.ip();
             assert!(ip.is_loopback());
@@ -330,7 +343,7 @@ fn user_scheduler_sticky_by_client_ip() {
             ip.hash(&mut h);
             Some(workers[h.finish() as usize % workers.len()].id)
         });
-        let pids = serve(kind, SchedulingPolicy::RoundRobin, p, 20);
+        let pids = serve(kind, SchedulingPolicy::RoundRobin, (lp, p), 20);
         assert_eq!(calls.get(), 20);
         // Every connection comes from 127.0.0.1: one worker takes them all.
         assert_eq!(counts(&pids).len(), 1, "{kind:?}: {:?}", counts(&pids));
@@ -342,16 +355,18 @@ fn user_scheduler_sticky_by_client_ip() {
 /// LeastConnections (round-robin would split them 3/3).
 fn least_connections_prefers_the_less_loaded(kind: Workers) {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         settings(kind, SchedulingPolicy::LeastConnections, true),
     );
-    p.on_error(|_, w, e| panic!("worker {:?}: {e}", w.map(|w| w.id())));
+    p.on_error(&mut lp, |_, w, e| {
+        panic!("worker {:?}: {e}", w.map(|w| w.id()))
+    });
     let pids: Pids = Rc::default();
     let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
-    let (p2, h2, prim) = (pids.clone(), held.clone(), p.clone());
-    p.on_listening(move |lp, w, a| {
+    let (p2, h2, prim) = (pids.clone(), held.clone(), p);
+    p.on_listening(&mut lp, move |lp, w, a| {
         let port = a.port.unwrap() as u16;
         // Six held connections when each worker starts listening: at
         // once for the first, one after another for the second.
@@ -362,7 +377,7 @@ fn least_connections_prefers_the_less_loaded(kind: Workers) {
             connect_one_by_one(lp, port, 6, &p2, &h2, kind == Workers::Rust);
         }
     });
-    let (p3, prim, h3) = (pids.clone(), p.clone(), held.clone());
+    let (p3, prim, h3) = (pids.clone(), p, held.clone());
     let forked = Rc::new(std::cell::Cell::new(false));
     let check = lp.check_init();
     lp.check_start(check, move |lp, c| {
@@ -415,12 +430,14 @@ fn least_connections_prefers_the_less_loaded_rust_worker() {
 #[test]
 fn least_connections_passes_over_a_stuck_rust_worker() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         settings(Workers::Rust, SchedulingPolicy::LeastConnections, true),
     );
-    p.on_error(|_, w, e| panic!("worker {:?}: {e}", w.map(|w| w.id())));
+    p.on_error(&mut lp, |_, w, e| {
+        panic!("worker {:?}: {e}", w.map(|w| w.id()))
+    });
     let pids: Pids = Rc::default();
     let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
     // P connects here once it is stuck; the test releases it by closing.
@@ -433,7 +450,7 @@ fn least_connections_passes_over_a_stuck_rust_worker() {
     let port = Rc::new(std::cell::Cell::new(0u16));
     let listening = Counter::new();
     let (l2, port2, stuck2) = (listening.clone(), port.clone(), stuck.clone());
-    p.on_listening(move |_, _, a| {
+    p.on_listening(&mut lp, move |_, _, a| {
         l2.hit();
         if l2.get() == 2 {
             port2.set(a.port.unwrap() as u16);
@@ -453,7 +470,7 @@ fn least_connections_passes_over_a_stuck_rust_worker() {
     })
     .unwrap();
     let stuck_pid: Rc<RefCell<String>> = Rc::default();
-    let (p3, prim, h3, r3) = (pids.clone(), p.clone(), held.clone(), release.clone());
+    let (p3, prim, h3, r3) = (pids.clone(), p, held.clone(), release.clone());
     let (s3, sp3) = (stuck.clone(), stuck_pid.clone());
     let done = lp.check_init();
     lp.check_start(done, move |lp, c| {
@@ -537,18 +554,18 @@ fn holding_primary(
     d: Dispatch,
     then: impl Fn(&mut Loop, &[HandoffReport]) + 'static,
 ) -> (Primary, Rc<RefCell<Vec<HandoffReport>>>) {
-    let p = Primary::new();
+    let p = Primary::new(lp);
     let policy = match d {
         Dispatch::LeastConnections => SchedulingPolicy::LeastConnections,
         Dispatch::RoundRobin | Dispatch::PreferFirst => SchedulingPolicy::RoundRobin,
     };
     if let Dispatch::PreferFirst = d {
-        p.set_scheduler(|_, loads| loads.iter().any(|l| l.id == 1).then_some(1));
+        p.set_scheduler(lp, |_, loads| loads.iter().any(|l| l.id == 1).then_some(1));
     }
     p.setup_primary(lp, settings(Workers::Rust, policy, true));
     let reports: Rc<RefCell<Vec<HandoffReport>>> = Rc::default();
     let r = reports.clone();
-    p.on_error(move |lp, w, e| {
+    p.on_error(lp, move |lp, w, e| {
         let ClusterError::Handoff {
             failure,
             outcome,
@@ -643,7 +660,7 @@ fn helper_listen_out_of_fds() {
 fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
     let mut lp = Loop::new().unwrap();
     let baseline = fd_baseline(&mut lp);
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -672,7 +689,7 @@ fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
     );
     let errors: Rc<RefCell<Vec<String>>> = Rc::default();
     let e2 = errors.clone();
-    p.on_error(move |_, w, e| {
+    p.on_error(&mut lp, move |_, w, e| {
         assert_eq!(w.map(|w| w.id()), Some(1));
         match e {
             ClusterError::Listen { code, syscall, .. } => {
@@ -683,7 +700,7 @@ fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
     });
     let got: Rc<RefCell<Vec<serde_json::Value>>> = Rc::default();
     let g2 = got.clone();
-    p.on_message(move |lp, w, msg, _| {
+    p.on_message(&mut lp, move |lp, w, msg, _| {
         g2.borrow_mut().push(msg);
         w.disconnect(lp);
     });
@@ -691,7 +708,7 @@ fn listen_out_of_fds_fails_with_emfile(policy: SchedulingPolicy, listen: &str) {
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(*got.borrow(), [serde_json::json!({"listen": "EMFILE"})]);
     assert_eq!(*errors.borrow(), ["bind EMFILE"]);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
     assert_eq!(open_fds(), baseline, "the primary's fds are back");
 }
@@ -755,12 +772,12 @@ fn one_worker_at_its_fd_limit_recovers(d: Dispatch) {
         connect_many(lp, port2.get(), 5, &p2, &h2, true, true);
     });
     let (i3, port3) = (idle.clone(), port.clone());
-    p.on_listening(move |lp, _, a| {
+    p.on_listening(&mut lp, move |lp, _, a| {
         port3.set(a.port.unwrap() as u16);
         connect_idle(lp, port3.get(), 20, &i3);
     });
     let done = lp.check_init();
-    let (p3, h3, prim) = (pids.clone(), held.clone(), p.clone());
+    let (p3, h3, prim) = (pids.clone(), held.clone(), p);
     lp.check_start(done, move |lp, c| {
         if p3.borrow().len() == 5 {
             for h in h3.borrow_mut().drain(..) {
@@ -775,7 +792,7 @@ fn one_worker_at_its_fd_limit_recovers(d: Dispatch) {
         .fork(&mut lp, vec![("NOFILE_HEADROOM".into(), "8".into())])
         .unwrap();
     run_with_deadline(&mut lp, 30_000);
-    let pid = w.pid().unwrap().to_string();
+    let pid = w.pid(&lp).unwrap().to_string();
     assert_eq!(*pids.borrow(), vec![pid; 5], "every request served");
     let reports = reports.borrow();
     assert!(!reports.is_empty());
@@ -791,7 +808,7 @@ fn one_worker_at_its_fd_limit_recovers(d: Dispatch) {
             "{reports:?}"
         );
     }
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
     assert_eq!(open_fds(), baseline, "the primary's fds are back");
 }
@@ -834,14 +851,14 @@ fn the_worker_at_its_fd_limit_is_passed_over(d: Dispatch) {
     let held: Rc<RefCell<Vec<Handle<Tcp>>>> = Rc::default();
     let listening = Counter::new();
     let (l2, p2, h2) = (listening.clone(), pids.clone(), held.clone());
-    p.on_listening(move |lp, _, a| {
+    p.on_listening(&mut lp, move |lp, _, a| {
         l2.hit();
         if l2.get() == 2 {
             connect_many(lp, a.port.unwrap() as u16, HELD, &p2, &h2, true, true);
         }
     });
     let done = lp.check_init();
-    let (p3, h3, prim) = (pids.clone(), held.clone(), p.clone());
+    let (p3, h3, prim) = (pids.clone(), held.clone(), p);
     lp.check_start(done, move |lp, c| {
         if p3.borrow().len() == HELD {
             for h in h3.borrow_mut().drain(..) {
@@ -858,8 +875,14 @@ fn the_worker_at_its_fd_limit_is_passed_over(d: Dispatch) {
     let w2 = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 30_000);
     let c = counts(&pids.borrow());
-    let by1 = c.get(&w1.pid().unwrap().to_string()).copied().unwrap_or(0);
-    let by2 = c.get(&w2.pid().unwrap().to_string()).copied().unwrap_or(0);
+    let by1 = c
+        .get(&w1.pid(&lp).unwrap().to_string())
+        .copied()
+        .unwrap_or(0);
+    let by2 = c
+        .get(&w2.pid(&lp).unwrap().to_string())
+        .copied()
+        .unwrap_or(0);
     assert_eq!(by1 + by2, HELD, "{c:?}");
     assert!(by1 <= 3, "{c:?}");
     // One report for worker 1's run of NACKs: it never had fds again

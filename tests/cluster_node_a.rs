@@ -32,47 +32,50 @@ fn basic_fork_env_cwd_args_with_node_worker() {
     let (p, log) = primary(&mut lp, s);
     let states = Log::new();
     let st = states.clone();
-    p.on_fork(move |_, w| st.push(format!("fork:{:?}", w.state())));
+    p.on_fork(&mut lp, move |lp, w| {
+        st.push(format!("fork:{:?}", w.state(lp)))
+    });
     let st = states.clone();
-    p.on_online(move |_, w| st.push(format!("online:{:?}", w.state())));
+    p.on_online(&mut lp, move |lp, w| {
+        st.push(format!("online:{:?}", w.state(lp)))
+    });
     let (st, l) = (states.clone(), log.clone());
-    p.on_listening(move |lp, w, addr| {
+    p.on_listening(&mut lp, move |lp, w, addr| {
         l.push(format!("listening:{}", w.id()));
-        st.push(format!("listening:{:?}", w.state()));
+        st.push(format!("listening:{:?}", w.state(lp)));
         assert_eq!(addr.address, None);
         assert_eq!(addr.address_type, AddressType::Tcp4);
         assert_eq!(addr.fd, None);
         let port = addr.port.expect("a numeric port");
         assert!(port > 0);
-        let w = w.clone();
         fetch(
             lp,
             &Target::Tcp(localhost(port as u16)),
             HTTP_GET,
             move |lp, r| {
-                assert_eq!(body(&r.unwrap()), w.pid().unwrap().to_string());
+                assert_eq!(body(&r.unwrap()), w.pid(lp).unwrap().to_string());
                 w.kill(lp, None).unwrap();
             },
         );
     });
     let st = states.clone();
     let (l, d) = (log.clone(), dir.clone());
-    p.on_exit(move |_, w, code, signal| {
+    p.on_exit(&mut lp, move |lp, w, code, signal| {
         l.push(format!("exit:{}", w.id()));
-        st.push(format!("exit:{:?}", w.state()));
+        st.push(format!("exit:{:?}", w.state(lp)));
         assert_eq!((code, signal), (None, Some(Signum::SIGTERM)));
         let _ = &d;
     });
     let got = shared(Value::Null);
     let g = got.clone();
-    p.on_message(move |_, _, m, _| {
+    p.on_message(&mut lp, move |_, _, m, _| {
         if m["op"] == "env" {
             *g.borrow_mut() = m;
         }
     });
     let w = p.fork(&mut lp, env(&[("B", "fork")])).unwrap();
     assert_eq!(w.id(), 1);
-    assert_eq!(w.state(), WorkerState::None);
+    assert_eq!(w.state(&lp), WorkerState::None);
     run(&mut lp, 20_000);
     assert_eq!(
         states.joined(),
@@ -96,8 +99,8 @@ fn basic_fork_env_cwd_args_with_node_worker() {
         (json!("settings"), json!("fork"))
     );
     assert_eq!(m["PATH"], true, "the primary's env is passed on");
-    assert_eq!(w.exit_status(), Some((None, Some(Signum::SIGTERM))));
-    assert!(p.workers().is_empty());
+    assert_eq!(w.exit_status(&lp), Some((None, Some(Signum::SIGTERM))));
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -107,10 +110,10 @@ fn basic_fork_env_cwd_args_with_node_worker() {
 #[test]
 fn setup_primary_cumulative_multiple_and_async() {
     let mut lp = Loop::new().unwrap();
-    let p = uvcluster::cluster::Primary::new();
+    let p = uvcluster::cluster::Primary::new(&mut lp);
     let seen = Log::new();
     let s = seen.clone();
-    p.on_setup(move |_, st| {
+    p.on_setup(&mut lp, move |_, st| {
         s.push(format!(
             "{}|{:?}|{:?}",
             st.exec
@@ -129,7 +132,7 @@ fn setup_primary_cumulative_multiple_and_async() {
             ..Settings::default()
         },
     );
-    let d = p.settings();
+    let d = p.settings(&lp);
     assert_eq!(d.silent, Some(false), "default silent");
     assert_eq!(d.exec_argv, Some(vec![]), "default execArgv");
     assert!(d.exec_path.is_some());
@@ -142,7 +145,7 @@ fn setup_primary_cumulative_multiple_and_async() {
         },
     );
     assert_eq!(seen.joined(), "", "setup is emitted asynchronously");
-    let d = p.settings();
+    let d = p.settings(&lp);
     assert_eq!(d.args, Some(vec!["a".into()]), "cumulative");
     assert_eq!(d.exec, Some("two.js".into()));
     run(&mut lp, 5_000);
@@ -163,19 +166,19 @@ fn setup_primary_cumulative_multiple_and_async() {
 fn worker_init_and_messages_with_node_worker() {
     let mut lp = Loop::new().unwrap();
     let (p, log) = primary(&mut lp, node_worker("init", RR));
-    p.on_online(|lp, w| {
+    p.on_online(&mut lp, |lp, w| {
         w.send(lp, &json!({"op":"hello"}), None).unwrap();
     });
     let on_worker = Counter::new();
     let on_primary = Counter::new();
     let op = on_primary.clone();
-    p.on_message(move |_, _, m, _| {
+    p.on_message(&mut lp, move |_, _, m, _| {
         assert_eq!(m["op"], "hello-back");
         op.hit();
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     let ow = on_worker.clone();
-    w.on_message(move |lp, w, m, _| {
+    w.on_message(&mut lp, move |lp, w, m, _| {
         assert_eq!(m["seen"], json!({"worker":1,"process":1}));
         ow.hit();
         w.disconnect(lp);
@@ -183,8 +186,8 @@ fn worker_init_and_messages_with_node_worker() {
     run(&mut lp, 20_000);
     assert_eq!((on_worker.get(), on_primary.get()), (1, 1));
     assert_eq!(events(&log, 1), ["fork", "disconnect", "exit"]);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
-    assert_eq!(w.exited_after_disconnect(), Some(true));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(w.exited_after_disconnect(&lp), Some(true));
     assert_loop_empty(&lp);
 }
 
@@ -197,7 +200,7 @@ fn invalid_message_is_ignored_by_a_node_worker() {
     let (p, _log) = primary(&mut lp, node_worker("invalid", RR));
     let unexpected = Counter::new();
     let u = unexpected.clone();
-    p.on_message(move |lp, w, m, _| match m["op"].as_str() {
+    p.on_message(&mut lp, move |lp, w, m, _| match m["op"].as_str() {
         Some("ready") => {
             w.send(lp, &json!({"cmd":"NODE_CLUSTER","ack":-1}), None)
                 .unwrap();
@@ -208,7 +211,7 @@ fn invalid_message_is_ignored_by_a_node_worker() {
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
     assert_eq!(unexpected.get(), 0);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
 }
 
@@ -226,8 +229,8 @@ fn node_primary_basic_rust_worker() {
 fn helper_basic() {
     as_worker("helper_basic", |lp, w| {
         assert!(std::env::var("NODE_UNIQUE_ID").is_err());
-        assert!(cluster::is_worker() && !cluster::is_primary());
-        assert_eq!(cluster::worker_id(), Some(w.id()));
+        assert!(cluster::is_worker(lp) && !cluster::is_primary(lp));
+        assert_eq!(cluster::worker_id(lp), Some(w.id()));
         let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
         s.listen(lp, ListenOptions::port(0), |_, _, r| {
             r.unwrap();
@@ -260,7 +263,7 @@ fn node_primary_messages_env_cwd_args_invalid() {
 fn helper_init() {
     as_worker("helper_init", |lp, w| {
         let n = shared(0);
-        w.on_message(move |lp, w, m, _| {
+        w.on_message(lp, move |lp, w, m, _| {
             *n.borrow_mut() += 1;
             assert_eq!(
                 *n.borrow(),
@@ -319,17 +322,17 @@ fn rust_primary_rust_worker_basic_and_messages() {
     let r = replies.clone();
     let addrs = shared(Vec::new());
     let a = addrs.clone();
-    let p2 = p.clone();
-    p.on_listening(move |lp, _, addr| {
+    let p2 = p;
+    p.on_listening(&mut lp, move |lp, _, addr| {
         // Both listen(0)s share one handle while both are listening.
         a.borrow_mut().push(addr.clone());
         if a.borrow().len() == 2 {
-            for w in p2.workers() {
+            for w in p2.workers(lp) {
                 w.send(lp, &json!({"op":"ping"}), None).unwrap();
             }
         }
     });
-    p.on_message(move |lp, w, m, _| {
+    p.on_message(&mut lp, move |lp, w, m, _| {
         assert_eq!(m, json!({"op":"pong","id":w.id()}));
         r.hit();
         w.disconnect(lp);
@@ -343,8 +346,8 @@ fn rust_primary_rust_worker_basic_and_messages() {
     assert_eq!(a.len(), 2);
     assert_eq!(a[0].port, a[1].port);
     for w in [&w1, &w2] {
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
-        assert_eq!(w.exited_after_disconnect(), Some(true));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+        assert_eq!(w.exited_after_disconnect(&lp), Some(true));
         // 'disconnect' and 'exit' may come in either order (as in Node).
         let mut ev = events(&log, w.id());
         ev[2..].sort();
@@ -361,7 +364,7 @@ fn helper_rr_basic() {
             r.unwrap();
         })
         .unwrap();
-        w.on_message(|lp, w, m, _| {
+        w.on_message(lp, |lp, w, m, _| {
             assert_eq!(m["op"], "ping");
             w.send(lp, &json!({"op":"pong","id":w.id()}), None).unwrap();
         });

@@ -62,7 +62,7 @@ fn send_sockets(settings: Settings, twice: bool) {
     lp.tcp_listen(srv, 8, move |lp, srv, c| {
         // The worker's connection: its accepted end goes to the worker.
         lp.close(srv, |_| {}).unwrap();
-        let w = wk.borrow().clone().unwrap();
+        let w = (*wk.borrow()).unwrap();
         w.send(lp, &json!({"op":"socket"}), Some(socket(c.unwrap())))
             .unwrap();
     })
@@ -70,9 +70,9 @@ fn send_sockets(settings: Settings, twice: bool) {
     let seen = Log::new();
     let (s, left) = (seen.clone(), Counter::new());
     let expect = if twice { 3 } else { 2 };
-    p.on_message(move |lp, w, m, h| {
+    p.on_message(&mut lp, move |lp, w, m, h| {
         let done = {
-            let (w, s, left) = (w.clone(), s.clone(), left.clone());
+            let (w, s, left) = (w, s.clone(), left.clone());
             move |lp: &mut Loop, what: String| {
                 s.push(what);
                 left.hit();
@@ -100,8 +100,8 @@ fn send_sockets(settings: Settings, twice: bool) {
         want.push("socket2:no-handle");
     }
     assert_eq!(got, want);
-    let w = worker.borrow().clone().unwrap();
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    let w = (*worker.borrow()).unwrap();
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     let mut ev = events(&log, 1);
     ev[2..].sort();
     assert_eq!(ev, ["fork", "online", "disconnect", "exit"]);
@@ -134,7 +134,7 @@ fn helper_send_socket() {
     as_worker("helper_send_socket", |lp, w| {
         let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
         let twice = std::env::var("TWICE").is_ok();
-        w.on_message(|lp, w, m, h| {
+        w.on_message(lp, |lp, w, m, h| {
             assert_eq!(m["op"], "socket");
             let Some(Socket::Tcp(s)) = h else {
                 panic!("no socket: {h:?}")

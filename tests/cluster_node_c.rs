@@ -24,22 +24,27 @@ fn with_env(mut s: Settings, pairs: &[(&str, &str)]) -> Settings {
 fn run_msgs(
     settings: Settings,
     n: usize,
-    on_msg: impl FnMut(&mut Loop, &uvcluster::cluster::Primary, &Worker, Value) + 'static,
+    on_msg: impl FnMut(&mut Loop, &uvcluster::cluster::Primary, Worker, Value) + 'static,
 ) -> Vec<Worker> {
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, settings);
     let mut on_msg = on_msg;
-    let p2 = p.clone();
-    p.on_message(move |lp, w, m, _| {
+    let p2 = p;
+    p.on_message(&mut lp, move |lp, w, m, _| {
         assert_ne!(m["op"], "error", "{m}");
         on_msg(lp, &p2, w, m)
     });
     let ws: Vec<Worker> = (0..n).map(|_| p.fork(&mut lp, vec![]).unwrap()).collect();
     run(&mut lp, 30_000);
     for w in &ws {
-        assert_eq!(w.exit_status(), Some((Some(0), None)), "worker {}", w.id());
+        assert_eq!(
+            w.exit_status(&lp),
+            Some((Some(0), None)),
+            "worker {}",
+            w.id()
+        );
     }
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
     ws
 }
@@ -86,7 +91,7 @@ fn ipv6only_false_dual_stack() {
         }
         let port = ports.borrow()[0];
         assert!(ports.borrow().iter().all(|&q| q == port));
-        let p = p.clone();
+        let p = *p;
         fetch(
             lp,
             &Target::Tcp(localhost(port as u16)),
@@ -129,7 +134,6 @@ fn unix_socket_readable_writable_and_http_pipe() {
         ),
         1,
         move |lp, _, w, _| {
-            let w = w.clone();
             fetch(lp, &Target::Unix(s2.clone()), HTTP_GET, move |lp, r| {
                 let b: Value = serde_json::from_str(&body(&r.unwrap())).unwrap();
                 assert_eq!(b, json!({"remote":"undefined"}));
@@ -164,7 +168,7 @@ fn server_restart(policy: SchedulingPolicy) {
             "listening" => {
                 listening.hit();
                 if listening.get() == 2 {
-                    p.worker(2)
+                    p.worker(lp, 2)
                         .unwrap()
                         .send(lp, &json!({"op":"restart"}), None)
                         .unwrap();
@@ -203,7 +207,7 @@ fn disconnect_leak_race_and_unshared_tcp_sched_none() {
     p.disconnect(&mut lp, |_| {});
     run(&mut lp, 20_000);
     for w in &ws {
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
         let ev = events(&log, w.id());
         assert!(
             ev.ends_with(&["disconnect".into(), "exit".into()]),
@@ -214,26 +218,26 @@ fn disconnect_leak_race_and_unshared_tcp_sched_none() {
 
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, node_worker("idle", NONE));
-    let p2 = p.clone();
-    p.on_message(move |lp, w, _, _| {
+    let p2 = p;
+    p.on_message(&mut lp, move |lp, w, _, _| {
         // Worker 1 (no servers) is disconnected while worker 2 starts.
         if w.id() == 1 {
             w.disconnect(lp);
             p2.fork(lp, env(&[("SCENARIO", "listen_then")])).unwrap();
         }
     });
-    let p3 = p.clone();
-    p.on_listening(move |lp, w, _| {
+    let p3 = p;
+    p.on_listening(&mut lp, move |lp, w, _| {
         assert_eq!(w.id(), 2);
-        let p4 = p3.clone();
+        let p4 = p3;
         let addr = localhost(0);
         let _ = addr;
         p4.disconnect(lp, |_| {});
     });
     let w1 = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
-    assert_eq!(w1.exit_status(), Some((Some(0), None)));
-    assert_eq!(p.workers().len(), 0);
+    assert_eq!(w1.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(p.workers(&lp).len(), 0);
     assert_loop_empty(&lp);
 }
 
@@ -246,7 +250,7 @@ fn rr_worker_with_unrefd_channel_exits_once_its_server_closes() {
     let (p, log) = primary(&mut lp, rust_worker("helper_rr_close", RR));
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_eq!(
         events(&log, 1),
         ["fork", "online", "listening", "disconnect", "exit"]
@@ -261,7 +265,7 @@ fn helper_rr_close() {
         s.listen(lp, ListenOptions::port(0), move |lp, s, r| {
             r.unwrap();
             // As in Node's test: unref the channel once listening.
-            w.channel().unwrap().set_ref(lp, false).unwrap();
+            w.channel(lp).unwrap().set_ref(lp, false).unwrap();
             s.close(lp, |_, _| println!("closed"));
         })
         .unwrap();
@@ -274,9 +278,8 @@ fn helper_rr_close() {
 fn rr_server_keeps_an_unrefd_worker_alive() {
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, rust_worker("helper_rr_alive", RR));
-    p.on_listening(|lp, w, addr| {
+    p.on_listening(&mut lp, |lp, w, addr| {
         let port = addr.port.unwrap() as u16;
-        let w = w.clone();
         fetch(lp, &Target::Tcp(localhost(port)), b"", move |lp, r| {
             assert_eq!(r.unwrap(), b"alive");
             w.disconnect(lp);
@@ -284,7 +287,7 @@ fn rr_server_keeps_an_unrefd_worker_alive() {
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
 }
 
@@ -302,7 +305,7 @@ fn helper_rr_alive() {
         });
         s.listen(lp, ListenOptions::port(0), move |lp, _, r| {
             r.unwrap();
-            w.channel().unwrap().set_ref(lp, false).unwrap();
+            w.channel(lp).unwrap().set_ref(lp, false).unwrap();
         })
         .unwrap();
     });
@@ -354,7 +357,7 @@ fn worker_handle_close_rejects_a_late_newconn_rust_worker() {
     child
         .channel
         .on_message(&mut lp, |_, _, m, _| panic!("user message {m}"));
-    child.channel.on_internal(move |lp, ch, m, h| {
+    child.channel.on_internal(&mut lp, move |lp, ch, m, h| {
         assert!(h.is_none());
         let act = m["act"].as_str().unwrap_or("").to_owned();
         s.push(act.clone());
@@ -428,7 +431,7 @@ fn helper_handle_close() {
             r.unwrap();
         })
         .unwrap();
-        w.on_message(move |lp, w, m, _| match m["op"].as_str().unwrap() {
+        w.on_message(lp, move |lp, w, m, _| match m["op"].as_str().unwrap() {
             "close" => s.close(lp, |_, _| {}),
             "bye" => w.disconnect(lp),
             other => panic!("unexpected {other}"),
@@ -470,7 +473,7 @@ fn net_listen_relative_path() {
         let g = got.clone();
         run_msgs(s, 1, move |lp, _, w, m| {
             assert_eq!(m["op"], "listening", "{m}");
-            let (w, g) = (w.clone(), g.clone());
+            let (w, g) = (w, g.clone());
             fetch(lp, &target, b"", move |lp, r| {
                 *g.borrow_mut() = String::from_utf8(r.unwrap()).unwrap();
                 w.disconnect(lp);

@@ -25,13 +25,13 @@ fn first_report(settings: Settings) -> Value {
     let (p, _log) = primary(&mut lp, settings);
     let got = shared(Value::Null);
     let g = got.clone();
-    p.on_message(move |lp, w, m, _| {
+    p.on_message(&mut lp, move |lp, w, m, _| {
         *g.borrow_mut() = m;
         w.disconnect(lp);
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
     got.take()
 }
@@ -51,11 +51,11 @@ fn bind_twice_two_primaries() {
     let (p1, _l1) = primary(&mut lp, listen_on("0", RR));
     let (p2, _l2) = primary(&mut lp, listen_on("0", RR));
     let got = shared(Value::Null);
-    let (g, p2b, p1b) = (got.clone(), p2.clone(), p1.clone());
-    p1.on_message(move |lp, _, m, _| {
+    let (g, p2b, p1b) = (got.clone(), p2, p1);
+    p1.on_message(&mut lp, move |lp, _, m, _| {
         let port = m["port"].as_u64().unwrap().to_string();
-        let (g, p1c) = (g.clone(), p1b.clone());
-        p2b.on_message(move |lp, w, m, _| {
+        let (g, p1c) = (g.clone(), p1b);
+        p2b.on_message(lp, move |lp, w, m, _| {
             *g.borrow_mut() = m;
             w.disconnect(lp);
             p1c.disconnect(lp, |_| {});
@@ -65,7 +65,7 @@ fn bind_twice_two_primaries() {
     p1.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
     assert_eaddrinuse(&got.borrow());
-    assert!(p1.workers().is_empty() && p2.workers().is_empty());
+    assert!(p1.workers(&lp).is_empty() && p2.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 
@@ -121,12 +121,12 @@ fn worker_disconnect_on_error_rust_worker() {
     let (p, log) = primary(&mut lp, s);
     let w = p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
-    assert_eq!(w.exited_after_disconnect(), Some(true));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(w.exited_after_disconnect(&lp), Some(true));
     let mut ev = events(&log, 1);
     ev[2..].sort();
     assert_eq!(ev, ["fork", "online", "disconnect", "exit"]);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 

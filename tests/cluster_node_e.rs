@@ -57,23 +57,28 @@ fn send_datagrams(lp: &mut Loop, to: SocketAddr, n: usize) {
 fn run_dgram(
     settings: Settings,
     n: usize,
-    on_msg: impl FnMut(&mut Loop, &Primary, &Worker, Value) + 'static,
+    on_msg: impl FnMut(&mut Loop, &Primary, Worker, Value) + 'static,
 ) -> (Vec<Worker>, Vec<uvcluster::cluster::Address>) {
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, settings);
     let listening = shared(Vec::new());
     let l = listening.clone();
-    p.on_listening(move |_, _, a| l.borrow_mut().push(a.clone()));
+    p.on_listening(&mut lp, move |_, _, a| l.borrow_mut().push(a.clone()));
     let mut on_msg = on_msg;
-    let p2 = p.clone();
-    p.on_message(move |lp, w, m, _| on_msg(lp, &p2, w, m));
+    let p2 = p;
+    p.on_message(&mut lp, move |lp, w, m, _| on_msg(lp, &p2, w, m));
     let ws: Vec<Worker> = (0..n).map(|_| p.fork(&mut lp, vec![]).unwrap()).collect();
     run(&mut lp, 20_000);
     for w in &ws {
-        assert_eq!(w.exit_status(), Some((Some(0), None)), "worker {}", w.id());
-        assert_eq!(w.exited_after_disconnect(), Some(true));
+        assert_eq!(
+            w.exit_status(&lp),
+            Some((Some(0), None)),
+            "worker {}",
+            w.id()
+        );
+        assert_eq!(w.exited_after_disconnect(&lp), Some(true));
     }
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
     let l = listening.borrow().clone();
     (ws, l)
@@ -134,7 +139,7 @@ fn dgram_2_workers_send_to_the_primary_rust_primary() {
     // worker still sending `sent` must not find its channel closed).
     let (got, sent) = (Counter::new(), Counter::new());
     let done = {
-        let (got, sent, p) = (got.clone(), sent.clone(), p.clone());
+        let (got, sent, p) = (got.clone(), sent.clone(), p);
         move |lp: &mut Loop| {
             if got.get() == 2 * PACKETS && sent.get() == 2 {
                 p.disconnect(lp, |_| {});
@@ -142,7 +147,7 @@ fn dgram_2_workers_send_to_the_primary_rust_primary() {
         }
     };
     let (s, d) = (sent.clone(), done.clone());
-    p.on_message(move |lp, _, m, _| {
+    p.on_message(&mut lp, move |lp, _, m, _| {
         assert_eq!(m["op"], "sent", "{m}");
         s.hit();
         d(lp);
@@ -162,7 +167,7 @@ fn dgram_2_workers_send_to_the_primary_rust_primary() {
     run(&mut lp, 20_000);
     assert_eq!(got.get(), 2 * PACKETS);
     for w in &ws {
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     }
     assert_loop_empty(&lp);
 }
@@ -238,31 +243,36 @@ fn disconnect_unshared_udp_rust_primary() {
     let mut lp = Loop::new().unwrap();
     let (p, log) = primary(&mut lp, dgram_worker("idle", &[]));
     let bound: Shared<Option<Worker>> = shared(None);
-    let (b, p2) = (bound.clone(), p.clone());
+    let (b, p2) = (bound.clone(), p);
     let unbound = p.fork(&mut lp, vec![]).unwrap();
-    unbound.on_online(move |lp, _| {
+    unbound.on_online(&mut lp, move |lp, _| {
         *b.borrow_mut() = Some(p2.fork(lp, env(&[("MODE", "bind")])).unwrap());
     });
-    let u = unbound.clone();
-    let p3 = p.clone();
+    let u = unbound;
+    let p3 = p;
     let listening = Counter::new();
     let l = listening.clone();
-    p.on_listening(move |lp, w, a| {
+    p.on_listening(&mut lp, move |lp, w, a| {
         l.hit();
         assert_eq!(w.id(), 2);
         assert_eq!(a.address_type, AddressType::Udp4);
         u.disconnect(lp);
     });
-    let p4 = p3.clone();
-    unbound.on_disconnect(move |lp, _| p4.disconnect(lp, |_| {}));
+    let p4 = p3;
+    unbound.on_disconnect(&mut lp, move |lp, _| p4.disconnect(lp, |_| {}));
     run(&mut lp, 20_000);
-    let bound = bound.borrow().clone().unwrap();
+    let bound = (*bound.borrow()).unwrap();
     for w in [&unbound, &bound] {
-        assert_eq!(w.exit_status(), Some((Some(0), None)), "worker {}", w.id());
+        assert_eq!(
+            w.exit_status(&lp),
+            Some((Some(0), None)),
+            "worker {}",
+            w.id()
+        );
     }
     assert_eq!(listening.get(), 1);
     let _ = log;
-    assert!(p3.workers().is_empty());
+    assert!(p3.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 
@@ -327,33 +337,31 @@ fn helper_dgram() {
         let port: u16 = std::env::var("PORT").ok().map_or(0, |p| p.parse().unwrap());
         let socks: Shared<Vec<Handle<Udp>>> = shared(Vec::new());
         let s = socks.clone();
-        w.on_disconnect(move |lp, _| {
+        w.on_disconnect(lp, move |lp, _| {
             for u in s.borrow_mut().drain(..) {
                 close_udp(lp, u);
             }
         });
-        let send = move |lp: &mut Loop, w: &Worker, m: Value| w.send(lp, &m, None).unwrap();
+        let send = move |lp: &mut Loop, w: Worker, m: Value| w.send(lp, &m, None).unwrap();
         match mode.as_str() {
             "idle" => {}
             "bind" => bind(lp, &socks, BindOptions::default(), |_, _, _| {}),
             "recv" => {
-                let w = w.clone();
                 bind(lp, &socks, BindOptions::default(), move |lp, u, port| {
-                    send(lp, &w, json!({"op":"bound","port":port}));
+                    send(lp, w, json!({"op":"bound","port":port}));
                     let mut n = 0;
                     lp.udp_recv_start(u, move |lp, u, r| {
                         r.unwrap();
                         n += 1;
                         if n == PACKETS {
                             close_udp(lp, u);
-                            send(lp, &w, json!({"op":"received","n":n}));
+                            send(lp, w, json!({"op":"received","n":n}));
                         }
                     })
                     .unwrap();
                 });
             }
             "send" => {
-                let w = w.clone();
                 let opts = BindOptions {
                     address: Some("127.0.0.1".into()),
                     ..Default::default()
@@ -361,12 +369,12 @@ fn helper_dgram() {
                 bind(lp, &socks, opts, move |lp, u, _| {
                     let left = Counter::new();
                     for _ in 0..PACKETS {
-                        let (l, w) = (left.clone(), w.clone());
+                        let (l, w) = (left.clone(), w);
                         lp.udp_send(u, &[b"hi"], localhost(port), move |lp, _, r| {
                             r.unwrap();
                             l.hit();
                             if l.get() == PACKETS {
-                                send(lp, &w, json!({"op":"sent"}));
+                                send(lp, w, json!({"op":"sent"}));
                             }
                         })
                         .unwrap();
@@ -374,7 +382,6 @@ fn helper_dgram() {
                 });
             }
             "ipv6only" => {
-                let w = w.clone();
                 let v6 = BindOptions {
                     address: Some("::1".into()),
                     ipv6: true,
@@ -389,14 +396,14 @@ fn helper_dgram() {
                         ..Default::default()
                     };
                     bind(lp, &s2, v4, move |lp, _, port4| {
-                        send(lp, &w, json!({"op":"ipv6only","port6":port6,"port4":port4}));
+                        send(lp, w, json!({"op":"ipv6only","port6":port6,"port4":port4}));
                     });
                 });
             }
             "reuse" => {
                 let ports = shared(Vec::new());
                 for _ in 0..2 {
-                    let (w, ports) = (w.clone(), ports.clone());
+                    let (w, ports) = (w, ports.clone());
                     let opts = BindOptions {
                         port,
                         reuse_addr: true,
@@ -406,7 +413,7 @@ fn helper_dgram() {
                         ports.borrow_mut().push(p);
                         if ports.borrow().len() == 2 {
                             let ports = ports.borrow().clone();
-                            send(lp, &w, json!({"op":"reuse","ports":ports}));
+                            send(lp, w, json!({"op":"reuse","ports":ports}));
                         }
                     });
                 }
@@ -414,7 +421,7 @@ fn helper_dgram() {
             "child_index" => {
                 let binds = Counter::new();
                 for _ in 0..2 {
-                    let (w, b, s2) = (w.clone(), binds.clone(), socks.clone());
+                    let (w, b, s2) = (w, binds.clone(), socks.clone());
                     bind(lp, &socks, BindOptions::default(), move |lp, u, _| {
                         b.hit();
                         close_udp(lp, u);
@@ -422,7 +429,7 @@ fn helper_dgram() {
                             b.hit();
                             close_udp(lp, u);
                             if b.get() == 4 {
-                                send(lp, &w, json!({"op":"done","binds":4}));
+                                send(lp, w, json!({"op":"done","binds":4}));
                             }
                         });
                     });

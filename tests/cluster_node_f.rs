@@ -30,27 +30,31 @@ struct Seen {
     listed_at_exit: bool,
 }
 
-fn watch(p: &Primary, seen: &Shared<Vec<Seen>>) {
+fn watch(lp: &mut Loop, p: &Primary, seen: &Shared<Vec<Seen>>) {
     let s = seen.clone();
-    p.on_disconnect(move |_, w| {
+    p.on_disconnect(lp, move |lp, w| {
         let mut s = s.borrow_mut();
         let e = &mut s[w.id() as usize - 1];
         e.disconnects += 1;
-        e.at_disconnect = Some((w.state(), w.exited_after_disconnect(), w.is_connected()));
+        e.at_disconnect = Some((
+            w.state(lp),
+            w.exited_after_disconnect(lp),
+            w.is_connected(lp),
+        ));
     });
-    let (s, p2) = (seen.clone(), p.clone());
-    p.on_exit(move |_, w, code, signal| {
+    let (s, p2) = (seen.clone(), *p);
+    p.on_exit(lp, move |lp, w, code, signal| {
         let mut s = s.borrow_mut();
         let e = &mut s[w.id() as usize - 1];
         e.exits += 1;
         e.at_exit = Some((
             code,
             signal,
-            w.exited_after_disconnect(),
-            w.is_dead(),
-            w.state(),
+            w.exited_after_disconnect(lp),
+            w.is_dead(lp),
+            w.state(lp),
         ));
-        e.listed_at_exit = p2.worker(w.id()).is_some();
+        e.listed_at_exit = p2.worker(lp, w.id()).is_some();
     });
 }
 
@@ -59,20 +63,23 @@ fn watch(p: &Primary, seen: &Shared<Vec<Seen>>) {
 fn run_workers(
     settings: Settings,
     n: usize,
-    on_msg: impl FnMut(&mut Loop, &Worker, serde_json::Value) + 'static,
+    on_msg: impl FnMut(&mut Loop, Worker, serde_json::Value) + 'static,
 ) -> Vec<Seen> {
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, settings);
     let seen = shared(vec![Seen::default(); n]);
-    watch(&p, &seen);
+    watch(&mut lp, &p, &seen);
     let mut on_msg = on_msg;
-    p.on_message(move |lp, w, m, _| on_msg(lp, w, m));
+    p.on_message(&mut lp, move |lp, w, m, _| on_msg(lp, w, m));
     for _ in 0..n {
         let w = p.fork(&mut lp, vec![]).unwrap();
-        assert!(w.is_connected() && !w.is_dead(), "isconnected / isdead");
+        assert!(
+            w.is_connected(&lp) && !w.is_dead(&lp),
+            "isconnected / isdead"
+        );
     }
     run(&mut lp, 30_000);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
     seen.take()
 }
@@ -131,8 +138,10 @@ fn primary_kill_sigkill_and_sigterm_of_a_busy_loop() {
     let mut lp = Loop::new().unwrap();
     let (p, _log) = primary(&mut lp, listen_then("none"));
     let seen = shared(vec![Seen::default()]);
-    watch(&p, &seen);
-    p.on_listening(|lp, w, _| w.kill(lp, Some(Signum::SIGKILL)).unwrap());
+    watch(&mut lp, &p, &seen);
+    p.on_listening(&mut lp, |lp, w, _| {
+        w.kill(lp, Some(Signum::SIGKILL)).unwrap()
+    });
     p.fork(&mut lp, vec![]).unwrap();
     run(&mut lp, 20_000);
     let s = &seen.borrow()[0];
@@ -178,7 +187,7 @@ fn primary_disconnect_and_forced_exit() {
     assert_eq!((e.0, e.1, e.2), (Some(42), None, Some(true)));
 
     let s = run_workers(idle(false), 1, |lp, w, _| {
-        w.channel().unwrap().disconnect(lp);
+        w.channel(lp).unwrap().disconnect(lp);
     });
     assert_eq!((s[0].disconnects, s[0].exits), (1, 1));
     let e = s[0].at_exit.unwrap();
@@ -197,9 +206,9 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
     let (p, _log) = primary(&mut lp, idle(false));
     let ready = Counter::new();
     let cb = Counter::new();
-    let (c, p2) = (cb.clone(), p.clone());
+    let (c, p2) = (cb.clone(), p);
     let first = Counter::new();
-    p.on_disconnect(move |lp, w| {
+    p.on_disconnect(&mut lp, move |lp, w| {
         first.hit();
         if first.get() == 1 {
             assert_eq!(w.id(), 1);
@@ -208,15 +217,15 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
         }
     });
     let ws: Vec<Worker> = (0..3).map(|_| p.fork(&mut lp, vec![]).unwrap()).collect();
-    let w1 = ws[0].clone();
+    let w1 = ws[0];
     let r = ready.clone();
-    let p3 = p.clone();
-    p.on_message(move |lp, _, _, _| {
+    let p3 = p;
+    p.on_message(&mut lp, move |lp, _, _, _| {
         r.hit();
         if r.get() == 3 {
             w1.disconnect(lp);
             assert_eq!(
-                p3.workers().len(),
+                p3.workers(lp).len(),
                 2,
                 "a disconnected worker leaves `workers`"
             );
@@ -225,7 +234,7 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
     run(&mut lp, 20_000);
     assert_eq!(cb.get(), 1);
     for w in &ws {
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     }
     assert_loop_empty(&lp);
 
@@ -239,19 +248,19 @@ fn disconnect_before_exit_concurrent_and_call_and_destroy() {
         })
         .collect();
     // call-and-destroy: kill from the primary's 'disconnect' handler.
-    p.on_disconnect(|lp, w| {
-        assert!(!w.is_connected());
+    p.on_disconnect(&mut lp, |lp, w| {
+        assert!(!w.is_connected(lp));
         let _ = w.kill(lp, None);
     });
     run(&mut lp, 30_000);
     for w in &ws {
-        let (code, signal) = w.exit_status().unwrap();
+        let (code, signal) = w.exit_status(&lp).unwrap();
         assert!(
             code == Some(0) || signal == Some(Signum::SIGTERM),
             "worker {}: {code:?} {signal:?}",
             w.id()
         );
-        assert_eq!(w.exited_after_disconnect(), Some(true));
+        assert_eq!(w.exited_after_disconnect(&lp), Some(true));
     }
     assert_loop_empty(&lp);
 }
@@ -270,10 +279,10 @@ fn disconnect_8_workers_2_servers_repeated() {
         let (p, _log) = primary(&mut lp, s);
         let ports = shared(Vec::<u64>::new());
         let served = Counter::new();
-        let (pp, sv, p2) = (ports.clone(), served.clone(), p.clone());
+        let (pp, sv, p2) = (ports.clone(), served.clone(), p);
         let cb = Counter::new();
         let c = cb.clone();
-        p.on_message(move |lp, _, m, _| {
+        p.on_message(&mut lp, move |lp, _, m, _| {
             assert_eq!(m["op"], "listening2", "{m}");
             let mut mine: Vec<u64> = m["ports"]
                 .as_array()
@@ -296,7 +305,7 @@ fn disconnect_8_workers_2_servers_repeated() {
             assert_eq!(uniq.len(), 2, "two ports shared by all workers");
             for &port in &uniq {
                 for _ in 0..4 {
-                    let (sv, p2, c) = (sv.clone(), p2.clone(), c.clone());
+                    let (sv, p2, c) = (sv.clone(), p2, c.clone());
                     fetch(
                         lp,
                         &Target::Tcp(localhost(port as u16)),
@@ -316,9 +325,9 @@ fn disconnect_8_workers_2_servers_repeated() {
         run(&mut lp, 60_000);
         assert_eq!((served.get(), cb.get()), (8, 1), "round {round}");
         for w in &ws {
-            assert_eq!(w.exit_status(), Some((Some(0), None)));
+            assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
         }
-        assert!(p.workers().is_empty());
+        assert!(p.workers(&lp).is_empty());
         assert_loop_empty(&lp);
     }
 }
@@ -365,14 +374,14 @@ fn no_exit(settings: Settings) {
     let mut lp = Loop::new().unwrap();
     let (p, log) = primary(&mut lp, settings);
     let l = log.clone();
-    p.on_listening(move |lp, w, addr| {
+    p.on_listening(&mut lp, move |lp, w, addr| {
         l.push("listening:1");
         let port = addr.port.unwrap() as u16;
         let h = lp.tcp_init();
-        let (w, l) = (w.clone(), l.clone());
+        let (w, l) = (w, l.clone());
         lp.tcp_connect(h, localhost(port), move |lp, h, r| {
             r.unwrap();
-            let (w, l) = (w.clone(), l.clone());
+            let (w, l) = (w, l.clone());
             let mut got = false;
             lp.read_start(h, move |lp, h, r| {
                 if got {
@@ -380,19 +389,19 @@ fn no_exit(settings: Settings) {
                     return;
                 }
                 got = true;
-                assert_eq!(r.unwrap(), w.pid().unwrap().to_string().as_bytes());
+                assert_eq!(r.unwrap(), w.pid(lp).unwrap().to_string().as_bytes());
                 w.disconnect(lp);
                 // An observation window, not synchronisation: the worker
                 // must still be there, and connected, after it.
                 let t = lp.timer_init();
-                let (w, l) = (w.clone(), l.clone());
+                let (w, l) = (w, l.clone());
                 lp.timer_start(
                     t,
                     Duration::from_millis(300),
                     Duration::ZERO,
                     move |lp, t| {
                         lp.close(t, |_| {}).unwrap();
-                        assert!(!w.is_dead(), "the worker stayed alive");
+                        assert!(!w.is_dead(lp), "the worker stayed alive");
                         l.push("client-close:1");
                         lp.close(h, |_| {}).unwrap();
                     },
@@ -416,8 +425,8 @@ fn no_exit(settings: Settings) {
             "exit"
         ]
     );
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
-    assert_eq!(w.exited_after_disconnect(), Some(true));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(w.exited_after_disconnect(&lp), Some(true));
     assert_loop_empty(&lp);
 }
 
@@ -485,7 +494,7 @@ fn helper_lifecycle() {
             match how.as_str() {
                 "exit42" => uvcluster::net::defer(lp, |_| std::process::exit(42)),
                 "process_disconnect" => {
-                    let ch = w.channel().unwrap();
+                    let ch = w.channel(lp).unwrap();
                     uvcluster::net::defer(lp, move |lp| ch.disconnect(lp));
                 }
                 "busy" => uvcluster::net::defer(lp, |_| {

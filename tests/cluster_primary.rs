@@ -57,18 +57,20 @@ fn shared<T>(t: T) -> Shared<T> {
 }
 
 /// Logs every primary event as `event:id`, and fails on errors.
-fn log_events(p: &Primary, log: &Log) {
+fn log_events(lp: &mut Loop, p: &Primary, log: &Log) {
     let l = log.clone();
-    p.on_fork(move |_, w| l.push(format!("fork:{}", w.id())));
+    p.on_fork(lp, move |_, w| l.push(format!("fork:{}", w.id())));
     let l = log.clone();
-    p.on_online(move |_, w| l.push(format!("online:{}", w.id())));
+    p.on_online(lp, move |_, w| l.push(format!("online:{}", w.id())));
     let l = log.clone();
-    p.on_listening(move |_, w, _| l.push(format!("listening:{}", w.id())));
+    p.on_listening(lp, move |_, w, _| l.push(format!("listening:{}", w.id())));
     let l = log.clone();
-    p.on_disconnect(move |_, w| l.push(format!("disconnect:{}", w.id())));
+    p.on_disconnect(lp, move |_, w| l.push(format!("disconnect:{}", w.id())));
     let l = log.clone();
-    p.on_exit(move |_, w, _, _| l.push(format!("exit:{}", w.id())));
-    p.on_error(|_, w, e| panic!("cluster error from {:?}: {e}", w.map(Worker::id)));
+    p.on_exit(lp, move |_, w, _, _| l.push(format!("exit:{}", w.id())));
+    p.on_error(lp, |_, w, e| {
+        panic!("cluster error from {:?}: {e}", w.map(Worker::id))
+    });
 }
 
 /// The events of worker `id`, without the id.
@@ -239,16 +241,16 @@ fn localhost(port: u16) -> Target {
 /// serve requests, and the events come in Node's order.
 fn serve_from_both_workers(policy: SchedulingPolicy) {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(&mut lp, node_settings("cluster_worker.js", policy));
-    assert_eq!(p.scheduling_policy(), policy);
+    assert_eq!(p.scheduling_policy(&lp), policy);
     let log = Log::new();
-    log_events(&p, &log);
+    log_events(&mut lp, &p, &log);
     let addrs = shared(Vec::new());
-    let (a, p2, l2) = (addrs.clone(), p.clone(), log.clone());
+    let (a, p2, l2) = (addrs.clone(), p, log.clone());
     let pids: Shared<HashMap<String, usize>> = shared(HashMap::new());
     let pids2 = pids.clone();
-    p.on_listening(move |lp, w, addr| {
+    p.on_listening(&mut lp, move |lp, w, addr| {
         l2.push(format!("listening:{}", w.id()));
         a.borrow_mut().push(addr.clone());
         if a.borrow().len() < 2 {
@@ -257,14 +259,14 @@ fn serve_from_both_workers(policy: SchedulingPolicy) {
         let port = a.borrow()[0].port.unwrap() as u16;
         // Keep making requests until both workers served some (the kernel
         // picks under SCHED_NONE), at most 400.
-        let (pids, p3) = (pids2.clone(), p2.clone());
+        let (pids, p3) = (pids2.clone(), p2);
         fn more(lp: &mut Loop, port: u16, pids: Shared<HashMap<String, usize>>, p: Primary) {
             let total: usize = pids.borrow().values().sum();
             if pids.borrow().len() == 2 && total >= 10 || total >= 400 {
                 p.disconnect(lp, |_| {});
                 return;
             }
-            let (pids2, p2) = (pids.clone(), p.clone());
+            let (pids2, p2) = (pids.clone(), p);
             load(
                 lp,
                 localhost(port),
@@ -283,7 +285,7 @@ fn serve_from_both_workers(policy: SchedulingPolicy) {
     });
     let msgs = Counter::new();
     let (m, l3) = (msgs.clone(), log.clone());
-    p.on_message(move |_, w, msg, h| {
+    p.on_message(&mut lp, move |_, w, msg, h| {
         assert!(h.is_none());
         if msg["op"] == "listening" {
             l3.push(format!("message:{}", w.id()));
@@ -309,7 +311,7 @@ fn serve_from_both_workers(policy: SchedulingPolicy) {
     assert_eq!(pids.len(), 2, "both workers served: {pids:?}");
     let worker_pids: HashSet<String> = [&w1, &w2]
         .iter()
-        .map(|w| w.pid().unwrap().to_string())
+        .map(|w| w.pid(&lp).unwrap().to_string())
         .collect();
     assert_eq!(pids.keys().cloned().collect::<HashSet<_>>(), worker_pids);
     for w in [&w1, &w2] {
@@ -326,12 +328,12 @@ fn serve_from_both_workers(policy: SchedulingPolicy) {
             "{}",
             log.joined()
         );
-        assert_eq!(w.exited_after_disconnect(), Some(true));
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
-        assert!(w.is_dead() && !w.is_connected());
+        assert_eq!(w.exited_after_disconnect(&lp), Some(true));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+        assert!(w.is_dead(&lp) && !w.is_connected(&lp));
     }
     assert!(msgs.get() >= 4);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 
@@ -350,10 +352,10 @@ fn shared_handle_serves_from_both_node_workers_in_node_event_order() {
 #[test]
 fn setup_is_async_and_freezes_the_policy_disconnect_without_workers_is_async() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let setups = Counter::new();
     let s = setups.clone();
-    p.on_setup(move |_, settings| {
+    p.on_setup(&mut lp, move |_, settings| {
         assert_eq!(settings.exec.as_deref(), Some("x.js".as_ref()));
         s.hit();
     });
@@ -373,8 +375,8 @@ fn setup_is_async_and_freezes_the_policy_disconnect_without_workers_is_async() {
         },
     );
     assert_eq!(setups.get(), 0, "setup is emitted asynchronously");
-    assert_eq!(p.scheduling_policy(), SchedulingPolicy::None, "frozen");
-    let settings = p.settings();
+    assert_eq!(p.scheduling_policy(&lp), SchedulingPolicy::None, "frozen");
+    let settings = p.settings(&lp);
     assert_eq!(settings.exec_argv, Some(vec![]));
     assert_eq!(settings.silent, Some(false));
     assert!(settings.exec_path.is_some() && settings.args.is_some());
@@ -390,7 +392,7 @@ fn setup_is_async_and_freezes_the_policy_disconnect_without_workers_is_async() {
 #[test]
 fn fork_of_a_missing_program_fails_and_leaves_nothing() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -401,10 +403,10 @@ fn fork_of_a_missing_program_fails_and_leaves_nothing() {
     );
     let forks = Counter::new();
     let f = forks.clone();
-    p.on_fork(move |_, _| f.hit());
+    p.on_fork(&mut lp, move |_, _| f.hit());
     let e = p.fork(&mut lp, vec![]).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::NotFound);
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     run_with_deadline(&mut lp, 5_000);
     assert_eq!(forks.get(), 0);
     assert_loop_empty(&lp);
@@ -413,16 +415,16 @@ fn fork_of_a_missing_program_fails_and_leaves_nothing() {
 #[test]
 fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "none"), ("EXTRA", "from-settings")]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let log = Log::new();
     let echoes = shared(Vec::<Value>::new());
     let ready = Counter::new();
-    let (e2, r2, p2, l2) = (echoes.clone(), ready.clone(), p.clone(), log.clone());
-    p.on_message(move |lp, w, msg, _| {
+    let (e2, r2, p2, l2) = (echoes.clone(), ready.clone(), p, log.clone());
+    p.on_message(&mut lp, move |lp, w, msg, _| {
         let op = msg["op"].as_str().unwrap().to_owned();
         if w.id() == 1 {
             l2.push(format!("primary:{op}"));
@@ -442,7 +444,7 @@ fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
                 if r2.get() == 2 {
                     // One message to each worker, then a broadcast that
                     // every worker answers with a ping.
-                    for w in p2.workers() {
+                    for w in p2.workers(lp) {
                         w.send_with_callback(
                             lp,
                             &json!({"op":"echo","payload":{"to":w.id()}}),
@@ -466,7 +468,9 @@ fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
     let w1 = p.fork(&mut lp, env(&[("EXTRA", "from-fork")])).unwrap();
     let l = log.clone();
     // The worker's own callback runs before the primary's.
-    w1.on_message(move |_, _, msg, _| l.push(format!("worker:{}", msg["op"].as_str().unwrap())));
+    w1.on_message(&mut lp, move |_lp, _, msg, _| {
+        l.push(format!("worker:{}", msg["op"].as_str().unwrap()))
+    });
     let w2 = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(ready.get(), 2);
@@ -476,7 +480,7 @@ fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
         "worker:ready primary:ready worker:echo primary:echo"
     );
     for w in [&w1, &w2] {
-        assert_eq!(w.exit_status(), Some((Some(0), None)));
+        assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     }
     assert_loop_empty(&lp);
 }
@@ -484,23 +488,27 @@ fn user_messages_both_ways_and_broadcast_env_reaches_workers() {
 #[test]
 fn kill_sends_sigterm_and_exited_after_disconnect_is_false() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "none")]));
     p.setup_primary(&mut lp, s);
     let log = Log::new();
-    log_events(&p, &log);
+    log_events(&mut lp, &p, &log);
     let l = log.clone();
-    p.on_online(move |lp, w| {
+    p.on_online(&mut lp, move |lp, w| {
         l.push(format!("online:{}", w.id()));
         w.kill(lp, None).unwrap();
     });
     let exits = shared(Vec::new());
-    let (e, l, p2) = (exits.clone(), log.clone(), p.clone());
-    p.on_exit(move |_, w, code, sig| {
+    let (e, l, p2) = (exits.clone(), log.clone(), p);
+    p.on_exit(&mut lp, move |lp, w, code, sig| {
         l.push(format!("exit:{}", w.id()));
-        e.borrow_mut()
-            .push((code, sig, w.exited_after_disconnect(), p2.workers().len()));
+        e.borrow_mut().push((
+            code,
+            sig,
+            w.exited_after_disconnect(lp),
+            p2.workers(lp).len(),
+        ));
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
@@ -511,35 +519,35 @@ fn kill_sends_sigterm_and_exited_after_disconnect_is_false() {
     let ev = events_of(&log, w.id());
     assert_eq!(ev.len(), 4, "{ev:?}");
     assert!(ev.contains(&"disconnect".to_string()));
-    assert_eq!(w.exited_after_disconnect(), Some(false));
-    assert!(p.workers().is_empty());
+    assert_eq!(w.exited_after_disconnect(&lp), Some(false));
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 
 #[test]
 fn worker_disconnect_from_the_primary_exits_zero_with_exited_after_disconnect() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin),
     );
     let log = Log::new();
-    log_events(&p, &log);
-    let (l, p2) = (log.clone(), p.clone());
-    p.on_listening(move |lp, w, _| {
+    log_events(&mut lp, &p, &log);
+    let (l, p2) = (log.clone(), p);
+    p.on_listening(&mut lp, move |lp, w, _| {
         l.push(format!("listening:{}", w.id()));
         w.disconnect(lp);
         // Node removes the worker from cluster.workers at once.
-        assert!(p2.worker(w.id()).is_none());
-        assert_eq!(w.exited_after_disconnect(), Some(true));
+        assert!(p2.worker(lp, w.id()).is_none());
+        assert_eq!(w.exited_after_disconnect(lp), Some(true));
     });
     let states = shared(Vec::new());
     let (st, l) = (states.clone(), log.clone());
-    p.on_disconnect(move |_, w| {
+    p.on_disconnect(&mut lp, move |lp, w| {
         l.push(format!("disconnect:{}", w.id()));
         st.borrow_mut()
-            .push((w.state(), w.exited_after_disconnect()));
+            .push((w.state(lp), w.exited_after_disconnect(lp)));
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
@@ -549,30 +557,30 @@ fn worker_disconnect_from_the_primary_exits_zero_with_exited_after_disconnect() 
     );
     use uvcluster::cluster::WorkerState;
     assert_eq!(*states.borrow(), [(WorkerState::Disconnected, Some(true))]);
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
-    assert_eq!(w.state(), WorkerState::Dead);
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(w.state(&lp), WorkerState::Dead);
     assert_loop_empty(&lp);
 }
 
 #[test]
 fn primary_disconnect_with_idle_workers_runs_the_callback_once_all_are_gone() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "none")]));
     p.setup_primary(&mut lp, s);
     let log = Log::new();
-    log_events(&p, &log);
+    log_events(&mut lp, &p, &log);
     let online = Counter::new();
     let done = Counter::new();
-    let (o, d, l, p2) = (online.clone(), done.clone(), log.clone(), p.clone());
-    p.on_online(move |lp, w| {
+    let (o, d, l, p2) = (online.clone(), done.clone(), log.clone(), p);
+    p.on_online(&mut lp, move |lp, w| {
         l.push(format!("online:{}", w.id()));
         o.hit();
         if o.get() == 2 {
-            let (d, l, p3) = (d.clone(), l.clone(), p2.clone());
-            p2.disconnect(lp, move |_| {
-                assert!(p3.workers().is_empty());
+            let (d, l, p3) = (d.clone(), l.clone(), p2);
+            p2.disconnect(lp, move |lp| {
+                assert!(p3.workers(lp).is_empty());
                 l.push("done:0");
                 d.hit();
             });
@@ -597,7 +605,7 @@ fn eaddrinuse_reaches_the_node_worker_which_retries() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port();
     let holder = shared(Some(holder));
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[
         ("SERVER", "net"),
@@ -605,29 +613,31 @@ fn eaddrinuse_reaches_the_node_worker_which_retries() {
         ("LISTEN", &port.to_string()),
     ]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let got = Log::new();
     let (g, h) = (got.clone(), holder.clone());
-    p.on_message(move |lp, w, msg, _| match msg["op"].as_str().unwrap() {
-        "error" => {
-            g.push(format!(
-                "{}:{}:{}",
-                msg["code"].as_str().unwrap(),
-                msg["errno"],
-                msg["syscall"].as_str().unwrap()
-            ));
-            h.borrow_mut().take();
-            w.send(lp, &json!({"op":"retry"}), None).unwrap();
+    p.on_message(&mut lp, move |lp, w, msg, _| {
+        match msg["op"].as_str().unwrap() {
+            "error" => {
+                g.push(format!(
+                    "{}:{}:{}",
+                    msg["code"].as_str().unwrap(),
+                    msg["errno"],
+                    msg["syscall"].as_str().unwrap()
+                ));
+                h.borrow_mut().take();
+                w.send(lp, &json!({"op":"retry"}), None).unwrap();
+            }
+            "listening" => {
+                g.push(format!("listening:{}", msg["port"]));
+                w.disconnect(lp);
+            }
+            _ => {}
         }
-        "listening" => {
-            g.push(format!("listening:{}", msg["port"]));
-            w.disconnect(lp);
-        }
-        _ => {}
     });
     let listening = shared(Vec::new());
     let l = listening.clone();
-    p.on_listening(move |_, _, a| l.borrow_mut().push(a.clone()));
+    p.on_listening(&mut lp, move |_, _, a| l.borrow_mut().push(a.clone()));
     p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(
@@ -644,26 +654,26 @@ fn eaddrinuse_reaches_the_node_worker_which_retries() {
 #[test]
 fn rejected_connection_goes_to_another_worker() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "net")]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let held: Shared<Option<Handle<uvcluster::uv::Tcp>>> = shared(None);
     let bodies = shared(Vec::<String>::new());
     let port = shared(0u16);
-    let (held2, bodies2, port2, p2) = (held.clone(), bodies.clone(), port.clone(), p.clone());
-    p.on_listening(move |lp, w, a| {
+    let (held2, bodies2, port2, p2) = (held.clone(), bodies.clone(), port.clone(), p);
+    p.on_listening(&mut lp, move |lp, w, a| {
         if w.id() == 1 {
             // Worker 1 (maxConnections 1) holds connection A.
             *port2.borrow_mut() = a.port.unwrap() as u16;
             let h = lp.tcp_init();
-            let (held3, p3) = (held2.clone(), p2.clone());
+            let (held3, p3) = (held2.clone(), p2);
             let addr = SocketAddr::from(([127, 0, 0, 1], *port2.borrow()));
             lp.tcp_connect(h, addr, move |lp, h, r| {
                 r.unwrap();
                 *held3.borrow_mut() = Some(h);
-                let p4 = p3.clone();
+                let p4 = p3;
                 lp.read_start(h, move |lp, h, r| {
                     let d = r.unwrap();
                     assert!(!d.is_empty());
@@ -677,7 +687,7 @@ fn rejected_connection_goes_to_another_worker() {
         } else {
             // Connections B and C are offered to worker 1 first (it is
             // first in the free list), rejected, and served by worker 2.
-            let (b, held4, p5) = (bodies2.clone(), held2.clone(), p2.clone());
+            let (b, held4, p5) = (bodies2.clone(), held2.clone(), p2);
             let port = *port2.borrow();
             load(
                 lp,
@@ -703,7 +713,7 @@ fn rejected_connection_goes_to_another_worker() {
         assert_eq!(b.len(), 3);
         b[0].clone()
     };
-    assert_ne!(w2, w1.pid().unwrap().to_string());
+    assert_ne!(w2, w1.pid(&lp).unwrap().to_string());
     assert!(
         bodies.borrow().iter().all(|b| *b == w2),
         "{:?}",
@@ -715,52 +725,54 @@ fn rejected_connection_goes_to_another_worker() {
 #[test]
 fn udp_is_shared_between_workers() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         node_settings("cluster_dgram.js", SchedulingPolicy::RoundRobin),
     );
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let ports = shared(Vec::<u16>::new());
     let received = Counter::new();
     const N: usize = 20;
-    let (ports2, r, p2) = (ports.clone(), received.clone(), p.clone());
-    p.on_message(move |lp, _, msg, _| match msg["op"].as_str().unwrap() {
-        "bound" => {
-            ports2
-                .borrow_mut()
-                .push(msg["port"].as_u64().unwrap() as u16);
-            if ports2.borrow().len() == 2 {
-                let to = SocketAddr::from(([127, 0, 0, 1], ports2.borrow()[0]));
-                let tx = lp.udp_init();
-                lp.udp_bind(tx, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
-                    .unwrap();
-                let sent = Counter::new();
-                for i in 0..N {
-                    let payload = format!("d{i}");
-                    let s = sent.clone();
-                    lp.udp_send(tx, &[payload.as_bytes()], to, move |lp, tx, r| {
-                        r.unwrap();
-                        s.hit();
-                        if s.get() == N {
-                            lp.close(tx, |_| {}).unwrap();
-                        }
-                    })
-                    .unwrap();
+    let (ports2, r, p2) = (ports.clone(), received.clone(), p);
+    p.on_message(&mut lp, move |lp, _, msg, _| {
+        match msg["op"].as_str().unwrap() {
+            "bound" => {
+                ports2
+                    .borrow_mut()
+                    .push(msg["port"].as_u64().unwrap() as u16);
+                if ports2.borrow().len() == 2 {
+                    let to = SocketAddr::from(([127, 0, 0, 1], ports2.borrow()[0]));
+                    let tx = lp.udp_init();
+                    lp.udp_bind(tx, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
+                        .unwrap();
+                    let sent = Counter::new();
+                    for i in 0..N {
+                        let payload = format!("d{i}");
+                        let s = sent.clone();
+                        lp.udp_send(tx, &[payload.as_bytes()], to, move |lp, tx, r| {
+                            r.unwrap();
+                            s.hit();
+                            if s.get() == N {
+                                lp.close(tx, |_| {}).unwrap();
+                            }
+                        })
+                        .unwrap();
+                    }
                 }
             }
-        }
-        "dgram" => {
-            r.hit();
-            if r.get() == N {
-                p2.disconnect(lp, |_| {});
+            "dgram" => {
+                r.hit();
+                if r.get() == N {
+                    p2.disconnect(lp, |_| {});
+                }
             }
+            other => panic!("unexpected {other}: {msg}"),
         }
-        other => panic!("unexpected {other}: {msg}"),
     });
     let listening = shared(Vec::new());
     let l = listening.clone();
-    p.on_listening(move |_, _, a| l.borrow_mut().push(a.clone()));
+    p.on_listening(&mut lp, move |_, _, a| l.borrow_mut().push(a.clone()));
     p.fork(&mut lp, vec![]).unwrap();
     p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
@@ -782,18 +794,18 @@ fn unix_socket_path_round_robin_server() {
     let path = dir.join("http.sock");
     let _ = std::fs::remove_file(&path);
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(vec![("LISTEN".into(), path.clone().into_os_string())]);
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let pids = shared(Vec::<String>::new());
     let listening = shared(Vec::new());
-    let (l, pids2, p2, path2) = (listening.clone(), pids.clone(), p.clone(), path.clone());
-    p.on_listening(move |lp, _, a| {
+    let (l, pids2, p2, path2) = (listening.clone(), pids.clone(), p, path.clone());
+    p.on_listening(&mut lp, move |lp, _, a| {
         l.borrow_mut().push(a.clone());
         if l.borrow().len() == 2 {
-            let (pids3, p3) = (pids2.clone(), p2.clone());
+            let (pids3, p3) = (pids2.clone(), p2);
             load(
                 lp,
                 Target::Unix(path2.clone()),
@@ -830,26 +842,26 @@ fn unix_socket_path_round_robin_server() {
 #[test]
 fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "net"), ("REPORT", "1")]));
     p.setup_primary(&mut lp, s);
     // Worker 1's death is reported as what it is (issue 10: it was
     // `IPC channel I/O error: Broken pipe`): the connection in flight to
     // it, if any, was re-handed.
-    let reports = record_handoffs(&p);
+    let reports = record_handoffs(&mut lp, &p);
     const N: usize = 40;
     let results = shared(Vec::<String>::new());
     // Connections each worker accepted, by id.
     let accepted: Shared<HashMap<u32, usize>> = shared(HashMap::new());
     let listening = Counter::new();
-    let (l, r, p2) = (listening.clone(), results.clone(), p.clone());
-    p.on_listening(move |lp, _, a| {
+    let (l, r, p2) = (listening.clone(), results.clone(), p);
+    p.on_listening(&mut lp, move |lp, _, a| {
         l.hit();
         if l.get() < 2 {
             return;
         }
-        let (r2, p3) = (r.clone(), p2.clone());
+        let (r2, p3) = (r.clone(), p2);
         let port = a.port.unwrap() as u16;
         load(
             lp,
@@ -861,28 +873,32 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
             move |lp| p3.disconnect(lp, |_| {}),
         );
     });
-    let (acc, p4) = (accepted.clone(), p.clone());
-    p.on_message(move |lp, w, msg, _| match msg["op"].as_str().unwrap() {
-        "conn" => {
-            *acc.borrow_mut().entry(w.id()).or_default() = msg["n"].as_u64().unwrap() as usize
+    let (acc, p4) = (accepted.clone(), p);
+    p.on_message(&mut lp, move |lp, w, msg, _| {
+        match msg["op"].as_str().unwrap() {
+            "conn" => {
+                *acc.borrow_mut().entry(w.id()).or_default() = msg["n"].as_u64().unwrap() as usize
+            }
+            "stalled" => {
+                w.kill(lp, Some(Signum::SIGKILL)).unwrap();
+                let _ = &p4;
+            }
+            _ => {}
         }
-        "stalled" => {
-            w.kill(lp, Some(Signum::SIGKILL)).unwrap();
-            let _ = &p4;
-        }
-        _ => {}
     });
     let exits = shared(Vec::new());
     let e = exits.clone();
-    p.on_exit(move |_, w, code, sig| e.borrow_mut().push((w.id(), code, sig)));
+    p.on_exit(&mut lp, move |_lp, w, code, sig| {
+        e.borrow_mut().push((w.id(), code, sig))
+    });
     // Worker 1 serves one connection, then hangs (busy loop) until killed.
     let w1 = p.fork(&mut lp, env(&[("STALL", "1")])).unwrap();
     let w2 = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 30_000);
     let results = results.borrow();
     assert_eq!(results.len(), N);
-    let pid1 = w1.pid().unwrap().to_string();
-    let pid2 = w2.pid().unwrap().to_string();
+    let pid1 = w1.pid(&lp).unwrap().to_string();
+    let pid2 = w2.pid(&lp).unwrap().to_string();
     let by1 = results.iter().filter(|b| **b == pid1).count();
     let by2 = results.iter().filter(|b| **b == pid2).count();
     let empty = results.iter().filter(|b| b.is_empty()).count();
@@ -929,15 +945,15 @@ fn sigkill_during_round_robin_requeues_what_was_in_flight_to_the_dead_worker() {
 #[test]
 fn worker_initiated_disconnect_is_acked_and_exited_after_disconnect_is_true() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin),
     );
     let log = Log::new();
-    log_events(&p, &log);
+    log_events(&mut lp, &p, &log);
     let l = log.clone();
-    p.on_listening(move |lp, w, _| {
+    p.on_listening(&mut lp, move |lp, w, _| {
         l.push(format!("listening:{}", w.id()));
         // The worker closes its server, sends exitedAfterDisconnect, waits
         // for our ack, then closes the channel.
@@ -945,15 +961,15 @@ fn worker_initiated_disconnect_is_acked_and_exited_after_disconnect_is_true() {
     });
     let seen = shared(Vec::new());
     let (s1, l) = (seen.clone(), log.clone());
-    p.on_disconnect(move |_, w| {
+    p.on_disconnect(&mut lp, move |lp, w| {
         l.push(format!("disconnect:{}", w.id()));
-        s1.borrow_mut().push(w.exited_after_disconnect());
+        s1.borrow_mut().push(w.exited_after_disconnect(lp));
     });
     let (s2, l) = (seen.clone(), log.clone());
-    p.on_exit(move |_, w, code, _| {
+    p.on_exit(&mut lp, move |lp, w, code, _| {
         l.push(format!("exit:{}", w.id()));
         assert_eq!(code, Some(0));
-        s2.borrow_mut().push(w.exited_after_disconnect());
+        s2.borrow_mut().push(w.exited_after_disconnect(lp));
     });
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
@@ -962,7 +978,7 @@ fn worker_initiated_disconnect_is_acked_and_exited_after_disconnect_is_true() {
         events_of(&log, w.id()),
         ["fork", "online", "listening", "disconnect", "exit"]
     );
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }
 
@@ -974,18 +990,18 @@ fn listen_on_an_fd_of_the_primary() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let fd = listener.as_raw_fd();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "net"), ("LISTEN_FD", &fd.to_string())]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let addrs = shared(Vec::new());
     let pids = shared(Vec::<String>::new());
-    let (a, pids2, p2) = (addrs.clone(), pids.clone(), p.clone());
-    p.on_listening(move |lp, _, addr| {
+    let (a, pids2, p2) = (addrs.clone(), pids.clone(), p);
+    p.on_listening(&mut lp, move |lp, _, addr| {
         a.borrow_mut().push(addr.clone());
         if a.borrow().len() == 2 {
-            let (pids3, p3) = (pids2.clone(), p2.clone());
+            let (pids3, p3) = (pids2.clone(), p2);
             load(
                 lp,
                 localhost(port),
@@ -1005,7 +1021,7 @@ fn listen_on_an_fd_of_the_primary() {
         assert_eq!(a.address_type, AddressType::Fd);
     }
     let got: HashSet<String> = pids.borrow().iter().cloned().collect();
-    let want: HashSet<String> = [w1.pid().unwrap(), w2.pid().unwrap()]
+    let want: HashSet<String> = [w1.pid(&lp).unwrap(), w2.pid(&lp).unwrap()]
         .iter()
         .map(|p| p.to_string())
         .collect();
@@ -1023,21 +1039,21 @@ fn listen_on_an_fd_of_the_primary() {
 /// disconnects them. Returns the primary's open fds with the workers
 /// listening and right after the load.
 fn round_robin_round(lp: &mut Loop, n: usize) -> (usize, usize) {
-    let p = Primary::new();
+    let p = Primary::new(lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "net")]));
     p.setup_primary(lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(lp, |_, _, e| panic!("{e}"));
     let served: Shared<HashMap<String, usize>> = shared(HashMap::new());
     let listening = Counter::new();
     let mid = shared(None);
-    let (l, sv, p2, mid2) = (listening.clone(), served.clone(), p.clone(), mid.clone());
-    p.on_listening(move |lp, _, a| {
+    let (l, sv, p2, mid2) = (listening.clone(), served.clone(), p, mid.clone());
+    p.on_listening(lp, move |lp, _, a| {
         l.hit();
         if l.get() < 2 {
             return;
         }
-        let (sv2, p3, mid3) = (sv.clone(), p2.clone(), mid2.clone());
+        let (sv2, p3, mid3) = (sv.clone(), p2, mid2.clone());
         let with_workers = open_fds();
         load(
             lp,
@@ -1062,7 +1078,7 @@ fn round_robin_round(lp: &mut Loop, n: usize) -> (usize, usize) {
     let served = served.borrow();
     assert_eq!(served.values().sum::<usize>(), n);
     assert_eq!(served.len(), 2, "both workers served");
-    assert!(p.workers().is_empty());
+    assert!(p.workers(lp).is_empty());
     assert_loop_empty(lp);
     mid.take().unwrap()
 }
@@ -1144,7 +1160,7 @@ fn fake_worker_helper() {
 #[test]
 fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_worker() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -1171,7 +1187,7 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
     );
     let errors = shared(Vec::<(u32, String)>::new());
     let e = errors.clone();
-    p.on_error(move |_, w, err| {
+    p.on_error(&mut lp, move |_, w, err| {
         let kind = match err {
             ClusterError::Channel(_) => "channel",
             ClusterError::Protocol(_) => "protocol",
@@ -1202,7 +1218,7 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
         if !done || port == 0 {
             return;
         }
-        let (s, p2) = (served.clone(), p.clone());
+        let (s, p2) = (served.clone(), *p);
         load(
             lp,
             localhost(port),
@@ -1213,23 +1229,23 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
             move |lp| p2.disconnect(lp, |_| {}),
         );
     }
-    let (st, sv, p2) = (state.clone(), served.clone(), p.clone());
-    p.on_message(move |lp, w, msg, _| {
+    let (st, sv, p2) = (state.clone(), served.clone(), p);
+    p.on_message(&mut lp, move |lp, w, msg, _| {
         if msg["op"] == "fake-done" {
             assert_eq!(w.id(), 1);
             st.borrow_mut().0 = true;
             maybe_request(lp, &st, &sv, &p2);
         }
     });
-    let (st, sv, p2) = (state.clone(), served.clone(), p.clone());
-    p.on_listening(move |lp, w, a| {
+    let (st, sv, p2) = (state.clone(), served.clone(), p);
+    p.on_listening(&mut lp, move |lp, w, a| {
         assert_eq!(w.id(), 2);
         st.borrow_mut().1 = a.port.unwrap() as u16;
         maybe_request(lp, &st, &sv, &p2);
     });
     let onlines = Counter::new();
     let o = onlines.clone();
-    p.on_online(move |_, _| o.hit());
+    p.on_online(&mut lp, move |_, _| o.hit());
     run_with_deadline(&mut lp, 30_000);
     assert_eq!(onlines.get(), 2);
     let errors = errors.borrow();
@@ -1243,39 +1259,41 @@ fn malformed_messages_from_a_fake_worker_are_errors_and_do_not_disturb_a_node_wo
         "{errors:?}"
     );
     assert!(errors.iter().all(|(id, _)| *id == 1));
-    let pid = node.pid().unwrap().to_string();
+    let pid = node.pid(&lp).unwrap().to_string();
     assert_eq!(*served.borrow(), [pid.clone(), pid.clone(), pid]);
-    assert_eq!(fake.exit_status(), Some((Some(0), None)));
-    assert_eq!(node.exit_status(), Some((Some(0), None)));
+    assert_eq!(fake.exit_status(&lp), Some((Some(0), None)));
+    assert_eq!(node.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
 }
 
 #[test]
 fn broadcast_reaches_every_worker() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("cluster_worker.js", SchedulingPolicy::RoundRobin);
     s.env = Some(env(&[("SERVER", "none")]));
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let ready = Counter::new();
     let echoed = shared(Vec::<u32>::new());
-    let (r, e, p2) = (ready.clone(), echoed.clone(), p.clone());
-    p.on_message(move |lp, w, msg, _| match msg["op"].as_str().unwrap() {
-        "ready" => {
-            r.hit();
-            if r.get() == 3 {
-                assert_eq!(p2.broadcast(lp, &json!({"op":"echo","payload":"all"})), 3);
+    let (r, e, p2) = (ready.clone(), echoed.clone(), p);
+    p.on_message(&mut lp, move |lp, w, msg, _| {
+        match msg["op"].as_str().unwrap() {
+            "ready" => {
+                r.hit();
+                if r.get() == 3 {
+                    assert_eq!(p2.broadcast(lp, &json!({"op":"echo","payload":"all"})), 3);
+                }
             }
-        }
-        "echo" => {
-            assert_eq!(msg["payload"], "all");
-            e.borrow_mut().push(w.id());
-            if e.borrow().len() == 3 {
-                p2.disconnect(lp, |_| {});
+            "echo" => {
+                assert_eq!(msg["payload"], "all");
+                e.borrow_mut().push(w.id());
+                if e.borrow().len() == 3 {
+                    p2.disconnect(lp, |_| {});
+                }
             }
+            other => panic!("unexpected {other}"),
         }
-        other => panic!("unexpected {other}"),
     });
     for _ in 0..3 {
         p.fork(&mut lp, vec![]).unwrap();
@@ -1293,7 +1311,7 @@ fn broadcast_reaches_every_worker() {
 fn fork_stdio_extra_pipe_echoes() {
     use uvcluster::ipc::ForkStdio;
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let mut s = node_settings("stdio_worker.js", SchedulingPolicy::RoundRobin);
     s.stdio = Some(vec![
         ForkStdio::Pipe,
@@ -1303,15 +1321,15 @@ fn fork_stdio_extra_pipe_echoes() {
         ForkStdio::Pipe,
     ]);
     p.setup_primary(&mut lp, s);
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let echoed = shared(Vec::<u8>::new());
     let e = echoed.clone();
     let w = p.fork(&mut lp, vec![]).unwrap();
-    let pipe = w.stdio(4).expect("fd 4 is a pipe");
-    assert!(w.stdio(3).is_none(), "fd 3 is the IPC channel");
+    let pipe = w.stdio(&lp, 4).expect("fd 4 is a pipe");
+    assert!(w.stdio(&lp, 3).is_none(), "fd 3 is the IPC channel");
     lp.write(pipe, &[b"hello fd 4\n"], |_, _, r| r.unwrap())
         .unwrap();
-    let p2 = p.clone();
+    let p2 = p;
     lp.read_start(pipe, move |lp, pipe, r| {
         let data = r.unwrap();
         e.borrow_mut().extend_from_slice(data);
@@ -1324,8 +1342,8 @@ fn fork_stdio_extra_pipe_echoes() {
     .unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(&echoed.borrow()[..], b"hello fd 4\n");
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
-    assert!(w.stdio(4).is_none(), "closed at exit");
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
+    assert!(w.stdio(&lp, 4).is_none(), "closed at exit");
     assert_loop_empty(&lp);
 }
 
@@ -1342,10 +1360,10 @@ type HandoffReport = (Option<u32>, HandoffFailure, HandoffOutcome, usize);
 
 /// Records the primary's `ClusterError::Handoff` reports; any other error
 /// fails the test.
-fn record_handoffs(p: &Primary) -> Shared<Vec<HandoffReport>> {
+fn record_handoffs(lp: &mut Loop, p: &Primary) -> Shared<Vec<HandoffReport>> {
     let reports = shared(Vec::new());
     let r = reports.clone();
-    p.on_error(move |_, w, e| match e {
+    p.on_error(lp, move |_, w, e| match e {
         ClusterError::Handoff {
             failure,
             outcome,
@@ -1659,12 +1677,12 @@ fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_
         || {
             let mut lp = Loop::new().unwrap();
             let baseline = fd_baseline(&mut lp);
-            let p = Primary::new();
+            let p = Primary::new(&mut lp);
             p.setup_primary(&mut lp, fake_settings("nack:3"));
-            let reports = record_handoffs(&p);
+            let reports = record_handoffs(&mut lp, &p);
             let nacks = Counter::new();
             let n2 = nacks.clone();
-            p.on_message(move |_, w, msg, _| {
+            p.on_message(&mut lp, move |_, w, msg, _| {
                 // (The Node worker says it is `ready`.)
                 if msg["op"] == "nack" {
                     assert_eq!(w.id(), 1);
@@ -1674,19 +1692,14 @@ fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_
             let bodies = shared(Vec::<String>::new());
             let fake_pid = Rc::new(std::cell::Cell::new(0));
             let listening = Counter::new();
-            let (l, b, p2, fp) = (
-                listening.clone(),
-                bodies.clone(),
-                p.clone(),
-                fake_pid.clone(),
-            );
-            p.on_listening(move |lp, _, a| {
+            let (l, b, p2, fp) = (listening.clone(), bodies.clone(), p, fake_pid.clone());
+            p.on_listening(&mut lp, move |lp, _, a| {
                 l.hit();
                 if l.get() < 2 {
                     return;
                 }
                 let fake = fp.get().to_string();
-                let p3 = p2.clone();
+                let p3 = p2;
                 one_after_another(
                     lp,
                     a.port.unwrap() as u16,
@@ -1697,14 +1710,14 @@ fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_
                 );
             });
             let fake = p.fork(&mut lp, vec![]).unwrap();
-            fake_pid.set(fake.pid().unwrap());
+            fake_pid.set(fake.pid(&lp).unwrap());
             p.setup_primary(&mut lp, node_net_settings());
             let node = p.fork(&mut lp, vec![]).unwrap();
             run_with_deadline(&mut lp, 30_000);
             let bodies = bodies.borrow();
             let (fake_pid, node_pid) = (
-                fake.pid().unwrap().to_string(),
-                node.pid().unwrap().to_string(),
+                fake.pid(&lp).unwrap().to_string(),
+                node.pid(&lp).unwrap().to_string(),
             );
             assert!(
                 bodies.iter().all(|b| *b == fake_pid || *b == node_pid),
@@ -1721,8 +1734,8 @@ fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_
                     1
                 )]
             );
-            assert_eq!(fake.exit_status(), Some((Some(0), None)));
-            assert_eq!(node.exit_status(), Some((Some(0), None)));
+            assert_eq!(fake.exit_status(&lp), Some((Some(0), None)));
+            assert_eq!(node.exit_status(&lp), Some((Some(0), None)));
             assert_loop_empty(&lp);
             assert_eq!(open_fds(), baseline, "the primary's fds are back");
         },
@@ -1736,15 +1749,17 @@ fn nacked_handoff_goes_to_another_worker_and_the_worker_is_retried_after_a_back_
 fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec<HandoffReport>) {
     let mut lp = Loop::new().unwrap();
     let baseline = fd_baseline(&mut lp);
-    let p = Primary::new();
-    p.set_handoff_timeout(std::time::Duration::from_millis(timeout_ms));
-    p.set_scheduler(|_, loads| loads.iter().any(|l| l.id == 1).then_some(1));
+    let p = Primary::new(&mut lp);
+    p.set_handoff_timeout(&mut lp, std::time::Duration::from_millis(timeout_ms));
+    p.set_scheduler(&mut lp, |_, loads| {
+        loads.iter().any(|l| l.id == 1).then_some(1)
+    });
     p.setup_primary(&mut lp, fake_settings(mode));
     let reports = shared(Vec::<HandoffReport>::new());
     let body_got = shared(None::<String>);
     let listening = Counter::new();
     let (l, b) = (listening.clone(), body_got.clone());
-    p.on_listening(move |lp, _, a| {
+    p.on_listening(&mut lp, move |lp, _, a| {
         l.hit();
         if l.get() < 2 {
             return;
@@ -1757,7 +1772,7 @@ fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec
     // A fake that stops reading is killed once reported; one that closed
     // its channel, once it is disconnected.
     let r = reports.clone();
-    p.on_error(move |lp, w, e| {
+    p.on_error(&mut lp, move |lp, w, e| {
         let ClusterError::Handoff {
             failure,
             outcome,
@@ -1772,13 +1787,13 @@ fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec
             w.unwrap().kill(lp, Some(Signum::SIGKILL)).unwrap();
         }
     });
-    p.on_disconnect(|lp, w| {
-        if w.id() == 1 && !w.is_dead() {
+    p.on_disconnect(&mut lp, |lp, w| {
+        if w.id() == 1 && !w.is_dead(lp) {
             w.kill(lp, None).unwrap();
         }
     });
     let check = lp.check_init();
-    let (b, p3) = (body_got.clone(), p.clone());
+    let (b, p3) = (body_got.clone(), p);
     lp.check_start(check, move |lp, c| {
         if b.borrow().is_some() {
             p3.disconnect(lp, |_| {});
@@ -1790,12 +1805,12 @@ fn fake_then_node_serve_one(mode: &str, timeout_ms: u64) -> (String, String, Vec
     p.setup_primary(&mut lp, node_net_settings());
     let node = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 30_000);
-    assert_eq!(node.exit_status(), Some((Some(0), None)));
-    assert!(fake.exit_status().is_some());
+    assert_eq!(node.exit_status(&lp), Some((Some(0), None)));
+    assert!(fake.exit_status(&lp).is_some());
     assert_loop_empty(&lp);
     assert_eq!(open_fds(), baseline, "the primary's fds are back");
     let got = body_got.borrow().clone().unwrap();
-    let node_pid = node.pid().unwrap().to_string();
+    let node_pid = node.pid(&lp).unwrap().to_string();
     let reports = reports.borrow().clone();
     (got, node_pid, reports)
 }
@@ -1897,19 +1912,19 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
         || {
             let mut lp = Loop::new().unwrap();
             let baseline = fd_baseline(&mut lp);
-            let p = Primary::new();
+            let p = Primary::new(&mut lp);
             let placed = Counter::new();
             let pl = placed.clone();
-            p.set_scheduler(move |_, loads| {
+            p.set_scheduler(&mut lp, move |_, loads| {
                 pl.hit();
                 loads.iter().any(|l| l.id == 1).then_some(1)
             });
             p.setup_primary(&mut lp, fake_settings("epipe"));
-            let reports = record_handoffs(&p);
+            let reports = record_handoffs(&mut lp, &p);
             let bodies = shared(Vec::<String>::new());
             let holding = Counter::new();
             let h = holding.clone();
-            p.on_message(move |_, w, msg, _| {
+            p.on_message(&mut lp, move |_, w, msg, _| {
                 if msg["op"] == "holding" {
                     assert_eq!(w.id(), 1);
                     h.hit();
@@ -1917,7 +1932,7 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
             });
             let listening = Counter::new();
             let (l, b) = (listening.clone(), bodies.clone());
-            p.on_listening(move |lp, _, a| {
+            p.on_listening(&mut lp, move |lp, _, a| {
                 l.hit();
                 if l.get() < 2 {
                     return;
@@ -1929,8 +1944,8 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
                     });
                 }
             });
-            p.on_disconnect(|lp, w| {
-                if w.id() == 1 && !w.is_dead() {
+            p.on_disconnect(&mut lp, |lp, w| {
+                if w.id() == 1 && !w.is_dead(lp) {
                     w.kill(lp, None).unwrap();
                 }
             });
@@ -1938,13 +1953,13 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
             // flight, the second waiting for it) and it holds the first:
             // go.
             let check = lp.check_init();
-            let (b, p2, w1) = (bodies.clone(), p.clone(), shared(None::<Worker>));
+            let (b, p2, w1) = (bodies.clone(), p, shared(None::<Worker>));
             let w1c = w1.clone();
             let mut told = false;
             lp.check_start(check, move |lp, c| {
                 if !told && placed.get() == 2 && holding.get() == 1 {
                     told = true;
-                    let w = w1c.borrow().clone().unwrap();
+                    let w = (*w1c.borrow()).unwrap();
                     w.send(lp, &json!({"op":"go"}), None).unwrap();
                 }
                 if b.borrow().len() == 2 {
@@ -1954,15 +1969,15 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
             })
             .unwrap();
             let fake = p.fork(&mut lp, vec![]).unwrap();
-            *w1.borrow_mut() = Some(fake.clone());
+            *w1.borrow_mut() = Some(fake);
             p.setup_primary(&mut lp, node_net_settings());
             let node = p.fork(&mut lp, vec![]).unwrap();
             run_with_deadline(&mut lp, 30_000);
             let mut bodies = bodies.borrow().clone();
             bodies.sort();
             let mut want = vec![
-                fake.pid().unwrap().to_string(),
-                node.pid().unwrap().to_string(),
+                fake.pid(&lp).unwrap().to_string(),
+                node.pid(&lp).unwrap().to_string(),
             ];
             want.sort();
             assert_eq!(bodies, want, "one served by each");
@@ -1980,7 +1995,7 @@ fn worker_gone_under_round_robin_is_reported_as_a_rehanded_connection_not_broken
                 ),
                 "{reports:?}"
             );
-            assert_eq!(node.exit_status(), Some((Some(0), None)));
+            assert_eq!(node.exit_status(&lp), Some((Some(0), None)));
             assert_loop_empty(&lp);
             assert_eq!(open_fds(), baseline, "the primary's fds are back");
         },
@@ -1998,15 +2013,15 @@ fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slo
         || {
             let mut lp = Loop::new().unwrap();
             let baseline = fd_baseline(&mut lp);
-            let p = Primary::new();
-            p.set_handoff_timeout(std::time::Duration::from_millis(300));
+            let p = Primary::new(&mut lp);
+            p.set_handoff_timeout(&mut lp, std::time::Duration::from_millis(300));
             p.setup_primary(&mut lp, fake_settings("silent:1"));
             let reports = shared(Vec::<HandoffReport>::new());
             let bodies = shared(Vec::<String>::new());
             let port = Rc::new(std::cell::Cell::new(0u16));
             let before_first = Rc::new(std::cell::Cell::new(0usize));
             let (po, bf, b) = (port.clone(), before_first.clone(), bodies.clone());
-            p.on_listening(move |lp, _, a| {
+            p.on_listening(&mut lp, move |lp, _, a| {
                 po.set(a.port.unwrap() as u16);
                 bf.set(open_fds());
                 let b = b.clone();
@@ -2015,8 +2030,8 @@ fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slo
                 });
             });
             let (r, po, bf, b) = (reports.clone(), port.clone(), before_first, bodies.clone());
-            let p2 = p.clone();
-            p.on_error(move |lp, w, e| {
+            let p2 = p;
+            p.on_error(&mut lp, move |lp, w, e| {
                 let ClusterError::Handoff {
                     failure,
                     outcome,
@@ -2029,7 +2044,7 @@ fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slo
                     .push((w.map(Worker::id), *failure, *outcome, *connections));
                 // Our copy is closed: the client's end is the one fd more.
                 assert_eq!(open_fds(), bf.get() + 1);
-                let (b, p3) = (b.clone(), p2.clone());
+                let (b, p3) = (b.clone(), p2);
                 fetch(lp, &localhost(po.get()), b"", move |lp, r| {
                     b.borrow_mut().push(body(&r.unwrap()));
                     // The fake exits on disconnect, and the first
@@ -2039,7 +2054,7 @@ fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slo
             });
             let fake = p.fork(&mut lp, vec![]).unwrap();
             run_with_deadline(&mut lp, 30_000);
-            let pid = fake.pid().unwrap().to_string();
+            let pid = fake.pid(&lp).unwrap().to_string();
             assert_eq!(*bodies.borrow(), [pid, "first:".to_string()]);
             assert_eq!(
                 *reports.borrow(),
@@ -2050,7 +2065,7 @@ fn answer_that_never_comes_leaves_the_connection_to_the_worker_and_frees_its_slo
                     1
                 )]
             );
-            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_eq!(fake.exit_status(&lp), Some((Some(0), None)));
             assert_loop_empty(&lp);
             assert_eq!(open_fds(), baseline, "the primary's fds are back");
         },
@@ -2068,23 +2083,23 @@ fn connections_no_worker_can_take_are_closed_after_the_handoff_timeout() {
         || {
             let mut lp = Loop::new().unwrap();
             let baseline = fd_baseline(&mut lp);
-            let p = Primary::new();
-            p.set_handoff_timeout(std::time::Duration::from_millis(300));
+            let p = Primary::new(&mut lp);
+            p.set_handoff_timeout(&mut lp, std::time::Duration::from_millis(300));
             p.setup_primary(&mut lp, fake_settings("nack:1000000"));
-            let reports = record_handoffs(&p);
+            let reports = record_handoffs(&mut lp, &p);
             let nacks = Counter::new();
             let n2 = nacks.clone();
-            p.on_message(move |_, _, msg, _| {
+            p.on_message(&mut lp, move |_, _, msg, _| {
                 assert_eq!(msg["op"], "nack");
                 n2.hit();
             });
             let bodies = shared(Vec::<String>::new());
             let started = shared(None::<std::time::Instant>);
-            let (b, s, p2) = (bodies.clone(), started.clone(), p.clone());
-            p.on_listening(move |lp, _, a| {
+            let (b, s, p2) = (bodies.clone(), started.clone(), p);
+            p.on_listening(&mut lp, move |lp, _, a| {
                 *s.borrow_mut() = Some(std::time::Instant::now());
                 for _ in 0..3 {
-                    let (b, p3) = (b.clone(), p2.clone());
+                    let (b, p3) = (b.clone(), p2);
                     fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |lp, r| {
                         b.borrow_mut().push(body(&r.unwrap()));
                         if b.borrow().len() == 3 {
@@ -2129,7 +2144,7 @@ fn connections_no_worker_can_take_are_closed_after_the_handoff_timeout() {
                 "{} NACKs in {took:?}",
                 nacks.get()
             );
-            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_eq!(fake.exit_status(&lp), Some((Some(0), None)));
             assert_loop_empty(&lp);
             assert_eq!(open_fds(), baseline, "the primary's fds are back");
         },
@@ -2178,15 +2193,15 @@ fn a_window_of_two_hands_a_worker_its_second_connection_before_its_first_answer(
         || {
             let mut lp = Loop::new().unwrap();
             let baseline = fd_baseline(&mut lp);
-            let p = Primary::new();
-            p.set_handoff_window(2);
+            let p = Primary::new(&mut lp);
+            p.set_handoff_window(&mut lp, 2);
             p.setup_primary(&mut lp, fake_settings("pair"));
-            let reports = record_handoffs(&p);
+            let reports = record_handoffs(&mut lp, &p);
             let bodies = shared(Vec::<String>::new());
-            let (b, p2) = (bodies.clone(), p.clone());
-            p.on_listening(move |lp, _, a| {
+            let (b, p2) = (bodies.clone(), p);
+            p.on_listening(&mut lp, move |lp, _, a| {
                 for _ in 0..2 {
-                    let (b, p3) = (b.clone(), p2.clone());
+                    let (b, p3) = (b.clone(), p2);
                     fetch(lp, &localhost(a.port.unwrap() as u16), b"", move |lp, r| {
                         b.borrow_mut().push(body(&r.unwrap()));
                         if b.borrow().len() == 2 {
@@ -2198,7 +2213,7 @@ fn a_window_of_two_hands_a_worker_its_second_connection_before_its_first_answer(
             let started = std::time::Instant::now();
             let fake = p.fork(&mut lp, vec![]).unwrap();
             run_with_deadline(&mut lp, 30_000);
-            let pid = fake.pid().unwrap().to_string();
+            let pid = fake.pid(&lp).unwrap().to_string();
             assert_eq!(*bodies.borrow(), [pid.clone(), pid]);
             assert!(reports.borrow().is_empty(), "{:?}", reports.borrow());
             assert!(
@@ -2206,7 +2221,7 @@ fn a_window_of_two_hands_a_worker_its_second_connection_before_its_first_answer(
                 "{:?}",
                 started.elapsed()
             );
-            assert_eq!(fake.exit_status(), Some((Some(0), None)));
+            assert_eq!(fake.exit_status(&lp), Some((Some(0), None)));
             assert_loop_empty(&lp);
             assert_eq!(open_fds(), baseline, "the primary's fds are back");
         },

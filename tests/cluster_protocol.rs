@@ -76,7 +76,7 @@ fn helper_hand_written_worker() {
 #[test]
 fn a_string_port_is_bound_and_a_malformed_query_is_answered_einval() {
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     let name = "helper_hand_written_worker";
     let args = [name, "--exact", "--nocapture", "--test-threads=1"];
     p.setup_primary(
@@ -92,16 +92,20 @@ fn a_string_port_is_bound_and_a_malformed_query_is_answered_einval() {
     );
     let errors: Rc<RefCell<Vec<ProtocolError>>> = Rc::default();
     let e = errors.clone();
-    p.on_error(move |_, _, err| match err {
+    p.on_error(&mut lp, move |_, _, err| match err {
         ClusterError::Protocol(pe) => e.borrow_mut().push(pe.clone()),
         other => panic!("unexpected error: {other}"),
     });
     let got: Rc<RefCell<Vec<Value>>> = Rc::default();
     let g = got.clone();
-    p.on_message(move |_, _, msg, _| g.borrow_mut().push(msg));
+    p.on_message(&mut lp, move |_, _, msg, _| g.borrow_mut().push(msg));
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
-    assert_eq!(w.exit_status(), Some((Some(0), None)), "the helper passed");
+    assert_eq!(
+        w.exit_status(&lp),
+        Some((Some(0), None)),
+        "the helper passed"
+    );
     let got = got.borrow();
     assert_eq!(got.len(), 1, "{got:?}");
     let replies = got[0]["replies"].as_array().unwrap();
@@ -127,6 +131,6 @@ fn a_string_port_is_bound_and_a_malformed_query_is_answered_einval() {
         ),
         "{errors:?}"
     );
-    assert!(p.workers().is_empty());
+    assert!(p.workers(&lp).is_empty());
     assert_loop_empty(&lp);
 }

@@ -92,8 +92,8 @@ fn record(lp: &mut Loop, ch: &Channel) -> (Shared<Value>, Shared<ChannelError>, 
         }
         m.borrow_mut().push(v)
     });
-    ch.on_error(move |_, _, err| e.borrow_mut().push(err));
-    ch.on_disconnect(move |_, _| d.hit());
+    ch.on_error(lp, move |_, _, err| e.borrow_mut().push(err));
+    ch.on_disconnect(lp, move |_, _| d.hit());
     (msgs, errs, disc)
 }
 
@@ -112,8 +112,8 @@ impl Bystander {
         let got = shared();
         let g = got.clone();
         b.on_message(lp, move |_, _, v, _| g.borrow_mut().push(v));
-        b.on_error(|_, _, e| panic!("bystander error: {e}"));
-        a.on_error(|_, _, e| panic!("bystander error: {e}"));
+        b.on_error(lp, |_, _, e| panic!("bystander error: {e}"));
+        a.on_error(lp, |_, _, e| panic!("bystander error: {e}"));
         a.send(lp, &json!({"bystander": 1}), None).unwrap();
         Bystander { a, _b: b, got }
     }
@@ -122,8 +122,8 @@ impl Bystander {
         run_until(lp, 5000, move |_| !got.borrow().is_empty());
         assert_eq!(*self.got.borrow(), vec![json!({"bystander": 1})]);
         self.a.disconnect(lp);
-        let b = self._b.clone();
-        run_until(lp, 5000, move |_| !b.is_connected());
+        let b = self._b;
+        run_until(lp, 5000, move |lp| !b.is_connected(lp));
     }
 }
 
@@ -190,8 +190,8 @@ fn channel_one_and_ten_mib_messages() {
     let (a, b) = pair(&mut lp);
     let (got_a, _, _) = record(&mut lp, &a);
     let (got_b, _, _) = record(&mut lp, &b);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let one = json!({"big": "é".repeat(1 << 19), "n": 1});
     let ten = json!("x".repeat(10 << 20));
     a.send(&mut lp, &one, None).unwrap();
@@ -290,8 +290,8 @@ fn channel_one_message_over_many_reads() {
 fn channel_sends_tcp_listener() {
     let mut lp = Loop::new().unwrap();
     let (a, b) = pair(&mut lp);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let srv = bound_tcp(&mut lp);
     let addr = lp.tcp_getsockname(srv).unwrap();
     let attach = Attach {
@@ -309,7 +309,7 @@ fn channel_sends_tcp_listener() {
             panic!("expected Socket::Tcp, got {h:?}")
         };
         assert_eq!(lp.tcp_getsockname(listener).unwrap(), addr);
-        let (ch, l2) = (ch.clone(), l.clone());
+        let (ch, l2) = (ch, l.clone());
         lp.tcp_listen(listener, 8, move |lp, listener, conn| {
             l2.push("accepted");
             lp.close(conn.unwrap(), |_| {}).unwrap();
@@ -330,7 +330,7 @@ fn channel_sends_tcp_listener() {
     let mut events = log.take();
     events.sort();
     assert_eq!(events, ["accepted", "connected"]);
-    assert!(!a.is_connected());
+    assert!(!a.is_connected(&lp));
     assert_loop_empty(&lp);
 }
 
@@ -338,17 +338,17 @@ fn channel_sends_tcp_listener() {
 fn channel_sends_connected_tcp_socket_and_closes_its_copy_on_ack() {
     let mut lp = Loop::new().unwrap();
     let (a, b) = pair(&mut lp);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let srv = bound_tcp(&mut lp);
     let addr = lp.tcp_getsockname(srv).unwrap();
     let got = Rc::new(RefCell::new(Vec::new()));
     let g = got.clone();
-    let a2 = a.clone();
+    let a2 = a;
     lp.tcp_listen(srv, 8, move |lp, srv, conn| {
         let conn = conn.unwrap();
         lp.close(srv, |_| {}).unwrap();
-        let (g, a2) = (g.clone(), a2.clone());
+        let (g, a2) = (g.clone(), a2);
         lp.read_start(conn, move |lp, conn, r| {
             let data = r.unwrap();
             if data.is_empty() {
@@ -364,7 +364,7 @@ fn channel_sends_connected_tcp_socket_and_closes_its_copy_on_ack() {
     })
     .unwrap();
     let c = lp.tcp_init();
-    let a2 = a.clone();
+    let a2 = a;
     lp.tcp_connect(c, addr, move |lp, c, r| {
         r.unwrap();
         let attach = Attach {
@@ -397,8 +397,8 @@ fn channel_sends_connected_tcp_socket_and_closes_its_copy_on_ack() {
 fn channel_sends_udp_socket_and_keeps_its_copy() {
     let mut lp = Loop::new().unwrap();
     let (a, b) = pair(&mut lp);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let u = bound_udp(&mut lp);
     let addr = lp.udp_getsockname(u).unwrap();
     let attach = Attach {
@@ -429,7 +429,7 @@ fn channel_sends_udp_socket_and_keeps_its_copy() {
             panic!("expected Socket::Udp, got {h:?}")
         };
         assert_eq!(lp.udp_getsockname(v).unwrap(), addr);
-        let (l, ch) = (l.clone(), ch.clone());
+        let (l, ch) = (l.clone(), ch);
         lp.udp_recv_start(v, move |lp, v, r| {
             let (data, _) = r.unwrap();
             l.push(String::from_utf8_lossy(data).into_owned());
@@ -453,8 +453,8 @@ fn channel_sends_udp_socket_and_keeps_its_copy() {
 fn channel_sends_unix_socket() {
     let mut lp = Loop::new().unwrap();
     let (a, b) = pair(&mut lp);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let (x, y) = lp.pipe_pair(false).unwrap();
     let attach = Attach {
         handle: x.into(),
@@ -586,7 +586,7 @@ fn channel_with_three_handles_in_flight_sends_them_back_to_back_and_matches_answ
     let mut lp = Loop::new().unwrap();
     let (a, r) = raw_peer(&mut lp, ChannelOptions::default());
     let (_, errs, _) = record(&mut lp, &a);
-    assert_eq!(a.handles_in_flight(), 1);
+    assert_eq!(a.handles_in_flight(&lp), 1);
     a.set_handles_in_flight(&mut lp, 3);
     let fared = Log::new();
     for n in 0..4 {
@@ -686,7 +686,7 @@ fn channel_handles_both_ways_at_once_do_not_deadlock() {
     let (a, b) = pair(&mut lp);
     let mut ends = Vec::new();
     for ch in [&a, &b] {
-        ch.on_error(|_, _, e| panic!("{e}"));
+        ch.on_error(&mut lp, |_, _, e| panic!("{e}"));
         let got = shared::<(Value, bool)>();
         let g = got.clone();
         ch.on_message(&mut lp, move |lp, _, v, h| {
@@ -738,11 +738,11 @@ fn cluster(fields: Value) -> Map<String, Value> {
 fn channel_send_cluster_replies_by_ack() {
     let mut lp = Loop::new().unwrap();
     let (a, b) = pair(&mut lp);
-    a.on_error(|_, _, e| panic!("{e}"));
-    b.on_error(|_, _, e| panic!("{e}"));
+    a.on_error(&mut lp, |_, _, e| panic!("{e}"));
+    b.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let log = Log::new();
     // b answers like Node's cluster primary: {cmd, ack: seq, ...}.
-    b.on_internal(|lp, ch, v, h| {
+    b.on_internal(&mut lp, |lp, ch, v, h| {
         assert!(h.is_none());
         let seq = v["seq"].clone();
         match v["act"].as_str().unwrap() {
@@ -780,7 +780,7 @@ fn channel_send_cluster_replies_by_ack() {
         }
     });
     let l = log.clone();
-    a.on_internal(move |lp, _, v, h| {
+    a.on_internal(&mut lp, move |lp, _, v, h| {
         assert!(h.is_none());
         assert_eq!(v["act"], "stray");
         l.push("internal:stray");
@@ -842,7 +842,7 @@ fn channel_late_on_message_gets_backlog_in_order() {
     let (a, b) = pair(&mut lp);
     let marker = Counter::new();
     let m = marker.clone();
-    b.on_internal(move |_, _, _, _| m.hit());
+    b.on_internal(&mut lp, move |_, _, _, _| m.hit());
     for i in 0..3 {
         a.send(&mut lp, &json!({"i": i}), None).unwrap();
     }
@@ -876,16 +876,16 @@ fn disconnect_from(first: bool) {
     let (a, b) = pair(&mut lp);
     let (_, errs_a, disc_a) = record(&mut lp, &a);
     let (_, errs_b, disc_b) = record(&mut lp, &b);
-    assert!(a.is_connected() && b.is_connected());
+    assert!(a.is_connected(&lp) && b.is_connected(&lp));
     let (who, other) = if first { (&a, &b) } else { (&b, &a) };
     who.disconnect(&mut lp);
-    assert!(!who.is_connected());
+    assert!(!who.is_connected(&lp));
     let e = who.send(&mut lp, &json!(1), None).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::NotConnected);
     who.disconnect(&mut lp); // a second call does nothing
     run_with_deadline(&mut lp, 5000);
     assert_eq!((disc_a.get(), disc_b.get()), (1, 1));
-    assert!(!a.is_connected() && !b.is_connected());
+    assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
     for ch in [&a, &b] {
         let e = ch.send(&mut lp, &json!(1), None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected);
@@ -925,7 +925,7 @@ fn channel_disconnect_waits_for_handle_ack() {
     a.send_handle(&mut lp, json!("h"), attach, Map::new(), None)
         .unwrap();
     a.disconnect(&mut lp);
-    assert!(!a.is_connected());
+    assert!(!a.is_connected(&lp));
     let e = a.send(&mut lp, &json!(1), None).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::NotConnected);
     let buf = r.buf.clone();
@@ -947,11 +947,11 @@ fn channel_unref_lets_loop_end() {
     b.set_ref(&mut lp, false).unwrap();
     assert!(!lp.alive());
     run_with_deadline(&mut lp, 5000);
-    assert!(a.is_connected() && b.is_connected());
+    assert!(a.is_connected(&lp) && b.is_connected(&lp));
     b.set_ref(&mut lp, true).unwrap();
     let disc = Counter::new();
     let d = disc.clone();
-    b.on_disconnect(move |_, _| d.hit());
+    b.on_disconnect(&mut lp, move |_, _| d.hit());
     a.disconnect(&mut lp);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(disc.get(), 1);
@@ -990,7 +990,7 @@ fn channel_bad_lines_are_typed_errors_and_lose_nothing_else() {
             ChannelError::Frame(FrameError::Malformed { .. })
         ));
     }
-    assert!(a.is_connected());
+    assert!(a.is_connected(&lp));
     by.finish(&mut lp);
     a.disconnect(&mut lp);
     run_with_deadline(&mut lp, 5000);
@@ -1117,7 +1117,7 @@ fn channel_oversized_line_is_skipped_and_channel_stays_usable() {
         assert_eq!(limit, 1024);
         assert!(size > 1024 && size <= 1024 + 65536, "{size}");
     }
-    assert!(a.is_connected());
+    assert!(a.is_connected(&lp));
     by.finish(&mut lp);
     a.disconnect(&mut lp);
     run_with_deadline(&mut lp, 5000);
@@ -1146,7 +1146,7 @@ fn channel_eof_inside_a_message_is_truncated_at_eof() {
         "{:?}",
         errs.borrow()
     );
-    assert!(!a.is_connected());
+    assert!(!a.is_connected(&lp));
     by.finish(&mut lp);
     run_with_deadline(&mut lp, 5000);
     assert_eq!(disc.get(), 1);
@@ -1166,7 +1166,7 @@ fn record_raw(lp: &mut Loop, ch: &Channel) -> (Shared<RawMessage>, Shared<Channe
         }
         m.borrow_mut().push(v)
     });
-    ch.on_error(move |_, _, err| e.borrow_mut().push(err));
+    ch.on_error(lp, move |_, _, err| e.borrow_mut().push(err));
     (msgs, errs)
 }
 
@@ -1367,7 +1367,7 @@ fn undecodable_handle_lines_close_the_fd_and_answer_the_peer() {
                 ));
             }
             assert_eq!(open_fds(), baseline, "an fd of an undecodable line leaked");
-            assert!(a.is_connected());
+            assert!(a.is_connected(&lp));
             lp.close(u, |_| {}).unwrap();
             by.finish(&mut lp);
             a.disconnect(&mut lp);
@@ -1482,7 +1482,7 @@ fn garbage_flood_is_cut_off_with_bounded_reports() {
             }
         ));
     }
-    assert!(!a.is_connected());
+    assert!(!a.is_connected(&lp));
     by.finish(&mut lp);
     let (wd, eof) = (write_done.clone(), r.eof.clone());
     run_until(&mut lp, 10_000, move |_| wd.get() == 1 && eof.get() == 1);
@@ -1506,7 +1506,7 @@ fn unreported_bad_lines_are_summed_up_at_close() {
     let g = got.clone();
     run_until(&mut lp, 5000, move |_| g.borrow().len() == 1);
     assert_eq!(errs.borrow().len(), 2);
-    assert!(a.is_connected());
+    assert!(a.is_connected(&lp));
     lp.read_stop(r.pipe).unwrap();
     lp.close(r.pipe, |_| {}).unwrap();
     let d = disc.clone();

@@ -41,14 +41,14 @@ fn helper_flood_cluster_worker() {
             serve_hello(&mut lp, 0);
         }
         "flood" => {
-            let pipe = w.channel().unwrap().pipe();
+            let pipe = w.channel(&lp).unwrap().pipe();
             let garbage = b"this is not json\n".repeat(GARBAGE_LINES);
             // Fails with EPIPE once the primary has hung up.
             lp.write(pipe, &[&garbage], |_, _, _| {}).unwrap();
         }
         "protocol" => {
             // Well-formed JSON, but a message only a primary may send.
-            let pipe = w.channel().unwrap().pipe();
+            let pipe = w.channel(&lp).unwrap().pipe();
             let lines = b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":\"x\",\"seq\":1}\n"
                 .repeat(GARBAGE_LINES);
             lp.write(pipe, &[&lines], |_, _, _| {}).unwrap();
@@ -116,7 +116,7 @@ fn next_request(lp: &mut Loop, addr: SocketAddr, c: Rc<Client>) {
 #[test]
 fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     let mut lp = Loop::new().unwrap();
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     primary.setup_primary(
         &mut lp,
         Settings {
@@ -138,7 +138,7 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     let typed = Rc::new(RefCell::new(Vec::<(u32, ChannelError)>::new()));
     {
         let errors = errors.clone();
-        primary.on_error(move |_, w, e| {
+        primary.on_error(&mut lp, move |_, w, e| {
             errors
                 .borrow_mut()
                 .push((w.map_or(0, |w| w.id()), e.to_string()));
@@ -149,7 +149,7 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     {
         let client = client.clone();
         let log = log.clone();
-        primary.on_listening(move |lp, w, addr| {
+        primary.on_listening(&mut lp, move |lp, w, addr| {
             log.push(format!("listening:{}", w.id()));
             let port = addr.port.unwrap() as u16;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -166,10 +166,10 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     // Channel errors of the flooder, typed, by reading its worker's events.
     {
         let (typed, log) = (typed.clone(), log.clone());
-        primary.on_fork(move |_, w| {
+        primary.on_fork(&mut lp, move |lp, w| {
             log.push(format!("fork:{}", w.id()));
             let (typed, id) = (typed.clone(), w.id());
-            w.on_error(move |_, _, e| {
+            w.on_error(lp, move |_, _, e| {
                 if let ClusterError::Channel(c) = e {
                     typed.borrow_mut().push((id, clone_channel_error(c)));
                 }
@@ -178,7 +178,7 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     }
     {
         let (client, log) = (client.clone(), log.clone());
-        primary.on_disconnect(move |_, w| {
+        primary.on_disconnect(&mut lp, move |_, w| {
             log.push(format!("disconnect:{}", w.id()));
             if w.id() == 2 {
                 // Cut off: fifty more requests, then stop.
@@ -188,11 +188,11 @@ fn a_worker_flooding_its_channel_is_cut_off_while_the_others_serve() {
     }
     {
         let log = log.clone();
-        primary.on_exit(move |_, w, code, signal| {
+        primary.on_exit(&mut lp, move |_, w, code, signal| {
             log.push(format!("exit:{}:{code:?}:{signal:?}", w.id()))
         });
     }
-    PRIMARY.with(|p| *p.borrow_mut() = Some(primary.clone()));
+    PRIMARY.with(|p| *p.borrow_mut() = Some(primary));
     primary.fork(&mut lp, role("serve")).unwrap();
 
     let c = client.clone();
@@ -244,7 +244,7 @@ thread_local! {
 
 /// The primary, from inside its own callbacks.
 fn cluster_primary(_: &mut Loop) -> Primary {
-    PRIMARY.with(|p| p.borrow().clone().unwrap())
+    PRIMARY.with(|p| (*p.borrow()).unwrap())
 }
 
 /// `ChannelError` is not `Clone` (it can hold an `io::Error`); the kinds
@@ -271,7 +271,7 @@ fn clone_channel_error(e: &ChannelError) -> ChannelError {
 #[test]
 fn a_worker_flooding_protocol_errors_is_cut_off() {
     let mut lp = Loop::new().unwrap();
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     primary.setup_primary(
         &mut lp,
         Settings {
@@ -283,7 +283,7 @@ fn a_worker_flooding_protocol_errors_is_cut_off() {
     let last_is_budget = Rc::new(Cell::new(false));
     {
         let (errors, last) = (errors.clone(), last_is_budget.clone());
-        primary.on_error(move |_, _, e| {
+        primary.on_error(&mut lp, move |_, _, e| {
             errors.borrow_mut().push(e.to_string());
             last.set(matches!(
                 e,
@@ -293,7 +293,9 @@ fn a_worker_flooding_protocol_errors_is_cut_off() {
     }
     let exits = Rc::new(RefCell::new(Vec::new()));
     let x = exits.clone();
-    primary.on_exit(move |_, _, code, signal| x.borrow_mut().push((code, signal)));
+    primary.on_exit(&mut lp, move |_, _, code, signal| {
+        x.borrow_mut().push((code, signal))
+    });
     primary
         .fork(
             &mut lp,

@@ -132,7 +132,7 @@ fn as_worker(name: &str, body: impl FnOnce(&mut Loop, cluster::Worker)) {
     let w = cluster::setup_worker(&mut lp)
         .unwrap()
         .expect("started as a worker");
-    assert!(cluster::is_worker());
+    assert!(cluster::is_worker(&mut lp));
     assert!(
         std::env::var("NODE_UNIQUE_ID").is_err(),
         "NODE_UNIQUE_ID removed"
@@ -214,7 +214,7 @@ fn helper_eaddrinuse() {
     as_worker("helper_eaddrinuse", |lp, w| {
         let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
         let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
-        let w2 = w.clone();
+        let w2 = w;
         s.listen(lp, ListenOptions::port(port), move |lp, _, r| {
             let e = r.unwrap_err();
             w2.send(
@@ -225,7 +225,7 @@ fn helper_eaddrinuse() {
             .unwrap();
         })
         .unwrap();
-        w.on_message(move |lp, w, msg, _| {
+        w.on_message(lp, move |lp, w, msg, _| {
             assert_eq!(msg["op"], "retry");
             let s = Server::new(lp, |lp, s, c| s.close_connection(lp, c));
             s.listen(lp, ListenOptions::port(port), move |lp, s, r| {
@@ -259,7 +259,7 @@ fn helper_messages() {
         let payload = json!({"nested":[1,{"u":"ünïcødé ✓"}],"n":null});
         w.send(lp, &json!({"op":"echo-me","payload":payload.clone()}), None)
             .unwrap();
-        w.on_message(move |lp, w, msg, _| {
+        w.on_message(lp, move |lp, w, msg, _| {
             assert_eq!(msg["payload"], payload);
             w.disconnect(lp);
         });
@@ -287,7 +287,7 @@ fn helper_udp() {
                 let u = r.expect("shared UDP socket from the primary");
                 let port = lp.udp_getsockname(u).unwrap().port();
                 w.send(lp, &json!({"op":"udp","port":port}), None).unwrap();
-                let w2 = w.clone();
+                let w2 = w;
                 lp.udp_recv_start(u, move |lp, u, r| {
                     let (data, _) = r.unwrap();
                     w2.send(

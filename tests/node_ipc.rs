@@ -38,10 +38,10 @@ fn rust_parent_node_child_messages_both_ways() {
     let big2 = big.clone();
     let disconnects = Counter::new();
     let d = disconnects.clone();
-    child.channel.on_disconnect(move |_, _| d.hit());
+    child.channel.on_disconnect(&mut lp, move |_, _| d.hit());
     child
         .channel
-        .on_error(|_, _, e| panic!("channel error: {e}"));
+        .on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     child.channel.on_message(&mut lp, move |lp, ch, msg, h| {
         assert!(h.is_none());
         g.borrow_mut().push(msg.clone());
@@ -83,7 +83,7 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
     let child = fork(&mut lp, opts).unwrap();
     child
         .channel
-        .on_error(|_, _, e| panic!("channel error: {e}"));
+        .on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     let server = lp.tcp_init();
     lp.tcp_bind(server, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
         .unwrap();
@@ -95,7 +95,7 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
     let peer = p.clone();
     child
         .channel
-        .on_message(&mut lp, move |lp, ch: &Channel, msg, h| {
+        .on_message(&mut lp, move |lp, ch: Channel, msg, h| {
             let op = msg["op"].as_str().unwrap().to_string();
             s.borrow_mut().push(op.clone());
             match op.as_str() {
@@ -146,7 +146,6 @@ fn rust_parent_passes_server_and_socket_to_node_and_gets_one_back() {
                     let Some(Socket::Tcp(sock)) = h else {
                         panic!("expected a TCP socket, got {h:?}")
                     };
-                    let ch = ch.clone();
                     let buf = Rc::new(RefCell::new(Vec::new()));
                     lp.read_start(sock, move |lp, sock, r| {
                         let data = r.unwrap();
@@ -190,9 +189,9 @@ fn rust_parent_sends_sockets_back_to_back_and_node_pairs_each_with_its_message()
     let child = fork(&mut lp, opts).unwrap();
     child
         .channel
-        .on_error(|_, _, e| panic!("channel error: {e}"));
+        .on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     child.channel.set_handles_in_flight(&mut lp, N);
-    assert_eq!(child.channel.handles_in_flight(), N);
+    assert_eq!(child.channel.handles_in_flight(&lp), N);
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let peer = std::thread::spawn(move || {
@@ -211,7 +210,7 @@ fn rust_parent_sends_sockets_back_to_back_and_node_pairs_each_with_its_message()
     let socks: Rc<RefCell<Numbered>> = Rc::default();
     let ready = Rc::new(std::cell::Cell::new(false));
     let send_all = {
-        let (socks, ready, ch) = (socks.clone(), ready.clone(), child.channel.clone());
+        let (socks, ready, ch) = (socks.clone(), ready.clone(), child.channel);
         Rc::new(move |lp: &mut Loop| {
             if !ready.get() || socks.borrow().len() < N {
                 return;
@@ -249,7 +248,7 @@ fn rust_parent_sends_sockets_back_to_back_and_node_pairs_each_with_its_message()
     let d = done.clone();
     child
         .channel
-        .on_message(&mut lp, move |lp, ch: &Channel, msg, _| {
+        .on_message(&mut lp, move |lp, ch: Channel, msg, _| {
             match msg["op"].as_str().unwrap() {
                 "ready" => {
                     ready.set(true);
@@ -289,10 +288,10 @@ fn rust_parent_node_child_env_udp_and_parent_disconnect() {
     let child = fork(&mut lp, opts).unwrap();
     let disconnects = Counter::new();
     let d = disconnects.clone();
-    child.channel.on_disconnect(move |_, _| d.hit());
+    child.channel.on_disconnect(&mut lp, move |_, _| d.hit());
     child
         .channel
-        .on_error(|_, _, e| panic!("channel error: {e}"));
+        .on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     let log = Log::new();
     let l = log.clone();
     let udp_addr = Rc::new(RefCell::new(None));
@@ -329,7 +328,7 @@ fn rust_parent_node_child_env_udp_and_parent_disconnect() {
                 assert_eq!(msg["data"], "dgram from rust");
                 assert_eq!(msg["ok"], true, "not a dgram.Socket in node");
                 ch.disconnect(lp);
-                assert!(!ch.is_connected());
+                assert!(!ch.is_connected(lp));
             }
             other => panic!("unexpected {other}"),
         }
@@ -354,10 +353,10 @@ fn rust_parent_sees_node_child_exit_status() {
     let child = fork(&mut lp, opts).unwrap();
     let disconnects = Counter::new();
     let d = disconnects.clone();
-    child.channel.on_disconnect(move |_, _| d.hit());
+    child.channel.on_disconnect(&mut lp, move |_, _| d.hit());
     child
         .channel
-        .on_error(|_, _, e| panic!("channel error: {e}"));
+        .on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     child.channel.on_message(&mut lp, |lp, ch, msg, _| {
         assert_eq!(msg["op"], "ready");
         ch.send(lp, &json!({"op": "exit", "code": 7}), None)
@@ -435,10 +434,10 @@ fn helper_rust_child() {
         "fd": std::env::var_os("NODE_CHANNEL_FD").is_some(),
         "mode": std::env::var_os("NODE_CHANNEL_SERIALIZATION_MODE").is_some(),
     });
-    ch.on_error(|_, _, e| panic!("channel error: {e}"));
+    ch.on_error(&mut lp, |_, _, e| panic!("channel error: {e}"));
     let disconnects = Counter::new();
     let d = disconnects.clone();
-    ch.on_disconnect(move |_, _| d.hit());
+    ch.on_disconnect(&mut lp, move |_, _| d.hit());
     let we_disconnected = Counter::new();
     let w = we_disconnected.clone();
     ch.on_message(&mut lp, move |lp, ch, msg, h| {
@@ -473,7 +472,7 @@ fn helper_rust_child() {
                     panic!("expected a TCP socket, got {h:?}")
                 };
                 let buf = Rc::new(RefCell::new(Vec::new()));
-                let ch2 = ch.clone();
+                let ch2 = ch;
                 lp.read_start(s, move |lp, s, r| {
                     let data = r.unwrap();
                     assert!(!data.is_empty(), "EOF before the ping");
@@ -507,7 +506,6 @@ fn helper_rust_child() {
                 })
                 .unwrap();
                 let c = lp.tcp_init();
-                let ch = ch.clone();
                 lp.tcp_connect(c, addr, move |lp, c, r| {
                     r.unwrap();
                     let attach = Attach {
@@ -532,7 +530,7 @@ fn helper_rust_child() {
         .unwrap();
     run_with_deadline(&mut lp, 30_000);
     assert_eq!(disconnects.get(), 1);
-    assert!(!ch.is_connected());
+    assert!(!ch.is_connected(&lp));
     assert_loop_empty(&lp);
     if we_disconnected.get() == 0 {
         std::process::exit(3);
@@ -644,7 +642,7 @@ fn helper_surrogate_worker() {
     let w = uvcluster::cluster::setup_worker(&mut lp)
         .unwrap()
         .expect("started as a worker");
-    w.on_message_raw(|lp, w, m, h| {
+    w.on_message_raw(&mut lp, |lp, w, m, h| {
         if let Some(h) = h {
             lp.close_if_open(h);
         }
@@ -726,7 +724,9 @@ fn helper_json_echo() {
             .expect("no NODE_CHANNEL_FD");
         let errors = Rc::new(RefCell::new(Vec::<String>::new()));
         let e = errors.clone();
-        ch.on_error(move |_, _, err| e.borrow_mut().push(format!("{err:?}")));
+        ch.on_error(&mut lp, move |_, _, err| {
+            e.borrow_mut().push(format!("{err:?}"))
+        });
         let exact = Rc::new(RefCell::new(Vec::<bool>::new()));
         ch.on_message_raw(&mut lp, move |lp, ch, m, h| {
             assert!(h.is_none(), "the too-deep message was delivered");
@@ -754,6 +754,6 @@ fn helper_json_echo() {
         });
         ch.send(&mut lp, &json!({"op": "ready"}), None).unwrap();
         run_with_deadline(&mut lp, 30_000);
-        assert!(!ch.is_connected());
+        assert!(!ch.is_connected(&lp));
     });
 }

@@ -866,7 +866,7 @@ fn primary_fork_passes_only_stdio_and_the_channel() {
         use uvcluster::cluster::{Primary, Settings};
         let before = Strays::new();
         let mut lp = Loop::new().unwrap();
-        let primary = Primary::new();
+        let primary = Primary::new(&mut lp);
         primary.setup_primary(
             &mut lp,
             Settings {
@@ -882,10 +882,12 @@ fn primary_fork_passes_only_stdio_and_the_channel() {
         let after = Strays::new();
         let reports = Rc::new(RefCell::new(Vec::new()));
         let r = reports.clone();
-        primary.on_message(move |_, _, v, _| r.borrow_mut().push(v));
+        primary.on_message(&mut lp, move |_, _, v, _| r.borrow_mut().push(v));
         let exits = Rc::new(RefCell::new(Vec::new()));
         let e = exits.clone();
-        primary.on_exit(move |_, _, code, signal| e.borrow_mut().push((code, signal)));
+        primary.on_exit(&mut lp, move |_, _, code, signal| {
+            e.borrow_mut().push((code, signal))
+        });
         primary.fork(&mut lp, Vec::new()).unwrap();
         run_with_deadline(&mut lp, 20_000);
         assert_eq!(*exits.borrow(), vec![(Some(0), None)]);
@@ -1014,7 +1016,7 @@ fn fork_error_names_the_program() {
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
 
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     primary.setup_primary(
         &mut lp,
         Settings {
@@ -1028,7 +1030,7 @@ fn fork_error_names_the_program() {
         "{err}"
     );
     assert_eq!(spawn_errno(&err), Some(libc::ENOENT));
-    assert!(primary.workers().is_empty());
+    assert!(primary.workers(&lp).is_empty());
     run_with_deadline(&mut lp, 5000);
     assert_loop_empty(&lp);
 }
@@ -1067,7 +1069,7 @@ fn setup_worker_disables_stdio_inheritance() {
     use uvcluster::cluster::{Primary, Settings};
     use uvcluster::ipc::ForkStdio;
     let mut lp = Loop::new().unwrap();
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     primary.setup_primary(
         &mut lp,
         Settings {
@@ -1083,14 +1085,16 @@ fn setup_worker_disables_stdio_inheritance() {
     );
     let reports = Rc::new(RefCell::new(Vec::new()));
     let r = reports.clone();
-    primary.on_message(move |_, _, v, _| r.borrow_mut().push(v));
+    primary.on_message(&mut lp, move |_, _, v, _| r.borrow_mut().push(v));
     let exits = Rc::new(RefCell::new(Vec::new()));
     let e = exits.clone();
-    primary.on_exit(move |_, _, code, signal| e.borrow_mut().push((code, signal)));
+    primary.on_exit(&mut lp, move |_, _, code, signal| {
+        e.borrow_mut().push((code, signal))
+    });
     let w = primary.fork(&mut lp, Vec::new()).unwrap();
     // The primary's end of the extra pipe is not read: close it once the
     // worker is gone so the loop can end.
-    let extra = w.stdio(4);
+    let extra = w.stdio(&lp, 4);
     run_with_deadline(&mut lp, 20_000);
     if let Some(p) = extra {
         let _ = lp.close(p, |_| {});

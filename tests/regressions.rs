@@ -85,7 +85,7 @@ fn ipc_backlog_not_overtaken_by_newer_message() {
     let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
     let marker = Counter::new();
     let m = marker.clone();
-    b.on_internal(move |_, _, _, _| m.hit());
+    b.on_internal(&mut lp, move |_, _, _, _| m.hit());
     a.send(&mut lp, &json!(0), None).unwrap();
     a.send(&mut lp, &json!({"cmd": "NODE_MARKER"}), None)
         .unwrap();
@@ -146,7 +146,7 @@ fn ipc_coalesced_sends_survive_disconnect_in_the_same_callback() {
         assert_eq!(*v, json!(["x", i]));
     }
     assert_eq!(sent.get(), 100);
-    assert!(!a.is_connected() && !b.is_connected());
+    assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
     assert_loop_empty(&lp);
 }
 
@@ -179,8 +179,8 @@ fn second_queued_send_of_a_socket_closed_by_the_first_ack_goes_without_it() {
     });
     let errs = Log::new();
     let e = errs.clone();
-    a.on_error(move |_, _, err| e.push(err.to_string()));
-    b.on_error(|_, _, err| panic!("receiver error: {err}"));
+    a.on_error(&mut lp, move |_, _, err| e.push(err.to_string()));
+    b.on_error(&mut lp, |_, _, err| panic!("receiver error: {err}"));
     let sock = lp.tcp_init();
     lp.tcp_bind(sock, "127.0.0.1:0".parse().unwrap(), BindFlags::default())
         .unwrap();
@@ -224,7 +224,7 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
 
     const NAME: &str = "helper_udp_listening";
     let mut lp = Loop::new().unwrap();
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -241,11 +241,11 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
             ..Settings::default()
         },
     );
-    p.on_error(|_, _, e| panic!("{e}"));
+    p.on_error(&mut lp, |_, _, e| panic!("{e}"));
     let seen = Log::new();
     let s = seen.clone();
-    p.on_listening(move |lp, w, a| {
-        assert_eq!(w.state(), WorkerState::Listening);
+    p.on_listening(&mut lp, move |lp, w, a| {
+        assert_eq!(w.state(lp), WorkerState::Listening);
         assert_eq!(a.address_type, AddressType::Udp4);
         assert!(a.port.unwrap() > 0);
         s.push("listening");
@@ -254,7 +254,7 @@ fn rust_worker_udp_bind_tells_the_primary_it_is_listening() {
     let w = p.fork(&mut lp, vec![]).unwrap();
     run_with_deadline(&mut lp, 20_000);
     assert_eq!(seen.joined(), "listening");
-    assert_eq!(w.exit_status(), Some((Some(0), None)));
+    assert_eq!(w.exit_status(&lp), Some((Some(0), None)));
     assert_loop_empty(&lp);
 }
 
@@ -270,7 +270,7 @@ fn helper_udp_listening() {
     uvcluster::net::bind_dgram(&mut lp, Default::default(), move |_, r| {
         s.set(Some(r.unwrap()))
     });
-    w.on_disconnect(move |lp, _| {
+    w.on_disconnect(&mut lp, move |lp, _| {
         if let Some(u) = sock.take() {
             lp.close(u, |_| {}).unwrap();
         }

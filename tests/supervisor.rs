@@ -222,7 +222,7 @@ fn fail_closed_reload_keeps_the_old_workers_serving() {
     let load = Load::start(s.port.get(), 4, 100_000);
     // The "new version" cannot start.
     s.sup
-        .primary()
+        .primary(&lp)
         .setup_primary(&mut lp, rust_env(HELPER, "crash"));
     let result = Rc::new(std::cell::RefCell::new(None));
     let r = result.clone();
@@ -354,7 +354,7 @@ fn hung_worker_is_killed_and_replaced() {
     start_ready(&mut lp, &s, 2);
     // Their replacements serve.
     s.sup
-        .primary()
+        .primary(&lp)
         .setup_primary(&mut lp, rust_env(HELPER, "serve"));
     let load = Load::start(s.port.get(), 1, 30);
     let finished = load.finished.clone();

@@ -34,7 +34,7 @@ fn bcast_worker() {
     let mut lp = Loop::new().unwrap();
     let w = cluster::setup_worker(&mut lp).unwrap().expect("a worker");
     let _server = util::serve_hello(&mut lp, 0);
-    w.on_message(|lp, w, msg, _| {
+    w.on_message(&mut lp, |lp, w, msg, _| {
         let reply = if msg == json!({"say": true}) {
             json!({"hi": w.id()})
         } else if msg.get("got").is_none() {
@@ -67,13 +67,13 @@ fn run(
         rust_settings(HELPER, "", SchedulingPolicy::RoundRobin),
         cfg,
     );
-    s.sup.set_broadcast(broadcast);
+    s.sup.set_broadcast(&mut lp, broadcast);
     let pairs: Rc<RefCell<BTreeSet<(u64, u64)>>> = Rc::default();
     let his = Rc::new(RefCell::new(0usize));
     let others: Rc<RefCell<Vec<Value>>> = Rc::default();
     {
         let (pairs, his, others) = (pairs.clone(), his.clone(), others.clone());
-        s.sup.on_message(move |_, _, msg| {
+        s.sup.on_message(&mut lp, move |_, _, msg| {
             if msg.get("hi").is_some() {
                 *his.borrow_mut() += 1;
             } else if let (Some(from), Some(by)) = (msg["got"]["hi"].as_u64(), msg["by"].as_u64()) {

@@ -99,7 +99,7 @@ fn node_ready_timeout_fails_the_reload_closed() {
     start_ready(&mut lp, &s, 1);
     let before = s.pids(&lp);
     s.sup
-        .primary()
+        .primary(&lp)
         .setup_primary(&mut lp, node_env("never-ready"));
     let result = Rc::new(RefCell::new(None));
     let r = result.clone();
@@ -131,7 +131,9 @@ fn node_fail_closed_reload_of_a_syntax_error_loses_nothing() {
     start_ready(&mut lp, &s, 2);
     let before = s.pids(&lp);
     let load = Load::start(s.port.get(), 4, 100_000);
-    s.sup.primary().setup_primary(&mut lp, node_env("syntax"));
+    s.sup
+        .primary(&lp)
+        .setup_primary(&mut lp, node_env("syntax"));
     let result = Rc::new(RefCell::new(None));
     let r = result.clone();
     s.sup

@@ -98,13 +98,13 @@ fn run_primary(mode: &str, port: u16) {
         lp.run(RunMode::Default).unwrap();
         return;
     }
-    let p = Primary::new();
+    let p = Primary::new(&mut lp);
     // `rr-w<N>`: round-robin with a handoff window of N.
     let (mode, window) = match mode.split_once("-w") {
         Some((m, w)) => (m, w.parse().expect("rr-w<N>")),
         None => (mode, 1),
     };
-    p.set_handoff_window(window);
+    p.set_handoff_window(&mut lp, window);
     p.setup_primary(
         &mut lp,
         Settings {
@@ -118,7 +118,7 @@ fn run_primary(mode: &str, port: u16) {
         },
     );
     let ready = std::rc::Rc::new(std::cell::Cell::new(0));
-    p.on_listening(move |_, _, _| {
+    p.on_listening(&mut lp, move |_, _, _| {
         ready.set(ready.get() + 1);
         if ready.get() == 2 {
             println!("ready");
@@ -397,8 +397,8 @@ fn bench(c: &mut Criterion) {
 
 fn main() {
     // Re-executed as a worker of the cluster, or as its primary.
-    if cluster::is_worker() {
-        let mut lp = Loop::new().unwrap();
+    let mut lp = Loop::new().unwrap();
+    if cluster::is_worker(&mut lp) {
         cluster::setup_worker(&mut lp).unwrap();
         let port = std::env::var("DISPATCH_BENCH_PORT")
             .unwrap()

@@ -547,7 +547,10 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
                         seen.last = now;
                         seen.responses += 1;
                     }
-                    s.cfg.workload == Workload::KeepAlive && now < s.end
+                    // A keep-alive client honours `Connection: close` (a
+                    // draining server sends it): the next request goes on
+                    // a new connection, as RFC 9112 section 9.6 asks.
+                    s.cfg.workload == Workload::KeepAlive && now < s.end && !head.close
                 };
                 let _ = lp.read_stop(t);
                 if keep {
@@ -577,6 +580,8 @@ struct Head {
     status: u16,
     /// The value of the pid header, if asked for and present.
     pid: Option<u32>,
+    /// The server said `Connection: close`.
+    close: bool,
 }
 
 /// The full length of the first response in `buf` once its headers are
@@ -616,7 +621,18 @@ fn response_head(buf: &[u8], pid_header: Option<&str>) -> Result<Option<Head>, (
                     .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
                     .ok_or(())?
             };
-            Ok(Some(Head { len, status, pid }))
+            // `Connection: close`: the server ends the connection after
+            // this answer; a client opens a new one for its next request.
+            let close = header("connection").is_some_and(|v| {
+                v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            });
+            Ok(Some(Head {
+                len,
+                status,
+                pid,
+                close,
+            }))
         }
         Ok(httparse::Status::Partial) => Ok(None),
         Err(_) => Err(()),
@@ -760,9 +776,12 @@ mod tests {
             Head {
                 len: r.len(),
                 status: 503,
-                pid: Some(4242)
+                pid: Some(4242),
+                close: false,
             }
         );
+        let c = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n";
+        assert!(response_head(c, None).unwrap().unwrap().close);
         assert_eq!(response_head(r, None).unwrap().unwrap().pid, None);
         assert_eq!(
             response_head(r, Some("x-other")).unwrap().unwrap().pid,

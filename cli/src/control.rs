@@ -515,7 +515,7 @@ impl Control {
 
     fn serve(&self, lp: &mut Loop, c: Handle<Pipe>, r: Request) {
         let ops = self.inner.borrow().ops.clone();
-        let sup = ops.supervisor().clone();
+        let sup = ops.supervisor();
         match r {
             Request::Status => {
                 let rows = ops.rows(lp);

@@ -140,20 +140,20 @@ impl Ops {
     }
 
     /// The supervisor.
-    pub fn supervisor(&self) -> &Supervisor {
-        &self.sup
+    pub fn supervisor(&self) -> Supervisor {
+        self.sup
     }
 
     /// Counts what the metrics report of a lifecycle event.
-    pub fn event(&self, lp: &Loop, e: &LifecycleEvent) {
+    pub fn event(&self, lp: &mut Loop, e: &LifecycleEvent) {
         self.refresh(lp);
         if let LifecycleEvent::Forked { worker, .. } = e
-            && let Some(w) = self.sup.primary().worker(*worker)
+            && let Some(w) = self.sup.primary(lp).worker(lp, *worker)
         {
             // A worker's own exit callback runs before the supervisor
             // forgets it: its last count of handed connections is kept.
             let me = self.clone();
-            w.on_exit(move |lp, _, _, _| me.refresh(lp));
+            w.on_exit(lp, move |lp, _, _, _| me.refresh(lp));
         }
         let mut s = self.state.borrow_mut();
         match e {

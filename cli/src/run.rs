@@ -183,9 +183,11 @@ fn settings(opts: &RunOptions) -> Settings {
 /// `[worker ID] ` (`--prefix-output`). A line is written whole, so lines of
 /// two workers never interleave; a last line without a newline is written
 /// at the end of the stream.
-fn prefix_output(lp: &mut Loop, w: &Worker, tail: Tail) {
+fn prefix_output(lp: &mut Loop, w: Worker, tail: Tail) {
     for fd in [1, 2] {
-        let Some(pipe) = w.stdio(fd) else { continue };
+        let Some(pipe) = w.stdio(lp, fd) else {
+            continue;
+        };
         let prefix = format!("[worker {}] ", w.id());
         let mut partial: Vec<u8> = Vec::new();
         let tail = tail.clone();
@@ -283,28 +285,29 @@ impl Journal {
     /// reports the fork in the call that made it, before the loop reads
     /// anything the worker wrote.
     fn forked(&self, lp: &mut Loop, id: u32, slot: usize) {
-        let Some(w) = self.primary.worker(id) else {
+        let Some(w) = self.primary.worker(lp, id) else {
             events::forked(id, None);
             return;
         };
-        if let Some(pid) = w.pid() {
+        let pid = w.pid(lp);
+        if let Some(pid) = pid {
             self.pids.borrow_mut().insert(id, pid);
         }
-        events::forked(id, w.pid());
+        events::forked(id, pid);
         // The supervisor takes the primary's `listening`; a worker's own
         // stays ours.
-        w.on_listening(|_, w, a| {
+        w.on_listening(lp, |lp, w, a| {
             let addr = a.address.as_deref().unwrap_or("*");
             match a.port {
                 Some(port) if port >= 0 => {
-                    events::listening(w.id(), w.pid(), &format!("{addr}:{port}"))
+                    events::listening(w.id(), w.pid(lp), &format!("{addr}:{port}"))
                 }
-                _ => events::listening(w.id(), w.pid(), addr),
+                _ => events::listening(w.id(), w.pid(lp), addr),
             }
         });
         if self.prefix_output {
             let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
-            prefix_output(lp, &w, tail);
+            prefix_output(lp, w, tail);
         }
     }
 
@@ -467,12 +470,12 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     )?);
     // After the systemd variables: a bad one is named before anything else.
     preflight(&opts.command[0]).map_err(StartError::CannotRun)?;
-    let primary = Primary::new();
+    let primary = Primary::new(&mut lp);
     primary.setup_primary(&mut lp, settings(&opts));
-    primary.set_handoff_window(opts.handoff_window);
+    primary.set_handoff_window(&mut lp, opts.handoff_window);
 
     let journal = Journal {
-        primary: primary.clone(),
+        primary,
         pids: Rc::default(),
         tails: RefCell::default(),
         prefix_output: opts.prefix_output,
@@ -484,10 +487,10 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
         None => None,
     };
-    sup.set_broadcast(opts.broadcast);
-    let ops = Ops::new(sup.clone());
+    sup.set_broadcast(&mut lp, opts.broadcast);
+    let ops = Ops::new(sup);
     let (control, metrics) = operations(&mut lp, &ops, &opts)?;
-    sup.on_exit(move |lp, _| {
+    sup.on_exit(&mut lp, move |lp, _| {
         if let Some(c) = &control {
             c.close(lp);
         }
@@ -498,7 +501,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     let immediate: Rc<Cell<Option<Signum>>> = Rc::default();
     {
         let immediate = immediate.clone();
-        sup.on_event(move |lp, e| {
+        sup.on_event(&mut lp, move |lp, e| {
             ops.event(lp, e);
             if let LifecycleEvent::Stopping {
                 graceful: false,
@@ -527,7 +530,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     events::starting(&opts);
     sup.start(&mut lp);
     lp.run(RunMode::Default)?;
-    Ok(match (immediate.get(), sup.exit_code()) {
+    Ok(match (immediate.get(), sup.exit_code(&lp)) {
         (Some(s), _) => Outcome::Immediate(s),
         (None, Some(code)) => Outcome::Supervisor(code),
         // The loop ended without the supervisor's verdict: nothing kept it

@@ -190,7 +190,7 @@ impl Watcher {
         let _ = lp.unref_handle(timer);
         let w = Watcher {
             state: Rc::new(RefCell::new(State {
-                sup: sup.clone(),
+                sup: *sup,
                 handles: Vec::new(),
                 timer,
                 debounce: opts.debounce,
@@ -333,7 +333,7 @@ impl Watcher {
         let sup = {
             let mut s = self.state.borrow_mut();
             s.reloading = true;
-            s.sup.clone()
+            s.sup
         };
         log::info!(target: events::TARGET, "watch: {what}: reloading worker by worker");
         let me = Rc::downgrade(&self.state);

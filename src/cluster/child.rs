@@ -3,7 +3,6 @@
 //! handles), and the worker's ways out (disconnect, destroy, a lost
 //! channel).
 
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,18 +12,22 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::primary::ClusterError;
+use super::error::ClusterError;
 use super::protocol::{
     self, AcceptReply, Act, AddressType, Grant, Parsed, Query, QueryReply, Received, Sockname,
 };
-use super::worker::{Address, ExitRequest, Side, Worker, WorkerState};
+use super::worker::{Address, ExitRequest, Worker, WorkerState, rec_mut};
+use super::{ClusterContext, Side};
 use crate::ipc::{Channel, ChannelOptions};
 use crate::net::{
     BindCb, BindOptions, ClusterHook, ListenError, ListenOptions, Server, ServerAddress, defer,
 };
 use crate::uv::{Errno, Handle, Loop, Socket, Stream, Timer};
 
-struct Child {
+/// The worker side's state, kept in the cluster's context
+/// ([`ClusterContext`]) from [`setup_worker`] until the channel to the
+/// primary closes (Node's `child.js` module state).
+pub(crate) struct ChildState {
     worker: Worker,
     channel: Channel,
     /// Servers by the key the primary gave them.
@@ -35,6 +38,14 @@ struct Child {
     destroying: bool,
     /// Answers to `newconn` held until the loop has polled again.
     late: LateAnswers,
+    /// UDP binds waiting for the primary's reply, by request number (the
+    /// reply callback holds the number; a send that fails finds the bind
+    /// callback here).
+    binds: HashMap<u64, BindCb>,
+    next_bind: u64,
+    /// A disconnect waiting for the worker's servers to close: how many
+    /// are still closing, and whether the primary asked for it.
+    closing: Option<(usize, bool)>,
 }
 
 /// Answers to `newconn` for a load-aware primary, sent once the loop has
@@ -49,14 +60,22 @@ struct LateAnswers {
     timer: Option<Handle<Timer>>,
 }
 
-type ChildRef = Rc<RefCell<Child>>;
-
-thread_local! {
-    static CHILD: RefCell<Option<ChildRef>> = const { RefCell::new(None) };
+fn child(lp: &Loop) -> Option<&ChildState> {
+    lp.context::<ClusterContext>()?.child.as_ref()
 }
 
-fn child() -> Option<ChildRef> {
-    CHILD.with(|c| c.borrow().clone())
+fn child_mut(lp: &mut Loop) -> Option<&mut ChildState> {
+    lp.context_mut::<ClusterContext>().child.as_mut()
+}
+
+/// The channel to the primary, while the worker side is set up.
+fn channel(lp: &Loop) -> Option<Channel> {
+    child(lp).map(|c| c.channel)
+}
+
+/// The worker side ends (its channel closed): its state goes.
+fn drop_child(lp: &mut Loop) {
+    lp.context_mut::<ClusterContext>().child = None;
 }
 
 /// What the hook keeps on each server.
@@ -92,11 +111,11 @@ struct HookData {
 /// `NODE_UNIQUE_ID` without a usable `NODE_CHANNEL_FD`, or the channel's
 /// own errors ([`Channel::from_env`]).
 pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
-    let Some(id) = super::worker_id() else {
+    let Some(id) = super::worker_id(lp) else {
         return Ok(None);
     };
-    if let Some(c) = child() {
-        return Ok(Some(c.borrow().worker.clone()));
+    if let Some(c) = child(lp) {
+        return Ok(Some(c.worker));
     }
     crate::uv::disable_stdio_inheritance();
     let channel = Channel::from_env(lp, ChannelOptions::default())?.ok_or_else(|| {
@@ -105,50 +124,55 @@ pub fn setup_worker(lp: &mut Loop) -> io::Result<Option<Worker>> {
             "NODE_UNIQUE_ID is set but NODE_CHANNEL_FD is not: not started by a cluster primary",
         )
     })?;
-    let worker = Worker::new(id, Side::Child);
-    {
-        let mut w = worker.inner.borrow_mut();
+    let worker = Worker::new(lp, id, Side::Child);
+    if let Some(w) = rec_mut(lp, worker) {
         w.state = WorkerState::Online;
-        w.channel = Some(channel.clone());
+        w.channel = Some(channel);
         w.pid = Some(std::process::id() as i32);
     }
-    let state = Rc::new(RefCell::new(Child {
-        worker: worker.clone(),
-        channel: channel.clone(),
+    lp.context_mut::<ClusterContext>().child = Some(ChildState {
+        worker,
+        channel,
         handles: HashMap::new(),
         indexes: HashMap::new(),
         destroying: false,
         late: LateAnswers::default(),
-    }));
-    CHILD.with(|c| *c.borrow_mut() = Some(state.clone()));
+        binds: HashMap::new(),
+        next_bind: 0,
+        closing: None,
+    });
     crate::net::set_cluster_hook(lp, Some(Rc::new(Hook)));
+    listen_to_primary(lp, worker, channel);
+    channel.send_cluster(lp, Act::Online.to_fields(), None, None)?;
+    Ok(Some(worker))
+}
 
-    let w = worker.clone();
+/// Node's `process.on('message')`, `on('internalMessage')` and
+/// `once('disconnect')` in a worker: routes what the channel delivers.
+fn listen_to_primary(lp: &mut Loop, worker: Worker, channel: Channel) {
     channel.on_message_raw(lp, move |lp, _, msg, h| {
-        if !w.emit_message(lp, msg, h)
+        if !worker.emit_message(lp, msg, h)
             && let Some(h) = h
         {
             lp.close_if_open(h);
         }
     });
-    channel.on_internal(move |lp, _, msg, h| on_internal(lp, msg, h));
-    let w = worker.clone();
-    channel.on_error(move |lp, _, e| w.emit_error(lp, &ClusterError::Channel(e)));
-    let w = worker.clone();
-    channel.on_disconnect(move |lp, _| channel_closed(lp, &w));
-    channel.send_cluster(lp, Act::Online.to_fields(), None, None)?;
-    Ok(Some(worker))
+    channel.on_internal(lp, move |lp, _, msg, h| on_internal(lp, msg, h));
+    channel.on_error(lp, move |lp, _, e| {
+        worker.emit_error(lp, &ClusterError::Channel(e))
+    });
+    channel.on_disconnect(lp, move |lp, _| channel_closed(lp, worker));
 }
 
 struct Hook;
 
 impl ClusterHook for Hook {
     fn listen(&self, lp: &mut Loop, server: Server, opts: &ListenOptions) {
-        query_server(lp, &server, opts);
+        query_server(lp, server, opts);
     }
 
     fn close(&self, lp: &mut Loop, server: Server) {
-        server_closed(lp, &server);
+        server_closed(lp, server);
     }
 
     fn bind_udp(&self, lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
@@ -161,12 +185,12 @@ impl ClusterHook for Hook {
 /// without a disconnect it knew of (the primary died), or that is being
 /// destroyed, ends its process: `process.exit(0)` in Node, the worker's
 /// [exit request](Worker::on_exit_request) here.
-fn channel_closed(lp: &mut Loop, w: &Worker) {
-    let destroying = child().is_some_and(|c| c.borrow().destroying);
-    w.inner.borrow_mut().state = WorkerState::Disconnected;
+fn channel_closed(lp: &mut Loop, w: Worker) {
+    let destroying = child(lp).is_some_and(|c| c.destroying);
+    w.set_state(lp, WorkerState::Disconnected);
     w.emit_disconnect(lp);
-    let planned = w.exited_after_disconnect() == Some(true);
-    CHILD.with(|c| c.borrow_mut().take());
+    let planned = w.exited_after_disconnect(lp) == Some(true);
+    drop_child(lp);
     if destroying {
         w.request_exit(lp, ExitRequest::Destroyed);
     } else if !planned {
@@ -184,30 +208,31 @@ fn query_udp(lp: &mut Loop, opts: &BindOptions, cb: BindCb) {
         let e = ListenError::new(errno, "bind", address, port);
         defer(lp, move |lp| cb(lp, Err(e)));
     };
-    let Some(state) = child() else {
+    let Some(c) = child_mut(lp) else {
         return fail(lp, cb, Errno::ENOTCONN, None);
     };
     let mut q = udp_query(opts);
-    q.index = take_index(&state, &q.indexes_key());
+    q.index = take_index(c, &q.indexes_key());
+    // The bind callback waits in the child state: the reply callback is
+    // dropped if the send fails, and the bind must be answered all the same.
+    let bind = c.next_bind;
+    c.next_bind += 1;
+    c.binds.insert(bind, cb);
+    let channel = c.channel;
     let address = q.address.clone();
-    let channel = state.borrow().channel.clone();
-    // The reply callback is dropped if the send fails; the bind callback
-    // must be called then all the same.
-    let cb = Rc::new(std::cell::Cell::new(Some(cb)));
-    let cb2 = cb.clone();
     let listening = q.clone();
     let sent = channel.send_cluster(
         lp,
         Act::QueryServer(q).to_fields(),
         None,
         Some(Box::new(move |lp, _, reply, handle| {
-            if let Some(cb) = cb2.take() {
+            if let Some(cb) = child_mut(lp).and_then(|c| c.binds.remove(&bind)) {
                 on_udp_reply(lp, cb, listening, &reply, handle);
             }
         })),
     );
     if sent.is_err()
-        && let Some(cb) = cb.take()
+        && let Some(cb) = child_mut(lp).and_then(|c| c.binds.remove(&bind))
     {
         fail(lp, cb, Errno::ENOTCONN, address);
     }
@@ -263,9 +288,8 @@ fn on_udp_reply(lp: &mut Loop, cb: BindCb, q: Query, reply: &Value, handle: Opti
 
 /// Takes the next index among the servers at `indexes_key` (Node's
 /// `indexSet.nextIndex++`).
-fn take_index(state: &ChildRef, indexes_key: &str) -> u64 {
-    let mut st = state.borrow_mut();
-    let entry = st.indexes.entry(indexes_key.to_owned()).or_default();
+fn take_index(c: &mut ChildState, indexes_key: &str) -> u64 {
+    let entry = c.indexes.entry(indexes_key.to_owned()).or_default();
     let i = entry.0;
     entry.0 += 1;
     entry.1.insert(i);
@@ -275,15 +299,19 @@ fn take_index(state: &ChildRef, indexes_key: &str) -> u64 {
 /// Node's `_getServer` once a dgram socket is bound: the worker is
 /// `listening` and tells the primary, with the real port.
 fn udp_listening(lp: &mut Loop, mut q: Query, real_port: Option<u16>) {
-    let Some(state) = child() else { return };
-    let (worker, channel) = {
-        let st = state.borrow();
-        (st.worker.clone(), st.channel.clone())
-    };
-    worker.inner.borrow_mut().state = WorkerState::Listening;
     if let Some(p) = real_port.filter(|p| *p != 0) {
         q.port = Some(p.into());
     }
+    announce_listening(lp, q);
+}
+
+/// The worker is `listening`: tell the primary (with the real port), then
+/// run the worker's `listening` callback.
+fn announce_listening(lp: &mut Loop, q: Query) {
+    let Some((worker, channel)) = child(lp).map(|c| (c.worker, c.channel)) else {
+        return;
+    };
+    worker.set_state(lp, WorkerState::Listening);
     let addr = Address::from_query(&q);
     let _ = channel.send_cluster(lp, Act::Listening(q).to_fields(), None, None);
     worker.emit_listening(lp, &addr);
@@ -308,42 +336,25 @@ impl PendingListen {
 
     /// Fails the listen: the index is free again.
     fn fail(self, lp: &mut Loop, errno: Errno) {
-        release_index(lp, &self.server);
+        release_index(lp, self.server);
         let e = ListenError::new(errno, "bind", self.address(), self.query.port);
         self.server.finish_listen(lp, Err(e));
     }
 }
 
-/// Node's `listenInCluster` + `cluster._getServer`.
-fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
-    let Some(state) = child() else {
-        let e = ListenError::new(Errno::ENOTCONN, "listen", None, None);
-        let s = *server;
-        defer(lp, move |lp| s.finish_listen(lp, Err(e)));
-        return;
+/// Node's `listenInCluster` + `cluster._getServer`: take an index, ask
+/// the primary, and listen as its reply says ([`on_query_reply`]).
+fn query_server(lp: &mut Loop, server: Server, opts: &ListenOptions) {
+    let Some((q, channel)) = indexed_query(lp, server, opts) else {
+        return fail_listen_later(lp, server, Errno::ENOTCONN, None);
     };
-    let mut q = server_query(opts);
-    let indexes_key = q.indexes_key();
-    q.index = take_index(&state, &indexes_key);
-    let index = q.index;
-    server.with_hook_data(lp, |d| {
-        *d = Some(Box::new(HookData {
-            key: None,
-            report_load: false,
-            report_pending: false,
-            indexes_key,
-            index,
-        }))
-    });
     let pending = PendingListen {
-        server: *server,
+        server,
         query: q.clone(),
         backlog: opts.backlog_or_default(),
         requested_port: opts.port,
         path: opts.path.clone(),
     };
-    let channel = state.borrow().channel.clone();
-
     let sent = channel.send_cluster(
         lp,
         Act::QueryServer(q).to_fields(),
@@ -355,10 +366,36 @@ fn query_server(lp: &mut Loop, server: &Server, opts: &ListenOptions) {
     if let Err(e) = sent {
         release_index(lp, server);
         let errno = Errno::of(&e).unwrap_or(Errno::ENOTCONN);
-        let err = ListenError::new(errno, "listen", None, Some(opts.port as i64));
-        let s = *server;
-        defer(lp, move |lp| s.finish_listen(lp, Err(err)));
+        fail_listen_later(lp, server, errno, Some(opts.port as i64));
     }
+}
+
+/// The query for `opts` with the next free index (kept on the server as
+/// its [`HookData`]), and the channel to send it on; `None` when the
+/// worker side is not set up.
+fn indexed_query(lp: &mut Loop, server: Server, opts: &ListenOptions) -> Option<(Query, Channel)> {
+    let c = child_mut(lp)?;
+    let mut q = server_query(opts);
+    let indexes_key = q.indexes_key();
+    q.index = take_index(c, &indexes_key);
+    let channel = c.channel;
+    let index = q.index;
+    server.with_hook_data(lp, |d| {
+        *d = Some(Box::new(HookData {
+            key: None,
+            report_load: false,
+            report_pending: false,
+            indexes_key,
+            index,
+        }))
+    });
+    Some((q, channel))
+}
+
+/// Fails `server`'s listen from the loop (never inside `listen`).
+fn fail_listen_later(lp: &mut Loop, server: Server, errno: Errno, port: Option<i64>) {
+    let e = ListenError::new(errno, "listen", None, port);
+    defer(lp, move |lp| server.finish_listen(lp, Err(e)));
 }
 
 /// Node's `serverQuery` for these listen options (`net.js`
@@ -440,7 +477,7 @@ fn on_query_reply(lp: &mut Loop, p: PendingListen, reply: &Value, handle: Option
     match result {
         Ok(addr) => listening(lp, p, key, addr, load_reports),
         Err(Some(e)) => {
-            release_index(lp, &p.server);
+            release_index(lp, p.server);
             p.server.finish_listen(lp, Err(e));
         }
         Err(None) => p.fail(lp, Errno::EADDRINUSE),
@@ -502,26 +539,18 @@ fn listening(lp: &mut Loop, p: PendingListen, key: String, addr: ServerAddress, 
     if load {
         server.set_on_ended(lp, schedule_load_report);
     }
-    if let Some(state) = child() {
-        state.borrow_mut().handles.insert(key, server);
+    if let Some(c) = child_mut(lp) {
+        c.handles.insert(key, server);
     }
     let real_port = addr.port();
     server.finish_listen(lp, Ok(addr));
-    let Some(state) = child() else { return };
-    let (worker, channel) = {
-        let st = state.borrow();
-        (st.worker.clone(), st.channel.clone())
-    };
-    worker.inner.borrow_mut().state = WorkerState::Listening;
     if let Some(p) = real_port.filter(|p| *p != 0) {
         query.port = Some(p.into());
     }
-    let addr = Address::from_query(&query);
-    let _ = channel.send_cluster(lp, Act::Listening(query).to_fields(), None, None);
-    worker.emit_listening(lp, &addr);
+    announce_listening(lp, query);
 }
 
-fn reports_load(lp: &mut Loop, server: &Server) -> bool {
+fn reports_load(lp: &mut Loop, server: Server) -> bool {
     server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
@@ -542,83 +571,79 @@ fn schedule_load_report(lp: &mut Loop, server: Server) {
             _ => false,
         }
     });
-    if !schedule {
-        return;
+    if schedule {
+        defer(lp, move |lp| send_load_report(lp, server));
     }
-    let s = server;
-    defer(lp, move |lp| {
-        let key = s.with_hook_data(lp, |d| {
-            let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
-            d.report_pending = false;
-            d.key.clone()
-        });
-        // An answer on its way carries a newer count.
-        let key = key.filter(|_| !answer_pending(&s));
-        if let (Some(key), Some(state)) = (key, child()) {
-            let channel = state.borrow().channel.clone();
-            if channel.is_connected() {
-                let load = s.connections(lp) as u64;
-                let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
-            }
-        }
-    });
 }
 
-fn release_index(lp: &mut Loop, server: &Server) {
+/// Sends `server`'s count of open connections to the primary, unless an
+/// answer on its way carries a newer one.
+fn send_load_report(lp: &mut Loop, server: Server) {
+    let key = server.with_hook_data(lp, |d| {
+        let d = d.as_mut().and_then(|d| d.downcast_mut::<HookData>())?;
+        d.report_pending = false;
+        d.key.clone()
+    });
+    let key = key.filter(|_| !answer_pending(lp, server));
+    if let (Some(key), Some(channel)) = (key, channel(lp))
+        && channel.is_connected(lp)
+    {
+        let load = server.connections(lp) as u64;
+        let _ = channel.send_cluster(lp, Act::Load { key, load }.to_fields(), None, None);
+    }
+}
+
+fn release_index(lp: &mut Loop, server: Server) {
     let data = server.with_hook_data(lp, |d| d.take());
     let Some(data) = data.and_then(|d| d.downcast::<HookData>().ok()) else {
         return;
     };
-    if let Some(state) = child() {
-        let mut st = state.borrow_mut();
-        if let Some(key) = &data.key {
-            st.handles.remove(key);
-        }
-        if let Some(entry) = st.indexes.get_mut(&data.indexes_key) {
-            entry.1.remove(&data.index);
-            if entry.1.is_empty() {
-                st.indexes.remove(&data.indexes_key);
-            }
+    let Some(c) = child_mut(lp) else { return };
+    if let Some(key) = &data.key {
+        c.handles.remove(key);
+    }
+    if let Some(entry) = c.indexes.get_mut(&data.indexes_key) {
+        entry.1.remove(&data.index);
+        if entry.1.is_empty() {
+            c.indexes.remove(&data.indexes_key);
         }
     }
 }
 
 /// A server in this worker closed: tell the primary and free its index.
-fn server_closed(lp: &mut Loop, server: &Server) {
+fn server_closed(lp: &mut Loop, server: Server) {
     let key = server.with_hook_data(lp, |d| {
         d.as_ref()
             .and_then(|d| d.downcast_ref::<HookData>())
             .and_then(|d| d.key.clone())
     });
     release_index(lp, server);
-    if let (Some(key), Some(state)) = (key, child()) {
-        let channel = state.borrow().channel.clone();
-        if channel.is_connected() {
-            let _ = channel.send_cluster(lp, Act::Close { key }.to_fields(), None, None);
-        }
+    if let (Some(key), Some(channel)) = (key, channel(lp))
+        && channel.is_connected(lp)
+    {
+        let _ = channel.send_cluster(lp, Act::Close { key }.to_fields(), None, None);
     }
 }
 
+/// The primary's cluster messages to a worker (Node's `child.js`
+/// `onmessage`): `newconn` and `disconnect`.
 fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Socket>) {
-    let state = child();
-    match (protocol::parse(&msg), state) {
+    let set_up = child(lp).map(|c| c.worker);
+    match (protocol::parse(&msg), set_up) {
         (
             Parsed::Message(Received {
                 act: Act::NewConn { key },
                 seq,
             }),
-            Some(state),
-        ) => on_connection(lp, &state, &key, seq, handle),
+            Some(_),
+        ) => on_connection(lp, &key, seq, handle),
         (
             Parsed::Message(Received {
                 act: Act::Disconnect,
                 ..
             }),
-            Some(state),
-        ) => {
-            let worker = state.borrow().worker.clone();
-            close_servers_then(lp, &worker, true);
-        }
+            Some(worker),
+        ) => close_servers_then(lp, worker, true),
         _ => {
             // Node ignores cluster messages it does not know.
             if let Some(h) = handle {
@@ -631,94 +656,90 @@ fn on_internal(lp: &mut Loop, msg: Value, handle: Option<Socket>) {
 /// Node's `onconnection`: a round-robin connection for the server `key`.
 /// It is accepted unless the server is gone, closed or full, and the
 /// primary told (`{ack, accepted}`).
-fn on_connection(
-    lp: &mut Loop,
-    state: &ChildRef,
-    key: &str,
-    seq: Option<u64>,
-    handle: Option<Socket>,
-) {
-    let (server, channel) = {
-        let st = state.borrow();
-        (st.handles.get(key).cloned(), st.channel.clone())
-    };
-    let conn = match handle.map(Stream::try_from) {
-        Some(Ok(c)) => Some(c),
-        Some(Err(other)) => {
-            lp.close_if_open(other.0);
-            None
-        }
-        None => None,
-    };
-    let accepted = match (server, conn) {
-        (Some(s), Some(c)) => {
-            if s.deliver(lp, c) {
-                true
-            } else {
-                lp.close_if_open(c);
-                false
-            }
-        }
-        (None, Some(c)) => {
-            lp.close_if_open(c);
-            false
-        }
-        _ => false,
-    };
-    let server = state.borrow().handles.get(key).cloned();
-    if let Some(s) = server.filter(|s| accepted && reports_load(lp, s)) {
+fn on_connection(lp: &mut Loop, key: &str, seq: Option<u64>, handle: Option<Socket>) {
+    let server = child(lp).and_then(|c| c.handles.get(key).copied());
+    let accepted = deliver(lp, server, handle);
+    let server = child(lp).and_then(|c| c.handles.get(key).copied());
+    if let Some(s) = server.filter(|s| accepted && reports_load(lp, *s)) {
         // Beyond Node: a load-aware primary hears back only after
         // this loop has polled again, with the open-connection
         // count then. The new connection's first request was
         // already waiting, so it has been handled by then: a
         // handler that keeps the loop busy keeps the answer back,
         // and the primary sends the next connection elsewhere.
-        answer_after_next_poll(lp, state, s, seq);
+        answer_after_next_poll(lp, s, seq);
         return;
     }
     let reply = AcceptReply {
         accepted,
         load: None,
     };
-    let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
+    if let Some(channel) = channel(lp) {
+        let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
+    }
+}
+
+/// Hands the connection that came with a `newconn` to its server
+/// ([`Server::deliver`], which runs the user's connection callback);
+/// whether the server took it. One it did not take is closed.
+fn deliver(lp: &mut Loop, server: Option<Server>, handle: Option<Socket>) -> bool {
+    let conn = match handle.map(Stream::try_from) {
+        Some(Ok(c)) => c,
+        Some(Err(other)) => {
+            lp.close_if_open(other.0);
+            return false;
+        }
+        None => return false,
+    };
+    if let Some(s) = server
+        && s.deliver(lp, conn)
+    {
+        return true;
+    }
+    lp.close_if_open(conn);
+    false
 }
 
 /// Whether an answer for `server` is waiting in [`LateAnswers`].
-fn answer_pending(server: &Server) -> bool {
-    child().is_some_and(|c| {
-        let c = c.borrow();
+fn answer_pending(lp: &Loop, server: Server) -> bool {
+    child(lp).is_some_and(|c| {
         (c.late.waiting.iter())
             .chain(&c.late.ready)
-            .any(|(s, _)| s == server)
+            .any(|(s, _)| *s == server)
     })
 }
 
 /// Queues the answer to `newconn` `seq` for `server` (see
 /// [`LateAnswers`]): accepted, with the count of open connections when it
 /// goes out.
-fn answer_after_next_poll(lp: &mut Loop, state: &ChildRef, server: Server, seq: Option<u64>) {
-    let start = {
-        let mut c = state.borrow_mut();
-        let late = &mut c.late;
-        let idle = late.waiting.is_empty() && late.ready.is_empty();
-        late.waiting.push((server, seq));
-        idle.then(|| *late.timer.get_or_insert_with(|| lp.timer_init()))
-    };
-    if let Some(t) = start {
-        let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, late_answers_due);
+fn answer_after_next_poll(lp: &mut Loop, server: Server, seq: Option<u64>) {
+    let Some(c) = child_mut(lp) else { return };
+    let late = &mut c.late;
+    let idle = late.waiting.is_empty() && late.ready.is_empty();
+    late.waiting.push((server, seq));
+    if !idle {
+        return;
     }
+    let t = match late.timer {
+        Some(t) => t,
+        None => {
+            let t = lp.timer_init();
+            if let Some(c) = child_mut(lp) {
+                c.late.timer = Some(t);
+            }
+            t
+        }
+    };
+    let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, late_answers_due);
 }
 
 /// The late-answer timer: sends what was queued an iteration ago, and
 /// waits one more iteration for what was queued in this one.
 fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
-    let Some(state) = child() else { return };
-    let (due, channel, more) = {
-        let mut c = state.borrow_mut();
-        let waiting = std::mem::take(&mut c.late.waiting);
-        let due = std::mem::replace(&mut c.late.ready, waiting);
-        (due, c.channel.clone(), !c.late.ready.is_empty())
-    };
+    let Some(c) = child_mut(lp) else { return };
+    let waiting = std::mem::take(&mut c.late.waiting);
+    let due = std::mem::replace(&mut c.late.ready, waiting);
+    let (channel, more) = (c.channel, !c.late.ready.is_empty());
     for (s, seq) in due {
         let reply = AcceptReply {
             accepted: true,
@@ -735,42 +756,43 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
 /// Node's `_disconnect`: close every server (waiting for their
 /// connections), then either close the channel (primary-initiated) or tell
 /// the primary first with `exitedAfterDisconnect`.
-fn close_servers_then(lp: &mut Loop, worker: &Worker, primary_initiated: bool) {
-    worker.inner.borrow_mut().exited_after_disconnect = Some(true);
-    let Some(state) = child() else { return };
-    let servers: Vec<Server> = state.borrow().handles.values().cloned().collect();
-    let waiting = Rc::new(std::cell::Cell::new(servers.len() + 1));
-    let done = {
-        let waiting = waiting.clone();
-        let state = state.clone();
-        Rc::new(move |lp: &mut Loop| {
-            waiting.set(waiting.get() - 1);
-            if waiting.get() != 0 {
-                return;
-            }
-            let channel = state.borrow().channel.clone();
-            // Primary-initiated: just close. Otherwise tell the primary first
-            // (or close at once if that cannot be sent).
-            if primary_initiated || tell_primary_then_disconnect(lp, &channel).is_err() {
-                channel.disconnect(lp);
-            }
-        })
-    };
+fn close_servers_then(lp: &mut Loop, worker: Worker, primary_initiated: bool) {
+    worker.set_exited_after_disconnect(lp, true);
+    let Some(c) = child_mut(lp) else { return };
+    let servers: Vec<Server> = c.handles.values().copied().collect();
+    c.closing = Some((servers.len() + 1, primary_initiated));
     for s in servers {
-        let d = done.clone();
-        s.close(lp, move |lp, _| d(lp));
+        s.close(lp, move |lp, _| server_closed_for_disconnect(lp));
     }
-    done(lp);
+    server_closed_for_disconnect(lp);
+}
+
+/// One more server closed during a disconnect (or the disconnect's own
+/// start); once none is left, the channel goes. Primary-initiated: just
+/// close it. Otherwise tell the primary first (or close at once if that
+/// cannot be sent).
+fn server_closed_for_disconnect(lp: &mut Loop) {
+    let Some(c) = child_mut(lp) else { return };
+    let Some((left, primary_initiated)) = c.closing.as_mut() else {
+        return;
+    };
+    *left -= 1;
+    if *left != 0 {
+        return;
+    }
+    let primary_initiated = *primary_initiated;
+    c.closing = None;
+    let channel = c.channel;
+    if primary_initiated || tell_primary_then_disconnect(lp, channel).is_err() {
+        channel.disconnect(lp);
+    }
 }
 
 /// `cluster.worker.disconnect()` inside the worker.
-pub(crate) fn disconnect_self(lp: &mut Loop, w: &Worker) {
-    {
-        let mut i = w.inner.borrow_mut();
-        if i.state == WorkerState::Disconnecting || i.state == WorkerState::Disconnected {
-            return;
-        }
-        i.state = WorkerState::Disconnecting;
+pub(crate) fn disconnect_self(lp: &mut Loop, w: Worker) {
+    match w.state(lp) {
+        WorkerState::Disconnecting | WorkerState::Disconnected => return,
+        _ => w.set_state(lp, WorkerState::Disconnecting),
     }
     close_servers_then(lp, w, false);
 }
@@ -780,31 +802,29 @@ pub(crate) fn disconnect_self(lp: &mut Loop, w: &Worker) {
 /// `process.exit(0)`; here the worker's [exit
 /// request](Worker::on_exit_request)), at once when the channel is closed
 /// already.
-pub(crate) fn destroy_self(lp: &mut Loop, w: &Worker) {
-    w.inner.borrow_mut().exited_after_disconnect = Some(true);
-    let channel = child().map(|state| state.borrow().channel.clone());
-    let Some(channel) = channel.filter(Channel::is_connected) else {
-        CHILD.with(|c| c.borrow_mut().take());
+pub(crate) fn destroy_self(lp: &mut Loop, w: Worker) {
+    w.set_exited_after_disconnect(lp, true);
+    let Some(channel) = channel(lp).filter(|c| c.is_connected(lp)) else {
+        drop_child(lp);
         return w.request_exit(lp, ExitRequest::Destroyed);
     };
-    if let Some(state) = child() {
-        state.borrow_mut().destroying = true;
+    if let Some(c) = child_mut(lp) {
+        c.destroying = true;
     }
-    w.inner.borrow_mut().state = WorkerState::Disconnecting;
-    if tell_primary_then_disconnect(lp, &channel).is_err() {
-        CHILD.with(|c| c.borrow_mut().take());
+    w.set_state(lp, WorkerState::Disconnecting);
+    if tell_primary_then_disconnect(lp, channel).is_err() {
+        drop_child(lp);
         w.request_exit(lp, ExitRequest::Destroyed);
     }
 }
 
 /// Sends `exitedAfterDisconnect` and closes the channel once the primary
 /// acknowledges it.
-fn tell_primary_then_disconnect(lp: &mut Loop, channel: &Channel) -> io::Result<u64> {
-    let ch = channel.clone();
+fn tell_primary_then_disconnect(lp: &mut Loop, channel: Channel) -> io::Result<u64> {
     channel.send_cluster(
         lp,
         Act::ExitedAfterDisconnect.to_fields(),
         None,
-        Some(Box::new(move |lp, _, _, _| ch.disconnect(lp))),
+        Some(Box::new(move |lp, _, _, _| channel.disconnect(lp))),
     )
 }

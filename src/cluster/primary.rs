@@ -8,107 +8,40 @@
 //! `disconnect`, `exit`, in Node 20's order and with its rules for
 //! `exitedAfterDisconnect`.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::NODE_UNIQUE_ID;
 use super::dispatch::{DEFAULT_HANDOFF_WINDOW, HANDOFF_WINDOW_ENV, parse_handoff_window};
 use super::protocol::{
     self, Ack, Act, ActKind, AddressType, Grant, Malformed, Parsed, ProtocolError, Query,
     QueryReply, Received,
 };
 use super::round_robin_handle::{
-    self, ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Pick,
-    RoundRobinHandle, Scheduler, WorkerLoad,
+    self, ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, Pick, RoundRobinHandle, Scheduler,
+    WorkerLoad,
 };
 use super::settings::{SchedulingPolicy, Settings};
 use super::shared_handle::{SharedHandle, SocketKey};
-use super::worker::{Address, Side, Worker, WorkerState};
+use super::worker::{Address, Worker, WorkerState, rec_mut};
+use super::{ClusterContext, NODE_UNIQUE_ID, Side};
 use crate::ipc::{self, Channel, ChannelError, ForkOptions, Forked};
 use crate::net::defer;
-use crate::uv::{Errno, Handle, Loop, Pipe, Signum, Socket};
+use crate::uv::{CallbackSlot, Errno, Handle, Id, Loop, Pipe, Signum, Socket};
 
-/// An error reported by the cluster through an `error` callback. (A worker
-/// that cannot be forked is no such report: [`Primary::fork`] returns the
-/// error.)
-#[derive(Debug)]
-pub enum ClusterError {
-    /// The worker's IPC channel reported a fault (malformed message, stray
-    /// fd, I/O error).
-    Channel(ChannelError),
-    /// A cluster message was malformed or out of place.
-    Protocol(ProtocolError),
-    /// A connection handed to the worker (round-robin and the modes built
-    /// on it) came back without the worker's answer, or connections waited
-    /// too long for a worker able to take them (then no worker is named).
-    /// The service goes on: this says what happened to the connection.
-    /// Node has no such report: its primary waits for the answer forever
-    /// and the worker gets no other connection.
-    Handoff {
-        /// How the handoff ended.
-        failure: HandoffFailure,
-        /// What became of the connection(s).
-        outcome: HandoffOutcome,
-        /// How many connections this is about (more than one only for
-        /// [`HandoffFailure::NoWorker`]).
-        connections: usize,
-    },
-    /// A worker's shared socket did not reach it (`EMFILE`, after the
-    /// worker answered `NODE_HANDLE_NACK`: it is out of fds); the worker's
-    /// `listen` (or `bind`) fails with the same error. (A bind that fails
-    /// in the primary is only the worker's error, as in Node: its `listen`
-    /// fails with it.)
-    Listen {
-        /// The errno (`EMFILE`).
-        errno: Errno,
-        /// Node's error code (`"EADDRINUSE"`).
-        code: String,
-        /// The failing call (`"bind"`, `"listen"`).
-        syscall: String,
-    },
-}
+pub use super::error::ClusterError;
 
-impl fmt::Display for ClusterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClusterError::Channel(e) => write!(f, "worker channel: {e}"),
-            ClusterError::Protocol(m) => write!(f, "cluster protocol: {m}"),
-            ClusterError::Handoff {
-                failure,
-                outcome,
-                connections,
-            } => {
-                if *connections == 1 {
-                    write!(f, "{failure}; the connection was {outcome}")
-                } else {
-                    write!(f, "{failure}; {connections} connections were {outcome}")
-                }
-            }
-            ClusterError::Listen {
-                errno,
-                code,
-                syscall,
-            } => write!(f, "{syscall} {code} ({})", errno.to_wire()),
-        }
-    }
-}
-
-impl std::error::Error for ClusterError {}
-
-type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
-type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Socket>)>;
-type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>)>;
-type SetupCb = Box<dyn FnMut(&mut Loop, &Settings)>;
-type ErrorCb = Box<dyn FnMut(&mut Loop, Option<&Worker>, &ClusterError)>;
+type WorkerFn = dyn FnMut(&mut Loop, Worker);
+type ListeningFn = dyn FnMut(&mut Loop, Worker, &Address);
+type MessageFn = dyn FnMut(&mut Loop, Worker, Value, Option<Socket>);
+type ExitFn = dyn FnMut(&mut Loop, Worker, Option<i64>, Option<Signum>);
+type SetupFn = dyn FnMut(&mut Loop, &Settings);
+type ErrorFn = dyn FnMut(&mut Loop, Option<Worker>, &ClusterError);
 type DoneCb = Box<dyn FnOnce(&mut Loop)>;
 
 /// A server handle under one key.
@@ -125,7 +58,9 @@ struct ServerEntry {
     handle: ServerHandle,
 }
 
-pub(crate) struct PrimaryInner {
+/// A primary's state, owned by the loop (in the cluster's context,
+/// [`ClusterContext`]) and named by a [`Primary`] id.
+pub(crate) struct PrimaryState {
     settings: Settings,
     /// Set by the first `setup_primary` or `fork`, which freezes the policy.
     initialized: bool,
@@ -153,21 +88,23 @@ pub(crate) struct PrimaryInner {
     /// The supervisor slot of each worker that has one (ReusePort sockets
     /// are kept per slot).
     slots: HashMap<u32, u32>,
-    on_fork: Option<WorkerCb>,
-    on_online: Option<WorkerCb>,
-    on_listening: Option<ListeningCb>,
-    on_message: Option<MessageCb>,
-    on_disconnect: Option<WorkerCb>,
-    on_exit: Option<ExitCb>,
-    on_setup: Option<SetupCb>,
-    on_error: Option<ErrorCb>,
+    on_fork: CallbackSlot<WorkerFn>,
+    on_online: CallbackSlot<WorkerFn>,
+    on_listening: CallbackSlot<ListeningFn>,
+    on_message: CallbackSlot<MessageFn>,
+    on_disconnect: CallbackSlot<WorkerFn>,
+    on_exit: CallbackSlot<ExitFn>,
+    on_setup: CallbackSlot<SetupFn>,
+    on_error: CallbackSlot<ErrorFn>,
 }
 
-pub(crate) type PrimaryRef = Weak<RefCell<PrimaryInner>>;
-
-/// The cluster primary (Node's `cluster` object in the primary process).
+/// The cluster primary (Node's `cluster` object in the primary process): a
+/// typed id for state the loop owns.
 ///
-/// Cheap to clone: clones name the same primary. Each `on_*` method sets
+/// Like a [`Server`](crate::net::Server), a `Primary` is a copyable id:
+/// the loop keeps the primary's state (its settings, workers, server
+/// handles and callbacks), every method takes the loop, and every callback
+/// receives `&mut Loop` and the ids it concerns. Each `on_*` method sets
 /// that event's callback for every worker, replacing an earlier one; a
 /// worker's own callback (set on the [`Worker`]) runs first, then the
 /// primary's. Callbacks never run inside the call that caused them.
@@ -182,23 +119,22 @@ pub(crate) type PrimaryRef = Weak<RefCell<PrimaryInner>>;
 /// use uvcluster::uv::{Loop, RunMode};
 ///
 /// let mut lp = Loop::new()?;
-/// let primary = Primary::new();
+/// let primary = Primary::new(&mut lp);
 /// primary.setup_primary(&mut lp, Settings {
 ///     exec_path: Some("node".into()),
 ///     exec: Some("server.js".into()),
 ///     args: Some(vec![]),
 ///     ..Settings::default()
 /// });
-/// let p = primary.clone();
 /// let mut listening = 0;
-/// primary.on_listening(move |lp, worker, addr| {
+/// primary.on_listening(&mut lp, move |lp, worker, addr| {
 ///     println!("worker {} listens on port {:?}", worker.id(), addr.port);
 ///     listening += 1;
 ///     if listening == 2 {
-///         p.disconnect(lp, |_| println!("all workers gone"));
+///         primary.disconnect(lp, |_| println!("all workers gone"));
 ///     }
 /// });
-/// primary.on_exit(|_, worker, code, signal| {
+/// primary.on_exit(&mut lp, |_, worker, code, signal| {
 ///     println!("worker {} exited: {code:?} {signal:?}", worker.id());
 /// });
 /// for _ in 0..2 {
@@ -207,75 +143,72 @@ pub(crate) type PrimaryRef = Weak<RefCell<PrimaryInner>>;
 /// lp.run(RunMode::Default)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone)]
-pub struct Primary {
-    inner: Rc<RefCell<PrimaryInner>>,
-}
-
-impl fmt::Debug for Primary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("Primary")
-            .field("policy", &i.policy)
-            .field("workers", &i.workers.keys().collect::<Vec<_>>())
-            .field("handles", &i.handles.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for Primary {
-    fn default() -> Self {
-        Primary::new()
-    }
-}
-
-macro_rules! primary_emit {
-    ($self:ident, $lp:ident, $field:ident, |$cb:ident| $call:expr) => {{
-        let taken = $self.inner.borrow_mut().$field.take();
-        if let Some(mut $cb) = taken {
-            $call;
-            let mut i = $self.inner.borrow_mut();
-            if i.$field.is_none() {
-                i.$field = Some($cb);
-            }
-        }
-    }};
-}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Primary(Id<PrimaryState>);
 
 impl Primary {
     /// A primary with Node's default settings and the scheduling policy
-    /// from `NODE_CLUSTER_SCHED_POLICY` ([`SchedulingPolicy::from_env`]).
-    pub fn new() -> Primary {
-        Primary {
-            inner: Rc::new(RefCell::new(PrimaryInner {
-                settings: Settings::default(),
-                initialized: false,
-                policy: SchedulingPolicy::from_env(),
-                scheduler: None,
-                handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
-                handoff_window: handoff_window_from_env(),
-                ids: 0,
-                workers: BTreeMap::new(),
-                alive: BTreeMap::new(),
-                handles: HashMap::new(),
-                retired_rr: Vec::new(),
-                disconnect_cbs: Vec::new(),
-                keep_listeners: false,
-                slots: HashMap::new(),
-                on_fork: None,
-                on_online: None,
-                on_listening: None,
-                on_message: None,
-                on_disconnect: None,
-                on_exit: None,
-                on_setup: None,
-                on_error: None,
-            })),
-        }
+    /// from `NODE_CLUSTER_SCHED_POLICY` ([`SchedulingPolicy::from_env`]),
+    /// kept in `lp` for as long as the loop lives.
+    pub fn new(lp: &mut Loop) -> Primary {
+        let st = PrimaryState {
+            settings: Settings::default(),
+            initialized: false,
+            policy: SchedulingPolicy::from_env(),
+            scheduler: None,
+            handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
+            handoff_window: handoff_window_from_env(),
+            ids: 0,
+            workers: BTreeMap::new(),
+            alive: BTreeMap::new(),
+            handles: HashMap::new(),
+            retired_rr: Vec::new(),
+            disconnect_cbs: Vec::new(),
+            keep_listeners: false,
+            slots: HashMap::new(),
+            on_fork: CallbackSlot::empty(),
+            on_online: CallbackSlot::empty(),
+            on_listening: CallbackSlot::empty(),
+            on_message: CallbackSlot::empty(),
+            on_disconnect: CallbackSlot::empty(),
+            on_exit: CallbackSlot::empty(),
+            on_setup: CallbackSlot::empty(),
+            on_error: CallbackSlot::empty(),
+        };
+        Primary(lp.context_mut::<ClusterContext>().primaries.insert(st))
     }
 
-    fn from_ref(p: &PrimaryRef) -> Option<Primary> {
-        p.upgrade().map(|inner| Primary { inner })
+    /// The primary's state. A primary's state is never removed from its
+    /// loop, so an id from this loop always finds it.
+    fn st(self, lp: &Loop) -> &PrimaryState {
+        (lp.context::<ClusterContext>())
+            .and_then(|c| c.primaries.get(self.0))
+            .expect("a primary's state lives as long as its loop")
+    }
+
+    fn st_mut(self, lp: &mut Loop) -> &mut PrimaryState {
+        (lp.context_mut::<ClusterContext>().primaries)
+            .get_mut(self.0)
+            .expect("a primary's state lives as long as its loop")
+    }
+
+    /// Runs the primary's callback in `slot`, if set; `false` if not.
+    fn emit<F: ?Sized>(
+        self,
+        lp: &mut Loop,
+        slot: impl Fn(&mut PrimaryState) -> &mut CallbackSlot<F>,
+        call: impl FnOnce(&mut Loop, &mut F),
+    ) -> bool {
+        lp.call_slot(
+            |lp| {
+                lp.context_mut::<ClusterContext>()
+                    .primaries
+                    .get_mut(self.0)
+                    .map(&slot)
+            },
+            call,
+        )
+        .is_some()
     }
 
     /// Merges `settings` into the current settings (`cluster.setupPrimary`)
@@ -289,58 +222,53 @@ impl Primary {
     /// ([`disable_stdio_inheritance`](crate::uv::disable_stdio_inheritance)),
     /// as Node's start-up does, so workers get only their stdio and IPC
     /// channel.
-    pub fn setup_primary(&self, lp: &mut Loop, settings: Settings) {
-        let snapshot = {
-            let mut i = self.inner.borrow_mut();
-            i.settings.merge(settings);
-            let s = &mut i.settings;
-            if s.exec_path.is_none() {
-                s.exec_path = std::env::current_exe().ok().map(PathBuf::into_os_string);
+    pub fn setup_primary(self, lp: &mut Loop, settings: Settings) {
+        let i = self.st_mut(lp);
+        i.settings.merge(settings);
+        let s = &mut i.settings;
+        if s.exec_path.is_none() {
+            s.exec_path = std::env::current_exe().ok().map(PathBuf::into_os_string);
+        }
+        if s.args.is_none() {
+            s.args = Some(std::env::args_os().skip(1).collect());
+        }
+        if s.exec_argv.is_none() {
+            s.exec_argv = Some(Vec::new());
+        }
+        if s.silent.is_none() {
+            s.silent = Some(false);
+        }
+        if !i.initialized {
+            i.initialized = true;
+            // Node's start-up does this for every process (src/node.cc).
+            crate::uv::disable_stdio_inheritance();
+            if let Some(p) = i.settings.scheduling_policy {
+                i.policy = p;
             }
-            if s.args.is_none() {
-                s.args = Some(std::env::args_os().skip(1).collect());
-            }
-            if s.exec_argv.is_none() {
-                s.exec_argv = Some(Vec::new());
-            }
-            if s.silent.is_none() {
-                s.silent = Some(false);
-            }
-            if !i.initialized {
-                i.initialized = true;
-                // Node's start-up does this for every process (src/node.cc).
-                crate::uv::disable_stdio_inheritance();
-                if let Some(p) = i.settings.scheduling_policy {
-                    i.policy = p;
-                }
-            }
-            i.settings.scheduling_policy = Some(i.policy);
-            i.settings.clone()
-        };
-        let me = Rc::downgrade(&self.inner);
+        }
+        i.settings.scheduling_policy = Some(i.policy);
+        let snapshot = i.settings.clone();
         defer(lp, move |lp| {
-            if let Some(p) = Primary::from_ref(&me) {
-                primary_emit!(p, lp, on_setup, |cb| cb(lp, &snapshot));
-            }
+            self.emit(lp, |s| &mut s.on_setup, |lp, f| f(lp, &snapshot));
         });
     }
 
     /// The current settings (`cluster.settings`).
-    pub fn settings(&self) -> Settings {
-        self.inner.borrow().settings.clone()
+    pub fn settings(self, lp: &Loop) -> Settings {
+        self.st(lp).settings.clone()
     }
 
     /// The scheduling policy (`cluster.schedulingPolicy`): frozen by the
     /// first [`setup_primary`](Self::setup_primary) or [`fork`](Self::fork).
-    pub fn scheduling_policy(&self) -> SchedulingPolicy {
-        self.inner.borrow().policy
+    pub fn scheduling_policy(self, lp: &Loop) -> SchedulingPolicy {
+        self.st(lp).policy
     }
 
     /// The live workers, by id (`cluster.workers`). A worker leaves once it
     /// is both disconnected and dead, or at once when the primary
     /// disconnects it ([`Worker::disconnect`]), as in Node.
-    pub fn workers(&self) -> Vec<Worker> {
-        self.inner.borrow().workers.values().cloned().collect()
+    pub fn workers(self, lp: &Loop) -> Vec<Worker> {
+        self.st(lp).workers.values().copied().collect()
     }
 
     /// Sets a scheduler that picks the worker for each connection the
@@ -357,20 +285,26 @@ impl Primary {
     /// ```
     /// use std::hash::{DefaultHasher, Hash, Hasher};
     /// use uvcluster::cluster::{ConnInfo, Primary, WorkerLoad};
+    /// use uvcluster::uv::Loop;
     ///
-    /// let primary = Primary::new();
-    /// primary.set_scheduler(|conn: &ConnInfo, workers: &[WorkerLoad]| {
+    /// let mut lp = Loop::new()?;
+    /// let primary = Primary::new(&mut lp);
+    /// primary.set_scheduler(&mut lp, |conn: &ConnInfo, workers: &[WorkerLoad]| {
     ///     let ip = conn.peer?.ip();
     ///     let mut h = DefaultHasher::new();
     ///     ip.hash(&mut h);
     ///     let i = h.finish() as usize % workers.len();
     ///     Some(workers[i].id)
     /// });
+    /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn set_scheduler(&self, f: impl Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32> + 'static) {
-        self.inner.borrow_mut().scheduler = Some(Rc::new(f));
+    pub fn set_scheduler(
+        self,
+        lp: &mut Loop,
+        f: impl Fn(&ConnInfo, &[WorkerLoad]) -> Option<u32> + 'static,
+    ) {
+        self.st_mut(lp).scheduler = Some(Rc::new(f));
     }
-
     /// Sets the handoff timeout of round-robin handles created after this
     /// call (default [`DEFAULT_HANDOFF_TIMEOUT`], 5 s). It bounds how long
     /// a connection handed to a worker may go unanswered once the worker
@@ -387,9 +321,9 @@ impl Primary {
     /// # Panics
     ///
     /// If `timeout` is zero.
-    pub fn set_handoff_timeout(&self, timeout: std::time::Duration) {
+    pub fn set_handoff_timeout(self, lp: &mut Loop, timeout: std::time::Duration) {
         assert!(!timeout.is_zero(), "the handoff timeout must not be zero");
-        self.inner.borrow_mut().handoff_timeout = timeout;
+        self.st_mut(lp).handoff_timeout = timeout;
     }
 
     /// Sets how many connections may be in flight to one worker at a time
@@ -421,23 +355,23 @@ impl Primary {
     /// # Panics
     ///
     /// If `window` is 0.
-    pub fn set_handoff_window(&self, window: usize) {
+    pub fn set_handoff_window(self, lp: &mut Loop, window: usize) {
         assert!(window > 0, "the handoff window must be at least 1");
-        self.inner.borrow_mut().handoff_window = window;
+        self.st_mut(lp).handoff_window = window;
     }
 
     /// Sends `msg` to every connected worker; returns how many it was
     /// sent to. Workers whose channel is closing are skipped.
-    pub fn broadcast(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
-        self.workers()
-            .iter()
-            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+    pub fn broadcast(self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
+        self.workers(lp)
+            .into_iter()
+            .filter(|w| w.is_connected(lp) && w.send(lp, msg, None).is_ok())
             .count()
     }
 
     /// The live worker with this id (`cluster.workers[id]`).
-    pub fn worker(&self, id: u32) -> Option<Worker> {
-        self.inner.borrow().workers.get(&id).cloned()
+    pub fn worker(self, lp: &Loop, id: u32) -> Option<Worker> {
+        self.st(lp).workers.get(&id).copied()
     }
 
     /// Forks a worker (`cluster.fork(env)`): runs
@@ -456,48 +390,63 @@ impl Primary {
     /// exists then (a child already started is killed and reaped), no id
     /// is used and no event is emitted (Node reports it asynchronously as
     /// the child process's `error`; here the caller has it at once).
-    pub fn fork(&self, lp: &mut Loop, env: Vec<(OsString, OsString)>) -> io::Result<Worker> {
+    pub fn fork(self, lp: &mut Loop, env: Vec<(OsString, OsString)>) -> io::Result<Worker> {
         self.setup_primary(lp, Settings::default());
-        let (id, settings) = {
-            let i = self.inner.borrow();
-            (i.ids + 1, i.settings.clone())
+        let (id, opts) = {
+            let i = self.st(lp);
+            (i.ids + 1, fork_options(&i.settings, i.ids + 1, env))
         };
-        let weak = Rc::downgrade(&self.inner);
-        let worker = Worker::new(id, Side::Primary(weak.clone()));
-        let mut opts = fork_options(&settings, id, env);
-        let (p, w) = (weak.clone(), worker.clone());
+        let (worker, forked) = self.spawn_worker(lp, id, opts)?;
+        self.adopt_worker(lp, worker, forked);
+        defer(lp, move |lp| {
+            self.emit(lp, |s| &mut s.on_fork, |lp, f| f(lp, worker));
+        });
+        Ok(worker)
+    }
+
+    /// The fork itself: the worker's record, and the child with its
+    /// channel. A failed fork leaves no record behind.
+    fn spawn_worker(
+        self,
+        lp: &mut Loop,
+        id: u32,
+        mut opts: ForkOptions,
+    ) -> io::Result<(Worker, Forked)> {
+        let worker = Worker::new(lp, id, Side::Primary(self));
         opts.process.on_exit = Some(Box::new(move |lp, process, status, signal| {
             lp.close_if_open(process);
-            on_process_exit(lp, &p, &w, status, signal);
+            self.on_process_exit(lp, worker, status, signal);
         }));
+        match ipc::fork(lp, opts) {
+            Ok(forked) => Ok((worker, forked)),
+            Err(e) => {
+                worker.forget(lp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Records what the fork gave the worker, routes its channel to the
+    /// primary, and lists it in `cluster.workers`.
+    fn adopt_worker(self, lp: &mut Loop, worker: Worker, forked: Forked) {
         let Forked {
             process,
             channel,
             stdio,
-        } = ipc::fork(lp, opts)?;
+        } = forked;
         let pid = lp.process_pid(process).ok();
         let stdio = drain_stdio(lp, stdio);
-        {
-            let mut i = worker.inner.borrow_mut();
-            i.channel = Some(channel.clone());
-            i.process = Some(process);
-            i.pid = pid;
-            i.stdio = stdio;
+        if let Some(r) = rec_mut(lp, worker) {
+            r.channel = Some(channel);
+            r.process = Some(process);
+            r.pid = pid;
+            r.stdio = stdio;
         }
-        listen_to_worker(lp, &weak, &worker, &channel);
-        {
-            let mut i = self.inner.borrow_mut();
-            i.ids = id;
-            i.workers.insert(id, worker.clone());
-            i.alive.insert(id, worker.clone());
-        }
-        let w = worker.clone();
-        defer(lp, move |lp| {
-            if let Some(p) = Primary::from_ref(&weak) {
-                primary_emit!(p, lp, on_fork, |cb| cb(lp, &w));
-            }
-        });
-        Ok(worker)
+        self.listen_to_worker(lp, worker, channel);
+        let i = self.st_mut(lp);
+        i.ids = worker.id();
+        i.workers.insert(worker.id(), worker);
+        i.alive.insert(worker.id(), worker);
     }
 
     /// Disconnects every connected worker (`cluster.disconnect(cb)`), as
@@ -505,31 +454,21 @@ impl Primary {
     /// [`workers`](Self::workers) is empty and every worker forked so far
     /// has both disconnected and exited. With no workers it runs on the
     /// next loop iteration.
-    pub fn disconnect(&self, lp: &mut Loop, cb: impl FnOnce(&mut Loop) + 'static) {
-        let workers = self.workers();
+    pub fn disconnect(self, lp: &mut Loop, cb: impl FnOnce(&mut Loop) + 'static) {
+        let workers = self.workers(lp);
         if workers.is_empty() {
-            let me = Rc::downgrade(&self.inner);
-            defer(lp, move |lp| {
-                if let Some(p) = Primary::from_ref(&me) {
-                    p.maybe_all_gone(lp);
-                }
-            });
+            defer(lp, move |lp| self.maybe_all_gone(lp));
         } else {
             for w in workers {
-                if w.is_connected() {
+                if w.is_connected(lp) {
                     w.disconnect(lp);
                 }
             }
         }
-        self.inner.borrow_mut().disconnect_cbs.push(Box::new(cb));
+        self.st_mut(lp).disconnect_cbs.push(Box::new(cb));
         // Every worker may already be gone (none was connected).
-        if !workers_left(&self.inner.borrow()) {
-            let me = Rc::downgrade(&self.inner);
-            defer(lp, move |lp| {
-                if let Some(p) = Primary::from_ref(&me) {
-                    p.maybe_all_gone(lp);
-                }
-            });
+        if !workers_left(self.st(lp)) {
+            defer(lp, move |lp| self.maybe_all_gone(lp));
         }
     }
 
@@ -546,16 +485,14 @@ impl Primary {
     ///
     /// Node has no such call: its `disconnect` removes the worker from the
     /// handle and tells it at the same time.
-    pub fn drain(&self, lp: &mut Loop, w: &Worker) {
-        let rrs: Vec<RoundRobinHandle> = {
-            let i = self.inner.borrow();
-            (i.handles.values())
-                .filter_map(|e| match &e.handle {
-                    ServerHandle::RoundRobin(rr) if rr.has(w.id()) => Some(rr.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
+    pub fn drain(self, lp: &mut Loop, w: Worker) {
+        let rrs: Vec<RoundRobinHandle> = (self.st(lp).handles.values())
+            .filter_map(|e| match e.handle {
+                ServerHandle::RoundRobin(rr) => Some(rr),
+                ServerHandle::Shared(_) => None,
+            })
+            .filter(|rr| rr.has(lp, w.id()))
+            .collect();
         for rr in rrs {
             rr.drain(lp, w.id());
         }
@@ -569,31 +506,30 @@ impl Primary {
     /// socket's backlog under the shared policies) instead of being
     /// refused. Turning it off closes every listener no worker uses, as a
     /// graceful stop needs.
-    pub fn set_keep_listeners(&self, lp: &mut Loop, keep: bool) {
-        self.inner.borrow_mut().keep_listeners = keep;
-        let keys: Vec<String> = self.inner.borrow().handles.keys().cloned().collect();
+    pub fn set_keep_listeners(self, lp: &mut Loop, keep: bool) {
+        self.st_mut(lp).keep_listeners = keep;
+        let keys: Vec<String> = self.st(lp).handles.keys().cloned().collect();
         for key in keys {
-            let h = self.handle_ref(&key);
-            let closed = match h {
+            let closed = match self.handle_ref(lp, &key) {
                 Some(ServerHandleRef::RoundRobin(rr)) => rr.set_keep_open(lp, keep),
                 Some(ServerHandleRef::Shared) => {
-                    let mut i = self.inner.borrow_mut();
-                    match i.handles.get_mut(&key).map(|e| &mut e.handle) {
-                        Some(ServerHandle::Shared(s)) => s.set_keep(lp, keep),
-                        _ => false,
-                    }
+                    self.with_shared(lp, &key, |lp, s| s.set_keep(lp, keep))
                 }
                 None => false,
             };
-            if closed {
-                let mut i = self.inner.borrow_mut();
-                if let Some(ServerEntry {
-                    handle: ServerHandle::RoundRobin(rr),
-                    ..
-                }) = i.handles.remove(&key)
-                    && rr.has_in_flight()
-                {
-                    i.retired_rr.push(rr);
+            if !closed {
+                continue;
+            }
+            let removed = self.st_mut(lp).handles.remove(&key);
+            if let Some(ServerEntry {
+                handle: ServerHandle::RoundRobin(rr),
+                ..
+            }) = removed
+            {
+                if rr.has_in_flight(lp) {
+                    self.st_mut(lp).retired_rr.push(rr);
+                } else {
+                    rr.drop_state(lp);
                 }
             }
         }
@@ -607,90 +543,102 @@ impl Primary {
     /// closing one socket of a reuseport group drops its accept queue).
     /// Without a slot, each worker gets its own socket, closed when it
     /// leaves (Node's model).
-    pub fn set_worker_slot(&self, w: &Worker, slot: u32) {
-        self.inner.borrow_mut().slots.insert(w.id(), slot);
+    pub fn set_worker_slot(self, lp: &mut Loop, w: Worker, slot: u32) {
+        self.st_mut(lp).slots.insert(w.id(), slot);
     }
 
     /// Slot `slot` is gone (scaled down, or no longer restarted): closes
     /// its kept `SO_REUSEPORT` sockets that no worker uses.
-    pub fn release_slot(&self, lp: &mut Loop, slot: u32) {
-        let mut i = self.inner.borrow_mut();
-        i.slots.retain(|_, s| *s != slot);
-        for e in i.handles.values_mut() {
-            if let ServerHandle::Shared(s) = &mut e.handle {
+    pub fn release_slot(self, lp: &mut Loop, slot: u32) {
+        self.st_mut(lp).slots.retain(|_, s| *s != slot);
+        let keys: Vec<String> = (self.st(lp).handles.iter())
+            .filter(|(_, e)| matches!(e.handle, ServerHandle::Shared(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.with_shared(lp, &key, |lp, s| {
                 s.release_slot(lp, slot);
-            }
+                false
+            });
         }
     }
 
     /// How many connections the primary's dispatcher handed worker `w` and
     /// it accepted, over all its round-robin servers (0 under the shared
     /// policies, where the kernel hands them out).
-    pub fn handed(&self, w: &Worker) -> u64 {
-        let i = self.inner.borrow();
-        (i.handles.values())
-            .map(|e| match &e.handle {
-                ServerHandle::RoundRobin(rr) => rr.accepted_by(w.id()),
+    pub fn handed(self, lp: &Loop, w: Worker) -> u64 {
+        (self.st(lp).handles.values())
+            .map(|e| match e.handle {
+                ServerHandle::RoundRobin(rr) => rr.accepted_by(lp, w.id()),
                 ServerHandle::Shared(_) => 0,
             })
             .sum()
     }
 
     /// Sets the `fork` callback: a worker was forked.
-    pub fn on_fork(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
-        self.inner.borrow_mut().on_fork = Some(Box::new(cb));
+    pub fn on_fork(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker) + 'static) {
+        self.st_mut(lp).on_fork.set(Box::new(cb));
     }
     /// Sets the `online` callback: a worker sent `online`.
-    pub fn on_online(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
-        self.inner.borrow_mut().on_online = Some(Box::new(cb));
+    pub fn on_online(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker) + 'static) {
+        self.st_mut(lp).on_online.set(Box::new(cb));
     }
     /// Sets the `listening` callback: a worker's server is listening, at
     /// the [`Address`] it asked for with the real port.
-    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
-        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    pub fn on_listening(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, &Address) + 'static,
+    ) {
+        self.st_mut(lp).on_listening.set(Box::new(cb));
     }
     /// Sets the `message` callback: a worker's user message, with the
     /// handle sent along, if any. Both the worker's and the primary's
     /// callback see the handle; the primary's callback owns it (must close
     /// it) when set, otherwise the worker's. Without either it is closed.
-    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, Value, Option<Socket>) + 'static) {
-        self.inner.borrow_mut().on_message = Some(Box::new(cb));
+    pub fn on_message(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, Value, Option<Socket>) + 'static,
+    ) {
+        self.st_mut(lp).on_message.set(Box::new(cb));
     }
     /// Sets the `disconnect` callback: a worker's channel closed.
-    pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
-        self.inner.borrow_mut().on_disconnect = Some(Box::new(cb));
+    pub fn on_disconnect(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker) + 'static) {
+        self.st_mut(lp).on_disconnect.set(Box::new(cb));
     }
     /// Sets the `exit` callback: a worker's process exited, with its exit
     /// code (`None` if a signal ended it) and signal (`None` if it exited).
     pub fn on_exit(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>) + 'static,
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, Option<i64>, Option<Signum>) + 'static,
     ) {
-        self.inner.borrow_mut().on_exit = Some(Box::new(cb));
+        self.st_mut(lp).on_exit.set(Box::new(cb));
     }
     /// Sets the `setup` callback: runs after each
     /// [`setup_primary`](Self::setup_primary) with the settings then.
-    pub fn on_setup(&self, cb: impl FnMut(&mut Loop, &Settings) + 'static) {
-        self.inner.borrow_mut().on_setup = Some(Box::new(cb));
+    pub fn on_setup(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, &Settings) + 'static) {
+        self.st_mut(lp).on_setup.set(Box::new(cb));
     }
     /// Sets the `error` callback: a fault on a worker's channel, or a
     /// malformed or misplaced cluster message from it. Other workers are
     /// not affected. Without a callback errors are logged.
-    pub fn on_error(&self, cb: impl FnMut(&mut Loop, Option<&Worker>, &ClusterError) + 'static) {
-        self.inner.borrow_mut().on_error = Some(Box::new(cb));
+    pub fn on_error(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Option<Worker>, &ClusterError) + 'static,
+    ) {
+        self.st_mut(lp).on_error.set(Box::new(cb));
     }
 
     /// Closes every server handle and queued connection and forgets all
     /// workers' callbacks, without touching the workers' processes. For
     /// tearing down a primary whose workers are already gone or killed.
-    pub fn close(&self, lp: &mut Loop) {
-        let (handles, retired) = {
-            let mut i = self.inner.borrow_mut();
-            (
-                std::mem::take(&mut i.handles),
-                std::mem::take(&mut i.retired_rr),
-            )
-        };
+    pub fn close(self, lp: &mut Loop) {
+        let i = self.st_mut(lp);
+        let handles = std::mem::take(&mut i.handles);
+        let retired = std::mem::take(&mut i.retired_rr);
         for (_, e) in handles {
             match e.handle {
                 ServerHandle::RoundRobin(rr) => rr.close_all(lp),
@@ -705,20 +653,15 @@ impl Primary {
     // ----- events --------------------------------------------------------
 
     /// The primary's `message` event; `false` if no callback is set.
-    fn emit_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Socket>) -> bool {
-        let has = self.inner.borrow().on_message.is_some();
-        primary_emit!(self, lp, on_message, |cb| cb(lp, w, msg, h));
-        has
+    fn emit_message(self, lp: &mut Loop, w: Worker, msg: Value, h: Option<Socket>) -> bool {
+        self.emit(lp, |s| &mut s.on_message, |lp, f| f(lp, w, msg, h))
     }
 
-    fn emit_error(&self, lp: &mut Loop, w: Option<&Worker>, e: &ClusterError) {
+    pub(super) fn emit_error(self, lp: &mut Loop, w: Option<Worker>, e: &ClusterError) {
         if let Some(w) = w {
             w.emit_error(lp, e);
         }
-        let has = self.inner.borrow().on_error.is_some();
-        if has {
-            primary_emit!(self, lp, on_error, |cb| cb(lp, w, e));
-        } else {
+        if !self.emit(lp, |s| &mut s.on_error, |lp, f| f(lp, w, e)) {
             log::error!(
                 "cluster: worker {}: {e}",
                 w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
@@ -726,53 +669,36 @@ impl Primary {
         }
     }
 
-    /// What round-robin handles report through: this primary's `error`
-    /// event (held weakly: the handles live in the primary).
-    fn reporter(&self) -> round_robin_handle::Report {
-        let me = Rc::downgrade(&self.inner);
-        Rc::new(move |lp: &mut Loop, w: Option<&Worker>, e: ClusterError| {
-            match Primary::from_ref(&me) {
-                Some(p) => p.emit_error(lp, w, &e),
-                None => log::warn!("cluster: {e}"),
-            }
-        })
-    }
-
     /// A worker broke the cluster protocol: reported, and counted against
     /// its channel's budget of bad messages, so that a flood of them cuts
     /// the worker off as a flood of garbage does.
-    fn protocol_error(&self, lp: &mut Loop, w: &Worker, e: ProtocolError) {
+    fn protocol_error(self, lp: &mut Loop, w: Worker, e: ProtocolError) {
         let e = ClusterError::Protocol(e);
-        match w.channel() {
+        match w.channel(lp) {
             Some(ch) => ch.peer_fault(lp, |lp| self.emit_error(lp, Some(w), &e)),
             None => self.emit_error(lp, Some(w), &e),
         }
     }
 
     /// Fires `disconnect` callbacks once no worker is left at all.
-    fn maybe_all_gone(&self, lp: &mut Loop) {
-        let cbs = {
-            let mut i = self.inner.borrow_mut();
-            if workers_left(&i) {
-                return;
-            }
-            std::mem::take(&mut i.disconnect_cbs)
-        };
-        for cb in cbs {
+    fn maybe_all_gone(self, lp: &mut Loop) {
+        let i = self.st_mut(lp);
+        if workers_left(i) {
+            return;
+        }
+        for cb in std::mem::take(&mut i.disconnect_cbs) {
             cb(lp);
         }
     }
 
     /// Node's `removeWorker`: drops the worker from `cluster.workers`;
     /// `finished` also drops it from the workers still alive.
-    fn remove_worker(&self, lp: &mut Loop, w: &Worker, finished: bool) {
-        {
-            let mut i = self.inner.borrow_mut();
-            i.workers.remove(&w.id());
-            if finished {
-                i.alive.remove(&w.id());
-                i.slots.remove(&w.id());
-            }
+    fn remove_worker(self, lp: &mut Loop, w: Worker, finished: bool) {
+        let i = self.st_mut(lp);
+        i.workers.remove(&w.id());
+        if finished {
+            i.alive.remove(&w.id());
+            i.slots.remove(&w.id());
         }
         self.maybe_all_gone(lp);
     }
@@ -781,9 +707,9 @@ impl Primary {
     /// were in flight to the worker once it can no longer answer: its
     /// channel is closed, or `exited` (its process is dead and its channel
     /// was not closed with it).
-    fn remove_handles_for_worker(&self, lp: &mut Loop, w: &Worker, exited: bool) {
-        let gone = if !w.is_connected() {
-            Some(if w.is_dead() {
+    fn remove_handles_for_worker(self, lp: &mut Loop, w: Worker, exited: bool) {
+        let gone = if !w.is_connected(lp) {
+            Some(if w.is_dead(lp) {
                 HandoffFailure::Exited
             } else {
                 HandoffFailure::ChannelClosed
@@ -793,69 +719,85 @@ impl Primary {
         } else {
             None
         };
-        let handles: Vec<(String, ServerHandleRef)> = {
-            let i = self.inner.borrow();
-            i.handles
-                .iter()
-                .map(|(k, e)| (k.clone(), ServerHandleRef::of(&e.handle)))
-                .collect()
-        };
+        let handles: Vec<(String, ServerHandleRef)> = (self.st(lp).handles.iter())
+            .map(|(k, e)| (k.clone(), ServerHandleRef::of(&e.handle)))
+            .collect();
         for (key, h) in handles {
             self.remove_from_handle(lp, &key, h, w, gone);
         }
         if let Some(why) = gone {
-            let retired = self.inner.borrow().retired_rr.clone();
+            let retired = self.st(lp).retired_rr.clone();
             for rr in retired {
                 rr.lost(lp, w, why);
             }
-            self.prune_retired();
+            self.prune_retired(lp);
         }
     }
 
     /// `handle.remove(worker)`, deleting the key when it was the last.
     fn remove_from_handle(
-        &self,
+        self,
         lp: &mut Loop,
         key: &str,
         h: ServerHandleRef,
-        w: &Worker,
+        w: Worker,
         gone: Option<HandoffFailure>,
     ) {
-        let last = match &h {
+        let last = match h {
             ServerHandleRef::RoundRobin(rr) => rr.remove(lp, w, gone),
-            ServerHandleRef::Shared => {
-                // Closing a uv handle runs no callback now, so the borrow
-                // can be held.
-                let mut i = self.inner.borrow_mut();
-                match i.handles.get_mut(key).map(|e| &mut e.handle) {
-                    Some(ServerHandle::Shared(s)) => s.remove(lp, w.id()),
-                    _ => false,
-                }
-            }
+            ServerHandleRef::Shared => self.with_shared(lp, key, |lp, s| s.remove(lp, w.id())),
         };
-        if last {
-            let mut i = self.inner.borrow_mut();
-            if let Some(ServerEntry {
-                handle: ServerHandle::RoundRobin(rr),
-                ..
-            }) = i.handles.remove(key)
-                && rr.has_in_flight()
-            {
-                i.retired_rr.push(rr);
+        if !last {
+            return;
+        }
+        let removed = self.st_mut(lp).handles.remove(key);
+        if let Some(ServerEntry {
+            handle: ServerHandle::RoundRobin(rr),
+            ..
+        }) = removed
+        {
+            if rr.has_in_flight(lp) {
+                self.st_mut(lp).retired_rr.push(rr);
+            } else {
+                rr.drop_state(lp);
             }
         }
     }
 
-    fn prune_retired(&self) {
-        self.inner
-            .borrow_mut()
-            .retired_rr
-            .retain(|rr| rr.has_in_flight() || !rr.is_closed());
+    /// Runs `f` on the shared handle under `key` (taken out of the table
+    /// while it runs; binding and closing sockets run no callback);
+    /// `false` if there is none.
+    fn with_shared(
+        self,
+        lp: &mut Loop,
+        key: &str,
+        f: impl FnOnce(&mut Loop, &mut SharedHandle) -> bool,
+    ) -> bool {
+        let entry = self.st_mut(lp).handles.remove(key);
+        let Some(mut entry) = entry else { return false };
+        let r = match &mut entry.handle {
+            ServerHandle::Shared(s) => f(lp, s),
+            ServerHandle::RoundRobin(_) => false,
+        };
+        self.st_mut(lp).handles.insert(key.to_owned(), entry);
+        r
+    }
+
+    /// Drops the retired round-robin handles nothing is in flight to.
+    fn prune_retired(self, lp: &mut Loop) {
+        let retired = std::mem::take(&mut self.st_mut(lp).retired_rr);
+        let (keep, done): (Vec<_>, Vec<_>) = retired
+            .into_iter()
+            .partition(|rr| rr.has_in_flight(lp) || !rr.is_closed(lp));
+        for rr in done {
+            rr.drop_state(lp);
+        }
+        self.st_mut(lp).retired_rr = keep;
     }
 
     // ----- messages from workers (Node's `onmessage`) ----------------------
 
-    fn on_internal_message(&self, lp: &mut Loop, w: &Worker, msg: Value, h: Option<Socket>) {
+    fn on_internal_message(self, lp: &mut Loop, w: Worker, msg: Value, h: Option<Socket>) {
         if let Some(h) = h {
             // No worker-to-primary cluster message carries a handle.
             lp.close_if_open(h);
@@ -873,7 +815,7 @@ impl Primary {
     }
 
     /// Node's `methodMessageMapping`, plus our `load`.
-    fn on_act(&self, lp: &mut Loop, w: &Worker, act: Act, seq: Option<u64>) {
+    fn on_act(self, lp: &mut Loop, w: Worker, act: Act, seq: Option<u64>) {
         match act {
             Act::Online => self.worker_online(lp, w),
             Act::QueryServer(q) => match seq {
@@ -894,43 +836,43 @@ impl Primary {
     /// A known act with bad fields. Node's primary would trip over its own
     /// acts (it ignores the others): report those, and answer a malformed
     /// `queryServer` with `EINVAL` so that the worker is not left waiting.
-    fn on_malformed(&self, lp: &mut Loop, w: &Worker, m: Malformed) {
+    fn on_malformed(self, lp: &mut Loop, w: Worker, m: Malformed) {
         if !m.kind.node_primary_handles() {
             return;
         }
         self.protocol_error(lp, w, m.error);
         if let (ActKind::QueryServer, Some(seq)) = (m.kind, m.seq)
-            && w.exited_after_disconnect() != Some(true)
+            && w.exited_after_disconnect(lp) != Some(true)
         {
             self.reply_failed(lp, w, m.key, Value::Null, seq, Errno::EINVAL);
         }
     }
 
-    fn worker_online(&self, lp: &mut Loop, w: &Worker) {
-        w.inner.borrow_mut().state = WorkerState::Online;
+    fn worker_online(self, lp: &mut Loop, w: Worker) {
+        w.set_state(lp, WorkerState::Online);
         w.emit_online(lp);
-        primary_emit!(self, lp, on_online, |cb| cb(lp, w));
+        self.emit(lp, |s| &mut s.on_online, |lp, f| f(lp, w));
     }
 
-    fn worker_listening(&self, lp: &mut Loop, w: &Worker, q: &Query) {
+    fn worker_listening(self, lp: &mut Loop, w: Worker, q: &Query) {
         let addr = Address::from_query(q);
-        w.inner.borrow_mut().state = WorkerState::Listening;
+        w.set_state(lp, WorkerState::Listening);
         w.emit_listening(lp, &addr);
-        primary_emit!(self, lp, on_listening, |cb| cb(lp, w, &addr));
+        self.emit(lp, |s| &mut s.on_listening, |lp, f| f(lp, w, &addr));
     }
 
     /// The worker closed its server: it leaves the handle (which may be
     /// gone already, removed with the worker).
-    fn worker_closed(&self, lp: &mut Loop, w: &Worker, key: &str) {
-        let h = self.handle_ref(key);
+    fn worker_closed(self, lp: &mut Loop, w: Worker, key: &str) {
+        let h = self.handle_ref(lp, key);
         if let Some(h) = h {
             self.remove_from_handle(lp, key, h, w, None);
         }
     }
 
     /// The worker is disconnecting on its own: note it and acknowledge.
-    fn exited_after_disconnect(&self, lp: &mut Loop, w: &Worker, seq: Option<u64>) {
-        w.inner.borrow_mut().exited_after_disconnect = Some(true);
+    fn exited_after_disconnect(self, lp: &mut Loop, w: Worker, seq: Option<u64>) {
+        w.set_exited_after_disconnect(lp, true);
         match seq {
             Some(seq) => self.send_to(lp, w, Ack.to_fields(seq), None),
             None => self.protocol_error(lp, w, no_seq(ActKind::ExitedAfterDisconnect)),
@@ -938,9 +880,9 @@ impl Primary {
     }
 
     /// Beyond Node: a worker's open connections on a round-robin server.
-    fn worker_load(&self, lp: &mut Loop, w: &Worker, key: &str, load: u64) {
-        let rr = match self.inner.borrow().handles.get(key).map(|e| &e.handle) {
-            Some(ServerHandle::RoundRobin(rr)) => Some(rr.clone()),
+    fn worker_load(self, lp: &mut Loop, w: Worker, key: &str, load: u64) {
+        let rr = match self.st(lp).handles.get(key).map(|e| &e.handle) {
+            Some(ServerHandle::RoundRobin(rr)) => Some(*rr),
             _ => None,
         };
         if let Some(rr) = rr {
@@ -949,19 +891,19 @@ impl Primary {
     }
 
     /// The handle under `key`, usable without borrowing the primary.
-    fn handle_ref(&self, key: &str) -> Option<ServerHandleRef> {
-        let i = self.inner.borrow();
+    fn handle_ref(self, lp: &Loop, key: &str) -> Option<ServerHandleRef> {
+        let i = self.st(lp);
         i.handles.get(key).map(|e| ServerHandleRef::of(&e.handle))
     }
 
     fn send_to(
-        &self,
+        self,
         lp: &mut Loop,
-        w: &Worker,
+        w: Worker,
         fields: Map<String, Value>,
         attach: Option<ipc::Attach>,
     ) {
-        if let Some(ch) = w.channel() {
+        if let Some(ch) = w.channel(lp) {
             // A closed channel: the worker is gone and its disconnect is
             // being handled; there is no one to answer.
             let _ = ch.send_cluster(lp, fields, attach, None);
@@ -969,15 +911,7 @@ impl Primary {
     }
 
     /// Answers request `seq` with a failed `queryServer` reply.
-    fn reply_failed(
-        &self,
-        lp: &mut Loop,
-        w: &Worker,
-        key: String,
-        data: Value,
-        seq: u64,
-        e: Errno,
-    ) {
+    fn reply_failed(self, lp: &mut Loop, w: Worker, key: String, data: Value, seq: u64, e: Errno) {
         let reply = QueryReply {
             result: Err(e),
             key,
@@ -988,8 +922,8 @@ impl Primary {
 
     /// Node's `queryServer`: find or create the handle for the key, add the
     /// worker, and reply.
-    fn query_server(&self, lp: &mut Loop, w: &Worker, q: Query, seq: u64) {
-        if w.exited_after_disconnect() == Some(true) {
+    fn query_server(self, lp: &mut Loop, w: Worker, q: Query, seq: u64) {
+        if w.exited_after_disconnect(lp) == Some(true) {
             return;
         }
         let key = q.key();
@@ -1007,8 +941,8 @@ impl Primary {
             return;
         }
         self.ensure_handle(lp, &key, &q);
-        let data = self.store_data(&key, &q.data);
-        if self.has_worker(&key, w) {
+        let data = self.store_data(lp, &key, &q.data);
+        if self.has_worker(lp, &key, w) {
             self.protocol_error(lp, w, ProtocolError::AlreadyAdded { key: key.clone() });
             self.reply_failed(lp, w, key, data, seq, Errno::EINVAL);
             return;
@@ -1018,7 +952,7 @@ impl Primary {
                 let granted = result.is_ok();
                 let result = result.map(|sockname| Grant::RoundRobin {
                     sockname,
-                    load_reports: rr.wants_load(),
+                    load_reports: rr.wants_load(lp),
                 });
                 self.reply(lp, w, QueryReply { result, key, data }, seq);
                 if granted {
@@ -1046,7 +980,7 @@ impl Primary {
 
     /// Sends a `queryServer` reply without a socket. A failed one deletes
     /// the key first, which gives other workers a chance to retry (Node).
-    fn reply(&self, lp: &mut Loop, w: &Worker, reply: QueryReply, seq: u64) {
+    fn reply(self, lp: &mut Loop, w: Worker, reply: QueryReply, seq: u64) {
         if reply.result.is_err() {
             self.forget_handle(lp, &reply.key);
         }
@@ -1056,14 +990,14 @@ impl Primary {
     /// Creates the handle for `key` unless there is one: round-robin for
     /// TCP and Unix sockets under the round-robin policies, shared for UDP,
     /// under `None`, and per worker under `ReusePort`.
-    fn ensure_handle(&self, lp: &mut Loop, key: &str, q: &Query) {
-        if self.inner.borrow().handles.contains_key(key) {
+    fn ensure_handle(self, lp: &mut Loop, key: &str, q: &Query) {
+        if self.st(lp).handles.contains_key(key) {
             return;
         }
         let address = server_address(q);
         let address = address.as_deref();
         let (policy, scheduler, timeout, window, keep) = {
-            let i = self.inner.borrow();
+            let i = self.st(lp);
             (
                 i.policy,
                 i.scheduler.clone(),
@@ -1091,7 +1025,7 @@ impl Primary {
                     pick,
                     timeout_ms: (timeout.as_millis() as u64).max(1),
                     window,
-                    report: self.reporter(),
+                    primary: self,
                     keep_open: keep,
                 };
                 ServerHandle::RoundRobin(RoundRobinHandle::new(
@@ -1114,16 +1048,13 @@ impl Primary {
             data: Value::Null,
             handle,
         };
-        self.inner
-            .borrow_mut()
-            .handles
-            .insert(key.to_owned(), entry);
+        self.st_mut(lp).handles.insert(key.to_owned(), entry);
     }
 
     /// Node's `if (!handle.data) handle.data = message.data`; returns the
     /// data to reply with.
-    fn store_data(&self, key: &str, data: &Value) -> Value {
-        let mut i = self.inner.borrow_mut();
+    fn store_data(self, lp: &mut Loop, key: &str, data: &Value) -> Value {
+        let i = self.st_mut(lp);
         let e = i.handles.get_mut(key).expect("the handle exists");
         if !protocol::truthy(&e.data) {
             e.data = data.clone();
@@ -1132,34 +1063,46 @@ impl Primary {
     }
 
     /// Whether worker `w` already uses the handle under `key`.
-    fn has_worker(&self, key: &str, w: &Worker) -> bool {
-        let i = self.inner.borrow();
+    fn has_worker(self, lp: &Loop, key: &str, w: Worker) -> bool {
+        let i = self.st(lp);
         match i.handles.get(key).map(|e| &e.handle) {
-            Some(ServerHandle::RoundRobin(rr)) => rr.has(w.id()),
+            Some(ServerHandle::RoundRobin(rr)) => rr.has(lp, w.id()),
             Some(ServerHandle::Shared(s)) => s.has(w.id()),
             None => false,
         }
     }
 
     /// Node's `handle.add(worker)`.
-    fn add_worker(&self, lp: &mut Loop, key: &str, w: &Worker) -> Added {
-        let mut i = self.inner.borrow_mut();
-        let socket = match i.slots.get(&w.id()) {
+    fn add_worker(self, lp: &mut Loop, key: &str, w: Worker) -> Added {
+        let rr = match &self
+            .st(lp)
+            .handles
+            .get(key)
+            .expect("the handle exists")
+            .handle
+        {
+            ServerHandle::RoundRobin(rr) => Some(*rr),
+            ServerHandle::Shared(_) => None,
+        };
+        if let Some(rr) = rr {
+            return Added::RoundRobin(rr, rr.add(lp, w));
+        }
+        let socket = match self.st(lp).slots.get(&w.id()) {
             Some(&slot) => SocketKey::Slot(slot),
             None => SocketKey::Worker(w.id()),
         };
-        match &mut i.handles.get_mut(key).expect("the handle exists").handle {
-            ServerHandle::RoundRobin(rr) => Added::RoundRobin(rr.clone(), rr.add(w)),
-            // Binding a socket runs no callback now, so the borrow can be
-            // held.
-            ServerHandle::Shared(s) => Added::Shared(s.add(lp, w.id(), socket)),
-        }
+        let mut added = None;
+        self.with_shared(lp, key, |lp, s| {
+            added = Some(s.add(lp, w.id(), socket));
+            true
+        });
+        Added::Shared(added.expect("the handle is a shared one"))
     }
 
     /// Deletes the handle under `key` (a failed one), closing a shared
     /// socket.
-    fn forget_handle(&self, lp: &mut Loop, key: &str) {
-        let removed = self.inner.borrow_mut().handles.remove(key);
+    fn forget_handle(self, lp: &mut Loop, key: &str) {
+        let removed = self.st_mut(lp).handles.remove(key);
         if let Some(ServerEntry {
             handle: ServerHandle::Shared(mut s),
             ..
@@ -1194,24 +1137,20 @@ impl Primary {
     /// NACKed reply and the worker's callback never runs). The failure is
     /// reported as [`ClusterError::Listen`].
     fn send_shared(
-        &self,
+        self,
         lp: &mut Loop,
-        w: &Worker,
+        w: Worker,
         reply: QueryReply,
         attach: ipc::Attach,
         seq: u64,
     ) {
-        let Some(ch) = w.channel() else { return };
+        let Some(ch) = w.channel(lp) else { return };
         let fields = reply.to_fields(seq);
-        let (me, w2) = (Rc::downgrade(&self.inner), w.clone());
-        let on_delivery = Box::new(move |lp: &mut Loop, _: &ipc::Channel, d| {
+        let on_delivery = Box::new(move |lp: &mut Loop, _: ipc::Channel, d| {
             // A failed write: the worker is gone, and its disconnect is
             // handled as any other.
-            if !matches!(d, ipc::HandleDelivery::Nacked) {
-                return;
-            }
-            if let Some(p) = Primary::from_ref(&me) {
-                p.shared_socket_refused(lp, &w2, reply, seq);
+            if matches!(d, ipc::HandleDelivery::Nacked) {
+                self.shared_socket_refused(lp, w, reply, seq);
             }
         });
         // A closed channel: the worker is gone; its disconnect is handled.
@@ -1220,9 +1159,9 @@ impl Primary {
 
     /// Worker `w` NACKed the shared socket of `reply`: it leaves the
     /// handle, and its request is answered again, with `EMFILE`.
-    fn shared_socket_refused(&self, lp: &mut Loop, w: &Worker, reply: QueryReply, seq: u64) {
+    fn shared_socket_refused(self, lp: &mut Loop, w: Worker, reply: QueryReply, seq: u64) {
         let QueryReply { key, data, .. } = reply;
-        if let Some(h) = self.handle_ref(&key) {
+        if let Some(h) = self.handle_ref(lp, &key) {
             self.remove_from_handle(lp, &key, h, w, None);
         }
         self.reply_failed(lp, w, key, data, seq, Errno::EMFILE);
@@ -1249,7 +1188,7 @@ fn handoff_window_from_env() -> usize {
 }
 
 /// Whether any worker is still listed or alive.
-fn workers_left(i: &PrimaryInner) -> bool {
+fn workers_left(i: &PrimaryState) -> bool {
     !i.workers.is_empty() || !i.alive.is_empty()
 }
 
@@ -1262,7 +1201,7 @@ enum ServerHandleRef {
 impl ServerHandleRef {
     fn of(h: &ServerHandle) -> ServerHandleRef {
         match h {
-            ServerHandle::RoundRobin(rr) => ServerHandleRef::RoundRobin(rr.clone()),
+            ServerHandle::RoundRobin(rr) => ServerHandleRef::RoundRobin(*rr),
             ServerHandle::Shared(_) => ServerHandleRef::Shared,
         }
     }
@@ -1336,59 +1275,126 @@ fn drain_stdio(lp: &mut Loop, pipes: Vec<Option<Handle<Pipe>>>) -> Vec<Option<Ha
     kept
 }
 
-/// Node's `worker.process.on('internalMessage')`, `on('message')`, and
-/// `once('disconnect')`: routes what the worker's channel delivers.
-fn listen_to_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker, ch: &Channel) {
-    let (p1, w1) = (p.clone(), w.clone());
-    ch.on_internal(move |lp, _, msg, h| match Primary::from_ref(&p1) {
-        Some(p) => p.on_internal_message(lp, &w1, msg, h),
-        None => {
-            if let Some(h) = h {
+impl Primary {
+    /// Node's `worker.process.on('internalMessage')`, `on('message')`, and
+    /// `once('disconnect')`: routes what the worker's channel delivers.
+    /// Each callback names the primary and the worker by id.
+    fn listen_to_worker(self, lp: &mut Loop, w: Worker, ch: Channel) {
+        ch.on_internal(lp, move |lp, _, msg, h| {
+            self.on_internal_message(lp, w, msg, h)
+        });
+        ch.on_message_raw(lp, move |lp, _, msg, h| {
+            let had_worker_cb = w.emit_message(lp, msg.clone(), h);
+            let had_primary_cb = self.emit_message(lp, w, msg.into_value(), h);
+            if !had_worker_cb
+                && !had_primary_cb
+                && let Some(h) = h
+            {
                 lp.close_if_open(h);
             }
-        }
-    });
-    let (p2, w2) = (p.clone(), w.clone());
-    ch.on_message_raw(lp, move |lp, _, msg, h| {
-        let had_worker_cb = w2.emit_message(lp, msg.clone(), h);
-        let had_primary_cb = match Primary::from_ref(&p2) {
-            Some(p) => p.emit_message(lp, &w2, msg.into_value(), h),
-            None => false,
-        };
-        if !had_worker_cb
-            && !had_primary_cb
-            && let Some(h) = h
-        {
-            lp.close_if_open(h);
-        }
-    });
-    let (p3, w3) = (p.clone(), w.clone());
-    ch.on_error(move |lp, _, e| on_channel_error(lp, &p3, &w3, e));
-    let (p4, w4) = (p.clone(), w.clone());
-    ch.on_disconnect(move |lp, _| on_channel_disconnect(lp, &p4, &w4));
-}
-
-/// A fault on a worker's channel. The worker's end of the channel being
-/// gone is none: it exited (or closed its channel). Node's channel treats
-/// a read error as the end of the stream (a worker killed with unread
-/// messages resets the connection), and a write to a closed end fails
-/// with EPIPE. Neither is an I/O fault of the primary: the `disconnect`
-/// and `exit` events report what happened, and a connection that was
-/// being handed to the worker is reported as re-handed
-/// (`ClusterError::Handoff`).
-fn on_channel_error(lp: &mut Loop, p: &PrimaryRef, w: &Worker, e: ChannelError) {
-    if let ChannelError::Io(io) = &e
-        && matches!(
-            io.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-        )
-    {
-        return;
+        });
+        ch.on_error(lp, move |lp, _, e| self.on_channel_error(lp, w, e));
+        ch.on_disconnect(lp, move |lp, _| self.on_channel_disconnect(lp, w));
     }
-    let e = ClusterError::Channel(e);
-    match Primary::from_ref(p) {
-        Some(p) => p.emit_error(lp, Some(w), &e),
-        None => w.emit_error(lp, &e),
+
+    /// A fault on a worker's channel. The worker's end of the channel being
+    /// gone is none: it exited (or closed its channel). Node's channel treats
+    /// a read error as the end of the stream (a worker killed with unread
+    /// messages resets the connection), and a write to a closed end fails
+    /// with EPIPE. Neither is an I/O fault of the primary: the `disconnect`
+    /// and `exit` events report what happened, and a connection that was
+    /// being handed to the worker is reported as re-handed
+    /// (`ClusterError::Handoff`).
+    fn on_channel_error(self, lp: &mut Loop, w: Worker, e: ChannelError) {
+        if let ChannelError::Io(io) = &e
+            && matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        {
+            return;
+        }
+        self.emit_error(lp, Some(w), &ClusterError::Channel(e));
+    }
+
+    /// The worker's process exited (Node's `worker.process.once('exit')`).
+    fn on_process_exit(self, lp: &mut Loop, w: Worker, status: i64, signal: Option<Signum>) {
+        let connected = w.is_connected(lp);
+        if let Some(r) = rec_mut(lp, w) {
+            if signal.is_some() {
+                r.exit_code = None;
+                r.signal_code = signal;
+            } else {
+                r.exit_code = Some(status);
+                r.signal_code = None;
+            }
+        }
+        if connected {
+            self.give_back_after_grace(lp, w);
+        } else {
+            self.remove_handles_for_worker(lp, w, true);
+            self.remove_worker(lp, w, true);
+        }
+        let (code, sig) = w.settle(lp, WorkerState::Dead);
+        w.emit_exit(lp, code, sig);
+        // The stdio pipes outlive nothing but the process.
+        let pipes = rec_mut(lp, w).map(|r| std::mem::take(&mut r.stdio));
+        for p in pipes.into_iter().flatten().flatten() {
+            lp.close_if_open(p);
+        }
+        self.emit(lp, |s| &mut s.on_exit, |lp, f| f(lp, w, code, sig));
+        if !connected {
+            w.clear_callbacks(lp);
+        }
+    }
+
+    /// A worker exited with its channel open. The channel usually closes
+    /// with the process, and its end of stream, read after everything the
+    /// worker wrote, is where a connection in flight to it is given back.
+    /// If the channel stays open (another process holds the worker's end),
+    /// nothing more can come from the dead worker once what it wrote has
+    /// been read: after a grace period, give back what was in flight to it.
+    fn give_back_after_grace(self, lp: &mut Loop, w: Worker) {
+        let t = lp.timer_init();
+        let started = lp.timer_start(
+            t,
+            Duration::from_millis(EXIT_GRACE_MS),
+            Duration::ZERO,
+            move |lp, t| {
+                lp.close_if_open(t);
+                if w.is_connected(lp) {
+                    self.remove_handles_for_worker(lp, w, true);
+                }
+            },
+        );
+        if started.is_err() {
+            lp.close_if_open(t);
+        }
+    }
+
+    /// The worker's channel closed (Node's `worker.process.once('disconnect')`).
+    fn on_channel_disconnect(self, lp: &mut Loop, w: Worker) {
+        let dead = w.is_dead(lp);
+        self.remove_handles_for_worker(lp, w, dead);
+        if dead {
+            self.remove_worker(lp, w, true);
+        }
+        w.settle(lp, WorkerState::Disconnected);
+        w.emit_disconnect(lp);
+        self.emit(lp, |s| &mut s.on_disconnect, |lp, f| f(lp, w));
+        if dead {
+            w.clear_callbacks(lp);
+        }
+    }
+
+    /// `worker.disconnect()` in the primary: sends `disconnect`, marks the
+    /// worker as leaving on purpose, and drops its server handles and its
+    /// place in `cluster.workers` at once (Node 20's order).
+    pub(crate) fn disconnect_worker(self, lp: &mut Loop, w: Worker) {
+        w.set_exited_after_disconnect(lp, true);
+        self.send_to(lp, w, Act::Disconnect.to_fields(), None);
+        self.remove_handles_for_worker(lp, w, false);
+        self.remove_worker(lp, w, false);
     }
 }
 
@@ -1455,114 +1461,6 @@ fn relative_path(from: &Path, to: &Path) -> Option<PathBuf> {
 /// is read at the next poll; this only matters when another process keeps
 /// the worker's end of the channel open.
 const EXIT_GRACE_MS: u64 = 100;
-
-/// The worker's process exited (Node's `worker.process.once('exit')`).
-fn on_process_exit(lp: &mut Loop, p: &PrimaryRef, w: &Worker, status: i64, signal: Option<Signum>) {
-    let primary = Primary::from_ref(p);
-    let connected = w.is_connected();
-    {
-        let mut i = w.inner.borrow_mut();
-        if signal.is_some() {
-            i.exit_code = None;
-            i.signal_code = signal;
-        } else {
-            i.exit_code = Some(status);
-            i.signal_code = None;
-        }
-    }
-    if !connected && let Some(p) = &primary {
-        p.remove_handles_for_worker(lp, w, true);
-        p.remove_worker(lp, w, true);
-    }
-    if connected {
-        give_back_after_grace(lp, p, w);
-    }
-    let (code, sig) = {
-        let mut i = w.inner.borrow_mut();
-        i.exited_after_disconnect = Some(i.exited_after_disconnect.unwrap_or(false));
-        i.state = WorkerState::Dead;
-        (i.exit_code, i.signal_code)
-    };
-    w.emit_exit(lp, code, sig);
-    // The stdio pipes outlive nothing but the process.
-    let pipes = std::mem::take(&mut w.inner.borrow_mut().stdio);
-    for p in pipes.into_iter().flatten() {
-        lp.close_if_open(p);
-    }
-    if let Some(p) = &primary {
-        primary_emit!(p, lp, on_exit, |cb| cb(lp, w, code, sig));
-    }
-    if !connected {
-        w.clear_callbacks();
-    }
-}
-
-/// A worker exited with its channel open. The channel usually closes with
-/// the process, and its end of stream, read after everything the worker
-/// wrote, is where a connection in flight to it is given back. If the
-/// channel stays open (another process holds the worker's end), nothing
-/// more can come from the dead worker once what it wrote has been read:
-/// after a grace period, give back what was in flight to it.
-fn give_back_after_grace(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
-    let (p, w) = (p.clone(), w.clone());
-    let t = lp.timer_init();
-    let started = lp.timer_start(
-        t,
-        Duration::from_millis(EXIT_GRACE_MS),
-        Duration::ZERO,
-        move |lp, t| {
-            lp.close_if_open(t);
-            if w.is_connected()
-                && let Some(p) = Primary::from_ref(&p)
-            {
-                p.remove_handles_for_worker(lp, &w, true);
-            }
-        },
-    );
-    if started.is_err() {
-        lp.close_if_open(t);
-    }
-}
-
-/// The worker's channel closed (Node's `worker.process.once('disconnect')`).
-fn on_channel_disconnect(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
-    let primary = Primary::from_ref(p);
-    let dead = {
-        let i = w.inner.borrow();
-        i.exit_code.is_some() || i.signal_code.is_some()
-    };
-    if let Some(p) = &primary {
-        p.remove_handles_for_worker(lp, w, dead);
-        if dead {
-            p.remove_worker(lp, w, true);
-        }
-    }
-    {
-        let mut i = w.inner.borrow_mut();
-        i.exited_after_disconnect = Some(i.exited_after_disconnect.unwrap_or(false));
-        i.state = WorkerState::Disconnected;
-    }
-    w.emit_disconnect(lp);
-    if let Some(p) = &primary {
-        primary_emit!(p, lp, on_disconnect, |cb| cb(lp, w));
-    }
-    if dead {
-        w.clear_callbacks();
-    }
-}
-
-/// `worker.disconnect()` in the primary: sends `disconnect`, marks the
-/// worker as leaving on purpose, and drops its server handles and its
-/// place in `cluster.workers` at once (Node 20's order).
-pub(crate) fn disconnect_worker(lp: &mut Loop, p: &PrimaryRef, w: &Worker) {
-    w.inner.borrow_mut().exited_after_disconnect = Some(true);
-    let Some(primary) = Primary::from_ref(p) else {
-        return;
-    };
-    primary.send_to(lp, w, Act::Disconnect.to_fields(), None);
-    primary.remove_handles_for_worker(lp, w, false);
-    primary.remove_worker(lp, w, false);
-}
 
 #[cfg(test)]
 mod tests {

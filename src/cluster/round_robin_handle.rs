@@ -42,30 +42,27 @@
 //! [`Action`]: super::dispatch::Action
 //! [`ClusterError::Handoff`]: super::ClusterError::Handoff
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::rc::Rc;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::ClusterContext;
 use super::dispatch::{
     Action, Config, ConnId, Delivery, Dispatcher, HandoffId, LeastConnections, RoundRobin,
     Strategy, UserScheduler, WorkerId,
 };
 pub(super) use super::dispatch::{
-    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, HandoffOutcome, Scheduler, WorkerLoad,
+    ConnInfo, DEFAULT_HANDOFF_TIMEOUT, HandoffFailure, Scheduler, WorkerLoad,
 };
-use super::primary::ClusterError;
+use super::error::ClusterError;
+use super::primary::Primary;
 use super::protocol::{AcceptReply, Act, Query, Sockname};
 use super::shared_handle::create_server_handle;
 use super::worker::Worker;
 use crate::ipc::{AfterAck, Attach, Channel, HandleDelivery, HandleKind};
-use crate::uv::{Errno, Handle, Loop, OnEmfile, Socket, Timer};
-
-/// Reports a cluster error through the primary's `error` event.
-pub(super) type Report = Rc<dyn Fn(&mut Loop, Option<&Worker>, ClusterError)>;
+use crate::uv::{Errno, Handle, Id, Loop, OnEmfile, Socket, Timer};
 
 /// The primary out of fds: its fds are mostly connections waiting for a
 /// worker (queued or in flight), which free up as workers take them, so
@@ -124,29 +121,22 @@ impl std::fmt::Debug for Pick {
 }
 
 /// What a handle needs from the primary.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(super) struct Options {
     pub(super) pick: Pick,
     /// The handoff timeout, in loop milliseconds.
     pub(super) timeout_ms: u64,
     /// Handoffs that may be in flight to one worker at a time.
     pub(super) window: usize,
-    pub(super) report: Report,
+    /// The primary whose `error` event reports this handle's failures.
+    pub(super) primary: Primary,
     /// Stay open with no worker (see [`RoundRobinHandle::set_keep_open`]).
     pub(super) keep_open: bool,
 }
 
-impl std::fmt::Debug for Options {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
-            .field("pick", &self.pick)
-            .field("timeout_ms", &self.timeout_ms)
-            .field("window", &self.window)
-            .finish_non_exhaustive()
-    }
-}
-
-struct State {
+/// A round-robin handle's state, owned by the loop (in the cluster's
+/// context, [`ClusterContext`]) and named by a [`RoundRobinHandle`] id.
+pub(crate) struct RrState {
     key: String,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<Socket>,
@@ -163,10 +153,10 @@ struct State {
     /// The dispatcher's one timer (unreferenced: it never keeps the loop
     /// alive on its own).
     timer: Option<Handle<Timer>>,
-    report: Report,
+    primary: Primary,
 }
 
-impl std::fmt::Debug for State {
+impl std::fmt::Debug for RrState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
             .field("key", &self.key)
@@ -179,10 +169,19 @@ impl std::fmt::Debug for State {
 }
 
 /// One listening socket of the primary, shared round-robin by the workers
-/// that asked for its key. Cheap to clone (a shared reference).
-#[derive(Clone, Debug)]
-pub(super) struct RoundRobinHandle {
-    st: Rc<RefCell<State>>,
+/// that asked for its key: an id for state the loop owns. The primary
+/// drops the state ([`drop_state`](Self::drop_state)) once the handle is
+/// closed and nothing is in flight from it; from then on the id finds
+/// nothing, and events for it (a late answer) are ignored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) struct RoundRobinHandle(Id<RrState>);
+
+fn st(lp: &Loop, rr: RoundRobinHandle) -> Option<&RrState> {
+    lp.context::<ClusterContext>()?.round_robin.get(rr.0)
+}
+
+fn st_mut(lp: &mut Loop, rr: RoundRobinHandle) -> Option<&mut RrState> {
+    lp.context_mut::<ClusterContext>().round_robin.get_mut(rr.0)
 }
 
 impl RoundRobinHandle {
@@ -207,26 +206,27 @@ impl RoundRobinHandle {
         if opts.keep_open {
             core.set_keep_open(0, true);
         }
-        let rr = RoundRobinHandle {
-            st: Rc::new(RefCell::new(State {
-                key,
-                listener: None,
-                errno: None,
-                sockname: None,
-                workers: BTreeMap::new(),
-                conns: HashMap::new(),
-                core,
-                timer: None,
-                report: opts.report,
-            })),
+        let state = RrState {
+            key,
+            listener: None,
+            errno: None,
+            sockname: None,
+            workers: BTreeMap::new(),
+            conns: HashMap::new(),
+            core,
+            timer: None,
+            primary: opts.primary,
         };
-        match rr.listen(lp, address, q) {
-            Ok((sock, sockname)) => {
-                let mut st = rr.st.borrow_mut();
-                st.listener = Some(sock);
-                st.sockname = sockname;
+        let rr = RoundRobinHandle(lp.context_mut::<ClusterContext>().round_robin.insert(state));
+        let listened = rr.listen(lp, address, q);
+        if let Some(st) = st_mut(lp, rr) {
+            match listened {
+                Ok((sock, sockname)) => {
+                    st.listener = Some(sock);
+                    st.sockname = sockname;
+                }
+                Err(e) => st.errno = Some(Errno::of_failed(&e)),
             }
-            Err(e) => rr.st.borrow_mut().errno = Some(Errno::of_failed(&e)),
         }
         rr
     }
@@ -239,34 +239,22 @@ impl RoundRobinHandle {
     ) -> io::Result<(Socket, Option<Sockname>)> {
         let sock = create_server_handle(lp, address, q)?;
         let backlog = q.backlog();
-        let weak = Rc::downgrade(&self.st);
+        let me = *self;
+        // The listener's callback names the handle by its id.
         let r = match sock {
-            Socket::Tcp(h) => {
-                let w = weak.clone();
-                lp.tcp_listen(h, backlog, move |lp, _, r| {
+            Socket::Tcp(h) => lp
+                .tcp_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
-                        match w.upgrade() {
-                            Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Tcp(c)),
-                            None => {
-                                lp.close_if_open(c);
-                            }
-                        }
+                        me.accepted(lp, Conn::Tcp(c));
                     }
                 })
                 .and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE))
                 .and_then(|()| lp.tcp_getsockname(h))
-                .map(|a| Some(Sockname(a)))
-            }
+                .map(|a| Some(Sockname(a))),
             Socket::Pipe(h) => {
-                let w = weak.clone();
                 let listening = lp.pipe_listen(h, backlog, move |lp, _, r| {
                     if let Ok(c) = r {
-                        match w.upgrade() {
-                            Some(st) => RoundRobinHandle { st }.accepted(lp, Conn::Pipe(c)),
-                            None => {
-                                lp.close_if_open(c);
-                            }
-                        }
+                        me.accepted(lp, Conn::Pipe(c));
                     }
                 });
                 let listening = listening.and_then(|()| lp.listen_on_emfile(h, PRIMARY_ON_EMFILE));
@@ -296,50 +284,47 @@ impl RoundRobinHandle {
     }
 
     /// Whether worker `id` already uses this handle.
-    pub(super) fn has(&self, id: u32) -> bool {
-        self.st.borrow().workers.contains_key(&id)
+    pub(super) fn has(self, lp: &Loop, id: u32) -> bool {
+        st(lp, self).is_some_and(|st| st.workers.contains_key(&id))
     }
 
     /// Whether the handle is closed: listening failed, or its last worker
     /// left. A closed handle only waits for connections still in flight.
-    pub(super) fn is_closed(&self) -> bool {
-        self.st.borrow().listener.is_none()
+    pub(super) fn is_closed(self, lp: &Loop) -> bool {
+        st(lp, self).is_none_or(|st| st.listener.is_none())
     }
 
     /// Whether connections are still in flight to some worker.
-    pub(super) fn has_in_flight(&self) -> bool {
-        self.st.borrow().core.has_in_flight()
+    pub(super) fn has_in_flight(self, lp: &Loop) -> bool {
+        st(lp, self).is_some_and(|st| st.core.has_in_flight())
     }
 
     /// Adds a worker (Node's `add`): returns the listener's `sockname`
     /// (TCP) for the reply, or the errno. After sending the reply, call
     /// [`handoff`](Self::handoff) for the worker.
-    pub(super) fn add(&self, w: &Worker) -> Result<Option<Sockname>, Errno> {
-        let mut st = self.st.borrow_mut();
+    pub(super) fn add(self, lp: &mut Loop, w: Worker) -> Result<Option<Sockname>, Errno> {
+        let st = st_mut(lp, self).ok_or(Errno::EBADF)?;
         if let Some(errno) = st.errno {
             return Err(errno);
         }
-        st.workers.insert(w.id(), w.clone());
+        st.workers.insert(w.id(), w);
         Ok(st.sockname)
     }
 
     /// The worker's `queryServer` reply is out: it takes connections from
     /// now on (Node's `handoff` after `add`).
-    pub(super) fn handoff(&self, lp: &mut Loop, w: &Worker) {
+    pub(super) fn handoff(self, lp: &mut Loop, w: Worker) {
         let now = lp.now();
-        let window = {
-            let mut st = self.st.borrow_mut();
-            if !st.workers.contains_key(&w.id()) {
-                return;
-            }
-            st.core.add_worker(now, w.id());
-            st.core.window()
+        let Some(st) = st_mut(lp, self).filter(|st| st.workers.contains_key(&w.id())) else {
+            return;
         };
+        st.core.add_worker(now, w.id());
+        let window = st.core.window();
         // A window wider than Node's 1 is worth something only if the
         // channel sends its fds back to back, rather than each after the
         // previous one's ACK.
-        if let Some(ch) = w.channel()
-            && window > ch.handles_in_flight()
+        if let Some(ch) = w.channel(lp)
+            && window > ch.handles_in_flight(lp)
         {
             ch.set_handles_in_flight(lp, window);
         }
@@ -347,29 +332,38 @@ impl RoundRobinHandle {
     }
 
     /// Whether this handle picks by load, so workers should report theirs.
-    pub(super) fn wants_load(&self) -> bool {
-        self.st.borrow().core.wants_load()
+    pub(super) fn wants_load(self, lp: &Loop) -> bool {
+        st(lp, self).is_some_and(|st| st.core.wants_load())
     }
 
     /// A worker reported its open connections on this server.
-    pub(super) fn set_load(&self, lp: &mut Loop, id: u32, load: u64) {
+    pub(super) fn set_load(self, lp: &mut Loop, id: u32, load: u64) {
+        self.event(lp, None, |core, now| core.load(now, id, load));
+    }
+
+    /// Feeds one event to the dispatcher (at loop time `now`), then
+    /// executes what it asks for. Nothing happens for a dropped handle.
+    fn event(self, lp: &mut Loop, ctx: Option<Worker>, f: impl FnOnce(&mut Dispatcher, u64)) {
         let now = lp.now();
-        self.st.borrow_mut().core.load(now, id, load);
-        self.run(lp, None);
+        let Some(st) = st_mut(lp, self) else { return };
+        f(&mut st.core, now);
+        self.run(lp, ctx);
     }
 
     /// The listener accepted a connection.
-    fn accepted(&self, lp: &mut Loop, conn: Conn) {
+    fn accepted(self, lp: &mut Loop, conn: Conn) {
         let now = lp.now();
-        let wants_info = self.st.borrow().core.wants_conn_info();
+        let Some(wants_info) = st(lp, self).map(|st| st.core.wants_conn_info()) else {
+            lp.close_if_open(conn);
+            return;
+        };
         let info = ConnInfo {
             peer: match conn {
                 Conn::Tcp(h) if wants_info => lp.tcp_getpeername(h).ok().map(unmap_v4),
                 _ => None,
             },
         };
-        {
-            let mut st = self.st.borrow_mut();
+        if let Some(st) = st_mut(lp, self) {
             let id = st.core.accept(now, info);
             st.conns.insert(id, conn);
         }
@@ -379,81 +373,79 @@ impl RoundRobinHandle {
     /// Executes the dispatcher's actions, in order, until none is left.
     /// `ctx` is the worker the event concerned: reports about a worker
     /// that has already left the handle name it.
-    fn run(&self, lp: &mut Loop, ctx: Option<&Worker>) {
-        loop {
-            let action = self.st.borrow_mut().core.next_action();
+    fn run(self, lp: &mut Loop, ctx: Option<Worker>) {
+        while let Some(action) = st_mut(lp, self).and_then(|st| st.core.next_action()) {
             match action {
-                None => return,
-                Some(Action::Send {
+                Action::Send {
                     worker,
                     conn,
                     handoff,
-                }) => self.send(lp, worker, conn, handoff),
-                Some(Action::Close(conn)) => {
-                    let c = self.st.borrow_mut().conns.remove(&conn);
-                    if let Some(c) = c {
+                } => self.send(lp, worker, conn, handoff),
+                Action::Close(conn) => {
+                    if let Some(c) = st_mut(lp, self).and_then(|st| st.conns.remove(&conn)) {
                         lp.close_if_open(c);
                     }
                 }
-                Some(Action::Report {
+                Action::Report {
                     worker,
                     failure,
                     outcome,
                     connections,
-                }) => {
-                    let (w, report) = {
-                        let st = self.st.borrow();
-                        let w = worker.and_then(|id| {
-                            (st.workers.get(&id).cloned())
-                                .or_else(|| ctx.filter(|w| w.id() == id).cloned())
-                        });
-                        (w, st.report.clone())
-                    };
+                } => {
                     let e = ClusterError::Handoff {
                         failure,
                         outcome,
                         connections,
                     };
-                    report(lp, w.as_ref(), e);
+                    self.report(lp, worker, ctx, e);
                 }
-                Some(Action::Timer(at)) => self.arm(lp, at),
+                Action::Timer(at) => self.arm(lp, at),
             }
         }
+    }
+
+    /// Reports `e` through the primary's `error` event, naming worker `id`
+    /// if it still uses the handle, or is `ctx`.
+    fn report(self, lp: &mut Loop, id: Option<WorkerId>, ctx: Option<Worker>, e: ClusterError) {
+        let Some(st) = st(lp, self) else { return };
+        let w = id
+            .and_then(|id| (st.workers.get(&id).copied()).or_else(|| ctx.filter(|w| w.id() == id)));
+        let primary = st.primary;
+        primary.emit_error(lp, w, &e);
     }
 
     /// Sends connection `conn` to worker `id` as `newconn` (handoff
     /// `handoff`), telling the dispatcher at once if it cannot be queued on
     /// the channel.
-    fn send(&self, lp: &mut Loop, id: WorkerId, conn: ConnId, handoff: HandoffId) {
-        let (w, c, key) = {
-            let st = self.st.borrow();
+    fn send(self, lp: &mut Loop, id: WorkerId, conn: ConnId, handoff: HandoffId) {
+        let found = st(lp, self).map(|st| {
             (
-                st.workers.get(&id).cloned(),
+                st.workers.get(&id).copied(),
                 st.conns.get(&conn).copied(),
                 st.key.clone(),
             )
-        };
-        let sent = match (&w, c) {
-            (Some(w), Some(c)) => self.send_newconn(lp, w, c, key, handoff),
+        });
+        let sent = match found {
+            Some((Some(w), Some(c), key)) => self.send_newconn(lp, w, c, key, handoff),
             _ => false,
         };
         if !sent {
-            let now = lp.now();
-            self.st.borrow_mut().core.send_failed(now, id, handoff);
+            self.event(lp, None, |core, now| core.send_failed(now, id, handoff));
         }
     }
 
     /// Writes the `newconn` (or queues it on the channel); `false` if the
-    /// channel is gone.
+    /// channel is gone. The reply and delivery callbacks name the handle
+    /// and the worker by id.
     fn send_newconn(
-        &self,
+        self,
         lp: &mut Loop,
-        w: &Worker,
+        w: Worker,
         conn: Conn,
         key: String,
         handoff: HandoffId,
     ) -> bool {
-        let Some(ch) = w.channel() else {
+        let Some(ch) = w.channel(lp) else {
             return false;
         };
         let attach = Attach {
@@ -461,29 +453,26 @@ impl RoundRobinHandle {
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
-        let (me, worker) = (self.clone(), w.clone());
         let on_reply = Box::new(
-            move |lp: &mut Loop, _: &Channel, reply: Value, h: Option<Socket>| {
+            move |lp: &mut Loop, _: Channel, reply: Value, h: Option<Socket>| {
                 if let Some(h) = h {
                     lp.close_if_open(h);
                 }
                 let AcceptReply { accepted, load } = AcceptReply::from_wire(&reply);
-                me.on_answer(lp, &worker, handoff, accepted, load);
+                self.event(lp, Some(w), |core, now| {
+                    core.answered(now, w.id(), handoff, accepted, load)
+                });
             },
         );
-        let (me, worker) = (self.clone(), w.clone());
-        let on_delivery = Box::new(move |lp: &mut Loop, _: &Channel, d: HandleDelivery| {
+        let on_delivery = Box::new(move |lp: &mut Loop, _: Channel, d: HandleDelivery| {
             let d = match d {
                 HandleDelivery::Acked => Delivery::Acked,
                 HandleDelivery::Nacked => Delivery::Nacked,
                 HandleDelivery::NotSent(_) => Delivery::NotSent,
             };
-            let now = lp.now();
-            me.st
-                .borrow_mut()
-                .core
-                .delivered(now, worker.id(), handoff, d);
-            me.run(lp, Some(&worker));
+            self.event(lp, Some(w), |core, now| {
+                core.delivered(now, w.id(), handoff, d)
+            });
         });
         ch.send_cluster_handle(
             lp,
@@ -495,46 +484,32 @@ impl RoundRobinHandle {
         .is_ok()
     }
 
-    fn on_answer(
-        &self,
-        lp: &mut Loop,
-        w: &Worker,
-        handoff: HandoffId,
-        accepted: bool,
-        load: Option<u64>,
-    ) {
-        let now = lp.now();
-        (self.st.borrow_mut().core).answered(now, w.id(), handoff, accepted, load);
-        self.run(lp, Some(w));
-    }
-
     /// Arms the dispatcher's timer for loop time `at`, or closes it.
-    fn arm(&self, lp: &mut Loop, at: Option<u64>) {
+    fn arm(self, lp: &mut Loop, at: Option<u64>) {
         let Some(at) = at else {
-            let t = self.st.borrow_mut().timer.take();
-            if let Some(t) = t {
+            if let Some(t) = st_mut(lp, self).and_then(|st| st.timer.take()) {
                 lp.close_if_open(t);
             }
             return;
         };
-        let timer = *self.st.borrow_mut().timer.get_or_insert_with(|| {
-            let t = lp.timer_init();
-            let _ = lp.unref_handle(t);
-            t
-        });
-        let weak = Rc::downgrade(&self.st);
+        let timer = match st(lp, self).map(|st| st.timer) {
+            None => return,
+            Some(Some(t)) => t,
+            Some(None) => {
+                let t = lp.timer_init();
+                let _ = lp.unref_handle(t);
+                if let Some(st) = st_mut(lp, self) {
+                    st.timer = Some(t);
+                }
+                t
+            }
+        };
         let ms = at.saturating_sub(lp.now());
         let _ = lp.timer_start(
             timer,
             Duration::from_millis(ms),
             Duration::ZERO,
-            move |lp, _| {
-                let Some(st) = weak.upgrade() else { return };
-                let me = RoundRobinHandle { st };
-                let now = lp.now();
-                me.st.borrow_mut().core.tick(now);
-                me.run(lp, None);
-            },
+            move |lp, _| self.event(lp, None, |core, now| core.tick(now)),
         );
     }
 
@@ -542,10 +517,8 @@ impl RoundRobinHandle {
     /// what was in flight to it never reaches a worker's `onconnection`, so
     /// it goes back to the head of the queue, or is closed when the handle
     /// is closed. `why` is reported with it.
-    pub(super) fn lost(&self, lp: &mut Loop, w: &Worker, why: HandoffFailure) {
-        let now = lp.now();
-        self.st.borrow_mut().core.lost(now, w.id(), why);
-        self.run(lp, Some(w));
+    pub(super) fn lost(self, lp: &mut Loop, w: Worker, why: HandoffFailure) {
+        self.event(lp, Some(w), |core, now| core.lost(now, w.id(), why));
     }
 
     /// Removes a worker (Node's `remove`). `gone` says why, when the worker
@@ -554,22 +527,21 @@ impl RoundRobinHandle {
     /// Otherwise it stays in flight, and its answer decides. Returns `true`
     /// when it was the last worker: queued connections and the listener are
     /// then closed, and the caller forgets the key.
-    pub(super) fn remove(&self, lp: &mut Loop, w: &Worker, gone: Option<HandoffFailure>) -> bool {
+    pub(super) fn remove(self, lp: &mut Loop, w: Worker, gone: Option<HandoffFailure>) -> bool {
         let now = lp.now();
-        let last = {
-            let mut st = self.st.borrow_mut();
-            if st.workers.remove(&w.id()).is_none() {
-                // A worker that left earlier (its server closed) and is now
-                // gone: what it still had in flight comes back.
-                if let Some(why) = gone {
-                    st.core.lost(now, w.id(), why);
-                    drop(st);
-                    self.run(lp, Some(w));
-                }
-                return false;
-            }
-            st.core.remove_worker(now, w.id(), gone)
+        let Some(st) = st_mut(lp, self) else {
+            return false;
         };
+        if st.workers.remove(&w.id()).is_none() {
+            // A worker that left earlier (its server closed) and is now
+            // gone: what it still had in flight comes back.
+            if let Some(why) = gone {
+                st.core.lost(now, w.id(), why);
+                self.run(lp, Some(w));
+            }
+            return false;
+        }
+        let last = st.core.remove_worker(now, w.id(), gone);
         self.run(lp, Some(w));
         if last {
             self.close_listener(lp);
@@ -580,10 +552,8 @@ impl RoundRobinHandle {
     /// Worker `id` takes no new connection from now on (the supervisor
     /// drains it before it tells it anything): what waits on it goes to
     /// the others; what is in flight to it stays, and its answers count.
-    pub(super) fn drain(&self, lp: &mut Loop, id: u32) {
-        let now = lp.now();
-        self.st.borrow_mut().core.drain(now, id);
-        self.run(lp, None);
+    pub(super) fn drain(self, lp: &mut Loop, id: u32) {
+        self.event(lp, None, |core, now| core.drain(now, id));
     }
 
     /// Whether the handle (its listener) stays open when its last worker
@@ -591,9 +561,12 @@ impl RoundRobinHandle {
     /// wait for the next worker, up to the handoff timeout. Turning it off
     /// with no worker left closes it and returns `true` (the caller
     /// forgets the key).
-    pub(super) fn set_keep_open(&self, lp: &mut Loop, keep: bool) -> bool {
+    pub(super) fn set_keep_open(self, lp: &mut Loop, keep: bool) -> bool {
         let now = lp.now();
-        let closed = self.st.borrow_mut().core.set_keep_open(now, keep);
+        let Some(st) = st_mut(lp, self) else {
+            return false;
+        };
+        let closed = st.core.set_keep_open(now, keep);
         self.run(lp, None);
         if closed {
             self.close_listener(lp);
@@ -602,27 +575,49 @@ impl RoundRobinHandle {
     }
 
     /// How many connections worker `id` accepted from this handle.
-    pub(super) fn accepted_by(&self, id: u32) -> u64 {
-        self.st.borrow().core.accepted(id)
+    pub(super) fn accepted_by(self, lp: &Loop, id: u32) -> u64 {
+        st(lp, self).map_or(0, |st| st.core.accepted(id))
     }
 
-    fn close_listener(&self, lp: &mut Loop) {
-        let listener = self.st.borrow_mut().listener.take();
-        if let Some(l) = listener {
+    fn close_listener(self, lp: &mut Loop) {
+        if let Some(l) = st_mut(lp, self).and_then(|st| st.listener.take()) {
             lp.close_if_open(l);
         }
     }
 
     /// Closes everything, including connections in flight (the primary is
-    /// going away and no answer will be handled).
-    pub(super) fn close_all(&self, lp: &mut Loop) {
+    /// going away and no answer will be handled), and drops the state.
+    pub(super) fn close_all(self, lp: &mut Loop) {
         let now = lp.now();
-        {
-            let mut st = self.st.borrow_mut();
+        if let Some(st) = st_mut(lp, self) {
             st.workers.clear();
             st.core.close_all(now);
         }
         self.run(lp, None);
         self.close_listener(lp);
+        self.drop_state(lp);
+    }
+
+    /// Drops the handle's state once it is closed and nothing is in flight
+    /// from it (or [`close_all`](Self::close_all) closed everything): its
+    /// timer and any connection it still holds are closed, and the id finds
+    /// nothing from then on.
+    pub(super) fn drop_state(self, lp: &mut Loop) {
+        let Some(st) = lp
+            .context_mut::<ClusterContext>()
+            .round_robin
+            .remove(self.0)
+        else {
+            return;
+        };
+        if let Some(t) = st.timer {
+            lp.close_if_open(t);
+        }
+        if let Some(l) = st.listener {
+            lp.close_if_open(l);
+        }
+        for (_, c) in st.conns {
+            lp.close_if_open(c);
+        }
     }
 }

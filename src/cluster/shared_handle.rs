@@ -105,57 +105,69 @@ pub(super) fn create_server_handle(
         AddressType::Fd => Err(einval("queryServer: no fd")),
         AddressType::Unix => {
             let path = address.ok_or_else(|| einval("queryServer: no path"))?;
-            let p = lp.pipe_init(false);
-            match lp.pipe_bind(p, Path::new(path)) {
-                Ok(()) => Ok(Socket::Pipe(p)),
-                Err(e) => {
-                    lp.close_if_open(p);
-                    Err(e)
-                }
-            }
+            bind_unix(lp, Path::new(path))
         }
-        AddressType::Tcp4 | AddressType::Tcp6 => {
-            let port = port_of(q)?;
-            let ipv6_only = q.flags() & IPV6ONLY != 0;
-            match address {
-                None => {
-                    let any6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-                    bind_tcp(lp, any6, ipv6_only).or_else(|_| {
-                        bind_tcp(
-                            lp,
-                            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
-                            false,
-                        )
-                    })
-                }
-                Some(a) => {
-                    let ip = parse_ip(a)?;
-                    bind_tcp(lp, SocketAddr::new(ip, port), ip.is_ipv6() && ipv6_only)
-                }
-            }
-            .map(Socket::Tcp)
+        AddressType::Tcp4 | AddressType::Tcp6 => bind_tcp_query(lp, address, q),
+        AddressType::Udp4 | AddressType::Udp6 => bind_udp_query(lp, address, q),
+    }
+}
+
+/// A Unix socket bound at `path`.
+fn bind_unix(lp: &mut Loop, path: &Path) -> io::Result<Socket> {
+    let p = lp.pipe_init(false);
+    match lp.pipe_bind(p, path) {
+        Ok(()) => Ok(Socket::Pipe(p)),
+        Err(e) => {
+            lp.close_if_open(p);
+            Err(e)
         }
-        AddressType::Udp4 | AddressType::Udp6 => {
-            let port = port_of(q)?;
-            let flags = q.flags();
-            let ip = match (address, kind) {
-                (Some(a), _) => parse_ip(a)?,
-                (None, AddressType::Udp6) => Ipv6Addr::UNSPECIFIED.into(),
-                (None, _) => Ipv4Addr::UNSPECIFIED.into(),
-            };
-            let h = lp.udp_init();
-            let bind = BindFlags {
-                ipv6_only: ip.is_ipv6() && flags & IPV6ONLY != 0,
-                reuse_addr: flags & UDP_REUSEADDR != 0,
-                reuse_port: false,
-            };
-            match lp.udp_bind(h, SocketAddr::new(ip, port), bind) {
-                Ok(()) => Ok(Socket::Udp(h)),
-                Err(e) => {
-                    lp.close_if_open(h);
-                    Err(e)
-                }
-            }
+    }
+}
+
+/// A TCP socket bound as the query says: with no address `[::]`
+/// (dual-stack unless `flags & 1`), falling back to `0.0.0.0`.
+fn bind_tcp_query(lp: &mut Loop, address: Option<&str>, q: &Query) -> io::Result<Socket> {
+    let port = port_of(q)?;
+    let ipv6_only = q.flags() & IPV6ONLY != 0;
+    match address {
+        None => {
+            let any6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+            bind_tcp(lp, any6, ipv6_only).or_else(|_| {
+                bind_tcp(
+                    lp,
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+                    false,
+                )
+            })
+        }
+        Some(a) => {
+            let ip = parse_ip(a)?;
+            bind_tcp(lp, SocketAddr::new(ip, port), ip.is_ipv6() && ipv6_only)
+        }
+    }
+    .map(Socket::Tcp)
+}
+
+/// A UDP socket bound as the query says (`dgram._createSocketHandle`).
+fn bind_udp_query(lp: &mut Loop, address: Option<&str>, q: &Query) -> io::Result<Socket> {
+    let port = port_of(q)?;
+    let flags = q.flags();
+    let ip = match (address, q.address_type) {
+        (Some(a), _) => parse_ip(a)?,
+        (None, AddressType::Udp6) => Ipv6Addr::UNSPECIFIED.into(),
+        (None, _) => Ipv4Addr::UNSPECIFIED.into(),
+    };
+    let h = lp.udp_init();
+    let bind = BindFlags {
+        ipv6_only: ip.is_ipv6() && flags & IPV6ONLY != 0,
+        reuse_addr: flags & UDP_REUSEADDR != 0,
+        reuse_port: false,
+    };
+    match lp.udp_bind(h, SocketAddr::new(ip, port), bind) {
+        Ok(()) => Ok(Socket::Udp(h)),
+        Err(e) => {
+            lp.close_if_open(h);
+            Err(e)
         }
     }
 }

@@ -1,17 +1,15 @@
 //! One worker, seen from either side (`lib/internal/cluster/worker.js`): in
 //! the primary, each forked child; in a worker process, `cluster.worker`.
 
-use std::cell::RefCell;
-use std::fmt;
 use std::io;
-use std::rc::Rc;
 
 use serde_json::Value;
 
-use super::primary::{ClusterError, PrimaryRef};
+use super::error::ClusterError;
 use super::protocol::{AddressType, Query};
+use super::{ClusterContext, Side};
 use crate::ipc::{Attach, Channel, RawMessage};
-use crate::uv::{Handle, Loop, Process, Signum, Socket};
+use crate::uv::{CallbackSlot, Handle, Id, Loop, Process, Signum, Socket};
 
 /// A worker's life-cycle state (`worker.state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,19 +52,12 @@ impl Address {
     }
 }
 
-type WorkerCb = Box<dyn FnMut(&mut Loop, &Worker)>;
-type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, Value, Option<Socket>)>;
-type RawMessageCb = Box<dyn FnMut(&mut Loop, &Worker, RawMessage, Option<Socket>)>;
-
-/// The user's `message` callback, taking values or [`RawMessage`]s.
-enum MessageSlot {
-    Value(MessageCb),
-    Raw(RawMessageCb),
-}
-type ExitCb = Box<dyn FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>)>;
-type ErrorCb = Box<dyn FnMut(&mut Loop, &Worker, &ClusterError)>;
-type ExitRequestCb = Box<dyn FnMut(&mut Loop, &Worker, ExitRequest)>;
+type WorkerFn = dyn FnMut(&mut Loop, Worker);
+type ListeningFn = dyn FnMut(&mut Loop, Worker, &Address);
+type MessageFn = dyn FnMut(&mut Loop, Worker, RawMessage, Option<Socket>);
+type ExitFn = dyn FnMut(&mut Loop, Worker, Option<i64>, Option<Signum>);
+type ErrorFn = dyn FnMut(&mut Loop, Worker, &ClusterError);
+type ExitRequestFn = dyn FnMut(&mut Loop, Worker, ExitRequest);
 
 /// Why the cluster ends a worker process, where Node calls
 /// `process.exit(0)` (`lib/internal/cluster/child.js`). See
@@ -81,16 +72,11 @@ pub enum ExitRequest {
     Destroyed,
 }
 
-/// Which side this worker object lives on.
-pub(crate) enum Side {
-    /// The primary's record of a child.
-    Primary(PrimaryRef),
-    /// `cluster.worker` inside the worker process.
-    Child,
-}
-
-pub(crate) struct WorkerInner {
-    pub(crate) id: u32,
+/// A worker's state, owned by the loop (in the cluster's context,
+/// [`ClusterContext`]) and named by a [`Worker`] id. It stays there after
+/// the worker is gone, with its callbacks dropped, so that its exit
+/// status can still be read (a few hundred bytes per worker forked).
+pub(crate) struct WorkerRecord {
     pub(crate) state: WorkerState,
     pub(crate) channel: Option<Channel>,
     pub(crate) process: Option<Handle<Process>>,
@@ -102,96 +88,87 @@ pub(crate) struct WorkerInner {
     /// The primary's ends of the worker's `pipe` stdio slots, by fd.
     pub(crate) stdio: Vec<Option<Handle<crate::uv::Pipe>>>,
     pub(crate) side: Side,
-    on_online: Option<WorkerCb>,
-    on_listening: Option<ListeningCb>,
-    on_message: Option<MessageSlot>,
-    on_disconnect: Option<WorkerCb>,
-    on_exit: Option<ExitCb>,
-    on_error: Option<ErrorCb>,
-    /// In a worker process: what ends it (`None`: `process::exit(0)`).
-    on_exit_request: Option<ExitRequestCb>,
+    on_online: CallbackSlot<WorkerFn>,
+    on_listening: CallbackSlot<ListeningFn>,
+    on_message: CallbackSlot<MessageFn>,
+    on_disconnect: CallbackSlot<WorkerFn>,
+    on_exit: CallbackSlot<ExitFn>,
+    on_error: CallbackSlot<ErrorFn>,
+    /// In a worker process: what ends it (empty: the loop's exit handler,
+    /// [`set_exit_handler`](super::set_exit_handler)).
+    on_exit_request: CallbackSlot<ExitRequestFn>,
 }
 
-/// A cluster worker. Cheap to clone: clones name the same worker.
+/// A cluster worker (Node's `Worker`): a typed id for state the loop owns.
+///
+/// Like a [`Server`](crate::net::Server), a `Worker` is a copyable id: the
+/// loop keeps the worker's state, every method takes the loop, and every
+/// callback receives `&mut Loop` and the worker's id. Its number
+/// ([`id`](Self::id)) travels with the id, so it needs no loop.
 ///
 /// Each `on_*` method sets that event's callback, replacing an earlier one.
 /// The primary's [`Primary`](super::Primary) has the same events for all
 /// workers; a worker's own callback runs first, then the primary's.
-#[derive(Clone)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Worker {
-    pub(crate) inner: Rc<RefCell<WorkerInner>>,
+    rec: Id<WorkerRecord>,
+    id: u32,
 }
 
-impl fmt::Debug for Worker {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("Worker")
-            .field("id", &i.id)
-            .field("pid", &i.pid)
-            .field("state", &i.state)
-            .field("exited_after_disconnect", &i.exited_after_disconnect)
-            .finish()
-    }
+fn rec(lp: &Loop, w: Worker) -> Option<&WorkerRecord> {
+    lp.context::<ClusterContext>()?.workers.get(w.rec)
 }
 
-macro_rules! emitter {
-    ($emit:ident, $field:ident, ($($arg:ident : $ty:ty),*)) => {
-        pub(crate) fn $emit(&self, lp: &mut Loop $(, $arg: $ty)*) {
-            let cb = self.inner.borrow_mut().$field.take();
-            if let Some(mut cb) = cb {
-                cb(lp, self $(, $arg)*);
-                let mut i = self.inner.borrow_mut();
-                if i.$field.is_none() {
-                    i.$field = Some(cb);
-                }
-            }
-        }
-    };
+pub(crate) fn rec_mut(lp: &mut Loop, w: Worker) -> Option<&mut WorkerRecord> {
+    lp.context_mut::<ClusterContext>().workers.get_mut(w.rec)
+}
+
+fn no_channel() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "worker has no channel")
 }
 
 impl Worker {
-    pub(crate) fn new(id: u32, side: Side) -> Worker {
-        Worker {
-            inner: Rc::new(RefCell::new(WorkerInner {
-                id,
-                state: WorkerState::None,
-                channel: None,
-                process: None,
-                pid: None,
-                exited_after_disconnect: None,
-                exit_code: None,
-                signal_code: None,
-                stdio: Vec::new(),
-                side,
-                on_online: None,
-                on_listening: None,
-                on_message: None,
-                on_disconnect: None,
-                on_exit: None,
-                on_error: None,
-                on_exit_request: None,
-            })),
-        }
+    pub(crate) fn new(lp: &mut Loop, id: u32, side: Side) -> Worker {
+        let r = WorkerRecord {
+            state: WorkerState::None,
+            channel: None,
+            process: None,
+            pid: None,
+            exited_after_disconnect: None,
+            exit_code: None,
+            signal_code: None,
+            stdio: Vec::new(),
+            side,
+            on_online: CallbackSlot::empty(),
+            on_listening: CallbackSlot::empty(),
+            on_message: CallbackSlot::empty(),
+            on_disconnect: CallbackSlot::empty(),
+            on_exit: CallbackSlot::empty(),
+            on_error: CallbackSlot::empty(),
+            on_exit_request: CallbackSlot::empty(),
+        };
+        let rec = lp.context_mut::<ClusterContext>().workers.insert(r);
+        Worker { rec, id }
     }
 
     /// The worker's id: 1, 2, ... in fork order (`worker.id`).
-    pub fn id(&self) -> u32 {
-        self.inner.borrow().id
+    pub fn id(self) -> u32 {
+        self.id
     }
 
     /// The worker's process id, once forked (`worker.process.pid`).
-    pub fn pid(&self) -> Option<i32> {
-        self.inner.borrow().pid
+    pub fn pid(self, lp: &Loop) -> Option<i32> {
+        rec(lp, self)?.pid
     }
 
     /// The life-cycle state (`worker.state`).
-    pub fn state(&self) -> WorkerState {
-        self.inner.borrow().state
+    pub fn state(self, lp: &Loop) -> WorkerState {
+        rec(lp, self).map_or(WorkerState::Dead, |r| r.state)
     }
 
     /// The process handle, on the primary's side.
-    pub fn process(&self) -> Option<Handle<Process>> {
-        self.inner.borrow().process
+    pub fn process(self, lp: &Loop) -> Option<Handle<Process>> {
+        rec(lp, self)?.process
     }
 
     /// The primary's end of the worker's stdio slot `fd` when it is a pipe
@@ -200,45 +177,40 @@ impl Worker {
     /// and dropped unless the caller takes over (`read_stop`, then its own
     /// `read_start`); slot 0 is closed (the worker reads EOF); slots from 3
     /// up are left to the caller. All are closed when the worker exits.
-    pub fn stdio(&self, fd: usize) -> Option<Handle<crate::uv::Pipe>> {
-        self.inner.borrow().stdio.get(fd).copied().flatten()
+    pub fn stdio(self, lp: &Loop, fd: usize) -> Option<Handle<crate::uv::Pipe>> {
+        rec(lp, self)?.stdio.get(fd).copied().flatten()
     }
 
     /// The IPC channel to the other side.
-    pub fn channel(&self) -> Option<Channel> {
-        self.inner.borrow().channel.clone()
+    pub fn channel(self, lp: &Loop) -> Option<Channel> {
+        rec(lp, self)?.channel
     }
 
     /// Whether the channel is open (`worker.isConnected()`).
-    pub fn is_connected(&self) -> bool {
-        self.inner
-            .borrow()
-            .channel
-            .as_ref()
-            .is_some_and(Channel::is_connected)
+    pub fn is_connected(self, lp: &Loop) -> bool {
+        self.channel(lp).is_some_and(|c| c.is_connected(lp))
     }
 
     /// Whether the process has exited (`worker.isDead()`); on the worker's
     /// own side, always `false`.
-    pub fn is_dead(&self) -> bool {
+    pub fn is_dead(self, lp: &Loop) -> bool {
         // Node: `exitCode != null || signalCode != null`; the state may
         // have moved on to `Disconnected` after the exit.
-        let i = self.inner.borrow();
-        i.exit_code.is_some() || i.signal_code.is_some()
+        rec(lp, self).is_some_and(|r| r.exit_code.is_some() || r.signal_code.is_some())
     }
 
     /// `worker.exitedAfterDisconnect`: `Some(true)` if the worker left by a
     /// disconnect (started by either side), `Some(false)` once it is known
     /// that it did not (a crash, a signal, `kill` from the primary), `None`
     /// before anything happened.
-    pub fn exited_after_disconnect(&self) -> Option<bool> {
-        self.inner.borrow().exited_after_disconnect
+    pub fn exited_after_disconnect(self, lp: &Loop) -> Option<bool> {
+        rec(lp, self)?.exited_after_disconnect
     }
 
     /// The exit code and signal, once the process exited.
-    pub fn exit_status(&self) -> Option<(Option<i64>, Option<Signum>)> {
-        let i = self.inner.borrow();
-        (i.exit_code.is_some() || i.signal_code.is_some()).then_some((i.exit_code, i.signal_code))
+    pub fn exit_status(self, lp: &Loop) -> Option<(Option<i64>, Option<Signum>)> {
+        let r = rec(lp, self)?;
+        (r.exit_code.is_some() || r.signal_code.is_some()).then_some((r.exit_code, r.signal_code))
     }
 
     /// Sends a user message to the other side (`worker.send(msg)`), with a
@@ -247,10 +219,8 @@ impl Worker {
     /// # Errors
     ///
     /// `NotConnected` once the channel is closed.
-    pub fn send(&self, lp: &mut Loop, msg: &Value, handle: Option<Attach>) -> io::Result<()> {
-        let ch = self
-            .channel()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "worker has no channel"))?;
+    pub fn send(self, lp: &mut Loop, msg: &Value, handle: Option<Attach>) -> io::Result<()> {
+        let ch = self.channel(lp).ok_or_else(no_channel)?;
         match handle {
             None => ch.send(lp, msg, None),
             Some(a) => ch.send_handle(lp, msg.clone(), a, Default::default(), None),
@@ -264,10 +234,8 @@ impl Worker {
     /// # Errors
     ///
     /// `NotConnected` once the channel is closed.
-    pub fn send_raw(&self, lp: &mut Loop, msg: &RawMessage) -> io::Result<()> {
-        let ch = self
-            .channel()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "worker has no channel"))?;
+    pub fn send_raw(self, lp: &mut Loop, msg: &RawMessage) -> io::Result<()> {
+        let ch = self.channel(lp).ok_or_else(no_channel)?;
         ch.send_raw(lp, msg, None)
     }
 
@@ -278,15 +246,13 @@ impl Worker {
     ///
     /// `NotConnected` once the channel is closed; `on_sent` is then dropped.
     pub fn send_with_callback(
-        &self,
+        self,
         lp: &mut Loop,
         msg: &Value,
         handle: Option<Attach>,
         on_sent: impl FnOnce(&mut Loop, io::Result<()>) + 'static,
     ) -> io::Result<()> {
-        let ch = self
-            .channel()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "worker has no channel"))?;
+        let ch = self.channel(lp).ok_or_else(no_channel)?;
         match handle {
             None => ch.send(lp, msg, Some(Box::new(on_sent))),
             Some(a) => ch.send_handle(
@@ -299,57 +265,36 @@ impl Worker {
         }
     }
 
-    /// Disconnects gracefully (`worker.disconnect()`). In the primary: sends
-    /// `disconnect`; the worker closes its servers and its channel and
-    /// exits once idle. In a worker: closes every server, tells the primary
-    /// (`exitedAfterDisconnect`), then closes the channel.
-    pub fn disconnect(&self, lp: &mut Loop) {
-        let primary = match &self.inner.borrow().side {
-            Side::Primary(p) => Some(p.clone()),
-            Side::Child => None,
-        };
-        match primary {
-            Some(p) => super::primary::disconnect_worker(lp, &p, self),
-            None => super::child::disconnect_self(lp, self),
-        }
-    }
-
-    /// Kills the worker (`worker.kill(signal)`, default SIGTERM). In the
-    /// primary this only signals the process, as Node 20 does, so
-    /// `exited_after_disconnect` ends up `false`. In a worker it disconnects
-    /// and then exits the process with code 0 (`worker.destroy()`), or
-    /// does what [`on_exit_request`](Self::on_exit_request) says.
-    ///
-    /// # Errors
-    ///
-    /// The `kill(2)` error in the primary (`ESRCH` after exit).
-    pub fn kill(&self, lp: &mut Loop, signal: Option<Signum>) -> io::Result<()> {
-        let side_primary = matches!(self.inner.borrow().side, Side::Primary(_));
-        if side_primary {
-            let p = self
-                .process()
-                .ok_or_else(|| io::Error::from_raw_os_error(3))?;
-            lp.process_kill(p, signal.unwrap_or(Signum::SIGTERM))
-        } else {
-            super::child::destroy_self(lp, self);
-            Ok(())
-        }
+    pub(crate) fn side(self, lp: &Loop) -> Option<Side> {
+        rec(lp, self).map(|r| r.side)
     }
 
     /// Sets the `online` callback.
-    pub fn on_online(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
-        self.inner.borrow_mut().on_online = Some(Box::new(cb));
+    pub fn on_online(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker) + 'static) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_online.set(Box::new(cb));
+        }
     }
     /// Sets the `listening` callback.
-    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
-        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    pub fn on_listening(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, &Address) + 'static,
+    ) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_listening.set(Box::new(cb));
+        }
     }
     /// Sets the `message` callback: a user message and its handle (the
     /// callback owns the handle and must close it). A string with an
     /// unpaired surrogate arrives with U+FFFD in its place;
     /// [`on_message_raw`](Self::on_message_raw) also gives the exact text.
-    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, Value, Option<Socket>) + 'static) {
-        self.inner.borrow_mut().on_message = Some(MessageSlot::Value(Box::new(cb)));
+    pub fn on_message(
+        self,
+        lp: &mut Loop,
+        mut cb: impl FnMut(&mut Loop, Worker, Value, Option<Socket>) + 'static,
+    ) {
+        self.on_message_raw(lp, move |lp, w, m, h| cb(lp, w, m.into_value(), h));
     }
     /// Sets the `message` callback with messages as [`RawMessage`]s: the
     /// value, and the JSON text when the value could not hold it exactly
@@ -357,37 +302,52 @@ impl Worker {
     /// [`send_raw`](Self::send_raw) can pass it on unchanged, as a Node
     /// process would. Replaces [`on_message`](Self::on_message).
     pub fn on_message_raw(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, RawMessage, Option<Socket>) + 'static,
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, RawMessage, Option<Socket>) + 'static,
     ) {
-        self.inner.borrow_mut().on_message = Some(MessageSlot::Raw(Box::new(cb)));
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_message.set(Box::new(cb));
+        }
     }
     /// Sets the `disconnect` callback.
-    pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Worker) + 'static) {
-        self.inner.borrow_mut().on_disconnect = Some(Box::new(cb));
+    pub fn on_disconnect(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker) + 'static) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_disconnect.set(Box::new(cb));
+        }
     }
     /// Sets the `exit` callback: exit code (`None` if a signal ended it) and
     /// signal (`None` if it exited).
     pub fn on_exit(
-        &self,
-        cb: impl FnMut(&mut Loop, &Worker, Option<i64>, Option<Signum>) + 'static,
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, Option<i64>, Option<Signum>) + 'static,
     ) {
-        self.inner.borrow_mut().on_exit = Some(Box::new(cb));
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_exit.set(Box::new(cb));
+        }
     }
     /// Sets the `error` callback.
-    pub fn on_error(&self, cb: impl FnMut(&mut Loop, &Worker, &ClusterError) + 'static) {
-        self.inner.borrow_mut().on_error = Some(Box::new(cb));
+    pub fn on_error(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, &ClusterError) + 'static,
+    ) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_error.set(Box::new(cb));
+        }
     }
 
     /// Sets what ends this worker's process when the cluster would end it
     /// ([`ExitRequest`]): its channel to the primary was lost, or it was
     /// [killed](Self::kill) from inside. Node calls `process.exit(0)`
-    /// then, and so does a worker without this callback; an embedder that
-    /// must not lose its process that way (to flush, to run destructors,
-    /// to go on without the cluster) sets its own. When it runs, the
-    /// channel is closed and the worker's cluster state dropped, so the
-    /// loop ends by itself once the program's own handles are closed.
-    /// Only the worker process's own [`Worker`] (from
+    /// then, and so does a worker without this callback (unless the loop's
+    /// [exit handler](super::set_exit_handler) was replaced); an embedder
+    /// that must not lose its process that way (to flush, to run
+    /// destructors, to go on without the cluster) sets its own. When it
+    /// runs, the channel is closed and the worker's cluster state dropped,
+    /// so the loop ends by itself once the program's own handles are
+    /// closed. Only the worker process's own [`Worker`] (from
     /// [`setup_worker`](super::setup_worker)) is ever asked.
     ///
     /// # Examples
@@ -398,7 +358,7 @@ impl Worker {
     ///
     /// let mut lp = Loop::new()?;
     /// if let Some(worker) = cluster::setup_worker(&mut lp)? {
-    ///     worker.on_exit_request(|lp, _, why| {
+    ///     worker.on_exit_request(&mut lp, |lp, _, why| {
     ///         eprintln!("leaving the cluster: {why:?}");
     ///         lp.stop();
     ///     });
@@ -407,62 +367,113 @@ impl Worker {
     /// // Clean up here, then return from main.
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn on_exit_request(&self, cb: impl FnMut(&mut Loop, &Worker, ExitRequest) + 'static) {
-        self.inner.borrow_mut().on_exit_request = Some(Box::new(cb));
+    pub fn on_exit_request(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, ExitRequest) + 'static,
+    ) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_exit_request.set(Box::new(cb));
+        }
     }
 
     /// Ends the worker's process as [`on_exit_request`](Self::on_exit_request)
-    /// says; by default as Node does.
-    pub(crate) fn request_exit(&self, lp: &mut Loop, why: ExitRequest) {
-        let cb = self.inner.borrow_mut().on_exit_request.take();
-        match cb {
-            Some(mut cb) => {
-                cb(lp, self, why);
-                let mut i = self.inner.borrow_mut();
-                if i.on_exit_request.is_none() {
-                    i.on_exit_request = Some(cb);
-                }
-            }
-            // Node: `process.exit(kNoFailure)`.
-            None => std::process::exit(0),
+    /// says; without one, as the loop's exit handler says (by default as
+    /// Node does).
+    pub(crate) fn request_exit(self, lp: &mut Loop, why: ExitRequest) {
+        let asked = lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_exit_request),
+            |lp, f| f(lp, self, why),
+        );
+        if asked.is_none() {
+            super::exit_by_default(lp, self, why);
         }
     }
 
-    emitter!(emit_online, on_online, ());
-    emitter!(emit_listening, on_listening, (a: &Address));
-    emitter!(emit_disconnect, on_disconnect, ());
-    emitter!(emit_exit, on_exit, (code: Option<i64>, signal: Option<Signum>));
-    emitter!(emit_error, on_error, (e: &ClusterError));
+    pub(crate) fn emit_online(self, lp: &mut Loop) {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_online),
+            |lp, f| f(lp, self),
+        );
+    }
 
-    /// Delivers a user message; without a callback, a handle that came with
-    /// it is closed.
-    pub(crate) fn emit_message(&self, lp: &mut Loop, msg: RawMessage, h: Option<Socket>) -> bool {
-        let cb = self.inner.borrow_mut().on_message.take();
-        match cb {
-            Some(mut cb) => {
-                match &mut cb {
-                    MessageSlot::Value(f) => f(lp, self, msg.into_value(), h),
-                    MessageSlot::Raw(f) => f(lp, self, msg, h),
-                }
-                let mut i = self.inner.borrow_mut();
-                if i.on_message.is_none() {
-                    i.on_message = Some(cb);
-                }
-                true
-            }
-            None => false,
+    pub(crate) fn emit_listening(self, lp: &mut Loop, a: &Address) {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_listening),
+            |lp, f| f(lp, self, a),
+        );
+    }
+
+    pub(crate) fn emit_disconnect(self, lp: &mut Loop) {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_disconnect),
+            |lp, f| f(lp, self),
+        );
+    }
+
+    pub(crate) fn emit_exit(self, lp: &mut Loop, code: Option<i64>, signal: Option<Signum>) {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_exit),
+            |lp, f| f(lp, self, code, signal),
+        );
+    }
+
+    pub(crate) fn emit_error(self, lp: &mut Loop, e: &ClusterError) {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_error),
+            |lp, f| f(lp, self, e),
+        );
+    }
+
+    /// Delivers a user message; `false` without a callback (the caller then
+    /// owns the handle).
+    pub(crate) fn emit_message(self, lp: &mut Loop, msg: RawMessage, h: Option<Socket>) -> bool {
+        lp.call_slot(
+            |lp| rec_mut(lp, self).map(|r| &mut r.on_message),
+            |lp, f| f(lp, self, msg, h),
+        )
+        .is_some()
+    }
+
+    pub(crate) fn set_state(self, lp: &mut Loop, state: WorkerState) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.state = state;
         }
     }
 
-    /// Drops every callback (breaks reference cycles once the worker is gone).
-    pub(crate) fn clear_callbacks(&self) {
-        let mut i = self.inner.borrow_mut();
-        i.on_online = None;
-        i.on_listening = None;
-        i.on_message = None;
-        i.on_disconnect = None;
-        i.on_exit = None;
-        i.on_error = None;
-        i.on_exit_request = None;
+    pub(crate) fn set_exited_after_disconnect(self, lp: &mut Loop, on: bool) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.exited_after_disconnect = Some(on);
+        }
+    }
+
+    /// The worker reached `state` (`Disconnected` or `Dead`): whether it
+    /// left by a disconnect is decided now if it was not before. Returns
+    /// its exit code and signal.
+    pub(crate) fn settle(self, lp: &mut Loop, state: WorkerState) -> (Option<i64>, Option<Signum>) {
+        let Some(r) = rec_mut(lp, self) else {
+            return (None, None);
+        };
+        r.exited_after_disconnect = Some(r.exited_after_disconnect.unwrap_or(false));
+        r.state = state;
+        (r.exit_code, r.signal_code)
+    }
+
+    /// Drops the record of a worker that never existed (its fork failed).
+    pub(crate) fn forget(self, lp: &mut Loop) {
+        lp.context_mut::<ClusterContext>().workers.remove(self.rec);
+    }
+
+    /// Drops every callback once the worker is gone.
+    pub(crate) fn clear_callbacks(self, lp: &mut Loop) {
+        if let Some(r) = rec_mut(lp, self) {
+            r.on_online.clear();
+            r.on_listening.clear();
+            r.on_message.clear();
+            r.on_disconnect.clear();
+            r.on_exit.clear();
+            r.on_error.clear();
+            r.on_exit_request.clear();
+        }
     }
 }

@@ -17,12 +17,9 @@
 //! lines than its budget is disconnected, and reports of bad lines are
 //! rate-limited ([`ChannelOptions`]).
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -32,23 +29,21 @@ use serde_json::{Map, Value};
 use super::frame::{self, DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE, Decoder, FrameError};
 use super::json;
 use super::message::{self, HandleKind, Incoming, NODE_CLUSTER, RawMessage, is_internal};
-use crate::uv::{Handle, Loop, Pipe, Socket};
+use crate::uv::{CallbackSlot, Handle, Id, Ids, Loop, Pipe, Socket};
 
 /// Callback for user or internal messages: the message and the handle that
 /// came with it, if any. The callback owns the handle (it must close it).
-pub type MessageCb = Box<dyn FnMut(&mut Loop, &Channel, Value, Option<Socket>)>;
+pub type MessageCb = Box<dyn FnMut(&mut Loop, Channel, Value, Option<Socket>)>;
 /// Callback for user messages with their JSON text
 /// ([`Channel::on_message_raw`]).
-pub type RawMessageCb = Box<dyn FnMut(&mut Loop, &Channel, RawMessage, Option<Socket>)>;
+pub type RawMessageCb = Box<dyn FnMut(&mut Loop, Channel, RawMessage, Option<Socket>)>;
 /// Callback for the reply to a request sent with [`Channel::send_cluster`].
-pub type ReplyCb = Box<dyn FnOnce(&mut Loop, &Channel, Value, Option<Socket>)>;
+pub type ReplyCb = Box<dyn FnOnce(&mut Loop, Channel, Value, Option<Socket>)>;
 /// Callback run once a message has been handed to the kernel, or failed.
 pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
 /// Callback told how a handle sent with [`Channel::send_cluster_handle`]
 /// fared; see [`HandleDelivery`].
-pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, &Channel, HandleDelivery)>;
-type ErrorCb = Box<dyn FnMut(&mut Loop, &Channel, ChannelError)>;
-type DisconnectCb = Box<dyn FnMut(&mut Loop, &Channel)>;
+pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, Channel, HandleDelivery)>;
 
 /// The `msg` of an encoded `NODE_HANDLE` wrapper, as its own line.
 fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
@@ -318,20 +313,23 @@ struct Outgoing {
 struct Awaiting {
     /// The handle to close when the answer comes (`AfterAck::Close`).
     to_close: Option<Socket>,
-    /// Shared with the write's callback, which reports a failed write.
-    delivery: Rc<std::cell::Cell<Option<DeliveryCb>>>,
+    /// The number of the write that carried it: its write callback and its
+    /// ACK find its delivery callback (in [`ChannelState::deliveries`]) by
+    /// this number.
+    write: u64,
     /// The `seq` of the message, when a reply to it is awaited.
     reply_seq: Option<u64>,
 }
 
-/// The user-message callback, with or without the JSON text.
-enum UserCb {
-    Value(MessageCb),
-    Raw(RawMessageCb),
-}
+type UserFn = dyn FnMut(&mut Loop, Channel, RawMessage, Option<Socket>);
+type InternalFn = dyn FnMut(&mut Loop, Channel, Value, Option<Socket>);
+type ErrorFn = dyn FnMut(&mut Loop, Channel, ChannelError);
+type DisconnectFn = dyn FnMut(&mut Loop, Channel);
 
-struct Inner {
-    pipe: Handle<Pipe>,
+/// A channel's state, owned by the loop (in the `ipc` layer's context,
+/// [`IpcContext`]) and named by a [`Channel`] id. It lives from
+/// [`Channel::open`] until the pipe's close completes.
+pub(crate) struct ChannelState {
     decoder: Decoder,
     opts: ChannelOptions,
     /// Bad lines received so far, and how many of them went unreported.
@@ -343,14 +341,21 @@ struct Inner {
     /// How many handles may await their ACK at once (1: Node's sender).
     handles_in_flight: usize,
     queue: VecDeque<Outgoing>,
-    on_message: Option<UserCb>,
-    on_internal: Option<MessageCb>,
-    on_error: Option<ErrorCb>,
-    on_disconnect: Option<DisconnectCb>,
+    on_message: CallbackSlot<UserFn>,
+    on_internal: CallbackSlot<InternalFn>,
+    on_error: CallbackSlot<ErrorFn>,
+    on_disconnect: CallbackSlot<DisconnectFn>,
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
     backlog: VecDeque<(RawMessage, Option<Socket>)>,
     replies: HashMap<u64, ReplyCb>,
+    /// The delivery callbacks of handles sent with `send_cluster_handle`,
+    /// by the number of their write, until the peer's answer or the
+    /// write's failure. Kept after the channel closes (a write cancelled by
+    /// the close still reports), until the state is dropped.
+    deliveries: HashMap<u64, DeliveryCb>,
+    /// The number of the next write that carries a handle.
+    next_write: u64,
     /// While the channel handles one read's messages, messages without a
     /// handle that callbacks send are coalesced here and written in one go
     /// when the read is done.
@@ -359,8 +364,66 @@ struct Inner {
     corked_cbs: Vec<SentCb>,
 }
 
-/// One end of a Node IPC channel. Cloning gives another reference to the
-/// same channel.
+impl ChannelState {
+    fn new(opts: ChannelOptions) -> ChannelState {
+        ChannelState {
+            decoder: Decoder::new(opts.max_message),
+            opts,
+            bad_lines: 0,
+            unreported: 0,
+            state: State::Open,
+            awaiting: VecDeque::new(),
+            handles_in_flight: 1,
+            queue: VecDeque::new(),
+            on_message: CallbackSlot::empty(),
+            on_internal: CallbackSlot::empty(),
+            on_error: CallbackSlot::empty(),
+            on_disconnect: CallbackSlot::empty(),
+            backlog: VecDeque::new(),
+            replies: HashMap::new(),
+            deliveries: HashMap::new(),
+            next_write: 0,
+            in_read: false,
+            corked: Vec::new(),
+            corked_cbs: Vec::new(),
+        }
+    }
+}
+
+/// The `ipc` layer's state, kept in the loop ([`Loop::context_mut`]): the
+/// channels, by id, and the `seq` counter of cluster messages.
+#[derive(Default)]
+pub(crate) struct IpcContext {
+    channels: Ids<ChannelState>,
+    /// The `seq` of the next cluster message: one counter for every channel
+    /// of the loop, as Node's process has one (a primary numbers its
+    /// messages to all workers from it). One loop per process, as in Node,
+    /// makes it the process's counter.
+    seq: u64,
+}
+
+fn st(lp: &Loop, ch: Channel) -> Option<&ChannelState> {
+    lp.context::<IpcContext>()?.channels.get(ch.id)
+}
+
+fn st_mut(lp: &mut Loop, ch: Channel) -> Option<&mut ChannelState> {
+    lp.context_mut::<IpcContext>().channels.get_mut(ch.id)
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "IPC channel is closed")
+}
+
+/// One end of a Node IPC channel: a typed id for state the loop owns.
+///
+/// Like a [`Server`](crate::net::Server), a `Channel` is a copyable id:
+/// the loop keeps the channel's state (its decoder, queues and callbacks),
+/// every method takes the loop, and every callback receives `&mut Loop` and
+/// the channel's id. The state lives from [`open`](Self::open) until its
+/// pipe has closed (after the disconnect callback); from then on the id is
+/// stale and the channel answers as a closed one (`send` fails with
+/// `NotConnected`, `is_connected` is `false`). An open channel lives as long
+/// as its pipe, whether or not anyone keeps its id, as a Node channel does.
 ///
 /// # Examples
 ///
@@ -381,34 +444,20 @@ struct Inner {
 /// });
 /// a.send(&mut lp, &json!({"hello": "world"}), None)?;
 /// lp.run(RunMode::Default)?;
-/// assert!(!a.is_connected() && !b.is_connected());
+/// assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Channel {
-    inner: Rc<RefCell<Inner>>,
+    id: Id<ChannelState>,
+    pipe: Handle<Pipe>,
 }
 
-impl fmt::Debug for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("Channel")
-            .field("pipe", &i.pipe)
-            .field("state", &i.state)
-            .field("awaiting_ack", &i.awaiting.len())
-            .field("queued", &i.queue.len())
-            .finish()
-    }
-}
-
-/// The `seq` counter of cluster messages: one per process, as in Node,
-/// shared by every channel (a primary numbers its messages to all workers
-/// from one counter).
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// `{"cmd":"NODE_CLUSTER", ...fields, "seq":n}` with the next `seq`.
-fn cluster_message(fields: &mut Map<String, Value>) -> (u64, Map<String, Value>) {
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+/// `{"cmd":"NODE_CLUSTER", ...fields, "seq":n}` with the loop's next `seq`.
+fn cluster_message(lp: &mut Loop, fields: &mut Map<String, Value>) -> (u64, Map<String, Value>) {
+    let ctx = lp.context_mut::<IpcContext>();
+    let seq = ctx.seq;
+    ctx.seq += 1;
     let mut msg = Map::new();
     msg.insert("cmd".into(), NODE_CLUSTER.into());
     msg.append(fields);
@@ -436,35 +485,14 @@ impl Channel {
                 "an IPC channel needs a pipe opened in IPC mode",
             ));
         }
-        let ch = Channel {
-            inner: Rc::new(RefCell::new(Inner {
-                pipe,
-                decoder: Decoder::new(opts.max_message),
-                opts,
-                bad_lines: 0,
-                unreported: 0,
-                state: State::Open,
-                awaiting: VecDeque::new(),
-                handles_in_flight: 1,
-                queue: VecDeque::new(),
-                on_message: None,
-                on_internal: None,
-                on_error: None,
-                on_disconnect: None,
-                backlog: VecDeque::new(),
-                replies: HashMap::new(),
-                in_read: false,
-                corked: Vec::new(),
-                corked_cbs: Vec::new(),
-            })),
-        };
-        // The read callback holds the channel: an open channel lives as long
-        // as its pipe, whether or not the caller keeps a `Channel` (as a
-        // Node channel does). Closing the pipe drops the callback, and with
-        // it this reference; `close_now` clears the user callbacks that
-        // could hold the channel in a cycle.
-        let me = ch.clone();
-        lp.read_start(pipe, move |lp, _, r| me.on_read(lp, r))?;
+        let id = (lp.context_mut::<IpcContext>().channels).insert(ChannelState::new(opts));
+        let ch = Channel { id, pipe };
+        // The read callback names the channel by its id: the channel lives
+        // as long as its pipe, whether or not the caller keeps the id.
+        if let Err(e) = lp.read_start(pipe, move |lp, _, r| ch.on_read(lp, r)) {
+            lp.context_mut::<IpcContext>().channels.remove(id);
+            return Err(e);
+        }
         Ok(ch)
     }
 
@@ -511,13 +539,15 @@ impl Channel {
     }
 
     /// The pipe under the channel.
-    pub fn pipe(&self) -> Handle<Pipe> {
-        self.inner.borrow().pipe
+    /// The pipe under the channel.
+    pub fn pipe(self) -> Handle<Pipe> {
+        self.pipe
     }
 
-    /// Whether the channel is open: neither end has disconnected.
-    pub fn is_connected(&self) -> bool {
-        self.inner.borrow().state == State::Open
+    /// Whether the channel is open: neither end has disconnected (and its
+    /// state is still in `lp`).
+    pub fn is_connected(self, lp: &Loop) -> bool {
+        st(lp, self).is_some_and(|s| s.state == State::Open)
     }
 
     /// Sets the callback for user messages. Messages that arrived before it
@@ -526,11 +556,14 @@ impl Channel {
     /// its place; [`on_message_raw`](Self::on_message_raw) also gives the
     /// exact text.
     pub fn on_message(
-        &self,
+        self,
         lp: &mut Loop,
-        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Socket>) + 'static,
+        mut cb: impl FnMut(&mut Loop, Channel, Value, Option<Socket>) + 'static,
     ) {
-        self.set_user_cb(lp, UserCb::Value(Box::new(cb)));
+        self.set_user_cb(
+            lp,
+            Box::new(move |lp, ch, m: RawMessage, h| cb(lp, ch, m.into_value(), h)),
+        );
     }
 
     /// Sets the callback for user messages, given as [`RawMessage`]s: the
@@ -566,45 +599,47 @@ impl Channel {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn on_message_raw(
-        &self,
+        self,
         lp: &mut Loop,
-        cb: impl FnMut(&mut Loop, &Channel, RawMessage, Option<Socket>) + 'static,
+        cb: impl FnMut(&mut Loop, Channel, RawMessage, Option<Socket>) + 'static,
     ) {
-        self.set_user_cb(lp, UserCb::Raw(Box::new(cb)));
+        self.set_user_cb(lp, Box::new(cb));
     }
 
-    fn set_user_cb(&self, lp: &mut Loop, cb: UserCb) {
-        let replay = {
-            let mut i = self.inner.borrow_mut();
-            i.on_message = Some(cb);
-            !i.backlog.is_empty()
-        };
-        if replay {
-            let t = lp.timer_init();
-            let weak = Rc::downgrade(&self.inner);
-            let _ = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
-                lp.close_if_open(t);
-                if let Some(inner) = weak.upgrade() {
-                    let ch = Channel { inner };
-                    loop {
-                        let item = ch.inner.borrow_mut().backlog.pop_front();
-                        let Some((v, h)) = item else { break };
-                        if let Err((v, h)) = ch.deliver_user(lp, v, h) {
-                            ch.inner.borrow_mut().backlog.push_front((v, h));
-                            break;
-                        }
-                    }
+    fn set_user_cb(self, lp: &mut Loop, cb: Box<UserFn>) {
+        let Some(s) = st_mut(lp, self) else { return };
+        s.on_message.set(cb);
+        if s.backlog.is_empty() {
+            return;
+        }
+        let t = lp.timer_init();
+        let started = lp.timer_start(t, Duration::ZERO, Duration::ZERO, move |lp, t| {
+            lp.close_if_open(t);
+            self.replay_backlog(lp);
+        });
+        if started.is_err() {
+            lp.close_if_open(t);
+        }
+    }
+
+    /// Delivers the user messages that arrived before there was a callback.
+    fn replay_backlog(self, lp: &mut Loop) {
+        while let Some((m, h)) = st_mut(lp, self).and_then(|s| s.backlog.pop_front()) {
+            if let Err(item) = self.deliver_user(lp, m, h) {
+                if let Some(s) = st_mut(lp, self) {
+                    s.backlog.push_front(item);
                 }
-            });
+                break;
+            }
         }
     }
 
     /// Sets the callback for user messages, deserialized into `T`. A message
     /// that does not fit `T` is passed as `Err` with the raw value dropped.
     pub fn on_message_typed<T: DeserializeOwned + 'static>(
-        &self,
+        self,
         lp: &mut Loop,
-        mut cb: impl FnMut(&mut Loop, &Channel, serde_json::Result<T>, Option<Socket>) + 'static,
+        mut cb: impl FnMut(&mut Loop, Channel, serde_json::Result<T>, Option<Socket>) + 'static,
     ) {
         self.on_message(lp, move |lp, ch, v, h| {
             cb(lp, ch, serde_json::from_value(v), h)
@@ -616,21 +651,32 @@ impl Channel {
     /// [`send_cluster`](Self::send_cluster) requests. Without one they are
     /// dropped (and any handle closed).
     pub fn on_internal(
-        &self,
-        cb: impl FnMut(&mut Loop, &Channel, Value, Option<Socket>) + 'static,
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Channel, Value, Option<Socket>) + 'static,
     ) {
-        self.inner.borrow_mut().on_internal = Some(Box::new(cb));
+        if let Some(s) = st_mut(lp, self) {
+            s.on_internal.set(Box::new(cb));
+        }
     }
 
     /// Sets the callback for faults; without one they are logged.
-    pub fn on_error(&self, cb: impl FnMut(&mut Loop, &Channel, ChannelError) + 'static) {
-        self.inner.borrow_mut().on_error = Some(Box::new(cb));
+    pub fn on_error(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Channel, ChannelError) + 'static,
+    ) {
+        if let Some(s) = st_mut(lp, self) {
+            s.on_error.set(Box::new(cb));
+        }
     }
 
     /// Sets the callback run once when the channel closes, whichever end
     /// disconnected.
-    pub fn on_disconnect(&self, cb: impl FnMut(&mut Loop, &Channel) + 'static) {
-        self.inner.borrow_mut().on_disconnect = Some(Box::new(cb));
+    pub fn on_disconnect(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Channel) + 'static) {
+        if let Some(s) = st_mut(lp, self) {
+            s.on_disconnect.set(Box::new(cb));
+        }
     }
 
     /// Sends a message (`process.send(msg)`). `on_sent` runs once it is
@@ -641,7 +687,7 @@ impl Channel {
     /// # Errors
     ///
     /// `NotConnected` after disconnect; serde_json's error as `InvalidInput`.
-    pub fn send(&self, lp: &mut Loop, msg: &Value, on_sent: Option<SentCb>) -> io::Result<()> {
+    pub fn send(self, lp: &mut Loop, msg: &Value, on_sent: Option<SentCb>) -> io::Result<()> {
         self.send_serde(lp, msg, on_sent)
     }
 
@@ -653,7 +699,7 @@ impl Channel {
     ///
     /// `NotConnected` after disconnect.
     pub fn send_raw(
-        &self,
+        self,
         lp: &mut Loop,
         msg: &RawMessage,
         on_sent: Option<SentCb>,
@@ -677,7 +723,7 @@ impl Channel {
     ///
     /// As [`send`](Self::send).
     pub fn send_serde<T: Serialize + ?Sized>(
-        &self,
+        self,
         lp: &mut Loop,
         msg: &T,
         on_sent: Option<SentCb>,
@@ -704,7 +750,7 @@ impl Channel {
     ///
     /// As [`send`](Self::send); `EBADF` if the handle is closed.
     pub fn send_handle(
-        &self,
+        self,
         lp: &mut Loop,
         msg: Value,
         attach: Attach,
@@ -726,33 +772,44 @@ impl Channel {
     }
 
     /// Sends a cluster message: `{"cmd":"NODE_CLUSTER", ...fields,
-    /// "seq":n}` with `n` from the process-wide counter (Node's
-    /// `sendHelper`). With `reply`, the peer's message carrying `"ack":n`
-    /// goes to it instead of [`on_internal`](Self::on_internal). Returns `n`.
+    /// "seq":n}` with `n` from the loop's counter (Node's `sendHelper`,
+    /// whose counter is the process's). With `reply`, the peer's message
+    /// carrying `"ack":n` goes to it instead of
+    /// [`on_internal`](Self::on_internal). Returns `n`.
     ///
     /// # Errors
     ///
     /// As [`send_handle`](Self::send_handle); `reply` is then dropped.
     pub fn send_cluster(
-        &self,
+        self,
         lp: &mut Loop,
         mut fields: Map<String, Value>,
         attach: Option<Attach>,
         reply: Option<ReplyCb>,
     ) -> io::Result<u64> {
-        let (seq, msg) = cluster_message(&mut fields);
-        if let Some(cb) = reply {
-            self.inner.borrow_mut().replies.insert(seq, cb);
-        }
+        let (seq, msg) = cluster_message(lp, &mut fields);
+        self.expect_reply(lp, seq, reply);
         let r = match attach {
             Some(a) => self.send_handle(lp, Value::Object(msg), a, Map::new(), None),
             None => self.send(lp, &Value::Object(msg), None),
         };
         if let Err(e) = r {
-            self.inner.borrow_mut().replies.remove(&seq);
+            self.forget_reply(lp, seq);
             return Err(e);
         }
         Ok(seq)
+    }
+
+    fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<ReplyCb>) {
+        if let (Some(cb), Some(s)) = (reply, st_mut(lp, self)) {
+            s.replies.insert(seq, cb);
+        }
+    }
+
+    fn forget_reply(self, lp: &mut Loop, seq: u64) {
+        if let Some(s) = st_mut(lp, self) {
+            s.replies.remove(&seq);
+        }
     }
 
     /// Sends a cluster message with a handle, as
@@ -775,18 +832,16 @@ impl Channel {
     /// As [`send_handle`](Self::send_handle); `reply` and `on_delivery` are
     /// then dropped.
     pub fn send_cluster_handle(
-        &self,
+        self,
         lp: &mut Loop,
         mut fields: Map<String, Value>,
         attach: Attach,
         reply: Option<ReplyCb>,
         on_delivery: DeliveryCb,
     ) -> io::Result<u64> {
-        let (seq, msg) = cluster_message(&mut fields);
+        let (seq, msg) = cluster_message(lp, &mut fields);
         let reply_seq = reply.is_some().then_some(seq);
-        if let Some(cb) = reply {
-            self.inner.borrow_mut().replies.insert(seq, cb);
-        }
+        self.expect_reply(lp, seq, reply);
         let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
         let r = frame::encode(&wrapped)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
@@ -802,7 +857,7 @@ impl Channel {
                 )
             });
         if let Err(e) = r {
-            self.inner.borrow_mut().replies.remove(&seq);
+            self.forget_reply(lp, seq);
             return Err(e);
         }
         Ok(seq)
@@ -825,29 +880,29 @@ impl Channel {
     /// # Panics
     ///
     /// If `n` is 0.
-    pub fn set_handles_in_flight(&self, lp: &mut Loop, n: usize) {
+    pub fn set_handles_in_flight(self, lp: &mut Loop, n: usize) {
         assert!(n > 0, "at least one handle must be allowed in flight");
-        self.inner.borrow_mut().handles_in_flight = n;
+        if let Some(s) = st_mut(lp, self) {
+            s.handles_in_flight = n;
+        }
         self.flush(lp);
     }
 
     /// How many handles we sent may await the peer's ACK at once (see
-    /// [`set_handles_in_flight`](Self::set_handles_in_flight)).
-    pub fn handles_in_flight(&self) -> usize {
-        self.inner.borrow().handles_in_flight
+    /// [`set_handles_in_flight`](Self::set_handles_in_flight)); 1 for a
+    /// closed channel.
+    pub fn handles_in_flight(self, lp: &Loop) -> usize {
+        st(lp, self).map_or(1, |s| s.handles_in_flight)
     }
 
     /// Closes the channel (`process.disconnect()`): once handles we sent
     /// have been acknowledged and any partly received message has arrived,
     /// the pipe closes; both ends then see their disconnect callback.
     /// Does nothing if already disconnecting or closed.
-    pub fn disconnect(&self, lp: &mut Loop) {
-        {
-            let mut i = self.inner.borrow_mut();
-            if i.state != State::Open {
-                return;
-            }
-            i.state = State::Disconnecting;
+    pub fn disconnect(self, lp: &mut Loop) {
+        match st_mut(lp, self) {
+            Some(s) if s.state == State::Open => s.state = State::Disconnecting,
+            _ => return,
         }
         self.maybe_finish_disconnect(lp);
     }
@@ -858,30 +913,23 @@ impl Channel {
     /// # Errors
     ///
     /// A closed channel's stale pipe.
-    pub fn set_ref(&self, lp: &mut Loop, on: bool) -> io::Result<()> {
-        let pipe = self.pipe();
+    pub fn set_ref(self, lp: &mut Loop, on: bool) -> io::Result<()> {
         if on {
-            lp.ref_handle(pipe)
+            lp.ref_handle(self.pipe)
         } else {
-            lp.unref_handle(pipe)
+            lp.unref_handle(self.pipe)
         }
     }
 
     // ----- sending ---------------------------------------------------------
 
-    fn submit(&self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
-        {
-            let mut i = self.inner.borrow_mut();
-            if i.state != State::Open {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "IPC channel is closed",
-                ));
-            }
-            if i.awaiting.len() >= i.handles_in_flight || !i.queue.is_empty() {
-                i.queue.push_back(out);
-                return Ok(());
-            }
+    fn submit(self, lp: &mut Loop, out: Outgoing) -> io::Result<()> {
+        let s = st_mut(lp, self)
+            .filter(|s| s.state == State::Open)
+            .ok_or_else(not_connected)?;
+        if s.awaiting.len() >= s.handles_in_flight || !s.queue.is_empty() {
+            s.queue.push_back(out);
+            return Ok(());
         }
         self.write_out(lp, out).map_err(|(e, _)| e)
     }
@@ -890,7 +938,7 @@ impl Channel {
     /// error with the message's delivery callback, which was not called.
     #[allow(clippy::type_complexity)]
     fn write_out(
-        &self,
+        self,
         lp: &mut Loop,
         out: Outgoing,
     ) -> Result<(), (io::Error, Option<(DeliveryCb, Option<u64>)>)> {
@@ -900,24 +948,34 @@ impl Channel {
         };
         // A handle goes with its own write; whatever was corked goes first.
         self.flush_corked(lp);
-        let pipe = self.pipe();
         let (delivery, reply_seq) = match out.delivery {
             Some((cb, seq)) => (Some(cb), seq),
             None => (None, None),
         };
-        let delivery = Rc::new(std::cell::Cell::new(delivery));
-        let done = self.handle_completion(out.on_sent, delivery.clone());
-        let r = lp.write2(pipe, &[&out.bytes], a.handle, done);
-        match r {
+        let Some(s) = st_mut(lp, self) else {
+            return Err((not_connected(), delivery.map(|cb| (cb, reply_seq))));
+        };
+        let write = s.next_write;
+        s.next_write += 1;
+        if let Some(cb) = delivery {
+            s.deliveries.insert(write, cb);
+        }
+        let done = self.handle_completion(out.on_sent, write);
+        match lp.write2(self.pipe, &[&out.bytes], a.handle, done) {
             Ok(()) => {
-                self.inner.borrow_mut().awaiting.push_back(Awaiting {
-                    to_close: (a.after_ack == AfterAck::Close).then_some(a.handle),
-                    delivery,
-                    reply_seq,
-                });
+                if let Some(s) = st_mut(lp, self) {
+                    s.awaiting.push_back(Awaiting {
+                        to_close: (a.after_ack == AfterAck::Close).then_some(a.handle),
+                        write,
+                        reply_seq,
+                    });
+                }
                 Ok(())
             }
-            Err(e) => Err((e, delivery.take().map(|cb| (cb, reply_seq)))),
+            Err(e) => {
+                let cb = st_mut(lp, self).and_then(|s| s.deliveries.remove(&write));
+                Err((e, cb.map(|cb| (cb, reply_seq))))
+            }
         }
     }
 
@@ -926,49 +984,41 @@ impl Channel {
     /// sent by `send_cluster_handle`, a failed write goes to its delivery
     /// callback and the channel stops waiting for an ACK that cannot come.
     fn handle_completion(
-        &self,
+        self,
         on_sent: Option<SentCb>,
-        delivery: Rc<std::cell::Cell<Option<DeliveryCb>>>,
+        write: u64,
     ) -> impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static {
-        let weak = Rc::downgrade(&self.inner);
         let has_on_sent = on_sent.is_some();
         let plain = self.completion(on_sent.into_iter().collect());
         move |lp: &mut Loop, pipe: Handle<Pipe>, r: io::Result<()>| {
-            let failed = match &r {
-                Err(e) => Some(io::Error::new(e.kind(), e.to_string())),
+            let taken = match &r {
+                Err(e) => st_mut(lp, self)
+                    .and_then(|s| s.deliveries.remove(&write))
+                    .map(|cb| (io::Error::new(e.kind(), e.to_string()), cb)),
                 Ok(()) => None,
             };
-            let taken = match (failed, weak.upgrade()) {
-                (Some(e), Some(inner)) => delivery.take().map(|cb| (e, cb, Channel { inner })),
-                _ => None,
-            };
-            let Some((e, cb, ch)) = taken else {
+            let Some((e, cb)) = taken else {
                 return plain(lp, pipe, r);
             };
-            let to_close = {
-                let mut i = ch.inner.borrow_mut();
-                let at = (i.awaiting.iter()).position(|a| Rc::ptr_eq(&a.delivery, &delivery));
-                match at.and_then(|at| i.awaiting.remove(at)) {
-                    Some(a) => {
-                        if let Some(seq) = a.reply_seq {
-                            i.replies.remove(&seq);
-                        }
-                        a.to_close
-                    }
-                    None => None,
+            let to_close = st_mut(lp, self).and_then(|s| {
+                let at = s.awaiting.iter().position(|a| a.write == write)?;
+                let a = s.awaiting.remove(at)?;
+                if let Some(seq) = a.reply_seq {
+                    s.replies.remove(&seq);
                 }
-            };
+                a.to_close
+            });
             if let Some(h) = to_close {
                 lp.close_if_open(h);
             }
-            cb(lp, &ch, HandleDelivery::NotSent(e));
+            cb(lp, self, HandleDelivery::NotSent(e));
             // `on_sent`, if any, still hears of the failure; without one,
             // the delivery callback was the one to tell.
             if has_on_sent {
                 plain(lp, pipe, r);
             }
-            ch.flush(lp);
-            ch.maybe_finish_disconnect(lp);
+            self.flush(lp);
+            self.maybe_finish_disconnect(lp);
         }
     }
 
@@ -976,16 +1026,13 @@ impl Channel {
     /// `on_sent` callbacks are `cbs`: each gets the result; without any, an
     /// error goes to `on_error`.
     fn completion(
-        &self,
+        self,
         cbs: Vec<SentCb>,
     ) -> impl FnOnce(&mut Loop, Handle<Pipe>, io::Result<()>) + 'static {
-        let weak = Rc::downgrade(&self.inner);
         move |lp: &mut Loop, _: Handle<Pipe>, r: io::Result<()>| {
             if cbs.is_empty() {
-                if let Err(e) = r
-                    && let Some(inner) = weak.upgrade()
-                {
-                    Channel { inner }.emit_error(lp, ChannelError::Io(e));
+                if let Err(e) = r {
+                    self.emit_error(lp, ChannelError::Io(e));
                 }
                 return;
             }
@@ -1003,50 +1050,47 @@ impl Channel {
     /// a read, adds it to that read's coalesced write: the answers to every
     /// message of one read then cost one `write` instead of one each. The
     /// coalesced write goes out before the read callback returns to the loop.
-    fn cork(&self, lp: &mut Loop, bytes: &[u8], on_sent: Option<SentCb>) {
+    fn cork(self, lp: &mut Loop, bytes: &[u8], on_sent: Option<SentCb>) {
+        if let Some(s) = st_mut(lp, self)
+            && s.in_read
         {
-            let mut i = self.inner.borrow_mut();
-            if i.in_read {
-                i.corked.extend_from_slice(bytes);
-                if let Some(cb) = on_sent {
-                    i.corked_cbs.push(cb);
-                }
-                return;
+            s.corked.extend_from_slice(bytes);
+            if let Some(cb) = on_sent {
+                s.corked_cbs.push(cb);
             }
+            return;
         }
         let done = self.completion(on_sent.into_iter().collect());
-        if let Err(e) = lp.write(self.pipe(), &[bytes], done) {
+        if let Err(e) = lp.write(self.pipe, &[bytes], done) {
             self.emit_error(lp, ChannelError::Io(e));
         }
     }
 
     /// Writes the coalesced messages now.
-    fn flush_corked(&self, lp: &mut Loop) {
-        let (bytes, cbs) = {
-            let mut i = self.inner.borrow_mut();
-            if i.corked.is_empty() {
-                return;
-            }
-            (
-                std::mem::take(&mut i.corked),
-                std::mem::take(&mut i.corked_cbs),
-            )
+    fn flush_corked(self, lp: &mut Loop) {
+        let Some(s) = st_mut(lp, self).filter(|s| !s.corked.is_empty()) else {
+            return;
         };
+        let (bytes, cbs) = (
+            std::mem::take(&mut s.corked),
+            std::mem::take(&mut s.corked_cbs),
+        );
         let done = self.completion(cbs);
-        if let Err(e) = lp.write(self.pipe(), &[&bytes], done) {
+        if let Err(e) = lp.write(self.pipe, &[&bytes], done) {
             self.emit_error(lp, ChannelError::Io(e));
         }
         // Keep the buffer's allocation for the next batch.
-        let mut i = self.inner.borrow_mut();
-        if i.corked.is_empty() {
+        if let Some(s) = st_mut(lp, self)
+            && s.corked.is_empty()
+        {
             let mut b = bytes;
             b.clear();
-            i.corked = b;
+            s.corked = b;
         }
     }
 
-    fn write_ack(&self, lp: &mut Loop, ok: bool) {
-        if self.inner.borrow().state == State::Closed {
+    fn write_ack(self, lp: &mut Loop, ok: bool) {
+        if st(lp, self).is_none_or(|s| s.state == State::Closed) {
             return;
         }
         let line: &[u8] = if ok {
@@ -1058,23 +1102,26 @@ impl Channel {
         self.cork(lp, line, None);
     }
 
-    fn on_ack(&self, lp: &mut Loop, ok: bool) {
+    fn on_ack(self, lp: &mut Loop, ok: bool) {
         // The peer answers handles in the order it reads them.
-        let waiting = self.inner.borrow_mut().awaiting.pop_front();
+        let waiting = st_mut(lp, self).and_then(|s| {
+            let a = s.awaiting.pop_front()?;
+            if !ok && let Some(seq) = a.reply_seq {
+                // The peer dropped the message: no reply will come.
+                s.replies.remove(&seq);
+            }
+            Some((a.to_close, s.deliveries.remove(&a.write)))
+        });
         match waiting {
             None => log::warn!(
                 "IPC: NODE_HANDLE_{} with no handle in flight",
                 if ok { "ACK" } else { "NACK" }
             ),
-            Some(a) => {
-                if let Some(h) = a.to_close {
+            Some((to_close, delivery)) => {
+                if let Some(h) = to_close {
                     lp.close_if_open(h);
                 }
-                if !ok && let Some(seq) = a.reply_seq {
-                    // The peer dropped the message: no reply will come.
-                    self.inner.borrow_mut().replies.remove(&seq);
-                }
-                match a.delivery.take() {
+                match delivery {
                     Some(cb) => {
                         let d = if ok {
                             HandleDelivery::Acked
@@ -1092,14 +1139,13 @@ impl Channel {
         self.maybe_finish_disconnect(lp);
     }
 
-    fn flush(&self, lp: &mut Loop) {
+    fn flush(self, lp: &mut Loop) {
         loop {
-            let next = {
-                let mut i = self.inner.borrow_mut();
-                if i.awaiting.len() >= i.handles_in_flight || i.state == State::Closed {
-                    return;
+            let next = match st_mut(lp, self) {
+                Some(s) if s.awaiting.len() < s.handles_in_flight && s.state != State::Closed => {
+                    s.queue.pop_front()
                 }
-                i.queue.pop_front()
+                _ => return,
             };
             let Some(mut out) = next else { return };
             // Node's `_send`: a socket closed while its message was queued
@@ -1115,7 +1161,7 @@ impl Channel {
                 Ok(()) => {}
                 Err((e, Some((cb, seq)))) => {
                     if let Some(seq) = seq {
-                        self.inner.borrow_mut().replies.remove(&seq);
+                        self.forget_reply(lp, seq);
                     }
                     cb(lp, self, HandleDelivery::NotSent(e));
                 }
@@ -1124,167 +1170,156 @@ impl Channel {
         }
     }
 
-    fn maybe_finish_disconnect(&self, lp: &mut Loop) {
-        let ready = {
-            let i = self.inner.borrow();
-            i.state == State::Disconnecting
-                && i.awaiting.is_empty()
-                && i.queue.is_empty()
-                && i.decoder.at_boundary()
-        };
+    fn maybe_finish_disconnect(self, lp: &mut Loop) {
+        let ready = st(lp, self).is_some_and(|s| {
+            s.state == State::Disconnecting
+                && s.awaiting.is_empty()
+                && s.queue.is_empty()
+                && s.decoder.at_boundary()
+        });
         if ready {
             self.close_channel(lp, true);
         }
     }
 
-    /// Closes the pipe; the disconnect callback runs from its close callback.
+    /// Closes the channel at once (after EOF or an error).
+    fn close_now(self, lp: &mut Loop) {
+        self.close_channel(lp, false);
+    }
+
     /// Closes the channel. After a local `disconnect` (`graceful`), what is
     /// already written or corked still reaches the peer: the pipe is shut
     /// down once its write queue drains, then closed. After EOF or an error
     /// it closes at once. The disconnect callback runs from the pipe's close
-    /// callback.
-    fn close_now(&self, lp: &mut Loop) {
-        self.close_channel(lp, false);
-    }
-
-    fn close_channel(&self, lp: &mut Loop, graceful: bool) {
+    /// callback ([`finish_close`](Self::finish_close)).
+    fn close_channel(self, lp: &mut Loop, graceful: bool) {
         if graceful {
             self.flush_corked(lp);
         }
-        let (pipe, queued, unreported) = {
-            let mut i = self.inner.borrow_mut();
-            if i.state == State::Closed {
-                return;
-            }
-            i.state = State::Closed;
-            i.awaiting.clear();
-            i.replies.clear();
-            i.corked.clear();
-            i.corked_cbs.clear();
-            (
-                i.pipe,
-                std::mem::take(&mut i.queue),
-                std::mem::take(&mut i.unreported),
-            )
+        let Some(s) = st_mut(lp, self).filter(|s| s.state != State::Closed) else {
+            return;
         };
+        s.state = State::Closed;
+        s.awaiting.clear();
+        s.replies.clear();
+        s.corked.clear();
+        s.corked_cbs.clear();
+        let unreported = std::mem::take(&mut s.unreported);
         if unreported > 0 {
             self.emit_error(lp, ChannelError::BadLinesNotReported { count: unreported });
         }
-        let inner = self.inner.clone();
-        let finish = move |lp: &mut Loop| {
-            for out in queued {
-                if let Some(cb) = out.on_sent {
-                    cb(
-                        lp,
-                        Err(io::Error::new(
-                            io::ErrorKind::NotConnected,
-                            "IPC channel closed",
-                        )),
-                    );
-                }
-            }
-            let ch = Channel { inner };
-            let cb = ch.inner.borrow_mut().on_disconnect.take();
-            if let Some(mut cb) = cb {
-                cb(lp, &ch);
-            }
-            // Break reference cycles through callbacks that hold the channel.
-            let mut i = ch.inner.borrow_mut();
-            i.on_message = None;
-            i.on_internal = None;
-            i.on_error = None;
-            let backlog = std::mem::take(&mut i.backlog);
-            drop(i);
-            for (_, h) in backlog {
-                if let Some(h) = h {
-                    lp.close_if_open(h);
-                }
-            }
-        };
         if graceful {
-            let finish = std::cell::Cell::new(Some(finish));
-            let finish = Rc::new(finish);
-            let f2 = finish.clone();
-            let shut = lp.shutdown(pipe, move |lp, pipe, _| {
-                if let Some(f) = f2.take() {
-                    let _ = lp.close(pipe, f);
-                }
+            let shut = lp.shutdown(self.pipe, move |lp, pipe, _| {
+                let _ = lp.close(pipe, move |lp| self.finish_close(lp));
             });
             if shut.is_ok() {
                 return;
             }
-            if let Some(f) = finish.take() {
-                let _ = lp.close(pipe, f);
-            }
-            return;
         }
-        let _ = lp.close(pipe, finish);
+        let _ = lp.close(self.pipe, move |lp| self.finish_close(lp));
+    }
+
+    /// The pipe has closed: fail what was still queued, run the disconnect
+    /// callback, and drop the channel's state (its id is stale from here).
+    fn finish_close(self, lp: &mut Loop) {
+        let queued = st_mut(lp, self).map(|s| std::mem::take(&mut s.queue));
+        for out in queued.into_iter().flatten() {
+            if let Some(cb) = out.on_sent {
+                cb(
+                    lp,
+                    Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "IPC channel closed",
+                    )),
+                );
+            }
+        }
+        lp.call_slot(
+            |lp| st_mut(lp, self).map(|s| &mut s.on_disconnect),
+            |lp, f| f(lp, self),
+        );
+        let removed = lp.context_mut::<IpcContext>().channels.remove(self.id);
+        for (_, h) in removed.into_iter().flat_map(|s| s.backlog) {
+            if let Some(h) = h {
+                lp.close_if_open(h);
+            }
+        }
     }
 
     // ----- receiving -------------------------------------------------------
 
-    fn on_read(&self, lp: &mut Loop, r: io::Result<&[u8]>) {
+    fn on_read(self, lp: &mut Loop, r: io::Result<&[u8]>) {
         match r {
             Err(e) => {
                 self.emit_error(lp, ChannelError::Io(e));
                 self.close_now(lp);
             }
             Ok([]) => {
-                let res = self.inner.borrow().decoder.finish();
-                if let Err(e) = res {
+                if let Some(Err(e)) = st(lp, self).map(|s| s.decoder.finish()) {
                     self.fault(lp, ChannelError::Frame(e));
                 }
                 self.drop_stray_fds(lp);
                 self.close_now(lp);
             }
             Ok(data) => {
-                self.inner.borrow_mut().decoder.push(data);
+                if let Some(s) = st_mut(lp, self) {
+                    s.decoder.push(data);
+                }
                 self.drain_lines(lp);
             }
         }
     }
 
-    fn drain_lines(&self, lp: &mut Loop) {
-        self.inner.borrow_mut().in_read = true;
+    fn set_in_read(self, lp: &mut Loop, on: bool) {
+        if let Some(s) = st_mut(lp, self) {
+            s.in_read = on;
+        }
+    }
+
+    fn drain_lines(self, lp: &mut Loop) {
+        self.set_in_read(lp, true);
         self.drain_lines_inner(lp);
-        self.inner.borrow_mut().in_read = false;
-        if self.inner.borrow().state != State::Closed {
+        self.set_in_read(lp, false);
+        if st(lp, self).is_some_and(|s| s.state != State::Closed) {
             self.flush_corked(lp);
         }
     }
 
-    fn drain_lines_inner(&self, lp: &mut Loop) {
-        loop {
-            let item = {
-                let mut i = self.inner.borrow_mut();
-                if i.state == State::Closed {
-                    return;
-                }
-                let max_depth = i.opts.max_depth;
-                let decoder = &mut i.decoder;
-                match decoder.next_line() {
-                    None => break,
-                    Some(Ok(line)) => match json::parse(line, max_depth) {
-                        Ok(p) => Ok(Line::decoded(line, p)),
-                        Err(e) => Err((e, json::claims_node_handle(line))),
-                    },
-                    Some(Err(e)) => {
-                        // An oversized line is reported at once; its fd (if
-                        // any) came with its first bytes, which are kept.
-                        let claims = decoder
-                            .skipped_prefix()
-                            .is_some_and(json::claims_node_handle);
-                        Err((e, claims))
-                    }
-                }
-            };
+    /// The next complete line, decoded, or why it could not be (with
+    /// whether it claims to carry a handle); `None` when no line is
+    /// complete or the channel is closed.
+    fn next_line(self, lp: &mut Loop) -> Option<Result<Line, (FrameError, bool)>> {
+        let s = st_mut(lp, self).filter(|s| s.state != State::Closed)?;
+        let max_depth = s.opts.max_depth;
+        let decoder = &mut s.decoder;
+        Some(match decoder.next_line()? {
+            Ok(line) => match json::parse(line, max_depth) {
+                Ok(p) => Ok(Line::decoded(line, p)),
+                Err(e) => Err((e, json::claims_node_handle(line))),
+            },
+            Err(e) => {
+                // An oversized line is reported at once; its fd (if any)
+                // came with its first bytes, which are kept.
+                let claims = decoder
+                    .skipped_prefix()
+                    .is_some_and(json::claims_node_handle);
+                Err((e, claims))
+            }
+        })
+    }
+
+    fn drain_lines_inner(self, lp: &mut Loop) {
+        while let Some(item) = self.next_line(lp) {
             match item {
                 Ok(line) => self.dispatch(lp, line),
                 Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
         }
-        if self.inner.borrow().decoder.at_boundary() {
-            self.drop_stray_fds(lp);
+        match st(lp, self) {
+            None => return,
+            Some(s) if s.state == State::Closed => return,
+            Some(s) if s.decoder.at_boundary() => self.drop_stray_fds(lp),
+            Some(_) => {}
         }
         self.maybe_finish_disconnect(lp);
     }
@@ -1293,13 +1328,13 @@ impl Channel {
     /// the peer (a Node sender queues everything behind a handle until it
     /// is answered) gets the answer a Node receiver would give: ACK when an
     /// fd came, which is then closed, NACK when none did.
-    fn bad_line(&self, lp: &mut Loop, error: FrameError, claims_handle: bool) {
+    fn bad_line(self, lp: &mut Loop, error: FrameError, claims_handle: bool) {
         if !claims_handle {
             self.fault(lp, ChannelError::Frame(error));
             return;
         }
         // Dropping the fd closes it.
-        let had_fd = lp.pipe_take_pending_fd(self.pipe()).is_ok();
+        let had_fd = lp.pipe_take_pending_fd(self.pipe).is_ok();
         self.write_ack(lp, had_fd);
         self.fault(lp, ChannelError::UndecodableHandle { error, had_fd });
     }
@@ -1307,7 +1342,7 @@ impl Channel {
     /// Counts a bad line against the peer's budget, reports it if it is
     /// among the first few, and closes the channel once the budget is
     /// spent.
-    fn fault(&self, lp: &mut Loop, e: ChannelError) {
+    fn fault(self, lp: &mut Loop, e: ChannelError) {
         self.peer_fault(lp, |lp| self.emit_error(lp, e));
     }
 
@@ -1318,21 +1353,22 @@ impl Channel {
     /// that a peer flooding well-formed nonsense is cut off like one
     /// flooding garbage. `report` runs for the first
     /// [`ChannelOptions::report_bad_lines`] faults only; past the budget the
-    /// channel reports [`ChannelError::TooManyBadLines`] and closes.
-    pub fn peer_fault(&self, lp: &mut Loop, report: impl FnOnce(&mut Loop)) {
-        let (report_it, over) = {
-            let mut i = self.inner.borrow_mut();
-            i.bad_lines += 1;
-            let first = i.bad_lines <= i.opts.report_bad_lines;
-            if !first {
-                i.unreported += 1;
-            }
-            let over = i.bad_lines > i.opts.max_bad_lines;
-            if over {
-                i.unreported = 0;
-            }
-            (first, over.then_some((i.bad_lines, i.opts.max_bad_lines)))
+    /// channel reports [`ChannelError::TooManyBadLines`] and closes. On a
+    /// closed channel, `report` runs and nothing is counted.
+    pub fn peer_fault(self, lp: &mut Loop, report: impl FnOnce(&mut Loop)) {
+        let Some(s) = st_mut(lp, self) else {
+            return report(lp);
         };
+        s.bad_lines += 1;
+        let report_it = s.bad_lines <= s.opts.report_bad_lines;
+        if !report_it {
+            s.unreported += 1;
+        }
+        let over = s.bad_lines > s.opts.max_bad_lines;
+        if over {
+            s.unreported = 0;
+        }
+        let over = over.then_some((s.bad_lines, s.opts.max_bad_lines));
         if report_it {
             report(lp);
         }
@@ -1344,10 +1380,9 @@ impl Channel {
 
     /// Fds left once every complete message is handled and no message is
     /// half-read belong to no `NODE_HANDLE`: close them.
-    fn drop_stray_fds(&self, lp: &mut Loop) {
-        let pipe = self.pipe();
+    fn drop_stray_fds(self, lp: &mut Loop) {
         let mut count = 0;
-        while lp.pipe_take_pending_fd(pipe).is_ok() {
+        while lp.pipe_take_pending_fd(self.pipe).is_ok() {
             count += 1;
         }
         if count > 0 {
@@ -1355,7 +1390,7 @@ impl Channel {
         }
     }
 
-    fn dispatch(&self, lp: &mut Loop, line: Line) {
+    fn dispatch(self, lp: &mut Loop, line: Line) {
         match message::classify(line.value) {
             Incoming::User(v) => {
                 let m = RawMessage::received(v, line.exact, line.raw);
@@ -1364,7 +1399,7 @@ impl Channel {
             Incoming::Ack(ok) => self.on_ack(lp, ok),
             Incoming::Internal(v) => self.route_internal(lp, v, None),
             Incoming::Handle { msg, kind } => {
-                let pipe = self.pipe();
+                let pipe = self.pipe;
                 if HandleKind::parse(&kind).is_none() {
                     let _ = lp.pipe_take_pending_fd(pipe);
                     self.write_ack(lp, false);
@@ -1395,83 +1430,137 @@ impl Channel {
         }
     }
 
-    fn route_internal(&self, lp: &mut Loop, v: Value, h: Option<Socket>) {
+    fn route_internal(self, lp: &mut Loop, v: Value, h: Option<Socket>) {
         if message::cmd_of(&v) == Some(NODE_CLUSTER)
             && let Some(ack) = v.get("ack").and_then(Value::as_u64)
+            && let Some(cb) = st_mut(lp, self).and_then(|s| s.replies.remove(&ack))
         {
-            let reply = self.inner.borrow_mut().replies.remove(&ack);
-            if let Some(cb) = reply {
-                cb(lp, self, v, h);
-                return;
-            }
+            cb(lp, self, v, h);
+            return;
         }
-        let cb = self.inner.borrow_mut().on_internal.take();
-        match cb {
-            Some(mut cb) => {
-                cb(lp, self, v, h);
-                let mut i = self.inner.borrow_mut();
-                if i.on_internal.is_none() && i.state != State::Closed {
-                    i.on_internal = Some(cb);
-                }
-            }
-            None => {
-                if let Some(h) = h {
-                    lp.close_if_open(h);
-                }
-            }
+        let mut item = Some((v, h));
+        let called = lp.call_slot(
+            |lp| st_mut(lp, self).map(|s| &mut s.on_internal),
+            |lp, f| {
+                let (v, h) = item.take().expect("called once");
+                f(lp, self, v, h)
+            },
+        );
+        if called.is_none()
+            && let Some((_, Some(h))) = item
+        {
+            lp.close_if_open(h);
         }
     }
 
-    fn emit_user(&self, lp: &mut Loop, m: RawMessage, h: Option<Socket>) {
+    fn emit_user(self, lp: &mut Loop, m: RawMessage, h: Option<Socket>) {
+        // While a backlog waits for its replay, new messages queue behind
+        // it so that they cannot overtake it.
+        if let Some(s) = st_mut(lp, self)
+            && !s.backlog.is_empty()
         {
-            let mut i = self.inner.borrow_mut();
-            // While a backlog waits for its replay, new messages queue
-            // behind it so that they cannot overtake it.
-            if !i.backlog.is_empty() {
-                i.backlog.push_back((m, h));
-                return;
-            }
+            s.backlog.push_back((m, h));
+            return;
         }
-        if let Err(item) = self.deliver_user(lp, m, h) {
-            self.inner.borrow_mut().backlog.push_back(item);
+        if let Err(item) = self.deliver_user(lp, m, h)
+            && let Some(s) = st_mut(lp, self)
+        {
+            s.backlog.push_back(item);
         }
     }
 
     /// Runs the message callback; gives the message back without one.
     fn deliver_user(
-        &self,
+        self,
         lp: &mut Loop,
         m: RawMessage,
         h: Option<Socket>,
     ) -> Result<(), (RawMessage, Option<Socket>)> {
-        let cb = self.inner.borrow_mut().on_message.take();
-        match cb {
-            Some(mut cb) => {
-                match &mut cb {
-                    UserCb::Value(f) => f(lp, self, m.into_value(), h),
-                    UserCb::Raw(f) => f(lp, self, m, h),
-                }
-                let mut i = self.inner.borrow_mut();
-                if i.on_message.is_none() && i.state != State::Closed {
-                    i.on_message = Some(cb);
-                }
-                Ok(())
-            }
-            None => Err((m, h)),
+        let mut item = Some((m, h));
+        let called = lp.call_slot(
+            |lp| st_mut(lp, self).map(|s| &mut s.on_message),
+            |lp, f| {
+                let (m, h) = item.take().expect("called once");
+                f(lp, self, m, h)
+            },
+        );
+        match (called, item) {
+            (None, Some(item)) => Err(item),
+            _ => Ok(()),
         }
     }
 
-    fn emit_error(&self, lp: &mut Loop, e: ChannelError) {
-        let cb = self.inner.borrow_mut().on_error.take();
-        match cb {
-            Some(mut cb) => {
-                cb(lp, self, e);
-                let mut i = self.inner.borrow_mut();
-                if i.on_error.is_none() {
-                    i.on_error = Some(cb);
-                }
-            }
-            None => log::error!("IPC channel: {e}"),
+    /// Reports a fault to the error callback; without one it is logged.
+    /// Nothing is reported for a channel whose state is gone.
+    fn emit_error(self, lp: &mut Loop, e: ChannelError) {
+        if st(lp, self).is_none() {
+            return;
         }
+        let mut e = Some(e);
+        lp.call_slot(
+            |lp| st_mut(lp, self).map(|s| &mut s.on_error),
+            |lp, f| f(lp, self, e.take().expect("called once")),
+        );
+        if let Some(e) = e {
+            log::error!("IPC channel: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uv::RunMode;
+
+    fn channels(lp: &Loop) -> usize {
+        lp.context::<IpcContext>().map_or(0, |c| c.channels.len())
+    }
+
+    /// The loop owns a channel's state from `open` until its pipe has
+    /// closed; the id is then stale, and answers as a closed channel.
+    #[test]
+    fn a_closed_channels_state_is_dropped_and_its_id_answers_as_closed() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+        assert_eq!(channels(&lp), 2);
+        let disconnects = std::rc::Rc::new(std::cell::Cell::new(0));
+        for ch in [a, b] {
+            let d = disconnects.clone();
+            ch.on_disconnect(&mut lp, move |lp, ch| {
+                assert!(!ch.is_connected(lp));
+                d.set(d.get() + 1);
+            });
+        }
+        a.set_handles_in_flight(&mut lp, 3);
+        a.disconnect(&mut lp);
+        lp.run(RunMode::Default).unwrap();
+        assert_eq!(disconnects.get(), 2, "each end saw its disconnect once");
+        assert_eq!(channels(&lp), 0, "both states dropped with their pipes");
+        let e = a.send(&mut lp, &Value::Null, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected);
+        assert!(!a.is_connected(&lp) && !b.is_connected(&lp));
+        assert_eq!(a.handles_in_flight(&lp), 1);
+    }
+
+    /// The `seq` of cluster messages comes from the loop's counter, shared
+    /// by every channel of the loop (Node's one counter per process).
+    #[test]
+    fn one_seq_counter_per_loop_for_every_channel() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let (c, d) = lp.pipe_pair(true).unwrap();
+        let mut open = |p| Channel::open(&mut lp, p, ChannelOptions::default()).unwrap();
+        let (a, b, c, d) = (open(a), open(b), open(c), open(d));
+        let s0 = a.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        let s1 = c.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        let s2 = a.send_cluster(&mut lp, Map::new(), None, None).unwrap();
+        assert_eq!((s0, s1, s2), (0, 1, 2));
+        for ch in [a, b, c, d] {
+            ch.disconnect(&mut lp);
+        }
+        lp.run(RunMode::Default).unwrap();
+        assert_eq!(channels(&lp), 0);
     }
 }

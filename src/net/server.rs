@@ -421,23 +421,7 @@ impl Server {
     ) -> Result<ServerAddress, ListenError> {
         let backlog = opts.backlog_or_default();
         if let Some(path) = &opts.path {
-            let addr = Some(path.display().to_string());
-            let p = lp.pipe_init(false);
-            let r = lp
-                .pipe_bind(p, path)
-                .map_err(|e| ListenError::from_io(&e, "listen", addr.clone(), Some(-1)));
-            let r = r.and_then(|()| {
-                if opts.readable_all || opts.writable_all {
-                    lp.pipe_chmod(p, opts.readable_all, opts.writable_all)
-                        .map_err(|e| ListenError::from_io(&e, "chmod", addr.clone(), Some(-1)))?;
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                lp.close_if_open(p);
-                return Err(e);
-            }
-            return self.listen_on(lp, Socket::Pipe(p), backlog, addr, Some(-1));
+            return self.listen_local_path(lp, path, opts, backlog);
         }
         if let Some(fd) = opts.fd {
             // A duplicate: the caller keeps its fd (no safe call takes
@@ -447,6 +431,45 @@ impl Server {
                 .map_err(|e| ListenError::from_io(&e, "listen", None, None))?;
             return self.listen_on(lp, h, backlog, None, None);
         }
+        self.listen_local_tcp(lp, opts, backlog)
+    }
+
+    /// Binds the Unix socket `path` (with the permissions asked for) and
+    /// listens on it.
+    fn listen_local_path(
+        self,
+        lp: &mut Loop,
+        path: &std::path::Path,
+        opts: &ListenOptions,
+        backlog: i32,
+    ) -> Result<ServerAddress, ListenError> {
+        let addr = Some(path.display().to_string());
+        let p = lp.pipe_init(false);
+        let r = lp
+            .pipe_bind(p, path)
+            .map_err(|e| ListenError::from_io(&e, "listen", addr.clone(), Some(-1)));
+        let r = r.and_then(|()| {
+            if opts.readable_all || opts.writable_all {
+                lp.pipe_chmod(p, opts.readable_all, opts.writable_all)
+                    .map_err(|e| ListenError::from_io(&e, "chmod", addr.clone(), Some(-1)))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            lp.close_if_open(p);
+            return Err(e);
+        }
+        self.listen_on(lp, Socket::Pipe(p), backlog, addr, Some(-1))
+    }
+
+    /// Binds the TCP port (on the host, or `::` then `0.0.0.0`) and
+    /// listens on it.
+    fn listen_local_tcp(
+        self,
+        lp: &mut Loop,
+        opts: &ListenOptions,
+        backlog: i32,
+    ) -> Result<ServerAddress, ListenError> {
         let port = Some(opts.port as i64);
         let flags = BindFlags {
             ipv6_only: opts.ipv6_only,
@@ -467,24 +490,12 @@ impl Server {
         let mut last = None;
         for addr in candidates {
             let t = lp.tcp_init();
+            let host = Some(addr.ip().to_string());
             match lp.tcp_bind(t, addr, flags) {
-                Ok(()) => {
-                    return self.listen_on(
-                        lp,
-                        Socket::Tcp(t),
-                        backlog,
-                        Some(addr.ip().to_string()),
-                        port,
-                    );
-                }
+                Ok(()) => return self.listen_on(lp, Socket::Tcp(t), backlog, host, port),
                 Err(e) => {
                     lp.close_if_open(t);
-                    last = Some(ListenError::from_io(
-                        &e,
-                        "listen",
-                        Some(addr.ip().to_string()),
-                        port,
-                    ));
+                    last = Some(ListenError::from_io(&e, "listen", host, port));
                 }
             }
         }

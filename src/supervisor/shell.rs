@@ -7,11 +7,9 @@
 //! [`Action`] (fork, [`Primary::drain`], disconnect, kill,
 //! [`Primary::release_slot`], [`Primary::set_keep_listeners`]).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use super::config::{ConfigError, SupervisorConfig};
@@ -20,13 +18,13 @@ use super::core::{
     WorkerId, WorkerState,
 };
 use crate::cluster::{Address, ClusterError, HandoffFailure, Primary, Worker};
-use crate::uv::{Handle, Loop, Signal, Signum, Timer};
+use crate::uv::{CallbackSlot, Handle, Id, Ids, Loop, Signal, Signum, Timer};
 
-type EventCb = Box<dyn FnMut(&mut Loop, &LifecycleEvent)>;
-type ExitCb = Box<dyn FnMut(&mut Loop, i32)>;
+type EventFn = dyn FnMut(&mut Loop, &LifecycleEvent);
+type ExitFn = dyn FnMut(&mut Loop, i32);
 type ReloadCb = Box<dyn FnOnce(&mut Loop, Result<ReloadReport, ReloadError>)>;
-type ListeningCb = Box<dyn FnMut(&mut Loop, &Worker, &Address)>;
-type MessageCb = Box<dyn FnMut(&mut Loop, &Worker, serde_json::Value)>;
+type ListeningFn = dyn FnMut(&mut Loop, Worker, &Address);
+type MessageFn = dyn FnMut(&mut Loop, Worker, serde_json::Value);
 
 /// One worker (or one empty slot) as [`Supervisor::status`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +80,17 @@ impl fmt::Display for WorkerStatus {
     }
 }
 
-struct Inner {
+/// The supervisors of one loop, kept in it ([`Loop::context_mut`]), as
+/// the cluster keeps its primaries (ARCHITECTURE.md, *One model for every
+/// layer*).
+#[derive(Default)]
+struct SupervisorContext {
+    supervisors: Ids<SupervisorState>,
+}
+
+/// A supervisor's state, owned by the loop and named by a [`Supervisor`]
+/// id.
+struct SupervisorState {
     core: Core,
     primary: Primary,
     workers: HashMap<WorkerId, Worker>,
@@ -90,15 +98,15 @@ struct Inner {
     sampler: Option<Handle<Timer>>,
     signals: Vec<Handle<Signal>>,
     reload_cbs: HashMap<u64, Vec<ReloadCb>>,
-    on_event: Option<EventCb>,
-    on_exit: Option<ExitCb>,
-    on_listening: Option<ListeningCb>,
-    on_message: Option<MessageCb>,
+    on_event: CallbackSlot<EventFn>,
+    on_exit: CallbackSlot<ExitFn>,
+    on_listening: CallbackSlot<ListeningFn>,
+    on_message: CallbackSlot<MessageFn>,
     exit_code: Option<i32>,
     started: bool,
     broadcast: bool,
     /// The last stderr lines of each slot's workers (piped stdio only).
-    stderr: HashMap<SlotId, std::collections::VecDeque<String>>,
+    stderr: HashMap<SlotId, VecDeque<String>>,
 }
 
 /// A supervisor: keeps a pool of cluster workers up, reloads it without
@@ -106,13 +114,15 @@ struct Inner {
 ///
 /// It runs a [`Primary`] (give it one with
 /// [`with_primary`](Self::with_primary) to choose the program and the
-/// policy) and takes over the primary's `fork`, `listening`, `message`,
+/// policy) and takes over the primary's `listening`, `message`,
 /// `disconnect`, `exit` and `error` callbacks; a worker's own callbacks
 /// ([`Worker::on_exit`] and the others) stay the caller's. The policy is
 /// the pure state machine of `core.rs`; `docs/supervisor.md` gives its
 /// rules, the signal table and the defaults.
 ///
-/// Cheap to clone: clones name the same supervisor.
+/// Like a [`Primary`], a `Supervisor` is a copyable id: the loop keeps its
+/// state (for as long as the loop lives), every method takes the loop, and
+/// every callback receives `&mut Loop`.
 ///
 /// # Examples
 ///
@@ -130,27 +140,15 @@ struct Inner {
 /// } else {
 ///     let config = SupervisorConfig { workers: 4, ..SupervisorConfig::default() };
 ///     let sup = Supervisor::new(&mut lp, config).expect("a valid config");
-///     sup.on_event(|_, e| eprintln!("{e}"));
+///     sup.on_event(&mut lp, |_, e| eprintln!("{e}"));
 ///     sup.handle_signals(&mut lp)?;
 ///     sup.start(&mut lp);
 /// }
 /// lp.run(RunMode::Default)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone)]
-pub struct Supervisor {
-    inner: Rc<RefCell<Inner>>,
-}
-
-impl fmt::Debug for Supervisor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = self.inner.borrow();
-        f.debug_struct("Supervisor")
-            .field("core", &i.core)
-            .field("exit_code", &i.exit_code)
-            .finish_non_exhaustive()
-    }
-}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Supervisor(Id<SupervisorState>);
 
 impl Supervisor {
     /// A supervisor on a new [`Primary`] (this program as its workers,
@@ -162,11 +160,13 @@ impl Supervisor {
     ///
     /// [`ConfigError`] from [`SupervisorConfig::validate`].
     pub fn new(lp: &mut Loop, config: SupervisorConfig) -> Result<Supervisor, ConfigError> {
-        Supervisor::with_primary(lp, Primary::new(), config)
+        let primary = Primary::new(lp);
+        Supervisor::with_primary(lp, primary, config)
     }
 
     /// A supervisor on `primary` (set up with
-    /// [`Primary::setup_primary`] for the program and the policy).
+    /// [`Primary::setup_primary`] for the program and the policy), kept in
+    /// `lp` for as long as the loop lives.
     ///
     /// # Errors
     ///
@@ -177,120 +177,110 @@ impl Supervisor {
         config: SupervisorConfig,
     ) -> Result<Supervisor, ConfigError> {
         config.validate()?;
-        let _ = lp;
         let seed = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
-        let sup = Supervisor {
-            inner: Rc::new(RefCell::new(Inner {
-                core: Core::new(config, seed),
-                primary: primary.clone(),
-                workers: HashMap::new(),
-                timer: None,
-                sampler: None,
-                signals: Vec::new(),
-                reload_cbs: HashMap::new(),
-                on_event: None,
-                on_exit: None,
-                on_listening: None,
-                on_message: None,
-                exit_code: None,
-                started: false,
-                broadcast: false,
-                stderr: HashMap::new(),
-            })),
+        let state = SupervisorState {
+            core: Core::new(config, seed),
+            primary,
+            workers: HashMap::new(),
+            timer: None,
+            sampler: None,
+            signals: Vec::new(),
+            reload_cbs: HashMap::new(),
+            on_event: CallbackSlot::empty(),
+            on_exit: CallbackSlot::empty(),
+            on_listening: CallbackSlot::empty(),
+            on_message: CallbackSlot::empty(),
+            exit_code: None,
+            started: false,
+            broadcast: false,
+            stderr: HashMap::new(),
         };
-        sup.hook(&primary);
+        let sup = Supervisor((lp.context_mut::<SupervisorContext>().supervisors).insert(state));
+        sup.hook(lp, primary);
         Ok(sup)
     }
 
+    /// The supervisor's state. It is never removed from its loop, so an id
+    /// from this loop always finds it.
+    fn st(self, lp: &Loop) -> &SupervisorState {
+        (lp.context::<SupervisorContext>())
+            .and_then(|c| c.supervisors.get(self.0))
+            .expect("a supervisor's state lives as long as its loop")
+    }
+
+    fn st_mut(self, lp: &mut Loop) -> &mut SupervisorState {
+        (lp.context_mut::<SupervisorContext>().supervisors)
+            .get_mut(self.0)
+            .expect("a supervisor's state lives as long as its loop")
+    }
+
+    /// Runs the supervisor's callback in `slot`, if set; `false` if not.
+    fn emit<F: ?Sized>(
+        self,
+        lp: &mut Loop,
+        slot: impl Fn(&mut SupervisorState) -> &mut CallbackSlot<F>,
+        call: impl FnOnce(&mut Loop, &mut F),
+    ) -> bool {
+        lp.call_slot(
+            |lp| {
+                (lp.context_mut::<SupervisorContext>().supervisors)
+                    .get_mut(self.0)
+                    .map(&slot)
+            },
+            call,
+        )
+        .is_some()
+    }
+
     /// The primary it runs.
-    pub fn primary(&self) -> Primary {
-        self.inner.borrow().primary.clone()
+    pub fn primary(self, lp: &Loop) -> Primary {
+        self.st(lp).primary
     }
 
     /// The configuration.
-    pub fn config(&self) -> SupervisorConfig {
-        self.inner.borrow().core.config().clone()
+    pub fn config(self, lp: &Loop) -> SupervisorConfig {
+        self.st(lp).core.config().clone()
     }
 
-    fn weak(&self) -> Weak<RefCell<Inner>> {
-        Rc::downgrade(&self.inner)
-    }
-
-    fn from_weak(w: &Weak<RefCell<Inner>>) -> Option<Supervisor> {
-        w.upgrade().map(|inner| Supervisor { inner })
-    }
-
-    /// Sets the primary's callbacks that feed the core.
-    fn hook(&self, p: &Primary) {
-        let me = self.weak();
-        p.on_listening(move |lp, w, addr| {
-            if let Some(s) = Supervisor::from_weak(&me) {
-                let now = lp.now();
-                s.inner
-                    .borrow_mut()
-                    .core
-                    .listening(now, w.id(), address_key(addr));
-                s.pump(lp);
-                let cb = s.inner.borrow_mut().on_listening.take();
-                if let Some(mut cb) = cb {
-                    cb(lp, w, addr);
-                    let mut i = s.inner.borrow_mut();
-                    if i.on_listening.is_none() {
-                        i.on_listening = Some(cb);
-                    }
-                }
-            }
+    /// Sets the primary's callbacks that feed the core. Each names the
+    /// supervisor by its id.
+    fn hook(self, lp: &mut Loop, p: Primary) {
+        p.on_listening(lp, move |lp, w, addr| {
+            let now = lp.now();
+            (self.st_mut(lp).core).listening(now, w.id(), address_key(addr));
+            self.pump(lp);
+            self.emit(lp, |s| &mut s.on_listening, |lp, f| f(lp, w, addr));
         });
-        let me = self.weak();
-        p.on_message(move |lp, w, msg, h| {
+        p.on_message(lp, move |lp, w, msg, h| {
             if let Some(h) = h {
                 lp.close_if_open(h);
             }
-            let Some(s) = Supervisor::from_weak(&me) else {
-                return;
-            };
             // PM2's convention: `process.send('ready')`.
             if msg.as_str() == Some("ready") {
                 let now = lp.now();
-                s.inner.borrow_mut().core.ready_message(now, w.id());
-                s.pump(lp);
+                self.st_mut(lp).core.ready_message(now, w.id());
+                self.pump(lp);
                 return;
             }
-            if s.inner.borrow().broadcast {
-                s.relay(lp, w.id(), &msg);
+            if self.st(lp).broadcast {
+                self.relay(lp, w.id(), &msg);
             }
-            let cb = s.inner.borrow_mut().on_message.take();
-            if let Some(mut cb) = cb {
-                cb(lp, w, msg);
-                let mut i = s.inner.borrow_mut();
-                if i.on_message.is_none() {
-                    i.on_message = Some(cb);
-                }
-            }
+            self.emit(lp, |s| &mut s.on_message, |lp, f| f(lp, w, msg));
         });
-        let me = self.weak();
-        p.on_disconnect(move |lp, w| {
-            if let Some(s) = Supervisor::from_weak(&me) {
-                let now = lp.now();
-                s.inner.borrow_mut().core.disconnected(now, w.id());
-                s.pump(lp);
-            }
+        p.on_disconnect(lp, move |lp, w| {
+            let now = lp.now();
+            self.st_mut(lp).core.disconnected(now, w.id());
+            self.pump(lp);
         });
-        let me = self.weak();
-        p.on_exit(move |lp, w, code, signal| {
-            if let Some(s) = Supervisor::from_weak(&me) {
-                let now = lp.now();
-                let after = w.exited_after_disconnect() == Some(true);
-                {
-                    let mut i = s.inner.borrow_mut();
-                    i.workers.remove(&w.id());
-                    i.core.exited(now, w.id(), ExitInfo { code, signal }, after);
-                }
-                s.pump(lp);
-            }
+        p.on_exit(lp, move |lp, w, code, signal| {
+            let now = lp.now();
+            let after = w.exited_after_disconnect(lp) == Some(true);
+            let i = self.st_mut(lp);
+            i.workers.remove(&w.id());
+            i.core.exited(now, w.id(), ExitInfo { code, signal }, after);
+            self.pump(lp);
         });
-        let me = self.weak();
-        p.on_error(move |lp, w, e| {
+        p.on_error(lp, move |lp, w, e| {
             let hung = matches!(
                 e,
                 ClusterError::Handoff {
@@ -303,13 +293,12 @@ impl Supervisor {
                 "cluster: worker {}: {e}",
                 w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
             );
-            if let (true, Some(w), Some(s)) = (hung, w, Supervisor::from_weak(&me)) {
-                let on = s.inner.borrow().core.config().worker_timeout.is_some();
-                if on {
-                    let now = lp.now();
-                    s.inner.borrow_mut().core.hung(now, w.id());
-                    s.pump(lp);
-                }
+            if let (true, Some(w)) = (hung, w)
+                && self.st(lp).core.config().worker_timeout.is_some()
+            {
+                let now = lp.now();
+                self.st_mut(lp).core.hung(now, w.id());
+                self.pump(lp);
             }
         });
     }
@@ -319,24 +308,24 @@ impl Supervisor {
     /// ([`Primary::set_keep_listeners`]) and, when a worker timeout is
     /// set, makes it the primary's handoff timeout (a connection left
     /// unanswered that long marks its worker hung). Call once.
-    pub fn start(&self, lp: &mut Loop) {
+    pub fn start(self, lp: &mut Loop) {
         let (primary, cfg) = {
-            let mut i = self.inner.borrow_mut();
+            let i = self.st_mut(lp);
             if i.started {
                 return;
             }
             i.started = true;
-            (i.primary.clone(), i.core.config().clone())
+            (i.primary, i.core.config().clone())
         };
         primary.set_keep_listeners(lp, true);
         if let Some(t) = cfg.worker_timeout.filter(|t| !t.is_zero()) {
-            primary.set_handoff_timeout(t);
+            primary.set_handoff_timeout(lp, t);
         }
         if cfg.max_memory.is_some() || cfg.max_connections.is_some() {
             self.start_sampler(lp, cfg.memory_check_interval);
         }
         let now = lp.now();
-        self.inner.borrow_mut().core.start(now);
+        self.st_mut(lp).core.start(now);
         self.pump(lp);
     }
 
@@ -348,16 +337,14 @@ impl Supervisor {
     /// reload asked for while one runs waits for it (several waiting ones
     /// are one reload); a reload never interleaves with another.
     pub fn reload(
-        &self,
+        self,
         lp: &mut Loop,
         cb: impl FnOnce(&mut Loop, Result<ReloadReport, ReloadError>) + 'static,
     ) {
         let now = lp.now();
-        {
-            let mut i = self.inner.borrow_mut();
-            let ticket = i.core.reload(now);
-            i.reload_cbs.entry(ticket).or_default().push(Box::new(cb));
-        }
+        let i = self.st_mut(lp);
+        let ticket = i.core.reload(now);
+        i.reload_cbs.entry(ticket).or_default().push(Box::new(cb));
         self.pump(lp);
     }
 
@@ -368,7 +355,7 @@ impl Supervisor {
     /// # Errors
     ///
     /// `InvalidInput` for 0 (at least one worker runs).
-    pub fn scale(&self, lp: &mut Loop, n: usize) -> io::Result<()> {
+    pub fn scale(self, lp: &mut Loop, n: usize) -> io::Result<()> {
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -376,7 +363,7 @@ impl Supervisor {
             ));
         }
         let now = lp.now();
-        self.inner.borrow_mut().core.scale(now, n);
+        self.st_mut(lp).core.scale(now, n);
         self.pump(lp);
         Ok(())
     }
@@ -388,13 +375,9 @@ impl Supervisor {
     ///
     /// `NotFound` if `id` is not a ready worker in rotation (starting,
     /// draining, gone, already being replaced), or during a stop.
-    pub fn restart(&self, lp: &mut Loop, id: u32) -> io::Result<()> {
+    pub fn restart(self, lp: &mut Loop, id: u32) -> io::Result<()> {
         let now = lp.now();
-        let ok = self
-            .inner
-            .borrow_mut()
-            .core
-            .replace(now, id, ReplaceReason::Requested);
+        let ok = (self.st_mut(lp).core).replace(now, id, ReplaceReason::Requested);
         self.pump(lp);
         if ok {
             Ok(())
@@ -411,28 +394,28 @@ impl Supervisor {
     /// otherwise every worker is killed (SIGKILL) at once. Once every
     /// worker is gone the supervisor exits with code 0 (see
     /// [`on_exit`](Self::on_exit)).
-    pub fn stop(&self, lp: &mut Loop, graceful: bool) {
+    pub fn stop(self, lp: &mut Loop, graceful: bool) {
         let now = lp.now();
-        self.inner.borrow_mut().core.stop(now, graceful);
+        self.st_mut(lp).core.stop(now, graceful);
         self.pump(lp);
     }
 
     /// One row per worker (and per empty slot), by slot.
-    pub fn status(&self, lp: &Loop) -> Vec<WorkerStatus> {
-        let i = self.inner.borrow();
+    pub fn status(self, lp: &Loop) -> Vec<WorkerStatus> {
+        let i = self.st(lp);
         i.core
             .status(lp.now())
             .into_iter()
             .map(|r| {
-                let w = r.worker.and_then(|id| i.workers.get(&id));
+                let w = r.worker.and_then(|id| i.workers.get(&id).copied());
                 WorkerStatus {
                     id: r.worker,
-                    pid: w.and_then(Worker::pid),
+                    pid: w.and_then(|w| w.pid(lp)),
                     slot: r.slot,
                     state: r.state,
                     uptime: r.uptime,
                     restarts: r.restarts,
-                    connections: w.map_or(r.handed, |w| i.primary.handed(w)),
+                    connections: w.map_or(r.handed, |w| i.primary.handed(lp, w)),
                     last_exit: r.last_exit,
                     last_stderr: if r.worker.is_none() {
                         i.stderr
@@ -466,26 +449,20 @@ impl Supervisor {
     ///
     /// let mut lp = Loop::new()?;
     /// let sup = Supervisor::new(&mut lp, SupervisorConfig::default()).expect("a valid config");
-    /// sup.set_broadcast(true);
+    /// sup.set_broadcast(&mut lp, true);
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn set_broadcast(&self, on: bool) {
-        self.inner.borrow_mut().broadcast = on;
+    pub fn set_broadcast(self, lp: &mut Loop, on: bool) {
+        self.st_mut(lp).broadcast = on;
     }
 
     /// Sends `msg` from worker `from` to every other connected worker.
-    fn relay(&self, lp: &mut Loop, from: u32, msg: &serde_json::Value) {
-        let to: Vec<Worker> = {
-            let i = self.inner.borrow();
-            let mut ws: Vec<Worker> = i
-                .workers
-                .values()
-                .filter(|w| w.id() != from && w.is_connected())
-                .cloned()
-                .collect();
-            ws.sort_by_key(Worker::id);
-            ws
-        };
+    fn relay(self, lp: &mut Loop, from: u32, msg: &serde_json::Value) {
+        let mut to: Vec<Worker> = (self.st(lp).workers.values())
+            .copied()
+            .filter(|w| w.id() != from && w.is_connected(lp))
+            .collect();
+        to.sort_by_key(|w| w.id());
         for w in to {
             // A worker whose channel just closed misses it, as in Node.
             if let Err(e) = w.send(lp, msg, None) {
@@ -496,31 +473,39 @@ impl Supervisor {
 
     /// Sends `msg` to every connected worker (`uvcluster ctl send`);
     /// returns how many it was sent to.
-    pub fn send_all(&self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
-        let ws: Vec<Worker> = self.inner.borrow().workers.values().cloned().collect();
-        ws.iter()
-            .filter(|w| w.is_connected() && w.send(lp, msg, None).is_ok())
+    pub fn send_all(self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
+        let ws: Vec<Worker> = self.st(lp).workers.values().copied().collect();
+        ws.into_iter()
+            .filter(|w| w.is_connected(lp) && w.send(lp, msg, None).is_ok())
             .count()
     }
 
     /// Sets the lifecycle-event callback (each event is also logged
     /// through `log`, one line).
-    pub fn on_event(&self, cb: impl FnMut(&mut Loop, &LifecycleEvent) + 'static) {
-        self.inner.borrow_mut().on_event = Some(Box::new(cb));
+    pub fn on_event(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, &LifecycleEvent) + 'static) {
+        self.st_mut(lp).on_event.set(Box::new(cb));
     }
 
     /// Sets the `listening` callback: a worker listens (the primary's
     /// [`Primary::on_listening`], which the supervisor uses; this runs
     /// after the supervisor has seen it).
-    pub fn on_listening(&self, cb: impl FnMut(&mut Loop, &Worker, &Address) + 'static) {
-        self.inner.borrow_mut().on_listening = Some(Box::new(cb));
+    pub fn on_listening(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, &Address) + 'static,
+    ) {
+        self.st_mut(lp).on_listening.set(Box::new(cb));
     }
 
     /// Sets the `message` callback for workers' user messages other than
     /// `'ready'` (which the supervisor takes); a handle sent along is
     /// closed.
-    pub fn on_message(&self, cb: impl FnMut(&mut Loop, &Worker, serde_json::Value) + 'static) {
-        self.inner.borrow_mut().on_message = Some(Box::new(cb));
+    pub fn on_message(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Worker, serde_json::Value) + 'static,
+    ) {
+        self.st_mut(lp).on_message.set(Box::new(cb));
     }
 
     /// Sets the callback run when the supervisor is done, with the exit
@@ -528,15 +513,15 @@ impl Supervisor {
     /// none will be restarted (a crash loop, or every worker failed under
     /// `restart = never`). Its timers and signal handlers are closed
     /// before; a program usually exits with the code (`uvcluster run`
-    /// does). Without a callback, read it with
+    /// does). It runs once. Without a callback, read it with
     /// [`exit_code`](Self::exit_code) once the loop has returned.
-    pub fn on_exit(&self, cb: impl FnMut(&mut Loop, i32) + 'static) {
-        self.inner.borrow_mut().on_exit = Some(Box::new(cb));
+    pub fn on_exit(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, i32) + 'static) {
+        self.st_mut(lp).on_exit.set(Box::new(cb));
     }
 
     /// The exit code, once the supervisor is done.
-    pub fn exit_code(&self) -> Option<i32> {
-        self.inner.borrow().exit_code
+    pub fn exit_code(self, lp: &Loop) -> Option<i32> {
+        self.st(lp).exit_code
     }
 
     /// Installs the signal table (see `docs/supervisor.md`): SIGTERM and
@@ -549,7 +534,7 @@ impl Supervisor {
     /// # Errors
     ///
     /// The error of [`Loop::signal_start`].
-    pub fn handle_signals(&self, lp: &mut Loop) -> io::Result<()> {
+    pub fn handle_signals(self, lp: &mut Loop) -> io::Result<()> {
         for sig in [
             Signum::SIGTERM,
             Signum::SIGINT,
@@ -559,34 +544,26 @@ impl Supervisor {
             Signum::SIGTTOU,
         ] {
             let h = lp.signal_init();
-            let me = self.weak();
             let r = lp.signal_start(h, sig, move |lp, _, sig| {
-                if let Some(s) = Supervisor::from_weak(&me) {
-                    let now = lp.now();
-                    s.inner.borrow_mut().core.signal(now, sig);
-                    s.pump(lp);
-                }
+                let now = lp.now();
+                self.st_mut(lp).core.signal(now, sig);
+                self.pump(lp);
             });
             if let Err(e) = r {
                 lp.close_if_open(h);
                 return Err(e);
             }
-            self.inner.borrow_mut().signals.push(h);
+            self.st_mut(lp).signals.push(h);
         }
         Ok(())
     }
 
-    fn start_sampler(&self, lp: &mut Loop, every: Duration) {
+    fn start_sampler(self, lp: &mut Loop, every: Duration) {
         let t = lp.timer_init();
         let _ = lp.unref_handle(t);
-        let me = self.weak();
-        let started = lp.timer_start(t, every, every, move |lp, _| {
-            if let Some(s) = Supervisor::from_weak(&me) {
-                s.sample(lp);
-            }
-        });
+        let started = lp.timer_start(t, every, every, move |lp, _| self.sample(lp));
         if started.is_ok() {
-            self.inner.borrow_mut().sampler = Some(t);
+            self.st_mut(lp).sampler = Some(t);
         } else {
             lp.close_if_open(t);
         }
@@ -594,73 +571,61 @@ impl Supervisor {
 
     /// Samples each worker's RSS (`/proc/<pid>/status`) and the
     /// connections handed to it.
-    fn sample(&self, lp: &mut Loop) {
+    fn sample(self, lp: &mut Loop) {
         let now = lp.now();
         let samples: Vec<(WorkerId, Option<u64>, u64)> = {
-            let i = self.inner.borrow();
-            i.workers
-                .iter()
-                .map(|(&id, w)| (id, w.pid().and_then(rss_bytes), i.primary.handed(w)))
+            let i = self.st(lp);
+            (i.workers.iter())
+                .map(|(&id, &w)| (id, w.pid(lp).and_then(rss_bytes), i.primary.handed(lp, w)))
                 .collect()
         };
-        {
-            let mut i = self.inner.borrow_mut();
-            for (id, rss, handed) in samples {
-                if let Some(b) = rss {
-                    i.core.rss(now, id, b);
-                }
-                i.core.handed(now, id, handed);
+        let i = self.st_mut(lp);
+        for (id, rss, handed) in samples {
+            if let Some(b) = rss {
+                i.core.rss(now, id, b);
             }
+            i.core.handed(now, id, handed);
         }
         self.pump(lp);
     }
 
     /// Executes the core's actions until none is left.
-    fn pump(&self, lp: &mut Loop) {
-        loop {
-            let action = self.inner.borrow_mut().core.next_action();
-            let Some(action) = action else { return };
+    fn pump(self, lp: &mut Loop) {
+        while let Some(action) = self.st_mut(lp).core.next_action() {
             self.execute(lp, action);
         }
     }
 
-    fn worker(&self, id: WorkerId) -> Option<Worker> {
-        self.inner.borrow().workers.get(&id).cloned()
+    fn worker(self, lp: &Loop, id: WorkerId) -> Option<Worker> {
+        self.st(lp).workers.get(&id).copied()
     }
 
-    fn execute(&self, lp: &mut Loop, action: Action) {
+    fn execute(self, lp: &mut Loop, action: Action) {
         match action {
             Action::Fork { slot, .. } => self.fork(lp, slot),
             Action::Drain(id) => {
-                if let Some(w) = self.worker(id) {
-                    let p = self.primary();
-                    p.drain(lp, &w);
+                if let Some(w) = self.worker(lp, id) {
+                    self.primary(lp).drain(lp, w);
                 }
             }
             Action::Disconnect(id) => {
-                if let Some(w) = self.worker(id)
-                    && w.is_connected()
+                if let Some(w) = self.worker(lp, id)
+                    && w.is_connected(lp)
                 {
                     w.disconnect(lp);
                 }
             }
             Action::Kill(id, sig) => {
-                if let Some(w) = self.worker(id) {
+                if let Some(w) = self.worker(lp, id) {
                     // ESRCH: it is exiting; its exit is on its way.
                     let _ = w.kill(lp, Some(sig));
                 }
             }
-            Action::ReleaseSlot(slot) => {
-                let p = self.primary();
-                p.release_slot(lp, slot as u32);
-            }
-            Action::CloseListeners => {
-                let p = self.primary();
-                p.set_keep_listeners(lp, false);
-            }
+            Action::ReleaseSlot(slot) => self.primary(lp).release_slot(lp, slot as u32),
+            Action::CloseListeners => self.primary(lp).set_keep_listeners(lp, false),
             Action::Timer(at) => self.arm(lp, at),
             Action::ReloadDone(ticket, result) => {
-                let cbs = self.inner.borrow_mut().reload_cbs.remove(&ticket);
+                let cbs = self.st_mut(lp).reload_cbs.remove(&ticket);
                 for cb in cbs.into_iter().flatten() {
                     cb(lp, result.clone());
                 }
@@ -670,30 +635,26 @@ impl Supervisor {
         }
     }
 
-    fn fork(&self, lp: &mut Loop, slot: SlotId) {
-        let p = self.primary();
+    fn fork(self, lp: &mut Loop, slot: SlotId) {
+        let p = self.primary(lp);
         let now = lp.now();
         match p.fork(lp, Vec::new()) {
             Ok(w) => {
-                p.set_worker_slot(&w, slot as u32);
-                self.capture_stderr(lp, &w, slot);
-                let mut i = self.inner.borrow_mut();
-                i.workers.insert(w.id(), w.clone());
+                p.set_worker_slot(lp, w, slot as u32);
+                self.capture_stderr(lp, w, slot);
+                let i = self.st_mut(lp);
+                i.workers.insert(w.id(), w);
                 i.core.forked(now, slot, w.id());
             }
-            Err(e) => {
-                let mut i = self.inner.borrow_mut();
-                i.core.fork_failed(now, slot, e.to_string());
-            }
+            Err(e) => self.st_mut(lp).core.fork_failed(now, slot, e.to_string()),
         }
     }
 
     /// With piped stdio, keeps the last [`STDERR_LINES`] lines the
     /// worker writes on stderr, by slot (the primary would drop them).
-    fn capture_stderr(&self, lp: &mut Loop, w: &Worker, slot: SlotId) {
-        let Some(pipe) = w.stdio(2) else { return };
+    fn capture_stderr(self, lp: &mut Loop, w: Worker, slot: SlotId) {
+        let Some(pipe) = w.stdio(lp, 2) else { return };
         let _ = lp.read_stop(pipe);
-        let me = self.weak();
         let mut partial = Vec::new();
         let started = lp.read_start(pipe, move |lp, p, r| {
             let data = match r {
@@ -704,11 +665,7 @@ impl Supervisor {
                 }
             };
             partial.extend_from_slice(data);
-            let Some(s) = Supervisor::from_weak(&me) else {
-                return;
-            };
-            let mut i = s.inner.borrow_mut();
-            let lines = i.stderr.entry(slot).or_default();
+            let lines = self.st_mut(lp).stderr.entry(slot).or_default();
             while let Some(n) = partial.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = partial.drain(..=n).collect();
                 lines.push_back(String::from_utf8_lossy(&line).trim_end().to_owned());
@@ -724,38 +681,33 @@ impl Supervisor {
         }
     }
 
-    fn arm(&self, lp: &mut Loop, at: Option<u64>) {
+    fn arm(self, lp: &mut Loop, at: Option<u64>) {
         let Some(at) = at else {
-            let t = self.inner.borrow_mut().timer.take();
-            if let Some(t) = t {
+            if let Some(t) = self.st_mut(lp).timer.take() {
                 lp.close_if_open(t);
             }
             return;
         };
-        let existing = self.inner.borrow().timer;
-        let t = match existing {
+        let t = match self.st(lp).timer {
             Some(t) => t,
             None => {
                 let t = lp.timer_init();
-                self.inner.borrow_mut().timer = Some(t);
+                self.st_mut(lp).timer = Some(t);
                 t
             }
         };
-        let me = self.weak();
         let delay = Duration::from_millis(at.saturating_sub(lp.now()));
         let started = lp.timer_start(t, delay, Duration::ZERO, move |lp, _| {
-            if let Some(s) = Supervisor::from_weak(&me) {
-                let now = lp.now();
-                s.inner.borrow_mut().core.tick(now);
-                s.pump(lp);
-            }
+            let now = lp.now();
+            self.st_mut(lp).core.tick(now);
+            self.pump(lp);
         });
         if let Err(e) = started {
             log::error!("supervisor: cannot arm its timer: {e}");
         }
     }
 
-    fn report(&self, lp: &mut Loop, e: &LifecycleEvent) {
+    fn report(self, lp: &mut Loop, e: &LifecycleEvent) {
         use LifecycleEvent as E;
         match e {
             E::Exited {
@@ -769,43 +721,33 @@ impl Supervisor {
             _ => log::info!("{e}"),
         }
         if let E::Errored { slot, .. } = e {
-            let lines: Vec<String> = (self.inner.borrow().stderr.get(slot))
+            let lines: Vec<String> = (self.st(lp).stderr.get(slot))
                 .map(|l| l.iter().cloned().collect())
                 .unwrap_or_default();
             for l in lines {
                 log::warn!("slot {slot} stderr: {l}");
             }
         }
-        let cb = self.inner.borrow_mut().on_event.take();
-        if let Some(mut cb) = cb {
-            cb(lp, e);
-            let mut i = self.inner.borrow_mut();
-            if i.on_event.is_none() {
-                i.on_event = Some(cb);
-            }
-        }
+        self.emit(lp, |s| &mut s.on_event, |lp, f| f(lp, e));
     }
 
-    fn exit(&self, lp: &mut Loop, code: i32) {
-        let (timer, sampler, signals) = {
-            let mut i = self.inner.borrow_mut();
-            i.exit_code = Some(code);
-            (
-                i.timer.take(),
-                i.sampler.take(),
-                std::mem::take(&mut i.signals),
-            )
-        };
+    fn exit(self, lp: &mut Loop, code: i32) {
+        let i = self.st_mut(lp);
+        i.exit_code = Some(code);
+        let (timer, sampler, signals) = (
+            i.timer.take(),
+            i.sampler.take(),
+            std::mem::take(&mut i.signals),
+        );
         for t in timer.into_iter().chain(sampler) {
             lp.close_if_open(t);
         }
         for s in signals {
             lp.close_if_open(s);
         }
-        let p = self.primary();
-        p.set_keep_listeners(lp, false);
-        let cb = self.inner.borrow_mut().on_exit.take();
-        if let Some(mut cb) = cb {
+        self.primary(lp).set_keep_listeners(lp, false);
+        // It runs once: taken out for good.
+        if let Some(mut cb) = self.st_mut(lp).on_exit.clear() {
             cb(lp, code);
         }
     }

@@ -75,20 +75,22 @@ pub fn rust_worker(name: &str, policy: SchedulingPolicy) -> Settings {
 /// A primary with `settings`, logging `fork:id`, `online:id`,
 /// `listening:id`, `disconnect:id`, `exit:id` and failing on errors.
 pub fn primary(lp: &mut Loop, settings: Settings) -> (Primary, Log) {
-    let p = Primary::new();
+    let p = Primary::new(lp);
     p.setup_primary(lp, settings);
     let log = Log::new();
     let l = log.clone();
-    p.on_fork(move |_, w| l.push(format!("fork:{}", w.id())));
+    p.on_fork(lp, move |_, w| l.push(format!("fork:{}", w.id())));
     let l = log.clone();
-    p.on_online(move |_, w| l.push(format!("online:{}", w.id())));
+    p.on_online(lp, move |_, w| l.push(format!("online:{}", w.id())));
     let l = log.clone();
-    p.on_listening(move |_, w, _| l.push(format!("listening:{}", w.id())));
+    p.on_listening(lp, move |_, w, _| l.push(format!("listening:{}", w.id())));
     let l = log.clone();
-    p.on_disconnect(move |_, w| l.push(format!("disconnect:{}", w.id())));
+    p.on_disconnect(lp, move |_, w| l.push(format!("disconnect:{}", w.id())));
     let l = log.clone();
-    p.on_exit(move |_, w, _, _| l.push(format!("exit:{}", w.id())));
-    p.on_error(|_, w, e| panic!("cluster error from {:?}: {e}", w.map(Worker::id)));
+    p.on_exit(lp, move |_, w, _, _| l.push(format!("exit:{}", w.id())));
+    p.on_error(lp, |_, w, e| {
+        panic!("cluster error from {:?}: {e}", w.map(Worker::id))
+    });
     (p, log)
 }
 

@@ -106,25 +106,25 @@ pub fn node_env(mode: &str) -> Settings {
 /// A supervisor (not started) on a primary with `settings`, logging its
 /// events and the port.
 pub fn supervisor(lp: &mut Loop, settings: Settings, cfg: SupervisorConfig) -> Sup {
-    let p = Primary::new();
+    let p = Primary::new(lp);
     p.setup_primary(lp, settings);
     let sup = Supervisor::with_primary(lp, p, cfg).unwrap();
     let log = Log::default();
     let l = log.clone();
-    sup.on_event(move |_, e| {
+    sup.on_event(lp, move |_, e| {
         eprintln!("supervisor: {e}");
         l.borrow_mut().push(e.to_string());
     });
     let port = Rc::new(Cell::new(0));
     let pt = port.clone();
-    sup.on_listening(move |_, _, a| {
+    sup.on_listening(lp, move |_, _, a| {
         if let Some(p) = a.port.filter(|&p| p > 0) {
             pt.set(p as u16);
         }
     });
     let exit = Rc::new(Cell::new(None));
     let ex = exit.clone();
-    sup.on_exit(move |_, code| ex.set(Some(code)));
+    sup.on_exit(lp, move |_, code| ex.set(Some(code)));
     Sup {
         sup,
         log,
@@ -254,7 +254,7 @@ pub fn reload_times(lp: &mut Loop, sup: &Supervisor, k: usize, ok: Rc<Cell<usize
     if k == 0 {
         return;
     }
-    let s = sup.clone();
+    let s = *sup;
     sup.reload(lp, move |lp, r| {
         match r {
             Ok(_) => ok.set(ok.get() + 1),

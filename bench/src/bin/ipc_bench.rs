@@ -87,7 +87,7 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
     let count = Rc::new(Cell::new(0u64));
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
-    let send = move |lp: &mut Loop, ch: &Channel, n: u64| match sock {
+    let send = move |lp: &mut Loop, ch: Channel, n: u64| match sock {
         Some(s) => {
             let attach = Attach {
                 handle: s.into(),
@@ -116,7 +116,7 @@ fn rust_rate(mode: &'static str, secs: f64, window: u64) -> io::Result<f64> {
         send(lp, ch, c.get()).expect("send");
     });
     for i in 0..window {
-        send(&mut lp, &ch, i)?;
+        send(&mut lp, ch, i)?;
     }
     lp.run(RunMode::Default)?;
     Ok(count.get() as f64 / start.elapsed().as_secs_f64())

@@ -1107,65 +1107,76 @@ impl Dispatcher {
     }
 
     fn expire(&mut self, now: u64) {
-        let t = self.book.cfg.timeout_ms;
         let ids: Vec<WorkerId> = self.book.workers.keys().copied().collect();
         for id in ids {
-            let w = self.book.workers.get_mut(&id).expect("listed above");
-            // A back-off that ended: free from now, behind the others.
-            let ended = match &mut w.backoff {
-                Some(b) if b.until <= now && !b.ended => {
-                    b.ended = true;
-                    true
-                }
-                _ => false,
-            };
-            // Acknowledged and unanswered: the worker holds the connection
-            // and may be serving it, so it cannot go to another. Ours is
-            // closed; the slot is free.
-            let (silent, rest): (Vec<Flight>, Vec<Flight>) = std::mem::take(&mut w.flights)
-                .into_iter()
-                .partition(|f| f.acked.is_some_and(|a| now >= a + t));
-            w.flights = rest;
-            // Not even read: it stays in flight (its fd is in the worker's
-            // socket buffer), reported once.
-            let mut unread = 0;
-            for f in &mut w.flights {
-                if f.acked.is_none() && !f.unread && now >= f.sent + t {
-                    f.unread = true;
-                    unread += 1;
-                }
-            }
-            let member = w.member;
-            if member && (ended || !silent.is_empty()) {
-                let tick = self.book.tick();
-                let w = self.book.workers.get_mut(&id).expect("listed above");
-                w.free_since = tick;
-            }
-            let who = member.then_some(id);
-            if !silent.is_empty() {
-                self.strategy.silent(id);
-                for f in &silent {
-                    self.close_conn(f.q.conn);
-                }
-                let n = silent.len();
-                self.report(
-                    who,
-                    HandoffFailure::NoAnswer,
-                    HandoffOutcome::LeftWithWorker,
-                    n,
-                );
-            }
-            if unread > 0 {
-                self.report(
-                    who,
-                    HandoffFailure::Unread,
-                    HandoffOutcome::StillInFlight,
-                    unread,
-                );
-            }
-            self.forget_if_done(id);
+            self.expire_worker(id, now);
         }
-        // Queued connections that no worker can take.
+        self.expire_queued(now);
+    }
+
+    /// The timeouts of worker `id`'s handoffs and back-off at `now`.
+    fn expire_worker(&mut self, id: WorkerId, now: u64) {
+        let t = self.book.cfg.timeout_ms;
+        let w = self.book.workers.get_mut(&id).expect("listed by expire");
+        // A back-off that ended: free from now, behind the others.
+        let ended = match &mut w.backoff {
+            Some(b) if b.until <= now && !b.ended => {
+                b.ended = true;
+                true
+            }
+            _ => false,
+        };
+        // Acknowledged and unanswered: the worker holds the connection
+        // and may be serving it, so it cannot go to another. Ours is
+        // closed; the slot is free.
+        let (silent, rest): (Vec<Flight>, Vec<Flight>) = std::mem::take(&mut w.flights)
+            .into_iter()
+            .partition(|f| f.acked.is_some_and(|a| now >= a + t));
+        w.flights = rest;
+        // Not even read: it stays in flight (its fd is in the worker's
+        // socket buffer), reported once.
+        let mut unread = 0;
+        for f in &mut w.flights {
+            if f.acked.is_none() && !f.unread && now >= f.sent + t {
+                f.unread = true;
+                unread += 1;
+            }
+        }
+        let member = w.member;
+        if member && (ended || !silent.is_empty()) {
+            let tick = self.book.tick();
+            let w = self.book.workers.get_mut(&id).expect("listed by expire");
+            w.free_since = tick;
+        }
+        let who = member.then_some(id);
+        if !silent.is_empty() {
+            self.strategy.silent(id);
+            for f in &silent {
+                self.close_conn(f.q.conn);
+            }
+            let n = silent.len();
+            self.report(
+                who,
+                HandoffFailure::NoAnswer,
+                HandoffOutcome::LeftWithWorker,
+                n,
+            );
+        }
+        if unread > 0 {
+            self.report(
+                who,
+                HandoffFailure::Unread,
+                HandoffOutcome::StillInFlight,
+                unread,
+            );
+        }
+        self.forget_if_done(id);
+    }
+
+    /// Queued connections that no worker can take: once every worker is
+    /// failing, those that waited the timeout are closed.
+    fn expire_queued(&mut self, now: u64) {
+        let t = self.book.cfg.timeout_ms;
         let all_failing = (self.book.members()).all(|(_, w)| self.book.failing(w, now));
         if all_failing {
             let keep = |q: &Queued| q.since + t > now;
