@@ -17,9 +17,17 @@
 //! * `kill`: SIGKILLs a random worker every `--kill-every-ms`, K times (a
 //!   kill when no worker runs is skipped and counted);
 //! * `latency`: restart latency, from a worker's SIGKILL to the first
-//!   response from its replacement (the app answers its pid) under a light
-//!   load (4 connections): median and max over N kills, each in a cluster
-//!   just started (the first restart of a slot, what a rare crash meets);
+//!   response from its replacement under a light load (4 connections):
+//!   median and max over N kills, each in a cluster just started (the
+//!   first restart of a slot, what a rare crash meets). The Node app
+//!   answers its pid (`x-worker-pid`), so the load sees the replacement's
+//!   first answer; `cluster_hello` does not name its pid, so for Rust
+//!   workers the replacement is found as the reload scenario finds workers
+//!   (a new child of the primary), and a probe of our own (a keep-alive
+//!   `GET /` every millisecond or so, besides the load) times its first
+//!   answer: the answer whose server-side socket (its inode, asked of the
+//!   kernel's `sock_diag`) is among the replacement's open files
+//!   (`/proc/<pid>/fd`);
 //! * `latency-repeat`: the same, N kills in one cluster `--latency-gap-ms`
 //!   apart (repeated crashes: a supervisor's backoff shows here);
 //! * `failclosed`: creates the marker file that makes the app fail on
@@ -34,9 +42,11 @@
 //! a Node `http` app as cluster workers), `pm2` (`pm2 start http_app.js -i
 //! 2`, PM2 installed by this program with npm into
 //! `bench/node/.pm2-install`; skipped, loudly, when npm cannot install it)
-//! and `refork` (Node's documented primary, `cluster.on('exit', () =>
+//! `refork` (Node's documented primary, `cluster.on('exit', () =>
 //! cluster.fork())`, `bench/node/refork_primary.js`; no reload, so kill
-//! and latency rows only). `rust` and `node` run under each policy
+//! and latency rows only) and `rust-run` (`uvcluster run --
+//! cluster_hello`: Rust workers under the CLI's supervisor; latency rows
+//! only). `rust` and `node` run under each policy
 //! (`NODE_CLUSTER_SCHED_POLICY`: rr, none, reuseport, leastconn), every
 //! target with one request per connection (`close`) and keep-alive.
 //!
@@ -56,7 +66,7 @@
 //! | `--connections C`, `--workers W` | 16, 2 |
 //! | `--timeout-ms MS` (per request) | 2000 |
 //! | `--reload-timeout-ms MS`, `--failclosed-ms MS` | 10000, 3000 |
-//! | `--targets` | `rust,node,pm2,refork` |
+//! | `--targets` | `rust,rust-run,node,pm2,refork` |
 //! | `--policies` | `rr,none,reuseport,leastconn` |
 //! | `--modes` | `close,keepalive` |
 //! | `--scenarios` | `reload,kill,latency,latency-repeat,failclosed` |
@@ -332,6 +342,9 @@ enum Kind {
     Pm2,
     /// `node refork_primary.js`: Node's documented re-fork on exit.
     Refork,
+    /// `uvcluster run -- cluster_hello`: Rust workers under the CLI
+    /// (latency rows only).
+    RustRun,
 }
 
 impl Kind {
@@ -341,6 +354,7 @@ impl Kind {
             Kind::Node => "uvcluster run -- node http_app.js",
             Kind::Pm2 => "pm2 start http_app.js -i W",
             Kind::Refork => "node refork_primary.js (cluster.on('exit', fork))",
+            Kind::RustRun => "uvcluster run -- cluster_hello (Rust workers)",
         }
     }
     fn short(self) -> &'static str {
@@ -349,11 +363,13 @@ impl Kind {
             Kind::Node => "node",
             Kind::Pm2 => "pm2",
             Kind::Refork => "refork",
+            Kind::RustRun => "rust-run",
         }
     }
-    /// Whether its responses name the worker (the Node app does).
+    /// Whether its responses name the worker (the Node app does;
+    /// `cluster_hello` does not: see [`probe_answered_by`]).
     fn names_pid(self) -> bool {
-        self != Kind::Rust
+        !matches!(self, Kind::Rust | Kind::RustRun)
     }
     /// Whether it has a rolling reload.
     fn reloads(self) -> bool {
@@ -361,7 +377,12 @@ impl Kind {
     }
     /// Whether the scheduling policy is ours to choose.
     fn has_policy(self) -> bool {
-        matches!(self, Kind::Rust | Kind::Node)
+        matches!(self, Kind::Rust | Kind::Node | Kind::RustRun)
+    }
+    /// Whether it runs in the reload, kill and fail-closed scenarios too
+    /// (`rust-run` is there for the restart latency only).
+    fn under_load(self) -> bool {
+        self != Kind::RustRun
     }
 }
 
@@ -419,6 +440,14 @@ impl Target {
             Kind::Refork => {
                 let mut c = Command::new(&tools.node);
                 c.arg(&tools.refork).env("WORKERS", &w);
+                c
+            }
+            Kind::RustRun => {
+                let mut c = Command::new(tools.uvcluster.as_ref().ok_or("no uvcluster")?);
+                c.args(["run", "--workers", &w])
+                    .args(&tools.uvcluster_args)
+                    .arg("--")
+                    .arg(tools.cluster_hello.as_ref().ok_or("no cluster_hello")?);
                 c
             }
             Kind::Pm2 => return Target::start_pm2(tools, port, workers, env),
@@ -569,7 +598,7 @@ impl Target {
                     Err(format!("pm2 reload failed: {}", out.trim()))
                 }
             }
-            Kind::Rust | Kind::Node => {
+            Kind::Rust | Kind::Node | Kind::RustRun => {
                 let p = self.primary().ok_or("no primary")?;
                 kill(Pid::from_raw(p as i32), Signal::SIGHUP).map_err(|e| format!("SIGHUP: {e}"))
             }
@@ -810,7 +839,10 @@ fn scenario_kill(o: &Opts, t: &mut Target, workload: Workload) -> (LoadReport, S
 
 /// Kills a random worker of `t` and waits for a response from a worker
 /// that had not answered before: the time from the kill to that
-/// response's arrival, or `None` after 5 s.
+/// response's arrival, or `None` after 5 s. For a target whose answers
+/// do not name their worker, the new worker is a child of the primary
+/// not seen before, and its first answer is found by
+/// [`probe_answered_by`].
 fn kill_and_time(t: &mut Target, load: &Load, rng: &mut Rng) -> Option<Option<Duration>> {
     let pids: Vec<u32> = t.worker_pids().into_iter().collect();
     if pids.is_empty() {
@@ -828,15 +860,143 @@ fn kill_and_time(t: &mut Target, load: &Load, rng: &mut Rng) -> Option<Option<Du
     let at = Instant::now();
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).ok()?;
     let until = at + Duration::from_secs(5);
+    let mut fresh: BTreeSet<u32> = BTreeSet::new();
     loop {
-        if let Some(first) = load.new_pids_since(at, &known) {
-            return Some(Some(first - at));
+        if t.kind.names_pid() {
+            if let Some(first) = load.new_pids_since(at, &known) {
+                return Some(Some(first - at));
+            }
+        } else {
+            fresh.extend(t.worker_pids().difference(&known));
+            if !fresh.is_empty()
+                && let Some(answered) = probe_answered_by(t.port, &fresh)
+            {
+                return Some(Some(answered - at));
+            }
         }
         if Instant::now() >= until {
             return Some(None);
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// One keep-alive `GET /` to `port`: when its complete answer arrived, if
+/// one of `pids` answered it (holds the server side of the connection,
+/// which stays open after a keep-alive answer). The server side's socket
+/// inode comes from [`server_socket_inode`], and a process holds it when
+/// a link in its `/proc/<pid>/fd` reads `socket:[inode]`.
+fn probe_answered_by(port: u16, pids: &BTreeSet<u32>) -> Option<Instant> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n").ok()?;
+    let ours = s.local_addr().ok()?.port();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let answered = loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if answer_complete(&buf) {
+            break Instant::now();
+        }
+    };
+    let inode = server_socket_inode(port, ours)?;
+    let needle = format!("socket:[{inode}]");
+    pids.iter()
+        .any(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|dir| {
+                dir.filter_map(Result::ok).any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == needle.as_str())
+                })
+            })
+        })
+        .then_some(answered)
+}
+
+/// Whether `buf` holds a whole answer: its head and `Content-Length`
+/// bytes of body.
+fn answer_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    buf.len() >= end + 4 + len
+}
+
+/// The inode of the TCP socket, on 127.0.0.1, whose local port is
+/// `local` and remote port `remote` (the server's side of one of our
+/// connections): one exact lookup with the kernel's `sock_diag` (netlink,
+/// `SOCK_DIAG_BY_FAMILY` with the whole address in the request, as `ss`
+/// does for one socket), not a walk of `/proc/net/tcp`, which lists every
+/// socket in `TIME_WAIT` too (tens of thousands after a load with one
+/// request per connection: seconds to read).
+fn server_socket_inode(local: u16, remote: u16) -> Option<u64> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd;
+    // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes).
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    // family AF_INET (a v4-mapped socket of a dual-stack listener is
+    // found too: the lookup is by address), protocol TCP, no extensions,
+    // every state.
+    req.extend_from_slice(&[2, 6, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // struct inet_diag_sockid: ports and addresses in network order.
+    req.extend_from_slice(&local.to_be_bytes());
+    req.extend_from_slice(&remote.to_be_bytes());
+    for _ in 0..2 {
+        req.extend_from_slice(&[127, 0, 0, 1]);
+        req.extend_from_slice(&[0; 12]);
+    }
+    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    req.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .ok()?;
+    sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    // The kernel answers within the send: nothing to wait for.
+    let mut buf = [0u8; 1024];
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).ok()?;
+    let kind = u16::from_ne_bytes([*buf.get(4)?, *buf.get(5)?]);
+    // struct inet_diag_msg after the header: idiag_inode at offset 68.
+    if n < 16 + 72 || kind == NLMSG_ERROR || kind != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    let inode = u32::from_ne_bytes(buf[16 + 68..16 + 72].try_into().ok()?);
+    (inode != 0).then_some(u64::from(inode))
 }
 
 /// Adds `r`'s counts to `into`.
@@ -1051,7 +1211,13 @@ fn parse_opts() -> Result<Opts, String> {
         timeout: Duration::from_millis(2000),
         reload_timeout: Duration::from_millis(10_000),
         failclosed: Duration::from_millis(3000),
-        targets: vec![Kind::Rust, Kind::Node, Kind::Pm2, Kind::Refork],
+        targets: vec![
+            Kind::Rust,
+            Kind::RustRun,
+            Kind::Node,
+            Kind::Pm2,
+            Kind::Refork,
+        ],
         policies: ["rr", "none", "reuseport", "leastconn"]
             .map(String::from)
             .to_vec(),
@@ -1109,10 +1275,11 @@ fn parse_opts() -> Result<Opts, String> {
                 o.uvcluster_args = v.split_whitespace().map(String::from).collect()
             }
             "--targets" => {
-                o.targets = list(&v, &["rust", "node", "pm2", "refork"])?
+                o.targets = list(&v, &["rust", "rust-run", "node", "pm2", "refork"])?
                     .iter()
                     .map(|t| match t.as_str() {
                         "rust" => Kind::Rust,
+                        "rust-run" => Kind::RustRun,
                         "node" => Kind::Node,
                         "pm2" => Kind::Pm2,
                         _ => Kind::Refork,
@@ -1146,7 +1313,7 @@ fn parse_opts() -> Result<Opts, String> {
 
 const USAGE: &str = "usage: reload_proof [--reloads K] [--interval-ms MS] [--kills K] \
 [--kill-every-ms MS] [--latency-kills N] [--connections C] [--workers W] [--timeout-ms MS] \
-[--reload-timeout-ms MS] [--failclosed-ms MS] [--targets rust,node,pm2,refork] \
+[--reload-timeout-ms MS] [--failclosed-ms MS] [--targets rust,rust-run,node,pm2,refork] \
 [--policies rr,none,reuseport,leastconn] [--modes close,keepalive] \
 [--scenarios reload,kill,latency,latency-repeat,failclosed] [--latency-gap-ms MS] \
 [--uvcluster-args \"ARGS\"] [--deadline-s S]";
@@ -1204,21 +1371,21 @@ fn main() {
         uvcluster_args: o.uvcluster_args.clone(),
     };
     let mut targets = o.targets.clone();
-    if wants(Kind::Rust) {
+    if wants(Kind::Rust) || wants(Kind::RustRun) {
         match uvcluster_bench::cluster_hello() {
             Ok(p) => tools.cluster_hello = Some(p),
             Err(e) => {
-                println!("SKIPPED rust: {e}");
-                targets.retain(|k| *k != Kind::Rust);
+                println!("SKIPPED rust, rust-run: {e}");
+                targets.retain(|k| !matches!(k, Kind::Rust | Kind::RustRun));
             }
         }
     }
-    if wants(Kind::Node) {
+    if wants(Kind::Node) || targets.contains(&Kind::RustRun) {
         match uvcluster_bench::uvcluster_cli() {
             Ok(p) => tools.uvcluster = Some(p),
             Err(e) => {
-                println!("SKIPPED node: {e}");
-                targets.retain(|k| *k != Kind::Node);
+                println!("SKIPPED node, rust-run: {e}");
+                targets.retain(|k| !matches!(k, Kind::Node | Kind::RustRun));
             }
         }
     }
@@ -1228,7 +1395,7 @@ fn main() {
         .is_ok_and(|out| out.status.success());
     if !have_node {
         println!("SKIPPED node, pm2, refork: {node} cannot be run");
-        targets.retain(|k| *k == Kind::Rust);
+        targets.retain(|k| matches!(k, Kind::Rust | Kind::RustRun));
     }
     if targets.contains(&Kind::Pm2) {
         match find_pm2() {
@@ -1275,10 +1442,10 @@ fn main() {
     for scenario in &o.scenarios {
         for &kind in &targets {
             let reloading = scenario == "reload" || scenario == "failclosed";
-            if reloading && !kind.reloads() {
+            let latency = scenario.starts_with("latency");
+            if (reloading && !kind.reloads()) || (!latency && !kind.under_load()) {
                 continue;
             }
-            let latency = scenario.starts_with("latency");
             let default_policy = vec!["rr".to_string()];
             let policies = if kind.has_policy() && !latency {
                 &o.policies
@@ -1292,9 +1459,6 @@ fn main() {
             };
             for policy in policies {
                 for &mode in &modes {
-                    if latency && !kind.names_pid() {
-                        continue;
-                    }
                     let env: Vec<(&str, &str)> = if scenario == "failclosed" {
                         vec![("FAIL_MARKER", &marker_s)]
                     } else {
