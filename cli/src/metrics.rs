@@ -29,7 +29,11 @@ use crate::ops::{Ops, Row};
 pub const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are closed at once.
+/// Connections served at once. A connection beyond it takes the place of
+/// the oldest one that has not sent its request yet (nginx reuses idle
+/// connections the same way when it runs out), so that silent clients
+/// cannot keep a probe out; it is closed only when every connection is
+/// being answered.
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// `--metrics`: `HOST:PORT` (`127.0.0.1:9100`, `[::1]:9100`, port 0 for
@@ -352,6 +356,8 @@ struct Conn {
     head: Vec<u8>,
     timer: Handle<Timer>,
     answered: bool,
+    /// Accepted at (loop time, ms): the oldest silent one makes room.
+    since: u64,
 }
 
 struct Inner {
@@ -429,8 +435,17 @@ impl Metrics {
 
     fn accept(&self, lp: &mut Loop, c: Handle<Tcp>) {
         if self.inner.borrow().conns.len() >= MAX_CONNECTIONS {
-            lp.close_if_open(c);
-            return;
+            let oldest_silent = (self.inner.borrow().conns.iter())
+                .filter(|(_, conn)| !conn.answered)
+                .min_by_key(|(_, conn)| conn.since)
+                .map(|(&h, _)| h);
+            match oldest_silent {
+                Some(old) => self.drop_conn(lp, old),
+                None => {
+                    lp.close_if_open(c);
+                    return;
+                }
+            }
         }
         let timer = lp.timer_init();
         let _ = lp.unref_handle(timer);
@@ -440,6 +455,7 @@ impl Metrics {
                 head: Vec::new(),
                 timer,
                 answered: false,
+                since: lp.now(),
             },
         );
         let me = self.clone();

@@ -274,6 +274,16 @@ fn healthz_readyz_and_bad_requests() {
     let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
     assert_eq!(request(mport, &huge).unwrap().0, 431);
     assert_eq!(get(mport, "/healthz").unwrap().0, 200);
+    // Silent clients (more than the connection limit, none sending a
+    // byte) do not keep a probe out: each new connection takes the place
+    // of the oldest silent one.
+    let silent: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap())
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(get(mport, "/healthz").unwrap(), (200, "ok\n".into()));
+    }
+    drop(silent);
     r.signal(Signal::SIGTERM);
     assert_eq!(r.wait().0, Some(0));
 
