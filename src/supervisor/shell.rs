@@ -354,13 +354,20 @@ impl Supervisor {
     ///
     /// # Errors
     ///
-    /// `InvalidInput` for 0 (at least one worker runs).
+    /// `InvalidInput` for 0 (at least one worker runs) or more than
+    /// [`MAX_WORKERS`](super::MAX_WORKERS).
     pub fn scale(self, lp: &mut Loop, n: usize) -> io::Result<()> {
-        if n == 0 || n > super::config::MAX_WORKERS {
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "scale: at least 1 worker",
+            ));
+        }
+        if n > super::config::MAX_WORKERS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "scale: from 1 to {} workers. Received {n}",
+                    "scale: at most {} workers. Received {n}",
                     super::config::MAX_WORKERS
                 ),
             ));
