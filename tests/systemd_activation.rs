@@ -747,6 +747,28 @@ fn shipped_unit_files_pass_systemd_analyze_verify() {
             node_worker()
         ),
     );
+    // The shipped Type=notify-reload needs systemd 253; older ones get the
+    // two lines the file names for them (cli/tests/systemd_manager.rs runs
+    // both variants under a real manager).
+    let version = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version: u32 = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let service = if version < 253 {
+        let old = service
+            .replace("\nType=notify-reload\n", "\n#Type=notify-reload\n")
+            .replace("\n#Type=notify\n", "\nType=notify\n")
+            .replace("\n#ExecReload=", "\nExecReload=");
+        assert_ne!(old, service, "the systemd 252 variant is gone");
+        old
+    } else {
+        service
+    };
     std::fs::write(dir.0.join("uvcluster.service"), service).unwrap();
     std::fs::copy(
         docs.join("uvcluster.socket"),
