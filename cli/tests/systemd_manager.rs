@@ -69,7 +69,9 @@ impl Systemd {
     fn host() -> Result<Systemd, String> {
         let manager = PathBuf::from("/lib/systemd/systemd");
         if !manager.exists() {
-            return Err("/lib/systemd/systemd is not installed (apt-get install -y systemd)".into());
+            return Err(
+                "/lib/systemd/systemd is not installed (apt-get install -y systemd)".into(),
+            );
         }
         let s = Systemd {
             manager,
@@ -262,7 +264,12 @@ fn units(sd: &Systemd, port: u16, app: &App) -> (String, String) {
     );
     if sd.version < 253 {
         // The variant the file names for systemd 252 and older.
-        service = subst(&service, "\nType=notify-reload\n", "\n#Type=notify-reload\n", f);
+        service = subst(
+            &service,
+            "\nType=notify-reload\n",
+            "\n#Type=notify-reload\n",
+            f,
+        );
         service = subst(&service, "\n#Type=notify\n", "\nType=notify\n", f);
         service = subst(
             &service,
@@ -555,7 +562,10 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     let (socket, service) = units(&sd, port, &app);
     let mgr = match Manager::start(
         &sd,
-        &[("uvcluster.socket", &socket), ("uvcluster.service", &service)],
+        &[
+            ("uvcluster.socket", &socket),
+            ("uvcluster.service", &service),
+        ],
     ) {
         Ok(m) => m,
         Err(why) => return skip(test, &format!("no private systemd --user manager: {why}")),
@@ -578,7 +588,10 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     // Socket activation: the socket listens, the service does not run.
     mgr.ok(&["start", "uvcluster.socket"]);
     let s = mgr.show("uvcluster.socket", "ActiveState,SubState");
-    assert_eq!((&*s["ActiveState"], &*s["SubState"]), ("active", "listening"));
+    assert_eq!(
+        (&*s["ActiveState"], &*s["SubState"]),
+        ("active", "listening")
+    );
     let s = mgr.show(svc, state);
     assert_eq!(s["ActiveState"], "inactive", "{s:?}");
     // A connection now queues in the socket's backlog, starts the service,
@@ -593,9 +606,17 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     // Active (READY=1) only once every worker is ready: at the first sight
     // of `active`, the primary has its 4 workers.
     let s = mgr.wait_for(svc, state, "active", |s| s["ActiveState"] != "activating");
-    assert_eq!((&*s["ActiveState"], &*s["SubState"]), ("active", "running"), "{s:?}");
+    assert_eq!(
+        (&*s["ActiveState"], &*s["SubState"]),
+        ("active", "running"),
+        "{s:?}"
+    );
     let primary = s["MainPID"].clone();
-    assert_eq!(children(&primary).len(), 4, "active before every worker was");
+    assert_eq!(
+        children(&primary).len(),
+        4,
+        "active before every worker was"
+    );
     mgr.wait_for(svc, state, "STATUS=4 workers ready", |s| {
         s["StatusText"] == "4 workers ready"
     });
@@ -648,9 +669,7 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
             "systemctl reload returned before the roll ended ({reload_took:?})"
         );
     } else {
-        ops_util::eventually("4 new workers", || {
-            new_workers(&children(&primary)) == 4
-        });
+        ops_util::eventually("4 new workers", || new_workers(&children(&primary)) == 4);
     }
     mgr.wait_for(svc, state, "running again", |s| s["SubState"] == "running");
     // The old workers are gone; the count is back.
@@ -666,15 +685,26 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     stop.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     let (ok, failed) = load.finish();
-    assert!(failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     let seen = seen.lock().unwrap().clone();
     assert!(
         seen.iter().any(|s| s.starts_with("reload")),
         "the manager never showed a reload state: {seen:?}"
     );
-    assert_eq!(seen.first().map(String::as_str), Some("running"), "{seen:?}");
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("running"),
+        "{seen:?}"
+    );
     assert_eq!(seen.last().map(String::as_str), Some("running"), "{seen:?}");
-    eprintln!("{test}: states during the reload {seen:?}, reload took {reload_took:?}, {ok} requests served");
+    eprintln!(
+        "{test}: states during the reload {seen:?}, reload took {reload_took:?}, {ok} requests served"
+    );
 
     // The watchdog: WATCHDOG=1 every 5 s reaches the manager.
     let t0 = Instant::now();
