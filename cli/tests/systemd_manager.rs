@@ -542,9 +542,8 @@ fn request_in_progress(port: u16) -> TcpStream {
     let n = s.read(&mut buf).unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    // The second one, its body not all sent.
-    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nab")
-        .unwrap();
+    // The second one, its header not ended: nothing can answer it yet.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
     s
 }
 
@@ -775,12 +774,17 @@ fn assert_clean_exit(s: &BTreeMap<String, String>) {
 }
 
 /// Sends the rest of [`request_in_progress`]'s request: the worker, still
-/// there, answers it, then closes the connection (read to EOF).
+/// there, answers it with `Connection: close` (a stop is under way), then
+/// closes the connection (read to EOF).
 fn finish_request(c: &mut TcpStream) {
-    c.write_all(b"cde").unwrap();
+    c.write_all(b"\r\n").unwrap();
     let mut resp = String::new();
     c.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
 }
 
 /// The machine's systemd (252 on Debian 12) runs the service's commented
@@ -815,4 +819,57 @@ fn shipped_units_under_systemd_254_notify_reload() {
         Systemd::backports_254(),
         App::Hello,
     );
+}
+
+/// Why the unit says `KillMode=mixed` (docs/systemd.md), shown with the
+/// machine's manager: the same units with the default
+/// `KillMode=control-group` let systemd send SIGTERM to every worker with
+/// the primary, and a request in progress is cut: the service ends while
+/// the request's header is still unfinished, and its connection closes
+/// unanswered. (With `mixed`, `shipped_units` sees the same request
+/// answered.)
+#[test]
+fn kill_mode_control_group_would_cut_a_request_in_progress() {
+    let test = "kill_mode_control_group_would_cut_a_request_in_progress";
+    let sd = match Systemd::host() {
+        Ok(sd) => sd,
+        Err(why) => return skip(test, &why),
+    };
+    let port = free_port();
+    let (socket, service) = units(&sd, port, &App::Hello);
+    let service = subst(
+        &service,
+        "\nKillMode=mixed\n",
+        "\nKillMode=control-group\n",
+        "uvcluster.service",
+    );
+    let mgr = match Manager::start(
+        &sd,
+        &[("uvcluster.socket", &socket), ("uvcluster.service", &service)],
+    ) {
+        Ok(m) => m,
+        Err(why) => return skip(test, &format!("no private systemd --user manager: {why}")),
+    };
+    let svc = "uvcluster.service";
+    let state = "ActiveState,SubState,MainPID";
+    mgr.ok(&["start", "uvcluster.socket"]);
+    assert_eq!(get(port, "/").expect("served").0, 200);
+    let s = mgr.wait_for(svc, state, "active", |s| s["ActiveState"] == "active");
+    assert_eq!(mgr.prop(svc, "KillMode"), "control-group");
+    assert_eq!(children(&s["MainPID"]).len(), 4);
+    let mut held = request_in_progress(port);
+    mgr.ok(&["stop", "--no-block", svc]);
+    mgr.wait_for(svc, state, "stopped with the request held", |s| {
+        s["ActiveState"] == "inactive"
+    });
+    // The end of the header finds the connection closed: no answer.
+    let _ = held.write_all(b"\r\n");
+    let mut resp = Vec::new();
+    let _ = held.read_to_end(&mut resp);
+    assert!(
+        resp.is_empty(),
+        "answered after all: {}",
+        String::from_utf8_lossy(&resp)
+    );
+    mgr.ok(&["stop", "uvcluster.socket"]);
 }
