@@ -58,6 +58,8 @@ struct Systemd {
     manager: PathBuf,
     /// Its `systemctl`.
     systemctl: PathBuf,
+    /// Its `systemd-analyze`.
+    analyze: PathBuf,
     /// `LD_LIBRARY_PATH` for an unpacked (not installed) systemd.
     libs: Option<PathBuf>,
     /// Major version (252, 254, ...).
@@ -76,6 +78,7 @@ impl Systemd {
         let s = Systemd {
             manager,
             systemctl: PathBuf::from("systemctl"),
+            analyze: PathBuf::from("systemd-analyze"),
             libs: None,
             version: 0,
         };
@@ -180,6 +183,7 @@ impl Systemd {
         let s = Systemd {
             manager: root.join("lib/systemd/systemd"),
             systemctl: root.join("bin/systemctl"),
+            analyze: root.join("usr/bin/systemd-analyze"),
             libs: Some(root.join("usr/lib/x86_64-linux-gnu/systemd")),
             version: 0,
         }
@@ -559,6 +563,7 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     }
     let port = free_port();
     let (socket, service) = units(&sd, port, &app);
+    verify(&sd, &socket, &service);
     let mgr = match Manager::start(
         &sd,
         &[
@@ -762,6 +767,23 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     mgr.ok(&["stop", "uvcluster.socket", svc]);
 }
 
+/// `systemd-analyze verify` of this systemd passes the units without a
+/// word (unknown keys, bad values, a missing program).
+fn verify(sd: &Systemd, socket: &str, service: &str) {
+    let dir = TempDir::new("sdverify");
+    std::fs::write(dir.join("uvcluster.socket"), socket).unwrap();
+    std::fs::write(dir.join("uvcluster.service"), service).unwrap();
+    let out = sd
+        .command(&sd.analyze)
+        .args(["verify", "./uvcluster.socket", "./uvcluster.service"])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd {}: {err}", sd.version);
+    assert_eq!(err.trim(), "", "systemd-analyze {} complained", sd.version);
+}
+
 /// The properties of how the main process ended.
 const EXIT: &str = "Result,ExecMainCode,ExecMainStatus";
 
@@ -845,7 +867,10 @@ fn kill_mode_control_group_would_cut_a_request_in_progress() {
     );
     let mgr = match Manager::start(
         &sd,
-        &[("uvcluster.socket", &socket), ("uvcluster.service", &service)],
+        &[
+            ("uvcluster.socket", &socket),
+            ("uvcluster.service", &service),
+        ],
     ) {
         Ok(m) => m,
         Err(why) => return skip(test, &format!("no private systemd --user manager: {why}")),
