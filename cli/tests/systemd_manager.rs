@@ -17,11 +17,18 @@
 //! watchdog pings, and a graceful `systemctl stop` under `KillMode=mixed`
 //! (a request in progress when the stop begins is answered, the primary
 //! exits 0), after which the socket still listens and starts the service
-//! again.
+//! again, and `STOPPING=1` as the manager sees it. Each manager runs the
+//! units once with `cluster_hello` workers and once with Node workers,
+//! whose first reload worker waits for SIGUSR2 (`HOLD_WORKER=5`), holding
+//! the reload open so that the `reloading` state, and `systemctl reload`
+//! waiting for `READY=1`, are seen without a race. A last test shows why
+//! the unit says `KillMode=mixed`: with `control-group` the same request in
+//! progress is cut.
 //!
 //! The unit files are rewritten only where they must be: the port (a free
-//! one instead of 8000), `ExecStart`'s paths (this build's binaries), and,
-//! for systemd 252, the variant lines the service file names. Each
+//! one instead of 8000), `ExecStart`'s paths (this build's binaries), the
+//! `HOLD_WORKER` variable for Node workers, and, for systemd 252, the
+//! variant lines the service file names. Each
 //! substitution must match exactly once, so a change to the shipped files
 //! fails here.
 //!
