@@ -271,7 +271,7 @@ pub fn parse(
         Some(Value(v)) if v == "run" => {}
         Some(Value(v)) => {
             return Err(err(format!(
-                "unknown subcommand {:?}; the command is run",
+                "unknown subcommand {:?}; the subcommands are run and ctl",
                 v.to_string_lossy()
             )));
         }
@@ -283,7 +283,7 @@ pub fn parse(
                 show_arg(&other)
             )));
         }
-        None => return Err(err("no subcommand given".into())),
+        None => return Err(err("no subcommand given (run or ctl)".into())),
     }
     let mut flags = Partial::default();
     let mut config: Option<PathBuf> = None;
@@ -419,7 +419,7 @@ fn command_from_toml(v: &toml::Value) -> Option<Vec<OsString>> {
 }
 
 /// The flag as the user wrote it, for an error.
-fn show_arg(arg: &lexopt::Arg<'_>) -> String {
+pub(crate) fn show_arg(arg: &lexopt::Arg<'_>) -> String {
     match arg {
         lexopt::Arg::Short(c) => format!("-{c}"),
         lexopt::Arg::Long(l) => format!("--{l}"),
@@ -684,9 +684,9 @@ mod tests {
         assert!(matches!(req(&["-V"]), Ok(Request::Version)));
         assert_eq!(
             req(&["walk"]).unwrap_err(),
-            Usage("unknown subcommand \"walk\"; the command is run".into())
+            Usage("unknown subcommand \"walk\"; the subcommands are run and ctl".into())
         );
-        assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given".into()));
+        assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given (run or ctl)".into()));
     }
 
     /// `NODE_CLUSTER_SCHED_POLICY` must name a policy unless `--policy`
