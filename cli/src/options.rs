@@ -686,7 +686,10 @@ mod tests {
             req(&["walk"]).unwrap_err(),
             Usage("unknown subcommand \"walk\"; the subcommands are run and ctl".into())
         );
-        assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given (run or ctl)".into()));
+        assert_eq!(
+            req(&[]).unwrap_err(),
+            Usage("no subcommand given (run or ctl)".into())
+        );
     }
 
     /// `NODE_CLUSTER_SCHED_POLICY` must name a policy unless `--policy`
