@@ -236,11 +236,11 @@ fn help_and_version_go_to_stdout_with_exit_0() {
 fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
-        (&[], &[], "no subcommand given"),
+        (&[], &[], "no subcommand given (run or ctl)"),
         (
             &["walk"],
             &[],
-            "unknown subcommand \"walk\"; the command is run",
+            "unknown subcommand \"walk\"; the subcommands are run and ctl",
         ),
         (&["run"], &[], "no command given"),
         (&["run", "--frob", "--", "x"], &[], "unknown option --frob"),
@@ -897,6 +897,109 @@ fn crash_loop_errors_the_slot_and_exits_1() {
         "{errored}"
     );
     assert!(err.contains("\n[worker 1] boom: no config\n"), "{err}");
+}
+
+/// `uvcluster frob` said "the command is run", leaving `ctl` out: the
+/// message lists both subcommands.
+#[test]
+fn unknown_subcommand_lists_run_and_ctl() {
+    let mut c = uvcluster();
+    c.arg("frob");
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.starts_with(
+            "uvcluster: unknown subcommand \"frob\"; the subcommands are run and ctl\n"
+        ),
+        "{err}"
+    );
+}
+
+/// `uvcluster ctl --bogus` said "unknown option invalid option '--bogus'":
+/// it names the option once, then how to get help and the usage line.
+#[test]
+fn ctl_unknown_option_is_named_once_with_a_usage_hint() {
+    let mut c = uvcluster();
+    c.args(["ctl", "--bogus", "status"]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.starts_with(
+            "uvcluster ctl: unknown option '--bogus' (uvcluster ctl --help lists the options)\n\
+             usage: uvcluster ctl "
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("invalid option"), "{err}");
+}
+
+/// `--control` on a path whose directory does not exist: `run` said only
+/// "control socket: No such file or directory"; both `run` and `ctl` name
+/// the path and the OS error.
+#[test]
+fn control_path_in_a_missing_directory_is_named_with_the_os_error() {
+    let path = "/nonexistent/dir/x.sock";
+    let mut c = uvcluster();
+    c.args(["run", "--control", path, "--", "node", "-e", "0"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "uvcluster: cannot start: control socket: {path}: No such file or directory (os error 2)"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(" forked"), "{err}");
+
+    let mut c = uvcluster();
+    c.args(["ctl", "--control", path, "status"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "uvcluster ctl: cannot reach the primary at {path}: No such file or directory (os error 2)"
+        )),
+        "{err}"
+    );
+}
+
+/// The `errored` line quoted the workers' last stderr lines only with
+/// `--prefix-output` (the only case where stderr was piped). Now stderr is
+/// always piped and teed: the line quotes a worker that writes to stderr
+/// and exits at once, and the terminal still shows what it wrote, as it
+/// wrote it (no prefix).
+#[test]
+fn errored_line_quotes_worker_stderr_without_prefix_output() {
+    util::require_node();
+    let mut c = uvcluster();
+    c.args([
+        "run",
+        "-w",
+        "1",
+        "--backoff-initial=10ms",
+        "--max-restarts=2",
+        "--",
+        "node",
+        "-e",
+        "console.error('boom: no config'); console.log('on stdout'); process.exit(7)",
+    ]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    let errored = err
+        .lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    assert!(
+        errored.contains("; not restarted; its last output: boom: no config"),
+        "{errored}"
+    );
+    // What the user sees: each worker's line as it wrote it.
+    assert!(err.contains("\nboom: no config\n"), "{err}");
+    assert!(!err.contains("[worker "), "{err}");
+    assert!(out.starts_with("on stdout\n"), "{out}");
+    assert!(!out.contains("[worker "), "{out}");
 }
 
 /// Ctrl-C in a terminal reaches the whole process group, the workers as

@@ -38,9 +38,7 @@ fn have(tool: &str, test: &str, install: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!(
-            "\n*** SKIP {test}: `{tool}` is not installed ({install}) ***\n"
-        );
+        eprintln!("\n*** SKIP {test}: `{tool}` is not installed ({install}) ***\n");
     }
     ok
 }
