@@ -427,6 +427,62 @@ pub(crate) fn show_arg(arg: &lexopt::Arg<'_>) -> String {
     }
 }
 
+/// Whether `command` is `node -e SCRIPT` (or `-p`, `--eval`, `--print`)
+/// with nothing after the script that would become `process.argv[1]`:
+/// `main` then warns that such workers exit before they listen.
+///
+/// Node's `initializeClusterIPC` (lib/internal/process/pre_execution.js)
+/// runs `cluster._setupWorker()` only when `process.argv[1]` is set; with
+/// `-e` alone it is not, so `NODE_UNIQUE_ID` makes `require('cluster')` a
+/// worker whose channel was never set up: its `listen` waits for a reply
+/// nobody reads, and with nothing else referenced the process exits 0.
+/// Options after the script are Node's (`node -e S --no-warnings` leaves
+/// `argv[1]` unset), so only a word not starting with `-`, or any word
+/// after `--`, counts.
+pub fn node_eval_without_argv1(command: &[OsString]) -> bool {
+    let Some(program) = command.first() else {
+        return false;
+    };
+    let name = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name != "node" && name != "nodejs" {
+        return false;
+    }
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let eval = |a: &str| {
+        matches!(a, "-e" | "-p" | "--eval" | "--print" | "-pe" | "-ep")
+            || a.starts_with("--eval=")
+            || a.starts_with("--print=")
+    };
+    let Some(at) = args.iter().position(|a| eval(a) || a == "--") else {
+        return false;
+    };
+    if args[at] == "--" {
+        return false;
+    }
+    // The script: the next word, or inline (`--eval=SCRIPT`).
+    let after = if args[at].contains('=') {
+        at + 1
+    } else {
+        at + 2
+    };
+    let mut rest = args.iter().skip(after);
+    while let Some(a) = rest.next() {
+        if a == "--" {
+            return rest.next().is_none();
+        }
+        if !a.starts_with('-') {
+            return false;
+        }
+    }
+    true
+}
+
 /// Fills the defaults and checks what only the whole can tell.
 fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
     let d = SupervisorConfig::default();
@@ -668,6 +724,23 @@ mod tests {
             e,
             "backoff-cap should be at least backoff-initial (2s). Received 1s"
         );
+    }
+
+    #[test]
+    fn node_eval_needs_an_argument_after_the_script() {
+        let yes =
+            |c: &[&str]| node_eval_without_argv1(&c.iter().map(OsString::from).collect::<Vec<_>>());
+        assert!(yes(&["node", "-e", "s"]));
+        assert!(yes(&["/usr/bin/node", "--no-warnings", "-p", "s"]));
+        assert!(yes(&["node", "--eval=s"]));
+        assert!(yes(&["nodejs", "-e", "s", "--no-warnings"]));
+        assert!(yes(&["node", "-e", "s", "--"]));
+        assert!(!yes(&["node", "-e", "s", "worker"]));
+        assert!(!yes(&["node", "-e", "s", "--", "-x"]));
+        assert!(!yes(&["node", "--eval=s", "w"]));
+        assert!(!yes(&["node", "app.js"]));
+        assert!(!yes(&["node", "--", "-e"]));
+        assert!(!yes(&["python3", "-e", "s"]));
     }
 
     #[test]
