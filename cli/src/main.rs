@@ -52,17 +52,6 @@ fn main() -> ExitCode {
             return ExitCode::from(USAGE_ERROR);
         }
     };
-    if options::node_eval_without_argv1(&opts.command) {
-        // A warning, not an error: such a worker may not be meant to
-        // listen (a test's `node -e "process.exit(7)"`).
-        log::warn!(
-            target: events::TARGET,
-            "`node -e SCRIPT` with no argument after the script: Node makes a process a \
-             cluster worker only when process.argv[1] is set, and -e alone leaves it unset, \
-             so these workers exit before they listen; give the script an argument \
-             (`node -e SCRIPT worker`) or run it from a file (docs/cli.md)"
-        );
-    }
     match run::run(opts) {
         Ok(outcome) => ExitCode::from(outcome.code()),
         // Printed whatever RUST_LOG says: the command failed to start.

@@ -429,7 +429,7 @@ pub(crate) fn show_arg(arg: &lexopt::Arg<'_>) -> String {
 
 /// Whether `command` is `node -e SCRIPT` (or `-p`, `--eval`, `--print`)
 /// with nothing after the script that would become `process.argv[1]`:
-/// `main` then warns that such workers exit before they listen.
+/// an `errored` slot of such workers then says why they never listened.
 ///
 /// Node's `initializeClusterIPC` (lib/internal/process/pre_execution.js)
 /// runs `cluster._setupWorker()` only when `process.argv[1]` is set; with

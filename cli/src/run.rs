@@ -304,6 +304,9 @@ struct Journal {
     tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
+    /// The command is `node -e SCRIPT` with nothing after the script: an
+    /// `errored` slot says why such workers never listen.
+    node_eval: bool,
 }
 
 impl Journal {
@@ -389,6 +392,15 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
         E::Errored { slot, last, why } => {
             let last = last.map(|l| events::how_it_ended(l.code, l.signal));
             events::errored(*slot, why, last.as_deref(), &j.tail(*slot));
+            if j.node_eval {
+                log::warn!(
+                    target: events::TARGET,
+                    "slot {slot}: `node -e SCRIPT` with no argument after the script cannot be \
+                     a cluster worker: Node makes a process one only when process.argv[1] is \
+                     set, and -e alone leaves it unset, so it exits before it listens; give the \
+                     script an argument (`node -e SCRIPT worker`) or run it from a file"
+                );
+            }
         }
         E::Replacing {
             slot,
@@ -505,6 +517,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         tails: RefCell::default(),
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
+        node_eval: crate::options::node_eval_without_argv1(&opts.command),
     };
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;

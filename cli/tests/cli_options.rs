@@ -9,153 +9,21 @@
 #[path = "../../tests/util/mod.rs"]
 mod util;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+mod ops_util;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use ops_util::{Running, finish, forks, free_port, uvcluster};
 
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// `uvcluster` with a clean environment for the variables it reads, so
-/// that the machine's own do not change what a test sees.
-fn uvcluster() -> Command {
-    let mut c = Command::new(util::cli_bin());
-    for var in [
-        "WEB_CONCURRENCY",
-        "NODE_CLUSTER_SCHED_POLICY",
-        "UVCLUSTER_HANDOFF_WINDOW",
-        "JOURNAL_STREAM",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("RUST_LOG", "info");
-    c
-}
-
-/// Runs `c` to its end, with a deadline (a thread waits; the test kills
-/// the process if it outlives `LIMIT`): (exit code, stdout, stderr).
-fn finish(mut c: Command) -> (Option<i32>, String, String) {
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = c.spawn().expect("spawn uvcluster");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => {
-            let out = out.unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("uvcluster did not end within {LIMIT:?}");
-        }
-    }
-}
-
-/// A scratch directory of this test process.
+/// A scratch directory of this test process (left for a failed test to
+/// be looked at; its name says which).
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("uvcluster-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `uvcluster` whose stderr lines a thread forwards, so the test
-/// waits on its log lines with a deadline; killed if the test fails first.
-struct Running {
-    child: Option<Child>,
-    lines: mpsc::Receiver<Option<String>>,
-    log: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Running {
-    fn start(mut c: Command) -> Running {
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn uvcluster");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(Some(line));
-            }
-            let _ = tx.send(None);
-        });
-        Running {
-            child: Some(child),
-            lines: rx,
-            log: String::new(),
-        }
-    }
-
-    /// Waits for the next log line containing `what`.
-    fn expect(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
-                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
-            }
-        }
-    }
-
-    fn signal(&self, s: Signal) {
-        kill(Pid::from_raw(self.child.as_ref().unwrap().id() as i32), s).unwrap();
-    }
-
-    /// Waits for the end (stderr's EOF, with a deadline): (code, whole log).
-    fn wait(mut self) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
-                Ok(None) => break,
-                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
-            }
-        }
-        let status = self.child.take().unwrap().wait().unwrap();
-        (status.code(), std::mem::take(&mut self.log))
-    }
 }
 
 /// Every option `run --help` must list.
@@ -419,17 +287,12 @@ fn config_file_unknown_key_or_bad_value_exits_2_naming_key_and_file() {
     );
 }
 
-/// Counts the workers a run forked, from its log.
-fn forks(log: &str) -> usize {
-    log.lines().filter(|l| l.ends_with(" forked")).count()
-}
-
 /// Runs `cluster_hello` under `uvcluster` as `c` says, waits for `workers`
 /// to listen, stops it with SIGTERM; returns the log.
 fn serve_and_stop(mut c: Command, workers: usize) -> String {
     let exe = util::example("cluster_hello");
     c.arg("--").arg(&exe).env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     for _ in 0..workers {
         r.expect(" listening on ");
     }
@@ -486,7 +349,7 @@ fn config_file_applies_and_flags_override_it() {
     c.arg("run")
         .current_dir(&dir)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(" listening on ");
     r.expect(" listening on ");
     r.signal(Signal::SIGTERM);
@@ -761,7 +624,7 @@ fn sigquit_stops_at_once_with_128_plus_3() {
     c.args(["run", "-w", "2", "--"])
         .arg(&exe)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(" listening on ");
     r.expect(" listening on ");
     r.signal(Signal::SIGQUIT);
@@ -794,7 +657,7 @@ fn restart_reload_and_scale_each_log_one_line() {
     c.args(["run", "-w", "2", "--"])
         .arg(&exe)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") ready (after ");
     let victim = pid_in(&r.expect(") ready (after "));
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
@@ -1018,10 +881,10 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
         .env("SCENARIO", "http_port")
         .env("PORT", free_port().to_string())
         .process_group(0);
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") ready (after ");
     r.expect(") ready (after ");
-    let group = Pid::from_raw(r.child.as_ref().unwrap().id() as i32);
+    let group = Pid::from_raw(r.pid() as i32);
     nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
     nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
     let (code, log) = r.wait();
@@ -1052,7 +915,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     c.args(["run", "-w", "1", "--wait-ready", "--", "node", app])
         .env("PORT", free_port().to_string())
         .env("SEND_READY", "1");
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") listening on ");
     r.expect(") ready (after ");
     r.signal(Signal::SIGTERM);
