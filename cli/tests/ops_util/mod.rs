@@ -158,19 +158,27 @@ impl Running {
         }
     }
 
+    /// The next log line (kept in [`log`](Self::log)), waited for until
+    /// [`LIMIT`] after `t0`: `Ok(None)` at the end of the log, `Err` at
+    /// the deadline.
+    fn next_line(&mut self, t0: Instant) -> Result<Option<String>, mpsc::RecvTimeoutError> {
+        let line = self
+            .lines
+            .recv_timeout(LIMIT.saturating_sub(t0.elapsed()))?;
+        if let Some(line) = &line {
+            self.log.push_str(line);
+            self.log.push('\n');
+        }
+        Ok(line)
+    }
+
     /// Waits (with a deadline) for the next log line containing `what`.
     pub fn expect(&mut self, what: &str) -> String {
         let t0 = Instant::now();
         loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
+            match self.next_line(t0) {
+                Ok(Some(line)) if line.contains(what) => return line,
+                Ok(Some(_)) => {}
                 Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
                 Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
             }
@@ -219,12 +227,8 @@ impl Running {
     pub fn wait(mut self) -> (Option<i32>, String) {
         let t0 = Instant::now();
         loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
+            match self.next_line(t0) {
+                Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
             }
