@@ -36,7 +36,8 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// (kubelet, curl, Prometheus) sends its whole head in one write at once,
 /// so only a slow or stuck client ever meets it; it then gets a 408 (if it
 /// sent anything) and the connection is closed, freeing its place for a
-/// probe. nginx's `client_header_timeout` is 60 s and Node's
+/// probe. It bounds the whole connection: one answered but not yet
+/// written out by then (a client that does not read) is closed too. nginx's `client_header_timeout` is 60 s and Node's
 /// `headersTimeout` 60 s: they serve users on slow links, this serves
 /// machines on a LAN.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
