@@ -16,7 +16,7 @@ use std::process::Command;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use ops_util::{Running, finish, forks, free_port, uvcluster};
+use ops_util::{Running, crash_loop, errored_line, finish, forks, free_port, uvcluster};
 
 /// A scratch directory of this test process (left for a failed test to
 /// be looked at; its name says which).
@@ -701,26 +701,11 @@ fn restart_reload_and_scale_each_log_one_line() {
 #[test]
 fn crash_loop_errors_the_slot_and_exits_1() {
     util::require_node();
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=2",
-        "--",
-        "node",
-        "-e",
-        "process.exit(7)",
-    ]);
-    let (code, out, err) = finish(c);
+    let (code, out, err) = crash_loop(2, &[], &["node", "-e", "process.exit(7)"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(out, "");
     assert!(err.contains(" restarting in 10ms"), "{err}");
-    let errored = err
-        .lines()
-        .find(|l| l.contains(" errored: "))
-        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    let errored = errored_line(&err);
     assert!(
         errored.contains(" ERROR uvcluster: slot 0 errored: "),
         "{errored}"
@@ -736,25 +721,18 @@ fn crash_loop_errors_the_slot_and_exits_1() {
     // With --prefix-output the CLI sees the workers' stderr, and the
     // errored line quotes its last lines (an earlier worker's at least:
     // the last one's may still be in its pipe when its exit is seen).
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=2",
-        "--prefix-output",
-        "--",
-        "node",
-        "-e",
-        "console.error('boom: no config'); process.exit(7)",
-    ]);
-    let (code, _, err) = finish(c);
+    let (code, _, err) = crash_loop(
+        2,
+        &["--prefix-output"],
+        &[
+            "node",
+            "-e",
+            "console.error('boom: no config'); process.exit(7)",
+        ],
+        &[],
+    );
     assert_eq!(code, Some(1), "{err}");
-    let errored = err
-        .lines()
-        .find(|l| l.contains(" errored: "))
-        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    let errored = errored_line(&err);
     assert!(
         errored.contains("; not restarted; its last output: boom: no config"),
         "{errored}"
@@ -836,24 +814,10 @@ fn control_path_in_a_missing_directory_is_named_with_the_os_error() {
 #[test]
 fn errored_line_quotes_worker_stderr_without_prefix_output() {
     util::require_node();
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=2",
-        "--",
-        "node",
-        "-e",
-        "console.error('boom: no config'); console.log('on stdout'); process.exit(7)",
-    ]);
-    let (code, out, err) = finish(c);
+    let script = "console.error('boom: no config'); console.log('on stdout'); process.exit(7)";
+    let (code, out, err) = crash_loop(2, &[], &["node", "-e", script], &[]);
     assert_eq!(code, Some(1), "{err}");
-    let errored = err
-        .lines()
-        .find(|l| l.contains(" errored: "))
-        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    let errored = errored_line(&err);
     assert!(
         errored.contains("; not restarted; its last output: boom: no config"),
         "{errored}"

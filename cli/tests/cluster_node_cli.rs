@@ -219,20 +219,12 @@ fn node_eval_workers_need_an_argument_and_the_errored_line_says_so() {
     let script = "require('http').createServer((q, r) => r.end('hi from -e\\n'))\
                   .listen(+process.env.PORT)";
     let port = free_port();
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=1",
-        "--",
-        "node",
-        "-e",
-        script,
-    ])
-    .env("PORT", port.to_string());
-    let (code, _, err) = ops_util::finish(c);
+    let (code, _, err) = ops_util::crash_loop(
+        1,
+        &[],
+        &["node", "-e", script],
+        &[("PORT", &port.to_string())],
+    );
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(

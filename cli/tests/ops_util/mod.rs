@@ -107,6 +107,34 @@ pub fn finish(mut c: Command) -> (Option<i32>, String, String) {
     )
 }
 
+/// `uvcluster run -w 1 --backoff-initial=10ms --max-restarts=N EXTRA --
+/// COMMAND` with `envs`, run to its end: a slot whose workers fail, until
+/// it is `errored`. (exit code, stdout, stderr).
+pub fn crash_loop(
+    max_restarts: u32,
+    extra: &[&str],
+    command: &[&str],
+    envs: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--backoff-initial=10ms"])
+        .arg(format!("--max-restarts={max_restarts}"))
+        .args(extra)
+        .arg("--")
+        .args(command);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    finish(c)
+}
+
+/// The `slot N errored: ...` line of `log`; panics when there is none.
+pub fn errored_line(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{log}"))
+}
+
 /// A running `uvcluster run`, killed if the test ends first. A thread
 /// forwards each stderr line (then `None` at EOF), so the test waits on
 /// the binary's own log lines, with a deadline, instead of polling.
