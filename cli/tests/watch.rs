@@ -57,11 +57,10 @@ fn start_with_config(port: u16, config: &Path, args: &[&str], command: &[&str]) 
     run
 }
 
-/// What a load saw.
+/// What a load that failed no request saw.
 #[derive(Debug, Default)]
 struct Seen {
     ok: usize,
-    failures: Vec<String>,
     bodies: HashSet<String>,
 }
 
@@ -71,14 +70,11 @@ fn start_load(port: u16) -> Load {
     Load::start(port, CLIENTS, usize::MAX)
 }
 
-/// Stops `load`: what it saw.
+/// Stops `load`: what it saw. Asserts that no request failed.
 fn stop_load(load: Load) -> Seen {
     let (ok, failures, bodies) = load.finish_with_bodies();
-    Seen {
-        ok,
-        failures,
-        bodies,
-    }
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    Seen { ok, bodies }
 }
 
 /// Asks until both workers have answered: their `PID VERSION` bodies.
@@ -131,11 +127,6 @@ fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
     );
     run.expect("reload finished (2 workers replaced");
     let seen = stop_load(load);
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
     assert!(seen.ok > 0, "the load made requests");
     let new = both_answer(port);
     assert!(new.iter().all(|b| b.ends_with(" 2")), "{new:?}");
@@ -177,11 +168,6 @@ fn watch_edit_reloads_rust_workers_with_zero_failed_requests() {
     run.expect("settings.toml changed");
     run.expect("reload finished (2 workers replaced");
     let seen = stop_load(load);
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
     assert!(seen.ok > 0);
     assert_eq!(seen.bodies, HashSet::from(["hello world\n".to_string()]));
     let new = ready_pids(run.since(mark));
@@ -280,11 +266,6 @@ fn watch_broken_code_fails_closed_and_the_fix_reloads() {
     );
     assert_eq!(run.log.matches("reload failed").count(), 1, "{}", run.log);
     let seen = stop_load(load);
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
     assert!(seen.ok > 0);
     assert_eq!(seen.bodies, old, "only the old workers answered");
     assert_eq!(both_answer(port), old, "the old workers still serve");
@@ -292,12 +273,7 @@ fn watch_broken_code_fails_closed_and_the_fix_reloads() {
     let load = start_load(port);
     dir.write("app.js", &node_app(3, 0));
     run.expect("reload finished (2 workers replaced");
-    let seen = stop_load(load);
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    stop_load(load);
     let new = both_answer(port);
     assert!(new.iter().all(|b| b.ends_with(" 3")), "{new:?}");
     assert!(old.is_disjoint(&new));
@@ -378,12 +354,7 @@ fn watch_change_during_a_reload_queues_one_more() {
         "{second}"
     );
     run.expect("reload finished");
-    let seen = stop_load(load);
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    stop_load(load);
     let since = run.since(mark).to_string();
     let log = run.stop();
     // started, finished, started, finished: in that order, two of each.
