@@ -57,6 +57,13 @@ fn start_with_config(port: u16, config: &Path, args: &[&str], command: &[&str]) 
     run
 }
 
+/// [`start`] with `--watch PATH --watch-debounce DEBOUNCE EXTRA`.
+fn watching(port: u16, path: &str, debounce: &str, extra: &[&str], command: &[&str]) -> Running {
+    let mut args = vec!["--watch", path, "--watch-debounce", debounce];
+    args.extend_from_slice(extra);
+    start(port, &args, command)
+}
+
 /// What a load that failed no request saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -106,11 +113,7 @@ fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
     let app = dir.join("app.js");
     let port = free_port();
     let watched = dir.0.to_str().unwrap();
-    let mut run = start(
-        port,
-        &["--watch", watched, "--watch-debounce", "100ms"],
-        &[&node, app.to_str().unwrap()],
-    );
+    let mut run = watching(port, watched, "100ms", &[], &[&node, app.to_str().unwrap()]);
     assert!(
         run.log.contains(&format!("watching {watched} (")),
         "{}",
@@ -150,14 +153,11 @@ fn watch_edit_reloads_rust_workers_with_zero_failed_requests() {
     let dir = TempDir::new("edit-rust");
     dir.write("conf/settings.toml", "greeting = \"hello\"\n");
     let port = free_port();
-    let mut run = start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &[],
         &[exe.to_str().unwrap()],
     );
     let old = ready_pids(&run.log);
@@ -193,18 +193,11 @@ fn watch_ignores_default_and_given_globs() {
     std::fs::create_dir(dir.join("logs")).unwrap();
     std::fs::create_dir(dir.join("build")).unwrap();
     let port = free_port();
-    let mut run = start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--ignore",
-            "*.log",
-            "--ignore",
-            "build/**",
-            "--watch-debounce",
-            "100ms",
-        ],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &["--ignore", "*.log", "--ignore", "build/**"],
         &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let before = both_answer(port);
@@ -245,14 +238,11 @@ fn watch_broken_code_fails_closed_and_the_fix_reloads() {
     let dir = TempDir::new("broken");
     dir.write("app.js", &node_app(1, 0));
     let port = free_port();
-    let mut run = start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.join("app.js").to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
+        dir.join("app.js").to_str().unwrap(),
+        "100ms",
+        &[],
         &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let old = both_answer(port);
@@ -290,14 +280,11 @@ fn watch_burst_of_50_writes_is_one_reload() {
     dir.write("app.js", &node_app(1, 0));
     std::fs::create_dir(dir.join("data")).unwrap();
     let port = free_port();
-    let mut run = start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "500ms",
-        ],
+        dir.0.to_str().unwrap(),
+        "500ms",
+        &[],
         &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let mark = run.log.len();
@@ -330,14 +317,11 @@ fn watch_change_during_a_reload_queues_one_more() {
     // Each worker takes 700 ms to listen, so a reload of two lasts > 1 s.
     dir.write("app.js", &node_app(1, 700));
     let port = free_port();
-    let mut run = start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &[],
         &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let mark = run.log.len();
