@@ -431,8 +431,8 @@ fn read_until_closed(s: &mut std::net::TcpStream) -> (String, bool) {
 /// with nothing said. Now it is answered 400 as soon as its line is in and
 /// the connection closed, well before the (2 s) head deadline could have
 /// done it; a client that sends half a head gets a 408 at the deadline, a
-/// silent one is closed then; curl (as a probe sends it) is answered; and
-/// `/healthz` answers throughout.
+/// silent one is closed then; 100 slow clients do not delay a probe; curl
+/// (as a probe sends it) is answered; and `/healthz` answers throughout.
 #[test]
 fn http09_request_is_answered_at_once_and_slow_clients_meet_a_short_deadline() {
     let dir = TempDir::new("http09");
@@ -490,6 +490,34 @@ fn http09_request_is_answered_at_once_and_slow_clients_meet_a_short_deadline() {
     );
     let (resp, closed) = read_until_closed(&mut { silent });
     assert!(closed && resp.is_empty(), "{resp:?}");
+
+    // 100 slow clients (more than the 64 served at once), each with half
+    // a head sent: a probe is still answered before any deadline, and
+    // every slow one is closed (made room for, or given its 408).
+    let slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let mut probe = connect();
+    probe.set_read_timeout(Some(before_deadline)).unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (resp, closed) = read_until_closed(&mut probe);
+    assert!(
+        closed && resp.starts_with("HTTP/1.1 200 OK\r\n") && resp.ends_with("\r\n\r\nok\n"),
+        "{resp:?}"
+    );
+    for mut s in slow {
+        let (resp, closed) = read_until_closed(&mut s);
+        assert!(
+            closed && (resp.is_empty() || resp.starts_with("HTTP/1.1 408 ")),
+            "{resp:?}"
+        );
+    }
 
     // What a probe sends: curl's request (HTTP/1.1, Host, User-Agent,
     // Accept), where curl is installed.
