@@ -288,6 +288,17 @@ fn claim(path: &ControlPath) -> io::Result<PathBuf> {
     }
 }
 
+/// `e` with the path in front (`/run/x.sock: No such file or directory
+/// (os error 2)`), unless its message names the path already.
+fn naming(p: &Path, e: io::Error) -> io::Error {
+    let shown = p.display().to_string();
+    if e.to_string().contains(&shown) {
+        e
+    } else {
+        io::Error::new(e.kind(), format!("{shown}: {e}"))
+    }
+}
+
 impl Control {
     /// Listens on `path` (mode 0600) for requests on `ops`; a client
     /// silent for `idle` is closed.
@@ -303,7 +314,8 @@ impl Control {
         idle: Duration,
     ) -> io::Result<Control> {
         use std::os::unix::fs::PermissionsExt;
-        let p = claim(path)?;
+        let named = path.path().map(Path::to_path_buf).unwrap_or_default();
+        let p = claim(path).map_err(|e| naming(&named, e))?;
         let h = lp.pipe_init(false);
         let ctl = Control {
             inner: Rc::new(RefCell::new(Inner {
@@ -326,7 +338,7 @@ impl Control {
         });
         if let Err(e) = res {
             lp.close_if_open(h);
-            return Err(e);
+            return Err(naming(&p, e));
         }
         // The socket must not keep the primary alive once the workers are
         // gone.

@@ -94,7 +94,12 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Strin
             // Options may come after the command (`status --json`); a
             // message starting with `-` follows `--` (`send -- -1`).
             Value(v) => words.push(v.into_string().map_err(|v| format!("{v:?} is not UTF-8"))?),
-            other => return Err(format!("unknown option {}", other.unexpected())),
+            other => {
+                return Err(format!(
+                    "unknown option '{}' (uvcluster ctl --help lists the options)",
+                    crate::options::show_arg(&other)
+                ));
+            }
         }
     }
     let n = |w: Option<&String>, what: &str| -> Result<u64, String> {

@@ -6,7 +6,12 @@
 //! The responder reads one request head (at most [`MAX_HEAD`] bytes,
 //! within [`HEAD_TIMEOUT`]), answers it and closes the connection
 //! (`Connection: close`): it looks only at the request line, so it needs
-//! no HTTP parser. The exposition is written by hand (`render`): a dozen
+//! no HTTP parser. A request line that is not HTTP/1.x (an HTTP/0.9
+//! `GET /healthz` with no version, or garbage) is answered 400 as soon as
+//! the line has arrived, not when the head would end: nothing more is
+//! coming, and a probe must not wait out a deadline (Node's own server
+//! keeps such a client until its `headersTimeout`; nginx answers HTTP/0.9
+//! with a bare body, which cannot carry `/readyz`'s 503). The exposition is written by hand (`render`): a dozen
 //! families of plain gauges and counters do not justify a dependency, and
 //! `promtool check metrics` checks the result in the tests.
 
@@ -27,8 +32,15 @@ use crate::ops::{Ops, Row};
 /// The longest request head read (8 KiB, as nginx's default header
 /// buffer); a longer one gets 431 and a close.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request head: 2 s. A probe
+/// (kubelet, curl, Prometheus) sends its whole head in one write at once,
+/// so only a slow or stuck client ever meets it; it then gets a 408 (if it
+/// sent anything) and the connection is closed, freeing its place for a
+/// probe. It bounds the whole connection: one answered but not yet
+/// written out by then (a client that does not read) is closed too. nginx's `client_header_timeout` is 60 s and Node's
+/// `headersTimeout` 60 s: they serve users on slow links, this serves
+/// machines on a LAN.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once. A connection beyond it takes the place of
 /// the oldest one that has not sent its request yet (nginx reuses idle
 /// connections the same way when it runs out), so that silent clients
@@ -290,20 +302,57 @@ fn seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0
 }
 
+/// What a request line is.
+#[derive(Debug, PartialEq)]
+enum Line<'a> {
+    /// `METHOD TARGET HTTP/1.x`: the head goes on to a blank line.
+    Http1 { method: &'a str, target: &'a str },
+    /// `METHOD TARGET`: HTTP/0.9, no head follows.
+    Http09,
+    /// Three words, but another version.
+    NotHttp1,
+    /// Anything else.
+    Malformed,
+}
+
+/// Reads a request line (its line end trimmed or not).
+fn request_line(line: &str) -> Line<'_> {
+    let mut words = line.trim_end_matches(['\r', '\n']).split(' ');
+    let token = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_graphic());
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(m), Some(t), None, None) if token(m) && t.starts_with('/') => Line::Http09,
+        (Some(m), Some(t), Some(v), None) if token(m) && token(t) => {
+            if v.starts_with("HTTP/1.") {
+                Line::Http1 {
+                    method: m,
+                    target: t,
+                }
+            } else {
+                Line::NotHttp1
+            }
+        }
+        _ => Line::Malformed,
+    }
+}
+
 /// A response: status line, content type, body.
 fn respond(ops: &Ops, lp: &Loop, head: &[u8]) -> (&'static str, &'static str, String, bool) {
     const TEXT: &str = "text/plain; charset=utf-8";
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
     let line = String::from_utf8_lossy(&head[..line_end]);
-    let mut words = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (words.next(), words.next(), words.next(), words.next())
-    else {
-        return ("400 Bad Request", TEXT, "bad request line\n".into(), false);
+    let (method, target) = match request_line(&line) {
+        Line::Http1 { method, target } => (method, target),
+        Line::Http09 => {
+            return (
+                "400 Bad Request",
+                TEXT,
+                "HTTP/0.9 request (no version): HTTP/1.x only\n".into(),
+                false,
+            );
+        }
+        Line::NotHttp1 => return ("400 Bad Request", TEXT, "HTTP/1.x only\n".into(), false),
+        Line::Malformed => return ("400 Bad Request", TEXT, "bad request line\n".into(), false),
     };
-    if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", TEXT, "HTTP/1.x only\n".into(), false);
-    }
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
         return (
@@ -460,7 +509,7 @@ impl Metrics {
         );
         let me = self.clone();
         let _ = lp.timer_start(timer, HEAD_TIMEOUT, Duration::ZERO, move |lp, _| {
-            me.drop_conn(lp, c);
+            me.timed_out(lp, c);
         });
         let me = self.clone();
         let r = lp.read_start(c, move |lp, c, r| match r {
@@ -470,6 +519,35 @@ impl Metrics {
         if r.is_err() {
             self.drop_conn(lp, c);
         }
+    }
+
+    /// The head deadline passed: a client that sent part of a head gets
+    /// a 408 (as Node's `headersTimeout` answers), a silent one is closed.
+    fn timed_out(&self, lp: &mut Loop, c: Handle<Tcp>) {
+        let partial = {
+            let mut i = self.inner.borrow_mut();
+            match i.conns.get_mut(&c) {
+                Some(conn) if !conn.answered && !conn.head.is_empty() => {
+                    conn.answered = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !partial {
+            self.drop_conn(lp, c);
+            return;
+        }
+        self.answer(
+            lp,
+            c,
+            (
+                "408 Request Timeout",
+                "text/plain; charset=utf-8",
+                format!("request head not received within {HEAD_TIMEOUT:?}\n"),
+                false,
+            ),
+        );
     }
 
     fn drop_conn(&self, lp: &mut Loop, c: Handle<Tcp>) {
@@ -491,14 +569,23 @@ impl Metrics {
             }
             conn.head.extend_from_slice(data);
             let end = find(&conn.head, b"\r\n\r\n").or_else(|| find(&conn.head, b"\n\n"));
+            // A first line that is not HTTP/1.x ends the request there.
+            let first_line_only = conn.head.iter().position(|&b| b == b'\n').is_some_and(|n| {
+                n <= MAX_HEAD
+                    && !matches!(
+                        request_line(&String::from_utf8_lossy(&conn.head[..n])),
+                        Line::Http1 { .. }
+                    )
+            });
             match end {
+                _ if first_line_only => Some(std::mem::take(&mut conn.head)),
                 Some(n) if n <= MAX_HEAD => Some(std::mem::take(&mut conn.head)),
                 None if conn.head.len() <= MAX_HEAD => return,
                 // Longer than the limit, ended or not.
                 _ => None,
             }
         };
-        let (status, ctype, body, head_only) = match &head {
+        let response = match &head {
             Some(h) => {
                 let ops = self.inner.borrow().ops.clone();
                 respond(&ops, lp, h)
@@ -513,6 +600,16 @@ impl Metrics {
         if let Some(conn) = self.inner.borrow_mut().conns.get_mut(&c) {
             conn.answered = true;
         }
+        self.answer(lp, c, response);
+    }
+
+    /// Writes a response and closes the connection once it is written.
+    fn answer(
+        &self,
+        lp: &mut Loop,
+        c: Handle<Tcp>,
+        (status, ctype, body, head_only): (&str, &str, String, bool),
+    ) {
         let _ = lp.read_stop(c);
         let mut resp = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
@@ -648,6 +745,24 @@ mod tests {
             assert!(t.contains(&format!("# TYPE {name} ")), "{name}");
             assert!(t.contains(&format!("# HELP {name} ")), "{name}");
         }
+    }
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            request_line("GET /metrics HTTP/1.1\r\n"),
+            Line::Http1 {
+                method: "GET",
+                target: "/metrics"
+            }
+        );
+        assert_eq!(request_line("GET /healthz\r\n"), Line::Http09);
+        assert_eq!(request_line("GET /healthz"), Line::Http09);
+        assert_eq!(request_line("GET /healthz HTTP/2.0\n"), Line::NotHttp1);
+        assert_eq!(request_line("\r\n"), Line::Malformed);
+        assert_eq!(request_line("hello\n"), Line::Malformed);
+        assert_eq!(request_line("GET  /x HTTP/1.1"), Line::Malformed);
+        assert_eq!(request_line("GET /x HTTP/1.1 more"), Line::Malformed);
     }
 
     #[test]

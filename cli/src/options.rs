@@ -271,7 +271,7 @@ pub fn parse(
         Some(Value(v)) if v == "run" => {}
         Some(Value(v)) => {
             return Err(err(format!(
-                "unknown subcommand {:?}; the command is run",
+                "unknown subcommand {:?}; the subcommands are run and ctl",
                 v.to_string_lossy()
             )));
         }
@@ -283,7 +283,7 @@ pub fn parse(
                 show_arg(&other)
             )));
         }
-        None => return Err(err("no subcommand given".into())),
+        None => return Err(err("no subcommand given (run or ctl)".into())),
     }
     let mut flags = Partial::default();
     let mut config: Option<PathBuf> = None;
@@ -419,12 +419,68 @@ fn command_from_toml(v: &toml::Value) -> Option<Vec<OsString>> {
 }
 
 /// The flag as the user wrote it, for an error.
-fn show_arg(arg: &lexopt::Arg<'_>) -> String {
+pub(crate) fn show_arg(arg: &lexopt::Arg<'_>) -> String {
     match arg {
         lexopt::Arg::Short(c) => format!("-{c}"),
         lexopt::Arg::Long(l) => format!("--{l}"),
         lexopt::Arg::Value(v) => format!("{:?}", v.to_string_lossy()),
     }
+}
+
+/// Whether `command` is `node -e SCRIPT` (or `-p`, `--eval`, `--print`)
+/// with nothing after the script that would become `process.argv[1]`:
+/// an `errored` slot of such workers then says why they never listened.
+///
+/// Node's `initializeClusterIPC` (lib/internal/process/pre_execution.js)
+/// runs `cluster._setupWorker()` only when `process.argv[1]` is set; with
+/// `-e` alone it is not, so `NODE_UNIQUE_ID` makes `require('cluster')` a
+/// worker whose channel was never set up: its `listen` waits for a reply
+/// nobody reads, and with nothing else referenced the process exits 0.
+/// Options after the script are Node's (`node -e S --no-warnings` leaves
+/// `argv[1]` unset), so only a word not starting with `-`, or any word
+/// after `--`, counts.
+pub fn node_eval_without_argv1(command: &[OsString]) -> bool {
+    let Some(program) = command.first() else {
+        return false;
+    };
+    let name = Path::new(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name != "node" && name != "nodejs" {
+        return false;
+    }
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let eval = |a: &str| {
+        matches!(a, "-e" | "-p" | "--eval" | "--print" | "-pe" | "-ep")
+            || a.starts_with("--eval=")
+            || a.starts_with("--print=")
+    };
+    let Some(at) = args.iter().position(|a| eval(a) || a == "--") else {
+        return false;
+    };
+    if args[at] == "--" {
+        return false;
+    }
+    // The script: the next word, or inline (`--eval=SCRIPT`).
+    let after = if args[at].contains('=') {
+        at + 1
+    } else {
+        at + 2
+    };
+    let mut rest = args.iter().skip(after);
+    while let Some(a) = rest.next() {
+        if a == "--" {
+            return rest.next().is_none();
+        }
+        if !a.starts_with('-') {
+            return false;
+        }
+    }
+    true
 }
 
 /// Fills the defaults and checks what only the whole can tell.
@@ -671,6 +727,23 @@ mod tests {
     }
 
     #[test]
+    fn node_eval_needs_an_argument_after_the_script() {
+        let yes =
+            |c: &[&str]| node_eval_without_argv1(&c.iter().map(OsString::from).collect::<Vec<_>>());
+        assert!(yes(&["node", "-e", "s"]));
+        assert!(yes(&["/usr/bin/node", "--no-warnings", "-p", "s"]));
+        assert!(yes(&["node", "--eval=s"]));
+        assert!(yes(&["nodejs", "-e", "s", "--no-warnings"]));
+        assert!(yes(&["node", "-e", "s", "--"]));
+        assert!(!yes(&["node", "-e", "s", "worker"]));
+        assert!(!yes(&["node", "-e", "s", "--", "-x"]));
+        assert!(!yes(&["node", "--eval=s", "w"]));
+        assert!(!yes(&["node", "app.js"]));
+        assert!(!yes(&["node", "--", "-e"]));
+        assert!(!yes(&["python3", "-e", "s"]));
+    }
+
+    #[test]
     fn subcommand_help_and_version() {
         let req = |a: &[&str]| parse(a.iter().map(OsString::from), env_of(&[]));
         assert!(matches!(req(&["--help"]), Ok(Request::Help(t)) if t == crate::help::MAIN));
@@ -684,9 +757,12 @@ mod tests {
         assert!(matches!(req(&["-V"]), Ok(Request::Version)));
         assert_eq!(
             req(&["walk"]).unwrap_err(),
-            Usage("unknown subcommand \"walk\"; the command is run".into())
+            Usage("unknown subcommand \"walk\"; the subcommands are run and ctl".into())
         );
-        assert_eq!(req(&[]).unwrap_err(), Usage("no subcommand given".into()));
+        assert_eq!(
+            req(&[]).unwrap_err(),
+            Usage("no subcommand given (run or ctl)".into())
+        );
     }
 
     /// `NODE_CLUSTER_SCHED_POLICY` must name a policy unless `--policy`

@@ -158,8 +158,9 @@ fn preflight(program: &OsStr) -> Result<(), CannotRun> {
     })
 }
 
-/// The settings that start the workers: the command, the policy, and piped
-/// output when it is prefixed.
+/// The settings that start the workers: the command, the policy, stderr
+/// always piped (teed to ours, so that an `errored` line can quote its
+/// last lines) and stdout piped when it is prefixed.
 fn settings(opts: &RunOptions) -> Settings {
     let mut command = opts.command.iter().cloned();
     Settings {
@@ -167,54 +168,80 @@ fn settings(opts: &RunOptions) -> Settings {
         args: Some(command.collect()),
         exec_argv: Some(Vec::new()),
         scheduling_policy: Some(opts.policy),
-        stdio: opts.prefix_output.then(|| {
-            vec![
-                ForkStdio::Inherit,
-                ForkStdio::Pipe,
-                ForkStdio::Pipe,
-                ForkStdio::Ipc,
-            ]
-        }),
+        stdio: Some(vec![
+            ForkStdio::Inherit,
+            if opts.prefix_output {
+                ForkStdio::Pipe
+            } else {
+                ForkStdio::Inherit
+            },
+            ForkStdio::Pipe,
+            ForkStdio::Ipc,
+        ]),
         ..Settings::default()
     }
 }
 
-/// Copies worker `w`'s stdout and stderr to ours, each line prefixed with
-/// `[worker ID] ` (`--prefix-output`). A line is written whole, so lines of
-/// two workers never interleave; a last line without a newline is written
-/// at the end of the stream.
-fn prefix_output(lp: &mut Loop, w: Worker, tail: Tail) {
+/// Copies worker `w`'s piped output to ours: its stderr always (keeping
+/// the slot's last lines in `tail`), its stdout with `--prefix-output`.
+///
+/// With `prefix`, each line is prefixed with `[worker ID] ` and written
+/// whole, so lines of two workers never interleave, a last line without a
+/// newline being written at the end of the stream. Without it the bytes
+/// are written as they come, one write per read, as the worker wrote them
+/// to an inherited stderr: the terminal shows the same text (Node sees a
+/// pipe, not a TTY, on fd 2: docs/cli.md says so).
+fn relay_output(lp: &mut Loop, w: Worker, tail: Tail, prefix: bool) {
     for fd in [1, 2] {
         let Some(pipe) = w.stdio(lp, fd) else {
             continue;
         };
-        let prefix = format!("[worker {}] ", w.id());
+        let prefix = if prefix {
+            format!("[worker {}] ", w.id())
+        } else {
+            String::new()
+        };
+        // Bytes of a line not ended yet: to prefix it, or to keep it in
+        // the tail (at most a tail line's worth).
         let mut partial: Vec<u8> = Vec::new();
         let tail = tail.clone();
         // The primary (and the supervisor, for stderr) read the pipe until
         // we take it over; nothing has been read yet: this runs in the
         // same callback as the fork.
         let _ = lp.read_stop(pipe);
-        let res = lp.read_start(pipe, move |_, _, r| {
+        let res = lp.read_start(pipe, move |lp, pipe, r| {
             let data = r.unwrap_or(&[]);
             let eof = data.is_empty();
-            partial.extend_from_slice(data);
+            if eof {
+                lp.close_if_open(pipe);
+            }
             let mut out = Vec::new();
+            if prefix.is_empty() {
+                out.extend_from_slice(data);
+            }
+            partial.extend_from_slice(data);
+            let mut lines = Vec::new();
             while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
-                out.extend_from_slice(prefix.as_bytes());
-                out.extend(partial.drain(..=nl));
+                lines.push(partial.drain(..=nl).collect::<Vec<u8>>());
             }
             if eof && !partial.is_empty() {
-                out.extend_from_slice(prefix.as_bytes());
-                out.append(&mut partial);
-                out.push(b'\n');
+                let mut last = std::mem::take(&mut partial);
+                last.push(b'\n');
+                lines.push(last);
             }
-            if fd == 2 {
-                let mut t = tail.borrow_mut();
-                let text = String::from_utf8_lossy(&out);
-                for line in text.lines() {
-                    let line = line.strip_prefix(prefix.as_str()).unwrap_or(line);
-                    t.push_back(line.chars().take(TAIL_LINE_CHARS).collect());
+            // A line without an end is kept up to a tail line's worth.
+            if prefix.is_empty() {
+                partial.truncate(TAIL_LINE_CHARS * 4);
+            }
+            for line in &lines {
+                if !prefix.is_empty() {
+                    out.extend_from_slice(prefix.as_bytes());
+                    out.extend_from_slice(line);
+                }
+                if fd == 2 {
+                    let mut t = tail.borrow_mut();
+                    let text = String::from_utf8_lossy(line);
+                    t.push_back(text.trim_end().chars().take(TAIL_LINE_CHARS).collect());
                     if t.len() > TAIL_LINES {
                         t.pop_front();
                     }
@@ -232,7 +259,7 @@ fn prefix_output(lp: &mut Loop, w: Worker, tail: Tail) {
         if let Err(e) = res {
             log::warn!(
                 target: events::TARGET,
-                "worker {}: cannot prefix its output: {e}",
+                "worker {}: cannot relay its output: {e}",
                 w.id()
             );
         }
@@ -242,8 +269,8 @@ fn prefix_output(lp: &mut Loop, w: Worker, tail: Tail) {
 /// Worker ids to pids, for the log lines of events that carry ids only.
 type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 
-/// The last lines a slot's workers wrote on stderr (with
-/// `--prefix-output`, which pipes it), for its `errored` line.
+/// The last lines a slot's workers wrote on stderr (piped and teed to
+/// ours), for its `errored` line.
 type Tail = Rc<RefCell<VecDeque<String>>>;
 
 /// How many stderr lines of a slot an `errored` line quotes.
@@ -273,15 +300,18 @@ fn start_failure(f: &StartFailure) -> String {
 struct Journal {
     primary: Primary,
     pids: Pids,
-    /// Each slot's stderr tail (`--prefix-output`).
+    /// Each slot's stderr tail.
     tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
+    /// The command is `node -e SCRIPT` with nothing after the script: an
+    /// `errored` slot says why such workers never listen.
+    node_eval: bool,
 }
 
 impl Journal {
     /// A worker was forked for `slot`: its line, its pid, its `listening`
-    /// lines and, with `--prefix-output`, its output. The supervisor
+    /// lines and its output (stderr, and stdout with `--prefix-output`). The supervisor
     /// reports the fork in the call that made it, before the loop reads
     /// anything the worker wrote.
     fn forked(&self, lp: &mut Loop, id: u32, slot: usize) {
@@ -305,10 +335,8 @@ impl Journal {
                 _ => events::listening(w.id(), w.pid(lp), addr),
             }
         });
-        if self.prefix_output {
-            let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
-            prefix_output(lp, w, tail);
-        }
+        let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
+        relay_output(lp, w, tail, self.prefix_output);
     }
 
     /// Slot `slot`'s last stderr lines, oldest first.
@@ -364,6 +392,15 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
         E::Errored { slot, last, why } => {
             let last = last.map(|l| events::how_it_ended(l.code, l.signal));
             events::errored(*slot, why, last.as_deref(), &j.tail(*slot));
+            if j.node_eval {
+                log::warn!(
+                    target: events::TARGET,
+                    "slot {slot}: `node -e SCRIPT` with no argument after the script cannot be \
+                     a cluster worker: Node makes a process one only when process.argv[1] is \
+                     set, and -e alone leaves it unset, so it exits before it listens; give the \
+                     script an argument (`node -e SCRIPT worker`) or run it from a file"
+                );
+            }
         }
         E::Replacing {
             slot,
@@ -480,6 +517,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         tails: RefCell::default(),
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
+        node_eval: crate::options::node_eval_without_argv1(&opts.command),
     };
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;

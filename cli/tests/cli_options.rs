@@ -9,153 +9,21 @@
 #[path = "../../tests/util/mod.rs"]
 mod util;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+mod ops_util;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use ops_util::{Running, crash_loop, errored_line, finish, forks, free_port, uvcluster};
 
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// `uvcluster` with a clean environment for the variables it reads, so
-/// that the machine's own do not change what a test sees.
-fn uvcluster() -> Command {
-    let mut c = Command::new(util::cli_bin());
-    for var in [
-        "WEB_CONCURRENCY",
-        "NODE_CLUSTER_SCHED_POLICY",
-        "UVCLUSTER_HANDOFF_WINDOW",
-        "JOURNAL_STREAM",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("RUST_LOG", "info");
-    c
-}
-
-/// Runs `c` to its end, with a deadline (a thread waits; the test kills
-/// the process if it outlives `LIMIT`): (exit code, stdout, stderr).
-fn finish(mut c: Command) -> (Option<i32>, String, String) {
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = c.spawn().expect("spawn uvcluster");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => {
-            let out = out.unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("uvcluster did not end within {LIMIT:?}");
-        }
-    }
-}
-
-/// A scratch directory of this test process.
+/// A scratch directory of this test process (left for a failed test to
+/// be looked at; its name says which).
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("uvcluster-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `uvcluster` whose stderr lines a thread forwards, so the test
-/// waits on its log lines with a deadline; killed if the test fails first.
-struct Running {
-    child: Option<Child>,
-    lines: mpsc::Receiver<Option<String>>,
-    log: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Running {
-    fn start(mut c: Command) -> Running {
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn uvcluster");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(Some(line));
-            }
-            let _ = tx.send(None);
-        });
-        Running {
-            child: Some(child),
-            lines: rx,
-            log: String::new(),
-        }
-    }
-
-    /// Waits for the next log line containing `what`.
-    fn expect(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
-                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
-            }
-        }
-    }
-
-    fn signal(&self, s: Signal) {
-        kill(Pid::from_raw(self.child.as_ref().unwrap().id() as i32), s).unwrap();
-    }
-
-    /// Waits for the end (stderr's EOF, with a deadline): (code, whole log).
-    fn wait(mut self) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
-                Ok(None) => break,
-                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
-            }
-        }
-        let status = self.child.take().unwrap().wait().unwrap();
-        (status.code(), std::mem::take(&mut self.log))
-    }
 }
 
 /// Every option `run --help` must list.
@@ -236,11 +104,11 @@ fn help_and_version_go_to_stdout_with_exit_0() {
 fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
-        (&[], &[], "no subcommand given"),
+        (&[], &[], "no subcommand given (run or ctl)"),
         (
             &["walk"],
             &[],
-            "unknown subcommand \"walk\"; the command is run",
+            "unknown subcommand \"walk\"; the subcommands are run and ctl",
         ),
         (&["run"], &[], "no command given"),
         (&["run", "--frob", "--", "x"], &[], "unknown option --frob"),
@@ -419,17 +287,12 @@ fn config_file_unknown_key_or_bad_value_exits_2_naming_key_and_file() {
     );
 }
 
-/// Counts the workers a run forked, from its log.
-fn forks(log: &str) -> usize {
-    log.lines().filter(|l| l.ends_with(" forked")).count()
-}
-
 /// Runs `cluster_hello` under `uvcluster` as `c` says, waits for `workers`
 /// to listen, stops it with SIGTERM; returns the log.
 fn serve_and_stop(mut c: Command, workers: usize) -> String {
     let exe = util::example("cluster_hello");
     c.arg("--").arg(&exe).env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     for _ in 0..workers {
         r.expect(" listening on ");
     }
@@ -486,7 +349,7 @@ fn config_file_applies_and_flags_override_it() {
     c.arg("run")
         .current_dir(&dir)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(" listening on ");
     r.expect(" listening on ");
     r.signal(Signal::SIGTERM);
@@ -761,7 +624,7 @@ fn sigquit_stops_at_once_with_128_plus_3() {
     c.args(["run", "-w", "2", "--"])
         .arg(&exe)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(" listening on ");
     r.expect(" listening on ");
     r.signal(Signal::SIGQUIT);
@@ -794,7 +657,7 @@ fn restart_reload_and_scale_each_log_one_line() {
     c.args(["run", "-w", "2", "--"])
         .arg(&exe)
         .env("PORT", free_port().to_string());
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") ready (after ");
     let victim = pid_in(&r.expect(") ready (after "));
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
@@ -838,26 +701,11 @@ fn restart_reload_and_scale_each_log_one_line() {
 #[test]
 fn crash_loop_errors_the_slot_and_exits_1() {
     util::require_node();
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=2",
-        "--",
-        "node",
-        "-e",
-        "process.exit(7)",
-    ]);
-    let (code, out, err) = finish(c);
+    let (code, out, err) = crash_loop(2, &[], &["node", "-e", "process.exit(7)"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(out, "");
     assert!(err.contains(" restarting in 10ms"), "{err}");
-    let errored = err
-        .lines()
-        .find(|l| l.contains(" errored: "))
-        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    let errored = errored_line(&err);
     assert!(
         errored.contains(" ERROR uvcluster: slot 0 errored: "),
         "{errored}"
@@ -873,30 +721,112 @@ fn crash_loop_errors_the_slot_and_exits_1() {
     // With --prefix-output the CLI sees the workers' stderr, and the
     // errored line quotes its last lines (an earlier worker's at least:
     // the last one's may still be in its pipe when its exit is seen).
-    let mut c = uvcluster();
-    c.args([
-        "run",
-        "-w",
-        "1",
-        "--backoff-initial=10ms",
-        "--max-restarts=2",
-        "--prefix-output",
-        "--",
-        "node",
-        "-e",
-        "console.error('boom: no config'); process.exit(7)",
-    ]);
-    let (code, _, err) = finish(c);
+    let (code, _, err) = crash_loop(
+        2,
+        &["--prefix-output"],
+        &[
+            "node",
+            "-e",
+            "console.error('boom: no config'); process.exit(7)",
+        ],
+        &[],
+    );
     assert_eq!(code, Some(1), "{err}");
-    let errored = err
-        .lines()
-        .find(|l| l.contains(" errored: "))
-        .unwrap_or_else(|| panic!("no errored line:\n{err}"));
+    let errored = errored_line(&err);
     assert!(
         errored.contains("; not restarted; its last output: boom: no config"),
         "{errored}"
     );
     assert!(err.contains("\n[worker 1] boom: no config\n"), "{err}");
+}
+
+/// `uvcluster frob` said "the command is run", leaving `ctl` out: the
+/// message lists both subcommands.
+#[test]
+fn unknown_subcommand_lists_run_and_ctl() {
+    let mut c = uvcluster();
+    c.arg("frob");
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.starts_with(
+            "uvcluster: unknown subcommand \"frob\"; the subcommands are run and ctl\n"
+        ),
+        "{err}"
+    );
+}
+
+/// `uvcluster ctl --bogus` said "unknown option invalid option '--bogus'":
+/// it names the option once, then how to get help and the usage line.
+#[test]
+fn ctl_unknown_option_is_named_once_with_a_usage_hint() {
+    let mut c = uvcluster();
+    c.args(["ctl", "--bogus", "status"]);
+    let (code, out, err) = finish(c);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.starts_with(
+            "uvcluster ctl: unknown option '--bogus' (uvcluster ctl --help lists the options)\n\
+             usage: uvcluster ctl "
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("invalid option"), "{err}");
+}
+
+/// `--control` on a path whose directory does not exist: `run` said only
+/// "control socket: No such file or directory"; both `run` and `ctl` name
+/// the path and the OS error.
+#[test]
+fn control_path_in_a_missing_directory_is_named_with_the_os_error() {
+    let path = "/nonexistent/dir/x.sock";
+    let mut c = uvcluster();
+    c.args(["run", "--control", path, "--", "node", "-e", "0"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "uvcluster: cannot start: control socket: {path}: No such file or directory (os error 2)"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(" forked"), "{err}");
+
+    let mut c = uvcluster();
+    c.args(["ctl", "--control", path, "status"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "uvcluster ctl: cannot reach the primary at {path}: No such file or directory (os error 2)"
+        )),
+        "{err}"
+    );
+}
+
+/// The `errored` line quoted the workers' last stderr lines only with
+/// `--prefix-output` (the only case where stderr was piped). Now stderr is
+/// always piped and teed: the line quotes a worker that writes to stderr
+/// and exits at once, and the terminal still shows what it wrote, as it
+/// wrote it (no prefix).
+#[test]
+fn errored_line_quotes_worker_stderr_without_prefix_output() {
+    util::require_node();
+    let script = "console.error('boom: no config'); console.log('on stdout'); process.exit(7)";
+    let (code, out, err) = crash_loop(2, &[], &["node", "-e", script], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let errored = errored_line(&err);
+    assert!(
+        errored.contains("; not restarted; its last output: boom: no config"),
+        "{errored}"
+    );
+    // What the user sees: each worker's line as it wrote it.
+    assert!(err.contains("\nboom: no config\n"), "{err}");
+    assert!(!err.contains("[worker "), "{err}");
+    assert!(out.starts_with("on stdout\n"), "{out}");
+    assert!(!out.contains("[worker "), "{out}");
 }
 
 /// Ctrl-C in a terminal reaches the whole process group, the workers as
@@ -915,10 +845,10 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
         .env("SCENARIO", "http_port")
         .env("PORT", free_port().to_string())
         .process_group(0);
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") ready (after ");
     r.expect(") ready (after ");
-    let group = Pid::from_raw(r.child.as_ref().unwrap().id() as i32);
+    let group = Pid::from_raw(r.pid() as i32);
     nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
     nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
     let (code, log) = r.wait();
@@ -949,7 +879,7 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     c.args(["run", "-w", "1", "--wait-ready", "--", "node", app])
         .env("PORT", free_port().to_string())
         .env("SEND_READY", "1");
-    let mut r = Running::start(c);
+    let mut r = Running::spawn(c);
     r.expect(") listening on ");
     r.expect(") ready (after ");
     r.signal(Signal::SIGTERM);

@@ -9,154 +9,51 @@
 #[path = "../../tests/util/mod.rs"]
 mod util;
 
+mod ops_util;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-const LIMIT: Duration = Duration::from_secs(20);
+use nix::sys::signal::Signal;
+use ops_util::{LIMIT, Running, free_port, get, uvcluster};
 
 fn example(name: &str) -> PathBuf {
     // The library's examples, built by `cargo test` at the workspace root.
     util::example(name)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `uvcluster run -w 2 --policy rr -- command` and waits until both
+/// workers listen.
+fn start(port: u16, envs: &[(&str, &str)], command: &[&str]) -> Running {
+    start_with(Some("rr"), port, envs, command)
 }
 
-/// The running `uvcluster`, killed if the test fails first. A thread
-/// forwards each stderr line (then `None` at EOF), so the test waits on the
-/// binary's own log lines, with a deadline, instead of polling.
-struct Cli {
-    child: Option<Child>,
-    lines: mpsc::Receiver<Option<String>>,
-    log: String,
+/// [`start`] with another `--policy`, or none.
+fn start_with(policy: Option<&str>, port: u16, envs: &[(&str, &str)], command: &[&str]) -> Running {
+    let mut c = uvcluster();
+    c.args(["run", "-w", "2"]);
+    if let Some(p) = policy {
+        c.args(["--policy", p]);
+    }
+    c.arg("--").args(command).env("PORT", port.to_string());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let mut cli = Running::spawn(c);
+    for _ in 0..2 {
+        cli.expect(" listening on ");
+    }
+    cli
 }
 
-impl Drop for Cli {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Cli {
-    /// Starts `uvcluster run -w 2 --policy rr -- command` and waits until
-    /// both workers listen.
-    fn start(port: u16, envs: &[(&str, &str)], command: &[&str]) -> Cli {
-        Cli::start_with(Some("rr"), port, envs, command)
-    }
-
-    /// [`start`](Self::start) with another `--policy`, or none.
-    fn start_with(policy: Option<&str>, port: u16, envs: &[(&str, &str)], command: &[&str]) -> Cli {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_uvcluster"));
-        c.args(["run", "-w", "2"]);
-        if let Some(p) = policy {
-            c.args(["--policy", p]);
-        }
-        c.arg("--")
-            .args(command)
-            .env("PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().expect("spawn uvcluster");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(Some(line));
-            }
-            let _ = tx.send(None);
-        });
-        let mut cli = Cli {
-            child: Some(child),
-            lines: rx,
-            log: String::new(),
-        };
-        for _ in 0..2 {
-            cli.expect(" listening on ");
-        }
-        cli
-    }
-
-    /// Waits (with a deadline) for the next log line containing `what`.
-    fn expect(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
-                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
-            }
-        }
-    }
-
-    fn signal(&self, s: Signal) {
-        let c = self.child.as_ref().unwrap();
-        kill(Pid::from_raw(c.id() as i32), s).unwrap();
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-
-    /// Waits for the exit: stderr reaches EOF when the process ends (with a
-    /// deadline); returns (code, the whole log).
-    fn wait(mut self) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
-                Ok(None) => break,
-                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
-            }
-        }
-        let status = self.child.take().unwrap().wait().unwrap();
-        (status.code(), std::mem::take(&mut self.log))
-    }
-}
-
-/// One request (the workers listen: `Cli::start` waited for them).
-fn get(port: u16) -> String {
-    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .unwrap_or_else(|e| panic!("no server on {port}: {e}"));
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn body(resp: &str) -> &str {
-    resp.split_once("\r\n\r\n").map_or(resp, |(_, b)| b)
+/// One request (the workers listen: `start` waited for them): its body.
+fn body(port: u16) -> String {
+    get(port, "/")
+        .unwrap_or_else(|e| panic!("no server on {port}: {e}"))
+        .1
 }
 
 fn ports_worker() -> String {
@@ -171,12 +68,12 @@ fn ports_worker() -> String {
 fn cli_runs_node_http_workers_round_robin_and_stops_on_sigint() {
     let port = free_port();
     let js = ports_worker();
-    let cli = Cli::start(port, &[("SCENARIO", "http_port")], &["node", &js]);
+    let cli = start(port, &[("SCENARIO", "http_port")], &["node", &js]);
     let mut pids = HashSet::new();
     for _ in 0..20 {
-        let r = get(port);
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        pids.insert(body(&r).to_string());
+        let (code, b) = get(port, "/").unwrap();
+        assert_eq!(code, 200, "{b}");
+        pids.insert(b);
     }
     assert_eq!(pids.len(), 2, "round-robin over both workers: {pids:?}");
     cli.signal(Signal::SIGINT);
@@ -197,9 +94,9 @@ fn cli_runs_the_cluster_hello_example() {
     let port = free_port();
     let exe = example("cluster_hello");
     assert!(exe.exists(), "{} not built", exe.display());
-    let cli = Cli::start(port, &[], &[exe.to_str().unwrap()]);
+    let cli = start(port, &[], &[exe.to_str().unwrap()]);
     for _ in 0..4 {
-        assert_eq!(body(&get(port)), "hello world\n");
+        assert_eq!(body(port), "hello world\n");
     }
     cli.signal(Signal::SIGTERM);
     let (code, err) = cli.wait();
@@ -248,9 +145,9 @@ fn cli_policies_reuseport_and_leastconn() {
         } else {
             (None, vec![("NODE_CLUSTER_SCHED_POLICY", policy)])
         };
-        let cli = Cli::start_with(flag, port, &env, &[exe.to_str().unwrap()]);
+        let cli = start_with(flag, port, &env, &[exe.to_str().unwrap()]);
         for _ in 0..4 {
-            assert_eq!(body(&get(port)), "hello world\n", "{policy}");
+            assert_eq!(body(port), "hello world\n", "{policy}");
         }
         assert_eq!(listening_sockets(port), sockets, "{policy}");
         cli.signal(Signal::SIGTERM);
@@ -265,7 +162,7 @@ fn cli_policies_reuseport_and_leastconn() {
 fn cli_second_signal_kills() {
     let port = free_port();
     let js = ports_worker();
-    let mut cli = Cli::start(port, &[("SCENARIO", "hold")], &["node", &js]);
+    let mut cli = start(port, &[("SCENARIO", "hold")], &["node", &js]);
     let mut held = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
     held.set_read_timeout(Some(LIMIT)).unwrap();
     let mut buf = [0u8; 16];
@@ -300,10 +197,7 @@ fn cli_bad_arguments_exit_2_with_usage() {
         &["run", "--policy", "bogus", "--", "x"][..],
         &["run", "-w"][..],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_uvcluster"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = Command::new(ops_util::bin()).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.is_empty(), "{args:?}");
@@ -311,4 +205,44 @@ fn cli_bad_arguments_exit_2_with_usage() {
             assert!(err.contains("usage: uvcluster run"), "{args:?}: {err}");
         }
     }
+}
+
+/// `uvcluster run -- node -e SCRIPT`: the workers exited (code 0) before
+/// they listened, and nothing said why. Node makes a process a cluster
+/// worker only when `process.argv[1]` is set (`initializeClusterIPC` in
+/// lib/internal/process/pre_execution.js), which `-e` alone leaves unset;
+/// the `errored` slot now says so and what to do, and with an argument
+/// after the script the same workers listen and serve.
+#[test]
+fn node_eval_workers_need_an_argument_and_the_errored_line_says_so() {
+    util::require_node();
+    let script = "require('http').createServer((q, r) => r.end('hi from -e\\n'))\
+                  .listen(+process.env.PORT)";
+    let port = free_port();
+    let (code, _, err) = ops_util::crash_loop(
+        1,
+        &[],
+        &["node", "-e", script],
+        &[("PORT", &port.to_string())],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "slot 0: `node -e SCRIPT` with no argument after the script cannot be a cluster \
+             worker: Node makes a process one only when process.argv[1] is set"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("give the script an argument (`node -e SCRIPT worker`)"),
+        "{err}"
+    );
+    assert!(!err.contains(" listening on "), "{err}");
+
+    let cli = start(port, &[], &["node", "-e", script, "worker"]);
+    for _ in 0..4 {
+        assert_eq!(body(port), "hi from -e\n");
+    }
+    let log = cli.stop();
+    assert!(!log.contains("cannot be a cluster worker"), "{log}");
 }

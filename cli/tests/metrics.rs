@@ -30,7 +30,7 @@ fn metrics_port(r: &mut Running) -> u16 {
 }
 
 /// Whether `tool` runs; prints a loud SKIP when not.
-fn have(tool: &str, test: &str) -> bool {
+fn have(tool: &str, test: &str, install: &str) -> bool {
     let ok = Command::new(tool)
         .arg("--version")
         .stdout(Stdio::null())
@@ -38,10 +38,7 @@ fn have(tool: &str, test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!(
-            "\n*** SKIP {test}: `{tool}` is not installed (apt-get install -y prometheus; \
-             .ci/run installs it) ***\n"
-        );
+        eprintln!("\n*** SKIP {test}: `{tool}` is not installed ({install}) ***\n");
     }
     ok
 }
@@ -83,7 +80,11 @@ fn metrics_pass_promtool_check_metrics() {
         .count();
     assert!(rss >= 2, "{body}");
 
-    if have("promtool", "metrics_pass_promtool_check_metrics") {
+    if have(
+        "promtool",
+        "metrics_pass_promtool_check_metrics",
+        "apt-get install -y prometheus; .ci/run installs it",
+    ) {
         let mut p = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
@@ -189,19 +190,40 @@ fn leastconn_shows_each_workers_open_connections() {
         &["--metrics", "127.0.0.1:0", "--policy", "leastconn"],
     );
     let mport = metrics_port(&mut r);
-    for _ in 0..N {
+    // Both workers must get a connection, or one never reports its count:
+    // sequential requests would all go to the first whenever its report
+    // of the last close comes before the next request (a race that failed
+    // this test about one run in three). So one connection is held open
+    // first; once its worker has reported it, the others go to the other
+    // worker.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(LIMIT)).unwrap();
+    eventually_seen("the held connection's worker reports it", || {
+        let body = get(mport, "/metrics").unwrap().1;
+        let ok = body
+            .lines()
+            .any(|l| l.starts_with("uvcluster_worker_connections_open{") && l.ends_with(" 1"));
+        (ok, body)
+    });
+    for _ in 1..N {
         assert_eq!(get(port, "/").unwrap().0, 200);
     }
-    let mut body = String::new();
-    eventually("both workers' open connections known, all closed", || {
-        body = get(mport, "/metrics").unwrap().1;
+    held.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut held, &mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    drop(held);
+    eventually_seen("both workers' open connections known, all closed", || {
+        let body = get(mport, "/metrics").unwrap().1;
         let open: Vec<&str> = body
             .lines()
             .filter(|l| l.starts_with("uvcluster_worker_connections_open{"))
             .collect();
-        open.len() == 2
+        let ok = open.len() == 2
             && open.iter().all(|l| l.ends_with(" 0"))
-            && sample(&body, "uvcluster_handoff_latency_seconds_count") == Some(N as f64)
+            && sample(&body, "uvcluster_handoff_latency_seconds_count") == Some(N as f64);
+        (ok, body)
     });
     let out = ctl(&sock, &["status"]);
     assert!(out.status.success());
@@ -355,7 +377,11 @@ fn start_prometheus(dir: &Path, target: u16) -> (Prometheus, u16) {
 
 #[test]
 fn a_real_prometheus_scrapes_the_worker_count() {
-    if !have("prometheus", "a_real_prometheus_scrapes_the_worker_count") {
+    if !have(
+        "prometheus",
+        "a_real_prometheus_scrapes_the_worker_count",
+        "apt-get install -y prometheus; .ci/run installs it",
+    ) {
         return;
     }
     let dir = TempDir::new("prometheus");
@@ -378,6 +404,136 @@ fn a_real_prometheus_scrapes_the_worker_count() {
     eventually("Prometheus reports 2 ready workers", || {
         query(pport, "uvcluster_workers{state=\"ready\"}").as_deref() == Some("2")
     });
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+/// Reads from `s` to EOF (or to its read timeout): what arrived, and
+/// whether the server closed the connection.
+fn read_until_closed(s: &mut std::net::TcpStream) -> (String, bool) {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&got).into_owned(), true);
+            }
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+/// An HTTP/0.9 request (`GET /healthz` and a line end, no version: what
+/// `echo GET /healthz | nc` sends) used to wait out the 10 s head timeout
+/// with nothing said. Now it is answered 400 as soon as its line is in and
+/// the connection closed, well before the (2 s) head deadline could have
+/// done it; a client that sends half a head gets a 408 at the deadline, a
+/// silent one is closed then; 100 slow clients do not delay a probe; curl
+/// (as a probe sends it) is answered; and `/healthz` answers throughout.
+#[test]
+fn http09_request_is_answered_at_once_and_slow_clients_meet_a_short_deadline() {
+    let dir = TempDir::new("http09");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(1, port, &sock, &["--metrics", "127.0.0.1:0"]);
+    let mport = metrics_port(&mut r);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", mport)).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s
+    };
+    // Before the head deadline: the answer does not come from it.
+    let before_deadline = std::time::Duration::from_millis(1900);
+
+    let partial = {
+        let mut s = connect();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n")
+            .unwrap();
+        s
+    };
+    let silent = connect();
+    for line in ["GET /healthz\r\n", "GET /readyz\n", "hello\r\n"] {
+        let mut s = connect();
+        s.set_read_timeout(Some(before_deadline)).unwrap();
+        let t0 = std::time::Instant::now();
+        s.write_all(line.as_bytes()).unwrap();
+        let (resp, closed) = read_until_closed(&mut s);
+        assert!(
+            closed,
+            "{line:?}: not closed within {before_deadline:?} (after {:?}): {resp:?}",
+            t0.elapsed()
+        );
+        assert!(
+            resp.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{line:?}: {resp:?}"
+        );
+    }
+    let mut s = connect();
+    s.set_read_timeout(Some(before_deadline)).unwrap();
+    s.write_all(b"GET /healthz\r\n").unwrap();
+    let (resp, _) = read_until_closed(&mut s);
+    assert!(
+        resp.ends_with("HTTP/0.9 request (no version): HTTP/1.x only\n"),
+        "{resp:?}"
+    );
+    assert_eq!(get(mport, "/healthz").unwrap(), (200, "ok\n".into()));
+
+    // The slow ones, at the deadline (bounded by the read timeout).
+    let (resp, closed) = read_until_closed(&mut { partial });
+    assert!(closed, "{resp:?}");
+    assert!(
+        resp.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{resp:?}"
+    );
+    let (resp, closed) = read_until_closed(&mut { silent });
+    assert!(closed && resp.is_empty(), "{resp:?}");
+
+    // 100 slow clients (more than the 64 served at once), each with half
+    // a head sent: a probe is still answered before any deadline, and
+    // every slow one is closed (made room for, or given its 408).
+    let slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let mut probe = connect();
+    probe.set_read_timeout(Some(before_deadline)).unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (resp, closed) = read_until_closed(&mut probe);
+    assert!(
+        closed && resp.starts_with("HTTP/1.1 200 OK\r\n") && resp.ends_with("\r\n\r\nok\n"),
+        "{resp:?}"
+    );
+    for mut s in slow {
+        let (resp, closed) = read_until_closed(&mut s);
+        assert!(
+            closed && (resp.is_empty() || resp.starts_with("HTTP/1.1 408 ")),
+            "{resp:?}"
+        );
+    }
+
+    // What a probe sends: curl's request (HTTP/1.1, Host, User-Agent,
+    // Accept), where curl is installed.
+    if have("curl", "the curl step", "apt-get install -y curl") {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-m", "20", "-w", " %{http_code}"])
+            .arg(format!("http://127.0.0.1:{mport}/healthz"));
+        let out = wait_output(
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n 200", "{out:?}");
+    }
+    assert_eq!(get(mport, "/healthz").unwrap(), (200, "ok\n".into()));
     r.signal(Signal::SIGTERM);
     assert_eq!(r.wait().0, Some(0));
 }

@@ -11,60 +11,15 @@
 #[path = "../../tests/util/mod.rs"]
 mod util;
 
+mod ops_util;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use ops_util::{Load, Running, TempDir, finish, free_port, get_ok as get, ready_pids, uvcluster};
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A fresh scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("uvcluster-watch-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir.canonicalize().unwrap())
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.path(rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        std::fs::write(p, text).unwrap();
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// The clients of a load.
+const CLIENTS: usize = 2;
 
 /// A Node HTTP app answering `PID VERSION`, listening after `delay_ms`.
 fn node_app(version: u32, delay_ms: u64) -> String {
@@ -79,201 +34,54 @@ fn node_app(version: u32, delay_ms: u64) -> String {
     )
 }
 
-/// The running `uvcluster`; a thread forwards its stderr lines so the test
-/// waits on them with a deadline. Killed if the test fails first.
-struct Run {
-    child: Option<Child>,
-    lines: mpsc::Receiver<Option<String>>,
-    log: String,
+/// `uvcluster run -w 2 ARGS -- COMMAND`, `PORT` set; waits until both
+/// workers are ready.
+fn start(port: u16, args: &[&str], command: &[&str]) -> Running {
+    start_with_config(port, Path::new("/dev/null"), args, command)
 }
 
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
+/// [`start`] with the configuration file `config`.
+fn start_with_config(port: u16, config: &Path, args: &[&str], command: &[&str]) -> Running {
+    let mut c = uvcluster();
+    c.args(["run", "--config"])
+        .arg(config)
+        .args(["-w", "2"])
+        .args(args)
+        .arg("--")
+        .args(command)
+        .env("PORT", port.to_string());
+    let mut run = Running::spawn(c);
+    for _ in 0..2 {
+        run.expect(") ready (after ");
     }
+    run
 }
 
-impl Run {
-    /// `uvcluster run -w 2 ARGS -- COMMAND`, `PORT` set; waits until both
-    /// workers are ready.
-    fn start(port: u16, args: &[&str], command: &[&str]) -> Run {
-        Run::start_with_config(port, Path::new("/dev/null"), args, command)
-    }
-
-    /// [`start`](Self::start) with the configuration file `config`.
-    fn start_with_config(port: u16, config: &Path, args: &[&str], command: &[&str]) -> Run {
-        let mut c = Command::new(util::cli_bin());
-        for var in [
-            "WEB_CONCURRENCY",
-            "NODE_CLUSTER_SCHED_POLICY",
-            "UVCLUSTER_HANDOFF_WINDOW",
-            "JOURNAL_STREAM",
-        ] {
-            c.env_remove(var);
-        }
-        c.args(["run", "--config"])
-            .arg(config)
-            .args(["-w", "2"])
-            .args(args)
-            .arg("--")
-            .args(command)
-            .env("RUST_LOG", "info")
-            .env("PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn uvcluster");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(Some(line));
-            }
-            let _ = tx.send(None);
-        });
-        let mut run = Run {
-            child: Some(child),
-            lines: rx,
-            log: String::new(),
-        };
-        for _ in 0..2 {
-            run.expect(") ready (after ");
-        }
-        run
-    }
-
-    /// Waits for the next log line containing `what`; returns it.
-    fn expect(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
-                Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
-            }
-        }
-    }
-
-    /// The lines logged since `from` (a byte offset into the log).
-    fn since(&self, from: usize) -> &str {
-        &self.log[from..]
-    }
-
-    /// SIGTERM, then the exit (stderr's EOF, with a deadline); asserts a
-    /// clean stop.
-    fn stop(mut self) -> String {
-        kill(
-            Pid::from_raw(self.child.as_ref().unwrap().id() as i32),
-            Signal::SIGTERM,
-        )
-        .unwrap();
-        let t0 = Instant::now();
-        loop {
-            match self.lines.recv_timeout(LIMIT.saturating_sub(t0.elapsed())) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
-                Ok(None) => break,
-                Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
-            }
-        }
-        let status = self.child.take().unwrap().wait().unwrap();
-        let log = std::mem::take(&mut self.log);
-        assert_eq!(status.code(), Some(0), "{log}");
-        log
-    }
+/// [`start`] with `--watch PATH --watch-debounce DEBOUNCE EXTRA`.
+fn watching(port: u16, path: &str, debounce: &str, extra: &[&str], command: &[&str]) -> Running {
+    let mut args = vec!["--watch", path, "--watch-debounce", debounce];
+    args.extend_from_slice(extra);
+    start(port, &args, command)
 }
 
-/// Pids from the log's `worker N (pid P) ready` lines in `log`.
-fn ready_pids(log: &str) -> HashSet<i32> {
-    log.lines()
-        .filter(|l| l.contains(") ready (after "))
-        .filter_map(|l| {
-            let at = l.find("(pid ")? + "(pid ".len();
-            l[at..].split(')').next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// One request on a new connection: the body, or why it failed.
-fn get(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("read: {e}"))?;
-    match out.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
-        _ => Err(format!("bad response {out:?}")),
-    }
-}
-
-/// What a load saw.
+/// What a load that failed no request saw.
 #[derive(Debug, Default)]
 struct Seen {
     ok: usize,
-    failures: Vec<String>,
     bodies: HashSet<String>,
 }
 
-/// A bounded closed-loop load: `CLIENTS` threads, one request per
-/// connection, until stopped (or 60 s, whichever comes first).
-struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Seen>>,
+/// A bounded closed-loop load of [`CLIENTS`] clients, one request per
+/// connection, until [`stop_load`] stops it.
+fn start_load(port: u16) -> Load {
+    Load::start(port, CLIENTS, usize::MAX)
 }
 
-const CLIENTS: usize = 2;
-
-impl Load {
-    fn start(port: u16) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = (0..CLIENTS)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let t0 = Instant::now();
-                    let mut seen = Seen::default();
-                    while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
-                        match get(port) {
-                            Ok(b) => {
-                                seen.ok += 1;
-                                seen.bodies.insert(b);
-                            }
-                            Err(e) => seen.failures.push(e),
-                        }
-                    }
-                    seen
-                })
-            })
-            .collect();
-        Load { stop, threads }
-    }
-
-    fn finish(self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Seen::default();
-        for t in self.threads {
-            let s = t.join().unwrap();
-            all.ok += s.ok;
-            all.failures.extend(s.failures);
-            all.bodies.extend(s.bodies);
-        }
-        all
-    }
+/// Stops `load`: what it saw. Asserts that no request failed.
+fn stop_load(load: Load) -> Seen {
+    let (ok, failures, bodies) = load.finish_with_bodies();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    Seen { ok, bodies }
 }
 
 /// Asks until both workers have answered: their `PID VERSION` bodies.
@@ -300,16 +108,12 @@ fn node() -> String {
 #[test]
 fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
     let node = node();
-    let dir = Scratch::new("edit-node");
+    let dir = TempDir::new("edit-node");
     dir.write("app.js", &node_app(1, 0));
-    let app = dir.path("app.js");
+    let app = dir.join("app.js");
     let port = free_port();
     let watched = dir.0.to_str().unwrap();
-    let mut run = Run::start(
-        port,
-        &["--watch", watched, "--watch-debounce", "100ms"],
-        &[&node, app.to_str().unwrap()],
-    );
+    let mut run = watching(port, watched, "100ms", &[], &[&node, app.to_str().unwrap()]);
     assert!(
         run.log.contains(&format!("watching {watched} (")),
         "{}",
@@ -317,7 +121,7 @@ fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
     );
     let old = both_answer(port);
     assert!(old.iter().all(|b| b.ends_with(" 1")), "{old:?}");
-    let load = Load::start(port);
+    let load = start_load(port);
     dir.write("app.js", &node_app(2, 0));
     let line = run.expect("uvcluster: watch: ");
     assert!(
@@ -325,12 +129,7 @@ fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
         "{line}"
     );
     run.expect("reload finished (2 workers replaced");
-    let seen = load.finish();
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    let seen = stop_load(load);
     assert!(seen.ok > 0, "the load made requests");
     let new = both_answer(port);
     assert!(new.iter().all(|b| b.ends_with(" 2")), "{new:?}");
@@ -351,32 +150,24 @@ fn watch_edit_reloads_node_workers_with_zero_failed_requests() {
 #[test]
 fn watch_edit_reloads_rust_workers_with_zero_failed_requests() {
     let exe = util::example("cluster_hello");
-    let dir = Scratch::new("edit-rust");
+    let dir = TempDir::new("edit-rust");
     dir.write("conf/settings.toml", "greeting = \"hello\"\n");
     let port = free_port();
-    let mut run = Run::start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &[],
         &[exe.to_str().unwrap()],
     );
     let old = ready_pids(&run.log);
     assert_eq!(old.len(), 2, "{}", run.log);
-    let load = Load::start(port);
+    let load = start_load(port);
     let mark = run.log.len();
     dir.write("conf/settings.toml", "greeting = \"hi\"\n");
     run.expect("settings.toml changed");
     run.expect("reload finished (2 workers replaced");
-    let seen = load.finish();
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    let seen = stop_load(load);
     assert!(seen.ok > 0);
     assert_eq!(seen.bodies, HashSet::from(["hello world\n".to_string()]));
     let new = ready_pids(run.since(mark));
@@ -393,28 +184,21 @@ fn watch_edit_reloads_rust_workers_with_zero_failed_requests() {
 #[test]
 fn watch_ignores_default_and_given_globs() {
     let node = node();
-    let dir = Scratch::new("ignore");
+    let dir = TempDir::new("ignore");
     dir.write("app.js", &node_app(1, 0));
     dir.write("node_modules/dep/index.js", "1");
     dir.write(".git/HEAD", "ref: refs/heads/main\n");
     // Existing directories: creating one would be a change of its own
     // (`build/**` leaves out what is in `build`, not `build`).
-    std::fs::create_dir(dir.path("logs")).unwrap();
-    std::fs::create_dir(dir.path("build")).unwrap();
+    std::fs::create_dir(dir.join("logs")).unwrap();
+    std::fs::create_dir(dir.join("build")).unwrap();
     let port = free_port();
-    let mut run = Run::start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--ignore",
-            "*.log",
-            "--ignore",
-            "build/**",
-            "--watch-debounce",
-            "100ms",
-        ],
-        &[&node, dir.path("app.js").to_str().unwrap()],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &["--ignore", "*.log", "--ignore", "build/**"],
+        &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let before = both_answer(port);
     let mark = run.log.len();
@@ -431,7 +215,7 @@ fn watch_ignores_default_and_given_globs() {
     dir.write("trigger.txt", "now");
     let line = run.expect("uvcluster: watch: ");
     assert!(
-        line.contains(&format!("{} changed", dir.path("trigger.txt").display())),
+        line.contains(&format!("{} changed", dir.join("trigger.txt").display())),
         "the first change reported is the trigger: {line}\n{}",
         run.log
     );
@@ -451,21 +235,18 @@ fn watch_ignores_default_and_given_globs() {
 #[test]
 fn watch_broken_code_fails_closed_and_the_fix_reloads() {
     let node = node();
-    let dir = Scratch::new("broken");
+    let dir = TempDir::new("broken");
     dir.write("app.js", &node_app(1, 0));
     let port = free_port();
-    let mut run = Run::start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.path("app.js").to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
-        &[&node, dir.path("app.js").to_str().unwrap()],
+        dir.join("app.js").to_str().unwrap(),
+        "100ms",
+        &[],
+        &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let old = both_answer(port);
-    let load = Load::start(port);
+    let load = start_load(port);
     dir.write("app.js", "const = ;\n");
     let failed = run.expect("reload failed: ");
     assert!(
@@ -474,25 +255,15 @@ fn watch_broken_code_fails_closed_and_the_fix_reloads() {
         "{failed}"
     );
     assert_eq!(run.log.matches("reload failed").count(), 1, "{}", run.log);
-    let seen = load.finish();
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    let seen = stop_load(load);
     assert!(seen.ok > 0);
     assert_eq!(seen.bodies, old, "only the old workers answered");
     assert_eq!(both_answer(port), old, "the old workers still serve");
 
-    let load = Load::start(port);
+    let load = start_load(port);
     dir.write("app.js", &node_app(3, 0));
     run.expect("reload finished (2 workers replaced");
-    let seen = load.finish();
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    stop_load(load);
     let new = both_answer(port);
     assert!(new.iter().all(|b| b.ends_with(" 3")), "{new:?}");
     assert!(old.is_disjoint(&new));
@@ -505,19 +276,16 @@ fn watch_broken_code_fails_closed_and_the_fix_reloads() {
 #[test]
 fn watch_burst_of_50_writes_is_one_reload() {
     let node = node();
-    let dir = Scratch::new("burst");
+    let dir = TempDir::new("burst");
     dir.write("app.js", &node_app(1, 0));
-    std::fs::create_dir(dir.path("data")).unwrap();
+    std::fs::create_dir(dir.join("data")).unwrap();
     let port = free_port();
-    let mut run = Run::start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "500ms",
-        ],
-        &[&node, dir.path("app.js").to_str().unwrap()],
+        dir.0.to_str().unwrap(),
+        "500ms",
+        &[],
+        &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let mark = run.log.len();
     for i in 0..50 {
@@ -545,22 +313,19 @@ fn watch_burst_of_50_writes_is_one_reload() {
 #[test]
 fn watch_change_during_a_reload_queues_one_more() {
     let node = node();
-    let dir = Scratch::new("queued");
+    let dir = TempDir::new("queued");
     // Each worker takes 700 ms to listen, so a reload of two lasts > 1 s.
     dir.write("app.js", &node_app(1, 700));
     let port = free_port();
-    let mut run = Run::start(
+    let mut run = watching(
         port,
-        &[
-            "--watch",
-            dir.0.to_str().unwrap(),
-            "--watch-debounce",
-            "100ms",
-        ],
-        &[&node, dir.path("app.js").to_str().unwrap()],
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &[],
+        &[&node, dir.join("app.js").to_str().unwrap()],
     );
     let mark = run.log.len();
-    let load = Load::start(port);
+    let load = start_load(port);
     dir.write("app.js", &node_app(2, 700));
     run.expect("reload started");
     dir.write("one.txt", "x");
@@ -573,12 +338,7 @@ fn watch_change_during_a_reload_queues_one_more() {
         "{second}"
     );
     run.expect("reload finished");
-    let seen = load.finish();
-    assert!(
-        seen.failures.is_empty(),
-        "failed requests: {:?}",
-        seen.failures
-    );
+    stop_load(load);
     let since = run.since(mark).to_string();
     let log = run.stop();
     // started, finished, started, finished: in that order, two of each.
@@ -611,28 +371,28 @@ fn watch_change_during_a_reload_queues_one_more() {
 #[test]
 fn watch_from_the_configuration_file() {
     let node = node();
-    let dir = Scratch::new("config");
+    let dir = TempDir::new("config");
     dir.write("app/app.js", &node_app(1, 0));
-    std::fs::create_dir(dir.path("app/cache")).unwrap();
-    let conf = dir.path("uvcluster.toml");
+    std::fs::create_dir(dir.join("app/cache")).unwrap();
+    let conf = dir.join("uvcluster.toml");
     std::fs::write(
         &conf,
         format!(
             "watch = [{:?}]\nignore = [\"cache\"]\nwatch-debounce = \"100ms\"\n",
-            dir.path("app").display().to_string()
+            dir.join("app").display().to_string()
         ),
     )
     .unwrap();
     let port = free_port();
-    let mut run = Run::start_with_config(
+    let mut run = start_with_config(
         port,
         &conf,
         &[],
-        &[&node, dir.path("app/app.js").to_str().unwrap()],
+        &[&node, dir.join("app/app.js").to_str().unwrap()],
     );
     assert!(
         run.log
-            .contains(&format!("watching {} (", dir.path("app").display()))
+            .contains(&format!("watching {} (", dir.join("app").display()))
             && run
                 .log
                 .contains("ignoring .git, node_modules, target, cache)"),
@@ -655,31 +415,14 @@ fn watch_from_the_configuration_file() {
 /// (exit 1), before any worker is forked.
 #[test]
 fn watch_missing_path_fails_the_start() {
-    let dir = Scratch::new("missing");
-    let missing = dir.path("nope");
-    let child = Command::new(util::cli_bin())
-        .args(["run", "--config", "/dev/null", "-w", "1", "--watch"])
+    let dir = TempDir::new("missing");
+    let missing = dir.join("nope");
+    let mut c = uvcluster();
+    c.args(["run", "--config", "/dev/null", "-w", "1", "--watch"])
         .arg(&missing)
-        .args(["--", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(LIMIT) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("uvcluster did not end within {LIMIT:?}");
-        }
-    };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+        .args(["--", "true"]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("--watch {}: ", missing.display())) && err.contains("No such file"),
         "{err}"

@@ -1,10 +1,13 @@
-//! Helpers of the operations tests (control socket, metrics, broadcast):
-//! a running `uvcluster run` whose log is read line by line with a
-//! deadline, `uvcluster ctl`, raw control-socket clients, HTTP GETs, and a
+//! Helpers of the CLI's tests (options, Node workers, watch, control
+//! socket, metrics, broadcast): the `uvcluster` command with a clean
+//! environment, a running `uvcluster run` whose log is read line by line
+//! with a deadline, a command run to its end with a deadline, `uvcluster
+//! ctl`, raw control-socket clients, HTTP GETs, scratch directories, and a
 //! bounded HTTP load that counts its failures.
 
 #![allow(dead_code)] // each test file uses a part
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -43,12 +46,22 @@ impl TempDir {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
+        // As the watcher and the log name it.
+        TempDir(d.canonicalize().unwrap())
     }
 
     /// A path inside it.
     pub fn join(&self, p: &str) -> PathBuf {
         self.0.join(p)
+    }
+
+    /// Writes `text` to the file `rel` inside it, creating its directories.
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(p, text).unwrap();
     }
 }
 
@@ -63,7 +76,68 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_uvcluster"))
 }
 
-/// A running `uvcluster run`, killed if the test ends first.
+/// `uvcluster` with `RUST_LOG=info` and without the variables it reads
+/// (`WEB_CONCURRENCY`, ...), so that the machine's own do not change what
+/// a test sees.
+pub fn uvcluster() -> Command {
+    let mut c = Command::new(bin());
+    for var in [
+        "WEB_CONCURRENCY",
+        "NODE_CLUSTER_SCHED_POLICY",
+        "UVCLUSTER_HANDOFF_WINDOW",
+        "JOURNAL_STREAM",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// Runs `c` to its end, with a deadline (killed after [`LIMIT`]): (exit
+/// code, stdout, stderr).
+pub fn finish(mut c: Command) -> (Option<i32>, String, String) {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(c.spawn().expect("spawn uvcluster"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `uvcluster run -w 1 --backoff-initial=10ms --max-restarts=N EXTRA --
+/// COMMAND` with `envs`, run to its end: a slot whose workers fail, until
+/// it is `errored`. (exit code, stdout, stderr).
+pub fn crash_loop(
+    max_restarts: u32,
+    extra: &[&str],
+    command: &[&str],
+    envs: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--backoff-initial=10ms"])
+        .arg(format!("--max-restarts={max_restarts}"))
+        .args(extra)
+        .arg("--")
+        .args(command);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    finish(c)
+}
+
+/// The `slot N errored: ...` line of `log`; panics when there is none.
+pub fn errored_line(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains(" errored: "))
+        .unwrap_or_else(|| panic!("no errored line:\n{log}"))
+}
+
+/// A running `uvcluster run`, killed if the test ends first. A thread
+/// forwards each stderr line (then `None` at EOF), so the test waits on
+/// the binary's own log lines, with a deadline, instead of polling.
 pub struct Running {
     child: Option<Child>,
     lines: mpsc::Receiver<Option<String>>,
@@ -84,13 +158,18 @@ impl Running {
     /// Starts `uvcluster ARGS` (stdout discarded, stderr read).
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Running {
         let mut c = Command::new(bin());
-        c.args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        c.args(args).env("RUST_LOG", "info");
         for (k, v) in envs {
             c.env(k, v);
         }
+        Running::spawn(c)
+    }
+
+    /// Starts `c` (stdin and stdout null, stderr read).
+    pub fn spawn(mut c: Command) -> Running {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawn uvcluster");
         let err = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -107,19 +186,27 @@ impl Running {
         }
     }
 
+    /// The next log line (kept in [`log`](Self::log)), waited for until
+    /// [`LIMIT`] after `t0`: `Ok(None)` at the end of the log, `Err` at
+    /// the deadline.
+    fn next_line(&mut self, t0: Instant) -> Result<Option<String>, mpsc::RecvTimeoutError> {
+        let line = self
+            .lines
+            .recv_timeout(LIMIT.saturating_sub(t0.elapsed()))?;
+        if let Some(line) = &line {
+            self.log.push_str(line);
+            self.log.push('\n');
+        }
+        Ok(line)
+    }
+
     /// Waits (with a deadline) for the next log line containing `what`.
     pub fn expect(&mut self, what: &str) -> String {
         let t0 = Instant::now();
         loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
+            match self.next_line(t0) {
+                Ok(Some(line)) if line.contains(what) => return line,
+                Ok(Some(_)) => {}
                 Ok(None) => panic!("uvcluster ended before logging {what:?}:\n{}", self.log),
                 Err(_) => panic!("no {what:?} from uvcluster within {LIMIT:?}:\n{}", self.log),
             }
@@ -145,16 +232,31 @@ impl Running {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Whether it has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// The lines logged since `from` (a byte offset into the log).
+    pub fn since(&self, from: usize) -> &str {
+        &self.log[from..]
+    }
+
+    /// SIGTERM, then the exit (with a deadline); asserts a clean stop
+    /// (exit 0) and returns the log.
+    pub fn stop(self) -> String {
+        self.signal(Signal::SIGTERM);
+        let (code, log) = self.wait();
+        assert_eq!(code, Some(0), "{log}");
+        log
+    }
+
     /// Waits for the exit (with a deadline); returns (code, the log).
     pub fn wait(mut self) -> (Option<i32>, String) {
         let t0 = Instant::now();
         loop {
-            let left = LIMIT.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    self.log.push_str(&line);
-                    self.log.push('\n');
-                }
+            match self.next_line(t0) {
+                Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => panic!("uvcluster did not exit:\n{}", self.log),
             }
@@ -219,9 +321,22 @@ pub fn ready_count(sock: &Path) -> usize {
 /// Polls `cond` every 50 ms until it holds, or panics after [`LIMIT`]
 /// saying `what`.
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    eventually_seen(what, || (cond(), String::new()));
+}
+
+/// [`eventually`] for a `cond` that also says what it saw: the last of
+/// which is in the panic message.
+pub fn eventually_seen(what: &str, mut cond: impl FnMut() -> (bool, String)) {
     let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
+    loop {
+        let (ok, seen) = cond();
+        if ok {
+            return;
+        }
+        assert!(
+            t0.elapsed() < LIMIT,
+            "not within {LIMIT:?}: {what}; last seen:\n{seen}"
+        );
         std::thread::park_timeout(Duration::from_millis(50));
     }
 }
@@ -276,6 +391,31 @@ pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     )
 }
 
+/// `GET /` on 127.0.0.1:`port`: the body of a 200, or why there was none.
+pub fn get_ok(port: u16) -> Result<String, String> {
+    match get(port, "/") {
+        Ok((200, body)) => Ok(body),
+        Ok((code, body)) => Err(format!("status {code}: {body:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Pids from the log's `worker N (pid P) ready` lines in `log`.
+pub fn ready_pids(log: &str) -> HashSet<i32> {
+    log.lines()
+        .filter(|l| l.contains(") ready (after "))
+        .filter_map(|l| {
+            let at = l.find("(pid ")? + "(pid ".len();
+            l[at..].split(')').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Counts the workers a run forked, from its log.
+pub fn forks(log: &str) -> usize {
+    log.lines().filter(|l| l.ends_with(" forked")).count()
+}
+
 /// Sends `raw` to 127.0.0.1:`port`, reads to EOF: (status code, body).
 pub fn request(port: u16, raw: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
@@ -295,13 +435,18 @@ pub fn request(port: u16, raw: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// A bounded HTTP load: `threads` clients, each making GET requests one
-/// after another until told to stop or `max` requests each.
+/// after another (one per connection) until told to stop, `max` requests
+/// each, or [`LOAD_LIMIT`], whichever comes first.
 pub struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
     failed: Arc<Mutex>,
+    bodies: Arc<std::sync::Mutex<HashSet<String>>>,
     threads: Vec<JoinHandle<()>>,
 }
+
+/// The longest a [`Load`] runs.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(60);
 
 type Mutex = std::sync::Mutex<Vec<String>>;
 
@@ -311,17 +456,21 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failed: Arc<Mutex> = Arc::default();
+        let bodies: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
         let threads = (0..threads)
             .map(|_| {
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                let bodies = bodies.clone();
                 std::thread::spawn(move || {
+                    let t0 = Instant::now();
                     for _ in 0..max {
-                        if stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) || t0.elapsed() > LOAD_LIMIT {
                             break;
                         }
                         match get(port, "/") {
-                            Ok((200, _)) => {
+                            Ok((200, body)) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
+                                bodies.lock().unwrap().insert(body);
                             }
                             Ok((code, body)) => failed
                                 .lock()
@@ -337,6 +486,7 @@ impl Load {
             stop,
             ok,
             failed,
+            bodies,
             threads,
         }
     }
@@ -348,12 +498,20 @@ impl Load {
 
     /// Stops it; returns (requests answered 200, failures).
     pub fn finish(self) -> (usize, Vec<String>) {
+        let (ok, failed, _) = self.finish_with_bodies();
+        (ok, failed)
+    }
+
+    /// Stops it; returns (requests answered 200, failures, the distinct
+    /// bodies of the 200s).
+    pub fn finish_with_bodies(self) -> (usize, Vec<String>, HashSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().unwrap();
         }
         let failed = std::mem::take(&mut *self.failed.lock().unwrap());
-        (self.ok.load(Ordering::Relaxed), failed)
+        let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
+        (self.ok.load(Ordering::Relaxed), failed, bodies)
     }
 }
 
