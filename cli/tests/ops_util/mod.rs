@@ -90,7 +90,28 @@ pub fn uvcluster() -> Command {
         c.env_remove(var);
     }
     c.env("RUST_LOG", "info");
+    // A runtime directory of this test process's own, so that the default
+    // control socket (`$XDG_RUNTIME_DIR/uvcluster-<pid>.sock`) never meets
+    // a stale one that a killed primary of another run left under a pid
+    // now reused (its takeover is a WARN, which several tests forbid).
+    // Tests that name their own `XDG_RUNTIME_DIR` set it after this.
+    c.env("XDG_RUNTIME_DIR", runtime_dir());
     c
+}
+
+/// This test process's own `XDG_RUNTIME_DIR` (mode 0700, created once).
+pub fn runtime_dir() -> &'static Path {
+    use std::os::unix::fs::DirBuilderExt;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("uvcluster-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .expect("create the tests' runtime dir");
+        d
+    })
 }
 
 /// Runs `c` to its end, with a deadline (killed after [`LIMIT`]): (exit
