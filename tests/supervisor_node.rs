@@ -23,31 +23,14 @@ fn node(lp: &mut Loop, mode: &str, policy: SchedulingPolicy, cfg: SupervisorConf
     supervisor(lp, node_settings(mode, policy), cfg)
 }
 
-fn start_ready(lp: &mut Loop, s: &Sup, n: usize) {
-    s.sup.start(lp);
-    util::run_until(lp, 30_000, |lp| {
-        s.ready_workers(lp) == n && s.port.get() != 0
-    });
-}
-
-fn stop_and_wait(lp: &mut Loop, s: &Sup) -> i32 {
-    s.sup.stop(lp, true);
-    let exit = s.exit.clone();
-    util::run_until(lp, 30_000, move |_| exit.get().is_some());
-    s.exit.get().unwrap()
-}
-
 #[test]
 fn node_worker_restarted_after_crash_and_still_serving() {
     let mut lp = Loop::new().unwrap();
     let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
     start_ready(&mut lp, &s, 2);
     let victim = s.pids(&lp)[0];
-    kill(victim, Signal::SIGKILL);
-    util::run_until(&mut lp, 30_000, |lp| {
-        s.ready_workers(lp) == 2 && !s.pids(lp).contains(&victim)
-    });
-    assert_eq!(s.count("restarting in 100 ms"), 1, "{}", s.lines());
+    kill_and_wait_replaced(&mut lp, &s, victim, 2);
+    assert_eq!(s.count("restarting in 0 ms"), 1, "{}", s.lines());
     let load = Load::start(s.port.get(), 2, 20);
     let errors = load.finish(&mut lp, 30_000);
     assert!(errors.is_empty(), "{errors:?}");
@@ -215,9 +198,7 @@ fn node_signal_to_the_whole_group_during_stop_is_not_a_crash() {
                 kill(pid, Signal::SIGINT);
             }
             kill(std::process::id() as i32, Signal::SIGINT);
-            let exit = s.exit.clone();
-            util::run_until(&mut lp, 30_000, move |_| exit.get().is_some());
-            assert_eq!(s.exit.get(), Some(0));
+            assert_eq!(wait_exit(&mut lp, &s), 0);
             assert_eq!(s.count("forked"), 2, "{}", s.lines());
             assert_eq!(s.count("errored"), 0);
         },

@@ -55,6 +55,42 @@ impl Sup {
     }
 }
 
+/// How long a helper below drives the loop before it fails the test: a
+/// bound, not a timing (a worker starts in milliseconds; a loaded
+/// machine may take seconds).
+pub const LIMIT_MS: u64 = 30_000;
+
+/// Starts the pool and drives the loop until `n` workers are ready and
+/// the port is known.
+pub fn start_ready(lp: &mut Loop, s: &Sup, n: usize) {
+    s.sup.start(lp);
+    util::run_until(lp, LIMIT_MS, |lp| {
+        s.ready_workers(lp) == n && s.port.get() != 0
+    });
+}
+
+/// Drives the loop until the supervisor has exited; its code.
+pub fn wait_exit(lp: &mut Loop, s: &Sup) -> i32 {
+    let exit = s.exit.clone();
+    util::run_until(lp, LIMIT_MS, move |_| exit.get().is_some());
+    s.exit.get().unwrap()
+}
+
+/// A graceful stop, driven to the supervisor's exit; its code.
+pub fn stop_and_wait(lp: &mut Loop, s: &Sup) -> i32 {
+    s.sup.stop(lp, true);
+    wait_exit(lp, s)
+}
+
+/// SIGKILLs the ready worker `victim` and drives the loop until `n`
+/// workers are ready again, none of them `victim`.
+pub fn kill_and_wait_replaced(lp: &mut Loop, s: &Sup, victim: i32, n: usize) {
+    kill(victim, nix::sys::signal::Signal::SIGKILL);
+    util::run_until(lp, LIMIT_MS, |lp| {
+        s.ready_workers(lp) == n && !s.pids(lp).contains(&victim)
+    });
+}
+
 /// Settings for Rust workers: this test binary re-run as `helper` with
 /// `SUP_MODE=mode`.
 pub fn rust_settings(helper: &str, mode: &str, policy: SchedulingPolicy) -> Settings {
