@@ -244,7 +244,13 @@ pub struct SupervisorConfig {
     /// set.
     pub memory_check_interval: Duration,
     /// Replace a worker gracefully after the dispatcher has handed it this
-    /// many connections (`--max-connections`). `None` disables it.
+    /// many connections (`--max-connections`), counted on each handoff it
+    /// accepts; at the limit it is also taken out of rotation at once when
+    /// another worker is in rotation, so it is handed at most the limit
+    /// plus the handoff window. Round-robin policies only (`rr`,
+    /// `leastconn`, a user scheduler): under `none` and `reuseport` the
+    /// kernel hands out the connections and nothing counts them. `None`
+    /// disables it.
     pub max_connections: Option<u64>,
     /// Each worker's limit is `max_connections + random(0..=jitter)`, so the
     /// workers of a pool are not all replaced at once (gunicorn's

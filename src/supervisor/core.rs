@@ -443,6 +443,16 @@ pub enum Action {
     /// Take the worker out of the dispatcher's rotation (before anything
     /// is sent to it).
     Drain(WorkerId),
+    /// Keep the worker out of the dispatcher's rotation until
+    /// [`Action::Admit`] (not ready yet, or at its connection limit while
+    /// its replacement starts).
+    Hold(WorkerId),
+    /// Put a held worker back in rotation (it is ready; or its
+    /// replacement failed and it serves on).
+    Admit(WorkerId),
+    /// Have the dispatcher count the connections it hands the worker and
+    /// report the limit reached ([`Core::handed`]).
+    LimitConnections(WorkerId, u64),
     /// Disconnect the worker gracefully (`worker.disconnect()`).
     Disconnect(WorkerId),
     /// Send the worker a signal.
@@ -541,6 +551,9 @@ struct Worker {
     conn_limit: Option<u64>,
     /// A graceful replacement was asked for it already.
     replacing: bool,
+    /// Held out of rotation at its connection limit while its
+    /// replacement starts.
+    held: bool,
 }
 
 #[derive(Debug)]
@@ -741,8 +754,17 @@ impl Core {
                 handed: 0,
                 conn_limit,
                 replacing: false,
+                held: false,
             },
         );
+        // With `--wait-ready` a worker that listens before it sent
+        // 'ready' gets no connection (under the round-robin policies).
+        if self.cfg.ready == ReadyMode::Message {
+            self.actions.push_back(Action::Hold(w));
+        }
+        if let Some(l) = conn_limit {
+            self.actions.push_back(Action::LimitConnections(w, l));
+        }
         self.report(LifecycleEvent::Forked { worker: w, slot });
         self.settle(now);
     }
@@ -810,6 +832,9 @@ impl Core {
         wk.ready_deadline = None;
         let (slot, role, after) = (wk.slot, wk.role, now - wk.forked_at);
         let listened = wk.listened.clone();
+        if self.cfg.ready == ReadyMode::Message {
+            self.actions.push_back(Action::Admit(w));
+        }
         let s = self.slots.get_mut(&slot).expect("slot");
         s.fails_before_ready = 0;
         s.addresses.extend(listened);
@@ -1081,10 +1106,16 @@ impl Core {
                 // retried for this worker (a replacement that cannot start
                 // would otherwise be forked at every sample).
                 let again = s.replace_reason.take() == Some(ReplaceReason::Requested);
-                if let Some(w) = s.current.and_then(|c| self.workers.get_mut(&c))
-                    && again
-                {
-                    w.replacing = false;
+                let current = s.current;
+                if let Some(w) = current.and_then(|c| self.workers.get_mut(&c)) {
+                    if again {
+                        w.replacing = false;
+                    }
+                    // Held at its limit: it serves on.
+                    if std::mem::take(&mut w.held) {
+                        self.actions
+                            .push_back(Action::Admit(current.expect("current")));
+                    }
                 }
             }
             self.report(LifecycleEvent::ReplaceFailed { slot, failure });
@@ -1476,15 +1507,39 @@ impl Core {
         }
     }
 
-    /// How many connections the dispatcher has handed worker `w` so far.
+    /// The dispatcher has handed worker `w` `total` connections, as
+    /// counted for [`Action::LimitConnections`]. At its limit the worker
+    /// is replaced gracefully and, if another worker is in rotation to
+    /// take its share, held out of rotation at once, so it is handed at
+    /// most its limit plus what was in flight (the handoff window). A
+    /// pool's last worker in rotation serves on until its replacement is
+    /// ready: a limit never pauses the service.
     pub fn handed(&mut self, now: u64, w: WorkerId, total: u64) {
         let Some(wk) = self.workers.get_mut(&w) else {
             return;
         };
         wk.handed = total;
-        if wk.conn_limit.is_some_and(|l| total >= l) {
-            self.replace(now, w, ReplaceReason::Connections(total));
+        let replaceable = wk.phase == Phase::Ready && wk.role == Some(Role::Current);
+        if !wk.conn_limit.is_some_and(|l| total >= l)
+            || !replaceable
+            || wk.replacing
+            || self.stop.is_some()
+        {
+            return;
         }
+        let others = self.workers.iter().any(|(&id, o)| {
+            id != w
+                && o.phase == Phase::Ready
+                && o.role == Some(Role::Current)
+                && o.killed.is_none()
+                && !o.held
+        });
+        // Out of rotation first, then its replacement.
+        if others {
+            self.workers.get_mut(&w).expect("worker").held = true;
+            self.actions.push_back(Action::Hold(w));
+        }
+        self.replace(now, w, ReplaceReason::Connections(total));
     }
 
     /// Worker `w` left a handed-over connection unanswered beyond the

@@ -754,6 +754,61 @@ fn limits_replace_gracefully_one_slot_at_a_time() {
 }
 
 #[test]
+fn at_its_limit_a_worker_leaves_rotation_at_once_unless_it_is_the_last() {
+    let mut h = H::started(SupervisorConfig {
+        max_connections: Some(10),
+        ..cfg(2)
+    });
+    assert!(
+        h.log
+            .iter()
+            .any(|(_, a)| *a == Action::LimitConnections(1, 10))
+    );
+    h.all_ready();
+    h.c.handed(h.now, 1, 10);
+    h.pump();
+    // Held at once (worker 2 serves), replaced by worker 3.
+    let held = h.index_of(|a| *a == Action::Hold(1)).unwrap();
+    let fork = (h
+        .log
+        .iter()
+        .rposition(|(_, a)| matches!(a, Action::Fork { slot: 0, .. })))
+    .unwrap();
+    assert!(held < fork, "out of rotation before its replacement starts");
+    // Worker 2 reaches its limit too while worker 1 is held: it is the
+    // last in rotation, so it serves on until its replacement is ready.
+    h.c.handed(h.now, 2, 10);
+    h.pump();
+    assert!(h.index_of(|a| *a == Action::Hold(2)).is_none());
+    // Worker 1's replacement fails: worker 1 is put back in rotation.
+    h.exit(3, ok(1), false);
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Admit(1)));
+    assert!(h.index_of(|a| *a == Action::Drain(1)).is_none());
+}
+
+#[test]
+fn wait_ready_holds_a_worker_out_of_rotation_until_ready() {
+    let mut h = H::started(SupervisorConfig {
+        ready: ReadyMode::Message,
+        ..cfg(1)
+    });
+    let hold = h.index_of(|a| *a == Action::Hold(1)).unwrap();
+    let forked = h
+        .index_of(|a| matches!(a, Action::Report(LifecycleEvent::Forked { .. })))
+        .unwrap();
+    assert!(hold < forked, "held before anything can listen");
+    h.listen(1);
+    assert!(h.index_of(|a| *a == Action::Admit(1)).is_none());
+    h.c.ready_message(h.now, 1);
+    h.pump();
+    let admit = h.index_of(|a| *a == Action::Admit(1)).unwrap();
+    let ready = h
+        .index_of(|a| matches!(a, Action::Report(LifecycleEvent::Ready { .. })))
+        .unwrap();
+    assert!(admit < ready);
+}
+
+#[test]
 fn jitter_spreads_the_limits() {
     let mut h = H::started(SupervisorConfig {
         max_connections: Some(100),
