@@ -70,6 +70,67 @@ fn node_wait_ready_uses_pm2s_ready_message() {
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
+/// `--wait-ready` under the primary's dispatch: a replacement that
+/// listens, then sends `'ready'` 1.5 s later, is handed no connection
+/// before it is ready (it would answer `not-ready`, a failure for
+/// [`Load`]); the old worker serves meanwhile.
+fn node_wait_ready_holds_the_replacement(policy: SchedulingPolicy) {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        ready: ReadyMode::Message,
+        ..config(1)
+    };
+    let s = node(&mut lp, "wait-ready", policy, cfg);
+    start_ready(&mut lp, &s, 1);
+    let before = s.pids(&lp);
+    let mut env = node_env("wait-ready");
+    env.env
+        .get_or_insert_with(Vec::new)
+        .push(("READY_DELAY_MS".into(), "1500".into()));
+    s.sup.primary(&lp).setup_primary(&mut lp, env);
+    let load = Load::start(s.port.get(), 2, 100_000);
+    let done = Rc::new(Cell::new(0));
+    reload_times(&mut lp, &s.sup, 1, done.clone());
+    // The replacement was forked in the call: watch it listen.
+    let new = (s.sup.status(&lp).iter())
+        .find(|w| w.state == uvcluster::supervisor::WorkerState::Starting)
+        .and_then(|w| w.id)
+        .expect("a replacement starting");
+    let w = s.sup.primary(&lp).worker(&lp, new).unwrap();
+    let ok_at_listen = Rc::new(Cell::new(None));
+    let (o, counter) = (ok_at_listen.clone(), load.ok.clone());
+    w.on_listening(&mut lp, move |_, _, _| {
+        o.set(Some(counter.load(Ordering::SeqCst)))
+    });
+    util::run_until(&mut lp, 30_000, |_| done.get() == 1);
+    let ok_at_ready = load.ok();
+    let listened = ok_at_listen.get().expect("the replacement listened");
+    assert!(
+        ok_at_ready > listened + 10,
+        "requests served while it listened, not ready: {listened} -> {ok_at_ready}"
+    );
+    // And the new worker serves once ready.
+    let ok = load.ok.clone();
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > ok_at_ready + 20
+    });
+    let errors = load.finish(&mut lp, 30_000);
+    let first = &errors[..errors.len().min(3)];
+    assert!(errors.is_empty(), "{} failed, first: {first:?}", errors.len());
+    assert_ne!(s.pids(&lp), before);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_wait_ready_holds_the_replacement_round_robin() {
+    node_wait_ready_holds_the_replacement(SchedulingPolicy::RoundRobin);
+}
+
+#[test]
+fn node_wait_ready_holds_the_replacement_least_connections() {
+    node_wait_ready_holds_the_replacement(SchedulingPolicy::LeastConnections);
+}
+
 #[test]
 fn node_ready_timeout_fails_the_reload_closed() {
     let mut lp = Loop::new().unwrap();

@@ -195,6 +195,11 @@ pub fn get(port: u16) -> Result<String, String> {
     if !text.starts_with("HTTP/1.1 200") {
         return Err(format!("bad response: {text:?}"));
     }
+    // A `--wait-ready` worker answers `not-ready` until it sent 'ready':
+    // the supervisor should not have handed it the connection.
+    if text.contains("not-ready") {
+        return Err(format!("answered before it was ready: {text:?}"));
+    }
     Ok(text)
 }
 
