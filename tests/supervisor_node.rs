@@ -116,7 +116,11 @@ fn node_wait_ready_holds_the_replacement(policy: SchedulingPolicy) {
     });
     let errors = load.finish(&mut lp, 30_000);
     let first = &errors[..errors.len().min(3)];
-    assert!(errors.is_empty(), "{} failed, first: {first:?}", errors.len());
+    assert!(
+        errors.is_empty(),
+        "{} failed, first: {first:?}",
+        errors.len()
+    );
     assert_ne!(s.pids(&lp), before);
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
@@ -129,6 +133,59 @@ fn node_wait_ready_holds_the_replacement_round_robin() {
 #[test]
 fn node_wait_ready_holds_the_replacement_least_connections() {
     node_wait_ready_holds_the_replacement(SchedulingPolicy::LeastConnections);
+}
+
+/// `--max-connections` is counted by the dispatcher on each handoff: a
+/// worker at its limit leaves rotation at once, so the requests it
+/// answered (its pid in each answer) are at most the limit plus the
+/// handoff window; then it is replaced gracefully, losing nothing.
+#[test]
+fn node_connection_limit_is_counted_by_the_dispatcher() {
+    const LIMIT: u64 = 40;
+    const WINDOW: usize = 4;
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        max_connections: Some(LIMIT),
+        ..config(2)
+    };
+    let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, cfg);
+    s.sup.primary(&lp).set_handoff_window(&mut lp, WINDOW);
+    start_ready(&mut lp, &s, 2);
+    let first = s.pids(&lp);
+    let load = Load::start(s.port.get(), 4, 100_000);
+    // Both first workers replaced, and their replacements serving.
+    util::run_until(&mut lp, 60_000, |lp| {
+        s.count("draining") >= 2 && s.pids(lp).iter().all(|p| !first.contains(p))
+    });
+    let ok = load.ok.clone();
+    let base = load.ok();
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > base + 20
+    });
+    let by_server = load.by_server.clone();
+    let errors = load.finish(&mut lp, 30_000);
+    let first_errors = &errors[..errors.len().min(3)];
+    assert!(
+        errors.is_empty(),
+        "{} failed: {first_errors:?}",
+        errors.len()
+    );
+    let by_server = by_server.lock().unwrap();
+    for pid in &first {
+        let n = by_server.get(&pid.to_string()).copied().unwrap_or(0) as u64;
+        assert!(
+            (LIMIT..=LIMIT + WINDOW as u64).contains(&n),
+            "worker pid {pid} answered {n} for a limit of {LIMIT}: {by_server:?}\n{}",
+            s.lines()
+        );
+    }
+    assert!(
+        s.count("connection limit reached (40 handed)") >= 2,
+        "{}",
+        s.lines()
+    );
+    assert_eq!(s.count("unexpectedly"), 0);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
 #[test]

@@ -1509,11 +1509,13 @@ impl Core {
 
     /// The dispatcher has handed worker `w` `total` connections, as
     /// counted for [`Action::LimitConnections`]. At its limit the worker
-    /// is replaced gracefully and, if another worker is in rotation to
-    /// take its share, held out of rotation at once, so it is handed at
-    /// most its limit plus what was in flight (the handoff window). A
-    /// pool's last worker in rotation serves on until its replacement is
-    /// ready: a limit never pauses the service.
+    /// is held out of rotation at once, so it is handed at most its limit
+    /// plus what was in flight (the handoff window), and replaced
+    /// gracefully; if its replacement fails it is put back in rotation.
+    /// Meanwhile the other workers take its share; a pool whose every
+    /// worker is held (one worker, or all at their limit together: the
+    /// jitter spreads them) queues new connections in the primary until a
+    /// replacement is ready, as gunicorn's new worker is waited for.
     pub fn handed(&mut self, now: u64, w: WorkerId, total: u64) {
         let Some(wk) = self.workers.get_mut(&w) else {
             return;
@@ -1527,18 +1529,9 @@ impl Core {
         {
             return;
         }
-        let others = self.workers.iter().any(|(&id, o)| {
-            id != w
-                && o.phase == Phase::Ready
-                && o.role == Some(Role::Current)
-                && o.killed.is_none()
-                && !o.held
-        });
         // Out of rotation first, then its replacement.
-        if others {
-            self.workers.get_mut(&w).expect("worker").held = true;
-            self.actions.push_back(Action::Hold(w));
-        }
+        wk.held = true;
+        self.actions.push_back(Action::Hold(w));
         self.replace(now, w, ReplaceReason::Connections(total));
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -208,6 +209,9 @@ pub fn get(port: u16) -> Result<String, String> {
 pub struct Load {
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicUsize>,
+    /// Answers by who answered: the word after `hello from ` (a Node
+    /// worker's pid).
+    pub by_server: Arc<Mutex<HashMap<String, usize>>>,
     pub finished: Arc<AtomicUsize>,
     pub errors: Arc<Mutex<Vec<String>>>,
     threads: usize,
@@ -220,18 +224,25 @@ impl Load {
         let ok = Arc::new(AtomicUsize::new(0));
         let finished = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
+        let by_server = Arc::new(Mutex::new(HashMap::new()));
         let handles = (0..threads)
             .map(|_| {
                 let (stop, ok, finished, errors) =
                     (stop.clone(), ok.clone(), finished.clone(), errors.clone());
+                let by_server = by_server.clone();
                 std::thread::spawn(move || {
                     for _ in 0..max {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
                         match get(port) {
-                            Ok(_) => {
+                            Ok(text) => {
                                 ok.fetch_add(1, Ordering::SeqCst);
+                                let who = (text.split("hello from ").nth(1))
+                                    .and_then(|t| t.split_whitespace().next())
+                                    .unwrap_or("")
+                                    .to_owned();
+                                *by_server.lock().unwrap().entry(who).or_default() += 1;
                             }
                             Err(e) => errors.lock().unwrap().push(e),
                         }
@@ -243,6 +254,7 @@ impl Load {
         Load {
             stop,
             ok,
+            by_server,
             finished,
             errors,
             threads,

@@ -754,7 +754,7 @@ fn limits_replace_gracefully_one_slot_at_a_time() {
 }
 
 #[test]
-fn at_its_limit_a_worker_leaves_rotation_at_once_unless_it_is_the_last() {
+fn at_its_limit_a_worker_leaves_rotation_at_once() {
     let mut h = H::started(SupervisorConfig {
         max_connections: Some(10),
         ..cfg(2)
@@ -767,7 +767,7 @@ fn at_its_limit_a_worker_leaves_rotation_at_once_unless_it_is_the_last() {
     h.all_ready();
     h.c.handed(h.now, 1, 10);
     h.pump();
-    // Held at once (worker 2 serves), replaced by worker 3.
+    // Held at once (worker 2 serves), then replaced by worker 3.
     let held = h.index_of(|a| *a == Action::Hold(1)).unwrap();
     let fork = (h
         .log
@@ -775,15 +775,16 @@ fn at_its_limit_a_worker_leaves_rotation_at_once_unless_it_is_the_last() {
         .rposition(|(_, a)| matches!(a, Action::Fork { slot: 0, .. })))
     .unwrap();
     assert!(held < fork, "out of rotation before its replacement starts");
-    // Worker 2 reaches its limit too while worker 1 is held: it is the
-    // last in rotation, so it serves on until its replacement is ready.
-    h.c.handed(h.now, 2, 10);
-    h.pump();
-    assert!(h.index_of(|a| *a == Action::Hold(2)).is_none());
     // Worker 1's replacement fails: worker 1 is put back in rotation.
     h.exit(3, ok(1), false);
     assert!(h.log.iter().any(|(_, a)| *a == Action::Admit(1)));
     assert!(h.index_of(|a| *a == Action::Drain(1)).is_none());
+    // Worker 2 at its limit: held, replaced; once ready, drained.
+    h.c.handed(h.now, 2, 10);
+    h.pump();
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Hold(2)));
+    h.listen(4);
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Drain(2)));
 }
 
 #[test]
