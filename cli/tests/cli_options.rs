@@ -938,23 +938,38 @@ fn ctrl_c_to_the_process_group_twice_is_one_graceful_stop() {
 #[test]
 fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     util::require_node();
-    let app_js = scratch("wait-ready").join("app.js");
+    let dir = scratch("wait-ready");
+    let app_js = dir.join("app.js");
+    // Once `no-ready` exists, new workers never send 'ready'.
     let app_text = "require('http').createServer((q, s) => s.end('ok'))\
                .listen(process.env.PORT, () => {\
-                 if (process.env.SEND_READY) setTimeout(() => process.send('ready'), 50);\
+                 if (process.env.SEND_READY && !require('fs').existsSync(process.env.NO_READY))\
+                   setTimeout(() => process.send('ready'), 50);\
                });";
     std::fs::write(&app_js, app_text).unwrap();
     let app = app_js.to_str().unwrap();
+    let no_ready = dir.join("no-ready");
+    let _ = std::fs::remove_file(&no_ready);
     let mut c = uvcluster();
     c.args(["run", "-w", "1", "--wait-ready", "--", "node", app])
         .env("PORT", free_port().to_string())
-        .env("SEND_READY", "1");
+        .env("SEND_READY", "1")
+        .env("NO_READY", &no_ready);
     let mut r = Running::start(c);
     r.expect(") listening on ");
     r.expect(") ready (after ");
+    // A stop during a reload ends the reload: the log says so, and not
+    // that old workers keep serving (they stop too).
+    std::fs::write(&no_ready, "").unwrap();
+    r.signal(Signal::SIGHUP);
+    r.expect("reload started (1 worker)");
+    r.expect(") listening on ");
     r.signal(Signal::SIGTERM);
+    r.expect("reload abandoned: a stop began");
     let (code, log) = r.wait();
     assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("keep serving"), "{log}");
+    assert!(!log.contains("1 workers"), "{log}");
 
     let mut c = uvcluster();
     c.args([
