@@ -846,6 +846,14 @@ impl Core {
         if role == Some(Role::Replacement) {
             self.replacement_ready(now, slot, w);
         }
+        // Handed its limit before it was ready (it listened on part of
+        // its addresses): the limit applies now.
+        if let Some(wk) = self.workers.get(&w)
+            && wk.conn_limit.is_some_and(|l| wk.handed >= l)
+        {
+            let total = wk.handed;
+            self.handed(now, w, total);
+        }
     }
 
     /// The replacement `w` of `slot` is ready: it becomes the slot's

@@ -788,6 +788,31 @@ fn at_its_limit_a_worker_leaves_rotation_at_once() {
 }
 
 #[test]
+fn a_limit_reached_before_ready_applies_once_ready() {
+    let mut h = H::started(SupervisorConfig {
+        max_connections: Some(10),
+        ready: ReadyMode::Message,
+        ..cfg(2)
+    });
+    h.c.ready_message(h.now, 2);
+    h.c.handed(h.now, 1, 10);
+    h.pump();
+    assert!(
+        h.index_of(|a| *a == Action::Hold(1)).is_some(),
+        "held as forked"
+    );
+    assert_eq!(h.forks().len(), 2, "not replaced while starting");
+    h.c.ready_message(h.now, 1);
+    h.pump();
+    assert!(
+        h.events()
+            .iter()
+            .any(|e| e.contains("connection limit reached (10 handed)"))
+    );
+    assert_eq!(h.forks().len(), 3);
+}
+
+#[test]
 fn wait_ready_holds_a_worker_out_of_rotation_until_ready() {
     let mut h = H::started(SupervisorConfig {
         ready: ReadyMode::Message,
