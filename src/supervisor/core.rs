@@ -1530,7 +1530,7 @@ impl Core {
         };
         wk.handed = total;
         let replaceable = wk.phase == Phase::Ready && wk.role == Some(Role::Current);
-        if !wk.conn_limit.is_some_and(|l| total >= l)
+        if wk.conn_limit.is_none_or(|l| total < l)
             || !replaceable
             || wk.replacing
             || self.stop.is_some()

@@ -969,10 +969,10 @@ fn check_log(h: &H, cfg: &SupervisorConfig) -> Result<(), TestCaseError> {
                 // two restarts of one slot are at least the initial
                 // backoff apart (a reset needs a worker up for the stable
                 // period, longer than that).
-                if *reason == ForkReason::Restart {
-                    if let Some(last) = last_restart.insert(*slot, *t) {
-                        prop_assert!(*t >= last + ms(cfg.backoff_initial), "restart too soon");
-                    }
+                if *reason == ForkReason::Restart
+                    && let Some(last) = last_restart.insert(*slot, *t)
+                {
+                    prop_assert!(*t >= last + ms(cfg.backoff_initial), "restart too soon");
                 }
             }
             _ => {}
