@@ -362,7 +362,6 @@ fn connection_limit_replaces_workers_gracefully() {
     let mut lp = Loop::new().unwrap();
     let cfg = SupervisorConfig {
         max_connections: Some(10),
-        memory_check_interval: Duration::from_millis(50),
         ..config(2)
     };
     let s = rust(&mut lp, "serve", SchedulingPolicy::RoundRobin, cfg);
