@@ -23,31 +23,14 @@ fn node(lp: &mut Loop, mode: &str, policy: SchedulingPolicy, cfg: SupervisorConf
     supervisor(lp, node_settings(mode, policy), cfg)
 }
 
-fn start_ready(lp: &mut Loop, s: &Sup, n: usize) {
-    s.sup.start(lp);
-    util::run_until(lp, 30_000, |lp| {
-        s.ready_workers(lp) == n && s.port.get() != 0
-    });
-}
-
-fn stop_and_wait(lp: &mut Loop, s: &Sup) -> i32 {
-    s.sup.stop(lp, true);
-    let exit = s.exit.clone();
-    util::run_until(lp, 30_000, move |_| exit.get().is_some());
-    s.exit.get().unwrap()
-}
-
 #[test]
 fn node_worker_restarted_after_crash_and_still_serving() {
     let mut lp = Loop::new().unwrap();
     let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, config(2));
     start_ready(&mut lp, &s, 2);
     let victim = s.pids(&lp)[0];
-    kill(victim, Signal::SIGKILL);
-    util::run_until(&mut lp, 30_000, |lp| {
-        s.ready_workers(lp) == 2 && !s.pids(lp).contains(&victim)
-    });
-    assert_eq!(s.count("restarting in 100 ms"), 1, "{}", s.lines());
+    kill_and_wait_replaced(&mut lp, &s, victim, 2);
+    assert_eq!(s.count("restarting in 0 ms"), 1, "{}", s.lines());
     let load = Load::start(s.port.get(), 2, 20);
     let errors = load.finish(&mut lp, 30_000);
     assert!(errors.is_empty(), "{errors:?}");
@@ -84,6 +67,124 @@ fn node_wait_ready_uses_pm2s_ready_message() {
         .parse()
         .unwrap();
     assert!(ms >= 200, "ready before its message: {line}");
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+/// `--wait-ready` under the primary's dispatch: a replacement that
+/// listens, then sends `'ready'` 1.5 s later, is handed no connection
+/// before it is ready (it would answer `not-ready`, a failure for
+/// [`Load`]); the old worker serves meanwhile.
+fn node_wait_ready_holds_the_replacement(policy: SchedulingPolicy) {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        ready: ReadyMode::Message,
+        ..config(1)
+    };
+    let s = node(&mut lp, "wait-ready", policy, cfg);
+    start_ready(&mut lp, &s, 1);
+    let before = s.pids(&lp);
+    let mut env = node_env("wait-ready");
+    env.env
+        .get_or_insert_with(Vec::new)
+        .push(("READY_DELAY_MS".into(), "1500".into()));
+    s.sup.primary(&lp).setup_primary(&mut lp, env);
+    let load = Load::start(s.port.get(), 2, 100_000);
+    let done = Rc::new(Cell::new(0));
+    reload_times(&mut lp, &s.sup, 1, done.clone());
+    // The replacement was forked in the call: watch it listen.
+    let new = (s.sup.status(&lp).iter())
+        .find(|w| w.state == uvcluster::supervisor::WorkerState::Starting)
+        .and_then(|w| w.id)
+        .expect("a replacement starting");
+    let w = s.sup.primary(&lp).worker(&lp, new).unwrap();
+    let ok_at_listen = Rc::new(Cell::new(None));
+    let (o, counter) = (ok_at_listen.clone(), load.ok.clone());
+    w.on_listening(&mut lp, move |_, _, _| {
+        o.set(Some(counter.load(Ordering::SeqCst)))
+    });
+    util::run_until(&mut lp, 30_000, |_| done.get() == 1);
+    let ok_at_ready = load.ok();
+    let listened = ok_at_listen.get().expect("the replacement listened");
+    assert!(
+        ok_at_ready > listened + 10,
+        "requests served while it listened, not ready: {listened} -> {ok_at_ready}"
+    );
+    // And the new worker serves once ready.
+    let ok = load.ok.clone();
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > ok_at_ready + 20
+    });
+    let errors = load.finish(&mut lp, 30_000);
+    let first = &errors[..errors.len().min(3)];
+    assert!(
+        errors.is_empty(),
+        "{} failed, first: {first:?}",
+        errors.len()
+    );
+    assert_ne!(s.pids(&lp), before);
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
+#[test]
+fn node_wait_ready_holds_the_replacement_round_robin() {
+    node_wait_ready_holds_the_replacement(SchedulingPolicy::RoundRobin);
+}
+
+#[test]
+fn node_wait_ready_holds_the_replacement_least_connections() {
+    node_wait_ready_holds_the_replacement(SchedulingPolicy::LeastConnections);
+}
+
+/// `--max-connections` is counted by the dispatcher on each handoff: a
+/// worker at its limit leaves rotation at once, so the requests it
+/// answered (its pid in each answer) are at most the limit plus the
+/// handoff window; then it is replaced gracefully, losing nothing.
+#[test]
+fn node_connection_limit_is_counted_by_the_dispatcher() {
+    const LIMIT: u64 = 40;
+    const WINDOW: usize = 4;
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        max_connections: Some(LIMIT),
+        ..config(2)
+    };
+    let s = node(&mut lp, "serve", SchedulingPolicy::RoundRobin, cfg);
+    s.sup.primary(&lp).set_handoff_window(&mut lp, WINDOW);
+    start_ready(&mut lp, &s, 2);
+    let first = s.pids(&lp);
+    let load = Load::start(s.port.get(), 4, 100_000);
+    // Both first workers replaced, and their replacements serving.
+    util::run_until(&mut lp, 60_000, |lp| {
+        s.count("draining") >= 2 && s.pids(lp).iter().all(|p| !first.contains(p))
+    });
+    let ok = load.ok.clone();
+    let base = load.ok();
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > base + 20
+    });
+    let by_server = load.by_server.clone();
+    let errors = load.finish(&mut lp, 30_000);
+    let first_errors = &errors[..errors.len().min(3)];
+    assert!(
+        errors.is_empty(),
+        "{} failed: {first_errors:?}",
+        errors.len()
+    );
+    let by_server = by_server.lock().unwrap();
+    for pid in &first {
+        let n = by_server.get(&pid.to_string()).copied().unwrap_or(0) as u64;
+        assert!(
+            (LIMIT..=LIMIT + WINDOW as u64).contains(&n),
+            "worker pid {pid} answered {n} for a limit of {LIMIT}: {by_server:?}\n{}",
+            s.lines()
+        );
+    }
+    assert!(
+        s.count("connection limit reached (40 handed)") >= 2,
+        "{}",
+        s.lines()
+    );
+    assert_eq!(s.count("unexpectedly"), 0);
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
@@ -215,9 +316,7 @@ fn node_signal_to_the_whole_group_during_stop_is_not_a_crash() {
                 kill(pid, Signal::SIGINT);
             }
             kill(std::process::id() as i32, Signal::SIGINT);
-            let exit = s.exit.clone();
-            util::run_until(&mut lp, 30_000, move |_| exit.get().is_some());
-            assert_eq!(s.exit.get(), Some(0));
+            assert_eq!(wait_exit(&mut lp, &s), 0);
             assert_eq!(s.count("forked"), 2, "{}", s.lines());
             assert_eq!(s.count("errored"), 0);
         },

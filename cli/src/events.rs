@@ -181,13 +181,18 @@ pub fn exited(id: u32, pid: Option<i32>, code: Option<i64>, signal: Option<Signu
     }
 }
 
-/// Slot `slot` forks again after `delay` (its backoff).
+/// Slot `slot` forks again after `delay` (its backoff): `at once` for
+/// the first restart since the slot was stable.
 pub fn restarting(slot: usize, delay: Duration) {
-    log::info!(
-        target: TARGET,
-        "slot {slot} restarting in {}",
-        show_duration(delay)
-    );
+    if delay.is_zero() {
+        log::info!(target: TARGET, "slot {slot} restarting at once");
+    } else {
+        log::info!(
+            target: TARGET,
+            "slot {slot} restarting in {}",
+            show_duration(delay)
+        );
+    }
 }
 
 /// A slot stopped being restarted (a crash loop, or starts that never got
@@ -205,17 +210,37 @@ pub fn errored(slot: usize, why: &str, last: Option<&str>, stderr: &[String]) {
     log::error!(target: TARGET, "{line}");
 }
 
+/// `1 worker`, `2 workers`: a count of workers in words.
+pub fn workers(n: usize) -> String {
+    if n == 1 {
+        "1 worker".into()
+    } else {
+        format!("{n} workers")
+    }
+}
+
 /// A rolling reload began.
 pub fn reload_started(workers: usize) {
-    log::info!(target: TARGET, "reload started ({workers} workers)");
+    log::info!(target: TARGET, "reload started ({})", self::workers(workers));
 }
 
 /// A rolling reload replaced every worker.
 pub fn reload_finished(workers: usize, took: Duration) {
     log::info!(
         target: TARGET,
-        "reload finished ({workers} workers replaced in {})",
+        "reload finished ({} replaced in {})",
+        self::workers(workers),
         show_duration(took)
+    );
+}
+
+/// A stop began during a rolling reload: the reload ends there. The
+/// replacements still starting are killed and every other worker is
+/// stopped with the rest, so nothing "keeps serving".
+pub fn reload_abandoned() {
+    log::warn!(
+        target: TARGET,
+        "reload abandoned: a stop began; every worker, old or new, stops with it"
     );
 }
 
@@ -241,5 +266,8 @@ mod tests {
         );
         assert_eq!(who(2, Some(77)), "worker 2 (pid 77)");
         assert_eq!(who(2, None), "worker 2");
+        assert_eq!(workers(1), "1 worker");
+        assert_eq!(workers(0), "0 workers");
+        assert_eq!(workers(3), "3 workers");
     }
 }

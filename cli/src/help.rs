@@ -45,7 +45,9 @@ Pool:
 
 Restart:
       --restart WHEN           always, on-failure or never [default: always]
-      --backoff-initial DUR    first restart delay, doubled per crash [default: 100ms]
+      --backoff-initial DUR    delay between restarts of a slot (its first
+                               restart is at once), doubled per crash
+                               [default: 100ms]
       --backoff-cap DUR        longest restart delay [default: 15s]
       --stable-period DUR      up this long resets the backoff [default: 30s]
       --max-restarts N         crashes of one slot within --restart-window

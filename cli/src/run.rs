@@ -430,10 +430,16 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
             start_failure(failure)
         )),
-        E::ReloadFailed(ReloadError::Stopped) => events::reload_failed("a stop began"),
+        E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
         E::Scaled { from, to } => log::info!(
             target: events::TARGET,
-            "scaled from {from} to {to} worker(s)"
+            "scaled from {from} to {}",
+            events::workers(*to)
+        ),
+        E::NotScaled { workers, why } => log::warn!(
+            target: events::TARGET,
+            "not scaled: {why}; still {}",
+            events::workers(*workers)
         ),
         E::Stopping {
             graceful: true,
@@ -470,8 +476,14 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
 /// which workers it waits. The timer does not keep the loop alive.
 fn still_waiting(lp: &mut Loop, pids: Pids) {
     let t = lp.timer_init();
-    let _ = lp.timer_start(t, STILL_WAITING, STILL_WAITING, move |_, _| {
+    let _ = lp.timer_start(t, STILL_WAITING, STILL_WAITING, move |lp, t| {
         let mut left: Vec<(u32, i32)> = pids.borrow().iter().map(|(&i, &p)| (i, p)).collect();
+        if left.is_empty() {
+            // Every worker has exited: the stop waits for nothing more
+            // (the primary exits next), and there is no one to name.
+            lp.close_if_open(t);
+            return;
+        }
         left.sort_unstable();
         let left: Vec<String> = left
             .iter()

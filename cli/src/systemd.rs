@@ -48,7 +48,10 @@ impl Systemd {
         };
         if n >= self.workers && !self.ready.replace(true) {
             self.send(self.notify.ready());
-            self.send(self.notify.status(&format!("{n} workers ready")));
+            self.send(
+                self.notify
+                    .status(&format!("{} ready", crate::events::workers(n))),
+            );
             lp.listen_fds_report_unused();
         }
     }
@@ -60,20 +63,20 @@ impl Systemd {
             l.remove(&id);
             l.len()
         };
-        self.send(
-            self.notify
-                .status(&format!("{alive} of {} workers ready", self.workers)),
-        );
+        self.send(self.notify.status(&format!(
+            "{alive} of {} ready",
+            crate::events::workers(self.workers)
+        )));
     }
 
     /// The first SIGINT/SIGTERM: a stop begins.
     pub(crate) fn stopping(&self) {
         let alive = self.listening.borrow().len();
         self.send(self.notify.stopping());
-        self.send(
-            self.notify
-                .status(&format!("stopping: disconnecting {alive} workers")),
-        );
+        self.send(self.notify.status(&format!(
+            "stopping: disconnecting {}",
+            crate::events::workers(alive)
+        )));
     }
 
     /// A rolling reload begins: `RELOADING=1` with `MONOTONIC_USEC=`
@@ -87,7 +90,10 @@ impl Systemd {
     pub(crate) fn reloaded(&self) {
         let n = self.listening.borrow().len();
         self.send(self.notify.ready());
-        self.send(self.notify.status(&format!("{n} workers ready")));
+        self.send(
+            self.notify
+                .status(&format!("{} ready", crate::events::workers(n))),
+        );
     }
 
     fn send(&self, r: io::Result<()>) {

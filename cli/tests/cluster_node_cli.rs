@@ -177,7 +177,11 @@ fn cli_second_signal_kills() {
     // A second SIGINT within 500 ms of the first is the same Ctrl-C
     // delivered twice (docs/cli.md, "Signals"); the reminder the stop
     // writes after 5 s marks a later one, the user's second request.
-    cli.expect("still waiting for worker(s)");
+    let line = cli.expect("still waiting for worker(s)");
+    // The worker it waits for, by id and pid (never an empty list).
+    assert!(line.contains("still waiting for worker(s) "), "{line}");
+    assert!(!line.contains("worker(s)  to finish"), "{line}");
+    assert!(line.contains(" (pid "), "{line}");
     cli.signal(Signal::SIGINT);
     let (code, err) = cli.wait();
     // An immediate stop exits 128 + the signal's number, as a shell reports

@@ -8,7 +8,7 @@
 //! `disconnect`, `exit`, in Node 20's order and with its rules for
 //! `exitedAfterDisconnect`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -45,6 +45,7 @@ type MessageFn = dyn FnMut(&mut Loop, Worker, Value, Option<Socket>);
 type ExitFn = dyn FnMut(&mut Loop, Worker, Option<i64>, Option<Signum>);
 type SetupFn = dyn FnMut(&mut Loop, &Settings);
 type ErrorFn = dyn FnMut(&mut Loop, Option<Worker>, &ClusterError);
+type HandedLimitFn = dyn FnMut(&mut Loop, Worker, u64);
 type DoneCb = Box<dyn FnOnce(&mut Loop)>;
 
 /// A server handle under one key.
@@ -93,6 +94,12 @@ pub(crate) struct PrimaryState {
     /// The supervisor slot of each worker that has one (ReusePort sockets
     /// are kept per slot).
     slots: HashMap<u32, u32>,
+    /// Workers held out of rotation until [`Primary::admit`].
+    held: HashSet<u32>,
+    /// Per worker with a limit ([`Primary::set_handed_limit`]): the
+    /// connections it accepted since, and the limit.
+    handed_limits: HashMap<u32, (u64, u64)>,
+    on_handed_limit: CallbackSlot<HandedLimitFn>,
     on_fork: CallbackSlot<WorkerFn>,
     on_online: CallbackSlot<WorkerFn>,
     on_listening: CallbackSlot<ListeningFn>,
@@ -172,6 +179,9 @@ impl Primary {
             disconnect_cbs: Vec::new(),
             keep_listeners: false,
             slots: HashMap::new(),
+            held: HashSet::new(),
+            handed_limits: HashMap::new(),
+            on_handed_limit: CallbackSlot::empty(),
             on_fork: CallbackSlot::empty(),
             on_online: CallbackSlot::empty(),
             on_listening: CallbackSlot::empty(),
@@ -492,16 +502,103 @@ impl Primary {
     /// Node has no such call: its `disconnect` removes the worker from the
     /// handle and tells it at the same time.
     pub fn drain(self, lp: &mut Loop, w: Worker) {
-        let rrs: Vec<RoundRobinHandle> = (self.st(lp).handles.values())
+        self.st_mut(lp).held.remove(&w.id());
+        for rr in self.rr_handles_of(lp, w) {
+            rr.drain(lp, w.id());
+        }
+    }
+
+    /// The round-robin handles worker `w` uses.
+    fn rr_handles_of(self, lp: &Loop, w: Worker) -> Vec<RoundRobinHandle> {
+        (self.st(lp).handles.values())
             .filter_map(|e| match e.handle {
                 ServerHandle::RoundRobin(rr) => Some(rr),
                 ServerHandle::Shared(_) => None,
             })
             .filter(|rr| rr.has(lp, w.id()))
-            .collect();
-        for rr in rrs {
-            rr.drain(lp, w.id());
+            .collect()
+    }
+
+    /// Holds worker `w` out of rotation until [`admit`](Self::admit):
+    /// the dispatcher hands it nothing, on the servers it uses now and on
+    /// those it listens on from now on (it joins them held), and what
+    /// waits for it goes to the other workers, as under
+    /// [`drain`](Self::drain); but unlike a drain it ends. A supervisor
+    /// holds a worker that listens before it is ready (PM2's
+    /// `process.send('ready')`), and one at its connection limit whose
+    /// replacement is not ready yet. Under the shared-socket policies
+    /// ([`SchedulingPolicy::None`], [`SchedulingPolicy::ReusePort`]) the
+    /// kernel hands out connections: nothing can be held there.
+    ///
+    /// Node has no such call (its primary hands connections to every
+    /// worker that listens).
+    pub fn hold(self, lp: &mut Loop, w: Worker) {
+        self.st_mut(lp).held.insert(w.id());
+        for rr in self.rr_handles_of(lp, w) {
+            rr.hold(lp, w.id());
         }
+    }
+
+    /// Puts worker `w`, held by [`hold`](Self::hold), back in rotation.
+    /// Nothing for a worker not held (one drained stays drained).
+    pub fn admit(self, lp: &mut Loop, w: Worker) {
+        if !self.st_mut(lp).held.remove(&w.id()) {
+            return;
+        }
+        for rr in self.rr_handles_of(lp, w) {
+            rr.admit(lp, w.id());
+        }
+    }
+
+    /// Whether worker `id` is held (see [`hold`](Self::hold)).
+    pub(super) fn is_held(self, lp: &Loop, id: u32) -> bool {
+        self.st(lp).held.contains(&id)
+    }
+
+    /// Sets a limit on the connections the dispatcher hands worker `w`:
+    /// once `w` has accepted `limit` more of them (counted on each
+    /// accepted handoff, round-robin policies only), the
+    /// [`on_handed_limit`](Self::on_handed_limit) callback runs, once,
+    /// with the count. Handoffs already in flight then (at most the
+    /// handoff window) may still be accepted: take the worker out of
+    /// rotation in the callback ([`hold`](Self::hold) or
+    /// [`drain`](Self::drain)) and it gets nothing more. gunicorn's
+    /// `max_requests`, counted where the connections are handed out; a
+    /// `limit` of 0 removes the limit.
+    pub fn set_handed_limit(self, lp: &mut Loop, w: Worker, limit: u64) {
+        let limits = &mut self.st_mut(lp).handed_limits;
+        if limit == 0 {
+            limits.remove(&w.id());
+        } else {
+            limits.insert(w.id(), (0, limit));
+        }
+    }
+
+    /// Sets the callback of [`set_handed_limit`](Self::set_handed_limit):
+    /// a worker reached its limit (the count it has reached).
+    pub fn on_handed_limit(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, Worker, u64) + 'static) {
+        self.st_mut(lp).on_handed_limit.set(Box::new(cb));
+    }
+
+    /// Worker `w` accepted a connection a round-robin handle handed it:
+    /// counts it against its limit, if it has one.
+    pub(super) fn count_handed(self, lp: &mut Loop, w: Worker) {
+        let Some(i) = (lp.context_mut::<ClusterContext>().primaries).get_mut(self.0) else {
+            return;
+        };
+        if i.handed_limits.is_empty() {
+            return;
+        }
+        let Some(e) = i.handed_limits.get_mut(&w.id()) else {
+            return;
+        };
+        e.0 += 1;
+        let n = e.0;
+        if n < e.1 {
+            return;
+        }
+        i.handed_limits.remove(&w.id());
+        self.emit(lp, |s| &mut s.on_handed_limit, |lp, f| f(lp, w, n));
     }
 
     /// Whether the primary's listeners outlive their last worker (off by
@@ -760,6 +857,8 @@ impl Primary {
         if finished {
             i.alive.remove(&w.id());
             i.slots.remove(&w.id());
+            i.held.remove(&w.id());
+            i.handed_limits.remove(&w.id());
         }
         self.maybe_all_gone(lp);
     }

@@ -315,10 +315,11 @@ impl RoundRobinHandle {
     /// now on (Node's `handoff` after `add`).
     pub(super) fn handoff(self, lp: &mut Loop, w: Worker) {
         let now = lp.now();
+        let held = st(lp, self).is_some_and(|st| st.primary.is_held(lp, w.id()));
         let Some(st) = st_mut(lp, self).filter(|st| st.workers.contains_key(&w.id())) else {
             return;
         };
-        st.core.add_worker(now, w.id());
+        st.core.add_worker_held(now, w.id(), held);
         let window = st.core.window();
         // A window wider than Node's 1 is worth something only if the
         // channel sends its fds back to back, rather than each after the
@@ -423,10 +424,11 @@ impl RoundRobinHandle {
                 st.workers.get(&id).copied(),
                 st.conns.get(&conn).copied(),
                 st.key.clone(),
+                st.primary,
             )
         });
         let sent = match found {
-            Some((Some(w), Some(c), key)) => self.send_newconn(lp, w, c, key, handoff),
+            Some((Some(w), Some(c), key, p)) => self.send_newconn(lp, w, c, key, handoff, p),
             _ => false,
         };
         if !sent {
@@ -444,6 +446,7 @@ impl RoundRobinHandle {
         conn: Conn,
         key: String,
         handoff: HandoffId,
+        primary: Primary,
     ) -> bool {
         let Some(ch) = w.channel(lp) else {
             return false;
@@ -462,6 +465,9 @@ impl RoundRobinHandle {
                 self.event(lp, Some(w), |core, now| {
                     core.answered(now, w.id(), handoff, accepted, load)
                 });
+                if accepted {
+                    primary.count_handed(lp, w);
+                }
             },
         );
         let on_delivery = Box::new(move |lp: &mut Loop, _: Channel, d: HandleDelivery| {
@@ -554,6 +560,17 @@ impl RoundRobinHandle {
     /// the others; what is in flight to it stays, and its answers count.
     pub(super) fn drain(self, lp: &mut Loop, id: u32) {
         self.event(lp, None, |core, now| core.drain(now, id));
+    }
+
+    /// Worker `id` takes nothing new until [`admit`](Self::admit) (see
+    /// [`Primary::hold`]).
+    pub(super) fn hold(self, lp: &mut Loop, id: u32) {
+        self.event(lp, None, |core, now| core.hold(now, id));
+    }
+
+    /// Worker `id`, held, takes connections again (see [`Primary::admit`]).
+    pub(super) fn admit(self, lp: &mut Loop, id: u32) {
+        self.event(lp, None, |core, now| core.admit(now, id));
     }
 
     /// Whether the handle (its listener) stays open when its last worker

@@ -172,7 +172,7 @@ impl std::error::Error for ConfigError {}
 /// |---|---|---|
 /// | `workers` | number of CPUs | PM2 `-i max`, Node docs' `availableParallelism()` |
 /// | `restart` | `always` | Node docs' re-fork pattern, PM2 `autorestart` |
-/// | `backoff_initial` | 100 ms | PM2 `exp_backoff_restart_delay` (100 ms) |
+/// | `backoff_initial` | 100 ms (the first restart is immediate) | PM2 `exp_backoff_restart_delay` (100 ms), Node docs' re-fork at once |
 /// | `backoff_cap` | 15 s | PM2's exponential backoff cap (15 s) |
 /// | `stable_period` | 30 s | PM2 resets the backoff after 30 s up |
 /// | `max_restarts` / `restart_window` | 5 in 10 s | systemd `StartLimitBurst=5` / `StartLimitIntervalSec=10s` |
@@ -192,8 +192,16 @@ pub struct SupervisorConfig {
     pub workers: usize,
     /// Which exits are followed by a restart (`--restart`).
     pub restart: RestartPolicy,
-    /// Delay before the first restart of a slot after a crash
-    /// (`--backoff-initial`). Doubles on each further crash of the slot.
+    /// The backoff between restarts of one slot (`--backoff-initial`).
+    /// The first restart of a slot that has been stable (its worker stayed
+    /// up for [`stable_period`](Self::stable_period)), or never restarted,
+    /// is immediate, so a lone crash costs only the replacement's start;
+    /// the next restart within the stable period waits this long, and
+    /// each further one twice the previous, up to
+    /// [`backoff_cap`](Self::backoff_cap). A worker ended by SIGINT,
+    /// SIGTERM, SIGQUIT or SIGHUP (what a terminal or a service manager
+    /// sends the whole group) always waits at least this long, so that
+    /// the primary's own copy of the signal, a stop, comes first.
     pub backoff_initial: Duration,
     /// The largest restart delay (`--backoff-cap`).
     pub backoff_cap: Duration,
@@ -236,7 +244,13 @@ pub struct SupervisorConfig {
     /// set.
     pub memory_check_interval: Duration,
     /// Replace a worker gracefully after the dispatcher has handed it this
-    /// many connections (`--max-connections`). `None` disables it.
+    /// many connections (`--max-connections`), counted on each handoff it
+    /// accepts; at the limit it is also taken out of rotation at once when
+    /// another worker is in rotation, so it is handed at most the limit
+    /// plus the handoff window. Round-robin policies only (`rr`,
+    /// `leastconn`, a user scheduler): under `none` and `reuseport` the
+    /// kernel hands out the connections and nothing counts them. `None`
+    /// disables it.
     pub max_connections: Option<u64>,
     /// Each worker's limit is `max_connections + random(0..=jitter)`, so the
     /// workers of a pool are not all replaced at once (gunicorn's

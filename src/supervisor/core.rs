@@ -19,7 +19,9 @@
 //! worker (starting or ready) and, while it is being replaced, one
 //! *replacement*; workers it retired (drained, disconnected, waiting for
 //! their exit or the kill timeout) are no longer its. A slot whose worker
-//! crashed waits its backoff delay, then forks again; a slot that crashes
+//! crashed forks again: at once the first time since the slot was last
+//! stable (up for the stable period), then after a backoff delay that
+//! starts at the initial backoff and doubles up to its cap; a slot that crashes
 //! too often, or fails to start too many times in a row, is **errored**
 //! and left empty. A **replacement** (a rolling reload's step, a
 //! `restart`, a limit) forks the new worker first and retires the old one
@@ -30,13 +32,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
-use super::config::{ReadyMode, RestartPolicy, SupervisorConfig};
+use super::config::{MAX_WORKERS, ReadyMode, RestartPolicy, SupervisorConfig};
 use crate::uv::Signum;
 
 /// A worker, by its cluster id.
 pub type WorkerId = u32;
-/// A slot, by its index (0, 1, ...; slots added by a scale up get new
-/// indices).
+/// A slot, by its index (0, 1, ...; a slot added by a scale up gets the
+/// lowest index no slot holds, as PM2's instance numbers).
 pub type SlotId = usize;
 
 /// How a worker's process ended.
@@ -303,6 +305,13 @@ pub enum LifecycleEvent {
         /// After.
         to: usize,
     },
+    /// A scale was asked for (a signal, the API) and nothing changed.
+    NotScaled {
+        /// The workers running, as before.
+        workers: usize,
+        /// Why, in words.
+        why: String,
+    },
     /// A stop began.
     Stopping {
         /// Graceful (drain, disconnect, kill timeout) or immediate.
@@ -318,6 +327,16 @@ pub enum LifecycleEvent {
         code: i32,
     },
 }
+
+/// The signals a terminal or a service manager sends a whole process
+/// group or cgroup to stop it: a worker ended by one of them is not
+/// restarted at once (see [`Core::exited`]).
+const GROUP_STOP_SIGNALS: [Signum; 4] = [
+    Signum::SIGINT,
+    Signum::SIGTERM,
+    Signum::SIGQUIT,
+    Signum::SIGHUP,
+];
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
@@ -378,6 +397,9 @@ impl fmt::Display for LifecycleEvent {
             E::ReloadFinished(r) => write!(f, "reload finished: {r}"),
             E::ReloadFailed(e) => write!(f, "reload failed: {e}"),
             E::Scaled { from, to } => write!(f, "scaled from {from} to {to} worker(s)"),
+            E::NotScaled { workers, why } => {
+                write!(f, "not scaled: {why}; still {workers} worker(s)")
+            }
             E::Stopping { graceful, signal } => {
                 let kind = if *graceful { "graceful" } else { "immediate" };
                 write!(f, "{kind} stop")?;
@@ -421,6 +443,16 @@ pub enum Action {
     /// Take the worker out of the dispatcher's rotation (before anything
     /// is sent to it).
     Drain(WorkerId),
+    /// Keep the worker out of the dispatcher's rotation until
+    /// [`Action::Admit`] (not ready yet, or at its connection limit while
+    /// its replacement starts).
+    Hold(WorkerId),
+    /// Put a held worker back in rotation (it is ready; or its
+    /// replacement failed and it serves on).
+    Admit(WorkerId),
+    /// Have the dispatcher count the connections it hands the worker and
+    /// report the limit reached ([`Core::handed`]).
+    LimitConnections(WorkerId, u64),
     /// Disconnect the worker gracefully (`worker.disconnect()`).
     Disconnect(WorkerId),
     /// Send the worker a signal.
@@ -519,6 +551,9 @@ struct Worker {
     conn_limit: Option<u64>,
     /// A graceful replacement was asked for it already.
     replacing: bool,
+    /// Held out of rotation at its connection limit while its
+    /// replacement starts.
+    held: bool,
 }
 
 #[derive(Debug)]
@@ -564,7 +599,6 @@ struct Stop {
 pub struct Core {
     cfg: SupervisorConfig,
     slots: BTreeMap<SlotId, Slot>,
-    next_slot: SlotId,
     workers: BTreeMap<WorkerId, Worker>,
     roll: Option<Roll>,
     /// The ticket of the queued reload, if one is queued.
@@ -590,7 +624,6 @@ impl Core {
         Core {
             cfg,
             slots: BTreeMap::new(),
-            next_slot: 0,
             workers: BTreeMap::new(),
             roll: None,
             queued_reload: None,
@@ -636,9 +669,14 @@ impl Core {
         x
     }
 
+    /// A new slot, numbered as PM2 numbers its instances
+    /// (`NODE_APP_INSTANCE`): the lowest number no slot holds, so that
+    /// after a scale down and up the slots are `0..n` again. A removed
+    /// slot keeps its number until its last worker has exited.
     fn new_slot(&mut self) -> SlotId {
-        let id = self.next_slot;
-        self.next_slot += 1;
+        let id = (0..)
+            .find(|i| !self.slots.contains_key(i))
+            .expect("a free slot");
         self.slots.insert(
             id,
             Slot {
@@ -646,7 +684,7 @@ impl Core {
                 replacement: None,
                 pending: None,
                 restart_at: None,
-                next_delay: ms(self.cfg.backoff_initial).max(1),
+                next_delay: 0,
                 crashes: VecDeque::new(),
                 fails_before_ready: 0,
                 restarts: 0,
@@ -716,8 +754,17 @@ impl Core {
                 handed: 0,
                 conn_limit,
                 replacing: false,
+                held: false,
             },
         );
+        // With `--wait-ready` a worker that listens before it sent
+        // 'ready' gets no connection (under the round-robin policies).
+        if self.cfg.ready == ReadyMode::Message {
+            self.actions.push_back(Action::Hold(w));
+        }
+        if let Some(l) = conn_limit {
+            self.actions.push_back(Action::LimitConnections(w, l));
+        }
         self.report(LifecycleEvent::Forked { worker: w, slot });
         self.settle(now);
     }
@@ -785,6 +832,9 @@ impl Core {
         wk.ready_deadline = None;
         let (slot, role, after) = (wk.slot, wk.role, now - wk.forked_at);
         let listened = wk.listened.clone();
+        if self.cfg.ready == ReadyMode::Message {
+            self.actions.push_back(Action::Admit(w));
+        }
         let s = self.slots.get_mut(&slot).expect("slot");
         s.fails_before_ready = 0;
         s.addresses.extend(listened);
@@ -795,6 +845,14 @@ impl Core {
         });
         if role == Some(Role::Replacement) {
             self.replacement_ready(now, slot, w);
+        }
+        // Handed its limit before it was ready (it listened on part of
+        // its addresses): the limit applies now.
+        if let Some(wk) = self.workers.get(&w)
+            && wk.conn_limit.is_some_and(|l| wk.handed >= l)
+        {
+            let total = wk.handed;
+            self.handed(now, w, total);
         }
     }
 
@@ -932,7 +990,7 @@ impl Core {
             let stable = now.saturating_sub(up_since) >= ms(self.cfg.stable_period);
             if stable {
                 let s = self.slots.get_mut(&slot).expect("slot");
-                s.next_delay = ms(self.cfg.backoff_initial).max(1);
+                s.next_delay = 0;
                 s.crashes.clear();
             }
             let on_purpose = after_disconnect && wk.killed.is_none();
@@ -943,6 +1001,16 @@ impl Core {
                     RestartPolicy::Never => false,
                 };
             if restart {
+                // A stop signal that reached the worker directly (Ctrl-C
+                // reaches the whole process group, systemd signals the
+                // whole cgroup) may be read before the primary's own copy:
+                // such an exit waits at least the initial backoff, so that
+                // the stop, not a restart, comes first.
+                if exit.signal.is_some_and(|s| GROUP_STOP_SIGNALS.contains(&s)) {
+                    let initial = ms(self.cfg.backoff_initial).max(1);
+                    let s = self.slots.get_mut(&slot).expect("slot");
+                    s.next_delay = s.next_delay.max(initial);
+                }
                 self.slot_failed(now, slot, Some(exit), never_ready);
             } else {
                 // Left on purpose, or not to be restarted: the slot stays
@@ -959,6 +1027,7 @@ impl Core {
         let window = ms(self.cfg.restart_window);
         let (max, fbr) = (self.cfg.max_restarts, self.cfg.fail_before_ready);
         let cap = ms(self.cfg.backoff_cap).max(1);
+        let initial = ms(self.cfg.backoff_initial).clamp(1, cap);
         let s = self.slots.get_mut(&slot).expect("slot");
         s.crashes.push_back(now);
         while s.crashes.front().is_some_and(|&t| t + window <= now) {
@@ -996,8 +1065,14 @@ impl Core {
             }
             return;
         }
+        // Immediate when the slot has not restarted since it was last
+        // stable; then the initial backoff, doubling up to the cap.
         let delay = s.next_delay;
-        s.next_delay = (delay.saturating_mul(2)).min(cap);
+        s.next_delay = if delay == 0 {
+            initial
+        } else {
+            delay.saturating_mul(2).min(cap)
+        };
         s.restart_at = Some(now + delay);
         s.restarts += 1;
         self.report(LifecycleEvent::Restarting {
@@ -1039,10 +1114,16 @@ impl Core {
                 // retried for this worker (a replacement that cannot start
                 // would otherwise be forked at every sample).
                 let again = s.replace_reason.take() == Some(ReplaceReason::Requested);
-                if let Some(w) = s.current.and_then(|c| self.workers.get_mut(&c))
-                    && again
-                {
-                    w.replacing = false;
+                let current = s.current;
+                if let Some(w) = current.and_then(|c| self.workers.get_mut(&c)) {
+                    if again {
+                        w.replacing = false;
+                    }
+                    // Held at its limit: it serves on.
+                    if std::mem::take(&mut w.held) {
+                        self.actions
+                            .push_back(Action::Admit(current.expect("current")));
+                    }
                 }
             }
             self.report(LifecycleEvent::ReplaceFailed { slot, failure });
@@ -1111,7 +1192,7 @@ impl Core {
     /// | SIGTERM, SIGINT | graceful stop; during one, a different or late second one: immediate stop |
     /// | SIGQUIT | immediate stop |
     /// | SIGHUP | rolling reload |
-    /// | SIGTTIN / SIGTTOU | one slot more / one fewer (never below 1) |
+    /// | SIGTTIN / SIGTTOU | one slot more / one fewer (never below 1 nor above [`MAX_WORKERS`]; a [`LifecycleEvent::NotScaled`] says why nothing changed) |
     pub fn signal(&mut self, now: u64, sig: Signum) {
         if sig == Signum::SIGTERM || sig == Signum::SIGINT {
             match self.stop {
@@ -1133,12 +1214,26 @@ impl Core {
             }
         } else if sig == Signum::SIGHUP {
             let _ = self.reload(now);
-        } else if sig == Signum::SIGTTIN {
-            let n = self.slot_count() + 1;
-            self.scale(now, n);
-        } else if sig == Signum::SIGTTOU {
-            let n = self.slot_count().saturating_sub(1).max(1);
-            self.scale(now, n);
+        } else if sig == Signum::SIGTTIN || sig == Signum::SIGTTOU {
+            let from = self.slot_count();
+            let why = if self.stop.is_some() {
+                Some(format!("{sig} during a stop"))
+            } else if sig == Signum::SIGTTOU && from <= 1 {
+                Some(format!(
+                    "{sig} asks for one worker fewer, and one is the fewest"
+                ))
+            } else if sig == Signum::SIGTTIN && from >= MAX_WORKERS {
+                Some(format!(
+                    "{sig} asks for one worker more, and {MAX_WORKERS} is the most"
+                ))
+            } else {
+                None
+            };
+            match why {
+                Some(why) => self.report(LifecycleEvent::NotScaled { workers: from, why }),
+                None if sig == Signum::SIGTTIN => self.scale(now, from + 1),
+                None => self.scale(now, from - 1),
+            }
         }
         self.settle(now);
     }
@@ -1420,15 +1515,32 @@ impl Core {
         }
     }
 
-    /// How many connections the dispatcher has handed worker `w` so far.
+    /// The dispatcher has handed worker `w` `total` connections, as
+    /// counted for [`Action::LimitConnections`]. At its limit the worker
+    /// is held out of rotation at once, so it is handed at most its limit
+    /// plus what was in flight (the handoff window), and replaced
+    /// gracefully; if its replacement fails it is put back in rotation.
+    /// Meanwhile the other workers take its share; a pool whose every
+    /// worker is held (one worker, or all at their limit together: the
+    /// jitter spreads them) queues new connections in the primary until a
+    /// replacement is ready, as gunicorn's new worker is waited for.
     pub fn handed(&mut self, now: u64, w: WorkerId, total: u64) {
         let Some(wk) = self.workers.get_mut(&w) else {
             return;
         };
         wk.handed = total;
-        if wk.conn_limit.is_some_and(|l| total >= l) {
-            self.replace(now, w, ReplaceReason::Connections(total));
+        let replaceable = wk.phase == Phase::Ready && wk.role == Some(Role::Current);
+        if wk.conn_limit.is_none_or(|l| total < l)
+            || !replaceable
+            || wk.replacing
+            || self.stop.is_some()
+        {
+            return;
         }
+        // Out of rotation first, then its replacement.
+        wk.held = true;
+        self.actions.push_back(Action::Hold(w));
+        self.replace(now, w, ReplaceReason::Connections(total));
     }
 
     /// Worker `w` left a handed-over connection unanswered beyond the

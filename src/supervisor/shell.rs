@@ -280,6 +280,11 @@ impl Supervisor {
             i.core.exited(now, w.id(), ExitInfo { code, signal }, after);
             self.pump(lp);
         });
+        p.on_handed_limit(lp, move |lp, w, n| {
+            let now = lp.now();
+            self.st_mut(lp).core.handed(now, w.id(), n);
+            self.pump(lp);
+        });
         p.on_error(lp, move |lp, w, e| {
             let hung = matches!(
                 e,
@@ -321,7 +326,9 @@ impl Supervisor {
         if let Some(t) = cfg.worker_timeout.filter(|t| !t.is_zero()) {
             primary.set_handoff_timeout(lp, t);
         }
-        if cfg.max_memory.is_some() || cfg.max_connections.is_some() {
+        // The connection limit is counted by the dispatcher, on each
+        // handoff (`Primary::set_handed_limit`); only memory is sampled.
+        if cfg.max_memory.is_some() {
             self.start_sampler(lp, cfg.memory_check_interval);
         }
         let now = lp.now();
@@ -583,22 +590,20 @@ impl Supervisor {
         }
     }
 
-    /// Samples each worker's RSS (`/proc/<pid>/status`) and the
-    /// connections handed to it.
+    /// Samples each worker's RSS (`/proc/<pid>/status`).
     fn sample(self, lp: &mut Loop) {
         let now = lp.now();
-        let samples: Vec<(WorkerId, Option<u64>, u64)> = {
+        let samples: Vec<(WorkerId, Option<u64>)> = {
             let i = self.st(lp);
             (i.workers.iter())
-                .map(|(&id, &w)| (id, w.pid(lp).and_then(rss_bytes), i.primary.handed(lp, w)))
+                .map(|(&id, &w)| (id, w.pid(lp).and_then(rss_bytes)))
                 .collect()
         };
         let i = self.st_mut(lp);
-        for (id, rss, handed) in samples {
+        for (id, rss) in samples {
             if let Some(b) = rss {
                 i.core.rss(now, id, b);
             }
-            i.core.handed(now, id, handed);
         }
         self.pump(lp);
     }
@@ -620,6 +625,21 @@ impl Supervisor {
             Action::Drain(id) => {
                 if let Some(w) = self.worker(lp, id) {
                     self.primary(lp).drain(lp, w);
+                }
+            }
+            Action::Hold(id) => {
+                if let Some(w) = self.worker(lp, id) {
+                    self.primary(lp).hold(lp, w);
+                }
+            }
+            Action::Admit(id) => {
+                if let Some(w) = self.worker(lp, id) {
+                    self.primary(lp).admit(lp, w);
+                }
+            }
+            Action::LimitConnections(id, limit) => {
+                if let Some(w) = self.worker(lp, id) {
+                    self.primary(lp).set_handed_limit(lp, w, limit);
                 }
             }
             Action::Disconnect(id) => {

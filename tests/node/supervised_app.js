@@ -4,7 +4,9 @@
 //   serve        serve (default)
 //   crash        exit with code 3 at once
 //   syntax       a syntax error at start-up (the "bad deploy")
-//   wait-ready   serve, and send PM2's 'ready' message 200 ms after listening
+//   wait-ready   serve, and send PM2's 'ready' message 200 ms (or
+//                READY_DELAY_MS) after listening; until then every
+//                response says `not-ready`
 //   never-ready  serve, never send 'ready'
 //   linger       serve, and keep running after the disconnect (a timer)
 'use strict';
@@ -18,10 +20,18 @@ if (mode === 'crash') process.exit(3);
 if (mode === 'syntax') new Function('return function (');
 if (mode === 'linger') setInterval(() => {}, 1000);
 
+// Whether it has said 'ready' (always, for the modes that do not wait).
+let ready = mode !== 'wait-ready' && mode !== 'never-ready';
 const server = http.createServer((req, res) => {
   res.setHeader('Connection', 'close');
-  res.end(`hello from ${process.pid}\n`);
+  res.end(`hello from ${process.pid} ${ready ? 'ready' : 'not-ready'}\n`);
 });
 server.listen(0, () => {
-  if (mode === 'wait-ready') setTimeout(() => process.send('ready'), 200);
+  if (mode === 'wait-ready') {
+    const delay = Number(process.env.READY_DELAY_MS || 200);
+    setTimeout(() => {
+      ready = true;
+      process.send('ready');
+    }, delay);
+  }
 });

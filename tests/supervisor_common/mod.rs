@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -53,6 +54,42 @@ impl Sup {
         v.sort();
         v
     }
+}
+
+/// How long a helper below drives the loop before it fails the test: a
+/// bound, not a timing (a worker starts in milliseconds; a loaded
+/// machine may take seconds).
+pub const LIMIT_MS: u64 = 30_000;
+
+/// Starts the pool and drives the loop until `n` workers are ready and
+/// the port is known.
+pub fn start_ready(lp: &mut Loop, s: &Sup, n: usize) {
+    s.sup.start(lp);
+    util::run_until(lp, LIMIT_MS, |lp| {
+        s.ready_workers(lp) == n && s.port.get() != 0
+    });
+}
+
+/// Drives the loop until the supervisor has exited; its code.
+pub fn wait_exit(lp: &mut Loop, s: &Sup) -> i32 {
+    let exit = s.exit.clone();
+    util::run_until(lp, LIMIT_MS, move |_| exit.get().is_some());
+    s.exit.get().unwrap()
+}
+
+/// A graceful stop, driven to the supervisor's exit; its code.
+pub fn stop_and_wait(lp: &mut Loop, s: &Sup) -> i32 {
+    s.sup.stop(lp, true);
+    wait_exit(lp, s)
+}
+
+/// SIGKILLs the ready worker `victim` and drives the loop until `n`
+/// workers are ready again, none of them `victim`.
+pub fn kill_and_wait_replaced(lp: &mut Loop, s: &Sup, victim: i32, n: usize) {
+    kill(victim, nix::sys::signal::Signal::SIGKILL);
+    util::run_until(lp, LIMIT_MS, |lp| {
+        s.ready_workers(lp) == n && !s.pids(lp).contains(&victim)
+    });
 }
 
 /// Settings for Rust workers: this test binary re-run as `helper` with
@@ -159,6 +196,11 @@ pub fn get(port: u16) -> Result<String, String> {
     if !text.starts_with("HTTP/1.1 200") {
         return Err(format!("bad response: {text:?}"));
     }
+    // A `--wait-ready` worker answers `not-ready` until it sent 'ready':
+    // the supervisor should not have handed it the connection.
+    if text.contains("not-ready") {
+        return Err(format!("answered before it was ready: {text:?}"));
+    }
     Ok(text)
 }
 
@@ -167,6 +209,9 @@ pub fn get(port: u16) -> Result<String, String> {
 pub struct Load {
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicUsize>,
+    /// Answers by who answered: the word after `hello from ` (a Node
+    /// worker's pid).
+    pub by_server: Arc<Mutex<HashMap<String, usize>>>,
     pub finished: Arc<AtomicUsize>,
     pub errors: Arc<Mutex<Vec<String>>>,
     threads: usize,
@@ -179,18 +224,25 @@ impl Load {
         let ok = Arc::new(AtomicUsize::new(0));
         let finished = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
+        let by_server = Arc::new(Mutex::new(HashMap::new()));
         let handles = (0..threads)
             .map(|_| {
                 let (stop, ok, finished, errors) =
                     (stop.clone(), ok.clone(), finished.clone(), errors.clone());
+                let by_server = by_server.clone();
                 std::thread::spawn(move || {
                     for _ in 0..max {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
                         match get(port) {
-                            Ok(_) => {
+                            Ok(text) => {
                                 ok.fetch_add(1, Ordering::SeqCst);
+                                let who = (text.split("hello from ").nth(1))
+                                    .and_then(|t| t.split_whitespace().next())
+                                    .unwrap_or("")
+                                    .to_owned();
+                                *by_server.lock().unwrap().entry(who).or_default() += 1;
                             }
                             Err(e) => errors.lock().unwrap().push(e),
                         }
@@ -202,6 +254,7 @@ impl Load {
         Load {
             stop,
             ok,
+            by_server,
             finished,
             errors,
             threads,

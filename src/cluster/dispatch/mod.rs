@@ -548,6 +548,9 @@ pub(crate) struct WorkerRec {
     /// Takes nothing new (its channel refused a write, or it is being
     /// drained); what is in flight to it still counts.
     draining: bool,
+    /// Draining only until [`Dispatcher::admit`]: a worker held out of
+    /// rotation (not yet ready, or at its connection limit).
+    held: bool,
     /// Connections a scheduler placed on it, taken before the shared queue.
     pub(crate) own: VecDeque<Queued>,
     /// Its handoffs in flight, in sending order.
@@ -775,14 +778,54 @@ impl Dispatcher {
     /// Worker `id` is ready for connections (its `queryServer` reply went
     /// out; Node's `add` followed by `handoff`). Again for a worker already
     /// added, it is only a nudge to hand it what it can take.
+    #[cfg(test)]
     pub(crate) fn add_worker(&mut self, now: u64, id: WorkerId) {
+        self.add_worker_held(now, id, false);
+    }
+
+    /// [`add_worker`](Self::add_worker), the worker joining `held` (out of
+    /// rotation until [`admit`](Self::admit)) when asked.
+    pub(crate) fn add_worker_held(&mut self, now: u64, id: WorkerId, held: bool) {
         let tick = self.book.tick();
         let w = self.book.workers.entry(id).or_default();
         if !w.member {
             w.member = true;
-            w.draining = false;
+            w.draining = held;
+            w.held = held;
             w.free_since = tick;
         }
+        self.settle(now);
+    }
+
+    /// Worker `id` takes no new connection until [`admit`](Self::admit),
+    /// as after [`drain`](Self::drain) (a worker not ready yet, or at its
+    /// connection limit, whose replacement is not ready yet).
+    pub(crate) fn hold(&mut self, now: u64, id: WorkerId) {
+        let Some(w) = self.book.workers.get_mut(&id).filter(|w| w.member) else {
+            return;
+        };
+        if w.draining {
+            return;
+        }
+        w.draining = true;
+        w.held = true;
+        self.reassign(now, id);
+        self.settle(now);
+    }
+
+    /// A worker held by [`hold`](Self::hold) (or added held) takes
+    /// connections again. Nothing for a worker drained for good.
+    pub(crate) fn admit(&mut self, now: u64, id: WorkerId) {
+        let tick = self.book.tick();
+        let Some(w) = self.book.workers.get_mut(&id).filter(|w| w.member) else {
+            return;
+        };
+        if !w.held {
+            return;
+        }
+        w.held = false;
+        w.draining = false;
+        w.free_since = tick;
         self.settle(now);
     }
 
@@ -795,6 +838,7 @@ impl Dispatcher {
             return;
         };
         w.draining = true;
+        w.held = false;
         self.reassign(now, id);
         self.settle(now);
     }

@@ -517,6 +517,37 @@ fn a_drained_worker_gets_nothing_new() {
     assert_eq!(h.take(), [close(1), send(2, 2, 2)]);
 }
 
+/// A worker added held (a supervisor's worker not ready yet) gets
+/// nothing until admitted; what waits meanwhile waits for it or goes to
+/// another worker. A drain is not undone by an admit.
+#[test]
+fn a_held_worker_gets_nothing_until_admitted() {
+    let mut h = rr(1);
+    h.d.add_worker_held(0, 1, true);
+    h.accept();
+    assert_eq!(h.take(), [], "held: the connection waits");
+    h.d.admit(0, 1);
+    assert_eq!(h.take(), [send(1, 0, 0)]);
+    h.serve(1, 0, true);
+    h.take();
+    // Held again (at its connection limit): worker 2 takes everything.
+    h.add(&[2]);
+    h.d.hold(0, 1);
+    h.accept();
+    h.accept();
+    assert_eq!(h.take(), [send(2, 1, 1)]);
+    h.serve(2, 1, true);
+    assert_eq!(h.take(), [close(1), send(2, 2, 2)]);
+    // Drained for good: an admit does nothing.
+    h.d.drain(0, 2);
+    h.d.admit(0, 2);
+    h.serve(2, 2, true);
+    h.accept();
+    assert_eq!(h.take(), [close(2)], "no worker in rotation");
+    h.d.admit(0, 1);
+    assert_eq!(h.take(), [send(1, 3, 3)]);
+}
+
 /// `close_all`: what is in flight is closed too, and the timer goes.
 #[test]
 fn close_all_closes_every_connection_and_the_timer() {

@@ -165,22 +165,28 @@ fn start_forks_every_slot() {
 fn crash_restarts_after_backoff_that_doubles_and_caps() {
     let mut h = H::started(cfg(1));
     h.listen(1);
-    let mut expected = vec![100, 200, 400, 800];
+    // The first restart is immediate; then 100 ms, doubling.
+    let mut expected = vec![0, 100, 200, 400];
     let mut id = 1;
     // A worker that got ready and crashes each time: delays double.
     for d in expected.drain(..) {
         h.exit(id, ok(1), false);
         assert!(
             h.events()
-                .last()
-                .unwrap()
-                .contains(&format!("restarting in {d} ms"))
+                .iter()
+                .any(|e| e.contains(&format!("restarting in {d} ms"))),
+            "{:?}",
+            h.events()
         );
-        h.advance(d - 1);
-        assert_eq!(h.forks().len() as u32, id, "not before the delay");
-        h.advance(1);
+        if d > 0 {
+            h.advance(d - 1);
+            assert_eq!(h.forks().len() as u32, id, "not before the delay");
+            h.advance(1);
+        }
         id += 1;
+        assert_eq!(h.forks().len() as u32, id, "forked once the delay passed");
         assert_eq!(h.forks().last().unwrap().2, ForkReason::Restart);
+        assert_eq!(h.forks().last().unwrap().0, h.now);
         h.listen(id);
         // Up for a while, but not the stable period, nor long enough for
         // the crash window to forget.
@@ -195,7 +201,10 @@ fn crash_restarts_after_backoff_that_doubles_and_caps() {
     for id in 1..=12 {
         h.listen(id);
         h.exit(id, ok(1), false);
-        let e = h.events().last().unwrap().clone();
+        let e = (h.events().iter().rev())
+            .find(|e| e.contains("restarting in"))
+            .unwrap()
+            .clone();
         last = e
             .trim_start_matches("slot 0 restarting in ")
             .trim_end_matches(" ms")
@@ -211,15 +220,51 @@ fn backoff_resets_after_stable_period() {
     let mut h = H::started(cfg(1));
     h.listen(1);
     h.exit(1, ok(1), false);
-    h.advance(100);
+    assert!(h.events().iter().any(|e| e == "slot 0 restarting in 0 ms"));
     h.listen(2);
     h.exit(2, ok(1), false);
-    assert!(h.events().last().unwrap().contains("200 ms"));
-    h.advance(200);
-    h.listen(3);
-    h.advance(30_000);
-    h.exit(3, ok(1), false);
     assert!(h.events().last().unwrap().contains("restarting in 100 ms"));
+    h.advance(100);
+    h.listen(3);
+    h.exit(3, ok(1), false);
+    assert!(h.events().last().unwrap().contains("restarting in 200 ms"));
+    h.advance(200);
+    h.listen(4);
+    // Up for the stable period: the slot is reset, the next restart is
+    // immediate again, and the one after it waits 100 ms.
+    h.advance(30_000);
+    h.exit(4, ok(1), false);
+    assert_eq!(h.forks().len(), 5);
+    assert_eq!(h.forks().last().unwrap().0, h.now, "at once");
+    let n = h.events().len();
+    h.listen(5);
+    h.exit(5, ok(1), false);
+    assert!(
+        h.events()[n..]
+            .iter()
+            .any(|e| e == "slot 0 restarting in 100 ms"),
+        "{:?}",
+        &h.events()[n..]
+    );
+}
+
+#[test]
+fn a_worker_ended_by_a_group_stop_signal_waits_the_initial_backoff() {
+    // SIGTERM may reach a worker (systemd's control group, Ctrl-C) before
+    // the primary reads its own copy: no immediate restart for it.
+    let mut h = H::started(cfg(1));
+    h.all_ready();
+    h.exit(1, sig(Signum::SIGTERM), false);
+    assert!(h.events().last().unwrap().contains("restarting in 100 ms"));
+    assert_eq!(h.forks().len(), 1);
+    h.advance(100);
+    assert_eq!(h.forks().len(), 2);
+    // A SIGKILL or a crash is restarted at once (the next one after the
+    // stable period).
+    h.listen(2);
+    h.advance(30_000);
+    h.exit(2, sig(Signum::SIGKILL), false);
+    assert_eq!(h.forks().len(), 3);
 }
 
 #[test]
@@ -342,7 +387,9 @@ fn ready_timeout_kills_and_counts_as_failed_start() {
             .any(|(_, a)| *a == Action::Kill(1, Signum::SIGKILL))
     );
     h.exit(1, sig(Signum::SIGKILL), false);
-    assert!(h.events().last().unwrap().contains("restarting in 100 ms"));
+    // Its first restart: at once.
+    assert!(h.events().iter().any(|e| e == "slot 0 restarting in 0 ms"));
+    assert_eq!(h.forks().len(), 2);
 }
 
 #[test]
@@ -578,6 +625,12 @@ fn sighup_reloads_ttin_ttou_scale_never_below_one() {
     h.c.signal(h.now, Signum::SIGTTOU);
     h.pump();
     assert_eq!(h.c.slot_count(), 1, "never below one");
+    // Not silent: the log says why nothing happened.
+    assert_eq!(
+        h.events().last().unwrap(),
+        "not scaled: SIGTTOU asks for one worker fewer, and one is the fewest; \
+         still 1 worker(s)"
+    );
     h.exit(2, ok(0), true);
     assert!(h.log.iter().any(|(_, a)| *a == Action::ReleaseSlot(1)));
     h.c.signal(h.now, Signum::SIGHUP);
@@ -605,6 +658,57 @@ fn scale_down_drains_the_removed_workers() {
             .iter()
             .any(|e| e == "scaled from 4 to 2 worker(s)")
     );
+}
+
+#[test]
+fn a_scale_up_reuses_the_lowest_free_slot_numbers() {
+    let mut h = H::started(cfg(1));
+    h.all_ready();
+    h.c.scale(h.now, 3);
+    h.pump();
+    h.all_ready();
+    h.c.scale(h.now, 1);
+    h.pump();
+    // Slot 2's worker is still draining: a scale up now takes slot 1
+    // only once its worker has gone too.
+    h.exit(2, ok(0), true);
+    h.c.scale(h.now, 2);
+    h.pump();
+    assert_eq!(h.forks().last().unwrap().1, 1, "{:?}", h.forks());
+    h.exit(3, ok(0), true);
+    h.c.scale(h.now, 3);
+    h.pump();
+    let slots: Vec<SlotId> = h.forks().iter().map(|f| f.1).collect();
+    assert_eq!(slots, [0, 1, 2, 1, 2], "PM2's instance numbers: 0..n again");
+    let rows: BTreeSet<SlotId> = h.c.status(h.now).iter().map(|r| r.slot).collect();
+    assert_eq!(rows, BTreeSet::from([0, 1, 2]));
+}
+
+#[test]
+fn a_worker_that_exits_at_once_for_10_s_is_no_fork_storm() {
+    for fail_before_ready in [true, false] {
+        let mut h = H::started(SupervisorConfig {
+            fail_before_ready,
+            ..cfg(1)
+        });
+        // Each worker exits 1 ms after its fork, for 10 s of loop time.
+        let end = h.now + 10_000;
+        while h.now < end && h.exit.is_none() {
+            if let Some((&w, _)) = h.live.iter().next() {
+                h.advance(1);
+                h.exit(w, ok(1), false);
+            } else {
+                h.advance(1);
+            }
+        }
+        let forks = h.forks();
+        assert_eq!(forks.len(), 6, "{forks:?}");
+        let gaps: Vec<u64> = forks.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        // The first restart at once (1 ms after the exit, as the worker
+        // lived 1 ms), then 100 ms, doubling.
+        assert_eq!(gaps, [1, 101, 201, 401, 801], "{fail_before_ready}");
+        assert_eq!(h.exit, Some(1));
+    }
 }
 
 #[test]
@@ -647,6 +751,87 @@ fn limits_replace_gracefully_one_slot_at_a_time() {
     h.c.handed(h.now, 3, 9);
     h.pump();
     assert_eq!(h.forks().len(), 4);
+}
+
+#[test]
+fn at_its_limit_a_worker_leaves_rotation_at_once() {
+    let mut h = H::started(SupervisorConfig {
+        max_connections: Some(10),
+        ..cfg(2)
+    });
+    assert!(
+        h.log
+            .iter()
+            .any(|(_, a)| *a == Action::LimitConnections(1, 10))
+    );
+    h.all_ready();
+    h.c.handed(h.now, 1, 10);
+    h.pump();
+    // Held at once (worker 2 serves), then replaced by worker 3.
+    let held = h.index_of(|a| *a == Action::Hold(1)).unwrap();
+    let fork = (h
+        .log
+        .iter()
+        .rposition(|(_, a)| matches!(a, Action::Fork { slot: 0, .. })))
+    .unwrap();
+    assert!(held < fork, "out of rotation before its replacement starts");
+    // Worker 1's replacement fails: worker 1 is put back in rotation.
+    h.exit(3, ok(1), false);
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Admit(1)));
+    assert!(h.index_of(|a| *a == Action::Drain(1)).is_none());
+    // Worker 2 at its limit: held, replaced; once ready, drained.
+    h.c.handed(h.now, 2, 10);
+    h.pump();
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Hold(2)));
+    h.listen(4);
+    assert!(h.log.iter().any(|(_, a)| *a == Action::Drain(2)));
+}
+
+#[test]
+fn a_limit_reached_before_ready_applies_once_ready() {
+    let mut h = H::started(SupervisorConfig {
+        max_connections: Some(10),
+        ready: ReadyMode::Message,
+        ..cfg(2)
+    });
+    h.c.ready_message(h.now, 2);
+    h.c.handed(h.now, 1, 10);
+    h.pump();
+    assert!(
+        h.index_of(|a| *a == Action::Hold(1)).is_some(),
+        "held as forked"
+    );
+    assert_eq!(h.forks().len(), 2, "not replaced while starting");
+    h.c.ready_message(h.now, 1);
+    h.pump();
+    assert!(
+        h.events()
+            .iter()
+            .any(|e| e.contains("connection limit reached (10 handed)"))
+    );
+    assert_eq!(h.forks().len(), 3);
+}
+
+#[test]
+fn wait_ready_holds_a_worker_out_of_rotation_until_ready() {
+    let mut h = H::started(SupervisorConfig {
+        ready: ReadyMode::Message,
+        ..cfg(1)
+    });
+    let hold = h.index_of(|a| *a == Action::Hold(1)).unwrap();
+    let forked = h
+        .index_of(|a| matches!(a, Action::Report(LifecycleEvent::Forked { .. })))
+        .unwrap();
+    assert!(hold < forked, "held before anything can listen");
+    h.listen(1);
+    assert!(h.index_of(|a| *a == Action::Admit(1)).is_none());
+    h.c.ready_message(h.now, 1);
+    h.pump();
+    let admit = h.index_of(|a| *a == Action::Admit(1)).unwrap();
+    let ready = h
+        .index_of(|a| matches!(a, Action::Report(LifecycleEvent::Ready { .. })))
+        .unwrap();
+    assert!(admit < ready);
 }
 
 #[test]
@@ -749,7 +934,7 @@ fn pick(h: &H, i: usize) -> Option<WorkerId> {
 
 fn check_log(h: &H, cfg: &SupervisorConfig) -> Result<(), TestCaseError> {
     let mut drained = BTreeSet::new();
-    let mut last_exit: BTreeMap<SlotId, u64> = BTreeMap::new();
+    let mut last_restart: BTreeMap<SlotId, u64> = BTreeMap::new();
     let mut stop_at: Option<usize> = None;
     let mut reload_running = 0i32;
     for (i, (t, a)) in h.log.iter().enumerate() {
@@ -761,8 +946,10 @@ fn check_log(h: &H, cfg: &SupervisorConfig) -> Result<(), TestCaseError> {
             // drain: a draining worker gets no new connection.
             Action::Disconnect(w) => prop_assert!(drained.contains(w), "disconnect before drain"),
             Action::Kill(w, _) => prop_assert!(drained.contains(w), "kill before drain"),
-            Action::Report(LifecycleEvent::Exited { slot, .. }) => {
-                last_exit.insert(*slot, *t);
+            // A slot gone (scaled down, errored) may come back as a new
+            // one: its restarts start afresh.
+            Action::ReleaseSlot(slot) => {
+                last_restart.remove(slot);
             }
             Action::Report(LifecycleEvent::Stopping { .. }) => {
                 stop_at.get_or_insert(i);
@@ -778,10 +965,13 @@ fn check_log(h: &H, cfg: &SupervisorConfig) -> Result<(), TestCaseError> {
             Action::Fork { slot, reason } => {
                 // Nothing is forked during a stop.
                 prop_assert!(stop_at.is_none(), "fork during stop");
-                // No fork storm: a restart waits at least the initial
-                // backoff after the slot's last exit.
-                if *reason == ForkReason::Restart {
-                    let last = last_exit.get(slot).copied().unwrap_or(0);
+                // No fork storm: the first restart may be immediate, but
+                // two restarts of one slot are at least the initial
+                // backoff apart (a reset needs a worker up for the stable
+                // period, longer than that).
+                if *reason == ForkReason::Restart
+                    && let Some(last) = last_restart.insert(*slot, *t)
+                {
                     prop_assert!(*t >= last + ms(cfg.backoff_initial), "restart too soon");
                 }
             }
