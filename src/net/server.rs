@@ -2,7 +2,7 @@
 //! `createServerHandle`, `setupListenHandle`).
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -296,6 +296,9 @@ pub(super) struct ServerState {
     idle_grace: Duration,
     /// When each idle connection was marked idle (loop time, ms).
     idle_since: HashMap<Stream, u64>,
+    /// Idle connections a closing server found with unread bytes and kept
+    /// for one more grace (see [`Server::close_idle_connections`]).
+    peeked: HashSet<Stream>,
     /// Closing with a grace: the timer that closes the connections whose
     /// grace ends later.
     grace_timer: Option<Handle<Timer>>,
@@ -373,6 +376,7 @@ impl Server {
             connections: HashMap::new(),
             idle_grace: Duration::ZERO,
             idle_since: HashMap::new(),
+            peeked: HashSet::new(),
             grace_timer: None,
             hook_data: None,
             keep_alive: None,
@@ -651,6 +655,7 @@ impl Server {
             return;
         };
         st.idle_since.remove(&conn);
+        st.peeked.remove(&conn);
         if st.connections.remove(&conn).is_none() {
             return;
         }
@@ -702,6 +707,7 @@ impl Server {
         let closing = st.closing;
         let mark = st.connections.get_mut(&conn).ok_or_else(not_found)?;
         *mark = idle;
+        st.peeked.remove(&conn);
         if idle {
             st.idle_since.insert(conn, now);
         } else {
@@ -742,8 +748,21 @@ impl Server {
     }
 
     /// Closes every connection marked idle (Node's
-    /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
-    /// does this itself.
+    /// `server.closeIdleConnections()`), once idle for the
+    /// [grace](Self::set_idle_grace); returns how many it closed.
+    /// [`close`](Self::close) does this itself.
+    ///
+    /// Beyond Node: a connection whose next request has already arrived
+    /// (bytes in its receive buffer that the loop has not read yet,
+    /// [`Loop::has_unread_input`]) is not closed, since closing a socket
+    /// with unread input resets it and the client loses a request it has
+    /// sent. It is kept for one more grace (at least one loop iteration),
+    /// in which the loop reads it and its handler answers it (with
+    /// `Connection: close`, the server closing); one still idle with
+    /// unread input after that is closed. This happens when the loop is
+    /// held up (a stalled process reads a disconnect and a request in the
+    /// same poll, the disconnect first) or when a request comes as the
+    /// grace ends.
     pub fn close_idle_connections(self, lp: &mut Loop) -> usize {
         let now = lp.now();
         let mut later: Option<u64> = None;
@@ -763,13 +782,32 @@ impl Server {
             }
             due_now
         });
-        for &c in &idle {
+        // A connection with unread bytes is not idle any more: its next
+        // request has arrived, and the loop has not read it yet (it polls
+        // after this, or it was held up: a stalled process, or a
+        // disconnect read before the request in the same poll). It gets one
+        // more grace to be read and answered (with `Connection: close`);
+        // one still unread then is closed: its user does not read it.
+        let mut closed = 0;
+        for c in idle {
+            let peeked = state(lp, self).is_some_and(|st| st.peeked.contains(&c));
+            if !peeked && lp.has_unread_input(c) {
+                let grace = state_mut(lp, self).map_or(0, |st| {
+                    st.peeked.insert(c);
+                    st.idle_since.insert(c, now);
+                    st.idle_grace.as_millis() as u64
+                });
+                let due = now + grace.max(1);
+                later = Some(later.map_or(due, |l| l.min(due)));
+                continue;
+            }
             end_idle(lp, c);
+            closed += 1;
         }
         if let Some(due) = later {
             self.arm_grace(lp, due - now);
         }
-        idle.len()
+        closed
     }
 
     /// Closing with a grace: closes what has been idle long enough in `ms`.
