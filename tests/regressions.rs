@@ -885,8 +885,12 @@ fn closing_server_answers_a_request_already_in_an_idle_connections_buffer() {
     run_until(&mut lp, 5000, |_| conns.borrow().len() == 1);
     let mut unread = TcpStream::connect(addr).unwrap();
     run_until(&mut lp, 5000, |_| conns.borrow().len() == 2);
-    answered.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    unread.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    answered
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    unread
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     // Both requests reach the server's buffers; the loop has not polled
     // since, and the server closes now, with no grace (Node's default).
     answered.write_all(b"request").unwrap();
