@@ -739,7 +739,10 @@ impl Server {
     /// connection ends. A connection handed to a closing server and marked
     /// idle before its first request is read is kept the same way. Keep
     /// `grace` well under a client's own idle timeout (Node's
-    /// `keepAliveTimeout` is 5 s); `cluster_hello` uses 1 s.
+    /// `keepAliveTimeout` is 5 s); `cluster_hello` uses 500 ms. Whatever
+    /// the grace, a connection whose next request has already arrived is
+    /// answered, not closed (see
+    /// [`close_idle_connections`](Self::close_idle_connections)).
     pub fn set_idle_grace(self, lp: &mut Loop, grace: Duration) {
         if let Some(st) = state_mut(lp, self) {
             st.idle_grace = grace;
@@ -934,8 +937,11 @@ impl Server {
     ///
     /// Connections marked idle with [`set_idle`](Self::set_idle) are closed
     /// now, as Node's `http.Server.close()` closes idle keep-alive
-    /// connections; busy ones are left to end by themselves (their
-    /// handlers see [`is_closing`](Self::is_closing)).
+    /// connections (after their [grace](Self::set_idle_grace), and not
+    /// while a request has arrived on one unread: see
+    /// [`close_idle_connections`](Self::close_idle_connections)); busy ones
+    /// are left to end by themselves (their handlers see
+    /// [`is_closing`](Self::is_closing)).
     pub fn close(self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, Server) + 'static) {
         let (listener, keep_alive, hooked) = {
             let Some(st) = state_mut(lp, self) else {
