@@ -537,7 +537,11 @@ const STALLED_CONNECTIONS: usize = 8;
 /// old workers are stopped (SIGSTOP: what a loaded machine does to them,
 /// made certain) with [`STALLED_CONNECTIONS`] answered keep-alive
 /// connections, reloaded, sent a request on each, and let run: every
-/// request is answered (with `Connection: close`). `IDLE_GRACE_MS=0`
+/// request is answered. (The primary sends the `disconnect` before it logs
+/// `reload finished`, so each old worker reads it first and answers with
+/// `Connection: close`; before the fix these requests were reset, 8 of 8
+/// in every policy. A request read before the disconnect would get an
+/// ordinary answer, which is no loss either.) `IDLE_GRACE_MS=0`
 /// (Node's `server.close()`, no grace) so that the idle grace cannot
 /// cover for the stall, however short it is.
 fn stalled_workers_answer_what_arrived_during_their_drain(policy: &str) {
@@ -569,8 +573,8 @@ fn stalled_workers_answer_what_arrived_during_their_drain(policy: &str) {
     }
     let answers: Vec<Result<bool, Fail>> = conns.iter_mut().map(read_answer).collect();
     assert!(
-        answers.iter().all(|a| matches!(a, Ok(false))),
-        "{policy}: every request answered, with Connection: close: {answers:?}\n{}",
+        answers.iter().all(Result::is_ok),
+        "{policy}: every request answered: {answers:?}\n{}",
         cluster.output()
     );
     cluster.wait_until("the old workers exited", || old.iter().all(|&w| !live(w)));
