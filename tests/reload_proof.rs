@@ -594,3 +594,44 @@ fn stalled_workers_answer_what_arrived_during_their_drain_reuseport() {
 fn stalled_workers_answer_what_arrived_during_their_drain_rr() {
     stalled_workers_answer_what_arrived_during_their_drain("rr");
 }
+
+/// A bad `IDLE_GRACE_MS` (the drain's idle grace of `cluster_hello`) is an
+/// error naming the variable and the value, exit code 1, before anything
+/// starts.
+#[test]
+fn cluster_hello_refuses_a_bad_idle_grace() {
+    for bad in ["-1", "half", "1.5", ""] {
+        let mut child = Command::new(util::example("cluster_hello"))
+            .env("PORT", "0")
+            .env("WORKERS", "1")
+            .env("IDLE_GRACE_MS", bad)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > until {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                panic!("IDLE_GRACE_MS={bad:?}: still running after {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{bad:?}: {err}");
+        let message =
+            format!("IDLE_GRACE_MS should be a whole number of milliseconds. Received {bad:?}");
+        assert!(err.contains(&message), "{bad:?}: {err}");
+    }
+}
