@@ -14,8 +14,9 @@
 //!
 //! SIGINT/SIGTERM is a graceful stop, as Node's `http.Server.close()` makes
 //! it: idle keep-alive connections are closed (once they have been idle for
-//! `IDLE_GRACE`, so that a request already on its way on a connection that
-//! went idle a moment ago is answered, not lost), a request in
+//! `IDLE_GRACE_MS`, default 500, so that a request already on its way on a
+//! connection that went idle a moment ago is answered, not lost; one whose
+//! request has arrived unread is answered whatever the grace), a request in
 //! progress is answered with `Connection: close`, and the program exits
 //! when the last one has ended. While it waits, the primary says every few
 //! seconds which workers it waits for; a second signal (not a duplicate
@@ -56,7 +57,8 @@ use uvcluster::uv::{Handle, Loop, RunMode, Signum, Stream, Tcp};
 const RESPONSE_KEEP_ALIVE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nhello world\n";
 /// How long a connection must have been idle before a graceful stop
-/// closes it (`net::Server::set_idle_grace`).
+/// closes it (`net::Server::set_idle_grace`), unless `IDLE_GRACE_MS` says
+/// otherwise.
 const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 const RESPONSE_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello world\n";
@@ -111,6 +113,7 @@ fn run() -> io::Result<ExitCode> {
             n => {
                 policy_from_env()?;
                 window_from_env()?;
+                idle_grace_from_env()?;
                 let n = n
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
                 run_primary(&mut lp, n, exit_code.clone())?;
@@ -191,7 +194,7 @@ fn run_worker(
     // stays open a moment, so that the request its client is already
     // sending is answered with `Connection: close` instead of meeting a
     // closed socket.
-    server.set_idle_grace(lp, IDLE_GRACE);
+    server.set_idle_grace(lp, idle_grace_from_env()?);
     if let Some(worker) = &worker {
         worker.on_message(lp, move |lp, w, msg, handle| {
             // A handle sent with a message is ours to close.
@@ -1074,6 +1077,21 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
     sup.handle_signals(lp)?;
     sup.start(lp);
     Ok(())
+}
+
+/// `IDLE_GRACE_MS`: the workers' idle grace ([`IDLE_GRACE`] when it is not
+/// set), a whole number of milliseconds, 0 for none (Node's behaviour).
+fn idle_grace_from_env() -> io::Result<Duration> {
+    let Some(v) = std::env::var_os("IDLE_GRACE_MS") else {
+        return Ok(IDLE_GRACE);
+    };
+    match v.to_str().and_then(|t| t.parse::<u64>().ok()) {
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("IDLE_GRACE_MS should be a whole number of milliseconds. Received {v:?}"),
+        )),
+    }
 }
 
 /// `KILL_TIMEOUT_MS`: how long a graceful stop waits for a worker before

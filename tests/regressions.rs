@@ -826,3 +826,89 @@ fn write_queued_from_a_read_callback_keeps_the_writable_edge() {
     run_with_deadline(&mut lp, 5_000);
     assert_loop_empty(&lp);
 }
+
+/// A draining Rust worker lost requests under `none` and `reuseport`
+/// (reload_proof: 11 and 6 per 20 reloads on a loaded machine). A worker
+/// that was held up (descheduled, or a poll that returned its disconnect
+/// ahead of a client's request) closed its idle connections while their
+/// next request was already in the receive buffer, unread: closing a
+/// socket with unread input resets it, and the client lost a request it
+/// had sent. A closing server now answers such a request; a connection
+/// whose handler does not read still ends, one grace later, so the close
+/// completes.
+#[test]
+fn closing_server_answers_a_request_already_in_an_idle_connections_buffer() {
+    use std::cell::RefCell;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::rc::Rc;
+    use uvcluster::net::{ListenOptions, Server, ServerAddress};
+    use uvcluster::uv::Stream;
+
+    let mut lp = Loop::new().unwrap();
+    let conns: Rc<RefCell<Vec<Stream>>> = Rc::default();
+    let c = conns.clone();
+    // The first connection is read and answered; the second is never read.
+    let server = Server::new(&mut lp, move |lp, server, conn| {
+        let Stream::Tcp(t) = conn else { unreachable!() };
+        server.set_idle(lp, conn, true).unwrap();
+        if c.borrow().is_empty() {
+            lp.read_start(t, move |lp, t, r| match r {
+                Ok(d) if !d.is_empty() => {
+                    server.set_idle(lp, conn, false).unwrap();
+                    lp.write(t, &[b"answer"], move |lp, _, _| {
+                        server.close_connection(lp, conn)
+                    })
+                    .unwrap();
+                }
+                _ => server.close_connection(lp, conn),
+            })
+            .unwrap();
+        }
+        c.borrow_mut().push(conn);
+    });
+    let addr: Rc<RefCell<Option<SocketAddr>>> = Rc::default();
+    let a = addr.clone();
+    server
+        .listen(
+            &mut lp,
+            ListenOptions::port(0).host("127.0.0.1"),
+            move |_, _, r| match r.unwrap() {
+                ServerAddress::Inet(x) => *a.borrow_mut() = Some(x),
+                other => panic!("{other:?}"),
+            },
+        )
+        .unwrap();
+    run_until(&mut lp, 5000, |_| addr.borrow().is_some());
+    let addr = addr.borrow().unwrap();
+    let mut answered = TcpStream::connect(addr).unwrap();
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 1);
+    let mut unread = TcpStream::connect(addr).unwrap();
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 2);
+    answered
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    unread
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Both requests reach the server's buffers; the loop has not polled
+    // since, and the server closes now, with no grace (Node's default).
+    answered.write_all(b"request").unwrap();
+    unread.write_all(b"request").unwrap();
+    let closed = Counter::new();
+    let cl = closed.clone();
+    server.close(&mut lp, move |_, _| cl.hit());
+    assert!(server.is_closing(&lp));
+    run_with_deadline(&mut lp, 5000);
+    assert_eq!(closed.get(), 1, "the close completed");
+    let mut got = Vec::new();
+    answered
+        .read_to_end(&mut got)
+        .expect("the request that had arrived is answered, not reset");
+    assert_eq!(got, b"answer");
+    // The connection nobody reads was ended (a reset: its input is unread).
+    let mut rest = Vec::new();
+    let r = unread.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{r:?} {rest:?}");
+    assert_loop_empty(&lp);
+}

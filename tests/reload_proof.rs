@@ -20,6 +20,11 @@
 //!   `http` workers; one request per connection (with keep-alive Node's
 //!   own server decides when to close, which `reload_proof` measures).
 //!
+//! And the cause of the Rust workers' losses under `none` and `reuseport`,
+//! made certain rather than left to a loaded machine: old workers that are
+//! held up (SIGSTOP) while they are drained answer the requests that
+//! arrived meanwhile (`stalled_workers_answer_what_arrived_during_their_drain_*`).
+//!
 //! Not a timing test: every wait is bounded (a request times out after
 //! 10 s, a reload after 30 s) and the load stops by itself, but nothing
 //! asserts a speed. The figures under heavier load, with PM2 and Node's
@@ -94,6 +99,11 @@ impl Drop for Cluster {
 
 impl Cluster {
     fn start(setup: Setup, policy: &str) -> Cluster {
+        Cluster::start_with_env(setup, policy, &[])
+    }
+
+    /// [`start`](Self::start) with more environment variables.
+    fn start_with_env(setup: Setup, policy: &str, env: &[(&str, &str)]) -> Cluster {
         // The servers take a port number: one the kernel just gave out.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -131,6 +141,7 @@ impl Cluster {
             }
         };
         cmd.env("PORT", port.to_string())
+            .envs(env.iter().copied())
             .env("NODE_CLUSTER_SCHED_POLICY", policy)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -392,6 +403,16 @@ fn request(addr: SocketAddr, mode: Mode, conn: &mut Option<TcpStream>) -> Result
     };
     let req = format!("GET / HTTP/1.1\r\nHost: test\r\nConnection: {header}\r\n\r\n");
     s.write_all(req.as_bytes()).map_err(io_fail)?;
+    let keep = read_answer(&mut s)?;
+    if mode == Mode::KeepAlive && keep {
+        *conn = Some(s);
+    }
+    Ok(())
+}
+
+/// Reads one answer from `s`: `Ok(true)` when it was a 200 after which
+/// the connection stays open (a length, no `Connection: close`).
+fn read_answer(s: &mut TcpStream) -> Result<bool, Fail> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (head_len, status, len, close) = loop {
@@ -435,10 +456,7 @@ fn request(addr: SocketAddr, mode: Mode, conn: &mut Option<TcpStream>) -> Result
     if status != 200 {
         return Err(Fail::Status);
     }
-    if mode == Mode::KeepAlive && !close && len.is_some() {
-        *conn = Some(s);
-    }
-    Ok(())
+    Ok(!close && len.is_some())
 }
 
 /// Five reloads of `setup` under `policy` and a load in `mode`: no
@@ -505,4 +523,115 @@ reload_tests! {
     zero_failed_requests_across_reloads_node_workers_none: Setup::CliNode, "none", [Mode::Close];
     zero_failed_requests_across_reloads_node_workers_reuseport: Setup::CliNode, "reuseport", [Mode::Close];
     zero_failed_requests_across_reloads_node_workers_leastconn: Setup::CliNode, "leastconn", [Mode::Close];
+}
+
+/// Connections a held-up old worker holds in [`stalled_workers_answer_what_arrived_during_their_drain`].
+const STALLED_CONNECTIONS: usize = 8;
+
+/// The cause of the Rust workers' lost requests under `none` and
+/// `reuseport` (BENCHMARKS.md, "Reloads and restarts under load"): on a
+/// loaded machine a worker is held up while it is drained, and when it
+/// runs again one poll gives it its `disconnect` and, behind it, the next
+/// request on a keep-alive connection it had answered. It closed the
+/// connection as idle with the request unread, which resets it. Here the
+/// old workers are stopped (SIGSTOP: what a loaded machine does to them,
+/// made certain) with [`STALLED_CONNECTIONS`] answered keep-alive
+/// connections, reloaded, sent a request on each, and let run: every
+/// request is answered. (The primary sends the `disconnect` before it logs
+/// `reload finished`, so each old worker reads it first and answers with
+/// `Connection: close`; before the fix these requests were reset, 8 of 8
+/// in every policy. A request read before the disconnect would get an
+/// ordinary answer, which is no loss either.) `IDLE_GRACE_MS=0`
+/// (Node's `server.close()`, no grace) so that the idle grace cannot
+/// cover for the stall, however short it is.
+fn stalled_workers_answer_what_arrived_during_their_drain(policy: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster =
+        Cluster::start_with_env(Setup::ClusterHello, policy, &[("IDLE_GRACE_MS", "0")]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let mut conns = Vec::new();
+    for _ in 0..STALLED_CONNECTIONS {
+        let mut conn = None;
+        request(addr, Mode::KeepAlive, &mut conn).expect("a first answer");
+        conns.push(conn.expect("a keep-alive connection"));
+    }
+    let old = cluster.workers();
+    assert_eq!(old.len(), WORKERS, "{}", cluster.output());
+    for &w in &old {
+        kill(Pid::from_raw(w as i32), Signal::SIGSTOP).unwrap();
+    }
+    kill(Pid::from_raw(cluster.child.id() as i32), Signal::SIGHUP).unwrap();
+    // Both old workers drained and sent their `disconnect`.
+    cluster.wait_line("the reload finished", |l| l.contains("reload finished"));
+    let req = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n";
+    for c in &mut conns {
+        c.write_all(req)
+            .expect("the request reaches the stopped worker's socket");
+    }
+    for &w in &old {
+        kill(Pid::from_raw(w as i32), Signal::SIGCONT).unwrap();
+    }
+    let answers: Vec<Result<bool, Fail>> = conns.iter_mut().map(read_answer).collect();
+    assert!(
+        answers.iter().all(Result::is_ok),
+        "{policy}: every request answered: {answers:?}\n{}",
+        cluster.output()
+    );
+    cluster.wait_until("the old workers exited", || old.iter().all(|&w| !live(w)));
+}
+
+#[test]
+fn stalled_workers_answer_what_arrived_during_their_drain_none() {
+    stalled_workers_answer_what_arrived_during_their_drain("none");
+}
+
+#[test]
+fn stalled_workers_answer_what_arrived_during_their_drain_reuseport() {
+    stalled_workers_answer_what_arrived_during_their_drain("reuseport");
+}
+
+#[test]
+fn stalled_workers_answer_what_arrived_during_their_drain_rr() {
+    stalled_workers_answer_what_arrived_during_their_drain("rr");
+}
+
+/// A bad `IDLE_GRACE_MS` (the drain's idle grace of `cluster_hello`) is an
+/// error naming the variable and the value, exit code 1, before anything
+/// starts.
+#[test]
+fn cluster_hello_refuses_a_bad_idle_grace() {
+    for bad in ["-1", "half", "1.5", ""] {
+        let mut child = Command::new(util::example("cluster_hello"))
+            .env("PORT", "0")
+            .env("WORKERS", "1")
+            .env("IDLE_GRACE_MS", bad)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > until {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                panic!("IDLE_GRACE_MS={bad:?}: still running after {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{bad:?}: {err}");
+        let message =
+            format!("IDLE_GRACE_MS should be a whole number of milliseconds. Received {bad:?}");
+        assert!(err.contains(&message), "{bad:?}: {err}");
+    }
 }

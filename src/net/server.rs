@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::NetContext;
 use crate::uv::{
-    AnyHandle, BindFlags, CallbackSlot, Errno, Handle, Id, Loop, Socket, Stream, Timer,
+    AnyHandle, BindFlags, CallbackSlot, Errno, Handle, Id, Idle, Loop, Socket, Stream, Timer,
 };
 
 /// Node's `TIMEOUT_MAX` (2^31 - 1 ms): the keep-alive timer's period.
@@ -296,6 +296,13 @@ pub(super) struct ServerState {
     idle_grace: Duration,
     /// When each idle connection was marked idle (loop time, ms).
     idle_since: HashMap<Stream, u64>,
+    /// Idle connections found with unread bytes when they were due to be
+    /// closed, each with how many loop iterations have begun since (see
+    /// [`Server::close_idle_connections`]).
+    peeked: HashMap<Stream, u8>,
+    /// While `peeked` is not empty: the watcher that gives those
+    /// connections a poll to be read in, then ends the unread ones.
+    peek_watcher: Option<Handle<Idle>>,
     /// Closing with a grace: the timer that closes the connections whose
     /// grace ends later.
     grace_timer: Option<Handle<Timer>>,
@@ -373,6 +380,8 @@ impl Server {
             connections: HashMap::new(),
             idle_grace: Duration::ZERO,
             idle_since: HashMap::new(),
+            peeked: HashMap::new(),
+            peek_watcher: None,
             grace_timer: None,
             hook_data: None,
             keep_alive: None,
@@ -651,6 +660,7 @@ impl Server {
             return;
         };
         st.idle_since.remove(&conn);
+        st.peeked.remove(&conn);
         if st.connections.remove(&conn).is_none() {
             return;
         }
@@ -702,6 +712,7 @@ impl Server {
         let closing = st.closing;
         let mark = st.connections.get_mut(&conn).ok_or_else(not_found)?;
         *mark = idle;
+        st.peeked.remove(&conn);
         if idle {
             st.idle_since.insert(conn, now);
         } else {
@@ -728,7 +739,10 @@ impl Server {
     /// connection ends. A connection handed to a closing server and marked
     /// idle before its first request is read is kept the same way. Keep
     /// `grace` well under a client's own idle timeout (Node's
-    /// `keepAliveTimeout` is 5 s); `cluster_hello` uses 1 s.
+    /// `keepAliveTimeout` is 5 s); `cluster_hello` uses 500 ms. Whatever
+    /// the grace, a connection whose next request has already arrived is
+    /// answered, not closed (see
+    /// [`close_idle_connections`](Self::close_idle_connections)).
     pub fn set_idle_grace(self, lp: &mut Loop, grace: Duration) {
         if let Some(st) = state_mut(lp, self) {
             st.idle_grace = grace;
@@ -742,8 +756,22 @@ impl Server {
     }
 
     /// Closes every connection marked idle (Node's
-    /// `server.closeIdleConnections()`); returns how many. [`close`](Self::close)
-    /// does this itself.
+    /// `server.closeIdleConnections()`), once idle for the
+    /// [grace](Self::set_idle_grace); returns how many it closed.
+    /// [`close`](Self::close) does this itself.
+    ///
+    /// Beyond Node: a connection whose next request has already arrived
+    /// (bytes in its receive buffer that the loop has not read yet,
+    /// [`Loop::has_unread_input`]) is not closed, since closing a socket
+    /// with unread input resets it and the client loses a request it has
+    /// sent. It is kept until the loop has polled once more (the polls
+    /// meanwhile do not block), in which the loop reads the request and
+    /// its handler answers it (with `Connection: close`, the server
+    /// closing); one still marked idle with its input unread after that
+    /// is closed, since its user does not read it. This happens when the
+    /// loop is held up (a stalled process reads a disconnect and a request
+    /// in the same poll, the disconnect first) or when a request comes as
+    /// the grace ends.
     pub fn close_idle_connections(self, lp: &mut Loop) -> usize {
         let now = lp.now();
         let mut later: Option<u64> = None;
@@ -751,7 +779,8 @@ impl Server {
             let grace = st.idle_grace.as_millis() as u64;
             let mut due_now = Vec::new();
             for (&c, &idle) in &st.connections {
-                if !idle {
+                // A peeked connection is the peek watcher's to end.
+                if !idle || st.peeked.contains_key(&c) {
                     continue;
                 }
                 let due = st.idle_since.get(&c).map_or(now, |&t| t + grace);
@@ -763,13 +792,89 @@ impl Server {
             }
             due_now
         });
-        for &c in &idle {
+        // A connection with unread bytes is not idle any more: its next
+        // request has arrived, and the loop has not read it yet (it polls
+        // after this, or it was held up: a stalled process, or a
+        // disconnect read before the request in the same poll). It is
+        // kept until the loop has polled once more, to be read and
+        // answered (with `Connection: close`) meanwhile; one still idle
+        // and unread then is ended: its user does not read it.
+        let mut closed = 0;
+        let mut peeked = false;
+        for c in idle {
+            if lp.has_unread_input(c) {
+                if let Some(st) = state_mut(lp, self) {
+                    st.peeked.insert(c, 0);
+                    peeked = true;
+                }
+                continue;
+            }
             end_idle(lp, c);
+            closed += 1;
+        }
+        if peeked {
+            self.watch_peeked(lp);
         }
         if let Some(due) = later {
             self.arm_grace(lp, due - now);
         }
-        idle.len()
+        closed
+    }
+
+    /// Starts the peek watcher: an idle watcher (so the polls meanwhile do
+    /// not block), which counts the iterations that begin after a
+    /// connection was peeked. From the second on, a poll has run since the
+    /// peek, in which the loop read what was waiting on a connection that
+    /// is read: one still marked idle with input unread is ended.
+    fn watch_peeked(self, lp: &mut Loop) {
+        let w = match state(lp, self).and_then(|st| st.peek_watcher) {
+            Some(w) => w,
+            None => {
+                let w = lp.idle_init();
+                if let Some(st) = state_mut(lp, self) {
+                    st.peek_watcher = Some(w);
+                }
+                w
+            }
+        };
+        let started = lp.idle_start(w, move |lp, w| {
+            let mut due = Vec::new();
+            let mut empty = true;
+            if let Some(st) = state_mut(lp, self) {
+                for (&c, n) in st.peeked.iter_mut() {
+                    *n += 1;
+                    if *n >= 2 {
+                        due.push(c);
+                    }
+                }
+                for c in &due {
+                    st.peeked.remove(c);
+                }
+                empty = st.peeked.is_empty();
+            }
+            if empty {
+                let _ = lp.idle_stop(w);
+            }
+            for c in due {
+                if self.is_idle(lp, c) && lp.has_unread_input(c) {
+                    end_idle(lp, c);
+                }
+            }
+            // What is idle and no longer peeked goes by the grace again.
+            if state(lp, self).is_some_and(|st| st.closing) {
+                self.close_idle_connections(lp);
+            }
+        });
+        if started.is_err() {
+            // Cannot happen for a fresh open watcher; never keep a peeked
+            // connection with nothing to end it.
+            let peeked: Vec<Stream> = state_mut(lp, self)
+                .map(|st| st.peeked.drain().map(|(c, _)| c).collect())
+                .unwrap_or_default();
+            for c in peeked {
+                end_idle(lp, c);
+            }
+        }
     }
 
     /// Closing with a grace: closes what has been idle long enough in `ms`.
@@ -832,8 +937,11 @@ impl Server {
     ///
     /// Connections marked idle with [`set_idle`](Self::set_idle) are closed
     /// now, as Node's `http.Server.close()` closes idle keep-alive
-    /// connections; busy ones are left to end by themselves (their
-    /// handlers see [`is_closing`](Self::is_closing)).
+    /// connections (after their [grace](Self::set_idle_grace), and not
+    /// while a request has arrived on one unread: see
+    /// [`close_idle_connections`](Self::close_idle_connections)); busy ones
+    /// are left to end by themselves (their handlers see
+    /// [`is_closing`](Self::is_closing)).
     pub fn close(self, lp: &mut Loop, cb: impl FnOnce(&mut Loop, Server) + 'static) {
         let (listener, keep_alive, hooked) = {
             let Some(st) = state_mut(lp, self) else {
@@ -875,6 +983,9 @@ impl Server {
         };
         if let Some(t) = state_mut(lp, self).and_then(|st| st.grace_timer.take()) {
             lp.close_if_open(t);
+        }
+        if let Some(w) = state_mut(lp, self).and_then(|st| st.peek_watcher.take()) {
+            lp.close_if_open(w);
         }
         for cb in cbs {
             cb(lp, self);

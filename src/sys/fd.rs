@@ -131,6 +131,20 @@ fn storage_to_inet(s: &SockaddrStorage) -> Option<SocketAddr> {
     s.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into()))
 }
 
+/// Whether a connected stream socket has bytes waiting to be read, without
+/// reading them (`recv` with `MSG_PEEK | MSG_DONTWAIT`, one byte). `Ok(false)`
+/// when nothing is waiting; also at end of stream (the peer's FIN), where
+/// nothing more will come.
+pub(crate) fn has_unread_input(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut b = [0u8; 1];
+    let flags = socket::MsgFlags::MSG_PEEK | socket::MsgFlags::MSG_DONTWAIT;
+    match socket::recv(fd.as_raw_fd(), &mut b, flags) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::Error::EAGAIN) => Ok(false),
+        Err(e) => Err(errno(e)),
+    }
+}
+
 pub(crate) fn local_inet_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     let s: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(errno)?;
     storage_to_inet(&s).ok_or_else(|| io::Error::from_raw_os_error(nix::libc::EAFNOSUPPORT))

@@ -824,6 +824,23 @@ impl Loop {
         Ok(())
     }
 
+    /// Whether bytes have arrived on the connected stream `h` that nobody
+    /// has read yet: in the kernel's receive buffer, or seen readable by
+    /// the loop and not read (a peek; nothing is consumed). `false` at end
+    /// of stream, for a stream that is not connected, and for a stale id.
+    ///
+    /// Beyond libuv. What a server that is about to close an idle
+    /// connection checks first: a request already sent is read and
+    /// answered, not reset (`net::Server`'s graceful close).
+    pub fn has_unread_input(&self, h: impl StreamId) -> bool {
+        stream_ref(self, h.raw()).is_ok_and(|s| {
+            s.sock.is_connected_stream()
+                && s.sock
+                    .fd()
+                    .is_some_and(|fd| sys::fd::has_unread_input(fd).unwrap_or(false))
+        })
+    }
+
     /// Whether the stream is reading.
     pub fn is_reading(&self, h: impl StreamId) -> bool {
         stream_ref(self, h.raw()).is_ok_and(|s| s.reading)
