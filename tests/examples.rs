@@ -288,8 +288,8 @@ fn cluster_hello(port: u16, workers: &str, policy: &str) -> (Reap, mpsc::Receive
 /// three requests: 3 connections, 5 requests in all.
 #[test]
 fn cluster_hello_counts_connections_and_requests_on_sigusr2() {
-    // A per-test port: cluster_hello prints only `ready`.
-    let port = 18612;
+    // A free port: cluster_hello prints only `ready`, not its port.
+    let port = util::free_port();
     let (mut child, lines) = cluster_hello(port, "2", "rr");
     let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -56,8 +56,8 @@ fn cluster_hello(port: u16) -> (Reap, std::io::Lines<BufReader<ChildStdout>>) {
 /// apart.
 #[test]
 fn loadgen_slow_mix_against_cluster_hello() {
-    // A per-test port: cluster_hello prints only `ready`.
-    let port = 18611;
+    // A free port: cluster_hello prints only `ready`, not its port.
+    let port = util::free_port();
     let (mut child, _stdout) = cluster_hello(port);
     let pid = Pid::from_raw(child.0.as_ref().unwrap().id() as i32);
     for slow in [Slow::Block, Slow::Spin] {

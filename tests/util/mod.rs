@@ -287,3 +287,13 @@ pub fn serve_hello(lp: &mut Loop, port: u16) -> uvcluster::net::Server {
         .unwrap();
     server
 }
+
+/// A free TCP port on 127.0.0.1 (bound to 0, then released), for a
+/// program that takes its port from its environment and does not report
+/// the one it got (`cluster_hello` prints only `ready`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
