@@ -138,6 +138,10 @@ pub(super) struct Options {
 /// context, [`ClusterContext`]) and named by a [`RoundRobinHandle`] id.
 pub(crate) struct RrState {
     key: String,
+    /// The fields of this key's `newconn`, as JSON text
+    /// (`"act":"newconn","key":"..."`): encoded once, written for every
+    /// connection.
+    newconn_fields: Box<[u8]>,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<Socket>,
     /// The bind or listen error.
@@ -166,6 +170,23 @@ impl std::fmt::Debug for RrState {
             .field("core", &self.core)
             .finish_non_exhaustive()
     }
+}
+
+/// `Act::NewConn { key }`'s fields as the channel writes them
+/// (`"act":"newconn","key":"..."`), for
+/// [`Channel::send_cluster_handle_json`].
+fn newconn_fields(key: &str) -> Box<[u8]> {
+    let fields = Act::NewConn { key: key.into() }.to_fields();
+    let mut out = Vec::new();
+    for (k, v) in &fields {
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(&serde_json::to_vec(k).expect("a string serializes"));
+        out.push(b':');
+        out.extend_from_slice(&serde_json::to_vec(v).expect("a string serializes"));
+    }
+    out.into()
 }
 
 /// One listening socket of the primary, shared round-robin by the workers
@@ -206,8 +227,10 @@ impl RoundRobinHandle {
         if opts.keep_open {
             core.set_keep_open(0, true);
         }
+        let newconn_fields = newconn_fields(&key);
         let state = RrState {
             key,
+            newconn_fields,
             listener: None,
             errno: None,
             sockname: None,
@@ -418,15 +441,10 @@ impl RoundRobinHandle {
     /// `handoff`), telling the dispatcher at once if it cannot be queued on
     /// the channel.
     fn send(self, lp: &mut Loop, id: WorkerId, conn: ConnId, handoff: HandoffId) {
-        let found = st(lp, self).map(|st| {
-            (
-                st.workers.get(&id).copied(),
-                st.conns.get(&conn).copied(),
-                st.key.clone(),
-            )
-        });
+        let found =
+            st(lp, self).map(|st| (st.workers.get(&id).copied(), st.conns.get(&conn).copied()));
         let sent = match found {
-            Some((Some(w), Some(c), key)) => self.send_newconn(lp, w, c, key, handoff),
+            Some((Some(w), Some(c))) => self.send_newconn(lp, w, c, handoff),
             _ => false,
         };
         if !sent {
@@ -437,14 +455,7 @@ impl RoundRobinHandle {
     /// Writes the `newconn` (or queues it on the channel); `false` if the
     /// channel is gone. The reply and delivery callbacks name the handle
     /// and the worker by id.
-    fn send_newconn(
-        self,
-        lp: &mut Loop,
-        w: Worker,
-        conn: Conn,
-        key: String,
-        handoff: HandoffId,
-    ) -> bool {
+    fn send_newconn(self, lp: &mut Loop, w: Worker, conn: Conn, handoff: HandoffId) -> bool {
         let Some(ch) = w.channel(lp) else {
             return false;
         };
@@ -474,14 +485,15 @@ impl RoundRobinHandle {
                 core.delivered(now, w.id(), handoff, d)
             });
         });
-        ch.send_cluster_handle(
-            lp,
-            Act::NewConn { key }.to_fields(),
-            attach,
-            Some(on_reply),
-            on_delivery,
-        )
-        .is_ok()
+        // The fields' text leaves the state for the time of the write.
+        let Some(fields) = st_mut(lp, self).map(|st| std::mem::take(&mut st.newconn_fields)) else {
+            return false;
+        };
+        let sent = ch.send_cluster_handle_json(lp, &fields, attach, Some(on_reply), on_delivery);
+        if let Some(st) = st_mut(lp, self) {
+            st.newconn_fields = fields;
+        }
+        sent.is_ok()
     }
 
     /// Arms the dispatcher's timer for loop time `at`, or closes it.

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::time::Duration;
 
@@ -44,6 +45,36 @@ pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
 /// Callback told how a handle sent with [`Channel::send_cluster_handle`]
 /// fared; see [`HandleDelivery`].
 pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, Channel, HandleDelivery)>;
+
+/// The hasher of the maps keyed by a counter this process assigns (a
+/// `seq`, a write number): the keys are neither chosen by a peer nor
+/// colliding, so one multiplication spreads them, where the default
+/// SipHash cost a few hundred instructions per handoff.
+#[derive(Default)]
+struct CounterHasher(u64);
+
+impl Hasher for CounterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A map keyed by a counter of ours (see [`CounterHasher`]).
+type CounterMap<V> = HashMap<u64, V, BuildHasherDefault<CounterHasher>>;
+
+/// A peer's `NODE_HANDLE_ACK` and `NODE_HANDLE_NACK` lines as Node writes
+/// them (`JSON.stringify({cmd: 'NODE_HANDLE_ACK'})`): recognised by their
+/// bytes, before any JSON parse. Any other spelling takes the parser.
+const ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
+const NACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}";
 
 /// The `msg` of an encoded `NODE_HANDLE` wrapper, as its own line.
 fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
@@ -272,6 +303,15 @@ enum State {
     Closed,
 }
 
+/// What one received line is.
+enum Item {
+    /// `NODE_HANDLE_ACK` (`true`) or `NODE_HANDLE_NACK`, recognised by its
+    /// bytes.
+    Ack(bool),
+    /// Anything else, decoded.
+    Line(Line),
+}
+
 /// One decoded line, with the text kept where the value lost something.
 struct Line {
     value: Value,
@@ -348,12 +388,12 @@ pub(crate) struct ChannelState {
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
     backlog: VecDeque<(RawMessage, Option<Socket>)>,
-    replies: HashMap<u64, ReplyCb>,
+    replies: CounterMap<ReplyCb>,
     /// The delivery callbacks of handles sent with `send_cluster_handle`,
     /// by the number of their write, until the peer's answer or the
     /// write's failure. Kept after the channel closes (a write cancelled by
     /// the close still reports), until the state is dropped.
-    deliveries: HashMap<u64, DeliveryCb>,
+    deliveries: CounterMap<DeliveryCb>,
     /// The number of the next write that carries a handle.
     next_write: u64,
     /// While the channel handles one read's messages, messages without a
@@ -380,8 +420,8 @@ impl ChannelState {
             on_error: CallbackSlot::empty(),
             on_disconnect: CallbackSlot::empty(),
             backlog: VecDeque::new(),
-            replies: HashMap::new(),
-            deliveries: HashMap::new(),
+            replies: CounterMap::default(),
+            deliveries: CounterMap::default(),
             next_write: 0,
             in_read: false,
             corked: Vec::new(),
@@ -451,6 +491,79 @@ fn not_connected() -> io::Error {
 pub struct Channel {
     id: Id<ChannelState>,
     pipe: Handle<Pipe>,
+}
+
+/// The loop's next cluster `seq`.
+fn next_seq(lp: &mut Loop) -> u64 {
+    let ctx = lp.context_mut::<IpcContext>();
+    let seq = ctx.seq;
+    ctx.seq += 1;
+    seq
+}
+
+/// Writes `,"seq":<seq>}` and, for a `NODE_HANDLE` wrapper, its closing
+/// `}`, then the line end.
+fn close_cluster(out: &mut Vec<u8>, seq: u64, wrapped: bool) {
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(itoa_u64(seq, &mut [0; 20]));
+    out.extend_from_slice(if wrapped { b"}}\n" } else { b"}\n" });
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// The start of a cluster message: `{"cmd":"NODE_CLUSTER"`, inside a
+/// `NODE_HANDLE` wrapper of type `kind` if there is one.
+fn open_cluster(out: &mut Vec<u8>, kind: Option<HandleKind>) {
+    if let Some(kind) = kind {
+        out.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"");
+        out.extend_from_slice(kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"msg\":");
+    }
+    out.extend_from_slice(b"{\"cmd\":\"NODE_CLUSTER\"");
+}
+
+/// The line of `{"cmd":"NODE_CLUSTER", ...fields, "seq":seq}` (wrapped as
+/// a `NODE_HANDLE` of type `kind` if given), written field by field: the
+/// same bytes as encoding the map [`cluster_message`] builds (and
+/// [`message::wrap_handle`] wraps), without building it. `None` when
+/// `fields` holds `cmd` or `seq` themselves, whose places and values the
+/// map's rules decide.
+fn encode_cluster(
+    fields: &Map<String, Value>,
+    seq: u64,
+    kind: Option<HandleKind>,
+) -> Option<serde_json::Result<Vec<u8>>> {
+    if fields.contains_key("cmd") || fields.contains_key("seq") {
+        return None;
+    }
+    let mut out = Vec::with_capacity(128);
+    open_cluster(&mut out, kind);
+    for (k, v) in fields {
+        out.push(b',');
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, json::JsFormatter);
+        if let Err(e) = k.serialize(&mut ser) {
+            return Some(Err(e));
+        }
+        out.push(b':');
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, json::JsFormatter);
+        if let Err(e) = v.serialize(&mut ser) {
+            return Some(Err(e));
+        }
+    }
+    close_cluster(&mut out, seq, kind.is_some());
+    Some(Ok(out))
 }
 
 /// `{"cmd":"NODE_CLUSTER", ...fields, "seq":n}` with the loop's next `seq`.
@@ -785,8 +898,13 @@ impl Channel {
         lp: &mut Loop,
         mut fields: Map<String, Value>,
         attach: Option<Attach>,
-        reply: Option<ReplyCb>,
+        mut reply: Option<ReplyCb>,
     ) -> io::Result<u64> {
+        if attach.is_none()
+            && let Some(seq) = self.try_send_cluster_direct(lp, &fields, &mut reply)
+        {
+            return seq;
+        }
         let (seq, msg) = cluster_message(lp, &mut fields);
         self.expect_reply(lp, seq, reply);
         let r = match attach {
@@ -798,6 +916,41 @@ impl Channel {
             return Err(e);
         }
         Ok(seq)
+    }
+
+    /// [`send_cluster`](Self::send_cluster) without a handle, its line
+    /// written field by field ([`encode_cluster`]); `None` (and `reply`
+    /// untouched) when the fields need the general path.
+    fn try_send_cluster_direct(
+        self,
+        lp: &mut Loop,
+        fields: &Map<String, Value>,
+        reply: &mut Option<ReplyCb>,
+    ) -> Option<io::Result<u64>> {
+        let seq = lp.context::<IpcContext>().map_or(0, |c| c.seq);
+        let bytes = encode_cluster(fields, seq, None)?;
+        let seq = next_seq(lp);
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return Some(Err(io::Error::new(io::ErrorKind::InvalidInput, e))),
+        };
+        self.expect_reply(lp, seq, reply.take());
+        let r = self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: None,
+                on_sent: None,
+                delivery: None,
+            },
+        );
+        Some(match r {
+            Ok(()) => Ok(seq),
+            Err(e) => {
+                self.forget_reply(lp, seq);
+                Err(e)
+            }
+        })
     }
 
     fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<ReplyCb>) {
@@ -839,23 +992,70 @@ impl Channel {
         reply: Option<ReplyCb>,
         on_delivery: DeliveryCb,
     ) -> io::Result<u64> {
-        let (seq, msg) = cluster_message(lp, &mut fields);
+        let seq = lp.context::<IpcContext>().map_or(0, |c| c.seq);
+        let bytes = match encode_cluster(&fields, seq, Some(attach.kind)) {
+            Some(r) => {
+                next_seq(lp);
+                r
+            }
+            None => {
+                let (s, msg) = cluster_message(lp, &mut fields);
+                debug_assert_eq!(s, seq);
+                let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
+                frame::encode(&wrapped)
+            }
+        };
+        let bytes = bytes.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+        self.submit_cluster_handle(lp, seq, bytes, attach, reply, on_delivery)
+    }
+
+    /// [`send_cluster_handle`](Self::send_cluster_handle) with the fields
+    /// given as their JSON text, `"name":value` pairs joined by commas
+    /// (such as `"act":"newconn","key":"..."`), written as they are: what
+    /// the round-robin handle sends for every connection, encoded once.
+    /// The caller answers for `fields` being valid JSON members without
+    /// `cmd` or `seq`.
+    pub(crate) fn send_cluster_handle_json(
+        self,
+        lp: &mut Loop,
+        fields: &[u8],
+        attach: Attach,
+        reply: Option<ReplyCb>,
+        on_delivery: DeliveryCb,
+    ) -> io::Result<u64> {
+        let seq = next_seq(lp);
+        let mut bytes = Vec::with_capacity(fields.len() + 80);
+        open_cluster(&mut bytes, Some(attach.kind));
+        if !fields.is_empty() {
+            bytes.push(b',');
+            bytes.extend_from_slice(fields);
+        }
+        close_cluster(&mut bytes, seq, true);
+        self.submit_cluster_handle(lp, seq, Ok(bytes), attach, reply, on_delivery)
+    }
+
+    fn submit_cluster_handle(
+        self,
+        lp: &mut Loop,
+        seq: u64,
+        bytes: io::Result<Vec<u8>>,
+        attach: Attach,
+        reply: Option<ReplyCb>,
+        on_delivery: DeliveryCb,
+    ) -> io::Result<u64> {
         let reply_seq = reply.is_some().then_some(seq);
         self.expect_reply(lp, seq, reply);
-        let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
-        let r = frame::encode(&wrapped)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-            .and_then(|bytes| {
-                self.submit(
-                    lp,
-                    Outgoing {
-                        bytes,
-                        attach: Some(attach),
-                        on_sent: None,
-                        delivery: Some((on_delivery, reply_seq)),
-                    },
-                )
-            });
+        let r = bytes.and_then(|bytes| {
+            self.submit(
+                lp,
+                Outgoing {
+                    bytes,
+                    attach: Some(attach),
+                    on_sent: None,
+                    delivery: Some((on_delivery, reply_seq)),
+                },
+            )
+        });
         if let Err(e) = r {
             self.forget_reply(lp, seq);
             return Err(e);
@@ -1288,13 +1488,15 @@ impl Channel {
     /// The next complete line, decoded, or why it could not be (with
     /// whether it claims to carry a handle); `None` when no line is
     /// complete or the channel is closed.
-    fn next_line(self, lp: &mut Loop) -> Option<Result<Line, (FrameError, bool)>> {
+    fn next_line(self, lp: &mut Loop) -> Option<Result<Item, (FrameError, bool)>> {
         let s = st_mut(lp, self).filter(|s| s.state != State::Closed)?;
         let max_depth = s.opts.max_depth;
         let decoder = &mut s.decoder;
         Some(match decoder.next_line()? {
+            Ok(ACK_LINE) => Ok(Item::Ack(true)),
+            Ok(NACK_LINE) => Ok(Item::Ack(false)),
             Ok(line) => match json::parse(line, max_depth) {
-                Ok(p) => Ok(Line::decoded(line, p)),
+                Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
                 Err(e) => Err((e, json::claims_node_handle(line))),
             },
             Err(e) => {
@@ -1311,7 +1513,8 @@ impl Channel {
     fn drain_lines_inner(self, lp: &mut Loop) {
         while let Some(item) = self.next_line(lp) {
             match item {
-                Ok(line) => self.dispatch(lp, line),
+                Ok(Item::Ack(ok)) => self.on_ack(lp, ok),
+                Ok(Item::Line(line)) => self.dispatch(lp, line),
                 Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
         }
