@@ -1719,6 +1719,151 @@ mod tests {
         lp.context::<IpcContext>().map_or(0, |c| c.channels.len())
     }
 
+    /// The general path's bytes: the map `cluster_message` builds, wrapped
+    /// by `wrap_handle` when a handle goes with it, through `frame::encode`.
+    fn general(fields: &Map<String, Value>, seq: u64, kind: Option<HandleKind>) -> Vec<u8> {
+        let mut msg = Map::new();
+        msg.insert("cmd".into(), NODE_CLUSTER.into());
+        msg.append(&mut fields.clone());
+        msg.insert("seq".into(), seq.into());
+        let v = match kind {
+            Some(k) => message::wrap_handle(Value::Object(msg), k, Map::new()),
+            None => Value::Object(msg),
+        };
+        frame::encode(&v).unwrap()
+    }
+
+    /// Cluster messages written field by field (`encode_cluster`, and the
+    /// round-robin handle's pre-encoded `newconn` fields) are byte for byte
+    /// what encoding the message's map writes: the wire stays Node's.
+    #[test]
+    fn cluster_messages_written_field_by_field_match_the_encoded_map() {
+        let cases = [
+            serde_json::json!({"act": "newconn", "key": "127.0.0.1:8000:4:0:-1"}),
+            serde_json::json!({"ack": 7, "accepted": true, "load": 3}),
+            serde_json::json!({"act": "queryServer", "port": 0, "addressType": 4,
+                "data": null, "n": [1e21, -0.0, 0.5], "s": "é\"\\\u{1}\u{2028}"}),
+            serde_json::json!({}),
+        ];
+        for fields in cases {
+            let fields = fields.as_object().unwrap();
+            for seq in [0, 9, 10, 12345678901234] {
+                for kind in [
+                    None,
+                    Some(HandleKind::NetNative),
+                    Some(HandleKind::DgramNative),
+                ] {
+                    let direct = encode_cluster(fields, seq, kind).unwrap().unwrap();
+                    assert_eq!(
+                        String::from_utf8(direct).unwrap(),
+                        String::from_utf8(general(fields, seq, kind)).unwrap()
+                    );
+                }
+            }
+        }
+        // `cmd` or `seq` among the fields take the general path.
+        for f in [
+            serde_json::json!({"cmd": "x"}),
+            serde_json::json!({"a": 1, "seq": 2}),
+        ] {
+            assert!(encode_cluster(f.as_object().unwrap(), 1, None).is_none());
+        }
+    }
+
+    /// A pre-encoded `newconn` goes out as the map would have: sent over a
+    /// real pipe pair with an fd, the peer reads the same line.
+    #[test]
+    fn a_pre_encoded_newconn_is_the_wire_line_of_its_map() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let key = "127.0.0.1:8000:4:0:-1\"\\";
+        let mut raw = b"\"act\":\"newconn\",\"key\":".to_vec();
+        raw.extend_from_slice(&serde_json::to_vec(key).unwrap());
+        let t = lp.tcp_init();
+        lp.tcp_bind(
+            t,
+            "127.0.0.1:0".parse().unwrap(),
+            crate::uv::BindFlags::default(),
+        )
+        .unwrap();
+        let attach = Attach {
+            handle: t.into(),
+            kind: HandleKind::NetNative,
+            after_ack: AfterAck::Close,
+        };
+        let seq = a
+            .send_cluster_handle_json(&mut lp, &raw, attach, None, Box::new(|_, _, _| {}))
+            .unwrap();
+        let got = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let g = got.clone();
+        lp.read_start(b, move |lp, b, r| {
+            if let Ok(d) = r {
+                g.borrow_mut().extend_from_slice(d);
+                if d.ends_with(b"\n") {
+                    lp.close_if_open(b);
+                }
+            }
+        })
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !got.borrow().ends_with(b"\n") && std::time::Instant::now() < deadline {
+            lp.run(RunMode::Once).unwrap();
+        }
+        let mut fields = Map::new();
+        fields.insert("act".into(), "newconn".into());
+        fields.insert("key".into(), key.into());
+        assert_eq!(
+            String::from_utf8(got.borrow().clone()).unwrap(),
+            String::from_utf8(general(&fields, seq, Some(HandleKind::NetNative))).unwrap()
+        );
+        while lp.pipe_take_pending_fd(b).is_ok() {}
+        a.disconnect(&mut lp);
+    }
+
+    /// An ACK recognised by its bytes and one spelt otherwise (spaces,
+    /// which only the parser reads) release the next handle alike.
+    #[test]
+    fn handle_acks_by_their_bytes_and_by_the_parser_alike() {
+        for ack in [
+            &b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..],
+            b"{ \"cmd\" : \"NODE_HANDLE_ACK\" }\n",
+        ] {
+            let mut lp = Loop::new().unwrap();
+            let (a, b) = lp.pipe_pair(true).unwrap();
+            let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+            let acked = std::rc::Rc::new(std::cell::Cell::new(false));
+            let t = lp.tcp_init();
+            lp.tcp_bind(
+                t,
+                "127.0.0.1:0".parse().unwrap(),
+                crate::uv::BindFlags::default(),
+            )
+            .unwrap();
+            let attach = Attach {
+                handle: t.into(),
+                kind: HandleKind::NetNative,
+                after_ack: AfterAck::Close,
+            };
+            let ac = acked.clone();
+            a.send_cluster_handle(
+                &mut lp,
+                Map::new(),
+                attach,
+                None,
+                Box::new(move |_, _, d| ac.set(matches!(d, HandleDelivery::Acked))),
+            )
+            .unwrap();
+            lp.write(b, &[ack], |_, _, _| {}).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !acked.get() && std::time::Instant::now() < deadline {
+                lp.run(RunMode::NoWait).unwrap();
+            }
+            assert!(acked.get(), "{}", String::from_utf8_lossy(ack));
+            assert!(!lp.is_active(t) || lp.is_closing(t));
+        }
+    }
+
     /// The loop owns a channel's state from `open` until its pipe has
     /// closed; the id is then stale, and answers as a closed channel.
     #[test]
