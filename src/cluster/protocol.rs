@@ -686,6 +686,15 @@ impl AcceptReply {
             load: msg.get("load").and_then(Value::as_u64),
         }
     }
+
+    /// [`from_wire`](Self::from_wire), from the fields the channel read
+    /// without building a value (the round-robin handle's hot path).
+    pub(crate) fn from_fields(f: &crate::ipc::Fields<'_>) -> AcceptReply {
+        AcceptReply {
+            accepted: f.truthy("accepted"),
+            load: f.as_u64("load"),
+        }
+    }
 }
 
 /// An answer with nothing in it but `ack` (`primary.js`

@@ -46,8 +46,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::ClusterContext;
 use super::dispatch::{
     Action, Config, ConnId, Delivery, Dispatcher, HandoffId, LeastConnections, RoundRobin,
@@ -61,7 +59,7 @@ use super::primary::Primary;
 use super::protocol::{AcceptReply, Act, Query, Sockname};
 use super::shared_handle::create_server_handle;
 use super::worker::Worker;
-use crate::ipc::{AfterAck, Attach, Channel, HandleDelivery, HandleKind};
+use crate::ipc::{AfterAck, Attach, Channel, Fields, FieldsReplyCb, HandleDelivery, HandleKind};
 use crate::uv::{Errno, Handle, Id, Loop, OnEmfile, Socket, Timer};
 
 /// The primary out of fds: its fds are mostly connections waiting for a
@@ -464,12 +462,12 @@ impl RoundRobinHandle {
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
-        let on_reply = Box::new(
-            move |lp: &mut Loop, _: Channel, reply: Value, h: Option<Socket>| {
+        let on_reply: FieldsReplyCb = Box::new(
+            move |lp: &mut Loop, _: Channel, reply: Fields<'_>, h: Option<Socket>| {
                 if let Some(h) = h {
                     lp.close_if_open(h);
                 }
-                let AcceptReply { accepted, load } = AcceptReply::from_wire(&reply);
+                let AcceptReply { accepted, load } = AcceptReply::from_fields(&reply);
                 self.event(lp, Some(w), |core, now| {
                     core.answered(now, w.id(), handoff, accepted, load)
                 });

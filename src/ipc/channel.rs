@@ -70,6 +70,201 @@ impl Hasher for CounterHasher {
 /// A map keyed by a counter of ours (see [`CounterHasher`]).
 type CounterMap<V> = HashMap<u64, V, BuildHasherDefault<CounterHasher>>;
 
+/// A reply callback that reads the reply's scalar fields
+/// ([`Fields`]) rather than taking its value: the line of a flat reply
+/// (what a worker answers to `newconn`) is then read without building a
+/// [`Value`].
+pub(crate) type FieldsReplyCb = Box<dyn FnOnce(&mut Loop, Channel, Fields<'_>, Option<Socket>)>;
+
+/// A reply callback, by how it reads the reply.
+pub(crate) enum Reply {
+    Value(ReplyCb),
+    Fields(FieldsReplyCb),
+}
+
+impl From<ReplyCb> for Reply {
+    fn from(cb: ReplyCb) -> Reply {
+        Reply::Value(cb)
+    }
+}
+
+impl From<FieldsReplyCb> for Reply {
+    fn from(cb: FieldsReplyCb) -> Reply {
+        Reply::Fields(cb)
+    }
+}
+
+/// A reply's fields, as [`FieldsReplyCb`] reads them: from the flat line
+/// itself, or from the value the parser built when the line was not flat.
+pub(crate) enum Fields<'a> {
+    Flat(&'a Flat),
+    Value(&'a Value),
+}
+
+impl Fields<'_> {
+    /// JavaScript's truth of field `name` (`!!msg[name]`); `false` when
+    /// absent.
+    pub(crate) fn truthy(&self, name: &str) -> bool {
+        match self {
+            Fields::Flat(f) => f.get(name).is_some_and(Scalar::truthy),
+            Fields::Value(v) => v.get(name).is_some_and(|v| match v {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0 && !f.is_nan()),
+                Value::String(s) => !s.is_empty(),
+                Value::Array(_) | Value::Object(_) => true,
+            }),
+        }
+    }
+
+    /// Field `name` when it is a non-negative integer
+    /// ([`Value::as_u64`]).
+    pub(crate) fn as_u64(&self, name: &str) -> Option<u64> {
+        match self {
+            Fields::Flat(f) => match f.get(name)? {
+                Scalar::Uint(n) => Some(n),
+                _ => None,
+            },
+            Fields::Value(v) => v.get(name).and_then(Value::as_u64),
+        }
+    }
+}
+
+/// A scalar of a [`Flat`] line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scalar {
+    Null,
+    Bool(bool),
+    /// An integer of at most 15 digits (exact as a JavaScript number).
+    Uint(u64),
+    /// A non-empty string, or `""`: only its emptiness is kept.
+    Str {
+        empty: bool,
+    },
+}
+
+impl Scalar {
+    fn truthy(self) -> bool {
+        match self {
+            Scalar::Null => false,
+            Scalar::Bool(b) => b,
+            Scalar::Uint(n) => n != 0,
+            Scalar::Str { empty } => !empty,
+        }
+    }
+}
+
+/// A cluster reply read straight from its line: `{"cmd":"NODE_CLUSTER",
+/// "ack":<n>, ...}` with at most [`Flat::MAX`] members, every key a plain
+/// identifier and every value `null`, `true`, `false`, an integer of at
+/// most 15 digits or a string of printable ASCII without escapes, and no
+/// whitespace: what Node's `JSON.stringify` and this crate write for a
+/// reply to `newconn`. Any other line takes the JSON parser.
+#[derive(Debug)]
+pub(crate) struct Flat {
+    /// The `ack` member, when an integer.
+    ack: Option<u64>,
+    /// The members: the key's hash-free bytes (at most 16) and the value.
+    members: [([u8; 16], u8, Scalar); Flat::MAX],
+    len: usize,
+}
+
+impl Flat {
+    const MAX: usize = 8;
+    const PREFIX: &'static [u8] = b"{\"cmd\":\"NODE_CLUSTER\",\"ack\":";
+
+    /// The line as a flat reply, or `None` when it is anything else.
+    pub(crate) fn reply(line: &[u8]) -> Option<Flat> {
+        if !line.starts_with(Self::PREFIX) || line.last() != Some(&b'}') {
+            return None;
+        }
+        let mut f = Flat {
+            ack: None,
+            members: [([0; 16], 0, Scalar::Null); Flat::MAX],
+            len: 0,
+        };
+        let body = &line[1..line.len() - 1];
+        let mut i = 0;
+        while i < body.len() {
+            if f.len == Self::MAX {
+                return None;
+            }
+            // "key":
+            if body[i] != b'"' {
+                return None;
+            }
+            let k0 = i + 1;
+            let klen = body[k0..].iter().position(|&b| b == b'"')?;
+            let key = &body[k0..k0 + klen];
+            if key.is_empty()
+                || key.len() > 16
+                || !key.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            {
+                return None;
+            }
+            i = k0 + klen + 1;
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            let end = i + body[i..]
+                .iter()
+                .position(|&b| b == b',')
+                .unwrap_or(body.len() - i);
+            let v = &body[i..end];
+            let value = match v {
+                b"null" => Scalar::Null,
+                b"true" => Scalar::Bool(true),
+                b"false" => Scalar::Bool(false),
+                [b'"', s @ .., b'"'] => {
+                    if !s
+                        .iter()
+                        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+                    {
+                        return None;
+                    }
+                    Scalar::Str {
+                        empty: s.is_empty(),
+                    }
+                }
+                [b'0'] => Scalar::Uint(0),
+                [b'1'..=b'9', rest @ ..]
+                    if rest.len() < 15 && rest.iter().all(u8::is_ascii_digit) =>
+                {
+                    Scalar::Uint(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+                }
+                _ => return None,
+            };
+            let mut k = [0; 16];
+            k[..key.len()].copy_from_slice(key);
+            // A repeated key: the last one counts, as in `JSON.parse`.
+            if key == b"ack" {
+                f.ack = match value {
+                    Scalar::Uint(n) => Some(n),
+                    _ => None,
+                };
+            }
+            f.members[f.len] = (k, key.len() as u8, value);
+            f.len += 1;
+            i = end + 1;
+            if end == body.len() - 1 {
+                // A trailing comma.
+                return None;
+            }
+        }
+        Some(f)
+    }
+
+    /// The value of member `name` (the last, if repeated).
+    fn get(&self, name: &str) -> Option<Scalar> {
+        self.members[..self.len]
+            .iter()
+            .rev()
+            .find(|(k, n, _)| &k[..usize::from(*n)] == name.as_bytes())
+            .map(|m| m.2)
+    }
+}
+
 /// A peer's `NODE_HANDLE_ACK` and `NODE_HANDLE_NACK` lines as Node writes
 /// them (`JSON.stringify({cmd: 'NODE_HANDLE_ACK'})`): recognised by their
 /// bytes, before any JSON parse. Any other spelling takes the parser.
@@ -308,6 +503,9 @@ enum Item {
     /// `NODE_HANDLE_ACK` (`true`) or `NODE_HANDLE_NACK`, recognised by its
     /// bytes.
     Ack(bool),
+    /// A reply whose callback reads its fields ([`Reply::Fields`]),
+    /// read without building a value ([`Flat::reply`]).
+    FlatReply(FieldsReplyCb, Flat),
     /// Anything else, decoded.
     Line(Line),
 }
@@ -388,7 +586,7 @@ pub(crate) struct ChannelState {
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
     backlog: VecDeque<(RawMessage, Option<Socket>)>,
-    replies: CounterMap<ReplyCb>,
+    replies: CounterMap<Reply>,
     /// The delivery callbacks of handles sent with `send_cluster_handle`,
     /// by the number of their write, until the peer's answer or the
     /// write's failure. Kept after the channel closes (a write cancelled by
@@ -953,9 +1151,9 @@ impl Channel {
         })
     }
 
-    fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<ReplyCb>) {
+    fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<impl Into<Reply>>) {
         if let (Some(cb), Some(s)) = (reply, st_mut(lp, self)) {
-            s.replies.insert(seq, cb);
+            s.replies.insert(seq, cb.into());
         }
     }
 
@@ -1006,7 +1204,7 @@ impl Channel {
             }
         };
         let bytes = bytes.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
-        self.submit_cluster_handle(lp, seq, bytes, attach, reply, on_delivery)
+        self.submit_cluster_handle(lp, seq, bytes, attach, reply.map(Reply::Value), on_delivery)
     }
 
     /// [`send_cluster_handle`](Self::send_cluster_handle) with the fields
@@ -1020,7 +1218,7 @@ impl Channel {
         lp: &mut Loop,
         fields: &[u8],
         attach: Attach,
-        reply: Option<ReplyCb>,
+        reply: Option<FieldsReplyCb>,
         on_delivery: DeliveryCb,
     ) -> io::Result<u64> {
         let seq = next_seq(lp);
@@ -1031,7 +1229,14 @@ impl Channel {
             bytes.extend_from_slice(fields);
         }
         close_cluster(&mut bytes, seq, true);
-        self.submit_cluster_handle(lp, seq, Ok(bytes), attach, reply, on_delivery)
+        self.submit_cluster_handle(
+            lp,
+            seq,
+            Ok(bytes),
+            attach,
+            reply.map(Reply::Fields),
+            on_delivery,
+        )
     }
 
     fn submit_cluster_handle(
@@ -1040,7 +1245,7 @@ impl Channel {
         seq: u64,
         bytes: io::Result<Vec<u8>>,
         attach: Attach,
-        reply: Option<ReplyCb>,
+        reply: Option<Reply>,
         on_delivery: DeliveryCb,
     ) -> io::Result<u64> {
         let reply_seq = reply.is_some().then_some(seq);
@@ -1495,6 +1700,16 @@ impl Channel {
         Some(match decoder.next_line()? {
             Ok(ACK_LINE) => Ok(Item::Ack(true)),
             Ok(NACK_LINE) => Ok(Item::Ack(false)),
+            Ok(line)
+                if let Some(flat) = Flat::reply(line)
+                    && let Some(ack) = flat.ack
+                    && let Some(Reply::Fields(_)) = s.replies.get(&ack) =>
+            {
+                let Some(Reply::Fields(cb)) = s.replies.remove(&ack) else {
+                    unreachable!("just found")
+                };
+                Ok(Item::FlatReply(cb, flat))
+            }
             Ok(line) => match json::parse(line, max_depth) {
                 Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
                 Err(e) => Err((e, json::claims_node_handle(line))),
@@ -1514,6 +1729,7 @@ impl Channel {
         while let Some(item) = self.next_line(lp) {
             match item {
                 Ok(Item::Ack(ok)) => self.on_ack(lp, ok),
+                Ok(Item::FlatReply(cb, flat)) => cb(lp, self, Fields::Flat(&flat), None),
                 Ok(Item::Line(line)) => self.dispatch(lp, line),
                 Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
@@ -1638,7 +1854,10 @@ impl Channel {
             && let Some(ack) = v.get("ack").and_then(Value::as_u64)
             && let Some(cb) = st_mut(lp, self).and_then(|s| s.replies.remove(&ack))
         {
-            cb(lp, self, v, h);
+            match cb {
+                Reply::Value(cb) => cb(lp, self, v, h),
+                Reply::Fields(cb) => cb(lp, self, Fields::Value(&v), h),
+            }
             return;
         }
         let mut item = Some((v, h));
@@ -1819,6 +2038,57 @@ mod tests {
         );
         while lp.pipe_take_pending_fd(b).is_ok() {}
         a.disconnect(&mut lp);
+    }
+
+    /// A reply read from its flat line gives every field as the parsed
+    /// value does (truth, integers, the last of a repeated key, `ack`),
+    /// and anything not flat is left to the parser.
+    #[test]
+    fn flat_replies_read_as_their_parsed_values() {
+        let flat = [
+            &br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"seq":3}"#[..],
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":false,"load":12,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":0,"accepted":0,"load":0,"seq":0}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":123456789012345,"accepted":"yes","seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"accepted":"","load":null,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"accepted":false,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"ack":6,"accepted":1,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"ack":true,"accepted":1,"seq":1}"#,
+        ];
+        for line in flat {
+            let f =
+                Flat::reply(line).unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(line)));
+            let v = json::parse(line, DEFAULT_MAX_DEPTH).unwrap().value;
+            let (a, b) = (Fields::Flat(&f), Fields::Value(&v));
+            for name in ["accepted", "load", "ack", "seq", "cmd", "missing"] {
+                assert_eq!(a.truthy(name), b.truthy(name), "{name} in {v}");
+                assert_eq!(a.as_u64(name), b.as_u64(name), "{name} in {v}");
+            }
+            assert_eq!(f.ack, v.get("ack").and_then(Value::as_u64), "{v}");
+        }
+        let not_flat = [
+            &br#"{"cmd":"NODE_CLUSTER","ack":7, "accepted":true,"seq":3}"#[..],
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":1.0,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":-1,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":07,"accepted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":1234567890123456,"accepted":true}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":{"a":1},"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":"a,b","seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":"a\"b","seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"acc-epted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"seq":3"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"a":1,"b":1,"c":1,"d":1,"e":1,"f":1,"g":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","accepted":true,"ack":7}"#,
+            br#"{"cmd":"NODE_HANDLE_ACK"}"#,
+        ];
+        for line in not_flat {
+            assert!(
+                Flat::reply(line).is_none(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 
     /// An ACK recognised by its bytes and one spelt otherwise (spaces,
