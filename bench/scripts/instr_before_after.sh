@@ -57,6 +57,8 @@ for _ in $(seq "$rounds"); do
   add "uv_bench ping_pongs tcp (per round trip)" "$B_pt" "$A_pt"
   add "uv_bench ping_pongs unix (per round trip)" "$B_pu" "$A_pu"
   while read -r s role ir _; do
+    # `none`: the primary does nothing per connection.
+    [ "$s $role" = "none primary" ] && continue
     b=$(echo "$B_per" | awk -v s="$s" -v r="$role" '$1 == s && $2 == r { print $3 }')
     add "cluster_hello $s, $role (per connection)" "$b" "$ir"
   done <<<"$A_per"
