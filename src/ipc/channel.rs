@@ -158,8 +158,9 @@ impl Scalar {
 /// "ack":<n>, ...}` with at most [`Flat::MAX`] members, every key a plain
 /// identifier and every value `null`, `true`, `false`, an integer of at
 /// most 15 digits or a string of printable ASCII without escapes, and no
-/// whitespace: what Node's `JSON.stringify` and this crate write for a
-/// reply to `newconn`. Any other line takes the JSON parser.
+/// whitespace, `cmd` only once: what Node's `JSON.stringify` and this
+/// crate write for a reply to `newconn`. Any other line takes the JSON
+/// parser.
 #[derive(Debug)]
 pub(crate) struct Flat {
     /// The `ack` member, when an integer.
@@ -235,6 +236,11 @@ impl Flat {
                 }
                 _ => return None,
             };
+            // A second `cmd` would be the one `JSON.parse` keeps: the
+            // parser decides what such a line is.
+            if key == b"cmd" && f.len > 0 {
+                return None;
+            }
             let mut k = [0; 16];
             k[..key.len()].copy_from_slice(key);
             // A repeated key: the last one counts, as in `JSON.parse`.
@@ -2084,6 +2090,7 @@ mod tests {
             br#"{"cmd":"NODE_CLUSTER","ack":7,"a":1,"b":1,"c":1,"d":1,"e":1,"f":1,"g":1}"#,
             br#"{"cmd":"NODE_CLUSTER","accepted":true,"ack":7}"#,
             br#"{"cmd":"NODE_HANDLE_ACK"}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"cmd":"x"}"#,
         ];
         for line in not_flat {
             assert!(
