@@ -12,7 +12,9 @@
 #
 # usage: bench/scripts/instr_per_conn.sh [servers="rr none"] [N1=500] [N2=1500]
 #   servers: rr, none, rr-w<K> (round-robin, handoff window K), leastconn,
-#            reuseport (cluster_hello with 2 workers), nginx (2 workers)
+#            reuseport (cluster_hello with 2 workers). nginx is not here:
+#            callgrind wrote no files for the workers its master forks;
+#            cpu_per_conn.sh and `strace -f -c` measure it instead.
 #   EXE=<cluster_hello> measures another build (default: this tree's,
 #   built here); WORKERS (default 2); CONNS (generator connections, 50);
 #   KEEP=<dir> keeps the callgrind files there (callgrind_annotate them).
@@ -29,7 +31,6 @@ fi
 cargo build --release -p uvcluster-bench --bin loadgen >/dev/null 2>&1
 loadgen=$PWD/target/release/loadgen
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
-nginx=$(command -v nginx || ls /usr/sbin/nginx 2>/dev/null || true)
 port=$((26000 + $$ % 5000))
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -40,41 +41,21 @@ run() {
   mkdir -p "$out"; port=$((port + 1)); log=$out/log
   local vg=(valgrind --tool=callgrind --trace-children=yes
             "--callgrind-out-file=$out/cg.%p" --log-file="$out/vg.%p")
-  case $name in
-    nginx)
-      [ -n "$nginx" ] || { echo "nginx not found: skipped" >&2; return 1; }
-      local dir=$out/nginx; mkdir -p "$dir"
-      cat >"$dir/nginx.conf" <<NGX
-worker_processes $workers; daemon off; master_process on; pid $dir/nginx.pid;
-error_log $dir/error.log warn; events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
-  fastcgi_temp_path $dir/fastcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
-  server { listen 127.0.0.1:$port reuseport; location / { return 200 'hello world\n'; } } }
-NGX
-      "${vg[@]}" "$nginx" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$log" 2>&1 &
-      pid=$!
-      for _ in $(seq 1500); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.02; done
-      # that probe was one connection more for every run alike
-      ;;
-    *)
-      local policy=$name window=1
-      case $name in rr-w*) policy=rr; window=${name#rr-w} ;; esac
-      PORT=$port WORKERS=$workers NODE_CLUSTER_SCHED_POLICY=$policy UVCLUSTER_HANDOFF_WINDOW=$window \
-        "${vg[@]}" "$EXE" >"$log" 2>&1 &
-      pid=$!
-      for _ in $(seq 1500); do grep -q ready "$log" && break; sleep 0.02; done ;;
-  esac
+  local policy=$name window=1
+  case $name in rr-w*) policy=rr; window=${name#rr-w} ;; esac
+  PORT=$port WORKERS=$workers NODE_CLUSTER_SCHED_POLICY=$policy UVCLUSTER_HANDOFF_WINDOW=$window \
+    "${vg[@]}" "$EXE" >"$log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1500); do grep -q ready "$log" && break; sleep 0.02; done
   REQUESTS=$n "$loadgen" "127.0.0.1:$port" "$conns" 3600 close >"$out/load" ||
     echo "($name: load generator failed)" >&2
   grep -q " errors=0 " "$out/load" || echo "($name $n: $(cat "$out/load"))" >&2
-  local sig=INT; [ "$name" = nginx ] && sig=QUIT
-  kill -$sig $pid 2>/dev/null || true
+  kill -INT $pid 2>/dev/null || true
   wait $pid 2>/dev/null || true
 }
 
 # "primary <Ir>" / "worker <Ir>" lines of one run: the process whose parent
-# is not among the run's processes is the primary (nginx: the master).
+# is not among the run's processes is the primary.
 roles() {
   local out=$1 f p ppid
   local pids=$(for f in "$out"/cg.*; do echo "${f##*.}"; done)
