@@ -192,16 +192,16 @@ fn leastconn_shows_each_workers_open_connections() {
     for _ in 0..N {
         assert_eq!(get(port, "/").unwrap().0, 200);
     }
-    let mut body = String::new();
-    eventually("both workers' open connections known, all closed", || {
-        body = get(mport, "/metrics").unwrap().1;
+    eventually_seen("both workers' open connections known, all closed", || {
+        let body = get(mport, "/metrics").unwrap().1;
         let open: Vec<&str> = body
             .lines()
             .filter(|l| l.starts_with("uvcluster_worker_connections_open{"))
             .collect();
-        open.len() == 2
+        let ok = open.len() == 2
             && open.iter().all(|l| l.ends_with(" 0"))
-            && sample(&body, "uvcluster_handoff_latency_seconds_count") == Some(N as f64)
+            && sample(&body, "uvcluster_handoff_latency_seconds_count") == Some(N as f64);
+        (ok, body)
     });
     let out = ctl(&sock, &["status"]);
     assert!(out.status.success());

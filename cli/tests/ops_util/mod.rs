@@ -219,9 +219,22 @@ pub fn ready_count(sock: &Path) -> usize {
 /// Polls `cond` every 50 ms until it holds, or panics after [`LIMIT`]
 /// saying `what`.
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    eventually_seen(what, || (cond(), String::new()));
+}
+
+/// [`eventually`] for a `cond` that also says what it saw: the last of
+/// which is in the panic message.
+pub fn eventually_seen(what: &str, mut cond: impl FnMut() -> (bool, String)) {
     let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
+    loop {
+        let (ok, seen) = cond();
+        if ok {
+            return;
+        }
+        assert!(
+            t0.elapsed() < LIMIT,
+            "not within {LIMIT:?}: {what}; last seen:\n{seen}"
+        );
         std::thread::park_timeout(Duration::from_millis(50));
     }
 }
