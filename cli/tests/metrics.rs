@@ -189,9 +189,30 @@ fn leastconn_shows_each_workers_open_connections() {
         &["--metrics", "127.0.0.1:0", "--policy", "leastconn"],
     );
     let mport = metrics_port(&mut r);
-    for _ in 0..N {
+    // Both workers must get a connection, or one never reports its count:
+    // sequential requests would all go to the first whenever its report
+    // of the last close comes before the next request (a race that failed
+    // this test about one run in three). So one connection is held open
+    // first; once its worker has reported it, the others go to the other
+    // worker.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(LIMIT)).unwrap();
+    eventually_seen("the held connection's worker reports it", || {
+        let body = get(mport, "/metrics").unwrap().1;
+        let ok = body
+            .lines()
+            .any(|l| l.starts_with("uvcluster_worker_connections_open{") && l.ends_with(" 1"));
+        (ok, body)
+    });
+    for _ in 1..N {
         assert_eq!(get(port, "/").unwrap().0, 200);
     }
+    held.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut held, &mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    drop(held);
     eventually_seen("both workers' open connections known, all closed", || {
         let body = get(mport, "/metrics").unwrap().1;
         let open: Vec<&str> = body
