@@ -204,6 +204,12 @@ pub struct RunOptions {
     /// A response header naming the process that answered (such as
     /// `x-worker-pid`): each response's value is recorded in `pids`.
     pub pid_header: Option<String>,
+    /// Start at most this many requests (for one request per connection:
+    /// connections), then let those in flight end: a fixed amount of
+    /// work, for counting a server's instructions per connection
+    /// (`bench/scripts/instr_per_conn.sh`). `None`: until the duration
+    /// ends.
+    pub max_requests: Option<u64>,
     /// Where the answering processes are recorded, live (another thread
     /// may read it during the run, to see a new worker serve).
     pub pids: Option<SeenPids>,
@@ -309,6 +315,8 @@ struct State {
     fast: Vec<u32>,
     failures: Failures,
     seq: u64,
+    /// Connections started ([`RunOptions::max_requests`]).
+    started: u64,
     /// Every open connection, and when its current request began (for
     /// the timeout). A connection that is not in it has been finished:
     /// whatever callback of it still runs is ignored.
@@ -366,6 +374,7 @@ pub fn run_with(cfg: LoadConfig, opts: RunOptions) -> io::Result<LoadReport> {
         fast: Vec::new(),
         failures: Failures::default(),
         seq: 0,
+        started: 0,
         live: HashMap::new(),
         cfg: cfg.clone(),
         opts: opts.clone(),
@@ -462,8 +471,17 @@ fn request(st: &State) -> (Vec<u8>, bool) {
 }
 
 fn connect(lp: &mut Loop, st: Rc<RefCell<State>>) {
-    if Instant::now() >= st.borrow().end {
-        return;
+    {
+        let mut s = st.borrow_mut();
+        if Instant::now() >= s.end || s.opts.max_requests.is_some_and(|m| s.seq >= m) {
+            return;
+        }
+        if s.cfg.workload != Workload::KeepAlive
+            && s.opts.max_requests.is_some_and(|m| s.started >= m)
+        {
+            return;
+        }
+        s.started += 1;
     }
     let addr = st.borrow().cfg.addr;
     let t = lp.tcp_init();
@@ -550,7 +568,10 @@ fn send(lp: &mut Loop, st: &Rc<RefCell<State>>, t: Handle<Tcp>) {
                     // A keep-alive client honours `Connection: close` (a
                     // draining server sends it): the next request goes on
                     // a new connection, as RFC 9112 section 9.6 asks.
-                    s.cfg.workload == Workload::KeepAlive && now < s.end && !head.close
+                    s.cfg.workload == Workload::KeepAlive
+                        && now < s.end
+                        && !head.close
+                        && s.opts.max_requests.is_none_or(|m| s.seq < m)
                 };
                 let _ = lp.read_stop(t);
                 if keep {

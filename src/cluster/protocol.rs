@@ -221,6 +221,14 @@ pub fn parse(msg: &Value) -> Parsed {
         Some(Ok(kind)) => kind,
     };
     let seq = m.get("seq").and_then(Value::as_u64);
+    // Every connection's message, read without serde's buffering of a
+    // tagged enum: the same `Act` as below for a string key.
+    if kind == ActKind::NewConn
+        && let Some(Value::String(key)) = m.get("key")
+    {
+        let act = Act::NewConn { key: key.clone() };
+        return Parsed::Message(Received { act, seq });
+    }
     match Act::deserialize(msg) {
         Ok(act) => Parsed::Message(Received { act, seq }),
         Err(e) => Parsed::Malformed(Malformed {
@@ -686,6 +694,15 @@ impl AcceptReply {
             load: msg.get("load").and_then(Value::as_u64),
         }
     }
+
+    /// [`from_wire`](Self::from_wire), from the fields the channel read
+    /// without building a value (the round-robin handle's hot path).
+    pub(crate) fn from_fields(f: &crate::ipc::Fields<'_>) -> AcceptReply {
+        AcceptReply {
+            accepted: f.truthy("accepted"),
+            load: f.as_u64("load"),
+        }
+    }
 }
 
 /// An answer with nothing in it but `ack` (`primary.js`
@@ -999,6 +1016,33 @@ mod tests {
                 seq: Some(1)
             })
         );
+    }
+
+    /// `newconn` read by the direct path is what serde's reading of the
+    /// tagged enum makes of it, extra fields and a missing `seq` included.
+    #[test]
+    fn newconn_read_directly_as_serde_reads_it() {
+        for v in [
+            json!({"cmd":"NODE_CLUSTER","act":"newconn","key":"127.0.0.1:8000:4:0:-1","seq":7}),
+            json!({"cmd":"NODE_CLUSTER","act":"newconn","key":"","x":[1],"seq":0}),
+            json!({"cmd":"NODE_CLUSTER","act":"newconn","key":"k"}),
+            json!({"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":-1}),
+        ] {
+            let want = Parsed::Message(Received {
+                act: Act::deserialize(&v).unwrap(),
+                seq: v.get("seq").and_then(Value::as_u64),
+            });
+            assert_eq!(parse(&v), want, "{v}");
+        }
+        // No key, or one of another type, still takes serde's reading.
+        assert!(matches!(
+            parse(&json!({"cmd":"NODE_CLUSTER","act":"newconn","key":true,"seq":1})),
+            Parsed::Malformed(_)
+        ));
+        assert!(matches!(
+            parse(&json!({"cmd":"NODE_CLUSTER","act":"newconn","seq":1})),
+            Parsed::Malformed(_)
+        ));
     }
 
     #[test]

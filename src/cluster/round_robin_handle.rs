@@ -46,8 +46,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::ClusterContext;
 use super::dispatch::{
     Action, Config, ConnId, Delivery, Dispatcher, HandoffId, LeastConnections, RoundRobin,
@@ -61,7 +59,7 @@ use super::primary::Primary;
 use super::protocol::{AcceptReply, Act, Query, Sockname};
 use super::shared_handle::create_server_handle;
 use super::worker::Worker;
-use crate::ipc::{AfterAck, Attach, Channel, HandleDelivery, HandleKind};
+use crate::ipc::{AfterAck, Attach, Channel, Fields, FieldsReplyCb, HandleDelivery, HandleKind};
 use crate::uv::{Errno, Handle, Id, Loop, OnEmfile, Socket, Timer};
 
 /// The primary out of fds: its fds are mostly connections waiting for a
@@ -138,6 +136,10 @@ pub(super) struct Options {
 /// context, [`ClusterContext`]) and named by a [`RoundRobinHandle`] id.
 pub(crate) struct RrState {
     key: String,
+    /// The fields of this key's `newconn`, as JSON text
+    /// (`"act":"newconn","key":"..."`): encoded once, written for every
+    /// connection.
+    newconn_fields: Box<[u8]>,
     /// The listening socket; `None` once closed (or if listening failed).
     listener: Option<Socket>,
     /// The bind or listen error.
@@ -166,6 +168,23 @@ impl std::fmt::Debug for RrState {
             .field("core", &self.core)
             .finish_non_exhaustive()
     }
+}
+
+/// `Act::NewConn { key }`'s fields as the channel writes them
+/// (`"act":"newconn","key":"..."`), for
+/// [`Channel::send_cluster_handle_json`].
+fn newconn_fields(key: &str) -> Box<[u8]> {
+    let fields = Act::NewConn { key: key.into() }.to_fields();
+    let mut out = Vec::new();
+    for (k, v) in &fields {
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(&serde_json::to_vec(k).expect("a string serializes"));
+        out.push(b':');
+        out.extend_from_slice(&serde_json::to_vec(v).expect("a string serializes"));
+    }
+    out.into()
 }
 
 /// One listening socket of the primary, shared round-robin by the workers
@@ -206,8 +225,10 @@ impl RoundRobinHandle {
         if opts.keep_open {
             core.set_keep_open(0, true);
         }
+        let newconn_fields = newconn_fields(&key);
         let state = RrState {
             key,
+            newconn_fields,
             listener: None,
             errno: None,
             sockname: None,
@@ -423,12 +444,11 @@ impl RoundRobinHandle {
             (
                 st.workers.get(&id).copied(),
                 st.conns.get(&conn).copied(),
-                st.key.clone(),
                 st.primary,
             )
         });
         let sent = match found {
-            Some((Some(w), Some(c), key, p)) => self.send_newconn(lp, w, c, key, handoff, p),
+            Some((Some(w), Some(c), p)) => self.send_newconn(lp, w, c, handoff, p),
             _ => false,
         };
         if !sent {
@@ -444,7 +464,6 @@ impl RoundRobinHandle {
         lp: &mut Loop,
         w: Worker,
         conn: Conn,
-        key: String,
         handoff: HandoffId,
         primary: Primary,
     ) -> bool {
@@ -456,12 +475,12 @@ impl RoundRobinHandle {
             kind: HandleKind::NetNative,
             after_ack: AfterAck::Keep,
         };
-        let on_reply = Box::new(
-            move |lp: &mut Loop, _: Channel, reply: Value, h: Option<Socket>| {
+        let on_reply: FieldsReplyCb = Box::new(
+            move |lp: &mut Loop, _: Channel, reply: Fields<'_>, h: Option<Socket>| {
                 if let Some(h) = h {
                     lp.close_if_open(h);
                 }
-                let AcceptReply { accepted, load } = AcceptReply::from_wire(&reply);
+                let AcceptReply { accepted, load } = AcceptReply::from_fields(&reply);
                 self.event(lp, Some(w), |core, now| {
                     core.answered(now, w.id(), handoff, accepted, load)
                 });
@@ -480,14 +499,15 @@ impl RoundRobinHandle {
                 core.delivered(now, w.id(), handoff, d)
             });
         });
-        ch.send_cluster_handle(
-            lp,
-            Act::NewConn { key }.to_fields(),
-            attach,
-            Some(on_reply),
-            on_delivery,
-        )
-        .is_ok()
+        // The fields' text leaves the state for the time of the write.
+        let Some(fields) = st_mut(lp, self).map(|st| std::mem::take(&mut st.newconn_fields)) else {
+            return false;
+        };
+        let sent = ch.send_cluster_handle_json(lp, &fields, attach, Some(on_reply), on_delivery);
+        if let Some(st) = st_mut(lp, self) {
+            st.newconn_fields = fields;
+        }
+        sent.is_ok()
     }
 
     /// Arms the dispatcher's timer for loop time `at`, or closes it.

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::time::Duration;
 
@@ -44,6 +45,237 @@ pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
 /// Callback told how a handle sent with [`Channel::send_cluster_handle`]
 /// fared; see [`HandleDelivery`].
 pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, Channel, HandleDelivery)>;
+
+/// The hasher of the maps keyed by a counter this process assigns (a
+/// `seq`, a write number): the keys are neither chosen by a peer nor
+/// colliding, so one multiplication spreads them, where the default
+/// SipHash cost a few hundred instructions per handoff.
+#[derive(Default)]
+struct CounterHasher(u64);
+
+impl Hasher for CounterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A map keyed by a counter of ours (see [`CounterHasher`]).
+type CounterMap<V> = HashMap<u64, V, BuildHasherDefault<CounterHasher>>;
+
+/// A reply callback that reads the reply's scalar fields
+/// ([`Fields`]) rather than taking its value: the line of a flat reply
+/// (what a worker answers to `newconn`) is then read without building a
+/// [`Value`].
+pub(crate) type FieldsReplyCb = Box<dyn FnOnce(&mut Loop, Channel, Fields<'_>, Option<Socket>)>;
+
+/// A reply callback, by how it reads the reply.
+pub(crate) enum Reply {
+    Value(ReplyCb),
+    Fields(FieldsReplyCb),
+}
+
+impl From<ReplyCb> for Reply {
+    fn from(cb: ReplyCb) -> Reply {
+        Reply::Value(cb)
+    }
+}
+
+impl From<FieldsReplyCb> for Reply {
+    fn from(cb: FieldsReplyCb) -> Reply {
+        Reply::Fields(cb)
+    }
+}
+
+/// A reply's fields, as [`FieldsReplyCb`] reads them: from the flat line
+/// itself, or from the value the parser built when the line was not flat.
+pub(crate) enum Fields<'a> {
+    Flat(&'a Flat),
+    Value(&'a Value),
+}
+
+impl Fields<'_> {
+    /// JavaScript's truth of field `name` (`!!msg[name]`); `false` when
+    /// absent.
+    pub(crate) fn truthy(&self, name: &str) -> bool {
+        match self {
+            Fields::Flat(f) => f.get(name).is_some_and(Scalar::truthy),
+            Fields::Value(v) => v.get(name).is_some_and(|v| match v {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0 && !f.is_nan()),
+                Value::String(s) => !s.is_empty(),
+                Value::Array(_) | Value::Object(_) => true,
+            }),
+        }
+    }
+
+    /// Field `name` when it is a non-negative integer
+    /// ([`Value::as_u64`]).
+    pub(crate) fn as_u64(&self, name: &str) -> Option<u64> {
+        match self {
+            Fields::Flat(f) => match f.get(name)? {
+                Scalar::Uint(n) => Some(n),
+                _ => None,
+            },
+            Fields::Value(v) => v.get(name).and_then(Value::as_u64),
+        }
+    }
+}
+
+/// A scalar of a [`Flat`] line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scalar {
+    Null,
+    Bool(bool),
+    /// An integer of at most 15 digits (exact as a JavaScript number).
+    Uint(u64),
+    /// A non-empty string, or `""`: only its emptiness is kept.
+    Str {
+        empty: bool,
+    },
+}
+
+impl Scalar {
+    fn truthy(self) -> bool {
+        match self {
+            Scalar::Null => false,
+            Scalar::Bool(b) => b,
+            Scalar::Uint(n) => n != 0,
+            Scalar::Str { empty } => !empty,
+        }
+    }
+}
+
+/// A cluster reply read straight from its line: `{"cmd":"NODE_CLUSTER",
+/// "ack":<n>, ...}` with at most [`Flat::MAX`] members, every key a plain
+/// identifier and every value `null`, `true`, `false`, an integer of at
+/// most 15 digits or a string of printable ASCII without escapes, and no
+/// whitespace, `cmd` only once: what Node's `JSON.stringify` and this
+/// crate write for a reply to `newconn`. Any other line takes the JSON
+/// parser.
+#[derive(Debug)]
+pub(crate) struct Flat {
+    /// The `ack` member, when an integer.
+    ack: Option<u64>,
+    /// The members: the key's hash-free bytes (at most 16) and the value.
+    members: [([u8; 16], u8, Scalar); Flat::MAX],
+    len: usize,
+}
+
+impl Flat {
+    const MAX: usize = 8;
+    const PREFIX: &'static [u8] = b"{\"cmd\":\"NODE_CLUSTER\",\"ack\":";
+
+    /// The line as a flat reply, or `None` when it is anything else.
+    pub(crate) fn reply(line: &[u8]) -> Option<Flat> {
+        if !line.starts_with(Self::PREFIX) || line.last() != Some(&b'}') {
+            return None;
+        }
+        let mut f = Flat {
+            ack: None,
+            members: [([0; 16], 0, Scalar::Null); Flat::MAX],
+            len: 0,
+        };
+        let body = &line[1..line.len() - 1];
+        let mut i = 0;
+        while i < body.len() {
+            if f.len == Self::MAX {
+                return None;
+            }
+            // "key":
+            if body[i] != b'"' {
+                return None;
+            }
+            let k0 = i + 1;
+            let klen = body[k0..].iter().position(|&b| b == b'"')?;
+            let key = &body[k0..k0 + klen];
+            if key.is_empty()
+                || key.len() > 16
+                || !key.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            {
+                return None;
+            }
+            i = k0 + klen + 1;
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            let end = i + body[i..]
+                .iter()
+                .position(|&b| b == b',')
+                .unwrap_or(body.len() - i);
+            let v = &body[i..end];
+            let value = match v {
+                b"null" => Scalar::Null,
+                b"true" => Scalar::Bool(true),
+                b"false" => Scalar::Bool(false),
+                [b'"', s @ .., b'"'] => {
+                    if !s
+                        .iter()
+                        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+                    {
+                        return None;
+                    }
+                    Scalar::Str {
+                        empty: s.is_empty(),
+                    }
+                }
+                [b'0'] => Scalar::Uint(0),
+                [b'1'..=b'9', rest @ ..]
+                    if rest.len() < 15 && rest.iter().all(u8::is_ascii_digit) =>
+                {
+                    Scalar::Uint(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+                }
+                _ => return None,
+            };
+            // A second `cmd` would be the one `JSON.parse` keeps: the
+            // parser decides what such a line is.
+            if key == b"cmd" && f.len > 0 {
+                return None;
+            }
+            let mut k = [0; 16];
+            k[..key.len()].copy_from_slice(key);
+            // A repeated key: the last one counts, as in `JSON.parse`.
+            if key == b"ack" {
+                f.ack = match value {
+                    Scalar::Uint(n) => Some(n),
+                    _ => None,
+                };
+            }
+            f.members[f.len] = (k, key.len() as u8, value);
+            f.len += 1;
+            i = end + 1;
+            if end == body.len() - 1 {
+                // A trailing comma.
+                return None;
+            }
+        }
+        Some(f)
+    }
+
+    /// The value of member `name` (the last, if repeated).
+    fn get(&self, name: &str) -> Option<Scalar> {
+        self.members[..self.len]
+            .iter()
+            .rev()
+            .find(|(k, n, _)| &k[..usize::from(*n)] == name.as_bytes())
+            .map(|m| m.2)
+    }
+}
+
+/// A peer's `NODE_HANDLE_ACK` and `NODE_HANDLE_NACK` lines as Node writes
+/// them (`JSON.stringify({cmd: 'NODE_HANDLE_ACK'})`): recognised by their
+/// bytes, before any JSON parse. Any other spelling takes the parser.
+const ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
+const NACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}";
 
 /// The `msg` of an encoded `NODE_HANDLE` wrapper, as its own line.
 fn unwrap_handle_message(bytes: &[u8]) -> Option<Vec<u8>> {
@@ -272,6 +504,21 @@ enum State {
     Closed,
 }
 
+/// What one received line is.
+// A `Flat` is a few hundred bytes on the stack, for one line, moved once:
+// cheaper than the allocation boxing it would cost per reply.
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    /// `NODE_HANDLE_ACK` (`true`) or `NODE_HANDLE_NACK`, recognised by its
+    /// bytes.
+    Ack(bool),
+    /// A reply whose callback reads its fields ([`Reply::Fields`]),
+    /// read without building a value ([`Flat::reply`]).
+    FlatReply(FieldsReplyCb, Flat),
+    /// Anything else, decoded.
+    Line(Line),
+}
+
 /// One decoded line, with the text kept where the value lost something.
 struct Line {
     value: Value,
@@ -348,12 +595,12 @@ pub(crate) struct ChannelState {
     /// User messages that arrived before `on_message` was set (Node replays
     /// them to the first listener).
     backlog: VecDeque<(RawMessage, Option<Socket>)>,
-    replies: HashMap<u64, ReplyCb>,
+    replies: CounterMap<Reply>,
     /// The delivery callbacks of handles sent with `send_cluster_handle`,
     /// by the number of their write, until the peer's answer or the
     /// write's failure. Kept after the channel closes (a write cancelled by
     /// the close still reports), until the state is dropped.
-    deliveries: HashMap<u64, DeliveryCb>,
+    deliveries: CounterMap<DeliveryCb>,
     /// The number of the next write that carries a handle.
     next_write: u64,
     /// While the channel handles one read's messages, messages without a
@@ -380,8 +627,8 @@ impl ChannelState {
             on_error: CallbackSlot::empty(),
             on_disconnect: CallbackSlot::empty(),
             backlog: VecDeque::new(),
-            replies: HashMap::new(),
-            deliveries: HashMap::new(),
+            replies: CounterMap::default(),
+            deliveries: CounterMap::default(),
             next_write: 0,
             in_read: false,
             corked: Vec::new(),
@@ -451,6 +698,79 @@ fn not_connected() -> io::Error {
 pub struct Channel {
     id: Id<ChannelState>,
     pipe: Handle<Pipe>,
+}
+
+/// The loop's next cluster `seq`.
+fn next_seq(lp: &mut Loop) -> u64 {
+    let ctx = lp.context_mut::<IpcContext>();
+    let seq = ctx.seq;
+    ctx.seq += 1;
+    seq
+}
+
+/// Writes `,"seq":<seq>}` and, for a `NODE_HANDLE` wrapper, its closing
+/// `}`, then the line end.
+fn close_cluster(out: &mut Vec<u8>, seq: u64, wrapped: bool) {
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(itoa_u64(seq, &mut [0; 20]));
+    out.extend_from_slice(if wrapped { b"}}\n" } else { b"}\n" });
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// The start of a cluster message: `{"cmd":"NODE_CLUSTER"`, inside a
+/// `NODE_HANDLE` wrapper of type `kind` if there is one.
+fn open_cluster(out: &mut Vec<u8>, kind: Option<HandleKind>) {
+    if let Some(kind) = kind {
+        out.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"");
+        out.extend_from_slice(kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"msg\":");
+    }
+    out.extend_from_slice(b"{\"cmd\":\"NODE_CLUSTER\"");
+}
+
+/// The line of `{"cmd":"NODE_CLUSTER", ...fields, "seq":seq}` (wrapped as
+/// a `NODE_HANDLE` of type `kind` if given), written field by field: the
+/// same bytes as encoding the map [`cluster_message`] builds (and
+/// [`message::wrap_handle`] wraps), without building it. `None` when
+/// `fields` holds `cmd` or `seq` themselves, whose places and values the
+/// map's rules decide.
+fn encode_cluster(
+    fields: &Map<String, Value>,
+    seq: u64,
+    kind: Option<HandleKind>,
+) -> Option<serde_json::Result<Vec<u8>>> {
+    if fields.contains_key("cmd") || fields.contains_key("seq") {
+        return None;
+    }
+    let mut out = Vec::with_capacity(128);
+    open_cluster(&mut out, kind);
+    for (k, v) in fields {
+        out.push(b',');
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, json::JsFormatter);
+        if let Err(e) = k.serialize(&mut ser) {
+            return Some(Err(e));
+        }
+        out.push(b':');
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, json::JsFormatter);
+        if let Err(e) = v.serialize(&mut ser) {
+            return Some(Err(e));
+        }
+    }
+    close_cluster(&mut out, seq, kind.is_some());
+    Some(Ok(out))
 }
 
 /// `{"cmd":"NODE_CLUSTER", ...fields, "seq":n}` with the loop's next `seq`.
@@ -785,8 +1105,13 @@ impl Channel {
         lp: &mut Loop,
         mut fields: Map<String, Value>,
         attach: Option<Attach>,
-        reply: Option<ReplyCb>,
+        mut reply: Option<ReplyCb>,
     ) -> io::Result<u64> {
+        if attach.is_none()
+            && let Some(seq) = self.try_send_cluster_direct(lp, &fields, &mut reply)
+        {
+            return seq;
+        }
         let (seq, msg) = cluster_message(lp, &mut fields);
         self.expect_reply(lp, seq, reply);
         let r = match attach {
@@ -800,9 +1125,44 @@ impl Channel {
         Ok(seq)
     }
 
-    fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<ReplyCb>) {
+    /// [`send_cluster`](Self::send_cluster) without a handle, its line
+    /// written field by field ([`encode_cluster`]); `None` (and `reply`
+    /// untouched) when the fields need the general path.
+    fn try_send_cluster_direct(
+        self,
+        lp: &mut Loop,
+        fields: &Map<String, Value>,
+        reply: &mut Option<ReplyCb>,
+    ) -> Option<io::Result<u64>> {
+        let seq = lp.context::<IpcContext>().map_or(0, |c| c.seq);
+        let bytes = encode_cluster(fields, seq, None)?;
+        let seq = next_seq(lp);
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return Some(Err(io::Error::new(io::ErrorKind::InvalidInput, e))),
+        };
+        self.expect_reply(lp, seq, reply.take());
+        let r = self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: None,
+                on_sent: None,
+                delivery: None,
+            },
+        );
+        Some(match r {
+            Ok(()) => Ok(seq),
+            Err(e) => {
+                self.forget_reply(lp, seq);
+                Err(e)
+            }
+        })
+    }
+
+    fn expect_reply(self, lp: &mut Loop, seq: u64, reply: Option<impl Into<Reply>>) {
         if let (Some(cb), Some(s)) = (reply, st_mut(lp, self)) {
-            s.replies.insert(seq, cb);
+            s.replies.insert(seq, cb.into());
         }
     }
 
@@ -839,23 +1199,77 @@ impl Channel {
         reply: Option<ReplyCb>,
         on_delivery: DeliveryCb,
     ) -> io::Result<u64> {
-        let (seq, msg) = cluster_message(lp, &mut fields);
+        let seq = lp.context::<IpcContext>().map_or(0, |c| c.seq);
+        let bytes = match encode_cluster(&fields, seq, Some(attach.kind)) {
+            Some(r) => {
+                next_seq(lp);
+                r
+            }
+            None => {
+                let (s, msg) = cluster_message(lp, &mut fields);
+                debug_assert_eq!(s, seq);
+                let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
+                frame::encode(&wrapped)
+            }
+        };
+        let bytes = bytes.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+        self.submit_cluster_handle(lp, seq, bytes, attach, reply.map(Reply::Value), on_delivery)
+    }
+
+    /// [`send_cluster_handle`](Self::send_cluster_handle) with the fields
+    /// given as their JSON text, `"name":value` pairs joined by commas
+    /// (such as `"act":"newconn","key":"..."`), written as they are: what
+    /// the round-robin handle sends for every connection, encoded once.
+    /// The caller answers for `fields` being valid JSON members without
+    /// `cmd` or `seq`.
+    pub(crate) fn send_cluster_handle_json(
+        self,
+        lp: &mut Loop,
+        fields: &[u8],
+        attach: Attach,
+        reply: Option<FieldsReplyCb>,
+        on_delivery: DeliveryCb,
+    ) -> io::Result<u64> {
+        let seq = next_seq(lp);
+        let mut bytes = Vec::with_capacity(fields.len() + 80);
+        open_cluster(&mut bytes, Some(attach.kind));
+        if !fields.is_empty() {
+            bytes.push(b',');
+            bytes.extend_from_slice(fields);
+        }
+        close_cluster(&mut bytes, seq, true);
+        self.submit_cluster_handle(
+            lp,
+            seq,
+            Ok(bytes),
+            attach,
+            reply.map(Reply::Fields),
+            on_delivery,
+        )
+    }
+
+    fn submit_cluster_handle(
+        self,
+        lp: &mut Loop,
+        seq: u64,
+        bytes: io::Result<Vec<u8>>,
+        attach: Attach,
+        reply: Option<Reply>,
+        on_delivery: DeliveryCb,
+    ) -> io::Result<u64> {
         let reply_seq = reply.is_some().then_some(seq);
         self.expect_reply(lp, seq, reply);
-        let wrapped = message::wrap_handle(Value::Object(msg), attach.kind, Map::new());
-        let r = frame::encode(&wrapped)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-            .and_then(|bytes| {
-                self.submit(
-                    lp,
-                    Outgoing {
-                        bytes,
-                        attach: Some(attach),
-                        on_sent: None,
-                        delivery: Some((on_delivery, reply_seq)),
-                    },
-                )
-            });
+        let r = bytes.and_then(|bytes| {
+            self.submit(
+                lp,
+                Outgoing {
+                    bytes,
+                    attach: Some(attach),
+                    on_sent: None,
+                    delivery: Some((on_delivery, reply_seq)),
+                },
+            )
+        });
         if let Err(e) = r {
             self.forget_reply(lp, seq);
             return Err(e);
@@ -1288,13 +1702,25 @@ impl Channel {
     /// The next complete line, decoded, or why it could not be (with
     /// whether it claims to carry a handle); `None` when no line is
     /// complete or the channel is closed.
-    fn next_line(self, lp: &mut Loop) -> Option<Result<Line, (FrameError, bool)>> {
+    fn next_line(self, lp: &mut Loop) -> Option<Result<Item, (FrameError, bool)>> {
         let s = st_mut(lp, self).filter(|s| s.state != State::Closed)?;
         let max_depth = s.opts.max_depth;
         let decoder = &mut s.decoder;
         Some(match decoder.next_line()? {
+            Ok(ACK_LINE) => Ok(Item::Ack(true)),
+            Ok(NACK_LINE) => Ok(Item::Ack(false)),
+            Ok(line)
+                if let Some(flat) = Flat::reply(line)
+                    && let Some(ack) = flat.ack
+                    && let Some(Reply::Fields(_)) = s.replies.get(&ack) =>
+            {
+                let Some(Reply::Fields(cb)) = s.replies.remove(&ack) else {
+                    unreachable!("just found")
+                };
+                Ok(Item::FlatReply(cb, flat))
+            }
             Ok(line) => match json::parse(line, max_depth) {
-                Ok(p) => Ok(Line::decoded(line, p)),
+                Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
                 Err(e) => Err((e, json::claims_node_handle(line))),
             },
             Err(e) => {
@@ -1311,7 +1737,9 @@ impl Channel {
     fn drain_lines_inner(self, lp: &mut Loop) {
         while let Some(item) = self.next_line(lp) {
             match item {
-                Ok(line) => self.dispatch(lp, line),
+                Ok(Item::Ack(ok)) => self.on_ack(lp, ok),
+                Ok(Item::FlatReply(cb, flat)) => cb(lp, self, Fields::Flat(&flat), None),
+                Ok(Item::Line(line)) => self.dispatch(lp, line),
                 Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
         }
@@ -1435,7 +1863,10 @@ impl Channel {
             && let Some(ack) = v.get("ack").and_then(Value::as_u64)
             && let Some(cb) = st_mut(lp, self).and_then(|s| s.replies.remove(&ack))
         {
-            cb(lp, self, v, h);
+            match cb {
+                Reply::Value(cb) => cb(lp, self, v, h),
+                Reply::Fields(cb) => cb(lp, self, Fields::Value(&v), h),
+            }
             return;
         }
         let mut item = Some((v, h));
@@ -1514,6 +1945,203 @@ mod tests {
 
     fn channels(lp: &Loop) -> usize {
         lp.context::<IpcContext>().map_or(0, |c| c.channels.len())
+    }
+
+    /// The general path's bytes: the map `cluster_message` builds, wrapped
+    /// by `wrap_handle` when a handle goes with it, through `frame::encode`.
+    fn general(fields: &Map<String, Value>, seq: u64, kind: Option<HandleKind>) -> Vec<u8> {
+        let mut msg = Map::new();
+        msg.insert("cmd".into(), NODE_CLUSTER.into());
+        msg.append(&mut fields.clone());
+        msg.insert("seq".into(), seq.into());
+        let v = match kind {
+            Some(k) => message::wrap_handle(Value::Object(msg), k, Map::new()),
+            None => Value::Object(msg),
+        };
+        frame::encode(&v).unwrap()
+    }
+
+    /// Cluster messages written field by field (`encode_cluster`, and the
+    /// round-robin handle's pre-encoded `newconn` fields) are byte for byte
+    /// what encoding the message's map writes: the wire stays Node's.
+    #[test]
+    fn cluster_messages_written_field_by_field_match_the_encoded_map() {
+        let cases = [
+            serde_json::json!({"act": "newconn", "key": "127.0.0.1:8000:4:0:-1"}),
+            serde_json::json!({"ack": 7, "accepted": true, "load": 3}),
+            serde_json::json!({"act": "queryServer", "port": 0, "addressType": 4,
+                "data": null, "n": [1e21, -0.0, 0.5], "s": "é\"\\\u{1}\u{2028}"}),
+            serde_json::json!({}),
+        ];
+        for fields in cases {
+            let fields = fields.as_object().unwrap();
+            for seq in [0, 9, 10, 12345678901234] {
+                for kind in [
+                    None,
+                    Some(HandleKind::NetNative),
+                    Some(HandleKind::DgramNative),
+                ] {
+                    let direct = encode_cluster(fields, seq, kind).unwrap().unwrap();
+                    assert_eq!(
+                        String::from_utf8(direct).unwrap(),
+                        String::from_utf8(general(fields, seq, kind)).unwrap()
+                    );
+                }
+            }
+        }
+        // `cmd` or `seq` among the fields take the general path.
+        for f in [
+            serde_json::json!({"cmd": "x"}),
+            serde_json::json!({"a": 1, "seq": 2}),
+        ] {
+            assert!(encode_cluster(f.as_object().unwrap(), 1, None).is_none());
+        }
+    }
+
+    /// A pre-encoded `newconn` goes out as the map would have: sent over a
+    /// real pipe pair with an fd, the peer reads the same line.
+    #[test]
+    fn a_pre_encoded_newconn_is_the_wire_line_of_its_map() {
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let key = "127.0.0.1:8000:4:0:-1\"\\";
+        let mut raw = b"\"act\":\"newconn\",\"key\":".to_vec();
+        raw.extend_from_slice(&serde_json::to_vec(key).unwrap());
+        let t = lp.tcp_init();
+        lp.tcp_bind(
+            t,
+            "127.0.0.1:0".parse().unwrap(),
+            crate::uv::BindFlags::default(),
+        )
+        .unwrap();
+        let attach = Attach {
+            handle: t.into(),
+            kind: HandleKind::NetNative,
+            after_ack: AfterAck::Close,
+        };
+        let seq = a
+            .send_cluster_handle_json(&mut lp, &raw, attach, None, Box::new(|_, _, _| {}))
+            .unwrap();
+        let got = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let g = got.clone();
+        lp.read_start(b, move |lp, b, r| {
+            if let Ok(d) = r {
+                g.borrow_mut().extend_from_slice(d);
+                if d.ends_with(b"\n") {
+                    lp.close_if_open(b);
+                }
+            }
+        })
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !got.borrow().ends_with(b"\n") && std::time::Instant::now() < deadline {
+            lp.run(RunMode::Once).unwrap();
+        }
+        let mut fields = Map::new();
+        fields.insert("act".into(), "newconn".into());
+        fields.insert("key".into(), key.into());
+        assert_eq!(
+            String::from_utf8(got.borrow().clone()).unwrap(),
+            String::from_utf8(general(&fields, seq, Some(HandleKind::NetNative))).unwrap()
+        );
+        while lp.pipe_take_pending_fd(b).is_ok() {}
+        a.disconnect(&mut lp);
+    }
+
+    /// A reply read from its flat line gives every field as the parsed
+    /// value does (truth, integers, the last of a repeated key, `ack`),
+    /// and anything not flat is left to the parser.
+    #[test]
+    fn flat_replies_read_as_their_parsed_values() {
+        let flat = [
+            &br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"seq":3}"#[..],
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":false,"load":12,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":0,"accepted":0,"load":0,"seq":0}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":123456789012345,"accepted":"yes","seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"accepted":"","load":null,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"accepted":false,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"ack":6,"accepted":1,"seq":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":5,"ack":true,"accepted":1,"seq":1}"#,
+        ];
+        for line in flat {
+            let f =
+                Flat::reply(line).unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(line)));
+            let v = json::parse(line, DEFAULT_MAX_DEPTH).unwrap().value;
+            let (a, b) = (Fields::Flat(&f), Fields::Value(&v));
+            for name in ["accepted", "load", "ack", "seq", "cmd", "missing"] {
+                assert_eq!(a.truthy(name), b.truthy(name), "{name} in {v}");
+                assert_eq!(a.as_u64(name), b.as_u64(name), "{name} in {v}");
+            }
+            assert_eq!(f.ack, v.get("ack").and_then(Value::as_u64), "{v}");
+        }
+        let not_flat = [
+            &br#"{"cmd":"NODE_CLUSTER","ack":7, "accepted":true,"seq":3}"#[..],
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":1.0,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":-1,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":07,"accepted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":1234567890123456,"accepted":true}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":{"a":1},"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":"a,b","seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":"a\"b","seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"acc-epted":true,"seq":3}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"seq":3"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"a":1,"b":1,"c":1,"d":1,"e":1,"f":1,"g":1}"#,
+            br#"{"cmd":"NODE_CLUSTER","accepted":true,"ack":7}"#,
+            br#"{"cmd":"NODE_HANDLE_ACK"}"#,
+            br#"{"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"cmd":"x"}"#,
+        ];
+        for line in not_flat {
+            assert!(
+                Flat::reply(line).is_none(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    /// An ACK recognised by its bytes and one spelt otherwise (spaces,
+    /// which only the parser reads) release the next handle alike.
+    #[test]
+    fn handle_acks_by_their_bytes_and_by_the_parser_alike() {
+        for ack in [
+            &b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..],
+            b"{ \"cmd\" : \"NODE_HANDLE_ACK\" }\n",
+        ] {
+            let mut lp = Loop::new().unwrap();
+            let (a, b) = lp.pipe_pair(true).unwrap();
+            let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+            let acked = std::rc::Rc::new(std::cell::Cell::new(false));
+            let t = lp.tcp_init();
+            lp.tcp_bind(
+                t,
+                "127.0.0.1:0".parse().unwrap(),
+                crate::uv::BindFlags::default(),
+            )
+            .unwrap();
+            let attach = Attach {
+                handle: t.into(),
+                kind: HandleKind::NetNative,
+                after_ack: AfterAck::Close,
+            };
+            let ac = acked.clone();
+            a.send_cluster_handle(
+                &mut lp,
+                Map::new(),
+                attach,
+                None,
+                Box::new(move |_, _, d| ac.set(matches!(d, HandleDelivery::Acked))),
+            )
+            .unwrap();
+            lp.write(b, &[ack], |_, _, _| {}).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !acked.get() && std::time::Instant::now() < deadline {
+                lp.run(RunMode::NoWait).unwrap();
+            }
+            assert!(acked.get(), "{}", String::from_utf8_lossy(ack));
+            assert!(!lp.is_active(t) || lp.is_closing(t));
+        }
     }
 
     /// The loop owns a channel's state from `open` until its pipe has

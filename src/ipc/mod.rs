@@ -26,6 +26,7 @@ pub use channel::{
     DEFAULT_REPORT_BAD_LINES, DeliveryCb, HandleDelivery, MessageCb, NODE_CHANNEL_FD,
     NODE_CHANNEL_SERIALIZATION_MODE, RawMessageCb, ReplyCb, SentCb,
 };
+pub(crate) use channel::{Fields, FieldsReplyCb};
 pub use fork::{ExitCb, ForkOptions, ForkStdio, Forked, fork};
 pub use frame::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE, Decoder, FrameError, encode, parse_line};
 pub use message::{

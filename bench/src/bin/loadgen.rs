@@ -6,10 +6,12 @@
 //! `slow`: every `EVERY`-th request (default 200) is `GET /block/<MS>`
 //! (default 10 ms), a handler that blocks its worker's loop; `spin`: the
 //! same with `GET /spin/<MS>`, a handler that keeps the CPU busy.
+//! `REQUESTS=N` starts at most N requests (connections, for `close`) and
+//! ends when they have: a fixed amount of work whatever the duration.
 
 use std::time::Duration;
 
-use uvcluster_bench::loadgen::{LoadConfig, Slow, Workload, run};
+use uvcluster_bench::loadgen::{LoadConfig, RunOptions, Slow, Workload, run_with};
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,12 +37,19 @@ fn main() -> std::io::Result<()> {
         },
         _ => Workload::KeepAlive,
     };
-    let r = run(LoadConfig {
-        addr,
-        connections,
-        duration: Duration::from_secs_f64(secs),
-        workload,
-    })?;
+    let opts = RunOptions {
+        max_requests: std::env::var("REQUESTS").ok().and_then(|s| s.parse().ok()),
+        ..RunOptions::default()
+    };
+    let r = run_with(
+        LoadConfig {
+            addr,
+            connections,
+            duration: Duration::from_secs_f64(secs),
+            workload,
+        },
+        opts,
+    )?;
     println!(
         "workload={workload:?} requests={} errors={} secs={:.2} rps={:.0} p50_us={} p99_us={} max_us={} fast_p99_us={}",
         r.requests, r.errors, r.secs, r.rps, r.p50_us, r.p99_us, r.max_us, r.fast_p99_us

@@ -344,6 +344,7 @@ impl Load {
             retry_delay: Duration::from_millis(5),
             pid_header: Some(UPSTREAM_HEADER.into()),
             pids: Some(seen.clone()),
+            max_requests: None,
         };
         let cfg = LoadConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

@@ -666,6 +666,7 @@ impl Load {
             retry_delay: Duration::from_millis(5),
             pid_header: Some(PID_HEADER.into()),
             pids: Some(pids.clone()),
+            max_requests: None,
         };
         let thread = std::thread::spawn(move || loadgen::run_with(cfg, opts));
         std::thread::sleep(WARMUP);
