@@ -83,14 +83,26 @@ impl ControlPath {
     }
 }
 
-/// The directory of default control sockets: `$XDG_RUNTIME_DIR/uvcluster`
-/// (the per-user runtime directory systemd's `pam_systemd` provides),
-/// else `/tmp/uvcluster-UID`, created mode 0700 and refused unless it is
-/// ours and closed to others.
+/// The directory of default control sockets, for this process's user
+/// (see [`runtime_dir_for`]).
 pub fn runtime_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    runtime_dir_for(env, nix::unistd::getuid().as_raw())
+}
+
+/// The directory of default control sockets of user `uid`, the same for
+/// `uvcluster run` and `uvcluster ctl`: `$XDG_RUNTIME_DIR/uvcluster` (the
+/// per-user runtime directory that `pam_systemd` provides, and where a
+/// `systemd --user` unit's `RuntimeDirectory=uvcluster` is); else, for
+/// root, `/run/uvcluster` (`/run` is root's runtime directory, where a
+/// system unit's `RuntimeDirectory=uvcluster` is, outside the unit's
+/// `PrivateTmp=`); else `/tmp/uvcluster-UID` (the temporary directory of
+/// `$TMPDIR`). `run` creates it mode 0700 and refuses it unless it is
+/// the user's and closed to others.
+pub fn runtime_dir_for(env: impl Fn(&str) -> Option<std::ffi::OsString>, uid: u32) -> PathBuf {
     match env("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("uvcluster"),
-        None => std::env::temp_dir().join(format!("uvcluster-{}", nix::unistd::getuid())),
+        None if uid == 0 => PathBuf::from("/run/uvcluster"),
+        None => std::env::temp_dir().join(format!("uvcluster-{uid}")),
     }
 }
 
@@ -683,6 +695,32 @@ mod tests {
         assert_eq!(
             ControlPath::resolve(Some(None), Some("web"), none),
             ControlPath::Off
+        );
+    }
+
+    /// The shipped unit could not be reached by `uvcluster ctl`: root
+    /// without `$XDG_RUNTIME_DIR` used `/tmp/uvcluster-0`, inside the
+    /// unit's `PrivateTmp=`. Root now uses `/run/uvcluster` (the unit's
+    /// `RuntimeDirectory=uvcluster`); others keep `/tmp/uvcluster-UID`;
+    /// `$XDG_RUNTIME_DIR`, when set and not empty, wins for everyone.
+    #[test]
+    fn default_control_dir_for_root_is_run_uvcluster() {
+        let none = |_: &str| None;
+        let empty = |_: &str| Some("".into());
+        let xdg = |v: &str| (v == "XDG_RUNTIME_DIR").then(|| "/run/user/1000".into());
+        assert_eq!(runtime_dir_for(none, 0), PathBuf::from("/run/uvcluster"));
+        assert_eq!(runtime_dir_for(empty, 0), PathBuf::from("/run/uvcluster"));
+        assert_eq!(
+            runtime_dir_for(none, 1000),
+            std::env::temp_dir().join("uvcluster-1000")
+        );
+        assert_eq!(
+            runtime_dir_for(xdg, 0),
+            PathBuf::from("/run/user/1000/uvcluster")
+        );
+        assert_eq!(
+            runtime_dir_for(xdg, 1000),
+            PathBuf::from("/run/user/1000/uvcluster")
         );
     }
 }

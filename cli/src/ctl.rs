@@ -43,7 +43,8 @@ Options:
   -h, --help           this text
 
 Without --control or --name: the only primary answering in the runtime
-directory ($XDG_RUNTIME_DIR/uvcluster, else /tmp/uvcluster-UID).
+directory ($XDG_RUNTIME_DIR/uvcluster, else /run/uvcluster for root,
+else /tmp/uvcluster-UID).
 Exit status: 0 ok, 1 refused or failed (a reload that failed closed), 2 usage.
 See docs/control.md.
 ";
