@@ -356,6 +356,22 @@ pub(crate) fn start_failure(f: &StartFailure) -> String {
     }
 }
 
+/// Why a reload failed, in the log's words (also the control socket's
+/// reply): durations as the log writes them (`2s`, not `2000 ms`).
+pub(crate) fn reload_failure(e: &ReloadError) -> String {
+    match e {
+        ReloadError::NotReady {
+            slot,
+            failure,
+            replaced,
+        } => format!(
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+            start_failure(failure)
+        ),
+        ReloadError::Stopped => "the primary is stopping".into(),
+    }
+}
+
 /// What the log lines of the supervisor's events need besides the event.
 struct Journal {
     primary: Primary,
@@ -483,14 +499,9 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             "reload queued: it runs once the current one ends"
         ),
         E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
-        E::ReloadFailed(ReloadError::NotReady {
-            slot,
-            failure,
-            replaced,
-        }) => events::reload_failed(&format!(
-            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
-            start_failure(failure)
-        )),
+        E::ReloadFailed(e @ ReloadError::NotReady { .. }) => {
+            events::reload_failed(&reload_failure(e))
+        }
         E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
         E::Scaled { from, to } => log::info!(
             target: events::TARGET,

@@ -179,7 +179,7 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
                 "x",
             ],
             &[],
-            "backoff-cap should be at least backoff-initial (5s). Received 1s",
+            "--backoff-cap should be at least --backoff-initial (5s). Received 1s",
         ),
         (
             &["run", "--", "x"],
