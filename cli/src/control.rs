@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use uvcluster::serde_json::{self, Value, json};
 use uvcluster::uv::{Handle, Loop, Pipe, Timer};
 
@@ -83,14 +82,26 @@ impl ControlPath {
     }
 }
 
-/// The directory of default control sockets: `$XDG_RUNTIME_DIR/uvcluster`
-/// (the per-user runtime directory systemd's `pam_systemd` provides),
-/// else `/tmp/uvcluster-UID`, created mode 0700 and refused unless it is
-/// ours and closed to others.
+/// The directory of default control sockets, for this process's user
+/// (see [`runtime_dir_for`]).
 pub fn runtime_dir(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    runtime_dir_for(env, nix::unistd::getuid().as_raw())
+}
+
+/// The directory of default control sockets of user `uid`, the same for
+/// `uvcluster run` and `uvcluster ctl`: `$XDG_RUNTIME_DIR/uvcluster` (the
+/// per-user runtime directory that `pam_systemd` provides, and where a
+/// `systemd --user` unit's `RuntimeDirectory=uvcluster` is); else, for
+/// root, `/run/uvcluster` (`/run` is root's runtime directory, where a
+/// system unit's `RuntimeDirectory=uvcluster` is, outside the unit's
+/// `PrivateTmp=`); else `/tmp/uvcluster-UID` (the temporary directory of
+/// `$TMPDIR`). `run` creates it mode 0700 and refuses it unless it is
+/// the user's and closed to others.
+pub fn runtime_dir_for(env: impl Fn(&str) -> Option<std::ffi::OsString>, uid: u32) -> PathBuf {
     match env("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("uvcluster"),
-        None => std::env::temp_dir().join(format!("uvcluster-{}", nix::unistd::getuid())),
+        None if uid == 0 => PathBuf::from("/run/uvcluster"),
+        None => std::env::temp_dir().join(format!("uvcluster-{uid}")),
     }
 }
 
@@ -121,8 +132,7 @@ pub fn path_or_none(v: &str) -> Result<Option<PathBuf>, String> {
 
 /// A request, as a JSON object (`{"command":"scale","workers":4}`) or as
 /// its words (`scale 4`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// One row per worker.
     Status,
@@ -130,7 +140,7 @@ pub enum Request {
     Reload,
     /// Set the worker count.
     Scale {
-        /// The new count, at least 1.
+        /// The new count, 1 to [`MAX_WORKERS`](uvcluster::supervisor::MAX_WORKERS).
         workers: usize,
     },
     /// Replace one worker gracefully.
@@ -151,7 +161,25 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRequest(pub String);
 
-/// Parses one request line (without its newline).
+/// The commands, as an error reply lists them.
+const COMMANDS: &str = "status, reload, scale N, restart ID, stop, send JSON";
+
+/// `"workers"` of a scale, in words for a person (no Rust type names).
+fn workers_range() -> String {
+    format!(
+        "a whole number from 1 to {}",
+        uvcluster::supervisor::MAX_WORKERS
+    )
+}
+
+/// A worker count from `scale`'s argument.
+fn workers_of(v: Option<u64>) -> Option<usize> {
+    v.filter(|n| (1..=uvcluster::supervisor::MAX_WORKERS as u64).contains(n))
+        .map(|n| n as usize)
+}
+
+/// Parses one request line (without its newline). The errors are in a
+/// user's words: JSON names (`"workers"`), never Rust's (`usize`).
 ///
 /// # Errors
 ///
@@ -161,14 +189,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
         .map_err(|_| BadRequest("the request is not UTF-8".into()))?
         .trim();
     if text.starts_with('{') {
-        return serde_json::from_str(text).map_err(|e| BadRequest(format!("bad request: {e}")));
+        return from_json(text);
     }
     let (word, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
     let rest = rest.trim();
-    let number = |what: &str| {
-        rest.parse::<u64>()
-            .map_err(|_| BadRequest(format!("{word} takes {what}. Received {rest:?}")))
-    };
     let none = |r: Request| {
         if rest.is_empty() {
             Ok(r)
@@ -182,22 +206,110 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
         "status" => none(Request::Status),
         "reload" => none(Request::Reload),
         "stop" => none(Request::Stop),
-        "scale" => Ok(Request::Scale {
-            workers: number("a worker count")? as usize,
-        }),
-        "restart" => Ok(Request::Restart {
-            worker: u32::try_from(number("a worker id")?)
-                .map_err(|_| BadRequest(format!("no worker {rest}")))?,
-        }),
+        "scale" => workers_of(rest.parse().ok())
+            .map(|workers| Request::Scale { workers })
+            .ok_or_else(|| {
+                BadRequest(format!(
+                    "scale takes a worker count, {}. Received {rest:?}",
+                    workers_range()
+                ))
+            }),
+        "restart" => rest
+            .parse::<u32>()
+            .map(|worker| Request::Restart { worker })
+            .map_err(|_| {
+                BadRequest(format!(
+                    "restart takes a worker id, a whole number (the ID column of \
+                     status). Received {rest:?}"
+                ))
+            }),
+        "send" if rest.is_empty() => Err(BadRequest(
+            "send needs a JSON message, e.g. send {\"cmd\":\"flush\"}".into(),
+        )),
         "send" => serde_json::from_str(rest)
             .map(|message| Request::Send { message })
             .map_err(|e| BadRequest(format!("send takes a JSON value: {e}"))),
-        "" => Err(BadRequest("empty request".into())),
+        "" => Err(BadRequest(format!(
+            "an empty line is not a request; the commands are {COMMANDS}"
+        ))),
         _ => Err(BadRequest(format!(
-            "unknown command {word:?}; the commands are status, reload, scale N, \
-             restart ID, stop, send JSON"
+            "unknown command {word:?}; the commands are {COMMANDS}"
         ))),
     }
+}
+
+/// A request as a JSON object: `"command"` and that command's fields.
+fn from_json(text: &str) -> Result<Request, BadRequest> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| BadRequest(format!("the request is not valid JSON: {e}")))?;
+    let Value::Object(mut m) = v else {
+        return Err(BadRequest(format!(
+            "a request is a JSON object with \"command\", or its words ({COMMANDS})"
+        )));
+    };
+    let command = match m.remove("command") {
+        Some(Value::String(c)) => c,
+        None => {
+            return Err(BadRequest(
+                "a request needs \"command\": status, reload, scale, restart, stop or send".into(),
+            ));
+        }
+        Some(other) => {
+            return Err(BadRequest(format!(
+                "\"command\" must be a string: status, reload, scale, restart, stop or \
+                 send. Received {other}"
+            )));
+        }
+    };
+    let needs = |m: &mut serde_json::Map<String, Value>, field: &str, what: &str| {
+        m.remove(field)
+            .ok_or_else(|| BadRequest(format!("a {command} request needs \"{field}\", {what}")))
+    };
+    let (request, fields) = match command.as_str() {
+        "status" => (Request::Status, ""),
+        "reload" => (Request::Reload, ""),
+        "stop" => (Request::Stop, ""),
+        "scale" => {
+            let w = needs(&mut m, "workers", &workers_range())?;
+            let workers = workers_of(w.as_u64()).ok_or_else(|| {
+                BadRequest(format!(
+                    "\"workers\" must be {}. Received {w}",
+                    workers_range()
+                ))
+            })?;
+            (Request::Scale { workers }, "\"workers\"")
+        }
+        "restart" => {
+            let what = "a worker id, a whole number (the id of a status row)";
+            let w = needs(&mut m, "worker", what)?;
+            let worker = w
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| BadRequest(format!("\"worker\" must be {what}. Received {w}")))?;
+            (Request::Restart { worker }, "\"worker\"")
+        }
+        "send" => {
+            let message = needs(&mut m, "message", "the JSON value to send")?;
+            (Request::Send { message }, "\"message\"")
+        }
+        other => {
+            return Err(BadRequest(format!(
+                "unknown command {other:?}; the commands are status, reload, scale, \
+                 restart, stop and send"
+            )));
+        }
+    };
+    if let Some(field) = m.keys().next() {
+        let takes = if fields.is_empty() {
+            "no field but \"command\"".to_owned()
+        } else {
+            format!("\"command\" and {fields}")
+        };
+        return Err(BadRequest(format!(
+            "a {command} request takes {takes}. Received {field:?}"
+        )));
+    }
+    Ok(request)
 }
 
 struct Client {
@@ -408,12 +520,8 @@ impl Control {
         };
         let me = self.clone();
         let _ = lp.timer_start(timer, idle, Duration::ZERO, move |lp, _| {
-            let secs = me.inner.borrow().idle.as_secs_f64();
-            me.fail_and_close(
-                lp,
-                c,
-                format!("idle for {secs}s without a request: closing"),
-            );
+            let idle = crate::values::show_duration(me.inner.borrow().idle);
+            me.fail_and_close(lp, c, format!("idle for {idle} without a request: closing"));
         });
     }
 
@@ -499,9 +607,8 @@ impl Control {
                 );
                 return;
             };
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+            // An empty line gets its error reply too (parse_request):
+            // a client waiting for a reply to it must not wait forever.
             match parse_request(&line) {
                 Ok(r) => self.serve(lp, c, r),
                 Err(BadRequest(m)) => self.reply(lp, c, &error_value(m)),
@@ -560,12 +667,16 @@ impl Control {
                             "ok": true,
                             "command": "reload",
                             "replaced": rep.replaced,
-                            "duration_seconds": rep.duration.as_secs_f64(),
+                            // To the millisecond, as the log.
+                            "duration_seconds": rep.duration.as_millis() as f64 / 1000.0,
                         }),
                         Err(e) => json!({
                             "ok": false,
                             "command": "reload",
-                            "error": format!("reload failed closed: {e}"),
+                            "error": format!(
+                                "reload failed closed: {}; the old workers keep serving",
+                                crate::run::reload_failure(&e)
+                            ),
                         }),
                     };
                     let idle = {
@@ -651,16 +762,81 @@ mod tests {
     fn bad_requests_say_why() {
         for (line, want) in [
             (&b"hello"[..], "unknown command \"hello\""),
-            (b"scale x", "scale takes a worker count"),
+            (
+                b"scale x",
+                "scale takes a worker count, a whole number from 1 to 4096. Received \"x\"",
+            ),
+            (
+                b"scale 0",
+                "scale takes a worker count, a whole number from 1 to 4096. Received \"0\"",
+            ),
+            (b"restart x", "restart takes a worker id, a whole number"),
             (b"status now", "status takes no argument"),
-            (b"{\"command\":\"scale\"}", "missing field `workers`"),
-            (b"{\"command\":\"boom\"}", "unknown variant `boom`"),
-            (b"{not json", "bad request"),
+            (
+                b"{\"command\":\"scale\"}",
+                "a scale request needs \"workers\", a whole number from 1 to 4096",
+            ),
+            (b"{\"command\":\"boom\"}", "unknown command \"boom\""),
+            (b"{not json", "the request is not valid JSON"),
             (b"\xff\xfe", "not UTF-8"),
             (b"send {", "send takes a JSON value"),
+            (
+                b"send",
+                "send needs a JSON message, e.g. send {\"cmd\":\"flush\"}",
+            ),
+            (
+                b"",
+                "an empty line is not a request; the commands are status, reload",
+            ),
+            (b"  ", "an empty line is not a request"),
         ] {
             let e = parse_request(line).unwrap_err();
             assert!(e.0.contains(want), "{line:?}: {}", e.0);
+        }
+    }
+
+    /// Replies named Rust types (`expected usize`, `expected u32`,
+    /// ``missing field `command` ``): they now name the JSON fields and
+    /// the values accepted.
+    #[test]
+    fn bad_json_requests_say_why_in_plain_words() {
+        for (line, want) in [
+            (
+                &br#"{"command":"scale","workers":-1}"#[..],
+                "\"workers\" must be a whole number from 1 to 4096. Received -1",
+            ),
+            (
+                br#"{"command":"scale","workers":"two"}"#,
+                "\"workers\" must be a whole number from 1 to 4096. Received \"two\"",
+            ),
+            (
+                br#"{"command":"scale","workers":5000}"#,
+                "\"workers\" must be a whole number from 1 to 4096. Received 5000",
+            ),
+            (
+                br#"{"command":"restart","worker":4294967296}"#,
+                "\"worker\" must be a worker id, a whole number (the id of a status row). Received 4294967296",
+            ),
+            (
+                br#"{"workers":2}"#,
+                "a request needs \"command\": status, reload, scale, restart, stop or send",
+            ),
+            (br#"{"command":7}"#, "\"command\" must be a string"),
+            (
+                br#"{"command":"status","x":1}"#,
+                "a status request takes no field but \"command\". Received \"x\"",
+            ),
+            (
+                br#"{"command":"scale","workers":2,"wrokers":3}"#,
+                "a scale request takes \"command\" and \"workers\". Received \"wrokers\"",
+            ),
+            (br#"{"command":"send"}"#, "a send request needs \"message\""),
+        ] {
+            let e = parse_request(line).unwrap_err().0;
+            assert!(e.contains(want), "{}: {e}", String::from_utf8_lossy(line));
+            for rust in ["usize", "u32", "u64", "`", "variant"] {
+                assert!(!e.contains(rust), "{}: {e}", String::from_utf8_lossy(line));
+            }
         }
     }
 
@@ -683,6 +859,32 @@ mod tests {
         assert_eq!(
             ControlPath::resolve(Some(None), Some("web"), none),
             ControlPath::Off
+        );
+    }
+
+    /// The shipped unit could not be reached by `uvcluster ctl`: root
+    /// without `$XDG_RUNTIME_DIR` used `/tmp/uvcluster-0`, inside the
+    /// unit's `PrivateTmp=`. Root now uses `/run/uvcluster` (the unit's
+    /// `RuntimeDirectory=uvcluster`); others keep `/tmp/uvcluster-UID`;
+    /// `$XDG_RUNTIME_DIR`, when set and not empty, wins for everyone.
+    #[test]
+    fn default_control_dir_for_root_is_run_uvcluster() {
+        let none = |_: &str| None;
+        let empty = |_: &str| Some("".into());
+        let xdg = |v: &str| (v == "XDG_RUNTIME_DIR").then(|| "/run/user/1000".into());
+        assert_eq!(runtime_dir_for(none, 0), PathBuf::from("/run/uvcluster"));
+        assert_eq!(runtime_dir_for(empty, 0), PathBuf::from("/run/uvcluster"));
+        assert_eq!(
+            runtime_dir_for(none, 1000),
+            std::env::temp_dir().join("uvcluster-1000")
+        );
+        assert_eq!(
+            runtime_dir_for(xdg, 0),
+            PathBuf::from("/run/user/1000/uvcluster")
+        );
+        assert_eq!(
+            runtime_dir_for(xdg, 1000),
+            PathBuf::from("/run/user/1000/uvcluster")
         );
     }
 }

@@ -43,10 +43,14 @@ Options:
   -h, --help           this text
 
 Without --control or --name: the only primary answering in the runtime
-directory ($XDG_RUNTIME_DIR/uvcluster, else /tmp/uvcluster-UID).
+directory ($XDG_RUNTIME_DIR/uvcluster, else /run/uvcluster for root,
+else /tmp/uvcluster-UID).
 Exit status: 0 ok, 1 refused or failed (a reload that failed closed), 2 usage.
 See docs/control.md.
 ";
+
+/// How `ctl send` is used, for its errors.
+const SEND_EXAMPLE: &str = r#"uvcluster ctl send '{"cmd":"flush"}'"#;
 
 /// How long a reply other than a reload's may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,8 +121,13 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Strin
         }
         Some("send") if words.len() == 2 => {
             let m: Json = serde_json::from_str(&words[1])
-                .map_err(|e| format!("send takes one JSON value: {e}"))?;
+                .map_err(|e| format!("ctl send needs a JSON message ({e}), e.g. {SEND_EXAMPLE}"))?;
             json!({"command": "send", "message": m})
+        }
+        Some("send") if words.len() == 1 => {
+            return Err(format!(
+                "ctl send needs a JSON message, e.g. {SEND_EXAMPLE}"
+            ));
         }
         Some(c @ ("status" | "reload" | "stop" | "scale" | "restart" | "send")) => {
             return Err(format!("wrong arguments for {c}: {}", words[1..].join(" ")));
@@ -224,10 +233,13 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 fn show(v: &Json) -> String {
     match v["command"].as_str() {
         Some("status") => table(v),
+        // The duration as the log writes it (`1s 218ms`).
         Some("reload") => format!(
-            "reload finished: {} worker(s) replaced in {:.3}s\n",
-            v["replaced"],
-            v["duration_seconds"].as_f64().unwrap_or(0.0)
+            "reload finished: {} replaced in {}\n",
+            crate::events::workers(v["replaced"].as_u64().unwrap_or(0) as usize),
+            crate::values::show_duration(Duration::from_secs_f64(
+                v["duration_seconds"].as_f64().unwrap_or(0.0).max(0.0)
+            ))
         ),
         Some("scale") => format!("scaling to {} worker(s)\n", v["workers"]),
         Some("restart") => format!("replacing worker {}\n", v["worker"]),

@@ -88,6 +88,7 @@ Operations:
                                [default: uvcluster-PID]
       --control PATH|none      the control socket (uvcluster ctl)
                                [default: $XDG_RUNTIME_DIR/uvcluster/NAME.sock,
+                               else /run/uvcluster/NAME.sock for root,
                                else /tmp/uvcluster-UID/NAME.sock]
       --control-timeout DUR    a silent control client is closed [default: 10s]
       --metrics HOST:PORT      serve /metrics, /healthz, /readyz [default: off]

@@ -84,7 +84,7 @@ pub struct Row {
     pub slot: usize,
     /// `starting`, `ready`, `draining`, `errored` or `restarting`.
     pub state: String,
-    /// Seconds since it was forked.
+    /// Seconds since it was forked, to the millisecond.
     pub uptime_seconds: f64,
     /// Restarts of its slot after a crash.
     pub restarts: u32,
@@ -96,7 +96,8 @@ pub struct Row {
     /// connections it was handed without telling; `none` and `reuseport`,
     /// where the kernel hands them out; a Node worker; docs/control.md).
     pub connections_open: Option<u64>,
-    /// Resident memory in bytes.
+    /// Resident memory in bytes; `None` where unknown (no process, or one
+    /// that has exited and is not yet reaped).
     pub rss_bytes: Option<u64>,
     /// CPU time used, user plus system, in seconds.
     pub cpu_seconds: Option<f64>,
@@ -245,14 +246,15 @@ impl Ops {
                     pid: w.pid,
                     slot: w.slot,
                     state: w.state.to_string(),
-                    uptime_seconds: w.uptime.as_secs_f64(),
+                    // Milliseconds: `1.695`, not `1.6949999999999998`.
+                    uptime_seconds: w.uptime.as_millis() as f64 / 1000.0,
                     restarts: w.restarts,
                     connections_handed: w.connections,
                     connections_open: w
                         .id
                         .and_then(|id| dispatch.workers.get(&id))
                         .and_then(|d| d.open),
-                    rss_bytes: proc_.map(|p| p.rss_bytes),
+                    rss_bytes: proc_.as_ref().and_then(known_rss),
                     cpu_seconds: proc_.map(|p| p.cpu_seconds),
                     cpu_percent,
                 }
@@ -293,6 +295,14 @@ impl Ops {
     }
 }
 
+/// The resident memory of a sample, unless unknown: a process that has
+/// exited and is not yet reaped (a draining worker, at its end) has a
+/// `statm` of zeros, which is no memory to report, not 0 bytes (status
+/// shows `null`, /metrics omits the sample).
+fn known_rss(p: &ProcSample) -> Option<u64> {
+    (p.rss_bytes > 0).then_some(p.rss_bytes)
+}
+
 fn percent(cpu: f64, over: Duration) -> f64 {
     let secs = over.as_secs_f64();
     if secs <= 0.0 {
@@ -316,6 +326,32 @@ mod tests {
         assert!((p.cpu_seconds - 3.0).abs() < 1e-9, "{p:?}");
         assert_eq!(parse("", stat, 4096, 100), None);
         assert_eq!(parse(statm, "garbage", 4096, 100), None);
+    }
+
+    /// `ctl status` showed `rss_bytes: 0` for a draining worker: an
+    /// exited, unreaped process reads as zeros, now unknown (`None`).
+    #[test]
+    fn rss_of_an_exited_unreaped_process_is_unknown() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let t0 = std::time::Instant::now();
+        // Until it is a zombie (state Z), to a deadline.
+        let zombie = loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            if stat[stat.rfind(')').unwrap() + 1..]
+                .trim_start()
+                .starts_with('Z')
+            {
+                break sample(pid).unwrap();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{stat}");
+            std::thread::yield_now();
+        };
+        assert_eq!(zombie.rss_bytes, 0, "{zombie:?}");
+        assert_eq!(known_rss(&zombie), None);
+        let me = sample(std::process::id() as i32).unwrap();
+        assert_eq!(known_rss(&me), Some(me.rss_bytes));
+        child.wait().unwrap();
     }
 
     #[test]

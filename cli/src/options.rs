@@ -396,6 +396,14 @@ fn read_config(path: Option<&Path>) -> Result<(Partial, Option<PathBuf>), Usage>
         }
         let v = match (&value, kind) {
             (toml::Value::String(s), Kind::Value | Kind::List) => s.clone(),
+            // `watch = 5`: not a path, whatever it names; said here with
+            // the file and key rather than at start as `--watch 5`.
+            (_, Kind::List) => {
+                return Err(Usage(format!(
+                    "{name} in {shown} should be a string or an array of strings. \
+                     Received {value}"
+                )));
+            }
             (toml::Value::Integer(i), Kind::Value) => i.to_string(),
             (toml::Value::Boolean(b), Kind::Switch) => b.to_string(),
             (toml::Value::String(s), Kind::Switch) => s.clone(),
@@ -518,14 +526,14 @@ fn resolve(p: Partial, config_file: Option<PathBuf>) -> Result<Request, Usage> {
     };
     if supervisor.backoff_cap < supervisor.backoff_initial {
         return Err(Usage(format!(
-            "backoff-cap should be at least backoff-initial ({}). Received {}",
+            "--backoff-cap should be at least --backoff-initial ({}). Received {}",
             values::show_duration(supervisor.backoff_initial),
             values::show_duration(supervisor.backoff_cap)
         )));
     }
     supervisor.validate().map_err(|e| {
         Usage(format!(
-            "{} should be {}. Received {}",
+            "--{} should be {}. Received {}",
             e.option, e.expected, e.value
         ))
     })?;
@@ -722,7 +730,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             e,
-            "backoff-cap should be at least backoff-initial (2s). Received 1s"
+            "--backoff-cap should be at least --backoff-initial (2s). Received 1s"
         );
     }
 
@@ -982,6 +990,15 @@ mod tests {
             (
                 "wait-ready = \"yes\"",
                 "wait-ready in {} should be true or false. Received \"yes\"",
+            ),
+            // Was accepted as a path and failed at start as `--watch 5`.
+            (
+                "watch = 5",
+                "watch in {} should be a string or an array of strings. Received 5",
+            ),
+            (
+                "ignore = true",
+                "ignore in {} should be a string or an array of strings. Received true",
             ),
             (
                 "restart = \"sometimes\"",

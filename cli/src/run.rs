@@ -273,8 +273,13 @@ type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 /// ours), for its `errored` line.
 type Tail = Rc<RefCell<VecDeque<String>>>;
 
-/// How many stderr lines of a slot an `errored` line quotes.
-const TAIL_LINES: usize = 5;
+/// How many stderr lines of a slot are kept for its `errored` line
+/// (which quotes a few of them, see [`quote`]): enough to reach back past
+/// a stack trace to the error above it.
+const TAIL_LINES: usize = 50;
+
+/// How many lines an `errored` line quotes when none looks like an error.
+const QUOTE_LAST: usize = 3;
 
 /// How much of each quoted line.
 const TAIL_LINE_CHARS: usize = 200;
@@ -282,8 +287,63 @@ const TAIL_LINE_CHARS: usize = 200;
 /// How often a graceful stop that is still waiting says for whom.
 const STILL_WAITING: Duration = Duration::from_secs(5);
 
+/// Whether `line` (from a worker's stderr) reads as the statement of an
+/// error: Node's `Error: ...`/`TypeError: ...`, a Rust panic, a Python
+/// `Traceback`/`ValueError: ...`, a Java `Exception`, a C tool's
+/// `error: ...`. Indented lines (stack frames) never are.
+fn looks_like_error(line: &str) -> bool {
+    if line.starts_with(char::is_whitespace) || line.is_empty() {
+        return false;
+    }
+    let lower = line.to_ascii_lowercase();
+    line.contains("Error")
+        || lower.starts_with("error")
+        || lower.contains(" error:")
+        || lower.contains("fatal")
+        || line.contains("panicked at")
+        || line.contains("Exception")
+        || line.starts_with("Traceback")
+}
+
+/// Whether `line` is a stack frame (Node's `    at f (file:1:2)`,
+/// Python's `  File "x.py", line 1`, Rust's `   0: f`).
+fn looks_like_frame(line: &str) -> bool {
+    line.starts_with(char::is_whitespace) && !line.trim().is_empty()
+}
+
+/// What an `errored` line quotes of a slot's last stderr `lines` (oldest
+/// first): the last line that states an error (one that
+/// [`looks_like_error`], or an unindented line followed by stack frames),
+/// with the line after it when it ends in `:` (a Rust panic's message
+/// follows its `panicked at file:line:col:`), and the last line written,
+/// blank lines skipped; without such a line, the last [`QUOTE_LAST`]
+/// lines. A Node startup exception thus reads `Error: startup failure |
+/// Node.js v20.20.2` instead of five stack frames.
+fn quote<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let lines: Vec<&str> = lines.filter(|l| !l.trim().is_empty()).collect();
+    let error = (0..lines.len()).rev().find(|&i| {
+        looks_like_error(lines[i])
+            || (!lines[i].starts_with(char::is_whitespace)
+                && lines.get(i + 1).is_some_and(|n| looks_like_frame(n)))
+    });
+    let Some(i) = error else {
+        let from = lines.len().saturating_sub(QUOTE_LAST);
+        return lines[from..].iter().map(|l| l.to_string()).collect();
+    };
+    let mut picked = vec![i];
+    if lines[i].trim_end().ends_with(':') && lines.get(i + 1).is_some_and(|n| !looks_like_frame(n))
+    {
+        picked.push(i + 1);
+    }
+    let last = lines.len() - 1;
+    if !picked.contains(&last) {
+        picked.push(last);
+    }
+    picked.into_iter().map(|i| lines[i].to_string()).collect()
+}
+
 /// Why a start failed, in the log's words.
-fn start_failure(f: &StartFailure) -> String {
+pub(crate) fn start_failure(f: &StartFailure) -> String {
     match f {
         StartFailure::Fork(e) => format!("could not be forked: {e}"),
         StartFailure::Exited(e) => format!(
@@ -293,6 +353,22 @@ fn start_failure(f: &StartFailure) -> String {
         StartFailure::ReadyTimeout(d) => {
             format!("was not ready within {}", show_duration(*d))
         }
+    }
+}
+
+/// Why a reload failed, in the log's words (also the control socket's
+/// reply): durations as the log writes them (`2s`, not `2000 ms`).
+pub(crate) fn reload_failure(e: &ReloadError) -> String {
+    match e {
+        ReloadError::NotReady {
+            slot,
+            failure,
+            replaced,
+        } => format!(
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+            start_failure(failure)
+        ),
+        ReloadError::Stopped => "the primary is stopping".into(),
     }
 }
 
@@ -339,12 +415,13 @@ impl Journal {
         relay_output(lp, w, tail, self.prefix_output);
     }
 
-    /// Slot `slot`'s last stderr lines, oldest first.
+    /// What the `errored` line of slot `slot` quotes of its last stderr
+    /// lines (see [`quote`]), oldest first.
     fn tail(&self, slot: usize) -> Vec<String> {
         self.tails
             .borrow()
             .get(&slot)
-            .map(|t| t.borrow().iter().cloned().collect())
+            .map(|t| quote(t.borrow().iter().map(String::as_str)))
             .unwrap_or_default()
     }
 
@@ -422,14 +499,9 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             "reload queued: it runs once the current one ends"
         ),
         E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
-        E::ReloadFailed(ReloadError::NotReady {
-            slot,
-            failure,
-            replaced,
-        }) => events::reload_failed(&format!(
-            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
-            start_failure(failure)
-        )),
+        E::ReloadFailed(e @ ReloadError::NotReady { .. }) => {
+            events::reload_failed(&reload_failure(e))
+        }
         E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
         E::Scaled { from, to } => log::info!(
             target: events::TARGET,
@@ -587,4 +659,68 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         // alive, which only a failure explains.
         (None, None) => Outcome::Supervisor(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    fn q(text: &str) -> Vec<String> {
+        quote(text.lines())
+    }
+
+    /// A Node startup exception: the `Error:` line and Node's version, not
+    /// the stack frames.
+    #[test]
+    fn quote_finds_a_node_startup_exception() {
+        let node = "/srv/app/crash_start.js:1\n\
+                    throw new Error('startup failure xyz');\n\
+                    ^\n\
+                    \n\
+                    Error: startup failure xyz\n    \
+                    at Object.<anonymous> (/srv/app/crash_start.js:1:7)\n    \
+                    at Module._compile (node:internal/modules/cjs/loader:1364:14)\n    \
+                    at Module._extensions..js (node:internal/modules/cjs/loader:1422:10)\n    \
+                    at Module.load (node:internal/modules/cjs/loader:1203:32)\n    \
+                    at Module._load (node:internal/modules/cjs/loader:1019:12)\n    \
+                    at node:internal/main/run_main_module:28:49\n\
+                    \n\
+                    Node.js v20.20.2\n";
+        assert_eq!(q(node), ["Error: startup failure xyz", "Node.js v20.20.2"]);
+    }
+
+    /// A Rust panic: its `panicked at` line, the message on the next line,
+    /// and the last line.
+    #[test]
+    fn quote_finds_a_rust_panic() {
+        let rust = "listening\n\
+                    thread 'main' panicked at src/main.rs:2:5:\n\
+                    startup failure xyz\n\
+                    note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            q(rust),
+            [
+                "thread 'main' panicked at src/main.rs:2:5:",
+                "startup failure xyz",
+                "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
+            ]
+        );
+    }
+
+    /// Python's traceback ends with its error; plain output is quoted by
+    /// its last lines, blank ones skipped.
+    #[test]
+    fn quote_python_and_plain_output() {
+        let py = "Traceback (most recent call last):\n  \
+                  File \"app.py\", line 1, in <module>\n    \
+                  raise ValueError('bad port')\n\
+                  ValueError: bad port\n";
+        assert_eq!(q(py), ["ValueError: bad port"]);
+        assert_eq!(
+            q("a\n\nb\nc\n\nd\n\n"),
+            ["b", "c", "d"],
+            "the last 3 non-blank lines"
+        );
+        assert!(q("").is_empty());
+    }
 }

@@ -179,7 +179,7 @@ fn bad_values_exit_2_naming_the_flag_the_value_and_the_valid_values() {
                 "x",
             ],
             &[],
-            "backoff-cap should be at least backoff-initial (5s). Received 1s",
+            "--backoff-cap should be at least --backoff-initial (5s). Received 1s",
         ),
         (
             &["run", "--", "x"],
@@ -738,6 +738,59 @@ fn crash_loop_errors_the_slot_and_exits_1() {
         "{errored}"
     );
     assert!(err.contains("\n[worker 1] boom: no config\n"), "{err}");
+}
+
+/// A Node worker that throws at startup: the errored line quoted five
+/// stack frames, a blank and Node's version, and cut off the
+/// `Error: startup failure xyz` line itself. It now quotes that line and
+/// the last one (Node's version), and no stack frame.
+#[test]
+fn errored_line_quotes_the_error_of_a_node_startup_exception() {
+    util::require_node();
+    let dir = ops_util::TempDir::new("crash-start");
+    let script = dir.0.join("crash_start.js");
+    std::fs::write(&script, "throw new Error('startup failure xyz');\n").unwrap();
+    let (code, _, err) = crash_loop(1, &[], &["node", script.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let errored = errored_line(&err);
+    let quoted = errored
+        .split_once("; its last output: ")
+        .unwrap_or_else(|| panic!("no output quoted: {errored}"))
+        .1;
+    assert!(
+        quoted.starts_with("Error: startup failure xyz | Node.js v"),
+        "{errored}"
+    );
+    assert!(!quoted.contains(" at "), "no stack frame: {errored}");
+}
+
+/// A Rust-style panic (its message on the line after `panicked at`):
+/// the errored line quotes the panic, its message and the last line.
+#[test]
+fn errored_line_quotes_a_rust_panic() {
+    let (code, _, err) = crash_loop(
+        1,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "printf '%s\\n' 'loading config' \"thread 'main' panicked at src/main.rs:2:5:\" \
+             'startup failure xyz' \
+             'note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace' >&2; \
+             exit 101",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let errored = errored_line(&err);
+    assert!(
+        errored.ends_with(
+            "; its last output: thread 'main' panicked at src/main.rs:2:5: | \
+             startup failure xyz | note: run with `RUST_BACKTRACE=1` environment variable \
+             to display a backtrace"
+        ),
+        "{errored}"
+    );
 }
 
 /// `uvcluster frob` said "the command is run", leaving `ctl` out: the

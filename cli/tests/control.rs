@@ -61,7 +61,11 @@ fn ctl_status_scale_restart_send_reload_stop() {
     eventually("3 workers ready", || ready_count(&sock) == 3);
     let out = ctl(&sock, &["scale", "0"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("at least 1 worker"), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"workers\" must be a whole number from 1 to 4096. Received 0"),
+        "{}",
+        text(&out)
+    );
 
     // restart ID: a replacement, then the old one goes.
     let id = status(&sock)["workers"][0]["id"].as_u64().unwrap();
@@ -93,10 +97,14 @@ fn ctl_status_scale_restart_send_reload_stop() {
         .collect();
     let out = ctl(&sock, &["reload"]);
     assert!(out.status.success(), "{}", text(&out));
+    // The duration as the log writes it (`1s 218ms`), not `1.218s`.
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let took = said
+        .strip_prefix("reload finished: 3 workers replaced in ")
+        .unwrap_or_else(|| panic!("{said}"));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("reload finished: 3 worker(s) replaced"),
-        "{}",
-        text(&out)
+        took.ends_with("ms\n") || took.ends_with("s\n") && !took.contains('.'),
+        "{said}"
     );
     let after = status(&sock);
     assert!(
@@ -451,4 +459,121 @@ fn default_socket_in_the_runtime_dir_named_or_found_by_ctl() {
     let out = ctl_env(&["status"], &runtime.0);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("no running primary"), "{}", text(&out));
+}
+
+/// The control socket's and ctl's words for a person: replies named Rust
+/// types (`expected usize`, ``missing field `command` ``), a bare empty
+/// line got no reply at all, `uptime_seconds` had 16 decimals, and
+/// `ctl send` without JSON said `wrong arguments for send: `.
+#[test]
+fn control_replies_in_plain_words() {
+    let dir = TempDir::new("words");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let r = start_hello(1, port, &sock, &[]);
+    let mut c = Client::connect(&sock);
+    for (line, want) in [
+        (
+            &b"\n"[..],
+            "an empty line is not a request; the commands are status, reload, scale N, \
+             restart ID, stop, send JSON",
+        ),
+        (b"  \r\n", "an empty line is not a request"),
+        (
+            br#"{"command":"scale","workers":-1}
+"#,
+            "\"workers\" must be a whole number from 1 to 4096. Received -1",
+        ),
+        (
+            br#"{"command":"restart","worker":"x"}
+"#,
+            "\"worker\" must be a worker id, a whole number (the id of a status row). \
+             Received \"x\"",
+        ),
+        (
+            br#"{"workers":2}
+"#,
+            "a request needs \"command\": status, reload, scale, restart, stop or send",
+        ),
+        (
+            b"scale lots\n",
+            "scale takes a worker count, a whole number from 1 to 4096. Received \"lots\"",
+        ),
+    ] {
+        c.send(line);
+        let v = c.reply().expect("an error reply");
+        assert_eq!(v["ok"], false, "{v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(line));
+    }
+    // Uptime to the millisecond.
+    c.send(b"status\n");
+    let v = c.reply().unwrap();
+    let up = v["workers"][0]["uptime_seconds"].as_f64().unwrap();
+    assert!(up > 0.0, "{v}");
+    let decimals = up.to_string().split('.').nth(1).map_or(0, str::len);
+    assert!(decimals <= 3, "{v}");
+    // ctl send without its JSON.
+    let out = ctl(&sock, &["send"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            r#"uvcluster ctl: ctl send needs a JSON message, e.g. uvcluster ctl send '{"cmd":"flush"}'"#
+        ),
+        "{}",
+        text(&out)
+    );
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait().0, Some(0));
+}
+
+/// `ctl reload` said `was not ready within 2000 ms` where the log says
+/// `2s`: the reply's durations are the log's.
+#[test]
+fn a_reload_not_ready_in_time_says_the_duration_as_the_log() {
+    util::require_node();
+    let dir = TempDir::new("slowreload");
+    let sock = dir.join("c.sock");
+    let broken = dir.join("broken");
+    // New code that never gets ready: it hangs while `broken` exists.
+    let app = dir.join("hang_on_file.js");
+    std::fs::write(
+        &app,
+        "const fs = require('fs');\n\
+         if (fs.existsSync(process.env.BROKEN)) setInterval(() => {}, 1000);\n\
+         else require('http').createServer((q, s) => s.end('hi')).listen(Number(process.env.PORT));\n",
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    let mut r = Running::start(
+        &[
+            "run",
+            "-w",
+            "1",
+            "--ready-timeout",
+            "1500ms",
+            "--control",
+            sock.to_str().unwrap(),
+            "--",
+            "node",
+            app.to_str().unwrap(),
+        ],
+        &[("PORT", &port), ("BROKEN", broken.to_str().unwrap())],
+    );
+    r.expect(" ready");
+    std::fs::write(&broken, "").unwrap();
+    let out = ctl(&sock, &["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "uvcluster ctl: reload failed closed: the replacement for slot 0 was not ready \
+             within 1s 500ms (0 slot(s) replaced before it); the old workers keep serving"
+        ),
+        "{}",
+        text(&out)
+    );
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("was not ready within 1s 500ms"), "{log}");
 }

@@ -12,7 +12,10 @@
 //! installed) runs the shipped `Type=notify-reload`. Each run checks socket
 //! activation (a connection made before the service exists is served), that
 //! the service is `active` only once every worker listens (`READY=1`) with
-//! the worker count in `StatusText`, a `systemctl reload` that the manager
+//! the worker count in `StatusText`, that `uvcluster ctl status` run as a
+//! shell of the manager's user runs it reaches the primary (its control
+//! socket in the unit's `RuntimeDirectory=`, removed with the service),
+//! a `systemctl reload` that the manager
 //! sees (a `reload*` state, then `running`) with no request failing, the
 //! watchdog pings, and a graceful `systemctl stop` under `KillMode=mixed`
 //! (a request in progress when the stop begins is answered, the primary
@@ -434,6 +437,24 @@ impl Manager {
         c
     }
 
+    /// `uvcluster ctl ARGS` as a shell of the manager's user runs it: in
+    /// the manager's mount namespace, with that user's `HOME`, `PATH` and
+    /// `XDG_RUNTIME_DIR` and nothing else of the test's environment (no
+    /// `--control`: ctl finds the primary by the default rule alone).
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.child.id().to_string(), "-m", "--"])
+            .arg(ops_util::bin())
+            .arg("ctl")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self._dir.0.join("home"))
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .stdin(Stdio::null());
+        c.output().unwrap()
+    }
+
     /// `systemctl --user ARGS`, which must succeed.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.systemctl(args);
@@ -658,6 +679,27 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     mgr.wait_for(svc, state, "STATUS=4 workers ready", |s| {
         s["StatusText"] == "4 workers ready"
     });
+    // `uvcluster ctl status` from a shell reaches the service: the unit's
+    // RuntimeDirectory=uvcluster is where `run` and `ctl` both look (the
+    // shipped unit left the socket in its PrivateTmp /tmp, out of reach).
+    assert_eq!(mgr.prop(svc, "RuntimeDirectory"), "uvcluster");
+    let sock = mgr
+        .runtime
+        .join("uvcluster")
+        .join(format!("uvcluster-{primary}.sock"));
+    assert!(sock.exists(), "no control socket at {}", sock.display());
+    let out = mgr.ctl(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "uvcluster ctl status: {out:?}\n{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" ready ")).count(),
+        4,
+        "{table}"
+    );
     // WatchdogSec=10s: the watchdog is armed (WATCHDOG_USEC reached the
     // primary, which pings every 5 s; checked below).
     assert_eq!(mgr.prop(svc, "WatchdogUSec"), "10s");
@@ -801,6 +843,9 @@ fn shipped_units(test: &str, sd: Result<Systemd, String>, app: App) {
     });
     assert_clean_exit(&s);
     assert!(children(&primary).is_empty());
+    // systemd removes the RuntimeDirectory with the service: no stale
+    // socket for `ctl` to skip.
+    assert!(!sock.exists(), "{} outlived the service", sock.display());
 
     // The socket outlives the service and starts it again.
     let s = mgr.show("uvcluster.socket", "ActiveState,SubState");
