@@ -395,7 +395,7 @@ fn watch_from_the_configuration_file() {
             .contains(&format!("watching {} (", dir.join("app").display()))
             && run
                 .log
-                .contains("ignoring .git, node_modules, target, cache)"),
+                .contains("ignoring .git, node_modules, target, *.log, cache)"),
         "{}",
         run.log
     );
