@@ -435,7 +435,11 @@ impl Watcher {
     fn reload(&self, lp: &mut Loop, what: &str) {
         let (sup, waiting) = {
             let mut s = self.state.borrow_mut();
+            // The batch and its description go together: a change after
+            // this starts the next one.
             let batch = std::mem::take(&mut s.batch);
+            s.changed = None;
+            s.events = 0;
             // The self-trigger guard (see the module docs).
             let own = !batch.is_empty() && batch.iter().all(|p| s.epoch.contains(p));
             s.streak = if own { s.streak + 1 } else { 0 };
