@@ -506,15 +506,19 @@ fn watch_app_writing_into_the_watched_tree_reloads_at_most_twice_then_warns() {
 }
 
 /// Issue 14: `uvcluster run --watch DIR ... > DIR/out.txt 2>&1` reloaded
-/// on every line the primary or a worker logged. The primary's own output
-/// file is never a change: the `watching` line names it, and the first
-/// change reported is the app's edit, the only reload with a later
-/// trigger.
+/// on every line the primary or a worker logged, and an app appending to
+/// `DIR/logs/app.log` at start reloaded forever. The primary's own output
+/// file is never a change (the `watching` line names it), `*.log` is a
+/// default ignore: the first change reported is the app's edit, the only
+/// reload with a later trigger.
 #[test]
 fn watch_never_reacts_to_the_primarys_own_output_file() {
     let node = node();
     let dir = TempDir::new("own-output");
-    dir.write("app.js", &node_app(1, 0));
+    // The issue's first repro too: the app appends to `logs/app.log` at
+    // every start (a default ignore now).
+    std::fs::create_dir(dir.join("logs")).unwrap();
+    dir.write("app.js", &writing_app(1, "logs/app.log"));
     let out = dir.join("out.txt");
     let port = free_port();
     let file = std::fs::File::create(&out).unwrap();
@@ -537,7 +541,7 @@ fn watch_never_reacts_to_the_primarys_own_output_file() {
     };
     wait_for(") ready (after ", 2);
     let before = both_answer(port);
-    dir.write("app.js", &node_app(2, 0));
+    dir.write("app.js", &writing_app(2, "logs/app.log"));
     wait_for("reload finished (2 workers replaced", 1);
     let after = both_answer(port);
     assert!(after.iter().all(|b| b.ends_with(" 2")), "{after:?}");
@@ -565,6 +569,8 @@ fn watch_never_reacts_to_the_primarys_own_output_file() {
     assert!(watch[0].contains("app.js changed"), "{log}");
     assert!(watch[1].contains("trigger.txt changed"), "{log}");
     assert_eq!(log.matches("reload started").count(), 2, "{log}");
+    let starts = std::fs::read_to_string(dir.join("logs/app.log")).unwrap();
+    assert!(starts.lines().count() >= 6, "every start wrote its line");
 }
 
 /// A child killed if the test ends first.
