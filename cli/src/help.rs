@@ -78,8 +78,9 @@ Development:
                                changes (repeatable); a reload whose new code
                                fails to start leaves the old workers serving
       --ignore GLOB            changes to leave out (repeatable), added to
-                               .git, node_modules and target; `*.log` matches
-                               a name at any depth, `dist/**` a relative path
+                               .git, node_modules, target and *.log; `*.tmp`
+                               matches a name at any depth, `dist/**` a
+                               relative path
       --watch-debounce DUR     quiet time after the last change before the
                                reload [default: 300ms]
 

@@ -55,7 +55,8 @@ pub enum Outcome {
     /// included, as gunicorn's graceful timeout) or when every worker
     /// exited 0 and none is to be restarted; 1 when no worker is left
     /// running and none will be restarted after failures (a crash loop,
-    /// every slot errored).
+    /// every slot errored; not with `--watch`, where such a pool waits for
+    /// the next change).
     Supervisor(i32),
     /// Stopped at once by this signal (a second SIGTERM/SIGINT, or
     /// SIGQUIT). Exit 128 + its number, as a shell reports a process
@@ -606,7 +607,12 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let watcher = match &opts.watch {
-        Some(w) => Some(crate::watch::Watcher::start(&mut lp, &sup, w)?),
+        Some(w) => {
+            // In development a crash loop after a broken save waits for
+            // the fix instead of ending the primary (docs/deploy.md).
+            sup.hold_when_errored(&mut lp, true);
+            Some(crate::watch::Watcher::start(&mut lp, &sup, w)?)
+        }
         None => None,
     };
     sup.set_broadcast(&mut lp, opts.broadcast);

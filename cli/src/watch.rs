@@ -24,8 +24,32 @@
 //! would follow, and the next save would go unseen. libuv's `uv_fs_event`
 //! and Node's `fs.watch` on a file have that problem; `nodemon` and
 //! `chokidar` watch the directory as we do.
+//!
+//! Three things keep a watch from reloading itself forever when the app,
+//! or the primary, writes into the watched tree (issue 14):
+//!
+//! - `*.log` is one of the [`DEFAULT_IGNORES`];
+//! - the primary's own stdout and stderr, when they are regular files
+//!   (`uvcluster run --watch . > out.txt 2>&1`), are never a change: they
+//!   are recognised by device and inode, whatever their name;
+//! - the **self-trigger guard**: a reload triggered only by paths that
+//!   were also changed while the previous reload (or the first start)
+//!   ran, i.e. written by the starting workers, counts; after 2 such
+//!   reloads in a row those paths are no longer watched, with one warning
+//!   naming them and suggesting `--ignore GLOB`. An edit of any other file
+//!   still reloads. nodemon watches only `.js`, `.mjs`, `.cjs` and `.json`
+//!   by default and PM2 has `ignore_watch`; neither stops a loop by itself.
+//!
+//! With `--watch` a pool whose every slot errored (a crash loop after a
+//! broken save) does not exit ([`Supervisor::hold_when_errored`]): the
+//! watcher says `all workers errored; waiting for a change to start again
+//! (watching PATH)`, keeps the primary alive (its watch handles are
+//! referenced while it waits), and the next change starts the errored
+//! slots afresh, as nodemon's "app crashed - waiting for file changes
+//! before starting...".
 
 use std::cell::RefCell;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -33,7 +57,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
-use uvcluster::supervisor::{LifecycleEvent, Supervisor};
+use uvcluster::supervisor::{LifecycleEvent, Supervisor, WorkerState};
 use uvcluster::uv::{FsEvent, FsEventFlags, Handle, Loop, Timer};
 
 use crate::events;
@@ -41,8 +65,13 @@ use crate::values::show_duration;
 
 /// The ignore patterns that always apply: version control, dependencies
 /// and build output, which change in bulk and are never the app's source
-/// (nodemon ignores `.git` and `node_modules` the same way).
-pub const DEFAULT_IGNORES: &[&str] = &[".git", "node_modules", "target"];
+/// (nodemon ignores `.git` and `node_modules` the same way), and log files,
+/// which the app itself writes (a reload would write them again).
+pub const DEFAULT_IGNORES: &[&str] = &[".git", "node_modules", "target", "*.log"];
+
+/// How many reloads in a row triggered only by what the previous one (or
+/// the first start) wrote are made before those paths stop being watched.
+pub const SELF_TRIGGERED_RELOADS: u32 = 2;
 
 /// The quiet time after the last change before a reload starts: long
 /// enough for an editor's save (write, rename, chmod) or a `git checkout`
@@ -139,20 +168,67 @@ impl Ignore {
     }
 }
 
+/// A file by device and inode: the primary's own output.
+type FileId = (u64, u64);
+
+/// The primary's stdout and stderr, when they are regular files: their
+/// ids and their paths (for the log line).
+fn own_outputs() -> Vec<(FileId, PathBuf)> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<(FileId, PathBuf)> = Vec::new();
+    let fds = [
+        io::stdout().as_fd().try_clone_to_owned(),
+        io::stderr().as_fd().try_clone_to_owned(),
+    ];
+    for (n, fd) in fds.into_iter().enumerate() {
+        let Ok(fd) = fd else { continue };
+        let Ok(meta) = std::fs::File::from(fd).metadata() else {
+            continue;
+        };
+        let id = (meta.dev(), meta.ino());
+        if meta.is_file() && !out.iter().any(|(i, _)| *i == id) {
+            let path = std::fs::read_link(format!("/proc/self/fd/{}", n + 1))
+                .unwrap_or_else(|_| PathBuf::from(if n == 0 { "stdout" } else { "stderr" }));
+            out.push((id, path));
+        }
+    }
+    out
+}
+
 /// The watcher's state, shared by its callbacks.
 struct State {
     sup: Supervisor,
     handles: Vec<Handle<FsEvent>>,
     timer: Handle<Timer>,
     debounce: Duration,
+    /// The watched paths, as the log shows them.
+    shown: String,
+    /// The primary's own output files: never a change.
+    own: Vec<FileId>,
     /// The first changed path of the current batch, and how many events
     /// came with it.
     changed: Option<PathBuf>,
     events: usize,
+    /// Every path of the current batch.
+    batch: BTreeSet<PathBuf>,
+    /// The paths changed while the last reload (or the first start) ran,
+    /// or within the debounce time after it ended.
+    epoch: HashSet<PathBuf>,
+    /// That reload (or the first start) is still running.
+    epoch_open: bool,
+    /// When it ended (the loop's time, ms).
+    epoch_end: Option<u64>,
+    /// Reloads in a row triggered only by paths of the previous epoch.
+    streak: u32,
+    /// Paths no longer watched (the self-trigger guard).
+    muted: BTreeSet<PathBuf>,
     /// A reload started by the watcher is running.
     reloading: bool,
     /// A change came during that reload: one more reload after it.
     pending: bool,
+    /// Every slot errored: the pool waits for a change.
+    waiting: bool,
     stopped: bool,
 }
 
@@ -188,16 +264,29 @@ impl Watcher {
         );
         let timer = lp.timer_init();
         let _ = lp.unref_handle(timer);
+        let shown: Vec<String> = opts.paths.iter().map(|p| p.display().to_string()).collect();
+        let own = own_outputs();
         let w = Watcher {
             state: Rc::new(RefCell::new(State {
                 sup: *sup,
                 handles: Vec::new(),
                 timer,
                 debounce: opts.debounce,
+                shown: shown.join(", "),
+                own: own.iter().map(|(id, _)| *id).collect(),
                 changed: None,
                 events: 0,
+                batch: BTreeSet::new(),
+                epoch: HashSet::new(),
+                // The first start is the first epoch: what the starting
+                // workers write is theirs.
+                epoch_open: true,
+                epoch_end: None,
+                streak: 0,
+                muted: BTreeSet::new(),
                 reloading: false,
                 pending: false,
+                waiting: false,
                 stopped: false,
             })),
         };
@@ -214,14 +303,16 @@ impl Watcher {
                 }
             }
         }
-        let shown: Vec<String> = opts.paths.iter().map(|p| p.display().to_string()).collect();
+        let mut ignoring = ignore.shown.join(", ");
+        for (_, path) in &own {
+            let _ = write!(ignoring, ", {} (this process's output)", path.display());
+        }
         log::info!(
             target: events::TARGET,
-            "watching {} ({dirs} director{} watched; ignoring {}); a change reloads worker by \
-             worker {} after the last one",
+            "watching {} ({dirs} director{} watched; ignoring {ignoring}); a change reloads worker \
+             by worker {} after the last one",
             shown.join(", "),
             if dirs == 1 { "y" } else { "ies" },
-            ignore.shown.join(", "),
             show_duration(opts.debounce),
         );
         Ok(w)
@@ -282,12 +373,20 @@ impl Watcher {
 
     /// A change: (re)arm the debounce timer.
     fn changed(&self, lp: &mut Loop, path: PathBuf) {
+        let now = lp.now();
         let (timer, debounce) = {
             let mut s = self.state.borrow_mut();
-            if s.stopped {
+            if s.stopped || s.muted.contains(&path) || is_own(&s.own, &path) {
                 return;
             }
             s.events += 1;
+            let recent = s.epoch_open
+                || s.epoch_end
+                    .is_some_and(|end| now <= end + s.debounce.as_millis() as u64);
+            if recent {
+                s.epoch.insert(path.clone());
+            }
+            s.batch.insert(path.clone());
             if s.changed.is_none() {
                 s.changed = Some(path);
             }
@@ -313,6 +412,10 @@ impl Watcher {
                 return;
             }
             let what = describe(s.changed.take(), std::mem::take(&mut s.events));
+            if s.batch.is_empty() {
+                // Its paths were taken by a reload already, or muted since.
+                return;
+            }
             if s.reloading {
                 let first = !std::mem::replace(&mut s.pending, true);
                 drop(s);
@@ -330,21 +433,56 @@ impl Watcher {
     }
 
     fn reload(&self, lp: &mut Loop, what: &str) {
-        let sup = {
+        let (sup, waiting) = {
             let mut s = self.state.borrow_mut();
+            // The batch and its description go together: a change after
+            // this starts the next one.
+            let batch = std::mem::take(&mut s.batch);
+            s.changed = None;
+            s.events = 0;
+            // The self-trigger guard (see the module docs).
+            let own = !batch.is_empty() && batch.iter().all(|p| s.epoch.contains(p));
+            s.streak = if own { s.streak + 1 } else { 0 };
+            if own && s.streak > SELF_TRIGGERED_RELOADS {
+                s.streak = 0;
+                let names: Vec<String> = batch.iter().map(|p| p.display().to_string()).collect();
+                s.muted.extend(batch);
+                drop(s);
+                log::warn!(
+                    target: events::TARGET,
+                    "watch: {} changed again while the workers started, {SELF_TRIGGERED_RELOADS} \
+                     reloads in a row: the app writes {} itself; no longer watching {} (leave \
+                     such files out with --ignore GLOB, e.g. --ignore '*.txt' or --ignore 'data/**')",
+                    names.join(", "),
+                    if names.len() == 1 { "it" } else { "them" },
+                    if names.len() == 1 { "it" } else { "them" },
+                );
+                return;
+            }
+            s.epoch.clear();
+            s.epoch_open = true;
+            s.epoch_end = None;
             s.reloading = true;
-            s.sup
+            (s.sup, s.waiting)
         };
-        log::info!(target: events::TARGET, "watch: {what}: reloading worker by worker");
+        if waiting {
+            log::info!(target: events::TARGET, "watch: {what}: starting the workers again");
+        } else {
+            log::info!(target: events::TARGET, "watch: {what}: reloading worker by worker");
+        }
         let me = Rc::downgrade(&self.state);
         // The outcome is logged by the supervisor's own event (`reload
         // finished`, or `reload failed: WHY; the old workers keep
-        // serving`): one line, not two.
+        // serving`): one line, not two. A reload starts errored slots
+        // afresh.
         sup.reload(lp, move |lp, _result| {
             let Some(state) = me.upgrade() else { return };
+            let now = lp.now();
             let again = {
                 let mut s = state.borrow_mut();
                 s.reloading = false;
+                s.epoch_open = false;
+                s.epoch_end = Some(now);
                 !s.stopped && std::mem::take(&mut s.pending)
             };
             if again {
@@ -353,14 +491,72 @@ impl Watcher {
         });
     }
 
+    /// Every slot errored: say so once and keep the primary alive (the
+    /// watch handles referenced) until a change starts them again.
+    fn wait_for_change(&self, lp: &mut Loop) {
+        let (handles, shown) = {
+            let mut s = self.state.borrow_mut();
+            if s.stopped || s.waiting {
+                return;
+            }
+            s.waiting = true;
+            (s.handles.clone(), s.shown.clone())
+        };
+        for h in handles {
+            let _ = lp.ref_handle(h);
+        }
+        log::error!(
+            target: events::TARGET,
+            "all workers errored; waiting for a change to start again (watching {shown})"
+        );
+    }
+
+    /// A worker runs again: the watch no longer keeps the primary alive.
+    fn resumed(&self, lp: &mut Loop) {
+        let handles = {
+            let mut s = self.state.borrow_mut();
+            if !std::mem::take(&mut s.waiting) {
+                return;
+            }
+            s.handles.clone()
+        };
+        for h in handles {
+            let _ = lp.unref_handle(h);
+        }
+    }
+
     /// Feeds the watcher the supervisor's events: a stop ends the watch
     /// (its handles closed), so that no change reloads a stopping pool.
+    ///
+    /// An `errored` slot that leaves no slot serving makes the watch wait
+    /// for a change (the supervisor holds the pool:
+    /// [`Supervisor::hold_when_errored`]); a fork ends the wait. The end of
+    /// the first start (every slot ready) closes its epoch for the
+    /// self-trigger guard.
     pub fn on_event(&self, lp: &mut Loop, e: &LifecycleEvent) {
-        if matches!(
-            e,
-            LifecycleEvent::Stopping { .. } | LifecycleEvent::Exiting { .. }
-        ) {
-            self.stop(lp);
+        match e {
+            LifecycleEvent::Stopping { .. } | LifecycleEvent::Exiting { .. } => self.stop(lp),
+            LifecycleEvent::Errored { .. } => {
+                let sup = self.state.borrow().sup;
+                let st = sup.status(lp);
+                if !st.is_empty() && st.iter().all(|r| r.state == WorkerState::Errored) {
+                    self.wait_for_change(lp);
+                }
+            }
+            LifecycleEvent::Forked { .. } => self.resumed(lp),
+            LifecycleEvent::Ready { .. } => {
+                let (sup, first) = {
+                    let s = self.state.borrow();
+                    (s.sup, s.epoch_open && !s.reloading)
+                };
+                if first && sup.status(lp).iter().all(|r| r.state == WorkerState::Ready) {
+                    let now = lp.now();
+                    let mut s = self.state.borrow_mut();
+                    s.epoch_open = false;
+                    s.epoch_end = Some(now);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -380,6 +576,12 @@ impl Watcher {
         }
         lp.close_if_open(timer);
     }
+}
+
+/// Whether `path` is one of the primary's own output files.
+fn is_own(own: &[FileId], path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    !own.is_empty() && std::fs::metadata(path).is_ok_and(|m| own.contains(&(m.dev(), m.ino())))
 }
 
 /// `src/app.js changed`, `src/app.js and 3 more changes`.
@@ -411,6 +613,8 @@ mod tests {
             "node_modules",
             "a/node_modules/x/y.js",
             "target/debug",
+            "app.log",
+            "logs/today.log",
         ] {
             assert!(i.is_ignored(Path::new(p)), "{p}");
         }

@@ -395,7 +395,7 @@ fn watch_from_the_configuration_file() {
             .contains(&format!("watching {} (", dir.join("app").display()))
             && run
                 .log
-                .contains("ignoring .git, node_modules, target, cache)"),
+                .contains("ignoring .git, node_modules, target, *.log, cache)"),
         "{}",
         run.log
     );
@@ -428,4 +428,210 @@ fn watch_missing_path_fails_the_start() {
         "{err}"
     );
     assert!(!err.contains("forked"), "{err}");
+}
+
+/// [`node_app`] that first appends a line to `rel` (relative to its own
+/// directory), as an app writing a counter or a cache at start does, and
+/// exits 1 on `GET /exit`.
+fn writing_app(version: u32, rel: &str) -> String {
+    format!(
+        "require('fs').appendFileSync(require('path').join(__dirname, {rel:?}), 'up\\n');\n\
+         const http = require('http');\n\
+         const VERSION = {version};\n\
+         http.createServer((req, res) => {{\n\
+         \x20 if (req.url === '/exit') process.exit(1);\n\
+         \x20 res.setHeader('connection', 'close');\n\
+         \x20 res.end(`${{process.pid}} ${{VERSION}}`);\n\
+         }}).listen(+process.env.PORT);\n"
+    )
+}
+
+/// Issue 14: an app that writes into the watched tree at every start
+/// (`data/visits.txt`, not a default ignore) reloaded the pool forever.
+/// Now at most 2 reloads happen, one warning names the file and suggests
+/// `--ignore`, and the file is no longer watched; an edit of the app still
+/// reloads (once), and the workers' next writes trigger nothing: the next
+/// change reported is a later trigger.
+#[test]
+fn watch_app_writing_into_the_watched_tree_reloads_at_most_twice_then_warns() {
+    let node = node();
+    let dir = TempDir::new("self-trigger");
+    std::fs::create_dir(dir.join("data")).unwrap();
+    dir.write("app.js", &writing_app(1, "data/visits.txt"));
+    let port = free_port();
+    let mut run = watching(
+        port,
+        dir.0.to_str().unwrap(),
+        "100ms",
+        &[],
+        &[&node, dir.join("app.js").to_str().unwrap()],
+    );
+    let warn = run.expect("no longer watching");
+    let visits = dir.join("data/visits.txt");
+    assert!(
+        warn.contains("WARN")
+            && warn.contains(&format!("{} changed again", visits.display()))
+            && warn.contains("2 reloads in a row")
+            && warn.contains("--ignore GLOB"),
+        "{warn}"
+    );
+    let reloads = run.log.matches("reload started").count();
+    assert!((1..=2).contains(&reloads), "{}", run.log);
+    let mark = run.log.len();
+    // An edit of the app still reloads.
+    dir.write("app.js", &writing_app(2, "data/visits.txt"));
+    let line = run.expect("uvcluster: watch: ");
+    assert!(
+        line.contains(&format!("{} changed", dir.join("app.js").display())),
+        "{line}\n{}",
+        run.log
+    );
+    run.expect("reload finished (2 workers replaced");
+    let new = both_answer(port);
+    assert!(new.iter().all(|b| b.ends_with(" 2")), "{new:?}");
+    // The new workers wrote visits.txt again: not a change any more. The
+    // queue keeps inotify's order, so a reported one would come first.
+    dir.write("trigger.txt", "now");
+    let line = run.expect("uvcluster: watch: ");
+    assert!(line.contains("trigger.txt changed"), "{line}\n{}", run.log);
+    run.expect("reload finished");
+    let since = run.since(mark).to_string();
+    let log = run.stop();
+    assert_eq!(since.matches("reload started").count(), 2, "{since}");
+    assert_eq!(log.matches("no longer watching").count(), 1, "{log}");
+    assert!(
+        std::fs::read_to_string(&visits).unwrap().lines().count() >= 6,
+        "every start wrote its line"
+    );
+}
+
+/// Issue 14: `uvcluster run --watch DIR ... > DIR/out.txt 2>&1` reloaded
+/// on every line the primary or a worker logged, and an app appending to
+/// `DIR/logs/app.log` at start reloaded forever. The primary's own output
+/// file is never a change (the `watching` line names it), `*.log` is a
+/// default ignore: the first change reported is the app's edit, the only
+/// reload with a later trigger.
+#[test]
+fn watch_never_reacts_to_the_primarys_own_output_file() {
+    let node = node();
+    let dir = TempDir::new("own-output");
+    // The issue's first repro too: the app appends to `logs/app.log` at
+    // every start (a default ignore now).
+    std::fs::create_dir(dir.join("logs")).unwrap();
+    dir.write("app.js", &writing_app(1, "logs/app.log"));
+    let out = dir.join("out.txt");
+    let port = free_port();
+    let file = std::fs::File::create(&out).unwrap();
+    let mut c = ops_util::uvcluster();
+    c.args(["run", "--config", "/dev/null", "-w", "2", "--watch"])
+        .arg(&dir.0)
+        .args(["--watch-debounce", "100ms", "--", &node])
+        .arg(dir.join("app.js"))
+        .env("PORT", port.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let mut child = Reap(Some(c.spawn().unwrap()));
+    let log = || std::fs::read_to_string(&out).unwrap_or_default();
+    let wait_for = |what: &str, n: usize| {
+        ops_util::eventually_seen(&format!("{n} x {what:?} in {}", out.display()), || {
+            let l = log();
+            (l.matches(what).count() >= n, l)
+        })
+    };
+    wait_for(") ready (after ", 2);
+    let before = both_answer(port);
+    dir.write("app.js", &writing_app(2, "logs/app.log"));
+    wait_for("reload finished (2 workers replaced", 1);
+    let after = both_answer(port);
+    assert!(after.iter().all(|b| b.ends_with(" 2")), "{after:?}");
+    assert!(before.is_disjoint(&after));
+    dir.write("trigger.txt", "now");
+    wait_for("reload finished (2 workers replaced", 2);
+    let child = child.0.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = ops_util::wait_output(child).status;
+    let log = log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains(&format!("{} (this process's output)", out.display())),
+        "{log}"
+    );
+    let watch: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("uvcluster: watch: "))
+        .collect();
+    assert_eq!(watch.len(), 2, "{log}");
+    assert!(watch[0].contains("app.js changed"), "{log}");
+    assert!(watch[1].contains("trigger.txt changed"), "{log}");
+    assert_eq!(log.matches("reload started").count(), 2, "{log}");
+    let starts = std::fs::read_to_string(dir.join("logs/app.log")).unwrap();
+    assert!(starts.lines().count() >= 6, "every start wrote its line");
+}
+
+/// A child killed if the test ends first.
+struct Reap(Option<std::process::Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Issue 14: with `--watch`, a broken save, then a crash of the old
+/// worker: its restarts run the broken code until the slot is errored.
+/// The primary used to exit 1 and the fix brought nothing back. Now it
+/// says it waits, stays up (`/readyz` 503, the control socket answers),
+/// and the fix starts the slot again: a 200 with the new code.
+#[test]
+fn watch_all_workers_errored_waits_for_the_fix_and_serves_again() {
+    let node = node();
+    let dir = TempDir::new("errored");
+    dir.write("app.js", &writing_app(1, "starts.txt"));
+    let app = dir.join("app.js");
+    let port = free_port();
+    let metrics = free_port();
+    let sock = dir.join("ctl.sock");
+    let mut c = uvcluster();
+    c.args(["run", "--config", "/dev/null", "-w", "1", "--watch"])
+        .arg(&app)
+        .args(["--watch-debounce", "100ms", "--backoff-initial", "10ms"])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}"), "--control"])
+        .arg(&sock)
+        .args(["--", &node])
+        .arg(&app)
+        .env("PORT", port.to_string());
+    let mut run = Running::spawn(c);
+    run.expect(") ready (after ");
+    assert!(get(port).unwrap().ends_with(" 1"));
+    dir.write("app.js", "oops (\n");
+    run.expect("reload failed: ");
+    // The old worker crashes: its restarts run the broken code.
+    let _ = ops_util::get(port, "/exit");
+    run.expect("slot 0 errored: ");
+    let waiting = run.expect("all workers errored; waiting for a change to start again");
+    assert!(
+        waiting.contains(&format!("(watching {})", app.display())),
+        "{waiting}"
+    );
+    assert!(run.running(), "{}", run.log);
+    let (code, _) = ops_util::get(metrics, "/readyz").unwrap();
+    assert_eq!(code, 503);
+    let st = ops_util::status(&sock);
+    assert!(st.to_string().contains("errored"), "{st}");
+    dir.write("app.js", &writing_app(2, "starts.txt"));
+    run.expect("reload finished (1 worker replaced");
+    let body = get(port).unwrap();
+    assert!(body.ends_with(" 2"), "{body}");
+    assert_eq!(ops_util::get(metrics, "/readyz").unwrap().0, 200);
+    let log = run.stop();
+    assert_eq!(log.matches("all workers errored").count(), 1, "{log}");
+    assert!(!log.contains("exiting with code 1"), "{log}");
 }

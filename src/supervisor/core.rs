@@ -612,6 +612,8 @@ pub struct Core {
     started: bool,
     exit_at: Option<u64>,
     exited: bool,
+    /// An errored pool waits for a reload instead of exiting.
+    hold_errored: bool,
     timer: Option<u64>,
     rng: u64,
     actions: VecDeque<Action>,
@@ -634,6 +636,7 @@ impl Core {
             started: false,
             exit_at: None,
             exited: false,
+            hold_errored: false,
             timer: None,
             rng: seed | 1,
             actions: VecDeque::new(),
@@ -1589,6 +1592,15 @@ impl Core {
         }
     }
 
+    /// With `on`, a pool left with no worker because slots errored does
+    /// not exit: it waits, empty, for a [`reload`](Self::reload), which
+    /// starts the errored slots afresh (their restart budgets reset). A
+    /// stop still ends it. Off by default (the pool exits with code 1).
+    pub fn hold_errored(&mut self, now: u64, on: bool) {
+        self.hold_errored = on;
+        self.settle(now);
+    }
+
     fn check_exit(&mut self, now: u64) {
         if !self.started {
             return;
@@ -1603,6 +1615,10 @@ impl Core {
             return;
         }
         let errored = self.slots.values().any(|s| s.errored);
+        if errored && self.hold_errored && self.stop.is_none() {
+            self.exit_at = None;
+            return;
+        }
         let failed = self
             .slots
             .values()

@@ -355,6 +355,21 @@ impl Supervisor {
         self.pump(lp);
     }
 
+    /// With `on`, a pool whose every worker is gone because its slots
+    /// errored (a crash loop) does not exit: it waits, empty, until the
+    /// next [`reload`](Self::reload), which starts every errored slot
+    /// afresh with its restart budget reset (`uvcluster run --watch`: the
+    /// fix of a broken file brings the pool back, as nodemon's "app
+    /// crashed - waiting for file changes before starting..."). A stop
+    /// still ends it, with code 0. Nothing of the supervisor keeps the
+    /// loop alive while it waits: the caller's handles do. Off by default:
+    /// such a pool exits with code 1 (see [`on_exit`](Self::on_exit)).
+    pub fn hold_when_errored(self, lp: &mut Loop, on: bool) {
+        let now = lp.now();
+        self.st_mut(lp).core.hold_errored(now, on);
+        self.pump(lp);
+    }
+
     /// Sets the number of workers. Added slots fork at once; removed slots
     /// (the newest) are drained, disconnected and killed after the kill
     /// timeout.

@@ -289,6 +289,78 @@ fn crash_loop_before_ready_errors_the_slot_and_exits_non_zero() {
 }
 
 #[test]
+fn an_errored_pool_held_waits_and_a_reload_starts_its_slots_afresh() {
+    let mut h = H::started(cfg(2));
+    h.c.hold_errored(h.now, true);
+    h.pump();
+    // Both slots crash before ready until they are errored.
+    for _ in 0..100 {
+        let Some((&w, _)) = h.live.iter().next() else {
+            break;
+        };
+        h.exit(w, ok(1), false);
+        h.advance(20_000);
+    }
+    assert_eq!(
+        h.events()
+            .iter()
+            .filter(|e| e.contains(" errored: "))
+            .count(),
+        2
+    );
+    // Held: no exit, however long it waits.
+    h.advance(600_000);
+    assert_eq!(h.exit, None);
+    let st = h.c.status(h.now);
+    assert_eq!(st.len(), 2);
+    assert!(st.iter().all(|r| r.state == WorkerState::Errored), "{st:?}");
+    // A reload forks both slots again (one at a time) and they serve.
+    let before = h.forks().len();
+    h.c.reload(h.now);
+    h.pump();
+    for _ in 0..2 {
+        h.all_ready();
+    }
+    assert_eq!(h.forks().len(), before + 2);
+    assert!(matches!(
+        h.reload_results()[..],
+        [Ok(ReloadReport { replaced: 2, .. })]
+    ));
+    let st = h.c.status(h.now);
+    assert!(st.iter().all(|r| r.state == WorkerState::Ready), "{st:?}");
+    // The budgets were reset: a crash restarts, it does not error again.
+    let w = *h.live.keys().next().unwrap();
+    h.exit(w, ok(1), false);
+    let ev = h.events();
+    assert!(ev[ev.len() - 2].contains("slot 0 restarting"), "{ev:?}");
+    assert_eq!(h.forks().len(), before + 3);
+    // A stop still ends it, with 0.
+    h.c.stop(h.now, false);
+    h.pump();
+    let ids: Vec<WorkerId> = h.live.keys().copied().collect();
+    for w in ids {
+        h.exit(w, sig(Signum::SIGKILL), false);
+    }
+    assert_eq!(h.exit, Some(0));
+}
+
+#[test]
+fn an_errored_pool_not_held_exits_non_zero() {
+    let mut h = H::started(cfg(1));
+    h.c.hold_errored(h.now, true);
+    h.c.hold_errored(h.now, false);
+    h.pump();
+    for _ in 0..100 {
+        let Some((&w, _)) = h.live.iter().next() else {
+            break;
+        };
+        h.exit(w, ok(1), false);
+        h.advance(20_000);
+    }
+    assert_eq!(h.exit, Some(1));
+}
+
+#[test]
 fn crash_loop_window_errors_a_ready_slot() {
     let mut h = H::started(SupervisorConfig {
         max_restarts: 3,
