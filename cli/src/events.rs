@@ -195,6 +195,16 @@ pub fn restarting(slot: usize, delay: Duration) {
     }
 }
 
+/// The cluster's error report (a failed handoff), an error line:
+/// `worker 3 (pid 1234): the worker took a connection but ...` for one
+/// worker, `cluster: connections waited ...` when no worker is concerned.
+pub fn cluster_error(worker: Option<(u32, Option<i32>)>, e: &uvcluster::cluster::ClusterError) {
+    match worker {
+        Some((id, pid)) => log::error!(target: TARGET, "{}: {e}", who(id, pid)),
+        None => log::error!(target: TARGET, "cluster: {e}"),
+    }
+}
+
 /// A slot stopped being restarted (a crash loop, or starts that never got
 /// ready): why, how its last worker ended, and the last lines its workers
 /// wrote on stderr when the CLI saw them (`--prefix-output`).

@@ -531,6 +531,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         kill_timeout: opts.supervisor.kill_timeout,
         node_eval: crate::options::node_eval_without_argv1(&opts.command),
     };
+    let journal_pids = journal.pids.clone();
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let watcher = match &opts.watch {
@@ -574,6 +575,12 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             if let Some(w) = &watcher {
                 w.on_event(lp, e);
             }
+        });
+    }
+    {
+        let pids = journal_pids.clone();
+        sup.on_error(&mut lp, move |lp, w, e| {
+            events::cluster_error(w.map(|w| (w.id(), w.pid(lp).or_else(|| pids.borrow().get(&w.id()).copied()))), e);
         });
     }
     sup.handle_signals(&mut lp)?;

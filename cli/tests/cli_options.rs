@@ -925,3 +925,35 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     );
     assert!(err.contains(" ERROR uvcluster: slot 0 errored: "), "{err}");
 }
+
+/// Regression (issue 13): with `--wait-ready`, a connection that arrives
+/// while the only worker listened but has not sent `'ready'` waits for it
+/// (it is handed once the worker is ready), even past `--worker-timeout`:
+/// a starting worker is not hung. No `no worker able to take them` line,
+/// and none that says `worker -`.
+#[test]
+fn wait_ready_connections_wait_for_a_starting_worker_past_the_worker_timeout() {
+    util::require_node();
+    let dir = scratch("wait-ready-queue");
+    let app_js = dir.join("app.js");
+    std::fs::write(
+        &app_js,
+        "require('http').createServer((q, s) => s.end('ok'))\
+           .listen(process.env.PORT, () => setTimeout(() => process.send('ready'), 1500));",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--wait-ready", "--worker-timeout=300ms"])
+        .args(["--ready-timeout=20s", "--", "node"])
+        .arg(&app_js)
+        .env("PORT", port.to_string());
+    let mut r = Running::spawn(c);
+    r.expect(") listening on ");
+    let answer = ops_util::get_ok(port);
+    r.expect(") ready (after ");
+    let log = r.stop();
+    assert_eq!(answer.as_deref(), Ok("ok"), "{log}");
+    assert!(!log.contains("no worker able"), "{log}");
+    assert!(!log.contains("worker -"), "{log}");
+}
