@@ -909,6 +909,17 @@ impl Core {
         self.actions.push_back(Action::Disconnect(w));
     }
 
+    /// Gives up a replacement that is not ready: stopped gracefully if it
+    /// listened (the kernel may already hand it connections, under `none`
+    /// and `reuseport`), else killed.
+    fn abandon(&mut self, now: u64, w: WorkerId) {
+        if self.workers.get(&w).is_some_and(|wk| !wk.listened.is_empty()) {
+            self.retire(now, w);
+        } else {
+            self.kill(w, KillReason::Abandoned);
+        }
+    }
+
     /// Kills `w` now (it leaves its slot's roles).
     fn kill(&mut self, w: WorkerId, reason: KillReason) {
         let Some(wk) = self.workers.get_mut(&w) else {
@@ -1094,7 +1105,7 @@ impl Core {
             // goes; the old workers stay.
             for b in batch {
                 if let Some(r) = self.slots.get(&b).and_then(|s| s.replacement) {
-                    self.kill(r, KillReason::Abandoned);
+                    self.abandon(now, r);
                 }
             }
             let e = ReloadError::NotReady {
@@ -1178,7 +1189,23 @@ impl Core {
             }
         }
         for w in not_ready {
-            self.kill(w, KillReason::ReadyTimeout);
+            let wk = &self.workers[&w];
+            if wk.role == Some(Role::Replacement) && !wk.listened.is_empty() {
+                // It listened: under `none` and `reuseport` the kernel
+                // already hands it connections, which a SIGKILL would
+                // reset. It is stopped gracefully (drained, disconnected,
+                // killed after the kill timeout); the failure is reported
+                // now (its `draining` event, then the failed reload's).
+                let slot = wk.slot;
+                self.retire(now, w);
+                self.replacement_failed(
+                    now,
+                    slot,
+                    StartFailure::ReadyTimeout(self.cfg.ready_timeout),
+                );
+            } else {
+                self.kill(w, KillReason::ReadyTimeout);
+            }
         }
         for w in overdue {
             self.kill(w, KillReason::KillTimeout);
@@ -1278,7 +1305,7 @@ impl Core {
             if graceful {
                 let starting = self.workers[&w].phase == Phase::Starting;
                 if starting && self.workers[&w].role == Some(Role::Replacement) {
-                    self.kill(w, KillReason::Abandoned);
+                    self.abandon(now, w);
                 } else {
                     self.retire(now, w);
                 }
@@ -1471,7 +1498,7 @@ impl Core {
                 s.restart_at = None;
                 let (cur, rep) = (s.current, s.replacement);
                 if let Some(r) = rep {
-                    self.kill(r, KillReason::Abandoned);
+                    self.abandon(now, r);
                 }
                 if let Some(c) = cur {
                     self.retire(now, c);

@@ -489,6 +489,53 @@ fn reload_fails_closed_when_the_replacement_is_not_ready() {
     assert_eq!(h.exit, None);
 }
 
+/// Regression (issue 13): a `--wait-ready` replacement that listened but
+/// did not send `'ready'` in time is stopped gracefully (drained,
+/// disconnected, SIGKILLed only after the kill timeout), because under
+/// `none`/`reuseport` the kernel already hands it connections; the
+/// reload fails closed at the ready timeout all the same, and the old
+/// workers are never drained.
+#[test]
+fn a_replacement_that_listened_but_is_not_ready_is_stopped_gracefully() {
+    let mut h = H::started(SupervisorConfig {
+        ready: ReadyMode::Message,
+        ready_timeout: Duration::from_millis(1_000),
+        kill_timeout: Duration::from_millis(5_000),
+        ..cfg(2)
+    });
+    for w in [1, 2] {
+        h.listen(w);
+        h.c.ready_message(h.now, w);
+        h.pump();
+    }
+    h.c.reload(h.now);
+    h.pump();
+    h.listen(3);
+    h.advance(1_000);
+    assert!(matches!(
+        h.reload_results()[..],
+        [Err(ReloadError::NotReady {
+            slot: 0,
+            failure: StartFailure::ReadyTimeout(_),
+            replaced: 0
+        })]
+    ));
+    let drain = h.index_of(|a| *a == Action::Drain(3)).expect("drained");
+    let disc = h.index_of(|a| *a == Action::Disconnect(3)).expect("disconnected");
+    assert!(drain < disc);
+    assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
+    assert!(h.index_of(|a| matches!(a, Action::Drain(1 | 2))).is_none());
+    // Still alive at the kill timeout: SIGKILL then.
+    h.advance(4_999);
+    assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
+    h.advance(1);
+    assert!(h.index_of(|a| *a == Action::Kill(3, Signum::SIGKILL)).is_some());
+    h.exit(3, sig(Signum::SIGKILL), true);
+    h.advance(10_000);
+    assert_eq!(h.forks().len(), 3, "nothing else forked");
+    assert_eq!(h.exit, None);
+}
+
 #[test]
 fn reload_during_reload_is_queued_not_interleaved() {
     let mut h = H::started(cfg(1));
