@@ -486,6 +486,13 @@ pub enum WorkerState {
     Errored,
     /// The slot waits for its backoff delay (no worker).
     Restarting,
+    /// The slot's worker is gone and a stop is under way: it will not be
+    /// restarted (PM2's `stopped`).
+    Stopped,
+    /// The slot's worker exited and the slot is not restarted (restart
+    /// policy `never`, `on-failure` after a clean exit, or a worker that
+    /// left on purpose); a reload or a scale fills it again.
+    Exited,
 }
 
 impl fmt::Display for WorkerState {
@@ -496,6 +503,8 @@ impl fmt::Display for WorkerState {
             WorkerState::Draining => "draining",
             WorkerState::Errored => "errored",
             WorkerState::Restarting => "restarting",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Exited => "exited",
         })
     }
 }
@@ -1658,7 +1667,8 @@ impl Core {
     }
 
     /// One row per worker (current, replacement, retiring) and per empty
-    /// slot (errored or waiting to restart).
+    /// slot (errored, waiting to restart, stopped during a stop, or
+    /// exited and not to be restarted).
     pub fn status(&self, now: u64) -> Vec<StatusRow> {
         let mut rows = Vec::new();
         for (&id, w) in &self.workers {
@@ -1684,8 +1694,12 @@ impl Core {
                     slot,
                     state: if s.errored {
                         WorkerState::Errored
-                    } else {
+                    } else if self.stop.is_some() {
+                        WorkerState::Stopped
+                    } else if s.restart_at.is_some() {
                         WorkerState::Restarting
+                    } else {
+                        WorkerState::Exited
                     },
                     uptime: Duration::ZERO,
                     restarts: s.restarts,

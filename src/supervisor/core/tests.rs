@@ -919,6 +919,44 @@ fn status_rows() {
     assert_eq!(st[0].uptime, Duration::from_millis(500));
 }
 
+/// Regression (issue 13): an empty slot says `restarting` only when it
+/// will restart: during a graceful stop it is `stopped`, under restart
+/// `never` after its worker exited it is `exited`, and while its backoff
+/// runs it is `restarting`.
+#[test]
+fn empty_slots_are_stopped_or_exited_unless_they_restart() {
+    let state = |h: &H, slot: SlotId| {
+        let st = h.c.status(h.now);
+        st.iter().find(|r| r.slot == slot && r.worker.is_none()).map(|r| r.state)
+    };
+    // Restart `never`: the slot is exited, not restarting.
+    let mut h = H::started(SupervisorConfig {
+        restart: RestartPolicy::Never,
+        ..cfg(2)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    assert_eq!(state(&h, 0), Some(WorkerState::Exited));
+    assert_eq!(WorkerState::Exited.to_string(), "exited");
+    // Restart `always` with a backoff: restarting while it waits.
+    let mut h = H::started(SupervisorConfig {
+        backoff_initial: Duration::from_millis(500),
+        ..cfg(2)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    h.listen(3);
+    h.exit(3, ok(3), false);
+    assert_eq!(state(&h, 0), Some(WorkerState::Restarting));
+    // A graceful stop: the slots emptied by it are stopped.
+    h.c.stop(h.now, true);
+    h.pump();
+    h.exit(2, ok(0), true);
+    assert_eq!(state(&h, 0), Some(WorkerState::Stopped));
+    assert_eq!(state(&h, 1), Some(WorkerState::Stopped));
+    assert_eq!(WorkerState::Stopped.to_string(), "stopped");
+}
+
 #[test]
 fn event_lines_have_no_debug_formatting() {
     let e = LifecycleEvent::Exited {
