@@ -562,6 +562,11 @@ impl Control {
                             "replaced": rep.replaced,
                             "duration_seconds": rep.duration.as_secs_f64(),
                         }),
+                        Err(e @ uvcluster::supervisor::ReloadError::Refused) => json!({
+                            "ok": false,
+                            "command": "reload",
+                            "error": e.to_string(),
+                        }),
                         Err(e) => json!({
                             "ok": false,
                             "command": "reload",

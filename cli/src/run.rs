@@ -431,6 +431,14 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             start_failure(failure)
         )),
         E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
+        // Not emitted as a failed reload (a refusal is its own event).
+        E::ReloadFailed(ReloadError::Refused) => {}
+        E::Refused { what, workers } => log::warn!(
+            target: events::TARGET,
+            "{what} {}; {} still running",
+            uvcluster::supervisor::REFUSED,
+            events::workers(*workers)
+        ),
         E::Scaled { from, to } => log::info!(
             target: events::TARGET,
             "scaled from {from} to {}",

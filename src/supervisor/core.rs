@@ -127,6 +127,8 @@ pub enum ReloadError {
     },
     /// A stop began before the reload completed.
     Stopped,
+    /// Asked for during a stop: refused, nothing was started.
+    Refused,
 }
 
 impl fmt::Display for ReloadError {
@@ -142,6 +144,7 @@ impl fmt::Display for ReloadError {
                  ({replaced} slot(s) replaced before, roll stopped)"
             ),
             ReloadError::Stopped => f.write_str("the supervisor is stopping"),
+            ReloadError::Refused => f.write_str(REFUSED),
         }
     }
 }
@@ -319,6 +322,14 @@ pub enum LifecycleEvent {
         /// The signal that asked for it, if one did.
         signal: Option<Signum>,
     },
+    /// A request made during a stop (`what`: a signal's name, `reload`,
+    /// `scale`) was refused ([`REFUSED`]); nothing changed.
+    Refused {
+        /// What was asked for: `SIGHUP`, `SIGTTIN`, `reload`, ...
+        what: String,
+        /// The workers still running (the stop's, going).
+        workers: usize,
+    },
     /// A signal was a second delivery of the previous one, and ignored.
     DuplicateSignal(Signum),
     /// The primary exits.
@@ -408,6 +419,10 @@ impl fmt::Display for LifecycleEvent {
                 }
                 Ok(())
             }
+            E::Refused { what, workers } => write!(
+                f,
+                "{what} {REFUSED}; {workers} worker(s) still running"
+            ),
             E::DuplicateSignal(s) => write!(
                 f,
                 "{s} received again within the duplicate window: the same request, ignored"
@@ -416,6 +431,10 @@ impl fmt::Display for LifecycleEvent {
         }
     }
 }
+
+/// Why a request made during a stop (a reload, a scale, a restart, their
+/// signals) does nothing.
+pub const REFUSED: &str = "refused: the primary is stopping";
 
 /// Why a worker is forked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1248,13 +1267,15 @@ impl Core {
             if self.stop.is_none_or(|s| s.graceful) {
                 self.begin_stop(now, false, Some(sig));
             }
+        } else if self.stop.is_some()
+            && [Signum::SIGHUP, Signum::SIGTTIN, Signum::SIGTTOU].contains(&sig)
+        {
+            self.refuse(&sig.to_string());
         } else if sig == Signum::SIGHUP {
             let _ = self.reload(now);
         } else if sig == Signum::SIGTTIN || sig == Signum::SIGTTOU {
             let from = self.slot_count();
-            let why = if self.stop.is_some() {
-                Some(format!("{sig} during a stop"))
-            } else if sig == Signum::SIGTTOU && from <= 1 {
+            let why = if sig == Signum::SIGTTOU && from <= 1 {
                 Some(format!(
                     "{sig} asks for one worker fewer, and one is the fewest"
                 ))
@@ -1272,6 +1293,21 @@ impl Core {
             }
         }
         self.settle(now);
+    }
+
+    /// Whether a stop has begun (then reloads, scales and restarts are
+    /// refused: [`REFUSED`]).
+    pub fn stopping(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Reports a request refused during a stop.
+    pub fn refuse(&mut self, what: &str) {
+        let workers = self.workers.len();
+        self.report(LifecycleEvent::Refused {
+            what: what.to_string(),
+            workers,
+        });
     }
 
     /// A stop: graceful (close the listeners, drain and disconnect every
@@ -1332,8 +1368,9 @@ impl Core {
         if self.stop.is_some() {
             let t = self.next_ticket;
             self.next_ticket += 1;
+            self.refuse("reload");
             self.actions
-                .push_back(Action::ReloadDone(t, Err(ReloadError::Stopped)));
+                .push_back(Action::ReloadDone(t, Err(ReloadError::Refused)));
             return t;
         }
         if self.roll.is_some() || self.replacing.is_some() {
@@ -1688,7 +1725,14 @@ impl Core {
             });
         }
         for (&slot, s) in &self.slots {
-            if s.current.is_none() && s.replacement.is_none() && s.pending.is_none() && !s.removed {
+            // During a stop a slot's draining worker is its row.
+            let draining = self.stop.is_some() && !s.retiring.is_empty();
+            if s.current.is_none()
+                && s.replacement.is_none()
+                && s.pending.is_none()
+                && !s.removed
+                && !draining
+            {
                 rows.push(StatusRow {
                     worker: None,
                     slot,

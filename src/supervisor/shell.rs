@@ -349,7 +349,8 @@ impl Supervisor {
     /// the outcome. A replacement that is not ready in time is killed,
     /// the old workers keep serving and the reload fails (fail closed). A
     /// reload asked for while one runs waits for it (several waiting ones
-    /// are one reload); a reload never interleaves with another.
+    /// are one reload); a reload never interleaves with another. During a
+    /// stop it is refused: `cb` gets [`ReloadError::Refused`].
     pub fn reload(
         self,
         lp: &mut Loop,
@@ -369,8 +370,14 @@ impl Supervisor {
     /// # Errors
     ///
     /// `InvalidInput` for 0 (at least one worker runs) or more than
-    /// [`MAX_WORKERS`](super::MAX_WORKERS).
+    /// [`MAX_WORKERS`](super::MAX_WORKERS); `Other` with
+    /// [`REFUSED`](super::REFUSED) during a stop (nothing changes).
     pub fn scale(self, lp: &mut Loop, n: usize) -> io::Result<()> {
+        if self.st(lp).core.stopping() {
+            self.st_mut(lp).core.refuse(&format!("scale to {n}"));
+            self.pump(lp);
+            return Err(io::Error::other(super::REFUSED));
+        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -398,8 +405,14 @@ impl Supervisor {
     /// # Errors
     ///
     /// `NotFound` if `id` is not a ready worker in rotation (starting,
-    /// draining, gone, already being replaced), or during a stop.
+    /// draining, gone, already being replaced); `Other` with
+    /// [`REFUSED`](super::REFUSED) during a stop.
     pub fn restart(self, lp: &mut Loop, id: u32) -> io::Result<()> {
+        if self.st(lp).core.stopping() {
+            self.st_mut(lp).core.refuse(&format!("restart of worker {id}"));
+            self.pump(lp);
+            return Err(io::Error::other(super::REFUSED));
+        }
         let now = lp.now();
         let ok = (self.st_mut(lp).core).replace(now, id, ReplaceReason::Requested);
         self.pump(lp);
