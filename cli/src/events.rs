@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use uvcluster::cluster::SchedulingPolicy;
 use uvcluster::uv::Signum;
 
 use crate::values::show_duration;
@@ -127,8 +128,24 @@ pub fn starting(opts: &crate::options::RunOptions) {
     if let Some(m) = s.max_memory {
         limits.push_str(&format!(", max memory {}", crate::values::show_size(m)));
     }
+    // The dispatcher counts connections only where the primary accepts
+    // them: under `none` and `reuseport` the kernel hands them out, so
+    // the limit does nothing there (a warning, not a refusal: the same
+    // configuration may serve under another policy).
+    let kernel = matches!(
+        opts.policy,
+        SchedulingPolicy::None | SchedulingPolicy::ReusePort
+    );
     if let Some(n) = s.max_connections {
-        limits.push_str(&format!(", max connections {n}"));
+        if kernel {
+            log::warn!(
+                target: TARGET,
+                "--max-connections {n} has no effect under policy {}: the kernel hands                  connections to the workers there, and nothing counts them (use rr or leastconn)",
+                opts.policy.as_str()
+            );
+        } else {
+            limits.push_str(&format!(", max connections {n}"));
+        }
     }
     let from = match &opts.config_file {
         Some(f) => format!(", options from {}", f.display()),

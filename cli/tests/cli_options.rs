@@ -957,3 +957,28 @@ fn wait_ready_connections_wait_for_a_starting_worker_past_the_worker_timeout() {
     assert!(!log.contains("no worker able"), "{log}");
     assert!(!log.contains("worker -"), "{log}");
 }
+
+/// Regression (issue 13): `--max-connections` under `none` and
+/// `reuseport` (where the kernel hands out connections and nothing counts
+/// them) is warned about at start, and the start line does not claim the
+/// limit; under `rr` the start line names it and there is no warning.
+#[test]
+fn max_connections_under_a_kernel_policy_is_warned_about() {
+    for policy in ["none", "reuseport"] {
+        let mut c = uvcluster();
+        c.args(["run", "-w", "1", "-p", policy, "--max-connections", "10"]);
+        let log = serve_and_stop(c, 1);
+        let warn = log
+            .lines()
+            .find(|l| l.contains("--max-connections 10 has no effect"))
+            .unwrap_or_else(|| panic!("no warning under {policy}:\n{log}"));
+        assert!(warn.contains(" WARN  uvcluster: "), "{warn}");
+        assert!(warn.contains(&format!("under policy {policy}")), "{warn}");
+        assert!(!log.contains("max connections 10"), "{log}");
+    }
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--max-connections", "10"]);
+    let log = serve_and_stop(c, 1);
+    assert!(log.contains("max connections 10"), "{log}");
+    assert!(!log.contains("has no effect"), "{log}");
+}
