@@ -271,12 +271,15 @@ pub fn reload_abandoned() {
     );
 }
 
-/// A rolling reload stopped, failing closed: the old workers keep serving.
-pub fn reload_failed(why: &str) {
-    log::error!(
-        target: TARGET,
-        "reload failed: {why}; the old workers keep serving"
-    );
+/// A rolling reload of a pool of `workers` stopped, failing closed: the
+/// old workers keep serving (`the old worker keeps serving` for one).
+pub fn reload_failed(why: &str, workers: usize) {
+    let old = if workers == 1 {
+        "the old worker keeps serving"
+    } else {
+        "the old workers keep serving"
+    };
+    log::error!(target: TARGET, "reload failed: {why}; {old}");
 }
 
 #[cfg(test)]

@@ -304,6 +304,8 @@ struct Journal {
     tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
+    /// The size of the pool the current (or last) reload replaces.
+    reload_slots: Cell<usize>,
     /// The command is `node -e SCRIPT` with nothing after the script: an
     /// `errored` slot says why such workers never listen.
     node_eval: bool,
@@ -416,7 +418,10 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             "slot {slot}: the replacement {}; the old worker keeps serving",
             start_failure(failure)
         ),
-        E::ReloadStarted { slots } => events::reload_started(*slots),
+        E::ReloadStarted { slots } => {
+            j.reload_slots.set(*slots);
+            events::reload_started(*slots)
+        }
         E::ReloadQueued => log::info!(
             target: events::TARGET,
             "reload queued: it runs once the current one ends"
@@ -426,10 +431,13 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             slot,
             failure,
             replaced,
-        }) => events::reload_failed(&format!(
-            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
-            start_failure(failure)
-        )),
+        }) => events::reload_failed(
+            &format!(
+                "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
+                start_failure(failure)
+            ),
+            j.reload_slots.get(),
+        ),
         E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
         // Not emitted as a failed reload (a refusal is its own event).
         E::ReloadFailed(ReloadError::Refused) => {}
@@ -538,6 +546,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
         node_eval: crate::options::node_eval_without_argv1(&opts.command),
+        reload_slots: Cell::new(opts.supervisor.workers),
     };
     let journal_pids = journal.pids.clone();
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
@@ -574,7 +583,8 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                 LifecycleEvent::Ready { worker, .. } => sd.listening(lp, *worker),
                 LifecycleEvent::Exited { worker, .. } => sd.exited(*worker),
                 LifecycleEvent::Stopping { .. } => sd.stopping(),
-                LifecycleEvent::ReloadStarted { .. } => sd.reloading(),
+                LifecycleEvent::ReloadStarted { slots } => sd.reloading(*slots),
+                LifecycleEvent::Scaled { to, .. } => sd.scaled(*to),
                 LifecycleEvent::ReloadFinished(_) | LifecycleEvent::ReloadFailed(_) => {
                     sd.reloaded()
                 }

@@ -982,3 +982,46 @@ fn max_connections_under_a_kernel_policy_is_warned_about() {
     assert!(log.contains("max connections 10"), "{log}");
     assert!(!log.contains("has no effect"), "{log}");
 }
+
+/// Regression (issue 13): a fail-closed reload of a one-worker pool says
+/// `the old worker keeps serving` (not `workers keep`), and its
+/// replacement, which listened but never sent `'ready'`, is drained, not
+/// SIGKILLed; the old worker still answers.
+#[test]
+fn failed_reload_of_one_worker_says_the_old_worker_keeps_serving() {
+    util::require_node();
+    let dir = scratch("one-old-worker");
+    let app_js = dir.join("app.js");
+    std::fs::write(
+        &app_js,
+        "require('http').createServer((q, s) => s.end('ok'))\
+           .listen(process.env.PORT, () => {\
+             if (!require('fs').existsSync(process.env.NO_READY)) process.send('ready');\
+           });",
+    )
+    .unwrap();
+    let no_ready = dir.join("no-ready");
+    let _ = std::fs::remove_file(&no_ready);
+    let port = free_port();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "-p", "none", "--wait-ready"])
+        .args(["--ready-timeout=1500ms", "--", "node"])
+        .arg(&app_js)
+        .env("PORT", port.to_string())
+        .env("NO_READY", &no_ready);
+    let mut r = Running::spawn(c);
+    r.expect(") ready (after ");
+    std::fs::write(&no_ready, "").unwrap();
+    r.signal(Signal::SIGHUP);
+    r.expect("reload started (1 worker)");
+    // The replacement is drained first, then the failure reported.
+    r.expect(") draining");
+    let failed = r.expect("reload failed: ");
+    assert!(
+        failed.ends_with("; the old worker keeps serving"),
+        "{failed}"
+    );
+    assert_eq!(ops_util::get_ok(port).as_deref(), Ok("ok"));
+    let log = r.stop();
+    assert!(!log.contains("SIGKILL"), "{log}");
+}

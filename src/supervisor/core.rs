@@ -166,7 +166,9 @@ impl fmt::Display for ReplaceReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReplaceReason::Requested => f.write_str("restart requested"),
-            ReplaceReason::Memory(b) => write!(f, "memory limit reached ({b} bytes resident)"),
+            ReplaceReason::Memory(b) => {
+                write!(f, "memory limit reached ({} resident)", size_words(*b))
+            }
             ReplaceReason::Connections(n) => write!(f, "connection limit reached ({n} handed)"),
         }
     }
@@ -348,6 +350,39 @@ const GROUP_STOP_SIGNALS: [Signum; 4] = [
     Signum::SIGQUIT,
     Signum::SIGHUP,
 ];
+
+/// A duration in words, as humantime writes it (`10s`, `1m 30s`,
+/// `250ms`), to the millisecond.
+pub(crate) fn duration_words(d: Duration) -> String {
+    let ms = ms(d);
+    if ms == 0 {
+        return "0ms".into();
+    }
+    let parts = [
+        (ms / 86_400_000, "d"),
+        (ms / 3_600_000 % 24, "h"),
+        (ms / 60_000 % 60, "m"),
+        (ms / 1000 % 60, "s"),
+        (ms % 1000, "ms"),
+    ];
+    let words: Vec<String> = (parts.iter())
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    words.join(" ")
+}
+
+/// A size in bytes in binary units, rounded (`195 MiB`, `512 KiB`,
+/// `100 bytes`).
+pub(crate) fn size_words(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift {
+            let n = (bytes + (1 << (shift - 1))) >> shift;
+            return format!("{n} {unit}");
+        }
+    }
+    format!("{bytes} bytes")
+}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
@@ -1085,9 +1120,9 @@ impl Core {
             ))
         } else if s.crashes.len() as u64 > u64::from(max) {
             Some(format!(
-                "{} crashes within {} ms (at most {max} restarts)",
+                "{} crashes within {} (at most {max} restarts)",
                 s.crashes.len(),
-                window
+                duration_words(Duration::from_millis(window))
             ))
         } else {
             None

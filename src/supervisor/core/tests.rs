@@ -957,6 +957,36 @@ fn empty_slots_are_stopped_or_exited_unless_they_restart() {
     assert_eq!(WorkerState::Stopped.to_string(), "stopped");
 }
 
+/// Regression (issue 13): the supervisor's lines give durations and
+/// sizes in words: `6 crashes within 10s`, `memory limit reached (195
+/// MiB resident)`, not `10000 ms` and a byte count.
+#[test]
+fn crash_window_and_memory_read_as_words() {
+    assert_eq!(duration_words(Duration::from_millis(10_000)), "10s");
+    assert_eq!(duration_words(Duration::from_millis(90_250)), "1m 30s 250ms");
+    assert_eq!(duration_words(Duration::ZERO), "0ms");
+    assert_eq!(
+        ReplaceReason::Memory(204_484_608).to_string(),
+        "memory limit reached (195 MiB resident)"
+    );
+    assert_eq!(size_words(512 << 10), "512 KiB");
+    assert_eq!(size_words(100), "100 bytes");
+    let mut h = H::started(SupervisorConfig {
+        max_restarts: 1,
+        restart_window: Duration::from_secs(10),
+        fail_before_ready: false,
+        ..cfg(1)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    h.listen(2);
+    h.exit(2, ok(3), false);
+    let errored = (h.events().into_iter())
+        .find(|e| e.contains("errored"))
+        .expect("errored");
+    assert!(errored.contains("2 crashes within 10s (at most 1 restarts)"), "{errored}");
+}
+
 #[test]
 fn event_lines_have_no_debug_formatting() {
     let e = LifecycleEvent::Exited {
