@@ -598,7 +598,15 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     {
         let pids = journal_pids.clone();
         sup.on_error(&mut lp, move |lp, w, e| {
-            events::cluster_error(w.map(|w| (w.id(), w.pid(lp).or_else(|| pids.borrow().get(&w.id()).copied()))), e);
+            events::cluster_error(
+                w.map(|w| {
+                    (
+                        w.id(),
+                        w.pid(lp).or_else(|| pids.borrow().get(&w.id()).copied()),
+                    )
+                }),
+                e,
+            );
         });
     }
     sup.handle_signals(&mut lp)?;

@@ -136,3 +136,64 @@ impl Systemd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The `STATUS=` texts `s` sent so far.
+    fn statuses(sock: &UnixDatagram) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(s) = m.strip_prefix("STATUS=") {
+                out.push(s.trim_end().to_string());
+            }
+        }
+        out
+    }
+
+    /// Regression (issue 13): during a rolling reload of a 2-worker pool
+    /// the status says `reloading: K of 2 replaced`, and afterwards `2
+    /// workers ready`, never `3 workers ready` while an old worker drains.
+    #[test]
+    fn reload_status_counts_replacements_of_the_pool_size() {
+        let dir = std::env::temp_dir().join(format!("uvcluster-sd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut lp = Loop::new().unwrap();
+        let sd = Systemd {
+            notify: Notifier::to_socket(&path).unwrap(),
+            workers: Cell::new(2),
+            listening: RefCell::default(),
+            ready: Cell::new(false),
+            replaced: Cell::new(None),
+        };
+        sd.listening(&mut lp, 1);
+        sd.listening(&mut lp, 2);
+        assert_eq!(statuses(&sock), ["2 workers ready"]);
+        sd.reloading(2);
+        sd.listening(&mut lp, 3);
+        sd.exited(1);
+        sd.listening(&mut lp, 4);
+        sd.reloaded();
+        assert_eq!(
+            statuses(&sock),
+            [
+                "reloading: 0 of 2 replaced",
+                "reloading: 1 of 2 replaced",
+                "reloading: 2 of 2 replaced",
+                "2 workers ready"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

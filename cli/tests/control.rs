@@ -517,8 +517,14 @@ fn requests_during_a_stop_are_refused_and_empty_slots_are_stopped() {
     assert!(!t.contains("restarting"), "{t}");
     let (code, body) = get(mport, "/metrics").unwrap();
     assert_eq!(code, 200);
-    assert!(body.contains("uvcluster_workers{state=\"stopped\"} 1\n"), "{body}");
-    assert!(body.contains("uvcluster_workers{state=\"restarting\"} 0\n"), "{body}");
+    assert!(
+        body.contains("uvcluster_workers{state=\"stopped\"} 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("uvcluster_workers{state=\"restarting\"} 0\n"),
+        "{body}"
+    );
 
     for args in [&["scale", "4"][..], &["reload"], &["restart", "1"]] {
         let out = ctl(&sock, args);

@@ -454,10 +454,9 @@ impl fmt::Display for LifecycleEvent {
                 }
                 Ok(())
             }
-            E::Refused { what, workers } => write!(
-                f,
-                "{what} {REFUSED}; {workers} worker(s) still running"
-            ),
+            E::Refused { what, workers } => {
+                write!(f, "{what} {REFUSED}; {workers} worker(s) still running")
+            }
             E::DuplicateSignal(s) => write!(
                 f,
                 "{s} received again within the duplicate window: the same request, ignored"
@@ -976,7 +975,11 @@ impl Core {
     /// listened (the kernel may already hand it connections, under `none`
     /// and `reuseport`), else killed.
     fn abandon(&mut self, now: u64, w: WorkerId) {
-        if self.workers.get(&w).is_some_and(|wk| !wk.listened.is_empty()) {
+        if self
+            .workers
+            .get(&w)
+            .is_some_and(|wk| !wk.listened.is_empty())
+        {
             self.retire(now, w);
         } else {
             self.kill(w, KillReason::Abandoned);

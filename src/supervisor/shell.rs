@@ -298,7 +298,7 @@ impl Supervisor {
             );
             // The caller's `error` callback, or a log line as the primary
             // writes one when it has no callback.
-            let handled = self.emit(lp, |s| &mut s.on_error, |lp, f| f(lp, w, &e));
+            let handled = self.emit(lp, |s| &mut s.on_error, |lp, f| f(lp, w, e));
             if !handled {
                 match w {
                     Some(w) => log::error!("cluster: worker {}: {e}", w.id()),
@@ -409,7 +409,9 @@ impl Supervisor {
     /// [`REFUSED`](super::REFUSED) during a stop.
     pub fn restart(self, lp: &mut Loop, id: u32) -> io::Result<()> {
         if self.st(lp).core.stopping() {
-            self.st_mut(lp).core.refuse(&format!("restart of worker {id}"));
+            self.st_mut(lp)
+                .core
+                .refuse(&format!("restart of worker {id}"));
             self.pump(lp);
             return Err(io::Error::other(super::REFUSED));
         }

@@ -634,8 +634,7 @@ impl Book {
     /// ready yet or at its connection limit, is admitted or removed by
     /// its owner within a bounded time; connections wait for it).
     fn stuck(&self, now: u64) -> bool {
-        self.members()
-            .all(|(_, w)| self.failing(w, now) && !w.held)
+        self.members().all(|(_, w)| self.failing(w, now) && !w.held)
     }
 
     fn failing(&self, w: &WorkerRec, now: u64) -> bool {

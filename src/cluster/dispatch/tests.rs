@@ -1259,7 +1259,11 @@ fn connections_queued_for_a_held_worker_wait_past_the_handoff_timeout() {
     h.d.add_worker_held(0, 1, true);
     h.accept();
     h.at(T * 3);
-    assert_eq!(h.take(), [], "held within its ready time: the connection waits");
+    assert_eq!(
+        h.take(),
+        [],
+        "held within its ready time: the connection waits"
+    );
     h.d.admit(h.now, 1);
     assert_eq!(h.take(), [send(1, 0, 0)]);
     h.serve(1, 0, true);

@@ -521,7 +521,9 @@ fn a_replacement_that_listened_but_is_not_ready_is_stopped_gracefully() {
         })]
     ));
     let drain = h.index_of(|a| *a == Action::Drain(3)).expect("drained");
-    let disc = h.index_of(|a| *a == Action::Disconnect(3)).expect("disconnected");
+    let disc = h
+        .index_of(|a| *a == Action::Disconnect(3))
+        .expect("disconnected");
     assert!(drain < disc);
     assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
     assert!(h.index_of(|a| matches!(a, Action::Drain(1 | 2))).is_none());
@@ -529,7 +531,10 @@ fn a_replacement_that_listened_but_is_not_ready_is_stopped_gracefully() {
     h.advance(4_999);
     assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
     h.advance(1);
-    assert!(h.index_of(|a| *a == Action::Kill(3, Signum::SIGKILL)).is_some());
+    assert!(
+        h.index_of(|a| *a == Action::Kill(3, Signum::SIGKILL))
+            .is_some()
+    );
     h.exit(3, sig(Signum::SIGKILL), true);
     h.advance(10_000);
     assert_eq!(h.forks().len(), 3, "nothing else forked");
@@ -927,7 +932,9 @@ fn status_rows() {
 fn empty_slots_are_stopped_or_exited_unless_they_restart() {
     let state = |h: &H, slot: SlotId| {
         let st = h.c.status(h.now);
-        st.iter().find(|r| r.slot == slot && r.worker.is_none()).map(|r| r.state)
+        st.iter()
+            .find(|r| r.slot == slot && r.worker.is_none())
+            .map(|r| r.state)
     };
     // Restart `never`: the slot is exited, not restarting.
     let mut h = H::started(SupervisorConfig {
@@ -963,7 +970,10 @@ fn empty_slots_are_stopped_or_exited_unless_they_restart() {
 #[test]
 fn crash_window_and_memory_read_as_words() {
     assert_eq!(duration_words(Duration::from_millis(10_000)), "10s");
-    assert_eq!(duration_words(Duration::from_millis(90_250)), "1m 30s 250ms");
+    assert_eq!(
+        duration_words(Duration::from_millis(90_250)),
+        "1m 30s 250ms"
+    );
     assert_eq!(duration_words(Duration::ZERO), "0ms");
     assert_eq!(
         ReplaceReason::Memory(204_484_608).to_string(),
@@ -984,7 +994,10 @@ fn crash_window_and_memory_read_as_words() {
     let errored = (h.events().into_iter())
         .find(|e| e.contains("errored"))
         .expect("errored");
-    assert!(errored.contains("2 crashes within 10s (at most 1 restarts)"), "{errored}");
+    assert!(
+        errored.contains("2 crashes within 10s (at most 1 restarts)"),
+        "{errored}"
+    );
 }
 
 #[test]
