@@ -1286,6 +1286,7 @@ impl Core {
     /// | SIGQUIT | immediate stop |
     /// | SIGHUP | rolling reload |
     /// | SIGTTIN / SIGTTOU | one slot more / one fewer (never below 1 nor above [`MAX_WORKERS`]; a [`LifecycleEvent::NotScaled`] says why nothing changed) |
+    /// | SIGHUP, SIGTTIN, SIGTTOU during a stop | refused: a [`LifecycleEvent::Refused`] with the workers still running |
     pub fn signal(&mut self, now: u64, sig: Signum) {
         if sig == Signum::SIGTERM || sig == Signum::SIGINT {
             match self.stop {
