@@ -225,6 +225,57 @@ fn node_ready_timeout_fails_the_reload_closed() {
     assert_eq!(stop_and_wait(&mut lp, &s), 0);
 }
 
+/// Regression (issue 13): under `none` the kernel hands a replacement
+/// connections as soon as it listens; one that never sends `'ready'`
+/// (`--wait-ready`) fails the reload at the ready timeout and is stopped
+/// gracefully, not SIGKILLed with connections in hand: a closed-loop load
+/// across the failed reload gets no failed request, and the old workers
+/// keep serving.
+#[test]
+fn node_wait_ready_fail_closed_reload_under_none_loses_nothing() {
+    let mut lp = Loop::new().unwrap();
+    let cfg = SupervisorConfig {
+        ready: ReadyMode::Message,
+        ready_timeout: Duration::from_millis(1_500),
+        ..config(2)
+    };
+    let s = node(&mut lp, "wait-ready", SchedulingPolicy::None, cfg);
+    start_ready(&mut lp, &s, 2);
+    let before = s.pids(&lp);
+    let load = Load::start(s.port.get(), 4, 100_000);
+    s.sup.primary(&lp).setup_primary(&mut lp, node_env("mute"));
+    let result = Rc::new(RefCell::new(None));
+    let r = result.clone();
+    s.sup
+        .reload(&mut lp, move |_, res| *r.borrow_mut() = Some(res));
+    util::run_until(&mut lp, 30_000, |_| result.borrow().is_some());
+    let res = result.borrow_mut().take().unwrap();
+    assert!(
+        matches!(
+            res,
+            Err(ReloadError::NotReady {
+                failure: StartFailure::ReadyTimeout(_),
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    // The abandoned replacement leaves (drained, disconnected) while the
+    // load goes on.
+    let sup = s.sup;
+    util::run_until(&mut lp, 30_000, |lp| sup.status(lp).len() == 2);
+    let ok = load.ok.clone();
+    let base = ok.load(Ordering::SeqCst);
+    run_until_threads(&mut lp, 30_000, move || {
+        ok.load(Ordering::SeqCst) > base + 50
+    });
+    let errors = load.finish(&mut lp, 30_000);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(s.pids(&lp), before, "the old workers still serve");
+    assert_eq!(s.count("SIGKILL"), 0, "{}", s.lines());
+    assert_eq!(stop_and_wait(&mut lp, &s), 0);
+}
+
 #[test]
 fn node_fail_closed_reload_of_a_syntax_error_loses_nothing() {
     let mut lp = Loop::new().unwrap();

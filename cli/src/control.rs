@@ -670,6 +670,11 @@ impl Control {
                             // To the millisecond, as the log.
                             "duration_seconds": rep.duration.as_millis() as f64 / 1000.0,
                         }),
+                        Err(e @ uvcluster::supervisor::ReloadError::Refused) => json!({
+                            "ok": false,
+                            "command": "reload",
+                            "error": e.to_string(),
+                        }),
                         Err(e) => json!({
                             "ok": false,
                             "command": "reload",

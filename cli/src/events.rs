@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use uvcluster::cluster::SchedulingPolicy;
 use uvcluster::uv::Signum;
 
 use crate::values::show_duration;
@@ -127,8 +128,24 @@ pub fn starting(opts: &crate::options::RunOptions) {
     if let Some(m) = s.max_memory {
         limits.push_str(&format!(", max memory {}", crate::values::show_size(m)));
     }
+    // The dispatcher counts connections only where the primary accepts
+    // them: under `none` and `reuseport` the kernel hands them out, so
+    // the limit does nothing there (a warning, not a refusal: the same
+    // configuration may serve under another policy).
+    let kernel = matches!(
+        opts.policy,
+        SchedulingPolicy::None | SchedulingPolicy::ReusePort
+    );
     if let Some(n) = s.max_connections {
-        limits.push_str(&format!(", max connections {n}"));
+        if kernel {
+            log::warn!(
+                target: TARGET,
+                "--max-connections {n} has no effect under policy {}: the kernel hands                  connections to the workers there, and nothing counts them (use rr or leastconn)",
+                opts.policy.as_str()
+            );
+        } else {
+            limits.push_str(&format!(", max connections {n}"));
+        }
     }
     let from = match &opts.config_file {
         Some(f) => format!(", options from {}", f.display()),
@@ -195,6 +212,16 @@ pub fn restarting(slot: usize, delay: Duration) {
     }
 }
 
+/// The cluster's error report (a failed handoff), an error line:
+/// `worker 3 (pid 1234): the worker took a connection but ...` for one
+/// worker, `cluster: connections waited ...` when no worker is concerned.
+pub fn cluster_error(worker: Option<(u32, Option<i32>)>, e: &uvcluster::cluster::ClusterError) {
+    match worker {
+        Some((id, pid)) => log::error!(target: TARGET, "{}: {e}", who(id, pid)),
+        None => log::error!(target: TARGET, "cluster: {e}"),
+    }
+}
+
 /// A slot stopped being restarted (a crash loop, or starts that never got
 /// ready): why, how its last worker ended, and the last lines its workers
 /// wrote on stderr when the CLI saw them (`--prefix-output`).
@@ -244,12 +271,15 @@ pub fn reload_abandoned() {
     );
 }
 
-/// A rolling reload stopped, failing closed: the old workers keep serving.
-pub fn reload_failed(why: &str) {
-    log::error!(
-        target: TARGET,
-        "reload failed: {why}; the old workers keep serving"
-    );
+/// A rolling reload of a pool of `workers` stopped, failing closed: the
+/// old workers keep serving (`the old worker keeps serving` for one).
+pub fn reload_failed(why: &str, workers: usize) {
+    let old = if workers == 1 {
+        "the old worker keeps serving"
+    } else {
+        "the old workers keep serving"
+    };
+    log::error!(target: TARGET, "reload failed: {why}; {old}");
 }
 
 #[cfg(test)]

@@ -79,7 +79,15 @@ pub struct Snapshot {
 
 /// The states a worker (or empty slot) can be in, as `uvcluster_workers`
 /// labels them (each always present, 0 when none).
-const STATES: [&str; 5] = ["starting", "ready", "draining", "errored", "restarting"];
+const STATES: [&str; 7] = [
+    "starting",
+    "ready",
+    "draining",
+    "errored",
+    "restarting",
+    "stopped",
+    "exited",
+];
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

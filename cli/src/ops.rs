@@ -82,7 +82,8 @@ pub struct Row {
     pub pid: Option<i32>,
     /// Its slot.
     pub slot: usize,
-    /// `starting`, `ready`, `draining`, `errored` or `restarting`.
+    /// `starting`, `ready`, `draining`, `errored`, `restarting`, `stopped`
+    /// (a stop is under way) or `exited` (not to be restarted).
     pub state: String,
     /// Seconds since it was forked, to the millisecond.
     pub uptime_seconds: f64,

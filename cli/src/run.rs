@@ -370,6 +370,7 @@ pub(crate) fn reload_failure(e: &ReloadError) -> String {
             start_failure(failure)
         ),
         ReloadError::Stopped => "the primary is stopping".into(),
+        ReloadError::Refused => uvcluster::supervisor::REFUSED.into(),
     }
 }
 
@@ -381,6 +382,8 @@ struct Journal {
     tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
+    /// The size of the pool the current (or last) reload replaces.
+    reload_slots: Cell<usize>,
     /// The command is `node -e SCRIPT` with nothing after the script: an
     /// `errored` slot says why such workers never listen.
     node_eval: bool,
@@ -494,16 +497,27 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             "slot {slot}: the replacement {}; the old worker keeps serving",
             start_failure(failure)
         ),
-        E::ReloadStarted { slots } => events::reload_started(*slots),
+        E::ReloadStarted { slots } => {
+            j.reload_slots.set(*slots);
+            events::reload_started(*slots)
+        }
         E::ReloadQueued => log::info!(
             target: events::TARGET,
             "reload queued: it runs once the current one ends"
         ),
         E::ReloadFinished(r) => events::reload_finished(r.replaced, r.duration),
         E::ReloadFailed(e @ ReloadError::NotReady { .. }) => {
-            events::reload_failed(&reload_failure(e))
+            events::reload_failed(&reload_failure(e), j.reload_slots.get())
         }
         E::ReloadFailed(ReloadError::Stopped) => events::reload_abandoned(),
+        // Not emitted as a failed reload (a refusal is its own event).
+        E::ReloadFailed(ReloadError::Refused) => {}
+        E::Refused { what, workers } => log::warn!(
+            target: events::TARGET,
+            "{what} {}; {} still running",
+            uvcluster::supervisor::REFUSED,
+            events::workers(*workers)
+        ),
         E::Scaled { from, to } => log::info!(
             target: events::TARGET,
             "scaled from {from} to {}",
@@ -603,7 +617,9 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
         node_eval: crate::options::node_eval_without_argv1(&opts.command),
+        reload_slots: Cell::new(opts.supervisor.workers),
     };
+    let journal_pids = journal.pids.clone();
     let sup = Supervisor::with_primary(&mut lp, primary, opts.supervisor.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let watcher = match &opts.watch {
@@ -643,7 +659,8 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
                 LifecycleEvent::Ready { worker, .. } => sd.listening(lp, *worker),
                 LifecycleEvent::Exited { worker, .. } => sd.exited(*worker),
                 LifecycleEvent::Stopping { .. } => sd.stopping(),
-                LifecycleEvent::ReloadStarted { .. } => sd.reloading(),
+                LifecycleEvent::ReloadStarted { slots } => sd.reloading(*slots),
+                LifecycleEvent::Scaled { to, .. } => sd.scaled(*to),
                 LifecycleEvent::ReloadFinished(_) | LifecycleEvent::ReloadFailed(_) => {
                     sd.reloaded()
                 }
@@ -652,6 +669,20 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             if let Some(w) = &watcher {
                 w.on_event(lp, e);
             }
+        });
+    }
+    {
+        let pids = journal_pids.clone();
+        sup.on_error(&mut lp, move |lp, w, e| {
+            events::cluster_error(
+                w.map(|w| {
+                    (
+                        w.id(),
+                        w.pid(lp).or_else(|| pids.borrow().get(&w.id()).copied()),
+                    )
+                }),
+                e,
+            );
         });
     }
     sup.handle_signals(&mut lp)?;

@@ -14,9 +14,13 @@ use uvcluster::uv::Loop;
 /// The primary's side of the notify protocol.
 pub(crate) struct Systemd {
     notify: Notifier,
-    workers: usize,
+    /// The pool's size: the start's, then each reload's and scale's.
+    workers: Cell<usize>,
     listening: RefCell<BTreeSet<u32>>,
     ready: Cell<bool>,
+    /// During a rolling reload: the workers that became ready since it
+    /// began (its replacements).
+    replaced: Cell<Option<usize>>,
 }
 
 impl Systemd {
@@ -32,9 +36,10 @@ impl Systemd {
         notify.start_watchdog(lp)?;
         Ok(Systemd {
             notify,
-            workers,
+            workers: Cell::new(workers),
             listening: RefCell::default(),
             ready: Cell::new(false),
+            replaced: Cell::new(None),
         })
     }
 
@@ -46,7 +51,16 @@ impl Systemd {
             l.insert(id);
             l.len()
         };
-        if n >= self.workers && !self.ready.replace(true) {
+        if let Some(k) = self.replaced.get() {
+            let k = (k + 1).min(self.workers.get());
+            self.replaced.set(Some(k));
+            self.send(self.notify.status(&format!(
+                "reloading: {k} of {} replaced",
+                self.workers.get()
+            )));
+            return;
+        }
+        if n >= self.workers.get() && !self.ready.replace(true) {
             self.send(self.notify.ready());
             self.send(
                 self.notify
@@ -63,9 +77,15 @@ impl Systemd {
             l.remove(&id);
             l.len()
         };
+        if self.replaced.get().is_some() {
+            // An old worker leaving during a reload: the reload's status
+            // stands.
+            return;
+        }
         self.send(self.notify.status(&format!(
-            "{alive} of {} ready",
-            crate::events::workers(self.workers)
+            "{} of {} ready",
+            alive.min(self.workers.get()),
+            crate::events::workers(self.workers.get())
         )));
     }
 
@@ -81,14 +101,28 @@ impl Systemd {
 
     /// A rolling reload begins: `RELOADING=1` with `MONOTONIC_USEC=`
     /// (the `Type=notify-reload` protocol).
-    pub(crate) fn reloading(&self) {
+    pub(crate) fn reloading(&self, slots: usize) {
+        self.workers.set(slots);
+        self.replaced.set(Some(0));
         self.send(self.notify.reloading());
+        self.send(
+            self.notify
+                .status(&format!("reloading: 0 of {slots} replaced")),
+        );
+    }
+
+    /// The pool was scaled to `to` workers.
+    pub(crate) fn scaled(&self, to: usize) {
+        self.workers.set(to);
     }
 
     /// A rolling reload ended (finished, or failed closed with the old
     /// workers serving): `READY=1` again, and the count.
+    /// The count is of the pool's size at most: the old workers still
+    /// draining are not counted twice.
     pub(crate) fn reloaded(&self) {
-        let n = self.listening.borrow().len();
+        self.replaced.set(None);
+        let n = self.listening.borrow().len().min(self.workers.get());
         self.send(self.notify.ready());
         self.send(
             self.notify
@@ -100,5 +134,66 @@ impl Systemd {
         if let Err(e) = r {
             eprintln!("uvcluster: systemd notification not sent: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The `STATUS=` texts `s` sent so far.
+    fn statuses(sock: &UnixDatagram) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(s) = m.strip_prefix("STATUS=") {
+                out.push(s.trim_end().to_string());
+            }
+        }
+        out
+    }
+
+    /// Regression (issue 13): during a rolling reload of a 2-worker pool
+    /// the status says `reloading: K of 2 replaced`, and afterwards `2
+    /// workers ready`, never `3 workers ready` while an old worker drains.
+    #[test]
+    fn reload_status_counts_replacements_of_the_pool_size() {
+        let dir = std::env::temp_dir().join(format!("uvcluster-sd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut lp = Loop::new().unwrap();
+        let sd = Systemd {
+            notify: Notifier::to_socket(&path).unwrap(),
+            workers: Cell::new(2),
+            listening: RefCell::default(),
+            ready: Cell::new(false),
+            replaced: Cell::new(None),
+        };
+        sd.listening(&mut lp, 1);
+        sd.listening(&mut lp, 2);
+        assert_eq!(statuses(&sock), ["2 workers ready"]);
+        sd.reloading(2);
+        sd.listening(&mut lp, 3);
+        sd.exited(1);
+        sd.listening(&mut lp, 4);
+        sd.reloaded();
+        assert_eq!(
+            statuses(&sock),
+            [
+                "reloading: 0 of 2 replaced",
+                "reloading: 1 of 2 replaced",
+                "reloading: 2 of 2 replaced",
+                "2 workers ready"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -978,3 +978,103 @@ fn wait_ready_and_ready_timeout_reach_the_supervisor() {
     );
     assert!(err.contains(" ERROR uvcluster: slot 0 errored: "), "{err}");
 }
+
+/// Regression (issue 13): with `--wait-ready`, a connection that arrives
+/// while the only worker listened but has not sent `'ready'` waits for it
+/// (it is handed once the worker is ready), even past `--worker-timeout`:
+/// a starting worker is not hung. No `no worker able to take them` line,
+/// and none that says `worker -`.
+#[test]
+fn wait_ready_connections_wait_for_a_starting_worker_past_the_worker_timeout() {
+    util::require_node();
+    let dir = scratch("wait-ready-queue");
+    let app_js = dir.join("app.js");
+    std::fs::write(
+        &app_js,
+        "require('http').createServer((q, s) => s.end('ok'))\
+           .listen(process.env.PORT, () => setTimeout(() => process.send('ready'), 1500));",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--wait-ready", "--worker-timeout=300ms"])
+        .args(["--ready-timeout=20s", "--", "node"])
+        .arg(&app_js)
+        .env("PORT", port.to_string());
+    let mut r = Running::spawn(c);
+    r.expect(") listening on ");
+    let answer = ops_util::get_ok(port);
+    r.expect(") ready (after ");
+    let log = r.stop();
+    assert_eq!(answer.as_deref(), Ok("ok"), "{log}");
+    assert!(!log.contains("no worker able"), "{log}");
+    assert!(!log.contains("worker -"), "{log}");
+}
+
+/// Regression (issue 13): `--max-connections` under `none` and
+/// `reuseport` (where the kernel hands out connections and nothing counts
+/// them) is warned about at start, and the start line does not claim the
+/// limit; under `rr` the start line names it and there is no warning.
+#[test]
+fn max_connections_under_a_kernel_policy_is_warned_about() {
+    for policy in ["none", "reuseport"] {
+        let mut c = uvcluster();
+        c.args(["run", "-w", "1", "-p", policy, "--max-connections", "10"]);
+        let log = serve_and_stop(c, 1);
+        let warn = log
+            .lines()
+            .find(|l| l.contains("--max-connections 10 has no effect"))
+            .unwrap_or_else(|| panic!("no warning under {policy}:\n{log}"));
+        assert!(warn.contains(" WARN  uvcluster: "), "{warn}");
+        assert!(warn.contains(&format!("under policy {policy}")), "{warn}");
+        assert!(!log.contains("max connections 10"), "{log}");
+    }
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--max-connections", "10"]);
+    let log = serve_and_stop(c, 1);
+    assert!(log.contains("max connections 10"), "{log}");
+    assert!(!log.contains("has no effect"), "{log}");
+}
+
+/// Regression (issue 13): a fail-closed reload of a one-worker pool says
+/// `the old worker keeps serving` (not `workers keep`), and its
+/// replacement, which listened but never sent `'ready'`, is drained, not
+/// SIGKILLed; the old worker still answers.
+#[test]
+fn failed_reload_of_one_worker_says_the_old_worker_keeps_serving() {
+    util::require_node();
+    let dir = scratch("one-old-worker");
+    let app_js = dir.join("app.js");
+    std::fs::write(
+        &app_js,
+        "require('http').createServer((q, s) => s.end('ok'))\
+           .listen(process.env.PORT, () => {\
+             if (!require('fs').existsSync(process.env.NO_READY)) process.send('ready');\
+           });",
+    )
+    .unwrap();
+    let no_ready = dir.join("no-ready");
+    let _ = std::fs::remove_file(&no_ready);
+    let port = free_port();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "-p", "none", "--wait-ready"])
+        .args(["--ready-timeout=1500ms", "--", "node"])
+        .arg(&app_js)
+        .env("PORT", port.to_string())
+        .env("NO_READY", &no_ready);
+    let mut r = Running::spawn(c);
+    r.expect(") ready (after ");
+    std::fs::write(&no_ready, "").unwrap();
+    r.signal(Signal::SIGHUP);
+    r.expect("reload started (1 worker)");
+    // The replacement is drained first, then the failure reported.
+    r.expect(") draining");
+    let failed = r.expect("reload failed: ");
+    assert!(
+        failed.ends_with("; the old worker keeps serving"),
+        "{failed}"
+    );
+    assert_eq!(ops_util::get_ok(port).as_deref(), Ok("ok"));
+    let log = r.stop();
+    assert!(!log.contains("SIGKILL"), "{log}");
+}

@@ -577,3 +577,103 @@ fn a_reload_not_ready_in_time_says_the_duration_as_the_log() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("was not ready within 1s 500ms"), "{log}");
 }
+
+/// Regression (issue 13): during a graceful stop every request that would
+/// change the pool is refused, clearly and alike: `ctl scale`, `ctl
+/// reload` and `ctl restart` exit 1 with `refused: the primary is
+/// stopping` (not a failed-closed reload, not a `scaling to` that does
+/// nothing); SIGHUP, SIGTTIN and SIGTTOU each log a line with the count of
+/// workers still running. The slot whose worker is gone is `stopped` in
+/// `ctl status`, `--json` and the metrics, not `restarting`.
+#[test]
+fn requests_during_a_stop_are_refused_and_empty_slots_are_stopped() {
+    util::require_node();
+    let dir = TempDir::new("stopping");
+    let sock = dir.join("c.sock");
+    // Worker 1 lingers after its disconnect (a timer keeps it alive), so
+    // the stop waits for it; worker 2 exits at once.
+    dir.write(
+        "app.js",
+        "const cluster = require('cluster');\
+         require('http').createServer((q, s) => s.end('hi')).listen(process.env.PORT);\
+         if (cluster.worker.id === 1) process.on('disconnect', () => setInterval(() => {}, 1000));",
+    );
+    let app = dir.join("app.js");
+    let port = free_port().to_string();
+    let mut r = Running::start(
+        &[
+            "run",
+            "-w",
+            "2",
+            "--kill-timeout",
+            "60s",
+            "--metrics",
+            "127.0.0.1:0",
+            "--control",
+            sock.to_str().unwrap(),
+            "--",
+            "node",
+            app.to_str().unwrap(),
+        ],
+        &[("PORT", &port)],
+    );
+    let line = r.line("metrics on http://");
+    let mport: u16 = (line.split("http://").nth(1).unwrap())
+        .split('/')
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    r.expect(" ready");
+    r.expect(" ready");
+    r.signal(Signal::SIGTERM);
+    r.expect("stopping gracefully");
+    eventually("worker 2 gone, slot 1 stopped", || {
+        let v = status(&sock);
+        (v["workers"].as_array().unwrap().iter())
+            .any(|w| w["state"] == "stopped" && w["id"].is_null())
+    });
+    let out = ctl(&sock, &["status"]);
+    let t = text(&out);
+    assert!(t.contains(" stopped "), "{t}");
+    assert!(!t.contains("restarting"), "{t}");
+    let (code, body) = get(mport, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("uvcluster_workers{state=\"stopped\"} 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("uvcluster_workers{state=\"restarting\"} 0\n"),
+        "{body}"
+    );
+
+    for args in [&["scale", "4"][..], &["reload"], &["restart", "1"]] {
+        let out = ctl(&sock, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("refused: the primary is stopping"),
+            "{args:?}: {}",
+            text(&out)
+        );
+        assert!(!text(&out).contains("failed closed"), "{}", text(&out));
+    }
+    for (sig, name) in [
+        (Signal::SIGHUP, "SIGHUP"),
+        (Signal::SIGTTIN, "SIGTTIN"),
+        (Signal::SIGTTOU, "SIGTTOU"),
+    ] {
+        r.signal(sig);
+        let line = r.expect(&format!("{name} refused: the primary is stopping"));
+        assert!(line.ends_with("; 1 worker still running"), "{line}");
+    }
+    // Nothing was forked or scaled meanwhile.
+    r.signal(Signal::SIGQUIT);
+    let (_, log) = r.wait();
+    assert_eq!(forks(&log), 2, "{log}");
+    assert!(!log.contains("scaled from"), "{log}");
+    assert!(!log.contains("reload started"), "{log}");
+}

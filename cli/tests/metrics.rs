@@ -537,3 +537,44 @@ fn http09_request_is_answered_at_once_and_slow_clients_meet_a_short_deadline() {
     r.signal(Signal::SIGTERM);
     assert_eq!(r.wait().0, Some(0));
 }
+
+/// Regression (issue 13): under `--restart never` a slot whose worker
+/// exited is `exited` (it will not restart), in the metrics' `state`
+/// label, `ctl status` and `--json`; `restarting` stays 0.
+#[test]
+fn a_slot_not_restarted_under_restart_never_is_exited_not_restarting() {
+    let dir = TempDir::new("exited");
+    let sock = dir.join("c.sock");
+    let port = free_port();
+    let mut r = start_hello(
+        2,
+        port,
+        &sock,
+        &["--metrics", "127.0.0.1:0", "--restart", "never"],
+    );
+    let mport = metrics_port(&mut r);
+    let pid = status(&sock)["workers"][0]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    eventually("the slot is exited", || {
+        (status(&sock)["workers"].as_array().unwrap().iter())
+            .any(|w| w["state"] == "exited" && w["id"].is_null())
+    });
+    let (code, body) = get(mport, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for want in [
+        "uvcluster_workers{state=\"exited\"} 1\n",
+        "uvcluster_workers{state=\"restarting\"} 0\n",
+        "uvcluster_workers{state=\"stopped\"} 0\n",
+        "uvcluster_workers{state=\"ready\"} 1\n",
+    ] {
+        assert!(body.contains(want), "{want:?} in\n{body}");
+    }
+    let out = ctl(&sock, &["status"]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(t.contains(" exited "), "{t}");
+    assert!(!t.contains("restarting"), "{t}");
+    assert_eq!(get(port, "/").unwrap().0, 200, "the other worker serves");
+    r.signal(Signal::SIGTERM);
+    let (code, log) = r.wait();
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -127,6 +127,8 @@ pub enum ReloadError {
     },
     /// A stop began before the reload completed.
     Stopped,
+    /// Asked for during a stop: refused, nothing was started.
+    Refused,
 }
 
 impl fmt::Display for ReloadError {
@@ -142,6 +144,7 @@ impl fmt::Display for ReloadError {
                  ({replaced} slot(s) replaced before, roll stopped)"
             ),
             ReloadError::Stopped => f.write_str("the supervisor is stopping"),
+            ReloadError::Refused => f.write_str(REFUSED),
         }
     }
 }
@@ -163,7 +166,9 @@ impl fmt::Display for ReplaceReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReplaceReason::Requested => f.write_str("restart requested"),
-            ReplaceReason::Memory(b) => write!(f, "memory limit reached ({b} bytes resident)"),
+            ReplaceReason::Memory(b) => {
+                write!(f, "memory limit reached ({} resident)", size_words(*b))
+            }
             ReplaceReason::Connections(n) => write!(f, "connection limit reached ({n} handed)"),
         }
     }
@@ -319,6 +324,14 @@ pub enum LifecycleEvent {
         /// The signal that asked for it, if one did.
         signal: Option<Signum>,
     },
+    /// A request made during a stop (`what`: a signal's name, `reload`,
+    /// `scale`) was refused ([`REFUSED`]); nothing changed.
+    Refused {
+        /// What was asked for: `SIGHUP`, `SIGTTIN`, `reload`, ...
+        what: String,
+        /// The workers still running (the stop's, going).
+        workers: usize,
+    },
     /// A signal was a second delivery of the previous one, and ignored.
     DuplicateSignal(Signum),
     /// The primary exits.
@@ -337,6 +350,39 @@ const GROUP_STOP_SIGNALS: [Signum; 4] = [
     Signum::SIGQUIT,
     Signum::SIGHUP,
 ];
+
+/// A duration in words, as humantime writes it (`10s`, `1m 30s`,
+/// `250ms`), to the millisecond.
+pub(crate) fn duration_words(d: Duration) -> String {
+    let ms = ms(d);
+    if ms == 0 {
+        return "0ms".into();
+    }
+    let parts = [
+        (ms / 86_400_000, "d"),
+        (ms / 3_600_000 % 24, "h"),
+        (ms / 60_000 % 60, "m"),
+        (ms / 1000 % 60, "s"),
+        (ms % 1000, "ms"),
+    ];
+    let words: Vec<String> = (parts.iter())
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    words.join(" ")
+}
+
+/// A size in bytes in binary units, rounded (`195 MiB`, `512 KiB`,
+/// `100 bytes`).
+pub(crate) fn size_words(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift {
+            let n = (bytes + (1 << (shift - 1))) >> shift;
+            return format!("{n} {unit}");
+        }
+    }
+    format!("{bytes} bytes")
+}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
@@ -408,6 +454,9 @@ impl fmt::Display for LifecycleEvent {
                 }
                 Ok(())
             }
+            E::Refused { what, workers } => {
+                write!(f, "{what} {REFUSED}; {workers} worker(s) still running")
+            }
             E::DuplicateSignal(s) => write!(
                 f,
                 "{s} received again within the duplicate window: the same request, ignored"
@@ -416,6 +465,10 @@ impl fmt::Display for LifecycleEvent {
         }
     }
 }
+
+/// Why a request made during a stop (a reload, a scale, a restart, their
+/// signals) does nothing.
+pub const REFUSED: &str = "refused: the primary is stopping";
 
 /// Why a worker is forked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,6 +539,13 @@ pub enum WorkerState {
     Errored,
     /// The slot waits for its backoff delay (no worker).
     Restarting,
+    /// The slot's worker is gone and a stop is under way: it will not be
+    /// restarted (PM2's `stopped`).
+    Stopped,
+    /// The slot's worker exited and the slot is not restarted (restart
+    /// policy `never`, `on-failure` after a clean exit, or a worker that
+    /// left on purpose); a reload or a scale fills it again.
+    Exited,
 }
 
 impl fmt::Display for WorkerState {
@@ -496,6 +556,8 @@ impl fmt::Display for WorkerState {
             WorkerState::Draining => "draining",
             WorkerState::Errored => "errored",
             WorkerState::Restarting => "restarting",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Exited => "exited",
         })
     }
 }
@@ -912,6 +974,21 @@ impl Core {
         self.actions.push_back(Action::Disconnect(w));
     }
 
+    /// Gives up a replacement that is not ready: stopped gracefully if it
+    /// listened (the kernel may already hand it connections, under `none`
+    /// and `reuseport`), else killed.
+    fn abandon(&mut self, now: u64, w: WorkerId) {
+        if self
+            .workers
+            .get(&w)
+            .is_some_and(|wk| !wk.listened.is_empty())
+        {
+            self.retire(now, w);
+        } else {
+            self.kill(w, KillReason::Abandoned);
+        }
+    }
+
     /// Kills `w` now (it leaves its slot's roles).
     fn kill(&mut self, w: WorkerId, reason: KillReason) {
         let Some(wk) = self.workers.get_mut(&w) else {
@@ -1049,9 +1126,9 @@ impl Core {
             ))
         } else if s.crashes.len() as u64 > u64::from(max) {
             Some(format!(
-                "{} crashes within {} ms (at most {max} restarts)",
+                "{} crashes within {} (at most {max} restarts)",
                 s.crashes.len(),
-                window
+                duration_words(Duration::from_millis(window))
             ))
         } else {
             None
@@ -1097,7 +1174,7 @@ impl Core {
             // goes; the old workers stay.
             for b in batch {
                 if let Some(r) = self.slots.get(&b).and_then(|s| s.replacement) {
-                    self.kill(r, KillReason::Abandoned);
+                    self.abandon(now, r);
                 }
             }
             let e = ReloadError::NotReady {
@@ -1181,7 +1258,23 @@ impl Core {
             }
         }
         for w in not_ready {
-            self.kill(w, KillReason::ReadyTimeout);
+            let wk = &self.workers[&w];
+            if wk.role == Some(Role::Replacement) && !wk.listened.is_empty() {
+                // It listened: under `none` and `reuseport` the kernel
+                // already hands it connections, which a SIGKILL would
+                // reset. It is stopped gracefully (drained, disconnected,
+                // killed after the kill timeout); the failure is reported
+                // now (its `draining` event, then the failed reload's).
+                let slot = wk.slot;
+                self.retire(now, w);
+                self.replacement_failed(
+                    now,
+                    slot,
+                    StartFailure::ReadyTimeout(self.cfg.ready_timeout),
+                );
+            } else {
+                self.kill(w, KillReason::ReadyTimeout);
+            }
         }
         for w in overdue {
             self.kill(w, KillReason::KillTimeout);
@@ -1196,6 +1289,7 @@ impl Core {
     /// | SIGQUIT | immediate stop |
     /// | SIGHUP | rolling reload |
     /// | SIGTTIN / SIGTTOU | one slot more / one fewer (never below 1 nor above [`MAX_WORKERS`]; a [`LifecycleEvent::NotScaled`] says why nothing changed) |
+    /// | SIGHUP, SIGTTIN, SIGTTOU during a stop | refused: a [`LifecycleEvent::Refused`] with the workers still running |
     pub fn signal(&mut self, now: u64, sig: Signum) {
         if sig == Signum::SIGTERM || sig == Signum::SIGINT {
             match self.stop {
@@ -1215,13 +1309,15 @@ impl Core {
             if self.stop.is_none_or(|s| s.graceful) {
                 self.begin_stop(now, false, Some(sig));
             }
+        } else if self.stop.is_some()
+            && [Signum::SIGHUP, Signum::SIGTTIN, Signum::SIGTTOU].contains(&sig)
+        {
+            self.refuse(&sig.to_string());
         } else if sig == Signum::SIGHUP {
             let _ = self.reload(now);
         } else if sig == Signum::SIGTTIN || sig == Signum::SIGTTOU {
             let from = self.slot_count();
-            let why = if self.stop.is_some() {
-                Some(format!("{sig} during a stop"))
-            } else if sig == Signum::SIGTTOU && from <= 1 {
+            let why = if sig == Signum::SIGTTOU && from <= 1 {
                 Some(format!(
                     "{sig} asks for one worker fewer, and one is the fewest"
                 ))
@@ -1239,6 +1335,21 @@ impl Core {
             }
         }
         self.settle(now);
+    }
+
+    /// Whether a stop has begun (then reloads, scales and restarts are
+    /// refused: [`REFUSED`]).
+    pub fn stopping(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Reports a request refused during a stop.
+    pub fn refuse(&mut self, what: &str) {
+        let workers = self.workers.len();
+        self.report(LifecycleEvent::Refused {
+            what: what.to_string(),
+            workers,
+        });
     }
 
     /// A stop: graceful (close the listeners, drain and disconnect every
@@ -1281,7 +1392,7 @@ impl Core {
             if graceful {
                 let starting = self.workers[&w].phase == Phase::Starting;
                 if starting && self.workers[&w].role == Some(Role::Replacement) {
-                    self.kill(w, KillReason::Abandoned);
+                    self.abandon(now, w);
                 } else {
                     self.retire(now, w);
                 }
@@ -1299,8 +1410,9 @@ impl Core {
         if self.stop.is_some() {
             let t = self.next_ticket;
             self.next_ticket += 1;
+            self.refuse("reload");
             self.actions
-                .push_back(Action::ReloadDone(t, Err(ReloadError::Stopped)));
+                .push_back(Action::ReloadDone(t, Err(ReloadError::Refused)));
             return t;
         }
         if self.roll.is_some() || self.replacing.is_some() {
@@ -1474,7 +1586,7 @@ impl Core {
                 s.restart_at = None;
                 let (cur, rep) = (s.current, s.replacement);
                 if let Some(r) = rep {
-                    self.kill(r, KillReason::Abandoned);
+                    self.abandon(now, r);
                 }
                 if let Some(c) = cur {
                     self.retire(now, c);
@@ -1647,7 +1759,8 @@ impl Core {
     }
 
     /// One row per worker (current, replacement, retiring) and per empty
-    /// slot (errored or waiting to restart).
+    /// slot (errored, waiting to restart, stopped during a stop, or
+    /// exited and not to be restarted).
     pub fn status(&self, now: u64) -> Vec<StatusRow> {
         let mut rows = Vec::new();
         for (&id, w) in &self.workers {
@@ -1667,14 +1780,25 @@ impl Core {
             });
         }
         for (&slot, s) in &self.slots {
-            if s.current.is_none() && s.replacement.is_none() && s.pending.is_none() && !s.removed {
+            // During a stop a slot's draining worker is its row.
+            let draining = self.stop.is_some() && !s.retiring.is_empty();
+            if s.current.is_none()
+                && s.replacement.is_none()
+                && s.pending.is_none()
+                && !s.removed
+                && !draining
+            {
                 rows.push(StatusRow {
                     worker: None,
                     slot,
                     state: if s.errored {
                         WorkerState::Errored
-                    } else {
+                    } else if self.stop.is_some() {
+                        WorkerState::Stopped
+                    } else if s.restart_at.is_some() {
                         WorkerState::Restarting
+                    } else {
+                        WorkerState::Exited
                     },
                     uptime: Duration::ZERO,
                     restarts: s.restarts,

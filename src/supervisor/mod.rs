@@ -13,7 +13,7 @@ mod shell;
 
 pub use config::{ConfigError, MAX_WORKERS, ReadyMode, RestartPolicy, SupervisorConfig};
 pub use core::{
-    ExitInfo, KillReason, LifecycleEvent, ReloadError, ReloadReport, ReplaceReason, SlotId,
-    StartFailure, WorkerId, WorkerState,
+    ExitInfo, KillReason, LifecycleEvent, REFUSED, ReloadError, ReloadReport, ReplaceReason,
+    SlotId, StartFailure, WorkerId, WorkerState,
 };
 pub use shell::{STDERR_LINES, Supervisor, WorkerStatus};

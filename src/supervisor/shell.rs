@@ -25,6 +25,7 @@ type ExitFn = dyn FnMut(&mut Loop, i32);
 type ReloadCb = Box<dyn FnOnce(&mut Loop, Result<ReloadReport, ReloadError>)>;
 type ListeningFn = dyn FnMut(&mut Loop, Worker, &Address);
 type MessageFn = dyn FnMut(&mut Loop, Worker, serde_json::Value);
+type ErrorFn = dyn FnMut(&mut Loop, Option<Worker>, &ClusterError);
 
 /// One worker (or one empty slot) as [`Supervisor::status`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,7 @@ struct SupervisorState {
     on_exit: CallbackSlot<ExitFn>,
     on_listening: CallbackSlot<ListeningFn>,
     on_message: CallbackSlot<MessageFn>,
+    on_error: CallbackSlot<ErrorFn>,
     exit_code: Option<i32>,
     started: bool,
     broadcast: bool,
@@ -190,6 +192,7 @@ impl Supervisor {
             on_exit: CallbackSlot::empty(),
             on_listening: CallbackSlot::empty(),
             on_message: CallbackSlot::empty(),
+            on_error: CallbackSlot::empty(),
             exit_code: None,
             started: false,
             broadcast: false,
@@ -293,11 +296,15 @@ impl Supervisor {
                     ..
                 }
             );
-            // As the primary logs it when it has no `error` callback.
-            log::error!(
-                "cluster: worker {}: {e}",
-                w.map_or_else(|| "-".to_string(), |w| w.id().to_string())
-            );
+            // The caller's `error` callback, or a log line as the primary
+            // writes one when it has no callback.
+            let handled = self.emit(lp, |s| &mut s.on_error, |lp, f| f(lp, w, e));
+            if !handled {
+                match w {
+                    Some(w) => log::error!("cluster: worker {}: {e}", w.id()),
+                    None => log::error!("cluster: {e}"),
+                }
+            }
             if let (true, Some(w)) = (hung, w)
                 && self.st(lp).core.config().worker_timeout.is_some()
             {
@@ -342,7 +349,8 @@ impl Supervisor {
     /// the outcome. A replacement that is not ready in time is killed,
     /// the old workers keep serving and the reload fails (fail closed). A
     /// reload asked for while one runs waits for it (several waiting ones
-    /// are one reload); a reload never interleaves with another.
+    /// are one reload); a reload never interleaves with another. During a
+    /// stop it is refused: `cb` gets [`ReloadError::Refused`].
     pub fn reload(
         self,
         lp: &mut Loop,
@@ -377,8 +385,14 @@ impl Supervisor {
     /// # Errors
     ///
     /// `InvalidInput` for 0 (at least one worker runs) or more than
-    /// [`MAX_WORKERS`](super::MAX_WORKERS).
+    /// [`MAX_WORKERS`](super::MAX_WORKERS); `Other` with
+    /// [`REFUSED`](super::REFUSED) during a stop (nothing changes).
     pub fn scale(self, lp: &mut Loop, n: usize) -> io::Result<()> {
+        if self.st(lp).core.stopping() {
+            self.st_mut(lp).core.refuse(&format!("scale to {n}"));
+            self.pump(lp);
+            return Err(io::Error::other(super::REFUSED));
+        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -406,8 +420,16 @@ impl Supervisor {
     /// # Errors
     ///
     /// `NotFound` if `id` is not a ready worker in rotation (starting,
-    /// draining, gone, already being replaced), or during a stop.
+    /// draining, gone, already being replaced); `Other` with
+    /// [`REFUSED`](super::REFUSED) during a stop.
     pub fn restart(self, lp: &mut Loop, id: u32) -> io::Result<()> {
+        if self.st(lp).core.stopping() {
+            self.st_mut(lp)
+                .core
+                .refuse(&format!("restart of worker {id}"));
+            self.pump(lp);
+            return Err(io::Error::other(super::REFUSED));
+        }
         let now = lp.now();
         let ok = (self.st_mut(lp).core).replace(now, id, ReplaceReason::Requested);
         self.pump(lp);
@@ -516,6 +538,20 @@ impl Supervisor {
     /// through `log`, one line).
     pub fn on_event(self, lp: &mut Loop, cb: impl FnMut(&mut Loop, &LifecycleEvent) + 'static) {
         self.st_mut(lp).on_event.set(Box::new(cb));
+    }
+
+    /// Sets the `error` callback: the primary's errors
+    /// ([`Primary::on_error`], which the supervisor uses; after this runs
+    /// a hung worker is killed and replaced), with the worker concerned
+    /// if one is (`None` for connections that no worker could take within
+    /// the handoff timeout). Without a callback each is logged at `error`
+    /// level, `cluster: worker 3: ...` or `cluster: ...`.
+    pub fn on_error(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Option<Worker>, &ClusterError) + 'static,
+    ) {
+        self.st_mut(lp).on_error.set(Box::new(cb));
     }
 
     /// Sets the `listening` callback: a worker listens (the primary's

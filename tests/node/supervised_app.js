@@ -8,6 +8,8 @@
 //                READY_DELAY_MS) after listening; until then every
 //                response says `not-ready`
 //   never-ready  serve, never send 'ready'
+//   mute         serve with ordinary answers, never send 'ready' (an app
+//                without PM2's convention run with --wait-ready)
 //   linger       serve, and keep running after the disconnect (a timer)
 'use strict';
 const cluster = require('cluster');

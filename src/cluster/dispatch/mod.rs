@@ -629,6 +629,14 @@ impl Book {
     /// Whether worker `w` cannot be counted on to take a connection: it is
     /// draining, or its last handoff failed and none has reached it since,
     /// or it has left one unread for the timeout.
+    /// Whether no worker can take a queued connection, now or later:
+    /// every member is failing and none is merely held (a held worker, not
+    /// ready yet or at its connection limit, is admitted or removed by
+    /// its owner within a bounded time; connections wait for it).
+    fn stuck(&self, now: u64) -> bool {
+        self.members().all(|(_, w)| self.failing(w, now) && !w.held)
+    }
+
     fn failing(&self, w: &WorkerRec, now: u64) -> bool {
         w.draining
             || w.backoff.is_some()
@@ -657,7 +665,7 @@ impl Book {
             });
         // A queued connection's deadline counts only when it is ahead, or
         // when every worker is failing (then `expire` closes it).
-        let all_failing = self.members().all(|(_, w)| self.failing(w, now));
+        let all_failing = self.stuck(now);
         let queued = (self.shared.front().into_iter())
             .chain(self.workers.values().filter_map(|w| w.own.front()))
             .map(|q| q.since + t)
@@ -1382,8 +1390,7 @@ impl Dispatcher {
     /// failing, those that waited the timeout are closed.
     fn expire_queued(&mut self, now: u64) {
         let t = self.book.cfg.timeout_ms;
-        let all_failing = (self.book.members()).all(|(_, w)| self.book.failing(w, now));
-        if all_failing {
+        if self.book.stuck(now) {
             let keep = |q: &Queued| q.since + t > now;
             let mut expired = Vec::new();
             let shared = std::mem::take(&mut self.book.shared);

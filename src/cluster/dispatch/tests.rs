@@ -1247,3 +1247,39 @@ fn the_latency_histogram_overflows_into_inf_and_merges() {
     assert_eq!(c[12], (None, 3));
     assert_eq!((a.count(), a.sum_ms()), (3, 10002));
 }
+
+/// Regression (issue 13): a connection queued while the only worker is
+/// held (a `--wait-ready` worker that listened and is not ready yet) is
+/// not closed at the handoff timeout: it waits and is handed once the
+/// worker is admitted. Once the held worker is drained for good (it
+/// failed to start), what waited the timeout is closed.
+#[test]
+fn connections_queued_for_a_held_worker_wait_past_the_handoff_timeout() {
+    let mut h = rr(1);
+    h.d.add_worker_held(0, 1, true);
+    h.accept();
+    h.at(T * 3);
+    assert_eq!(
+        h.take(),
+        [],
+        "held within its ready time: the connection waits"
+    );
+    h.d.admit(h.now, 1);
+    assert_eq!(h.take(), [send(1, 0, 0)]);
+    h.serve(1, 0, true);
+    h.take();
+    // Held again, then drained for good: the queue has no worker left.
+    h.d.hold(h.now, 1);
+    h.accept();
+    h.at(T * 5);
+    assert_eq!(h.take(), [], "held: still waiting");
+    h.d.drain(h.now, 1);
+    h.at(T * 5 + 1);
+    assert_eq!(
+        h.take(),
+        [
+            close(1),
+            report(None, HandoffFailure::NoWorker, HandoffOutcome::Closed, 1)
+        ]
+    );
+}

@@ -561,6 +561,58 @@ fn reload_fails_closed_when_the_replacement_is_not_ready() {
     assert_eq!(h.exit, None);
 }
 
+/// Regression (issue 13): a `--wait-ready` replacement that listened but
+/// did not send `'ready'` in time is stopped gracefully (drained,
+/// disconnected, SIGKILLed only after the kill timeout), because under
+/// `none`/`reuseport` the kernel already hands it connections; the
+/// reload fails closed at the ready timeout all the same, and the old
+/// workers are never drained.
+#[test]
+fn a_replacement_that_listened_but_is_not_ready_is_stopped_gracefully() {
+    let mut h = H::started(SupervisorConfig {
+        ready: ReadyMode::Message,
+        ready_timeout: Duration::from_millis(1_000),
+        kill_timeout: Duration::from_millis(5_000),
+        ..cfg(2)
+    });
+    for w in [1, 2] {
+        h.listen(w);
+        h.c.ready_message(h.now, w);
+        h.pump();
+    }
+    h.c.reload(h.now);
+    h.pump();
+    h.listen(3);
+    h.advance(1_000);
+    assert!(matches!(
+        h.reload_results()[..],
+        [Err(ReloadError::NotReady {
+            slot: 0,
+            failure: StartFailure::ReadyTimeout(_),
+            replaced: 0
+        })]
+    ));
+    let drain = h.index_of(|a| *a == Action::Drain(3)).expect("drained");
+    let disc = h
+        .index_of(|a| *a == Action::Disconnect(3))
+        .expect("disconnected");
+    assert!(drain < disc);
+    assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
+    assert!(h.index_of(|a| matches!(a, Action::Drain(1 | 2))).is_none());
+    // Still alive at the kill timeout: SIGKILL then.
+    h.advance(4_999);
+    assert!(h.index_of(|a| matches!(a, Action::Kill(3, _))).is_none());
+    h.advance(1);
+    assert!(
+        h.index_of(|a| *a == Action::Kill(3, Signum::SIGKILL))
+            .is_some()
+    );
+    h.exit(3, sig(Signum::SIGKILL), true);
+    h.advance(10_000);
+    assert_eq!(h.forks().len(), 3, "nothing else forked");
+    assert_eq!(h.exit, None);
+}
+
 #[test]
 fn reload_during_reload_is_queued_not_interleaved() {
     let mut h = H::started(cfg(1));
@@ -942,6 +994,82 @@ fn status_rows() {
     assert_eq!(st[0].state, WorkerState::Ready);
     assert_eq!(st[1].state, WorkerState::Starting);
     assert_eq!(st[0].uptime, Duration::from_millis(500));
+}
+
+/// Regression (issue 13): an empty slot says `restarting` only when it
+/// will restart: during a graceful stop it is `stopped`, under restart
+/// `never` after its worker exited it is `exited`, and while its backoff
+/// runs it is `restarting`.
+#[test]
+fn empty_slots_are_stopped_or_exited_unless_they_restart() {
+    let state = |h: &H, slot: SlotId| {
+        let st = h.c.status(h.now);
+        st.iter()
+            .find(|r| r.slot == slot && r.worker.is_none())
+            .map(|r| r.state)
+    };
+    // Restart `never`: the slot is exited, not restarting.
+    let mut h = H::started(SupervisorConfig {
+        restart: RestartPolicy::Never,
+        ..cfg(2)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    assert_eq!(state(&h, 0), Some(WorkerState::Exited));
+    assert_eq!(WorkerState::Exited.to_string(), "exited");
+    // Restart `always` with a backoff: restarting while it waits.
+    let mut h = H::started(SupervisorConfig {
+        backoff_initial: Duration::from_millis(500),
+        ..cfg(2)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    h.listen(3);
+    h.exit(3, ok(3), false);
+    assert_eq!(state(&h, 0), Some(WorkerState::Restarting));
+    // A graceful stop: the slots emptied by it are stopped.
+    h.c.stop(h.now, true);
+    h.pump();
+    h.exit(2, ok(0), true);
+    assert_eq!(state(&h, 0), Some(WorkerState::Stopped));
+    assert_eq!(state(&h, 1), Some(WorkerState::Stopped));
+    assert_eq!(WorkerState::Stopped.to_string(), "stopped");
+}
+
+/// Regression (issue 13): the supervisor's lines give durations and
+/// sizes in words: `6 crashes within 10s`, `memory limit reached (195
+/// MiB resident)`, not `10000 ms` and a byte count.
+#[test]
+fn crash_window_and_memory_read_as_words() {
+    assert_eq!(duration_words(Duration::from_millis(10_000)), "10s");
+    assert_eq!(
+        duration_words(Duration::from_millis(90_250)),
+        "1m 30s 250ms"
+    );
+    assert_eq!(duration_words(Duration::ZERO), "0ms");
+    assert_eq!(
+        ReplaceReason::Memory(204_484_608).to_string(),
+        "memory limit reached (195 MiB resident)"
+    );
+    assert_eq!(size_words(512 << 10), "512 KiB");
+    assert_eq!(size_words(100), "100 bytes");
+    let mut h = H::started(SupervisorConfig {
+        max_restarts: 1,
+        restart_window: Duration::from_secs(10),
+        fail_before_ready: false,
+        ..cfg(1)
+    });
+    h.all_ready();
+    h.exit(1, ok(3), false);
+    h.listen(2);
+    h.exit(2, ok(3), false);
+    let errored = (h.events().into_iter())
+        .find(|e| e.contains("errored"))
+        .expect("errored");
+    assert!(
+        errored.contains("2 crashes within 10s (at most 1 restarts)"),
+        "{errored}"
+    );
 }
 
 #[test]
