@@ -1145,6 +1145,24 @@ mod tests {
     }
 
     #[test]
+    fn accept_replies_written_field_by_field_are_their_maps() {
+        for ack in [None, Some(0), Some(7), Some(u64::MAX)] {
+            for accepted in [true, false] {
+                for load in [None, Some(0), Some(12), Some(u64::MAX)] {
+                    let r = AcceptReply { accepted, load };
+                    let mut buf = [0; 96];
+                    let n = r.write_fields(ack, &mut buf);
+                    let map = serde_json::to_string(&r.to_fields(ack)).unwrap();
+                    assert_eq!(
+                        std::str::from_utf8(&buf[..n]).unwrap(),
+                        &map[1..map.len() - 1]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn accept_replies_and_acks() {
         let a = AcceptReply {
             accepted: true,

@@ -2200,6 +2200,155 @@ mod tests {
         a.disconnect(&mut lp);
     }
 
+    /// A `newconn` line in Node's shape is read as the parser reads it
+    /// (key and `seq`), and every other shape is left to the parser.
+    #[test]
+    fn flat_newconn_lines_read_as_the_parser_reads_them() {
+        for key in [
+            "127.0.0.1:8000:4:0:-1",
+            "::1:0:6:-1",
+            "/tmp/a b.sock:-1:-1:-1",
+            "",
+        ] {
+            for seq in [0, 9, 10, 123456789012345] {
+                let mut fields = Map::new();
+                fields.insert("act".into(), "newconn".into());
+                fields.insert("key".into(), key.into());
+                let line = general(&fields, seq, Some(HandleKind::NetNative));
+                let line = line.strip_suffix(b"\n").unwrap();
+                let nc = NewConn::parse(line).expect("flat");
+                let v: Value = serde_json::from_slice(line).unwrap();
+                assert_eq!(Some(nc.key()), v["msg"]["key"].as_str());
+                assert_eq!(Some(nc.seq()), v["msg"]["seq"].as_u64());
+            }
+        }
+        let long = format!(
+            r#"{{"cmd":"NODE_HANDLE","type":"net.Native","msg":{{"cmd":"NODE_CLUSTER","act":"newconn","key":"{}","seq":1}}}}"#,
+            "k".repeat(NewConn::MAX_KEY + 1)
+        );
+        let others = [
+            &br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"a\"b","seq":1}}"#[..],
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"a\\b","seq":1}}"#,
+            "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":\"\u{e9}\",\"seq\":1}}".as_bytes(),
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1e3}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1.0}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":01}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":-1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1234567890123456}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":""}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","x":1,"seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1},"x":1}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE", "type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1 }}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k"}}"#,
+            long.as_bytes(),
+        ];
+        for line in others {
+            assert!(
+                NewConn::parse(line).is_none(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    /// Over a real pipe pair: a `newconn` in Node's shape reaches
+    /// `on_newconn` with its key, `seq` and fd and is acknowledged; one in
+    /// another shape (an extra field) still reaches `on_internal` as a
+    /// value; the answer written by `send_cluster_json` is the line of its
+    /// map, byte for byte.
+    #[test]
+    fn newconn_lines_reach_on_newconn_or_on_internal_and_the_answer_is_the_map_line() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+        let typed = Rc::new(RefCell::new(Vec::new()));
+        let t2 = typed.clone();
+        b.on_newconn(&mut lp, move |lp, ch, key, seq, h| {
+            t2.borrow_mut().push((key.to_owned(), seq));
+            lp.close_if_open(h);
+            let _ = ch.send_cluster_json(lp, format!("\"ack\":{seq},\"accepted\":true").as_bytes());
+        });
+        let values = Rc::new(RefCell::new(Vec::new()));
+        let v2 = values.clone();
+        b.on_internal(&mut lp, move |lp, _, v, h| {
+            v2.borrow_mut().push((v, h.is_some()));
+            if let Some(h) = h {
+                lp.close_if_open(h);
+            }
+        });
+        let answers = Rc::new(RefCell::new(Vec::new()));
+        let a2 = answers.clone();
+        a.on_internal(&mut lp, move |_, _, v, _| a2.borrow_mut().push(v));
+        let acks = Rc::new(RefCell::new(Vec::new()));
+        let mut seqs = Vec::new();
+        for extra in [false, true] {
+            let t = lp.tcp_init();
+            lp.tcp_bind(
+                t,
+                "127.0.0.1:0".parse().unwrap(),
+                crate::uv::BindFlags::default(),
+            )
+            .unwrap();
+            let attach = Attach {
+                handle: t.into(),
+                kind: HandleKind::NetNative,
+                after_ack: AfterAck::Close,
+            };
+            let mut fields = Map::new();
+            fields.insert("act".into(), "newconn".into());
+            fields.insert("key".into(), "127.0.0.1:8000:4:-1".into());
+            if extra {
+                fields.insert("x".into(), 1.into());
+            }
+            let k = acks.clone();
+            let seq = a
+                .send_cluster_handle(
+                    &mut lp,
+                    fields,
+                    attach,
+                    None,
+                    Box::new(move |_, _, d| {
+                        k.borrow_mut().push(matches!(d, HandleDelivery::Acked))
+                    }),
+                )
+                .unwrap();
+            seqs.push(seq);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (acks.borrow().len() < 2 || answers.borrow().is_empty() || values.borrow().is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            lp.run(RunMode::Once).unwrap();
+        }
+        assert_eq!(*acks.borrow(), [true, true]);
+        assert_eq!(
+            *typed.borrow(),
+            [("127.0.0.1:8000:4:-1".to_owned(), seqs[0])]
+        );
+        let values = values.borrow();
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0].0["x"], 1);
+        assert_eq!(values[0].0["seq"], seqs[1]);
+        assert!(values[0].1, "the fd came with the value");
+        // The answer, as the map path would have encoded it.
+        let answers = answers.borrow();
+        let mut fields = Map::new();
+        fields.insert("ack".into(), seqs[0].into());
+        fields.insert("accepted".into(), true.into());
+        let seq = answers[0]["seq"].as_u64().unwrap();
+        assert_eq!(
+            frame::encode(&answers[0]).unwrap(),
+            general(&fields, seq, None)
+        );
+        a.disconnect(&mut lp);
+        b.disconnect(&mut lp);
+    }
+
     /// A reply read from its flat line gives every field as the parsed
     /// value does (truth, integers, the last of a repeated key, `ack`),
     /// and anything not flat is left to the parser.
