@@ -1207,6 +1207,50 @@ fn net_server_connection_marked_idle_while_closing_flushes_then_closes() {
     assert_loop_empty(&lp);
 }
 
+/// The idle grace counts from the last time a connection was marked idle
+/// (the idle-since time now lives in the connection map itself, one
+/// lookup per `set_idle`): marked busy again it is not idle; marked idle
+/// again while the server closes, it is kept for the whole grace from
+/// then and closed after it; the close then completes.
+#[test]
+fn net_server_idle_grace_counts_from_the_last_idle_mark() {
+    use std::time::{Duration, Instant};
+    let mut lp = Loop::new().unwrap();
+    let (server, addr, conns) = net_server(&mut lp);
+    server.set_idle_grace(&mut lp, Duration::from_millis(200));
+    let (_, seen) = seeing_client(&mut lp, addr);
+    run_until(&mut lp, 5000, |_| conns.borrow().len() == 1);
+    let conn = conns.borrow()[0];
+    server.set_idle(&mut lp, conn, true).unwrap();
+    assert!(server.is_idle(&lp, conn));
+    server.set_idle(&mut lp, conn, false).unwrap();
+    assert!(!server.is_idle(&lp, conn));
+    let closed = Counter::new();
+    let c = closed.clone();
+    server.close(&mut lp, move |_, _| c.hit());
+    // Busy: `close` leaves it.
+    lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
+    assert_eq!(server.connections(&lp), 1);
+    assert_eq!(server.close_idle_connections(&mut lp), 0);
+    lp.update_time();
+    let marked = Instant::now();
+    server.set_idle(&mut lp, conn, true).unwrap();
+    assert!(server.is_idle(&lp, conn));
+    lp.run(uvcluster::uv::RunMode::NoWait).unwrap();
+    assert_eq!(server.connections(&lp), 1, "kept for its grace");
+    run_until(&mut lp, 5000, |_| seen.eof.get() == 1);
+    assert!(
+        marked.elapsed() >= Duration::from_millis(190),
+        "closed after {:?}",
+        marked.elapsed()
+    );
+    run_until(&mut lp, 5000, |_| closed.get() == 1);
+    assert_eq!(server.connections(&lp), 0);
+    assert!(seen.data.borrow().is_empty());
+    run_with_deadline(&mut lp, 5000);
+    assert_loop_empty(&lp);
+}
+
 /// `close_all_connections` (Node's `closeAllConnections`) ends busy
 /// connections too, and the pending close then completes.
 #[test]

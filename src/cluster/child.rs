@@ -158,6 +158,15 @@ fn listen_to_primary(lp: &mut Loop, worker: Worker, channel: Channel) {
         }
     });
     channel.on_internal(lp, move |lp, _, msg, h| on_internal(lp, msg, h));
+    // The round-robin hot path: `newconn` in Node's shape, read without a
+    // `Value` (any other shape reaches `on_internal`).
+    channel.on_newconn(lp, move |lp, _, key, seq, h| {
+        if child(lp).is_some() {
+            on_connection(lp, key, Some(seq), Some(h));
+        } else {
+            lp.close_if_open(h);
+        }
+    });
     channel.on_error(lp, move |lp, _, e| {
         worker.emit_error(lp, &ClusterError::Channel(e))
     });
@@ -675,8 +684,16 @@ fn on_connection(lp: &mut Loop, key: &str, seq: Option<u64>, handle: Option<Sock
         load: None,
     };
     if let Some(channel) = channel(lp) {
-        let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
+        send_accept_reply(lp, channel, reply, seq);
     }
+}
+
+/// Sends `{"cmd":"NODE_CLUSTER","ack":seq,"accepted":..,"seq":n}` (with
+/// `load` when there is one), written field by field.
+fn send_accept_reply(lp: &mut Loop, channel: Channel, reply: AcceptReply, seq: Option<u64>) {
+    let mut buf = [0; 96];
+    let n = reply.write_fields(seq, &mut buf);
+    let _ = channel.send_cluster_json(lp, &buf[..n]);
 }
 
 /// Hands the connection that came with a `newconn` to its server
@@ -745,7 +762,7 @@ fn late_answers_due(lp: &mut Loop, timer: Handle<Timer>) {
             accepted: true,
             load: Some(s.connections(lp) as u64),
         };
-        let _ = channel.send_cluster(lp, reply.to_fields(seq), None, None);
+        send_accept_reply(lp, channel, reply, seq);
     }
     if more {
         // A timer started by a timer callback waits for the next iteration.

@@ -685,6 +685,31 @@ impl AcceptReply {
         m
     }
 
+    /// The reply's fields as JSON members, `"ack":<n>,"accepted":<b>`
+    /// and `,"load":<n>` when there is one: the bytes of
+    /// [`to_fields`](Self::to_fields)' map, written into `buf` without
+    /// building it. Returns the length written.
+    pub(crate) fn write_fields(&self, ack: Option<u64>, buf: &mut [u8; 96]) -> usize {
+        use std::io::Write;
+        let mut w = &mut buf[..];
+        let total = w.len();
+        // 96 bytes hold the longest reply (two 20-digit numbers): the
+        // writes cannot fail.
+        let _ = match ack {
+            Some(n) => write!(w, "\"ack\":{n}"),
+            None => w.write_all(b"\"ack\":null"),
+        };
+        let _ = w.write_all(if self.accepted {
+            b",\"accepted\":true"
+        } else {
+            b",\"accepted\":false"
+        });
+        if let Some(load) = self.load {
+            let _ = write!(w, ",\"load\":{load}");
+        }
+        total - w.len()
+    }
+
     /// Reads an answer as Node's round-robin handle does
     /// (`if (reply.accepted)`): `accepted` for its truth; `load` when it
     /// is a count.
@@ -1116,6 +1141,24 @@ mod tests {
                 ),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn accept_replies_written_field_by_field_are_their_maps() {
+        for ack in [None, Some(0), Some(7), Some(u64::MAX)] {
+            for accepted in [true, false] {
+                for load in [None, Some(0), Some(12), Some(u64::MAX)] {
+                    let r = AcceptReply { accepted, load };
+                    let mut buf = [0; 96];
+                    let n = r.write_fields(ack, &mut buf);
+                    let map = serde_json::to_string(&r.to_fields(ack)).unwrap();
+                    assert_eq!(
+                        std::str::from_utf8(&buf[..n]).unwrap(),
+                        &map[1..map.len() - 1]
+                    );
+                }
+            }
         }
     }
 

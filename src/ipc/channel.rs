@@ -271,6 +271,64 @@ impl Flat {
     }
 }
 
+/// A primary's round-robin `newconn` read straight from its line:
+/// `{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER",
+/// "act":"newconn","key":"<key>","seq":<n>}}`, byte for byte what Node's
+/// `sendHelper` and `child_process` `send` write (and this crate's
+/// primary), the key printable ASCII without escapes (at most
+/// [`NewConn::MAX_KEY`] bytes), `seq` an integer of at most 15 digits. Any
+/// other line takes the JSON parser.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewConn {
+    key: [u8; NewConn::MAX_KEY],
+    key_len: u8,
+    seq: u64,
+}
+
+impl NewConn {
+    const MAX_KEY: usize = 120;
+    const PREFIX: &'static [u8] = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":\"";
+    const SEQ: &'static [u8] = b"\",\"seq\":";
+    const END: &'static [u8] = b"}}";
+
+    /// The line as a flat `newconn`, or `None` when it is anything else.
+    pub(crate) fn parse(line: &[u8]) -> Option<NewConn> {
+        let rest = line.strip_prefix(Self::PREFIX)?.strip_suffix(Self::END)?;
+        let klen = rest.iter().position(|&b| b == b'"')?;
+        let (key, rest) = rest.split_at(klen);
+        let digits = rest.strip_prefix(Self::SEQ)?;
+        if key.len() > Self::MAX_KEY
+            || !key.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            return None;
+        }
+        let seq = match digits {
+            [b'0'] => 0,
+            [b'1'..=b'9', more @ ..] if more.len() < 15 && more.iter().all(u8::is_ascii_digit) => {
+                digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0'))
+            }
+            _ => return None,
+        };
+        let mut k = [0; Self::MAX_KEY];
+        k[..key.len()].copy_from_slice(key);
+        Some(NewConn {
+            key: k,
+            key_len: key.len() as u8,
+            seq,
+        })
+    }
+
+    /// The server key (printable ASCII, hence UTF-8).
+    pub(crate) fn key(&self) -> &str {
+        std::str::from_utf8(&self.key[..usize::from(self.key_len)]).unwrap_or_default()
+    }
+
+    /// The message's `seq`.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// A peer's `NODE_HANDLE_ACK` and `NODE_HANDLE_NACK` lines as Node writes
 /// them (`JSON.stringify({cmd: 'NODE_HANDLE_ACK'})`): recognised by their
 /// bytes, before any JSON parse. Any other spelling takes the parser.
@@ -515,6 +573,8 @@ enum Item {
     /// A reply whose callback reads its fields ([`Reply::Fields`]),
     /// read without building a value ([`Flat::reply`]).
     FlatReply(FieldsReplyCb, Flat),
+    /// A round-robin `newconn` in its flat shape, for `on_newconn`.
+    NewConn(NewConn),
     /// Anything else, decoded.
     Line(Line),
 }
@@ -570,6 +630,9 @@ struct Awaiting {
 
 type UserFn = dyn FnMut(&mut Loop, Channel, RawMessage, Option<Socket>);
 type InternalFn = dyn FnMut(&mut Loop, Channel, Value, Option<Socket>);
+/// The typed `newconn` callback: the server key, the message's `seq`, the
+/// connection's handle.
+type NewConnFn = dyn FnMut(&mut Loop, Channel, &str, u64, Socket);
 type ErrorFn = dyn FnMut(&mut Loop, Channel, ChannelError);
 type DisconnectFn = dyn FnMut(&mut Loop, Channel);
 
@@ -590,6 +653,9 @@ pub(crate) struct ChannelState {
     queue: VecDeque<Outgoing>,
     on_message: CallbackSlot<UserFn>,
     on_internal: CallbackSlot<InternalFn>,
+    /// Round-robin `newconn` lines in their flat shape ([`NewConn`]), when
+    /// set; otherwise they go to `on_internal` as values.
+    on_newconn: CallbackSlot<NewConnFn>,
     on_error: CallbackSlot<ErrorFn>,
     on_disconnect: CallbackSlot<DisconnectFn>,
     /// User messages that arrived before `on_message` was set (Node replays
@@ -624,6 +690,7 @@ impl ChannelState {
             queue: VecDeque::new(),
             on_message: CallbackSlot::empty(),
             on_internal: CallbackSlot::empty(),
+            on_newconn: CallbackSlot::empty(),
             on_error: CallbackSlot::empty(),
             on_disconnect: CallbackSlot::empty(),
             backlog: VecDeque::new(),
@@ -980,6 +1047,21 @@ impl Channel {
         }
     }
 
+    /// Sets the callback for the primary's round-robin `newconn` messages
+    /// whose line is in the shape Node's primary writes ([`NewConn`]): they
+    /// are answered `NODE_HANDLE_ACK` and handed over as the server key,
+    /// the `seq` and the connection, without building a [`Value`]. Any
+    /// other shape still goes to [`on_internal`](Self::on_internal).
+    pub(crate) fn on_newconn(
+        self,
+        lp: &mut Loop,
+        cb: impl FnMut(&mut Loop, Channel, &str, u64, Socket) + 'static,
+    ) {
+        if let Some(s) = st_mut(lp, self) {
+            s.on_newconn.set(Box::new(cb));
+        }
+    }
+
     /// Sets the callback for faults; without one they are logged.
     pub fn on_error(
         self,
@@ -1170,6 +1252,37 @@ impl Channel {
         if let Some(s) = st_mut(lp, self) {
             s.replies.remove(&seq);
         }
+    }
+
+    /// [`send_cluster`](Self::send_cluster) without a handle or a reply,
+    /// with the fields given as their JSON text (`"name":value` pairs
+    /// joined by commas, such as `"ack":3,"accepted":true`), written as
+    /// they are: what a worker answers to every `newconn`. The caller
+    /// answers for `fields` being valid JSON members without `cmd` or
+    /// `seq`. Returns the message's `seq`.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub(crate) fn send_cluster_json(self, lp: &mut Loop, fields: &[u8]) -> io::Result<u64> {
+        let seq = next_seq(lp);
+        let mut bytes = Vec::with_capacity(fields.len() + 40);
+        open_cluster(&mut bytes, None);
+        if !fields.is_empty() {
+            bytes.push(b',');
+            bytes.extend_from_slice(fields);
+        }
+        close_cluster(&mut bytes, seq, false);
+        self.submit(
+            lp,
+            Outgoing {
+                bytes,
+                attach: None,
+                on_sent: None,
+                delivery: None,
+            },
+        )?;
+        Ok(seq)
     }
 
     /// Sends a cluster message with a handle, as
@@ -1719,6 +1832,12 @@ impl Channel {
                 };
                 Ok(Item::FlatReply(cb, flat))
             }
+            Ok(line)
+                if s.on_newconn.is_set()
+                    && let Some(nc) = NewConn::parse(line) =>
+            {
+                Ok(Item::NewConn(nc))
+            }
             Ok(line) => match json::parse(line, max_depth) {
                 Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
                 Err(e) => Err((e, json::claims_node_handle(line))),
@@ -1739,6 +1858,7 @@ impl Channel {
             match item {
                 Ok(Item::Ack(ok)) => self.on_ack(lp, ok),
                 Ok(Item::FlatReply(cb, flat)) => cb(lp, self, Fields::Flat(&flat), None),
+                Ok(Item::NewConn(nc)) => self.dispatch_newconn(lp, &nc),
                 Ok(Item::Line(line)) => self.dispatch(lp, line),
                 Err((e, claims_handle)) => self.bad_line(lp, e, claims_handle),
             }
@@ -1855,6 +1975,37 @@ impl Channel {
                     }
                 }
             }
+        }
+    }
+
+    /// [`dispatch`](Self::dispatch) for a flat `newconn`: the same answers
+    /// to the handle protocol, then `on_newconn` (or, if it was cleared
+    /// meanwhile, `on_internal` with the message's value).
+    fn dispatch_newconn(self, lp: &mut Loop, nc: &NewConn) {
+        let pipe = self.pipe;
+        if lp.pipe_pending_count(pipe) == 0 {
+            self.write_ack(lp, false);
+            self.fault(lp, ChannelError::HandleWithoutFd);
+            return;
+        }
+        let h = match lp.pipe_accept_pending(pipe) {
+            Ok(h) => h,
+            Err(e) => {
+                self.write_ack(lp, false);
+                self.fault(lp, ChannelError::BadHandle(e));
+                return;
+            }
+        };
+        self.write_ack(lp, true);
+        let called = lp.call_slot(
+            |lp| st_mut(lp, self).map(|s| &mut s.on_newconn),
+            |lp, f| f(lp, self, nc.key(), nc.seq(), h),
+        );
+        if called.is_none() {
+            let v = serde_json::json!({
+                "cmd": NODE_CLUSTER, "act": "newconn", "key": nc.key(), "seq": nc.seq(),
+            });
+            self.route_internal(lp, v, Some(h));
         }
     }
 
@@ -2047,6 +2198,155 @@ mod tests {
         );
         while lp.pipe_take_pending_fd(b).is_ok() {}
         a.disconnect(&mut lp);
+    }
+
+    /// A `newconn` line in Node's shape is read as the parser reads it
+    /// (key and `seq`), and every other shape is left to the parser.
+    #[test]
+    fn flat_newconn_lines_read_as_the_parser_reads_them() {
+        for key in [
+            "127.0.0.1:8000:4:0:-1",
+            "::1:0:6:-1",
+            "/tmp/a b.sock:-1:-1:-1",
+            "",
+        ] {
+            for seq in [0, 9, 10, 123456789012345] {
+                let mut fields = Map::new();
+                fields.insert("act".into(), "newconn".into());
+                fields.insert("key".into(), key.into());
+                let line = general(&fields, seq, Some(HandleKind::NetNative));
+                let line = line.strip_suffix(b"\n").unwrap();
+                let nc = NewConn::parse(line).expect("flat");
+                let v: Value = serde_json::from_slice(line).unwrap();
+                assert_eq!(Some(nc.key()), v["msg"]["key"].as_str());
+                assert_eq!(Some(nc.seq()), v["msg"]["seq"].as_u64());
+            }
+        }
+        let long = format!(
+            r#"{{"cmd":"NODE_HANDLE","type":"net.Native","msg":{{"cmd":"NODE_CLUSTER","act":"newconn","key":"{}","seq":1}}}}"#,
+            "k".repeat(NewConn::MAX_KEY + 1)
+        );
+        let others = [
+            &br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"a\"b","seq":1}}"#[..],
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"a\\b","seq":1}}"#,
+            "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"cmd\":\"NODE_CLUSTER\",\"act\":\"newconn\",\"key\":\"\u{e9}\",\"seq\":1}}".as_bytes(),
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1e3}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1.0}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":01}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":-1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1234567890123456}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":""}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","x":1,"seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1},"x":1}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE", "type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1 }}"#,
+            br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"k"}}"#,
+            long.as_bytes(),
+        ];
+        for line in others {
+            assert!(
+                NewConn::parse(line).is_none(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    /// Over a real pipe pair: a `newconn` in Node's shape reaches
+    /// `on_newconn` with its key, `seq` and fd and is acknowledged; one in
+    /// another shape (an extra field) still reaches `on_internal` as a
+    /// value; the answer written by `send_cluster_json` is the line of its
+    /// map, byte for byte.
+    #[test]
+    fn newconn_lines_reach_on_newconn_or_on_internal_and_the_answer_is_the_map_line() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let mut lp = Loop::new().unwrap();
+        let (a, b) = lp.pipe_pair(true).unwrap();
+        let a = Channel::open(&mut lp, a, ChannelOptions::default()).unwrap();
+        let b = Channel::open(&mut lp, b, ChannelOptions::default()).unwrap();
+        let typed = Rc::new(RefCell::new(Vec::new()));
+        let t2 = typed.clone();
+        b.on_newconn(&mut lp, move |lp, ch, key, seq, h| {
+            t2.borrow_mut().push((key.to_owned(), seq));
+            lp.close_if_open(h);
+            let _ = ch.send_cluster_json(lp, format!("\"ack\":{seq},\"accepted\":true").as_bytes());
+        });
+        let values = Rc::new(RefCell::new(Vec::new()));
+        let v2 = values.clone();
+        b.on_internal(&mut lp, move |lp, _, v, h| {
+            v2.borrow_mut().push((v, h.is_some()));
+            if let Some(h) = h {
+                lp.close_if_open(h);
+            }
+        });
+        let answers = Rc::new(RefCell::new(Vec::new()));
+        let a2 = answers.clone();
+        a.on_internal(&mut lp, move |_, _, v, _| a2.borrow_mut().push(v));
+        let acks = Rc::new(RefCell::new(Vec::new()));
+        let mut seqs = Vec::new();
+        for extra in [false, true] {
+            let t = lp.tcp_init();
+            lp.tcp_bind(
+                t,
+                "127.0.0.1:0".parse().unwrap(),
+                crate::uv::BindFlags::default(),
+            )
+            .unwrap();
+            let attach = Attach {
+                handle: t.into(),
+                kind: HandleKind::NetNative,
+                after_ack: AfterAck::Close,
+            };
+            let mut fields = Map::new();
+            fields.insert("act".into(), "newconn".into());
+            fields.insert("key".into(), "127.0.0.1:8000:4:-1".into());
+            if extra {
+                fields.insert("x".into(), 1.into());
+            }
+            let k = acks.clone();
+            let seq = a
+                .send_cluster_handle(
+                    &mut lp,
+                    fields,
+                    attach,
+                    None,
+                    Box::new(move |_, _, d| {
+                        k.borrow_mut().push(matches!(d, HandleDelivery::Acked))
+                    }),
+                )
+                .unwrap();
+            seqs.push(seq);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (acks.borrow().len() < 2 || answers.borrow().is_empty() || values.borrow().is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            lp.run(RunMode::Once).unwrap();
+        }
+        assert_eq!(*acks.borrow(), [true, true]);
+        assert_eq!(
+            *typed.borrow(),
+            [("127.0.0.1:8000:4:-1".to_owned(), seqs[0])]
+        );
+        let values = values.borrow();
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0].0["x"], 1);
+        assert_eq!(values[0].0["seq"], seqs[1]);
+        assert!(values[0].1, "the fd came with the value");
+        // The answer, as the map path would have encoded it.
+        let answers = answers.borrow();
+        let mut fields = Map::new();
+        fields.insert("ack".into(), seqs[0].into());
+        fields.insert("accepted".into(), true.into());
+        let seq = answers[0]["seq"].as_u64().unwrap();
+        assert_eq!(
+            frame::encode(&answers[0]).unwrap(),
+            general(&fields, seq, None)
+        );
+        a.disconnect(&mut lp);
+        b.disconnect(&mut lp);
     }
 
     /// A reply read from its flat line gives every field as the parsed

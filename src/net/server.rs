@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -279,9 +280,9 @@ pub(super) struct ServerState {
     close_cbs: Vec<CloseCb>,
     max_connections: Option<usize>,
     /// The connections handed out whose handles have not finished closing,
-    /// each with whether its user marked it idle (Node's http
-    /// `ConnectionsList`, reduced to what `close` needs).
-    connections: HashMap<Stream, bool>,
+    /// each with when its user marked it idle (loop time, ms; `None`:
+    /// busy): Node's http `ConnectionsList`, reduced to what `close` needs.
+    connections: ConnMap<Option<u64>>,
     /// Data the cluster hook keeps per server (its key and index).
     hook_data: Option<Box<dyn Any>>,
     /// Round-robin in a cluster worker: a timer that never fires, so that
@@ -294,12 +295,10 @@ pub(super) struct ServerState {
     /// How long a connection must have been idle before a closing server
     /// closes it ([`Server::set_idle_grace`]; zero: at once, as Node).
     idle_grace: Duration,
-    /// When each idle connection was marked idle (loop time, ms).
-    idle_since: HashMap<Stream, u64>,
     /// Idle connections found with unread bytes when they were due to be
     /// closed, each with how many loop iterations have begun since (see
     /// [`Server::close_idle_connections`]).
-    peeked: HashMap<Stream, u8>,
+    peeked: ConnMap<u8>,
     /// While `peeked` is not empty: the watcher that gives those
     /// connections a poll to be read in, then ends the unread ones.
     peek_watcher: Option<Handle<Idle>>,
@@ -307,6 +306,35 @@ pub(super) struct ServerState {
     /// grace ends later.
     grace_timer: Option<Handle<Timer>>,
 }
+
+/// The hasher of the maps keyed by a connection: its handle is an id this
+/// loop assigned (no peer chooses it), so a multiply spreads it, where
+/// SipHash cost a few hundred instructions per connection and lookup.
+#[derive(Default)]
+struct ConnHasher(u64);
+
+impl Hasher for ConnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// A map keyed by a connection (see [`ConnHasher`]).
+type ConnMap<V> = HashMap<Stream, V, BuildHasherDefault<ConnHasher>>;
 
 /// A server (Node's `net.Server`): a typed id for state the loop owns.
 ///
@@ -377,10 +405,9 @@ impl Server {
             listen_cb: None,
             close_cbs: Vec::new(),
             max_connections: None,
-            connections: HashMap::new(),
+            connections: ConnMap::default(),
             idle_grace: Duration::ZERO,
-            idle_since: HashMap::new(),
-            peeked: HashMap::new(),
+            peeked: ConnMap::default(),
             peek_watcher: None,
             grace_timer: None,
             hook_data: None,
@@ -637,7 +664,7 @@ impl Server {
             return false;
         }
         if let Some(st) = state_mut(lp, self) {
-            st.connections.insert(conn, false);
+            st.connections.insert(conn, None);
         }
         lp.call_slot(
             |lp| state_mut(lp, self).map(|st| &mut st.on_connection),
@@ -659,8 +686,9 @@ impl Server {
         let Some(st) = state_mut(lp, self) else {
             return;
         };
-        st.idle_since.remove(&conn);
-        st.peeked.remove(&conn);
+        if !st.peeked.is_empty() {
+            st.peeked.remove(&conn);
+        }
         if st.connections.remove(&conn).is_none() {
             return;
         }
@@ -711,12 +739,10 @@ impl Server {
         let st = state_mut(lp, self).ok_or_else(not_found)?;
         let closing = st.closing;
         let mark = st.connections.get_mut(&conn).ok_or_else(not_found)?;
-        *mark = idle;
-        st.peeked.remove(&conn);
-        if idle {
-            st.idle_since.insert(conn, now);
-        } else {
-            st.idle_since.remove(&conn);
+        // Marked idle again: idle since now.
+        *mark = idle.then_some(now);
+        if !st.peeked.is_empty() {
+            st.peeked.remove(&conn);
         }
         if idle && closing {
             self.close_idle_connections(lp);
@@ -752,7 +778,7 @@ impl Server {
     /// Whether `conn` is an open connection of this server marked idle with
     /// [`set_idle`](Self::set_idle).
     pub fn is_idle(self, lp: &Loop, conn: Stream) -> bool {
-        state(lp, self).is_some_and(|st| st.connections.get(&conn) == Some(&true))
+        state(lp, self).is_some_and(|st| st.connections.get(&conn).is_some_and(Option::is_some))
     }
 
     /// Closes every connection marked idle (Node's
@@ -778,12 +804,13 @@ impl Server {
         let idle: Vec<Stream> = state(lp, self).map_or_else(Vec::new, |st| {
             let grace = st.idle_grace.as_millis() as u64;
             let mut due_now = Vec::new();
-            for (&c, &idle) in &st.connections {
+            for (&c, &since) in &st.connections {
                 // A peeked connection is the peek watcher's to end.
-                if !idle || st.peeked.contains_key(&c) {
+                let Some(since) = since else { continue };
+                if st.peeked.contains_key(&c) {
                     continue;
                 }
-                let due = st.idle_since.get(&c).map_or(now, |&t| t + grace);
+                let due = since + grace;
                 if due <= now {
                     due_now.push(c);
                 } else {
