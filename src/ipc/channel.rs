@@ -17,9 +17,8 @@
 //! lines than its budget is disconnected, and reports of bad lines are
 //! rate-limited ([`ChannelOptions`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::time::Duration;
 
@@ -46,29 +45,8 @@ pub type SentCb = Box<dyn FnOnce(&mut Loop, io::Result<()>)>;
 /// fared; see [`HandleDelivery`].
 pub type DeliveryCb = Box<dyn FnOnce(&mut Loop, Channel, HandleDelivery)>;
 
-/// The hasher of the maps keyed by a counter this process assigns (a
-/// `seq`, a write number): the keys are neither chosen by a peer nor
-/// colliding, so one multiplication spreads them, where the default
-/// SipHash cost a few hundred instructions per handoff.
-#[derive(Default)]
-struct CounterHasher(u64);
-
-impl Hasher for CounterHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-/// A map keyed by a counter of ours (see [`CounterHasher`]).
-type CounterMap<V> = HashMap<u64, V, BuildHasherDefault<CounterHasher>>;
+/// A map keyed by a counter of ours (a `seq`, a write number).
+type CounterMap<V> = crate::uv::IdMap<u64, V>;
 
 /// A reply callback that reads the reply's scalar fields
 /// ([`Fields`]) rather than taking its value: the line of a flat reply

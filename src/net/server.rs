@@ -2,9 +2,7 @@
 //! `createServerHandle`, `setupListenHandle`).
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -307,34 +305,8 @@ pub(super) struct ServerState {
     grace_timer: Option<Handle<Timer>>,
 }
 
-/// The hasher of the maps keyed by a connection: its handle is an id this
-/// loop assigned (no peer chooses it), so a multiply spreads it, where
-/// SipHash cost a few hundred instructions per connection and lookup.
-#[derive(Default)]
-struct ConnHasher(u64);
-
-impl Hasher for ConnHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
-/// A map keyed by a connection (see [`ConnHasher`]).
-type ConnMap<V> = HashMap<Stream, V, BuildHasherDefault<ConnHasher>>;
+/// A map keyed by a connection (its handle, an id this loop assigned).
+type ConnMap<V> = crate::uv::IdMap<Stream, V>;
 
 /// A server (Node's `net.Server`): a typed id for state the loop owns.
 ///

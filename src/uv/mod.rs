@@ -92,6 +92,7 @@ mod errno;
 mod event_loop;
 mod fs_event;
 mod handle;
+mod id_hasher;
 mod listen_fds;
 mod loop_watcher;
 mod pipe;
@@ -114,6 +115,7 @@ pub use handle::{
     AnyHandle, Async, Check, FsEvent, Handle, HandleId, HandleType, Idle, NotAStream, Pipe, Poll,
     Prepare, Process, Signal, Socket, StaleHandle, Stream, Tcp, Timer, Udp,
 };
+pub(crate) use id_hasher::IdMap;
 pub use listen_fds::{ListenAddress, ListenFd, ListenFdsError};
 pub use pipe::{PendingType, dup_fd_number, take_env_fd, take_env_var};
 pub use poll::PollEvents;
