@@ -287,6 +287,17 @@ fn units(sd: &Systemd, port: u16, app: &App) -> (String, String) {
         ),
         f,
     );
+    // The unit's PrivateTmp=yes gives the service an empty /tmp of its
+    // own: a checkout (or target directory) under /tmp, as a clean clone
+    // in /tmp/ci is, would hide the built binaries, the app and the test's
+    // runtime directory from it. Only then is PrivateTmp turned off.
+    let under_tmp = |p: &Path| p.starts_with("/tmp");
+    if under_tmp(&ops_util::bin())
+        || under_tmp(Path::new(env!("CARGO_MANIFEST_DIR")))
+        || under_tmp(Path::new(env!("CARGO_TARGET_TMPDIR")))
+    {
+        service = subst(&service, "\nPrivateTmp=yes\n", "\nPrivateTmp=no\n", f);
+    }
     if sd.version < 253 {
         // The variant the file names for systemd 252 and older.
         service = subst(
