@@ -86,7 +86,7 @@ fn run(
     s.sup.start(&mut lp);
     util::run_until(&mut lp, 20_000, |lp| s.ready_workers(lp) == 3);
     for k in 1..=rounds {
-        assert_eq!(s.sup.send_all(&mut lp, &json!({"say": true})), 3);
+        assert_eq!(s.sup.send_all(&mut lp, &json!({"say": true})).pool, 3);
         let his = his.clone();
         util::run_until(&mut lp, 20_000, move |_| *his.borrow() == 3 * k);
     }
