@@ -296,6 +296,19 @@ fn table(v: &Json) -> String {
     out
 }
 
+/// `sent to 3 workers (1 draining)`: the pool count, and the draining
+/// workers that also got it, if any.
+fn sent_line(v: &Json) -> String {
+    let n = v["sent"].as_u64().unwrap_or(0);
+    let d = v["draining"].as_u64().unwrap_or(0);
+    let plural = if n == 1 { "worker" } else { "workers" };
+    if d == 0 {
+        format!("sent to {n} {plural}\n")
+    } else {
+        format!("sent to {n} {plural} ({d} draining)\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,18 +378,5 @@ mod tests {
             "{t}"
         );
         assert!(lines[2].starts_with("-   -"), "{t}");
-    }
-}
-
-/// `sent to 3 workers (1 draining)`: the pool count, and the draining
-/// workers that also got it, if any.
-fn sent_line(v: &Json) -> String {
-    let n = v["sent"].as_u64().unwrap_or(0);
-    let d = v["draining"].as_u64().unwrap_or(0);
-    let plural = if n == 1 { "worker" } else { "workers" };
-    if d == 0 {
-        format!("sent to {n} {plural}\n")
-    } else {
-        format!("sent to {n} {plural} ({d} draining)\n")
     }
 }
