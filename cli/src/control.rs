@@ -718,8 +718,10 @@ impl Control {
                 sup.stop(lp, true);
             }
             Request::Send { message } => {
-                let sent = sup.send_all(lp, &message);
-                self.reply(lp, c, &json!({"ok": true, "command": "send", "sent": sent}));
+                let n = sup.send_all(lp, &message);
+                let v =
+                    json!({"ok": true, "command": "send", "sent": n.pool, "draining": n.draining});
+                self.reply(lp, c, &v);
             }
         }
     }

@@ -244,7 +244,7 @@ fn show(v: &Json) -> String {
         Some("scale") => format!("scaling to {} worker(s)\n", v["workers"]),
         Some("restart") => format!("replacing worker {}\n", v["worker"]),
         Some("stop") => "stopping gracefully\n".into(),
-        Some("send") => format!("sent to {} worker(s)\n", v["sent"]),
+        Some("send") => sent_line(v),
         _ => format!("{v}\n"),
     }
 }
@@ -296,12 +296,45 @@ fn table(v: &Json) -> String {
     out
 }
 
+/// `sent to 3 workers (1 draining)`: the pool count, and the draining
+/// workers that also got it, if any.
+fn sent_line(v: &Json) -> String {
+    let n = v["sent"].as_u64().unwrap_or(0);
+    let d = v["draining"].as_u64().unwrap_or(0);
+    let plural = if n == 1 { "worker" } else { "workers" };
+    if d == 0 {
+        format!("sent to {n} {plural}\n")
+    } else {
+        format!("sent to {n} {plural} ({d} draining)\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Result<Option<Args>, String> {
         parse(args.iter().map(OsString::from))
+    }
+
+    /// During a `ctl restart`, `ctl send` said `sent to 4 worker(s)` for a
+    /// 3-worker pool: the draining worker is counted apart.
+    #[test]
+    fn send_counts_the_pool_and_draining_apart() {
+        let line = |v: Json| sent_line(&v);
+        assert_eq!(
+            line(json!({"sent": 3, "draining": 1})),
+            "sent to 3 workers (1 draining)\n"
+        );
+        assert_eq!(
+            line(json!({"sent": 3, "draining": 0})),
+            "sent to 3 workers\n"
+        );
+        assert_eq!(line(json!({"sent": 1})), "sent to 1 worker\n");
+        assert_eq!(
+            line(json!({"sent": 0, "draining": 2})),
+            "sent to 0 workers (2 draining)\n"
+        );
     }
 
     #[test]

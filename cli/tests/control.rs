@@ -83,10 +83,7 @@ fn ctl_status_scale_restart_send_reload_stop() {
     // send: to every worker.
     let out = ctl(&sock, &["send", r#"{"hello":1}"#]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "sent to 3 worker(s)\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sent to 3 workers\n");
 
     // reload: waits for the roll, then reports it.
     let before: Vec<Value> = status(&sock)["workers"]

@@ -1393,6 +1393,18 @@ impl Channel {
         self.flush(lp);
     }
 
+    /// Bytes written to the channel and not yet taken by the pipe, in
+    /// bytes: the pipe's own write queue (libuv's
+    /// `uv_stream_get_write_queue_size`, which Node's
+    /// `channel.writeQueueSize` reads), plus messages queued behind a
+    /// handle awaiting its ACK and messages coalesced during a read. A peer
+    /// that does not read makes it grow; 0 for a closed channel.
+    pub fn write_queue_size(self, lp: &Loop) -> usize {
+        let Some(s) = st(lp, self) else { return 0 };
+        let mine = s.corked.len() + s.queue.iter().map(|o| o.bytes.len()).sum::<usize>();
+        mine + lp.write_queue_size(self.pipe)
+    }
+
     /// How many handles we sent may await the peer's ACK at once (see
     /// [`set_handles_in_flight`](Self::set_handles_in_flight)); 1 for a
     /// closed channel.

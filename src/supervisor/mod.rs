@@ -16,4 +16,4 @@ pub use core::{
     ExitInfo, KillReason, LifecycleEvent, REFUSED, ReloadError, ReloadReport, ReplaceReason,
     SlotId, StartFailure, WorkerId, WorkerState,
 };
-pub use shell::{STDERR_LINES, Supervisor, WorkerStatus};
+pub use shell::{RELAY_QUEUE_LIMIT, STDERR_LINES, SendCount, Supervisor, WorkerStatus};

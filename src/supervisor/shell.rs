@@ -89,6 +89,21 @@ struct SupervisorContext {
     supervisors: Ids<SupervisorState>,
 }
 
+/// The most bytes the broadcast relay lets wait in a worker's channel
+/// (1 MiB, about 100 messages of 10 KB): past it, relayed messages for
+/// that worker are dropped (see [`Supervisor::set_broadcast`]).
+pub const RELAY_QUEUE_LIMIT: usize = 1 << 20;
+
+/// What [`Supervisor::send_all`] wrote a message to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendCount {
+    /// Workers in the pool (starting or ready).
+    pub pool: usize,
+    /// Other workers: draining (out of rotation, about to exit), or about
+    /// to be, their slot's replacement having been forked.
+    pub draining: usize,
+}
+
 /// A supervisor's state, owned by the loop and named by a [`Supervisor`]
 /// id.
 struct SupervisorState {
@@ -107,6 +122,10 @@ struct SupervisorState {
     exit_code: Option<i32>,
     started: bool,
     broadcast: bool,
+    /// Workers the broadcast relay skips because they do not read (their
+    /// channel holds more than [`RELAY_QUEUE_LIMIT`]): how many relayed
+    /// messages each lost in the current episode.
+    relay_drops: HashMap<WorkerId, u64>,
     /// The last stderr lines of each slot's workers (piped stdio only).
     stderr: HashMap<SlotId, VecDeque<String>>,
 }
@@ -196,6 +215,7 @@ impl Supervisor {
             exit_code: None,
             started: false,
             broadcast: false,
+            relay_drops: HashMap::new(),
             stderr: HashMap::new(),
         };
         let sup = Supervisor((lp.context_mut::<SupervisorContext>().supervisors).insert(state));
@@ -280,6 +300,7 @@ impl Supervisor {
             let after = w.exited_after_disconnect(lp) == Some(true);
             let i = self.st_mut(lp);
             i.workers.remove(&w.id());
+            i.relay_drops.remove(&w.id());
             i.core.exited(now, w.id(), ExitInfo { code, signal }, after);
             self.pump(lp);
         });
@@ -510,7 +531,14 @@ impl Supervisor {
         self.st_mut(lp).broadcast = on;
     }
 
-    /// Sends `msg` from worker `from` to every other connected worker.
+    /// Sends `msg` from worker `from` to every other connected worker,
+    /// except one whose channel already holds more than
+    /// [`RELAY_QUEUE_LIMIT`] bytes: that worker is not reading (stopped,
+    /// busy), and the relay drops the message for it rather than buffer
+    /// without limit (Node's primary would buffer: `worker.send` returns
+    /// `false` and queues). One WARN starts an episode; the worker is
+    /// relayed to again once its channel is below half the limit, with a
+    /// WARN giving the count dropped.
     fn relay(self, lp: &mut Loop, from: u32, msg: &serde_json::Value) {
         let mut to: Vec<Worker> = (self.st(lp).workers.values())
             .copied()
@@ -518,6 +546,26 @@ impl Supervisor {
             .collect();
         to.sort_by_key(|w| w.id());
         for w in to {
+            let queued = w.channel(lp).map_or(0, |c| c.write_queue_size(lp));
+            let pid = w.pid(lp).unwrap_or(0);
+            let dropping = self.st(lp).relay_drops.contains_key(&w.id());
+            if queued > RELAY_QUEUE_LIMIT || (dropping && queued > RELAY_QUEUE_LIMIT / 2) {
+                if !dropping {
+                    log::warn!(
+                        "broadcast: worker {} (pid {pid}) is not reading; dropping relayed messages",
+                        w.id()
+                    );
+                }
+                *self.st_mut(lp).relay_drops.entry(w.id()).or_insert(0) += 1;
+                continue;
+            }
+            if let Some(k) = self.st_mut(lp).relay_drops.remove(&w.id()) {
+                log::warn!(
+                    "broadcast: worker {} (pid {pid}) is reading again; {k} message{} dropped",
+                    w.id(),
+                    if k == 1 { " was" } else { "s were" }
+                );
+            }
             // A worker whose channel just closed misses it, as in Node.
             if let Err(e) = w.send(lp, msg, None) {
                 log::debug!("supervisor: broadcast to worker {}: {e}", w.id());
@@ -525,13 +573,41 @@ impl Supervisor {
         }
     }
 
-    /// Sends `msg` to every connected worker (`uvcluster ctl send`);
-    /// returns how many it was sent to.
-    pub fn send_all(self, lp: &mut Loop, msg: &serde_json::Value) -> usize {
-        let ws: Vec<Worker> = self.st(lp).workers.values().copied().collect();
-        ws.into_iter()
-            .filter(|w| w.is_connected(lp) && w.send(lp, msg, None).is_ok())
-            .count()
+    /// How many relayed messages the broadcast relay has dropped for
+    /// worker `id` in its current episode of not reading (see
+    /// [`set_broadcast`](Self::set_broadcast)); `None` while the worker is
+    /// relayed to normally (or is unknown).
+    pub fn broadcast_dropped(self, lp: &Loop, id: u32) -> Option<u64> {
+        self.st(lp).relay_drops.get(&id).copied()
+    }
+
+    /// Sends `msg` to every connected worker (`uvcluster ctl send`),
+    /// draining ones included (they may still act on it), and says how
+    /// many it was written to: [`pool`](SendCount::pool) counts each slot
+    /// once (a slot whose worker is being replaced has two workers for a
+    /// moment), [`draining`](SendCount::draining) the rest (out of rotation
+    /// during a reload, restart or scale-down, or about to be).
+    pub fn send_all(self, lp: &mut Loop, msg: &serde_json::Value) -> SendCount {
+        let rows: HashMap<WorkerId, (SlotId, bool)> = (self.st(lp).core.status(lp.now()))
+            .into_iter()
+            .filter_map(|r| Some((r.worker?, (r.slot, r.state == WorkerState::Draining))))
+            .collect();
+        let mut ws: Vec<Worker> = self.st(lp).workers.values().copied().collect();
+        ws.sort_by_key(|w| w.id());
+        let mut slots = std::collections::HashSet::new();
+        let mut written = 0;
+        for w in ws {
+            if w.is_connected(lp) && w.send(lp, msg, None).is_ok() {
+                written += 1;
+                if let Some(&(slot, false)) = rows.get(&w.id()) {
+                    slots.insert(slot);
+                }
+            }
+        }
+        SendCount {
+            pool: slots.len(),
+            draining: written - slots.len(),
+        }
     }
 
     /// Sets the lifecycle-event callback (each event is also logged
