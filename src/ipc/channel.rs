@@ -1812,26 +1812,28 @@ impl Channel {
         Some(match decoder.next_line()? {
             Ok(ACK_LINE) => Ok(Item::Ack(true)),
             Ok(NACK_LINE) => Ok(Item::Ack(false)),
-            Ok(line)
+            // (Not `if let` match guards: those need Rust 1.95, above
+            // rust-version.)
+            Ok(line) => {
                 if let Some(flat) = Flat::reply(line)
                     && let Some(ack) = flat.ack
-                    && let Some(Reply::Fields(_)) = s.replies.get(&ack) =>
-            {
-                let Some(Reply::Fields(cb)) = s.replies.remove(&ack) else {
-                    unreachable!("just found")
-                };
-                Ok(Item::FlatReply(cb, flat))
+                    && let Some(Reply::Fields(_)) = s.replies.get(&ack)
+                {
+                    let Some(Reply::Fields(cb)) = s.replies.remove(&ack) else {
+                        unreachable!("just found")
+                    };
+                    Ok(Item::FlatReply(cb, flat))
+                } else if s.on_newconn.is_set()
+                    && let Some(nc) = NewConn::parse(line)
+                {
+                    Ok(Item::NewConn(nc))
+                } else {
+                    match json::parse(line, max_depth) {
+                        Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
+                        Err(e) => Err((e, json::claims_node_handle(line))),
+                    }
+                }
             }
-            Ok(line)
-                if s.on_newconn.is_set()
-                    && let Some(nc) = NewConn::parse(line) =>
-            {
-                Ok(Item::NewConn(nc))
-            }
-            Ok(line) => match json::parse(line, max_depth) {
-                Ok(p) => Ok(Item::Line(Line::decoded(line, p))),
-                Err(e) => Err((e, json::claims_node_handle(line))),
-            },
             Err(e) => {
                 // An oversized line is reported at once; its fd (if any)
                 // came with its first bytes, which are kept.
