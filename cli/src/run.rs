@@ -306,6 +306,50 @@ fn looks_like_error(line: &str) -> bool {
         || line.starts_with("Traceback")
 }
 
+/// Whether `line` states an error by its class: `Error: ...`,
+/// `TypeError [ERR_X]: ...`, `java.io.IOException: ...` (a word ending in
+/// `Error` or `Exception`, an optional `[CODE]`, then `:`), a Rust
+/// `panicked at`, a Python `Traceback`. Such a line is quoted before any
+/// other, so that Node's `Emitted 'error' event on Server instance at:`
+/// (which comes after the cause of an unhandled `'error'` event) does not
+/// hide the cause.
+fn names_an_error_class(line: &str) -> bool {
+    if line.contains("panicked at") || line.trim_start().starts_with("Traceback") {
+        return true;
+    }
+    let t = line.trim_start();
+    // The class: letters, digits, `_` and `.` (a Java package).
+    let word_end = t
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(t.len());
+    let (class, rest) = t.split_at(word_end);
+    if !(class.ends_with("Error") || class.ends_with("Exception")) {
+        return false;
+    }
+    let rest = rest.trim_start();
+    let rest = match rest.strip_prefix('[') {
+        Some(r) => match r.split_once(']') {
+            Some((code, after))
+                if !code.is_empty() && code.chars().all(|c| c.is_alphanumeric() || c == '_') =>
+            {
+                after
+            }
+            _ => return false,
+        },
+        None => rest,
+    };
+    rest.starts_with(':')
+}
+
+/// Node's own lines after an unhandled error, which never state it:
+/// `Emitted 'error' event on Server instance at:` and `Node.js v20.20.2`.
+fn is_node_epilogue(line: &str) -> bool {
+    line.starts_with("Emitted '")
+        || line
+            .strip_prefix("Node.js v")
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// Whether `line` is a stack frame (Node's `    at f (file:1:2)`,
 /// Python's `  File "x.py", line 1`, Rust's `   0: f`).
 fn looks_like_frame(line: &str) -> bool {
@@ -313,8 +357,10 @@ fn looks_like_frame(line: &str) -> bool {
 }
 
 /// What an `errored` line quotes of a slot's last stderr `lines` (oldest
-/// first): the last line that states an error (one that
-/// [`looks_like_error`], or an unindented line followed by stack frames),
+/// first): the last line that [`names_an_error_class`], else the last
+/// line that states an error (one that [`looks_like_error`], or an
+/// unindented line followed by stack frames; never Node's
+/// [`is_node_epilogue`] lines),
 /// with the line after it when it ends in `:` (a Rust panic's message
 /// follows its `panicked at file:line:col:`), and the last line written,
 /// blank lines skipped; without such a line, the last [`QUOTE_LAST`]
@@ -322,11 +368,17 @@ fn looks_like_frame(line: &str) -> bool {
 /// Node.js v20.20.2` instead of five stack frames.
 fn quote<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
     let lines: Vec<&str> = lines.filter(|l| !l.trim().is_empty()).collect();
-    let error = (0..lines.len()).rev().find(|&i| {
-        looks_like_error(lines[i])
-            || (!lines[i].starts_with(char::is_whitespace)
-                && lines.get(i + 1).is_some_and(|n| looks_like_frame(n)))
-    });
+    let error = (0..lines.len())
+        .rev()
+        .find(|&i| names_an_error_class(lines[i]))
+        .or_else(|| {
+            (0..lines.len()).rev().find(|&i| {
+                !is_node_epilogue(lines[i])
+                    && (looks_like_error(lines[i])
+                        || (!lines[i].starts_with(char::is_whitespace)
+                            && lines.get(i + 1).is_some_and(|n| looks_like_frame(n))))
+            })
+        });
     let Some(i) = error else {
         let from = lines.len().saturating_sub(QUOTE_LAST);
         return lines[from..].iter().map(|l| l.to_string()).collect();
@@ -700,7 +752,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use super::{names_an_error_class, quote};
 
     fn q(text: &str) -> Vec<String> {
         quote(text.lines())
@@ -742,6 +794,91 @@ mod tests {
                 "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
             ]
         );
+    }
+
+    /// Node 20's report of an unhandled `'error'` event on a listen
+    /// failure (`node app.js`, the port taken), captured from real node.
+    const NODE_LISTEN_EADDRINUSE: &str = r#"node:events:502
+      throw er; // Unhandled 'error' event
+      ^
+
+Error: listen EADDRINUSE: address already in use :::3111
+    at Server.setupListenHandle [as _listen2] (node:net:1908:16)
+    at listenInCluster (node:net:1965:12)
+    at Server.listen (node:net:2067:7)
+    at Object.<anonymous> (/tmp/qnode/app.js:1:50)
+    at Module._compile (node:internal/modules/cjs/loader:1521:14)
+    at Module._extensions..js (node:internal/modules/cjs/loader:1623:10)
+    at Module.load (node:internal/modules/cjs/loader:1266:32)
+    at Module._load (node:internal/modules/cjs/loader:1091:12)
+    at Function.executeUserEntryPoint [as runMain] (node:internal/modules/run_main:164:12)
+    at node:internal/main/run_main_module:28:49
+Emitted 'error' event on Server instance at:
+    at emitErrorNT (node:net:1944:8)
+    at process.processTicksAndRejections (node:internal/process/task_queues:82:21) {
+  code: 'EADDRINUSE',
+  errno: -98,
+  syscall: 'listen',
+  address: '::',
+  port: 3111
+}
+
+Node.js v20.20.2
+"#;
+
+    /// The same in a cluster worker under round-robin (the primary's bind
+    /// failed), captured from real node.
+    const NODE_RR_BIND_EADDRINUSE: &str = r#"node:events:502
+      throw er; // Unhandled 'error' event
+      ^
+
+Error: bind EADDRINUSE null:3111
+    at listenOnPrimaryHandle (node:net:1989:18)
+    at rr (node:internal/cluster/child:163:12)
+    at Worker.<anonymous> (node:internal/cluster/child:113:7)
+    at process.onInternalMessage (node:internal/cluster/utils:49:5)
+    at process.emit (node:events:536:35)
+    at emit (node:internal/child_process:950:14)
+    at process.processTicksAndRejections (node:internal/process/task_queues:83:21)
+Emitted 'error' event on Server instance at:
+    at listenOnPrimaryHandle (node:net:1990:21)
+    at rr (node:internal/cluster/child:163:12)
+    [... lines matching original stack trace ...]
+    at process.processTicksAndRejections (node:internal/process/task_queues:83:21) {
+  errno: -98,
+  code: 'EADDRINUSE',
+  syscall: 'bind',
+  address: null,
+  port: 3111
+}
+
+Node.js v20.20.2
+"#;
+
+    /// A Node listen failure quoted `Emitted 'error' event on Server
+    /// instance at: | Node.js v20.20.2`, leaving out the cause above it.
+    #[test]
+    fn quote_prefers_the_error_class_over_nodes_emitted_error_event() {
+        assert_eq!(
+            q(NODE_LISTEN_EADDRINUSE),
+            [
+                "Error: listen EADDRINUSE: address already in use :::3111",
+                "Node.js v20.20.2"
+            ]
+        );
+        assert_eq!(
+            q(NODE_RR_BIND_EADDRINUSE),
+            ["Error: bind EADDRINUSE null:3111", "Node.js v20.20.2"]
+        );
+        assert_eq!(
+            q("TypeError [ERR_INVALID_ARG_TYPE]: bad\n    at x (y:1:2)\nNode.js v20.20.2"),
+            ["TypeError [ERR_INVALID_ARG_TYPE]: bad", "Node.js v20.20.2"]
+        );
+        assert!(names_an_error_class("java.io.IOException: gone"));
+        assert!(!names_an_error_class(
+            "Emitted 'error' event on Server instance at:"
+        ));
+        assert!(!names_an_error_class("ErrorHandler installed"));
     }
 
     /// Python's traceback ends with its error; plain output is quoted by

@@ -764,6 +764,47 @@ fn errored_line_quotes_the_error_of_a_node_startup_exception() {
     assert!(!quoted.contains(" at "), "no stack frame: {errored}");
 }
 
+/// A Node worker whose listen fails (its port taken, policy `none` so the
+/// worker binds): the errored line quoted Node's `Emitted 'error' event
+/// on Server instance at: | Node.js v20...`, not the cause above it. It
+/// now quotes the `Error: bind EADDRINUSE ...` line.
+#[test]
+fn errored_line_quotes_the_cause_of_a_node_listen_failure() {
+    util::require_node();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = ops_util::TempDir::new("listen-taken");
+    let script = dir.0.join("app.js");
+    std::fs::write(
+        &script,
+        "require('http').createServer((q, r) => r.end('hi'))\n\
+         .listen(process.env.PORT, '127.0.0.1');\n",
+    )
+    .unwrap();
+    let (code, _, err) = crash_loop(
+        1,
+        &["-p", "none"],
+        &["node", script.to_str().unwrap()],
+        &[("PORT", &port)],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let errored = errored_line(&err);
+    let quoted = errored
+        .split_once("; its last output: ")
+        .unwrap_or_else(|| panic!("no output quoted: {errored}"))
+        .1;
+    // Under `none` a cluster worker's listen is the primary's bind, as in
+    // Node (`Error: bind EADDRINUSE 127.0.0.1:PORT`, real node's text).
+    assert!(
+        quoted.starts_with(&format!(
+            "Error: bind EADDRINUSE 127.0.0.1:{port} | Node.js v"
+        )),
+        "{errored}"
+    );
+    assert!(!quoted.contains("Emitted 'error' event"), "{errored}");
+    drop(taken);
+}
+
 /// A Rust-style panic (its message on the line after `panicked at`):
 /// the errored line quotes the panic, its message and the last line.
 #[test]
