@@ -2,7 +2,7 @@
 //! log, the worker output prefixes, and the exit status.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use uvcluster::cluster::{Primary, Settings, Worker};
 use uvcluster::ipc::ForkStdio;
-use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Supervisor};
+use uvcluster::supervisor::{LifecycleEvent, ReadyMode, ReloadError, StartFailure, Supervisor};
 use uvcluster::systemd::Notifier;
 use uvcluster::uv::{Loop, RunMode, Signum};
 
@@ -274,6 +274,71 @@ type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 /// ours), for its `errored` line.
 type Tail = Rc<RefCell<VecDeque<String>>>;
 
+/// What the CLI keeps of each slot for the lines of its failures (the
+/// `errored` line, a failed reload or replacement, and the `ctl reload`
+/// reply, which [`reload_failure`] writes without the journal): its
+/// stderr tail, and what its workers listened on. One pool runs per
+/// process, on its loop's thread, so the notes are that thread's.
+#[derive(Default)]
+struct SlotNotes {
+    /// Each slot's stderr tail.
+    tails: HashMap<usize, Tail>,
+    /// What each worker listened on (`*:3114`, `127.0.0.1:8000`, a path),
+    /// by worker id: kept until it exits, or, for the newest worker of its
+    /// slot (a failed replacement), until its slot forks again.
+    listened: HashMap<u32, BTreeSet<String>>,
+    /// The newest worker forked for each slot.
+    newest: HashMap<usize, u32>,
+    /// What each slot's ready workers listened on: what its replacement
+    /// must listen on to be ready (the supervisor's rule under
+    /// [`ReadyMode::Listening`]).
+    needs: HashMap<usize, BTreeSet<String>>,
+    /// Readiness is the `'ready'` message (`--wait-ready`): where a worker
+    /// listens does not make it ready.
+    by_message: bool,
+}
+
+thread_local! {
+    static NOTES: RefCell<SlotNotes> = RefCell::default();
+}
+
+/// What a failure line of slot `slot` adds to `failure`: for a ready
+/// timeout of a worker that listened, but not on what its slot needs,
+/// `; it listened on *:3199; its slot needs *:3114`; then the slot's last
+/// stderr lines, `; its last output: QUOTE` (see [`quote`]).
+fn failure_notes(slot: usize, failure: &StartFailure) -> String {
+    NOTES.with(|n| {
+        let n = n.borrow();
+        let mut more = String::new();
+        if let StartFailure::ReadyTimeout(_) = failure
+            && !n.by_message
+        {
+            let listened = n.newest.get(&slot).and_then(|w| n.listened.get(w));
+            let needs = n.needs.get(&slot);
+            if let (Some(listened), Some(needs)) = (listened, needs)
+                && !listened.is_empty()
+                && !needs.is_subset(listened)
+            {
+                let join = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+                more.push_str(&format!(
+                    "; it listened on {}; its slot needs {}",
+                    join(listened),
+                    join(needs)
+                ));
+            }
+        }
+        let quoted = n
+            .tails
+            .get(&slot)
+            .map(|t| quote(t.borrow().iter().map(String::as_str)))
+            .unwrap_or_default();
+        if !quoted.is_empty() {
+            more.push_str(&format!("; its last output: {}", quoted.join(" | ")));
+        }
+        more
+    })
+}
+
 /// How many stderr lines of a slot are kept for its `errored` line
 /// (which quotes a few of them, see [`quote`]): enough to reach back past
 /// a stack trace to the error above it.
@@ -418,8 +483,9 @@ pub(crate) fn reload_failure(e: &ReloadError) -> String {
             failure,
             replaced,
         } => format!(
-            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
-            start_failure(failure)
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it){}",
+            start_failure(failure),
+            failure_notes(*slot, failure)
         ),
         ReloadError::Stopped => "the primary is stopping".into(),
         ReloadError::Refused => uvcluster::supervisor::REFUSED.into(),
@@ -430,8 +496,6 @@ pub(crate) fn reload_failure(e: &ReloadError) -> String {
 struct Journal {
     primary: Primary,
     pids: Pids,
-    /// Each slot's stderr tail.
-    tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
     /// The size of the pool the current (or last) reload replaces.
@@ -460,25 +524,43 @@ impl Journal {
         // stays ours.
         w.on_listening(lp, |lp, w, a| {
             let addr = a.address.as_deref().unwrap_or("*");
-            match a.port {
-                Some(port) if port >= 0 => {
-                    events::listening(w.id(), w.pid(lp), &format!("{addr}:{port}"))
-                }
-                _ => events::listening(w.id(), w.pid(lp), addr),
-            }
+            let addr = match a.port {
+                Some(port) if port >= 0 => format!("{addr}:{port}"),
+                _ => addr.to_string(),
+            };
+            events::listening(w.id(), w.pid(lp), &addr);
+            NOTES.with(|n| {
+                n.borrow_mut()
+                    .listened
+                    .entry(w.id())
+                    .or_default()
+                    .insert(addr)
+            });
         });
-        let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
+        let tail = NOTES.with(|n| {
+            let mut n = n.borrow_mut();
+            // The slot's previous newest worker, when it has exited (a
+            // failed replacement), is forgotten now.
+            if let Some(prev) = n.newest.insert(slot, id)
+                && !self.pids.borrow().contains_key(&prev)
+            {
+                n.listened.remove(&prev);
+            }
+            n.tails.entry(slot).or_default().clone()
+        });
         relay_output(lp, w, tail, self.prefix_output);
     }
 
     /// What the `errored` line of slot `slot` quotes of its last stderr
     /// lines (see [`quote`]), oldest first.
     fn tail(&self, slot: usize) -> Vec<String> {
-        self.tails
-            .borrow()
-            .get(&slot)
-            .map(|t| quote(t.borrow().iter().map(String::as_str)))
-            .unwrap_or_default()
+        NOTES.with(|n| {
+            n.borrow()
+                .tails
+                .get(&slot)
+                .map(|t| quote(t.borrow().iter().map(String::as_str)))
+                .unwrap_or_default()
+        })
     }
 
     /// Writes the log line of one supervisor event (docs/cli.md, "The
@@ -500,7 +582,18 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             target: events::TARGET,
             "slot {slot}: cannot fork a worker: {error}"
         ),
-        E::Ready { worker, after, .. } => events::ready(*worker, pid(worker), *after),
+        E::Ready {
+            worker,
+            slot,
+            after,
+        } => {
+            NOTES.with(|n| {
+                let mut n = n.borrow_mut();
+                let listened = n.listened.get(worker).cloned().unwrap_or_default();
+                n.needs.entry(*slot).or_default().extend(listened);
+            });
+            events::ready(*worker, pid(worker), *after)
+        }
         E::Draining { worker, .. } => events::draining(*worker, pid(worker)),
         E::Killed {
             worker,
@@ -519,6 +612,12 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             ..
         } => {
             let p = pids.borrow_mut().remove(worker);
+            NOTES.with(|n| {
+                let mut n = n.borrow_mut();
+                if !n.newest.values().any(|w| w == worker) {
+                    n.listened.remove(worker);
+                }
+            });
             events::exited(*worker, p, exit.code, exit.signal, *expected);
         }
         E::Restarting { slot, delay } => events::restarting(*slot, *delay),
@@ -546,8 +645,9 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
         ),
         E::ReplaceFailed { slot, failure } => log::error!(
             target: events::TARGET,
-            "slot {slot}: the replacement {}; the old worker keeps serving",
-            start_failure(failure)
+            "slot {slot}: the replacement {}{}; the old worker keeps serving",
+            start_failure(failure),
+            failure_notes(*slot, failure)
         ),
         E::ReloadStarted { slots } => {
             j.reload_slots.set(*slots);
@@ -662,10 +762,15 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(&mut lp, opts.handoff_window);
 
+    NOTES.with(|n| {
+        *n.borrow_mut() = SlotNotes {
+            by_message: opts.supervisor.ready == ReadyMode::Message,
+            ..SlotNotes::default()
+        }
+    });
     let journal = Journal {
         primary,
         pids: Rc::default(),
-        tails: RefCell::default(),
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
         node_eval: crate::options::node_eval_without_argv1(&opts.command),
