@@ -813,6 +813,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             }
             journal.event(lp, e);
             match e {
+                LifecycleEvent::Forked { worker, .. } => sd.forked(*worker),
                 LifecycleEvent::Ready { worker, .. } => sd.listening(lp, *worker),
                 LifecycleEvent::Exited { worker, .. } => sd.exited(*worker),
                 LifecycleEvent::Stopping { .. } => sd.stopping(),
