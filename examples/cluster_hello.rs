@@ -20,8 +20,9 @@
 //! progress is answered with `Connection: close`, and the program exits
 //! when the last one has ended. While it waits, the primary says every few
 //! seconds which workers it waits for; a second signal (not a duplicate
-//! delivery within 500 ms), or SIGQUIT, kills them (exit code 1), and so
-//! does the kill timeout (`KILL_TIMEOUT_MS`, default 30 s).
+//! delivery within 500 ms), or a first SIGQUIT, kills them at once and the
+//! primary exits with code 1; the kill timeout (`KILL_TIMEOUT_MS`,
+//! default 30 s) kills them too.
 //!
 //! The primary runs on the supervisor (`uvcluster::supervisor`): a worker
 //! that crashes is restarted with backoff, SIGHUP reloads the workers one
@@ -1039,8 +1040,7 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 signal: Some(sig),
             } => {
                 eprintln!(
-                    "cluster_hello: signal {}: disconnecting {} workers",
-                    sig.as_raw(),
+                    "cluster_hello: {sig}: disconnecting {} workers",
                     p.workers(lp).len()
                 );
                 remind_while_stopping(lp, &me);
@@ -1049,11 +1049,23 @@ fn run_primary(lp: &mut Loop, n: usize, exit_code: Rc<Cell<u8>>) -> io::Result<(
                 graceful: false,
                 signal: Some(sig),
             } => {
-                eprintln!(
-                    "cluster_hello: signal {} again: killing the workers",
-                    sig.as_raw()
-                );
+                // SIGQUIT stops at once on its first delivery; SIGINT and
+                // SIGTERM do only when they come again during a graceful
+                // stop. Either way the exit code is 1 (docs/supervisor.md).
+                if *sig == Signum::SIGQUIT {
+                    eprintln!("cluster_hello: {sig}: stopping at once, killing the workers");
+                } else {
+                    eprintln!("cluster_hello: {sig} again: stopping at once, killing the workers");
+                }
                 ec.set(1);
+            }
+            // The supervisor's own code is 0 after any stop; this program
+            // exits 1 after an immediate one (and after a failed first
+            // start): its line says the code it really exits with.
+            LifecycleEvent::Exiting { code } => {
+                let code = if *code != 0 { *code } else { ec.get().into() };
+                eprintln!("cluster_hello: primary exiting with code {code}");
+                return;
             }
             _ => {}
         }

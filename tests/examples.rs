@@ -1257,11 +1257,55 @@ fn cluster_hello_stop_that_waits_says_so_and_a_second_signal_ends_it() {
     let status = p.exit_within(LIMIT).expect("exit after the second SIGTERM");
     assert_eq!(status.code(), Some(1), "{:#?}", p.err_seen);
     assert!(
-        p.err_seen.iter().any(|l| l.contains("killing the workers")),
+        p.err_seen
+            .iter()
+            .any(|l| l == "cluster_hello: SIGTERM again: stopping at once, killing the workers"),
+        "{:#?}",
+        p.err_seen
+    );
+    assert!(
+        p.err_seen
+            .iter()
+            .any(|l| l == "cluster_hello: primary exiting with code 1"),
         "{:#?}",
         p.err_seen
     );
     assert_eq!(read_to_end(&mut stuck), b"");
+}
+
+/// A first SIGQUIT logged `signal 3 again: killing the workers` (a signal
+/// by number, "again" for a first one) and `primary exiting with code 0`
+/// while the program exited 1: it now names SIGQUIT, says it stops at
+/// once, and logs the code it exits with (1, docs/supervisor.md).
+#[test]
+fn cluster_hello_sigquit_says_it_stops_at_once_and_the_real_exit_code() {
+    let (mut p, _port) = hello("1", &[]);
+    kill(p.pid, Signal::SIGQUIT).unwrap();
+    let status = p.exit_within(LIMIT).expect("exit after SIGQUIT");
+    assert_eq!(status.code(), Some(1), "{:#?}", p.err_seen);
+    assert!(
+        p.err_seen
+            .iter()
+            .any(|l| l == "cluster_hello: SIGQUIT: stopping at once, killing the workers"),
+        "{:#?}",
+        p.err_seen
+    );
+    assert!(
+        !p.err_seen.iter().any(|l| l.contains("again")),
+        "{:#?}",
+        p.err_seen
+    );
+    let exiting: Vec<&String> = p
+        .err_seen
+        .iter()
+        .filter(|l| l.contains("primary exiting with code"))
+        .collect();
+    assert_eq!(
+        exiting,
+        ["cluster_hello: primary exiting with code 1"],
+        "{:#?}",
+        p.err_seen
+    );
 }
 
 /// `uvcluster run`'s graceful stop that has to wait (a busy connection) is

@@ -140,7 +140,8 @@ pub fn starting(opts: &crate::options::RunOptions) {
         if kernel {
             log::warn!(
                 target: TARGET,
-                "--max-connections {n} has no effect under policy {}: the kernel hands                  connections to the workers there, and nothing counts them (use rr or leastconn)",
+                "--max-connections {n} has no effect under policy {}: the kernel hands \
+                 connections to the workers there, and nothing counts them (use rr or leastconn)",
                 opts.policy.as_str()
             );
         } else {
@@ -226,15 +227,26 @@ pub fn cluster_error(worker: Option<(u32, Option<i32>)>, e: &uvcluster::cluster:
 /// ready): why, how its last worker ended, and the last lines its workers
 /// wrote on stderr when the CLI saw them (`--prefix-output`).
 pub fn errored(slot: usize, why: &str, last: Option<&str>, stderr: &[String]) {
+    log::error!(target: TARGET, "{}", errored_line(slot, why, last, stderr));
+}
+
+/// The text of [`errored`]'s line.
+fn errored_line(slot: usize, why: &str, last: Option<&str>, stderr: &[String]) -> String {
     let mut line = format!("slot {slot} errored: {why}");
     if let Some(last) = last {
-        line.push_str(&format!("; its last worker {last}"));
+        // `exited with code 7` reads as a verb; `killed by ...` needs one.
+        let verb = if last.starts_with("killed") {
+            "was "
+        } else {
+            ""
+        };
+        line.push_str(&format!("; its last worker {verb}{last}"));
     }
     line.push_str("; not restarted");
     if !stderr.is_empty() {
         line.push_str(&format!("; its last output: {}", stderr.join(" | ")));
     }
-    log::error!(target: TARGET, "{line}");
+    line
 }
 
 /// `1 worker`, `2 workers`: a count of workers in words.
@@ -299,5 +311,27 @@ mod tests {
         assert_eq!(workers(1), "1 worker");
         assert_eq!(workers(0), "0 workers");
         assert_eq!(workers(3), "3 workers");
+    }
+
+    /// `its last worker killed by signal 9` lacked its verb.
+    #[test]
+    fn errored_line_says_its_last_worker_was_killed() {
+        let killed = how_it_ended(None, Some(Signum::SIGKILL));
+        assert_eq!(
+            errored_line(0, "crash loop", Some(&killed), &[]),
+            "slot 0 errored: crash loop; its last worker was killed by signal 9 (SIGKILL); \
+             not restarted"
+        );
+        let exited = how_it_ended(Some(7), None);
+        assert_eq!(
+            errored_line(
+                1,
+                "x",
+                Some(&exited),
+                &["Error: y".into(), "Node.js v20".into()]
+            ),
+            "slot 1 errored: x; its last worker exited with code 7; not restarted; \
+             its last output: Error: y | Node.js v20"
+        );
     }
 }

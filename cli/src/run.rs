@@ -2,7 +2,7 @@
 //! log, the worker output prefixes, and the exit status.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use uvcluster::cluster::{Primary, Settings, Worker};
 use uvcluster::ipc::ForkStdio;
-use uvcluster::supervisor::{LifecycleEvent, ReloadError, StartFailure, Supervisor};
+use uvcluster::supervisor::{LifecycleEvent, ReadyMode, ReloadError, StartFailure, Supervisor};
 use uvcluster::systemd::Notifier;
 use uvcluster::uv::{Loop, RunMode, Signum};
 
@@ -274,6 +274,71 @@ type Pids = Rc<RefCell<HashMap<u32, i32>>>;
 /// ours), for its `errored` line.
 type Tail = Rc<RefCell<VecDeque<String>>>;
 
+/// What the CLI keeps of each slot for the lines of its failures (the
+/// `errored` line, a failed reload or replacement, and the `ctl reload`
+/// reply, which [`reload_failure`] writes without the journal): its
+/// stderr tail, and what its workers listened on. One pool runs per
+/// process, on its loop's thread, so the notes are that thread's.
+#[derive(Default)]
+struct SlotNotes {
+    /// Each slot's stderr tail.
+    tails: HashMap<usize, Tail>,
+    /// What each worker listened on (`*:3114`, `127.0.0.1:8000`, a path),
+    /// by worker id: kept until it exits, or, for the newest worker of its
+    /// slot (a failed replacement), until its slot forks again.
+    listened: HashMap<u32, BTreeSet<String>>,
+    /// The newest worker forked for each slot.
+    newest: HashMap<usize, u32>,
+    /// What each slot's ready workers listened on: what its replacement
+    /// must listen on to be ready (the supervisor's rule under
+    /// [`ReadyMode::Listening`]).
+    needs: HashMap<usize, BTreeSet<String>>,
+    /// Readiness is the `'ready'` message (`--wait-ready`): where a worker
+    /// listens does not make it ready.
+    by_message: bool,
+}
+
+thread_local! {
+    static NOTES: RefCell<SlotNotes> = RefCell::default();
+}
+
+/// What a failure line of slot `slot` adds to `failure`: for a ready
+/// timeout of a worker that listened, but not on what its slot needs,
+/// `; it listened on *:3199; its slot needs *:3114`; then the slot's last
+/// stderr lines, `; its last output: QUOTE` (see [`quote`]).
+fn failure_notes(slot: usize, failure: &StartFailure) -> String {
+    NOTES.with(|n| {
+        let n = n.borrow();
+        let mut more = String::new();
+        if let StartFailure::ReadyTimeout(_) = failure
+            && !n.by_message
+        {
+            let listened = n.newest.get(&slot).and_then(|w| n.listened.get(w));
+            let needs = n.needs.get(&slot);
+            if let (Some(listened), Some(needs)) = (listened, needs)
+                && !listened.is_empty()
+                && !needs.is_subset(listened)
+            {
+                let join = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+                more.push_str(&format!(
+                    "; it listened on {}; its slot needs {}",
+                    join(listened),
+                    join(needs)
+                ));
+            }
+        }
+        let quoted = n
+            .tails
+            .get(&slot)
+            .map(|t| quote(t.borrow().iter().map(String::as_str)))
+            .unwrap_or_default();
+        if !quoted.is_empty() {
+            more.push_str(&format!("; its last output: {}", quoted.join(" | ")));
+        }
+        more
+    })
+}
+
 /// How many stderr lines of a slot are kept for its `errored` line
 /// (which quotes a few of them, see [`quote`]): enough to reach back past
 /// a stack trace to the error above it.
@@ -306,6 +371,50 @@ fn looks_like_error(line: &str) -> bool {
         || line.starts_with("Traceback")
 }
 
+/// Whether `line` states an error by its class: `Error: ...`,
+/// `TypeError [ERR_X]: ...`, `java.io.IOException: ...` (a word ending in
+/// `Error` or `Exception`, an optional `[CODE]`, then `:`), a Rust
+/// `panicked at`, a Python `Traceback`. Such a line is quoted before any
+/// other, so that Node's `Emitted 'error' event on Server instance at:`
+/// (which comes after the cause of an unhandled `'error'` event) does not
+/// hide the cause.
+fn names_an_error_class(line: &str) -> bool {
+    if line.contains("panicked at") || line.trim_start().starts_with("Traceback") {
+        return true;
+    }
+    let t = line.trim_start();
+    // The class: letters, digits, `_` and `.` (a Java package).
+    let word_end = t
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(t.len());
+    let (class, rest) = t.split_at(word_end);
+    if !(class.ends_with("Error") || class.ends_with("Exception")) {
+        return false;
+    }
+    let rest = rest.trim_start();
+    let rest = match rest.strip_prefix('[') {
+        Some(r) => match r.split_once(']') {
+            Some((code, after))
+                if !code.is_empty() && code.chars().all(|c| c.is_alphanumeric() || c == '_') =>
+            {
+                after
+            }
+            _ => return false,
+        },
+        None => rest,
+    };
+    rest.starts_with(':')
+}
+
+/// Node's own lines after an unhandled error, which never state it:
+/// `Emitted 'error' event on Server instance at:` and `Node.js v20.20.2`.
+fn is_node_epilogue(line: &str) -> bool {
+    line.starts_with("Emitted '")
+        || line
+            .strip_prefix("Node.js v")
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// Whether `line` is a stack frame (Node's `    at f (file:1:2)`,
 /// Python's `  File "x.py", line 1`, Rust's `   0: f`).
 fn looks_like_frame(line: &str) -> bool {
@@ -313,8 +422,10 @@ fn looks_like_frame(line: &str) -> bool {
 }
 
 /// What an `errored` line quotes of a slot's last stderr `lines` (oldest
-/// first): the last line that states an error (one that
-/// [`looks_like_error`], or an unindented line followed by stack frames),
+/// first): the last line that [`names_an_error_class`], else the last
+/// line that states an error (one that [`looks_like_error`], or an
+/// unindented line followed by stack frames; never Node's
+/// [`is_node_epilogue`] lines),
 /// with the line after it when it ends in `:` (a Rust panic's message
 /// follows its `panicked at file:line:col:`), and the last line written,
 /// blank lines skipped; without such a line, the last [`QUOTE_LAST`]
@@ -322,11 +433,17 @@ fn looks_like_frame(line: &str) -> bool {
 /// Node.js v20.20.2` instead of five stack frames.
 fn quote<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
     let lines: Vec<&str> = lines.filter(|l| !l.trim().is_empty()).collect();
-    let error = (0..lines.len()).rev().find(|&i| {
-        looks_like_error(lines[i])
-            || (!lines[i].starts_with(char::is_whitespace)
-                && lines.get(i + 1).is_some_and(|n| looks_like_frame(n)))
-    });
+    let error = (0..lines.len())
+        .rev()
+        .find(|&i| names_an_error_class(lines[i]))
+        .or_else(|| {
+            (0..lines.len()).rev().find(|&i| {
+                !is_node_epilogue(lines[i])
+                    && (looks_like_error(lines[i])
+                        || (!lines[i].starts_with(char::is_whitespace)
+                            && lines.get(i + 1).is_some_and(|n| looks_like_frame(n))))
+            })
+        });
     let Some(i) = error else {
         let from = lines.len().saturating_sub(QUOTE_LAST);
         return lines[from..].iter().map(|l| l.to_string()).collect();
@@ -366,8 +483,9 @@ pub(crate) fn reload_failure(e: &ReloadError) -> String {
             failure,
             replaced,
         } => format!(
-            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it)",
-            start_failure(failure)
+            "the replacement for slot {slot} {} ({replaced} slot(s) replaced before it){}",
+            start_failure(failure),
+            failure_notes(*slot, failure)
         ),
         ReloadError::Stopped => "the primary is stopping".into(),
         ReloadError::Refused => uvcluster::supervisor::REFUSED.into(),
@@ -378,8 +496,6 @@ pub(crate) fn reload_failure(e: &ReloadError) -> String {
 struct Journal {
     primary: Primary,
     pids: Pids,
-    /// Each slot's stderr tail.
-    tails: RefCell<HashMap<usize, Tail>>,
     prefix_output: bool,
     kill_timeout: Duration,
     /// The size of the pool the current (or last) reload replaces.
@@ -408,25 +524,43 @@ impl Journal {
         // stays ours.
         w.on_listening(lp, |lp, w, a| {
             let addr = a.address.as_deref().unwrap_or("*");
-            match a.port {
-                Some(port) if port >= 0 => {
-                    events::listening(w.id(), w.pid(lp), &format!("{addr}:{port}"))
-                }
-                _ => events::listening(w.id(), w.pid(lp), addr),
-            }
+            let addr = match a.port {
+                Some(port) if port >= 0 => format!("{addr}:{port}"),
+                _ => addr.to_string(),
+            };
+            events::listening(w.id(), w.pid(lp), &addr);
+            NOTES.with(|n| {
+                n.borrow_mut()
+                    .listened
+                    .entry(w.id())
+                    .or_default()
+                    .insert(addr)
+            });
         });
-        let tail = self.tails.borrow_mut().entry(slot).or_default().clone();
+        let tail = NOTES.with(|n| {
+            let mut n = n.borrow_mut();
+            // The slot's previous newest worker, when it has exited (a
+            // failed replacement), is forgotten now.
+            if let Some(prev) = n.newest.insert(slot, id)
+                && !self.pids.borrow().contains_key(&prev)
+            {
+                n.listened.remove(&prev);
+            }
+            n.tails.entry(slot).or_default().clone()
+        });
         relay_output(lp, w, tail, self.prefix_output);
     }
 
     /// What the `errored` line of slot `slot` quotes of its last stderr
     /// lines (see [`quote`]), oldest first.
     fn tail(&self, slot: usize) -> Vec<String> {
-        self.tails
-            .borrow()
-            .get(&slot)
-            .map(|t| quote(t.borrow().iter().map(String::as_str)))
-            .unwrap_or_default()
+        NOTES.with(|n| {
+            n.borrow()
+                .tails
+                .get(&slot)
+                .map(|t| quote(t.borrow().iter().map(String::as_str)))
+                .unwrap_or_default()
+        })
     }
 
     /// Writes the log line of one supervisor event (docs/cli.md, "The
@@ -448,7 +582,18 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             target: events::TARGET,
             "slot {slot}: cannot fork a worker: {error}"
         ),
-        E::Ready { worker, after, .. } => events::ready(*worker, pid(worker), *after),
+        E::Ready {
+            worker,
+            slot,
+            after,
+        } => {
+            NOTES.with(|n| {
+                let mut n = n.borrow_mut();
+                let listened = n.listened.get(worker).cloned().unwrap_or_default();
+                n.needs.entry(*slot).or_default().extend(listened);
+            });
+            events::ready(*worker, pid(worker), *after)
+        }
         E::Draining { worker, .. } => events::draining(*worker, pid(worker)),
         E::Killed {
             worker,
@@ -467,6 +612,12 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
             ..
         } => {
             let p = pids.borrow_mut().remove(worker);
+            NOTES.with(|n| {
+                let mut n = n.borrow_mut();
+                if !n.newest.values().any(|w| w == worker) {
+                    n.listened.remove(worker);
+                }
+            });
             events::exited(*worker, p, exit.code, exit.signal, *expected);
         }
         E::Restarting { slot, delay } => events::restarting(*slot, *delay),
@@ -494,8 +645,9 @@ fn log_event(lp: &mut Loop, e: &LifecycleEvent, j: &Journal) {
         ),
         E::ReplaceFailed { slot, failure } => log::error!(
             target: events::TARGET,
-            "slot {slot}: the replacement {}; the old worker keeps serving",
-            start_failure(failure)
+            "slot {slot}: the replacement {}{}; the old worker keeps serving",
+            start_failure(failure),
+            failure_notes(*slot, failure)
         ),
         E::ReloadStarted { slots } => {
             j.reload_slots.set(*slots);
@@ -610,10 +762,15 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
     primary.setup_primary(&mut lp, settings(&opts));
     primary.set_handoff_window(&mut lp, opts.handoff_window);
 
+    NOTES.with(|n| {
+        *n.borrow_mut() = SlotNotes {
+            by_message: opts.supervisor.ready == ReadyMode::Message,
+            ..SlotNotes::default()
+        }
+    });
     let journal = Journal {
         primary,
         pids: Rc::default(),
-        tails: RefCell::default(),
         prefix_output: opts.prefix_output,
         kill_timeout: opts.supervisor.kill_timeout,
         node_eval: crate::options::node_eval_without_argv1(&opts.command),
@@ -656,6 +813,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
             }
             journal.event(lp, e);
             match e {
+                LifecycleEvent::Forked { worker, .. } => sd.forked(*worker),
                 LifecycleEvent::Ready { worker, .. } => sd.listening(lp, *worker),
                 LifecycleEvent::Exited { worker, .. } => sd.exited(*worker),
                 LifecycleEvent::Stopping { .. } => sd.stopping(),
@@ -700,7 +858,7 @@ pub fn run(opts: RunOptions) -> Result<Outcome, StartError> {
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use super::{names_an_error_class, quote};
 
     fn q(text: &str) -> Vec<String> {
         quote(text.lines())
@@ -742,6 +900,91 @@ mod tests {
                 "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
             ]
         );
+    }
+
+    /// Node 20's report of an unhandled `'error'` event on a listen
+    /// failure (`node app.js`, the port taken), captured from real node.
+    const NODE_LISTEN_EADDRINUSE: &str = r#"node:events:502
+      throw er; // Unhandled 'error' event
+      ^
+
+Error: listen EADDRINUSE: address already in use :::3111
+    at Server.setupListenHandle [as _listen2] (node:net:1908:16)
+    at listenInCluster (node:net:1965:12)
+    at Server.listen (node:net:2067:7)
+    at Object.<anonymous> (/tmp/qnode/app.js:1:50)
+    at Module._compile (node:internal/modules/cjs/loader:1521:14)
+    at Module._extensions..js (node:internal/modules/cjs/loader:1623:10)
+    at Module.load (node:internal/modules/cjs/loader:1266:32)
+    at Module._load (node:internal/modules/cjs/loader:1091:12)
+    at Function.executeUserEntryPoint [as runMain] (node:internal/modules/run_main:164:12)
+    at node:internal/main/run_main_module:28:49
+Emitted 'error' event on Server instance at:
+    at emitErrorNT (node:net:1944:8)
+    at process.processTicksAndRejections (node:internal/process/task_queues:82:21) {
+  code: 'EADDRINUSE',
+  errno: -98,
+  syscall: 'listen',
+  address: '::',
+  port: 3111
+}
+
+Node.js v20.20.2
+"#;
+
+    /// The same in a cluster worker under round-robin (the primary's bind
+    /// failed), captured from real node.
+    const NODE_RR_BIND_EADDRINUSE: &str = r#"node:events:502
+      throw er; // Unhandled 'error' event
+      ^
+
+Error: bind EADDRINUSE null:3111
+    at listenOnPrimaryHandle (node:net:1989:18)
+    at rr (node:internal/cluster/child:163:12)
+    at Worker.<anonymous> (node:internal/cluster/child:113:7)
+    at process.onInternalMessage (node:internal/cluster/utils:49:5)
+    at process.emit (node:events:536:35)
+    at emit (node:internal/child_process:950:14)
+    at process.processTicksAndRejections (node:internal/process/task_queues:83:21)
+Emitted 'error' event on Server instance at:
+    at listenOnPrimaryHandle (node:net:1990:21)
+    at rr (node:internal/cluster/child:163:12)
+    [... lines matching original stack trace ...]
+    at process.processTicksAndRejections (node:internal/process/task_queues:83:21) {
+  errno: -98,
+  code: 'EADDRINUSE',
+  syscall: 'bind',
+  address: null,
+  port: 3111
+}
+
+Node.js v20.20.2
+"#;
+
+    /// A Node listen failure quoted `Emitted 'error' event on Server
+    /// instance at: | Node.js v20.20.2`, leaving out the cause above it.
+    #[test]
+    fn quote_prefers_the_error_class_over_nodes_emitted_error_event() {
+        assert_eq!(
+            q(NODE_LISTEN_EADDRINUSE),
+            [
+                "Error: listen EADDRINUSE: address already in use :::3111",
+                "Node.js v20.20.2"
+            ]
+        );
+        assert_eq!(
+            q(NODE_RR_BIND_EADDRINUSE),
+            ["Error: bind EADDRINUSE null:3111", "Node.js v20.20.2"]
+        );
+        assert_eq!(
+            q("TypeError [ERR_INVALID_ARG_TYPE]: bad\n    at x (y:1:2)\nNode.js v20.20.2"),
+            ["TypeError [ERR_INVALID_ARG_TYPE]: bad", "Node.js v20.20.2"]
+        );
+        assert!(names_an_error_class("java.io.IOException: gone"));
+        assert!(!names_an_error_class(
+            "Emitted 'error' event on Server instance at:"
+        ));
+        assert!(!names_an_error_class("ErrorHandler installed"));
     }
 
     /// Python's traceback ends with its error; plain output is quoted by

@@ -21,6 +21,11 @@ pub(crate) struct Systemd {
     /// During a rolling reload: the workers that became ready since it
     /// began (its replacements).
     replaced: Cell<Option<usize>>,
+    /// Every worker forked and not yet exited, ready or not.
+    alive: RefCell<BTreeSet<u32>>,
+    /// A stop has begun: the status counts the workers left, and nothing
+    /// says `ready` again.
+    stopping: Cell<bool>,
 }
 
 impl Systemd {
@@ -40,12 +45,23 @@ impl Systemd {
             listening: RefCell::default(),
             ready: Cell::new(false),
             replaced: Cell::new(None),
+            alive: RefCell::default(),
+            stopping: Cell::new(false),
         })
     }
 
+    /// Worker `id` was forked.
+    pub(crate) fn forked(&self, id: u32) {
+        self.alive.borrow_mut().insert(id);
+    }
+
     /// Worker `id` is ready (the supervisor's readiness: it listens, or it
-    /// said `'ready'`): once every worker is, `READY=1`.
+    /// said `'ready'`): once every worker is, `READY=1`. During a stop,
+    /// nothing is sent.
     pub(crate) fn listening(&self, lp: &mut Loop, id: u32) {
+        if self.stopping.get() {
+            return;
+        }
         let n = {
             let mut l = self.listening.borrow_mut();
             l.insert(id);
@@ -70,13 +86,27 @@ impl Systemd {
         }
     }
 
-    /// A worker exited.
+    /// A worker exited: `K of N workers ready`, or during a stop
+    /// `stopping: K workers left` (every worker still running, ready or
+    /// not).
     pub(crate) fn exited(&self, id: u32) {
         let alive = {
             let mut l = self.listening.borrow_mut();
             l.remove(&id);
             l.len()
         };
+        let left = {
+            let mut a = self.alive.borrow_mut();
+            a.remove(&id);
+            a.len()
+        };
+        if self.stopping.get() {
+            self.send(
+                self.notify
+                    .status(&format!("stopping: {} left", crate::events::workers(left))),
+            );
+            return;
+        }
         if self.replaced.get().is_some() {
             // An old worker leaving during a reload: the reload's status
             // stands.
@@ -89,9 +119,13 @@ impl Systemd {
         )));
     }
 
-    /// The first SIGINT/SIGTERM: a stop begins.
+    /// The first SIGINT/SIGTERM: a stop begins. (An immediate stop after
+    /// a graceful one sends nothing more.)
     pub(crate) fn stopping(&self) {
-        let alive = self.listening.borrow().len();
+        if self.stopping.replace(true) {
+            return;
+        }
+        let alive = self.alive.borrow().len();
         self.send(self.notify.stopping());
         self.send(self.notify.status(&format!(
             "stopping: disconnecting {}",
@@ -122,6 +156,10 @@ impl Systemd {
     /// draining are not counted twice.
     pub(crate) fn reloaded(&self) {
         self.replaced.set(None);
+        if self.stopping.get() {
+            // A reload abandoned by the stop: the stop's status stands.
+            return;
+        }
         let n = self.listening.borrow().len().min(self.workers.get());
         self.send(self.notify.ready());
         self.send(
@@ -176,6 +214,8 @@ mod tests {
             listening: RefCell::default(),
             ready: Cell::new(false),
             replaced: Cell::new(None),
+            alive: RefCell::default(),
+            stopping: Cell::new(false),
         };
         sd.listening(&mut lp, 1);
         sd.listening(&mut lp, 2);
@@ -192,6 +232,57 @@ mod tests {
                 "reloading: 1 of 2 replaced",
                 "reloading: 2 of 2 replaced",
                 "2 workers ready"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// During a stop the status said `stopping: disconnecting 3 workers`,
+    /// then `2 of 2 workers ready`, `1 of 2 ...` as workers left,
+    /// overwriting the stop: it now says `stopping: K workers left`,
+    /// counting a worker that never got ready too, and a second stop
+    /// signal or a worker getting ready sends nothing.
+    #[test]
+    fn stop_status_counts_the_workers_left() {
+        let dir = std::env::temp_dir().join(format!("uvcluster-sd-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut lp = Loop::new().unwrap();
+        let sd = Systemd {
+            notify: Notifier::to_socket(&path).unwrap(),
+            workers: Cell::new(3),
+            listening: RefCell::default(),
+            ready: Cell::new(false),
+            replaced: Cell::new(None),
+            alive: RefCell::default(),
+            stopping: Cell::new(false),
+        };
+        for id in 1..=3 {
+            sd.forked(id);
+        }
+        sd.listening(&mut lp, 1);
+        sd.listening(&mut lp, 2);
+        sd.exited(2);
+        assert_eq!(statuses(&sock), ["1 of 3 workers ready"]);
+        sd.forked(4);
+        sd.stopping();
+        sd.listening(&mut lp, 3);
+        sd.exited(1);
+        sd.stopping();
+        sd.exited(3);
+        sd.exited(4);
+        sd.reloaded();
+        assert_eq!(
+            statuses(&sock),
+            [
+                "stopping: disconnecting 3 workers",
+                "stopping: 2 workers left",
+                "stopping: 1 worker left",
+                "stopping: 0 workers left"
             ]
         );
         let _ = std::fs::remove_dir_all(&dir);

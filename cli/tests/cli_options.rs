@@ -764,6 +764,47 @@ fn errored_line_quotes_the_error_of_a_node_startup_exception() {
     assert!(!quoted.contains(" at "), "no stack frame: {errored}");
 }
 
+/// A Node worker whose listen fails (its port taken, policy `none` so the
+/// worker binds): the errored line quoted Node's `Emitted 'error' event
+/// on Server instance at: | Node.js v20...`, not the cause above it. It
+/// now quotes the `Error: bind EADDRINUSE ...` line.
+#[test]
+fn errored_line_quotes_the_cause_of_a_node_listen_failure() {
+    util::require_node();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = ops_util::TempDir::new("listen-taken");
+    let script = dir.0.join("app.js");
+    std::fs::write(
+        &script,
+        "require('http').createServer((q, r) => r.end('hi'))\n\
+         .listen(process.env.PORT, '127.0.0.1');\n",
+    )
+    .unwrap();
+    let (code, _, err) = crash_loop(
+        1,
+        &["-p", "none"],
+        &["node", script.to_str().unwrap()],
+        &[("PORT", &port)],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    let errored = errored_line(&err);
+    let quoted = errored
+        .split_once("; its last output: ")
+        .unwrap_or_else(|| panic!("no output quoted: {errored}"))
+        .1;
+    // Under `none` a cluster worker's listen is the primary's bind, as in
+    // Node (`Error: bind EADDRINUSE 127.0.0.1:PORT`, real node's text).
+    assert!(
+        quoted.starts_with(&format!(
+            "Error: bind EADDRINUSE 127.0.0.1:{port} | Node.js v"
+        )),
+        "{errored}"
+    );
+    assert!(!quoted.contains("Emitted 'error' event"), "{errored}");
+    drop(taken);
+}
+
 /// A Rust-style panic (its message on the line after `panicked at`):
 /// the errored line quotes the panic, its message and the last line.
 #[test]
@@ -1077,4 +1118,89 @@ fn failed_reload_of_one_worker_says_the_old_worker_keeps_serving() {
     assert_eq!(ops_util::get_ok(port).as_deref(), Ok("ok"));
     let log = r.stop();
     assert!(!log.contains("SIGKILL"), "{log}");
+}
+
+/// A reload to code with a syntax error said only `reload failed: the
+/// replacement for slot 0 exited with code 1 before it was ready`, unlike
+/// the `errored` line: the log line and the `ctl reload` reply now quote
+/// the replacement's stderr (Node's `SyntaxError: ...`).
+#[test]
+fn failed_reload_quotes_the_replacements_syntax_error() {
+    util::require_node();
+    let dir = ops_util::TempDir::new("reload-syntax");
+    let sock = dir.join("c.sock");
+    let app = dir.join("app.js");
+    std::fs::write(
+        &app,
+        "require('http').createServer((q, s) => s.end('ok')).listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--control"])
+        .arg(&sock)
+        .args(["--", "node"])
+        .arg(&app)
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "info");
+    let mut r = Running::spawn(c);
+    r.expect(") ready (after ");
+    std::fs::write(&app, "require('http').createServer((q, s) => {;\n").unwrap();
+    let out = ops_util::ctl(&sock, &["reload"]);
+    let reply =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{reply}");
+    assert!(
+        reply.contains("exited with code 1 before it was ready")
+            && reply.contains("; its last output: SyntaxError: ")
+            && reply.contains(" | Node.js v"),
+        "{reply}"
+    );
+    let failed = r.expect("reload failed: ");
+    assert!(
+        failed.contains("exited with code 1 before it was ready")
+            && failed.contains("; its last output: SyntaxError: ")
+            && failed.ends_with("; the old worker keeps serving"),
+        "{failed}"
+    );
+    assert_eq!(ops_util::get_ok(port).as_deref(), Ok("ok"));
+    r.stop();
+}
+
+/// A reload whose new code listens on another port waited the whole ready
+/// timeout and then said only `was not ready within ...`: the line now
+/// says what the replacement listened on and what its slot needs.
+#[test]
+fn failed_reload_says_the_replacement_listened_elsewhere() {
+    util::require_node();
+    let dir = ops_util::TempDir::new("reload-other-port");
+    let app = dir.join("app.js");
+    let port_file = dir.join("port");
+    std::fs::write(
+        &app,
+        "const port = require('fs').readFileSync(process.env.PORT_FILE, 'utf8').trim();\n\
+         require('http').createServer((q, s) => s.end('ok')).listen(Number(port));\n",
+    )
+    .unwrap();
+    let (old, new) = (free_port(), free_port());
+    std::fs::write(&port_file, old.to_string()).unwrap();
+    let mut c = uvcluster();
+    c.args(["run", "-w", "1", "--ready-timeout=1500ms", "--", "node"])
+        .arg(&app)
+        .env("PORT_FILE", &port_file)
+        .env("RUST_LOG", "info");
+    let mut r = Running::spawn(c);
+    r.expect(") ready (after ");
+    std::fs::write(&port_file, new.to_string()).unwrap();
+    r.signal(Signal::SIGHUP);
+    let failed = r.expect("reload failed: ");
+    assert!(
+        failed.contains(&format!(
+            "was not ready within 1s 500ms (0 slot(s) replaced before it); \
+             it listened on *:{new}; its slot needs *:{old}; "
+        )),
+        "{failed}"
+    );
+    assert_eq!(ops_util::get_ok(old).as_deref(), Ok("ok"));
+    r.stop();
 }
