@@ -611,24 +611,22 @@ fn cluster_hello_refuses_a_bad_idle_grace() {
             .process_group(0)
             .spawn()
             .unwrap();
-        let until = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > until {
-                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        // Its exit, waited for by a thread, to a deadline (no polling).
+        let mut stderr = child.stderr.take().unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(WAIT) {
+            Ok(s) => s.unwrap(),
+            Err(_) => {
+                let _ = killpg(pid, Signal::SIGKILL);
                 panic!("IDLE_GRACE_MS={bad:?}: still running after {WAIT:?}");
             }
-            std::thread::sleep(Duration::from_millis(2));
         };
         let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        stderr.read_to_string(&mut err).unwrap();
         assert_eq!(status.code(), Some(1), "{bad:?}: {err}");
         let message =
             format!("IDLE_GRACE_MS should be a whole number of milliseconds. Received {bad:?}");
