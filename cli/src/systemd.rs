@@ -178,6 +178,7 @@ impl Systemd {
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixDatagram;
+    use std::path::PathBuf;
     use std::time::Duration;
 
     use super::*;
@@ -195,28 +196,36 @@ mod tests {
         out
     }
 
-    /// Regression (issue 13): during a rolling reload of a 2-worker pool
-    /// the status says `reloading: K of 2 replaced`, and afterwards `2
-    /// workers ready`, never `3 workers ready` while an old worker drains.
-    #[test]
-    fn reload_status_counts_replacements_of_the_pool_size() {
-        let dir = std::env::temp_dir().join(format!("uvcluster-sd-{}", std::process::id()));
+    /// A `Systemd` for a pool of `workers` that notifies a datagram socket
+    /// of the test's own (in a fresh directory named after `name`), and
+    /// that socket, reading with a 50 ms timeout.
+    fn notifier_for_test(name: &str, workers: usize) -> (PathBuf, UnixDatagram, Systemd) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let mut lp = Loop::new().unwrap();
         let sd = Systemd {
             notify: Notifier::to_socket(&path).unwrap(),
-            workers: Cell::new(2),
+            workers: Cell::new(workers),
             listening: RefCell::default(),
             ready: Cell::new(false),
             replaced: Cell::new(None),
             alive: RefCell::default(),
             stopping: Cell::new(false),
         };
+        (dir, sock, sd)
+    }
+
+    /// Regression (issue 13): during a rolling reload of a 2-worker pool
+    /// the status says `reloading: K of 2 replaced`, and afterwards `2
+    /// workers ready`, never `3 workers ready` while an old worker drains.
+    #[test]
+    fn reload_status_counts_replacements_of_the_pool_size() {
+        let (dir, sock, sd) = notifier_for_test("uvcluster-sd", 2);
+        let mut lp = Loop::new().unwrap();
         sd.listening(&mut lp, 1);
         sd.listening(&mut lp, 2);
         assert_eq!(statuses(&sock), ["2 workers ready"]);
@@ -244,23 +253,8 @@ mod tests {
     /// signal or a worker getting ready sends nothing.
     #[test]
     fn stop_status_counts_the_workers_left() {
-        let dir = std::env::temp_dir().join(format!("uvcluster-sd-stop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let _ = std::fs::remove_file(&path);
-        let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let (dir, sock, sd) = notifier_for_test("uvcluster-sd-stop", 3);
         let mut lp = Loop::new().unwrap();
-        let sd = Systemd {
-            notify: Notifier::to_socket(&path).unwrap(),
-            workers: Cell::new(3),
-            listening: RefCell::default(),
-            ready: Cell::new(false),
-            replaced: Cell::new(None),
-            alive: RefCell::default(),
-            stopping: Cell::new(false),
-        };
         for id in 1..=3 {
             sd.forked(id);
         }
